@@ -1,0 +1,42 @@
+# dwh: PGXS build of the extension, its install script and its tests.
+
+EXTENSION = dwh
+EXTVERSION = 1.0
+MODULE_big = dwh
+
+OBJS = \
+	src/dwh.o \
+	src/dwh_settings.o \
+	src/dwh_uuid.o \
+	src/dwh_timestamp.o \
+	src/dwh_json_syntax.o \
+	src/dwh_message.o \
+	src/dwh_stg_guard.o \
+	src/dwh_ingest.o
+
+SHLIB_LINK = -ljansson
+PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \
+	-Wno-missing-field-initializers
+
+# The install script is assembled from one file per concern under install/.
+INSTALL_PARTS = $(sort $(wildcard install/*.sql))
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+
+REGRESS = $(basename $(notdir $(sort $(wildcard sql/*.sql))))
+REGRESS_OPTS = --temp-instance=./tmp_check --temp-config=test/regress.conf
+
+ISOLATION = $(basename $(notdir $(sort $(wildcard test/isolation/specs/*.spec))))
+ISOLATION_OPTS = --temp-instance=./tmp_check_iso --temp-config=test/regress.conf \
+	--inputdir=test/isolation --outputdir=test/isolation/results
+
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
+EXTRA_CLEAN = tmp_check tmp_check_iso test/isolation/results
+
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+$(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_PARTS)
+	cat $^ > $@

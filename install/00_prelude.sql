@@ -1,0 +1,53 @@
+-- dwh install script, assembled by the Makefile from install/*.sql in order.
+
+\echo Use "CREATE EXTENSION dwh" to load this file. \quit
+
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() <> 'UTF8' THEN
+        RAISE EXCEPTION 'dwh requires a database with UTF8 encoding, not %',
+            pg_catalog.getdatabaseencoding()
+            USING ERRCODE = '22023',
+                  HINT = 'Create the database with ENCODING ''UTF8'' and install dwh there.';
+    END IF;
+END
+$$;
+
+CREATE SCHEMA stg;
+CREATE SCHEMA dds;
+CREATE SCHEMA cdm;
+
+COMMENT ON SCHEMA stg IS 'dwh raw layer: data as it arrived from Kafka and Redis, one row per key, latest version';
+COMMENT ON SCHEMA dds IS 'dwh Data Vault 2.0: hubs, links and satellites, maintained by triggers on stg';
+COMMENT ON SCHEMA cdm IS 'dwh counter marts read by analysts and BI tools';
+COMMENT ON SCHEMA dwh IS 'dwh operations: ingest functions, dead letters, verify and rebuild';
+
+-- Vault keys: name-based UUID v5 (RFC 4122) in the namespace of the
+-- services dwh replaces, 7f288a2e-0ad0-4039-8e59-6c9838d87307.
+CREATE FUNCTION dwh.uuid_v5(namespace uuid, name text) RETURNS uuid
+    AS 'MODULE_PATHNAME', 'dwh_uuid_v5_sql'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION dwh.uuid_v5(uuid, text) IS
+    'Name-based UUID version 5 (SHA-1) of name in namespace';
+
+CREATE FUNCTION dwh.hash_key(business_key text) RETURNS uuid
+    AS 'MODULE_PATHNAME', 'dwh_hash_key_text'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION dwh.hash_key(text) IS
+    'Hub key or hashdiff: UUID v5 of the text in the dwh namespace';
+
+CREATE FUNCTION dwh.hash_key(first_key uuid, second_key uuid) RETURNS uuid
+    AS 'MODULE_PATHNAME', 'dwh_hash_key_link'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION dwh.hash_key(uuid, uuid) IS
+    'Link key: UUID v5 of both hub keys written one after the other (lower-case, hyphenated)';
+
+-- Every writer of order and dictionary data takes this advisory lock: order
+-- batches in shared mode, changes of dish categories and names in exclusive
+-- mode, so that a mart row is never computed from a dictionary state that
+-- a concurrent transaction is changing.
+CREATE FUNCTION dwh.dictionary_lock_key() RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS 'SELECT 7238964021746305793::bigint';
+COMMENT ON FUNCTION dwh.dictionary_lock_key() IS
+    'Advisory lock key serialising dish category and name changes against order batches';

@@ -1,0 +1,89 @@
+-- STG: data as it arrived.  One row per key holding its latest version; the
+-- BEFORE trigger dwh.stg_guard validates each row, derives update_ts and
+-- skips any update that does not carry a newer version.
+
+CREATE FUNCTION dwh.stg_guard() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'dwh_stg_guard'
+    LANGUAGE C;
+COMMENT ON FUNCTION dwh.stg_guard() IS
+    'BEFORE ROW trigger of stg tables: validates the payload, derives update_ts, keeps the newest version';
+
+CREATE TABLE stg.order_events (
+    id          bigserial PRIMARY KEY,
+    object_id   bigint NOT NULL UNIQUE,
+    object_type varchar NOT NULL CHECK (object_type = 'order'),
+    sent_dttm   timestamp NOT NULL,
+    payload     jsonb NOT NULL,
+    update_ts   timestamp NOT NULL,
+    loaded_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE stg.order_events IS 'Orders from Kafka topic order-service_orders: one row per order, its latest version';
+COMMENT ON COLUMN stg.order_events.id IS 'Surrogate row number';
+COMMENT ON COLUMN stg.order_events.object_id IS 'Order id (message object_id), the idempotency key of the stream';
+COMMENT ON COLUMN stg.order_events.object_type IS 'Message object_type; always ''order'' here (other types go to stg.other_events)';
+COMMENT ON COLUMN stg.order_events.sent_dttm IS 'When the message was sent (UTC)';
+COMMENT ON COLUMN stg.order_events.payload IS 'The message''s payload object, as is';
+COMMENT ON COLUMN stg.order_events.update_ts IS 'Version of the order: payload.update_ts; an older version never replaces a newer one';
+COMMENT ON COLUMN stg.order_events.loaded_at IS 'When this version was stored';
+
+CREATE TRIGGER order_events_guard
+    BEFORE INSERT OR UPDATE ON stg.order_events
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('order');
+
+CREATE TABLE stg.other_events (
+    id              bigserial PRIMARY KEY,
+    object_id       bigint,
+    object_type     varchar NOT NULL,
+    sent_dttm       timestamp,
+    message         jsonb NOT NULL,
+    topic           text,
+    kafka_partition integer,
+    kafka_offset    bigint,
+    received_at     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE stg.other_events IS 'Valid messages of an object_type other than ''order'': kept whole, out of the counts';
+COMMENT ON COLUMN stg.other_events.id IS 'Surrogate row number';
+COMMENT ON COLUMN stg.other_events.object_id IS 'Message object_id when it is an integer';
+COMMENT ON COLUMN stg.other_events.object_type IS 'Message object_type';
+COMMENT ON COLUMN stg.other_events.sent_dttm IS 'Message sent_dttm when it is a valid timestamp';
+COMMENT ON COLUMN stg.other_events.message IS 'The whole message';
+COMMENT ON COLUMN stg.other_events.topic IS 'Kafka topic it came from, when known';
+COMMENT ON COLUMN stg.other_events.kafka_partition IS 'Kafka partition it came from, when known';
+COMMENT ON COLUMN stg.other_events.kafka_offset IS 'Kafka offset it came from, when known';
+COMMENT ON COLUMN stg.other_events.received_at IS 'When it was stored';
+
+CREATE TABLE stg.users (
+    id          bigserial PRIMARY KEY,
+    object_id   varchar NOT NULL UNIQUE,
+    payload     jsonb NOT NULL,
+    update_ts   timestamp,
+    loaded_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE stg.users IS 'Users mirrored from Redis: one row per key, its latest value';
+COMMENT ON COLUMN stg.users.id IS 'Surrogate row number';
+COMMENT ON COLUMN stg.users.object_id IS 'Redis key: the user id';
+COMMENT ON COLUMN stg.users.payload IS 'The Redis value, as is: {"_id", "name", "login", "update_ts_utc"}';
+COMMENT ON COLUMN stg.users.update_ts IS 'Version of the value: payload.update_ts_utc (null when absent)';
+COMMENT ON COLUMN stg.users.loaded_at IS 'When this version was stored';
+
+CREATE TRIGGER users_guard
+    BEFORE INSERT OR UPDATE ON stg.users
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('user');
+
+CREATE TABLE stg.restaurants (
+    id          bigserial PRIMARY KEY,
+    object_id   varchar NOT NULL UNIQUE,
+    payload     jsonb NOT NULL,
+    update_ts   timestamp,
+    loaded_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE stg.restaurants IS 'Restaurants and their menus mirrored from Redis: one row per key, its latest value';
+COMMENT ON COLUMN stg.restaurants.id IS 'Surrogate row number';
+COMMENT ON COLUMN stg.restaurants.object_id IS 'Redis key: the restaurant id';
+COMMENT ON COLUMN stg.restaurants.payload IS 'The Redis value, as is: {"_id", "name", "menu": [{"_id", "name", "price", "category"}], "update_ts_utc"}';
+COMMENT ON COLUMN stg.restaurants.update_ts IS 'Version of the value: payload.update_ts_utc (null when absent)';
+COMMENT ON COLUMN stg.restaurants.loaded_at IS 'When this version was stored';
+
+CREATE TRIGGER restaurants_guard
+    BEFORE INSERT OR UPDATE ON stg.restaurants
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');

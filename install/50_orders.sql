@@ -1,0 +1,267 @@
+-- Orders: every statement that writes stg.order_events carries its rows on
+-- to DDS and the marts.  The mart delta of a batch is (what its orders count
+-- now) minus (what they counted before), both computed set-based from the
+-- batch and from DDS before it changes; no user is ever recounted whole.
+
+CREATE FUNCTION dwh.order_events_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    renamed uuid[];
+    zero_product_users uuid[];
+    zero_products uuid[];
+    zero_category_users uuid[];
+    zero_categories uuid[];
+BEGIN
+    IF NOT EXISTS (SELECT FROM changed) THEN
+        RETURN NULL;
+    END IF;
+
+    -- Dish categories and names stay put until commit.
+    PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
+
+    -- Dishes first (hub order is the same in every transaction: dishes,
+    -- orders, users, restaurants; keys sorted within each).
+    SELECT dwh.load_products(array_agg(dwh.hash_key(e->>'id')), array_agg(e->>'id'),
+                             array_agg(e->>'name'), array_agg(c.update_ts),
+                             'stg.order_events')
+    INTO renamed
+    FROM changed c, jsonb_array_elements(c.payload->'order_items') e;
+
+    WITH batch AS MATERIALIZED (
+        SELECT c.object_id,
+               dwh.hash_key(c.object_id::text) AS h_order_pk,
+               c.update_ts,
+               (c.payload->>'date')::timestamp AS order_dt,
+               c.payload->>'final_status' AS status,
+               (c.payload->>'cost')::numeric(19, 5) AS cost,
+               (c.payload->>'payment')::numeric(19, 5) AS payment,
+               c.payload->'user'->>'id' AS user_id,
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+               c.payload->'restaurant'->>'id' AS restaurant_id,
+               dwh.hash_key(c.payload->'restaurant'->>'id') AS h_restaurant_pk,
+               c.payload->'order_items' AS items
+        FROM changed c
+    ),
+    item AS MATERIALIZED (
+        SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.h_restaurant_pk, b.status,
+               dwh.hash_key(e->>'id') AS h_product_pk
+        FROM batch b, jsonb_array_elements(b.items) e
+    ),
+    -- What the batch's orders counted before this statement.
+    old_user AS MATERIALIZED (
+        SELECT l.h_order_pk, l.h_user_pk
+        FROM batch b JOIN dds.l_order_user l ON l.h_order_pk = b.h_order_pk
+    ),
+    old_item AS MATERIALIZED (
+        SELECT l.h_order_pk, l.h_product_pk
+        FROM batch b JOIN dds.l_order_product l ON l.h_order_pk = b.h_order_pk
+    ),
+    old_closed AS MATERIALIZED (
+        SELECT b.h_order_pk
+        FROM batch b
+        WHERE (SELECT s.status FROM dds.s_order_status s
+               WHERE s.h_order_pk = b.h_order_pk
+               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+    ),
+    old_counted AS MATERIALIZED (
+        SELECT c.h_order_pk, u.h_user_pk, i.h_product_pk
+        FROM old_closed c
+        JOIN old_user u USING (h_order_pk)
+        JOIN old_item i USING (h_order_pk)
+    ),
+    category AS MATERIALIZED (
+        SELECT l.h_product_pk, l.h_category_pk
+        FROM dds.l_product_category l
+        WHERE l.h_product_pk IN (SELECT h_product_pk FROM item
+                                 UNION SELECT h_product_pk FROM old_counted)
+    ),
+    product_delta AS (
+        SELECT h_user_pk, h_product_pk, sum(d)::integer AS d
+        FROM (SELECT h_user_pk, h_product_pk, 1 AS d FROM item WHERE status = 'CLOSED'
+              UNION ALL
+              SELECT h_user_pk, h_product_pk, -1 FROM old_counted) x
+        GROUP BY h_user_pk, h_product_pk
+        HAVING sum(d) <> 0
+    ),
+    category_delta AS (
+        SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
+        FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, c.h_category_pk, 1 AS d
+              FROM item i JOIN category c USING (h_product_pk)
+              WHERE i.status = 'CLOSED'
+              UNION ALL
+              SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
+              FROM old_counted o JOIN category c USING (h_product_pk)) x
+        GROUP BY h_user_pk, h_category_pk
+        HAVING sum(d) <> 0
+    ),
+    -- Hubs, links and satellites.
+    order_hub AS (
+        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        FROM batch
+        ORDER BY h_order_pk
+        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
+        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
+    ),
+    user_hub AS (
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT DISTINCT h_user_pk, user_id, now(), 'stg.order_events'
+        FROM batch
+        ORDER BY h_user_pk
+        ON CONFLICT DO NOTHING
+    ),
+    restaurant_hub AS (
+        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+        SELECT DISTINCT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
+        FROM batch
+        ORDER BY h_restaurant_pk
+        ON CONFLICT DO NOTHING
+    ),
+    order_user_link AS (
+        INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        FROM batch
+        ON CONFLICT DO NOTHING
+    ),
+    order_product_link AS (
+        INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        FROM item
+        ON CONFLICT DO NOTHING
+    ),
+    product_restaurant_link AS (
+        INSERT INTO dds.l_product_restaurant
+               (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
+               h_restaurant_pk, now(), 'stg.order_events'
+        FROM item
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    status_satellite AS (
+        INSERT INTO dds.s_order_status AS s
+               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+        SELECT x.h_order_pk, x.status, x.hashdiff, x.update_ts, 'stg.order_events'
+        FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.status) AS hashdiff
+              FROM batch b) x
+        WHERE x.hashdiff IS DISTINCT FROM
+              (SELECT p.hk_order_status_hashdiff FROM dds.s_order_status p
+               WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
+               ORDER BY p.load_dt DESC LIMIT 1)
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET status = EXCLUDED.status,
+            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff,
+            load_src = EXCLUDED.load_src
+    ),
+    cost_satellite AS (
+        INSERT INTO dds.s_order_cost AS s
+               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+        SELECT x.h_order_pk, x.cost, x.payment, x.hashdiff, x.update_ts, 'stg.order_events'
+        FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.cost::text || b.payment::text)
+                          AS hashdiff
+              FROM batch b) x
+        WHERE x.hashdiff IS DISTINCT FROM
+              (SELECT p.hk_order_cost_hashdiff FROM dds.s_order_cost p
+               WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
+               ORDER BY p.load_dt DESC LIMIT 1)
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff,
+            load_src = EXCLUDED.load_src
+    ),
+    -- The marts, in key order so that concurrent batches never deadlock.
+    product_name AS MATERIALIZED (
+        SELECT d.h_product_pk,
+               (SELECT s.name FROM dds.s_product_names s
+                WHERE s.h_product_pk = d.h_product_pk
+                ORDER BY s.load_dt DESC LIMIT 1) AS name
+        FROM (SELECT DISTINCT h_product_pk FROM product_delta) d
+    ),
+    product_mart AS (
+        INSERT INTO cdm.user_product_counters AS m (user_id, product_id, product_name, order_cnt)
+        SELECT d.h_user_pk, d.h_product_pk, coalesce(n.name, ''), d.d
+        FROM product_delta d JOIN product_name n USING (h_product_pk)
+        ORDER BY d.h_user_pk, d.h_product_pk
+        ON CONFLICT (user_id, product_id) DO UPDATE
+        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        RETURNING m.user_id, m.product_id, m.order_cnt
+    ),
+    category_mart AS (
+        INSERT INTO cdm.user_category_counters AS m (user_id, category_id, category_name, order_cnt)
+        SELECT d.h_user_pk, d.h_category_pk, h.category_name, d.d
+        FROM category_delta d JOIN dds.h_category h USING (h_category_pk)
+        ORDER BY d.h_user_pk, d.h_category_pk
+        ON CONFLICT (user_id, category_id) DO UPDATE
+        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        RETURNING m.user_id, m.category_id, m.order_cnt
+    )
+    SELECT (SELECT array_agg(user_id) FROM product_mart WHERE order_cnt = 0),
+           (SELECT array_agg(product_id) FROM product_mart WHERE order_cnt = 0),
+           (SELECT array_agg(user_id) FROM category_mart WHERE order_cnt = 0),
+           (SELECT array_agg(category_id) FROM category_mart WHERE order_cnt = 0)
+    INTO zero_product_users, zero_products, zero_category_users, zero_categories;
+
+    IF TG_OP = 'UPDATE' THEN
+        -- Links of the previous version that the new one no longer holds.
+        WITH batch AS MATERIALIZED (
+            SELECT dwh.hash_key(c.object_id::text) AS h_order_pk,
+                   dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+                   c.payload->'order_items' AS items
+            FROM changed c
+        ),
+        stale_products AS (
+            DELETE FROM dds.l_order_product l
+            USING batch b
+            WHERE l.h_order_pk = b.h_order_pk
+              AND NOT EXISTS (SELECT FROM jsonb_array_elements(b.items) e
+                              WHERE dwh.hash_key(e->>'id') = l.h_product_pk)
+        )
+        DELETE FROM dds.l_order_user l
+        USING batch b
+        WHERE l.h_order_pk = b.h_order_pk AND l.h_user_pk <> b.h_user_pk;
+    END IF;
+
+    PERFORM dwh.drop_zero_counters(zero_product_users, zero_products,
+                                   zero_category_users, zero_categories);
+
+    IF renamed IS NOT NULL THEN
+        -- A rename touches mart rows that other batches may be writing.
+        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+        PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.order_events_changed() IS
+    'AFTER INSERT/UPDATE statement trigger of stg.order_events: carries changed orders into DDS and the marts';
+
+CREATE TRIGGER order_events_inserted
+    AFTER INSERT ON stg.order_events
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_changed();
+
+CREATE TRIGGER order_events_updated
+    AFTER UPDATE ON stg.order_events
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_changed();
+
+-- DDS is derived from the latest version of every order held here: deleting
+-- one would let an older version replace it.
+CREATE FUNCTION dwh.order_events_refuse_delete() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'rows of stg.order_events cannot be deleted'
+        USING ERRCODE = '55000',
+              DETAIL = 'stg.order_events holds the latest version of every order; DDS and the marts are derived from it.',
+              HINT = 'To take an order out of the counts, load a newer version of it with another final_status.';
+END
+$fn$;
+COMMENT ON FUNCTION dwh.order_events_refuse_delete() IS
+    'Refuses DELETE and TRUNCATE on stg.order_events';
+
+CREATE TRIGGER order_events_no_delete
+    BEFORE DELETE OR TRUNCATE ON stg.order_events
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_refuse_delete();

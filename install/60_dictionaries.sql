@@ -1,0 +1,254 @@
+-- Dictionaries: users and restaurants (with their menus) from Redis.  Users
+-- only reach DDS (the marts carry no user names).  A menu names, renames and
+-- categorises dishes: it takes the dictionary lock exclusively, because a
+-- dish that moves to another category changes the category counts of every
+-- CLOSED order holding it.
+
+CREATE FUNCTION dwh.users_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    WITH u AS MATERIALIZED (
+        SELECT c.object_id AS user_id,
+               dwh.hash_key(c.object_id) AS h_user_pk,
+               c.payload->>'name' AS username,
+               c.payload->>'login' AS userlogin,
+               coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC') AS version
+        FROM changed c
+    ),
+    hub AS (
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT h_user_pk, user_id, now(), 'stg.users'
+        FROM u
+        ORDER BY h_user_pk
+        ON CONFLICT DO NOTHING
+    )
+    INSERT INTO dds.s_user_names AS s
+           (h_user_pk, username, userlogin, hk_user_names_hashdiff, load_dt, load_src)
+    SELECT x.h_user_pk, x.username, x.userlogin, x.hashdiff, x.version, 'stg.users'
+    FROM (SELECT u.*, dwh.hash_key(u.h_user_pk::text || u.username || u.userlogin) AS hashdiff
+          FROM u) x
+    WHERE x.hashdiff IS DISTINCT FROM
+          (SELECT p.hk_user_names_hashdiff FROM dds.s_user_names p
+           WHERE p.h_user_pk = x.h_user_pk AND p.load_dt <= x.version
+           ORDER BY p.load_dt DESC LIMIT 1)
+    ORDER BY x.h_user_pk
+    ON CONFLICT (h_user_pk, load_dt) DO UPDATE
+    SET username = EXCLUDED.username, userlogin = EXCLUDED.userlogin,
+        hk_user_names_hashdiff = EXCLUDED.hk_user_names_hashdiff,
+        load_src = EXCLUDED.load_src;
+
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.users_changed() IS
+    'AFTER INSERT/UPDATE statement trigger of stg.users: user hubs and name satellites';
+
+CREATE TRIGGER users_inserted
+    AFTER INSERT ON stg.users
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
+
+CREATE TRIGGER users_updated
+    AFTER UPDATE ON stg.users
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
+
+-- Move dishes to new categories and carry the change into the category
+-- mart: only the CLOSED orders holding a moved dish are recounted.
+CREATE FUNCTION dwh.move_products(products uuid[], categories uuid[],
+                                  versions timestamp[])
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    zero_users uuid[];
+    zero_categories uuid[];
+BEGIN
+    WITH moved AS MATERIALIZED (
+        SELECT * FROM unnest(products, categories, versions)
+                 AS m(h_product_pk, h_category_pk, load_dt)
+    ),
+    closed AS MATERIALIZED (
+        SELECT a.h_order_pk
+        FROM (SELECT DISTINCT op.h_order_pk
+              FROM moved m JOIN dds.l_order_product op USING (h_product_pk)) a
+        WHERE (SELECT s.status FROM dds.s_order_status s
+               WHERE s.h_order_pk = a.h_order_pk
+               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+    ),
+    item AS MATERIALIZED (
+        SELECT c.h_order_pk, ou.h_user_pk, op.h_product_pk
+        FROM closed c
+        JOIN dds.l_order_user ou USING (h_order_pk)
+        JOIN dds.l_order_product op USING (h_order_pk)
+    ),
+    delta AS (
+        SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
+        FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, pc.h_category_pk, -1 AS d
+              FROM item i JOIN dds.l_product_category pc USING (h_product_pk)
+              UNION ALL
+              SELECT DISTINCT i.h_order_pk, i.h_user_pk,
+                     coalesce(m.h_category_pk, pc.h_category_pk), 1
+              FROM item i
+              LEFT JOIN moved m USING (h_product_pk)
+              LEFT JOIN dds.l_product_category pc USING (h_product_pk)
+              WHERE coalesce(m.h_category_pk, pc.h_category_pk) IS NOT NULL) x
+        GROUP BY h_user_pk, h_category_pk
+        HAVING sum(d) <> 0
+    ),
+    relink AS (
+        INSERT INTO dds.l_product_category AS l
+               (hk_product_category_pk, h_product_pk, h_category_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_product_pk, h_category_pk), h_product_pk, h_category_pk,
+               load_dt, 'stg.restaurants'
+        FROM moved
+        ORDER BY h_product_pk
+        ON CONFLICT (h_product_pk) DO UPDATE
+        SET hk_product_category_pk = EXCLUDED.hk_product_category_pk,
+            h_category_pk = EXCLUDED.h_category_pk,
+            load_dt = EXCLUDED.load_dt,
+            load_src = EXCLUDED.load_src
+    ),
+    mart AS (
+        INSERT INTO cdm.user_category_counters AS m (user_id, category_id, category_name, order_cnt)
+        SELECT d.h_user_pk, d.h_category_pk, h.category_name, d.d
+        FROM delta d JOIN dds.h_category h USING (h_category_pk)
+        ORDER BY d.h_user_pk, d.h_category_pk
+        ON CONFLICT (user_id, category_id) DO UPDATE
+        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        RETURNING m.user_id, m.category_id, m.order_cnt
+    )
+    SELECT array_agg(user_id), array_agg(category_id)
+    INTO zero_users, zero_categories
+    FROM mart
+    WHERE order_cnt = 0;
+
+    PERFORM dwh.drop_zero_counters(NULL, NULL, zero_users, zero_categories);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.move_products(uuid[], uuid[], timestamp[]) IS
+    'Relink dishes to new categories and recount the category mart for the CLOSED orders holding them';
+
+CREATE FUNCTION dwh.restaurants_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    renamed uuid[];
+    moved_products uuid[];
+    moved_categories uuid[];
+    moved_versions timestamp[];
+BEGIN
+    IF NOT EXISTS (SELECT FROM changed) THEN
+        RETURN NULL;
+    END IF;
+
+    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+
+    WITH r AS MATERIALIZED (
+        SELECT c.object_id AS restaurant_id,
+               dwh.hash_key(c.object_id) AS h_restaurant_pk,
+               c.payload->>'name' AS name,
+               coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC') AS version
+        FROM changed c
+    ),
+    hub AS (
+        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+        SELECT h_restaurant_pk, restaurant_id, now(), 'stg.restaurants'
+        FROM r
+        ORDER BY h_restaurant_pk
+        ON CONFLICT DO NOTHING
+    )
+    INSERT INTO dds.s_restaurant_names AS s
+           (h_restaurant_pk, name, hk_restaurant_names_hashdiff, load_dt, load_src)
+    SELECT x.h_restaurant_pk, x.name, x.hashdiff, x.version, 'stg.restaurants'
+    FROM (SELECT r.*, dwh.hash_key(r.h_restaurant_pk::text || r.name) AS hashdiff
+          FROM r) x
+    WHERE x.hashdiff IS DISTINCT FROM
+          (SELECT p.hk_restaurant_names_hashdiff FROM dds.s_restaurant_names p
+           WHERE p.h_restaurant_pk = x.h_restaurant_pk AND p.load_dt <= x.version
+           ORDER BY p.load_dt DESC LIMIT 1)
+    ORDER BY x.h_restaurant_pk
+    ON CONFLICT (h_restaurant_pk, load_dt) DO UPDATE
+    SET name = EXCLUDED.name,
+        hk_restaurant_names_hashdiff = EXCLUDED.hk_restaurant_names_hashdiff,
+        load_src = EXCLUDED.load_src;
+
+    -- Menu entries with an empty _id name no dish and are skipped.
+    SELECT dwh.load_products(array_agg(dwh.hash_key(e->>'_id')), array_agg(e->>'_id'),
+                             array_agg(e->>'name'),
+                             array_agg(coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC')),
+                             'stg.restaurants')
+    INTO renamed
+    FROM changed c, jsonb_array_elements(c.payload->'menu') e
+    WHERE e->>'_id' <> '';
+
+    WITH dish AS MATERIALIZED (
+        SELECT dwh.hash_key(c.object_id) AS h_restaurant_pk,
+               dwh.hash_key(e->>'_id') AS h_product_pk,
+               nullif(e->>'category', '') AS category_name,
+               coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC') AS version
+        FROM changed c, jsonb_array_elements(c.payload->'menu') e
+        WHERE e->>'_id' <> ''
+    ),
+    restaurant_link AS (
+        INSERT INTO dds.l_product_restaurant
+               (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
+               h_restaurant_pk, now(), 'stg.restaurants'
+        FROM dish
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    category_hub AS (
+        INSERT INTO dds.h_category (h_category_pk, category_name, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(category_name), category_name, now(), 'stg.restaurants'
+        FROM dish
+        WHERE category_name IS NOT NULL
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    -- The newest menu naming a dish decides its category.
+    candidate AS (
+        SELECT DISTINCT ON (h_product_pk) h_product_pk, category_name,
+               dwh.hash_key(category_name) AS h_category_pk, version
+        FROM dish
+        WHERE category_name IS NOT NULL
+        ORDER BY h_product_pk, version DESC, category_name DESC
+    ),
+    moved AS (
+        SELECT c.*
+        FROM candidate c
+        LEFT JOIN dds.l_product_category l USING (h_product_pk)
+        LEFT JOIN dds.h_category h ON h.h_category_pk = l.h_category_pk
+        WHERE l.h_product_pk IS NULL
+           OR (l.h_category_pk <> c.h_category_pk
+               AND (c.version > l.load_dt
+                    OR (c.version = l.load_dt AND c.category_name > h.category_name)))
+    )
+    SELECT array_agg(h_product_pk), array_agg(h_category_pk), array_agg(version)
+    INTO moved_products, moved_categories, moved_versions
+    FROM moved;
+
+    IF moved_products IS NOT NULL THEN
+        PERFORM dwh.move_products(moved_products, moved_categories, moved_versions);
+    END IF;
+    IF renamed IS NOT NULL THEN
+        PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.restaurants_changed() IS
+    'AFTER INSERT/UPDATE statement trigger of stg.restaurants: restaurants, dishes, categories and the marts they change';
+
+CREATE TRIGGER restaurants_inserted
+    AFTER INSERT ON stg.restaurants
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();
+
+CREATE TRIGGER restaurants_updated
+    AFTER UPDATE ON stg.restaurants
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();

@@ -1,0 +1,57 @@
+-- Ingest entry points: raw Kafka message values in, STG rows or dead
+-- letters out.  Nothing is lost: a value that cannot be stored is kept here
+-- with its raw bytes, where it came from and why it was refused.
+
+CREATE TABLE dwh.dead_letters (
+    id              bigserial PRIMARY KEY,
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    source          text NOT NULL,
+    topic           text,
+    kafka_partition integer,
+    kafka_offset    bigint,
+    source_key      text,
+    raw             bytea NOT NULL,
+    reason          text NOT NULL,
+    sqlstate        char(5) NOT NULL
+);
+CREATE INDEX dead_letters_received_at_idx ON dwh.dead_letters (received_at);
+COMMENT ON TABLE dwh.dead_letters IS 'Values that could not be loaded, with their raw bytes, origin and reason';
+COMMENT ON COLUMN dwh.dead_letters.id IS 'Surrogate row number';
+COMMENT ON COLUMN dwh.dead_letters.received_at IS 'When the value was refused';
+COMMENT ON COLUMN dwh.dead_letters.source IS 'Who handed it in: kafka (the Kafka worker), redis (the Redis worker) or sql (dwh.ingest_order[s])';
+COMMENT ON COLUMN dwh.dead_letters.topic IS 'Kafka topic, when known';
+COMMENT ON COLUMN dwh.dead_letters.kafka_partition IS 'Kafka partition, when known';
+COMMENT ON COLUMN dwh.dead_letters.kafka_offset IS 'Kafka offset, when known';
+COMMENT ON COLUMN dwh.dead_letters.source_key IS 'Redis key (or Kafka message key), when known';
+COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received';
+COMMENT ON COLUMN dwh.dead_letters.reason IS 'Why it was refused';
+COMMENT ON COLUMN dwh.dead_letters.sqlstate IS 'SQLSTATE of the refusal (22P02 wrong shape, 22032 not JSON, 22021 bad UTF-8, 22007 bad timestamp, 22003 out of range, 54000 too large, ...)';
+
+CREATE FUNCTION dwh.ingest_order(message bytea, topic text DEFAULT NULL,
+                                 kafka_partition integer DEFAULT NULL,
+                                 kafka_offset bigint DEFAULT NULL)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'dwh_ingest_order'
+    LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION dwh.ingest_order(bytea, text, integer, bigint) IS
+    'Ingest one raw Kafka message value; returns applied, unchanged, other_type or dead_letter';
+
+CREATE FUNCTION dwh.ingest_order(message text, topic text DEFAULT NULL,
+                                 kafka_partition integer DEFAULT NULL,
+                                 kafka_offset bigint DEFAULT NULL)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'dwh_ingest_order'
+    LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION dwh.ingest_order(text, text, integer, bigint) IS
+    'Ingest one Kafka message value given as text; returns applied, unchanged, other_type or dead_letter';
+
+CREATE FUNCTION dwh.ingest_orders(messages bytea[], topic text DEFAULT NULL,
+                                  kafka_partitions integer[] DEFAULT NULL,
+                                  kafka_offsets bigint[] DEFAULT NULL,
+                                  OUT received integer, OUT applied integer,
+                                  OUT unchanged integer, OUT other_type integer,
+                                  OUT dead_lettered integer)
+    AS 'MODULE_PATHNAME', 'dwh_ingest_orders'
+    LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) IS
+    'Ingest a batch of raw Kafka message values set-based: one statement per destination';

@@ -1,0 +1,609 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_ingest.c
+ *	  Set-based ingestion of raw order messages into STG.
+ *
+ * A batch is classified message by message in C (never raising an error
+ * for a bad message), then written with one statement per destination:
+ * orders are upserted into stg.order_events (whose triggers carry them on
+ * to DDS and the marts), other object types go to stg.other_events, refused
+ * messages to dwh.dead_letters.  The whole batch runs in a subtransaction;
+ * if it fails for a reason that is about its data, it is retried message by
+ * message, each in its own subtransaction, and only the messages that fail
+ * again are dead-lettered, with the error.  Errors that are not about data
+ * (deadlock, cancel, disk full, missing privilege) are raised to the caller,
+ * which retries the batch: no message is ever skipped for them.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+
+#include "dwh_ingest.h"
+#include "dwh_message.h"
+
+/* Columns of the arrays handed to each statement, built per batch. */
+typedef struct ColumnBuilder
+{
+	Oid			elemtype;
+	int			n;
+	Datum	   *values;
+	bool	   *nulls;
+} ColumnBuilder;
+
+static SPIPlanPtr upsert_orders_plan = NULL;
+static SPIPlanPtr insert_others_plan = NULL;
+static SPIPlanPtr insert_dead_plan = NULL;
+
+static const char *upsert_orders_sql =
+"INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload) "
+"SELECT DISTINCT ON (m.object_id) m.object_id, 'order', m.sent_dttm, m.payload "
+"FROM unnest($1::bigint[], $2::timestamp[], $3::timestamp[], $4::jsonb[]) "
+"     AS m(object_id, sent_dttm, update_ts, payload) "
+"ORDER BY m.object_id, m.update_ts DESC, m.payload DESC "
+"ON CONFLICT (object_id) DO UPDATE "
+"SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, "
+"    payload = EXCLUDED.payload";
+
+static const char *insert_others_sql =
+"INSERT INTO stg.other_events "
+"  (object_id, object_type, sent_dttm, message, topic, kafka_partition, kafka_offset) "
+"SELECT m.object_id, m.object_type, m.sent_dttm, m.message, $5, m.kafka_partition, m.kafka_offset "
+"FROM unnest($1::bigint[], $2::text[], $3::timestamp[], $4::jsonb[], $6::int[], $7::bigint[]) "
+"     AS m(object_id, object_type, sent_dttm, message, kafka_partition, kafka_offset)";
+
+static const char *insert_dead_sql =
+"INSERT INTO dwh.dead_letters "
+"  (source, topic, kafka_partition, kafka_offset, raw, reason, sqlstate) "
+"SELECT $1, $2, d.kafka_partition, d.kafka_offset, d.raw, d.reason, d.sqlstate "
+"FROM unnest($3::int[], $4::bigint[], $5::bytea[], $6::text[], $7::text[]) "
+"     AS d(kafka_partition, kafka_offset, raw, reason, sqlstate)";
+
+/*
+ * Prepare and keep a statement for the life of the backend.
+ */
+static SPIPlanPtr
+prepare_kept(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
+static void
+prepare_plans(void)
+{
+	if (upsert_orders_plan == NULL)
+	{
+		Oid			types[4] = {INT8ARRAYOID, TIMESTAMPARRAYOID,
+		TIMESTAMPARRAYOID, JSONBARRAYOID};
+
+		upsert_orders_plan = prepare_kept(upsert_orders_sql, 4, types);
+	}
+	if (insert_others_plan == NULL)
+	{
+		Oid			types[7] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPARRAYOID,
+			JSONBARRAYOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID};
+
+		insert_others_plan = prepare_kept(insert_others_sql, 7, types);
+	}
+	if (insert_dead_plan == NULL)
+	{
+		Oid			types[7] = {TEXTOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID,
+		BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+
+		insert_dead_plan = prepare_kept(insert_dead_sql, 7, types);
+	}
+}
+
+static void
+column_init(ColumnBuilder *col, Oid elemtype, int capacity)
+{
+	col->elemtype = elemtype;
+	col->n = 0;
+	col->values = palloc(sizeof(Datum) * Max(capacity, 1));
+	col->nulls = palloc(sizeof(bool) * Max(capacity, 1));
+}
+
+static void
+column_add(ColumnBuilder *col, Datum value, bool isnull)
+{
+	col->values[col->n] = isnull ? (Datum) 0 : value;
+	col->nulls[col->n] = isnull;
+	col->n++;
+}
+
+static Datum
+column_array(ColumnBuilder *col)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {col->n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(col->elemtype, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(col->values, col->nulls, 1,
+											  dims, lbs, col->elemtype,
+											  typlen, typbyval, typalign));
+}
+
+static Datum
+text_datum(const char *s)
+{
+	return PointerGetDatum(cstring_to_text(s));
+}
+
+static Datum
+bytea_datum(const char *data, int len)
+{
+	bytea	   *b = palloc(VARHDRSZ + len);
+
+	SET_VARSIZE(b, VARHDRSZ + len);
+	memcpy(VARDATA(b), data, len);
+	return PointerGetDatum(b);
+}
+
+/* The dead letters of one batch, written with a single statement. */
+typedef struct DeadLetters
+{
+	ColumnBuilder partition,
+				offset,
+				raw,
+				reason,
+				sqlstate;
+} DeadLetters;
+
+static void
+dead_letters_init(DeadLetters *dl, int capacity)
+{
+	column_init(&dl->partition, INT4OID, capacity);
+	column_init(&dl->offset, INT8OID, capacity);
+	column_init(&dl->raw, BYTEAOID, capacity);
+	column_init(&dl->reason, TEXTOID, capacity);
+	column_init(&dl->sqlstate, TEXTOID, capacity);
+}
+
+static void
+dead_letters_add(DeadLetters *dl, DwhIngestItem *item, int sqlstate,
+				 const char *reason)
+{
+	column_add(&dl->partition, Int32GetDatum(item->partition),
+			   !item->has_coordinates);
+	column_add(&dl->offset, Int64GetDatum(item->offset),
+			   !item->has_coordinates);
+	column_add(&dl->raw, bytea_datum(item->data, item->len), false);
+	column_add(&dl->reason, text_datum(reason), false);
+	column_add(&dl->sqlstate, text_datum(unpack_sql_state(sqlstate)), false);
+}
+
+static void
+dead_letters_write(DeadLetters *dl, const char *source, const char *topic)
+{
+	Datum		args[7];
+	char		nulls[7] = "       ";
+	int			rc;
+
+	if (dl->raw.n == 0)
+		return;
+	args[0] = text_datum(source);
+	args[1] = topic ? text_datum(topic) : (Datum) 0;
+	nulls[1] = topic ? ' ' : 'n';
+	args[2] = column_array(&dl->partition);
+	args[3] = column_array(&dl->offset);
+	args[4] = column_array(&dl->raw);
+	args[5] = column_array(&dl->reason);
+	args[6] = column_array(&dl->sqlstate);
+	rc = SPI_execute_plan(insert_dead_plan, args, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "could not record dead letters: %s",
+			 SPI_result_code_string(rc));
+}
+
+/*
+ * Classify and write items[0..n-1].  Raises an error if any statement
+ * fails; the caller decides what the error means.
+ */
+static void
+ingest_messages(DwhIngestItem *items, int n, const char *source,
+				const char *topic, DwhIngestResult *result)
+{
+	ColumnBuilder o_id,
+				o_sent,
+				o_version,
+				o_payload;
+	ColumnBuilder x_id,
+				x_type,
+				x_sent,
+				x_message,
+				x_partition,
+				x_offset;
+	DeadLetters dl;
+	int			i;
+	int			rc;
+
+	column_init(&o_id, INT8OID, n);
+	column_init(&o_sent, TIMESTAMPOID, n);
+	column_init(&o_version, TIMESTAMPOID, n);
+	column_init(&o_payload, JSONBOID, n);
+	column_init(&x_id, INT8OID, n);
+	column_init(&x_type, TEXTOID, n);
+	column_init(&x_sent, TIMESTAMPOID, n);
+	column_init(&x_message, JSONBOID, n);
+	column_init(&x_partition, INT4OID, n);
+	column_init(&x_offset, INT8OID, n);
+	dead_letters_init(&dl, n);
+
+	for (i = 0; i < n; i++)
+	{
+		DwhMessage	msg;
+
+		CHECK_FOR_INTERRUPTS();
+		dwh_message_parse(items[i].data, items[i].len, &msg);
+		switch (msg.kind)
+		{
+			case DWH_MESSAGE_ORDER:
+				column_add(&o_id, Int64GetDatum(msg.object_id), false);
+				column_add(&o_sent, TimestampGetDatum(msg.sent_dttm), false);
+				column_add(&o_version, TimestampGetDatum(msg.update_ts), false);
+				column_add(&o_payload, JsonbPGetDatum(msg.payload), false);
+				break;
+			case DWH_MESSAGE_OTHER:
+				column_add(&x_id, Int64GetDatum(msg.object_id),
+						   !msg.has_object_id);
+				column_add(&x_type, text_datum(msg.object_type), false);
+				column_add(&x_sent, TimestampGetDatum(msg.sent_dttm),
+						   !msg.has_sent_dttm);
+				column_add(&x_message, JsonbPGetDatum(msg.message), false);
+				column_add(&x_partition, Int32GetDatum(items[i].partition),
+						   !items[i].has_coordinates);
+				column_add(&x_offset, Int64GetDatum(items[i].offset),
+						   !items[i].has_coordinates);
+				break;
+			case DWH_MESSAGE_INVALID:
+				dead_letters_add(&dl, &items[i], msg.problem.sqlstate,
+								 msg.problem.reason);
+				break;
+		}
+	}
+
+	if (o_id.n > 0)
+	{
+		Datum		args[4];
+
+		args[0] = column_array(&o_id);
+		args[1] = column_array(&o_sent);
+		args[2] = column_array(&o_version);
+		args[3] = column_array(&o_payload);
+		rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
+		result->applied += SPI_processed;
+		result->unchanged += o_id.n - SPI_processed;
+	}
+	if (x_id.n > 0)
+	{
+		Datum		args[7];
+		char		nulls[7] = "       ";
+
+		args[0] = column_array(&x_id);
+		args[1] = column_array(&x_type);
+		args[2] = column_array(&x_sent);
+		args[3] = column_array(&x_message);
+		args[4] = topic ? text_datum(topic) : (Datum) 0;
+		nulls[4] = topic ? ' ' : 'n';
+		args[5] = column_array(&x_partition);
+		args[6] = column_array(&x_offset);
+		rc = SPI_execute_plan(insert_others_plan, args, nulls, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not store other events: %s",
+				 SPI_result_code_string(rc));
+		result->other_type += x_id.n;
+	}
+	dead_letters_write(&dl, source, topic);
+	result->dead_lettered += dl.raw.n;
+}
+
+/*
+ * Is this error about the data of the messages (so that retrying them one
+ * by one isolates the culprits), rather than about the system?
+ */
+static bool
+error_is_about_data(ErrorData *edata)
+{
+	switch (ERRCODE_TO_CATEGORY(edata->sqlerrcode))
+	{
+		case ERRCODE_DATA_EXCEPTION:
+		case ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION:
+		case ERRCODE_PROGRAM_LIMIT_EXCEEDED:
+		case ERRCODE_PLPGSQL_ERROR:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * Run ingest_messages in a subtransaction.  Returns NULL on success, or the
+ * error if it is about the data; any other error is raised again.
+ */
+static ErrorData *
+ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
+						 const char *topic, DwhIngestResult *result)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+
+	PG_TRY();
+	{
+		ingest_messages(items, n, source, topic, result);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (!error_is_about_data(edata))
+			ReThrowError(edata);
+	}
+	PG_END_TRY();
+
+	return edata;
+}
+
+/*
+ * dwh_ingest_batch
+ *		Ingest n raw messages in the current transaction.  source names the
+ *		origin for dead letters ('kafka', 'sql'); topic may be NULL.
+ */
+void
+dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
+				 const char *topic, DwhIngestResult *result)
+{
+	ErrorData  *edata;
+	int			i;
+
+	memset(result, 0, sizeof(DwhIngestResult));
+	result->received = n;
+	if (n == 0)
+		return;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	prepare_plans();
+
+	edata = ingest_in_subtransaction(items, n, source, topic, result);
+	if (edata != NULL && n > 1)
+	{
+		DeadLetters dl;
+
+		/* Isolate the culprits: one subtransaction per message. */
+		memset(result, 0, sizeof(DwhIngestResult));
+		result->received = n;
+		dead_letters_init(&dl, n);
+		for (i = 0; i < n; i++)
+		{
+			DwhIngestResult one = {0};
+
+			CHECK_FOR_INTERRUPTS();
+			edata = ingest_in_subtransaction(&items[i], 1, source, topic, &one);
+			if (edata != NULL)
+			{
+				dead_letters_add(&dl, &items[i], edata->sqlerrcode,
+								 edata->message);
+				result->dead_lettered++;
+				FreeErrorData(edata);
+				continue;
+			}
+			result->applied += one.applied;
+			result->unchanged += one.unchanged;
+			result->other_type += one.other_type;
+			result->dead_lettered += one.dead_lettered;
+		}
+		dead_letters_write(&dl, source, topic);
+	}
+	else if (edata != NULL)
+	{
+		DeadLetters dl;
+
+		memset(result, 0, sizeof(DwhIngestResult));
+		result->received = n;
+		dead_letters_init(&dl, 1);
+		dead_letters_add(&dl, &items[0], edata->sqlerrcode, edata->message);
+		dead_letters_write(&dl, source, topic);
+		result->dead_lettered = 1;
+	}
+
+	SPI_finish();
+}
+
+/*
+ * The coordinates given to a SQL entry point, or none.
+ */
+static void
+item_coordinates(DwhIngestItem *item, bool has_partition, int32 partition,
+				 bool has_offset, int64 offset)
+{
+	item->has_coordinates = has_partition && has_offset;
+	item->partition = has_partition ? partition : 0;
+	item->offset = has_offset ? offset : 0;
+}
+
+PG_FUNCTION_INFO_V1(dwh_ingest_order);
+PG_FUNCTION_INFO_V1(dwh_ingest_orders);
+
+/*
+ * dwh.ingest_order(message bytea|text, topic text, kafka_partition int,
+ *					kafka_offset bigint) returns text
+ *
+ * Ingest one raw message; says what became of it: 'applied', 'unchanged',
+ * 'other_type' or 'dead_letter'.  text and bytea share the varlena layout,
+ * so one C function serves both signatures.
+ */
+Datum
+dwh_ingest_order(PG_FUNCTION_ARGS)
+{
+	bytea	   *message;
+	char	   *topic = NULL;
+	DwhIngestItem item;
+	DwhIngestResult result;
+	const char *outcome;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("message must not be null")));
+	message = PG_GETARG_BYTEA_PP(0);
+	if (!PG_ARGISNULL(1))
+		topic = text_to_cstring(PG_GETARG_TEXT_PP(1));
+
+	item.data = VARDATA_ANY(message);
+	item.len = VARSIZE_ANY_EXHDR(message);
+	item_coordinates(&item, !PG_ARGISNULL(2), PG_ARGISNULL(2) ? 0 : PG_GETARG_INT32(2),
+					 !PG_ARGISNULL(3), PG_ARGISNULL(3) ? 0 : PG_GETARG_INT64(3));
+
+	dwh_ingest_batch(&item, 1, "sql", topic, &result);
+
+	if (result.applied > 0)
+		outcome = "applied";
+	else if (result.unchanged > 0)
+		outcome = "unchanged";
+	else if (result.other_type > 0)
+		outcome = "other_type";
+	else
+		outcome = "dead_letter";
+	PG_RETURN_TEXT_P(cstring_to_text(outcome));
+}
+
+/*
+ * Elements of an optional int4 or int8 array argument, checked against the
+ * number of messages.
+ */
+static void
+coordinate_array(FunctionCallInfo fcinfo, int argno, Oid elemtype, int n,
+				 const char *name, Datum **values, bool **nulls)
+{
+	ArrayType  *arr;
+	int			count;
+
+	*values = NULL;
+	*nulls = NULL;
+	if (PG_ARGISNULL(argno))
+		return;
+	arr = PG_GETARG_ARRAYTYPE_P(argno);
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("%s must be a one-dimensional array", name)));
+	deconstruct_array(arr, elemtype, elemtype == INT4OID ? 4 : 8, true,
+					  elemtype == INT4OID ? TYPALIGN_INT : TYPALIGN_DOUBLE,
+					  values, nulls, &count);
+	if (count != n)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("%s has %d elements but there are %d messages",
+						name, count, n)));
+}
+
+/*
+ * dwh.ingest_orders(messages bytea[], topic text, kafka_partitions int[],
+ *					 kafka_offsets bigint[])
+ *		returns (received, applied, unchanged, other_type, dead_lettered)
+ *
+ * The set-based entry point: one call per batch.
+ */
+Datum
+dwh_ingest_orders(PG_FUNCTION_ARGS)
+{
+	ArrayType  *messages;
+	Datum	   *values;
+	bool	   *isnull;
+	int			n;
+	Datum	   *partitions;
+	bool	   *partition_nulls;
+	Datum	   *offsets;
+	bool	   *offset_nulls;
+	char	   *topic = NULL;
+	DwhIngestItem *items;
+	DwhIngestResult result;
+	TupleDesc	tupdesc;
+	Datum		out[5];
+	bool		out_nulls[5] = {false, false, false, false, false};
+	int			i;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("messages must not be null")));
+	messages = PG_GETARG_ARRAYTYPE_P(0);
+	if (ARR_NDIM(messages) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("messages must be a one-dimensional array")));
+	deconstruct_array(messages, BYTEAOID, -1, false, TYPALIGN_INT,
+					  &values, &isnull, &n);
+	if (!PG_ARGISNULL(1))
+		topic = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	coordinate_array(fcinfo, 2, INT4OID, n, "kafka_partitions",
+					 &partitions, &partition_nulls);
+	coordinate_array(fcinfo, 3, INT8OID, n, "kafka_offsets",
+					 &offsets, &offset_nulls);
+
+	items = palloc(sizeof(DwhIngestItem) * Max(n, 1));
+	for (i = 0; i < n; i++)
+	{
+		bytea	   *b;
+
+		if (isnull[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("message %d of the batch is null", i + 1),
+					 errhint("A Kafka message without a value carries nothing to ingest; leave it out of the batch.")));
+		b = DatumGetByteaPP(values[i]);
+		items[i].data = VARDATA_ANY(b);
+		items[i].len = VARSIZE_ANY_EXHDR(b);
+		item_coordinates(&items[i],
+						 partitions != NULL && !partition_nulls[i],
+						 partitions != NULL ? DatumGetInt32(partitions[i]) : 0,
+						 offsets != NULL && !offset_nulls[i],
+						 offsets != NULL ? DatumGetInt64(offsets[i]) : 0);
+	}
+
+	dwh_ingest_batch(items, n, "sql", topic, &result);
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	tupdesc = BlessTupleDesc(tupdesc);
+	out[0] = Int32GetDatum(result.received);
+	out[1] = Int32GetDatum(result.applied);
+	out[2] = Int32GetDatum(result.unchanged);
+	out[3] = Int32GetDatum(result.other_type);
+	out[4] = Int32GetDatum(result.dead_lettered);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, out, out_nulls)));
+}

@@ -1,0 +1,34 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_ingest.h
+ *	  Set-based ingestion of raw order messages into STG.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef DWH_INGEST_H
+#define DWH_INGEST_H
+
+/* One raw message value and, when known, where it came from. */
+typedef struct DwhIngestItem
+{
+	const char *data;
+	int			len;
+	bool		has_coordinates;
+	int32		partition;
+	int64		offset;
+} DwhIngestItem;
+
+/* What became of a batch. */
+typedef struct DwhIngestResult
+{
+	int			received;
+	int			applied;		/* new or newer order versions stored */
+	int			unchanged;		/* same or older versions, skipped */
+	int			other_type;		/* kept in stg.other_events */
+	int			dead_lettered;	/* recorded in dwh.dead_letters */
+} DwhIngestResult;
+
+extern void dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
+							 const char *topic, DwhIngestResult *result);
+
+#endif							/* DWH_INGEST_H */

@@ -1,0 +1,535 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_message.c
+ *	  Parsing and validation of order messages and dictionary values.
+ *
+ * A Kafka value is bytes.  It goes through size, UTF-8 and JSON syntax
+ * checks that never raise an error (jansson parses the syntax, with a depth
+ * limit and without accepting \u0000), and only then through jsonb_in, so
+ * that whatever is wrong with one message is a reason in dwh.dead_letters,
+ * not an error that aborts its batch.  The shape checks work on jsonb so
+ * that the very same rules guard direct writes to the STG tables.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <stdlib.h>
+
+#include "mb/pg_wchar.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/numeric.h"
+
+#include "dwh_json_syntax.h"
+#include "dwh_message.h"
+#include "dwh_settings.h"
+#include "dwh_timestamp.h"
+
+/* Upper bound of amounts: what numeric(19,5) holds. */
+#define DWH_MAX_AMOUNT 1e14
+/* Longest business key (user, restaurant, dish id) accepted. */
+#define DWH_MAX_KEY_LEN 128
+
+static bool problem_set(DwhProblem *problem, int sqlstate, const char *fmt,...)
+			pg_attribute_printf(3, 4);
+
+/*
+ * Record a problem; always returns false so that checks can "return
+ * problem_set(...)".
+ */
+static bool
+problem_set(DwhProblem *problem, int sqlstate, const char *fmt,...)
+{
+	va_list		args;
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (;;)
+	{
+		int			needed;
+
+		va_start(args, fmt);
+		needed = appendStringInfoVA(&buf, fmt, args);
+		va_end(args);
+		if (needed == 0)
+			break;
+		enlargeStringInfo(&buf, needed);
+	}
+	problem->sqlstate = sqlstate;
+	problem->reason = buf.data;
+	return false;
+}
+
+/*
+ * dwh_json_parse
+ *		Turn raw bytes into jsonb, or return NULL and say why.  Only the final
+ *		jsonb_in can raise an error, and only for what jansson accepted, which
+ *		is a subset of what jsonb_in accepts.
+ */
+Jsonb *
+dwh_json_parse(const char *data, int len, DwhProblem *problem)
+{
+	int			valid_len;
+	char		detail[256];
+	char	   *text;
+
+	if (len > dwh_max_message_size)
+	{
+		problem_set(problem, ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+					"value of %d bytes exceeds dwh.max_message_size (%d bytes)",
+					len, dwh_max_message_size);
+		return NULL;
+	}
+	if (len == 0)
+	{
+		problem_set(problem, ERRCODE_INVALID_JSON_TEXT, "value is empty");
+		return NULL;
+	}
+
+	valid_len = pg_encoding_verifymbstr(PG_UTF8, data, len);
+	if (valid_len < len)
+	{
+		if (data[valid_len] == '\0')
+			problem_set(problem, ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+						"value holds a NUL byte at offset %d", valid_len);
+		else
+			problem_set(problem, ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+						"value is not valid UTF-8: invalid byte 0x%02x at offset %d",
+						(unsigned char) data[valid_len], valid_len);
+		return NULL;
+	}
+
+	switch (dwh_json_syntax_check(data, len, detail, sizeof(detail)))
+	{
+		case DWH_JSON_OK:
+			break;
+		case DWH_JSON_NUL_CHARACTER:
+			problem_set(problem, ERRCODE_UNTRANSLATABLE_CHARACTER,
+						"value holds \\u0000, which a text value cannot store: %s",
+						detail);
+			return NULL;
+		case DWH_JSON_TOO_DEEP:
+			problem_set(problem, ERRCODE_STATEMENT_TOO_COMPLEX,
+						"value is nested deeper than %d levels", dwh_json_max_depth);
+			return NULL;
+		case DWH_JSON_INVALID:
+			problem_set(problem, ERRCODE_INVALID_JSON_TEXT,
+						"value is not valid JSON: %s", detail);
+			return NULL;
+	}
+
+	text = palloc(len + 1);
+	memcpy(text, data, len);
+	text[len] = '\0';
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
+}
+
+/*
+ * Look up key in an object container; false when absent.
+ */
+static bool
+get_field(JsonbContainer *obj, const char *key, JsonbValue *out)
+{
+	return getKeyJsonValueFromContainer(obj, key, strlen(key), out) != NULL;
+}
+
+/*
+ * Is v an object (or array) container?
+ */
+static bool
+is_object(JsonbValue *v)
+{
+	return v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data);
+}
+
+static bool
+is_array(JsonbValue *v)
+{
+	return v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data);
+}
+
+/*
+ * A required string field of at most maxlen bytes (0: no limit), non-empty
+ * when nonempty is set.
+ */
+static bool
+check_string(JsonbContainer *obj, const char *key, const char *path,
+			 bool nonempty, int maxlen, JsonbValue *out, DwhProblem *problem)
+{
+	if (!get_field(obj, key, out))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "%s%s is missing", path, key);
+	if (out->type != jbvString)
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "%s%s must be a string, not %s",
+						   path, key, JsonbTypeName(out));
+	if (nonempty && out->val.string.len == 0)
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "%s%s must not be empty", path, key);
+	if (maxlen > 0 && out->val.string.len > maxlen)
+		return problem_set(problem, ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+						   "%s%s is longer than %d bytes", path, key, maxlen);
+	return true;
+}
+
+/*
+ * A required timestamp field, "YYYY-MM-DD HH:MM:SS".
+ */
+static bool
+check_timestamp(JsonbContainer *obj, const char *key, const char *path,
+				Timestamp *ts, DwhProblem *problem)
+{
+	JsonbValue	v;
+
+	if (!check_string(obj, key, path, true, 64, &v, problem))
+		return false;
+	if (!dwh_parse_timestamp(v.val.string.val, v.val.string.len, ts))
+		return problem_set(problem, ERRCODE_INVALID_DATETIME_FORMAT,
+						   "%s%s is not a valid timestamp \"YYYY-MM-DD HH:MM:SS\": \"%.*s\"",
+						   path, key, v.val.string.len, v.val.string.val);
+	return true;
+}
+
+/*
+ * The decimal text of a jsonb number; numeric_out never fails on a number
+ * that jsonb holds.
+ */
+static char *
+number_text(JsonbValue *v)
+{
+	return DatumGetCString(DirectFunctionCall1(numeric_out,
+											   NumericGetDatum(v->val.numeric)));
+}
+
+/*
+ * A required number field within [0, DWH_MAX_AMOUNT).
+ */
+static bool
+check_amount(JsonbContainer *obj, const char *key, const char *path,
+			 bool required, DwhProblem *problem)
+{
+	JsonbValue	v;
+	double		d;
+
+	if (!get_field(obj, key, &v))
+	{
+		if (!required)
+			return true;
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "%s%s is missing", path, key);
+	}
+	if (v.type != jbvNumeric)
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "%s%s must be a number, not %s",
+						   path, key, JsonbTypeName(&v));
+	d = strtod(number_text(&v), NULL);
+	if (d < 0 || d >= DWH_MAX_AMOUNT)
+		return problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+						   "%s%s must be between 0 and 1e14, not %s",
+						   path, key, number_text(&v));
+	return true;
+}
+
+/*
+ * Parse the decimal text of a jsonb number as an integer in [min, max].
+ */
+static bool
+number_as_int64(JsonbValue *v, int64 min, int64 max, int64 *result)
+{
+	char	   *s = number_text(v);
+	char	   *end;
+	long long	n;
+
+	/* numeric_out writes a scale: "5.0" is not an integer here */
+	if (strchr(s, '.') != NULL)
+		return false;
+	errno = 0;
+	n = strtoll(s, &end, 10);
+	if (errno != 0 || *end != '\0' || n < min || n > max)
+		return false;
+	*result = n;
+	return true;
+}
+
+/*
+ * One element of payload.order_items.
+ */
+static bool
+check_order_item(JsonbValue *item, int i, DwhProblem *problem)
+{
+	JsonbContainer *obj;
+	JsonbValue	v;
+	char		path[64];
+	int64		quantity;
+
+	snprintf(path, sizeof(path), "payload.order_items[%d].", i);
+	if (!is_object(item))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "payload.order_items[%d] must be an object", i);
+	obj = item->val.binary.data;
+	if (!check_string(obj, "id", path, true, DWH_MAX_KEY_LEN, &v, problem) ||
+		!check_string(obj, "name", path, false, 0, &v, problem) ||
+		!check_amount(obj, "price", path, true, problem))
+		return false;
+	if (!get_field(obj, "quantity", &v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "%squantity is missing", path);
+	if (v.type != jbvNumeric)
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "%squantity must be a number, not %s",
+						   path, JsonbTypeName(&v));
+	if (!number_as_int64(&v, 1, 1000000, &quantity))
+		return problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+						   "%squantity must be an integer between 1 and 1000000, not %s",
+						   path, number_text(&v));
+	return true;
+}
+
+/*
+ * A required object field holding a non-empty "id" string.
+ */
+static bool
+check_reference(JsonbContainer *payload, const char *key, DwhProblem *problem)
+{
+	JsonbValue	v;
+	char		path[64];
+
+	if (!get_field(payload, key, &v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "payload.%s is missing", key);
+	if (!is_object(&v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "payload.%s must be an object", key);
+	snprintf(path, sizeof(path), "payload.%s.", key);
+	return check_string(v.val.binary.data, "id", path, true, DWH_MAX_KEY_LEN,
+						&v, problem);
+}
+
+/*
+ * dwh_order_payload_check
+ *		Is payload a well-formed order?  On success *update_ts is its version.
+ */
+bool
+dwh_order_payload_check(JsonbContainer *payload, Timestamp *update_ts,
+						DwhProblem *problem)
+{
+	JsonbValue	v;
+	Timestamp	date;
+	int			n,
+				i;
+
+	if (!JsonContainerIsObject(payload))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "payload must be an object");
+	if (!check_reference(payload, "user", problem) ||
+		!check_reference(payload, "restaurant", problem) ||
+		!check_timestamp(payload, "date", "payload.", &date, problem) ||
+		!check_timestamp(payload, "update_ts", "payload.", update_ts, problem) ||
+		!check_string(payload, "final_status", "payload.", true, 64, &v, problem) ||
+		!check_amount(payload, "cost", "payload.", true, problem) ||
+		!check_amount(payload, "payment", "payload.", true, problem) ||
+		!check_amount(payload, "bonus_payment", "payload.", false, problem) ||
+		!check_amount(payload, "bonus_grant", "payload.", false, problem))
+		return false;
+
+	if (!get_field(payload, "order_items", &v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "payload.order_items is missing");
+	if (!is_array(&v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "payload.order_items must be an array");
+	n = JsonContainerSize(v.val.binary.data);
+	for (i = 0; i < n; i++)
+	{
+		JsonbValue *item = getIthJsonbValueFromContainer(v.val.binary.data, i);
+
+		if (!check_order_item(item, i, problem))
+			return false;
+	}
+
+	if (get_field(payload, "statuses", &v) && !is_array(&v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "payload.statuses must be an array");
+	return true;
+}
+
+/*
+ * dwh_message_parse
+ *		Classify one raw Kafka value.  Raises an error only for what is not
+ *		about the message (out of memory).
+ */
+void
+dwh_message_parse(const char *data, int len, DwhMessage *msg)
+{
+	Jsonb	   *jb;
+	JsonbContainer *root;
+	JsonbValue	v;
+	DwhProblem *problem = &msg->problem;
+
+	memset(msg, 0, sizeof(DwhMessage));
+	msg->kind = DWH_MESSAGE_INVALID;
+
+	jb = dwh_json_parse(data, len, problem);
+	if (jb == NULL)
+		return;
+	root = &jb->root;
+	if (!JsonContainerIsObject(root) || JsonContainerIsScalar(root))
+	{
+		problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+					"message must be a JSON object");
+		return;
+	}
+
+	if (get_field(root, "object_id", &v) && v.type == jbvNumeric)
+		msg->has_object_id = number_as_int64(&v, 1, PG_INT64_MAX,
+											 &msg->object_id);
+	if (get_field(root, "object_type", &v) && v.type == jbvString)
+		msg->object_type = pnstrdup(v.val.string.val, v.val.string.len);
+	if (get_field(root, "sent_dttm", &v) && v.type == jbvString)
+		msg->has_sent_dttm = dwh_parse_timestamp(v.val.string.val,
+												 v.val.string.len,
+												 &msg->sent_dttm);
+
+	if (msg->object_type == NULL)
+	{
+		if (get_field(root, "object_type", &v))
+			problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						"object_type must be a string");
+		else
+			problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						"object_type is missing");
+		return;
+	}
+	if (strcmp(msg->object_type, "order") != 0)
+	{
+		/* Not an order: kept whole in stg.other_events, out of the counts. */
+		msg->kind = DWH_MESSAGE_OTHER;
+		msg->message = jb;
+		return;
+	}
+
+	if (!get_field(root, "object_id", &v))
+	{
+		problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+					"object_id is missing");
+		return;
+	}
+	if (!msg->has_object_id)
+	{
+		if (v.type == jbvNumeric)
+			problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+						"object_id must be an integer between 1 and 9223372036854775807, not %s",
+						number_text(&v));
+		else
+			problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						"object_id must be an integer, not %s",
+						JsonbTypeName(&v));
+		return;
+	}
+	if (!check_timestamp(root, "sent_dttm", "", &msg->sent_dttm, problem))
+		return;
+	if (!get_field(root, "payload", &v))
+	{
+		problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+					"payload is missing");
+		return;
+	}
+	if (!is_object(&v))
+	{
+		problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+					"payload must be an object");
+		return;
+	}
+	if (!dwh_order_payload_check(v.val.binary.data, &msg->update_ts, problem))
+		return;
+
+	msg->payload = JsonbValueToJsonb(&v);
+	msg->kind = DWH_MESSAGE_ORDER;
+}
+
+/*
+ * The optional update_ts_utc of a dictionary value: absent is fine, present
+ * must be a valid timestamp.
+ */
+static bool
+check_dictionary_version(JsonbContainer *value, bool *has_update_ts,
+						 Timestamp *update_ts, DwhProblem *problem)
+{
+	JsonbValue	v;
+
+	*has_update_ts = false;
+	if (!get_field(value, "update_ts_utc", &v) || v.type == jbvNull)
+		return true;
+	if (!check_timestamp(value, "update_ts_utc", "", update_ts, problem))
+		return false;
+	*has_update_ts = true;
+	return true;
+}
+
+/*
+ * dwh_user_value_check
+ *		Is value a user: {"name": ..., "login": ..., "update_ts_utc": ...}?
+ */
+bool
+dwh_user_value_check(JsonbContainer *value, bool *has_update_ts,
+					 Timestamp *update_ts, DwhProblem *problem)
+{
+	JsonbValue	v;
+
+	if (!JsonContainerIsObject(value) || JsonContainerIsScalar(value))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "user value must be a JSON object");
+	return check_string(value, "name", "", false, 0, &v, problem) &&
+		check_string(value, "login", "", false, 0, &v, problem) &&
+		check_dictionary_version(value, has_update_ts, update_ts, problem);
+}
+
+/*
+ * dwh_restaurant_value_check
+ *		Is value a restaurant: {"name": ..., "menu": [{"_id", "name",
+ *		"category"}...]}?  Entries with an empty _id are allowed (the source
+ *		has one) and ignored downstream.
+ */
+bool
+dwh_restaurant_value_check(JsonbContainer *value, bool *has_update_ts,
+						   Timestamp *update_ts, DwhProblem *problem)
+{
+	JsonbValue	v;
+	JsonbContainer *menu;
+	int			n,
+				i;
+
+	if (!JsonContainerIsObject(value) || JsonContainerIsScalar(value))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "restaurant value must be a JSON object");
+	if (!check_string(value, "name", "", false, 0, &v, problem) ||
+		!check_dictionary_version(value, has_update_ts, update_ts, problem))
+		return false;
+	if (!get_field(value, "menu", &v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "menu is missing");
+	if (!is_array(&v))
+		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+						   "menu must be an array");
+	menu = v.val.binary.data;
+	n = JsonContainerSize(menu);
+	for (i = 0; i < n; i++)
+	{
+		JsonbValue *entry = getIthJsonbValueFromContainer(menu, i);
+		char		path[32];
+
+		snprintf(path, sizeof(path), "menu[%d].", i);
+		if (!is_object(entry))
+			return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
+							   "menu[%d] must be an object", i);
+		if (!check_string(entry->val.binary.data, "_id", path, false,
+						  DWH_MAX_KEY_LEN, &v, problem) ||
+			!check_string(entry->val.binary.data, "name", path, false, 0,
+						  &v, problem) ||
+			!check_string(entry->val.binary.data, "category", path, false, 0,
+						  &v, problem))
+			return false;
+	}
+	return true;
+}

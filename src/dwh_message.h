@@ -1,0 +1,54 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_message.h
+ *	  Parsing and validation of order messages and dictionary values.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef DWH_MESSAGE_H
+#define DWH_MESSAGE_H
+
+#include "datatype/timestamp.h"
+#include "utils/jsonb.h"
+
+/* Why a value was refused: a SQLSTATE and a sentence for dead letters. */
+typedef struct DwhProblem
+{
+	int			sqlstate;
+	char	   *reason;
+} DwhProblem;
+
+typedef enum DwhMessageKind
+{
+	DWH_MESSAGE_ORDER,			/* an order, fit for stg.order_events */
+	DWH_MESSAGE_OTHER,			/* valid JSON of another object_type */
+	DWH_MESSAGE_INVALID			/* refused: see problem */
+} DwhMessageKind;
+
+/* One Kafka message value, classified. */
+typedef struct DwhMessage
+{
+	DwhMessageKind kind;
+	bool		has_object_id;
+	int64		object_id;
+	char	   *object_type;	/* NULL when absent */
+	bool		has_sent_dttm;
+	Timestamp	sent_dttm;
+	Timestamp	update_ts;		/* orders only */
+	Jsonb	   *payload;		/* orders only: the payload object */
+	Jsonb	   *message;		/* other types: the whole message */
+	DwhProblem	problem;		/* invalid only */
+} DwhMessage;
+
+extern Jsonb *dwh_json_parse(const char *data, int len, DwhProblem *problem);
+extern void dwh_message_parse(const char *data, int len, DwhMessage *msg);
+extern bool dwh_order_payload_check(JsonbContainer *payload,
+									Timestamp *update_ts, DwhProblem *problem);
+extern bool dwh_user_value_check(JsonbContainer *value, bool *has_update_ts,
+								 Timestamp *update_ts, DwhProblem *problem);
+extern bool dwh_restaurant_value_check(JsonbContainer *value,
+									   bool *has_update_ts,
+									   Timestamp *update_ts,
+									   DwhProblem *problem);
+
+#endif							/* DWH_MESSAGE_H */
