@@ -78,26 +78,116 @@ $fn$;
 COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
     'Set product_name of every mart row of these dishes to their current name';
 
--- A mart row lives while its count is positive.
-CREATE FUNCTION dwh.drop_zero_counters(product_users uuid[], products uuid[],
-                                       category_users uuid[], categories uuid[])
+-- Apply per-key count deltas to the marts.  Rows are written in key order
+-- so that concurrent batches never deadlock; when some counts go down, the
+-- existing rows are first locked in that order, because an UPDATE does not
+-- promise one.  A row lives while its count is positive.  (CHECK constraints
+-- are evaluated on the row an INSERT proposes before ON CONFLICT, so
+-- decrements cannot go through the upsert.)
+CREATE FUNCTION dwh.apply_mart_deltas(product_users uuid[], products uuid[],
+                                      product_deltas integer[],
+                                      category_users uuid[], categories uuid[],
+                                      category_deltas integer[])
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    zero_users uuid[];
+    zero_keys uuid[];
 BEGIN
     IF products IS NOT NULL THEN
-        DELETE FROM cdm.user_product_counters m
-        USING unnest(product_users, products) AS z(user_id, product_id)
-        WHERE m.user_id = z.user_id AND m.product_id = z.product_id
-          AND m.order_cnt = 0;
+        IF EXISTS (SELECT FROM unnest(product_deltas) d WHERE d < 0) THEN
+            PERFORM FROM cdm.user_product_counters m
+            JOIN unnest(product_users, products) AS k(user_id, product_id)
+              ON m.user_id = k.user_id AND m.product_id = k.product_id
+            ORDER BY m.user_id, m.product_id
+            FOR UPDATE OF m;
+        END IF;
+
+        WITH delta AS MATERIALIZED (
+            SELECT * FROM unnest(product_users, products, product_deltas)
+                     AS d(user_id, product_id, d)
+        ),
+        name AS MATERIALIZED (
+            SELECT p.product_id,
+                   (SELECT s.name FROM dds.s_product_names s
+                    WHERE s.h_product_pk = p.product_id
+                    ORDER BY s.load_dt DESC LIMIT 1) AS name
+            FROM (SELECT DISTINCT product_id FROM delta WHERE d > 0) p
+        ),
+        up AS (
+            INSERT INTO cdm.user_product_counters AS m
+                   (user_id, product_id, product_name, order_cnt)
+            SELECT d.user_id, d.product_id, coalesce(n.name, ''), d.d
+            FROM delta d JOIN name n USING (product_id)
+            WHERE d.d > 0
+            ORDER BY d.user_id, d.product_id
+            ON CONFLICT (user_id, product_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_product_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
+            RETURNING m.user_id, m.product_id, m.order_cnt
+        )
+        SELECT array_agg(user_id), array_agg(product_id)
+        INTO zero_users, zero_keys
+        FROM down
+        WHERE order_cnt = 0;
+
+        IF zero_keys IS NOT NULL THEN
+            DELETE FROM cdm.user_product_counters m
+            USING unnest(zero_users, zero_keys) AS z(user_id, product_id)
+            WHERE m.user_id = z.user_id AND m.product_id = z.product_id
+              AND m.order_cnt = 0;
+        END IF;
     END IF;
+
     IF categories IS NOT NULL THEN
-        DELETE FROM cdm.user_category_counters m
-        USING unnest(category_users, categories) AS z(user_id, category_id)
-        WHERE m.user_id = z.user_id AND m.category_id = z.category_id
-          AND m.order_cnt = 0;
+        IF EXISTS (SELECT FROM unnest(category_deltas) d WHERE d < 0) THEN
+            PERFORM FROM cdm.user_category_counters m
+            JOIN unnest(category_users, categories) AS k(user_id, category_id)
+              ON m.user_id = k.user_id AND m.category_id = k.category_id
+            ORDER BY m.user_id, m.category_id
+            FOR UPDATE OF m;
+        END IF;
+
+        WITH delta AS MATERIALIZED (
+            SELECT * FROM unnest(category_users, categories, category_deltas)
+                     AS d(user_id, category_id, d)
+        ),
+        up AS (
+            INSERT INTO cdm.user_category_counters AS m
+                   (user_id, category_id, category_name, order_cnt)
+            SELECT d.user_id, d.category_id, h.category_name, d.d
+            FROM delta d JOIN dds.h_category h ON h.h_category_pk = d.category_id
+            WHERE d.d > 0
+            ORDER BY d.user_id, d.category_id
+            ON CONFLICT (user_id, category_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_category_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
+            RETURNING m.user_id, m.category_id, m.order_cnt
+        )
+        SELECT array_agg(user_id), array_agg(category_id)
+        INTO zero_users, zero_keys
+        FROM down
+        WHERE order_cnt = 0;
+
+        IF zero_keys IS NOT NULL THEN
+            DELETE FROM cdm.user_category_counters m
+            USING unnest(zero_users, zero_keys) AS z(user_id, category_id)
+            WHERE m.user_id = z.user_id AND m.category_id = z.category_id
+              AND m.order_cnt = 0;
+        END IF;
     END IF;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.drop_zero_counters(uuid[], uuid[], uuid[], uuid[]) IS
-    'Delete the mart rows of these keys whose order_cnt fell to zero';
+COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[]) IS
+    'Add per-key order count deltas to the marts, in key order; rows reaching zero are deleted';

@@ -8,10 +8,12 @@ CREATE FUNCTION dwh.order_events_changed() RETURNS trigger
 AS $fn$
 DECLARE
     renamed uuid[];
-    zero_product_users uuid[];
-    zero_products uuid[];
-    zero_category_users uuid[];
-    zero_categories uuid[];
+    product_users uuid[];
+    products uuid[];
+    product_deltas integer[];
+    category_users uuid[];
+    categories uuid[];
+    category_deltas integer[];
 BEGIN
     IF NOT EXISTS (SELECT FROM changed) THEN
         RETURN NULL;
@@ -170,37 +172,22 @@ BEGIN
             hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff,
             load_src = EXCLUDED.load_src
     ),
-    -- The marts, in key order so that concurrent batches never deadlock.
-    product_name AS MATERIALIZED (
-        SELECT d.h_product_pk,
-               (SELECT s.name FROM dds.s_product_names s
-                WHERE s.h_product_pk = d.h_product_pk
-                ORDER BY s.load_dt DESC LIMIT 1) AS name
-        FROM (SELECT DISTINCT h_product_pk FROM product_delta) d
+    product_delta_keys AS (
+        SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_product_pk) AS users,
+               array_agg(h_product_pk ORDER BY h_user_pk, h_product_pk) AS keys,
+               array_agg(d ORDER BY h_user_pk, h_product_pk) AS deltas
+        FROM product_delta
     ),
-    product_mart AS (
-        INSERT INTO cdm.user_product_counters AS m (user_id, product_id, product_name, order_cnt)
-        SELECT d.h_user_pk, d.h_product_pk, coalesce(n.name, ''), d.d
-        FROM product_delta d JOIN product_name n USING (h_product_pk)
-        ORDER BY d.h_user_pk, d.h_product_pk
-        ON CONFLICT (user_id, product_id) DO UPDATE
-        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
-        RETURNING m.user_id, m.product_id, m.order_cnt
-    ),
-    category_mart AS (
-        INSERT INTO cdm.user_category_counters AS m (user_id, category_id, category_name, order_cnt)
-        SELECT d.h_user_pk, d.h_category_pk, h.category_name, d.d
-        FROM category_delta d JOIN dds.h_category h USING (h_category_pk)
-        ORDER BY d.h_user_pk, d.h_category_pk
-        ON CONFLICT (user_id, category_id) DO UPDATE
-        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
-        RETURNING m.user_id, m.category_id, m.order_cnt
+    category_delta_keys AS (
+        SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
+               array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
+               array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
+        FROM category_delta
     )
-    SELECT (SELECT array_agg(user_id) FROM product_mart WHERE order_cnt = 0),
-           (SELECT array_agg(product_id) FROM product_mart WHERE order_cnt = 0),
-           (SELECT array_agg(user_id) FROM category_mart WHERE order_cnt = 0),
-           (SELECT array_agg(category_id) FROM category_mart WHERE order_cnt = 0)
-    INTO zero_product_users, zero_products, zero_category_users, zero_categories;
+    SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
+    INTO product_users, products, product_deltas,
+         category_users, categories, category_deltas
+    FROM product_delta_keys p, category_delta_keys c;
 
     IF TG_OP = 'UPDATE' THEN
         -- Links of the previous version that the new one no longer holds.
@@ -222,8 +209,9 @@ BEGIN
         WHERE l.h_order_pk = b.h_order_pk AND l.h_user_pk <> b.h_user_pk;
     END IF;
 
-    PERFORM dwh.drop_zero_counters(zero_product_users, zero_products,
-                                   zero_category_users, zero_categories);
+    -- The marts, after DDS: new mart rows take the dish names loaded above.
+    PERFORM dwh.apply_mart_deltas(product_users, products, product_deltas,
+                                  category_users, categories, category_deltas);
 
     IF renamed IS NOT NULL THEN
         -- A rename touches mart rows that other batches may be writing.

@@ -62,8 +62,9 @@ CREATE FUNCTION dwh.move_products(products uuid[], categories uuid[],
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    zero_users uuid[];
-    zero_categories uuid[];
+    category_users uuid[];
+    category_keys uuid[];
+    category_deltas integer[];
 BEGIN
     WITH moved AS MATERIALIZED (
         SELECT * FROM unnest(products, categories, versions)
@@ -110,21 +111,18 @@ BEGIN
             load_dt = EXCLUDED.load_dt,
             load_src = EXCLUDED.load_src
     ),
-    mart AS (
-        INSERT INTO cdm.user_category_counters AS m (user_id, category_id, category_name, order_cnt)
-        SELECT d.h_user_pk, d.h_category_pk, h.category_name, d.d
-        FROM delta d JOIN dds.h_category h USING (h_category_pk)
-        ORDER BY d.h_user_pk, d.h_category_pk
-        ON CONFLICT (user_id, category_id) DO UPDATE
-        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
-        RETURNING m.user_id, m.category_id, m.order_cnt
+    keys AS (
+        SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
+               array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
+               array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
+        FROM delta
     )
-    SELECT array_agg(user_id), array_agg(category_id)
-    INTO zero_users, zero_categories
-    FROM mart
-    WHERE order_cnt = 0;
+    SELECT users, keys, deltas
+    INTO category_users, category_keys, category_deltas
+    FROM keys;
 
-    PERFORM dwh.drop_zero_counters(NULL, NULL, zero_users, zero_categories);
+    PERFORM dwh.apply_mart_deltas(NULL, NULL, NULL,
+                                  category_users, category_keys, category_deltas);
 END
 $fn$;
 COMMENT ON FUNCTION dwh.move_products(uuid[], uuid[], timestamp[]) IS

@@ -1,0 +1,30 @@
+-- Vault keys: RFC 4122 UUID v5 and the key convention of FORMATS.md.
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+-- The RFC 4122 / Python uuid5 vector: DNS namespace, "python.org".
+SELECT dwh.uuid_v5('6ba7b810-9dad-11d1-80b4-00c04fd430c8', 'python.org');
+-- The dwh namespace: hub keys over the business key as text.
+SELECT dwh.hash_key('1371198') AS order_key,
+       dwh.hash_key('1371198') = dwh.uuid_v5('7f288a2e-0ad0-4039-8e59-6c9838d87307', '1371198') AS same;
+-- A link key is the key over both hub keys, hyphenated, one after the other.
+SELECT dwh.hash_key(dwh.hash_key('1371198'), dwh.hash_key('626a81ce9a8cd1920641e29c')) AS link_key,
+       dwh.hash_key(dwh.hash_key('1371198'), dwh.hash_key('626a81ce9a8cd1920641e29c'))
+       = dwh.hash_key(dwh.hash_key('1371198')::text || dwh.hash_key('626a81ce9a8cd1920641e29c')::text) AS same;
+-- Version and variant bits, on names of every length around SHA-1 block edges.
+SELECT count(*) AS keys,
+       count(*) FILTER (WHERE substr(k::text, 15, 1) = '5') AS version_5,
+       count(*) FILTER (WHERE substr(k::text, 20, 1) IN ('8', '9', 'a', 'b')) AS rfc_variant,
+       count(DISTINCT k) AS distinct_keys
+FROM (SELECT dwh.hash_key(repeat('x', n)) AS k FROM generate_series(0, 200) n) s;
+-- Non-ASCII names hash their UTF-8 bytes.
+SELECT dwh.hash_key('Рис с лимоном');
+-- The keys the triggers write are these.
+SELECT t.load(1371198, '626a81ce9a8cd1920641e29c', 'CLOSED', '2023-04-01 20:45:43', 'aeca4d08abab78869c20128c:Рис с лимоном');
+SELECT h_order_pk = dwh.hash_key('1371198') AS order_key_ok FROM dds.h_order;
+SELECT hk_order_user_pk = dwh.hash_key(h_order_pk, h_user_pk) AS link_key_ok,
+       h_user_pk = dwh.hash_key('626a81ce9a8cd1920641e29c') AS user_key_ok
+FROM dds.l_order_user;
+SELECT hk_order_status_hashdiff = dwh.hash_key(h_order_pk::text || 'CLOSED') AS hashdiff_ok
+FROM dds.s_order_status;

@@ -1,0 +1,104 @@
+-- The counting rules of the marts through every kind of order change.
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+-- A new CLOSED order counts once per dish; no menu yet, so no categories.
+SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:Плов', 'd2:Лагман');
+SELECT * FROM t.products;
+SELECT * FROM t.categories;
+SELECT * FROM t.check();
+
+-- Re-sent unchanged: nothing changes, not even the satellites.
+SELECT count(*) AS status_rows FROM dds.s_order_status;
+SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:Плов', 'd2:Лагман');
+SELECT count(*) AS status_rows FROM dds.s_order_status;
+SELECT * FROM t.products;
+SELECT * FROM t.check();
+
+-- An order that becomes CLOSED later: counted only then.
+SELECT t.load(2, 'u1', 'OPEN', '2023-04-02 18:00:00', 'd1:Плов');
+SELECT * FROM t.products;
+SELECT t.load(2, 'u1', 'CLOSED', '2023-04-02 19:00:00', 'd1:Плов');
+SELECT * FROM t.products;
+SELECT * FROM t.check();
+
+-- A CLOSED order that becomes CANCELLED: the counts go back down, and a row
+-- whose count reaches zero leaves the mart.
+SELECT t.load(1, 'u1', 'CANCELLED', '2023-04-01 21:00:00', 'd1:Плов', 'd2:Лагман');
+SELECT * FROM t.products;
+SELECT * FROM t.check();
+
+-- An older version arriving after a newer one changes nothing.
+SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 20:30:00', 'd1:Плов', 'd2:Лагман');
+SELECT payload->>'final_status' AS stg_status FROM stg.order_events WHERE object_id = 1;
+SELECT * FROM t.products;
+SELECT * FROM t.check();
+
+-- A newer version with another dish list: the dropped dish is no longer
+-- counted, the new one is, and DDS links follow.
+SELECT t.load(3, 'u2', 'CLOSED', '2023-04-03 12:00:00', 'd1:Плов', 'd2:Лагман');
+SELECT t.load(3, 'u2', 'CLOSED', '2023-04-03 12:05:00', 'd1:Плов', 'd3:Шурпа');
+SELECT * FROM t.products;
+SELECT p.product_id
+FROM dds.l_order_product l JOIN dds.h_product p USING (h_product_pk)
+WHERE l.h_order_pk = dwh.hash_key('3') ORDER BY 1;
+SELECT * FROM t.check();
+
+-- An unknown user (no dictionary entry) is counted all the same.
+SELECT t.load(4, 'nobody-knows-me', 'CLOSED', '2023-04-04 10:00:00', 'd3:Шурпа');
+SELECT count(*) AS user_name_rows FROM dds.s_user_names;
+SELECT * FROM t.products WHERE user_id = 'nobody-knows-me';
+
+-- The same dish twice in order_items counts once.
+SELECT t.load(5, 'u3', 'CLOSED', '2023-04-05 10:00:00', 'd4:Чай', 'd4:Чай');
+SELECT * FROM t.products WHERE user_id = 'u3';
+SELECT * FROM t.check();
+
+-- A menu arriving after the orders: category counts appear.  d1 and d2 are
+-- both mains: an order holding both counts once in that category.
+SELECT t.load(6, 'u3', 'CLOSED', '2023-04-06 10:00:00', 'd1:Плов', 'd2:Лагман', 'd4:Чай');
+SELECT * FROM t.categories;
+SELECT t.set_menu('rest-1', '2023-08-01 00:00:00',
+                  'd1:Плов:Основные блюда', 'd2:Лагман:Основные блюда',
+                  'd3:Шурпа:Супы', 'd4:Чай:Напитки');
+SELECT * FROM t.categories;
+SELECT * FROM t.check();
+
+-- A dish no menu knows is counted per dish, not per category.
+SELECT t.load(7, 'u4', 'CLOSED', '2023-04-07 10:00:00', 'd9:Неизвестное', 'd3:Шурпа');
+SELECT * FROM t.products WHERE user_id = 'u4';
+SELECT * FROM t.categories WHERE user_id = 'u4';
+SELECT * FROM t.check();
+
+-- A dish moved to another category: every CLOSED order holding it moves.
+SELECT t.set_menu('rest-1', '2023-08-02 00:00:00',
+                  'd1:Плов:Основные блюда', 'd2:Лагман:Супы',
+                  'd3:Шурпа:Супы', 'd4:Чай:Напитки');
+SELECT * FROM t.categories;
+SELECT * FROM t.check();
+
+-- A renamed dish (newer menu): every mart row takes the new name.
+SELECT t.set_menu('rest-1', '2023-08-03 00:00:00',
+                  'd1:Плов ферганский:Основные блюда', 'd2:Лагман:Супы',
+                  'd3:Шурпа:Супы', 'd4:Чай:Напитки');
+SELECT * FROM t.products WHERE product_name LIKE 'Плов%';
+-- An order older than that menu does not rename the dish back...
+SELECT t.load(8, 'u5', 'CLOSED', '2023-04-08 10:00:00', 'd1:Плов');
+SELECT DISTINCT product_name FROM t.products WHERE product_name LIKE 'Плов%';
+-- ...a newer one does: the latest name wins, whoever brought it.
+SELECT t.load(9, 'u5', 'CLOSED', '2023-09-01 10:00:00', 'd1:Плов по-узбекски');
+SELECT * FROM t.products WHERE product_name LIKE 'Плов%';
+SELECT * FROM t.check();
+
+-- Two versions with the same update_ts: the greater payload wins whatever
+-- the arrival order, so replays converge.
+SELECT t.load(10, 'u6', 'CLOSED', '2023-04-10 10:00:00', 'd3:Шурпа');
+SELECT t.load(10, 'u6', 'CANCELLED', '2023-04-10 10:00:00', 'd3:Шурпа');
+SELECT payload->>'final_status' AS stg_status FROM stg.order_events WHERE object_id = 10;
+SELECT * FROM t.products WHERE user_id = 'u6';
+SELECT * FROM t.check();
+
+-- rebuild() of consistent marts changes nothing.
+SELECT * FROM dwh.rebuild();
+SELECT * FROM t.check();
