@@ -1,0 +1,147 @@
+-- Bad input through the entry points: each bad message ends as exactly one
+-- dead letter with a clear reason; nothing else changes; its neighbours in
+-- a batch are applied.
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+-- Counts of everything a bad message must not touch.
+CREATE FUNCTION t.state() RETURNS TABLE (orders bigint, others bigint, hubs bigint, marts bigint)
+LANGUAGE sql AS $$
+    SELECT (SELECT count(*) FROM stg.order_events),
+           (SELECT count(*) FROM stg.other_events),
+           (SELECT count(*) FROM dds.h_order) + (SELECT count(*) FROM dds.h_user)
+             + (SELECT count(*) FROM dds.h_product),
+           (SELECT count(*) FROM cdm.user_product_counters)
+$$;
+
+SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:Плов');
+SELECT * FROM t.state();
+
+-- A valid order, mutated by a jsonb path expression.
+CREATE FUNCTION t.bad(path text[], value jsonb) RETURNS text
+LANGUAGE sql AS $$
+    SELECT jsonb_set(t.order_msg(2, 'u2', 'CLOSED', '2023-04-02 10:00:00',
+                                 t.items('d2:Лагман'))::jsonb, path, value)::text
+$$;
+CREATE FUNCTION t.without(path text[]) RETURNS text
+LANGUAGE sql AS $$
+    SELECT (t.order_msg(2, 'u2', 'CLOSED', '2023-04-02 10:00:00',
+                        t.items('d2:Лагман'))::jsonb #- path)::text
+$$;
+
+CREATE TABLE t.cases (n serial, label text, message bytea);
+INSERT INTO t.cases (label, message) VALUES
+    ('not JSON', convert_to('this is not json', 'UTF8')),
+    ('truncated JSON', convert_to('{"object_id": 2, "payload": {', 'UTF8')),
+    ('not an object', convert_to('[1, 2, 3]', 'UTF8')),
+    ('a JSON string', convert_to('"order"', 'UTF8')),
+    ('empty value', ''::bytea),
+    ('missing object_id', convert_to(t.without('{object_id}'), 'UTF8')),
+    ('object_id a string', convert_to(t.bad('{object_id}', '"2"'), 'UTF8')),
+    ('object_id fractional', convert_to(t.bad('{object_id}', '2.5'), 'UTF8')),
+    ('object_id negative', convert_to(t.bad('{object_id}', '-2'), 'UTF8')),
+    ('object_id out of range', convert_to(t.bad('{object_id}', '99999999999999999999999'), 'UTF8')),
+    ('missing object_type', convert_to(t.without('{object_type}'), 'UTF8')),
+    ('missing sent_dttm', convert_to(t.without('{sent_dttm}'), 'UTF8')),
+    ('missing payload', convert_to(t.without('{payload}'), 'UTF8')),
+    ('payload not an object', convert_to(t.bad('{payload}', '[]'), 'UTF8')),
+    ('missing user', convert_to(t.without('{payload,user}'), 'UTF8')),
+    ('user id empty', convert_to(t.bad('{payload,user,id}', '""'), 'UTF8')),
+    ('missing restaurant', convert_to(t.without('{payload,restaurant}'), 'UTF8')),
+    ('order_items not an array', convert_to(t.bad('{payload,order_items}', '{"id": "d2"}'), 'UTF8')),
+    ('item not an object', convert_to(t.bad('{payload,order_items,0}', '"d2"'), 'UTF8')),
+    ('item without id', convert_to(t.without('{payload,order_items,0,id}'), 'UTF8')),
+    ('negative price', convert_to(t.bad('{payload,order_items,0,price}', '-100'), 'UTF8')),
+    ('price a string', convert_to(t.bad('{payload,order_items,0,price}', '"100"'), 'UTF8')),
+    ('negative quantity', convert_to(t.bad('{payload,order_items,0,quantity}', '-1'), 'UTF8')),
+    ('fractional quantity', convert_to(t.bad('{payload,order_items,0,quantity}', '1.5'), 'UTF8')),
+    ('quantity a string', convert_to(t.bad('{payload,order_items,0,quantity}', '"two"'), 'UTF8')),
+    ('missing cost', convert_to(t.without('{payload,cost}'), 'UTF8')),
+    ('invalid update_ts', convert_to(t.bad('{payload,update_ts}', '"2023-02-30 10:00:00"'), 'UTF8')),
+    ('update_ts not a timestamp', convert_to(t.bad('{payload,update_ts}', '"yesterday"'), 'UTF8')),
+    ('invalid date', convert_to(t.bad('{payload,date}', '"2023-04-02 25:00:00"'), 'UTF8')),
+    ('invalid sent_dttm', convert_to(t.bad('{sent_dttm}', '"2023-04-02"'), 'UTF8')),
+    ('missing final_status', convert_to(t.without('{payload,final_status}'), 'UTF8')),
+    ('\u0000 in a string', convert_to(replace(t.bad('{payload,order_items,0,name}', '"X"'), '"X"', '"a\u0000b"'), 'UTF8')),
+    ('invalid UTF-8', convert_to(t.order_msg(2, 'u2', 'CLOSED', '2023-04-02 10:00:00', t.items('d2:Лагман')), 'UTF8')
+                      || '\xff'::bytea),
+    ('NUL byte', '\x7b00'::bytea),
+    ('10 MB message', convert_to('{"object_id": 2, "pad": "' || repeat('x', 10 * 1024 * 1024) || '"}', 'UTF8')),
+    ('nested 10000 deep', convert_to(repeat('[', 10000) || repeat(']', 10000), 'UTF8'));
+
+-- One at a time: each is a dead letter, the state does not move.
+SELECT n, label, dwh.ingest_order(message) FROM t.cases ORDER BY n;
+SELECT * FROM t.state();
+SELECT c.n, c.label, d.sqlstate, d.reason, d.raw = c.message AS raw_kept, d.source
+FROM t.cases c JOIN dwh.dead_letters d ON d.id = c.n
+ORDER BY c.n;
+SELECT count(*) AS dead_letters FROM dwh.dead_letters;
+
+-- Every message kept whole: the 10 MB one is 10 MB.
+SELECT length(raw) > 10 * 1024 * 1024 AS whole FROM dwh.dead_letters WHERE reason LIKE '%dwh.max_message_size%';
+
+-- In a batch, with their coordinates: the good neighbours are applied.
+DELETE FROM dwh.dead_letters;
+SELECT * FROM dwh.ingest_orders(
+    ARRAY[convert_to(t.order_msg(3, 'u3', 'CLOSED', '2023-04-03 10:00:00', t.items('d3:Шурпа')), 'UTF8')]
+    || ARRAY(SELECT message FROM t.cases ORDER BY n)
+    || ARRAY[convert_to(t.order_msg(4, 'u4', 'CLOSED', '2023-04-04 10:00:00', t.items('d4:Чай')), 'UTF8')],
+    'order-service_orders',
+    ARRAY(SELECT 0 FROM generate_series(1, (SELECT count(*) + 2 FROM t.cases))),
+    ARRAY(SELECT g::bigint + 1000 FROM generate_series(1, (SELECT count(*) + 2 FROM t.cases)) g));
+SELECT * FROM t.state();
+SELECT count(*) AS dead_letters, count(DISTINCT kafka_offset) AS distinct_offsets,
+       min(kafka_offset), max(kafka_offset), min(topic) AS topic
+FROM dwh.dead_letters;
+SELECT * FROM t.products;
+SELECT * FROM t.check();
+
+-- Other object types are kept out of the counts, in stg.other_events.
+SELECT dwh.ingest_order('{"object_id": 77, "object_type": "restaurant_review", "sent_dttm": "2023-04-05 10:00:00", "payload": {"stars": 5}}');
+SELECT dwh.ingest_order('{"object_type": "heartbeat"}');
+SELECT object_id, object_type, sent_dttm, message->'payload' AS payload FROM stg.other_events ORDER BY id;
+SELECT * FROM t.state();
+
+-- A failure after validation (here a constraint that rejects one order) is
+-- retried message by message: only the culprit is dead-lettered.
+CREATE FUNCTION t.reject_666() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.object_id = 666 THEN
+        RAISE EXCEPTION 'order 666 is cursed' USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER reject_666 BEFORE INSERT ON stg.order_events
+    FOR EACH ROW EXECUTE FUNCTION t.reject_666();
+DELETE FROM dwh.dead_letters;
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(5, 'u5', 'CLOSED', '2023-04-05 10:00:00', t.items('d5:Долма')), 'UTF8'),
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 11:00:00', t.items('d5:Долма')), 'UTF8'),
+    convert_to(t.order_msg(7, 'u5', 'CLOSED', '2023-04-05 12:00:00', t.items('d5:Долма')), 'UTF8')]);
+SELECT sqlstate, reason FROM dwh.dead_letters;
+SELECT * FROM t.products WHERE user_id = 'u5';
+
+-- An error that is not about the data (here a serialization failure) is
+-- raised to the caller: nothing is dead-lettered, nothing is applied.
+CREATE OR REPLACE FUNCTION t.reject_666() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.object_id = 666 THEN
+        RAISE EXCEPTION 'could not serialize' USING ERRCODE = 'serialization_failure';
+    END IF;
+    RETURN NEW;
+END $$;
+DELETE FROM dwh.dead_letters;
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(8, 'u5', 'CLOSED', '2023-04-05 13:00:00', t.items('d5:Долма')), 'UTF8'),
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 14:00:00', t.items('d5:Долма')), 'UTF8')]);
+SELECT count(*) AS dead_letters FROM dwh.dead_letters;
+SELECT count(*) AS order_8 FROM stg.order_events WHERE object_id = 8;
+DROP TRIGGER reject_666 ON stg.order_events;
+
+-- Arguments that are wrong, not messages.
+SELECT * FROM dwh.ingest_orders(NULL);
+SELECT * FROM dwh.ingest_orders(ARRAY[NULL]::bytea[]);
+SELECT * FROM dwh.ingest_orders(ARRAY['{}']::bytea[], NULL, ARRAY[1, 2], NULL);
+SELECT * FROM dwh.ingest_orders(ARRAY[]::bytea[]);
+SELECT * FROM t.check();
