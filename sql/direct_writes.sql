@@ -1,0 +1,96 @@
+-- Whoever writes STG, DDS and the marts follow in the same transaction:
+-- INSERT, multi-row INSERT, COPY and the usual upsert, with the same
+-- version rules as the ingest functions.
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+CREATE FUNCTION t.payload(object_id bigint, user_id text, status text, update_ts text,
+                          VARIADIC dishes text[]) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT t.order_msg(object_id, user_id, status, update_ts, t.items(VARIADIC dishes))::jsonb->'payload'
+$$;
+
+-- Single-row INSERT.
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (1, 'order', '2023-04-01 20:10:00', t.payload(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:Плов'));
+SELECT * FROM t.products;
+SELECT update_ts FROM stg.order_events WHERE object_id = 1;
+
+-- Multi-row INSERT, inside a transaction: the marts are up to date before
+-- commit, in the same transaction.
+BEGIN;
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload) VALUES
+    (2, 'order', '2023-04-02 20:10:00', t.payload(2, 'u1', 'CLOSED', '2023-04-02 20:00:00', 'd1:Плов', 'd2:Лагман')),
+    (3, 'order', '2023-04-03 20:10:00', t.payload(3, 'u2', 'CLOSED', '2023-04-03 20:00:00', 'd2:Лагман'));
+SELECT * FROM t.products;
+COMMIT;
+
+-- COPY.
+COPY stg.order_events (object_id, object_type, sent_dttm, payload) FROM stdin;
+4	order	2023-04-04 20:10:00	{"cost": 200, "date": "2023-04-04 20:00:00", "user": {"id": "u2"}, "payment": 200, "statuses": [], "update_ts": "2023-04-04 20:00:00", "restaurant": {"id": "rest-1"}, "bonus_grant": 0, "order_items": [{"id": "d3", "name": "Шурпа", "price": 100, "quantity": 2}], "final_status": "CLOSED", "bonus_payment": 0}
+5	order	2023-04-05 20:10:00	{"cost": 200, "date": "2023-04-05 20:00:00", "user": {"id": "u3"}, "payment": 200, "statuses": [], "update_ts": "2023-04-05 20:00:00", "restaurant": {"id": "rest-1"}, "bonus_grant": 0, "order_items": [{"id": "d3", "name": "Шурпа", "price": 100, "quantity": 2}], "final_status": "CLOSED", "bonus_payment": 0}
+\.
+SELECT * FROM t.products;
+SELECT * FROM t.check();
+
+-- The usual upsert, with a newer version (cancelled), an older version and
+-- the same version again in one statement per row.
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (2, 'order', '2023-04-02 21:10:00', t.payload(2, 'u1', 'CANCELLED', '2023-04-02 21:00:00', 'd1:Плов', 'd2:Лагман'))
+ON CONFLICT (object_id) DO UPDATE
+SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, payload = EXCLUDED.payload;
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (3, 'order', '2023-04-03 19:10:00', t.payload(3, 'u2', 'CANCELLED', '2023-04-03 19:00:00', 'd2:Лагман'))
+ON CONFLICT (object_id) DO UPDATE
+SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, payload = EXCLUDED.payload;
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (4, 'order', '2023-04-04 20:10:00', t.payload(4, 'u2', 'CLOSED', '2023-04-04 20:00:00', 'd3:Шурпа'))
+ON CONFLICT (object_id) DO UPDATE
+SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, payload = EXCLUDED.payload;
+SELECT object_id, payload->>'final_status' AS status, update_ts FROM stg.order_events ORDER BY 1;
+SELECT * FROM t.products;
+SELECT count(*) AS status_rows, count(*) FILTER (WHERE status = 'CANCELLED') AS cancelled
+FROM dds.s_order_status;
+SELECT * FROM t.check();
+
+-- An UPDATE with an older version is skipped, a newer one applied.
+UPDATE stg.order_events
+SET payload = t.payload(5, 'u3', 'CANCELLED', '2023-01-01 00:00:00', 'd3:Шурпа')
+WHERE object_id = 5;
+SELECT payload->>'final_status' AS status FROM stg.order_events WHERE object_id = 5;
+UPDATE stg.order_events
+SET payload = t.payload(5, 'u3', 'CLOSED', '2023-04-05 22:00:00', 'd3:Шурпа', 'd4:Чай')
+WHERE object_id = 5;
+SELECT * FROM t.products WHERE user_id = 'u3';
+SELECT * FROM t.check();
+
+-- Malformed rows are refused with the reason, a SQLSTATE and a hint.
+CREATE FUNCTION t.error_of(statement text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    state text;
+    message text;
+BEGIN
+    EXECUTE statement;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT;
+    RETURN state || ': ' || message;
+END $$;
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (6, 'order', '2023-04-06 20:10:00', '{"user": {"id": "u1"}}');
+SELECT t.error_of($$INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+    VALUES (6, 'order', '2023-04-06 20:10:00', '{"user": {"id": "u1"}}')$$);
+SELECT t.error_of($$INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+    VALUES (7, 'payment', '2023-04-06 20:10:00',
+            t.payload(7, 'u1', 'CLOSED', '2023-04-06 20:00:00', 'd1:Плов'))$$);
+SELECT t.error_of($$INSERT INTO stg.users (object_id, payload) VALUES ('u9', '{"name": "No Login"}')$$);
+SELECT t.error_of($$INSERT INTO stg.restaurants (object_id, payload) VALUES ('r9', '{"name": "No Menu"}')$$);
+SELECT t.error_of($$INSERT INTO stg.restaurants (object_id, payload)
+    VALUES ('r9', '{"name": "Bad Version", "menu": [], "update_ts_utc": "soon"}')$$);
+-- Deleting an order version would let an older one replace it.
+DELETE FROM stg.order_events WHERE object_id = 1;
+SELECT t.error_of('TRUNCATE stg.order_events');
+SELECT count(*) AS orders FROM stg.order_events;
+SELECT * FROM t.check();
