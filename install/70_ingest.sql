@@ -55,3 +55,30 @@ CREATE FUNCTION dwh.ingest_orders(messages bytea[], topic text DEFAULT NULL,
     LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) IS
     'Ingest a batch of raw Kafka message values set-based: one statement per destination';
+
+-- Replay: after a fix (a new dwh version, a corrected producer, a raised
+-- dwh.max_message_size), hand dead letters back to the ingest function.
+-- Each replayed row is removed; one still refused is recorded again, with
+-- its new reason, under a new id.
+CREATE FUNCTION dwh.replay_dead_letters(ids bigint[] DEFAULT NULL)
+    RETURNS TABLE (dead_letter_id bigint, outcome text)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    d dwh.dead_letters;
+BEGIN
+    FOR d IN
+        SELECT * FROM dwh.dead_letters
+        WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')
+        ORDER BY id
+        FOR UPDATE
+    LOOP
+        DELETE FROM dwh.dead_letters WHERE id = d.id;
+        dead_letter_id := d.id;
+        outcome := dwh.ingest_order(d.raw, d.topic, d.kafka_partition, d.kafka_offset);
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.replay_dead_letters(bigint[]) IS
+    'Ingest order dead letters again (all, or those ids); returns what became of each';

@@ -145,3 +145,17 @@ SELECT * FROM dwh.ingest_orders(ARRAY[NULL]::bytea[]);
 SELECT * FROM dwh.ingest_orders(ARRAY['{}']::bytea[], NULL, ARRAY[1, 2], NULL);
 SELECT * FROM dwh.ingest_orders(ARRAY[]::bytea[]);
 SELECT * FROM t.check();
+
+-- Replay: a message refused for its size goes through once the limit is
+-- raised; the others are refused again with the same reason.
+DELETE FROM dwh.dead_letters;
+SET dwh.max_message_size = 1024;
+SELECT dwh.ingest_order(convert_to(t.order_msg(20, 'u7', 'CLOSED', '2023-04-20 10:00:00',
+                        t.items('d7:' || repeat('Очень длинное имя ', 100))), 'UTF8'));
+SELECT dwh.ingest_order('not json');
+SELECT id, sqlstate, left(reason, 50) AS reason FROM dwh.dead_letters ORDER BY id;
+RESET dwh.max_message_size;
+SELECT * FROM dwh.replay_dead_letters();
+SELECT id, sqlstate, left(reason, 50) AS reason FROM dwh.dead_letters ORDER BY id;
+SELECT user_id, length(product_name) AS name_length, order_cnt FROM t.products WHERE user_id = 'u7';
+SELECT * FROM t.check();
