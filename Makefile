@@ -23,10 +23,10 @@ INSTALL_PARTS = $(sort $(wildcard install/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 
 REGRESS = $(basename $(notdir $(sort $(wildcard sql/*.sql))))
-REGRESS_OPTS = --temp-instance=./tmp_check --temp-config=test/regress.conf
+REGRESS_OPTS = --temp-instance=./tmp_check --temp-config=test/regress.conf --encoding=UTF8
 
 ISOLATION = $(basename $(notdir $(sort $(wildcard test/isolation/specs/*.spec))))
-ISOLATION_OPTS = --temp-instance=./tmp_check_iso --temp-config=test/regress.conf \
+ISOLATION_OPTS = --temp-instance=./tmp_check_iso --temp-config=test/regress.conf --encoding=UTF8 \
 	--inputdir=test/isolation --outputdir=test/isolation/results
 
 TAP_TESTS = 1

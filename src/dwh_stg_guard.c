@@ -77,6 +77,7 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 	Timestamp	ts = 0;
 	DwhProblem	problem;
 	bool		ok;
+	int			ncols;
 	int			cols[2];
 	Datum		values[2];
 	bool		nulls[2];
@@ -145,10 +146,19 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 	cols[0] = version_col;
 	values[0] = TimestampGetDatum(ts);
 	nulls[0] = !has_ts;
-	cols[1] = loaded_col;
-	values[1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	nulls[1] = false;
+	ncols = 1;
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		/*
+		 * A new version was stored now.  An INSERT keeps what it was given
+		 * (the column default, or the original time in a restore's COPY).
+		 */
+		cols[1] = loaded_col;
+		values[1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		nulls[1] = false;
+		ncols = 2;
+	}
 
-	return PointerGetDatum(heap_modify_tuple_by_cols(newtuple, tupdesc, 2,
+	return PointerGetDatum(heap_modify_tuple_by_cols(newtuple, tupdesc, ncols,
 													 cols, values, nulls));
 }
