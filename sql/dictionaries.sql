@@ -19,6 +19,11 @@ INSERT INTO stg.users (object_id, payload) VALUES ('u2', '{"name": "Без Ве�
 SELECT update_ts IS NULL AS no_version, count(*) AS satellites
 FROM stg.users JOIN dds.s_user_names ON h_user_pk = dwh.hash_key(object_id)
 WHERE object_id = 'u2' GROUP BY 1;
+-- Between two values without a version, the last one written wins.
+UPDATE stg.users SET payload = '{"name": "А Без Версии", "login": "a"}' WHERE object_id = 'u2';
+SELECT payload->>'name' AS stg_name FROM stg.users WHERE object_id = 'u2';
+UPDATE stg.users SET payload = '{"name": "А Без Версии", "login": "a"}' WHERE object_id = 'u2';
+SELECT count(*) AS satellites FROM dds.s_user_names WHERE h_user_pk = dwh.hash_key('u2');
 
 -- Menus before the orders: the first order counts in categories at once.
 SELECT t.set_menu('rest-1', '2023-08-01 00:00:00',

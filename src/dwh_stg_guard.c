@@ -44,17 +44,22 @@ column_number(TupleDesc tupdesc, const char *name)
 
 /*
  * Is the version (ts, payload) newer than (old_ts, old_payload)?  A null
- * timestamp sorts before every timestamp.
+ * timestamp sorts before every timestamp.  Between two values without a
+ * timestamp nothing tells which is newer: the last one written wins.
  */
 static bool
 version_is_newer(bool has_ts, Timestamp ts, Jsonb *payload,
 				 bool old_has_ts, Timestamp old_ts, Jsonb *old_payload)
 {
+	int			cmp = compareJsonbContainers(&payload->root, &old_payload->root);
+
 	if (has_ts != old_has_ts)
 		return has_ts;
-	if (has_ts && ts != old_ts)
+	if (!has_ts)
+		return cmp != 0;
+	if (ts != old_ts)
 		return ts > old_ts;
-	return compareJsonbContainers(&payload->root, &old_payload->root) > 0;
+	return cmp > 0;
 }
 
 /*
