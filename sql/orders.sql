@@ -102,3 +102,16 @@ SELECT * FROM t.check();
 -- rebuild() of consistent marts changes nothing.
 SELECT * FROM dwh.rebuild();
 SELECT * FROM t.check();
+
+-- verify() finds every kind of damage, rebuild() repairs exactly that.
+UPDATE cdm.user_product_counters SET order_cnt = order_cnt + 5
+WHERE product_name = 'Шурпа' AND user_id = dwh.hash_key('u2');
+DELETE FROM cdm.user_category_counters WHERE user_id = dwh.hash_key('u4');
+UPDATE cdm.user_product_counters SET product_name = 'Чай?' WHERE product_name = 'Чай';
+INSERT INTO cdm.user_category_counters (user_id, category_id, category_name, order_cnt)
+VALUES (dwh.hash_key('u9'), dwh.hash_key('Десерты'), 'Десерты', 3);
+SELECT mart, u.user_id, expected_name, actual_name, expected_cnt, actual_cnt
+FROM dwh.verify() v LEFT JOIN dds.h_user u ON u.h_user_pk = v.user_id
+ORDER BY 1, 2, 3, 4;
+SELECT * FROM dwh.rebuild();
+SELECT * FROM t.check();
