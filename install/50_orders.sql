@@ -14,21 +14,30 @@ DECLARE
     category_users uuid[];
     categories uuid[];
     category_deltas integer[];
+    known boolean;
 BEGIN
     IF NOT EXISTS (SELECT FROM changed) THEN
         RETURN NULL;
     END IF;
+
+    -- Does DDS hold any of these orders already?  Not for new orders (the
+    -- usual case): their old state and previous satellites are then not
+    -- looked up at all.  (A restore replays orders DDS already holds.)
+    known := TG_OP = 'UPDATE' OR EXISTS (
+        SELECT FROM changed c JOIN dds.h_order h ON h.order_id = c.object_id);
 
     -- Dish categories and names stay put until commit.
     PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
 
     -- Dishes first (hub order is the same in every transaction: dishes,
     -- orders, users, restaurants; keys sorted within each).
-    SELECT dwh.load_products(array_agg(dwh.hash_key(e->>'id')), array_agg(e->>'id'),
-                             array_agg(e->>'name'), array_agg(c.update_ts),
+    SELECT dwh.load_products(array_agg(dwh.hash_key(d.id)), array_agg(d.id),
+                             array_agg(d.name), array_agg(d.update_ts),
                              'stg.order_events')
     INTO renamed
-    FROM changed c, jsonb_array_elements(c.payload->'order_items') e;
+    FROM (SELECT DISTINCT ON (e->>'id') e->>'id' AS id, e->>'name' AS name, c.update_ts
+          FROM changed c, jsonb_array_elements(c.payload->'order_items') e
+          ORDER BY e->>'id', c.update_ts DESC, e->>'name' DESC) d;
 
     WITH batch AS MATERIALIZED (
         SELECT c.object_id,
@@ -54,15 +63,18 @@ BEGIN
     old_user AS MATERIALIZED (
         SELECT l.h_order_pk, l.h_user_pk
         FROM batch b JOIN dds.l_order_user l ON l.h_order_pk = b.h_order_pk
+        WHERE known
     ),
     old_item AS MATERIALIZED (
         SELECT l.h_order_pk, l.h_product_pk
         FROM batch b JOIN dds.l_order_product l ON l.h_order_pk = b.h_order_pk
+        WHERE known
     ),
     old_closed AS MATERIALIZED (
         SELECT b.h_order_pk
         FROM batch b
-        WHERE (SELECT s.status FROM dds.s_order_status s
+        WHERE known
+          AND (SELECT s.status FROM dds.s_order_status s
                WHERE s.h_order_pk = b.h_order_pk
                ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
     ),
@@ -135,9 +147,9 @@ BEGIN
     product_restaurant_link AS (
         INSERT INTO dds.l_product_restaurant
                (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
+        SELECT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
                h_restaurant_pk, now(), 'stg.order_events'
-        FROM item
+        FROM (SELECT DISTINCT h_product_pk, h_restaurant_pk FROM item) i
         ORDER BY 1
         ON CONFLICT DO NOTHING
     ),
@@ -147,7 +159,7 @@ BEGIN
         SELECT x.h_order_pk, x.status, x.hashdiff, x.update_ts, 'stg.order_events'
         FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.status) AS hashdiff
               FROM batch b) x
-        WHERE x.hashdiff IS DISTINCT FROM
+        WHERE NOT known OR x.hashdiff IS DISTINCT FROM
               (SELECT p.hk_order_status_hashdiff FROM dds.s_order_status p
                WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
                ORDER BY p.load_dt DESC LIMIT 1)
@@ -163,7 +175,7 @@ BEGIN
         FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.cost::text || b.payment::text)
                           AS hashdiff
               FROM batch b) x
-        WHERE x.hashdiff IS DISTINCT FROM
+        WHERE NOT known OR x.hashdiff IS DISTINCT FROM
               (SELECT p.hk_order_cost_hashdiff FROM dds.s_order_cost p
                WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
                ORDER BY p.load_dt DESC LIMIT 1)
