@@ -122,3 +122,9 @@ The demo cluster keeps running:
   connect: sudo -u postgres $pgbin/psql -h $demo/run -p $port dwh_demo
   stop:    sudo test/demo.sh stop
 EOF
+
+differences=$(psql_demo -tAc "SELECT count(*) FROM dwh.verify()")
+if [ "$differences" != 0 ]; then
+	echo "demo.sh: dwh.verify() found $differences differences" >&2
+	exit 1
+fi
