@@ -399,7 +399,7 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 	prepare_plans();
 
 	edata = ingest_in_subtransaction(items, n, source, topic, result);
-	if (edata != NULL && n > 1)
+	if (edata != NULL)
 	{
 		DeadLetters dl;
 
@@ -412,7 +412,10 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 			DwhIngestResult one = {0};
 
 			CHECK_FOR_INTERRUPTS();
-			edata = ingest_in_subtransaction(&items[i], 1, source, topic, &one);
+			/* A lone message has just failed on its own: no second try. */
+			if (n > 1)
+				edata = ingest_in_subtransaction(&items[i], 1, source, topic,
+												 &one);
 			if (edata != NULL)
 			{
 				dead_letters_add(&dl, &items[i], edata->sqlerrcode,
@@ -427,17 +430,6 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 			result->dead_lettered += one.dead_lettered;
 		}
 		dead_letters_write(&dl, source, topic);
-	}
-	else if (edata != NULL)
-	{
-		DeadLetters dl;
-
-		memset(result, 0, sizeof(DwhIngestResult));
-		result->received = n;
-		dead_letters_init(&dl, 1);
-		dead_letters_add(&dl, &items[0], edata->sqlerrcode, edata->message);
-		dead_letters_write(&dl, source, topic);
-		result->dead_lettered = 1;
 	}
 
 	SPI_finish();
