@@ -12,9 +12,15 @@ OBJS = \
 	src/dwh_json_syntax.o \
 	src/dwh_message.o \
 	src/dwh_stg_guard.o \
-	src/dwh_ingest.o
+	src/dwh_ingest.o \
+	src/dwh_secrets.o \
+	src/dwh_status.o \
+	src/dwh_kafka_options.o \
+	src/dwh_kafka_consumer.o \
+	src/dwh_kafka_offsets.o \
+	src/dwh_kafka_worker.o
 
-SHLIB_LINK = -ljansson
+SHLIB_LINK = -ljansson -lrdkafka
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \
 	-Wno-missing-field-initializers
 

@@ -8,20 +8,58 @@
 #include "postgres.h"
 
 #include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
 
+#include "dwh_kafka_worker.h"
+#include "dwh_secrets.h"
 #include "dwh_settings.h"
+#include "dwh_status.h"
 
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
+static shmem_request_hook_type previous_shmem_request_hook = NULL;
+static shmem_startup_hook_type previous_shmem_startup_hook = NULL;
+
+static void
+dwh_shmem_request(void)
+{
+	if (previous_shmem_request_hook)
+		previous_shmem_request_hook();
+	dwh_status_shmem_request();
+}
+
+static void
+dwh_shmem_startup(void)
+{
+	if (previous_shmem_startup_hook)
+		previous_shmem_startup_hook();
+	dwh_status_shmem_startup();
+}
+
 /*
  * _PG_init
- *		Define the settings.  No library thread and no connection is made
- *		here: when preloaded this runs in the postmaster.
+ *		Define the settings; when preloaded, also reserve the shared status
+ *		and register the background workers.  No library thread and no
+ *		connection is made here: when preloaded this runs in the postmaster.
  */
 void
 _PG_init(void)
 {
 	dwh_settings_define();
+	dwh_secrets_install_log_filter();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	previous_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = dwh_shmem_request;
+	previous_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = dwh_shmem_startup;
+
+	/* pg_upgrade's server must not consume anything. */
+	if (!IsBinaryUpgrade)
+		dwh_kafka_register_workers();
 }

@@ -11,10 +11,126 @@
 
 #include "utils/guc.h"
 
+#include "dwh_kafka_options.h"
 #include "dwh_settings.h"
+#include "dwh_status.h"
 
 char	   *dwh_database = NULL;
 int			dwh_max_message_size = 1024 * 1024;
+
+char	   *dwh_kafka_brokers = NULL;
+char	   *dwh_kafka_topic = NULL;
+char	   *dwh_kafka_group_id = NULL;
+char	   *dwh_kafka_options = NULL;
+int			dwh_kafka_consumers = 1;
+int			dwh_kafka_batch_size = 1000;
+int			dwh_kafka_batch_wait = 100;
+int			dwh_kafka_prefetch_memory = 16 * 1024;
+int			dwh_kafka_start_offset = DWH_KAFKA_START_EARLIEST;
+
+static const struct config_enum_entry start_offset_options[] = {
+	{"earliest", DWH_KAFKA_START_EARLIEST, false},
+	{"latest", DWH_KAFKA_START_LATEST, false},
+	{NULL, 0, false}
+};
+
+/*
+ * Kafka settings.  All but the number of consumers take effect on reload:
+ * the workers reconnect when one of them changes.
+ */
+static void
+define_kafka_settings(void)
+{
+	DefineCustomStringVariable("dwh.kafka_brokers",
+							   "Kafka bootstrap servers (host:port, comma separated); empty: the Kafka workers idle.",
+							   NULL,
+							   &dwh_kafka_brokers,
+							   "",
+							   PGC_SIGHUP,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("dwh.kafka_topic",
+							   "Kafka topic of the order stream.",
+							   NULL,
+							   &dwh_kafka_topic,
+							   "order-service_orders",
+							   PGC_SIGHUP,
+							   0,
+							   dwh_kafka_topic_check, NULL, NULL);
+
+	DefineCustomStringVariable("dwh.kafka_group_id",
+							   "Kafka consumer group of the dwh workers.",
+							   "Offsets committed to this group are for monitoring only; dwh resumes from dwh.kafka_offsets.",
+							   &dwh_kafka_group_id,
+							   "dwh",
+							   PGC_SIGHUP,
+							   0,
+							   dwh_kafka_group_id_check, NULL, NULL);
+
+	DefineCustomStringVariable("dwh.kafka_options",
+							   "Extra librdkafka consumer properties, as name=value pairs separated by spaces.",
+							   "Values holding spaces are single-quoted. Visible to superusers only; secret values are never logged.",
+							   &dwh_kafka_options,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   dwh_kafka_options_check, NULL, NULL);
+
+	DefineCustomIntVariable("dwh.kafka_consumers",
+							"Number of Kafka consumer workers sharing the topic's partitions.",
+							NULL,
+							&dwh_kafka_consumers,
+							1,
+							0,
+							DWH_MAX_KAFKA_WORKERS,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dwh.kafka_batch_size",
+							"Most messages applied in one transaction.",
+							NULL,
+							&dwh_kafka_batch_size,
+							1000,
+							1,
+							100000,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dwh.kafka_batch_wait",
+							"Longest wait for a batch to fill before it is applied.",
+							NULL,
+							&dwh_kafka_batch_wait,
+							100,
+							1,
+							60000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dwh.kafka_prefetch_memory",
+							"Most message data a Kafka worker prefetches ahead of its batches.",
+							"Bounds each worker's memory whatever the backlog (librdkafka queued.max.messages.kbytes).",
+							&dwh_kafka_prefetch_memory,
+							16 * 1024,
+							1024,
+							1024 * 1024,
+							PGC_SIGHUP,
+							GUC_UNIT_KB,
+							NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("dwh.kafka_start_offset",
+							 "Where a partition with no offset stored in dwh.kafka_offsets starts.",
+							 NULL,
+							 &dwh_kafka_start_offset,
+							 DWH_KAFKA_START_EARLIEST,
+							 start_offset_options,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
+}
 
 /*
  * dwh_settings_define
@@ -43,6 +159,8 @@ dwh_settings_define(void)
 							PGC_SUSET,
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
+
+	define_kafka_settings();
 
 	MarkGUCPrefixReserved("dwh");
 }

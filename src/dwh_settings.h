@@ -11,6 +11,23 @@
 extern char *dwh_database;
 extern int	dwh_max_message_size;
 
+/* Kafka */
+typedef enum DwhKafkaStartOffset
+{
+	DWH_KAFKA_START_EARLIEST,
+	DWH_KAFKA_START_LATEST
+} DwhKafkaStartOffset;
+
+extern char *dwh_kafka_brokers;
+extern char *dwh_kafka_topic;
+extern char *dwh_kafka_group_id;
+extern char *dwh_kafka_options;
+extern int	dwh_kafka_consumers;
+extern int	dwh_kafka_batch_size;
+extern int	dwh_kafka_batch_wait;
+extern int	dwh_kafka_prefetch_memory;
+extern int	dwh_kafka_start_offset;
+
 extern void dwh_settings_define(void);
 
 #endif							/* DWH_SETTINGS_H */

@@ -1,0 +1,94 @@
+-- Kafka: the offsets applied, stored in the transaction of each batch, and
+-- the status of the workers.
+
+CREATE TABLE dwh.kafka_offsets (
+    topic           text NOT NULL,
+    kafka_partition integer NOT NULL,
+    next_offset     bigint,
+    seek_requested  boolean NOT NULL DEFAULT false,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, kafka_partition)
+);
+COMMENT ON TABLE dwh.kafka_offsets IS 'How far each Kafka partition has been applied; written in the transaction of each batch, so the single truth a worker resumes from';
+COMMENT ON COLUMN dwh.kafka_offsets.topic IS 'Kafka topic';
+COMMENT ON COLUMN dwh.kafka_offsets.kafka_partition IS 'Partition number';
+COMMENT ON COLUMN dwh.kafka_offsets.next_offset IS 'Offset of the first message not applied yet (NULL: none applied)';
+COMMENT ON COLUMN dwh.kafka_offsets.seek_requested IS 'Set by dwh.kafka_seek(): the owning worker must move to next_offset';
+COMMENT ON COLUMN dwh.kafka_offsets.updated_at IS 'When the row last changed';
+
+CREATE FUNCTION dwh.kafka_seek(kafka_partition integer, next_offset bigint,
+                               topic text DEFAULT NULL)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'dwh_kafka_seek'
+    LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION dwh.kafka_seek(integer, bigint, text) IS
+    'Rewind (replay) or skip a partition of the order topic (default dwh.kafka_topic): the next message applied from it is the one at next_offset';
+
+CREATE FUNCTION dwh.worker_status(
+        OUT worker text, OUT pid integer, OUT started_at timestamptz,
+        OUT state text, OUT state_since timestamptz, OUT partitions integer[],
+        OUT messages bigint, OUT batches bigint, OUT dead_letters bigint,
+        OUT last_batch_at timestamptz,
+        OUT keys_mirrored bigint, OUT keys_missing bigint,
+        OUT refreshes bigint, OUT changes_found bigint,
+        OUT last_error text, OUT last_error_at timestamptz,
+        OUT worker_number integer)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'dwh_worker_status'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.worker_status() IS
+    'State of each background worker since the server started (behind dwh.status)';
+
+CREATE FUNCTION dwh.kafka_watermarks(
+        OUT topic text, OUT kafka_partition integer,
+        OUT low_watermark bigint, OUT high_watermark bigint,
+        OUT observed_at timestamptz, OUT worker_number integer)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'dwh_kafka_watermarks'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.kafka_watermarks() IS
+    'The broker''s watermarks of each partition as the workers last saw them (behind dwh.kafka_partitions)';
+
+CREATE VIEW dwh.kafka_partitions AS
+SELECT coalesce(o.topic, w.topic) AS topic,
+       coalesce(o.kafka_partition, w.kafka_partition) AS kafka_partition,
+       owner.worker,
+       o.next_offset AS stored_offset,
+       w.high_watermark,
+       greatest(w.high_watermark - coalesce(o.next_offset, w.low_watermark), 0) AS lag,
+       o.updated_at AS stored_at,
+       w.observed_at AS watermark_at
+FROM dwh.kafka_offsets o
+FULL JOIN dwh.kafka_watermarks() w
+       ON w.topic = o.topic AND w.kafka_partition = o.kafka_partition
+LEFT JOIN (SELECT s.worker, p.p
+           FROM dwh.worker_status() s, unnest(s.partitions) AS p(p)
+           WHERE s.pid IS NOT NULL) owner
+       ON owner.p = coalesce(o.kafka_partition, w.kafka_partition)
+      AND coalesce(o.topic, w.topic) = current_setting('dwh.kafka_topic');
+COMMENT ON VIEW dwh.kafka_partitions IS
+    'Per Kafka partition: the worker owning it, the offset stored in the database, the broker''s high watermark and the lag between them';
+
+CREATE VIEW dwh.status AS
+SELECT s.worker, s.pid, s.state, s.state_since,
+       s.partitions,
+       s.messages, s.batches, s.dead_letters, s.last_batch_at,
+       p.lag,
+       p.partition_offsets,
+       s.keys_mirrored, s.keys_missing, s.refreshes, s.changes_found,
+       s.last_error, s.last_error_at, s.started_at
+FROM dwh.worker_status() s
+LEFT JOIN LATERAL (
+    SELECT sum(k.lag)::bigint AS lag,
+           jsonb_agg(jsonb_build_object('partition', k.kafka_partition,
+                                        'stored_offset', k.stored_offset,
+                                        'high_watermark', k.high_watermark,
+                                        'lag', k.lag)
+                     ORDER BY k.kafka_partition) AS partition_offsets
+    FROM dwh.kafka_partitions k
+    WHERE k.topic = current_setting('dwh.kafka_topic')
+      AND k.kafka_partition = ANY (s.partitions)
+) p ON true
+ORDER BY s.worker_number IS NULL, s.worker;
+COMMENT ON VIEW dwh.status IS
+    'One row per background worker: its state, partitions, throughput counters, lag, and last error';

@@ -1,0 +1,65 @@
+-- Kafka settings, their validation, the status views and dwh.kafka_seek().
+-- (The workers against a real broker are tested in test/t/.)
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+-- Defaults.
+SHOW dwh.kafka_brokers;
+SHOW dwh.kafka_topic;
+SHOW dwh.kafka_group_id;
+SHOW dwh.kafka_consumers;
+SHOW dwh.kafka_batch_size;
+SHOW dwh.kafka_batch_wait;
+SHOW dwh.kafka_prefetch_memory;
+SHOW dwh.kafka_start_offset;
+
+-- Options: librdkafka checks each property; dwh's own are refused with a hint.
+ALTER SYSTEM SET dwh.kafka_options = 'bootstrap.servers=localhost:9092';
+ALTER SYSTEM SET dwh.kafka_options = 'enable.auto.commit=true';
+ALTER SYSTEM SET dwh.kafka_options = 'no.such.property=1';
+ALTER SYSTEM SET dwh.kafka_options = 'session.timeout.ms=soon';
+ALTER SYSTEM SET dwh.kafka_options = 'sasl.password';
+ALTER SYSTEM SET dwh.kafka_options = 'sasl.password=''unterminated';
+ALTER SYSTEM SET dwh.kafka_options = 'security.protocol=SASL_SSL sasl.mechanisms=SCRAM-SHA-512 sasl.username=dwh sasl.password=''it\''s secret'' ssl.ca.location=/nonexistent/ca.pem';
+ALTER SYSTEM RESET dwh.kafka_options;
+ALTER SYSTEM SET dwh.kafka_topic = 'bad topic';
+ALTER SYSTEM SET dwh.kafka_group_id = '';
+SET dwh.kafka_consumers = 2;
+
+-- The worker idles, and says why, while no broker is configured.
+DO $$
+BEGIN
+    FOR i IN 1..100 LOOP
+        EXIT WHEN EXISTS (SELECT FROM dwh.status WHERE state LIKE 'idle%');
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+SELECT worker, pid IS NOT NULL AS running, state, partitions, messages, lag
+FROM dwh.status;
+
+-- Rewind a partition: stored for whichever worker will own it.
+SELECT dwh.kafka_seek(3, 42);
+SELECT dwh.kafka_seek(3, 40);
+SELECT topic, kafka_partition, next_offset, seek_requested FROM dwh.kafka_offsets;
+SELECT topic, kafka_partition, worker, stored_offset, high_watermark, lag
+FROM dwh.kafka_partitions;
+SELECT dwh.kafka_seek(-1, 0);
+SELECT dwh.kafka_seek(0, -5);
+
+-- Options are for superusers only; the views and the seek need a grant.
+CREATE ROLE regress_dwh_monitor;
+SET ROLE regress_dwh_monitor;
+SHOW dwh.kafka_options;
+SELECT count(*) FROM dwh.status;
+SELECT dwh.kafka_seek(0, 0);
+RESET ROLE;
+GRANT USAGE ON SCHEMA dwh TO regress_dwh_monitor;
+GRANT SELECT ON dwh.status, dwh.kafka_partitions, dwh.kafka_offsets TO regress_dwh_monitor;
+GRANT EXECUTE ON FUNCTION dwh.worker_status(), dwh.kafka_watermarks() TO regress_dwh_monitor;
+SET ROLE regress_dwh_monitor;
+SELECT worker, state FROM dwh.status;
+RESET ROLE;
+DROP OWNED BY regress_dwh_monitor;
+DROP ROLE regress_dwh_monitor;

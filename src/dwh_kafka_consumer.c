@@ -1,0 +1,607 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_kafka_consumer.c
+ *	  One librdkafka consumer, served from the worker's own thread only.
+ *
+ * librdkafka runs threads of its own; none of them may ever call into
+ * PostgreSQL.  So no callback is set at all: rebalances, errors and log
+ * lines arrive as events on the consumer queue (log.queue=true, the main
+ * queue forwarded to it), together with the messages, and the worker
+ * serves them after rd_kafka_queue_poll() returns, on its own thread.  The
+ * queue wakes the worker through a non-blocking pipe that sits in the same
+ * WaitEventSet as its latch, so SIGTERM and SIGHUP are seen at once.
+ *
+ * Partitions are assigned at the offsets stored in the database: the
+ * worker looks them up between DWH_KAFKA_ASSIGN and
+ * dwh_kafka_consumer_assign().  Offsets committed to Kafka are for
+ * monitoring tools only.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <librdkafka/rdkafka.h>
+
+#include "access/xlog.h"
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "dwh_kafka_consumer.h"
+#include "dwh_kafka_options.h"
+#include "dwh_settings.h"
+#include "dwh_status.h"
+
+struct DwhKafkaConsumer
+{
+	rd_kafka_t *rk;
+	rd_kafka_queue_t *queue;
+	int			pipe_read;
+	int			pipe_write;
+	WaitEventSet *wait_set;
+	char	   *topic;
+	int			worker_index;
+	bool		cooperative;
+	/* The rebalance being served, between poll and assign or revoke. */
+	rd_kafka_topic_partition_list_t *pending;
+	/* Partitions owned now, sorted. */
+	int			n_assigned;
+	int32	   *assigned;
+	/* For log lines that librdkafka repeats while a broker is down. */
+	char		last_log[256];
+	TimestampTz last_log_at;
+};
+
+static void
+conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
+{
+	char		errstr[512];
+
+	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
+		elog(ERROR, "could not set librdkafka property \"%s\": %s", name, errstr);
+}
+
+/*
+ * The consumer configuration: what dwh needs, then the DBA's options,
+ * which may override the defaults below but not the reserved properties.
+ */
+static rd_kafka_conf_t *
+make_conf(int worker_index, char *error, size_t error_size)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	DwhKafkaOption *options;
+	int			n;
+	char	   *parse_error;
+	int64		prefetch_bytes = (int64) dwh_kafka_prefetch_memory * 1024;
+
+	conf_set(conf, "bootstrap.servers", dwh_kafka_brokers);
+	conf_set(conf, "group.id", dwh_kafka_group_id);
+	conf_set(conf, "enable.auto.commit", "false");
+	conf_set(conf, "enable.auto.offset.store", "false");
+	conf_set(conf, "enable.partition.eof", "false");
+	conf_set(conf, "log.queue", "true");
+	conf_set(conf, "auto.offset.reset",
+			 dwh_kafka_start_offset == DWH_KAFKA_START_LATEST ? "latest" : "earliest");
+
+	/* Prefetch bound: the local queue, plus one fetch response in flight. */
+	conf_set(conf, "queued.max.messages.kbytes",
+			 psprintf("%d", dwh_kafka_prefetch_memory));
+	conf_set(conf, "fetch.max.bytes",
+			 psprintf("%lld", (long long) Max(prefetch_bytes / 2, 1048576)));
+	conf_set(conf, "client.id",
+			 psprintf("dwh-%s-%d", dwh_database, worker_index));
+	/* A restarted worker takes its partitions back at once. */
+	conf_set(conf, "session.timeout.ms", "10000");
+	conf_set(conf, "group.instance.id",
+			 psprintf("dwh-" UINT64_FORMAT "-%s-%d", GetSystemIdentifier(),
+					  dwh_database, worker_index));
+
+	if (!dwh_kafka_options_parse(dwh_kafka_options, &options, &n, &parse_error))
+	{
+		snprintf(error, error_size, "invalid Kafka options: %s", parse_error);
+		rd_kafka_conf_destroy(conf);
+		return NULL;
+	}
+	if (!dwh_kafka_conf_set_options(conf, options, n, error, error_size))
+	{
+		rd_kafka_conf_destroy(conf);
+		return NULL;
+	}
+
+	rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_FETCH | RD_KAFKA_EVENT_LOG |
+							 RD_KAFKA_EVENT_ERROR | RD_KAFKA_EVENT_REBALANCE);
+	return conf;
+}
+
+/*
+ * dwh_kafka_consumer_create
+ *		Create a consumer subscribed to dwh.kafka_topic.  On a configuration
+ *		that librdkafka refuses, returns NULL with the reason in error.
+ */
+DwhKafkaConsumer *
+dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
+{
+	DwhKafkaConsumer *c;
+	rd_kafka_conf_t *conf;
+	rd_kafka_topic_partition_list_t *topics;
+	rd_kafka_resp_err_t err;
+	char		errstr[512];
+	int			fds[2];
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	conf = make_conf(worker_index, error, error_size);
+	if (conf == NULL)
+	{
+		MemoryContextSwitchTo(old);
+		return NULL;
+	}
+
+	c = palloc0(sizeof(DwhKafkaConsumer));
+	c->topic = pstrdup(dwh_kafka_topic);
+	c->worker_index = worker_index;
+	c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
+	if (c->rk == NULL)
+	{
+		rd_kafka_conf_destroy(conf);
+		snprintf(error, error_size, "could not create the Kafka consumer: %s",
+				 errstr);
+		pfree(c);
+		MemoryContextSwitchTo(old);
+		return NULL;
+	}
+
+	rd_kafka_set_log_queue(c->rk, NULL);
+	rd_kafka_poll_set_consumer(c->rk);
+	c->queue = rd_kafka_queue_get_consumer(c->rk);
+
+	if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not create a pipe for the Kafka consumer: %m")));
+	c->pipe_read = fds[0];
+	c->pipe_write = fds[1];
+	rd_kafka_queue_io_event_enable(c->queue, c->pipe_write, "1", 1);
+
+	c->wait_set = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(c->wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(c->wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(c->wait_set, WL_SOCKET_READABLE, c->pipe_read, NULL, NULL);
+
+	topics = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(topics, c->topic, RD_KAFKA_PARTITION_UA);
+	err = rd_kafka_subscribe(c->rk, topics);
+	rd_kafka_topic_partition_list_destroy(topics);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		snprintf(error, error_size, "could not subscribe to topic \"%s\": %s",
+				 c->topic, rd_kafka_err2str(err));
+		MemoryContextSwitchTo(old);
+		dwh_kafka_consumer_destroy(c);
+		return NULL;
+	}
+
+	c->cooperative = strcmp(rd_kafka_rebalance_protocol(c->rk), "COOPERATIVE") == 0;
+	MemoryContextSwitchTo(old);
+	return c;
+}
+
+/*
+ * dwh_kafka_consumer_destroy
+ *		Close the consumer within about half a second, so that SIGTERM is
+ *		honoured quickly even when the broker is gone.  Nothing is lost by
+ *		cutting the close short: offsets live in the database.
+ */
+void
+dwh_kafka_consumer_destroy(DwhKafkaConsumer *c)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 500);
+	rd_kafka_error_t *error;
+
+	rd_kafka_queue_io_event_enable(c->queue, -1, NULL, 0);
+	if (c->pending)
+	{
+		rd_kafka_topic_partition_list_destroy(c->pending);
+		c->pending = NULL;
+	}
+
+	error = rd_kafka_consumer_close_queue(c->rk, c->queue);
+	if (error != NULL)
+		rd_kafka_error_destroy(error);
+	else
+	{
+		while (!rd_kafka_consumer_closed(c->rk) &&
+			   GetCurrentTimestamp() < deadline)
+		{
+			rd_kafka_event_t *ev = rd_kafka_queue_poll(c->queue, 50);
+
+			if (ev == NULL)
+				continue;
+			/* A rebalance during close: give everything up. */
+			if (rd_kafka_event_type(ev) == RD_KAFKA_EVENT_REBALANCE)
+			{
+				if (c->cooperative)
+				{
+					rd_kafka_error_t *e;
+
+					e = rd_kafka_incremental_unassign(c->rk,
+													  rd_kafka_event_topic_partition_list(ev));
+					if (e)
+						rd_kafka_error_destroy(e);
+				}
+				else
+					rd_kafka_assign(c->rk, NULL);
+			}
+			rd_kafka_event_destroy(ev);
+		}
+	}
+
+	rd_kafka_queue_destroy(c->queue);
+	rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+	FreeWaitEventSet(c->wait_set);
+	close(c->pipe_read);
+	close(c->pipe_write);
+	if (c->assigned)
+		pfree(c->assigned);
+	pfree(c->topic);
+	pfree(c);
+}
+
+/*
+ * Report a librdkafka log line, at LOG for warnings and worse, at DEBUG1
+ * otherwise.  The same line repeated within a minute is reported once:
+ * while a broker is down librdkafka repeats itself.
+ */
+static void
+report_log_line(DwhKafkaConsumer *c, int level, const char *fac, const char *text)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	char		line[256];
+
+	snprintf(line, sizeof(line), "%s: %s", fac, text);
+	if (strcmp(line, c->last_log) == 0 &&
+		!TimestampDifferenceExceeds(c->last_log_at, now, 60 * 1000))
+		return;
+	strlcpy(c->last_log, line, sizeof(c->last_log));
+	c->last_log_at = now;
+	ereport(level <= 4 ? LOG : DEBUG1,
+			(errmsg("Kafka consumer %d: %s", c->worker_index, line)));
+}
+
+static int
+compare_int32(const void *a, const void *b)
+{
+	int32		x = *(const int32 *) a;
+	int32		y = *(const int32 *) b;
+
+	return (x > y) - (x < y);
+}
+
+/* The partitions of our topic in a list, sorted, palloc'd. */
+static int32 *
+list_partitions(DwhKafkaConsumer *c, rd_kafka_topic_partition_list_t *list,
+				int *n)
+{
+	int32	   *parts = palloc(sizeof(int32) * Max(list->cnt, 1));
+	int			i;
+
+	*n = 0;
+	for (i = 0; i < list->cnt; i++)
+		if (strcmp(list->elems[i].topic, c->topic) == 0)
+			parts[(*n)++] = list->elems[i].partition;
+	qsort(parts, *n, sizeof(int32), compare_int32);
+	return parts;
+}
+
+/*
+ * dwh_kafka_consumer_poll
+ *		Take the next event from the queue, without waiting.  Log lines are
+ *		served here and not returned.  A message's value is copied into the
+ *		current memory context; the library's copy is freed at once.
+ */
+void
+dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
+{
+	memset(event, 0, sizeof(DwhKafkaEvent));
+
+	for (;;)
+	{
+		rd_kafka_event_t *ev = rd_kafka_queue_poll(c->queue, 0);
+		const rd_kafka_message_t *msg;
+		const char *fac;
+		const char *text;
+		int			level;
+
+		if (ev == NULL)
+		{
+			event->kind = DWH_KAFKA_NOTHING;
+			return;
+		}
+
+		switch (rd_kafka_event_type(ev))
+		{
+			case RD_KAFKA_EVENT_FETCH:
+				msg = rd_kafka_event_message_next(ev);
+				if (msg == NULL)
+					break;
+				if (msg->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+				{
+					event->kind = DWH_KAFKA_ERROR;
+					snprintf(event->error, sizeof(event->error), "%s",
+							 rd_kafka_message_errstr(msg));
+					rd_kafka_event_destroy(ev);
+					return;
+				}
+				event->kind = DWH_KAFKA_MESSAGE;
+				event->partition = msg->partition;
+				event->offset = msg->offset;
+				event->len = msg->payload ? (int) msg->len : 0;
+				event->data = palloc(event->len + 1);
+				if (event->len > 0)
+					memcpy(event->data, msg->payload, event->len);
+				event->data[event->len] = '\0';
+				rd_kafka_event_destroy(ev);
+				return;
+
+			case RD_KAFKA_EVENT_REBALANCE:
+				if (c->pending)
+					rd_kafka_topic_partition_list_destroy(c->pending);
+				c->pending = rd_kafka_topic_partition_list_copy(
+																rd_kafka_event_topic_partition_list(ev));
+				event->kind = rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ?
+					DWH_KAFKA_ASSIGN : DWH_KAFKA_REVOKE;
+				event->partitions = list_partitions(c, c->pending,
+													&event->n_partitions);
+				rd_kafka_event_destroy(ev);
+				return;
+
+			case RD_KAFKA_EVENT_ERROR:
+				event->kind = rd_kafka_event_error_is_fatal(ev) ?
+					DWH_KAFKA_FATAL : DWH_KAFKA_ERROR;
+				event->broker_down =
+					rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
+					rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__TRANSPORT ||
+					rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__RESOLVE;
+				snprintf(event->error, sizeof(event->error), "%s",
+						 rd_kafka_event_error_string(ev));
+				rd_kafka_event_destroy(ev);
+				return;
+
+			case RD_KAFKA_EVENT_LOG:
+				if (rd_kafka_event_log(ev, &fac, &text, &level) == 0)
+					report_log_line(c, level, fac, text);
+				break;
+
+			default:
+				break;
+		}
+		rd_kafka_event_destroy(ev);
+	}
+}
+
+/*
+ * dwh_kafka_consumer_wait
+ *		Sleep until the queue has something, the latch is set (signal,
+ *		offsets changed by dwh.kafka_seek) or the timeout passes.
+ */
+void
+dwh_kafka_consumer_wait(DwhKafkaConsumer *c, long timeout_ms)
+{
+	WaitEvent	ev;
+	char		buf[64];
+
+	(void) WaitEventSetWait(c->wait_set, timeout_ms, &ev, 1, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+	/* The pipe only says "not empty any more": drain it, then poll. */
+	while (read(c->pipe_read, buf, sizeof(buf)) > 0)
+		;
+}
+
+static void
+set_assigned(DwhKafkaConsumer *c, int32 *parts, int n)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	if (c->assigned)
+		pfree(c->assigned);
+	c->assigned = palloc(sizeof(int32) * Max(n, 1));
+	memcpy(c->assigned, parts, sizeof(int32) * n);
+	c->n_assigned = n;
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * dwh_kafka_consumer_assign
+ *		Take the partitions of the pending DWH_KAFKA_ASSIGN, starting each at
+ *		offsets[i] (same order as the event's sorted partitions; negative:
+ *		no stored offset, start as dwh.kafka_start_offset says).
+ */
+void
+dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets)
+{
+	rd_kafka_topic_partition_list_t *list = c->pending;
+	int32	   *parts;
+	int			n;
+	int			i;
+	int			j;
+	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+
+	Assert(list != NULL);
+	parts = list_partitions(c, list, &n);
+	for (i = 0; i < list->cnt; i++)
+	{
+		rd_kafka_topic_partition_t *tp = &list->elems[i];
+
+		tp->offset = dwh_kafka_start_offset == DWH_KAFKA_START_LATEST ?
+			RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
+		for (j = 0; j < n; j++)
+			if (strcmp(tp->topic, c->topic) == 0 && tp->partition == parts[j] &&
+				offsets[j] >= 0)
+				tp->offset = offsets[j];
+	}
+
+	if (c->cooperative)
+	{
+		rd_kafka_error_t *e = rd_kafka_incremental_assign(c->rk, list);
+		int32	   *all;
+		int			total = 0;
+
+		if (e)
+		{
+			ereport(WARNING,
+					(errmsg("Kafka consumer %d: could not add partitions: %s",
+							c->worker_index, rd_kafka_error_string(e))));
+			rd_kafka_error_destroy(e);
+		}
+		all = palloc(sizeof(int32) * (c->n_assigned + n + 1));
+		for (i = 0; i < c->n_assigned; i++)
+			all[total++] = c->assigned[i];
+		for (i = 0; i < n; i++)
+			all[total++] = parts[i];
+		qsort(all, total, sizeof(int32), compare_int32);
+		set_assigned(c, all, total);
+	}
+	else
+	{
+		err = rd_kafka_assign(c->rk, list);
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			ereport(WARNING,
+					(errmsg("Kafka consumer %d: could not assign partitions: %s",
+							c->worker_index, rd_kafka_err2str(err))));
+		set_assigned(c, parts, n);
+	}
+
+	rd_kafka_topic_partition_list_destroy(c->pending);
+	c->pending = NULL;
+}
+
+/*
+ * dwh_kafka_consumer_revoke
+ *		Give up the partitions of the pending DWH_KAFKA_REVOKE.
+ */
+void
+dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
+{
+	int32	   *parts;
+	int			n;
+	int			i;
+	int			j;
+	int			kept = 0;
+
+	Assert(c->pending != NULL);
+	parts = list_partitions(c, c->pending, &n);
+	if (c->cooperative)
+	{
+		rd_kafka_error_t *e = rd_kafka_incremental_unassign(c->rk, c->pending);
+
+		if (e)
+			rd_kafka_error_destroy(e);
+		for (i = 0; i < c->n_assigned; i++)
+		{
+			bool		gone = false;
+
+			for (j = 0; j < n; j++)
+				gone = gone || (parts[j] == c->assigned[i]);
+			if (!gone)
+				c->assigned[kept++] = c->assigned[i];
+		}
+		c->n_assigned = kept;
+	}
+	else
+	{
+		rd_kafka_assign(c->rk, NULL);
+		c->n_assigned = 0;
+	}
+	rd_kafka_topic_partition_list_destroy(c->pending);
+	c->pending = NULL;
+}
+
+/*
+ * dwh_kafka_consumer_seek
+ *		Move a partition to offset.  Messages fetched before the seek are
+ *		dropped by librdkafka, so none from the old position follows.
+ */
+void
+dwh_kafka_consumer_seek(DwhKafkaConsumer *c, int32 partition, int64 offset)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_error_t *e;
+
+	rd_kafka_topic_partition_list_add(list, c->topic, partition)->offset = offset;
+	e = rd_kafka_seek_partitions(c->rk, list, 0);
+	if (e)
+	{
+		ereport(WARNING,
+				(errmsg("Kafka consumer %d: could not move partition %d to offset " INT64_FORMAT ": %s",
+						c->worker_index, partition, offset,
+						rd_kafka_error_string(e))));
+		rd_kafka_error_destroy(e);
+	}
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/*
+ * dwh_kafka_consumer_commit
+ *		Commit offsets to Kafka, asynchronously, for monitoring tools only:
+ *		dwh itself resumes from dwh.kafka_offsets.
+ */
+void
+dwh_kafka_consumer_commit(DwhKafkaConsumer *c, const int32 *partitions,
+						  const int64 *next_offsets, int n)
+{
+	rd_kafka_topic_partition_list_t *list;
+	int			i;
+
+	if (n == 0)
+		return;
+	list = rd_kafka_topic_partition_list_new(n);
+	for (i = 0; i < n; i++)
+		rd_kafka_topic_partition_list_add(list, c->topic, partitions[i])->offset =
+			next_offsets[i];
+	(void) rd_kafka_commit(c->rk, list, 1);
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/*
+ * dwh_kafka_consumer_assignment
+ *		The partitions owned now, sorted (not to be freed).
+ */
+int
+dwh_kafka_consumer_assignment(DwhKafkaConsumer *c, int32 **partitions)
+{
+	*partitions = c->assigned;
+	return c->n_assigned;
+}
+
+/*
+ * dwh_kafka_consumer_publish_watermarks
+ *		Publish the owned partitions' watermarks as last seen in fetch
+ *		responses (no request to the broker).
+ */
+void
+dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *c)
+{
+	int			i;
+
+	for (i = 0; i < c->n_assigned; i++)
+	{
+		int64_t		low = -1;
+		int64_t		high = -1;
+
+		if (rd_kafka_get_watermark_offsets(c->rk, c->topic, c->assigned[i],
+										   &low, &high) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+			high >= 0)
+			dwh_status_set_watermark(c->topic, c->assigned[i], low, high,
+									 c->worker_index);
+	}
+}
+
+const char *
+dwh_kafka_consumer_topic(DwhKafkaConsumer *c)
+{
+	return c->topic;
+}

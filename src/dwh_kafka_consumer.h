@@ -1,0 +1,60 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_kafka_consumer.h
+ *	  One librdkafka consumer, served from the worker's own thread only.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef DWH_KAFKA_CONSUMER_H
+#define DWH_KAFKA_CONSUMER_H
+
+typedef struct DwhKafkaConsumer DwhKafkaConsumer;
+
+typedef enum DwhKafkaEventKind
+{
+	DWH_KAFKA_NOTHING,			/* the queue is empty */
+	DWH_KAFKA_MESSAGE,
+	DWH_KAFKA_ASSIGN,			/* partitions given: look up their offsets */
+	DWH_KAFKA_REVOKE,			/* partitions taken away */
+	DWH_KAFKA_ERROR,			/* librdkafka retries by itself */
+	DWH_KAFKA_FATAL				/* the consumer must be recreated */
+} DwhKafkaEventKind;
+
+typedef struct DwhKafkaEvent
+{
+	DwhKafkaEventKind kind;
+	/* DWH_KAFKA_MESSAGE: a copy of the value, in the caller's context */
+	int32		partition;
+	int64		offset;
+	char	   *data;
+	int			len;
+	/* DWH_KAFKA_ASSIGN, DWH_KAFKA_REVOKE */
+	int			n_partitions;
+	int32	   *partitions;
+	/* DWH_KAFKA_ERROR, DWH_KAFKA_FATAL */
+	bool		broker_down;
+	char		error[512];
+} DwhKafkaEvent;
+
+extern DwhKafkaConsumer *dwh_kafka_consumer_create(int worker_index,
+												   char *error,
+												   size_t error_size);
+extern void dwh_kafka_consumer_destroy(DwhKafkaConsumer *consumer);
+extern void dwh_kafka_consumer_poll(DwhKafkaConsumer *consumer,
+									DwhKafkaEvent *event);
+extern void dwh_kafka_consumer_wait(DwhKafkaConsumer *consumer,
+									long timeout_ms);
+extern void dwh_kafka_consumer_assign(DwhKafkaConsumer *consumer,
+									  const int64 *offsets);
+extern void dwh_kafka_consumer_revoke(DwhKafkaConsumer *consumer);
+extern void dwh_kafka_consumer_seek(DwhKafkaConsumer *consumer,
+									int32 partition, int64 offset);
+extern void dwh_kafka_consumer_commit(DwhKafkaConsumer *consumer,
+									  const int32 *partitions,
+									  const int64 *next_offsets, int n);
+extern int	dwh_kafka_consumer_assignment(DwhKafkaConsumer *consumer,
+										  int32 **partitions);
+extern void dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *consumer);
+extern const char *dwh_kafka_consumer_topic(DwhKafkaConsumer *consumer);
+
+#endif							/* DWH_KAFKA_CONSUMER_H */

@@ -1,0 +1,306 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_kafka_options.c
+ *	  dwh.kafka_options: extra librdkafka properties, their syntax, their
+ *	  validation and which of them are secret.
+ *
+ * The syntax is the one of libpq connection strings: name=value pairs
+ * separated by white space, a value in single quotes when it holds spaces,
+ * with \' and \\ inside quotes.  Properties that dwh sets itself (brokers,
+ * group, offset handling) are refused with a hint naming the dwh setting to
+ * use instead.
+ *
+ * Validation runs in two places.  The check hook parses the value in every
+ * process; in a backend (ALTER SYSTEM, SET) it also asks librdkafka whether
+ * each property exists and takes that value, so a typo is an error at once.
+ * The postmaster only parses: no library state is created there before the
+ * fork.  A worker applies the properties again and reports what librdkafka
+ * refuses (for example an unreadable ssl.ca.location) in dwh.status.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <ctype.h>
+
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+
+#include "dwh_kafka_options.h"
+
+/* Properties dwh manages itself, and the setting that replaces each. */
+static const struct
+{
+	const char *property;
+	const char *instead;
+}			reserved_properties[] = {
+	{"bootstrap.servers", "dwh.kafka_brokers"},
+	{"metadata.broker.list", "dwh.kafka_brokers"},
+	{"group.id", "dwh.kafka_group_id"},
+	{"auto.offset.reset", "dwh.kafka_start_offset"},
+	{"queued.max.messages.kbytes", "dwh.kafka_prefetch_memory"},
+	{"enable.auto.commit", NULL},
+	{"enable.auto.offset.store", NULL},
+	{"enable.partition.eof", NULL},
+	{"log.queue", NULL},
+	{NULL, NULL}
+};
+
+/*
+ * dwh_kafka_option_reserved
+ *		NULL if the property may be set in dwh.kafka_options; otherwise why
+ *		not, as a hint.
+ */
+const char *
+dwh_kafka_option_reserved(const char *name)
+{
+	int			i;
+
+	for (i = 0; reserved_properties[i].property != NULL; i++)
+	{
+		if (strcmp(name, reserved_properties[i].property) != 0)
+			continue;
+		if (reserved_properties[i].instead != NULL)
+			return psprintf("Set %s instead.", reserved_properties[i].instead);
+		return pstrdup("dwh sets it itself: offsets are stored in the database, in the transaction of each batch.");
+	}
+	return NULL;
+}
+
+/*
+ * dwh_kafka_option_is_secret
+ *		Does this property hold a secret (never shown, never logged)?
+ */
+bool
+dwh_kafka_option_is_secret(const char *name)
+{
+	return strstr(name, "password") != NULL ||
+		strstr(name, "secret") != NULL ||
+		strstr(name, "oauthbearer.config") != NULL ||
+		strcmp(name, "ssl.key.pem") == 0 ||
+		strcmp(name, "ssl_key") == 0;
+}
+
+/*
+ * dwh_kafka_options_parse
+ *		Split spec into name=value pairs, palloc'd in the current context.
+ *		On a syntax error returns false with *error set (the error never
+ *		quotes a value, which may be a secret).
+ */
+bool
+dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options, int *n,
+						char **error)
+{
+	const char *p = spec ? spec : "";
+	int			capacity = 8;
+
+	*n = 0;
+	*options = palloc(sizeof(DwhKafkaOption) * capacity);
+	*error = NULL;
+
+	for (;;)
+	{
+		StringInfoData name;
+		StringInfoData value;
+
+		while (isspace((unsigned char) *p))
+			p++;
+		if (*p == '\0')
+			break;
+
+		initStringInfo(&name);
+		while (*p != '\0' && *p != '=' && !isspace((unsigned char) *p))
+			appendStringInfoChar(&name, *p++);
+		while (isspace((unsigned char) *p))
+			p++;
+		if (*p != '=')
+		{
+			*error = psprintf("missing \"=\" after \"%s\"", name.data);
+			return false;
+		}
+		if (name.len == 0)
+		{
+			*error = pstrdup("missing property name before \"=\"");
+			return false;
+		}
+		p++;
+		while (isspace((unsigned char) *p))
+			p++;
+
+		initStringInfo(&value);
+		if (*p == '\'')
+		{
+			p++;
+			for (;;)
+			{
+				if (*p == '\0')
+				{
+					*error = psprintf("unterminated quoted value of \"%s\"",
+									  name.data);
+					return false;
+				}
+				if (*p == '\'')
+				{
+					p++;
+					break;
+				}
+				if (*p == '\\' && p[1] != '\0')
+					p++;
+				appendStringInfoChar(&value, *p++);
+			}
+		}
+		else
+		{
+			while (*p != '\0' && !isspace((unsigned char) *p))
+			{
+				if (*p == '\\' && p[1] != '\0')
+					p++;
+				appendStringInfoChar(&value, *p++);
+			}
+		}
+
+		if (*n == capacity)
+		{
+			capacity *= 2;
+			*options = repalloc(*options, sizeof(DwhKafkaOption) * capacity);
+		}
+		(*options)[*n].name = name.data;
+		(*options)[*n].value = value.data;
+		(*n)++;
+	}
+	return true;
+}
+
+/*
+ * dwh_kafka_conf_set_options
+ *		Apply the options to a librdkafka configuration.  On the first one
+ *		refused returns false with the reason in error; the reason names the
+ *		property but never a secret value.
+ */
+bool
+dwh_kafka_conf_set_options(rd_kafka_conf_t *conf, const DwhKafkaOption *options,
+						   int n, char *error, size_t error_size)
+{
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		char		errstr[512];
+		rd_kafka_conf_res_t res;
+
+		res = rd_kafka_conf_set(conf, options[i].name, options[i].value,
+								errstr, sizeof(errstr));
+		if (res == RD_KAFKA_CONF_OK)
+			continue;
+		if (res == RD_KAFKA_CONF_UNKNOWN)
+			snprintf(error, error_size,
+					 "unknown librdkafka property \"%s\"", options[i].name);
+		else if (dwh_kafka_option_is_secret(options[i].name))
+			snprintf(error, error_size,
+					 "invalid value for librdkafka property \"%s\"",
+					 options[i].name);
+		else
+			snprintf(error, error_size,
+					 "invalid value for librdkafka property \"%s\": %s",
+					 options[i].name, errstr);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * dwh_kafka_options_check
+ *		Check hook of dwh.kafka_options.
+ */
+bool
+dwh_kafka_options_check(char **newval, void **extra, GucSource source)
+{
+	DwhKafkaOption *options;
+	int			n;
+	char	   *error;
+	int			i;
+
+	if (!dwh_kafka_options_parse(*newval, &options, &n, &error))
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errmsg("invalid Kafka options: %s", error);
+		GUC_check_errhint("Write name=value pairs separated by spaces; quote a value holding spaces in single quotes.");
+		return false;
+	}
+
+	for (i = 0; i < n; i++)
+	{
+		const char *instead = dwh_kafka_option_reserved(options[i].name);
+
+		if (instead != NULL)
+		{
+			GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+			GUC_check_errmsg("librdkafka property \"%s\" is managed by dwh",
+							 options[i].name);
+			GUC_check_errhint("%s", instead);
+			return false;
+		}
+	}
+
+	/* Ask librdkafka, but never in the postmaster (see the file header). */
+	if (IsUnderPostmaster && n > 0)
+	{
+		rd_kafka_conf_t *conf = rd_kafka_conf_new();
+		char		reason[600];
+		bool		ok;
+
+		ok = dwh_kafka_conf_set_options(conf, options, n, reason,
+										sizeof(reason));
+		rd_kafka_conf_destroy(conf);
+		if (!ok)
+		{
+			GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+			GUC_check_errmsg("invalid Kafka options: %s", reason);
+			GUC_check_errhint("See the librdkafka CONFIGURATION.md of librdkafka %s for the consumer properties.",
+							  rd_kafka_version_str());
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
+ * dwh_kafka_topic_check
+ *		A Kafka topic name: 1 to 249 characters of [a-zA-Z0-9._-].
+ */
+bool
+dwh_kafka_topic_check(char **newval, void **extra, GucSource source)
+{
+	const char *p;
+
+	if (*newval == NULL || (*newval)[0] == '\0' || strlen(*newval) > 249 ||
+		strcmp(*newval, ".") == 0 || strcmp(*newval, "..") == 0)
+	{
+		GUC_check_errdetail("A Kafka topic name has 1 to 249 characters.");
+		return false;
+	}
+	for (p = *newval; *p; p++)
+	{
+		if (!isalnum((unsigned char) *p) && *p != '.' && *p != '_' && *p != '-')
+		{
+			GUC_check_errdetail("A Kafka topic name holds only ASCII letters, digits, \".\", \"_\" and \"-\".");
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
+ * dwh_kafka_group_id_check
+ *		A consumer group id must not be empty.
+ */
+bool
+dwh_kafka_group_id_check(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+	{
+		GUC_check_errdetail("The Kafka workers need a consumer group id.");
+		return false;
+	}
+	return true;
+}

@@ -1,0 +1,37 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_kafka_options.h
+ *	  dwh.kafka_options: extra librdkafka properties, their syntax, their
+ *	  validation and which of them are secret.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef DWH_KAFKA_OPTIONS_H
+#define DWH_KAFKA_OPTIONS_H
+
+#include <librdkafka/rdkafka.h>
+
+#include "utils/guc.h"
+
+typedef struct DwhKafkaOption
+{
+	char	   *name;
+	char	   *value;
+} DwhKafkaOption;
+
+extern bool dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options,
+									int *n, char **error);
+extern bool dwh_kafka_option_is_secret(const char *name);
+extern const char *dwh_kafka_option_reserved(const char *name);
+extern bool dwh_kafka_conf_set_options(rd_kafka_conf_t *conf,
+									   const DwhKafkaOption *options, int n,
+									   char *error, size_t error_size);
+
+extern bool dwh_kafka_options_check(char **newval, void **extra,
+									GucSource source);
+extern bool dwh_kafka_topic_check(char **newval, void **extra,
+								  GucSource source);
+extern bool dwh_kafka_group_id_check(char **newval, void **extra,
+									 GucSource source);
+
+#endif							/* DWH_KAFKA_OPTIONS_H */

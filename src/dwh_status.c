@@ -1,0 +1,413 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_status.c
+ *	  Shared memory where the background workers publish their state, and
+ *	  the set-returning functions behind the dwh.status and
+ *	  dwh.kafka_partitions views.
+ *
+ * Each worker owns one slot and is its only writer; readers copy a slot
+ * under its spinlock, so a row never mixes two moments.  Nothing here is
+ * durable: a server restart starts every counter from zero, while the
+ * offsets that matter live in dwh.kafka_offsets.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
+#include "storage/shmem.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "dwh_status.h"
+
+static DwhSharedStatus *shared = NULL;
+
+/*
+ * dwh_status_shmem_request
+ *		Reserve the shared memory (PG15: from shmem_request_hook only).
+ */
+void
+dwh_status_shmem_request(void)
+{
+	RequestAddinShmemSpace(MAXALIGN(sizeof(DwhSharedStatus)));
+}
+
+/*
+ * dwh_status_shmem_startup
+ *		Create or attach to the shared status (from shmem_startup_hook).
+ */
+void
+dwh_status_shmem_startup(void)
+{
+	bool		found;
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	shared = ShmemInitStruct("dwh status", sizeof(DwhSharedStatus), &found);
+	if (!found)
+	{
+		int			i;
+
+		memset(shared, 0, sizeof(DwhSharedStatus));
+		for (i = 0; i < DWH_STATUS_SLOTS; i++)
+			SpinLockInit(&shared->workers[i].mutex);
+		SpinLockInit(&shared->watermark_mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+static void
+ensure_shared(void)
+{
+	if (shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("dwh status is not available"),
+				 errhint("Add dwh to shared_preload_libraries and restart the server.")));
+}
+
+/* Mark the slot stopped when its worker exits, whatever the reason. */
+static void
+detach_slot(int code, Datum arg)
+{
+	DwhWorkerStatus *slot = (DwhWorkerStatus *) DatumGetPointer(arg);
+
+	SpinLockAcquire(&slot->mutex);
+	slot->pid = 0;
+	slot->n_assigned = 0;
+	strlcpy(slot->state, "stopped", DWH_STATE_LEN);
+	slot->state_since = GetCurrentTimestamp();
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_attach
+ *		Claim the slot of worker number index (1-based) of a kind.  Counters
+ *		start from zero for each process; the last error is kept, so that a
+ *		worker that died of it still shows why.
+ */
+DwhWorkerStatus *
+dwh_status_attach(DwhWorkerKind kind, int index)
+{
+	DwhWorkerStatus *slot;
+
+	ensure_shared();
+	if (kind == DWH_WORKER_REDIS)
+		slot = &shared->workers[DWH_REDIS_SLOT];
+	else
+	{
+		Assert(index >= 1 && index <= DWH_MAX_KAFKA_WORKERS);
+		slot = &shared->workers[index - 1];
+	}
+
+	SpinLockAcquire(&slot->mutex);
+	slot->kind = kind;
+	slot->index = index;
+	slot->pid = MyProcPid;
+	slot->started_at = GetCurrentTimestamp();
+	strlcpy(slot->state, "starting", DWH_STATE_LEN);
+	slot->state_since = slot->started_at;
+	slot->n_assigned = 0;
+	slot->messages = 0;
+	slot->batches = 0;
+	slot->dead_letters = 0;
+	slot->last_batch_at = 0;
+	slot->keys_mirrored = 0;
+	slot->keys_missing = 0;
+	slot->refreshes = 0;
+	slot->changes_found = 0;
+	SpinLockRelease(&slot->mutex);
+
+	before_shmem_exit(detach_slot, PointerGetDatum(slot));
+	return slot;
+}
+
+/*
+ * dwh_status_set_state
+ *		Publish what the worker is doing; the time is kept only when the
+ *		state actually changes, so "since" tells how long it has been so.
+ */
+void
+dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
+{
+	char		buf[DWH_STATE_LEN];
+	va_list		args;
+
+	va_start(args, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, args);
+	va_end(args);
+
+	SpinLockAcquire(&slot->mutex);
+	if (strcmp(slot->state, buf) != 0)
+	{
+		strlcpy(slot->state, buf, DWH_STATE_LEN);
+		slot->state_since = GetCurrentTimestamp();
+	}
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_set_error
+ *		Publish the last error and its time.  Callers pass text that holds
+ *		no secret (librdkafka and hiredis messages never carry passwords).
+ */
+void
+dwh_status_set_error(DwhWorkerStatus *slot, const char *fmt,...)
+{
+	char		buf[DWH_ERROR_LEN];
+	va_list		args;
+	TimestampTz now = GetCurrentTimestamp();
+
+	va_start(args, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, args);
+	va_end(args);
+
+	SpinLockAcquire(&slot->mutex);
+	strlcpy(slot->last_error, buf, DWH_ERROR_LEN);
+	slot->last_error_at = now;
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_set_assigned
+ *		Publish the partitions the worker now owns (sorted by the caller).
+ */
+void
+dwh_status_set_assigned(DwhWorkerStatus *slot, const int32 *partitions, int n)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->n_assigned = Min(n, DWH_MAX_ASSIGNED);
+	memcpy(slot->assigned, partitions, sizeof(int32) * slot->n_assigned);
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_count_batch
+ *		Count a committed batch.
+ */
+void
+dwh_status_count_batch(DwhWorkerStatus *slot, int64 messages,
+					   int64 dead_letters)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	SpinLockAcquire(&slot->mutex);
+	slot->messages += messages;
+	slot->dead_letters += dead_letters;
+	slot->batches++;
+	slot->last_batch_at = now;
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_set_redis
+ *		Publish the Redis worker's counters.
+ */
+void
+dwh_status_set_redis(DwhWorkerStatus *slot, int64 keys_mirrored,
+					 int64 keys_missing, int64 refreshes, int64 changes_found)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->keys_mirrored = keys_mirrored;
+	slot->keys_missing = keys_missing;
+	slot->refreshes = refreshes;
+	slot->changes_found = changes_found;
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_wake_kafka_workers
+ *		Tell every running Kafka worker that stored offsets changed, and wake
+ *		it.  Called after the change is committed, so that the worker sees it.
+ */
+void
+dwh_status_wake_kafka_workers(void)
+{
+	int			i;
+
+	ensure_shared();
+	for (i = 0; i < DWH_MAX_KAFKA_WORKERS; i++)
+	{
+		DwhWorkerStatus *slot = &shared->workers[i];
+		int			pid;
+		PGPROC	   *proc;
+
+		SpinLockAcquire(&slot->mutex);
+		pid = slot->pid;
+		if (pid != 0)
+			slot->offsets_changed = true;
+		SpinLockRelease(&slot->mutex);
+		if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
+			SetLatch(&proc->procLatch);
+	}
+}
+
+/*
+ * dwh_status_take_offsets_changed
+ *		Were stored offsets changed since the last call?
+ */
+bool
+dwh_status_take_offsets_changed(DwhWorkerStatus *slot)
+{
+	bool		changed;
+
+	SpinLockAcquire(&slot->mutex);
+	changed = slot->offsets_changed;
+	slot->offsets_changed = false;
+	SpinLockRelease(&slot->mutex);
+	return changed;
+}
+
+/*
+ * dwh_status_set_watermark
+ *		Publish a partition's low and high watermarks as the broker last
+ *		reported them.  A new topic forgets the old topic's partitions.
+ */
+void
+dwh_status_set_watermark(const char *topic, int32 partition, int64 low,
+						 int64 high, int worker)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (partition < 0 || partition >= DWH_MAX_PARTITIONS)
+		return;
+	SpinLockAcquire(&shared->watermark_mutex);
+	if (strncmp(shared->watermark_topic, topic,
+				sizeof(shared->watermark_topic)) != 0)
+	{
+		memset(shared->watermarks, 0, sizeof(shared->watermarks));
+		strlcpy(shared->watermark_topic, topic,
+				sizeof(shared->watermark_topic));
+	}
+	shared->watermarks[partition].low = low;
+	shared->watermarks[partition].high = high;
+	shared->watermarks[partition].observed_at = now;
+	shared->watermarks[partition].worker = worker;
+	SpinLockRelease(&shared->watermark_mutex);
+}
+
+static Datum
+timestamp_or_null(TimestampTz t, bool *isnull)
+{
+	*isnull = (t == 0);
+	return TimestampTzGetDatum(t);
+}
+
+PG_FUNCTION_INFO_V1(dwh_worker_status);
+PG_FUNCTION_INFO_V1(dwh_kafka_watermarks);
+
+/*
+ * dwh.worker_status() returns setof record
+ *
+ * One row per worker slot ever used since the server started.
+ */
+Datum
+dwh_worker_status(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+
+	ensure_shared();
+	InitMaterializedSRF(fcinfo, 0);
+
+	for (i = 0; i < DWH_STATUS_SLOTS; i++)
+	{
+		DwhWorkerStatus s;
+		Datum		values[17];
+		bool		nulls[17];
+		Datum	   *parts;
+		int			j;
+
+		SpinLockAcquire(&shared->workers[i].mutex);
+		memcpy(&s, &shared->workers[i], sizeof(s));
+		SpinLockRelease(&shared->workers[i].mutex);
+		if (s.kind == DWH_WORKER_NONE)
+			continue;
+
+		memset(nulls, 0, sizeof(nulls));
+		if (s.kind == DWH_WORKER_KAFKA)
+			values[0] = CStringGetTextDatum(psprintf("kafka %d", s.index));
+		else
+			values[0] = CStringGetTextDatum("redis");
+		values[1] = Int32GetDatum(s.pid);
+		nulls[1] = (s.pid == 0);
+		values[2] = timestamp_or_null(s.started_at, &nulls[2]);
+		values[3] = CStringGetTextDatum(s.state);
+		values[4] = timestamp_or_null(s.state_since, &nulls[4]);
+
+		parts = palloc(sizeof(Datum) * Max(s.n_assigned, 1));
+		for (j = 0; j < s.n_assigned; j++)
+			parts[j] = Int32GetDatum(s.assigned[j]);
+		values[5] = PointerGetDatum(construct_array(parts, s.n_assigned,
+													INT4OID, 4, true,
+													TYPALIGN_INT));
+		nulls[5] = (s.kind != DWH_WORKER_KAFKA);
+		values[6] = Int64GetDatum(s.messages);
+		values[7] = Int64GetDatum(s.batches);
+		values[8] = Int64GetDatum(s.dead_letters);
+		values[9] = timestamp_or_null(s.last_batch_at, &nulls[9]);
+		values[10] = Int64GetDatum(s.keys_mirrored);
+		values[11] = Int64GetDatum(s.keys_missing);
+		values[12] = Int64GetDatum(s.refreshes);
+		values[13] = Int64GetDatum(s.changes_found);
+		for (j = 6; j <= 9; j++)
+			nulls[j] = nulls[j] || (s.kind != DWH_WORKER_KAFKA);
+		for (j = 10; j <= 13; j++)
+			nulls[j] = (s.kind != DWH_WORKER_REDIS);
+		values[14] = CStringGetTextDatum(s.last_error);
+		nulls[14] = (s.last_error[0] == '\0');
+		values[15] = timestamp_or_null(s.last_error_at, &nulls[15]);
+		values[16] = Int32GetDatum(s.index);
+
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/*
+ * dwh.kafka_watermarks() returns setof record
+ *
+ * The broker's low and high watermarks of each partition of the topic the
+ * Kafka workers consume, as last reported to any of them.
+ */
+Datum
+dwh_kafka_watermarks(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char		topic[NAMEDATALEN * 4];
+	DwhPartitionWatermark *marks;
+	int			i;
+
+	ensure_shared();
+	InitMaterializedSRF(fcinfo, 0);
+
+	marks = palloc(sizeof(shared->watermarks));
+	SpinLockAcquire(&shared->watermark_mutex);
+	memcpy(topic, shared->watermark_topic, sizeof(topic));
+	memcpy(marks, shared->watermarks, sizeof(shared->watermarks));
+	SpinLockRelease(&shared->watermark_mutex);
+
+	for (i = 0; i < DWH_MAX_PARTITIONS; i++)
+	{
+		Datum		values[6];
+		bool		nulls[6] = {false, false, false, false, false, false};
+
+		if (marks[i].observed_at == 0)
+			continue;
+		values[0] = CStringGetTextDatum(topic);
+		values[1] = Int32GetDatum(i);
+		values[2] = Int64GetDatum(marks[i].low);
+		values[3] = Int64GetDatum(marks[i].high);
+		values[4] = TimestampTzGetDatum(marks[i].observed_at);
+		values[5] = Int32GetDatum(marks[i].worker);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
