@@ -41,6 +41,10 @@ CREATE TABLE stg.other_events (
     kafka_offset    bigint,
     received_at     timestamptz NOT NULL DEFAULT now()
 );
+-- A message replayed from Kafka (dwh.kafka_seek) is kept once.
+CREATE UNIQUE INDEX other_events_kafka_position_idx
+    ON stg.other_events (topic, kafka_partition, kafka_offset)
+    WHERE kafka_offset IS NOT NULL;
 COMMENT ON TABLE stg.other_events IS 'Valid messages of an object_type other than ''order'': kept whole, out of the counts';
 COMMENT ON COLUMN stg.other_events.id IS 'Surrogate row number';
 COMMENT ON COLUMN stg.other_events.object_id IS 'Message object_id when it is an integer';

@@ -15,6 +15,10 @@ CREATE TABLE dwh.dead_letters (
     sqlstate        char(5) NOT NULL
 );
 CREATE INDEX dead_letters_received_at_idx ON dwh.dead_letters (received_at);
+-- A message replayed from Kafka (dwh.kafka_seek) is dead-lettered once.
+CREATE UNIQUE INDEX dead_letters_kafka_position_idx
+    ON dwh.dead_letters (topic, kafka_partition, kafka_offset)
+    WHERE kafka_offset IS NOT NULL;
 COMMENT ON TABLE dwh.dead_letters IS 'Values that could not be loaded, with their raw bytes, origin and reason';
 COMMENT ON COLUMN dwh.dead_letters.id IS 'Surrogate row number';
 COMMENT ON COLUMN dwh.dead_letters.received_at IS 'When the value was refused';

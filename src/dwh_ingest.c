@@ -62,14 +62,18 @@ static const char *insert_others_sql =
 "  (object_id, object_type, sent_dttm, message, topic, kafka_partition, kafka_offset) "
 "SELECT m.object_id, m.object_type, m.sent_dttm, m.message, $5, m.kafka_partition, m.kafka_offset "
 "FROM unnest($1::bigint[], $2::text[], $3::timestamp[], $4::jsonb[], $6::int[], $7::bigint[]) "
-"     AS m(object_id, object_type, sent_dttm, message, kafka_partition, kafka_offset)";
+"     AS m(object_id, object_type, sent_dttm, message, kafka_partition, kafka_offset) "
+"ON CONFLICT (topic, kafka_partition, kafka_offset) WHERE kafka_offset IS NOT NULL "
+"DO NOTHING";
 
 static const char *insert_dead_sql =
 "INSERT INTO dwh.dead_letters "
 "  (source, topic, kafka_partition, kafka_offset, raw, reason, sqlstate) "
 "SELECT $1, $2, d.kafka_partition, d.kafka_offset, d.raw, d.reason, d.sqlstate "
 "FROM unnest($3::int[], $4::bigint[], $5::bytea[], $6::text[], $7::text[]) "
-"     AS d(kafka_partition, kafka_offset, raw, reason, sqlstate)";
+"     AS d(kafka_partition, kafka_offset, raw, reason, sqlstate) "
+"ON CONFLICT (topic, kafka_partition, kafka_offset) WHERE kafka_offset IS NOT NULL "
+"DO NOTHING";
 
 /*
  * Prepare and keep a statement for the life of the backend.
