@@ -95,11 +95,15 @@ make_conf(int worker_index, char *error, size_t error_size)
 			 psprintf("%lld", (long long) Max(prefetch_bytes / 2, 1048576)));
 	conf_set(conf, "client.id",
 			 psprintf("dwh-%s-%d", dwh_database, worker_index));
-	/* A restarted worker takes its partitions back at once. */
+	/*
+	 * Static membership: a restarted worker takes its partitions back at
+	 * once.  The topic is part of the identity: a member that comes back
+	 * subscribed to another topic would be handed its old assignment.
+	 */
 	conf_set(conf, "session.timeout.ms", "10000");
 	conf_set(conf, "group.instance.id",
-			 psprintf("dwh-" UINT64_FORMAT "-%s-%d", GetSystemIdentifier(),
-					  dwh_database, worker_index));
+			 psprintf("dwh-" UINT64_FORMAT "-%s-%s-%d", GetSystemIdentifier(),
+					  dwh_database, dwh_kafka_topic, worker_index));
 
 	if (!dwh_kafka_options_parse(dwh_kafka_options, &options, &n, &parse_error))
 	{
@@ -336,6 +340,9 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 					rd_kafka_event_destroy(ev);
 					return;
 				}
+				/* A stale assignment may still hold another topic. */
+				if (strcmp(rd_kafka_topic_name(msg->rkt), c->topic) != 0)
+					break;
 				event->kind = DWH_KAFKA_MESSAGE;
 				event->partition = msg->partition;
 				event->offset = msg->offset;
@@ -423,25 +430,31 @@ set_assigned(DwhKafkaConsumer *c, int32 *parts, int n)
 void
 dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets)
 {
-	rd_kafka_topic_partition_list_t *list = c->pending;
+	rd_kafka_topic_partition_list_t *list;
 	int32	   *parts;
 	int			n;
 	int			i;
 	int			j;
 	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
 
-	Assert(list != NULL);
-	parts = list_partitions(c, list, &n);
-	for (i = 0; i < list->cnt; i++)
-	{
-		rd_kafka_topic_partition_t *tp = &list->elems[i];
+	Assert(c->pending != NULL);
+	parts = list_partitions(c, c->pending, &n);
 
-		tp->offset = dwh_kafka_start_offset == DWH_KAFKA_START_LATEST ?
-			RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
-		for (j = 0; j < n; j++)
-			if (strcmp(tp->topic, c->topic) == 0 && tp->partition == parts[j] &&
-				offsets[j] >= 0)
-				tp->offset = offsets[j];
+	/*
+	 * Only partitions of our topic, each at its stored offset: after a
+	 * topic change the group may still hand out the old topic's.
+	 */
+	list = rd_kafka_topic_partition_list_new(Max(n, 1));
+	for (j = 0; j < n; j++)
+	{
+		rd_kafka_topic_partition_t *tp;
+
+		tp = rd_kafka_topic_partition_list_add(list, c->topic, parts[j]);
+		if (offsets[j] >= 0)
+			tp->offset = offsets[j];
+		else
+			tp->offset = dwh_kafka_start_offset == DWH_KAFKA_START_LATEST ?
+				RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
 	}
 
 	if (c->cooperative)
@@ -475,6 +488,7 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets)
 		set_assigned(c, parts, n);
 	}
 
+	rd_kafka_topic_partition_list_destroy(list);
 	rd_kafka_topic_partition_list_destroy(c->pending);
 	c->pending = NULL;
 }

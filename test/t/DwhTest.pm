@@ -19,6 +19,7 @@ use Exporter 'import';
 our @EXPORT = qw(
   dwh_root new_dwh_node start_broker broker_command generate_orders produce
   wait_applied wait_for check_consistent stored_total status_of
+  load_dictionaries read_manifest check_manifest_counts
 );
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
@@ -94,13 +95,65 @@ sub generate_orders
 	return $file;
 }
 
+# Load the generator's dictionaries into stg.users and stg.restaurants, as
+# the Redis worker would (a menu makes a restaurant).  Extra arguments go to
+# `dwh-gen dictionaries`.
+sub load_dictionaries
+{
+	my ($node, @args) = @_;
+	my $file = "$PostgreSQL::Test::Utils::tmp_check/dictionaries.tsv";
+	system("/usr/bin/python3 $root/test/gen/dwh-gen dictionaries @args > $file") == 0
+	  or die "dwh-gen dictionaries @args failed";
+	chmod 0644, $file;
+	# csv with a quote that never occurs: no escape processing at all.
+	$node->safe_psql(
+		'postgres', qq{
+CREATE TEMP TABLE dict (key text, value jsonb);
+COPY dict FROM '$file' WITH (FORMAT csv, DELIMITER E'\t', QUOTE E'\x01');
+INSERT INTO stg.users (object_id, payload)
+SELECT key, value FROM dict WHERE NOT value ? 'menu'
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload;
+INSERT INTO stg.restaurants (object_id, payload)
+SELECT key, value FROM dict WHERE value ? 'menu'
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload;
+});
+	return;
+}
+
+sub read_manifest
+{
+	my ($file) = @_;
+	require JSON::PP;
+	return JSON::PP::decode_json(slurp_file($file));
+}
+
+# The marts hold exactly the rows and counts the generator expects.
+sub check_manifest_counts
+{
+	my ($node, $manifest, $label) = @_;
+	my $p = $manifest->{user_product_counts};
+	my $c = $manifest->{user_category_counts};
+	is( $node->safe_psql('postgres',
+			'SELECT count(*) || \' \' || coalesce(sum(order_cnt), 0) FROM cdm.user_product_counters'
+		),
+		"$p->{rows} $p->{order_cnt_sum}",
+		"$label: product mart rows and counts as generated");
+	is( $node->safe_psql('postgres',
+			'SELECT count(*) || \' \' || coalesce(sum(order_cnt), 0) FROM cdm.user_category_counters'
+		),
+		"$c->{rows} $c->{order_cnt_sum}",
+		"$label: category mart rows and counts as generated");
+	return;
+}
+
 # Produce every line of a file as one message, spread over the partitions.
 sub produce
 {
 	my ($broker, $file, $topic) = @_;
 	$topic //= $broker->{topic};
+	# No sticky partitioner: keyless messages go to random partitions.
 	system('kcat', '-P', '-q', '-b', $broker->{bootstrap}, '-t', $topic,
-		'-l', $file) == 0
+		'-X', 'sticky.partitioning.linger.ms=0', '-l', $file) == 0
 	  or die "kcat could not produce $file";
 	return;
 }

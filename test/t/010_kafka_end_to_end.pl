@@ -1,0 +1,103 @@
+# Kafka end to end against a real broker: two workers share a topic of four
+# partitions; generated orders (redelivered duplicates, status changes,
+# out-of-order versions, reversals, malformed lines) reach the marts exactly
+# as the generator counts them; malformed messages are dead-lettered with
+# their coordinates; dwh.kafka_seek() replays a partition without counting
+# anything twice; a changed topic setting is picked up on reload.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use DwhTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $broker = start_broker(partitions => 4);
+my $node = new_dwh_node(
+	'kafka_e2e',
+	'dwh.kafka_consumers' => 2,
+	'dwh.kafka_batch_wait' => '50ms');
+load_dictionaries($node);
+
+# No broker configured yet: the workers idle and say so.
+ok(wait_for($node, "SELECT bool_and(state LIKE 'idle%') AND count(*) = 2 FROM dwh.status"),
+	'workers idle while dwh.kafka_brokers is empty');
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+generate_orders("$tmp/orders.txt", '--count 3000 --seed 7 --malformed 0.02',
+	'--duplicates 0.05 --status-changes 0.05 --out-of-order 0.03',
+	'--reversals 0.03', "--manifest $tmp/orders.json");
+my $manifest = read_manifest("$tmp/orders.json");
+produce($broker, "$tmp/orders.txt");
+
+# Consumption starts on reload, without a restart.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.kafka_brokers = '$broker->{bootstrap}'; SELECT pg_reload_conf()");
+ok(wait_applied($node, $manifest->{messages}), 'every message applied');
+
+is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
+	$manifest->{object_ids}{count}, 'each produced order is in STG once');
+is( $node->safe_psql('postgres',
+		"SELECT count(*) FROM dwh.dead_letters WHERE source = 'kafka' AND topic = 'order-service_orders' AND kafka_partition IS NOT NULL AND kafka_offset IS NOT NULL"
+	),
+	$manifest->{malformed},
+	'each malformed message dead-lettered once, with its coordinates');
+check_consistent($node, 'after the stream');
+check_manifest_counts($node, $manifest, 'after the stream');
+
+# Status: both workers consume, the four partitions are split between
+# them, nothing lags.
+is( $node->safe_psql('postgres',
+		"SELECT string_agg(p::text, ',' ORDER BY p) FROM dwh.status, unnest(partitions) p"),
+	'0,1,2,3',
+	'the four partitions are shared, each owned once');
+is($node->safe_psql('postgres',
+		"SELECT count(*) FROM dwh.status WHERE state = 'consuming' AND pid IS NOT NULL"),
+	'2', 'both workers consuming');
+ok(wait_for($node,
+		'SELECT count(*) = 4 AND bool_and(lag = 0 AND stored_offset = high_watermark) FROM dwh.kafka_partitions'),
+	'no lag on any partition');
+is( $node->safe_psql('postgres',
+		'SELECT sum(messages), sum(dead_letters) FROM dwh.status'),
+	$manifest->{messages} . '|' . $manifest->{malformed},
+	'status counts the messages and dead letters');
+
+# Replay partition 0 from its start: applied again, counted once.
+my $p0 = $node->safe_psql('postgres',
+	'SELECT next_offset FROM dwh.kafka_offsets WHERE kafka_partition = 0');
+my $before = $node->safe_psql('postgres', 'SELECT sum(messages) FROM dwh.status');
+$node->safe_psql('postgres', 'SELECT dwh.kafka_seek(0, 0)');
+ok(wait_for($node, "SELECT sum(messages) >= $before + $p0 FROM dwh.status"),
+	'partition 0 replayed');
+ok(wait_for($node,
+		"SELECT next_offset = $p0 AND NOT seek_requested FROM dwh.kafka_offsets WHERE kafka_partition = 0"),
+	'partition 0 back at its end');
+is( $node->safe_psql('postgres',
+		"SELECT count(*) FROM dwh.dead_letters WHERE source = 'kafka'"),
+	$manifest->{malformed}, 'replayed malformed messages are not dead-lettered twice');
+check_consistent($node, 'after the replay');
+check_manifest_counts($node, $manifest, 'after the replay');
+
+# Another topic, set by reload: the workers reconnect and consume it.
+broker_command('create-topic', $broker->{dir}, 'orders-2', 2);
+generate_orders("$tmp/more.txt", '--count 500 --seed 8 --first-id 2000000',
+	"--manifest $tmp/more.json");
+my $more = read_manifest("$tmp/more.json");
+produce($broker, "$tmp/more.txt", 'orders-2');
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.kafka_topic = 'orders-2'; ALTER SYSTEM SET dwh.kafka_batch_size = 100; SELECT pg_reload_conf()"
+);
+ok(wait_applied($node, $more->{messages}, 'orders-2'), 'the new topic is consumed after reload');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
+	$manifest->{object_ids}{count} + $more->{object_ids}{count},
+	'orders of both topics in STG');
+check_consistent($node, 'after the topic change');
+ok( $node->log_contains('Kafka settings changed, reconnecting'),
+	'the reconnection is logged');
+
+$node->stop;
+broker_command('stop', $broker->{dir});
+done_testing();
