@@ -222,8 +222,12 @@ BEGIN
     END IF;
 
     -- The marts, after DDS: new mart rows take the dish names loaded above.
-    PERFORM dwh.apply_mart_deltas(product_users, products, product_deltas,
-                                  category_users, categories, category_deltas);
+    -- (Within an ingest, deferred to the end of its upsert: one sorted pass.)
+    IF NOT dwh.defer_mart_deltas(product_users, products, product_deltas,
+                                 category_users, categories, category_deltas) THEN
+        PERFORM dwh.apply_mart_deltas(product_users, products, product_deltas,
+                                      category_users, categories, category_deltas);
+    END IF;
 
     IF renamed IS NOT NULL THEN
         -- A rename touches mart rows that other batches may be writing.

@@ -60,6 +60,16 @@ CREATE FUNCTION dwh.ingest_orders(messages bytea[], topic text DEFAULT NULL,
 COMMENT ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) IS
     'Ingest a batch of raw Kafka message values set-based: one statement per destination';
 
+CREATE FUNCTION dwh.defer_mart_deltas(product_users uuid[], products uuid[],
+                                      product_deltas integer[],
+                                      category_users uuid[], categories uuid[],
+                                      category_deltas integer[])
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'dwh_defer_mart_deltas'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.defer_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[]) IS
+    'Internal: inside an ingest, keep the order trigger''s mart deltas for one sorted pass at the end of the upsert; false elsewhere';
+
 -- Replay: after a fix (a new dwh version, a corrected producer, a raised
 -- dwh.max_message_size), hand dead letters back to the ingest function.
 -- Each replayed row is removed; one still refused is recorded again, with

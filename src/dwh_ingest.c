@@ -25,6 +25,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -46,6 +47,7 @@ typedef struct ColumnBuilder
 static SPIPlanPtr upsert_orders_plan = NULL;
 static SPIPlanPtr insert_others_plan = NULL;
 static SPIPlanPtr insert_dead_plan = NULL;
+static SPIPlanPtr apply_deferred_plan = NULL;
 
 static const char *upsert_orders_sql =
 "INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload) "
@@ -221,6 +223,150 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic)
 }
 
 /*
+ * Mart deltas deferred to the end of an order upsert.  One upsert fires
+ * both the INSERT and the UPDATE statement triggers of stg.order_events;
+ * applied at once, their deltas would lock mart rows in two sorted passes,
+ * and two batches crossing between the passes would deadlock.  During the
+ * upsert of an ingest the triggers hand their deltas here instead
+ * (dwh.defer_mart_deltas), and they are applied as one sorted pass.
+ */
+typedef struct DeferredDeltas
+{
+	MemoryContext context;
+	ColumnBuilder product_users,
+				products,
+				product_deltas,
+				category_users,
+				categories,
+				category_deltas;
+} DeferredDeltas;
+
+static DeferredDeltas *deferred = NULL;
+
+static const char *apply_deferred_sql =
+"WITH p AS (SELECT u, k, sum(d)::integer AS d "
+"           FROM unnest($1::uuid[], $2::uuid[], $3::integer[]) AS x(u, k, d) "
+"           GROUP BY u, k HAVING sum(d) <> 0), "
+"     c AS (SELECT u, k, sum(d)::integer AS d "
+"           FROM unnest($4::uuid[], $5::uuid[], $6::integer[]) AS x(u, k, d) "
+"           GROUP BY u, k HAVING sum(d) <> 0) "
+"SELECT dwh.apply_mart_deltas((SELECT array_agg(u) FROM p), (SELECT array_agg(k) FROM p), "
+"                             (SELECT array_agg(d) FROM p), (SELECT array_agg(u) FROM c), "
+"                             (SELECT array_agg(k) FROM c), (SELECT array_agg(d) FROM c))";
+
+static void
+column_append_array(ColumnBuilder *col, ArrayType *arr, int *capacity)
+{
+	Datum	   *values;
+	bool	   *nulls;
+	int			n;
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			i;
+
+	get_typlenbyvalalign(col->elemtype, &typlen, &typbyval, &typalign);
+	deconstruct_array(arr, col->elemtype, typlen, typbyval, typalign,
+					  &values, &nulls, &n);
+	if (col->n + n > *capacity)
+	{
+		*capacity = Max(*capacity * 2, col->n + n);
+		col->values = repalloc(col->values, sizeof(Datum) * *capacity);
+		col->nulls = repalloc(col->nulls, sizeof(bool) * *capacity);
+	}
+	for (i = 0; i < n; i++)
+		column_add(col, nulls[i] ? (Datum) 0 : datumCopy(values[i], typbyval, typlen),
+				   nulls[i]);
+}
+
+PG_FUNCTION_INFO_V1(dwh_defer_mart_deltas);
+
+/*
+ * dwh.defer_mart_deltas(product_users uuid[], products uuid[],
+ *		product_deltas int[], category_users uuid[], categories uuid[],
+ *		category_deltas int[]) returns boolean
+ *
+ * True if the deltas were kept for the end of the current ingest upsert;
+ * false if the caller must apply them itself (a direct write to STG).
+ */
+Datum
+dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
+{
+	MemoryContext old;
+	int			capacity;
+	int			i;
+	ColumnBuilder *cols[6];
+
+	if (deferred == NULL)
+		PG_RETURN_BOOL(false);
+
+	old = MemoryContextSwitchTo(deferred->context);
+	cols[0] = &deferred->product_users;
+	cols[1] = &deferred->products;
+	cols[2] = &deferred->product_deltas;
+	cols[3] = &deferred->category_users;
+	cols[4] = &deferred->categories;
+	cols[5] = &deferred->category_deltas;
+	for (i = 0; i < 6; i++)
+	{
+		if (PG_ARGISNULL(i))
+			continue;
+		capacity = Max(cols[i]->n, 1);
+		column_append_array(cols[i], PG_GETARG_ARRAYTYPE_P(i), &capacity);
+	}
+	MemoryContextSwitchTo(old);
+	PG_RETURN_BOOL(true);
+}
+
+/* Run the order upsert with the triggers' mart deltas deferred. */
+static int
+upsert_orders_deferred(Datum *args)
+{
+	DeferredDeltas d;
+	int			rc;
+	Oid			types[6] = {UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID,
+	UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID};
+	Datum		apply_args[6];
+	uint64		processed;
+
+	d.context = CurrentMemoryContext;
+	column_init(&d.product_users, UUIDOID, 1);
+	column_init(&d.products, UUIDOID, 1);
+	column_init(&d.product_deltas, INT4OID, 1);
+	column_init(&d.category_users, UUIDOID, 1);
+	column_init(&d.categories, UUIDOID, 1);
+	column_init(&d.category_deltas, INT4OID, 1);
+
+	deferred = &d;
+	PG_TRY();
+	{
+		rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
+	}
+	PG_FINALLY();
+	{
+		deferred = NULL;
+	}
+	PG_END_TRY();
+	processed = SPI_processed;
+
+	if (d.products.n > 0 || d.categories.n > 0)
+	{
+		apply_args[0] = column_array(&d.product_users);
+		apply_args[1] = column_array(&d.products);
+		apply_args[2] = column_array(&d.product_deltas);
+		apply_args[3] = column_array(&d.category_users);
+		apply_args[4] = column_array(&d.categories);
+		apply_args[5] = column_array(&d.category_deltas);
+		if (apply_deferred_plan == NULL)
+			apply_deferred_plan = prepare_kept(apply_deferred_sql, 6, types);
+		if (SPI_execute_plan(apply_deferred_plan, apply_args, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not apply the mart deltas");
+	}
+	SPI_processed = processed;
+	return rc;
+}
+
+/*
  * Classify and write items[0..n-1].  Raises an error if any statement
  * fails; the caller decides what the error means.
  */
@@ -295,7 +441,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		args[1] = column_array(&o_sent);
 		args[2] = column_array(&o_version);
 		args[3] = column_array(&o_payload);
-		rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
+		rc = upsert_orders_deferred(args);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
 		result->applied += SPI_processed;

@@ -564,9 +564,11 @@ recover_from_error(void)
 	error_context_stack = NULL;
 	HOLD_INTERRUPTS();
 	EmitErrorReport();
-	AbortOutOfAnyTransaction();
+	/* Copy the error while what it points to still exists. */
 	MemoryContextSwitchTo(TopMemoryContext);
 	edata = CopyErrorData();
+	AbortOutOfAnyTransaction();
+	MemoryContextSwitchTo(TopMemoryContext);
 	FlushErrorState();
 	RESUME_INTERRUPTS();
 	pgstat_report_activity(STATE_IDLE, NULL);
