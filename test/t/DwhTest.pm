@@ -34,7 +34,9 @@ sub new_dwh_node
 	my $node = PostgreSQL::Test::Cluster->new($name);
 
 	$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+	# restart_after_crash: the crash tests kill processes on purpose.
 	my $conf = "shared_preload_libraries = 'dwh'\n"
+	  . "restart_after_crash = on\n"
 	  . "max_locks_per_transaction = 128\n"
 	  . "log_min_messages = info\n";
 	$conf .= "$_ = '$settings{$_}'\n" foreach sort keys %settings;
@@ -195,10 +197,13 @@ sub wait_for
 	my $deadline = time() + $timeout;
 	while (time() < $deadline)
 	{
-		my $r = $node->safe_psql('postgres', $query);
-		return 1 if $r eq 't';
+		# The server may be restarting after a crash: retry on errors.
+		my ($ret, $out) = (1, '');
+		$ret = $node->psql('postgres', $query, stdout => \$out);
+		return 1 if $ret == 0 && $out eq 't';
 		usleep(200_000);
 	}
+	diag("timed out waiting for: $query");
 	return 0;
 }
 
