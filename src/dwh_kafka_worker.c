@@ -79,6 +79,7 @@ static bool ready_checked = false;
 static char last_logged_wait[DWH_STATE_LEN];
 static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
+static MemoryContext loop_context = NULL;
 
 /* A rebalance received but not yet served (its DB lookup may fail). */
 static DwhKafkaEventKind pending_rebalance = DWH_KAFKA_NOTHING;
@@ -449,7 +450,10 @@ apply_batch(void)
 
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(loop_context);
 	pgstat_report_activity(STATE_IDLE, NULL);
+	/* Publish the row counts, or autovacuum never sees this worker's. */
+	pgstat_report_stat(false);
 
 	dwh_status_count_batch(slot, n_keep, result.dead_lettered);
 	dwh_kafka_consumer_commit(consumer, next_parts, next, n_next);
@@ -613,8 +617,13 @@ dwh_kafka_worker_main(Datum main_arg)
 		recover_from_error();
 	PG_exception_stack = &local_sigjmp_buf;
 
+	loop_context = AllocSetContextCreate(TopMemoryContext, "dwh kafka loop",
+										 ALLOCSET_DEFAULT_SIZES);
 	for (;;)
 	{
+		/* Whatever a round allocates outside a transaction goes here. */
+		MemoryContextSwitchTo(loop_context);
+		MemoryContextReset(loop_context);
 		CHECK_FOR_INTERRUPTS();
 		process_reload();
 

@@ -1,0 +1,93 @@
+# Failures around the Kafka workers: the broker stopped and restarted while
+# orders stream (the workers wait, say so, and resume by themselves with
+# nothing lost); an error that is not about a message (a lock held on the
+# offsets table) is retried with backoff and never skips data; SIGTERM
+# stops a worker quickly; a worker waits on a standby-like missing extension.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use DwhTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time);
+
+my $broker = start_broker(partitions => 4);
+my $node = new_dwh_node(
+	'kafka_failures',
+	'dwh.kafka_consumers' => 2,
+	'dwh.kafka_brokers' => $broker->{bootstrap},
+	'dwh.kafka_batch_wait' => '50ms');
+load_dictionaries($node);
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+
+generate_orders("$tmp/a.txt", '--count 20000 --seed 21 --malformed 0.005',
+	"--manifest $tmp/a.json");
+generate_orders("$tmp/b.txt", '--count 5000 --seed 22 --first-id 3000000',
+	"--manifest $tmp/b.json");
+my $a = read_manifest("$tmp/a.json");
+my $b = read_manifest("$tmp/b.json");
+
+# The broker goes away in the middle of the stream.
+produce($broker, "$tmp/a.txt");
+ok(wait_for($node, 'SELECT coalesce(sum(next_offset), 0) > 2000 FROM dwh.kafka_offsets'),
+	'consuming');
+broker_command('stop', $broker->{dir});
+ok(wait_for($node,
+		"SELECT bool_or(last_error IS NOT NULL) FROM dwh.status"),
+	'the lost broker shows in dwh.status');
+my $during = stored_total($node);
+broker_command('restart', $broker->{dir});
+ok(wait_applied($node, $a->{messages}), 'the stream resumes by itself once the broker is back');
+note("$during of $a->{messages} messages were applied when the broker stopped");
+check_consistent($node, 'after the broker restart');
+check_manifest_counts($node, $a, 'after the broker restart');
+
+# A lock held on dwh.kafka_offsets: batches fail on lock_timeout, are
+# retried with backoff and apply once the lock is gone.  (dwh.status reads
+# that table too: the workers' own state comes from dwh.worker_status().)
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET lock_timeout = '200ms'; SELECT pg_reload_conf()");
+my $locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN; LOCK dwh.kafka_offsets IN ACCESS EXCLUSIVE MODE;');
+produce($broker, "$tmp/b.txt");
+ok(wait_for($node,
+		"SELECT bool_or(state = 'retrying after an error' AND last_error LIKE '%lock timeout%') FROM dwh.worker_status()"
+	),
+	'a lock timeout is shown and retried');
+$locker->query_safe('ROLLBACK;');
+$locker->quit;
+ok(wait_applied($node, $a->{messages} + $b->{messages}),
+	'every message applied once the lock is released');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
+	$a->{object_ids}{count} + $b->{object_ids}{count},
+	'every order in STG once');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.dead_letters'),
+	$a->{malformed} + $b->{malformed},
+	'no message dead-lettered for a lock timeout');
+check_consistent($node, 'after the lock timeouts');
+
+# SIGTERM: the worker exits promptly (the postmaster starts a new one).
+my $pid = $node->safe_psql('postgres',
+	"SELECT pid FROM dwh.status WHERE worker = 'kafka 1'");
+my $start = time();
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
+ok(wait_for($node, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $pid)", 10),
+	'the worker stops on SIGTERM');
+my $elapsed = time() - $start;
+note(sprintf('worker stopped %.2f s after SIGTERM', $elapsed));
+cmp_ok($elapsed, '<', 5, 'SIGTERM honoured within a few seconds');
+
+# Without the extension the workers wait, and they resume when it is back.
+$node->safe_psql('postgres', 'DROP EXTENSION dwh CASCADE');
+ok(wait_for($node,
+		"SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type = 'dwh kafka worker'"),
+	'the workers stay up without the extension');
+ok($node->log_contains('extension dwh is not created'), 'and say why in the log');
+
+$node->stop;
+broker_command('stop', $broker->{dir});
+done_testing();
