@@ -2,9 +2,13 @@
 # Install the Debian bookworm packages that dwh needs to build and test:
 # PostgreSQL 15 and its PGXS toolchain (gcc, and clang-14/llvm-14 for the
 # JIT bitcode), the Kafka, Redis and JSON client libraries, the Perl
-# modules of the TAP tests, redis-server, kcat and pg_bsd_indent.
+# modules of the TAP tests, redis-server, redis-cli, kcat, pg_bsd_indent,
+# and what the test Kafka broker and the data generator need (Java 17,
+# Maven, OpenSSL, Python 3); then fetch the Kafka broker's jars once
+# (test/kafka/kafka.sh fetch, into /var/cache/dwh).
 # Idempotent and non-interactive: apt is skipped entirely when every
-# package is already installed.  Run it as root (or as a user with sudo).
+# package is already installed, the fetch when the jars are there.  Run it
+# as root (or as a user with sudo).
 
 set -euo pipefail
 
@@ -26,6 +30,11 @@ packages=(
 	redis-server
 	kcat
 	pg-bsd-indent
+	openjdk-17-jre-headless
+	maven
+	python3
+	openssl
+	redis-tools
 )
 
 missing=()
@@ -36,26 +45,41 @@ for pkg in "${packages[@]}"; do
 	fi
 done
 
-if [[ ${#missing[@]} -eq 0 ]]; then
-	echo "install-deps: all ${#packages[@]} packages are installed"
-	exit 0
+as_root=()
+if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then
+	as_root=(sudo)
 fi
 
-echo "install-deps: installing ${missing[*]}"
+if [[ ${#missing[@]} -eq 0 ]]; then
+	echo "install-deps: all ${#packages[@]} packages are installed"
+else
+	echo "install-deps: installing ${missing[*]}"
 
-as_root=()
-if [[ $(id -u) -ne 0 ]]; then
-	if command -v sudo >/dev/null 2>&1; then
-		echo "install-deps: not running as root, using sudo for apt-get" >&2
-		as_root=(sudo)
+	if [[ $(id -u) -ne 0 ]]; then
+		if [[ ${#as_root[@]} -gt 0 ]]; then
+			echo "install-deps: not running as root, using sudo for apt-get" >&2
+		else
+			echo "install-deps: must run as root to install ${missing[*]} (sudo is not available)" >&2
+			exit 1
+		fi
+	fi
+
+	apt_env=(env DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a)
+	"${as_root[@]}" "${apt_env[@]}" apt-get update </dev/null
+	"${as_root[@]}" "${apt_env[@]}" apt-get install -y --no-install-recommends \
+		-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+		"${missing[@]}" </dev/null
+fi
+
+# The Kafka jars come from Maven Central, not apt: fetched once into a
+# cache that every user (the TAP tests run as postgres) can read.  A no-op
+# when they are already there, so no root is needed then.
+kafka_sh="$(dirname "$0")/kafka/kafka.sh"
+if ! bash "$kafka_sh" fetch </dev/null; then
+	if [[ $(id -u) -ne 0 && ${#as_root[@]} -gt 0 ]]; then
+		echo "install-deps: fetching the Kafka jars again with sudo" >&2
+		"${as_root[@]}" bash "$kafka_sh" fetch </dev/null
 	else
-		echo "install-deps: must run as root to install ${missing[*]} (sudo is not available)" >&2
 		exit 1
 	fi
 fi
-
-apt_env=(env DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a)
-"${as_root[@]}" "${apt_env[@]}" apt-get update </dev/null
-"${as_root[@]}" "${apt_env[@]}" apt-get install -y --no-install-recommends \
-	-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-	"${missing[@]}" </dev/null
