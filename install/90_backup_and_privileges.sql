@@ -30,6 +30,7 @@ SELECT pg_catalog.pg_extension_config_dump('cdm.user_category_counters_id_seq', 
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_offsets', '');
+SELECT pg_catalog.pg_extension_config_dump('dwh.redis_keys', '');
 
 -- PUBLIC gets nothing: functions are executable by PUBLIC by default.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;
