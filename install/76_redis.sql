@@ -21,8 +21,11 @@ COMMENT ON COLUMN dwh.redis_keys.first_seen_at IS 'When the key was first named 
 COMMENT ON COLUMN dwh.redis_keys.changed_at IS 'When the state or the value last changed';
 
 -- Ids of users and restaurants new to DDS, for the worker to read.  A
--- queue, not a copy: the worker empties it every second and compares the
--- hubs with dwh.redis_keys on every refresh, so it is not dumped.
+-- queue: the worker empties it every second (and compares the hubs with
+-- dwh.redis_keys on every refresh, so nothing is lost if it is).  No key:
+-- concurrent order batches never wait on each other here, and the
+-- duplicates a restore may add (the hubs' COPY fires the trigger) are
+-- harmless.
 CREATE TABLE dwh.redis_wanted (
     key   text NOT NULL,
     kind  text NOT NULL
