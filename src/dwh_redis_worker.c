@@ -68,6 +68,8 @@ static MemoryContext page_context;
 static char last_logged[DWH_ERROR_LEN];
 static int	backoff_ms = 0;
 static TimestampTz next_refresh = 0;
+static TimestampTz last_refresh_start = 0;
+static int	refresh_interval_used = 0;
 static bool new_keys_pending = true;
 static bool counts_stale = true;
 static int64 keys_mirrored = 0;
@@ -182,6 +184,15 @@ process_reload(void)
 				(errmsg("dwh redis worker: dwh.database changed from \"%s\" to \"%s\", restarting",
 						connected_database, dwh_database)));
 		proc_exit(1);
+	}
+
+	/* A new interval counts from the start of the last pass. */
+	if (dwh_redis_refresh_interval != refresh_interval_used &&
+		last_refresh_start != 0)
+	{
+		next_refresh = TimestampTzPlusMilliseconds(last_refresh_start,
+												   (int64) dwh_redis_refresh_interval * 1000);
+		refresh_interval_used = dwh_redis_refresh_interval;
 	}
 
 	settings = current_conn_settings();
@@ -406,6 +417,7 @@ refresh_pass(DwhRedisError *error)
 	TimestampTz start = GetCurrentTimestamp();
 	char	   *after = pstrdup("");
 	int64		changed = 0;
+	int64		read = 0;
 
 	if (dwh_redis_scan_pattern[0] != '\0' && !scan_keys(error))
 		return false;
@@ -430,6 +442,7 @@ refresh_pass(DwhRedisError *error)
 		if (!mirror_batch(keys, n, &result, error))
 			return false;
 		changed += result.stg_written;
+		read += n;
 		MemoryContextSwitchTo(cycle_context);
 		after = pstrdup(keys[n - 1].key);
 	}
@@ -437,11 +450,14 @@ refresh_pass(DwhRedisError *error)
 
 	refreshes++;
 	changes_found += changed;
+	last_refresh_start = start;
+	refresh_interval_used = dwh_redis_refresh_interval;
 	next_refresh = TimestampTzPlusMilliseconds(start,
 											   (int64) dwh_redis_refresh_interval * 1000);
 	ereport(DEBUG1,
-			(errmsg("dwh redis worker: refresh pass done in %ld ms, " INT64_FORMAT " changes",
-					(long) ((GetCurrentTimestamp() - start) / 1000), changed)));
+			(errmsg("dwh redis worker: refresh pass done in %.3f ms: " INT64_FORMAT " keys read, " INT64_FORMAT " changes written",
+					(double) (GetCurrentTimestamp() - start) / 1000.0,
+					read, changed)));
 	return true;
 }
 
