@@ -348,10 +348,11 @@ dwh_redis_store_add_keys(char **keys, int n)
 	for (i = 0; i < n; i++)
 		column_add(&col, CStringGetTextDatum(keys[i]), false);
 	args[0] = column_array(&col);
+
 	/*
-	 * ON CONFLICT DO NOTHING probes the key's index before inserting: a
-	 * known key costs one probe and writes nothing.  (An anti-join here
-	 * would be planned as a hash join over the whole table, per batch.)
+	 * ON CONFLICT DO NOTHING probes the key's index before inserting: a known
+	 * key costs one probe and writes nothing.  (An anti-join here would be
+	 * planned as a hash join over the whole table, per batch.)
 	 */
 	rc = SPI_execute_with_args("INSERT INTO dwh.redis_keys (key, kind, state) "
 							   "SELECT DISTINCT k, 'unknown', 'new' FROM unnest($1) k "

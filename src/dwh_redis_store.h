@@ -14,7 +14,7 @@
 
 typedef enum DwhRedisKind
 {
-	DWH_REDIS_KIND_UNKNOWN = 0,	/* found by SCAN, never read yet */
+	DWH_REDIS_KIND_UNKNOWN = 0, /* found by SCAN, never read yet */
 	DWH_REDIS_KIND_USER,
 	DWH_REDIS_KIND_RESTAURANT
 } DwhRedisKind;
