@@ -18,9 +18,13 @@ OBJS = \
 	src/dwh_kafka_options.o \
 	src/dwh_kafka_consumer.o \
 	src/dwh_kafka_offsets.o \
-	src/dwh_kafka_worker.o
+	src/dwh_kafka_worker.o \
+	src/dwh_redis_url.o \
+	src/dwh_redis_conn.o \
+	src/dwh_redis_store.o \
+	src/dwh_redis_worker.o
 
-SHLIB_LINK = -ljansson -lrdkafka
+SHLIB_LINK = -ljansson -lrdkafka -lhiredis
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \
 	-Wno-missing-field-initializers
 

@@ -30,6 +30,8 @@ SELECT pg_catalog.pg_extension_config_dump('cdm.user_category_counters_id_seq', 
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_offsets', '');
+SELECT pg_catalog.pg_extension_config_dump('dwh.redis_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('dwh.redis_wanted', '');
 
 -- PUBLIC gets nothing: functions are executable by PUBLIC by default.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;

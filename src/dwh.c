@@ -12,6 +12,7 @@
 #include "storage/ipc.h"
 
 #include "dwh_kafka_worker.h"
+#include "dwh_redis_worker.h"
 #include "dwh_secrets.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
@@ -61,5 +62,8 @@ _PG_init(void)
 
 	/* pg_upgrade's server must not consume anything. */
 	if (!IsBinaryUpgrade)
+	{
 		dwh_kafka_register_workers();
+		dwh_redis_register_worker();
+	}
 }

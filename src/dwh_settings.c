@@ -12,6 +12,7 @@
 #include "utils/guc.h"
 
 #include "dwh_kafka_options.h"
+#include "dwh_redis_url.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
 
@@ -27,6 +28,13 @@ int			dwh_kafka_batch_size = 1000;
 int			dwh_kafka_batch_wait = 100;
 int			dwh_kafka_prefetch_memory = 16 * 1024;
 int			dwh_kafka_start_offset = DWH_KAFKA_START_EARLIEST;
+
+char	   *dwh_redis_url = NULL;
+int			dwh_redis_refresh_interval = 60;
+int			dwh_redis_batch_size = 1000;
+char	   *dwh_redis_scan_pattern = NULL;
+int			dwh_redis_max_value_size = 1024 * 1024;
+int			dwh_redis_timeout = 5000;
 
 static const struct config_enum_entry start_offset_options[] = {
 	{"earliest", DWH_KAFKA_START_EARLIEST, false},
@@ -133,6 +141,76 @@ define_kafka_settings(void)
 }
 
 /*
+ * Redis settings.  All take effect on reload; a new URL or timeout means a
+ * new connection.
+ */
+static void
+define_redis_settings(void)
+{
+	DefineCustomStringVariable("dwh.redis_url",
+							   "Redis server of the user and restaurant dictionaries; empty: the Redis worker idles.",
+							   "redis://[[username]:password@]host[:port][/db], unix://[[username]:password@]/path[?db=N] or a socket path. Visible to superusers only; the password is never logged.",
+							   &dwh_redis_url,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   dwh_redis_url_check, dwh_redis_url_assign, NULL);
+
+	DefineCustomIntVariable("dwh.redis_refresh_interval",
+							"Time between two refresh passes, which read every known dictionary key again.",
+							NULL,
+							&dwh_redis_refresh_interval,
+							60,
+							1,
+							7 * 24 * 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dwh.redis_batch_size",
+							"Most keys read from Redis (pipelined MGET) and written in one transaction.",
+							NULL,
+							&dwh_redis_batch_size,
+							1000,
+							1,
+							100000,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("dwh.redis_scan_pattern",
+							   "SCAN pattern of the dictionary keys to discover; empty: only the keys that orders name are read.",
+							   NULL,
+							   &dwh_redis_scan_pattern,
+							   "",
+							   PGC_SIGHUP,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dwh.redis_max_value_size",
+							"Largest dictionary value accepted; larger ones are dead-lettered.",
+							NULL,
+							&dwh_redis_max_value_size,
+							1024 * 1024,
+							1024,
+							64 * 1024 * 1024,
+							PGC_SIGHUP,
+							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dwh.redis_timeout",
+							"Longest wait for Redis to accept a connection or to send the next bytes of a reply.",
+							NULL,
+							&dwh_redis_timeout,
+							5000,
+							100,
+							600000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+}
+
+/*
  * dwh_settings_define
  *		Define every dwh.* parameter and reserve the prefix, so that a
  *		misspelt dwh.* setting is reported instead of silently ignored.
@@ -161,6 +239,7 @@ dwh_settings_define(void)
 							NULL, NULL, NULL);
 
 	define_kafka_settings();
+	define_redis_settings();
 
 	MarkGUCPrefixReserved("dwh");
 }

@@ -28,6 +28,14 @@ extern int	dwh_kafka_batch_wait;
 extern int	dwh_kafka_prefetch_memory;
 extern int	dwh_kafka_start_offset;
 
+/* Redis */
+extern char *dwh_redis_url;
+extern int	dwh_redis_refresh_interval;
+extern int	dwh_redis_batch_size;
+extern char *dwh_redis_scan_pattern;
+extern int	dwh_redis_max_value_size;
+extern int	dwh_redis_timeout;
+
 extern void dwh_settings_define(void);
 
 #endif							/* DWH_SETTINGS_H */

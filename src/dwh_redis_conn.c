@@ -1,0 +1,601 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_redis_conn.c
+ *	  A connection to Redis whose every exchange is bounded in time and
+ *	  interruptible.
+ *
+ * hiredis is used in non-blocking mode: it only formats commands into its
+ * output buffer, writes and reads what the socket accepts or holds, and
+ * parses replies.  Every wait happens here, in WaitEventSetWait on the
+ * worker's latch, the postmaster's death and the connection's socket.
+ * So SIGTERM ends the worker at once whatever Redis does, a reload is seen
+ * between batches, and a silent Redis costs at most dwh.redis_timeout of
+ * inactivity before the exchange fails (blocking hiredis with a socket
+ * timeout would hold SIGTERM for up to that timeout on every read, since
+ * hiredis retries a read interrupted by a signal).
+ *
+ * No PostgreSQL error is ever raised from inside a hiredis call: replies
+ * are handed to callbacks from this file, after hiredis returned.  A reply
+ * is freed even if a callback raises an error; the connection is then out
+ * of step (replies pending) and dwh_redis_conn_is_clean() says so, and the
+ * worker drops it.
+ *
+ * Host names are resolved by getaddrinfo() inside redisConnectNonBlock(),
+ * which may block on a slow DNS server; use an address or /etc/hosts when
+ * that matters.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <sys/socket.h>
+#include <hiredis/hiredis.h>
+
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "dwh_redis_conn.h"
+
+/* Keys per MGET command; a batch is a pipeline of such commands. */
+#define MGET_KEYS	100
+
+struct DwhRedisConn
+{
+	redisContext *ctx;
+	WaitEventSet *events;
+	int			socket_event;	/* position of the socket in events */
+	int			timeout_ms;
+	bool		in_exchange;	/* replies pending: out of step */
+	char		password[DWH_REDIS_SECRET_LEN]; /* to scrub error texts */
+	char		address[DWH_REDIS_HOST_LEN + DWH_REDIS_PATH_LEN + 64];
+};
+
+/*
+ * Handle reply number index of an exchange.  Returns false (with error
+ * set) when the reply is not what the command should answer.
+ */
+typedef bool (*ReplyHandler) (DwhRedisConn *conn, int index,
+							  redisReply *reply, void *arg,
+							  DwhRedisError *error);
+
+static void set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
+					  bool transient, const char *hint, const char *fmt,...)
+			pg_attribute_printf(6, 7);
+
+/*
+ * Record an error; the text is scrubbed of the password in case a server
+ * message echoed it.
+ */
+static void
+set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
+		  bool transient, const char *hint, const char *fmt,...)
+{
+	va_list		args;
+	char	   *p;
+
+	va_start(args, fmt);
+	vsnprintf(error->message, sizeof(error->message), fmt, args);
+	va_end(args);
+	error->sqlstate = sqlstate;
+	error->transient = transient;
+	error->hint = hint;
+
+	if (conn == NULL || conn->password[0] == '\0')
+		return;
+	while ((p = strstr(error->message, conn->password)) != NULL)
+	{
+		size_t		plen = strlen(conn->password);
+
+		memmove(p + 3, p + plen, strlen(p + plen) + 1);
+		memcpy(p, "***", 3);
+	}
+}
+
+/* The connection's socket failed, closed or timed out. */
+static bool
+io_failure(DwhRedisConn *conn, DwhRedisError *error, const char *what)
+{
+	set_error(conn, error, ERRCODE_CONNECTION_FAILURE, true,
+			  "The worker reconnects by itself when Redis is back.",
+			  "connection to Redis at %s lost while %s: %s",
+			  conn->address, what,
+			  conn->ctx->errstr[0] ? conn->ctx->errstr : "unknown error");
+	return false;
+}
+
+/*
+ * Map an error reply of the server to an error.  Authentication problems
+ * are not transient: they need a change of dwh.redis_url or of Redis.
+ */
+static bool
+server_error(DwhRedisConn *conn, DwhRedisError *error, const char *command,
+			 const char *text)
+{
+	if (strncmp(text, "NOAUTH", 6) == 0)
+		set_error(conn, error, ERRCODE_INVALID_PASSWORD, false,
+				  "Redis requires a password: write it in dwh.redis_url as redis://:password@host:port/db and reload the configuration.",
+				  "Redis at %s refused %s: %s", conn->address, command, text);
+	else if (strncmp(text, "WRONGPASS", 9) == 0 ||
+			 strstr(text, "invalid password") != NULL ||
+			 strstr(text, "without any password configured") != NULL)
+		set_error(conn, error, ERRCODE_INVALID_PASSWORD, false,
+				  "Check the username and password in dwh.redis_url against the Redis configuration (requirepass or ACL), then reload the configuration.",
+				  "Redis at %s refused the password: %s", conn->address, text);
+	else if (strncmp(text, "LOADING", 7) == 0 ||
+			 strncmp(text, "BUSY", 4) == 0 ||
+			 strncmp(text, "MASTERDOWN", 10) == 0 ||
+			 strncmp(text, "TRYAGAIN", 8) == 0)
+		set_error(conn, error, ERRCODE_CONNECTION_FAILURE, true,
+				  "Redis is starting or busy; the worker retries by itself.",
+				  "Redis at %s is not ready for %s: %s", conn->address,
+				  command, text);
+	else
+		set_error(conn, error, ERRCODE_CONNECTION_EXCEPTION, false, NULL,
+				  "Redis at %s refused %s: %s", conn->address, command, text);
+	return false;
+}
+
+/* Milliseconds left of the inactivity timeout since the last progress. */
+static long
+time_left(DwhRedisConn *conn, TimestampTz last_progress)
+{
+	long		elapsed = (long) ((GetCurrentTimestamp() - last_progress) / 1000);
+
+	return conn->timeout_ms - elapsed;
+}
+
+/*
+ * Sleep until the socket is ready for events, the latch is set or the
+ * timeout runs out.  Interrupts are served here (SIGTERM exits).  Returns
+ * the socket events that occurred, 0 on timeout.
+ */
+static uint32
+wait_socket(DwhRedisConn *conn, uint32 events, long timeout_ms)
+{
+	WaitEvent	ev;
+	int			rc;
+
+	if (timeout_ms <= 0)
+		return 0;
+	ModifyWaitEvent(conn->events, conn->socket_event, events, NULL);
+	rc = WaitEventSetWait(conn->events, timeout_ms, &ev, 1, PG_WAIT_EXTENSION);
+	if (rc == 0)
+		return 0;
+	if (ev.events & WL_LATCH_SET)
+	{
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		/* Not a socket event: let the caller loop. */
+		return WL_LATCH_SET;
+	}
+	return ev.events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE);
+}
+
+/*
+ * Hand a reply to its handler and free it, even if the handler raises an
+ * error.
+ */
+static bool
+handle_reply(DwhRedisConn *conn, ReplyHandler handler, int index, void *reply,
+			 void *arg, DwhRedisError *error)
+{
+	volatile bool ok = false;
+
+	PG_TRY();
+	{
+		ok = handler(conn, index, (redisReply *) reply, arg, error);
+	}
+	PG_CATCH();
+	{
+		freeReplyObject(reply);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	freeReplyObject(reply);
+	return ok;
+}
+
+/*
+ * Send the commands appended to the context and read nreplies replies,
+ * handing each to handler.  Writing and reading interleave, so a long
+ * pipeline never waits for the server to read while the server waits for
+ * us to read.  Fails when the socket does, or when no byte moves for
+ * timeout_ms.
+ */
+static bool
+exchange(DwhRedisConn *conn, int nreplies, const char *what,
+		 ReplyHandler handler, void *arg, DwhRedisError *error)
+{
+	int			got = 0;
+	int			written = 0;
+	TimestampTz last_progress = GetCurrentTimestamp();
+
+	conn->in_exchange = true;
+	while (got < nreplies)
+	{
+		void	   *reply = NULL;
+		uint32		occurred;
+
+		if (!written && redisBufferWrite(conn->ctx, &written) == REDIS_ERR)
+			return io_failure(conn, error, what);
+
+		if (redisGetReplyFromReader(conn->ctx, &reply) == REDIS_ERR)
+		{
+			set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
+					  "invalid reply from Redis at %s while %s: %s",
+					  conn->address, what, conn->ctx->errstr);
+			return false;
+		}
+		if (reply != NULL)
+		{
+			if (!handle_reply(conn, handler, got, reply, arg, error))
+				return false;
+			got++;
+			last_progress = GetCurrentTimestamp();
+			continue;
+		}
+
+		occurred = wait_socket(conn, WL_SOCKET_READABLE |
+							   (written ? 0 : WL_SOCKET_WRITEABLE),
+							   time_left(conn, last_progress));
+		if (occurred == 0)
+		{
+			set_error(conn, error, ERRCODE_CONNECTION_FAILURE, true,
+					  "Check that Redis is not overloaded, or raise dwh.redis_timeout.",
+					  "Redis at %s did not answer within %d ms while %s",
+					  conn->address, conn->timeout_ms, what);
+			return false;
+		}
+		if (occurred & WL_SOCKET_READABLE)
+		{
+			if (redisBufferRead(conn->ctx) == REDIS_ERR)
+				return io_failure(conn, error, what);
+			last_progress = GetCurrentTimestamp();
+		}
+		if (occurred & WL_SOCKET_WRITEABLE)
+			last_progress = GetCurrentTimestamp();
+	}
+	conn->in_exchange = false;
+	return true;
+}
+
+/* The commands of the handshake, in the order they are sent. */
+typedef enum HandshakeStep
+{
+	STEP_AUTH,
+	STEP_SELECT,
+	STEP_PING
+} HandshakeStep;
+
+typedef struct Handshake
+{
+	HandshakeStep steps[3];
+	int			db;
+} Handshake;
+
+static bool
+handshake_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
+				DwhRedisError *error)
+{
+	Handshake  *hs = (Handshake *) arg;
+
+	/* After a failure the later replies only repeat it: keep the first. */
+	if (error->message[0] != '\0')
+		return true;
+	if (reply->type == REDIS_REPLY_ERROR)
+	{
+		switch (hs->steps[index])
+		{
+			case STEP_AUTH:
+				return server_error(conn, error, "AUTH", reply->str);
+			case STEP_SELECT:
+				if (strstr(reply->str, "out of range") != NULL ||
+					strstr(reply->str, "invalid DB index") != NULL)
+				{
+					set_error(conn, error, ERRCODE_UNDEFINED_DATABASE, false,
+							  "Redis has 16 databases (0 to 15) unless its \"databases\" setting says otherwise; correct the /db part of dwh.redis_url and reload the configuration.",
+							  "Redis at %s has no database %d: %s",
+							  conn->address, hs->db, reply->str);
+					return false;
+				}
+				return server_error(conn, error, "SELECT", reply->str);
+			case STEP_PING:
+				return server_error(conn, error, "PING", reply->str);
+		}
+	}
+	if (hs->steps[index] == STEP_PING &&
+		(reply->type != REDIS_REPLY_STATUS || strcmp(reply->str, "PONG") != 0))
+	{
+		set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false,
+				  "Check that dwh.redis_url names a Redis server.",
+				  "unexpected answer to PING from %s", conn->address);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Wait for a non-blocking connect to finish; its outcome is in SO_ERROR.
+ */
+static bool
+finish_connect(DwhRedisConn *conn, DwhRedisError *error)
+{
+	TimestampTz start = GetCurrentTimestamp();
+	int			so_error = 0;
+	socklen_t	len = sizeof(so_error);
+
+	for (;;)
+	{
+		uint32		occurred = wait_socket(conn, WL_SOCKET_WRITEABLE,
+										   time_left(conn, start));
+
+		if (occurred == 0)
+		{
+			set_error(conn, error, ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+					  true, "Check that Redis runs and that the address in dwh.redis_url is reachable.",
+					  "could not connect to Redis at %s: timed out after %d ms",
+					  conn->address, conn->timeout_ms);
+			return false;
+		}
+		if (occurred & WL_SOCKET_WRITEABLE)
+			break;
+	}
+	if (getsockopt(conn->ctx->fd, SOL_SOCKET, SO_ERROR, &so_error, &len) < 0)
+		so_error = errno;
+	if (so_error != 0)
+	{
+		set_error(conn, error, ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+				  true, "Check that Redis runs and that the address in dwh.redis_url is right; the worker retries by itself.",
+				  "could not connect to Redis at %s: %s",
+				  conn->address, strerror(so_error));
+		return false;
+	}
+	return true;
+}
+
+/*
+ * dwh_redis_connect
+ *		Connect, authenticate, select the database and check with PING.
+ *		Returns NULL and fills error on failure.
+ */
+DwhRedisConn *
+dwh_redis_connect(const DwhRedisUrl *url, int timeout_ms, DwhRedisError *error)
+{
+	redisContext *ctx;
+	DwhRedisConn *conn;
+	Handshake	hs;
+	int			n = 0;
+
+	memset(error, 0, sizeof(DwhRedisError));
+	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(DwhRedisConn));
+	conn->timeout_ms = timeout_ms;
+	strlcpy(conn->password, url->password, sizeof(conn->password));
+	dwh_redis_url_redacted(url, conn->address, sizeof(conn->address));
+
+	if (url->unix_socket)
+		ctx = redisConnectUnixNonBlock(url->path);
+	else
+		ctx = redisConnectNonBlock(url->host, url->port);
+	if (ctx == NULL || ctx->err)
+	{
+		set_error(conn, error, ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+				  true, "Check that Redis runs and that the address in dwh.redis_url is right; the worker retries by itself.",
+				  "could not connect to Redis at %s: %s", conn->address,
+				  ctx ? ctx->errstr : "out of memory");
+		if (ctx)
+			redisFree(ctx);
+		pfree(conn);
+		return NULL;
+	}
+	conn->ctx = ctx;
+	conn->events = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(conn->events, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(conn->events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET,
+					  NULL, NULL);
+	conn->socket_event = AddWaitEventToSet(conn->events, WL_SOCKET_WRITEABLE,
+										   ctx->fd, NULL, NULL);
+
+	if (!finish_connect(conn, error))
+		goto fail;
+
+	hs.db = url->db;
+	if (url->password[0] != '\0')
+	{
+		if (url->username[0] != '\0')
+			redisAppendCommand(ctx, "AUTH %s %s", url->username, url->password);
+		else
+			redisAppendCommand(ctx, "AUTH %s", url->password);
+		hs.steps[n++] = STEP_AUTH;
+	}
+	if (url->db != 0)
+	{
+		redisAppendCommand(ctx, "SELECT %d", url->db);
+		hs.steps[n++] = STEP_SELECT;
+	}
+	redisAppendCommand(ctx, "PING");
+	hs.steps[n++] = STEP_PING;
+
+	if (!exchange(conn, n, "connecting", handshake_reply, &hs, error) ||
+		error->message[0] != '\0')
+		goto fail;
+	return conn;
+
+fail:
+	/* Connection refused shows on the first write or read. */
+	dwh_redis_disconnect(conn);
+	return NULL;
+}
+
+/*
+ * dwh_redis_disconnect
+ *		Close the connection and free it.
+ */
+void
+dwh_redis_disconnect(DwhRedisConn *conn)
+{
+	if (conn == NULL)
+		return;
+	if (conn->events)
+		FreeWaitEventSet(conn->events);
+	if (conn->ctx)
+		redisFree(conn->ctx);
+	explicit_bzero(conn->password, sizeof(conn->password));
+	pfree(conn);
+}
+
+/*
+ * dwh_redis_conn_is_clean
+ *		False when an exchange was cut short (an error was raised while
+ *		replies were pending): the connection must be dropped.
+ */
+bool
+dwh_redis_conn_is_clean(DwhRedisConn *conn)
+{
+	return !conn->in_exchange;
+}
+
+typedef struct MgetState
+{
+	int			n;
+	DwhRedisValueFn fn;
+	void	   *arg;
+} MgetState;
+
+static bool
+mget_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
+		   DwhRedisError *error)
+{
+	MgetState  *st = (MgetState *) arg;
+	int			first = index * MGET_KEYS;
+	size_t		expected = Min(MGET_KEYS, st->n - first);
+	size_t		i;
+
+	if (reply->type == REDIS_REPLY_ERROR)
+		return server_error(conn, error, "MGET", reply->str);
+	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != expected)
+	{
+		set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
+				  "unexpected answer to MGET from %s", conn->address);
+		return false;
+	}
+	for (i = 0; i < expected; i++)
+	{
+		redisReply *e = reply->element[i];
+
+		if (e->type == REDIS_REPLY_STRING)
+			st->fn(st->arg, first + i, true, e->str, e->len);
+		else
+			st->fn(st->arg, first + i, false, NULL, 0);
+	}
+	return true;
+}
+
+/*
+ * dwh_redis_mget
+ *		Read keys[0..n) as a pipeline of MGET commands of MGET_KEYS keys;
+ *		fn sees each value while its reply is alive (no copy is made of
+ *		values the caller does not keep).
+ */
+bool
+dwh_redis_mget(DwhRedisConn *conn, char **keys, int n, DwhRedisValueFn fn,
+			   void *arg, DwhRedisError *error)
+{
+	const char **argv = palloc(sizeof(char *) * (MGET_KEYS + 1));
+	size_t	   *argvlen = palloc(sizeof(size_t) * (MGET_KEYS + 1));
+	MgetState	st;
+	int			ncommands = 0;
+	int			first;
+
+	memset(error, 0, sizeof(DwhRedisError));
+	if (n == 0)
+		return true;
+	for (first = 0; first < n; first += MGET_KEYS)
+	{
+		int			count = Min(MGET_KEYS, n - first);
+		int			i;
+
+		argv[0] = "MGET";
+		argvlen[0] = 4;
+		for (i = 0; i < count; i++)
+		{
+			argv[i + 1] = keys[first + i];
+			argvlen[i + 1] = strlen(keys[first + i]);
+		}
+		if (redisAppendCommandArgv(conn->ctx, count + 1, argv, argvlen) != REDIS_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory while formatting a Redis command")));
+		ncommands++;
+	}
+	pfree(argv);
+	pfree(argvlen);
+
+	st.n = n;
+	st.fn = fn;
+	st.arg = arg;
+	return exchange(conn, ncommands, "reading values", mget_reply, &st, error);
+}
+
+typedef struct ScanState
+{
+	char	   *next_cursor;
+	size_t		next_cursor_size;
+	DwhRedisKeyFn fn;
+	void	   *arg;
+} ScanState;
+
+static bool
+scan_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
+		   DwhRedisError *error)
+{
+	ScanState  *st = (ScanState *) arg;
+	redisReply *keys;
+	size_t		i;
+
+	if (reply->type == REDIS_REPLY_ERROR)
+		return server_error(conn, error, "SCAN", reply->str);
+	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
+		reply->element[0]->type != REDIS_REPLY_STRING ||
+		reply->element[0]->len >= st->next_cursor_size ||
+		reply->element[1]->type != REDIS_REPLY_ARRAY)
+	{
+		set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
+				  "unexpected answer to SCAN from %s", conn->address);
+		return false;
+	}
+	memcpy(st->next_cursor, reply->element[0]->str, reply->element[0]->len);
+	st->next_cursor[reply->element[0]->len] = '\0';
+	keys = reply->element[1];
+	for (i = 0; i < keys->elements; i++)
+		if (keys->element[i]->type == REDIS_REPLY_STRING)
+			st->fn(st->arg, keys->element[i]->str, keys->element[i]->len);
+	return true;
+}
+
+/*
+ * dwh_redis_scan
+ *		One SCAN step from cursor ("0" to start): fn sees each key found,
+ *		next_cursor receives the cursor to continue from ("0": done).
+ */
+bool
+dwh_redis_scan(DwhRedisConn *conn, const char *cursor, const char *pattern,
+			   int count, char *next_cursor, size_t next_cursor_size,
+			   DwhRedisKeyFn fn, void *arg, DwhRedisError *error)
+{
+	ScanState	st;
+
+	memset(error, 0, sizeof(DwhRedisError));
+	if (redisAppendCommand(conn->ctx, "SCAN %s MATCH %s COUNT %d",
+						   cursor, pattern, count) != REDIS_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory while formatting a Redis command")));
+	st.next_cursor = next_cursor;
+	st.next_cursor_size = next_cursor_size;
+	st.fn = fn;
+	st.arg = arg;
+	return exchange(conn, 1, "scanning keys", scan_reply, &st, error);
+}

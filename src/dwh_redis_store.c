@@ -1,0 +1,869 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_redis_store.c
+ *	  The database side of the Redis worker.
+ *
+ * dwh.redis_keys holds every key the worker mirrors, with its state and a
+ * 128-bit hash of the value last read.  Keys come from three places:
+ * dds.h_user and dds.h_restaurant (the ids orders name; a trigger queues
+ * new ones in dwh.redis_wanted, and a full comparison runs on every
+ * refresh), and SCAN when dwh.redis_scan_pattern is set.
+ *
+ * A value read from Redis is compared by hash with the one last read: an
+ * unchanged value costs no write at all.  A changed one is classified by
+ * its shape (a "menu" key makes a restaurant, otherwise a "login" key a
+ * user), validated with the rules of the STG guard, and written with one
+ * statement per destination for the whole batch: an upsert into
+ * stg.users or stg.restaurants (whose guard skips a version that is not
+ * newer, and whose triggers carry the change into DDS and the marts),
+ * dead letters, and the new states in dwh.redis_keys.  A refused value
+ * keeps its hash, so the same bad value is dead-lettered once, not on
+ * every refresh; a new bad value is recorded again.
+ *
+ * The batch is written in a subtransaction; if it fails for a reason that
+ * is about the data, each value is retried alone, and only those that fail
+ * again are dead-lettered with the error.  Errors that are not about data
+ * are raised: the worker retries the batch.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/snapmgr.h"
+
+#include "dwh_message.h"
+#include "dwh_redis_store.h"
+
+/* Bytes of a too large value kept in its dead letter. */
+#define TOO_LARGE_PREFIX	1024
+
+static const char *const kind_names[] = {"unknown", "user", "restaurant"};
+static const char *const state_names[] = {"new", "mirrored", "missing", "refused"};
+
+/* What to do with one key of a batch. */
+typedef enum Target
+{
+	TARGET_NOTHING,				/* unchanged */
+	TARGET_STATE,				/* only its state changes (now missing) */
+	TARGET_USER,
+	TARGET_RESTAURANT,
+	TARGET_DEAD
+} Target;
+
+typedef struct Decision
+{
+	Target		target;
+	DwhRedisKind kind;
+	DwhRedisState state;
+	Jsonb	   *payload;		/* user, restaurant */
+	int			sqlstate;		/* dead */
+	char	   *reason;			/* dead */
+	int			raw_len;		/* dead: bytes of value kept */
+} Decision;
+
+/* One array argument of a statement, built row by row. */
+typedef struct Column
+{
+	Oid			elemtype;
+	int			n;
+	Datum	   *values;
+	bool	   *nulls;
+} Column;
+
+static SPIPlanPtr upsert_users_plan = NULL;
+static SPIPlanPtr upsert_restaurants_plan = NULL;
+static SPIPlanPtr dead_letters_plan = NULL;
+static SPIPlanPtr keys_plan = NULL;
+
+static const char *upsert_users_sql =
+"INSERT INTO stg.users AS t (object_id, payload) "
+"SELECT u.k, u.p FROM unnest($1::text[], $2::jsonb[]) AS u(k, p) ORDER BY u.k "
+"ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload";
+
+static const char *upsert_restaurants_sql =
+"INSERT INTO stg.restaurants AS t (object_id, payload) "
+"SELECT u.k, u.p FROM unnest($1::text[], $2::jsonb[]) AS u(k, p) ORDER BY u.k "
+"ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload";
+
+static const char *dead_letters_sql =
+"INSERT INTO dwh.dead_letters (source, source_key, raw, reason, sqlstate) "
+"SELECT 'redis', d.k, d.raw, d.reason, d.sqlstate "
+"FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[]) "
+"     AS d(k, raw, reason, sqlstate)";
+
+static const char *keys_sql =
+"INSERT INTO dwh.redis_keys AS r (key, kind, state, value_hash, reason, changed_at) "
+"SELECT k.key, k.kind, k.state, k.hash, k.reason, now() "
+"FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[]) "
+"     AS k(key, kind, state, hash, reason) "
+"ORDER BY k.key "
+"ON CONFLICT (key) DO UPDATE "
+"SET kind = EXCLUDED.kind, state = EXCLUDED.state, "
+"    value_hash = EXCLUDED.value_hash, reason = EXCLUDED.reason, "
+"    changed_at = EXCLUDED.changed_at";
+
+/*
+ * Start a transaction with a snapshot and SPI.  Statements of the worker
+ * run with the privileges of the database user it connected as (the
+ * bootstrap superuser).  end_work commits and goes back to the caller's
+ * memory context (a commit leaves TopMemoryContext current).
+ */
+static MemoryContext work_caller = NULL;
+
+static void
+begin_work(const char *activity)
+{
+	work_caller = CurrentMemoryContext;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_work(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(work_caller);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	pgstat_report_stat(false);
+}
+
+static SPIPlanPtr
+prepare_kept(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "SPI_keepplan failed");
+	return plan;
+}
+
+static void
+prepare_plans(void)
+{
+	if (upsert_users_plan == NULL)
+	{
+		Oid			types[2] = {TEXTARRAYOID, JSONBARRAYOID};
+
+		upsert_users_plan = prepare_kept(upsert_users_sql, 2, types);
+	}
+	if (upsert_restaurants_plan == NULL)
+	{
+		Oid			types[2] = {TEXTARRAYOID, JSONBARRAYOID};
+
+		upsert_restaurants_plan = prepare_kept(upsert_restaurants_sql, 2, types);
+	}
+	if (dead_letters_plan == NULL)
+	{
+		Oid			types[4] = {TEXTARRAYOID, BYTEAARRAYOID, TEXTARRAYOID,
+		TEXTARRAYOID};
+
+		dead_letters_plan = prepare_kept(dead_letters_sql, 4, types);
+	}
+	if (keys_plan == NULL)
+	{
+		Oid			types[5] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+		BYTEAARRAYOID, TEXTARRAYOID};
+
+		keys_plan = prepare_kept(keys_sql, 5, types);
+	}
+}
+
+/*
+ * Forget the kept plans: after an error the extension may have been
+ * dropped and created again, with other table OIDs.
+ */
+static void
+forget_plans(void)
+{
+	upsert_users_plan = NULL;
+	upsert_restaurants_plan = NULL;
+	dead_letters_plan = NULL;
+	keys_plan = NULL;
+}
+
+static void
+column_init(Column *col, Oid elemtype, int capacity)
+{
+	col->elemtype = elemtype;
+	col->n = 0;
+	col->values = palloc(sizeof(Datum) * Max(capacity, 1));
+	col->nulls = palloc(sizeof(bool) * Max(capacity, 1));
+}
+
+static void
+column_add(Column *col, Datum value, bool isnull)
+{
+	col->values[col->n] = isnull ? (Datum) 0 : value;
+	col->nulls[col->n] = isnull;
+	col->n++;
+}
+
+static Datum
+column_array(Column *col)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {col->n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(col->elemtype, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(col->values, col->nulls, 1,
+											  dims, lbs, col->elemtype,
+											  typlen, typbyval, typalign));
+}
+
+static Datum
+bytea_datum(const void *data, int len)
+{
+	bytea	   *b = palloc(VARHDRSZ + len);
+
+	SET_VARSIZE(b, VARHDRSZ + len);
+	memcpy(VARDATA(b), data, len);
+	return PointerGetDatum(b);
+}
+
+/*
+ * dwh_redis_store_ready
+ *		Is the extension created, with the Redis worker's tables?  Runs in
+ *		a transaction of its own.
+ */
+bool
+dwh_redis_store_ready(void)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	bool		ready;
+	Oid			nsp;
+
+	StartTransactionCommand();
+	nsp = get_namespace_oid("dwh", true);
+	ready = OidIsValid(nsp) &&
+		OidIsValid(get_relname_relid("redis_keys", nsp)) &&
+		OidIsValid(get_relname_relid("redis_wanted", nsp));
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
+	if (!ready)
+		forget_plans();
+	return ready;
+}
+
+/* Run a statement that returns nothing; the number of rows it processed. */
+static int
+run(const char *sql, int expected)
+{
+	int			rc = SPI_execute(sql, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "dwh redis worker: statement failed: %s",
+			 SPI_result_code_string(rc));
+	return (int) SPI_processed;
+}
+
+/*
+ * dwh_redis_store_take_wanted
+ *		Move the ids queued by the hub trigger into dwh.redis_keys; returns
+ *		how many keys are new to it.
+ */
+int
+dwh_redis_store_take_wanted(void)
+{
+	int			added;
+
+	begin_work("dwh: taking the Redis keys orders named");
+	added = run("WITH w AS (DELETE FROM dwh.redis_wanted RETURNING key, kind) "
+				"INSERT INTO dwh.redis_keys (key, kind, state) "
+				"SELECT DISTINCT ON (key) key, kind, 'new' FROM w ORDER BY key "
+				"ON CONFLICT (key) DO NOTHING",
+				SPI_OK_INSERT);
+	end_work();
+	return added;
+}
+
+/*
+ * dwh_redis_store_sync_hubs
+ *		Add every user and restaurant id of DDS that dwh.redis_keys lacks
+ *		(in case the queue missed some: keys restored from a backup, hubs
+ *		written before the extension had its Redis objects).
+ */
+int
+dwh_redis_store_sync_hubs(void)
+{
+	int			added;
+
+	begin_work("dwh: comparing hubs with the Redis keys");
+	added = run("INSERT INTO dwh.redis_keys (key, kind, state) "
+				"SELECT key, kind, 'new' FROM ("
+				"  SELECT h.user_id AS key, 'user' AS kind FROM dds.h_user h "
+				"  WHERE NOT EXISTS (SELECT FROM dwh.redis_keys k WHERE k.key = h.user_id) "
+				"  UNION ALL "
+				"  SELECT h.restaurant_id, 'restaurant' FROM dds.h_restaurant h "
+				"  WHERE NOT EXISTS (SELECT FROM dwh.redis_keys k WHERE k.key = h.restaurant_id)"
+				") n ORDER BY key "
+				"ON CONFLICT (key) DO NOTHING",
+				SPI_OK_INSERT);
+	end_work();
+	return added;
+}
+
+/*
+ * dwh_redis_store_add_keys
+ *		Record keys found by SCAN; those already known are left alone
+ *		(and cost no write).  Returns how many are new.
+ */
+int
+dwh_redis_store_add_keys(char **keys, int n)
+{
+	Column		col;
+	Datum		args[1];
+	Oid			types[1] = {TEXTARRAYOID};
+	int			i;
+	int			rc;
+	int			added;
+
+	if (n == 0)
+		return 0;
+	begin_work("dwh: recording the Redis keys found by SCAN");
+	column_init(&col, TEXTOID, n);
+	for (i = 0; i < n; i++)
+		column_add(&col, CStringGetTextDatum(keys[i]), false);
+	args[0] = column_array(&col);
+
+	/*
+	 * ON CONFLICT DO NOTHING probes the key's index before inserting: a known
+	 * key costs one probe and writes nothing.  (An anti-join here would be
+	 * planned as a hash join over the whole table, per batch.)
+	 */
+	rc = SPI_execute_with_args("INSERT INTO dwh.redis_keys (key, kind, state) "
+							   "SELECT DISTINCT k, 'unknown', 'new' FROM unnest($1) k "
+							   "ORDER BY 1 ON CONFLICT (key) DO NOTHING",
+							   1, types, args, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "dwh redis worker: could not record keys: %s",
+			 SPI_result_code_string(rc));
+	added = (int) SPI_processed;
+	end_work();
+	return added;
+}
+
+static DwhRedisKind
+kind_from_name(const char *name)
+{
+	int			i;
+
+	for (i = 0; i < lengthof(kind_names); i++)
+		if (strcmp(name, kind_names[i]) == 0)
+			return (DwhRedisKind) i;
+	return DWH_REDIS_KIND_UNKNOWN;
+}
+
+static DwhRedisState
+state_from_name(const char *name)
+{
+	int			i;
+
+	for (i = 0; i < lengthof(state_names); i++)
+		if (strcmp(name, state_names[i]) == 0)
+			return (DwhRedisState) i;
+	return DWH_REDIS_STATE_NEW;
+}
+
+/*
+ * Run a query returning (key, kind, state, value_hash) rows and copy them
+ * into the caller's memory context.
+ */
+static int
+fetch_keys(const char *activity, const char *sql, int nargs, Oid *types,
+		   Datum *args, DwhRedisKey **keys)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	DwhRedisKey *result;
+	int			rc;
+	uint64		i;
+	int			n;
+
+	begin_work(activity);
+	rc = SPI_execute_with_args(sql, nargs, types, args, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "dwh redis worker: could not read dwh.redis_keys: %s",
+			 SPI_result_code_string(rc));
+	n = (int) SPI_processed;
+	result = MemoryContextAllocZero(caller, sizeof(DwhRedisKey) * Max(n, 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		DwhRedisKey *k = &result[i];
+		bool		isnull;
+		Datum		hash;
+
+		k->key = MemoryContextStrdup(caller, SPI_getvalue(tup, desc, 1));
+		k->kind = kind_from_name(SPI_getvalue(tup, desc, 2));
+		k->state = state_from_name(SPI_getvalue(tup, desc, 3));
+		hash = SPI_getbinval(tup, desc, 4, &isnull);
+		if (!isnull)
+		{
+			bytea	   *b = DatumGetByteaPP(hash);
+
+			if (VARSIZE_ANY_EXHDR(b) == DWH_REDIS_HASH_LEN)
+			{
+				memcpy(k->hash, VARDATA_ANY(b), DWH_REDIS_HASH_LEN);
+				k->has_hash = true;
+			}
+		}
+	}
+	end_work();
+	*keys = result;
+	return n;
+}
+
+/*
+ * dwh_redis_store_new_keys
+ *		Up to limit keys never read yet, in key order.
+ */
+int
+dwh_redis_store_new_keys(int limit, DwhRedisKey **keys)
+{
+	Oid			types[1] = {INT4OID};
+	Datum		args[1] = {Int32GetDatum(limit)};
+
+	return fetch_keys("dwh: listing new Redis keys",
+					  "SELECT key, kind, state, value_hash FROM dwh.redis_keys "
+					  "WHERE state = 'new' ORDER BY key LIMIT $1",
+					  1, types, args, keys);
+}
+
+/*
+ * dwh_redis_store_page
+ *		Up to limit known keys after the key "after" ("" for the first
+ *		page), in key order: one page of a refresh pass.
+ */
+int
+dwh_redis_store_page(const char *after, int limit, DwhRedisKey **keys)
+{
+	Oid			types[2] = {TEXTOID, INT4OID};
+	Datum		args[2] = {CStringGetTextDatum(after), Int32GetDatum(limit)};
+
+	return fetch_keys("dwh: listing Redis keys to refresh",
+					  "SELECT key, kind, state, value_hash FROM dwh.redis_keys "
+					  "WHERE key > $1 ORDER BY key LIMIT $2",
+					  2, types, args, keys);
+}
+
+/* 128-bit hash of a value: two 64-bit hashes with different seeds. */
+static void
+value_hash(const char *data, size_t len, uint8 *out)
+{
+	uint64		h1 = hash_bytes_extended((const unsigned char *) data, (int) len,
+										 UINT64CONST(0x6477682d72656469));
+	uint64		h2 = hash_bytes_extended((const unsigned char *) data, (int) len,
+										 UINT64CONST(0x7320646963742031));
+
+	memcpy(out, &h1, 8);
+	memcpy(out + 8, &h2, 8);
+}
+
+/*
+ * dwh_redis_value_seen
+ *		Record what Redis holds under a key (called while the reply is
+ *		alive).  Only a changed value is copied, and of a value larger than
+ *		max_value_size only the prefix kept in its dead letter.
+ */
+void
+dwh_redis_value_seen(DwhRedisKey *key, bool found, const char *data,
+					 size_t len, int max_value_size)
+{
+	size_t		keep;
+
+	key->found = found;
+	key->changed = false;
+	if (!found)
+		return;
+	value_hash(data, len, key->new_hash);
+	if (key->has_hash && key->state != DWH_REDIS_STATE_NEW &&
+		memcmp(key->hash, key->new_hash, DWH_REDIS_HASH_LEN) == 0)
+		return;
+	key->changed = true;
+	key->len = len;
+	keep = len > (size_t) max_value_size ? TOO_LARGE_PREFIX : len;
+	key->value = palloc(keep + 1);
+	memcpy(key->value, data, keep);
+	key->value[keep] = '\0';
+}
+
+/* Make d a dead letter. */
+static void
+decide_dead(Decision *d, DwhRedisKind kind, int sqlstate, const char *reason,
+			int raw_len)
+{
+	d->target = TARGET_DEAD;
+	d->kind = kind;
+	d->state = DWH_REDIS_STATE_REFUSED;
+	d->sqlstate = sqlstate;
+	d->reason = pstrdup(reason);
+	d->raw_len = raw_len;
+}
+
+/*
+ * What to do with a key: the classification of its value.
+ */
+static void
+decide(DwhRedisKey *k, int max_value_size, Decision *d)
+{
+	DwhProblem	problem;
+	Jsonb	   *value;
+	JsonbValue	v;
+	bool		has_ts;
+	Timestamp	ts;
+
+	memset(d, 0, sizeof(Decision));
+	d->kind = k->kind;
+	if (!k->found)
+	{
+		d->state = DWH_REDIS_STATE_MISSING;
+		d->target = k->state == DWH_REDIS_STATE_MISSING ? TARGET_NOTHING : TARGET_STATE;
+		return;
+	}
+	if (!k->changed)
+	{
+		d->target = TARGET_NOTHING;
+		return;
+	}
+	if (k->len > max_value_size)
+	{
+		decide_dead(d, k->kind, ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+					psprintf("value of " INT64_FORMAT " bytes exceeds dwh.redis_max_value_size (%d bytes); raw holds its first %d bytes",
+							 k->len, max_value_size, TOO_LARGE_PREFIX),
+					TOO_LARGE_PREFIX);
+		return;
+	}
+
+	value = dwh_json_parse(k->value, (int) k->len, &problem);
+	if (value == NULL)
+	{
+		decide_dead(d, k->kind, problem.sqlstate, problem.reason, (int) k->len);
+		return;
+	}
+	if (!JB_ROOT_IS_OBJECT(value))
+	{
+		decide_dead(d, k->kind, ERRCODE_INVALID_TEXT_REPRESENTATION,
+					"value must be a JSON object (a user or a restaurant)",
+					(int) k->len);
+		return;
+	}
+
+	/* The shape decides: a menu makes a restaurant, a login a user. */
+	if (getKeyJsonValueFromContainer(&value->root, "menu", 4, &v) != NULL)
+	{
+		if (!dwh_restaurant_value_check(&value->root, &has_ts, &ts, &problem))
+		{
+			decide_dead(d, DWH_REDIS_KIND_RESTAURANT, problem.sqlstate,
+						psprintf("invalid restaurant: %s", problem.reason),
+						(int) k->len);
+			return;
+		}
+		d->target = TARGET_RESTAURANT;
+		d->kind = DWH_REDIS_KIND_RESTAURANT;
+	}
+	else if (getKeyJsonValueFromContainer(&value->root, "login", 5, &v) != NULL)
+	{
+		if (!dwh_user_value_check(&value->root, &has_ts, &ts, &problem))
+		{
+			decide_dead(d, DWH_REDIS_KIND_USER, problem.sqlstate,
+						psprintf("invalid user: %s", problem.reason),
+						(int) k->len);
+			return;
+		}
+		d->target = TARGET_USER;
+		d->kind = DWH_REDIS_KIND_USER;
+	}
+	else
+	{
+		decide_dead(d, k->kind, ERRCODE_INVALID_TEXT_REPRESENTATION,
+					"value of unknown shape: neither a restaurant (no \"menu\") nor a user (no \"login\")",
+					(int) k->len);
+		return;
+	}
+	d->state = DWH_REDIS_STATE_MIRRORED;
+	d->payload = value;
+}
+
+/*
+ * Write the decisions of the keys idx[0..n) with one statement per
+ * destination.  Raises an error if a statement fails.
+ */
+static void
+write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
+				DwhRedisApplyResult *result)
+{
+	Column		u_key,
+				u_payload,
+				r_key,
+				r_payload,
+				d_key,
+				d_raw,
+				d_reason,
+				d_sqlstate,
+				k_key,
+				k_kind,
+				k_state,
+				k_hash,
+				k_reason;
+	int			i;
+	int			rc;
+
+	column_init(&u_key, TEXTOID, n);
+	column_init(&u_payload, JSONBOID, n);
+	column_init(&r_key, TEXTOID, n);
+	column_init(&r_payload, JSONBOID, n);
+	column_init(&d_key, TEXTOID, n);
+	column_init(&d_raw, BYTEAOID, n);
+	column_init(&d_reason, TEXTOID, n);
+	column_init(&d_sqlstate, TEXTOID, n);
+	column_init(&k_key, TEXTOID, n);
+	column_init(&k_kind, TEXTOID, n);
+	column_init(&k_state, TEXTOID, n);
+	column_init(&k_hash, BYTEAOID, n);
+	column_init(&k_reason, TEXTOID, n);
+
+	for (i = 0; i < n; i++)
+	{
+		DwhRedisKey *k = &keys[idx[i]];
+		Decision   *d = &decisions[idx[i]];
+		Datum		key = CStringGetTextDatum(k->key);
+
+		if (d->target == TARGET_NOTHING)
+			continue;
+		if (d->target == TARGET_USER)
+		{
+			column_add(&u_key, key, false);
+			column_add(&u_payload, JsonbPGetDatum(d->payload), false);
+		}
+		else if (d->target == TARGET_RESTAURANT)
+		{
+			column_add(&r_key, key, false);
+			column_add(&r_payload, JsonbPGetDatum(d->payload), false);
+		}
+		else if (d->target == TARGET_DEAD)
+		{
+			column_add(&d_key, key, false);
+			column_add(&d_raw, bytea_datum(k->value, d->raw_len), false);
+			column_add(&d_reason, CStringGetTextDatum(d->reason), false);
+			column_add(&d_sqlstate,
+					   CStringGetTextDatum(unpack_sql_state(d->sqlstate)), false);
+		}
+		column_add(&k_key, key, false);
+		column_add(&k_kind, CStringGetTextDatum(kind_names[d->kind]), false);
+		column_add(&k_state, CStringGetTextDatum(state_names[d->state]), false);
+		column_add(&k_hash, bytea_datum(k->new_hash, DWH_REDIS_HASH_LEN),
+				   !k->found);
+		column_add(&k_reason, d->reason ? CStringGetTextDatum(d->reason) : (Datum) 0,
+				   d->reason == NULL);
+		if (k->found)
+			result->values_changed++;
+	}
+
+	if (u_key.n > 0)
+	{
+		Datum		args[2] = {column_array(&u_key), column_array(&u_payload)};
+
+		rc = SPI_execute_plan(upsert_users_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not store users: %s", SPI_result_code_string(rc));
+		result->stg_written += (int) SPI_processed;
+	}
+	if (r_key.n > 0)
+	{
+		Datum		args[2] = {column_array(&r_key), column_array(&r_payload)};
+
+		rc = SPI_execute_plan(upsert_restaurants_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not store restaurants: %s", SPI_result_code_string(rc));
+		result->stg_written += (int) SPI_processed;
+	}
+	if (d_key.n > 0)
+	{
+		Datum		args[4] = {column_array(&d_key), column_array(&d_raw),
+		column_array(&d_reason), column_array(&d_sqlstate)};
+
+		rc = SPI_execute_plan(dead_letters_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not record dead letters: %s", SPI_result_code_string(rc));
+		result->dead_lettered += d_key.n;
+	}
+	if (k_key.n > 0)
+	{
+		Datum		args[5] = {column_array(&k_key), column_array(&k_kind),
+			column_array(&k_state), column_array(&k_hash),
+		column_array(&k_reason)};
+		char		nulls[5];
+		int			j;
+
+		for (j = 0; j < 5; j++)
+			nulls[j] = ' ';
+		rc = SPI_execute_plan(keys_plan, args, nulls, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not record Redis key states: %s", SPI_result_code_string(rc));
+	}
+}
+
+/*
+ * Is this error about the values written (so that writing them one by one
+ * isolates the culprits), rather than about the system?
+ */
+static bool
+error_is_about_data(ErrorData *edata)
+{
+	switch (ERRCODE_TO_CATEGORY(edata->sqlerrcode))
+	{
+		case ERRCODE_DATA_EXCEPTION:
+		case ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION:
+		case ERRCODE_PROGRAM_LIMIT_EXCEEDED:
+		case ERRCODE_PLPGSQL_ERROR:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * write_decisions in a subtransaction.  Returns NULL on success, or the
+ * error if it is about the data; any other error is raised again.
+ */
+static ErrorData *
+write_in_subtransaction(DwhRedisKey *keys, Decision *decisions, int *idx,
+						int n, DwhRedisApplyResult *result)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+	DwhRedisApplyResult partial = {0};
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+
+	PG_TRY();
+	{
+		write_decisions(keys, decisions, idx, n, &partial);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (!error_is_about_data(edata))
+			ReThrowError(edata);
+	}
+	PG_END_TRY();
+
+	if (edata == NULL)
+	{
+		result->stg_written += partial.stg_written;
+		result->dead_lettered += partial.dead_lettered;
+		result->values_changed += partial.values_changed;
+	}
+	return edata;
+}
+
+/*
+ * dwh_redis_store_apply
+ *		Classify and write a batch of keys whose values were read, in one
+ *		transaction.
+ */
+void
+dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
+					  DwhRedisApplyResult *result)
+{
+	Decision   *decisions = palloc(sizeof(Decision) * Max(n, 1));
+	int		   *idx = palloc(sizeof(int) * Max(n, 1));
+	int			n_idx = 0;
+	ErrorData  *edata;
+	int			i;
+
+	memset(result, 0, sizeof(DwhRedisApplyResult));
+	for (i = 0; i < n; i++)
+	{
+		CHECK_FOR_INTERRUPTS();
+		decide(&keys[i], max_value_size, &decisions[i]);
+		if (decisions[i].target != TARGET_NOTHING)
+			idx[n_idx++] = i;
+	}
+	if (n_idx == 0)
+		return;
+
+	begin_work("dwh: writing Redis values");
+	prepare_plans();
+	edata = write_in_subtransaction(keys, decisions, idx, n_idx, result);
+	if (edata != NULL)
+	{
+		/* Isolate the culprits: one subtransaction per key. */
+		FreeErrorData(edata);
+		for (i = 0; i < n_idx; i++)
+		{
+			Decision   *d = &decisions[idx[i]];
+
+			CHECK_FOR_INTERRUPTS();
+			edata = write_in_subtransaction(keys, decisions, &idx[i], 1, result);
+			if (edata == NULL)
+				continue;
+			if (d->target == TARGET_DEAD || d->target == TARGET_STATE)
+				ReThrowError(edata);	/* not the value's fault */
+			decide_dead(d, d->kind, edata->sqlerrcode, edata->message,
+						(int) keys[idx[i]].len);
+			FreeErrorData(edata);
+			write_decisions(keys, decisions, &idx[i], 1, result);
+		}
+	}
+	end_work();
+}
+
+/*
+ * dwh_redis_store_counts
+ *		Keys mirrored, and keys wanted but without a value in STG from
+ *		Redis (missing there, or refused).
+ */
+void
+dwh_redis_store_counts(int64 *mirrored, int64 *missing)
+{
+	int			rc;
+	bool		isnull;
+
+	begin_work("dwh: counting Redis keys");
+	rc = SPI_execute("SELECT count(*) FILTER (WHERE state = 'mirrored'), "
+					 "       count(*) FILTER (WHERE state IN ('missing', 'refused')) "
+					 "FROM dwh.redis_keys", true, 0);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "dwh redis worker: could not count keys: %s",
+			 SPI_result_code_string(rc));
+	*mirrored = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											SPI_tuptable->tupdesc, 1, &isnull));
+	*missing = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										   SPI_tuptable->tupdesc, 2, &isnull));
+	end_work();
+}

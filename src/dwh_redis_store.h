@@ -1,0 +1,69 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_redis_store.h
+ *	  The database side of the Redis worker: which keys to read, and one
+ *	  set-based write per batch of values into STG, dead letters and
+ *	  dwh.redis_keys.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef DWH_REDIS_STORE_H
+#define DWH_REDIS_STORE_H
+
+#define DWH_REDIS_HASH_LEN	16
+
+typedef enum DwhRedisKind
+{
+	DWH_REDIS_KIND_UNKNOWN = 0, /* found by SCAN, never read yet */
+	DWH_REDIS_KIND_USER,
+	DWH_REDIS_KIND_RESTAURANT
+} DwhRedisKind;
+
+typedef enum DwhRedisState
+{
+	DWH_REDIS_STATE_NEW = 0,	/* named by an order or found by SCAN */
+	DWH_REDIS_STATE_MIRRORED,	/* its value is in STG */
+	DWH_REDIS_STATE_MISSING,	/* Redis has no string under this key */
+	DWH_REDIS_STATE_REFUSED		/* its value was dead-lettered */
+} DwhRedisState;
+
+/* One key of a batch: what the database knows, then what Redis said. */
+typedef struct DwhRedisKey
+{
+	char	   *key;
+	DwhRedisKind kind;
+	DwhRedisState state;
+	bool		has_hash;
+	uint8		hash[DWH_REDIS_HASH_LEN];	/* of the last value read */
+	/* Filled from the MGET reply. */
+	bool		found;
+	bool		changed;		/* found, and its hash differs */
+	uint8		new_hash[DWH_REDIS_HASH_LEN];
+	char	   *value;			/* a copy, only when changed */
+	int64		len;			/* its full length in Redis */
+} DwhRedisKey;
+
+/* What a batch did. */
+typedef struct DwhRedisApplyResult
+{
+	int			stg_written;	/* STG rows inserted or changed */
+	int			dead_lettered;
+	int			values_changed; /* values whose hash differed */
+} DwhRedisApplyResult;
+
+extern bool dwh_redis_store_ready(void);
+extern int	dwh_redis_store_take_wanted(void);
+extern int	dwh_redis_store_sync_hubs(void);
+extern int	dwh_redis_store_add_keys(char **keys, int n);
+extern int	dwh_redis_store_new_keys(int limit, DwhRedisKey **keys);
+extern int	dwh_redis_store_page(const char *after, int limit,
+								 DwhRedisKey **keys);
+extern void dwh_redis_value_seen(DwhRedisKey *key, bool found,
+								 const char *data, size_t len,
+								 int max_value_size);
+extern void dwh_redis_store_apply(DwhRedisKey *keys, int n,
+								  int max_value_size,
+								  DwhRedisApplyResult *result);
+extern void dwh_redis_store_counts(int64 *mirrored, int64 *missing);
+
+#endif							/* DWH_REDIS_STORE_H */

@@ -1,0 +1,606 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_redis_worker.c
+ *	  The Redis dictionary worker: users and restaurants mirrored into STG.
+ *
+ * One worker, registered when dwh is preloaded, serves dwh.database.  It
+ * loops:
+ *
+ *	- every second, it takes the user and restaurant ids that new orders
+ *	  named (queued in dwh.redis_wanted by a trigger on the DDS hubs) and
+ *	  reads the ones never read, with pipelined MGET in batches of
+ *	  dwh.redis_batch_size, each batch written in one transaction;
+ *	- every dwh.redis_refresh_interval (and on each new connection), a
+ *	  refresh pass: SCAN for new keys when dwh.redis_scan_pattern is set,
+ *	  a full comparison of the hubs with dwh.redis_keys, then every known
+ *	  key read again, page by page; a value whose hash did not change
+ *	  costs no write.
+ *
+ * Orders never wait for this worker: DDS links what it knows, and the
+ * marts catch up when a dictionary value arrives.
+ *
+ * When Redis is down, restarting, or refuses the password or database,
+ * the worker publishes the error in dwh.status, logs each new error once,
+ * drops the connection and retries with backoff (0.5 s doubling to 30 s;
+ * at once after a reload that changes the connection settings).  An error
+ * of the database aborts the transaction and the same work is retried
+ * with backoff.  While dwh.redis_url is empty, the extension is not
+ * created or the server is a standby, it sleeps on its latch and says why.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "dwh_redis_conn.h"
+#include "dwh_redis_store.h"
+#include "dwh_redis_url.h"
+#include "dwh_redis_worker.h"
+#include "dwh_settings.h"
+#include "dwh_status.h"
+
+#define BACKOFF_MIN_MS		500
+#define BACKOFF_MAX_MS		30000
+#define NOT_READY_RECHECK_MS	5000
+#define WANTED_POLL_MS		1000
+
+PGDLLEXPORT void dwh_redis_worker_main(Datum main_arg);
+
+static DwhWorkerStatus *slot;
+static DwhRedisConn *conn = NULL;
+static char *connected_database = NULL;
+static char *conn_settings = NULL;
+static MemoryContext cycle_context;
+static MemoryContext page_context;
+static char last_logged[DWH_ERROR_LEN];
+static int	backoff_ms = 0;
+static TimestampTz next_refresh = 0;
+static TimestampTz last_refresh_start = 0;
+static int	refresh_interval_used = 0;
+static bool new_keys_pending = true;
+static bool counts_stale = true;
+static int64 keys_mirrored = 0;
+static int64 keys_missing = 0;
+static int64 refreshes = 0;
+static int64 changes_found = 0;
+
+/*
+ * dwh_redis_register_worker
+ *		Register the Redis worker (from _PG_init, when preloaded).
+ */
+void
+dwh_redis_register_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
+		BGWORKER_BACKEND_DATABASE_CONNECTION;
+	/* Started on a standby too, where it waits for promotion. */
+	worker.bgw_start_time = BgWorkerStart_ConsistentState;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "dwh");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "dwh_redis_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "dwh redis worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "dwh redis worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * The settings a connection is made from: a change means reconnecting.
+ * Kept in memory only (it holds the password).
+ */
+static char *
+current_conn_settings(void)
+{
+	return MemoryContextStrdup(TopMemoryContext,
+							   psprintf("%s|%d", dwh_redis_url, dwh_redis_timeout));
+}
+
+static void
+drop_connection(void)
+{
+	if (conn != NULL)
+	{
+		dwh_redis_disconnect(conn);
+		conn = NULL;
+	}
+}
+
+static void
+shutdown_connection(int code, Datum arg)
+{
+	drop_connection();
+}
+
+/*
+ * Publish a state; a new one is logged once, a repeated one never.
+ */
+static void
+set_state_logged(const char *state)
+{
+	dwh_status_set_state(slot, "%s", state);
+	if (strcmp(last_logged, state) != 0)
+	{
+		strlcpy(last_logged, state, sizeof(last_logged));
+		ereport(LOG,
+				(errmsg("dwh redis worker: %s", state)));
+	}
+}
+
+static void
+wait_latch(long timeout_ms)
+{
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
+
+/*
+ * The JSON parser of dwh refuses values beyond dwh.max_message_size: in
+ * this process, that limit is dwh.redis_max_value_size (values beyond it
+ * are refused before parsing, with their own reason).
+ */
+static void
+apply_value_size_limit(void)
+{
+	char		buf[32];
+
+	snprintf(buf, sizeof(buf), "%d", dwh_redis_max_value_size);
+	SetConfigOption("dwh.max_message_size", buf, PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/*
+ * Reload the configuration.  Another database means another process;
+ * another URL or timeout means another connection, made at once.
+ */
+static void
+process_reload(void)
+{
+	char	   *settings;
+
+	if (!ConfigReloadPending)
+		return;
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	apply_value_size_limit();
+
+	if (strcmp(dwh_database, connected_database) != 0)
+	{
+		ereport(LOG,
+				(errmsg("dwh redis worker: dwh.database changed from \"%s\" to \"%s\", restarting",
+						connected_database, dwh_database)));
+		proc_exit(1);
+	}
+
+	/* A new interval counts from the start of the last pass. */
+	if (dwh_redis_refresh_interval != refresh_interval_used &&
+		last_refresh_start != 0)
+	{
+		next_refresh = TimestampTzPlusMilliseconds(last_refresh_start,
+												   (int64) dwh_redis_refresh_interval * 1000);
+		refresh_interval_used = dwh_redis_refresh_interval;
+	}
+
+	settings = current_conn_settings();
+	if (strcmp(settings, conn_settings) != 0)
+	{
+		if (conn != NULL)
+			ereport(LOG,
+					(errmsg("dwh redis worker: Redis settings changed, reconnecting")));
+		drop_connection();
+		backoff_ms = 0;
+		last_logged[0] = '\0';
+	}
+	explicit_bzero(conn_settings, strlen(conn_settings));
+	pfree(conn_settings);
+	conn_settings = settings;
+}
+
+/*
+ * Can the worker mirror?  Publishes why not.
+ */
+static bool
+ready_to_mirror(void)
+{
+	if (dwh_redis_url_current() == NULL)
+	{
+		set_state_logged("idle: dwh.redis_url is empty");
+		return false;
+	}
+	if (RecoveryInProgress())
+	{
+		set_state_logged("waiting: the server is a standby");
+		return false;
+	}
+	if (!dwh_redis_store_ready())
+	{
+		set_state_logged(psprintf("waiting: extension dwh is not created in database \"%s\"",
+								  connected_database));
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Publish a Redis failure, drop the connection and choose the wait before
+ * the next attempt.  Each new error is logged once, with its SQLSTATE and
+ * hint; repeats are only counted in dwh.status.
+ */
+static void
+redis_failed(DwhRedisError *error)
+{
+	drop_connection();
+	dwh_status_set_error(slot, "%s", error->message);
+	if (error->transient)
+		backoff_ms = backoff_ms == 0 ? BACKOFF_MIN_MS : Min(backoff_ms * 2, BACKOFF_MAX_MS);
+	else
+		backoff_ms = BACKOFF_MAX_MS;
+	dwh_status_set_state(slot, "%s, retrying every %d s at most",
+						 error->transient ? "waiting for Redis" : "error: Redis refused the connection settings",
+						 BACKOFF_MAX_MS / 1000);
+	if (strcmp(last_logged, error->message) != 0)
+	{
+		strlcpy(last_logged, error->message, sizeof(last_logged));
+		ereport(LOG,
+				(errcode(error->sqlstate),
+				 errmsg("dwh redis worker: %s", error->message),
+				 error->hint ? errhint("%s", error->hint) : 0));
+	}
+}
+
+static bool
+connect_redis(void)
+{
+	DwhRedisError error;
+	char		address[DWH_REDIS_HOST_LEN + DWH_REDIS_PATH_LEN + 64];
+
+	dwh_status_set_state(slot, "connecting");
+	conn = dwh_redis_connect(dwh_redis_url_current(), dwh_redis_timeout, &error);
+	if (conn == NULL)
+	{
+		redis_failed(&error);
+		return false;
+	}
+	dwh_redis_url_redacted(dwh_redis_url_current(), address, sizeof(address));
+	ereport(LOG,
+			(errmsg("dwh redis worker: connected to Redis at %s", address)));
+	last_logged[0] = '\0';
+	return true;
+}
+
+/* Receives each value of an MGET. */
+typedef struct SeenArg
+{
+	DwhRedisKey *keys;
+} SeenArg;
+
+static void
+value_seen(void *arg, int index, bool found, const char *data, size_t len)
+{
+	SeenArg    *a = (SeenArg *) arg;
+
+	dwh_redis_value_seen(&a->keys[index], found, data, len,
+						 dwh_redis_max_value_size);
+}
+
+/*
+ * Read keys[0..n) from Redis and write what changed.  Returns false with
+ * error set when Redis failed.
+ */
+static bool
+mirror_batch(DwhRedisKey *keys, int n, DwhRedisApplyResult *result,
+			 DwhRedisError *error)
+{
+	char	  **names = palloc(sizeof(char *) * Max(n, 1));
+	SeenArg		arg;
+	int			i;
+
+	memset(result, 0, sizeof(DwhRedisApplyResult));
+	for (i = 0; i < n; i++)
+		names[i] = keys[i].key;
+	arg.keys = keys;
+	if (!dwh_redis_mget(conn, names, n, value_seen, &arg, error))
+		return false;
+	dwh_redis_store_apply(keys, n, dwh_redis_max_value_size, result);
+	if (result->values_changed > 0)
+		counts_stale = true;
+	return true;
+}
+
+/*
+ * Read every key never read yet, batch by batch.
+ */
+static bool
+fetch_new_keys(DwhRedisError *error)
+{
+	for (;;)
+	{
+		DwhRedisKey *keys;
+		DwhRedisApplyResult result;
+		int			n;
+
+		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(page_context);
+		MemoryContextSwitchTo(page_context);
+		n = dwh_redis_store_new_keys(dwh_redis_batch_size, &keys);
+		if (n == 0)
+			break;
+		dwh_status_set_state(slot, "fetching keys named by orders");
+		if (!mirror_batch(keys, n, &result, error))
+			return false;
+		counts_stale = true;
+	}
+	MemoryContextSwitchTo(cycle_context);
+	new_keys_pending = false;
+	return true;
+}
+
+/* Gathers the keys of SCAN steps. */
+typedef struct ScanKeys
+{
+	char	  **keys;
+	int			n;
+	int			capacity;
+} ScanKeys;
+
+static void
+key_found(void *arg, const char *key, size_t len)
+{
+	ScanKeys   *sk = (ScanKeys *) arg;
+
+	if (sk->n == sk->capacity)
+	{
+		sk->capacity *= 2;
+		sk->keys = repalloc(sk->keys, sizeof(char *) * sk->capacity);
+	}
+	sk->keys[sk->n++] = pnstrdup(key, len);
+}
+
+/*
+ * Walk the keyspace with SCAN MATCH dwh.redis_scan_pattern and record the
+ * keys not known yet.
+ */
+static bool
+scan_keys(DwhRedisError *error)
+{
+	char		cursor[64] = "0";
+
+	dwh_status_set_state(slot, "scanning Redis keys");
+	do
+	{
+		ScanKeys	sk;
+		char		next[64];
+
+		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(page_context);
+		MemoryContextSwitchTo(page_context);
+		sk.capacity = 1024;
+		sk.n = 0;
+		sk.keys = palloc(sizeof(char *) * sk.capacity);
+		/* Gather about a batch of keys, then record them at once. */
+		do
+		{
+			if (!dwh_redis_scan(conn, cursor, dwh_redis_scan_pattern,
+								dwh_redis_batch_size, next, sizeof(next),
+								key_found, &sk, error))
+				return false;
+			strlcpy(cursor, next, sizeof(cursor));
+		} while (strcmp(cursor, "0") != 0 && sk.n < dwh_redis_batch_size);
+		if (dwh_redis_store_add_keys(sk.keys, sk.n) > 0)
+			new_keys_pending = true;
+	} while (strcmp(cursor, "0") != 0);
+	MemoryContextSwitchTo(cycle_context);
+	return true;
+}
+
+/*
+ * A refresh pass: discover, fetch what is new, then read every known key
+ * again and write what changed.
+ */
+static bool
+refresh_pass(DwhRedisError *error)
+{
+	TimestampTz start = GetCurrentTimestamp();
+	char	   *after = pstrdup("");
+	int64		changed = 0;
+	int64		read = 0;
+
+	if (dwh_redis_scan_pattern[0] != '\0' && !scan_keys(error))
+		return false;
+	if (dwh_redis_store_sync_hubs() + dwh_redis_store_take_wanted() > 0)
+		new_keys_pending = true;
+	if (new_keys_pending && !fetch_new_keys(error))
+		return false;
+
+	dwh_status_set_state(slot, "refreshing");
+	for (;;)
+	{
+		DwhRedisKey *keys;
+		DwhRedisApplyResult result;
+		int			n;
+
+		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(page_context);
+		MemoryContextSwitchTo(page_context);
+		n = dwh_redis_store_page(after, dwh_redis_batch_size, &keys);
+		if (n == 0)
+			break;
+		if (!mirror_batch(keys, n, &result, error))
+			return false;
+		changed += result.stg_written;
+		read += n;
+		MemoryContextSwitchTo(cycle_context);
+		after = pstrdup(keys[n - 1].key);
+	}
+	MemoryContextSwitchTo(cycle_context);
+
+	refreshes++;
+	changes_found += changed;
+	last_refresh_start = start;
+	refresh_interval_used = dwh_redis_refresh_interval;
+	next_refresh = TimestampTzPlusMilliseconds(start,
+											   (int64) dwh_redis_refresh_interval * 1000);
+	ereport(DEBUG1,
+			(errmsg("dwh redis worker: refresh pass done in %.3f ms: " INT64_FORMAT " keys read, " INT64_FORMAT " changes written",
+					(double) (GetCurrentTimestamp() - start) / 1000.0,
+					read, changed)));
+	return true;
+}
+
+/*
+ * One turn of the loop: a refresh pass when due, else the keys that new
+ * orders named.
+ */
+static bool
+run_cycle(DwhRedisError *error)
+{
+	if (GetCurrentTimestamp() >= next_refresh)
+	{
+		if (!refresh_pass(error))
+			return false;
+	}
+	else
+	{
+		if (dwh_redis_store_take_wanted() > 0)
+			new_keys_pending = true;
+		if (new_keys_pending && !fetch_new_keys(error))
+			return false;
+	}
+
+	if (counts_stale)
+	{
+		dwh_redis_store_counts(&keys_mirrored, &keys_missing);
+		counts_stale = false;
+	}
+	dwh_status_set_redis(slot, keys_mirrored, keys_missing, refreshes,
+						 changes_found);
+	return true;
+}
+
+/*
+ * After an error of the database: publish it, clean up the transaction,
+ * and wait before retrying.  A connection cut in the middle of an
+ * exchange is out of step and is dropped.
+ */
+static void
+recover_from_error(void)
+{
+	ErrorData  *edata;
+
+	error_context_stack = NULL;
+	HOLD_INTERRUPTS();
+	EmitErrorReport();
+	AbortOutOfAnyTransaction();
+	MemoryContextSwitchTo(TopMemoryContext);
+	edata = CopyErrorData();
+	FlushErrorState();
+	RESUME_INTERRUPTS();
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	dwh_status_set_error(slot, "%s (SQLSTATE %s)", edata->message,
+						 unpack_sql_state(edata->sqlerrcode));
+	FreeErrorData(edata);
+	if (conn != NULL && !dwh_redis_conn_is_clean(conn))
+		drop_connection();
+	new_keys_pending = true;
+	counts_stale = true;
+
+	backoff_ms = backoff_ms == 0 ? BACKOFF_MIN_MS : Min(backoff_ms * 2, BACKOFF_MAX_MS);
+	dwh_status_set_state(slot, "retrying after an error");
+	wait_latch(backoff_ms);
+}
+
+/*
+ * dwh_redis_worker_main
+ *		Entry point of the Redis worker.
+ */
+void
+dwh_redis_worker_main(Datum main_arg)
+{
+	sigjmp_buf	local_sigjmp_buf;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	/* A write to a socket Redis closed must fail, not kill the process. */
+	pqsignal(SIGPIPE, SIG_IGN);
+	BackgroundWorkerUnblockSignals();
+
+	slot = dwh_status_attach(DWH_WORKER_REDIS, 1);
+	connected_database = MemoryContextStrdup(TopMemoryContext, dwh_database);
+	BackgroundWorkerInitializeConnection(connected_database, NULL, 0);
+	pgstat_report_appname("dwh redis worker");
+
+	cycle_context = AllocSetContextCreate(TopMemoryContext, "dwh redis cycle",
+										  ALLOCSET_DEFAULT_SIZES);
+	page_context = AllocSetContextCreate(TopMemoryContext, "dwh redis page",
+										 ALLOCSET_DEFAULT_SIZES);
+	conn_settings = current_conn_settings();
+	apply_value_size_limit();
+	before_shmem_exit(shutdown_connection, (Datum) 0);
+
+	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
+		recover_from_error();
+	PG_exception_stack = &local_sigjmp_buf;
+
+	for (;;)
+	{
+		DwhRedisError error;
+		long		sleep_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		process_reload();
+		MemoryContextSwitchTo(cycle_context);
+		MemoryContextReset(cycle_context);
+
+		if (!ready_to_mirror())
+		{
+			drop_connection();
+			wait_latch(NOT_READY_RECHECK_MS);
+			continue;
+		}
+		if (conn == NULL)
+		{
+			if (backoff_ms > 0)
+			{
+				wait_latch(backoff_ms);
+				/* The next failure doubles it from here. */
+				if (ConfigReloadPending)
+					continue;
+			}
+			if (!connect_redis())
+				continue;
+			/* Redis may have changed while we were away: refresh. */
+			next_refresh = 0;
+			new_keys_pending = true;
+		}
+
+		if (!run_cycle(&error))
+		{
+			MemoryContextSwitchTo(cycle_context);
+			redis_failed(&error);
+			continue;
+		}
+		backoff_ms = 0;
+		dwh_status_set_state(slot, "mirroring");
+
+		sleep_ms = WANTED_POLL_MS;
+		if (next_refresh > 0)
+			sleep_ms = Min(sleep_ms,
+						   (long) ((next_refresh - GetCurrentTimestamp()) / 1000));
+		wait_latch(sleep_ms);
+	}
+}

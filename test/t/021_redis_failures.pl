@@ -1,0 +1,242 @@
+# The Redis worker when things go wrong: a wrong password and a wrong
+# database (a clear error in dwh.status and in the log, recovery after the
+# URL is corrected and the configuration reloaded), Redis stopped and
+# restarted while orders arrive (orders never wait; the worker resumes by
+# itself), Redis frozen (bounded waits; SIGTERM honoured at once), and the
+# password kept out of the log, dwh.status and the reach of non-superusers.
+# Ends with dwh.verify() empty and the marts equal to a recount of the
+# orders written here.
+
+use strict;
+use warnings;
+
+use FindBin;
+use JSON::PP;
+use lib $FindBin::RealBin;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use RedisServer;
+use Test::More;
+use Time::HiRes qw(time usleep);
+
+my $json = JSON::PP->new->utf8->canonical;
+my $password = 'Sup3r-s3cret-redis-pw';
+my $redis = RedisServer->new(password => $password);
+my $wrong_url = $redis->url(password => 'not-the-password');
+
+my $node = PostgreSQL::Test::Cluster->new('redis_failures');
+$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$node->append_conf(
+	'postgresql.conf', qq{
+shared_preload_libraries = 'dwh'
+log_error_verbosity = verbose
+dwh.redis_refresh_interval = 1
+dwh.redis_timeout = 1000
+dwh.redis_url = '$wrong_url'
+});
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION dwh');
+
+sub psql { return $node->safe_psql('postgres', $_[0]) }
+
+sub wait_for
+{
+	my ($sql, $what) = @_;
+	ok($node->poll_query_until('postgres', $sql), $what)
+	  or diag(psql("SELECT state, last_error FROM dwh.status WHERE worker = 'redis'"));
+}
+
+sub redis_row
+{
+	my ($columns) = @_;
+	return psql("SELECT $columns FROM dwh.status WHERE worker = 'redis'");
+}
+
+sub set_url
+{
+	my ($url) = @_;
+	psql("ALTER SYSTEM SET dwh.redis_url = '$url'");
+	$node->reload;
+}
+
+sub user_id { sprintf('626a81ce9a8cd1920641e2%02d', $_[0]) }
+sub restaurant_id { sprintf('a51e4e31ae4602047ec525%02d', $_[0]) }
+sub dish_id { sprintf('6276e8cd0cf48b4cded00%03d', $_[0]) }
+
+sub put_user
+{
+	my ($n) = @_;
+	$redis->set(user_id($n), $json->encode({ _id => user_id($n), name => "User $n",
+		login => "user$n", update_ts_utc => '2023-08-11 16:44:59' }));
+}
+
+# Dishes as [number, category].
+sub put_restaurant
+{
+	my ($n, @dishes) = @_;
+	$redis->set(
+		restaurant_id($n),
+		$json->encode({ _id => restaurant_id($n), name => "Restaurant $n",
+			update_ts_utc => '2023-08-11 16:50:44',
+			menu => [ map { { _id => dish_id($_->[0]), name => "Dish $_->[0]",
+				price => 100, category => $_->[1] } } @dishes ] }));
+}
+
+sub put_dictionaries
+{
+	put_user($_) for 1 .. 3;
+	put_restaurant(1, [ 1, 'Soups' ], [ 2, 'Salads' ]);
+	put_restaurant(2, [ 11, 'Drinks' ]);
+}
+
+sub ingest_order
+{
+	my ($id, $user, $restaurant, @dishes) = @_;
+	my $ts = '2023-09-01 10:00:00';
+	my $msg = $json->encode({ object_id => $id, object_type => 'order', sent_dttm => $ts,
+		payload => { restaurant => { id => restaurant_id($restaurant) }, date => $ts,
+			user => { id => user_id($user) },
+			order_items => [ map { { id => dish_id($_), name => "Dish $_", price => 100,
+				quantity => 1 } } @dishes ],
+			bonus_payment => 0, cost => 100 * @dishes, payment => 100 * @dishes,
+			bonus_grant => 0, statuses => [ { status => 'CLOSED', dttm => $ts } ],
+			final_status => 'CLOSED', update_ts => $ts } });
+	is(psql("SELECT dwh.ingest_order(\$m\$$msg\$m\$)"),
+		'applied', "order $id applied at once");
+}
+
+# 1. A wrong password: a clear error with a hint, the password nowhere.
+wait_for(
+	q{SELECT last_error LIKE '%refused the password%' FROM dwh.status WHERE worker = 'redis'},
+	'a wrong password is reported in dwh.status');
+like(redis_row('state'), qr/^error: Redis refused the connection settings/,
+	'the state says the settings are refused');
+is(redis_row('last_error_at IS NOT NULL'), 't', 'with the time of the error');
+like(redis_row('last_error'), qr{redis://:\*\*\*\@127\.0\.0\.1:\d+/0},
+	'the error names Redis by its URL, password redacted');
+
+# Non-superusers see neither the setting nor its value.
+psql('CREATE ROLE regress_redis_reader LOGIN');
+my ($ret, $out, $err) = $node->psql('postgres', 'SHOW dwh.redis_url',
+	extra_params => [ '-U', 'regress_redis_reader' ]);
+isnt($ret, 0, 'a non-superuser cannot SHOW dwh.redis_url');
+like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
+	'and is told why');
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM pg_settings WHERE name = 'dwh.redis_url'},
+		extra_params => [ '-U', 'regress_redis_reader' ]),
+	'0', 'pg_settings hides it from non-superusers');
+
+# A correct URL and a reload: the worker recovers.
+put_dictionaries();
+set_url($redis->url);
+wait_for(q{SELECT state = 'mirroring' FROM dwh.status WHERE worker = 'redis'},
+	'the corrected password is picked up on reload');
+
+# 2. A database Redis does not have.
+set_url($redis->url(db => 99));
+wait_for(
+	q{SELECT last_error LIKE '%has no database 99%' FROM dwh.status WHERE worker = 'redis'},
+	'a wrong database is reported in dwh.status');
+set_url($redis->url);
+wait_for(q{SELECT state = 'mirroring' FROM dwh.status WHERE worker = 'redis'},
+	'the corrected database is picked up on reload');
+
+ingest_order(1000001, 1, 1, 1, 2);
+wait_for(q{SELECT count(*) = 1 FROM stg.users}, 'the user of the first order is mirrored');
+wait_for(q{SELECT count(*) = 1 FROM stg.restaurants}, 'and its restaurant');
+
+# 3. Redis stopped while orders arrive: they are applied at once, the
+#    worker waits, and resumes by itself when Redis is back.
+$redis->stop;
+ingest_order(1000002, 2, 2, 11, 1);
+wait_for(
+	q{SELECT state LIKE 'waiting for Redis%' AND last_error LIKE '%could not connect to Redis%'
+	  FROM dwh.status WHERE worker = 'redis'},
+	'Redis down is reported in dwh.status');
+is(psql(q{SELECT count(*) FROM cdm.user_product_counters
+	WHERE user_id = dwh.hash_key('626a81ce9a8cd1920641e202')}),
+	'2', 'the order counts per dish while Redis is down');
+
+$redis->start;
+put_dictionaries();
+wait_for(q{SELECT count(*) = 2 FROM stg.users}, 'Redis back: the new user is mirrored');
+wait_for(q{SELECT count(*) = 2 FROM stg.restaurants}, 'and the new restaurant');
+wait_for(q{SELECT state = 'mirroring' FROM dwh.status WHERE worker = 'redis'},
+	'the worker mirrors again');
+
+# 4. Redis frozen (accepts bytes, answers nothing): each exchange gives up
+#    after dwh.redis_timeout.
+$redis->freeze;
+ingest_order(1000003, 3, 1, 2);
+wait_for(
+	q{SELECT last_error LIKE '%did not answer within 1000 ms%' FROM dwh.status WHERE worker = 'redis'},
+	'a frozen Redis is reported after dwh.redis_timeout');
+
+# With a long timeout, the worker sits in a wait on Redis: SIGTERM must
+# still end it at once.
+psql(q{ALTER SYSTEM SET dwh.redis_timeout = '60s'});
+$node->reload;
+wait_for(q{SELECT state = 'connecting' FROM dwh.status WHERE worker = 'redis'},
+	'the worker waits on the frozen Redis');
+my $pid = redis_row('pid');
+my $t0 = time();
+psql("SELECT pg_terminate_backend($pid)");
+wait_for("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $pid",
+	'the worker ends on SIGTERM');
+my $elapsed = time() - $t0;
+cmp_ok($elapsed, '<', 1.5, sprintf('SIGTERM honoured in %.2f s while waiting on Redis', $elapsed));
+
+psql(q{ALTER SYSTEM SET dwh.redis_timeout = '1s'});
+$node->reload;
+$redis->thaw;
+wait_for(q{SELECT pid IS NOT NULL AND pid <> } . $pid
+	  . q{ AND state = 'mirroring' FROM dwh.status WHERE worker = 'redis'},
+	'the restarted worker mirrors again');
+wait_for(q{SELECT count(*) = 3 FROM stg.users}, 'the third user is mirrored');
+
+# 5. The marts equal the recount of the three orders.
+my $products = join("\n",
+	user_id(1) . '|' . dish_id(1) . '|1',
+	user_id(1) . '|' . dish_id(2) . '|1',
+	user_id(2) . '|' . dish_id(1) . '|1',
+	user_id(2) . '|' . dish_id(11) . '|1',
+	user_id(3) . '|' . dish_id(2) . '|1');
+my $categories = join("\n",
+	user_id(1) . '|Salads|1',
+	user_id(1) . '|Soups|1',
+	user_id(2) . '|Drinks|1',
+	user_id(2) . '|Soups|1',
+	user_id(3) . '|Salads|1');
+is( psql(
+		q{SELECT u.user_id || '|' || p.product_id || '|' || m.order_cnt
+		  FROM cdm.user_product_counters m
+		  JOIN dds.h_user u ON u.h_user_pk = m.user_id
+		  JOIN dds.h_product p ON p.h_product_pk = m.product_id ORDER BY 1}),
+	$products, 'product mart equals the recount');
+is( psql(
+		q{SELECT u.user_id || '|' || m.category_name || '|' || m.order_cnt
+		  FROM cdm.user_category_counters m
+		  JOIN dds.h_user u ON u.h_user_pk = m.user_id ORDER BY 1}),
+	$categories, 'category mart equals the recount');
+is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
+
+# 6. The log has the errors with their SQLSTATEs and hints, never the
+#    password; neither has dwh.status.
+my $log = slurp_file($node->logfile);
+like($log, qr/LOG:  28P01: dwh redis worker: Redis at \S+ refused the password/,
+	'the wrong password is logged with SQLSTATE 28P01');
+like($log, qr/HINT:  Check the username and password in dwh.redis_url/,
+	'with a hint');
+like($log, qr/LOG:  3D000: dwh redis worker: Redis at \S+ has no database 99/,
+	'the wrong database is logged with SQLSTATE 3D000');
+like($log, qr/LOG:  08001: dwh redis worker: could not connect to Redis/,
+	'Redis down is logged with SQLSTATE 08001');
+unlike($log, qr/\Q$password\E/, 'the password never appears in the log');
+unlike($log, qr/not-the-password/, 'nor does the wrong one');
+is(psql(qq{SELECT count(*) FROM dwh.status WHERE last_error LIKE '%$password%' OR state LIKE '%$password%'}),
+	'0', 'nor dwh.status');
+
+$node->stop;
+$redis->stop;
+done_testing();
