@@ -37,7 +37,7 @@ ok(wait_for($node, 'SELECT coalesce(sum(next_offset), 0) > 2000 FROM dwh.kafka_o
 	'consuming');
 broker_command('stop', $broker->{dir});
 ok(wait_for($node,
-		"SELECT bool_or(last_error IS NOT NULL) FROM dwh.status"),
+		"SELECT bool_or(last_error IS NOT NULL) FROM dwh.status WHERE worker LIKE 'kafka%'"),
 	'the lost broker shows in dwh.status');
 my $during = stored_total($node);
 broker_command('restart', $broker->{dir});

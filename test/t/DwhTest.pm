@@ -9,7 +9,7 @@ use strict;
 use warnings;
 
 use Cwd qw(abs_path);
-use File::Basename qw(dirname);
+use File::Basename qw(basename dirname);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -23,6 +23,16 @@ our @EXPORT = qw(
 );
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
+my @started_brokers;
+
+# Brokers go away with the test, even one that fails half-way.
+END
+{
+	foreach my $dir (@started_brokers)
+	{
+		system("bash $root/test/kafka/kafka.sh stop $dir >/dev/null 2>&1");
+	}
+}
 
 sub dwh_root { return $root; }
 
@@ -65,7 +75,9 @@ sub start_broker
 	my $name = $opts{name} // 'kafka';
 	my $topic = $opts{topic} // 'order-service_orders';
 	my $partitions = $opts{partitions} // 4;
-	my $dir = "$PostgreSQL::Test::Utils::tmp_check/$name";
+	# tmp_check is shared by all the TAP tests: one folder per test script.
+	my $script = basename($0, '.pl');
+	my $dir = "$PostgreSQL::Test::Utils::tmp_check/${name}_$script";
 	my @start = ('start', $dir);
 
 	if ($opts{sasl})
@@ -74,6 +86,7 @@ sub start_broker
 		push @start, '--sasl-port', $port;
 	}
 	broker_command(@start);
+	push @started_brokers, $dir;
 	broker_command('create-topic', $dir, $topic, $partitions);
 
 	my %broker = (dir => $dir, topic => $topic, partitions => $partitions);
