@@ -35,9 +35,11 @@ BEGIN
                              array_agg(d.name), array_agg(d.update_ts),
                              'stg.order_events')
     INTO renamed
-    FROM (SELECT DISTINCT ON (e->>'id') e->>'id' AS id, e->>'name' AS name, c.update_ts
+    FROM (SELECT DISTINCT ON (e->>'id' COLLATE "C") e->>'id' AS id, e->>'name' AS name,
+                 c.update_ts
           FROM changed c, jsonb_array_elements(c.payload->'order_items') e
-          ORDER BY e->>'id', c.update_ts DESC, e->>'name' DESC) d;
+          -- Grouping needs no linguistic order: "C" spares strcoll.
+          ORDER BY e->>'id' COLLATE "C", c.update_ts DESC, e->>'name' DESC) d;
 
     IF NOT known THEN
         -- Orders new to DDS: nothing counted before.  No other transaction
