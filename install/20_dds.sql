@@ -69,32 +69,35 @@ COMMENT ON COLUMN dds.h_order.order_dt IS 'Order time (payload.date) of the curr
 COMMENT ON COLUMN dds.h_order.load_dt IS 'When the order was first loaded';
 COMMENT ON COLUMN dds.h_order.load_src IS 'Table it was first loaded from';
 
+-- The link key is a function of the hub keys, so the pair is the primary
+-- key: one index serves uniqueness and the lookups by order.
 CREATE TABLE dds.l_order_user (
-    hk_order_user_pk uuid PRIMARY KEY,
+    hk_order_user_pk uuid NOT NULL,
     h_order_pk  uuid NOT NULL REFERENCES dds.h_order,
     h_user_pk   uuid NOT NULL REFERENCES dds.h_user,
     load_dt     timestamp NOT NULL,
-    load_src    varchar NOT NULL
+    load_src    varchar NOT NULL,
+    PRIMARY KEY (h_order_pk, h_user_pk)
 );
-CREATE INDEX l_order_user_h_order_pk_idx ON dds.l_order_user (h_order_pk);
 COMMENT ON TABLE dds.l_order_user IS 'Link order -> user: who placed the order (current version)';
-COMMENT ON COLUMN dds.l_order_user.hk_order_user_pk IS 'dwh.hash_key(h_order_pk, h_user_pk)';
+COMMENT ON COLUMN dds.l_order_user.hk_order_user_pk IS 'dwh.hash_key(h_order_pk, h_user_pk): unique as the primary key (h_order_pk, h_user_pk) is';
 COMMENT ON COLUMN dds.l_order_user.h_order_pk IS 'The order';
 COMMENT ON COLUMN dds.l_order_user.h_user_pk IS 'The user';
 COMMENT ON COLUMN dds.l_order_user.load_dt IS 'When the link was loaded';
 COMMENT ON COLUMN dds.l_order_user.load_src IS 'Table it was loaded from';
 
 CREATE TABLE dds.l_order_product (
-    hk_order_product_pk uuid PRIMARY KEY,
+    hk_order_product_pk uuid NOT NULL,
     h_order_pk  uuid NOT NULL REFERENCES dds.h_order,
     h_product_pk uuid NOT NULL REFERENCES dds.h_product,
     load_dt     timestamp NOT NULL,
-    load_src    varchar NOT NULL
+    load_src    varchar NOT NULL,
+    PRIMARY KEY (h_order_pk, h_product_pk)
 );
-CREATE INDEX l_order_product_h_order_pk_idx ON dds.l_order_product (h_order_pk);
+-- A dish moved to another category recounts the orders holding it.
 CREATE INDEX l_order_product_h_product_pk_idx ON dds.l_order_product (h_product_pk);
 COMMENT ON TABLE dds.l_order_product IS 'Link order -> dish: the distinct dishes of the order''s current version';
-COMMENT ON COLUMN dds.l_order_product.hk_order_product_pk IS 'dwh.hash_key(h_order_pk, h_product_pk)';
+COMMENT ON COLUMN dds.l_order_product.hk_order_product_pk IS 'dwh.hash_key(h_order_pk, h_product_pk): unique as the primary key (h_order_pk, h_product_pk) is';
 COMMENT ON COLUMN dds.l_order_product.h_order_pk IS 'The order';
 COMMENT ON COLUMN dds.l_order_product.h_product_pk IS 'The dish';
 COMMENT ON COLUMN dds.l_order_product.load_dt IS 'When the link was loaded';

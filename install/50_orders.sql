@@ -21,8 +21,8 @@ BEGIN
     END IF;
 
     -- Does DDS hold any of these orders already?  Not for new orders (the
-    -- usual case): their old state and previous satellites are then not
-    -- looked up at all.  (A restore replays orders DDS already holds.)
+    -- usual case), which take a shorter path below.  (A restore replays
+    -- orders DDS already holds.)
     known := TG_OP = 'UPDATE' OR EXISTS (
         SELECT FROM changed c JOIN dds.h_order h ON h.order_id = c.object_id);
 
@@ -35,171 +35,277 @@ BEGIN
                              array_agg(d.name), array_agg(d.update_ts),
                              'stg.order_events')
     INTO renamed
-    FROM (SELECT DISTINCT ON (e->>'id') e->>'id' AS id, e->>'name' AS name, c.update_ts
+    FROM (SELECT DISTINCT ON (e->>'id' COLLATE "C") e->>'id' AS id, e->>'name' AS name,
+                 c.update_ts
           FROM changed c, jsonb_array_elements(c.payload->'order_items') e
-          ORDER BY e->>'id', c.update_ts DESC, e->>'name' DESC) d;
+          -- Grouping needs no linguistic order: "C" spares strcoll.
+          ORDER BY e->>'id' COLLATE "C", c.update_ts DESC, e->>'name' DESC) d;
 
-    WITH batch AS MATERIALIZED (
-        SELECT c.object_id,
-               dwh.hash_key(c.object_id::text) AS h_order_pk,
-               c.update_ts,
-               (c.payload->>'date')::timestamp AS order_dt,
-               c.payload->>'final_status' AS status,
-               (c.payload->>'cost')::numeric(19, 5) AS cost,
-               (c.payload->>'payment')::numeric(19, 5) AS payment,
-               c.payload->'user'->>'id' AS user_id,
-               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
-               c.payload->'restaurant'->>'id' AS restaurant_id,
-               dwh.hash_key(c.payload->'restaurant'->>'id') AS h_restaurant_pk,
-               c.payload->'order_items' AS items
-        FROM changed c
-    ),
-    item AS MATERIALIZED (
-        SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.h_restaurant_pk, b.status,
-               dwh.hash_key(e->>'id') AS h_product_pk
-        FROM batch b, jsonb_array_elements(b.items) e
-    ),
-    -- What the batch's orders counted before this statement.
-    old_user AS MATERIALIZED (
-        SELECT l.h_order_pk, l.h_user_pk
-        FROM batch b JOIN dds.l_order_user l ON l.h_order_pk = b.h_order_pk
-        WHERE known
-    ),
-    old_item AS MATERIALIZED (
-        SELECT l.h_order_pk, l.h_product_pk
-        FROM batch b JOIN dds.l_order_product l ON l.h_order_pk = b.h_order_pk
-        WHERE known
-    ),
-    old_closed AS MATERIALIZED (
-        SELECT b.h_order_pk
-        FROM batch b
-        WHERE known
-          AND (SELECT s.status FROM dds.s_order_status s
-               WHERE s.h_order_pk = b.h_order_pk
-               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
-    ),
-    old_counted AS MATERIALIZED (
-        SELECT c.h_order_pk, u.h_user_pk, i.h_product_pk
-        FROM old_closed c
-        JOIN old_user u USING (h_order_pk)
-        JOIN old_item i USING (h_order_pk)
-    ),
-    category AS MATERIALIZED (
-        SELECT l.h_product_pk, l.h_category_pk
-        FROM dds.l_product_category l
-        WHERE l.h_product_pk IN (SELECT h_product_pk FROM item
-                                 UNION SELECT h_product_pk FROM old_counted)
-    ),
-    product_delta AS (
-        SELECT h_user_pk, h_product_pk, sum(d)::integer AS d
-        FROM (SELECT h_user_pk, h_product_pk, 1 AS d FROM item WHERE status = 'CLOSED'
-              UNION ALL
-              SELECT h_user_pk, h_product_pk, -1 FROM old_counted) x
-        GROUP BY h_user_pk, h_product_pk
-        HAVING sum(d) <> 0
-    ),
-    category_delta AS (
-        SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
-        FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, c.h_category_pk, 1 AS d
-              FROM item i JOIN category c USING (h_product_pk)
-              WHERE i.status = 'CLOSED'
-              UNION ALL
-              SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
-              FROM old_counted o JOIN category c USING (h_product_pk)) x
-        GROUP BY h_user_pk, h_category_pk
-        HAVING sum(d) <> 0
-    ),
-    -- Hubs, links and satellites.
-    order_hub AS (
-        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
-        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
-        FROM batch
-        ORDER BY h_order_pk
-        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
-        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
-    ),
-    user_hub AS (
-        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT DISTINCT h_user_pk, user_id, now(), 'stg.order_events'
-        FROM batch
-        ORDER BY h_user_pk
-        ON CONFLICT DO NOTHING
-    ),
-    restaurant_hub AS (
-        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT DISTINCT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
-        FROM batch
-        ORDER BY h_restaurant_pk
-        ON CONFLICT DO NOTHING
-    ),
-    order_user_link AS (
-        INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
-        FROM batch
-        ON CONFLICT DO NOTHING
-    ),
-    order_product_link AS (
-        INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
-        FROM item
-        ON CONFLICT DO NOTHING
-    ),
-    product_restaurant_link AS (
-        INSERT INTO dds.l_product_restaurant
-               (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
-               h_restaurant_pk, now(), 'stg.order_events'
-        FROM (SELECT DISTINCT h_product_pk, h_restaurant_pk FROM item) i
-        ORDER BY 1
-        ON CONFLICT DO NOTHING
-    ),
-    status_satellite AS (
-        INSERT INTO dds.s_order_status AS s
-               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
-        SELECT x.h_order_pk, x.status, x.hashdiff, x.update_ts, 'stg.order_events'
-        FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.status) AS hashdiff
-              FROM batch b) x
-        WHERE NOT known OR x.hashdiff IS DISTINCT FROM
-              (SELECT p.hk_order_status_hashdiff FROM dds.s_order_status p
-               WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
-               ORDER BY p.load_dt DESC LIMIT 1)
-        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-        SET status = EXCLUDED.status,
-            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff,
-            load_src = EXCLUDED.load_src
-    ),
-    cost_satellite AS (
-        INSERT INTO dds.s_order_cost AS s
-               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
-        SELECT x.h_order_pk, x.cost, x.payment, x.hashdiff, x.update_ts, 'stg.order_events'
-        FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.cost::text || b.payment::text)
-                          AS hashdiff
-              FROM batch b) x
-        WHERE NOT known OR x.hashdiff IS DISTINCT FROM
-              (SELECT p.hk_order_cost_hashdiff FROM dds.s_order_cost p
-               WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
-               ORDER BY p.load_dt DESC LIMIT 1)
-        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
-            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff,
-            load_src = EXCLUDED.load_src
-    ),
-    product_delta_keys AS (
-        SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_product_pk) AS users,
-               array_agg(h_product_pk ORDER BY h_user_pk, h_product_pk) AS keys,
-               array_agg(d ORDER BY h_user_pk, h_product_pk) AS deltas
-        FROM product_delta
-    ),
-    category_delta_keys AS (
-        SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
-               array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
-               array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
-        FROM category_delta
-    )
-    SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
-    INTO product_users, products, product_deltas,
-         category_users, categories, category_deltas
-    FROM product_delta_keys p, category_delta_keys c;
+    IF NOT known THEN
+        -- Orders new to DDS: nothing counted before.  No other transaction
+        -- can write their rows (it would first conflict on
+        -- stg.order_events.object_id), so their hub, links and satellites
+        -- are plain INSERTs: no arbiter probes, no speculative insertions.
+        WITH batch AS MATERIALIZED (
+            SELECT c.object_id,
+                   dwh.hash_key(c.object_id::text) AS h_order_pk,
+                   c.update_ts,
+                   (c.payload->>'date')::timestamp AS order_dt,
+                   c.payload->>'final_status' AS status,
+                   (c.payload->>'cost')::numeric(19, 5) AS cost,
+                   (c.payload->>'payment')::numeric(19, 5) AS payment,
+                   c.payload->'user'->>'id' AS user_id,
+                   dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+                   c.payload->'restaurant'->>'id' AS restaurant_id,
+                   dwh.hash_key(c.payload->'restaurant'->>'id') AS h_restaurant_pk,
+                   c.payload->'order_items' AS items
+            FROM changed c
+        ),
+        item AS MATERIALIZED (
+            SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.h_restaurant_pk, b.status,
+                   dwh.hash_key(e->>'id') AS h_product_pk
+            FROM batch b, jsonb_array_elements(b.items) e
+        ),
+        category AS MATERIALIZED (
+            SELECT l.h_product_pk, l.h_category_pk
+            FROM dds.l_product_category l
+            WHERE l.h_product_pk IN (SELECT h_product_pk FROM item)
+        ),
+        order_hub AS (
+            INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+            SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+            FROM batch
+        ),
+        user_hub AS (
+            INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+            SELECT DISTINCT h_user_pk, user_id, now(), 'stg.order_events'
+            FROM batch
+            ORDER BY h_user_pk
+            ON CONFLICT DO NOTHING
+        ),
+        restaurant_hub AS (
+            INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+            SELECT DISTINCT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
+            FROM batch
+            ORDER BY h_restaurant_pk
+            ON CONFLICT DO NOTHING
+        ),
+        order_user_link AS (
+            INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+            SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+            FROM batch
+        ),
+        order_product_link AS (
+            INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+            SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+            FROM item
+        ),
+        product_restaurant_link AS (
+            INSERT INTO dds.l_product_restaurant
+                   (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+            SELECT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
+                   h_restaurant_pk, now(), 'stg.order_events'
+            FROM (SELECT DISTINCT h_product_pk, h_restaurant_pk FROM item) i
+            ORDER BY 1
+            ON CONFLICT DO NOTHING
+        ),
+        status_satellite AS (
+            INSERT INTO dds.s_order_status
+                   (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+            SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+                   update_ts, 'stg.order_events'
+            FROM batch
+        ),
+        cost_satellite AS (
+            INSERT INTO dds.s_order_cost
+                   (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+            SELECT h_order_pk, cost, payment,
+                   dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+                   update_ts, 'stg.order_events'
+            FROM batch
+        ),
+        product_delta_keys AS (
+            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_product_pk) AS users,
+                   array_agg(h_product_pk ORDER BY h_user_pk, h_product_pk) AS keys,
+                   array_agg(d ORDER BY h_user_pk, h_product_pk) AS deltas
+            FROM (SELECT h_user_pk, h_product_pk, count(*)::integer AS d
+                  FROM item WHERE status = 'CLOSED'
+                  GROUP BY h_user_pk, h_product_pk) x
+        ),
+        category_delta_keys AS (
+            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
+                   array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
+                   array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
+            FROM (SELECT i.h_user_pk, c.h_category_pk,
+                         count(DISTINCT i.h_order_pk)::integer AS d
+                  FROM item i JOIN category c USING (h_product_pk)
+                  WHERE i.status = 'CLOSED'
+                  GROUP BY i.h_user_pk, c.h_category_pk) x
+        )
+        SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
+        INTO product_users, products, product_deltas,
+             category_users, categories, category_deltas
+        FROM product_delta_keys p, category_delta_keys c;
+    ELSE
+        WITH batch AS MATERIALIZED (
+            SELECT c.object_id,
+                   dwh.hash_key(c.object_id::text) AS h_order_pk,
+                   c.update_ts,
+                   (c.payload->>'date')::timestamp AS order_dt,
+                   c.payload->>'final_status' AS status,
+                   (c.payload->>'cost')::numeric(19, 5) AS cost,
+                   (c.payload->>'payment')::numeric(19, 5) AS payment,
+                   c.payload->'user'->>'id' AS user_id,
+                   dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+                   c.payload->'restaurant'->>'id' AS restaurant_id,
+                   dwh.hash_key(c.payload->'restaurant'->>'id') AS h_restaurant_pk,
+                   c.payload->'order_items' AS items
+            FROM changed c
+        ),
+        item AS MATERIALIZED (
+            SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.h_restaurant_pk, b.status,
+                   dwh.hash_key(e->>'id') AS h_product_pk
+            FROM batch b, jsonb_array_elements(b.items) e
+        ),
+        -- What the batch's orders counted before this statement.
+        old_user AS MATERIALIZED (
+            SELECT l.h_order_pk, l.h_user_pk
+            FROM batch b JOIN dds.l_order_user l ON l.h_order_pk = b.h_order_pk
+        ),
+        old_item AS MATERIALIZED (
+            SELECT l.h_order_pk, l.h_product_pk
+            FROM batch b JOIN dds.l_order_product l ON l.h_order_pk = b.h_order_pk
+        ),
+        old_closed AS MATERIALIZED (
+            SELECT b.h_order_pk
+            FROM batch b
+            WHERE (SELECT s.status FROM dds.s_order_status s
+                   WHERE s.h_order_pk = b.h_order_pk
+                   ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+        ),
+        old_counted AS MATERIALIZED (
+            SELECT c.h_order_pk, u.h_user_pk, i.h_product_pk
+            FROM old_closed c
+            JOIN old_user u USING (h_order_pk)
+            JOIN old_item i USING (h_order_pk)
+        ),
+        category AS MATERIALIZED (
+            SELECT l.h_product_pk, l.h_category_pk
+            FROM dds.l_product_category l
+            WHERE l.h_product_pk IN (SELECT h_product_pk FROM item
+                                     UNION SELECT h_product_pk FROM old_counted)
+        ),
+        product_delta AS (
+            SELECT h_user_pk, h_product_pk, sum(d)::integer AS d
+            FROM (SELECT h_user_pk, h_product_pk, 1 AS d FROM item WHERE status = 'CLOSED'
+                  UNION ALL
+                  SELECT h_user_pk, h_product_pk, -1 FROM old_counted) x
+            GROUP BY h_user_pk, h_product_pk
+            HAVING sum(d) <> 0
+        ),
+        category_delta AS (
+            SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
+            FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, c.h_category_pk, 1 AS d
+                  FROM item i JOIN category c USING (h_product_pk)
+                  WHERE i.status = 'CLOSED'
+                  UNION ALL
+                  SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
+                  FROM old_counted o JOIN category c USING (h_product_pk)) x
+            GROUP BY h_user_pk, h_category_pk
+            HAVING sum(d) <> 0
+        ),
+        -- Hubs, links and satellites.
+        order_hub AS (
+            INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+            SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+            FROM batch
+            ORDER BY h_order_pk
+            ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
+            WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
+        ),
+        user_hub AS (
+            INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+            SELECT DISTINCT h_user_pk, user_id, now(), 'stg.order_events'
+            FROM batch
+            ORDER BY h_user_pk
+            ON CONFLICT DO NOTHING
+        ),
+        restaurant_hub AS (
+            INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+            SELECT DISTINCT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
+            FROM batch
+            ORDER BY h_restaurant_pk
+            ON CONFLICT DO NOTHING
+        ),
+        order_user_link AS (
+            INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+            SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+            FROM batch
+            ON CONFLICT DO NOTHING
+        ),
+        order_product_link AS (
+            INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+            SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+            FROM item
+            ON CONFLICT DO NOTHING
+        ),
+        product_restaurant_link AS (
+            INSERT INTO dds.l_product_restaurant
+                   (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+            SELECT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
+                   h_restaurant_pk, now(), 'stg.order_events'
+            FROM (SELECT DISTINCT h_product_pk, h_restaurant_pk FROM item) i
+            ORDER BY 1
+            ON CONFLICT DO NOTHING
+        ),
+        status_satellite AS (
+            INSERT INTO dds.s_order_status AS s
+                   (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+            SELECT x.h_order_pk, x.status, x.hashdiff, x.update_ts, 'stg.order_events'
+            FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.status) AS hashdiff
+                  FROM batch b) x
+            WHERE x.hashdiff IS DISTINCT FROM
+                  (SELECT p.hk_order_status_hashdiff FROM dds.s_order_status p
+                   WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
+                   ORDER BY p.load_dt DESC LIMIT 1)
+            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+            SET status = EXCLUDED.status,
+                hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff,
+                load_src = EXCLUDED.load_src
+        ),
+        cost_satellite AS (
+            INSERT INTO dds.s_order_cost AS s
+                   (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+            SELECT x.h_order_pk, x.cost, x.payment, x.hashdiff, x.update_ts, 'stg.order_events'
+            FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.cost::text || b.payment::text)
+                              AS hashdiff
+                  FROM batch b) x
+            WHERE x.hashdiff IS DISTINCT FROM
+                  (SELECT p.hk_order_cost_hashdiff FROM dds.s_order_cost p
+                   WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
+                   ORDER BY p.load_dt DESC LIMIT 1)
+            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+            SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+                hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff,
+                load_src = EXCLUDED.load_src
+        ),
+        product_delta_keys AS (
+            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_product_pk) AS users,
+                   array_agg(h_product_pk ORDER BY h_user_pk, h_product_pk) AS keys,
+                   array_agg(d ORDER BY h_user_pk, h_product_pk) AS deltas
+            FROM product_delta
+        ),
+        category_delta_keys AS (
+            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
+                   array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
+                   array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
+            FROM category_delta
+        )
+        SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
+        INTO product_users, products, product_deltas,
+             category_users, categories, category_deltas
+        FROM product_delta_keys p, category_delta_keys c;
+    END IF;
 
     IF TG_OP = 'UPDATE' THEN
         -- Links of the previous version that the new one no longer holds.

@@ -157,6 +157,15 @@ text_datum(const char *s)
 }
 
 static Datum
+jsonb_copy(Jsonb *jb)
+{
+	Jsonb	   *copy = palloc(VARSIZE(jb));
+
+	memcpy(copy, jb, VARSIZE(jb));
+	return JsonbPGetDatum(copy);
+}
+
+static Datum
 bytea_datum(const char *data, int len)
 {
 	bytea	   *b = palloc(VARHDRSZ + len);
@@ -385,6 +394,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 				x_partition,
 				x_offset;
 	DeadLetters dl;
+	MemoryContext parse_cxt;
 	int			i;
 	int			rc;
 
@@ -400,19 +410,29 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	column_init(&x_offset, INT8OID, n);
 	dead_letters_init(&dl, n);
 
+	/*
+	 * Parsing leaves several times a message's size of garbage: it goes
+	 * with each message, so that a batch keeps only what it stores.
+	 */
+	parse_cxt = AllocSetContextCreate(CurrentMemoryContext,
+									  "dwh message parsing",
+									  ALLOCSET_DEFAULT_SIZES);
 	for (i = 0; i < n; i++)
 	{
 		DwhMessage	msg;
+		MemoryContext batch_cxt;
 
 		CHECK_FOR_INTERRUPTS();
+		batch_cxt = MemoryContextSwitchTo(parse_cxt);
 		dwh_message_parse(items[i].data, items[i].len, &msg);
+		MemoryContextSwitchTo(batch_cxt);
 		switch (msg.kind)
 		{
 			case DWH_MESSAGE_ORDER:
 				column_add(&o_id, Int64GetDatum(msg.object_id), false);
 				column_add(&o_sent, TimestampGetDatum(msg.sent_dttm), false);
 				column_add(&o_version, TimestampGetDatum(msg.update_ts), false);
-				column_add(&o_payload, JsonbPGetDatum(msg.payload), false);
+				column_add(&o_payload, jsonb_copy(msg.payload), false);
 				break;
 			case DWH_MESSAGE_OTHER:
 				column_add(&x_id, Int64GetDatum(msg.object_id),
@@ -420,7 +440,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 				column_add(&x_type, text_datum(msg.object_type), false);
 				column_add(&x_sent, TimestampGetDatum(msg.sent_dttm),
 						   !msg.has_sent_dttm);
-				column_add(&x_message, JsonbPGetDatum(msg.message), false);
+				column_add(&x_message, jsonb_copy(msg.message), false);
 				column_add(&x_partition, Int32GetDatum(items[i].partition),
 						   !items[i].has_coordinates);
 				column_add(&x_offset, Int64GetDatum(items[i].offset),
@@ -431,7 +451,9 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 								 msg.problem.reason);
 				break;
 		}
+		MemoryContextReset(parse_cxt);
 	}
+	MemoryContextDelete(parse_cxt);
 
 	if (o_id.n > 0)
 	{

@@ -14,6 +14,12 @@
  */
 #include "postgres.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define DWH_SHA1_X86
+#endif
+
 #include "fmgr.h"
 #include "utils/builtins.h"
 
@@ -39,7 +45,7 @@ typedef struct Sha1State
  * Process one 64-byte block.
  */
 static void
-sha1_block(Sha1State *s, const uint8 *p)
+sha1_block_portable(Sha1State *s, const uint8 *p)
 {
 	uint32		w[80];
 	uint32		a,
@@ -100,6 +106,122 @@ sha1_block(Sha1State *s, const uint8 *p)
 	s->h[2] += c;
 	s->h[3] += d;
 	s->h[4] += e;
+}
+
+#ifdef DWH_SHA1_X86
+/*
+ * One block with the x86 SHA extensions, which most CPUs of the last years
+ * have: four rounds an instruction, several times the speed of the code
+ * above.
+ */
+#define SHA1_ROUNDS4(ex, ey, ma, mb, mc, md, f) \
+	do { \
+		ex = _mm_sha1nexte_epu32(ex, ma); \
+		ey = abcd; \
+		mb = _mm_sha1msg2_epu32(mb, ma); \
+		abcd = _mm_sha1rnds4_epu32(abcd, ex, f); \
+		md = _mm_sha1msg1_epu32(md, ma); \
+		mc = _mm_xor_si128(mc, ma); \
+	} while (0)
+
+__attribute__((target("sha,sse4.1")))
+static void
+sha1_block_shani(Sha1State *s, const uint8 *p)
+{
+	const __m128i bswap = _mm_set_epi64x(0x0001020304050607ULL,
+										 0x08090a0b0c0d0e0fULL);
+	__m128i		abcd,
+				abcd_save,
+				e0,
+				e1,
+				e_save,
+				m0,
+				m1,
+				m2,
+				m3;
+
+	abcd = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *) s->h), 0x1B);
+	e0 = _mm_set_epi32((int) s->h[4], 0, 0, 0);
+	abcd_save = abcd;
+	e_save = e0;
+
+	/* rounds 0-15: load the message words, start the schedule */
+	m0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *) p), bswap);
+	e0 = _mm_add_epi32(e0, m0);
+	e1 = abcd;
+	abcd = _mm_sha1rnds4_epu32(abcd, e0, 0);
+
+	m1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *) (p + 16)), bswap);
+	e1 = _mm_sha1nexte_epu32(e1, m1);
+	e0 = abcd;
+	abcd = _mm_sha1rnds4_epu32(abcd, e1, 0);
+	m0 = _mm_sha1msg1_epu32(m0, m1);
+
+	m2 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *) (p + 32)), bswap);
+	e0 = _mm_sha1nexte_epu32(e0, m2);
+	e1 = abcd;
+	abcd = _mm_sha1rnds4_epu32(abcd, e0, 0);
+	m1 = _mm_sha1msg1_epu32(m1, m2);
+	m0 = _mm_xor_si128(m0, m2);
+
+	m3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *) (p + 48)), bswap);
+	SHA1_ROUNDS4(e1, e0, m3, m0, m1, m2, 0);
+
+	/* rounds 16-79 (the last schedule steps compute words never used) */
+	SHA1_ROUNDS4(e0, e1, m0, m1, m2, m3, 0);
+	SHA1_ROUNDS4(e1, e0, m1, m2, m3, m0, 1);
+	SHA1_ROUNDS4(e0, e1, m2, m3, m0, m1, 1);
+	SHA1_ROUNDS4(e1, e0, m3, m0, m1, m2, 1);
+	SHA1_ROUNDS4(e0, e1, m0, m1, m2, m3, 1);
+	SHA1_ROUNDS4(e1, e0, m1, m2, m3, m0, 1);
+	SHA1_ROUNDS4(e0, e1, m2, m3, m0, m1, 2);
+	SHA1_ROUNDS4(e1, e0, m3, m0, m1, m2, 2);
+	SHA1_ROUNDS4(e0, e1, m0, m1, m2, m3, 2);
+	SHA1_ROUNDS4(e1, e0, m1, m2, m3, m0, 2);
+	SHA1_ROUNDS4(e0, e1, m2, m3, m0, m1, 2);
+	SHA1_ROUNDS4(e1, e0, m3, m0, m1, m2, 3);
+	SHA1_ROUNDS4(e0, e1, m0, m1, m2, m3, 3);
+	SHA1_ROUNDS4(e1, e0, m1, m2, m3, m0, 3);
+	SHA1_ROUNDS4(e0, e1, m2, m3, m0, m1, 3);
+	SHA1_ROUNDS4(e1, e0, m3, m0, m1, m2, 3);
+
+	e0 = _mm_sha1nexte_epu32(e0, e_save);
+	abcd = _mm_add_epi32(abcd, abcd_save);
+
+	_mm_storeu_si128((__m128i *) s->h, _mm_shuffle_epi32(abcd, 0x1B));
+	s->h[4] = (uint32) _mm_extract_epi32(e0, 3);
+}
+
+/* Does this CPU have the SHA extensions (and SSSE3, SSE4.1)?  -1: unknown */
+static int	sha1_have_shani = -1;
+
+static void
+sha1_detect(void)
+{
+	unsigned int a,
+				b,
+				c,
+				d;
+
+	sha1_have_shani = __get_cpuid(1, &a, &b, &c, &d) &&
+		(c & bit_SSSE3) && (c & bit_SSE4_1) &&
+		__get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & bit_SHA);
+}
+#endif							/* DWH_SHA1_X86 */
+
+static inline void
+sha1_block(Sha1State *s, const uint8 *p)
+{
+#ifdef DWH_SHA1_X86
+	if (unlikely(sha1_have_shani < 0))
+		sha1_detect();
+	if (sha1_have_shani)
+	{
+		sha1_block_shani(s, p);
+		return;
+	}
+#endif
+	sha1_block_portable(s, p);
 }
 
 static void
