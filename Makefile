@@ -12,6 +12,7 @@ OBJS = \
 	src/dwh_json_syntax.o \
 	src/dwh_message.o \
 	src/dwh_stg_guard.o \
+	src/dwh_columns.o \
 	src/dwh_ingest.o \
 	src/dwh_secrets.o \
 	src/dwh_status.o \

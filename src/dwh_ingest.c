@@ -32,17 +32,10 @@
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
 
+#include "dwh_columns.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
 
-/* Columns of the arrays handed to each statement, built per batch. */
-typedef struct ColumnBuilder
-{
-	Oid			elemtype;
-	int			n;
-	Datum	   *values;
-	bool	   *nulls;
-} ColumnBuilder;
 
 static SPIPlanPtr upsert_orders_plan = NULL;
 static SPIPlanPtr insert_others_plan = NULL;
@@ -118,38 +111,6 @@ prepare_plans(void)
 	}
 }
 
-static void
-column_init(ColumnBuilder *col, Oid elemtype, int capacity)
-{
-	col->elemtype = elemtype;
-	col->n = 0;
-	col->values = palloc(sizeof(Datum) * Max(capacity, 1));
-	col->nulls = palloc(sizeof(bool) * Max(capacity, 1));
-}
-
-static void
-column_add(ColumnBuilder *col, Datum value, bool isnull)
-{
-	col->values[col->n] = isnull ? (Datum) 0 : value;
-	col->nulls[col->n] = isnull;
-	col->n++;
-}
-
-static Datum
-column_array(ColumnBuilder *col)
-{
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-	int			dims[1] = {col->n};
-	int			lbs[1] = {1};
-
-	get_typlenbyvalalign(col->elemtype, &typlen, &typbyval, &typalign);
-	return PointerGetDatum(construct_md_array(col->values, col->nulls, 1,
-											  dims, lbs, col->elemtype,
-											  typlen, typbyval, typalign));
-}
-
 static Datum
 text_datum(const char *s)
 {
@@ -165,20 +126,10 @@ jsonb_copy(Jsonb *jb)
 	return JsonbPGetDatum(copy);
 }
 
-static Datum
-bytea_datum(const char *data, int len)
-{
-	bytea	   *b = palloc(VARHDRSZ + len);
-
-	SET_VARSIZE(b, VARHDRSZ + len);
-	memcpy(VARDATA(b), data, len);
-	return PointerGetDatum(b);
-}
-
 /* The dead letters of one batch, written with a single statement. */
 typedef struct DeadLetters
 {
-	ColumnBuilder partition,
+	DwhColumn partition,
 				offset,
 				raw,
 				reason,
@@ -188,24 +139,24 @@ typedef struct DeadLetters
 static void
 dead_letters_init(DeadLetters *dl, int capacity)
 {
-	column_init(&dl->partition, INT4OID, capacity);
-	column_init(&dl->offset, INT8OID, capacity);
-	column_init(&dl->raw, BYTEAOID, capacity);
-	column_init(&dl->reason, TEXTOID, capacity);
-	column_init(&dl->sqlstate, TEXTOID, capacity);
+	dwh_column_init(&dl->partition, INT4OID, capacity);
+	dwh_column_init(&dl->offset, INT8OID, capacity);
+	dwh_column_init(&dl->raw, BYTEAOID, capacity);
+	dwh_column_init(&dl->reason, TEXTOID, capacity);
+	dwh_column_init(&dl->sqlstate, TEXTOID, capacity);
 }
 
 static void
 dead_letters_add(DeadLetters *dl, DwhIngestItem *item, int sqlstate,
 				 const char *reason)
 {
-	column_add(&dl->partition, Int32GetDatum(item->partition),
+	dwh_column_add(&dl->partition, Int32GetDatum(item->partition),
 			   !item->has_coordinates);
-	column_add(&dl->offset, Int64GetDatum(item->offset),
+	dwh_column_add(&dl->offset, Int64GetDatum(item->offset),
 			   !item->has_coordinates);
-	column_add(&dl->raw, bytea_datum(item->data, item->len), false);
-	column_add(&dl->reason, text_datum(reason), false);
-	column_add(&dl->sqlstate, text_datum(unpack_sql_state(sqlstate)), false);
+	dwh_column_add(&dl->raw, dwh_bytea_datum(item->data, item->len), false);
+	dwh_column_add(&dl->reason, text_datum(reason), false);
+	dwh_column_add(&dl->sqlstate, text_datum(unpack_sql_state(sqlstate)), false);
 }
 
 static void
@@ -220,11 +171,11 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic)
 	args[0] = text_datum(source);
 	args[1] = topic ? text_datum(topic) : (Datum) 0;
 	nulls[1] = topic ? ' ' : 'n';
-	args[2] = column_array(&dl->partition);
-	args[3] = column_array(&dl->offset);
-	args[4] = column_array(&dl->raw);
-	args[5] = column_array(&dl->reason);
-	args[6] = column_array(&dl->sqlstate);
+	args[2] = dwh_column_array(&dl->partition);
+	args[3] = dwh_column_array(&dl->offset);
+	args[4] = dwh_column_array(&dl->raw);
+	args[5] = dwh_column_array(&dl->reason);
+	args[6] = dwh_column_array(&dl->sqlstate);
 	rc = SPI_execute_plan(insert_dead_plan, args, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "could not record dead letters: %s",
@@ -242,7 +193,7 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic)
 typedef struct DeferredDeltas
 {
 	MemoryContext context;
-	ColumnBuilder product_users,
+	DwhColumn product_users,
 				products,
 				product_deltas,
 				category_users,
@@ -264,7 +215,7 @@ static const char *apply_deferred_sql =
 "                             (SELECT array_agg(k) FROM c), (SELECT array_agg(d) FROM c))";
 
 static void
-column_append_array(ColumnBuilder *col, ArrayType *arr, int *capacity)
+column_append_array(DwhColumn *col, ArrayType *arr, int *capacity)
 {
 	Datum	   *values;
 	bool	   *nulls;
@@ -284,7 +235,7 @@ column_append_array(ColumnBuilder *col, ArrayType *arr, int *capacity)
 		col->nulls = repalloc(col->nulls, sizeof(bool) * *capacity);
 	}
 	for (i = 0; i < n; i++)
-		column_add(col, nulls[i] ? (Datum) 0 : datumCopy(values[i], typbyval, typlen),
+		dwh_column_add(col, nulls[i] ? (Datum) 0 : datumCopy(values[i], typbyval, typlen),
 				   nulls[i]);
 }
 
@@ -304,7 +255,7 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 	MemoryContext old;
 	int			capacity;
 	int			i;
-	ColumnBuilder *cols[6];
+	DwhColumn *cols[6];
 
 	if (deferred == NULL)
 		PG_RETURN_BOOL(false);
@@ -339,12 +290,12 @@ upsert_orders_deferred(Datum *args)
 	uint64		processed;
 
 	d.context = CurrentMemoryContext;
-	column_init(&d.product_users, UUIDOID, 1);
-	column_init(&d.products, UUIDOID, 1);
-	column_init(&d.product_deltas, INT4OID, 1);
-	column_init(&d.category_users, UUIDOID, 1);
-	column_init(&d.categories, UUIDOID, 1);
-	column_init(&d.category_deltas, INT4OID, 1);
+	dwh_column_init(&d.product_users, UUIDOID, 1);
+	dwh_column_init(&d.products, UUIDOID, 1);
+	dwh_column_init(&d.product_deltas, INT4OID, 1);
+	dwh_column_init(&d.category_users, UUIDOID, 1);
+	dwh_column_init(&d.categories, UUIDOID, 1);
+	dwh_column_init(&d.category_deltas, INT4OID, 1);
 
 	deferred = &d;
 	PG_TRY();
@@ -360,12 +311,12 @@ upsert_orders_deferred(Datum *args)
 
 	if (d.products.n > 0 || d.categories.n > 0)
 	{
-		apply_args[0] = column_array(&d.product_users);
-		apply_args[1] = column_array(&d.products);
-		apply_args[2] = column_array(&d.product_deltas);
-		apply_args[3] = column_array(&d.category_users);
-		apply_args[4] = column_array(&d.categories);
-		apply_args[5] = column_array(&d.category_deltas);
+		apply_args[0] = dwh_column_array(&d.product_users);
+		apply_args[1] = dwh_column_array(&d.products);
+		apply_args[2] = dwh_column_array(&d.product_deltas);
+		apply_args[3] = dwh_column_array(&d.category_users);
+		apply_args[4] = dwh_column_array(&d.categories);
+		apply_args[5] = dwh_column_array(&d.category_deltas);
 		if (apply_deferred_plan == NULL)
 			apply_deferred_plan = prepare_kept(apply_deferred_sql, 6, types);
 		if (SPI_execute_plan(apply_deferred_plan, apply_args, NULL, false, 0) != SPI_OK_SELECT)
@@ -383,11 +334,11 @@ static void
 ingest_messages(DwhIngestItem *items, int n, const char *source,
 				const char *topic, DwhIngestResult *result)
 {
-	ColumnBuilder o_id,
+	DwhColumn o_id,
 				o_sent,
 				o_version,
 				o_payload;
-	ColumnBuilder x_id,
+	DwhColumn x_id,
 				x_type,
 				x_sent,
 				x_message,
@@ -398,16 +349,16 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	int			i;
 	int			rc;
 
-	column_init(&o_id, INT8OID, n);
-	column_init(&o_sent, TIMESTAMPOID, n);
-	column_init(&o_version, TIMESTAMPOID, n);
-	column_init(&o_payload, JSONBOID, n);
-	column_init(&x_id, INT8OID, n);
-	column_init(&x_type, TEXTOID, n);
-	column_init(&x_sent, TIMESTAMPOID, n);
-	column_init(&x_message, JSONBOID, n);
-	column_init(&x_partition, INT4OID, n);
-	column_init(&x_offset, INT8OID, n);
+	dwh_column_init(&o_id, INT8OID, n);
+	dwh_column_init(&o_sent, TIMESTAMPOID, n);
+	dwh_column_init(&o_version, TIMESTAMPOID, n);
+	dwh_column_init(&o_payload, JSONBOID, n);
+	dwh_column_init(&x_id, INT8OID, n);
+	dwh_column_init(&x_type, TEXTOID, n);
+	dwh_column_init(&x_sent, TIMESTAMPOID, n);
+	dwh_column_init(&x_message, JSONBOID, n);
+	dwh_column_init(&x_partition, INT4OID, n);
+	dwh_column_init(&x_offset, INT8OID, n);
 	dead_letters_init(&dl, n);
 
 	/*
@@ -429,21 +380,21 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		switch (msg.kind)
 		{
 			case DWH_MESSAGE_ORDER:
-				column_add(&o_id, Int64GetDatum(msg.object_id), false);
-				column_add(&o_sent, TimestampGetDatum(msg.sent_dttm), false);
-				column_add(&o_version, TimestampGetDatum(msg.update_ts), false);
-				column_add(&o_payload, jsonb_copy(msg.payload), false);
+				dwh_column_add(&o_id, Int64GetDatum(msg.object_id), false);
+				dwh_column_add(&o_sent, TimestampGetDatum(msg.sent_dttm), false);
+				dwh_column_add(&o_version, TimestampGetDatum(msg.update_ts), false);
+				dwh_column_add(&o_payload, jsonb_copy(msg.payload), false);
 				break;
 			case DWH_MESSAGE_OTHER:
-				column_add(&x_id, Int64GetDatum(msg.object_id),
+				dwh_column_add(&x_id, Int64GetDatum(msg.object_id),
 						   !msg.has_object_id);
-				column_add(&x_type, text_datum(msg.object_type), false);
-				column_add(&x_sent, TimestampGetDatum(msg.sent_dttm),
+				dwh_column_add(&x_type, text_datum(msg.object_type), false);
+				dwh_column_add(&x_sent, TimestampGetDatum(msg.sent_dttm),
 						   !msg.has_sent_dttm);
-				column_add(&x_message, jsonb_copy(msg.message), false);
-				column_add(&x_partition, Int32GetDatum(items[i].partition),
+				dwh_column_add(&x_message, jsonb_copy(msg.message), false);
+				dwh_column_add(&x_partition, Int32GetDatum(items[i].partition),
 						   !items[i].has_coordinates);
-				column_add(&x_offset, Int64GetDatum(items[i].offset),
+				dwh_column_add(&x_offset, Int64GetDatum(items[i].offset),
 						   !items[i].has_coordinates);
 				break;
 			case DWH_MESSAGE_INVALID:
@@ -459,10 +410,10 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	{
 		Datum		args[4];
 
-		args[0] = column_array(&o_id);
-		args[1] = column_array(&o_sent);
-		args[2] = column_array(&o_version);
-		args[3] = column_array(&o_payload);
+		args[0] = dwh_column_array(&o_id);
+		args[1] = dwh_column_array(&o_sent);
+		args[2] = dwh_column_array(&o_version);
+		args[3] = dwh_column_array(&o_payload);
 		rc = upsert_orders_deferred(args);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
@@ -474,14 +425,14 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		Datum		args[7];
 		char		nulls[7] = "       ";
 
-		args[0] = column_array(&x_id);
-		args[1] = column_array(&x_type);
-		args[2] = column_array(&x_sent);
-		args[3] = column_array(&x_message);
+		args[0] = dwh_column_array(&x_id);
+		args[1] = dwh_column_array(&x_type);
+		args[2] = dwh_column_array(&x_sent);
+		args[3] = dwh_column_array(&x_message);
 		args[4] = topic ? text_datum(topic) : (Datum) 0;
 		nulls[4] = topic ? ' ' : 'n';
-		args[5] = column_array(&x_partition);
-		args[6] = column_array(&x_offset);
+		args[5] = dwh_column_array(&x_partition);
+		args[6] = dwh_column_array(&x_offset);
 		rc = SPI_execute_plan(insert_others_plan, args, nulls, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store other events: %s",

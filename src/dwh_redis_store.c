@@ -44,6 +44,7 @@
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
 
+#include "dwh_columns.h"
 #include "dwh_message.h"
 #include "dwh_redis_store.h"
 
@@ -73,15 +74,6 @@ typedef struct Decision
 	char	   *reason;			/* dead */
 	int			raw_len;		/* dead: bytes of value kept */
 } Decision;
-
-/* One array argument of a statement, built row by row. */
-typedef struct Column
-{
-	Oid			elemtype;
-	int			n;
-	Datum	   *values;
-	bool	   *nulls;
-} Column;
 
 static SPIPlanPtr upsert_users_plan = NULL;
 static SPIPlanPtr upsert_restaurants_plan = NULL;
@@ -202,48 +194,6 @@ forget_plans(void)
 	keys_plan = NULL;
 }
 
-static void
-column_init(Column *col, Oid elemtype, int capacity)
-{
-	col->elemtype = elemtype;
-	col->n = 0;
-	col->values = palloc(sizeof(Datum) * Max(capacity, 1));
-	col->nulls = palloc(sizeof(bool) * Max(capacity, 1));
-}
-
-static void
-column_add(Column *col, Datum value, bool isnull)
-{
-	col->values[col->n] = isnull ? (Datum) 0 : value;
-	col->nulls[col->n] = isnull;
-	col->n++;
-}
-
-static Datum
-column_array(Column *col)
-{
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-	int			dims[1] = {col->n};
-	int			lbs[1] = {1};
-
-	get_typlenbyvalalign(col->elemtype, &typlen, &typbyval, &typalign);
-	return PointerGetDatum(construct_md_array(col->values, col->nulls, 1,
-											  dims, lbs, col->elemtype,
-											  typlen, typbyval, typalign));
-}
-
-static Datum
-bytea_datum(const void *data, int len)
-{
-	bytea	   *b = palloc(VARHDRSZ + len);
-
-	SET_VARSIZE(b, VARHDRSZ + len);
-	memcpy(VARDATA(b), data, len);
-	return PointerGetDatum(b);
-}
-
 /*
  * dwh_redis_store_ready
  *		Is the extension created, with the Redis worker's tables?  Runs in
@@ -334,7 +284,7 @@ dwh_redis_store_sync_hubs(void)
 int
 dwh_redis_store_add_keys(char **keys, int n)
 {
-	Column		col;
+	DwhColumn		col;
 	Datum		args[1];
 	Oid			types[1] = {TEXTARRAYOID};
 	int			i;
@@ -344,10 +294,10 @@ dwh_redis_store_add_keys(char **keys, int n)
 	if (n == 0)
 		return 0;
 	begin_work("dwh: recording the Redis keys found by SCAN");
-	column_init(&col, TEXTOID, n);
+	dwh_column_init(&col, TEXTOID, n);
 	for (i = 0; i < n; i++)
-		column_add(&col, CStringGetTextDatum(keys[i]), false);
-	args[0] = column_array(&col);
+		dwh_column_add(&col, CStringGetTextDatum(keys[i]), false);
+	args[0] = dwh_column_array(&col);
 
 	/*
 	 * ON CONFLICT DO NOTHING probes the key's index before inserting: a known
@@ -616,7 +566,7 @@ static void
 write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 				DwhRedisApplyResult *result)
 {
-	Column		u_key,
+	DwhColumn		u_key,
 				u_payload,
 				r_key,
 				r_payload,
@@ -632,19 +582,19 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	int			i;
 	int			rc;
 
-	column_init(&u_key, TEXTOID, n);
-	column_init(&u_payload, JSONBOID, n);
-	column_init(&r_key, TEXTOID, n);
-	column_init(&r_payload, JSONBOID, n);
-	column_init(&d_key, TEXTOID, n);
-	column_init(&d_raw, BYTEAOID, n);
-	column_init(&d_reason, TEXTOID, n);
-	column_init(&d_sqlstate, TEXTOID, n);
-	column_init(&k_key, TEXTOID, n);
-	column_init(&k_kind, TEXTOID, n);
-	column_init(&k_state, TEXTOID, n);
-	column_init(&k_hash, BYTEAOID, n);
-	column_init(&k_reason, TEXTOID, n);
+	dwh_column_init(&u_key, TEXTOID, n);
+	dwh_column_init(&u_payload, JSONBOID, n);
+	dwh_column_init(&r_key, TEXTOID, n);
+	dwh_column_init(&r_payload, JSONBOID, n);
+	dwh_column_init(&d_key, TEXTOID, n);
+	dwh_column_init(&d_raw, BYTEAOID, n);
+	dwh_column_init(&d_reason, TEXTOID, n);
+	dwh_column_init(&d_sqlstate, TEXTOID, n);
+	dwh_column_init(&k_key, TEXTOID, n);
+	dwh_column_init(&k_kind, TEXTOID, n);
+	dwh_column_init(&k_state, TEXTOID, n);
+	dwh_column_init(&k_hash, BYTEAOID, n);
+	dwh_column_init(&k_reason, TEXTOID, n);
 
 	for (i = 0; i < n; i++)
 	{
@@ -656,28 +606,28 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 			continue;
 		if (d->target == TARGET_USER)
 		{
-			column_add(&u_key, key, false);
-			column_add(&u_payload, JsonbPGetDatum(d->payload), false);
+			dwh_column_add(&u_key, key, false);
+			dwh_column_add(&u_payload, JsonbPGetDatum(d->payload), false);
 		}
 		else if (d->target == TARGET_RESTAURANT)
 		{
-			column_add(&r_key, key, false);
-			column_add(&r_payload, JsonbPGetDatum(d->payload), false);
+			dwh_column_add(&r_key, key, false);
+			dwh_column_add(&r_payload, JsonbPGetDatum(d->payload), false);
 		}
 		else if (d->target == TARGET_DEAD)
 		{
-			column_add(&d_key, key, false);
-			column_add(&d_raw, bytea_datum(k->value, d->raw_len), false);
-			column_add(&d_reason, CStringGetTextDatum(d->reason), false);
-			column_add(&d_sqlstate,
+			dwh_column_add(&d_key, key, false);
+			dwh_column_add(&d_raw, dwh_bytea_datum(k->value, d->raw_len), false);
+			dwh_column_add(&d_reason, CStringGetTextDatum(d->reason), false);
+			dwh_column_add(&d_sqlstate,
 					   CStringGetTextDatum(unpack_sql_state(d->sqlstate)), false);
 		}
-		column_add(&k_key, key, false);
-		column_add(&k_kind, CStringGetTextDatum(kind_names[d->kind]), false);
-		column_add(&k_state, CStringGetTextDatum(state_names[d->state]), false);
-		column_add(&k_hash, bytea_datum(k->new_hash, DWH_REDIS_HASH_LEN),
+		dwh_column_add(&k_key, key, false);
+		dwh_column_add(&k_kind, CStringGetTextDatum(kind_names[d->kind]), false);
+		dwh_column_add(&k_state, CStringGetTextDatum(state_names[d->state]), false);
+		dwh_column_add(&k_hash, dwh_bytea_datum(k->new_hash, DWH_REDIS_HASH_LEN),
 				   !k->found);
-		column_add(&k_reason, d->reason ? CStringGetTextDatum(d->reason) : (Datum) 0,
+		dwh_column_add(&k_reason, d->reason ? CStringGetTextDatum(d->reason) : (Datum) 0,
 				   d->reason == NULL);
 		if (k->found)
 			result->values_changed++;
@@ -685,7 +635,7 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 
 	if (u_key.n > 0)
 	{
-		Datum		args[2] = {column_array(&u_key), column_array(&u_payload)};
+		Datum		args[2] = {dwh_column_array(&u_key), dwh_column_array(&u_payload)};
 
 		rc = SPI_execute_plan(upsert_users_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
@@ -694,7 +644,7 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	}
 	if (r_key.n > 0)
 	{
-		Datum		args[2] = {column_array(&r_key), column_array(&r_payload)};
+		Datum		args[2] = {dwh_column_array(&r_key), dwh_column_array(&r_payload)};
 
 		rc = SPI_execute_plan(upsert_restaurants_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
@@ -703,8 +653,8 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	}
 	if (d_key.n > 0)
 	{
-		Datum		args[4] = {column_array(&d_key), column_array(&d_raw),
-		column_array(&d_reason), column_array(&d_sqlstate)};
+		Datum		args[4] = {dwh_column_array(&d_key), dwh_column_array(&d_raw),
+		dwh_column_array(&d_reason), dwh_column_array(&d_sqlstate)};
 
 		rc = SPI_execute_plan(dead_letters_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
@@ -713,9 +663,9 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	}
 	if (k_key.n > 0)
 	{
-		Datum		args[5] = {column_array(&k_key), column_array(&k_kind),
-			column_array(&k_state), column_array(&k_hash),
-		column_array(&k_reason)};
+		Datum		args[5] = {dwh_column_array(&k_key), dwh_column_array(&k_kind),
+			dwh_column_array(&k_state), dwh_column_array(&k_hash),
+		dwh_column_array(&k_reason)};
 		char		nulls[5];
 		int			j;
 
