@@ -444,11 +444,14 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 }
 
 /*
- * Is this error about the data of the messages (so that retrying them one
- * by one isolates the culprits), rather than about the system?
+ * dwh_error_is_about_data
+ *		Is this error about the data being written (so that writing it item
+ *		by item isolates the culprits), rather than about the system?  The
+ *		one rule for every batch writer: what it says no to is dead-lettered,
+ *		everything else is retried and never skips data.
  */
-static bool
-error_is_about_data(ErrorData *edata)
+bool
+dwh_error_is_about_data(ErrorData *edata)
 {
 	switch (ERRCODE_TO_CATEGORY(edata->sqlerrcode))
 	{
@@ -492,7 +495,7 @@ ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
-		if (!error_is_about_data(edata))
+		if (!dwh_error_is_about_data(edata))
 			ReThrowError(edata);
 	}
 	PG_END_TRY();

@@ -28,6 +28,7 @@ typedef struct DwhIngestResult
 	int			dead_lettered;	/* recorded in dwh.dead_letters */
 } DwhIngestResult;
 
+extern bool dwh_error_is_about_data(ErrorData *edata);
 extern void dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 							 const char *topic, DwhIngestResult *result);
 

@@ -45,6 +45,7 @@
 #include "utils/snapmgr.h"
 
 #include "dwh_columns.h"
+#include "dwh_ingest.h"
 #include "dwh_message.h"
 #include "dwh_redis_store.h"
 
@@ -678,25 +679,6 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 }
 
 /*
- * Is this error about the values written (so that writing them one by one
- * isolates the culprits), rather than about the system?
- */
-static bool
-error_is_about_data(ErrorData *edata)
-{
-	switch (ERRCODE_TO_CATEGORY(edata->sqlerrcode))
-	{
-		case ERRCODE_DATA_EXCEPTION:
-		case ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION:
-		case ERRCODE_PROGRAM_LIMIT_EXCEEDED:
-		case ERRCODE_PLPGSQL_ERROR:
-			return true;
-		default:
-			return false;
-	}
-}
-
-/*
  * write_decisions in a subtransaction.  Returns NULL on success, or the
  * error if it is about the data; any other error is raised again.
  */
@@ -727,7 +709,7 @@ write_in_subtransaction(DwhRedisKey *keys, Decision *decisions, int *idx,
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
-		if (!error_is_about_data(edata))
+		if (!dwh_error_is_about_data(edata))
 			ReThrowError(edata);
 	}
 	PG_END_TRY();
