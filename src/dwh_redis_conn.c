@@ -94,11 +94,17 @@ set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
 	}
 }
 
-/* The connection's socket failed, closed or timed out. */
+/*
+ * The connection's socket failed, closed or timed out.  A server that
+ * closes the connection during the handshake is often one that speaks only
+ * TLS, which this hiredis cannot: say so.
+ */
 static bool
 io_failure(DwhRedisConn *conn, DwhRedisError *error, const char *what)
 {
 	set_error(conn, error, ERRCODE_CONNECTION_FAILURE, true,
+			  strcmp(what, "connecting") == 0 ?
+			  "The worker reconnects by itself when Redis is back. If the server requires TLS, point dwh.redis_url at a local TLS tunnel such as stunnel (see the README, \"Limits\")." :
 			  "The worker reconnects by itself when Redis is back.",
 			  "connection to Redis at %s lost while %s: %s",
 			  conn->address, what,

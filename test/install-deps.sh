@@ -35,6 +35,7 @@ packages=(
 	python3
 	openssl
 	redis-tools
+	stunnel4
 )
 
 missing=()
