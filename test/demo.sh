@@ -7,9 +7,12 @@
 # produced to Kafka by the generator (test/gen/dwh-gen: duplicates, status
 # changes, cancelled and a few malformed messages), then streams new orders
 # live at a fixed rate, with a progress line.  Once the lag is 0 it shows the
-# marts, dwh.status, the dead letters and the "pizza lover" question, and
-# fails unless dwh.verify() is empty and both marts hold rows.  Everything
-# keeps running; a second run reuses it and adds orders with new object_ids.
+# marts, dwh.status, the dead letters and the "pizza lover" question.  It
+# fails (exit 1) when dwh.verify() is not empty, a mart is empty, the lag
+# does not reach 0 in time, or the warehouse disagrees with the generator's
+# counts (orders, dead letters = malformed lines, sums of the marts).
+# Everything keeps running; a second run reuses it (cluster, Redis, broker,
+# topic, data) and adds orders with new object_ids.
 #
 # Usage, as root (a user with sudo is re-run under sudo):
 #   test/demo.sh           set up or reuse, load, stream, show
@@ -30,7 +33,8 @@
 #   DEMO_REDIS_PORT    Redis port on 127.0.0.1 (default: a free one)
 #   DEMO_KAFKA_PORT    Kafka port on 127.0.0.1 (default: a free one)
 #                      The ports are chosen on the first run and kept.
-#   DEMO_MIN_ORDERS    N of the "pizza lover" question (default 10)
+#   DEMO_MIN_ORDERS    N of the "pizza lover" question (default: twice the
+#                      average user's count, at least 10)
 #   DEMO_TIMEOUT       seconds allowed for the lag to reach 0 (default 600)
 
 set -euo pipefail
@@ -44,7 +48,7 @@ rate=${DEMO_RATE:-500}
 live_seconds=${DEMO_LIVE_SECONDS:-15}
 consumers=${DEMO_CONSUMERS:-2}
 partitions=${DEMO_PARTITIONS:-4}
-min_orders=${DEMO_MIN_ORDERS:-10}
+min_orders=${DEMO_MIN_ORDERS:-}
 timeout=${DEMO_TIMEOUT:-600}
 topic=order-service_orders
 database=dwh_demo
@@ -53,12 +57,14 @@ database=dwh_demo
 # files (CONFIG SET dir), so it must not run as a user who owns any.
 pg_user=postgres
 redis_user=nobody
-gen=/usr/bin/python3
+python3=/usr/bin/python3
 
 # Predictable output and no connection settings from the caller's
 # environment (PG_CONFIG aside).
 export LC_ALL=C.UTF-8
-unset $(compgen -e | grep '^PG[A-Z]') 2>/dev/null || true
+for v in $(compgen -e | grep '^PG[A-Z]' || true); do
+	unset "$v"
+done
 
 die()
 {
@@ -71,9 +77,10 @@ step()
 	echo "== $*"
 }
 
-for v in orders rate live_seconds consumers partitions min_orders timeout; do
+for v in orders rate live_seconds consumers partitions timeout; do
 	[[ ${!v} =~ ^[0-9]+$ ]] || die "DEMO_${v^^} must be a whole number, not '${!v}'"
 done
+[[ $min_orders =~ ^[0-9]*$ ]] || die "DEMO_MIN_ORDERS must be a whole number, not '$min_orders'"
 ((orders > 0 || live_seconds > 0)) || die "nothing to do: DEMO_ORDERS and DEMO_LIVE_SECONDS are 0"
 
 # Root is needed for apt-get and make install; re-run under sudo, keeping
@@ -119,7 +126,7 @@ save_ports()
 
 free_port()
 {
-	"$gen" -c 'import socket
+	"$python3" -c 'import socket
 s = socket.socket()
 s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])'
@@ -131,13 +138,15 @@ pg_running()
 		as_pg "$pgbin/pg_ctl" -D "$demo/data" status >/dev/null 2>&1
 }
 
-# The pid of the demo's redis-server, or nothing.
+# The pid of the demo's redis-server, or nothing: the one of its pid file,
+# if that process is a redis-server on the demo's port.
 redis_pid()
 {
 	local pid
-	[[ -f $demo/redis/redis.pid ]] || return 0
+	[[ -f $demo/redis/redis.pid && -n $redis_port ]] || return 0
 	pid=$(cat "$demo/redis/redis.pid")
-	if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server ]]; then
+	if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server ]] &&
+		tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q ":$redis_port\b"; then
 		echo "$pid"
 	fi
 }
@@ -238,10 +247,12 @@ count_partitions()
 
 start_kafka()
 {
-	local opts=(--partitions "$partitions")
+	local opts=()
 	install -d -o "$pg_user" "$demo/kafka"
 	if ! kafka status "$demo/kafka" >/dev/null; then
+		# A broker set up before keeps its settings.
 		if [[ ! -f $demo/kafka/.formatted ]]; then
+			opts+=(--partitions "$partitions")
 			[[ -z ${DEMO_KAFKA_PORT:-} ]] || opts+=(--port "$DEMO_KAFKA_PORT")
 		fi
 		kafka start "$demo/kafka" "${opts[@]}" | sed 's/^kafka.sh: /   /'
@@ -260,7 +271,7 @@ start_kafka()
 
 psql_demo()
 {
-	"$pgbin/psql" -X -q -h "$demo/run" -p "$pg_port" -U postgres -d "$database" \
+	"$pgbin/psql" -X -q -P pager=off -h "$demo/run" -p "$pg_port" -U postgres -d "$database" \
 		-v ON_ERROR_STOP=1 "$@"
 }
 
@@ -360,7 +371,7 @@ next_first_id()
 {
 	local stg_max
 	stg_max=$(sql "SELECT coalesce(max(object_id), 999999) FROM stg.order_events")
-	"$gen" - "$stg_max" "$demo"/orders/*.json <<'EOF'
+	"$python3" - "$stg_max" "$demo"/orders/*.json <<'EOF'
 import json, sys
 top = int(sys.argv[1])
 for name in sys.argv[2:]:
@@ -394,7 +405,7 @@ start_producer()
 	manifest=$demo/orders/$name-$first.json
 	echo "   object_ids $(num "$first") to $(num $((first + count - 1))), seed $first, order times from $start"
 	touch "$manifest.producing"
-	"$gen" "$root/test/gen/dwh-gen" orders --count "$count" --first-id "$first" \
+	"$python3" "$root/test/gen/dwh-gen" orders --count "$count" --first-id "$first" \
 		--seed "$first" --start "$start" --rate "$pace" --manifest "$manifest.tmp" |
 		kcat -P -q -b "$bootstrap" -t "$topic" -X sticky.partitioning.linger.ms=0 &
 	producer=$!
@@ -415,6 +426,7 @@ if [[ ${1:-} == stop ]]; then
 	[[ -x $PG_CONFIG ]] || PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 	pgbin=$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
 	[[ -d $demo ]] || { echo "demo.sh: nothing to stop (no $demo)"; exit 0; }
+	load_ports
 	stop_all
 	exit 0
 fi
@@ -453,8 +465,8 @@ start_kafka
 start_postgres
 
 step "dictionaries: generator -> Redis"
-dict_keys=$("$gen" "$root/test/gen/dwh-gen" dictionaries --format json | wc -l)
-reply=$("$gen" "$root/test/gen/dwh-gen" dictionaries --format redis-proto |
+dict_keys=$("$python3" "$root/test/gen/dwh-gen" dictionaries --format json | wc -l)
+reply=$("$python3" "$root/test/gen/dwh-gen" dictionaries --format redis-proto |
 	redis-cli -p "$redis_port" --pipe | tail -n 1)
 [[ $reply == *"errors: 0,"* ]] || die "redis-cli --pipe: $reply"
 echo "   $dict_keys keys SET in Redis ($reply)"
@@ -535,7 +547,7 @@ step "results"
 psql_demo -v min_orders="$min_orders" -f "$root/test/demo/report.sql"
 
 # What the generator says the warehouse must hold, summed over every run.
-read -r want_orders want_dead want_prod want_cat want_kinds <<<"$("$gen" - "$demo"/orders/*.json <<'EOF'
+read -r want_orders want_dead want_prod want_cat want_kinds <<<"$("$python3" - "$demo"/orders/*.json <<'EOF'
 import json, sys
 orders = mal = prod = cat = 0
 kinds = {}
