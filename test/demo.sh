@@ -42,7 +42,6 @@ shopt -s nullglob
 
 script=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 root=$(cd "$(dirname "$script")/.." && pwd)
-demo=$root/.demo
 orders=${DEMO_ORDERS:-50000}
 rate=${DEMO_RATE:-500}
 live_seconds=${DEMO_LIVE_SECONDS:-15}
@@ -99,14 +98,42 @@ PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 
 # fd 9 holds the lock of this run: the services must not inherit it.
 as_pg() { runuser -u "$pg_user" -- "$@" 9>&-; }
-kafka() { as_pg bash "$root/test/kafka/kafka.sh" "$@"; }
+kafka()
+{
+	local sh=$demo/bin/kafka.sh
+	[[ -f $sh ]] || sh=$root/test/kafka/kafka.sh
+	as_pg bash "$sh" "$@"
+}
 # The time in microseconds, and microseconds as seconds with one decimal.
 now_us() { echo "${EPOCHREALTIME/./}"; }
 seconds() { printf '%d.%d' $(($1 / 1000000)) $(($1 % 1000000 / 100000)); }
 # Commas every three digits.
 num() { sed -E ':a; s/([0-9])([0-9]{3})($|[^0-9])/\1,\2\3/; ta' <<<"$1"; }
 
-# --------------------------------------------------------------- services
+# ---------------------------------------------------------------- services
+
+# Set demo to the real path of .demo.  The services run as postgres and
+# nobody: in a tree they cannot enter (a clone under /root), .demo is made a
+# link to a folder of /var/tmp, the same for every run of this tree.
+place_demo()
+{
+	local real
+	if [[ ! -e $root/.demo && ! -L $root/.demo ]] &&
+		! { runuser -u "$pg_user" -- test -x "$root" && runuser -u "$redis_user" -- test -x "$root"; }; then
+		real=/var/tmp/dwh-demo-$(sha1sum <<<"$root" | cut -c1-12)
+		mkdir -p "$real"
+		ln -s "$real" "$root/.demo"
+		echo "demo.sh: $pg_user cannot enter $root: .demo links to $real"
+	fi
+	mkdir -p "$root/.demo"
+	demo=$(cd "$root/.demo" && pwd -P)
+	chmod 755 "$demo"
+	# kafka.sh runs as postgres, from a copy that it can read.
+	mkdir -p "$demo/bin"
+	cp "$root/test/kafka/kafka.sh" "$root/test/kafka/pom.xml" "$demo/bin/"
+	chmod 755 "$demo/bin" "$demo/bin/kafka.sh"
+	chmod 644 "$demo/bin/pom.xml"
+}
 
 # Values of the last run, or of this one when there is none.
 load_ports()
@@ -425,7 +452,8 @@ wait_producer()
 if [[ ${1:-} == stop ]]; then
 	[[ -x $PG_CONFIG ]] || PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 	pgbin=$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
-	[[ -d $demo ]] || { echo "demo.sh: nothing to stop (no $demo)"; exit 0; }
+	[[ -d $root/.demo ]] || { echo "demo.sh: nothing to stop (no $root/.demo)"; exit 0; }
+	demo=$(cd "$root/.demo" && pwd -P)
 	load_ports
 	stop_all
 	exit 0
@@ -433,8 +461,8 @@ fi
 [[ $# -eq 0 ]] || die "usage: test/demo.sh [stop]"
 
 t_begin=$(now_us)
+place_demo
 mkdir -p "$demo/orders"
-chmod 755 "$demo"
 exec 9>"$demo/lock"
 flock -n 9 || die "another test/demo.sh is running"
 producer=
@@ -444,9 +472,6 @@ step "packages (test/install-deps.sh)"
 "$root/test/install-deps.sh" </dev/null | sed 's/^/   /'
 [[ -x $PG_CONFIG ]] || die "no pg_config at $PG_CONFIG (set PG_CONFIG)"
 pgbin=$("$PG_CONFIG" --bindir)
-# The services run as other users: they must reach the tree.
-runuser -u "$pg_user" -- test -r "$root/test/kafka/kafka.sh" -a -x "$demo" ||
-	die "the user $pg_user cannot read $root: clone the repository where it can (not under /root)"
 
 step "building and installing dwh with $PG_CONFIG"
 library=$("$PG_CONFIG" --pkglibdir)/dwh.so
