@@ -96,8 +96,9 @@ fi
 
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 
-# fd 9 holds the lock of this run: the services must not inherit it.
-as_pg() { runuser -u "$pg_user" -- "$@" 9>&-; }
+# Run as postgres, from / (the tree may be closed to it); fd 9 holds the
+# lock of this run: the services must not inherit it.
+as_pg() { (cd / && runuser -u "$pg_user" -- "$@" 9>&-); }
 kafka()
 {
 	local sh=$demo/bin/kafka.sh
@@ -623,7 +624,7 @@ else
 	echo "   (an earlier run stopped while producing: no comparison with the generator's counts)"
 fi
 echo "Timings:"
-echo "   services up and dwh configured: $(seconds $((t_configured - t_begin))) s; dictionaries mirrored after $(seconds $((t_mirrored - t_configured))) s"
+echo "   packages, build, services and settings: $(seconds $((t_configured - t_begin))) s; dictionaries mirrored $(seconds $((t_mirrored - t_configured))) s later"
 [[ -z ${backfill_line:-} ]] || echo "   $backfill_line"
 [[ -z ${live_line:-} ]] || echo "   $live_line"
 echo "   whole run: $(seconds $(($(now_us) - t_begin))) s"
