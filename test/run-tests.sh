@@ -76,7 +76,7 @@ src=$work/dwh
 logs=$work/logs
 mkdir -p "$src" "$logs"
 tar -C "$root" \
-	--exclude=./.git --exclude='./tmp_check*' --exclude=./results \
+	--exclude=./.git --exclude=./.demo --exclude='./tmp_check*' --exclude=./results \
 	--exclude=./log --exclude=./output_iso --exclude=./regression.diffs \
 	--exclude=./regression.out --exclude=./test/isolation/results \
 	--exclude='*.o' --exclude='*.bc' --exclude='*.so' \
