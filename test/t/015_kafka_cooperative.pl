@@ -13,6 +13,15 @@
 #    had), which resume them from node A's own stored offsets.
 # A node restart would not do: restarted consumers own nothing, so a
 # cooperative rebalance has nothing to revoke.
+#
+# librdkafka 2.0.2 (since 1.6.0, fixed upstream by confluentinc/librdkafka
+# PR #4908 for issue #4059) declares a consumer's whole assignment lost when
+# an offset commit sent during a rebalance fails with ILLEGAL_GENERATION,
+# and dwh commits after each batch (for monitoring only): so a worker may
+# also log "partitions ... lost, owns none" during these rebalances and get
+# its partitions back in the next one.  Nothing is applied twice or lost
+# for it (the offsets that count are in the database), and the checks
+# below only need some worker to give up part of its partitions.
 # The broker itself reports the group's assignment strategy.  At every step
 # no partition is owned twice; at the end every produced order is in STG
 # once, the marts equal the generator's counts and dwh.verify() is empty.
