@@ -26,6 +26,7 @@
 #include <librdkafka/rdkafka.h>
 
 #include "access/xlog.h"
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "utils/memutils.h"
@@ -46,9 +47,11 @@ struct DwhKafkaConsumer
 	WaitEventSet *wait_set;
 	char	   *topic;
 	int			worker_index;
+	/* The group's rebalance protocol, as of the last rebalance event. */
 	bool		cooperative;
 	/* The rebalance being served, between poll and assign or revoke. */
 	rd_kafka_topic_partition_list_t *pending;
+	bool		pending_lost;	/* a revocation of partitions already lost */
 	/* Partitions owned now, sorted. */
 	int			n_assigned;
 	int32	   *assigned;
@@ -189,9 +192,23 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 		return NULL;
 	}
 
-	c->cooperative = strcmp(rd_kafka_rebalance_protocol(c->rk), "COOPERATIVE") == 0;
 	MemoryContextSwitchTo(old);
 	return c;
+}
+
+/*
+ * Does the group rebalance incrementally (cooperative-sticky)?  librdkafka
+ * knows only once the group is joined: before, it answers "NONE".  So this
+ * is asked at every rebalance event, never at subscribe time: a consumer
+ * that took a cooperative group for an eager one would call assign(),
+ * which librdkafka refuses in a cooperative group, and never fetch.
+ */
+static bool
+rebalance_is_cooperative(rd_kafka_t *rk)
+{
+	const char *protocol = rd_kafka_rebalance_protocol(rk);
+
+	return protocol != NULL && strcmp(protocol, "COOPERATIVE") == 0;
 }
 
 /*
@@ -355,6 +372,8 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				return;
 
 			case RD_KAFKA_EVENT_REBALANCE:
+				c->cooperative = rebalance_is_cooperative(c->rk);
+				c->pending_lost = rd_kafka_assignment_lost(c->rk) == 1;
 				if (c->pending)
 					rd_kafka_topic_partition_list_destroy(c->pending);
 				c->pending = rd_kafka_topic_partition_list_copy(
@@ -406,6 +425,38 @@ dwh_kafka_consumer_wait(DwhKafkaConsumer *c, long timeout_ms)
 	/* The pipe only says "not empty any more": drain it, then poll. */
 	while (read(c->pipe_read, buf, sizeof(buf)) > 0)
 		;
+}
+
+/* "0,2,5", or "none": partition numbers for a log line. */
+static char *
+format_partitions(const int32 *parts, int n)
+{
+	StringInfoData buf;
+	int			i;
+
+	if (n == 0)
+		return pstrdup("none");
+	initStringInfo(&buf);
+	for (i = 0; i < n; i++)
+		appendStringInfo(&buf, "%s%d", i > 0 ? "," : "", parts[i]);
+	return buf.data;
+}
+
+/*
+ * Log a served rebalance: which protocol, what changed and what is owned
+ * now.  Rebalances are rare and explain pauses in consumption, so they are
+ * logged; an incremental one that changed nothing for this consumer only
+ * at DEBUG1.
+ */
+static void
+report_rebalance(DwhKafkaConsumer *c, const char *what, const int32 *parts,
+				 int n)
+{
+	ereport(n > 0 || !c->cooperative ? LOG : DEBUG1,
+			(errmsg("Kafka consumer %d (%s rebalance): partitions %s %s, owns %s",
+					c->worker_index, c->cooperative ? "cooperative" : "eager",
+					format_partitions(parts, n), what,
+					format_partitions(c->assigned, c->n_assigned))));
 }
 
 static void
@@ -487,6 +538,7 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets)
 							c->worker_index, rd_kafka_err2str(err))));
 		set_assigned(c, parts, n);
 	}
+	report_rebalance(c, "assigned", parts, n);
 
 	rd_kafka_topic_partition_list_destroy(list);
 	rd_kafka_topic_partition_list_destroy(c->pending);
@@ -513,7 +565,12 @@ dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
 		rd_kafka_error_t *e = rd_kafka_incremental_unassign(c->rk, c->pending);
 
 		if (e)
+		{
+			ereport(WARNING,
+					(errmsg("Kafka consumer %d: could not give up partitions: %s",
+							c->worker_index, rd_kafka_error_string(e))));
 			rd_kafka_error_destroy(e);
+		}
 		for (i = 0; i < c->n_assigned; i++)
 		{
 			bool		gone = false;
@@ -530,6 +587,7 @@ dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
 		rd_kafka_assign(c->rk, NULL);
 		c->n_assigned = 0;
 	}
+	report_rebalance(c, c->pending_lost ? "lost" : "revoked", parts, n);
 	rd_kafka_topic_partition_list_destroy(c->pending);
 	c->pending = NULL;
 }

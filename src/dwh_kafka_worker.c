@@ -80,6 +80,8 @@ static char last_logged_wait[DWH_STATE_LEN];
 static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
 static MemoryContext loop_context = NULL;
+/* dwh.status says "waiting for the broker" (librdkafka said all are down). */
+static bool waiting_for_broker = false;
 
 /* A rebalance received but not yet served (its DB lookup may fail). */
 static DwhKafkaEventKind pending_rebalance = DWH_KAFKA_NOTHING;
@@ -166,6 +168,7 @@ drop_consumer(void)
 		consumer = NULL;
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
+	waiting_for_broker = false;
 	dwh_status_set_assigned(slot, NULL, 0);
 	batch_clear();
 }
@@ -193,6 +196,23 @@ set_waiting(const char *reason)
 		strlcpy(last_logged_wait, reason, sizeof(last_logged_wait));
 		ereport(LOG,
 				(errmsg("dwh kafka worker %d: %s", worker_index, reason)));
+	}
+}
+
+/*
+ * Back to "consuming" after "waiting for the broker", on the first sign
+ * that the brokers answer again: a message fetched or a partition
+ * assignment.  librdkafka says when every broker is down, never when they
+ * are back, so without this an idle worker would say it waits long after
+ * the brokers returned.
+ */
+static void
+broker_answered(void)
+{
+	if (waiting_for_broker)
+	{
+		waiting_for_broker = false;
+		dwh_status_set_state(slot, "consuming");
 	}
 }
 
@@ -322,6 +342,7 @@ serve_rebalance(void)
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 		dwh_kafka_consumer_assign(consumer, offsets);
+		broker_answered();
 	}
 	else
 	{
@@ -523,6 +544,7 @@ gather(void)
 				return;
 			case DWH_KAFKA_MESSAGE:
 				batch_add(&ev);
+				broker_answered();
 				break;
 			case DWH_KAFKA_ASSIGN:
 			case DWH_KAFKA_REVOKE:
@@ -538,7 +560,10 @@ gather(void)
 			case DWH_KAFKA_ERROR:
 				dwh_status_set_error(slot, "%s", ev.error);
 				if (ev.broker_down)
+				{
 					dwh_status_set_state(slot, "waiting for the broker");
+					waiting_for_broker = true;
+				}
 				ereport(LOG,
 						(errcode(ERRCODE_CONNECTION_FAILURE),
 						 errmsg("dwh kafka worker %d: %s", worker_index, ev.error)));
@@ -669,6 +694,7 @@ dwh_kafka_worker_main(Datum main_arg)
 		{
 			apply_batch();
 			dwh_status_set_state(slot, "consuming");
+			waiting_for_broker = false;
 			continue;
 		}
 

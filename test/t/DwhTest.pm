@@ -1,7 +1,9 @@
 # Shared pieces of the dwh TAP tests: a PostgreSQL node with dwh preloaded,
-# a real Kafka broker (test/kafka/kafka.sh), orders from the generator
-# (test/gen/dwh-gen) produced with kcat, and the checks every scenario ends
-# with: dwh.verify() empty and the marts equal to an independent recount.
+# a real Kafka broker (test/kafka/kafka.sh) or librdkafka's mock cluster
+# with faults on demand (test/kafka/mock_cluster.c), orders from the
+# generator (test/gen/dwh-gen) produced with kcat, and the checks every
+# scenario ends with: dwh.verify() empty and the marts equal to an
+# independent recount.
 
 package DwhTest;
 
@@ -12,6 +14,7 @@ use Cwd qw(abs_path);
 use File::Basename qw(basename dirname);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use IPC::Run;
 use Test::More;
 use Time::HiRes qw(usleep);
 
@@ -20,10 +23,12 @@ our @EXPORT = qw(
   dwh_root new_dwh_node start_broker broker_command generate_orders produce
   wait_applied wait_for check_consistent stored_total status_of
   load_dictionaries read_manifest check_manifest_counts
+  start_mock_cluster mock_command stop_mock_cluster split_stream
 );
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
 my @started_brokers;
+my @started_mocks;
 
 # Brokers go away with the test, even one that fails half-way.
 END
@@ -31,6 +36,10 @@ END
 	foreach my $dir (@started_brokers)
 	{
 		system("bash $root/test/kafka/kafka.sh stop $dir >/dev/null 2>&1");
+	}
+	foreach my $mock (@started_mocks)
+	{
+		$mock->{handle}->kill_kill if $mock->{handle}->pumpable;
 	}
 }
 
@@ -171,6 +180,103 @@ sub produce
 		'-X', 'sticky.partitioning.linger.ms=0', '-l', $file) == 0
 	  or die "kcat could not produce $file";
 	return;
+}
+
+# Build test/kafka/mock_cluster.c (once per test script) and start it: a
+# librdkafka mock cluster of `brokers` brokers (ids 1..N) holding `topic`
+# with `partitions` partitions.  Returns a hash with bootstrap and topic (so
+# that produce() takes it like a broker) and the handle that
+# mock_command() talks to.  Its librdkafka log goes to tmp_check/log.
+sub start_mock_cluster
+{
+	my (%opts) = @_;
+	my $topic = $opts{topic} // 'order-service_orders';
+	my $partitions = $opts{partitions} // 4;
+	my $brokers = $opts{brokers} // 3;
+	my $script = basename($0, '.pl');
+	my $bin = "$PostgreSQL::Test::Utils::tmp_check/mock_cluster_$script";
+	my $cc = $ENV{CC} // 'cc';
+
+	system($cc, '-O2', '-Wall', '-Wextra', '-Werror', '-o', $bin,
+		"$root/test/kafka/mock_cluster.c", '-lrdkafka') == 0
+	  or die "could not build test/kafka/mock_cluster.c with $cc -lrdkafka";
+
+	my %mock = (topic => $topic, partitions => $partitions, in => '', out => '');
+	$mock{timer} = IPC::Run::timer($PostgreSQL::Test::Utils::timeout_default);
+	$mock{handle} = IPC::Run::start(
+		[ $bin, '--brokers', $brokers, '--partitions', $partitions, '--topic', $topic ],
+		'<', \$mock{in}, '>', \$mock{out},
+		'2>', "$PostgreSQL::Test::Utils::log_path/${script}_mock_cluster.log",
+		$mock{timer});
+	push @started_mocks, \%mock;
+	$mock{timer}->start;
+	$mock{handle}->pump until $mock{out} =~ /^bootstrap (\S+)\n/m
+	  || $mock{timer}->is_expired;
+	die "the mock cluster did not start" unless $mock{out} =~ /^bootstrap (\S+)\n/m;
+	$mock{bootstrap} = $1;
+	$mock{out} = '';
+	return \%mock;
+}
+
+# Send one command to the mock cluster and wait for its answer; dies on an
+# error answer.  Returns the value after "ok", if any.
+sub mock_command
+{
+	my ($mock, $command) = @_;
+
+	$mock->{in} .= "$command\n";
+	$mock->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
+	$mock->{handle}->pump until $mock->{out} =~ /\n/ || $mock->{timer}->is_expired;
+	die "mock cluster: no answer to \"$command\"" unless $mock->{out} =~ s/^(.*)\n//;
+	my $answer = $1;
+	die "mock cluster: $command: $answer" unless $answer =~ /^ok ?(.*)$/;
+	note("mock cluster: $command" . ($1 ne '' ? " -> $1" : ''));
+	return $1;
+}
+
+sub stop_mock_cluster
+{
+	my ($mock) = @_;
+	$mock->{in} .= "quit\n";
+	$mock->{timer}->start($PostgreSQL::Test::Utils::timeout_default);
+	$mock->{handle}->finish;
+	return $mock->{handle}->result(0);
+}
+
+# Split a generated stream into $n consecutive chunks of about the same
+# number of lines.  Returns a list of hashes: file, messages, malformed
+# (lines that are not a valid order of the manifest: malformed lines never
+# carry a valid order's id), ids (hash of the valid object_ids it holds).
+sub split_stream
+{
+	my ($file, $manifest, $n) = @_;
+	my @lines = split /^/m, slurp_file($file);
+	my ($first, $last) = @{ $manifest->{object_ids} }{qw(first last)};
+	my $size = int((@lines + $n - 1) / $n);
+	my @chunks;
+
+	for my $i (0 .. $n - 1)
+	{
+		my @part = grep { defined } @lines[ $i * $size .. ($i + 1) * $size - 1 ];
+		my %chunk = (file => "$file.$i", messages => scalar(@part), malformed => 0, ids => {});
+		open(my $fh, '>', $chunk{file}) or die "could not write $chunk{file}: $!";
+		binmode $fh;
+		print $fh @part;
+		close $fh;
+		foreach (@part)
+		{
+			if (/^\{"object_id":(\d+),/ && $1 >= $first && $1 <= $last)
+			{
+				$chunk{ids}{$1} = 1;
+			}
+			else
+			{
+				$chunk{malformed}++;
+			}
+		}
+		push @chunks, \%chunk;
+	}
+	return @chunks;
 }
 
 # Messages applied so far: the sum of the stored next offsets of a topic.
