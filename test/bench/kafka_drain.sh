@@ -115,7 +115,7 @@ echo
 echo "dwh Kafka drain: $ORDERS orders ($messages messages, ~$msg_bytes bytes each) pre-produced"
 echo "on $PARTITIONS partitions, drained by $CONSUMERS workers into the marts"
 printf '%8s %10s %10s %9s' "elapsed" "applied" "lag" "msgs/s"
-for wp in $pids; do printf ' %14s' "${wp%=*} RSS MB"; done
+for wp in $pids; do printf ' %18s' "${wp%=*} RSS/anon MB"; done
 echo
 
 t0=$(now)
@@ -157,7 +157,8 @@ while :; do
 		printf '%7.1fs %10d %10d %9.0f' "$el" "$applied" $((messages - applied)) \
 			"$(calc "($applied - $last_applied) / ($t - $last_t)")"
 		for wp in $pids; do
-			printf ' %14.0f' "$(calc "$(status_kb "${wp#*=}" VmRSS) / 1024")"
+			printf ' %18s' "$(awk '$1 == "VmRSS:" { r = $2 } $1 == "RssAnon:" { a = $2 }
+				END { printf "%.0f/%.0f", r / 1024, a / 1024 }' "/proc/${wp#*=}/status")"
 		done
 		echo
 		last_applied=$applied
@@ -183,6 +184,10 @@ kill "$bench_children" 2>/dev/null || true
 wait "$bench_children" 2>/dev/null || true
 bench_children=""
 
+workers_ticks=0
+for wp in $pids; do
+	workers_ticks=$((workers_ticks + cpu1[$wp] - cpu0[$wp]))
+done
 batches=$(q "SELECT sum(batches) FROM dwh.status WHERE worker LIKE 'kafka%'")
 pids_after=$(bench_worker_pids)
 
@@ -195,6 +200,8 @@ printf '               first batch committed %.1f s after the reload (group join
 printf '               from then on %.0f orders/s\n' "$(calc "$ORDERS / ($drain_s - $first_s)")"
 printf '               %s batches, %.0f messages per batch (dwh.kafka_batch_size %s, batch_wait %s)\n' \
 	"$batches" "$(calc "$messages / $batches")" "$batch_size" "$batch_wait"
+printf '               %.0f orders per CPU-second of the workers (%.1f CPU-seconds in all)\n' \
+	"$(calc "$ORDERS * $CLK_TCK / $workers_ticks")" "$(calc "$workers_ticks / $CLK_TCK")"
 printf 'produce        %d messages with kcat in %.1f s (%.0f messages/s), before the drain\n' \
 	"$messages" "$produce_s" "$(calc "$messages / $produce_s")"
 [ "$pids" = "$pids_after" ] || echo "NOTE: worker pids changed during the drain: $pids -> $pids_after"
@@ -233,10 +240,8 @@ echo
 echo "CPU during the drain (seconds; % of one core over ${drain_s%.*} s; $(nproc) cores)"
 ticks_s() { calc "$1 / $CLK_TCK"; }
 share() { awk -v t="$1" -v c="$CLK_TCK" -v d="$drain_s" 'BEGIN { printf "%8.1f s %6.0f%%", t / c, 100 * t / c / d }'; }
-workers_ticks=0
 for wp in $pids; do
 	w=$((cpu1[$wp] - cpu0[$wp]))
-	workers_ticks=$((workers_ticks + w))
 	printf '  %-40s %s\n' "${wp%=*} worker" "$(share "$w")"
 done
 cluster_d=$((cluster1 - cluster0))
@@ -259,6 +264,7 @@ echo "RESULT kafka_drain_partitions=$PARTITIONS"
 printf 'RESULT kafka_drain_orders_per_s=%.0f\n' "$orders_s"
 printf 'RESULT kafka_drain_messages_per_s=%.0f\n' "$messages_s"
 printf 'RESULT kafka_drain_s=%.1f\n' "$drain_s"
+printf 'RESULT kafka_drain_orders_per_worker_cpu_s=%.0f\n' "$(calc "$ORDERS * $CLK_TCK / $workers_ticks")"
 echo "RESULT kafka_worker_peak_anon_kb=$peak_anon_max"
 echo "RESULT kafka_worker_peak_growth_kb=$peak_growth_max"
 echo "RESULT kafka_worker_bound_kb=$bound_kb"

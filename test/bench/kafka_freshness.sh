@@ -36,7 +36,8 @@
 #
 # Usage: test/bench/kafka_freshness.sh
 # Environment: BENCH_RATE (1000 orders/s), BENCH_SECONDS (60),
-#   BENCH_POLL_MS (5), BENCH_CONSUMERS (2), BENCH_PARTITIONS (4),
+#   BENCH_POLL_MS (5), BENCH_WINDOW (10: seconds per line of the
+#   latency over time), BENCH_CONSUMERS (2), BENCH_PARTITIONS (4),
 #   BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
 #   BENCH_SKIP_INSTALL (0), BENCH_DIR (/tmp),
@@ -52,6 +53,7 @@ root=$(cd "$here/../.." && pwd)
 RATE=${BENCH_RATE:-1000}
 SECONDS_=${BENCH_SECONDS:-60}
 POLL_MS=${BENCH_POLL_MS:-5}
+WINDOW=${BENCH_WINDOW:-10}
 SEED=${BENCH_SEED:-2}
 ORDERS=$((RATE * SECONDS_))
 
@@ -126,7 +128,8 @@ def pace(orders, rate, count, first_id, sent_file, kcat_args):
 def poll(psql_args, first_id, count, period_ms, seen_file, ready_file, timeout):
     p = subprocess.Popen(psql_args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     def query(sql):
-        p.stdin.write(sql.encode() + b'\n\\echo __end__\n')
+        # The semicolon sends the query; \echo then marks the end of its rows.
+        p.stdin.write(sql.encode() + b';\n\\echo __end__\n')
         p.stdin.flush()
         rows = []
         while True:
@@ -220,7 +223,7 @@ for _ in $(seq 600); do
 	sleep 0.2
 done
 
-python3 "$work/freshness.py" report "$work/sent.txt" "$work/seen.txt" 10 >"$work/report.txt"
+python3 "$work/freshness.py" report "$work/sent.txt" "$work/seen.txt" "$WINDOW" >"$work/report.txt"
 r() { sed -n "s/^RESULT $1=//p" "$work/report.txt"; }
 read -r polls poll_p50 poll_p99 poll_max <"$work/seen.txt.periods"
 
@@ -238,7 +241,7 @@ printf 'latency (ms)   p50 %s   p90 %s   p99 %s   max %s   (min %s, mean %s)\n' 
 printf 'resolution     %s polls, period p50 %s ms, p99 %s ms, max %s ms: a latency is\n' \
 	"$polls" "$poll_p50" "$poll_p99" "$poll_max"
 echo "               overstated by at most one period (half of one on average)"
-echo "per 10 s of send time:"
+echo "per $WINDOW s of send time:"
 printf '  %9s %8s %8s %8s %8s\n' "window s" orders "p50 ms" "p99 ms" "max ms"
 awk '/^WINDOW/ { printf "  %4d-%-4d %8d %8d %8d %8d\n", $2, $3, $4, $5, $6, $7 }' "$work/report.txt"
 
