@@ -96,12 +96,12 @@ kb_mb() { [ "$1" = - ] && echo - || awk -v k="$1" 'BEGIN { printf "%.0f", k / 10
 pkg() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo '?'; }
 bin=$("$PG_CONFIG" --bindir)
 dev=$(findmnt -n -o SOURCE --target "${BENCH_DIR:-/tmp}" 2>/dev/null | sed 's/\[.*//')
-disk=$(lsblk -d -n -o NAME,SIZE,ROTA,MODEL "$dev" 2>/dev/null | awk '{ printf "%s %s %s %s", $1, $2, ($3 == 1 ? "rotational" : "SSD/virtual"), $4 }')
+disk=$(lsblk -d -n -o NAME,SIZE,ROTA,MODEL "$dev" 2>/dev/null | awk '{ printf "%s %s %s %s", $1, $2, ($3 == 1 ? "(reported rotational)" : "(non-rotational)"), $4 }')
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')
 git -C "$root" diff --quiet HEAD 2>/dev/null || commit+=" (with uncommitted changes)"
 
 line() { printf '%s\n' "-------------------------------------------------------------------------------"; }
-row() { printf '%-46s %s\n' "$1" "$2"; }
+row() { printf '%-50s %s\n' "$1" "$2"; }
 
 echo
 echo "dwh benchmark suite$([ "$QUICK" = 1 ] && echo ' (quick sizes)')"
@@ -118,9 +118,11 @@ line
 row "SQL chain, 1 connection" "$(v sql1.sql_chain_orders_per_s) orders/s  (history $(v sql1.sql_chain_history), $(v sql1.sql_chain_measured) measured)"
 row "SQL chain, 2 connections" "$(v sql2.sql_chain_orders_per_s) orders/s"
 row "Kafka drain, $(v drain.kafka_drain_consumers) workers, $(v drain.kafka_drain_partitions) partitions" "$(v drain.kafka_drain_orders_per_s) orders/s, $(v drain.kafka_drain_messages_per_s) messages/s  ($(v drain.kafka_drain_orders) orders in $(v drain.kafka_drain_s) s)"
-row "  CPU during the drain: workers / broker" "$(v drain.kafka_drain_cpu_workers_pct)% / $(v drain.kafka_drain_cpu_broker_pct)% of one core"
+row "  worker CPU" "$(v drain.kafka_drain_orders_per_worker_cpu_s) orders per CPU-second of the workers"
+row "  CPU: workers / broker / rest of the machine" "$(v drain.kafka_drain_cpu_workers_pct)% / $(v drain.kafka_drain_cpu_broker_pct)% / $(v drain.kafka_drain_cpu_other_pct)% of one core"
 row "Kafka worker peak private memory" "$(kb_mb "$(v drain.kafka_worker_peak_anon_kb)") MB vs bound $(kb_mb "$(v drain.kafka_worker_bound_kb)") MB (2.5 x prefetch): held $(v drain.kafka_worker_bound_held)"
-row "Freshness at $(v freshness.freshness_rate) orders/s" "p50 $(v freshness.freshness_p50_ms) ms, p99 $(v freshness.freshness_p99_ms) ms, max $(v freshness.freshness_max_ms) ms  (achieved $(v freshness.freshness_achieved_orders_per_s) orders/s)"
+row "Freshness at $(v freshness.freshness_rate) orders/s, all orders" "p50 $(v freshness.freshness_p50_ms) ms, p99 $(v freshness.freshness_p99_ms) ms, max $(v freshness.freshness_max_ms) ms  (achieved $(v freshness.freshness_achieved_orders_per_s) orders/s)"
+row "  after the first 10 s (workers warmed up)" "p50 $(v freshness.freshness_steady_p50_ms) ms, p99 $(v freshness.freshness_steady_p99_ms) ms, max $(v freshness.freshness_steady_max_ms) ms"
 row "Redis mirror, $(v redis.redis_users) users + $(v redis.redis_restaurants) restaurants" "$(v redis.redis_mirror_s) s"
 row "Redis refresh pass: unchanged / SCAN / 1% changed" "$(v redis.redis_refresh_unchanged_ms) / $(v redis.redis_refresh_scan_ms) / $(v redis.redis_refresh_changed_ms) ms"
 line
