@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared pieces of the Kafka benchmarks (test/bench/kafka_drain.sh and
 # test/bench/kafka_freshness.sh), sourced, not run: build and install, a
 # throw-away PostgreSQL cluster with dwh preloaded, a throw-away Kafka
@@ -228,6 +229,20 @@ cluster_ticks()
 machine_busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 CLK_TCK=$(getconf CLK_TCK)
 
+# The version of the broker's jars (kafka_2.13-X.jar).
+kafka_version()
+{
+	local j
+	for j in "${DWH_KAFKA_JARS:-/var/cache/dwh/kafka-libs}"/kafka_2.13-*.jar; do
+		case $j in *-test.jar | *-sources.jar) continue ;; esac
+		[ -e "$j" ] || continue
+		j=${j##*/kafka_2.13-}
+		echo "${j%.jar}"
+		return
+	done
+	echo '?'
+}
+
 # One line describing the machine and the versions.
 bench_machine()
 {
@@ -236,5 +251,5 @@ bench_machine()
 		"$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))" "$(uname -r)" \
 		"$("$BIN/postgres" --version)" \
 		"$(dpkg-query -W -f '${Version}' librdkafka1 2>/dev/null || echo '?')" \
-		"$(basename "$(ls /var/cache/dwh/kafka-libs/kafka_2.13-*.jar 2>/dev/null | grep -v -- '-test' | head -n 1)" .jar | sed 's/^kafka_2.13-//')"
+		"$(kafka_version)"
 }

@@ -238,7 +238,6 @@ printf '  bound held with a backlog of %d messages: %s (peak private memory %d k
 
 echo
 echo "CPU during the drain (seconds; % of one core over ${drain_s%.*} s; $(nproc) cores)"
-ticks_s() { calc "$1 / $CLK_TCK"; }
 share() { awk -v t="$1" -v c="$CLK_TCK" -v d="$drain_s" 'BEGIN { printf "%8.1f s %6.0f%%", t / c, 100 * t / c / d }'; }
 for wp in $pids; do
 	w=$((cpu1[$wp] - cpu0[$wp]))
