@@ -32,17 +32,17 @@ ONLY=${BENCH_ONLY:-sql1 sql2 drain freshness redis}
 OUT=${BENCH_OUT:-/tmp/dwh-bench-$(date +%Y%m%d-%H%M%S)}
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 export PG_CONFIG
+# shellcheck source=kafka_common.sh
+. "$here/kafka_common.sh"   # kafka_version
 
-if [ "$(id -u)" -ne 0 ]; then
-	echo "run as root: the benchmarks install the extension and run clusters as postgres" >&2
-	exit 1
-fi
 mkdir -p "$OUT"
 
 if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ]; then
 	echo "building and installing the extension (make install)"
-	make -s -C "$root" PG_CONFIG="$PG_CONFIG" >/dev/null &&
-		make -s -C "$root" PG_CONFIG="$PG_CONFIG" install >/dev/null || exit 1
+	if ! make -s -C "$root" PG_CONFIG="$PG_CONFIG" >/dev/null ||
+		! make -s -C "$root" PG_CONFIG="$PG_CONFIG" install >/dev/null; then
+		exit 1
+	fi
 fi
 
 if [ "$QUICK" = 1 ]; then
@@ -56,6 +56,10 @@ else
 	fresh_sizes=(BENCH_SECONDS=60 BENCH_RATE=1000)
 	redis_sizes=(BENCH_USERS=100000 BENCH_RESTAURANTS=1000 BENCH_DISHES=10000)
 fi
+
+# The commit measured: the one installed at the start.
+commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')
+git -C "$root" diff --quiet HEAD 2>/dev/null || commit+=" (with uncommitted changes)"
 
 declare -A R
 declare -A STATUS
@@ -97,8 +101,6 @@ pkg() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo '?'; }
 bin=$("$PG_CONFIG" --bindir)
 dev=$(findmnt -n -o SOURCE --target "${BENCH_DIR:-/tmp}" 2>/dev/null | sed 's/\[.*//')
 disk=$(lsblk -d -n -o NAME,SIZE,ROTA,MODEL "$dev" 2>/dev/null | awk '{ printf "%s %s %s %s", $1, $2, ($3 == 1 ? "(reported rotational)" : "(non-rotational)"), $4 }')
-commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')
-git -C "$root" diff --quiet HEAD 2>/dev/null || commit+=" (with uncommitted changes)"
 
 line() { printf '%s\n' "-------------------------------------------------------------------------------"; }
 row() { printf '%-50s %s\n' "$1" "$2"; }
@@ -112,7 +114,7 @@ row "disk" "${disk:-?} ($(df -h --output=size,avail "${BENCH_DIR:-/tmp}" | awk '
 row "kernel" "$(uname -sr)"
 row "load average before / after" "$load_before / $(cut -d' ' -f1-3 /proc/loadavg)"
 row "PostgreSQL" "$("$bin/postgres" --version | sed 's/^postgres (PostgreSQL) //')"
-row "librdkafka / Kafka broker / hiredis" "$(pkg librdkafka1) / $(basename "$(ls /var/cache/dwh/kafka-libs/kafka_2.13-*.jar 2>/dev/null | grep -v -- -test | head -n 1)" .jar | sed 's/^kafka_2.13-//') / $(pkg libhiredis0.14)"
+row "librdkafka / Kafka broker / hiredis" "$(pkg librdkafka1) / $(kafka_version) / $(pkg libhiredis0.14)"
 row "dwh commit" "$commit"
 line
 row "SQL chain, 1 connection" "$(v sql1.sql_chain_orders_per_s) orders/s  (history $(v sql1.sql_chain_history), $(v sql1.sql_chain_measured) measured)"
