@@ -19,7 +19,8 @@
 #
 # Pass times come from the worker's DEBUG1 line "refresh pass done in X
 # ms".  Ends with dwh.verify() empty.  It is a benchmark that reports
-# figures, not a test with a threshold.
+# figures, not a test with a threshold; the last lines are "RESULT
+# key=value" lines for test/bench/run-all.sh.
 #
 # Runs as root on a machine with PostgreSQL 15 and redis-server; builds and
 # installs the extension first (unless BENCH_SKIP_INSTALL=1).  Everything
@@ -200,7 +201,7 @@ printf 'time to mirror: %.2f s (worker pass: %.2f s)\n' \
 	"$(echo "($t1 - $t0) / 1000" | bc -l)" "$(echo "$first_ms / 1000" | bc -l)"
 
 run_passes() {
-	local label=$1 before after times=() n ms keys changes
+	local label=$1 key=$2 before after times=() n ms keys changes
 	before=$(fingerprint)
 	n=$(pass_lines)
 	psql_q "ALTER SYSTEM SET dwh.redis_refresh_interval = '1s'"
@@ -217,13 +218,14 @@ run_passes() {
 		"$label" "$(printf '%s\n' "${times[@]}" | median)" "$PASSES" \
 		"$(printf '%.0f ' "${times[@]}" | sed 's/ $//')" "$keys" \
 		"$([ "$before" = "$after" ] && echo yes || echo NO)"
+	printf 'RESULT redis_refresh_%s_ms=%.1f\n' "$key" "$(printf '%s\n' "${times[@]}" | median)"
 }
 
 echo "== refresh passes when nothing changed"
-run_passes "with SCAN discovery"
+run_passes "with SCAN discovery" scan
 psql_q "ALTER SYSTEM RESET dwh.redis_scan_pattern"
 psql_q "SELECT pg_reload_conf()" >/dev/null
-run_passes "without discovery"
+run_passes "without discovery" unchanged
 
 echo "== refresh pass after 1% of the values changed"
 generate 2 | rcli --pipe | tail -n 1
@@ -239,3 +241,10 @@ printf 'refresh pass, 1%% changed: %.1f ms, %s keys read, %s changes written\n' 
 echo "renamed users in DDS: $(psql_q "SELECT count(*) FROM (SELECT h_user_pk FROM dds.s_user_names GROUP BY 1 HAVING count(*) > 1) x")"
 echo "dwh.verify() differences: $(psql_q "SELECT count(*) FROM dwh.verify()")"
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+
+# Machine-readable figures for test/bench/run-all.sh.
+echo "RESULT redis_users=$USERS"
+echo "RESULT redis_restaurants=$RESTAURANTS"
+printf 'RESULT redis_mirror_s=%.2f\n' "$(echo "($t1 - $t0) / 1000" | bc -l)"
+printf 'RESULT redis_refresh_changed_ms=%.1f\n' "$ms"
+echo "RESULT redis_consistent=$([ "$(psql_q "SELECT count(*) FROM dwh.verify()")" = 0 ] && echo yes || echo no)"

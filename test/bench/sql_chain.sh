@@ -10,7 +10,9 @@
 # the statements inside the triggers, auto_explain of one extra batch).
 # Ends with dwh.verify() and an independent recount from the generator.
 #
-# It is a benchmark that reports figures, not a test with a threshold.
+# It is a benchmark that reports figures, not a test with a threshold.  When
+# the marts are consistent, the last lines are "RESULT key=value" lines for
+# test/bench/run-all.sh.
 #
 # Runs as root on a machine where PostgreSQL 15 is installed (it builds and
 # installs the extension first); it starts a throw-away cluster of its own
@@ -492,3 +494,10 @@ if [ "$verify" != 0 ] || [ "$bad_p" != 0 ] || [ "$bad_c" != 0 ] || [ "$dead_rows
 	echo "RESULT: the marts are NOT consistent; the figures above do not count"
 	exit 1
 fi
+
+# Machine-readable figures for test/bench/run-all.sh.
+echo "RESULT sql_chain_clients=$CLIENTS"
+echo "RESULT sql_chain_history=$HISTORY"
+echo "RESULT sql_chain_measured=$MEASURED"
+echo "RESULT sql_chain_orders_per_s=$(rate "$MEASURED" "$meas_s")"
+echo "RESULT sql_chain_consistent=yes"

@@ -1,0 +1,255 @@
+# shellcheck shell=bash
+# Shared pieces of the Kafka benchmarks (test/bench/kafka_drain.sh and
+# test/bench/kafka_freshness.sh), sourced, not run: build and install, a
+# throw-away PostgreSQL cluster with dwh preloaded, a throw-away Kafka
+# broker (test/kafka/kafka.sh), the generator's dictionaries loaded into
+# STG, the final checks against the generator's manifest, CPU accounting
+# from /proc, and clean-up.
+#
+# The caller sets `here` and `root`, then sources this file; it reads the
+# environment variables listed in the callers' headers.
+
+KEEP=${BENCH_KEEP:-0}
+SKIP_INSTALL=${BENCH_SKIP_INSTALL:-0}
+PARENT=${BENCH_DIR:-/tmp}
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+CONSUMERS=${BENCH_CONSUMERS:-2}
+PARTITIONS=${BENCH_PARTITIONS:-4}
+TOPIC=order-service_orders
+GEN="/usr/bin/python3 $root/test/gen/dwh-gen"
+KAFKA="bash $root/test/kafka/kafka.sh"
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "run as root: it installs the extension and runs the cluster as postgres" >&2
+	exit 1
+fi
+export LANG=C.UTF-8 LC_ALL=C.UTF-8
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+now() { date +%s.%N; }
+calc() { awk "BEGIN { print $* }"; }
+# True when the expression $1 is at least $2.
+ge() { awk "BEGIN { exit !(($1) >= ($2)) }"; }
+
+bench_install()
+{
+	if [ "$SKIP_INSTALL" != 1 ]; then
+		log "building and installing the extension (make install)"
+		make -s -C "$root" PG_CONFIG="$PG_CONFIG" >/dev/null
+		make -s -C "$root" PG_CONFIG="$PG_CONFIG" install >/dev/null
+	fi
+	BIN=$("$PG_CONFIG" --bindir)
+	[ -e "$("$PG_CONFIG" --pkglibdir)/dwh.so" ] ||
+		{ echo "dwh.so is not installed for $PG_CONFIG" >&2; exit 1; }
+	command -v kcat >/dev/null || { echo "kcat is missing (test/install-deps.sh)" >&2; exit 1; }
+}
+
+free_port()
+{
+	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# The work folder; everything the benchmark makes lives in it.
+bench_workdir()
+{
+	work=$(mktemp -d "$PARENT/dwh-$1.XXXXXX")
+	chmod 755 "$work"
+	chown postgres: "$work"
+	pgdata=$work/pgdata
+	trap bench_cleanup EXIT
+	trap 'exit 130' INT TERM
+}
+
+bench_cleanup()
+{
+	local rc=$?
+	set +e
+	# Background samplers of the caller.
+	for p in ${bench_children:-}; do
+		kill "$p" 2>/dev/null
+	done
+	if [ -f "$pgdata/postmaster.pid" ]; then
+		runuser -u postgres -- "$BIN/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null 2>&1
+	fi
+	if [ -d "$work/kafka" ]; then
+		$KAFKA stop "$work/kafka" >/dev/null 2>&1
+	fi
+	if [ "$KEEP" = 1 ]; then
+		log "kept $work (stopped cluster and broker, logs)"
+	else
+		rm -rf "$work"
+	fi
+	exit $rc
+}
+
+# A cluster with the settings of test/bench/sql_chain.sh (a DBA's settings
+# for a bulk-loading warehouse, durability untouched), dwh preloaded, the
+# extension created in postgres; extra postgresql.conf lines in $1.
+bench_cluster_start()
+{
+	local extra=$1 mem_mb sb
+	pg_port=$(free_port)
+	mem_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
+	sb=$((mem_mb / 4))
+	[ $sb -gt 8192 ] && sb=8192
+	[ $sb -lt 128 ] && sb=128
+	shared_buffers=${BENCH_SHARED_BUFFERS:-${sb}MB}
+	runuser -u postgres -- "$BIN/initdb" -D "$pgdata" -U postgres -E UTF8 --locale=C.UTF-8 \
+		--auth=trust >"$work/initdb.log" 2>&1
+	cat >>"$pgdata/postgresql.conf" <<EOF
+listen_addresses = ''
+port = $pg_port
+unix_socket_directories = '$work'
+shared_preload_libraries = 'dwh'
+max_connections = 20
+shared_buffers = $shared_buffers
+effective_cache_size = $((mem_mb / 2))MB
+work_mem = 64MB
+maintenance_work_mem = 1GB
+wal_buffers = 64MB
+wal_compression = lz4
+max_wal_size = 16GB
+min_wal_size = 1GB
+checkpoint_timeout = 30min
+checkpoint_completion_target = 0.9
+random_page_cost = 1.1
+jit = off
+max_locks_per_transaction = 128
+autovacuum_vacuum_cost_limit = 2000
+dwh.kafka_consumers = $CONSUMERS
+$extra
+EOF
+	runuser -u postgres -- "$BIN/pg_ctl" -D "$pgdata" -l "$work/postgresql.log" -w start >/dev/null
+	postmaster_pid=$(head -n 1 "$pgdata/postmaster.pid")
+	q "CREATE EXTENSION dwh"
+}
+
+q() { runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
+
+# A broker with the order topic of $PARTITIONS partitions.
+bench_broker_start()
+{
+	log "starting a Kafka broker ($PARTITIONS partitions)"
+	$KAFKA start "$work/kafka" --partitions "$PARTITIONS" >"$work/kafka-start.log" 2>&1 ||
+		{ cat "$work/kafka-start.log" >&2; exit 1; }
+	$KAFKA create-topic "$work/kafka" "$TOPIC" "$PARTITIONS" >/dev/null
+	bootstrap=$($KAFKA bootstrap "$work/kafka")
+	broker_pid=$(cat "$work/kafka/kafka.pid")
+}
+
+# Every line of file $1 as one message, keyless, spread over the
+# partitions at random (as DwhTest.pm's produce does).
+bench_produce_file()
+{
+	kcat -P -q -b "$bootstrap" -t "$TOPIC" -X sticky.partitioning.linger.ms=0 \
+		-X linger.ms=20 -X batch.num.messages=10000 -l "$1"
+}
+
+# Messages the broker holds: the sum of the partitions' end offsets.
+bench_topic_messages()
+{
+	local args=() p
+	for p in $(seq 0 $((PARTITIONS - 1))); do
+		args+=(-t "$TOPIC:$p:-1")
+	done
+	kcat -Q -b "$bootstrap" "${args[@]}" | awk '{ s += $NF } END { print s + 0 }'
+}
+
+# The generator's default dictionaries (FORMATS.md section 4) straight into
+# STG, as the Redis worker would write them.
+bench_load_dictionaries()
+{
+	$GEN dictionaries >"$work/dictionaries.tsv"
+	chmod 644 "$work/dictionaries.tsv"
+	runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -Xq -v ON_ERROR_STOP=1 <<EOF
+CREATE TEMP TABLE dict (key text, value jsonb);
+COPY dict FROM '$work/dictionaries.tsv' WITH (FORMAT csv, DELIMITER E'\t', QUOTE E'\x01');
+INSERT INTO stg.users (object_id, payload) SELECT key, value FROM dict WHERE NOT value ? 'menu';
+INSERT INTO stg.restaurants (object_id, payload) SELECT key, value FROM dict WHERE value ? 'menu';
+EOF
+}
+
+# Messages applied so far: partitions start at offset 0, so the stored next
+# offsets add up to the messages applied (dead letters included).
+bench_applied() { q "SELECT coalesce(sum(next_offset), 0) FROM dwh.kafka_offsets WHERE topic = '$TOPIC'"; }
+
+# pid of each Kafka worker, "worker=pid" words.
+bench_worker_pids() { q "SELECT string_agg(replace(worker, ' ', '') || '=' || pid, ' ' ORDER BY worker) FROM dwh.status WHERE worker LIKE 'kafka%' AND pid IS NOT NULL"; }
+
+# A manifest field (a dotted path) of the generator's JSON summary $1.
+manifest() { python3 -c 'import json, sys
+v = json.load(open(sys.argv[1]))
+for k in sys.argv[2].split("."):
+    v = v[k]
+print(v)' "$1" "$2"; }
+
+# The checks every run ends with; prints them and returns non-zero when one
+# fails.  $1: the manifest.
+bench_checks()
+{
+	local m=$1 ok=0 verify stg dead applied prod cat want_p want_c
+	verify=$(q "SELECT count(*) FROM dwh.verify()")
+	stg=$(q "SELECT count(*) FROM stg.order_events")
+	dead=$(q "SELECT count(*) FROM dwh.dead_letters WHERE source = 'kafka' AND kafka_offset IS NOT NULL")
+	applied=$(bench_applied)
+	prod=$(q "SELECT count(*) || ' ' || coalesce(sum(order_cnt), 0) FROM cdm.user_product_counters")
+	cat=$(q "SELECT count(*) || ' ' || coalesce(sum(order_cnt), 0) FROM cdm.user_category_counters")
+	want_p="$(manifest "$m" user_product_counts.rows) $(manifest "$m" user_product_counts.order_cnt_sum)"
+	want_c="$(manifest "$m" user_category_counts.rows) $(manifest "$m" user_category_counts.order_cnt_sum)"
+	check() {
+		local what=$1 got=$2 want=$3
+		if [ "$got" = "$want" ]; then
+			printf '  %-44s %s\n' "$what" "$got (ok)"
+		else
+			printf '  %-44s %s\n' "$what" "$got, expected $want   <-- WRONG"
+			ok=1
+		fi
+	}
+	check "SELECT count(*) FROM dwh.verify()" "$verify" 0
+	check "messages applied (stored offsets)" "$applied" "$(manifest "$m" messages)"
+	check "orders in stg.order_events" "$stg" "$(manifest "$m" object_ids.count)"
+	check "dead letters (malformed messages)" "$dead" "$(manifest "$m" malformed)"
+	check "product mart rows, sum(order_cnt)" "$prod" "$want_p"
+	check "category mart rows, sum(order_cnt)" "$cat" "$want_c"
+	return $ok
+}
+
+# CPU time in clock ticks: of a process; of the whole cluster (postmaster,
+# its children alive now and those it reaped); busy time of the machine.
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cluster_ticks()
+{
+	local t
+	t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 + $14 + $15 }' "/proc/$postmaster_pid/stat")
+	for c in $(ps -o pid= --ppid "$postmaster_pid"); do
+		t=$((t + $(cpu_ticks "$c")))
+	done
+	echo "$t"
+}
+machine_busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+CLK_TCK=$(getconf CLK_TCK)
+
+# The version of the broker's jars (kafka_2.13-X.jar).
+kafka_version()
+{
+	local j
+	for j in "${DWH_KAFKA_JARS:-/var/cache/dwh/kafka-libs}"/kafka_2.13-*.jar; do
+		case $j in *-test.jar | *-sources.jar) continue ;; esac
+		[ -e "$j" ] || continue
+		j=${j##*/kafka_2.13-}
+		echo "${j%.jar}"
+		return
+	done
+	echo '?'
+}
+
+# One line describing the machine and the versions.
+bench_machine()
+{
+	printf '%s CPUs (%s), %s MB RAM, kernel %s; %s; librdkafka %s; Kafka %s' \
+		"$(nproc)" "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
+		"$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))" "$(uname -r)" \
+		"$("$BIN/postgres" --version)" \
+		"$(dpkg-query -W -f '${Version}' librdkafka1 2>/dev/null || echo '?')" \
+		"$(kafka_version)"
+}

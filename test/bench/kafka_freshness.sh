@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+#
+# Benchmark of freshness: the time from producing an order to Kafka until
+# the transaction that applied it is visible to a reader of the marts.
+#
+# Starts a throw-away Kafka broker and PostgreSQL cluster (as
+# test/bench/kafka_drain.sh), loads the dictionaries, lets the CONSUMERS
+# workers join the topic, then produces SECONDS x RATE orders of the
+# generator's default mix at a steady RATE orders a second (the
+# redelivered, late and malformed messages of the mix come on top) with the
+# workers' default, production-like batching (dwh.kafka_batch_wait 100ms,
+# dwh.kafka_batch_size 1000).  Prints p50, p90, p99 and max of the time
+# from produce to visibility: over all orders, over those sent after the
+# first window (WINDOW seconds: the workers' first batches are slower), and
+# per window; and the achieved produce rate.  Ends with dwh.verify() empty and the marts equal to the
+# generator's manifest.
+#
+# How it measures (nothing is added to the extension):
+#   - the producer (a Python pacer in front of `kcat -P`) writes each line to
+#     kcat at its scheduled time and records, per object_id, the wall-clock
+#     time at which the order's first message was handed to kcat; kcat's own
+#     batching (linger.ms) is part of what is measured;
+#   - a poller session (one psql process kept open) asks every POLL_MS
+#     which object_ids stg.order_events holds at or above the lowest one not
+#     seen yet; an order's row is written by the same transaction that
+#     updates DDS and the marts, so its first sighting is the first poll
+#     whose snapshot sees that commit.  The time of a sighting is the time
+#     the poll was sent: a latency is overstated by at most one poll period
+#     (half of it on average) and understated by at most the time from
+#     sending a poll to its snapshot (well under a millisecond);
+#   - the same clock (time.time(), one machine) stamps both ends.
+# The poller and the pacer use some CPU of the same machine; the output
+# gives the poll period achieved.
+#
+# A benchmark that reports figures, not a test with a threshold.  The last
+# lines are "RESULT key=value" lines for test/bench/run-all.sh.
+#
+# Usage: test/bench/kafka_freshness.sh
+# Environment: BENCH_RATE (1000 orders/s), BENCH_SECONDS (60),
+#   BENCH_POLL_MS (5), BENCH_WINDOW (10: seconds per line of the
+#   latency over time), BENCH_CONSUMERS (2), BENCH_PARTITIONS (4),
+#   BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
+#   settings' defaults), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
+#   BENCH_SKIP_INSTALL (0), BENCH_DIR (/tmp),
+#   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
+
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+# shellcheck source=kafka_common.sh
+. "$here/kafka_common.sh"
+
+RATE=${BENCH_RATE:-1000}
+SECONDS_=${BENCH_SECONDS:-60}
+POLL_MS=${BENCH_POLL_MS:-5}
+WINDOW=${BENCH_WINDOW:-10}
+SEED=${BENCH_SEED:-2}
+ORDERS=$((RATE * SECONDS_))
+
+extra=""
+[ -z "${BENCH_BATCH_WAIT:-}" ] || extra+="dwh.kafka_batch_wait = '$BENCH_BATCH_WAIT'"$'\n'
+[ -z "${BENCH_BATCH_SIZE:-}" ] || extra+="dwh.kafka_batch_size = $BENCH_BATCH_SIZE"$'\n'
+
+bench_install
+bench_workdir kafka-freshness
+bench_broker_start
+log "starting PostgreSQL ($CONSUMERS Kafka workers) and loading the dictionaries"
+bench_cluster_start "$extra"
+bench_load_dictionaries
+q "CHECKPOINT"
+
+log "generating $ORDERS orders (dwh-gen, default mix, seed $SEED)"
+$GEN orders --count "$ORDERS" --seed "$SEED" --manifest "$work/manifest.json" >"$work/orders.txt"
+messages=$(manifest "$work/manifest.json" messages)
+first_id=$(manifest "$work/manifest.json" object_ids.first)
+
+# The workers join the (empty) topic before the clock starts.
+q "ALTER SYSTEM SET dwh.kafka_brokers = '$bootstrap'"
+q "SELECT pg_reload_conf()" >/dev/null
+for _ in $(seq 300); do
+	owned=$(q "SELECT coalesce(sum(cardinality(partitions)), 0) FROM dwh.status WHERE worker LIKE 'kafka%'")
+	[ "$owned" = "$PARTITIONS" ] && break
+	sleep 0.2
+done
+[ "$owned" = "$PARTITIONS" ] || { echo "the workers did not take the $PARTITIONS partitions" >&2; exit 1; }
+batch_wait=$(q "SHOW dwh.kafka_batch_wait")
+batch_size=$(q "SHOW dwh.kafka_batch_size")
+
+cat >"$work/freshness.py" <<'EOF'
+# pace: write the orders file to kcat at a steady rate, record send times.
+# poll: record when each object_id becomes visible in stg.order_events.
+# report: join both and print the figures.
+import re, subprocess, sys, time
+
+def pace(orders, rate, count, first_id, sent_file, kcat_args):
+    lines = open(orders, 'rb').readlines()
+    ids = []
+    for l in lines:
+        m = re.match(rb'\{"object_id":(\d+),', l)
+        ids.append(int(m.group(1)) if m else None)
+    msg_rate = rate * len(lines) / count
+    kcat = subprocess.Popen(kcat_args, stdin=subprocess.PIPE)
+    sent = {}
+    n, i = len(lines), 0
+    t0 = time.monotonic()
+    while i < n:
+        due = min(n, int((time.monotonic() - t0) * msg_rate) + 1)
+        if due > i:
+            tw = time.time()
+            kcat.stdin.write(b''.join(lines[i:due]))
+            kcat.stdin.flush()
+            for j in range(i, due):
+                o = ids[j]
+                if o is not None and first_id <= o < first_id + count and o not in sent:
+                    sent[o] = tw
+            i = due
+        delay = t0 + i / msg_rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    elapsed = time.monotonic() - t0
+    kcat.stdin.close()
+    kcat.wait()
+    with open(sent_file, 'w') as f:
+        for o, t in sent.items():
+            f.write('%d %.6f\n' % (o, t))
+    print('%.3f %d %d' % (elapsed, n, len(sent)))
+
+def poll(psql_args, first_id, count, period_ms, seen_file, ready_file, timeout):
+    p = subprocess.Popen(psql_args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    def query(sql):
+        # The semicolon sends the query; \echo then marks the end of its rows.
+        p.stdin.write(sql.encode() + b';\n\\echo __end__\n')
+        p.stdin.flush()
+        rows = []
+        while True:
+            l = p.stdout.readline()
+            if l == b'__end__\n' or not l:
+                return rows
+            rows.append(l)
+    query('SELECT 1')
+    open(ready_file, 'w').close()
+    last = first_id + count - 1
+    low, seen, above, periods = first_id, {}, set(), []
+    prev = None
+    deadline = time.time() + timeout
+    while low <= last and time.time() < deadline:
+        tq = time.time()
+        if prev is not None:
+            periods.append(tq - prev)
+        prev = tq
+        for r in query('SELECT object_id FROM stg.order_events WHERE object_id BETWEEN %d AND %d'
+                       % (low, last)):
+            o = int(r)
+            if o not in seen:
+                seen[o] = tq
+                above.add(o)
+        while low in above:
+            above.discard(low)
+            low += 1
+        delay = tq + period_ms / 1000.0 - time.time()
+        if delay > 0:
+            time.sleep(delay)
+    p.stdin.close()
+    p.wait()
+    with open(seen_file, 'w') as f:
+        for o, t in seen.items():
+            f.write('%d %.6f\n' % (o, t))
+    periods.sort()
+    with open(seen_file + '.periods', 'w') as f:
+        f.write('%d %.2f %.2f %.2f\n' % (len(periods), 1000 * periods[len(periods) // 2],
+                                        1000 * periods[int(len(periods) * 0.99)], 1000 * periods[-1]))
+
+def pct(v, q):
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+def report(sent_file, seen_file, window):
+    sent = dict((int(a), float(b)) for a, b in (l.split() for l in open(sent_file)))
+    seen = dict((int(a), float(b)) for a, b in (l.split() for l in open(seen_file)))
+    t0 = min(sent.values())
+    lat, windows = [], {}
+    for o, ts in sent.items():
+        if o in seen:
+            ms = 1000 * (seen[o] - ts)
+            lat.append(ms)
+            windows.setdefault(int((ts - t0) // window), []).append(ms)
+    lat.sort()
+    steady = sorted(ms for w, v in windows.items() if w > 0 for ms in v)
+    if steady:
+        for name, q in (('p50', 0.5), ('p90', 0.9), ('p99', 0.99), ('max', 1)):
+            print('RESULT freshness_steady_%s_ms=%.0f' % (name, pct(steady, q)))
+    print('RESULT freshness_orders_measured=%d' % len(lat))
+    print('RESULT freshness_orders_unseen=%d' % (len(sent) - len(lat)))
+    for name, q in (('p50', 0.5), ('p90', 0.9), ('p99', 0.99)):
+        print('RESULT freshness_%s_ms=%.0f' % (name, pct(lat, q)))
+    print('RESULT freshness_max_ms=%.0f' % lat[-1])
+    print('RESULT freshness_min_ms=%.0f' % lat[0])
+    print('RESULT freshness_mean_ms=%.0f' % (sum(lat) / len(lat)))
+    for w in sorted(windows):
+        v = sorted(windows[w])
+        print('WINDOW %d %d %d %.0f %.0f %.0f' % (w * window, (w + 1) * window, len(v),
+                                                 pct(v, 0.5), pct(v, 0.99), v[-1]))
+
+mode = sys.argv[1]
+if mode == 'pace':
+    pace(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7:])
+elif mode == 'poll':
+    poll(sys.argv[7:], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], 600)
+else:
+    report(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+EOF
+
+log "poller: every $POLL_MS ms; producer: $RATE orders/s for $SECONDS_ s"
+python3 "$work/freshness.py" poll "$first_id" "$ORDERS" "$POLL_MS" "$work/seen.txt" "$work/poll.ready" \
+	runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -XAtq &
+poller=$!
+bench_children=$poller
+for _ in $(seq 100); do [ -e "$work/poll.ready" ] && break; sleep 0.1; done
+[ -e "$work/poll.ready" ] || { echo "the poller did not start" >&2; exit 1; }
+
+read -r pace_s paced first_sent < <(python3 "$work/freshness.py" pace "$work/orders.txt" "$RATE" "$ORDERS" \
+	"$first_id" "$work/sent.txt" kcat -P -q -b "$bootstrap" -t "$TOPIC" -X sticky.partitioning.linger.ms=0)
+log "produced $paced messages in $pace_s s; waiting for the last orders to become visible"
+wait "$poller"
+bench_children=""
+for _ in $(seq 600); do
+	[ "$(bench_applied)" -ge "$messages" ] && break
+	sleep 0.2
+done
+
+python3 "$work/freshness.py" report "$work/sent.txt" "$work/seen.txt" "$WINDOW" >"$work/report.txt"
+r() { sed -n "s/^RESULT $1=//p" "$work/report.txt"; }
+read -r polls poll_p50 poll_p99 poll_max <"$work/seen.txt.periods"
+
+echo
+echo "dwh Kafka freshness: produce -> visible in the marts, at a steady $RATE orders/s"
+echo "($ORDERS orders, $messages messages with the mix's redeliveries, late versions and"
+echo "malformed lines; $CONSUMERS workers, $PARTITIONS partitions, dwh.kafka_batch_wait $batch_wait,"
+echo "dwh.kafka_batch_size $batch_size; kcat -P with librdkafka's default linger)"
+printf 'produced       %d orders in %.1f s: %.0f orders/s, %.0f messages/s achieved\n' \
+	"$first_sent" "$pace_s" "$(calc "$first_sent / $pace_s")" "$(calc "$paced / $pace_s")"
+printf 'measured       %s orders seen, %s never seen\n' "$(r freshness_orders_measured)" "$(r freshness_orders_unseen)"
+printf 'latency (ms)   p50 %s   p90 %s   p99 %s   max %s   (min %s, mean %s)\n' \
+	"$(r freshness_p50_ms)" "$(r freshness_p90_ms)" "$(r freshness_p99_ms)" "$(r freshness_max_ms)" \
+	"$(r freshness_min_ms)" "$(r freshness_mean_ms)"
+if [ -n "$(r freshness_steady_p50_ms)" ]; then
+	printf 'after %3s s    p50 %s   p90 %s   p99 %s   max %s   (the orders sent after the first window:\n' \
+		"$WINDOW" "$(r freshness_steady_p50_ms)" "$(r freshness_steady_p90_ms)" \
+		"$(r freshness_steady_p99_ms)" "$(r freshness_steady_max_ms)"
+	echo "               the workers' first batches on a new connection to the topic are slower)"
+fi
+printf 'resolution     %s polls, period p50 %s ms, p99 %s ms, max %s ms: a latency is\n' \
+	"$polls" "$poll_p50" "$poll_p99" "$poll_max"
+echo "               overstated by at most one period (half of one on average)"
+echo "per $WINDOW s of send time:"
+printf '  %9s %8s %8s %8s %8s\n' "window s" orders "p50 ms" "p99 ms" "max ms"
+awk '/^WINDOW/ { printf "  %4d-%-4d %8d %8d %8d %8d\n", $2, $3, $4, $5, $6, $7 }' "$work/report.txt"
+
+echo
+echo "CHECKS"
+checks_ok=0
+bench_checks "$work/manifest.json" || checks_ok=1
+echo "machine: $(bench_machine)"
+echo "RESULT freshness_rate=$RATE"
+printf 'RESULT freshness_achieved_orders_per_s=%.0f\n' "$(calc "$first_sent / $pace_s")"
+grep '^RESULT' "$work/report.txt"
+echo "RESULT freshness_poll_p50_ms=$poll_p50"
+echo "RESULT freshness_consistent=$([ "$checks_ok" = 0 ] && echo yes || echo no)"
+exit "$checks_ok"

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+#
+# The dwh benchmark suite in one command: runs the SQL chain benchmark (one
+# and two connections), the Kafka drain, the Kafka freshness and the Redis
+# mirror benchmarks one after the other, keeps each one's full output, and
+# prints one table of their key figures (the "RESULT key=value" lines each
+# script ends with) under a description of the machine and the versions.
+#
+# Each benchmark starts its own throw-away cluster (and broker, Redis) and
+# removes it.  Full sizes take about half an hour on 2 cores; BENCH_QUICK=1
+# runs smaller sizes in a few minutes (to compare two builds side by side,
+# run both at the same size on the same machine).
+#
+# Usage: test/bench/run-all.sh
+# Environment: BENCH_QUICK (0; 1: smaller sizes), BENCH_ONLY (names of the
+#   runs to do among sql1 sql2 drain freshness redis; default all),
+#   BENCH_OUT (folder of the logs, default /tmp/dwh-bench-YYYYmmdd-HHMMSS),
+#   BENCH_SKIP_INSTALL (0: make install once first), BENCH_DIR (/tmp),
+#   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
+#
+# Sizes (full / quick): SQL chain history 1,000,000 / 100,000 orders and
+# 100,000 / 20,000 measured; Kafka drain 1,000,000 / 100,000 orders;
+# freshness 60 / 20 s at 1,000 orders/s; Redis 100,000 / 20,000 users,
+# 1,000 / 200 restaurants, 10,000 / 2,000 dishes.
+
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+QUICK=${BENCH_QUICK:-0}
+ONLY=${BENCH_ONLY:-sql1 sql2 drain freshness redis}
+OUT=${BENCH_OUT:-/tmp/dwh-bench-$(date +%Y%m%d-%H%M%S)}
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+export PG_CONFIG
+# shellcheck source=kafka_common.sh
+. "$here/kafka_common.sh"   # kafka_version
+
+mkdir -p "$OUT"
+
+if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ]; then
+	echo "building and installing the extension (make install)"
+	if ! make -s -C "$root" PG_CONFIG="$PG_CONFIG" >/dev/null ||
+		! make -s -C "$root" PG_CONFIG="$PG_CONFIG" install >/dev/null; then
+		exit 1
+	fi
+fi
+
+if [ "$QUICK" = 1 ]; then
+	sql_sizes=(BENCH_HISTORY=100000 BENCH_MEASURED=20000)
+	drain_sizes=(BENCH_ORDERS=100000)
+	fresh_sizes=(BENCH_SECONDS=20 BENCH_RATE=1000)
+	redis_sizes=(BENCH_USERS=20000 BENCH_RESTAURANTS=200 BENCH_DISHES=2000)
+else
+	sql_sizes=(BENCH_HISTORY=1000000 BENCH_MEASURED=100000)
+	drain_sizes=(BENCH_ORDERS=1000000)
+	fresh_sizes=(BENCH_SECONDS=60 BENCH_RATE=1000)
+	redis_sizes=(BENCH_USERS=100000 BENCH_RESTAURANTS=1000 BENCH_DISHES=10000)
+fi
+
+# The commit measured: the one installed at the start.
+commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')
+git -C "$root" diff --quiet HEAD 2>/dev/null || commit+=" (with uncommitted changes)"
+
+declare -A R
+declare -A STATUS
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+started=$(date -u '+%Y-%m-%d %H:%M UTC')
+
+# run NAME SCRIPT VAR=VALUE...: run a benchmark, keep its output, read its
+# RESULT lines into R[NAME.key].
+run() {
+	local name=$1 script=$2 t0 rc
+	shift 2
+	case " $ONLY " in *" $name "*) ;; *) return ;; esac
+	echo "== $name: $script $* (log $OUT/$name.log)"
+	t0=$SECONDS
+	env BENCH_SKIP_INSTALL=1 "$@" "$here/$script" >"$OUT/$name.log" 2>&1
+	rc=$?
+	while IFS='=' read -r key value; do
+		R[$name.$key]=$value
+	done < <(sed -n -E 's/^RESULT ([a-z0-9_]+=.*)$/\1/p' "$OUT/$name.log")
+	if [ "$rc" = 0 ]; then
+		STATUS[$name]=ok
+	else
+		STATUS[$name]="FAILED (exit $rc)"
+		tail -n 15 "$OUT/$name.log" | sed 's/^/   | /'
+	fi
+	echo "   ${STATUS[$name]} in $((SECONDS - t0)) s"
+}
+
+run sql1 sql_chain.sh "${sql_sizes[@]}" BENCH_CLIENTS=1 BENCH_EXPLAIN=0
+run sql2 sql_chain.sh "${sql_sizes[@]}" BENCH_CLIENTS=2 BENCH_EXPLAIN=0
+run drain kafka_drain.sh "${drain_sizes[@]}"
+run freshness kafka_freshness.sh "${fresh_sizes[@]}"
+run redis redis_mirror.sh "${redis_sizes[@]}"
+
+# A figure, or "-" when its run was skipped or failed before printing it.
+v() { printf '%s' "${R[$1]:--}"; }
+kb_mb() { [ "$1" = - ] && echo - || awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
+pkg() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo '?'; }
+bin=$("$PG_CONFIG" --bindir)
+dev=$(findmnt -n -o SOURCE --target "${BENCH_DIR:-/tmp}" 2>/dev/null | sed 's/\[.*//')
+disk=$(lsblk -d -n -o NAME,SIZE,ROTA,MODEL "$dev" 2>/dev/null | awk '{ printf "%s %s %s %s", $1, $2, ($3 == 1 ? "(reported rotational)" : "(non-rotational)"), $4 }')
+
+line() { printf '%s\n' "-------------------------------------------------------------------------------"; }
+row() { printf '%-50s %s\n' "$1" "$2"; }
+
+echo
+echo "dwh benchmark suite$([ "$QUICK" = 1 ] && echo ' (quick sizes)')"
+line
+row "date" "$started"
+row "machine" "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(nproc) cores, $(awk '/^MemTotal:/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo) RAM"
+row "disk" "${disk:-?} ($(df -h --output=size,avail "${BENCH_DIR:-/tmp}" | awk 'NR == 2 { print $1 " total, " $2 " free" }'))"
+row "kernel" "$(uname -sr)"
+row "load average before / after" "$load_before / $(cut -d' ' -f1-3 /proc/loadavg)"
+row "PostgreSQL" "$("$bin/postgres" --version | sed 's/^postgres (PostgreSQL) //')"
+row "librdkafka / Kafka broker / hiredis" "$(pkg librdkafka1) / $(kafka_version) / $(pkg libhiredis0.14)"
+row "dwh commit" "$commit"
+line
+row "SQL chain, 1 connection" "$(v sql1.sql_chain_orders_per_s) orders/s  (history $(v sql1.sql_chain_history), $(v sql1.sql_chain_measured) measured)"
+row "SQL chain, 2 connections" "$(v sql2.sql_chain_orders_per_s) orders/s"
+row "Kafka drain, $(v drain.kafka_drain_consumers) workers, $(v drain.kafka_drain_partitions) partitions" "$(v drain.kafka_drain_orders_per_s) orders/s, $(v drain.kafka_drain_messages_per_s) messages/s  ($(v drain.kafka_drain_orders) orders in $(v drain.kafka_drain_s) s)"
+row "  worker CPU" "$(v drain.kafka_drain_orders_per_worker_cpu_s) orders per CPU-second of the workers"
+row "  CPU: workers / broker / rest of the machine" "$(v drain.kafka_drain_cpu_workers_pct)% / $(v drain.kafka_drain_cpu_broker_pct)% / $(v drain.kafka_drain_cpu_other_pct)% of one core"
+row "Kafka worker peak private memory" "$(kb_mb "$(v drain.kafka_worker_peak_anon_kb)") MB vs bound $(kb_mb "$(v drain.kafka_worker_bound_kb)") MB (2.5 x prefetch): held $(v drain.kafka_worker_bound_held)"
+row "Freshness at $(v freshness.freshness_rate) orders/s, all orders" "p50 $(v freshness.freshness_p50_ms) ms, p99 $(v freshness.freshness_p99_ms) ms, max $(v freshness.freshness_max_ms) ms  (achieved $(v freshness.freshness_achieved_orders_per_s) orders/s)"
+row "  after the first 10 s (workers warmed up)" "p50 $(v freshness.freshness_steady_p50_ms) ms, p99 $(v freshness.freshness_steady_p99_ms) ms, max $(v freshness.freshness_steady_max_ms) ms"
+row "Redis mirror, $(v redis.redis_users) users + $(v redis.redis_restaurants) restaurants" "$(v redis.redis_mirror_s) s"
+row "Redis refresh pass: unchanged / SCAN / 1% changed" "$(v redis.redis_refresh_unchanged_ms) / $(v redis.redis_refresh_scan_ms) / $(v redis.redis_refresh_changed_ms) ms"
+line
+failed=0
+for name in sql1 sql2 drain freshness redis; do
+	[ -n "${STATUS[$name]:-}" ] || continue
+	row "run $name" "${STATUS[$name]}"
+	[ "${STATUS[$name]}" = ok ] || failed=1
+done
+row "logs" "$OUT"
+exit $failed
