@@ -434,14 +434,14 @@ start_producer()
 	echo "   object_ids $(num "$first") to $(num $((first + count - 1))), seed $first, order times from $start"
 	touch "$manifest.producing"
 	"$python3" "$root/test/gen/dwh-gen" orders --count "$count" --first-id "$first" \
-		--seed "$first" --start "$start" --rate "$pace" --manifest "$manifest.tmp" |
-		kcat -P -q -b "$bootstrap" -t "$topic" -X sticky.partitioning.linger.ms=0 &
+		--seed "$first" --start "$start" --rate "$pace" --manifest "$manifest.tmp" \
+		--kafka "$bootstrap" --topic "$topic" &
 	producer=$!
 }
 
 wait_producer()
 {
-	wait "$producer" || die "kcat could not produce the orders to $bootstrap"
+	wait "$producer" || die "dwh-gen could not produce the orders to $bootstrap"
 	producer=
 	[[ -s $manifest.tmp ]] || die "dwh-gen orders failed"
 	mv "$manifest.tmp" "$manifest"
@@ -492,8 +492,8 @@ start_postgres
 
 step "dictionaries: generator -> Redis"
 dict_keys=$("$python3" "$root/test/gen/dwh-gen" dictionaries --format json | wc -l)
-reply=$("$python3" "$root/test/gen/dwh-gen" dictionaries --format redis-proto |
-	redis-cli -p "$redis_port" --pipe | tail -n 1)
+reply=$("$python3" "$root/test/gen/dwh-gen" dictionaries \
+	--redis "redis://127.0.0.1:$redis_port/0" | tail -n 1)
 [[ $reply == *"errors: 0,"* ]] || die "redis-cli --pipe: $reply"
 echo "   $dict_keys keys SET in Redis ($reply)"
 
