@@ -40,8 +40,8 @@
 # Environment: BENCH_RATE (1000 orders/s), BENCH_SECONDS (60),
 #   BENCH_POLL_MS (5), BENCH_WINDOW (10: seconds per line of the
 #   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
-#   on another topic first, so that the broker's JVM is warm; 0: none), BENCH_CONSUMERS (2), BENCH_PARTITIONS (4),
-#   BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
+#   on another topic first, so that the broker's JVM is warm; 0: none),
+#   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
 #   BENCH_SKIP_INSTALL (0), BENCH_DIR (/tmp),
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
