@@ -124,18 +124,19 @@ BEGIN
                    update_ts, 'stg.order_events'
             FROM batch
         ),
+        -- In no particular order: dwh.apply_mart_deltas writes in key order.
         product_delta_keys AS (
-            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_product_pk) AS users,
-                   array_agg(h_product_pk ORDER BY h_user_pk, h_product_pk) AS keys,
-                   array_agg(d ORDER BY h_user_pk, h_product_pk) AS deltas
+            SELECT array_agg(h_user_pk) AS users,
+                   array_agg(h_product_pk) AS keys,
+                   array_agg(d) AS deltas
             FROM (SELECT h_user_pk, h_product_pk, count(*)::integer AS d
                   FROM item WHERE status = 'CLOSED'
                   GROUP BY h_user_pk, h_product_pk) x
         ),
         category_delta_keys AS (
-            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
-                   array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
-                   array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
+            SELECT array_agg(h_user_pk) AS users,
+                   array_agg(h_category_pk) AS keys,
+                   array_agg(d) AS deltas
             FROM (SELECT i.h_user_pk, c.h_category_pk,
                          count(DISTINCT i.h_order_pk)::integer AS d
                   FROM item i JOIN category c USING (h_product_pk)
@@ -289,16 +290,17 @@ BEGIN
                 hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff,
                 load_src = EXCLUDED.load_src
         ),
+        -- In no particular order: dwh.apply_mart_deltas writes in key order.
         product_delta_keys AS (
-            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_product_pk) AS users,
-                   array_agg(h_product_pk ORDER BY h_user_pk, h_product_pk) AS keys,
-                   array_agg(d ORDER BY h_user_pk, h_product_pk) AS deltas
+            SELECT array_agg(h_user_pk) AS users,
+                   array_agg(h_product_pk) AS keys,
+                   array_agg(d) AS deltas
             FROM product_delta
         ),
         category_delta_keys AS (
-            SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
-                   array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
-                   array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
+            SELECT array_agg(h_user_pk) AS users,
+                   array_agg(h_category_pk) AS keys,
+                   array_agg(d) AS deltas
             FROM category_delta
         )
         SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
