@@ -60,11 +60,14 @@ BEGIN
                    dwh.hash_key(c.payload->'restaurant'->>'id') AS h_restaurant_pk,
                    c.payload->'order_items' AS items
             FROM changed c
+            ORDER BY h_order_pk
         ),
         item AS MATERIALIZED (
-            SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.h_restaurant_pk, b.status,
-                   dwh.hash_key(e->>'id') AS h_product_pk
-            FROM batch b, jsonb_array_elements(b.items) e
+            SELECT DISTINCT b.h_order_pk, b.h_product_pk, b.h_user_pk,
+                   b.h_restaurant_pk, b.status
+            FROM (SELECT b.*, dwh.hash_key(e->>'id') AS h_product_pk
+                  FROM batch b, jsonb_array_elements(b.items) e) b
+            ORDER BY b.h_order_pk, b.h_product_pk
         ),
         category AS MATERIALIZED (
             SELECT l.h_product_pk, l.h_category_pk
