@@ -46,6 +46,8 @@ BEGIN
         -- can write their rows (it would first conflict on
         -- stg.order_events.object_id), so their hub, links and satellites
         -- are plain INSERTs: no arbiter probes, no speculative insertions.
+        -- Rows go in hub key order: the random UUID keys then fill index
+        -- pages one after the other, and so do the foreign-key checks.
         WITH batch AS MATERIALIZED (
             SELECT c.object_id,
                    dwh.hash_key(c.object_id::text) AS h_order_pk,
