@@ -35,11 +35,15 @@ BEGIN
                              array_agg(d.name), array_agg(d.update_ts),
                              'stg.order_events')
     INTO renamed
-    FROM (SELECT DISTINCT ON (e->>'id' COLLATE "C") e->>'id' AS id, e->>'name' AS name,
-                 c.update_ts
-          FROM changed c, jsonb_array_elements(c.payload->'order_items') e
+    FROM (SELECT DISTINCT ON (n.id COLLATE "C") n.id, n.name, n.update_ts
+          -- Each name of a dish with its newest version first, by hashing:
+          -- a batch names each dish many times, almost always alike, and
+          -- sorting all its items cost more than the rest of this step.
+          FROM (SELECT e->>'id' AS id, e->>'name' AS name, max(c.update_ts) AS update_ts
+                FROM changed c, jsonb_array_elements(c.payload->'order_items') e
+                GROUP BY 1, 2) n
           -- Grouping needs no linguistic order: "C" spares strcoll.
-          ORDER BY e->>'id' COLLATE "C", c.update_ts DESC, e->>'name' DESC) d;
+          ORDER BY n.id COLLATE "C", n.update_ts DESC, n.name DESC) d;
 
     IF NOT known THEN
         -- Orders new to DDS: nothing counted before.  No other transaction
