@@ -51,11 +51,21 @@ static SPIPlanPtr apply_direct_plan = NULL;
  * every payload into a tuplestore.
  */
 static const char *upsert_orders_sql =
-"INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload) "
-"SELECT unnest($1::bigint[]), 'order', unnest($2::timestamp[]), unnest($3::jsonb[]) "
+"INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload, update_ts) "
+"SELECT unnest($1::bigint[]), 'order', unnest($2::timestamp[]), unnest($3::jsonb[]), "
+"       unnest($4::timestamp[]) "
 "ON CONFLICT (object_id) DO UPDATE "
 "SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, "
-"    payload = EXCLUDED.payload";
+"    payload = EXCLUDED.payload, update_ts = EXCLUDED.update_ts";
+
+/*
+ * While the order upsert runs: the trigger depth at which the STG guard
+ * sees its rows, else -1.  Those rows were validated by dwh_message_parse
+ * a moment before, which derived the update_ts they carry; the guard need
+ * not check them again.  Rows that other statements write meanwhile (say,
+ * a trigger's) reach the guard at another depth and are checked.
+ */
+int			dwh_ingest_guard_depth = -1;
 
 static const char *insert_others_sql =
 "INSERT INTO stg.other_events "
@@ -95,9 +105,10 @@ prepare_plans(void)
 {
 	if (upsert_orders_plan == NULL)
 	{
-		Oid			types[3] = {INT8ARRAYOID, TIMESTAMPARRAYOID, JSONBARRAYOID};
+		Oid			types[4] = {INT8ARRAYOID, TIMESTAMPARRAYOID, JSONBARRAYOID,
+		TIMESTAMPARRAYOID};
 
-		upsert_orders_plan = prepare_kept(upsert_orders_sql, 3, types);
+		upsert_orders_plan = prepare_kept(upsert_orders_sql, 4, types);
 	}
 	if (insert_others_plan == NULL)
 	{
@@ -384,6 +395,7 @@ upsert_orders_deferred(Datum *args)
 	dwh_column_init(&d.category_deltas, INT4OID, 1);
 
 	deferred = &d;
+	dwh_ingest_guard_depth = dwh_trigger_depth() + 1;
 	PG_TRY();
 	{
 		rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
@@ -391,6 +403,7 @@ upsert_orders_deferred(Datum *args)
 	PG_FINALLY();
 	{
 		deferred = NULL;
+		dwh_ingest_guard_depth = -1;
 	}
 	PG_END_TRY();
 	processed = SPI_processed;
@@ -504,22 +517,26 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	{
 		DwhColumn	o_id,
 					o_sent,
-					o_payload;
-		Datum		args[3];
+					o_payload,
+					o_version;
+		Datum		args[4];
 		int			kept = newest_orders(orders, n_orders);
 
 		dwh_column_init(&o_id, INT8OID, kept);
 		dwh_column_init(&o_sent, TIMESTAMPOID, kept);
 		dwh_column_init(&o_payload, JSONBOID, kept);
+		dwh_column_init(&o_version, TIMESTAMPOID, kept);
 		for (i = 0; i < kept; i++)
 		{
 			dwh_column_add(&o_id, Int64GetDatum(orders[i].object_id), false);
 			dwh_column_add(&o_sent, TimestampGetDatum(orders[i].sent_dttm), false);
 			dwh_column_add(&o_payload, JsonbPGetDatum(orders[i].payload), false);
+			dwh_column_add(&o_version, TimestampGetDatum(orders[i].update_ts), false);
 		}
 		args[0] = dwh_column_array(&o_id);
 		args[1] = dwh_column_array(&o_sent);
 		args[2] = dwh_column_array(&o_payload);
+		args[3] = dwh_column_array(&o_version);
 		rc = upsert_orders_deferred(args);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
@@ -547,6 +564,19 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	}
 	dead_letters_write(&dl, source, topic);
 	result->dead_lettered += dl.raw.n;
+}
+
+/*
+ * dwh_trigger_depth
+ *		pg_trigger_depth(): how many triggers are running at this point.
+ */
+int
+dwh_trigger_depth(void)
+{
+	LOCAL_FCINFO(fcinfo, 0);
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
+	return DatumGetInt32(pg_trigger_depth(fcinfo));
 }
 
 /*

@@ -28,6 +28,9 @@ typedef struct DwhIngestResult
 	int			dead_lettered;	/* recorded in dwh.dead_letters */
 } DwhIngestResult;
 
+extern int	dwh_ingest_guard_depth;
+
+extern int	dwh_trigger_depth(void);
 extern bool dwh_error_is_about_data(ErrorData *edata);
 extern void dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 							 const char *topic, DwhIngestResult *result);
