@@ -51,21 +51,11 @@ static SPIPlanPtr apply_direct_plan = NULL;
  * every payload into a tuplestore.
  */
 static const char *upsert_orders_sql =
-"INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload, update_ts) "
-"SELECT unnest($1::bigint[]), 'order', unnest($2::timestamp[]), unnest($3::jsonb[]), "
-"       unnest($4::timestamp[]) "
+"INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload) "
+"SELECT unnest($1::bigint[]), 'order', unnest($2::timestamp[]), unnest($3::jsonb[]) "
 "ON CONFLICT (object_id) DO UPDATE "
 "SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, "
-"    payload = EXCLUDED.payload, update_ts = EXCLUDED.update_ts";
-
-/*
- * While the order upsert runs: the trigger depth at which the STG guard
- * sees its rows, else -1.  Those rows were validated by dwh_message_parse
- * a moment before, which derived the update_ts they carry; the guard need
- * not check them again.  Rows that other statements write meanwhile (say,
- * a trigger's) reach the guard at another depth and are checked.
- */
-int			dwh_ingest_guard_depth = -1;
+"    payload = EXCLUDED.payload";
 
 static const char *insert_others_sql =
 "INSERT INTO stg.other_events "
@@ -105,10 +95,9 @@ prepare_plans(void)
 {
 	if (upsert_orders_plan == NULL)
 	{
-		Oid			types[4] = {INT8ARRAYOID, TIMESTAMPARRAYOID, JSONBARRAYOID,
-		TIMESTAMPARRAYOID};
+		Oid			types[3] = {INT8ARRAYOID, TIMESTAMPARRAYOID, JSONBARRAYOID};
 
-		upsert_orders_plan = prepare_kept(upsert_orders_sql, 4, types);
+		upsert_orders_plan = prepare_kept(upsert_orders_sql, 3, types);
 	}
 	if (insert_others_plan == NULL)
 	{
@@ -165,6 +154,47 @@ order_row_cmp(const void *a, const void *b)
 	if (x->update_ts != y->update_ts)
 		return x->update_ts > y->update_ts ? -1 : 1;
 	return -compareJsonbContainers(&x->payload->root, &y->payload->root);
+}
+
+/*
+ * The orders of the upsert that is running, checked by dwh_message_parse
+ * and sorted by object_id; none when no upsert runs.
+ */
+static OrderRow *upserting = NULL;
+static int	n_upserting = 0;
+
+/*
+ * dwh_ingest_checked_order
+ *		Is this payload, byte for byte, one that the running ingest has just
+ *		checked for this order?  Then the STG guard need not check it again,
+ *		and update_ts receives the version derived from it.  Whoever wrote
+ *		the row, the same bytes pass the same checks.
+ */
+bool
+dwh_ingest_checked_order(int64 object_id, Jsonb *payload, Timestamp *update_ts)
+{
+	int			lo = 0;
+	int			hi = n_upserting - 1;
+
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+		OrderRow   *row = &upserting[mid];
+
+		if (row->object_id == object_id)
+		{
+			if (VARSIZE(row->payload) != VARSIZE(payload) ||
+				memcmp(row->payload, payload, VARSIZE(payload)) != 0)
+				return false;
+			*update_ts = row->update_ts;
+			return true;
+		}
+		if (row->object_id < object_id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return false;
 }
 
 /*
@@ -374,11 +404,17 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(true);
 }
 
-/* Run the order upsert with the triggers' mart deltas deferred. */
+/*
+ * Run the order upsert of rows[0..n-1] (args) with the triggers' mart
+ * deltas deferred.
+ */
 static int
-upsert_orders_deferred(Datum *args)
+upsert_orders_deferred(Datum *args, OrderRow *rows, int n)
 {
 	DeferredDeltas d;
+	DeferredDeltas *outer_deferred = deferred;
+	OrderRow   *outer_upserting = upserting;
+	int			outer_n_upserting = n_upserting;
 	int			rc;
 	Oid			types[6] = {UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID,
 	UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID};
@@ -395,15 +431,18 @@ upsert_orders_deferred(Datum *args)
 	dwh_column_init(&d.category_deltas, INT4OID, 1);
 
 	deferred = &d;
-	dwh_ingest_guard_depth = dwh_trigger_depth() + 1;
+	upserting = rows;
+	n_upserting = n;
 	PG_TRY();
 	{
 		rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
 	}
 	PG_FINALLY();
 	{
-		deferred = NULL;
-		dwh_ingest_guard_depth = -1;
+		/* An ingest run by a trigger of another one gives the outer's back. */
+		deferred = outer_deferred;
+		upserting = outer_upserting;
+		n_upserting = outer_n_upserting;
 	}
 	PG_END_TRY();
 	processed = SPI_processed;
@@ -517,27 +556,23 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	{
 		DwhColumn	o_id,
 					o_sent,
-					o_payload,
-					o_version;
-		Datum		args[4];
+					o_payload;
+		Datum		args[3];
 		int			kept = newest_orders(orders, n_orders);
 
 		dwh_column_init(&o_id, INT8OID, kept);
 		dwh_column_init(&o_sent, TIMESTAMPOID, kept);
 		dwh_column_init(&o_payload, JSONBOID, kept);
-		dwh_column_init(&o_version, TIMESTAMPOID, kept);
 		for (i = 0; i < kept; i++)
 		{
 			dwh_column_add(&o_id, Int64GetDatum(orders[i].object_id), false);
 			dwh_column_add(&o_sent, TimestampGetDatum(orders[i].sent_dttm), false);
 			dwh_column_add(&o_payload, JsonbPGetDatum(orders[i].payload), false);
-			dwh_column_add(&o_version, TimestampGetDatum(orders[i].update_ts), false);
 		}
 		args[0] = dwh_column_array(&o_id);
 		args[1] = dwh_column_array(&o_sent);
 		args[2] = dwh_column_array(&o_payload);
-		args[3] = dwh_column_array(&o_version);
-		rc = upsert_orders_deferred(args);
+		rc = upsert_orders_deferred(args, orders, kept);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
 		result->applied += SPI_processed;
@@ -564,19 +599,6 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	}
 	dead_letters_write(&dl, source, topic);
 	result->dead_lettered += dl.raw.n;
-}
-
-/*
- * dwh_trigger_depth
- *		pg_trigger_depth(): how many triggers are running at this point.
- */
-int
-dwh_trigger_depth(void)
-{
-	LOCAL_FCINFO(fcinfo, 0);
-
-	InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
-	return DatumGetInt32(pg_trigger_depth(fcinfo));
 }
 
 /*

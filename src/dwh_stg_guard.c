@@ -112,20 +112,15 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 				 errmsg("payload of %s must not be null",
 						RelationGetRelationName(trigdata->tg_relation))));
 
-	if (strcmp(kind, "order") == 0 && dwh_ingest_guard_depth >= 0 &&
-		dwh_trigger_depth() == dwh_ingest_guard_depth)
+	if (strcmp(kind, "order") == 0)
 	{
-		/* A row of the ingest's own upsert: checked, update_ts derived. */
-		Datum		given = SPI_getbinval(newtuple, tupdesc, version_col, &isnull);
+		Datum		object_id = SPI_getbinval(newtuple, tupdesc, key_col, &isnull);
 
-		ok = !isnull;
-		if (ok)
-			ts = DatumGetTimestamp(given);
-		else
-			ok = dwh_order_payload_check(&payload->root, &ts, &problem);
+		/* The ingest has just checked these very bytes: once is enough. */
+		ok = (!isnull &&
+			  dwh_ingest_checked_order(DatumGetInt64(object_id), payload, &ts)) ||
+			dwh_order_payload_check(&payload->root, &ts, &problem);
 	}
-	else if (strcmp(kind, "order") == 0)
-		ok = dwh_order_payload_check(&payload->root, &ts, &problem);
 	else if (strcmp(kind, "user") == 0)
 		ok = dwh_user_value_check(&payload->root, &has_ts, &ts, &problem);
 	else if (strcmp(kind, "restaurant") == 0)
