@@ -10,6 +10,7 @@ OBJS = \
 	src/dwh_uuid.o \
 	src/dwh_timestamp.o \
 	src/dwh_json_syntax.o \
+	src/dwh_jsonb_build.o \
 	src/dwh_message.o \
 	src/dwh_stg_guard.o \
 	src/dwh_columns.o \

@@ -41,13 +41,18 @@ static SPIPlanPtr upsert_orders_plan = NULL;
 static SPIPlanPtr insert_others_plan = NULL;
 static SPIPlanPtr insert_dead_plan = NULL;
 static SPIPlanPtr apply_deferred_plan = NULL;
+static SPIPlanPtr apply_direct_plan = NULL;
 
+/*
+ * The orders come one row per object_id, in object_id order (parallel
+ * batches lock their rows in the same order), newest version only: see
+ * newest_orders().  Set-returning functions in the select list hand the
+ * array elements over one by one, where unnest() in FROM would first copy
+ * every payload into a tuplestore.
+ */
 static const char *upsert_orders_sql =
 "INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload) "
-"SELECT DISTINCT ON (m.object_id) m.object_id, 'order', m.sent_dttm, m.payload "
-"FROM unnest($1::bigint[], $2::timestamp[], $3::timestamp[], $4::jsonb[]) "
-"     AS m(object_id, sent_dttm, update_ts, payload) "
-"ORDER BY m.object_id, m.update_ts DESC, m.payload DESC "
+"SELECT unnest($1::bigint[]), 'order', unnest($2::timestamp[]), unnest($3::jsonb[]) "
 "ON CONFLICT (object_id) DO UPDATE "
 "SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, "
 "    payload = EXCLUDED.payload";
@@ -90,10 +95,9 @@ prepare_plans(void)
 {
 	if (upsert_orders_plan == NULL)
 	{
-		Oid			types[4] = {INT8ARRAYOID, TIMESTAMPARRAYOID,
-		TIMESTAMPARRAYOID, JSONBARRAYOID};
+		Oid			types[3] = {INT8ARRAYOID, TIMESTAMPARRAYOID, JSONBARRAYOID};
 
-		upsert_orders_plan = prepare_kept(upsert_orders_sql, 4, types);
+		upsert_orders_plan = prepare_kept(upsert_orders_sql, 3, types);
 	}
 	if (insert_others_plan == NULL)
 	{
@@ -124,6 +128,95 @@ jsonb_copy(Jsonb *jb)
 
 	memcpy(copy, jb, VARSIZE(jb));
 	return JsonbPGetDatum(copy);
+}
+
+/* A valid order message of the batch. */
+typedef struct OrderRow
+{
+	int64		object_id;
+	Timestamp	sent_dttm;
+	Timestamp	update_ts;
+	Jsonb	   *payload;
+} OrderRow;
+
+/*
+ * By object_id, then newest version first: versions are ordered by
+ * (update_ts, payload), as the STG guard orders them.
+ */
+static int
+order_row_cmp(const void *a, const void *b)
+{
+	const OrderRow *x = (const OrderRow *) a;
+	const OrderRow *y = (const OrderRow *) b;
+
+	if (x->object_id != y->object_id)
+		return x->object_id < y->object_id ? -1 : 1;
+	if (x->update_ts != y->update_ts)
+		return x->update_ts > y->update_ts ? -1 : 1;
+	return -compareJsonbContainers(&x->payload->root, &y->payload->root);
+}
+
+/*
+ * The orders of the upsert that is running, checked by dwh_message_parse
+ * and sorted by object_id; none when no upsert runs.
+ */
+static OrderRow *upserting = NULL;
+static int	n_upserting = 0;
+
+/*
+ * dwh_ingest_checked_order
+ *		Is this payload, byte for byte, one that the running ingest has just
+ *		checked for this order?  Then the STG guard need not check it again,
+ *		and update_ts receives the version derived from it.  Whoever wrote
+ *		the row, the same bytes pass the same checks.
+ */
+bool
+dwh_ingest_checked_order(int64 object_id, Jsonb *payload, Timestamp *update_ts)
+{
+	int			lo = 0;
+	int			hi = n_upserting - 1;
+
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+		OrderRow   *row = &upserting[mid];
+
+		if (row->object_id == object_id)
+		{
+			if (VARSIZE(row->payload) != VARSIZE(payload) ||
+				memcmp(row->payload, payload, VARSIZE(payload)) != 0)
+				return false;
+			*update_ts = row->update_ts;
+			return true;
+		}
+		if (row->object_id < object_id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return false;
+}
+
+/*
+ * Sort rows[0..n-1] and keep the newest version of each order; returns how
+ * many rows remain.  Older versions of the same batch would be skipped by
+ * the guard anyway, and one statement must not touch a row twice.
+ */
+static int
+newest_orders(OrderRow *rows, int n)
+{
+	int			kept = 0;
+	int			i;
+
+	if (n > 1)
+		qsort(rows, n, sizeof(OrderRow), order_row_cmp);
+	for (i = 0; i < n; i++)
+	{
+		if (kept > 0 && rows[kept - 1].object_id == rows[i].object_id)
+			continue;
+		rows[kept++] = rows[i];
+	}
+	return kept;
 }
 
 /* The dead letters of one batch, written with a single statement. */
@@ -193,6 +286,11 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic)
 typedef struct DeferredDeltas
 {
 	MemoryContext context;
+	int			calls;			/* trigger calls that handed deltas over */
+	/* The first call's arrays, as given: usually the only ones. */
+	Datum		first[6];
+	bool		first_null[6];
+	/* From the second call on, every call's elements, regrouped at the end. */
 	DwhColumn product_users,
 				products,
 				product_deltas,
@@ -213,6 +311,13 @@ static const char *apply_deferred_sql =
 "SELECT dwh.apply_mart_deltas((SELECT array_agg(u) FROM p), (SELECT array_agg(k) FROM p), "
 "                             (SELECT array_agg(d) FROM p), (SELECT array_agg(u) FROM c), "
 "                             (SELECT array_agg(k) FROM c), (SELECT array_agg(d) FROM c))";
+
+/*
+ * One trigger call's deltas are already grouped by key (the usual case: a
+ * batch of new orders fires the INSERT trigger only): apply them as given.
+ */
+static const char *apply_direct_sql =
+"SELECT dwh.apply_mart_deltas($1, $2, $3, $4, $5, $6)";
 
 static void
 column_append_array(DwhColumn *col, ArrayType *arr, int *capacity)
@@ -261,6 +366,19 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 		PG_RETURN_BOOL(false);
 
 	old = MemoryContextSwitchTo(deferred->context);
+	if (deferred->calls == 0)
+	{
+		for (i = 0; i < 6; i++)
+		{
+			deferred->first_null[i] = PG_ARGISNULL(i);
+			deferred->first[i] = PG_ARGISNULL(i) ? (Datum) 0 :
+				PointerGetDatum(PG_DETOAST_DATUM_COPY(PG_GETARG_DATUM(i)));
+		}
+		deferred->calls++;
+		MemoryContextSwitchTo(old);
+		PG_RETURN_BOOL(true);
+	}
+
 	cols[0] = &deferred->product_users;
 	cols[1] = &deferred->products;
 	cols[2] = &deferred->product_deltas;
@@ -269,20 +387,34 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 	cols[5] = &deferred->category_deltas;
 	for (i = 0; i < 6; i++)
 	{
+		/* The second call brings the first one's elements along. */
+		if (deferred->calls == 1 && !deferred->first_null[i])
+		{
+			capacity = Max(cols[i]->n, 1);
+			column_append_array(cols[i], DatumGetArrayTypeP(deferred->first[i]),
+								&capacity);
+		}
 		if (PG_ARGISNULL(i))
 			continue;
 		capacity = Max(cols[i]->n, 1);
 		column_append_array(cols[i], PG_GETARG_ARRAYTYPE_P(i), &capacity);
 	}
+	deferred->calls++;
 	MemoryContextSwitchTo(old);
 	PG_RETURN_BOOL(true);
 }
 
-/* Run the order upsert with the triggers' mart deltas deferred. */
+/*
+ * Run the order upsert of rows[0..n-1] (args) with the triggers' mart
+ * deltas deferred.
+ */
 static int
-upsert_orders_deferred(Datum *args)
+upsert_orders_deferred(Datum *args, OrderRow *rows, int n)
 {
 	DeferredDeltas d;
+	DeferredDeltas *outer_deferred = deferred;
+	OrderRow   *outer_upserting = upserting;
+	int			outer_n_upserting = n_upserting;
 	int			rc;
 	Oid			types[6] = {UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID,
 	UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID};
@@ -290,6 +422,7 @@ upsert_orders_deferred(Datum *args)
 	uint64		processed;
 
 	d.context = CurrentMemoryContext;
+	d.calls = 0;
 	dwh_column_init(&d.product_users, UUIDOID, 1);
 	dwh_column_init(&d.products, UUIDOID, 1);
 	dwh_column_init(&d.product_deltas, INT4OID, 1);
@@ -298,18 +431,35 @@ upsert_orders_deferred(Datum *args)
 	dwh_column_init(&d.category_deltas, INT4OID, 1);
 
 	deferred = &d;
+	upserting = rows;
+	n_upserting = n;
 	PG_TRY();
 	{
 		rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
 	}
 	PG_FINALLY();
 	{
-		deferred = NULL;
+		/* An ingest run by a trigger of another one gives the outer's back. */
+		deferred = outer_deferred;
+		upserting = outer_upserting;
+		n_upserting = outer_n_upserting;
 	}
 	PG_END_TRY();
 	processed = SPI_processed;
 
-	if (d.products.n > 0 || d.categories.n > 0)
+	if (d.calls == 1)
+	{
+		char		nulls[6];
+		int			i;
+
+		for (i = 0; i < 6; i++)
+			nulls[i] = d.first_null[i] ? 'n' : ' ';
+		if (apply_direct_plan == NULL)
+			apply_direct_plan = prepare_kept(apply_direct_sql, 6, types);
+		if (SPI_execute_plan(apply_direct_plan, d.first, nulls, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not apply the mart deltas");
+	}
+	else if (d.products.n > 0 || d.categories.n > 0)
 	{
 		apply_args[0] = dwh_column_array(&d.product_users);
 		apply_args[1] = dwh_column_array(&d.products);
@@ -334,10 +484,8 @@ static void
 ingest_messages(DwhIngestItem *items, int n, const char *source,
 				const char *topic, DwhIngestResult *result)
 {
-	DwhColumn o_id,
-				o_sent,
-				o_version,
-				o_payload;
+	OrderRow   *orders;
+	int			n_orders = 0;
 	DwhColumn x_id,
 				x_type,
 				x_sent,
@@ -349,10 +497,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	int			i;
 	int			rc;
 
-	dwh_column_init(&o_id, INT8OID, n);
-	dwh_column_init(&o_sent, TIMESTAMPOID, n);
-	dwh_column_init(&o_version, TIMESTAMPOID, n);
-	dwh_column_init(&o_payload, JSONBOID, n);
+	orders = palloc(sizeof(OrderRow) * Max(n, 1));
 	dwh_column_init(&x_id, INT8OID, n);
 	dwh_column_init(&x_type, TEXTOID, n);
 	dwh_column_init(&x_sent, TIMESTAMPOID, n);
@@ -380,10 +525,11 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		switch (msg.kind)
 		{
 			case DWH_MESSAGE_ORDER:
-				dwh_column_add(&o_id, Int64GetDatum(msg.object_id), false);
-				dwh_column_add(&o_sent, TimestampGetDatum(msg.sent_dttm), false);
-				dwh_column_add(&o_version, TimestampGetDatum(msg.update_ts), false);
-				dwh_column_add(&o_payload, jsonb_copy(msg.payload), false);
+				orders[n_orders].object_id = msg.object_id;
+				orders[n_orders].sent_dttm = msg.sent_dttm;
+				orders[n_orders].update_ts = msg.update_ts;
+				orders[n_orders].payload = DatumGetJsonbP(jsonb_copy(msg.payload));
+				n_orders++;
 				break;
 			case DWH_MESSAGE_OTHER:
 				dwh_column_add(&x_id, Int64GetDatum(msg.object_id),
@@ -406,19 +552,31 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	}
 	MemoryContextDelete(parse_cxt);
 
-	if (o_id.n > 0)
+	if (n_orders > 0)
 	{
-		Datum		args[4];
+		DwhColumn	o_id,
+					o_sent,
+					o_payload;
+		Datum		args[3];
+		int			kept = newest_orders(orders, n_orders);
 
+		dwh_column_init(&o_id, INT8OID, kept);
+		dwh_column_init(&o_sent, TIMESTAMPOID, kept);
+		dwh_column_init(&o_payload, JSONBOID, kept);
+		for (i = 0; i < kept; i++)
+		{
+			dwh_column_add(&o_id, Int64GetDatum(orders[i].object_id), false);
+			dwh_column_add(&o_sent, TimestampGetDatum(orders[i].sent_dttm), false);
+			dwh_column_add(&o_payload, JsonbPGetDatum(orders[i].payload), false);
+		}
 		args[0] = dwh_column_array(&o_id);
 		args[1] = dwh_column_array(&o_sent);
-		args[2] = dwh_column_array(&o_version);
-		args[3] = dwh_column_array(&o_payload);
-		rc = upsert_orders_deferred(args);
+		args[2] = dwh_column_array(&o_payload);
+		rc = upsert_orders_deferred(args, orders, kept);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
 		result->applied += SPI_processed;
-		result->unchanged += o_id.n - SPI_processed;
+		result->unchanged += n_orders - SPI_processed;
 	}
 	if (x_id.n > 0)
 	{

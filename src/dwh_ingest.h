@@ -8,6 +8,9 @@
 #ifndef DWH_INGEST_H
 #define DWH_INGEST_H
 
+#include "datatype/timestamp.h"
+#include "utils/jsonb.h"
+
 /* One raw message value and, when known, where it came from. */
 typedef struct DwhIngestItem
 {
@@ -28,6 +31,8 @@ typedef struct DwhIngestResult
 	int			dead_lettered;	/* recorded in dwh.dead_letters */
 } DwhIngestResult;
 
+extern bool dwh_ingest_checked_order(int64 object_id, Jsonb *payload,
+									 Timestamp *update_ts);
 extern bool dwh_error_is_about_data(ErrorData *edata);
 extern void dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 							 const char *topic, DwhIngestResult *result);

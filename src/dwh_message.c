@@ -4,10 +4,11 @@
  *	  Parsing and validation of order messages and dictionary values.
  *
  * A Kafka value is bytes.  It goes through size, UTF-8 and JSON syntax
- * checks that never raise an error (jansson parses the syntax, with a depth
- * limit and without accepting \u0000), and only then through jsonb_in, so
- * that whatever is wrong with one message is a reason in dwh.dead_letters,
- * not an error that aborts its batch.  The shape checks work on jsonb so
+ * checks that never raise an error: the usual, plainly valid value is built
+ * into jsonb in one pass (dwh_jsonb_build.c); anything else is judged by
+ * jansson (with a depth limit and without accepting \u0000) and only then
+ * goes through jsonb_in, so that whatever is wrong with one message is a
+ * reason in dwh.dead_letters, not an error that aborts its batch.  The shape checks work on jsonb so
  * that the very same rules guard direct writes to the STG tables.
  *
  *-------------------------------------------------------------------------
@@ -22,6 +23,7 @@
 #include "utils/numeric.h"
 
 #include "dwh_json_syntax.h"
+#include "dwh_jsonb_build.h"
 #include "dwh_message.h"
 #include "dwh_settings.h"
 #include "dwh_timestamp.h"
@@ -65,7 +67,8 @@ problem_set(DwhProblem *problem, int sqlstate, const char *fmt,...)
  * dwh_json_parse
  *		Turn raw bytes into jsonb, or return NULL and say why.  Only the final
  *		jsonb_in can raise an error, and only for what jansson accepted, which
- *		is a subset of what jsonb_in accepts.
+ *		is a subset of what jsonb_in accepts.  A value that the one-pass
+ *		builder takes never gets that far.
  */
 Jsonb *
 dwh_json_parse(const char *data, int len, DwhProblem *problem)
@@ -73,6 +76,7 @@ dwh_json_parse(const char *data, int len, DwhProblem *problem)
 	int			valid_len;
 	char		detail[256];
 	char	   *text;
+	Jsonb	   *jb;
 
 	if (len > dwh_max_message_size)
 	{
@@ -99,6 +103,10 @@ dwh_json_parse(const char *data, int len, DwhProblem *problem)
 						(unsigned char) data[valid_len], valid_len);
 		return NULL;
 	}
+
+	jb = dwh_jsonb_build(data, len);
+	if (jb != NULL)
+		return jb;
 
 	switch (dwh_json_syntax_check(data, len, detail, sizeof(detail)))
 	{
