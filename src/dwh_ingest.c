@@ -75,21 +75,6 @@ static const char *insert_dead_sql =
 "ON CONFLICT (topic, kafka_partition, kafka_offset) WHERE kafka_offset IS NOT NULL "
 "DO NOTHING";
 
-/*
- * Prepare and keep a statement for the life of the backend.
- */
-static SPIPlanPtr
-prepare_kept(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
 static void
 prepare_plans(void)
 {
@@ -97,21 +82,21 @@ prepare_plans(void)
 	{
 		Oid			types[3] = {INT8ARRAYOID, TIMESTAMPARRAYOID, JSONBARRAYOID};
 
-		upsert_orders_plan = prepare_kept(upsert_orders_sql, 3, types);
+		upsert_orders_plan = dwh_prepare_kept(upsert_orders_sql, 3, types);
 	}
 	if (insert_others_plan == NULL)
 	{
 		Oid			types[7] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPARRAYOID,
 			JSONBARRAYOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID};
 
-		insert_others_plan = prepare_kept(insert_others_sql, 7, types);
+		insert_others_plan = dwh_prepare_kept(insert_others_sql, 7, types);
 	}
 	if (insert_dead_plan == NULL)
 	{
 		Oid			types[7] = {TEXTOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID,
 		BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 
-		insert_dead_plan = prepare_kept(insert_dead_sql, 7, types);
+		insert_dead_plan = dwh_prepare_kept(insert_dead_sql, 7, types);
 	}
 }
 
@@ -455,7 +440,7 @@ upsert_orders_deferred(Datum *args, OrderRow *rows, int n)
 		for (i = 0; i < 6; i++)
 			nulls[i] = d.first_null[i] ? 'n' : ' ';
 		if (apply_direct_plan == NULL)
-			apply_direct_plan = prepare_kept(apply_direct_sql, 6, types);
+			apply_direct_plan = dwh_prepare_kept(apply_direct_sql, 6, types);
 		if (SPI_execute_plan(apply_direct_plan, d.first, nulls, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not apply the mart deltas");
 	}
@@ -468,7 +453,7 @@ upsert_orders_deferred(Datum *args, OrderRow *rows, int n)
 		apply_args[4] = dwh_column_array(&d.categories);
 		apply_args[5] = dwh_column_array(&d.category_deltas);
 		if (apply_deferred_plan == NULL)
-			apply_deferred_plan = prepare_kept(apply_deferred_sql, 6, types);
+			apply_deferred_plan = dwh_prepare_kept(apply_deferred_sql, 6, types);
 		if (SPI_execute_plan(apply_deferred_plan, apply_args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not apply the mart deltas");
 	}

@@ -139,18 +139,6 @@ end_work(void)
 	pgstat_report_stat(false);
 }
 
-static SPIPlanPtr
-prepare_kept(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
 static void
 prepare_plans(void)
 {
@@ -158,27 +146,27 @@ prepare_plans(void)
 	{
 		Oid			types[2] = {TEXTARRAYOID, JSONBARRAYOID};
 
-		upsert_users_plan = prepare_kept(upsert_users_sql, 2, types);
+		upsert_users_plan = dwh_prepare_kept(upsert_users_sql, 2, types);
 	}
 	if (upsert_restaurants_plan == NULL)
 	{
 		Oid			types[2] = {TEXTARRAYOID, JSONBARRAYOID};
 
-		upsert_restaurants_plan = prepare_kept(upsert_restaurants_sql, 2, types);
+		upsert_restaurants_plan = dwh_prepare_kept(upsert_restaurants_sql, 2, types);
 	}
 	if (dead_letters_plan == NULL)
 	{
 		Oid			types[4] = {TEXTARRAYOID, BYTEAARRAYOID, TEXTARRAYOID,
 		TEXTARRAYOID};
 
-		dead_letters_plan = prepare_kept(dead_letters_sql, 4, types);
+		dead_letters_plan = dwh_prepare_kept(dead_letters_sql, 4, types);
 	}
 	if (keys_plan == NULL)
 	{
 		Oid			types[5] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
 		BYTEAARRAYOID, TEXTARRAYOID};
 
-		keys_plan = prepare_kept(keys_sql, 5, types);
+		keys_plan = dwh_prepare_kept(keys_sql, 5, types);
 	}
 }
 
