@@ -609,12 +609,14 @@ dwh_error_is_about_data(ErrorData *edata)
 }
 
 /*
- * Run ingest_messages in a subtransaction.  Returns NULL on success, or the
- * error if it is about the data; any other error is raised again.
+ * dwh_try_in_subtransaction
+ *		Run work(arg) in a subtransaction.  Returns NULL when it succeeded,
+ *		or its error when the error is about the data (the subtransaction is
+ *		rolled back and the caller isolates the culprits); any other error
+ *		is raised again.
  */
-static ErrorData *
-ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
-						 const char *topic, DwhIngestResult *result)
+ErrorData *
+dwh_try_in_subtransaction(void (*work) (void *arg), void *arg)
 {
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -625,7 +627,7 @@ ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
 
 	PG_TRY();
 	{
-		ingest_messages(items, n, source, topic, result);
+		work(arg);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -644,6 +646,37 @@ ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
 	PG_END_TRY();
 
 	return edata;
+}
+
+/* The arguments of ingest_messages, for dwh_try_in_subtransaction. */
+typedef struct IngestCall
+{
+	DwhIngestItem *items;
+	int			n;
+	const char *source;
+	const char *topic;
+	DwhIngestResult *result;
+} IngestCall;
+
+static void
+ingest_call(void *arg)
+{
+	IngestCall *c = (IngestCall *) arg;
+
+	ingest_messages(c->items, c->n, c->source, c->topic, c->result);
+}
+
+/*
+ * Run ingest_messages in a subtransaction.  Returns NULL on success, or the
+ * error if it is about the data; any other error is raised again.
+ */
+static ErrorData *
+ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
+						 const char *topic, DwhIngestResult *result)
+{
+	IngestCall	call = {items, n, source, topic, result};
+
+	return dwh_try_in_subtransaction(ingest_call, &call);
 }
 
 /*

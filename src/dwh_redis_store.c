@@ -41,7 +41,6 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 
 #include "dwh_columns.h"
@@ -666,41 +665,36 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	}
 }
 
+/* The arguments of write_decisions, for dwh_try_in_subtransaction. */
+typedef struct WriteCall
+{
+	DwhRedisKey *keys;
+	Decision   *decisions;
+	int		   *idx;
+	int			n;
+	DwhRedisApplyResult *result;
+} WriteCall;
+
+static void
+write_call(void *arg)
+{
+	WriteCall  *c = (WriteCall *) arg;
+
+	write_decisions(c->keys, c->decisions, c->idx, c->n, c->result);
+}
+
 /*
  * write_decisions in a subtransaction.  Returns NULL on success, or the
- * error if it is about the data; any other error is raised again.
+ * error if it is about the data; any other error is raised again.  The
+ * counts of a rolled back attempt are not added to result.
  */
 static ErrorData *
 write_in_subtransaction(DwhRedisKey *keys, Decision *decisions, int *idx,
 						int n, DwhRedisApplyResult *result)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *volatile edata = NULL;
 	DwhRedisApplyResult partial = {0};
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-
-	PG_TRY();
-	{
-		write_decisions(keys, decisions, idx, n, &partial);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (!dwh_error_is_about_data(edata))
-			ReThrowError(edata);
-	}
-	PG_END_TRY();
+	WriteCall	call = {keys, decisions, idx, n, &partial};
+	ErrorData  *edata = dwh_try_in_subtransaction(write_call, &call);
 
 	if (edata == NULL)
 	{
