@@ -1,6 +1,9 @@
--- STG: data as it arrived.  One row per key holding its latest version; the
--- BEFORE trigger dwh.stg_guard validates each row, derives update_ts and
--- skips any update that does not carry a newer version.
+-- STG: data as it arrived.  One row per key holding its current version;
+-- the BEFORE trigger dwh.stg_guard validates each row and derives
+-- update_ts.  A version that is not newer than the stored one goes to the
+-- key's history table instead, and a version replaced by a newer one moves
+-- there: nothing received is dropped, so DDS and the marts are a function
+-- of the versions held here (docs/data-rule.md).
 
 CREATE FUNCTION dwh.stg_guard() RETURNS trigger
     AS 'MODULE_PATHNAME', 'dwh_stg_guard'
@@ -28,6 +31,31 @@ COMMENT ON COLUMN stg.order_events.loaded_at IS 'When this version was stored';
 
 CREATE TRIGGER order_events_guard
     BEFORE INSERT OR UPDATE ON stg.order_events
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('order');
+
+-- Superseded versions: one row per distinct version, the payload's digest
+-- standing for the payload in the unique key (a jsonb is too large for a
+-- btree entry).
+CREATE TABLE stg.order_event_history (
+    object_id   bigint NOT NULL,
+    update_ts   timestamp NOT NULL,
+    payload     jsonb NOT NULL,
+    payload_md5 uuid NOT NULL
+        GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
+    sent_dttm   timestamp NOT NULL,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (object_id, update_ts, payload_md5)
+);
+COMMENT ON TABLE stg.order_event_history IS 'Every version of an order received other than its current one (older, or losing a tie on update_ts), once';
+COMMENT ON COLUMN stg.order_event_history.object_id IS 'Order id (message object_id)';
+COMMENT ON COLUMN stg.order_event_history.update_ts IS 'Version time: payload.update_ts';
+COMMENT ON COLUMN stg.order_event_history.payload IS 'The message''s payload object, as is';
+COMMENT ON COLUMN stg.order_event_history.payload_md5 IS 'MD5 of the payload''s text: identifies the version with object_id and update_ts';
+COMMENT ON COLUMN stg.order_event_history.sent_dttm IS 'Greatest sent_dttm of the messages that carried this version';
+COMMENT ON COLUMN stg.order_event_history.loaded_at IS 'When this version was first stored here';
+
+CREATE TRIGGER order_event_history_guard
+    BEFORE INSERT OR UPDATE ON stg.order_event_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('order');
 
 CREATE TABLE stg.other_events (
@@ -74,6 +102,26 @@ CREATE TRIGGER users_guard
     BEFORE INSERT OR UPDATE ON stg.users
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('user');
 
+CREATE TABLE stg.user_history (
+    object_id   varchar NOT NULL,
+    update_ts   timestamp,
+    payload     jsonb NOT NULL,
+    payload_md5 uuid NOT NULL
+        GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
+);
+COMMENT ON TABLE stg.user_history IS 'User values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
+COMMENT ON COLUMN stg.user_history.object_id IS 'Redis key';
+COMMENT ON COLUMN stg.user_history.update_ts IS 'Version time: payload.update_ts_utc (null when absent: older than any time)';
+COMMENT ON COLUMN stg.user_history.payload IS 'The Redis value, as is';
+COMMENT ON COLUMN stg.user_history.payload_md5 IS 'MD5 of the value''s text: identifies the version with object_id and update_ts';
+COMMENT ON COLUMN stg.user_history.loaded_at IS 'When this version was first stored here';
+
+CREATE TRIGGER user_history_guard
+    BEFORE INSERT OR UPDATE ON stg.user_history
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('user');
+
 CREATE TABLE stg.restaurants (
     id          bigserial PRIMARY KEY,
     object_id   varchar NOT NULL UNIQUE,
@@ -90,4 +138,24 @@ COMMENT ON COLUMN stg.restaurants.loaded_at IS 'When this version was stored';
 
 CREATE TRIGGER restaurants_guard
     BEFORE INSERT OR UPDATE ON stg.restaurants
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
+
+CREATE TABLE stg.restaurant_history (
+    object_id   varchar NOT NULL,
+    update_ts   timestamp,
+    payload     jsonb NOT NULL,
+    payload_md5 uuid NOT NULL
+        GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
+);
+COMMENT ON TABLE stg.restaurant_history IS 'Restaurant values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
+COMMENT ON COLUMN stg.restaurant_history.object_id IS 'Redis key';
+COMMENT ON COLUMN stg.restaurant_history.update_ts IS 'Version time: payload.update_ts_utc (null when absent: older than any time)';
+COMMENT ON COLUMN stg.restaurant_history.payload IS 'The Redis value, as is';
+COMMENT ON COLUMN stg.restaurant_history.payload_md5 IS 'MD5 of the value''s text: identifies the version with object_id and update_ts';
+COMMENT ON COLUMN stg.restaurant_history.loaded_at IS 'When this version was first stored here';
+
+CREATE TRIGGER restaurant_history_guard
+    BEFORE INSERT OR UPDATE ON stg.restaurant_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');

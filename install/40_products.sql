@@ -1,7 +1,8 @@
--- Dishes are named by orders and by menus.  Both paths load them here, so
--- that "the latest name" means the same thing whoever wrote it: the name of
--- the newest version (order update_ts or menu update_ts_utc), ties broken by
--- the greater name.
+-- Dishes are named by orders and by menus.  Every version names its dishes
+-- at its own time (an order's update_ts, a menu's update_ts_utc); the
+-- satellite keeps one row per dish and time, with the greatest name named
+-- then (byte-wise), so that it is a function of the versions received and
+-- not of their arrival.  A dish's current name is its newest row's.
 
 CREATE FUNCTION dwh.load_products(keys uuid[], ids text[], names text[],
                                   versions timestamp[], source text)
@@ -11,56 +12,66 @@ AS $fn$
 DECLARE
     renamed uuid[];
 BEGIN
-    WITH candidate AS MATERIALIZED (
-        SELECT DISTINCT ON (c.h_product_pk)
-               c.h_product_pk, c.product_id, c.name, c.load_dt,
-               dwh.hash_key(c.h_product_pk::text || c.name) AS hashdiff
-        FROM unnest(keys, ids, names, versions) AS c(h_product_pk, product_id, name, load_dt)
-        ORDER BY c.h_product_pk, c.load_dt DESC, c.name DESC
+    WITH naming AS MATERIALIZED (
+        SELECT DISTINCT ON (n.h_product_pk, n.load_dt)
+               n.h_product_pk, n.product_id, n.name, n.load_dt
+        FROM unnest(keys, ids, names, versions) AS n(h_product_pk, product_id, name, load_dt)
+        ORDER BY n.h_product_pk, n.load_dt, n.name COLLATE "C" DESC
     ),
     hub AS (
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-        SELECT h_product_pk, product_id, now(), source
-        FROM candidate
+        SELECT DISTINCT ON (h_product_pk) h_product_pk, product_id, now(), source
+        FROM naming
         ORDER BY h_product_pk
         ON CONFLICT DO NOTHING
     ),
-    state AS MATERIALIZED (
-        SELECT c.*, cur.name AS cur_name, cur.load_dt AS cur_load_dt,
-               (SELECT p.hk_product_names_hashdiff
-                FROM dds.s_product_names p
-                WHERE p.h_product_pk = c.h_product_pk AND p.load_dt <= c.load_dt
-                ORDER BY p.load_dt DESC LIMIT 1) AS prev_hashdiff
-        FROM candidate c
+    newest AS MATERIALIZED (
+        SELECT DISTINCT ON (h_product_pk) h_product_pk, name, load_dt
+        FROM naming
+        ORDER BY h_product_pk, load_dt DESC, name COLLATE "C" DESC
+    ),
+    -- Each dish's current name before this statement.
+    before AS MATERIALIZED (
+        SELECT n.h_product_pk, n.name, n.load_dt,
+               cur.name AS cur_name, cur.load_dt AS cur_load_dt
+        FROM newest n
         LEFT JOIN LATERAL (
             SELECT s.name, s.load_dt
             FROM dds.s_product_names s
-            WHERE s.h_product_pk = c.h_product_pk
+            WHERE s.h_product_pk = n.h_product_pk
             ORDER BY s.load_dt DESC LIMIT 1) cur ON true
     ),
+    -- Only namings that add to what is stored: a row that already holds
+    -- this name (or a greater one) at this time is not even locked.
     satellite AS (
         INSERT INTO dds.s_product_names AS s
                (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
-        SELECT h_product_pk, name, hashdiff, load_dt, source
-        FROM state
-        WHERE prev_hashdiff IS DISTINCT FROM hashdiff
-        ORDER BY h_product_pk
+        SELECT n.h_product_pk, n.name, dwh.hash_key(n.h_product_pk::text || n.name),
+               n.load_dt, source
+        FROM naming n
+        WHERE NOT EXISTS (
+            SELECT FROM dds.s_product_names p
+            WHERE p.h_product_pk = n.h_product_pk AND p.load_dt = n.load_dt
+              AND (p.name COLLATE "C", p.load_src COLLATE "C") >= (n.name, source))
+        ORDER BY n.h_product_pk, n.load_dt
         ON CONFLICT (h_product_pk, load_dt) DO UPDATE
         SET name = EXCLUDED.name,
             hk_product_names_hashdiff = EXCLUDED.hk_product_names_hashdiff,
             load_src = EXCLUDED.load_src
-        WHERE EXCLUDED.name > s.name
+        WHERE (EXCLUDED.name COLLATE "C", EXCLUDED.load_src COLLATE "C")
+              > (s.name COLLATE "C", s.load_src COLLATE "C")
     )
     SELECT array_agg(h_product_pk) INTO renamed
-    FROM state
+    FROM before
     WHERE cur_name IS NOT NULL AND name <> cur_name
-      AND (load_dt > cur_load_dt OR (load_dt = cur_load_dt AND name > cur_name));
+      AND (load_dt > cur_load_dt
+           OR (load_dt = cur_load_dt AND name COLLATE "C" > cur_name COLLATE "C"));
 
     RETURN renamed;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_products(uuid[], text[], text[], timestamp[], text) IS
-    'Load dish hubs and name satellites; returns the dishes whose current name changed';
+    'Load dish hubs and namings (one name satellite row per dish and version time); returns the dishes whose current name changed';
 
 -- Mart rows carry the dish name: follow a rename on every row of the dish.
 CREATE FUNCTION dwh.refresh_product_names(products uuid[]) RETURNS void

@@ -30,26 +30,22 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
 
     -- Dishes first (hub order is the same in every transaction: dishes,
-    -- orders, users, restaurants; keys sorted within each).
-    SELECT dwh.load_products(array_agg(dwh.hash_key(d.id)), array_agg(d.id),
-                             array_agg(d.name), array_agg(d.update_ts),
+    -- orders, users, restaurants; keys sorted within each).  Every version
+    -- names its dishes at its update_ts.
+    SELECT dwh.load_products(array_agg(dwh.hash_key(n.id)), array_agg(n.id),
+                             array_agg(n.name), array_agg(n.update_ts),
                              'stg.order_events')
     INTO renamed
-    FROM (SELECT DISTINCT ON (n.id COLLATE "C") n.id, n.name, n.update_ts
-          -- Each name of a dish with its newest version first, by hashing:
-          -- a batch names each dish many times, almost always alike, and
-          -- sorting all its items cost more than the rest of this step.
-          FROM (SELECT e->>'id' AS id, e->>'name' AS name, max(c.update_ts) AS update_ts
-                FROM changed c, jsonb_array_elements(c.payload->'order_items') e
-                GROUP BY 1, 2) n
-          -- Grouping needs no linguistic order: "C" spares strcoll.
-          ORDER BY n.id COLLATE "C", n.update_ts DESC, n.name DESC) d;
+    -- Grouping by hashing: a batch names each dish many times, and sorting
+    -- all its items cost more than the rest of this step.
+    FROM (SELECT e->>'id' AS id, e->>'name' AS name, c.update_ts
+          FROM changed c, jsonb_array_elements(c.payload->'order_items') e
+          GROUP BY 1, 2, 3) n;
 
     IF NOT known THEN
         -- Orders new to DDS: nothing counted before.  No other transaction
-        -- can write their rows (it would first conflict on
-        -- stg.order_events.object_id), so their hub, links and satellites
-        -- are plain INSERTs: no arbiter probes, no speculative insertions.
+        -- can write their links (it would first conflict on
+        -- stg.order_events.object_id), so those are plain INSERTs.
         -- Rows go in hub key order: the random UUID keys then fill index
         -- pages one after the other, and so do the foreign-key checks.
         WITH batch AS MATERIALIZED (
@@ -80,10 +76,14 @@ BEGIN
             FROM dds.l_product_category l
             WHERE l.h_product_pk IN (SELECT h_product_pk FROM item)
         ),
+        -- (A concurrent writer of the order's history, such as a parallel
+        -- restore, may have loaded its hub and satellite rows meanwhile.)
         order_hub AS (
-            INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+            INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
             SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
             FROM batch
+            ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
+            WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
         ),
         user_hub AS (
             INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
@@ -119,19 +119,27 @@ BEGIN
             ON CONFLICT DO NOTHING
         ),
         status_satellite AS (
-            INSERT INTO dds.s_order_status
+            INSERT INTO dds.s_order_status AS s
                    (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
             SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
                    update_ts, 'stg.order_events'
             FROM batch
+            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+            SET status = EXCLUDED.status,
+                hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+            WHERE s.status IS DISTINCT FROM EXCLUDED.status
         ),
         cost_satellite AS (
-            INSERT INTO dds.s_order_cost
+            INSERT INTO dds.s_order_cost AS s
                    (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
             SELECT h_order_pk, cost, payment,
                    dwh.hash_key(h_order_pk::text || cost::text || payment::text),
                    update_ts, 'stg.order_events'
             FROM batch
+            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+            SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+                hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+            WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
         ),
         -- In no particular order: dwh.apply_mart_deltas writes in key order.
         product_delta_keys AS (
@@ -268,36 +276,32 @@ BEGIN
             ORDER BY 1
             ON CONFLICT DO NOTHING
         ),
+        -- The current version is the greatest of its update_ts: its values
+        -- are that time's row, whatever was stored there.
         status_satellite AS (
             INSERT INTO dds.s_order_status AS s
                    (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
-            SELECT x.h_order_pk, x.status, x.hashdiff, x.update_ts, 'stg.order_events'
-            FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.status) AS hashdiff
-                  FROM batch b) x
-            WHERE x.hashdiff IS DISTINCT FROM
-                  (SELECT p.hk_order_status_hashdiff FROM dds.s_order_status p
-                   WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
-                   ORDER BY p.load_dt DESC LIMIT 1)
+            SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+                   update_ts, 'stg.order_events'
+            FROM batch
+            ORDER BY h_order_pk
             ON CONFLICT (h_order_pk, load_dt) DO UPDATE
             SET status = EXCLUDED.status,
-                hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff,
-                load_src = EXCLUDED.load_src
+                hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+            WHERE s.status IS DISTINCT FROM EXCLUDED.status
         ),
         cost_satellite AS (
             INSERT INTO dds.s_order_cost AS s
                    (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
-            SELECT x.h_order_pk, x.cost, x.payment, x.hashdiff, x.update_ts, 'stg.order_events'
-            FROM (SELECT b.*, dwh.hash_key(b.h_order_pk::text || b.cost::text || b.payment::text)
-                              AS hashdiff
-                  FROM batch b) x
-            WHERE x.hashdiff IS DISTINCT FROM
-                  (SELECT p.hk_order_cost_hashdiff FROM dds.s_order_cost p
-                   WHERE p.h_order_pk = x.h_order_pk AND p.load_dt <= x.update_ts
-                   ORDER BY p.load_dt DESC LIMIT 1)
+            SELECT h_order_pk, cost, payment,
+                   dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+                   update_ts, 'stg.order_events'
+            FROM batch
+            ORDER BY h_order_pk
             ON CONFLICT (h_order_pk, load_dt) DO UPDATE
             SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
-                hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff,
-                load_src = EXCLUDED.load_src
+                hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+            WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
         ),
         -- In no particular order: dwh.apply_mart_deltas writes in key order.
         product_delta_keys AS (
@@ -336,6 +340,17 @@ BEGIN
         DELETE FROM dds.l_order_user l
         USING batch b
         WHERE l.h_order_pk = b.h_order_pk AND l.h_user_pk <> b.h_user_pk;
+
+        -- The replaced versions are superseded: into the history (whose
+        -- trigger finds everything they brought already in DDS).
+        INSERT INTO stg.order_event_history AS h (object_id, update_ts, payload, sent_dttm)
+        SELECT o.object_id, o.update_ts, o.payload, o.sent_dttm
+        FROM superseded o JOIN changed c USING (object_id)
+        WHERE o.payload IS DISTINCT FROM c.payload OR o.update_ts IS DISTINCT FROM c.update_ts
+        ORDER BY o.object_id
+        ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE
+        SET sent_dttm = EXCLUDED.sent_dttm
+        WHERE EXCLUDED.sent_dttm > h.sent_dttm;
     END IF;
 
     -- The marts, after DDS: new mart rows take the dish names loaded above.
@@ -365,7 +380,7 @@ CREATE TRIGGER order_events_inserted
 
 CREATE TRIGGER order_events_updated
     AFTER UPDATE ON stg.order_events
-    REFERENCING NEW TABLE AS changed
+    REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_changed();
 
 -- DDS is derived from the latest version of every order held here: deleting
@@ -386,3 +401,127 @@ COMMENT ON FUNCTION dwh.order_events_refuse_delete() IS
 CREATE TRIGGER order_events_no_delete
     BEFORE DELETE OR TRUNCATE ON stg.order_events
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_refuse_delete();
+
+-- Superseded versions of orders (stg.order_event_history): they name
+-- dishes, pair dishes with restaurants, bring hubs, and give the status and
+-- cost rows of their update_ts when they are the greatest version of that
+-- time.  An order's links and counts follow its current version only.
+CREATE FUNCTION dwh.order_event_history_added() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    renamed uuid[];
+    loaded integer;
+BEGIN
+    IF NOT EXISTS (SELECT FROM added) THEN
+        RETURN NULL;
+    END IF;
+
+    PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
+
+    SELECT dwh.load_products(array_agg(dwh.hash_key(n.id)), array_agg(n.id),
+                             array_agg(n.name), array_agg(n.update_ts),
+                             'stg.order_events')
+    INTO renamed
+    FROM (SELECT e->>'id' AS id, e->>'name' AS name, a.update_ts
+          FROM added a, jsonb_array_elements(a.payload->'order_items') e
+          GROUP BY 1, 2, 3) n;
+
+    WITH version AS MATERIALIZED (
+        SELECT a.object_id, dwh.hash_key(a.object_id::text) AS h_order_pk,
+               a.update_ts, (a.payload->>'date')::timestamp AS order_dt,
+               a.payload->'user'->>'id' AS user_id,
+               a.payload->'restaurant'->>'id' AS restaurant_id,
+               a.payload->'order_items' AS items
+        FROM added a
+    ),
+    -- The greatest version of each (order, update_ts) touched; none where
+    -- the current version has that time, since it is the greatest of all.
+    winner AS MATERIALIZED (
+        SELECT DISTINCT ON (h.object_id, h.update_ts)
+               dwh.hash_key(h.object_id::text) AS h_order_pk, h.update_ts,
+               h.payload->>'final_status' AS status,
+               (h.payload->>'cost')::numeric(19, 5) AS cost,
+               (h.payload->>'payment')::numeric(19, 5) AS payment
+        FROM stg.order_event_history h
+        JOIN (SELECT DISTINCT object_id, update_ts FROM added) a
+          USING (object_id, update_ts)
+        WHERE NOT EXISTS (SELECT FROM stg.order_events c
+                          WHERE c.object_id = h.object_id AND c.update_ts = h.update_ts)
+        ORDER BY h.object_id, h.update_ts, h.payload::text COLLATE "C" DESC
+    ),
+    -- order_dt is the current version's: set here only for an order whose
+    -- current version is not loaded yet (a restore), then by it.
+    order_hub AS (
+        INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+        SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now(),
+               'stg.order_events'
+        FROM version
+        ORDER BY h_order_pk, update_ts DESC
+        ON CONFLICT DO NOTHING
+    ),
+    user_hub AS (
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
+        FROM version
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    restaurant_hub AS (
+        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(restaurant_id), restaurant_id, now(), 'stg.order_events'
+        FROM version
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    product_restaurant_link AS (
+        INSERT INTO dds.l_product_restaurant
+               (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(p, r), p, r, now(), 'stg.order_events'
+        FROM (SELECT dwh.hash_key(e->>'id') AS p, dwh.hash_key(v.restaurant_id) AS r
+              FROM version v, jsonb_array_elements(v.items) e) x
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    status_satellite AS (
+        INSERT INTO dds.s_order_status AS s
+               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+               update_ts, 'stg.order_events'
+        FROM winner
+        ORDER BY h_order_pk, update_ts
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET status = EXCLUDED.status,
+            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+        WHERE s.status IS DISTINCT FROM EXCLUDED.status
+    ),
+    cost_satellite AS (
+        INSERT INTO dds.s_order_cost AS s
+               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, cost, payment,
+               dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+               update_ts, 'stg.order_events'
+        FROM winner
+        ORDER BY h_order_pk, update_ts
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
+    )
+    SELECT count(*) INTO loaded FROM winner;
+
+    IF renamed IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+        PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.order_event_history_added() IS
+    'AFTER INSERT statement trigger of stg.order_event_history: carries superseded order versions into DDS';
+
+CREATE TRIGGER order_event_history_added
+    AFTER INSERT ON stg.order_event_history
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_event_history_added();

@@ -2,41 +2,75 @@
 -- only reach DDS (the marts carry no user names).  A menu names, renames and
 -- categorises dishes: it takes the dictionary lock exclusively, because a
 -- dish that moves to another category changes the category counts of every
--- CLOSED order holding it.
+-- CLOSED order holding it.  The current tables and their history tables
+-- share one loader per kind: a version's contribution does not depend on
+-- whether it is current.  A value without update_ts_utc has the version
+-- time -infinity (older than any other).
+
+-- Hubs and name satellite rows of these (user, version time) pairs: each
+-- row takes the values of the greatest version of that time, current or
+-- superseded.
+CREATE FUNCTION dwh.load_user_versions(keys text[], versions timestamp[])
+    RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH touched AS MATERIALIZED (
+        SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
+        FROM unnest(keys, versions) AS t(k, v)
+    ),
+    hub AS (
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.users'
+        FROM touched
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    candidate AS (
+        SELECT c.object_id, coalesce(c.update_ts, '-infinity') AS load_dt, c.payload
+        FROM stg.users c JOIN touched t USING (object_id)
+        WHERE coalesce(c.update_ts, '-infinity') = t.load_dt
+        UNION ALL
+        SELECT h.object_id, coalesce(h.update_ts, '-infinity'), h.payload
+        FROM stg.user_history h JOIN touched t USING (object_id)
+        WHERE coalesce(h.update_ts, '-infinity') = t.load_dt
+    ),
+    winner AS (
+        SELECT DISTINCT ON (object_id, load_dt)
+               dwh.hash_key(object_id) AS h_user_pk, load_dt,
+               payload->>'name' AS username, payload->>'login' AS userlogin
+        FROM candidate
+        ORDER BY object_id, load_dt, payload::text COLLATE "C" DESC
+    )
+    INSERT INTO dds.s_user_names AS s
+           (h_user_pk, username, userlogin, hk_user_names_hashdiff, load_dt, load_src)
+    SELECT h_user_pk, username, userlogin,
+           dwh.hash_key(h_user_pk::text || username || userlogin), load_dt, 'stg.users'
+    FROM winner
+    ORDER BY h_user_pk, load_dt
+    ON CONFLICT (h_user_pk, load_dt) DO UPDATE
+    SET username = EXCLUDED.username, userlogin = EXCLUDED.userlogin,
+        hk_user_names_hashdiff = EXCLUDED.hk_user_names_hashdiff
+    WHERE (s.username, s.userlogin) IS DISTINCT FROM (EXCLUDED.username, EXCLUDED.userlogin);
+$fn$;
+COMMENT ON FUNCTION dwh.load_user_versions(text[], timestamp[]) IS
+    'Load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
 
 CREATE FUNCTION dwh.users_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    WITH u AS MATERIALIZED (
-        SELECT c.object_id AS user_id,
-               dwh.hash_key(c.object_id) AS h_user_pk,
-               c.payload->>'name' AS username,
-               c.payload->>'login' AS userlogin,
-               coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC') AS version
-        FROM changed c
-    ),
-    hub AS (
-        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT h_user_pk, user_id, now(), 'stg.users'
-        FROM u
-        ORDER BY h_user_pk
-        ON CONFLICT DO NOTHING
-    )
-    INSERT INTO dds.s_user_names AS s
-           (h_user_pk, username, userlogin, hk_user_names_hashdiff, load_dt, load_src)
-    SELECT x.h_user_pk, x.username, x.userlogin, x.hashdiff, x.version, 'stg.users'
-    FROM (SELECT u.*, dwh.hash_key(u.h_user_pk::text || u.username || u.userlogin) AS hashdiff
-          FROM u) x
-    WHERE x.hashdiff IS DISTINCT FROM
-          (SELECT p.hk_user_names_hashdiff FROM dds.s_user_names p
-           WHERE p.h_user_pk = x.h_user_pk AND p.load_dt <= x.version
-           ORDER BY p.load_dt DESC LIMIT 1)
-    ORDER BY x.h_user_pk
-    ON CONFLICT (h_user_pk, load_dt) DO UPDATE
-    SET username = EXCLUDED.username, userlogin = EXCLUDED.userlogin,
-        hk_user_names_hashdiff = EXCLUDED.hk_user_names_hashdiff,
-        load_src = EXCLUDED.load_src;
+    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
+    FROM changed;
+
+    IF TG_OP = 'UPDATE' THEN
+        -- Replaced values are superseded versions.
+        INSERT INTO stg.user_history (object_id, update_ts, payload)
+        SELECT o.object_id, o.update_ts, o.payload
+        FROM superseded o JOIN changed c USING (object_id)
+        WHERE o.payload IS DISTINCT FROM c.payload
+        ORDER BY o.object_id
+        ON CONFLICT DO NOTHING;
+    END IF;
 
     RETURN NULL;
 END
@@ -51,8 +85,25 @@ CREATE TRIGGER users_inserted
 
 CREATE TRIGGER users_updated
     AFTER UPDATE ON stg.users
-    REFERENCING NEW TABLE AS changed
+    REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
+
+CREATE FUNCTION dwh.user_history_added() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
+    FROM added;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.user_history_added() IS
+    'AFTER INSERT statement trigger of stg.user_history: superseded user values into DDS';
+
+CREATE TRIGGER user_history_added
+    AFTER INSERT ON stg.user_history
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.user_history_added();
 
 -- Move dishes to new categories and carry the change into the category
 -- mart: only the CLOSED orders holding a moved dish are recounted.
@@ -128,7 +179,13 @@ $fn$;
 COMMENT ON FUNCTION dwh.move_products(uuid[], uuid[], timestamp[]) IS
     'Relink dishes to new categories and recount the category mart for the CLOSED orders holding them';
 
-CREATE FUNCTION dwh.restaurants_changed() RETURNS trigger
+-- Restaurants: hubs and name satellite rows of these (restaurant, version
+-- time) pairs, as for users; then what the given menus say of their dishes:
+-- names, the restaurants serving them, and categories (a dish takes the
+-- category of the greatest (version time, category name) that lists it).
+CREATE FUNCTION dwh.load_restaurant_versions(keys text[], versions timestamp[],
+                                             payloads jsonb[])
+    RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -137,56 +194,67 @@ DECLARE
     moved_categories uuid[];
     moved_versions timestamp[];
 BEGIN
-    IF NOT EXISTS (SELECT FROM changed) THEN
-        RETURN NULL;
+    IF keys IS NULL THEN
+        RETURN;
     END IF;
 
     PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
 
-    WITH r AS MATERIALIZED (
-        SELECT c.object_id AS restaurant_id,
-               dwh.hash_key(c.object_id) AS h_restaurant_pk,
-               c.payload->>'name' AS name,
-               coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC') AS version
-        FROM changed c
+    WITH touched AS MATERIALIZED (
+        SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
+        FROM unnest(keys, versions) AS t(k, v)
     ),
     hub AS (
         INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT h_restaurant_pk, restaurant_id, now(), 'stg.restaurants'
-        FROM r
-        ORDER BY h_restaurant_pk
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.restaurants'
+        FROM touched
+        ORDER BY 1
         ON CONFLICT DO NOTHING
+    ),
+    candidate AS (
+        SELECT c.object_id, coalesce(c.update_ts, '-infinity') AS load_dt, c.payload
+        FROM stg.restaurants c JOIN touched t USING (object_id)
+        WHERE coalesce(c.update_ts, '-infinity') = t.load_dt
+        UNION ALL
+        SELECT h.object_id, coalesce(h.update_ts, '-infinity'), h.payload
+        FROM stg.restaurant_history h JOIN touched t USING (object_id)
+        WHERE coalesce(h.update_ts, '-infinity') = t.load_dt
+    ),
+    winner AS (
+        SELECT DISTINCT ON (object_id, load_dt)
+               dwh.hash_key(object_id) AS h_restaurant_pk, load_dt,
+               payload->>'name' AS name
+        FROM candidate
+        ORDER BY object_id, load_dt, payload::text COLLATE "C" DESC
     )
     INSERT INTO dds.s_restaurant_names AS s
            (h_restaurant_pk, name, hk_restaurant_names_hashdiff, load_dt, load_src)
-    SELECT x.h_restaurant_pk, x.name, x.hashdiff, x.version, 'stg.restaurants'
-    FROM (SELECT r.*, dwh.hash_key(r.h_restaurant_pk::text || r.name) AS hashdiff
-          FROM r) x
-    WHERE x.hashdiff IS DISTINCT FROM
-          (SELECT p.hk_restaurant_names_hashdiff FROM dds.s_restaurant_names p
-           WHERE p.h_restaurant_pk = x.h_restaurant_pk AND p.load_dt <= x.version
-           ORDER BY p.load_dt DESC LIMIT 1)
-    ORDER BY x.h_restaurant_pk
+    SELECT h_restaurant_pk, name, dwh.hash_key(h_restaurant_pk::text || name),
+           load_dt, 'stg.restaurants'
+    FROM winner
+    ORDER BY h_restaurant_pk, load_dt
     ON CONFLICT (h_restaurant_pk, load_dt) DO UPDATE
     SET name = EXCLUDED.name,
-        hk_restaurant_names_hashdiff = EXCLUDED.hk_restaurant_names_hashdiff,
-        load_src = EXCLUDED.load_src;
+        hk_restaurant_names_hashdiff = EXCLUDED.hk_restaurant_names_hashdiff
+    WHERE s.name IS DISTINCT FROM EXCLUDED.name;
 
     -- Menu entries with an empty _id name no dish and are skipped.
     SELECT dwh.load_products(array_agg(dwh.hash_key(e->>'_id')), array_agg(e->>'_id'),
                              array_agg(e->>'name'),
-                             array_agg(coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC')),
+                             array_agg(coalesce(r.v, '-infinity')),
                              'stg.restaurants')
     INTO renamed
-    FROM changed c, jsonb_array_elements(c.payload->'menu') e
+    FROM unnest(keys, versions, payloads) AS r(k, v, p),
+         jsonb_array_elements(r.p->'menu') e
     WHERE e->>'_id' <> '';
 
     WITH dish AS MATERIALIZED (
-        SELECT dwh.hash_key(c.object_id) AS h_restaurant_pk,
+        SELECT dwh.hash_key(r.k) AS h_restaurant_pk,
                dwh.hash_key(e->>'_id') AS h_product_pk,
                nullif(e->>'category', '') AS category_name,
-               coalesce(c.update_ts, c.loaded_at AT TIME ZONE 'UTC') AS version
-        FROM changed c, jsonb_array_elements(c.payload->'menu') e
+               coalesce(r.v, '-infinity') AS version
+        FROM unnest(keys, versions, payloads) AS r(k, v, p),
+             jsonb_array_elements(r.p->'menu') e
         WHERE e->>'_id' <> ''
     ),
     restaurant_link AS (
@@ -206,13 +274,22 @@ BEGIN
         ORDER BY 1
         ON CONFLICT DO NOTHING
     ),
-    -- The newest menu naming a dish decides its category.
+    -- The greatest (version, category name) listing a dish decides its
+    -- category.
     candidate AS (
         SELECT DISTINCT ON (h_product_pk) h_product_pk, category_name,
                dwh.hash_key(category_name) AS h_category_pk, version
         FROM dish
         WHERE category_name IS NOT NULL
-        ORDER BY h_product_pk, version DESC, category_name DESC
+        ORDER BY h_product_pk, version DESC, category_name COLLATE "C" DESC
+    ),
+    -- A newer menu keeping a dish in its category: the link's version.
+    restamped AS (
+        UPDATE dds.l_product_category l
+        SET load_dt = c.version
+        FROM candidate c
+        WHERE l.h_product_pk = c.h_product_pk AND l.h_category_pk = c.h_category_pk
+          AND c.version > l.load_dt
     ),
     moved AS (
         SELECT c.*
@@ -222,7 +299,8 @@ BEGIN
         WHERE l.h_product_pk IS NULL
            OR (l.h_category_pk <> c.h_category_pk
                AND (c.version > l.load_dt
-                    OR (c.version = l.load_dt AND c.category_name > h.category_name)))
+                    OR (c.version = l.load_dt
+                        AND c.category_name COLLATE "C" > h.category_name COLLATE "C")))
     )
     SELECT array_agg(h_product_pk), array_agg(h_category_pk), array_agg(version)
     INTO moved_products, moved_categories, moved_versions
@@ -233,6 +311,28 @@ BEGIN
     END IF;
     IF renamed IS NOT NULL THEN
         PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_restaurant_versions(text[], timestamp[], jsonb[]) IS
+    'Load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
+
+CREATE FUNCTION dwh.restaurants_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
+                                         array_agg(payload))
+    FROM changed;
+
+    IF TG_OP = 'UPDATE' THEN
+        -- Replaced values are superseded versions.
+        INSERT INTO stg.restaurant_history (object_id, update_ts, payload)
+        SELECT o.object_id, o.update_ts, o.payload
+        FROM superseded o JOIN changed c USING (object_id)
+        WHERE o.payload IS DISTINCT FROM c.payload
+        ORDER BY o.object_id
+        ON CONFLICT DO NOTHING;
     END IF;
 
     RETURN NULL;
@@ -248,5 +348,23 @@ CREATE TRIGGER restaurants_inserted
 
 CREATE TRIGGER restaurants_updated
     AFTER UPDATE ON stg.restaurants
-    REFERENCING NEW TABLE AS changed
+    REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();
+
+CREATE FUNCTION dwh.restaurant_history_added() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
+                                         array_agg(payload))
+    FROM added;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.restaurant_history_added() IS
+    'AFTER INSERT statement trigger of stg.restaurant_history: superseded restaurant values into DDS';
+
+CREATE TRIGGER restaurant_history_added
+    AFTER INSERT ON stg.restaurant_history
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurant_history_added();

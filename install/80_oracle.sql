@@ -37,6 +37,168 @@ WHERE st.status = 'CLOSED'
 GROUP BY ou.h_user_pk, pc.h_category_pk, hc.category_name;
 COMMENT ON VIEW dwh.expected_user_category_counters IS 'cdm.user_category_counters recomputed from DDS';
 
+-- The vault recomputed from STG (docs/data-rule.md): every version
+-- received, current or superseded, and what each table holds as a function
+-- of them.  dwh.verify_vault() lists where DDS differs.
+
+CREATE VIEW dwh.order_versions AS
+SELECT object_id, update_ts, payload, true AS is_current FROM stg.order_events
+UNION ALL
+SELECT object_id, update_ts, payload, false FROM stg.order_event_history;
+COMMENT ON VIEW dwh.order_versions IS 'Every order version received: the current one of each order and the superseded ones';
+
+CREATE VIEW dwh.restaurant_versions AS
+SELECT object_id, coalesce(update_ts, '-infinity') AS version, payload FROM stg.restaurants
+UNION ALL
+SELECT object_id, coalesce(update_ts, '-infinity'), payload FROM stg.restaurant_history;
+COMMENT ON VIEW dwh.restaurant_versions IS 'Every restaurant value received, with its version time (-infinity when it has none)';
+
+CREATE VIEW dwh.user_versions AS
+SELECT object_id, coalesce(update_ts, '-infinity') AS version, payload FROM stg.users
+UNION ALL
+SELECT object_id, coalesce(update_ts, '-infinity'), payload FROM stg.user_history;
+COMMENT ON VIEW dwh.user_versions IS 'Every user value received, with its version time (-infinity when it has none)';
+
+CREATE FUNCTION dwh.verify_vault()
+    RETURNS TABLE (table_name text, business_key text, expected text, actual text)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH order_version AS MATERIALIZED (
+        SELECT * FROM dwh.order_versions
+    ),
+    menu_entry AS MATERIALIZED (
+        SELECT r.object_id AS restaurant_id, r.version, e->>'_id' AS product_id,
+               e->>'name' AS name, nullif(e->>'category', '') AS category_name
+        FROM dwh.restaurant_versions r, jsonb_array_elements(r.payload->'menu') e
+        WHERE e->>'_id' <> ''
+    ),
+    order_item AS MATERIALIZED (
+        SELECT v.object_id, v.update_ts, v.is_current,
+               v.payload->'restaurant'->>'id' AS restaurant_id,
+               e->>'id' AS product_id, e->>'name' AS name
+        FROM order_version v, jsonb_array_elements(v.payload->'order_items') e
+    ),
+    -- Each table as (key, value) pairs, expected and actual.
+    expected AS (
+        SELECT 'dds.h_order' AS t, object_id::text AS k,
+               (payload->>'date')::timestamp::text AS v
+        FROM order_version WHERE is_current
+        UNION ALL
+        SELECT 'dds.h_user', k, '' FROM (
+            SELECT payload->'user'->>'id' AS k FROM order_version
+            UNION SELECT object_id FROM dwh.user_versions) x
+        UNION ALL
+        SELECT 'dds.h_restaurant', k, '' FROM (
+            SELECT payload->'restaurant'->>'id' AS k FROM order_version
+            UNION SELECT object_id FROM dwh.restaurant_versions) x
+        UNION ALL
+        SELECT 'dds.h_product', k, '' FROM (
+            SELECT product_id AS k FROM order_item
+            UNION SELECT product_id FROM menu_entry) x
+        UNION ALL
+        SELECT DISTINCT 'dds.h_category', category_name, ''
+        FROM menu_entry WHERE category_name IS NOT NULL
+        UNION ALL
+        SELECT 'dds.l_order_user', object_id::text, payload->'user'->>'id'
+        FROM order_version WHERE is_current
+        UNION ALL
+        SELECT DISTINCT 'dds.l_order_product', object_id::text || ' ' || product_id, ''
+        FROM order_item WHERE is_current
+        UNION ALL
+        SELECT 'dds.l_product_restaurant', k, '' FROM (
+            SELECT product_id || ' ' || restaurant_id AS k FROM order_item
+            UNION SELECT product_id || ' ' || restaurant_id FROM menu_entry) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (product_id) 'dds.l_product_category', product_id,
+                   category_name || ' @ ' || version::text
+            FROM menu_entry WHERE category_name IS NOT NULL
+            ORDER BY product_id, version DESC, category_name COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, update_ts) 'dds.s_order_status',
+                   object_id::text || ' @ ' || update_ts::text, payload->>'final_status'
+            FROM order_version
+            ORDER BY object_id, update_ts, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, update_ts) 'dds.s_order_cost',
+                   object_id::text || ' @ ' || update_ts::text,
+                   (payload->>'cost')::numeric(19, 5)::text || ' '
+                   || (payload->>'payment')::numeric(19, 5)::text
+            FROM order_version
+            ORDER BY object_id, update_ts, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, version) 'dds.s_user_names',
+                   object_id || ' @ ' || version::text,
+                   (payload->>'name') || ' / ' || (payload->>'login')
+            FROM dwh.user_versions
+            ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, version) 'dds.s_restaurant_names',
+                   object_id || ' @ ' || version::text, payload->>'name'
+            FROM dwh.restaurant_versions
+            ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (product_id, version) 'dds.s_product_names',
+                   product_id || ' @ ' || version::text, name || ' / ' || src
+            FROM (SELECT product_id, update_ts AS version, name, 'stg.order_events' AS src
+                  FROM order_item
+                  UNION ALL
+                  SELECT product_id, version, name, 'stg.restaurants' FROM menu_entry) n
+            ORDER BY product_id, version, name COLLATE "C" DESC, src COLLATE "C" DESC) x
+    ),
+    actual AS (
+        SELECT 'dds.h_order' AS t, order_id::text AS k, order_dt::text AS v FROM dds.h_order
+        UNION ALL SELECT 'dds.h_user', user_id, '' FROM dds.h_user
+        UNION ALL SELECT 'dds.h_restaurant', restaurant_id, '' FROM dds.h_restaurant
+        UNION ALL SELECT 'dds.h_product', product_id, '' FROM dds.h_product
+        UNION ALL SELECT 'dds.h_category', category_name, '' FROM dds.h_category
+        UNION ALL
+        SELECT 'dds.l_order_user', o.order_id::text, u.user_id
+        FROM dds.l_order_user l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_user u USING (h_user_pk)
+        UNION ALL
+        SELECT 'dds.l_order_product', o.order_id::text || ' ' || p.product_id, ''
+        FROM dds.l_order_product l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_product p USING (h_product_pk)
+        UNION ALL
+        SELECT 'dds.l_product_restaurant', p.product_id || ' ' || r.restaurant_id, ''
+        FROM dds.l_product_restaurant l JOIN dds.h_product p USING (h_product_pk)
+        JOIN dds.h_restaurant r USING (h_restaurant_pk)
+        UNION ALL
+        SELECT 'dds.l_product_category', p.product_id, c.category_name || ' @ ' || l.load_dt::text
+        FROM dds.l_product_category l JOIN dds.h_product p USING (h_product_pk)
+        JOIN dds.h_category c USING (h_category_pk)
+        UNION ALL
+        SELECT 'dds.s_order_status', o.order_id::text || ' @ ' || s.load_dt::text, s.status
+        FROM dds.s_order_status s JOIN dds.h_order o USING (h_order_pk)
+        UNION ALL
+        SELECT 'dds.s_order_cost', o.order_id::text || ' @ ' || s.load_dt::text,
+               s.cost::text || ' ' || s.payment::text
+        FROM dds.s_order_cost s JOIN dds.h_order o USING (h_order_pk)
+        UNION ALL
+        SELECT 'dds.s_user_names', u.user_id || ' @ ' || s.load_dt::text,
+               s.username || ' / ' || s.userlogin
+        FROM dds.s_user_names s JOIN dds.h_user u USING (h_user_pk)
+        UNION ALL
+        SELECT 'dds.s_restaurant_names', r.restaurant_id || ' @ ' || s.load_dt::text, s.name
+        FROM dds.s_restaurant_names s JOIN dds.h_restaurant r USING (h_restaurant_pk)
+        UNION ALL
+        SELECT 'dds.s_product_names', p.product_id || ' @ ' || s.load_dt::text,
+               s.name || ' / ' || s.load_src
+        FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+    )
+    SELECT coalesce(e.t, a.t), coalesce(e.k, a.k), e.v, a.v
+    FROM expected e
+    FULL JOIN actual a ON a.t = e.t AND a.k = e.k
+    WHERE e.k IS NULL OR a.k IS NULL OR e.v IS DISTINCT FROM a.v
+    ORDER BY 1, 2;
+$fn$;
+COMMENT ON FUNCTION dwh.verify_vault() IS
+    'Differences between DDS and its recomputation from every version held in STG; no rows means DDS is what STG implies';
+
 CREATE FUNCTION dwh.verify()
     RETURNS TABLE (mart text, user_id uuid, item_id uuid,
                    expected_name text, actual_name text,
@@ -60,10 +222,17 @@ AS $fn$
       ON a.user_id = e.user_id AND a.category_id = e.category_id
     WHERE e.user_id IS NULL OR a.user_id IS NULL
        OR e.order_cnt <> a.order_cnt OR e.category_name IS DISTINCT FROM a.category_name
-    ORDER BY 1, 2, 3;
+    UNION ALL
+    -- DDS against what STG implies: the table in mart, the key and values
+    -- in the name columns.
+    SELECT v.table_name, NULL, NULL,
+           v.business_key || ': ' || coalesce(v.expected, '(no row)'),
+           v.business_key || ': ' || coalesce(v.actual, '(no row)'), NULL, NULL
+    FROM dwh.verify_vault() v
+    ORDER BY 1, 2, 3, 4;
 $fn$;
 COMMENT ON FUNCTION dwh.verify() IS
-    'Differences between the marts and their recomputation from DDS; no rows means consistent';
+    'Differences between the marts and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
 
 CREATE FUNCTION dwh.rebuild(OUT mart text, OUT rows_changed bigint)
     RETURNS SETOF record
@@ -122,3 +291,4 @@ END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild() IS
     'Make both marts equal to their recomputation from DDS; returns the rows changed per mart';
+

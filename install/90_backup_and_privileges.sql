@@ -1,6 +1,10 @@
 -- Backups: tables created by an extension are left out of pg_dump unless
--- registered here.  Every data table and its sequence is (one statement
--- each: every call rewrites the extension's catalog row).
+-- registered here.  Every table of what was received (STG with its
+-- history) and of operations is, with its sequence (one statement each:
+-- every call rewrites the extension's catalog row).  DDS and the marts are
+-- a function of STG: pg_restore rebuilds them through the STG triggers, the
+-- same way they were built, whatever the order and parallelism of the
+-- restore (docs/data-rule.md).
 SELECT pg_catalog.pg_extension_config_dump('stg.order_events', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.order_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.other_events', '');
@@ -9,24 +13,9 @@ SELECT pg_catalog.pg_extension_config_dump('stg.users', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.users_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.restaurants', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.restaurants_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.h_user', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.h_product', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.h_category', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.h_restaurant', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.h_order', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.l_order_user', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.l_order_product', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.l_product_restaurant', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.l_product_category', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.s_user_names', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.s_product_names', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.s_restaurant_names', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.s_order_cost', '');
-SELECT pg_catalog.pg_extension_config_dump('dds.s_order_status', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_product_counters', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_product_counters_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_category_counters', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_category_counters_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('stg.order_event_history', '');
+SELECT pg_catalog.pg_extension_config_dump('stg.user_history', '');
+SELECT pg_catalog.pg_extension_config_dump('stg.restaurant_history', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_offsets', '');

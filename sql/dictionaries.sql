@@ -14,16 +14,19 @@ SELECT t.set_user('u1', 'Гаврила Архипович Игнатьев-Пе
 SELECT username, userlogin, load_dt FROM dds.s_user_names ORDER BY load_dt;
 SELECT payload->>'name' AS stg_name FROM stg.users;
 
--- A user value without update_ts_utc is versioned by its load time.
+-- A user value without update_ts_utc has the version time -infinity.
 INSERT INTO stg.users (object_id, payload) VALUES ('u2', '{"name": "Без Версии", "login": "nover"}');
 SELECT update_ts IS NULL AS no_version, count(*) AS satellites
 FROM stg.users JOIN dds.s_user_names ON h_user_pk = dwh.hash_key(object_id)
 WHERE object_id = 'u2' GROUP BY 1;
--- Between two values without a version, the last one written wins.
+-- Between two values without a version, the greater text wins, whatever
+-- the order of writing; the other one is kept in the history.
 UPDATE stg.users SET payload = '{"name": "А Без Версии", "login": "a"}' WHERE object_id = 'u2';
 SELECT payload->>'name' AS stg_name FROM stg.users WHERE object_id = 'u2';
-UPDATE stg.users SET payload = '{"name": "А Без Версии", "login": "a"}' WHERE object_id = 'u2';
-SELECT count(*) AS satellites FROM dds.s_user_names WHERE h_user_pk = dwh.hash_key('u2');
+SELECT payload->>'name' AS history_name FROM stg.user_history WHERE object_id = 'u2';
+UPDATE stg.users SET payload = '{"name": "Я Без Версии", "login": "a"}' WHERE object_id = 'u2';
+SELECT payload->>'name' AS stg_name FROM stg.users WHERE object_id = 'u2';
+SELECT username, load_dt FROM dds.s_user_names WHERE h_user_pk = dwh.hash_key('u2');
 
 -- Menus before the orders: the first order counts in categories at once.
 SELECT t.set_menu('rest-1', '2023-08-01 00:00:00',

@@ -38,16 +38,23 @@ FROM pg_constraint
 WHERE contype = 'f' AND connamespace = 'dds'::regnamespace
 ORDER BY 1, 2;
 
--- Every data table and its sequence goes into pg_dump.
+-- Every table of what was received and of operations goes into pg_dump
+-- with its sequence; DDS and the marts do not: the restore rebuilds them
+-- from STG (docs/data-rule.md).
 SELECT c.relname
 FROM pg_extension e, unnest(e.extconfig) AS x(oid) JOIN pg_class c ON c.oid = x.oid
 WHERE e.extname = 'dwh'
 ORDER BY 1;
 SELECT c.oid::regclass AS data_table_not_dumped
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname IN ('stg', 'dds', 'cdm', 'dwh') AND c.relkind IN ('r', 'S')
+WHERE n.nspname IN ('stg', 'dwh') AND c.relkind IN ('r', 'S')
   AND NOT EXISTS (SELECT FROM pg_extension e
                   WHERE e.extname = 'dwh' AND c.oid = ANY (e.extconfig));
+SELECT c.oid::regclass AS derived_table_dumped
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname IN ('dds', 'cdm') AND c.relkind IN ('r', 'S')
+  AND EXISTS (SELECT FROM pg_extension e
+              WHERE e.extname = 'dwh' AND c.oid = ANY (e.extconfig));
 
 -- PUBLIC gets nothing on dwh's functions and dead letters.
 SELECT p.oid::regprocedure AS executable_by_public

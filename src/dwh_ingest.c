@@ -42,6 +42,7 @@ static SPIPlanPtr insert_others_plan = NULL;
 static SPIPlanPtr insert_dead_plan = NULL;
 static SPIPlanPtr apply_deferred_plan = NULL;
 static SPIPlanPtr apply_direct_plan = NULL;
+static SPIPlanPtr insert_history_plan = NULL;
 
 /*
  * The orders come one row per object_id, in object_id order (parallel
@@ -75,6 +76,14 @@ static const char *insert_dead_sql =
 "ON CONFLICT (topic, kafka_partition, kafka_offset) WHERE kafka_offset IS NOT NULL "
 "DO NOTHING";
 
+/* Versions of the batch that a newer one of the same batch supersedes. */
+static const char *insert_history_sql =
+"INSERT INTO stg.order_event_history AS h (object_id, update_ts, payload, sent_dttm) "
+"SELECT unnest($1::bigint[]), unnest($2::timestamp[]), unnest($3::jsonb[]), "
+"       unnest($4::timestamp[]) "
+"ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE "
+"SET sent_dttm = EXCLUDED.sent_dttm WHERE EXCLUDED.sent_dttm > h.sent_dttm";
+
 static void
 prepare_plans(void)
 {
@@ -97,6 +106,13 @@ prepare_plans(void)
 		BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 
 		insert_dead_plan = dwh_prepare_kept(insert_dead_sql, 7, types);
+	}
+	if (insert_history_plan == NULL)
+	{
+		Oid			types[4] = {INT8ARRAYOID, TIMESTAMPARRAYOID, JSONBARRAYOID,
+		TIMESTAMPARRAYOID};
+
+		insert_history_plan = dwh_prepare_kept(insert_history_sql, 4, types);
 	}
 }
 
@@ -126,7 +142,7 @@ typedef struct OrderRow
 
 /*
  * By object_id, then newest version first: versions are ordered by
- * (update_ts, payload), as the STG guard orders them.
+ * (update_ts, payload text), as the STG guard orders them.
  */
 static int
 order_row_cmp(const void *a, const void *b)
@@ -138,7 +154,7 @@ order_row_cmp(const void *a, const void *b)
 		return x->object_id < y->object_id ? -1 : 1;
 	if (x->update_ts != y->update_ts)
 		return x->update_ts > y->update_ts ? -1 : 1;
-	return -compareJsonbContainers(&x->payload->root, &y->payload->root);
+	return -dwh_jsonb_text_cmp(x->payload, y->payload);
 }
 
 /*
@@ -183,23 +199,44 @@ dwh_ingest_checked_order(int64 object_id, Jsonb *payload, Timestamp *update_ts)
 }
 
 /*
- * Sort rows[0..n-1] and keep the newest version of each order; returns how
- * many rows remain.  Older versions of the same batch would be skipped by
- * the guard anyway, and one statement must not touch a row twice.
+ * Sort rows[0..n-1] and keep the newest version of each order in front;
+ * returns how many rows that is.  One statement must not touch a row
+ * twice, so the batch's other versions of the same orders are moved to
+ * superseded[0..*n_superseded-1], for the history table.  A version that
+ * comes twice is kept once, with the later sent_dttm.
  */
 static int
-newest_orders(OrderRow *rows, int n)
+newest_orders(OrderRow *rows, int n, OrderRow *superseded, int *n_superseded)
 {
 	int			kept = 0;
 	int			i;
 
+	*n_superseded = 0;
 	if (n > 1)
 		qsort(rows, n, sizeof(OrderRow), order_row_cmp);
 	for (i = 0; i < n; i++)
 	{
-		if (kept > 0 && rows[kept - 1].object_id == rows[i].object_id)
+		OrderRow   *prev = NULL;
+
+		if (*n_superseded > 0 &&
+			superseded[*n_superseded - 1].object_id == rows[i].object_id)
+			prev = &superseded[*n_superseded - 1];
+		else if (kept > 0 && rows[kept - 1].object_id == rows[i].object_id)
+			prev = &rows[kept - 1];
+
+		if (prev == NULL)
+		{
+			rows[kept++] = rows[i];
 			continue;
-		rows[kept++] = rows[i];
+		}
+		if (prev->update_ts == rows[i].update_ts &&
+			VARSIZE(prev->payload) == VARSIZE(rows[i].payload) &&
+			memcmp(prev->payload, rows[i].payload, VARSIZE(prev->payload)) == 0)
+		{
+			prev->sent_dttm = Max(prev->sent_dttm, rows[i].sent_dttm);
+			continue;
+		}
+		superseded[(*n_superseded)++] = rows[i];
 	}
 	return kept;
 }
@@ -540,10 +577,14 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	if (n_orders > 0)
 	{
 		DwhColumn	o_id,
+					o_ts,
 					o_sent,
 					o_payload;
-		Datum		args[3];
-		int			kept = newest_orders(orders, n_orders);
+		Datum		args[4];
+		OrderRow   *superseded = palloc(sizeof(OrderRow) * n_orders);
+		int			n_superseded;
+		int			kept = newest_orders(orders, n_orders, superseded,
+										 &n_superseded);
 
 		dwh_column_init(&o_id, INT8OID, kept);
 		dwh_column_init(&o_sent, TIMESTAMPOID, kept);
@@ -561,7 +602,32 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
 		result->applied += SPI_processed;
-		result->unchanged += n_orders - SPI_processed;
+		result->unchanged += kept - SPI_processed;
+
+		if (n_superseded > 0)
+		{
+			dwh_column_init(&o_id, INT8OID, n_superseded);
+			dwh_column_init(&o_ts, TIMESTAMPOID, n_superseded);
+			dwh_column_init(&o_payload, JSONBOID, n_superseded);
+			dwh_column_init(&o_sent, TIMESTAMPOID, n_superseded);
+			for (i = 0; i < n_superseded; i++)
+			{
+				dwh_column_add(&o_id, Int64GetDatum(superseded[i].object_id), false);
+				dwh_column_add(&o_ts, TimestampGetDatum(superseded[i].update_ts), false);
+				dwh_column_add(&o_payload, JsonbPGetDatum(superseded[i].payload), false);
+				dwh_column_add(&o_sent, TimestampGetDatum(superseded[i].sent_dttm), false);
+			}
+			args[0] = dwh_column_array(&o_id);
+			args[1] = dwh_column_array(&o_ts);
+			args[2] = dwh_column_array(&o_payload);
+			args[3] = dwh_column_array(&o_sent);
+			rc = SPI_execute_plan(insert_history_plan, args, NULL, false, 0);
+			if (rc != SPI_OK_INSERT)
+				elog(ERROR, "could not store superseded orders: %s",
+					 SPI_result_code_string(rc));
+		}
+		/* Not current: kept in the history, counted as unchanged. */
+		result->unchanged += n_orders - kept;
 	}
 	if (x_id.n > 0)
 	{

@@ -541,3 +541,25 @@ dwh_restaurant_value_check(JsonbContainer *value, bool *has_update_ts,
 	}
 	return true;
 }
+
+/*
+ * dwh_jsonb_text_cmp
+ *		Compare two jsonb values by their text, byte by byte; 0 only for the
+ *		same value.  The order of versions that share a version time.
+ */
+int
+dwh_jsonb_text_cmp(Jsonb *a, Jsonb *b)
+{
+	char	   *ta,
+			   *tb;
+	int			cmp;
+
+	if (VARSIZE(a) == VARSIZE(b) && memcmp(a, b, VARSIZE(a)) == 0)
+		return 0;
+	ta = JsonbToCString(NULL, &a->root, VARSIZE(a));
+	tb = JsonbToCString(NULL, &b->root, VARSIZE(b));
+	cmp = strcmp(ta, tb);
+	pfree(ta);
+	pfree(tb);
+	return cmp;
+}

@@ -50,5 +50,6 @@ extern bool dwh_restaurant_value_check(JsonbContainer *value,
 									   bool *has_update_ts,
 									   Timestamp *update_ts,
 									   DwhProblem *problem);
+extern int	dwh_jsonb_text_cmp(Jsonb *a, Jsonb *b);
 
 #endif							/* DWH_MESSAGE_H */

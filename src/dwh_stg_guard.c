@@ -4,12 +4,13 @@
  *	  BEFORE ROW trigger of the STG tables: validation and version guard.
  *
  * Whoever writes STG (the ingest functions, the workers, a DBA's INSERT,
- * COPY or upsert), the same rules hold: a row must be well-formed, its
- * version column is derived from its payload, and an update that does not
- * carry a newer version is skipped, so an older version never overwrites a
- * newer one and the same version twice changes nothing.  Versions are
- * ordered by (update_ts, payload): the payload comparison breaks ties
- * deterministically, so any arrival order ends in the same row.
+ * COPY or upsert), the same rules hold: a row must be well-formed and its
+ * version column is derived from its payload.  On the tables that hold the
+ * current version of each key, an update that does not carry a newer
+ * version is not applied: the version it carries goes to the key's history
+ * table (unless it is the stored one again), so that nothing received is
+ * dropped.  Versions are ordered by (update_ts, payload text): any
+ * arrival order ends in the same rows.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,11 +20,13 @@
 #include "access/xact.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
+#include "catalog/pg_type.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
+#include "dwh_columns.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
 
@@ -44,27 +47,111 @@ column_number(TupleDesc tupdesc, const char *name)
 }
 
 /*
- * Is the version (ts, payload) newer than (old_ts, old_payload)?  A null
- * timestamp sorts before every timestamp.  Between two values without a
- * timestamp nothing tells which is newer: the last one written wins.
+ * Compare two versions of one key: by version time (a missing time sorts
+ * before every time), then by the payload's text, byte by byte (not by
+ * jsonb order, which compares strings in the database's collation).
+ * Returns <0, 0 (the same version) or >0.
  */
-static bool
-version_is_newer(bool has_ts, Timestamp ts, Jsonb *payload,
-				 bool old_has_ts, Timestamp old_ts, Jsonb *old_payload)
+static int
+version_cmp(bool has_ts, Timestamp ts, Jsonb *payload,
+			bool old_has_ts, Timestamp old_ts, Jsonb *old_payload)
 {
-	int			cmp = compareJsonbContainers(&payload->root, &old_payload->root);
-
 	if (has_ts != old_has_ts)
-		return has_ts;
-	if (!has_ts)
-		return cmp != 0;
-	if (ts != old_ts)
-		return ts > old_ts;
-	return cmp > 0;
+		return has_ts ? 1 : -1;
+	if (has_ts && ts != old_ts)
+		return ts > old_ts ? 1 : -1;
+	return dwh_jsonb_text_cmp(payload, old_payload);
+}
+
+static SPIPlanPtr order_history_plan = NULL;
+static SPIPlanPtr user_history_plan = NULL;
+static SPIPlanPtr restaurant_history_plan = NULL;
+
+/*
+ * Keep a version that is not the current one in the history table of its
+ * kind; the history table's own trigger carries it into DDS.
+ */
+static void
+keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
+				bool has_ts, Timestamp ts)
+{
+	SPIPlanPtr *plan;
+	const char *sql;
+	Datum		args[4];
+	char		nulls[4] = "    ";
+	bool		isnull;
+	int			rc;
+
+	if (strcmp(kind, "order") == 0)
+	{
+		plan = &order_history_plan;
+		sql = "INSERT INTO stg.order_event_history AS h "
+			"  (object_id, update_ts, payload, sent_dttm) "
+			"VALUES ($1, $2, $3, $4) "
+			"ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE "
+			"SET sent_dttm = EXCLUDED.sent_dttm "
+			"WHERE EXCLUDED.sent_dttm > h.sent_dttm";
+	}
+	else if (strcmp(kind, "user") == 0)
+	{
+		plan = &user_history_plan;
+		sql = "INSERT INTO stg.user_history (object_id, update_ts, payload) "
+			"VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+	}
+	else
+	{
+		plan = &restaurant_history_plan;
+		sql = "INSERT INTO stg.restaurant_history (object_id, update_ts, payload) "
+			"VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+	}
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (*plan == NULL)
+	{
+		Oid			types[4] = {strcmp(kind, "order") == 0 ? INT8OID : VARCHAROID,
+		TIMESTAMPOID, JSONBOID, TIMESTAMPOID};
+
+		*plan = dwh_prepare_kept(sql, strcmp(kind, "order") == 0 ? 4 : 3, types);
+	}
+	args[0] = SPI_getbinval(tuple, tupdesc, SPI_fnumber(tupdesc, "object_id"), &isnull);
+	args[1] = TimestampGetDatum(ts);
+	nulls[1] = has_ts ? ' ' : 'n';
+	args[2] = SPI_getbinval(tuple, tupdesc, SPI_fnumber(tupdesc, "payload"), &isnull);
+	if (strcmp(kind, "order") == 0)
+		args[3] = SPI_getbinval(tuple, tupdesc, SPI_fnumber(tupdesc, "sent_dttm"),
+								&isnull);
+	rc = SPI_execute_plan(*plan, args, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "could not keep a superseded version: %s",
+			 SPI_result_code_string(rc));
+	SPI_finish();
 }
 
 /*
- * dwh.stg_guard() trigger, argument 'order', 'user' or 'restaurant'.
+ * Does the new row of an update carry a later sent_dttm than the old one?
+ * A version keeps the greatest sent_dttm of the messages that brought it.
+ */
+static bool
+sent_later(TriggerData *trigdata, TupleDesc tupdesc)
+{
+	int			col = SPI_fnumber(tupdesc, "sent_dttm");
+	bool		new_null,
+				old_null;
+	Datum		new_sent,
+				old_sent;
+
+	if (col <= 0)
+		return false;			/* dictionaries have none */
+	new_sent = SPI_getbinval(trigdata->tg_newtuple, tupdesc, col, &new_null);
+	old_sent = SPI_getbinval(trigdata->tg_trigtuple, tupdesc, col, &old_null);
+	return !new_null && (old_null ||
+						 DatumGetTimestamp(new_sent) > DatumGetTimestamp(old_sent));
+}
+
+/*
+ * dwh.stg_guard() trigger, argument 'order', 'user' or 'restaurant'.  On a
+ * history table (its name ends in _history) it only validates.
  */
 Datum
 dwh_stg_guard(PG_FUNCTION_ARGS)
@@ -78,6 +165,8 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 				loaded_col,
 				key_col;
 	bool		isnull;
+	bool		is_history;
+	Datum		payload_datum;
 	Jsonb	   *payload;
 	bool		has_ts = true;
 	Timestamp	ts = 0;
@@ -104,13 +193,17 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 	loaded_col = column_number(tupdesc, "loaded_at");
 	key_col = column_number(tupdesc, "object_id");
 
-	payload = DatumGetJsonbP(SPI_getbinval(newtuple, tupdesc, payload_col,
-										   &isnull));
+	is_history = strstr(RelationGetRelationName(trigdata->tg_relation),
+						"_history") != NULL;
+
+	/* Null is refused before anything looks into the value. */
+	payload_datum = SPI_getbinval(newtuple, tupdesc, payload_col, &isnull);
 	if (isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_NOT_NULL_VIOLATION),
 				 errmsg("payload of %s must not be null",
 						RelationGetRelationName(trigdata->tg_relation))));
+	payload = DatumGetJsonbP(payload_datum);
 
 	if (strcmp(kind, "order") == 0)
 	{
@@ -139,28 +232,35 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 						   SPI_getvalue(newtuple, tupdesc, key_col)),
 				 errhint("Load raw values through the dwh ingest functions, which record refused ones in dwh.dead_letters.")));
 
-	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) && !is_history)
 	{
 		HeapTuple	oldtuple = trigdata->tg_trigtuple;
-		Jsonb	   *old_payload;
+		Datum		old_payload;
 		Datum		old_ts;
 		bool		old_ts_null;
+		int			cmp;
 
-		old_payload = DatumGetJsonbP(SPI_getbinval(oldtuple, tupdesc,
-												   payload_col, &isnull));
+		old_payload = SPI_getbinval(oldtuple, tupdesc, payload_col, &isnull);
 		old_ts = SPI_getbinval(oldtuple, tupdesc, version_col, &old_ts_null);
-		if (isnull ||
-			!version_is_newer(has_ts, ts, payload,
-							  !old_ts_null, DatumGetTimestamp(old_ts),
-							  old_payload))
-			return PointerGetDatum(NULL);	/* not newer: skip this row */
+		cmp = isnull ? 1 :
+			version_cmp(has_ts, ts, payload,
+						!old_ts_null, DatumGetTimestamp(old_ts),
+						DatumGetJsonbP(old_payload));
+		if (cmp < 0)
+		{
+			/* Older, or losing a tie: a superseded version. */
+			keep_in_history(kind, newtuple, tupdesc, has_ts, ts);
+			return PointerGetDatum(NULL);
+		}
+		if (cmp == 0 && !sent_later(trigdata, tupdesc))
+			return PointerGetDatum(NULL);	/* the stored version again */
 	}
 
 	cols[0] = version_col;
 	values[0] = TimestampGetDatum(ts);
 	nulls[0] = !has_ts;
 	ncols = 1;
-	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) && !is_history)
 	{
 		/*
 		 * A new version was stored now.  An INSERT keeps what it was given

@@ -1,7 +1,8 @@
 # Backups: pg_dump -Fc of a loaded warehouse, restored with pg_restore into
 # a fresh database, must bring back every row of every stg, dds and cdm
-# table and of dwh.dead_letters, leave the marts consistent with DDS, and
-# restore the sequences so that the next order gets a fresh id.
+# table (DDS and the marts rebuilt from STG by the triggers, equal but for
+# their load-time columns) and of dwh.dead_letters, leave verify() empty,
+# and restore the sequences so that the next order gets a fresh id.
 
 use strict;
 use warnings;
@@ -181,15 +182,23 @@ ORDER BY 1});
 my @tables = split /\n/, $tables;
 ok(scalar(@tables) >= 20, 'found ' . scalar(@tables) . ' warehouse tables');
 
-# "count|md5" of a table's rows, sorted by their text.  loaded_at, the
-# time a version was stored in STG, is compared separately below.
+# "count|md5" of a table's rows, sorted by their text, without the columns
+# that docs/data-rule.md lists as load-time: the restore rebuilds DDS and
+# the marts from STG, so hubs and links get new load times and mart rows
+# new ids.  loaded_at, the time a version was stored in STG, is compared
+# separately below.
 sub table_fingerprint
 {
 	my ($db, $table) = @_;
+	my @load_time = ('loaded_at');
+	push @load_time, 'load_dt', 'load_src'
+	  if $table =~ /^dds\.[hl]_/ && $table ne 'dds.l_product_category';
+	push @load_time, 'id' if $table =~ /^cdm\./;
+	my $drop = join(', ', map { "'$_'" } @load_time);
 	return $node->safe_psql(
 		$db, qq{
 SELECT count(*), md5(coalesce(string_agg(r, E'\\n' ORDER BY r), ''))
-FROM (SELECT (to_jsonb(t) - 'loaded_at')::text AS r FROM $table t) s});
+FROM (SELECT (to_jsonb(t) - ARRAY[$drop])::text AS r FROM $table t) s});
 }
 
 # The same over (id, loaded_at) of an STG table.
