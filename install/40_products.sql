@@ -4,31 +4,44 @@
 -- then (byte-wise), so that it is a function of the versions received and
 -- not of their arrival.  A dish's current name is its newest row's.
 
-CREATE FUNCTION dwh.load_products(keys uuid[], ids text[], names text[],
-                                  versions timestamp[], source text)
+CREATE FUNCTION dwh.load_products(ids text[], names text[], versions timestamp[],
+                                  source text)
     RETURNS uuid[]
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     renamed uuid[];
 BEGIN
+    -- A batch names each dish many times: keys and hashdiffs are computed
+    -- once per dish and once per (dish, name).
     WITH naming AS MATERIALIZED (
-        SELECT DISTINCT ON (n.h_product_pk, n.load_dt)
-               n.h_product_pk, n.product_id, n.name, n.load_dt
-        FROM unnest(keys, ids, names, versions) AS n(h_product_pk, product_id, name, load_dt)
-        ORDER BY n.h_product_pk, n.load_dt, n.name COLLATE "C" DESC
+        SELECT DISTINCT ON (n.product_id, n.load_dt)
+               n.product_id, n.name, n.load_dt
+        FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
+        ORDER BY n.product_id, n.load_dt, n.name COLLATE "C" DESC
+    ),
+    dish AS MATERIALIZED (
+        SELECT product_id, dwh.hash_key(product_id) AS h_product_pk
+        FROM naming
+        GROUP BY product_id
+    ),
+    named AS MATERIALIZED (
+        SELECT d.h_product_pk, d.product_id, n.name,
+               dwh.hash_key(d.h_product_pk::text || n.name) AS hashdiff
+        FROM (SELECT product_id, name FROM naming GROUP BY 1, 2) n
+        JOIN dish d USING (product_id)
     ),
     hub AS (
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-        SELECT DISTINCT ON (h_product_pk) h_product_pk, product_id, now(), source
-        FROM naming
+        SELECT h_product_pk, product_id, now(), source
+        FROM dish
         ORDER BY h_product_pk
         ON CONFLICT DO NOTHING
     ),
     newest AS MATERIALIZED (
-        SELECT DISTINCT ON (h_product_pk) h_product_pk, name, load_dt
-        FROM naming
-        ORDER BY h_product_pk, load_dt DESC, name COLLATE "C" DESC
+        SELECT DISTINCT ON (n.product_id) d.h_product_pk, n.name, n.load_dt
+        FROM naming n JOIN dish d USING (product_id)
+        ORDER BY n.product_id, n.load_dt DESC, n.name COLLATE "C" DESC
     ),
     -- Each dish's current name before this statement.
     before AS MATERIALIZED (
@@ -46,14 +59,14 @@ BEGIN
     satellite AS (
         INSERT INTO dds.s_product_names AS s
                (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
-        SELECT n.h_product_pk, n.name, dwh.hash_key(n.h_product_pk::text || n.name),
-               n.load_dt, source
+        SELECT m.h_product_pk, n.name, m.hashdiff, n.load_dt, source
         FROM naming n
+        JOIN named m USING (product_id, name)
         WHERE NOT EXISTS (
             SELECT FROM dds.s_product_names p
-            WHERE p.h_product_pk = n.h_product_pk AND p.load_dt = n.load_dt
+            WHERE p.h_product_pk = m.h_product_pk AND p.load_dt = n.load_dt
               AND (p.name COLLATE "C", p.load_src COLLATE "C") >= (n.name, source))
-        ORDER BY n.h_product_pk, n.load_dt
+        ORDER BY m.h_product_pk, n.load_dt
         ON CONFLICT (h_product_pk, load_dt) DO UPDATE
         SET name = EXCLUDED.name,
             hk_product_names_hashdiff = EXCLUDED.hk_product_names_hashdiff,
@@ -70,7 +83,7 @@ BEGIN
     RETURN renamed;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.load_products(uuid[], text[], text[], timestamp[], text) IS
+COMMENT ON FUNCTION dwh.load_products(text[], text[], timestamp[], text) IS
     'Load dish hubs and namings (one name satellite row per dish and version time); returns the dishes whose current name changed';
 
 -- Mart rows carry the dish name: follow a rename on every row of the dish.

@@ -32,7 +32,7 @@ BEGIN
     -- Dishes first (hub order is the same in every transaction: dishes,
     -- orders, users, restaurants; keys sorted within each).  Every version
     -- names its dishes at its update_ts.
-    SELECT dwh.load_products(array_agg(dwh.hash_key(n.id)), array_agg(n.id),
+    SELECT dwh.load_products(array_agg(n.id),
                              array_agg(n.name), array_agg(n.update_ts),
                              'stg.order_events')
     INTO renamed
@@ -419,7 +419,7 @@ BEGIN
 
     PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
 
-    SELECT dwh.load_products(array_agg(dwh.hash_key(n.id)), array_agg(n.id),
+    SELECT dwh.load_products(array_agg(n.id),
                              array_agg(n.name), array_agg(n.update_ts),
                              'stg.order_events')
     INTO renamed

@@ -239,7 +239,7 @@ BEGIN
     WHERE s.name IS DISTINCT FROM EXCLUDED.name;
 
     -- Menu entries with an empty _id name no dish and are skipped.
-    SELECT dwh.load_products(array_agg(dwh.hash_key(e->>'_id')), array_agg(e->>'_id'),
+    SELECT dwh.load_products(array_agg(e->>'_id'),
                              array_agg(e->>'name'),
                              array_agg(coalesce(r.v, '-infinity')),
                              'stg.restaurants')

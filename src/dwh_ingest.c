@@ -43,6 +43,7 @@ static SPIPlanPtr insert_dead_plan = NULL;
 static SPIPlanPtr apply_deferred_plan = NULL;
 static SPIPlanPtr apply_direct_plan = NULL;
 static SPIPlanPtr insert_history_plan = NULL;
+static SPIPlanPtr stored_versions_plan = NULL;
 
 /*
  * The orders come one row per object_id, in object_id order (parallel
@@ -84,6 +85,16 @@ static const char *insert_history_sql =
 "ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE "
 "SET sent_dttm = EXCLUDED.sent_dttm WHERE EXCLUDED.sent_dttm > h.sent_dttm";
 
+/*
+ * The stored version of the batch's orders: its update_ts, and its payload
+ * when that is the batch's update_ts too (only then is it compared).
+ */
+static const char *stored_versions_sql =
+"SELECT e.object_id, e.update_ts, "
+"       CASE WHEN e.update_ts = b.update_ts THEN e.payload END "
+"FROM unnest($1::bigint[], $2::timestamp[]) AS b(object_id, update_ts) "
+"JOIN stg.order_events e ON e.object_id = b.object_id";
+
 static void
 prepare_plans(void)
 {
@@ -113,6 +124,12 @@ prepare_plans(void)
 		TIMESTAMPARRAYOID};
 
 		insert_history_plan = dwh_prepare_kept(insert_history_sql, 4, types);
+	}
+	if (stored_versions_plan == NULL)
+	{
+		Oid			types[2] = {INT8ARRAYOID, TIMESTAMPARRAYOID};
+
+		stored_versions_plan = dwh_prepare_kept(stored_versions_sql, 2, types);
 	}
 }
 
@@ -237,6 +254,79 @@ newest_orders(OrderRow *rows, int n, OrderRow *superseded, int *n_superseded)
 			continue;
 		}
 		superseded[(*n_superseded)++] = rows[i];
+	}
+	return kept;
+}
+
+/*
+ * Move to superseded[] the batch's newest versions that are older than the
+ * version stored for their order (a late message, a replay): they go to
+ * the history table with the batch's other superseded versions, in one
+ * statement, rather than one by one through the STG guard.  rows[0..n-1]
+ * are sorted by object_id; returns how many stay.
+ */
+static int
+drop_older_than_stored(OrderRow *rows, int n, OrderRow *superseded,
+					   int *n_superseded)
+{
+	DwhColumn	ids,
+				versions;
+	Datum		args[2];
+	bool	   *older;
+	uint64		r;
+	int			kept = 0;
+	int			i;
+
+	dwh_column_init(&ids, INT8OID, n);
+	dwh_column_init(&versions, TIMESTAMPOID, n);
+	for (i = 0; i < n; i++)
+	{
+		dwh_column_add(&ids, Int64GetDatum(rows[i].object_id), false);
+		dwh_column_add(&versions, TimestampGetDatum(rows[i].update_ts), false);
+	}
+	args[0] = dwh_column_array(&ids);
+	args[1] = dwh_column_array(&versions);
+	if (SPI_execute_plan(stored_versions_plan, args, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the stored versions of the batch's orders");
+	if (SPI_processed == 0)
+		return n;
+
+	older = palloc0(sizeof(bool) * n);
+	for (r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[r];
+		TupleDesc	tupdesc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int64		object_id = DatumGetInt64(SPI_getbinval(tuple, tupdesc, 1, &isnull));
+		Timestamp	stored_ts = DatumGetTimestamp(SPI_getbinval(tuple, tupdesc, 2, &isnull));
+		Datum		stored_payload = SPI_getbinval(tuple, tupdesc, 3, &isnull);
+		int			lo = 0,
+					hi = n - 1;
+
+		while (lo <= hi)
+		{
+			int			mid = lo + (hi - lo) / 2;
+
+			if (rows[mid].object_id == object_id)
+			{
+				older[mid] = stored_ts > rows[mid].update_ts ||
+					(stored_ts == rows[mid].update_ts && !isnull &&
+					 dwh_jsonb_text_cmp(DatumGetJsonbP(stored_payload),
+										rows[mid].payload) > 0);
+				break;
+			}
+			if (rows[mid].object_id < object_id)
+				lo = mid + 1;
+			else
+				hi = mid - 1;
+		}
+	}
+	for (i = 0; i < n; i++)
+	{
+		if (older[i])
+			superseded[(*n_superseded)++] = rows[i];
+		else
+			rows[kept++] = rows[i];
 	}
 	return kept;
 }
@@ -586,6 +676,8 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		int			kept = newest_orders(orders, n_orders, superseded,
 										 &n_superseded);
 
+		kept = drop_older_than_stored(orders, kept, superseded, &n_superseded);
+
 		dwh_column_init(&o_id, INT8OID, kept);
 		dwh_column_init(&o_sent, TIMESTAMPOID, kept);
 		dwh_column_init(&o_payload, JSONBOID, kept);
@@ -598,11 +690,14 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		args[0] = dwh_column_array(&o_id);
 		args[1] = dwh_column_array(&o_sent);
 		args[2] = dwh_column_array(&o_payload);
-		rc = upsert_orders_deferred(args, orders, kept);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
-		result->applied += SPI_processed;
-		result->unchanged += kept - SPI_processed;
+		if (kept > 0)
+		{
+			rc = upsert_orders_deferred(args, orders, kept);
+			if (rc != SPI_OK_INSERT)
+				elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
+			result->applied += SPI_processed;
+			result->unchanged += kept - SPI_processed;
+		}
 
 		if (n_superseded > 0)
 		{
