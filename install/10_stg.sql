@@ -33,6 +33,23 @@ CREATE TRIGGER order_events_guard
     BEFORE INSERT OR UPDATE ON stg.order_events
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('order');
 
+CREATE FUNCTION dwh.stg_statement_lock() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'dwh_stg_statement_lock'
+    LANGUAGE C;
+COMMENT ON FUNCTION dwh.stg_statement_lock() IS
+    'BEFORE STATEMENT trigger of the order tables: the dictionary lock, exclusive, unless the transaction holds it';
+
+CREATE FUNCTION dwh.dictionary_lock_exclusive() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'dwh_dictionary_lock_exclusive'
+    LANGUAGE C STRICT;
+COMMENT ON FUNCTION dwh.dictionary_lock_exclusive() IS
+    'Internal: does this transaction hold the dictionary lock exclusively?';
+
+-- Before any row: see install/40_products.sql, "Lock order".
+CREATE TRIGGER order_events_lock
+    BEFORE INSERT OR UPDATE ON stg.order_events
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_statement_lock();
+
 -- Superseded versions: one row per distinct version, the payload's digest
 -- standing for the payload in the unique key (a jsonb is too large for a
 -- btree entry).
@@ -44,7 +61,10 @@ CREATE TABLE stg.order_event_history (
         GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
     sent_dttm   timestamp NOT NULL,
     loaded_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (object_id, update_ts, payload_md5)
+    PRIMARY KEY (object_id, update_ts, payload_md5),
+    -- A superseded version has a current one; the key also makes pg_dump
+    -- restore this table after stg.order_events, even in parallel.
+    FOREIGN KEY (object_id) REFERENCES stg.order_events (object_id)
 );
 COMMENT ON TABLE stg.order_event_history IS 'Every version of an order received other than its current one (older, or losing a tie on update_ts), once';
 COMMENT ON COLUMN stg.order_event_history.object_id IS 'Order id (message object_id)';
@@ -57,6 +77,10 @@ COMMENT ON COLUMN stg.order_event_history.loaded_at IS 'When this version was fi
 CREATE TRIGGER order_event_history_guard
     BEFORE INSERT OR UPDATE ON stg.order_event_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('order');
+
+CREATE TRIGGER order_event_history_lock
+    BEFORE INSERT OR UPDATE ON stg.order_event_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_statement_lock();
 
 CREATE TABLE stg.other_events (
     id              bigserial PRIMARY KEY,
@@ -109,7 +133,8 @@ CREATE TABLE stg.user_history (
     payload_md5 uuid NOT NULL
         GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
     loaded_at   timestamptz NOT NULL DEFAULT now(),
-    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5),
+    FOREIGN KEY (object_id) REFERENCES stg.users (object_id)
 );
 COMMENT ON TABLE stg.user_history IS 'User values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
 COMMENT ON COLUMN stg.user_history.object_id IS 'Redis key';
@@ -147,7 +172,8 @@ CREATE TABLE stg.restaurant_history (
     payload_md5 uuid NOT NULL
         GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
     loaded_at   timestamptz NOT NULL DEFAULT now(),
-    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5),
+    FOREIGN KEY (object_id) REFERENCES stg.restaurants (object_id)
 );
 COMMENT ON TABLE stg.restaurant_history IS 'Restaurant values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
 COMMENT ON COLUMN stg.restaurant_history.object_id IS 'Redis key';

@@ -102,6 +102,139 @@ $fn$;
 COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
     'Set product_name of every mart row of these dishes to their current name';
 
+-- Lock order.  Every writer of orders takes its locks in one order, so
+-- that two batches wait for each other but never deadlock:
+--   1. the dictionary lock, shared (exclusive when the batch renames a dish;
+--      menus always take it exclusive);
+--   2. the keys that batches share, each table in one sorted pass: dishes
+--      and their namings, restaurants, users, (dish, restaurant) pairs;
+--   3. the batch's rows of stg.order_events, in object_id order;
+--   4. each order's own vault rows (under its stg.order_events row lock);
+--   5. the mart rows, in one sorted pass per mart.
+-- Step 2 is dwh.claim_order_keys(), run over every version of the batch
+-- before step 3 by dwh.ingest_orders (the order triggers run it again over
+-- what the statement wrote: already claimed, it changes nothing).  Any
+-- other statement that writes orders takes the dictionary lock exclusive
+-- before its first row (dwh.stg_statement_lock), then claims in its
+-- triggers.
+
+-- Does loading these namings change the current name of some dish, or
+-- name a dish for the first time?  Read only, before any lock: the current
+-- name only grows (in (time, name) order), so a "no" stays true; batches
+-- that hold the lock shared only add namings that keep every name.
+CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
+    RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (
+        SELECT
+        FROM (SELECT DISTINCT ON (n.product_id) n.product_id, n.name, n.load_dt
+              FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
+              ORDER BY n.product_id, n.load_dt DESC, n.name COLLATE "C" DESC) n
+        LEFT JOIN LATERAL (
+            SELECT s.name, s.load_dt
+            FROM dds.s_product_names s
+            WHERE s.h_product_pk = dwh.hash_key(n.product_id)
+            ORDER BY s.load_dt DESC LIMIT 1) cur ON true
+        WHERE cur.name IS NULL
+           OR (n.name <> cur.name
+               AND (n.load_dt > cur.load_dt
+                    OR (n.load_dt = cur.load_dt
+                        AND n.name COLLATE "C" > cur.name COLLATE "C"))));
+$fn$;
+COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
+    'Internal: would these dish namings change the current name of some dish?';
+
+-- Steps 1 and 2 of the lock order for these order versions: the dictionary
+-- lock, dish hubs and namings, restaurant and user hubs, (dish, restaurant)
+-- pairs; a rename is carried into the marts at once.  A batch that finds a
+-- rename only after taking the lock shared (a concurrent batch changed the
+-- names meanwhile) fails with 40001: dwh.ingest_orders retries it with the
+-- lock exclusive.
+CREATE FUNCTION dwh.claim_order_keys(payloads jsonb[], versions timestamp[],
+                                     exclusive boolean DEFAULT false)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    ids text[];
+    names text[];
+    item_versions timestamp[];
+    renamed uuid[];
+BEGIN
+    IF payloads IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Grouping by hashing: a batch names each dish many times.
+    SELECT array_agg(n.id), array_agg(n.name), array_agg(n.version)
+    INTO ids, names, item_versions
+    FROM (SELECT e->>'id' AS id, e->>'name' AS name, v.version
+          FROM unnest(payloads, versions) AS v(payload, version),
+               jsonb_array_elements(v.payload->'order_items') e
+          GROUP BY 1, 2, 3) n;
+
+    IF NOT exclusive THEN
+        exclusive := dwh.namings_rename(ids, names, item_versions);
+    END IF;
+    IF exclusive THEN
+        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
+    END IF;
+
+    renamed := dwh.load_products(ids, names, item_versions, 'stg.order_events');
+    IF renamed IS NOT NULL THEN
+        IF NOT exclusive THEN
+            RAISE EXCEPTION 'dish names changed while the batch was waiting'
+                USING ERRCODE = '40001',
+                      DETAIL = 'A concurrent transaction renamed a dish that this batch names too.',
+                      HINT = 'Retry the statement; dwh.ingest_orders retries by itself.';
+        END IF;
+        PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+
+    WITH version AS MATERIALIZED (
+        SELECT v.payload->'restaurant'->>'id' AS restaurant_id,
+               v.payload->'user'->>'id' AS user_id,
+               v.payload->'order_items' AS items
+        FROM unnest(payloads) AS v(payload)
+    ),
+    restaurant AS MATERIALIZED (
+        SELECT restaurant_id, dwh.hash_key(restaurant_id) AS h_restaurant_pk
+        FROM version
+        GROUP BY 1
+    ),
+    restaurant_hub AS (
+        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+        SELECT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
+        FROM restaurant
+        ORDER BY h_restaurant_pk
+        ON CONFLICT DO NOTHING
+    ),
+    user_hub AS (
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
+        FROM (SELECT user_id FROM version GROUP BY 1) u
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    )
+    INSERT INTO dds.l_product_restaurant
+           (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+    SELECT dwh.hash_key(p.h_product_pk, r.h_restaurant_pk), p.h_product_pk,
+           r.h_restaurant_pk, now(), 'stg.order_events'
+    FROM (SELECT v.restaurant_id, e->>'id' AS product_id
+          FROM version v, jsonb_array_elements(v.items) e
+          GROUP BY 1, 2) x
+    JOIN restaurant r USING (restaurant_id)
+    CROSS JOIN LATERAL (SELECT dwh.hash_key(x.product_id) AS h_product_pk) p
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
+    'Internal: take the dictionary lock and load the keys that order batches share (dishes, namings, restaurants, users, dish-restaurant pairs), in the one lock order';
+
 -- Apply per-key count deltas to the marts.  Rows are written in key order
 -- so that concurrent batches never deadlock; when some counts go down, the
 -- existing rows are first locked in that order, because an UPDATE does not

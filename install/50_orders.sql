@@ -1,370 +1,353 @@
 -- Orders: every statement that writes stg.order_events carries its rows on
--- to DDS and the marts.  The mart delta of a batch is (what its orders count
--- now) minus (what they counted before), both computed set-based from the
--- batch and from DDS before it changes; no user is ever recounted whole.
+-- to DDS and the marts, in the lock order of dwh.claim_order_keys().  The
+-- mart delta of a batch is (what its orders count now) minus (what they
+-- counted before), both computed set-based from the batch and from DDS
+-- before it changes; no user is ever recounted whole.  Each step below is
+-- a function over the batch's arrays (object_ids, versions = update_ts,
+-- payloads); the triggers at the end call them in order.
+
+-- Orders new to DDS (the usual case): nothing counted before.  No other
+-- transaction can write their links (it would first conflict on
+-- stg.order_events.object_id), so those are plain INSERTs.  Rows go in hub
+-- key order: the random UUID keys then fill index pages one after the
+-- other, and so do the foreign-key checks.  (A concurrent writer of an
+-- order's history, such as a parallel restore, may have loaded its hub and
+-- satellite rows meanwhile: those are upserts.)
+CREATE FUNCTION dwh.load_new_orders(object_ids bigint[], versions timestamp[],
+                                    payloads jsonb[],
+                                    OUT product_users uuid[], OUT products uuid[],
+                                    OUT product_deltas integer[],
+                                    OUT category_users uuid[], OUT categories uuid[],
+                                    OUT category_deltas integer[])
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    WITH batch AS MATERIALIZED (
+        SELECT c.object_id,
+               dwh.hash_key(c.object_id::text) AS h_order_pk,
+               c.update_ts,
+               (c.payload->>'date')::timestamp AS order_dt,
+               c.payload->>'final_status' AS status,
+               (c.payload->>'cost')::numeric(19, 5) AS cost,
+               (c.payload->>'payment')::numeric(19, 5) AS payment,
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+               c.payload->'order_items' AS items
+        FROM unnest(object_ids, versions, payloads) AS c(object_id, update_ts, payload)
+        ORDER BY h_order_pk
+    ),
+    item AS MATERIALIZED (
+        SELECT DISTINCT b.h_order_pk, b.h_product_pk, b.h_user_pk, b.status
+        FROM (SELECT b.*, dwh.hash_key(e->>'id') AS h_product_pk
+              FROM batch b, jsonb_array_elements(b.items) e) b
+        ORDER BY b.h_order_pk, b.h_product_pk
+    ),
+    category AS MATERIALIZED (
+        SELECT l.h_product_pk, l.h_category_pk
+        FROM dds.l_product_category l
+        WHERE l.h_product_pk IN (SELECT h_product_pk FROM item)
+    ),
+    order_hub AS (
+        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        FROM batch
+        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
+        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
+    ),
+    order_user_link AS (
+        INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        FROM batch
+    ),
+    order_product_link AS (
+        INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        FROM item
+    ),
+    status_satellite AS (
+        INSERT INTO dds.s_order_status AS s
+               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET status = EXCLUDED.status,
+            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+        WHERE s.status IS DISTINCT FROM EXCLUDED.status
+    ),
+    cost_satellite AS (
+        INSERT INTO dds.s_order_cost AS s
+               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, cost, payment,
+               dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
+    ),
+    -- In no particular order: dwh.apply_mart_deltas writes in key order.
+    product_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_product_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM (SELECT h_user_pk, h_product_pk, count(*)::integer AS d
+              FROM item WHERE status = 'CLOSED'
+              GROUP BY h_user_pk, h_product_pk) x
+    ),
+    category_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_category_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM (SELECT i.h_user_pk, c.h_category_pk,
+                     count(DISTINCT i.h_order_pk)::integer AS d
+              FROM item i JOIN category c USING (h_product_pk)
+              WHERE i.status = 'CLOSED'
+              GROUP BY i.h_user_pk, c.h_category_pk) x
+    )
+    SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
+    INTO product_users, products, product_deltas,
+         category_users, categories, category_deltas
+    FROM product_delta_keys p, category_delta_keys c;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[]) IS
+    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause';
+
+-- Orders DDS already holds (a new version, a replay, a restore): the deltas
+-- take away what they counted before.  The current version is the greatest
+-- of its update_ts: its values are that time's satellite row, whatever was
+-- stored there.
+CREATE FUNCTION dwh.load_known_orders(object_ids bigint[], versions timestamp[],
+                                      payloads jsonb[],
+                                    OUT product_users uuid[], OUT products uuid[],
+                                      OUT product_deltas integer[],
+                                      OUT category_users uuid[], OUT categories uuid[],
+                                      OUT category_deltas integer[])
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    WITH batch AS MATERIALIZED (
+        SELECT c.object_id,
+               dwh.hash_key(c.object_id::text) AS h_order_pk,
+               c.update_ts,
+               (c.payload->>'date')::timestamp AS order_dt,
+               c.payload->>'final_status' AS status,
+               (c.payload->>'cost')::numeric(19, 5) AS cost,
+               (c.payload->>'payment')::numeric(19, 5) AS payment,
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+               c.payload->'order_items' AS items
+        FROM unnest(object_ids, versions, payloads) AS c(object_id, update_ts, payload)
+    ),
+    item AS MATERIALIZED (
+        SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.status,
+               dwh.hash_key(e->>'id') AS h_product_pk
+        FROM batch b, jsonb_array_elements(b.items) e
+    ),
+    -- What the batch's orders counted before this statement.
+    old_user AS MATERIALIZED (
+        SELECT l.h_order_pk, l.h_user_pk
+        FROM batch b JOIN dds.l_order_user l ON l.h_order_pk = b.h_order_pk
+    ),
+    old_item AS MATERIALIZED (
+        SELECT l.h_order_pk, l.h_product_pk
+        FROM batch b JOIN dds.l_order_product l ON l.h_order_pk = b.h_order_pk
+    ),
+    old_closed AS MATERIALIZED (
+        SELECT b.h_order_pk
+        FROM batch b
+        WHERE (SELECT s.status FROM dds.s_order_status s
+               WHERE s.h_order_pk = b.h_order_pk
+               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+    ),
+    old_counted AS MATERIALIZED (
+        SELECT c.h_order_pk, u.h_user_pk, i.h_product_pk
+        FROM old_closed c
+        JOIN old_user u USING (h_order_pk)
+        JOIN old_item i USING (h_order_pk)
+    ),
+    category AS MATERIALIZED (
+        SELECT l.h_product_pk, l.h_category_pk
+        FROM dds.l_product_category l
+        WHERE l.h_product_pk IN (SELECT h_product_pk FROM item
+                                 UNION SELECT h_product_pk FROM old_counted)
+    ),
+    product_delta AS (
+        SELECT h_user_pk, h_product_pk, sum(d)::integer AS d
+        FROM (SELECT h_user_pk, h_product_pk, 1 AS d FROM item WHERE status = 'CLOSED'
+              UNION ALL
+              SELECT h_user_pk, h_product_pk, -1 FROM old_counted) x
+        GROUP BY h_user_pk, h_product_pk
+        HAVING sum(d) <> 0
+    ),
+    category_delta AS (
+        SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
+        FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, c.h_category_pk, 1 AS d
+              FROM item i JOIN category c USING (h_product_pk)
+              WHERE i.status = 'CLOSED'
+              UNION ALL
+              SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
+              FROM old_counted o JOIN category c USING (h_product_pk)) x
+        GROUP BY h_user_pk, h_category_pk
+        HAVING sum(d) <> 0
+    ),
+    -- Hubs, links and satellites.
+    order_hub AS (
+        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        FROM batch
+        ORDER BY h_order_pk
+        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
+        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
+    ),
+    order_user_link AS (
+        INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        FROM batch
+        ON CONFLICT DO NOTHING
+    ),
+    order_product_link AS (
+        INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        FROM item
+        ON CONFLICT DO NOTHING
+    ),
+    -- The current version is the greatest of its update_ts: its values
+    -- are that time's row, whatever was stored there.
+    status_satellite AS (
+        INSERT INTO dds.s_order_status AS s
+               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ORDER BY h_order_pk
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET status = EXCLUDED.status,
+            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+        WHERE s.status IS DISTINCT FROM EXCLUDED.status
+    ),
+    cost_satellite AS (
+        INSERT INTO dds.s_order_cost AS s
+               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, cost, payment,
+               dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ORDER BY h_order_pk
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
+    ),
+    -- In no particular order: dwh.apply_mart_deltas writes in key order.
+    product_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_product_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM product_delta
+    ),
+    category_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_category_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM category_delta
+    )
+    SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
+    INTO product_users, products, product_deltas,
+         category_users, categories, category_deltas
+    FROM product_delta_keys p, category_delta_keys c;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_known_orders(bigint[], timestamp[], jsonb[]) IS
+    'Internal: load new current versions of orders DDS holds; returns the mart deltas they cause';
+
+-- Links of the replaced versions that the new ones no longer hold.
+CREATE FUNCTION dwh.unlink_replaced_items(object_ids bigint[], payloads jsonb[])
+    RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH batch AS MATERIALIZED (
+        SELECT dwh.hash_key(c.object_id::text) AS h_order_pk,
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+               c.payload->'order_items' AS items
+        FROM unnest(object_ids, payloads) AS c(object_id, payload)
+    ),
+    stale_products AS (
+        DELETE FROM dds.l_order_product l
+        USING batch b
+        WHERE l.h_order_pk = b.h_order_pk
+          AND NOT EXISTS (SELECT FROM jsonb_array_elements(b.items) e
+                          WHERE dwh.hash_key(e->>'id') = l.h_product_pk)
+    )
+    DELETE FROM dds.l_order_user l
+    USING batch b
+    WHERE l.h_order_pk = b.h_order_pk AND l.h_user_pk <> b.h_user_pk;
+$fn$;
+COMMENT ON FUNCTION dwh.unlink_replaced_items(bigint[], jsonb[]) IS
+    'Internal: delete the order links that the orders'' new versions no longer hold';
+
+-- Superseded versions of orders: the history keeps them (its trigger finds
+-- what they brought already in DDS when they were current).
+CREATE FUNCTION dwh.keep_superseded_orders(object_ids bigint[], versions timestamp[],
+                                           payloads jsonb[], sent timestamp[])
+    RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    INSERT INTO stg.order_event_history AS h (object_id, update_ts, payload, sent_dttm)
+    SELECT * FROM unnest(object_ids, versions, payloads, sent)
+    ORDER BY 1, 2
+    ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE
+    SET sent_dttm = EXCLUDED.sent_dttm
+    WHERE EXCLUDED.sent_dttm > h.sent_dttm;
+$fn$;
+COMMENT ON FUNCTION dwh.keep_superseded_orders(bigint[], timestamp[], jsonb[], timestamp[]) IS
+    'Internal: keep superseded order versions in stg.order_event_history';
 
 CREATE FUNCTION dwh.order_events_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    renamed uuid[];
-    product_users uuid[];
-    products uuid[];
-    product_deltas integer[];
-    category_users uuid[];
-    categories uuid[];
-    category_deltas integer[];
-    known boolean;
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+    d record;
 BEGIN
-    IF NOT EXISTS (SELECT FROM changed) THEN
+    SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
+    INTO object_ids, versions, payloads
+    FROM changed c;
+    IF object_ids IS NULL THEN
         RETURN NULL;
     END IF;
 
-    -- Does DDS hold any of these orders already?  Not for new orders (the
-    -- usual case), which take a shorter path below.  (A restore replays
-    -- orders DDS already holds.)
-    known := TG_OP = 'UPDATE' OR EXISTS (
-        SELECT FROM changed c JOIN dds.h_order h ON h.order_id = c.object_id);
+    IF NOT dwh.keys_claimed() THEN
+        PERFORM dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
+    END IF;
 
-    -- Dish categories and names stay put until commit.
-    PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
-
-    -- Dishes first (hub order is the same in every transaction: dishes,
-    -- orders, users, restaurants; keys sorted within each).  Every version
-    -- names its dishes at its update_ts.
-    SELECT dwh.load_products(array_agg(n.id),
-                             array_agg(n.name), array_agg(n.update_ts),
-                             'stg.order_events')
-    INTO renamed
-    -- Grouping by hashing: a batch names each dish many times, and sorting
-    -- all its items cost more than the rest of this step.
-    FROM (SELECT e->>'id' AS id, e->>'name' AS name, c.update_ts
-          FROM changed c, jsonb_array_elements(c.payload->'order_items') e
-          GROUP BY 1, 2, 3) n;
-
-    IF NOT known THEN
-        -- Orders new to DDS: nothing counted before.  No other transaction
-        -- can write their links (it would first conflict on
-        -- stg.order_events.object_id), so those are plain INSERTs.
-        -- Rows go in hub key order: the random UUID keys then fill index
-        -- pages one after the other, and so do the foreign-key checks.
-        WITH batch AS MATERIALIZED (
-            SELECT c.object_id,
-                   dwh.hash_key(c.object_id::text) AS h_order_pk,
-                   c.update_ts,
-                   (c.payload->>'date')::timestamp AS order_dt,
-                   c.payload->>'final_status' AS status,
-                   (c.payload->>'cost')::numeric(19, 5) AS cost,
-                   (c.payload->>'payment')::numeric(19, 5) AS payment,
-                   c.payload->'user'->>'id' AS user_id,
-                   dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
-                   c.payload->'restaurant'->>'id' AS restaurant_id,
-                   dwh.hash_key(c.payload->'restaurant'->>'id') AS h_restaurant_pk,
-                   c.payload->'order_items' AS items
-            FROM changed c
-            ORDER BY h_order_pk
-        ),
-        item AS MATERIALIZED (
-            SELECT DISTINCT b.h_order_pk, b.h_product_pk, b.h_user_pk,
-                   b.h_restaurant_pk, b.status
-            FROM (SELECT b.*, dwh.hash_key(e->>'id') AS h_product_pk
-                  FROM batch b, jsonb_array_elements(b.items) e) b
-            ORDER BY b.h_order_pk, b.h_product_pk
-        ),
-        category AS MATERIALIZED (
-            SELECT l.h_product_pk, l.h_category_pk
-            FROM dds.l_product_category l
-            WHERE l.h_product_pk IN (SELECT h_product_pk FROM item)
-        ),
-        -- (A concurrent writer of the order's history, such as a parallel
-        -- restore, may have loaded its hub and satellite rows meanwhile.)
-        order_hub AS (
-            INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
-            SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
-            FROM batch
-            ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
-            WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
-        ),
-        user_hub AS (
-            INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-            SELECT DISTINCT h_user_pk, user_id, now(), 'stg.order_events'
-            FROM batch
-            ORDER BY h_user_pk
-            ON CONFLICT DO NOTHING
-        ),
-        restaurant_hub AS (
-            INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-            SELECT DISTINCT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
-            FROM batch
-            ORDER BY h_restaurant_pk
-            ON CONFLICT DO NOTHING
-        ),
-        order_user_link AS (
-            INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
-            SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
-            FROM batch
-        ),
-        order_product_link AS (
-            INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
-            SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
-            FROM item
-        ),
-        product_restaurant_link AS (
-            INSERT INTO dds.l_product_restaurant
-                   (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
-            SELECT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
-                   h_restaurant_pk, now(), 'stg.order_events'
-            FROM (SELECT DISTINCT h_product_pk, h_restaurant_pk FROM item) i
-            ORDER BY 1
-            ON CONFLICT DO NOTHING
-        ),
-        status_satellite AS (
-            INSERT INTO dds.s_order_status AS s
-                   (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
-            SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
-                   update_ts, 'stg.order_events'
-            FROM batch
-            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-            SET status = EXCLUDED.status,
-                hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
-            WHERE s.status IS DISTINCT FROM EXCLUDED.status
-        ),
-        cost_satellite AS (
-            INSERT INTO dds.s_order_cost AS s
-                   (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
-            SELECT h_order_pk, cost, payment,
-                   dwh.hash_key(h_order_pk::text || cost::text || payment::text),
-                   update_ts, 'stg.order_events'
-            FROM batch
-            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-            SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
-                hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
-            WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
-        ),
-        -- In no particular order: dwh.apply_mart_deltas writes in key order.
-        product_delta_keys AS (
-            SELECT array_agg(h_user_pk) AS users,
-                   array_agg(h_product_pk) AS keys,
-                   array_agg(d) AS deltas
-            FROM (SELECT h_user_pk, h_product_pk, count(*)::integer AS d
-                  FROM item WHERE status = 'CLOSED'
-                  GROUP BY h_user_pk, h_product_pk) x
-        ),
-        category_delta_keys AS (
-            SELECT array_agg(h_user_pk) AS users,
-                   array_agg(h_category_pk) AS keys,
-                   array_agg(d) AS deltas
-            FROM (SELECT i.h_user_pk, c.h_category_pk,
-                         count(DISTINCT i.h_order_pk)::integer AS d
-                  FROM item i JOIN category c USING (h_product_pk)
-                  WHERE i.status = 'CLOSED'
-                  GROUP BY i.h_user_pk, c.h_category_pk) x
-        )
-        SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
-        INTO product_users, products, product_deltas,
-             category_users, categories, category_deltas
-        FROM product_delta_keys p, category_delta_keys c;
+    -- Orders DDS does not hold yet take the shorter path.  (A restore
+    -- replays orders whose history it may have loaded first.)
+    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM dds.h_order h
+                                        WHERE h.order_id = ANY (object_ids)) THEN
+        d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
-        WITH batch AS MATERIALIZED (
-            SELECT c.object_id,
-                   dwh.hash_key(c.object_id::text) AS h_order_pk,
-                   c.update_ts,
-                   (c.payload->>'date')::timestamp AS order_dt,
-                   c.payload->>'final_status' AS status,
-                   (c.payload->>'cost')::numeric(19, 5) AS cost,
-                   (c.payload->>'payment')::numeric(19, 5) AS payment,
-                   c.payload->'user'->>'id' AS user_id,
-                   dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
-                   c.payload->'restaurant'->>'id' AS restaurant_id,
-                   dwh.hash_key(c.payload->'restaurant'->>'id') AS h_restaurant_pk,
-                   c.payload->'order_items' AS items
-            FROM changed c
-        ),
-        item AS MATERIALIZED (
-            SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.h_restaurant_pk, b.status,
-                   dwh.hash_key(e->>'id') AS h_product_pk
-            FROM batch b, jsonb_array_elements(b.items) e
-        ),
-        -- What the batch's orders counted before this statement.
-        old_user AS MATERIALIZED (
-            SELECT l.h_order_pk, l.h_user_pk
-            FROM batch b JOIN dds.l_order_user l ON l.h_order_pk = b.h_order_pk
-        ),
-        old_item AS MATERIALIZED (
-            SELECT l.h_order_pk, l.h_product_pk
-            FROM batch b JOIN dds.l_order_product l ON l.h_order_pk = b.h_order_pk
-        ),
-        old_closed AS MATERIALIZED (
-            SELECT b.h_order_pk
-            FROM batch b
-            WHERE (SELECT s.status FROM dds.s_order_status s
-                   WHERE s.h_order_pk = b.h_order_pk
-                   ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
-        ),
-        old_counted AS MATERIALIZED (
-            SELECT c.h_order_pk, u.h_user_pk, i.h_product_pk
-            FROM old_closed c
-            JOIN old_user u USING (h_order_pk)
-            JOIN old_item i USING (h_order_pk)
-        ),
-        category AS MATERIALIZED (
-            SELECT l.h_product_pk, l.h_category_pk
-            FROM dds.l_product_category l
-            WHERE l.h_product_pk IN (SELECT h_product_pk FROM item
-                                     UNION SELECT h_product_pk FROM old_counted)
-        ),
-        product_delta AS (
-            SELECT h_user_pk, h_product_pk, sum(d)::integer AS d
-            FROM (SELECT h_user_pk, h_product_pk, 1 AS d FROM item WHERE status = 'CLOSED'
-                  UNION ALL
-                  SELECT h_user_pk, h_product_pk, -1 FROM old_counted) x
-            GROUP BY h_user_pk, h_product_pk
-            HAVING sum(d) <> 0
-        ),
-        category_delta AS (
-            SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
-            FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, c.h_category_pk, 1 AS d
-                  FROM item i JOIN category c USING (h_product_pk)
-                  WHERE i.status = 'CLOSED'
-                  UNION ALL
-                  SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
-                  FROM old_counted o JOIN category c USING (h_product_pk)) x
-            GROUP BY h_user_pk, h_category_pk
-            HAVING sum(d) <> 0
-        ),
-        -- Hubs, links and satellites.
-        order_hub AS (
-            INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
-            SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
-            FROM batch
-            ORDER BY h_order_pk
-            ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
-            WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
-        ),
-        user_hub AS (
-            INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-            SELECT DISTINCT h_user_pk, user_id, now(), 'stg.order_events'
-            FROM batch
-            ORDER BY h_user_pk
-            ON CONFLICT DO NOTHING
-        ),
-        restaurant_hub AS (
-            INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-            SELECT DISTINCT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
-            FROM batch
-            ORDER BY h_restaurant_pk
-            ON CONFLICT DO NOTHING
-        ),
-        order_user_link AS (
-            INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
-            SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
-            FROM batch
-            ON CONFLICT DO NOTHING
-        ),
-        order_product_link AS (
-            INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
-            SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
-            FROM item
-            ON CONFLICT DO NOTHING
-        ),
-        product_restaurant_link AS (
-            INSERT INTO dds.l_product_restaurant
-                   (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
-            SELECT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
-                   h_restaurant_pk, now(), 'stg.order_events'
-            FROM (SELECT DISTINCT h_product_pk, h_restaurant_pk FROM item) i
-            ORDER BY 1
-            ON CONFLICT DO NOTHING
-        ),
-        -- The current version is the greatest of its update_ts: its values
-        -- are that time's row, whatever was stored there.
-        status_satellite AS (
-            INSERT INTO dds.s_order_status AS s
-                   (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
-            SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
-                   update_ts, 'stg.order_events'
-            FROM batch
-            ORDER BY h_order_pk
-            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-            SET status = EXCLUDED.status,
-                hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
-            WHERE s.status IS DISTINCT FROM EXCLUDED.status
-        ),
-        cost_satellite AS (
-            INSERT INTO dds.s_order_cost AS s
-                   (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
-            SELECT h_order_pk, cost, payment,
-                   dwh.hash_key(h_order_pk::text || cost::text || payment::text),
-                   update_ts, 'stg.order_events'
-            FROM batch
-            ORDER BY h_order_pk
-            ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-            SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
-                hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
-            WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
-        ),
-        -- In no particular order: dwh.apply_mart_deltas writes in key order.
-        product_delta_keys AS (
-            SELECT array_agg(h_user_pk) AS users,
-                   array_agg(h_product_pk) AS keys,
-                   array_agg(d) AS deltas
-            FROM product_delta
-        ),
-        category_delta_keys AS (
-            SELECT array_agg(h_user_pk) AS users,
-                   array_agg(h_category_pk) AS keys,
-                   array_agg(d) AS deltas
-            FROM category_delta
-        )
-        SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
-        INTO product_users, products, product_deltas,
-             category_users, categories, category_deltas
-        FROM product_delta_keys p, category_delta_keys c;
+        d := dwh.load_known_orders(object_ids, versions, payloads);
     END IF;
 
     IF TG_OP = 'UPDATE' THEN
-        -- Links of the previous version that the new one no longer holds.
-        WITH batch AS MATERIALIZED (
-            SELECT dwh.hash_key(c.object_id::text) AS h_order_pk,
-                   dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
-                   c.payload->'order_items' AS items
-            FROM changed c
-        ),
-        stale_products AS (
-            DELETE FROM dds.l_order_product l
-            USING batch b
-            WHERE l.h_order_pk = b.h_order_pk
-              AND NOT EXISTS (SELECT FROM jsonb_array_elements(b.items) e
-                              WHERE dwh.hash_key(e->>'id') = l.h_product_pk)
-        )
-        DELETE FROM dds.l_order_user l
-        USING batch b
-        WHERE l.h_order_pk = b.h_order_pk AND l.h_user_pk <> b.h_user_pk;
-
-        -- The replaced versions are superseded: into the history (whose
-        -- trigger finds everything they brought already in DDS).
-        INSERT INTO stg.order_event_history AS h (object_id, update_ts, payload, sent_dttm)
-        SELECT o.object_id, o.update_ts, o.payload, o.sent_dttm
+        PERFORM dwh.unlink_replaced_items(object_ids, payloads);
+        -- A replaced version is superseded (unless only its sent_dttm grew).
+        PERFORM dwh.keep_superseded_orders(array_agg(o.object_id), array_agg(o.update_ts),
+                                           array_agg(o.payload), array_agg(o.sent_dttm))
         FROM superseded o JOIN changed c USING (object_id)
-        WHERE o.payload IS DISTINCT FROM c.payload OR o.update_ts IS DISTINCT FROM c.update_ts
-        ORDER BY o.object_id
-        ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE
-        SET sent_dttm = EXCLUDED.sent_dttm
-        WHERE EXCLUDED.sent_dttm > h.sent_dttm;
+        WHERE CASE WHEN o.update_ts <> c.update_ts THEN true
+                   ELSE o.payload::text <> c.payload::text END;
     END IF;
 
-    -- The marts, after DDS: new mart rows take the dish names loaded above.
-    -- (Within an ingest, deferred to the end of its upsert: one sorted pass.)
-    IF NOT dwh.defer_mart_deltas(product_users, products, product_deltas,
-                                 category_users, categories, category_deltas) THEN
-        PERFORM dwh.apply_mart_deltas(product_users, products, product_deltas,
-                                      category_users, categories, category_deltas);
-    END IF;
-
-    IF renamed IS NOT NULL THEN
-        -- A rename touches mart rows that other batches may be writing.
-        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
-        PERFORM dwh.refresh_product_names(renamed);
+    -- The marts, after DDS.  (Within an ingest, deferred to the end of its
+    -- upsert: one sorted pass for the INSERT and UPDATE triggers together.)
+    IF NOT dwh.defer_mart_deltas(d.product_users, d.products, d.product_deltas,
+                                 d.category_users, d.categories, d.category_deltas) THEN
+        PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
+                                      d.category_users, d.categories, d.category_deltas);
     END IF;
 
     RETURN NULL;
@@ -402,38 +385,20 @@ CREATE TRIGGER order_events_no_delete
     BEFORE DELETE OR TRUNCATE ON stg.order_events
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_refuse_delete();
 
+
 -- Superseded versions of orders (stg.order_event_history): they name
 -- dishes, pair dishes with restaurants, bring hubs, and give the status and
 -- cost rows of their update_ts when they are the greatest version of that
 -- time.  An order's links and counts follow its current version only.
-CREATE FUNCTION dwh.order_event_history_added() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+CREATE FUNCTION dwh.load_superseded_orders(object_ids bigint[], versions timestamp[],
+                                           payloads jsonb[])
+    RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    renamed uuid[];
-    loaded integer;
-BEGIN
-    IF NOT EXISTS (SELECT FROM added) THEN
-        RETURN NULL;
-    END IF;
-
-    PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
-
-    SELECT dwh.load_products(array_agg(n.id),
-                             array_agg(n.name), array_agg(n.update_ts),
-                             'stg.order_events')
-    INTO renamed
-    FROM (SELECT e->>'id' AS id, e->>'name' AS name, a.update_ts
-          FROM added a, jsonb_array_elements(a.payload->'order_items') e
-          GROUP BY 1, 2, 3) n;
-
     WITH version AS MATERIALIZED (
-        SELECT a.object_id, dwh.hash_key(a.object_id::text) AS h_order_pk,
-               a.update_ts, (a.payload->>'date')::timestamp AS order_dt,
-               a.payload->'user'->>'id' AS user_id,
-               a.payload->'restaurant'->>'id' AS restaurant_id,
-               a.payload->'order_items' AS items
-        FROM added a
+        SELECT v.object_id, dwh.hash_key(v.object_id::text) AS h_order_pk,
+               v.update_ts, (v.payload->>'date')::timestamp AS order_dt
+        FROM unnest(object_ids, versions, payloads) AS v(object_id, update_ts, payload)
     ),
     -- The greatest version of each (order, update_ts) touched; none where
     -- the current version has that time, since it is the greatest of all.
@@ -444,7 +409,7 @@ BEGIN
                (h.payload->>'cost')::numeric(19, 5) AS cost,
                (h.payload->>'payment')::numeric(19, 5) AS payment
         FROM stg.order_event_history h
-        JOIN (SELECT DISTINCT object_id, update_ts FROM added) a
+        JOIN (SELECT DISTINCT object_id, update_ts FROM version) a
           USING (object_id, update_ts)
         WHERE NOT EXISTS (SELECT FROM stg.order_events c
                           WHERE c.object_id = h.object_id AND c.update_ts = h.update_ts)
@@ -460,29 +425,6 @@ BEGIN
         ORDER BY h_order_pk, update_ts DESC
         ON CONFLICT DO NOTHING
     ),
-    user_hub AS (
-        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
-        FROM version
-        ORDER BY 1
-        ON CONFLICT DO NOTHING
-    ),
-    restaurant_hub AS (
-        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(restaurant_id), restaurant_id, now(), 'stg.order_events'
-        FROM version
-        ORDER BY 1
-        ON CONFLICT DO NOTHING
-    ),
-    product_restaurant_link AS (
-        INSERT INTO dds.l_product_restaurant
-               (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(p, r), p, r, now(), 'stg.order_events'
-        FROM (SELECT dwh.hash_key(e->>'id') AS p, dwh.hash_key(v.restaurant_id) AS r
-              FROM version v, jsonb_array_elements(v.items) e) x
-        ORDER BY 1
-        ON CONFLICT DO NOTHING
-    ),
     status_satellite AS (
         INSERT INTO dds.s_order_status AS s
                (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
@@ -494,27 +436,39 @@ BEGIN
         SET status = EXCLUDED.status,
             hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
         WHERE s.status IS DISTINCT FROM EXCLUDED.status
-    ),
-    cost_satellite AS (
-        INSERT INTO dds.s_order_cost AS s
-               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
-        SELECT h_order_pk, cost, payment,
-               dwh.hash_key(h_order_pk::text || cost::text || payment::text),
-               update_ts, 'stg.order_events'
-        FROM winner
-        ORDER BY h_order_pk, update_ts
-        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
-            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
-        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
     )
-    SELECT count(*) INTO loaded FROM winner;
+    INSERT INTO dds.s_order_cost AS s
+           (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+    SELECT h_order_pk, cost, payment,
+           dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+           update_ts, 'stg.order_events'
+    FROM winner
+    ORDER BY h_order_pk, update_ts
+    ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+    SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+        hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+    WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment);
+$fn$;
+COMMENT ON FUNCTION dwh.load_superseded_orders(bigint[], timestamp[], jsonb[]) IS
+    'Internal: load superseded order versions: order hubs and the satellite rows of their update_ts';
 
-    IF renamed IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
-        PERFORM dwh.refresh_product_names(renamed);
+CREATE FUNCTION dwh.order_event_history_added() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+BEGIN
+    SELECT array_agg(a.object_id), array_agg(a.update_ts), array_agg(a.payload)
+    INTO object_ids, versions, payloads
+    FROM added a;
+    IF object_ids IS NOT NULL THEN
+        IF NOT dwh.keys_claimed() THEN
+            PERFORM dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
+        END IF;
+        PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
     END IF;
-
     RETURN NULL;
 END
 $fn$;

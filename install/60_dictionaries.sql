@@ -67,7 +67,8 @@ BEGIN
         INSERT INTO stg.user_history (object_id, update_ts, payload)
         SELECT o.object_id, o.update_ts, o.payload
         FROM superseded o JOIN changed c USING (object_id)
-        WHERE o.payload IS DISTINCT FROM c.payload
+        WHERE CASE WHEN o.update_ts IS DISTINCT FROM c.update_ts THEN true
+                   ELSE o.payload::text <> c.payload::text END
         ORDER BY o.object_id
         ON CONFLICT DO NOTHING;
     END IF;
@@ -330,7 +331,8 @@ BEGIN
         INSERT INTO stg.restaurant_history (object_id, update_ts, payload)
         SELECT o.object_id, o.update_ts, o.payload
         FROM superseded o JOIN changed c USING (object_id)
-        WHERE o.payload IS DISTINCT FROM c.payload
+        WHERE CASE WHEN o.update_ts IS DISTINCT FROM c.update_ts THEN true
+                   ELSE o.payload::text <> c.payload::text END
         ORDER BY o.object_id
         ON CONFLICT DO NOTHING;
     END IF;

@@ -60,6 +60,12 @@ CREATE FUNCTION dwh.ingest_orders(messages bytea[], topic text DEFAULT NULL,
 COMMENT ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) IS
     'Ingest a batch of raw Kafka message values set-based: one statement per destination';
 
+CREATE FUNCTION dwh.keys_claimed() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'dwh_keys_claimed'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.keys_claimed() IS
+    'Internal: inside an ingest, has it claimed the keys of the versions being written (see dwh.claim_order_keys)?';
+
 CREATE FUNCTION dwh.defer_mart_deltas(product_users uuid[], products uuid[],
                                       product_deltas integer[],
                                       category_users uuid[], categories uuid[],

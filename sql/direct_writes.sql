@@ -92,5 +92,6 @@ SELECT t.error_of($$INSERT INTO stg.restaurants (object_id, payload)
 -- Deleting an order version would let an older one replace it.
 DELETE FROM stg.order_events WHERE object_id = 1;
 SELECT t.error_of('TRUNCATE stg.order_events');
+SELECT t.error_of('TRUNCATE stg.order_events CASCADE');
 SELECT count(*) AS orders FROM stg.order_events;
 SELECT * FROM t.check();

@@ -43,12 +43,15 @@ static SPIPlanPtr insert_dead_plan = NULL;
 static SPIPlanPtr apply_deferred_plan = NULL;
 static SPIPlanPtr apply_direct_plan = NULL;
 static SPIPlanPtr insert_history_plan = NULL;
-static SPIPlanPtr stored_versions_plan = NULL;
+static SPIPlanPtr claim_plan = NULL;
 
 /*
  * The orders come one row per object_id, in object_id order (parallel
  * batches lock their rows in the same order), newest version only: see
- * newest_orders().  Set-returning functions in the select list hand the
+ * newest_orders().  Every row of the batch's orders is locked, but one
+ * that is older than the stored version is not updated (nor seen by the
+ * STG guard): it goes to the history table with the batch's other
+ * superseded versions.  RETURNING names the orders that were stored.  Set-returning functions in the select list hand the
  * array elements over one by one, where unnest() in FROM would first copy
  * every payload into a tuplestore.
  */
@@ -57,7 +60,9 @@ static const char *upsert_orders_sql =
 "SELECT unnest($1::bigint[]), 'order', unnest($2::timestamp[]), unnest($3::jsonb[]) "
 "ON CONFLICT (object_id) DO UPDATE "
 "SET object_type = EXCLUDED.object_type, sent_dttm = EXCLUDED.sent_dttm, "
-"    payload = EXCLUDED.payload";
+"    payload = EXCLUDED.payload "
+"WHERE EXCLUDED.update_ts >= t.update_ts "
+"RETURNING t.object_id";
 
 static const char *insert_others_sql =
 "INSERT INTO stg.other_events "
@@ -77,23 +82,27 @@ static const char *insert_dead_sql =
 "ON CONFLICT (topic, kafka_partition, kafka_offset) WHERE kafka_offset IS NOT NULL "
 "DO NOTHING";
 
-/* Versions of the batch that a newer one of the same batch supersedes. */
+/*
+ * Versions of the batch that are not current: superseded by a newer one of
+ * the same batch or by the stored one (unless they are the stored one).
+ */
 static const char *insert_history_sql =
 "INSERT INTO stg.order_event_history AS h (object_id, update_ts, payload, sent_dttm) "
-"SELECT unnest($1::bigint[]), unnest($2::timestamp[]), unnest($3::jsonb[]), "
-"       unnest($4::timestamp[]) "
+"SELECT v.* FROM unnest($1::bigint[], $2::timestamp[], $3::jsonb[], $4::timestamp[]) "
+"     AS v(object_id, update_ts, payload, sent_dttm) "
+"WHERE NOT EXISTS (SELECT FROM stg.order_events e "
+"                  WHERE e.object_id = v.object_id AND e.update_ts = v.update_ts "
+"                    AND e.payload::text = v.payload::text) "
+"ORDER BY 1, 2 "
 "ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE "
 "SET sent_dttm = EXCLUDED.sent_dttm WHERE EXCLUDED.sent_dttm > h.sent_dttm";
 
 /*
- * The stored version of the batch's orders: its update_ts, and its payload
- * when that is the batch's update_ts too (only then is it compared).
+ * Steps 1 and 2 of the lock order (install/40_products.sql): the dictionary
+ * lock and the keys that batches share, for every version of the batch.
  */
-static const char *stored_versions_sql =
-"SELECT e.object_id, e.update_ts, "
-"       CASE WHEN e.update_ts = b.update_ts THEN e.payload END "
-"FROM unnest($1::bigint[], $2::timestamp[]) AS b(object_id, update_ts) "
-"JOIN stg.order_events e ON e.object_id = b.object_id";
+static const char *claim_sql =
+"SELECT dwh.claim_order_keys($1::jsonb[], $2::timestamp[], $3)";
 
 static void
 prepare_plans(void)
@@ -125,11 +134,11 @@ prepare_plans(void)
 
 		insert_history_plan = dwh_prepare_kept(insert_history_sql, 4, types);
 	}
-	if (stored_versions_plan == NULL)
+	if (claim_plan == NULL)
 	{
-		Oid			types[2] = {INT8ARRAYOID, TIMESTAMPARRAYOID};
+		Oid			types[3] = {JSONBARRAYOID, TIMESTAMPARRAYOID, BOOLOID};
 
-		stored_versions_plan = dwh_prepare_kept(stored_versions_sql, 2, types);
+		claim_plan = dwh_prepare_kept(claim_sql, 3, types);
 	}
 }
 
@@ -258,79 +267,6 @@ newest_orders(OrderRow *rows, int n, OrderRow *superseded, int *n_superseded)
 	return kept;
 }
 
-/*
- * Move to superseded[] the batch's newest versions that are older than the
- * version stored for their order (a late message, a replay): they go to
- * the history table with the batch's other superseded versions, in one
- * statement, rather than one by one through the STG guard.  rows[0..n-1]
- * are sorted by object_id; returns how many stay.
- */
-static int
-drop_older_than_stored(OrderRow *rows, int n, OrderRow *superseded,
-					   int *n_superseded)
-{
-	DwhColumn	ids,
-				versions;
-	Datum		args[2];
-	bool	   *older;
-	uint64		r;
-	int			kept = 0;
-	int			i;
-
-	dwh_column_init(&ids, INT8OID, n);
-	dwh_column_init(&versions, TIMESTAMPOID, n);
-	for (i = 0; i < n; i++)
-	{
-		dwh_column_add(&ids, Int64GetDatum(rows[i].object_id), false);
-		dwh_column_add(&versions, TimestampGetDatum(rows[i].update_ts), false);
-	}
-	args[0] = dwh_column_array(&ids);
-	args[1] = dwh_column_array(&versions);
-	if (SPI_execute_plan(stored_versions_plan, args, NULL, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not read the stored versions of the batch's orders");
-	if (SPI_processed == 0)
-		return n;
-
-	older = palloc0(sizeof(bool) * n);
-	for (r = 0; r < SPI_processed; r++)
-	{
-		HeapTuple	tuple = SPI_tuptable->vals[r];
-		TupleDesc	tupdesc = SPI_tuptable->tupdesc;
-		bool		isnull;
-		int64		object_id = DatumGetInt64(SPI_getbinval(tuple, tupdesc, 1, &isnull));
-		Timestamp	stored_ts = DatumGetTimestamp(SPI_getbinval(tuple, tupdesc, 2, &isnull));
-		Datum		stored_payload = SPI_getbinval(tuple, tupdesc, 3, &isnull);
-		int			lo = 0,
-					hi = n - 1;
-
-		while (lo <= hi)
-		{
-			int			mid = lo + (hi - lo) / 2;
-
-			if (rows[mid].object_id == object_id)
-			{
-				older[mid] = stored_ts > rows[mid].update_ts ||
-					(stored_ts == rows[mid].update_ts && !isnull &&
-					 dwh_jsonb_text_cmp(DatumGetJsonbP(stored_payload),
-										rows[mid].payload) > 0);
-				break;
-			}
-			if (rows[mid].object_id < object_id)
-				lo = mid + 1;
-			else
-				hi = mid - 1;
-		}
-	}
-	for (i = 0; i < n; i++)
-	{
-		if (older[i])
-			superseded[(*n_superseded)++] = rows[i];
-		else
-			rows[kept++] = rows[i];
-	}
-	return kept;
-}
-
 /* The dead letters of one batch, written with a single statement. */
 typedef struct DeadLetters
 {
@@ -413,6 +349,12 @@ typedef struct DeferredDeltas
 
 static DeferredDeltas *deferred = NULL;
 
+/*
+ * True while an ingest writes a batch whose keys it has claimed (steps 1
+ * and 2 of the lock order): the order triggers need not claim them again.
+ */
+static bool keys_claimed = false;
+
 static const char *apply_deferred_sql =
 "WITH p AS (SELECT u, k, sum(d)::integer AS d "
 "           FROM unnest($1::uuid[], $2::uuid[], $3::integer[]) AS x(u, k, d) "
@@ -454,6 +396,20 @@ column_append_array(DwhColumn *col, ArrayType *arr, int *capacity)
 	for (i = 0; i < n; i++)
 		dwh_column_add(col, nulls[i] ? (Datum) 0 : datumCopy(values[i], typbyval, typlen),
 				   nulls[i]);
+}
+
+PG_FUNCTION_INFO_V1(dwh_keys_claimed);
+
+/*
+ * dwh.keys_claimed() returns boolean
+ *
+ * Has the running ingest claimed the keys of the versions that the calling
+ * trigger is writing?  False for any other writer.
+ */
+Datum
+dwh_keys_claimed(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(keys_claimed);
 }
 
 PG_FUNCTION_INFO_V1(dwh_defer_mart_deltas);
@@ -516,22 +472,210 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(true);
 }
 
-/*
- * Run the order upsert of rows[0..n-1] (args) with the triggers' mart
- * deltas deferred.
- */
-static int
-upsert_orders_deferred(Datum *args, OrderRow *rows, int n)
+/* Arguments of the claim, for claim_in_subtransaction. */
+typedef struct ClaimCall
 {
-	DeferredDeltas d;
+	Datum		args[3];
+} ClaimCall;
+
+static void
+claim_call(void *arg)
+{
+	ClaimCall  *c = (ClaimCall *) arg;
+
+	if (SPI_execute_plan(claim_plan, c->args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not claim the keys of the batch");
+}
+
+/*
+ * Steps 1 and 2 of the lock order for every version of the batch
+ * (rows[0..n-1] and more[0..n_more-1]).  The dictionary lock is taken shared unless the batch
+ * renames a dish; if a concurrent batch renamed one meanwhile (40001),
+ * the claim is rolled back, locks included, and taken again exclusive.
+ */
+static void
+claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more)
+{
+	DwhColumn	payloads,
+				versions;
+	ClaimCall	call;
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	int			i;
+
+	dwh_column_init(&payloads, JSONBOID, n + n_more);
+	dwh_column_init(&versions, TIMESTAMPOID, n + n_more);
+	for (i = 0; i < n + n_more; i++)
+	{
+		OrderRow   *row = i < n ? &rows[i] : &more[i - n];
+
+		dwh_column_add(&payloads, JsonbPGetDatum(row->payload), false);
+		dwh_column_add(&versions, TimestampGetDatum(row->update_ts), false);
+	}
+	call.args[0] = dwh_column_array(&payloads);
+	call.args[1] = dwh_column_array(&versions);
+	call.args[2] = BoolGetDatum(false);
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		claim_call(&call);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (edata->sqlerrcode != ERRCODE_T_R_SERIALIZATION_FAILURE)
+			ReThrowError(edata);
+		FreeErrorData(edata);
+		call.args[2] = BoolGetDatum(true);
+		claim_call(&call);
+	}
+	PG_END_TRY();
+}
+
+/* Binary search of object_id in the sorted ids[0..n-1]. */
+static bool
+id_in(int64 object_id, const int64 *ids, int n)
+{
+	int			lo = 0;
+	int			hi = n - 1;
+
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+
+		if (ids[mid] == object_id)
+			return true;
+		if (ids[mid] < object_id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return false;
+}
+
+static int
+compare_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+/*
+ * Keep rows[0..n-1] in the history table (step 4 of the lock order: every
+ * order of the batch has its stg.order_events row locked by now).
+ */
+static void
+keep_superseded(OrderRow *rows, int n)
+{
+	DwhColumn	ids,
+				versions,
+				payloads,
+				sent;
+	Datum		args[4];
+	int			i;
+
+	if (n == 0)
+		return;
+	dwh_column_init(&ids, INT8OID, n);
+	dwh_column_init(&versions, TIMESTAMPOID, n);
+	dwh_column_init(&payloads, JSONBOID, n);
+	dwh_column_init(&sent, TIMESTAMPOID, n);
+	for (i = 0; i < n; i++)
+	{
+		dwh_column_add(&ids, Int64GetDatum(rows[i].object_id), false);
+		dwh_column_add(&versions, TimestampGetDatum(rows[i].update_ts), false);
+		dwh_column_add(&payloads, JsonbPGetDatum(rows[i].payload), false);
+		dwh_column_add(&sent, TimestampGetDatum(rows[i].sent_dttm), false);
+	}
+	args[0] = dwh_column_array(&ids);
+	args[1] = dwh_column_array(&versions);
+	args[2] = dwh_column_array(&payloads);
+	args[3] = dwh_column_array(&sent);
+	if (SPI_execute_plan(insert_history_plan, args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not keep superseded orders");
+}
+
+/*
+ * Run the upsert of rows[0..n-1] (args), the mart deltas of its triggers
+ * going to d.
+ */
+static void
+run_upsert(Datum *args, OrderRow *rows, int n, DeferredDeltas *d)
+{
 	DeferredDeltas *outer_deferred = deferred;
 	OrderRow   *outer_upserting = upserting;
 	int			outer_n_upserting = n_upserting;
-	int			rc;
+
+	deferred = d;
+	upserting = rows;
+	n_upserting = n;
+	PG_TRY();
+	{
+		int			rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
+
+		if (rc != SPI_OK_INSERT_RETURNING)
+			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
+	}
+	PG_FINALLY();
+	{
+		/* An ingest run by a trigger of another one gives the outer's back. */
+		deferred = outer_deferred;
+		upserting = outer_upserting;
+		n_upserting = outer_n_upserting;
+	}
+	PG_END_TRY();
+}
+
+/*
+ * Steps 3 to 5 of the lock order: upsert rows[0..n-1] (the newest version
+ * of each order of the batch) with the triggers' mart deltas deferred, keep
+ * the versions that are not current (superseded[0..n_superseded-1] and the
+ * rows older than the stored version) in the history table, then apply the
+ * mart deltas in one sorted pass.  Returns how many rows were stored.
+ */
+static uint64
+upsert_orders_deferred(OrderRow *rows, int n, OrderRow *superseded,
+					   int n_superseded)
+{
+	DeferredDeltas d;
 	Oid			types[6] = {UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID,
 	UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID};
 	Datum		apply_args[6];
+	Datum		args[3];
+	DwhColumn	o_id,
+				o_sent,
+				o_payload;
 	uint64		processed;
+	int64	   *stored;
+	uint64		r;
+	int			i;
+
+	dwh_column_init(&o_id, INT8OID, n);
+	dwh_column_init(&o_sent, TIMESTAMPOID, n);
+	dwh_column_init(&o_payload, JSONBOID, n);
+	for (i = 0; i < n; i++)
+	{
+		dwh_column_add(&o_id, Int64GetDatum(rows[i].object_id), false);
+		dwh_column_add(&o_sent, TimestampGetDatum(rows[i].sent_dttm), false);
+		dwh_column_add(&o_payload, JsonbPGetDatum(rows[i].payload), false);
+	}
+	args[0] = dwh_column_array(&o_id);
+	args[1] = dwh_column_array(&o_sent);
+	args[2] = dwh_column_array(&o_payload);
 
 	d.context = CurrentMemoryContext;
 	d.calls = 0;
@@ -542,22 +686,23 @@ upsert_orders_deferred(Datum *args, OrderRow *rows, int n)
 	dwh_column_init(&d.categories, UUIDOID, 1);
 	dwh_column_init(&d.category_deltas, INT4OID, 1);
 
-	deferred = &d;
-	upserting = rows;
-	n_upserting = n;
-	PG_TRY();
-	{
-		rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
-	}
-	PG_FINALLY();
-	{
-		/* An ingest run by a trigger of another one gives the outer's back. */
-		deferred = outer_deferred;
-		upserting = outer_upserting;
-		n_upserting = outer_n_upserting;
-	}
-	PG_END_TRY();
+	run_upsert(args, rows, n, &d);
 	processed = SPI_processed;
+
+	/* The rows not stored are not current: into the history with the rest. */
+	stored = palloc(sizeof(int64) * Max(processed, 1));
+	for (r = 0; r < processed; r++)
+	{
+		bool		isnull;
+
+		stored[r] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
+												SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	qsort(stored, processed, sizeof(int64), compare_int64);
+	for (i = 0; i < n; i++)
+		if (!id_in(rows[i].object_id, stored, processed))
+			superseded[n_superseded++] = rows[i];
+	keep_superseded(superseded, n_superseded);
 
 	if (d.calls == 1)
 	{
@@ -584,8 +729,29 @@ upsert_orders_deferred(Datum *args, OrderRow *rows, int n)
 		if (SPI_execute_plan(apply_deferred_plan, apply_args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not apply the mart deltas");
 	}
-	SPI_processed = processed;
-	return rc;
+	return processed;
+}
+
+/*
+ * upsert_orders_deferred, the batch's keys being claimed: the order
+ * triggers skip their own claim (dwh.keys_claimed()).
+ */
+static uint64
+upsert_claimed(OrderRow *rows, int n, OrderRow *superseded, int n_superseded)
+{
+	volatile uint64 stored = 0;
+
+	keys_claimed = true;
+	PG_TRY();
+	{
+		stored = upsert_orders_deferred(rows, n, superseded, n_superseded);
+	}
+	PG_FINALLY();
+	{
+		keys_claimed = false;
+	}
+	PG_END_TRY();
+	return stored;
 }
 
 /*
@@ -666,63 +832,18 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 
 	if (n_orders > 0)
 	{
-		DwhColumn	o_id,
-					o_ts,
-					o_sent,
-					o_payload;
-		Datum		args[4];
+		/* Room for every version: the stored rows' elders join them. */
 		OrderRow   *superseded = palloc(sizeof(OrderRow) * n_orders);
 		int			n_superseded;
 		int			kept = newest_orders(orders, n_orders, superseded,
 										 &n_superseded);
+		uint64		stored;
 
-		kept = drop_older_than_stored(orders, kept, superseded, &n_superseded);
-
-		dwh_column_init(&o_id, INT8OID, kept);
-		dwh_column_init(&o_sent, TIMESTAMPOID, kept);
-		dwh_column_init(&o_payload, JSONBOID, kept);
-		for (i = 0; i < kept; i++)
-		{
-			dwh_column_add(&o_id, Int64GetDatum(orders[i].object_id), false);
-			dwh_column_add(&o_sent, TimestampGetDatum(orders[i].sent_dttm), false);
-			dwh_column_add(&o_payload, JsonbPGetDatum(orders[i].payload), false);
-		}
-		args[0] = dwh_column_array(&o_id);
-		args[1] = dwh_column_array(&o_sent);
-		args[2] = dwh_column_array(&o_payload);
-		if (kept > 0)
-		{
-			rc = upsert_orders_deferred(args, orders, kept);
-			if (rc != SPI_OK_INSERT)
-				elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
-			result->applied += SPI_processed;
-			result->unchanged += kept - SPI_processed;
-		}
-
-		if (n_superseded > 0)
-		{
-			dwh_column_init(&o_id, INT8OID, n_superseded);
-			dwh_column_init(&o_ts, TIMESTAMPOID, n_superseded);
-			dwh_column_init(&o_payload, JSONBOID, n_superseded);
-			dwh_column_init(&o_sent, TIMESTAMPOID, n_superseded);
-			for (i = 0; i < n_superseded; i++)
-			{
-				dwh_column_add(&o_id, Int64GetDatum(superseded[i].object_id), false);
-				dwh_column_add(&o_ts, TimestampGetDatum(superseded[i].update_ts), false);
-				dwh_column_add(&o_payload, JsonbPGetDatum(superseded[i].payload), false);
-				dwh_column_add(&o_sent, TimestampGetDatum(superseded[i].sent_dttm), false);
-			}
-			args[0] = dwh_column_array(&o_id);
-			args[1] = dwh_column_array(&o_ts);
-			args[2] = dwh_column_array(&o_payload);
-			args[3] = dwh_column_array(&o_sent);
-			rc = SPI_execute_plan(insert_history_plan, args, NULL, false, 0);
-			if (rc != SPI_OK_INSERT)
-				elog(ERROR, "could not store superseded orders: %s",
-					 SPI_result_code_string(rc));
-		}
-		/* Not current: kept in the history, counted as unchanged. */
-		result->unchanged += n_orders - kept;
+		claim_keys(orders, kept, superseded, n_superseded);
+		stored = upsert_claimed(orders, kept, superseded, n_superseded);
+		result->applied += stored;
+		/* Not current: kept in the history (or the stored one again). */
+		result->unchanged += n_orders - stored;
 	}
 	if (x_id.n > 0)
 	{
@@ -841,6 +962,72 @@ ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
 }
 
 /*
+ * Run ingest_messages for one item in a subtransaction that is rolled back
+ * even when it succeeds.  Returns its error when the error is about the
+ * data; NULL when it went through; any other error is raised again.
+ */
+static ErrorData *
+trial_in_subtransaction(DwhIngestItem *item, const char *source,
+						const char *topic)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+	DwhIngestResult ignored = {0};
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		ingest_messages(item, 1, source, topic, &ignored);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(oldcontext);
+	CurrentResourceOwner = oldowner;
+	if (edata != NULL && !dwh_error_is_about_data(edata))
+		ReThrowError(edata);
+	return edata;
+}
+
+/*
+ * Apply items[0..n-1] one by one, each in its own subtransaction; the ones
+ * that fail go to dl.
+ */
+static void
+ingest_one_by_one(DwhIngestItem *items, int n, const char *source,
+				  const char *topic, DeadLetters *dl, DwhIngestResult *result)
+{
+	int			i;
+
+	memset(result, 0, sizeof(DwhIngestResult));
+	for (i = 0; i < n; i++)
+	{
+		DwhIngestResult one = {0};
+		ErrorData  *edata;
+
+		CHECK_FOR_INTERRUPTS();
+		edata = ingest_in_subtransaction(&items[i], 1, source, topic, &one);
+		if (edata != NULL)
+		{
+			dead_letters_add(dl, &items[i], edata->sqlerrcode, edata->message);
+			FreeErrorData(edata);
+			continue;
+		}
+		result->applied += one.applied;
+		result->unchanged += one.unchanged;
+		result->other_type += one.other_type;
+		result->dead_lettered += one.dead_lettered;
+	}
+}
+
+/*
  * dwh_ingest_batch
  *		Ingest n raw messages in the current transaction.  source names the
  *		origin for dead letters ('kafka', 'sql'); topic may be NULL.
@@ -865,33 +1052,42 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 	if (edata != NULL)
 	{
 		DeadLetters dl;
+		DwhIngestItem *good = palloc(sizeof(DwhIngestItem) * n);
+		int			n_good = 0;
 
-		/* Isolate the culprits: one subtransaction per message. */
-		memset(result, 0, sizeof(DwhIngestResult));
-		result->received = n;
+		/*
+		 * Find the culprits: each message alone, in a subtransaction rolled
+		 * back whatever happens.  Then the others go in as one batch again,
+		 * which takes its locks in one pass (messages applied one by one
+		 * would lock mart rows in several).  A lone message has just failed
+		 * on its own: no second try.
+		 */
 		dead_letters_init(&dl, n);
 		for (i = 0; i < n; i++)
 		{
-			DwhIngestResult one = {0};
-
 			CHECK_FOR_INTERRUPTS();
-			/* A lone message has just failed on its own: no second try. */
 			if (n > 1)
-				edata = ingest_in_subtransaction(&items[i], 1, source, topic,
-												 &one);
+				edata = trial_in_subtransaction(&items[i], source, topic);
 			if (edata != NULL)
 			{
 				dead_letters_add(&dl, &items[i], edata->sqlerrcode,
 								 edata->message);
-				result->dead_lettered++;
 				FreeErrorData(edata);
-				continue;
 			}
-			result->applied += one.applied;
-			result->unchanged += one.unchanged;
-			result->other_type += one.other_type;
-			result->dead_lettered += one.dead_lettered;
+			else
+				good[n_good++] = items[i];
 		}
+		memset(result, 0, sizeof(DwhIngestResult));
+		if (n_good > 0)
+			edata = ingest_in_subtransaction(good, n_good, source, topic, result);
+		if (edata != NULL)
+		{
+			/* Good alone, bad together: apply them one by one. */
+			FreeErrorData(edata);
+			ingest_one_by_one(good, n_good, source, topic, &dl, result);
+		}
+		result->received = n;
+		result->dead_lettered += dl.raw.n;
 		dead_letters_write(&dl, source, topic);
 	}
 
