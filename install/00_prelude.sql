@@ -51,3 +51,12 @@ CREATE FUNCTION dwh.dictionary_lock_key() RETURNS bigint
     AS 'SELECT 7238964021746305793::bigint';
 COMMENT ON FUNCTION dwh.dictionary_lock_key() IS
     'Advisory lock key serialising dish category and name changes against order batches';
+
+-- Writers of user values take this one exclusively: the satellite row of
+-- a version time is chosen among the values stored in stg.users and
+-- stg.user_history, so two writers of the same user take turns.
+CREATE FUNCTION dwh.user_lock_key() RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS 'SELECT 7238964021746305794::bigint';
+COMMENT ON FUNCTION dwh.user_lock_key() IS
+    'Advisory lock key serialising writers of user values';

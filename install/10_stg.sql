@@ -61,10 +61,7 @@ CREATE TABLE stg.order_event_history (
         GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
     sent_dttm   timestamp NOT NULL,
     loaded_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (object_id, update_ts, payload_md5),
-    -- A superseded version has a current one; the key also makes pg_dump
-    -- restore this table after stg.order_events, even in parallel.
-    FOREIGN KEY (object_id) REFERENCES stg.order_events (object_id)
+    PRIMARY KEY (object_id, update_ts, payload_md5)
 );
 COMMENT ON TABLE stg.order_event_history IS 'Every version of an order received other than its current one (older, or losing a tie on update_ts), once';
 COMMENT ON COLUMN stg.order_event_history.object_id IS 'Order id (message object_id)';
@@ -133,8 +130,7 @@ CREATE TABLE stg.user_history (
     payload_md5 uuid NOT NULL
         GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
     loaded_at   timestamptz NOT NULL DEFAULT now(),
-    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5),
-    FOREIGN KEY (object_id) REFERENCES stg.users (object_id)
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
 );
 COMMENT ON TABLE stg.user_history IS 'User values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
 COMMENT ON COLUMN stg.user_history.object_id IS 'Redis key';
@@ -172,8 +168,7 @@ CREATE TABLE stg.restaurant_history (
     payload_md5 uuid NOT NULL
         GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
     loaded_at   timestamptz NOT NULL DEFAULT now(),
-    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5),
-    FOREIGN KEY (object_id) REFERENCES stg.restaurants (object_id)
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
 );
 COMMENT ON TABLE stg.restaurant_history IS 'Restaurant values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
 COMMENT ON COLUMN stg.restaurant_history.object_id IS 'Redis key';

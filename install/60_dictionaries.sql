@@ -12,8 +12,15 @@
 -- superseded.
 CREATE FUNCTION dwh.load_user_versions(keys text[], versions timestamp[])
     RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
+    IF keys IS NULL THEN
+        RETURN;
+    END IF;
+    -- The winners below are read after this lock: see dwh.user_lock_key().
+    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+
     WITH touched AS MATERIALIZED (
         SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
         FROM unnest(keys, versions) AS t(k, v)
@@ -51,6 +58,7 @@ AS $fn$
     SET username = EXCLUDED.username, userlogin = EXCLUDED.userlogin,
         hk_user_names_hashdiff = EXCLUDED.hk_user_names_hashdiff
     WHERE (s.username, s.userlogin) IS DISTINCT FROM (EXCLUDED.username, EXCLUDED.userlogin);
+END
 $fn$;
 COMMENT ON FUNCTION dwh.load_user_versions(text[], timestamp[]) IS
     'Load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
