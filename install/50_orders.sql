@@ -325,8 +325,8 @@ BEGIN
 
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)
-    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM dds.h_order h
-                                        WHERE h.order_id = ANY (object_ids)) THEN
+    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
+                                        JOIN dds.h_order h ON h.order_id = c.object_id) THEN
         d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
         d := dwh.load_known_orders(object_ids, versions, payloads);

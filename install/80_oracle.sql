@@ -234,13 +234,92 @@ $fn$;
 COMMENT ON FUNCTION dwh.verify() IS
     'Differences between the marts and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
 
-CREATE FUNCTION dwh.rebuild(OUT mart text, OUT rows_changed bigint)
+-- DDS and the marts recomputed from every version in STG, through the
+-- same loaders as the triggers, orders by chunks of object_id.  Writers of
+-- STG wait meanwhile; readers go on until the final truncation.
+CREATE FUNCTION dwh.rebuild_vault(chunk integer DEFAULT 10000)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    bounds record;
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+    d record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+    LOCK TABLE stg.order_events, stg.order_event_history, stg.users,
+               stg.user_history, stg.restaurants, stg.restaurant_history
+        IN SHARE MODE;
+    TRUNCATE dds.h_user, dds.h_product, dds.h_category, dds.h_restaurant,
+             dds.h_order, dds.l_order_user, dds.l_order_product,
+             dds.l_product_restaurant, dds.l_product_category,
+             dds.s_user_names, dds.s_product_names, dds.s_restaurant_names,
+             dds.s_order_cost, dds.s_order_status,
+             cdm.user_product_counters, cdm.user_category_counters;
+
+    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(version))
+    FROM dwh.user_versions;
+    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(version),
+                                         array_agg(payload))
+    FROM dwh.restaurant_versions;
+
+    FOR bounds IN
+        SELECT min(object_id) AS lo, max(object_id) AS hi
+        FROM (SELECT object_id, (row_number() OVER (ORDER BY object_id) - 1) / chunk AS g
+              FROM stg.order_events) x
+        GROUP BY g ORDER BY g
+    LOOP
+        PERFORM dwh.claim_order_keys(array_agg(payload), array_agg(update_ts), true)
+        FROM dwh.order_versions
+        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
+
+        PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
+                                           array_agg(payload))
+        FROM stg.order_event_history
+        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
+
+        SELECT array_agg(object_id), array_agg(update_ts), array_agg(payload)
+        INTO object_ids, versions, payloads
+        FROM stg.order_events
+        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
+        d := dwh.load_new_orders(object_ids, versions, payloads);
+        PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
+                                      d.category_users, d.categories, d.category_deltas);
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.rebuild_vault(integer) IS
+    'Internal: truncate DDS and the marts and load them again from every version in STG';
+
+CREATE FUNCTION dwh.rebuild(vault boolean DEFAULT false,
+                            OUT mart text, OUT rows_changed bigint)
     RETURNS SETOF record
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    vault_differences bigint;
 BEGIN
     -- No order batch or dictionary change runs meanwhile; readers go on.
     PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+
+    SELECT count(*) INTO vault_differences FROM dwh.verify_vault();
+    IF vault THEN
+        IF vault_differences > 0 THEN
+            PERFORM dwh.rebuild_vault();
+        END IF;
+        mart := 'dds';
+        rows_changed := vault_differences;
+        RETURN NEXT;
+    ELSIF vault_differences > 0 THEN
+        RAISE NOTICE 'DDS differs from what STG implies in % rows; not repaired',
+            vault_differences
+            USING DETAIL = 'SELECT * FROM dwh.verify_vault() lists them. The marts are repaired against DDS as it is.',
+                  HINT = 'SELECT * FROM dwh.rebuild(vault => true) recomputes DDS and the marts from STG; rows that STG does not imply are dropped.';
+    END IF;
+
     LOCK TABLE cdm.user_product_counters, cdm.user_category_counters
         IN SHARE ROW EXCLUSIVE MODE;
 
@@ -289,6 +368,6 @@ BEGIN
     RETURN NEXT;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.rebuild() IS
-    'Make both marts equal to their recomputation from DDS; returns the rows changed per mart';
+COMMENT ON FUNCTION dwh.rebuild(boolean) IS
+    'Make both marts equal to their recomputation from DDS (with vault => true, DDS first recomputed from STG); returns the rows changed per mart';
 

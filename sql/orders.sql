@@ -115,3 +115,17 @@ FROM dwh.verify() v LEFT JOIN dds.h_user u ON u.h_user_pk = v.user_id
 ORDER BY 1, 2, 3, 4;
 SELECT * FROM dwh.rebuild();
 SELECT * FROM t.check();
+
+-- Damage to DDS itself: verify() names the table, the business key and
+-- both values; rebuild() repairs the marts and says DDS was left as is;
+-- rebuild(vault => true) recomputes DDS and the marts from STG.
+DELETE FROM dds.s_order_status WHERE h_order_pk = dwh.hash_key('10');
+UPDATE dds.s_product_names SET name = 'Шурпа?' WHERE name = 'Шурпа';
+INSERT INTO dds.h_category (h_category_pk, category_name, load_dt, load_src)
+VALUES (dwh.hash_key('Ничья'), 'Ничья', now(), 'by hand');
+SELECT mart, expected_name, actual_name FROM dwh.verify() ORDER BY 1, 2, 3;
+SELECT * FROM dwh.rebuild();
+SELECT count(*) AS vault_differences FROM dwh.verify_vault();
+SELECT * FROM dwh.rebuild(vault => true);
+SELECT * FROM t.check();
+SELECT * FROM t.products ORDER BY 1, 2;
