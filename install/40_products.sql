@@ -1,49 +1,40 @@
--- Dishes are named by orders and by menus.  Every version names its dishes
--- at its own time (an order's update_ts, a menu's update_ts_utc); the
--- satellite keeps one row per dish and time, with the greatest name named
--- then (byte-wise), so that it is a function of the versions received and
--- not of their arrival.  A dish's current name is its newest row's.
+-- Dishes are named by menus and by orders (docs/data-rule.md).  The name
+-- satellite keeps one row per dish and time at which a menu version names
+-- it, and one row at the time of its newest naming by an order (the
+-- greatest (update_ts, name) over every order version's items), each with
+-- the greatest name named at its time (byte-wise).  Orders name dishes in
+-- every batch: one row per order item would cost a row per item, so only
+-- the newest naming is kept, and it moves forward.  A dish's current name
+-- is its newest row's.
 
-CREATE FUNCTION dwh.load_products(ids text[], names text[], versions timestamp[],
-                                  source text)
+-- Menu namings: dish hubs and one satellite row per dish and menu time.
+-- A row that is also the newest order naming's keeps its load_src.
+-- Returns the dishes whose current name changed.
+CREATE FUNCTION dwh.load_menu_namings(ids text[], names text[], versions timestamp[])
     RETURNS uuid[]
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     renamed uuid[];
 BEGIN
-    -- A batch names each dish many times: keys and hashdiffs are computed
-    -- once per dish and once per (dish, name).
     WITH naming AS MATERIALIZED (
         SELECT DISTINCT ON (n.product_id, n.load_dt)
-               n.product_id, n.name, n.load_dt
+               dwh.hash_key(n.product_id) AS h_product_pk, n.product_id, n.name, n.load_dt
         FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
         ORDER BY n.product_id, n.load_dt, n.name COLLATE "C" DESC
     ),
-    dish AS MATERIALIZED (
-        SELECT product_id, dwh.hash_key(product_id) AS h_product_pk
-        FROM naming
-        GROUP BY product_id
-    ),
-    named AS MATERIALIZED (
-        SELECT d.h_product_pk, d.product_id, n.name,
-               dwh.hash_key(d.h_product_pk::text || n.name) AS hashdiff
-        FROM (SELECT product_id, name FROM naming GROUP BY 1, 2) n
-        JOIN dish d USING (product_id)
-    ),
     hub AS (
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-        SELECT h_product_pk, product_id, now(), source
-        FROM dish
-        ORDER BY h_product_pk
+        SELECT DISTINCT h_product_pk, product_id, now(), 'stg.restaurants'
+        FROM naming
+        ORDER BY 1
         ON CONFLICT DO NOTHING
     ),
     newest AS MATERIALIZED (
-        SELECT DISTINCT ON (n.product_id) d.h_product_pk, n.name, n.load_dt
-        FROM naming n JOIN dish d USING (product_id)
-        ORDER BY n.product_id, n.load_dt DESC, n.name COLLATE "C" DESC
+        SELECT DISTINCT ON (h_product_pk) h_product_pk, name, load_dt
+        FROM naming
+        ORDER BY h_product_pk, load_dt DESC, name COLLATE "C" DESC
     ),
-    -- Each dish's current name before this statement.
     before AS MATERIALIZED (
         SELECT n.h_product_pk, n.name, n.load_dt,
                cur.name AS cur_name, cur.load_dt AS cur_load_dt
@@ -54,37 +45,159 @@ BEGIN
             WHERE s.h_product_pk = n.h_product_pk
             ORDER BY s.load_dt DESC LIMIT 1) cur ON true
     ),
-    -- Only namings that add to what is stored: a row that already holds
-    -- this name (or a greater one) at this time is not even locked.
     satellite AS (
         INSERT INTO dds.s_product_names AS s
                (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
-        SELECT m.h_product_pk, n.name, m.hashdiff, n.load_dt, source
-        FROM naming n
-        JOIN named m USING (product_id, name)
-        WHERE NOT EXISTS (
-            SELECT FROM dds.s_product_names p
-            WHERE p.h_product_pk = m.h_product_pk AND p.load_dt = n.load_dt
-              AND (p.name COLLATE "C", p.load_src COLLATE "C") >= (n.name, source))
-        ORDER BY m.h_product_pk, n.load_dt
+        SELECT h_product_pk, name, dwh.hash_key(h_product_pk::text || name), load_dt,
+               'stg.restaurants'
+        FROM naming
+        ORDER BY h_product_pk, load_dt
         ON CONFLICT (h_product_pk, load_dt) DO UPDATE
         SET name = EXCLUDED.name,
-            hk_product_names_hashdiff = EXCLUDED.hk_product_names_hashdiff,
-            load_src = EXCLUDED.load_src
-        WHERE (EXCLUDED.name COLLATE "C", EXCLUDED.load_src COLLATE "C")
-              > (s.name COLLATE "C", s.load_src COLLATE "C")
+            hk_product_names_hashdiff = EXCLUDED.hk_product_names_hashdiff
+        WHERE EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
     )
     SELECT array_agg(h_product_pk) INTO renamed
     FROM before
-    WHERE cur_name IS NOT NULL AND name <> cur_name
-      AND (load_dt > cur_load_dt
-           OR (load_dt = cur_load_dt AND name COLLATE "C" > cur_name COLLATE "C"));
+    WHERE cur_name IS NULL
+       OR (name <> cur_name
+           AND (load_dt > cur_load_dt
+                OR (load_dt = cur_load_dt AND name COLLATE "C" > cur_name COLLATE "C")));
 
     RETURN renamed;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.load_products(text[], text[], timestamp[], text) IS
-    'Load dish hubs and namings (one name satellite row per dish and version time); returns the dishes whose current name changed';
+COMMENT ON FUNCTION dwh.load_menu_namings(text[], text[], timestamp[]) IS
+    'Internal: load dish hubs and the name satellite rows of menu namings; returns the dishes whose current name changed';
+
+-- The greatest name that menus give a dish at a time, if any.
+CREATE FUNCTION dwh.menu_name_at(product_id text, version timestamp)
+    RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT max(e->>'name' COLLATE "C")
+    FROM (SELECT payload FROM stg.restaurants
+          WHERE coalesce(update_ts, '-infinity') = version
+          UNION ALL
+          SELECT payload FROM stg.restaurant_history
+          WHERE coalesce(update_ts, '-infinity') = version) r,
+         jsonb_array_elements(r.payload->'menu') e
+    WHERE e->>'_id' = product_id;
+$fn$;
+COMMENT ON FUNCTION dwh.menu_name_at(text, timestamp) IS
+    'Internal: the greatest name that menu versions of this time give the dish, or null';
+
+-- Step 6 of the lock order, after the marts: the newest naming of each dish
+-- by an order.  Its satellite row is the one with load_src
+-- stg.order_events (one per dish); when a batch names a dish later, the row
+-- moves there, and the menu naming of its old time, if any, gets its row
+-- back.  Under a shared dictionary lock no current name changes (see
+-- dwh.claim_order_keys); under an exclusive one the marts follow.
+CREATE FUNCTION dwh.load_order_namings(product_ids text[], product_names text[],
+                                       name_versions timestamp[])
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    keys uuid[];
+    ids text[];
+    names text[];
+    times timestamp[];
+    old_times timestamp[];
+    old_current text[];
+    renamed uuid[];
+BEGIN
+    IF product_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- The batch's newest naming of each dish (from dwh.claim_order_keys),
+    -- where it is newer than the dish's newest order naming (whose row is
+    -- locked, in key order).
+    WITH naming AS MATERIALIZED (
+        SELECT dwh.hash_key(n.id) AS h_product_pk, n.id, n.name, n.version
+        FROM unnest(product_ids, product_names, name_versions) AS n(id, name, version)
+    ),
+    locked AS MATERIALIZED (
+        SELECT s.h_product_pk, s.name, s.load_dt
+        FROM dds.s_product_names s
+        WHERE s.h_product_pk IN (SELECT h_product_pk FROM naming)
+          AND s.load_src = 'stg.order_events'
+        ORDER BY s.h_product_pk
+        FOR UPDATE
+    )
+    SELECT array_agg(n.h_product_pk), array_agg(n.id), array_agg(n.name),
+           array_agg(n.version), array_agg(l.load_dt), array_agg(cur.name)
+    INTO keys, ids, names, times, old_times, old_current
+    FROM naming n
+    LEFT JOIN locked l USING (h_product_pk)
+    LEFT JOIN LATERAL (
+        SELECT s.name FROM dds.s_product_names s
+        WHERE s.h_product_pk = n.h_product_pk
+        ORDER BY s.load_dt DESC LIMIT 1) cur ON true
+    WHERE l.h_product_pk IS NULL
+       OR n.version > l.load_dt
+       OR (n.version = l.load_dt AND n.name COLLATE "C" > l.name COLLATE "C");
+
+    IF keys IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- The rows left behind: the menu naming of their time, or nothing.
+    WITH old AS (
+        SELECT m.h_product_pk, m.old_time,
+               dwh.menu_name_at(m.product_id, m.old_time) AS menu_name
+        FROM unnest(keys, ids, times, old_times) AS m(h_product_pk, product_id, load_dt, old_time)
+        WHERE m.old_time < m.load_dt
+    ),
+    kept AS (
+        UPDATE dds.s_product_names s
+        SET name = o.menu_name,
+            hk_product_names_hashdiff = dwh.hash_key(s.h_product_pk::text || o.menu_name),
+            load_src = 'stg.restaurants'
+        FROM old o
+        WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
+          AND o.menu_name IS NOT NULL
+    )
+    DELETE FROM dds.s_product_names s
+    USING old o
+    WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
+      AND o.menu_name IS NULL;
+
+    -- The new rows, merged with a menu naming of the same time.
+    INSERT INTO dds.s_product_names AS s
+           (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
+    SELECT m.h_product_pk, m.name, dwh.hash_key(m.h_product_pk::text || m.name),
+           m.load_dt, 'stg.order_events'
+    FROM unnest(keys, names, times) AS m(h_product_pk, name, load_dt)
+    ORDER BY 1
+    ON CONFLICT (h_product_pk, load_dt) DO UPDATE
+    SET name = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+                    THEN EXCLUDED.name ELSE s.name END,
+        hk_product_names_hashdiff = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+                                         THEN EXCLUDED.hk_product_names_hashdiff
+                                         ELSE s.hk_product_names_hashdiff END,
+        load_src = 'stg.order_events';
+
+    SELECT array_agg(m.h_product_pk) INTO renamed
+    FROM unnest(keys, old_current) AS m(h_product_pk, old_name)
+    CROSS JOIN LATERAL (
+        SELECT s.name FROM dds.s_product_names s
+        WHERE s.h_product_pk = m.h_product_pk
+        ORDER BY s.load_dt DESC LIMIT 1) cur
+    WHERE m.old_name IS DISTINCT FROM cur.name;
+    IF renamed IS NOT NULL THEN
+        IF NOT dwh.dictionary_lock_exclusive() THEN
+            RAISE EXCEPTION 'dish names changed while the batch held the dictionary lock shared'
+                USING ERRCODE = '40001',
+                      HINT = 'Retry the statement.';
+        END IF;
+        PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_order_namings(text[], text[], timestamp[]) IS
+    'Internal: move each dish''s newest order naming forward to the newest of these order versions';
 
 -- Mart rows carry the dish name: follow a rename on every row of the dish.
 CREATE FUNCTION dwh.refresh_product_names(products uuid[]) RETURNS void
@@ -104,19 +217,20 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 
 -- Lock order.  Every writer of orders takes its locks in one order, so
 -- that two batches wait for each other but never deadlock:
---   1. the dictionary lock, shared (exclusive when the batch renames a dish;
---      menus always take it exclusive);
---   2. the keys that batches share, each table in one sorted pass: dishes
---      and their namings, restaurants, users, (dish, restaurant) pairs;
+--   1. the dictionary lock, shared (exclusive when the batch renames a dish
+--      or names one for the first time; menus always take it exclusive);
+--   2. the keys that batches share, each table in one sorted pass: dish,
+--      restaurant and user hubs, (dish, restaurant) pairs;
 --   3. the batch's rows of stg.order_events, in object_id order;
 --   4. each order's own vault rows (under its stg.order_events row lock);
---   5. the mart rows, in one sorted pass per mart.
--- Step 2 is dwh.claim_order_keys(), run over every version of the batch
--- before step 3 by dwh.ingest_orders (the order triggers run it again over
--- what the statement wrote: already claimed, it changes nothing).  Any
--- other statement that writes orders takes the dictionary lock exclusive
--- before its first row (dwh.stg_statement_lock), then claims in its
--- triggers.
+--   5. the mart rows, in one sorted pass per mart;
+--   6. the newest order naming of each dish, in key order: rows that every
+--      batch updates, held only from here to commit.
+-- Steps 1 and 2 are dwh.claim_order_keys(), step 6 dwh.load_order_namings(),
+-- both run over every version of the batch by dwh.ingest_orders (the
+-- order triggers run them over what their statement wrote when no ingest
+-- did).  Any other statement that writes orders takes the dictionary lock
+-- exclusive before its first row (dwh.stg_statement_lock).
 
 -- Does loading these namings change the current name of some dish, or
 -- name a dish for the first time?  Read only, before any lock: the current
@@ -146,33 +260,32 @@ COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
     'Internal: would these dish namings change the current name of some dish?';
 
 -- Steps 1 and 2 of the lock order for these order versions: the dictionary
--- lock, dish hubs and namings, restaurant and user hubs, (dish, restaurant)
--- pairs; a rename is carried into the marts at once.  A batch that finds a
--- rename only after taking the lock shared (a concurrent batch changed the
--- names meanwhile) fails with 40001: dwh.ingest_orders retries it with the
--- lock exclusive.
+-- lock, then dish, restaurant and user hubs and (dish, restaurant) pairs.
+-- The namings come at step 6 (dwh.load_order_namings).  A batch that
+-- finds a rename only after taking the lock shared (a concurrent batch
+-- changed the names meanwhile) fails with 40001: dwh.ingest_orders retries
+-- it with the lock exclusive.
 CREATE FUNCTION dwh.claim_order_keys(payloads jsonb[], versions timestamp[],
-                                     exclusive boolean DEFAULT false)
-    RETURNS void
+                                     exclusive boolean DEFAULT false,
+                                     OUT ids text[], OUT names text[],
+                                     OUT item_versions timestamp[])
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    ids text[];
-    names text[];
-    item_versions timestamp[];
-    renamed uuid[];
 BEGIN
     IF payloads IS NULL THEN
         RETURN;
     END IF;
 
-    -- Grouping by hashing: a batch names each dish many times.
+    -- The batch's newest naming of each dish (what step 6 needs too).
+    -- Grouping by hashing first: a batch names each dish many times.
     SELECT array_agg(n.id), array_agg(n.name), array_agg(n.version)
     INTO ids, names, item_versions
-    FROM (SELECT e->>'id' AS id, e->>'name' AS name, v.version
-          FROM unnest(payloads, versions) AS v(payload, version),
-               jsonb_array_elements(v.payload->'order_items') e
-          GROUP BY 1, 2, 3) n;
+    FROM (SELECT DISTINCT ON (n.id) n.id, n.name, n.version
+          FROM (SELECT e->>'id' AS id, e->>'name' AS name, max(v.version) AS version
+                FROM unnest(payloads, versions) AS v(payload, version),
+                     jsonb_array_elements(v.payload->'order_items') e
+                GROUP BY 1, 2) n
+          ORDER BY n.id, n.version DESC, n.name COLLATE "C" DESC) n;
 
     IF NOT exclusive THEN
         exclusive := dwh.namings_rename(ids, names, item_versions);
@@ -183,16 +296,20 @@ BEGIN
         PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
     END IF;
 
-    renamed := dwh.load_products(ids, names, item_versions, 'stg.order_events');
-    IF renamed IS NOT NULL THEN
-        IF NOT exclusive THEN
-            RAISE EXCEPTION 'dish names changed while the batch was waiting'
-                USING ERRCODE = '40001',
-                      DETAIL = 'A concurrent transaction renamed a dish that this batch names too.',
-                      HINT = 'Retry the statement; dwh.ingest_orders retries by itself.';
-        END IF;
-        PERFORM dwh.refresh_product_names(renamed);
+    -- Waiting for the lock, a batch may have seen a concurrent one rename
+    -- a dish it names: then this one must hold the lock exclusive.
+    IF NOT exclusive AND dwh.namings_rename(ids, names, item_versions) THEN
+        RAISE EXCEPTION 'dish names changed while the batch was waiting'
+            USING ERRCODE = '40001',
+                  DETAIL = 'A concurrent transaction renamed a dish that this batch names too.',
+                  HINT = 'Retry the statement; dwh.ingest_orders retries by itself.';
     END IF;
+
+    INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
+    SELECT dwh.hash_key(id), id, now(), 'stg.order_events'
+    FROM (SELECT DISTINCT id FROM unnest(ids) AS i(id)) d
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
 
     WITH version AS MATERIALIZED (
         SELECT v.payload->'restaurant'->>'id' AS restaurant_id,
@@ -233,7 +350,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
-    'Internal: take the dictionary lock and load the keys that order batches share (dishes, namings, restaurants, users, dish-restaurant pairs), in the one lock order';
+    'Internal: take the dictionary lock and load the keys that order batches share (dishes, restaurants, users, dish-restaurant pairs), in the one lock order; returns the batch''s newest naming of each dish';
 
 -- Apply per-key count deltas to the marts.  Rows are written in key order
 -- so that concurrent batches never deadlock; when some counts go down, the

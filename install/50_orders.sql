@@ -310,6 +310,7 @@ DECLARE
     object_ids bigint[];
     versions timestamp[];
     payloads jsonb[];
+    named record;
     d record;
 BEGIN
     SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
@@ -320,7 +321,7 @@ BEGIN
     END IF;
 
     IF NOT dwh.keys_claimed() THEN
-        PERFORM dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
+        named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
 
     -- Orders DDS does not hold yet take the shorter path.  (A restore
@@ -348,6 +349,10 @@ BEGIN
                                  d.category_users, d.categories, d.category_deltas) THEN
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
                                       d.category_users, d.categories, d.category_deltas);
+    END IF;
+
+    IF NOT dwh.keys_claimed() THEN
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
     END IF;
 
     RETURN NULL;
@@ -459,15 +464,20 @@ DECLARE
     object_ids bigint[];
     versions timestamp[];
     payloads jsonb[];
+    named record;
 BEGIN
     SELECT array_agg(a.object_id), array_agg(a.update_ts), array_agg(a.payload)
     INTO object_ids, versions, payloads
     FROM added a;
     IF object_ids IS NOT NULL THEN
         IF NOT dwh.keys_claimed() THEN
-            PERFORM dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
+            named := dwh.claim_order_keys(payloads, versions,
+                                          dwh.dictionary_lock_exclusive());
         END IF;
         PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
+        IF NOT dwh.keys_claimed() THEN
+            PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
+        END IF;
     END IF;
     RETURN NULL;
 END

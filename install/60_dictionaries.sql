@@ -248,10 +248,8 @@ BEGIN
     WHERE s.name IS DISTINCT FROM EXCLUDED.name;
 
     -- Menu entries with an empty _id name no dish and are skipped.
-    SELECT dwh.load_products(array_agg(e->>'_id'),
-                             array_agg(e->>'name'),
-                             array_agg(coalesce(r.v, '-infinity')),
-                             'stg.restaurants')
+    SELECT dwh.load_menu_namings(array_agg(e->>'_id'), array_agg(e->>'name'),
+                                 array_agg(coalesce(r.v, '-infinity')))
     INTO renamed
     FROM unnest(keys, versions, payloads) AS r(k, v, p),
          jsonb_array_elements(r.p->'menu') e

@@ -142,14 +142,18 @@ AS $fn$
             FROM dwh.restaurant_versions
             ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
         UNION ALL
-        SELECT * FROM (
-            SELECT DISTINCT ON (product_id, version) 'dds.s_product_names',
-                   product_id || ' @ ' || version::text, name || ' / ' || src
-            FROM (SELECT product_id, update_ts AS version, name, 'stg.order_events' AS src
-                  FROM order_item
-                  UNION ALL
-                  SELECT product_id, version, name, 'stg.restaurants' FROM menu_entry) n
-            ORDER BY product_id, version, name COLLATE "C" DESC, src COLLATE "C" DESC) x
+        SELECT 'dds.s_product_names', coalesce(m.product_id, o.product_id) || ' @ '
+               || coalesce(m.version, o.version)::text,
+               CASE WHEN o.name IS NULL OR m.name COLLATE "C" > o.name COLLATE "C"
+                    THEN m.name ELSE o.name END
+               || ' / ' || CASE WHEN o.name IS NULL THEN 'stg.restaurants'
+                                ELSE 'stg.order_events' END
+        FROM (SELECT product_id, version, max(name COLLATE "C") AS name
+              FROM menu_entry GROUP BY 1, 2) m
+        FULL JOIN (SELECT DISTINCT ON (product_id) product_id, update_ts AS version, name
+                   FROM order_item
+                   ORDER BY product_id, update_ts DESC, name COLLATE "C" DESC) o
+          ON o.product_id = m.product_id AND o.version = m.version
     ),
     actual AS (
         SELECT 'dds.h_order' AS t, order_id::text AS k, order_dt::text AS v FROM dds.h_order
@@ -246,6 +250,7 @@ DECLARE
     object_ids bigint[];
     versions timestamp[];
     payloads jsonb[];
+    named record;
     d record;
 BEGIN
     PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
@@ -272,9 +277,11 @@ BEGIN
               FROM stg.order_events) x
         GROUP BY g ORDER BY g
     LOOP
-        PERFORM dwh.claim_order_keys(array_agg(payload), array_agg(update_ts), true)
-        FROM dwh.order_versions
-        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
+        SELECT c.* INTO named
+        FROM (SELECT array_agg(payload) AS p, array_agg(update_ts) AS v
+              FROM dwh.order_versions
+              WHERE object_id BETWEEN bounds.lo AND bounds.hi) x,
+             dwh.claim_order_keys(x.p, x.v, true) c;
 
         PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
                                            array_agg(payload))
@@ -288,6 +295,8 @@ BEGIN
         d := dwh.load_new_orders(object_ids, versions, payloads);
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
                                       d.category_users, d.categories, d.category_deltas);
+
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
     END LOOP;
 END
 $fn$;

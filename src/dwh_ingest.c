@@ -44,6 +44,7 @@ static SPIPlanPtr apply_deferred_plan = NULL;
 static SPIPlanPtr apply_direct_plan = NULL;
 static SPIPlanPtr insert_history_plan = NULL;
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr namings_plan = NULL;
 
 /*
  * The orders come one row per object_id, in object_id order (parallel
@@ -102,7 +103,11 @@ static const char *insert_history_sql =
  * lock and the keys that batches share, for every version of the batch.
  */
 static const char *claim_sql =
-"SELECT dwh.claim_order_keys($1::jsonb[], $2::timestamp[], $3)";
+"SELECT ids, names, item_versions FROM dwh.claim_order_keys($1::jsonb[], $2::timestamp[], $3)";
+
+/* Step 6: the newest order naming of each dish, after the marts. */
+static const char *namings_sql =
+"SELECT dwh.load_order_namings($1::text[], $2::text[], $3::timestamp[])";
 
 static void
 prepare_plans(void)
@@ -139,6 +144,12 @@ prepare_plans(void)
 		Oid			types[3] = {JSONBARRAYOID, TIMESTAMPARRAYOID, BOOLOID};
 
 		claim_plan = dwh_prepare_kept(claim_sql, 3, types);
+	}
+	if (namings_plan == NULL)
+	{
+		Oid			types[3] = {TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPARRAYOID};
+
+		namings_plan = dwh_prepare_kept(namings_sql, 3, types);
 	}
 }
 
@@ -472,33 +483,47 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(true);
 }
 
-/* Arguments of the claim, for claim_in_subtransaction. */
+/* Arguments and result of the claim. */
 typedef struct ClaimCall
 {
 	Datum		args[3];
+	Datum		namings[3];		/* the batch's newest naming of each dish */
+	bool		namings_null[3];
 } ClaimCall;
 
 static void
-claim_call(void *arg)
+claim_call(ClaimCall *c)
 {
-	ClaimCall  *c = (ClaimCall *) arg;
+	MemoryContext caller = CurrentMemoryContext;
+	int			i;
 
-	if (SPI_execute_plan(claim_plan, c->args, NULL, false, 0) != SPI_OK_SELECT)
+	if (SPI_execute_plan(claim_plan, c->args, NULL, false, 0) != SPI_OK_SELECT ||
+		SPI_processed != 1)
 		elog(ERROR, "could not claim the keys of the batch");
+	for (i = 0; i < 3; i++)
+	{
+		Datum		value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+										  i + 1, &c->namings_null[i]);
+
+		/* Out of SPI's memory: the upsert comes before they are used. */
+		MemoryContextSwitchTo(caller);
+		c->namings[i] = c->namings_null[i] ? (Datum) 0 :
+			PointerGetDatum(PG_DETOAST_DATUM_COPY(value));
+	}
 }
 
 /*
  * Steps 1 and 2 of the lock order for every version of the batch
- * (rows[0..n-1] and more[0..n_more-1]).  The dictionary lock is taken shared unless the batch
+ * (rows[0..n-1] and more[0..n_more-1]); call receives the batch's newest
+ * naming of each dish, for step 6.  The dictionary lock is taken shared unless the batch
  * renames a dish; if a concurrent batch renamed one meanwhile (40001),
  * the claim is rolled back, locks included, and taken again exclusive.
  */
 static void
-claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more)
+claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more, ClaimCall *call)
 {
 	DwhColumn	payloads,
 				versions;
-	ClaimCall	call;
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
 	int			i;
@@ -512,15 +537,15 @@ claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more)
 		dwh_column_add(&payloads, JsonbPGetDatum(row->payload), false);
 		dwh_column_add(&versions, TimestampGetDatum(row->update_ts), false);
 	}
-	call.args[0] = dwh_column_array(&payloads);
-	call.args[1] = dwh_column_array(&versions);
-	call.args[2] = BoolGetDatum(false);
+	call->args[0] = dwh_column_array(&payloads);
+	call->args[1] = dwh_column_array(&versions);
+	call->args[2] = BoolGetDatum(false);
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcontext);
 	PG_TRY();
 	{
-		claim_call(&call);
+		claim_call(call);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -538,8 +563,8 @@ claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more)
 		if (edata->sqlerrcode != ERRCODE_T_R_SERIALIZATION_FAILURE)
 			ReThrowError(edata);
 		FreeErrorData(edata);
-		call.args[2] = BoolGetDatum(true);
-		claim_call(&call);
+		call->args[2] = BoolGetDatum(true);
+		claim_call(call);
 	}
 	PG_END_TRY();
 }
@@ -838,9 +863,16 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		int			kept = newest_orders(orders, n_orders, superseded,
 										 &n_superseded);
 		uint64		stored;
+		ClaimCall	claim;
+		char		nulls[3];
+		int			j;
 
-		claim_keys(orders, kept, superseded, n_superseded);
+		claim_keys(orders, kept, superseded, n_superseded, &claim);
 		stored = upsert_claimed(orders, kept, superseded, n_superseded);
+		for (j = 0; j < 3; j++)
+			nulls[j] = claim.namings_null[j] ? 'n' : ' ';
+		if (SPI_execute_plan(namings_plan, claim.namings, nulls, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not load the namings of the batch");
 		result->applied += stored;
 		/* Not current: kept in the history (or the stored one again). */
 		result->unchanged += n_orders - stored;

@@ -840,22 +840,40 @@ sub expected_tables
 	$sql{'dds.s_restaurant_names'} =
 	  q{SELECT h_restaurant_pk || '|' || name || '|' || load_dt FROM dds.s_restaurant_names};
 
-	# Dish names: per dish and naming time, the greatest name named then;
-	# its source is the one that named it (stg.restaurants when both did).
-	# The current name is the one of the latest time.
+	# Dish names: menus name a dish at their version times; orders only by
+	# their newest naming, the greatest (update_ts, name) over all order
+	# versions' items.  One row per time named by a menu or by that newest
+	# order naming, with the greatest name named then; load_src is
+	# stg.order_events for the newest order naming's row.  The current name
+	# is the one of the latest time.
 	my %current_name;
 	foreach my $d (keys %namings)
 	{
-		my %at;
+		my (%menu_at, $order_time, $order_name);
 		foreach my $n (@{ $namings{$d} })
 		{
 			my ($t, $name, $source) = @$n;
-			$at{ $t // '' }{$name}{$source} = 1;
+			my $key = $t // '';
+			if ($source eq 'stg.restaurants')
+			{
+				$menu_at{$key}{$name} = 1;
+			}
+			elsif (!defined $order_time
+				|| $key gt $order_time
+				|| ($key eq $order_time && $name gt $order_name))
+			{
+				($order_time, $order_name) = ($key, $name);
+			}
 		}
-		foreach my $t (sort keys %at)
+		my %times = map { $_ => 1 } keys %menu_at;
+		$times{$order_time} = 1 if defined $order_time;
+		foreach my $t (sort keys %times)
 		{
-			my ($name) = sort { $b cmp $a } keys %{ $at{$t} };
-			my $source = $at{$t}{$name}{'stg.restaurants'} ? 'stg.restaurants' : 'stg.order_events';
+			my $is_order = defined $order_time && $t eq $order_time;
+			my @names = keys %{ $menu_at{$t} // {} };
+			push @names, $order_name if $is_order;
+			my ($name) = sort { $b cmp $a } @names;
+			my $source = $is_order ? 'stg.order_events' : 'stg.restaurants';
 			push @{ $rows{'dds.s_product_names'} },
 			  $h->($d) . "|$name|" . time_text($t eq '' ? undef : $t) . "|$source";
 			$current_name{$d} = $name;
