@@ -87,6 +87,10 @@ AS $fn$
 DECLARE
     d dwh.dead_letters;
 BEGIN
+    -- One ingest per dead letter in one transaction: the dictionary lock
+    -- exclusive keeps batches of other transactions from interleaving
+    -- with them (docs/data-rule.md, "one lock order").
+    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
     FOR d IN
         SELECT * FROM dwh.dead_letters
         WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')

@@ -1114,8 +1114,15 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 			edata = ingest_in_subtransaction(good, n_good, source, topic, result);
 		if (edata != NULL)
 		{
-			/* Good alone, bad together: apply them one by one. */
+			/*
+			 * Good alone, bad together: apply them one by one, the
+			 * dictionary lock exclusive, since one batch after another in
+			 * one transaction would not take their locks in one order.
+			 */
 			FreeErrorData(edata);
+			if (SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock(dwh.dictionary_lock_key())",
+							false, 0) != SPI_OK_SELECT)
+				elog(ERROR, "could not take the dictionary lock");
 			ingest_one_by_one(good, n_good, source, topic, &dl, result);
 		}
 		result->received = n;
