@@ -144,9 +144,15 @@ BEGIN
     END IF;
 
     -- The rows left behind: the menu naming of their time, or nothing.
-    WITH old AS (
+    WITH menu_time AS MATERIALIZED (
+        SELECT coalesce(update_ts, '-infinity') AS version FROM stg.restaurants
+        UNION
+        SELECT coalesce(update_ts, '-infinity') FROM stg.restaurant_history
+    ),
+    old AS (
         SELECT m.h_product_pk, m.old_time,
-               dwh.menu_name_at(m.product_id, m.old_time) AS menu_name
+               CASE WHEN m.old_time IN (SELECT version FROM menu_time)
+                    THEN dwh.menu_name_at(m.product_id, m.old_time) END AS menu_name
         FROM unnest(keys, ids, times, old_times) AS m(h_product_pk, product_id, load_dt, old_time)
         WHERE m.old_time < m.load_dt
     ),

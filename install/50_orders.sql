@@ -430,12 +430,17 @@ AS $fn$
         ORDER BY h_order_pk, update_ts DESC
         ON CONFLICT DO NOTHING
     ),
+    -- A version the order held before (the usual case: its current
+    -- version, just replaced) finds its rows as they are: not even locked.
     status_satellite AS (
         INSERT INTO dds.s_order_status AS s
                (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
         SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
                update_ts, 'stg.order_events'
-        FROM winner
+        FROM winner w
+        WHERE NOT EXISTS (SELECT FROM dds.s_order_status p
+                          WHERE p.h_order_pk = w.h_order_pk AND p.load_dt = w.update_ts
+                            AND p.status = w.status)
         ORDER BY h_order_pk, update_ts
         ON CONFLICT (h_order_pk, load_dt) DO UPDATE
         SET status = EXCLUDED.status,
@@ -447,7 +452,10 @@ AS $fn$
     SELECT h_order_pk, cost, payment,
            dwh.hash_key(h_order_pk::text || cost::text || payment::text),
            update_ts, 'stg.order_events'
-    FROM winner
+    FROM winner w
+    WHERE NOT EXISTS (SELECT FROM dds.s_order_cost p
+                      WHERE p.h_order_pk = w.h_order_pk AND p.load_dt = w.update_ts
+                        AND p.cost = w.cost AND p.payment = w.payment)
     ORDER BY h_order_pk, update_ts
     ON CONFLICT (h_order_pk, load_dt) DO UPDATE
     SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
