@@ -13,6 +13,25 @@ BEGIN
 END
 $$;
 
+-- The definer functions live in schema dwh and call each other by name:
+-- whoever owns the schema could rename it and put functions of their own
+-- in their place.  It must belong to a superuser.
+DO $$
+DECLARE
+    owner name;
+BEGIN
+    SELECT r.rolname INTO owner
+    FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+    WHERE n.nspname = 'dwh' AND NOT r.rolsuper;
+    IF FOUND THEN
+        RAISE EXCEPTION 'schema dwh is owned by role %, which is not a superuser', owner
+            USING ERRCODE = '42501',
+                  DETAIL = 'The extension''s functions run as a superuser and live in this schema; its owner could replace them.',
+                  HINT = 'Drop the schema, or give it to a superuser (ALTER SCHEMA dwh OWNER TO a superuser), then run CREATE EXTENSION dwh again.';
+    END IF;
+END
+$$;
+
 CREATE SCHEMA stg;
 CREATE SCHEMA dds;
 CREATE SCHEMA cdm;

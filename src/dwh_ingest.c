@@ -47,6 +47,10 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr namings_plan = NULL;
 
 /*
+ * The statements below run with search_path pg_catalog, pg_temp: the SET
+ * clause of the SQL entry points, or the workers' own (dwh_worker_search_path).
+ * (A multi-argument unnest in FROM cannot be schema-qualified.)
+ *
  * The orders come one row per object_id, in object_id order (parallel
  * batches lock their rows in the same order), newest version only: see
  * newest_orders().  Every row of the batch's orders is locked, but one
@@ -367,15 +371,15 @@ static DeferredDeltas *deferred = NULL;
 static bool keys_claimed = false;
 
 static const char *apply_deferred_sql =
-"WITH p AS (SELECT u, k, sum(d)::integer AS d "
+"WITH p AS (SELECT u, k, pg_catalog.sum(d)::integer AS d "
 "           FROM unnest($1::uuid[], $2::uuid[], $3::integer[]) AS x(u, k, d) "
-"           GROUP BY u, k HAVING sum(d) <> 0), "
-"     c AS (SELECT u, k, sum(d)::integer AS d "
+"           GROUP BY u, k HAVING pg_catalog.sum(d) <> 0), "
+"     c AS (SELECT u, k, pg_catalog.sum(d)::integer AS d "
 "           FROM unnest($4::uuid[], $5::uuid[], $6::integer[]) AS x(u, k, d) "
-"           GROUP BY u, k HAVING sum(d) <> 0) "
-"SELECT dwh.apply_mart_deltas((SELECT array_agg(u) FROM p), (SELECT array_agg(k) FROM p), "
-"                             (SELECT array_agg(d) FROM p), (SELECT array_agg(u) FROM c), "
-"                             (SELECT array_agg(k) FROM c), (SELECT array_agg(d) FROM c))";
+"           GROUP BY u, k HAVING pg_catalog.sum(d) <> 0) "
+"SELECT dwh.apply_mart_deltas((SELECT pg_catalog.array_agg(u) FROM p), (SELECT pg_catalog.array_agg(k) FROM p), "
+"                             (SELECT pg_catalog.array_agg(d) FROM p), (SELECT pg_catalog.array_agg(u) FROM c), "
+"                             (SELECT pg_catalog.array_agg(k) FROM c), (SELECT pg_catalog.array_agg(d) FROM c))";
 
 /*
  * One trigger call's deltas are already grouped by key (the usual case: a

@@ -196,7 +196,7 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 	args[2] = int8_array(next_offsets, n);
 	rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets AS o "
 							   "SET next_offset = v.next_offset, seek_requested = false, "
-							   "    updated_at = now() "
+							   "    updated_at = pg_catalog.now() "
 							   "FROM unnest($2::integer[], $3::bigint[]) AS v(kafka_partition, next_offset) "
 							   "WHERE o.topic = $1 AND o.kafka_partition = v.kafka_partition",
 							   3, types, args, NULL, false, 0);
@@ -306,7 +306,7 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 							   "VALUES ($1, $2, $3, true) "
 							   "ON CONFLICT (topic, kafka_partition) DO UPDATE "
 							   "SET next_offset = EXCLUDED.next_offset, seek_requested = true, "
-							   "    updated_at = now()",
+							   "    updated_at = pg_catalog.now()",
 							   3, types, args, NULL, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "could not store the Kafka offset: %s", SPI_result_code_string(rc));

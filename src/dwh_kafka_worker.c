@@ -630,6 +630,7 @@ dwh_kafka_worker_main(Datum main_arg)
 	slot = dwh_status_attach(DWH_WORKER_KAFKA, worker_index);
 	connected_database = MemoryContextStrdup(TopMemoryContext, dwh_database);
 	BackgroundWorkerInitializeConnection(connected_database, NULL, 0);
+	dwh_worker_search_path();
 	pgstat_report_appname(psprintf("dwh kafka worker %d", worker_index));
 
 	batch.context = AllocSetContextCreate(TopMemoryContext, "dwh kafka batch",

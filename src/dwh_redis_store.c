@@ -98,7 +98,7 @@ static const char *dead_letters_sql =
 
 static const char *keys_sql =
 "INSERT INTO dwh.redis_keys AS r (key, kind, state, value_hash, reason, changed_at) "
-"SELECT k.key, k.kind, k.state, k.hash, k.reason, now() "
+"SELECT k.key, k.kind, k.state, k.hash, k.reason, pg_catalog.now() "
 "FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[]) "
 "     AS k(key, kind, state, hash, reason) "
 "ORDER BY k.key "
@@ -769,8 +769,8 @@ dwh_redis_store_counts(int64 *mirrored, int64 *missing)
 	bool		isnull;
 
 	begin_work("dwh: counting Redis keys");
-	rc = SPI_execute("SELECT count(*) FILTER (WHERE state = 'mirrored'), "
-					 "       count(*) FILTER (WHERE state IN ('missing', 'refused')) "
+	rc = SPI_execute("SELECT pg_catalog.count(*) FILTER (WHERE state = 'mirrored'), "
+					 "       pg_catalog.count(*) FILTER (WHERE state IN ('missing', 'refused')) "
 					 "FROM dwh.redis_keys", true, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "dwh redis worker: could not count keys: %s",

@@ -542,6 +542,7 @@ dwh_redis_worker_main(Datum main_arg)
 	slot = dwh_status_attach(DWH_WORKER_REDIS, 1);
 	connected_database = MemoryContextStrdup(TopMemoryContext, dwh_database);
 	BackgroundWorkerInitializeConnection(connected_database, NULL, 0);
+	dwh_worker_search_path();
 	pgstat_report_appname("dwh redis worker");
 
 	cycle_context = AllocSetContextCreate(TopMemoryContext, "dwh redis cycle",

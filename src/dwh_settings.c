@@ -243,3 +243,19 @@ dwh_settings_define(void)
 
 	MarkGUCPrefixReserved("dwh");
 }
+
+/*
+ * dwh_worker_search_path
+ *		Give a worker, once connected, the search_path of dwh's definer
+ *		functions for its whole life.  A worker runs as the bootstrap
+ *		superuser: a name resolved through a schema that a less trusted
+ *		role can write (public, or one set by ALTER DATABASE or ALTER ROLE)
+ *		would run that role's code with the superuser's rights.  The
+ *		override outranks every per-database or per-role setting.
+ */
+void
+dwh_worker_search_path(void)
+{
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET,
+					PGC_S_OVERRIDE);
+}

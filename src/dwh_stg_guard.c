@@ -92,7 +92,7 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
 			"VALUES ($1, $2, $3, $4) "
 			"ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE "
 			"SET sent_dttm = EXCLUDED.sent_dttm "
-			"WHERE EXCLUDED.sent_dttm > h.sent_dttm";
+			"WHERE EXCLUDED.sent_dttm OPERATOR(pg_catalog.>) h.sent_dttm";
 	}
 	else if (strcmp(kind, "user") == 0)
 	{
@@ -107,6 +107,10 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
 			"VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 	}
 
+	/*
+	 * This runs as whoever writes STG, with their search_path: the
+	 * statement names nothing that a search_path could redirect.
+	 */
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (*plan == NULL)

@@ -1,0 +1,187 @@
+# A database owner does not become superuser through dwh.  The owner of
+# the database the workers serve plants, in schema public and first on the
+# database's search_path, look-alikes of what dwh's SQL calls (unnest for
+# every array type dwh unnests, sum, now, array_agg, dwh's own function
+# names, and the = operator on uuid and text); each one, called by anyone
+# but its owner, makes its owner a superuser and leaves a trace.  The Redis
+# worker then mirrors users and restaurants, and orders go through
+# dwh.ingest_orders, dwh.ingest_order and a plain upsert into STG: no trap
+# fires, the owner stays an ordinary role, and the warehouse is right.
+# Also: CREATE EXTENSION refuses a schema dwh that a non-superuser created
+# first (its owner could rename it and put functions of their own in its
+# place).
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use RedisServer;
+use Test::More;
+
+my $redis = RedisServer->new;
+my $node = PostgreSQL::Test::Cluster->new('search_path_trap');
+$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$node->append_conf(
+	'postgresql.conf', qq{
+shared_preload_libraries = 'dwh'
+dwh.database = 'shop'
+dwh.redis_url = '@{[ $redis->url ]}'
+dwh.redis_scan_pattern = '*'
+dwh.redis_refresh_interval = 1
+});
+$node->start;
+
+$node->safe_psql('postgres', q{
+CREATE ROLE shop_owner LOGIN;
+CREATE DATABASE shop OWNER shop_owner;
+});
+$node->safe_psql('shop', 'CREATE EXTENSION dwh');
+
+# The traps, created by the database owner.
+$node->safe_psql(
+	'shop', q{
+SET ROLE shop_owner;
+CREATE TABLE public.sprung (what text, by_whom text);
+CREATE FUNCTION public.spring(what text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_user <> 'shop_owner' THEN
+        INSERT INTO public.sprung VALUES (what, current_user);
+        EXECUTE 'ALTER ROLE shop_owner SUPERUSER';
+    END IF;
+END $$;
+CREATE FUNCTION public.unnest(a text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('unnest(text[])'); RETURN QUERY SELECT pg_catalog.unnest(a); END $$;
+CREATE FUNCTION public.unnest(a bigint[]) RETURNS SETOF bigint LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('unnest(bigint[])'); RETURN QUERY SELECT pg_catalog.unnest(a); END $$;
+CREATE FUNCTION public.unnest(a integer[]) RETURNS SETOF integer LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('unnest(integer[])'); RETURN QUERY SELECT pg_catalog.unnest(a); END $$;
+CREATE FUNCTION public.unnest(a jsonb[]) RETURNS SETOF jsonb LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('unnest(jsonb[])'); RETURN QUERY SELECT pg_catalog.unnest(a); END $$;
+CREATE FUNCTION public.unnest(a uuid[]) RETURNS SETOF uuid LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('unnest(uuid[])'); RETURN QUERY SELECT pg_catalog.unnest(a); END $$;
+CREATE FUNCTION public.unnest(a timestamp[]) RETURNS SETOF timestamp LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('unnest(timestamp[])'); RETURN QUERY SELECT pg_catalog.unnest(a); END $$;
+CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('now()'); RETURN pg_catalog.now(); END $$;
+CREATE FUNCTION public.hash_key(t text) RETURNS uuid LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('hash_key(text)'); RETURN dwh.hash_key(t); END $$;
+CREATE FUNCTION public.sum_trap(s bigint, v integer) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('sum(integer)'); RETURN coalesce(s, 0) + v; END $$;
+CREATE AGGREGATE public.sum(integer) (SFUNC = public.sum_trap, STYPE = bigint);
+CREATE FUNCTION public.uuid_eq_trap(a uuid, b uuid) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('uuid = uuid'); RETURN a::text = b::text; END $$;
+CREATE OPERATOR public.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = public.uuid_eq_trap);
+CREATE FUNCTION public.text_eq_trap(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('text = text'); RETURN pg_catalog.texteq(a, b); END $$;
+CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.text_eq_trap);
+ALTER DATABASE shop SET search_path = public, pg_catalog;
+});
+# The workers connect again, with the database's search_path.
+$node->restart;
+
+# Checks run from another database, or name everything with its schema:
+# the traps live in shop's public, first on its search_path.
+sub owner_is_superuser
+{
+	return $node->safe_psql('postgres',
+		"SELECT rolsuper FROM pg_roles WHERE rolname = 'shop_owner'");
+}
+
+sub sprung
+{
+	return $node->safe_psql('shop',
+		'SET search_path = pg_catalog; SELECT pg_catalog.string_agg(what || \' by \' || by_whom, \', \') FROM public.sprung');
+}
+
+is(owner_is_superuser(), 'f', 'the owner starts as an ordinary role');
+
+# The trap works: a superuser session with the database's search_path
+# that calls unnest(text[]) springs it.  (Undone right after.)
+$node->safe_psql('shop', q{SELECT count(*) FROM unnest(ARRAY['a']::text[])});
+is(owner_is_superuser(), 't', 'a superuser who resolves unnest through public is trapped');
+$node->safe_psql('postgres', 'ALTER ROLE shop_owner NOSUPERUSER');
+$node->safe_psql('shop', 'SET search_path = pg_catalog; DELETE FROM public.sprung');
+
+# The Redis worker mirrors users and a restaurant with its menu.
+$redis->set('626a81ce9a8cd1920641e201',
+	'{"_id": "626a81ce9a8cd1920641e201", "name": "Анна", "login": "anna", "update_ts_utc": "2023-01-01 10:00:00"}');
+$redis->set('a51e4e31ae4602047ec52501',
+	'{"_id": "a51e4e31ae4602047ec52501", "name": "Кубдари", "update_ts_utc": "2023-01-01 10:00:00", "menu": [{"_id": "6276e8cd0cf48b4cded00001", "name": "Долма", "price": 100, "category": "Закуски"}]}'
+);
+ok( $node->poll_query_until(
+		'shop',
+		'SELECT (SELECT pg_catalog.count(*) FROM stg.users) OPERATOR(pg_catalog.=) 1 AND (SELECT pg_catalog.count(*) FROM stg.restaurants) OPERATOR(pg_catalog.=) 1'
+	),
+	'the Redis worker mirrored the dictionaries')
+  or diag($node->safe_psql('shop',
+	'SET search_path = pg_catalog; SELECT worker, state, last_error FROM dwh.status'));
+
+# Orders through every SQL entry point, as a superuser whose session has
+# the trapped search_path, and a loader role with EXECUTE on the ingest.
+my $order = sub {
+	my ($id, $ts) = @_;
+	return qq{{"object_id": $id, "object_type": "order", "sent_dttm": "$ts", "payload": {"restaurant": {"id": "a51e4e31ae4602047ec52501"}, "date": "$ts", "user": {"id": "626a81ce9a8cd1920641e201"}, "order_items": [{"id": "6276e8cd0cf48b4cded00001", "name": "Долма", "price": 100, "quantity": 1}], "bonus_payment": 0, "cost": 100, "payment": 100, "bonus_grant": 0, "statuses": [{"status": "CLOSED", "dttm": "$ts"}], "final_status": "CLOSED", "update_ts": "$ts"}}};
+};
+$node->safe_psql('shop',
+	"SELECT * FROM dwh.ingest_orders(ARRAY[convert_to(\$m\$" . $order->(1, '2023-01-02 10:00:00')
+	  . "\$m\$, 'UTF8'), convert_to(\$m\$" . $order->(1, '2023-01-02 09:00:00') . "\$m\$, 'UTF8')])");
+$node->safe_psql('shop',
+	"SELECT dwh.ingest_order(\$m\$" . $order->(2, '2023-01-02 11:00:00') . "\$m\$::text)");
+$node->safe_psql('postgres', 'CREATE ROLE loader LOGIN');
+$node->safe_psql('shop', q{
+GRANT USAGE ON SCHEMA dwh TO loader;
+GRANT EXECUTE ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) TO loader;
+});
+$node->safe_psql('shop',
+	"SET ROLE loader; SELECT * FROM dwh.ingest_orders(ARRAY[convert_to(\$m\$"
+	  . $order->(3, '2023-01-02 12:00:00') . "\$m\$, 'UTF8')])");
+$node->safe_psql('shop', q{
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+SELECT 4, 'order', '2023-01-02 13:00:00', payload || '{"update_ts": "2023-01-02 13:00:00"}'
+FROM stg.order_events WHERE object_id = 3
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload});
+
+# A menu change and a renamed user while orders exist: the worker's
+# dictionary path with mart updates.
+$redis->set('a51e4e31ae4602047ec52501',
+	'{"_id": "a51e4e31ae4602047ec52501", "name": "Кубдари", "update_ts_utc": "2023-01-03 10:00:00", "menu": [{"_id": "6276e8cd0cf48b4cded00001", "name": "Долма новая", "price": 100, "category": "Основные блюда"}]}'
+);
+$redis->set('626a81ce9a8cd1920641e201',
+	'{"_id": "626a81ce9a8cd1920641e201", "name": "Анна Б.", "login": "anna", "update_ts_utc": "2023-01-03 10:00:00"}');
+ok( $node->poll_query_until(
+		'shop',
+		q{SELECT pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 FROM cdm.user_category_counters WHERE category_name OPERATOR(pg_catalog.=) 'Основные блюда'}
+	),
+	'the worker carried the menu change into the marts');
+
+is(sprung() // '', '', 'no trap sprang');
+is(owner_is_superuser(), 'f', 'the database owner is still an ordinary role');
+is( $node->safe_psql('shop',
+		'SET search_path = pg_catalog; SELECT pg_catalog.count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty');
+is( $node->safe_psql('shop',
+		'SET search_path = pg_catalog; SELECT order_cnt FROM cdm.user_product_counters'),
+	'4', 'four CLOSED orders counted');
+
+# A schema dwh that a non-superuser created first is refused.
+$node->safe_psql('postgres', q{
+CREATE ROLE squatter LOGIN;
+CREATE DATABASE squat OWNER squatter;
+});
+$node->safe_psql('squat', 'SET ROLE squatter; CREATE SCHEMA dwh');
+my ($ret, $out, $err) = $node->psql('squat', 'CREATE EXTENSION dwh');
+isnt($ret, 0, 'CREATE EXTENSION refuses a schema dwh owned by a non-superuser');
+like($err, qr/schema dwh is owned by role squatter, which is not a superuser/,
+	'the error names the schema and its owner');
+like($err, qr/HINT:  Drop the schema, or give it to a superuser/, 'and says what to do');
+$node->safe_psql('squat', 'ALTER SCHEMA dwh OWNER TO CURRENT_USER; CREATE EXTENSION dwh');
+is($node->safe_psql('squat', q{SELECT extname FROM pg_extension WHERE extname = 'dwh'}),
+	'dwh', 'once a superuser owns the schema, the extension installs');
+
+$node->stop;
+$redis->stop;
+done_testing();
