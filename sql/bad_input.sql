@@ -159,3 +159,25 @@ SELECT * FROM dwh.replay_dead_letters();
 SELECT id, sqlstate, left(reason, 50) AS reason FROM dwh.dead_letters ORDER BY id;
 SELECT user_id, length(product_name) AS name_length, order_cnt FROM t.products WHERE user_id = 'u7';
 SELECT * FROM t.check();
+
+-- A NULL payload is refused with 23502, whatever the table and however it
+-- is written (it used to crash the server).
+\set VERBOSITY sqlstate
+INSERT INTO stg.users (object_id, payload) VALUES ('u-null', NULL);
+INSERT INTO stg.restaurants (object_id, payload) VALUES ('r-null', NULL);
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (99, 'order', '2023-01-01 00:00:00', NULL);
+UPDATE stg.order_events SET payload = NULL
+WHERE object_id = (SELECT min(object_id) FROM stg.order_events);
+INSERT INTO stg.user_history (object_id, payload) VALUES ('u-null', NULL);
+\set VERBOSITY default
+
+-- A reason that quotes the value is valid UTF-8 even when the value is
+-- not: jansson's error text can cut a character in two (a dump of such a
+-- dead letter could not be restored).
+DELETE FROM dwh.dead_letters;
+SELECT dwh.ingest_order('\x7b2261223a225c75d191227d'::bytea);
+SELECT sqlstate, reason,
+       pg_catalog.convert_from(pg_catalog.convert_to(reason, 'UTF8'), 'UTF8') = reason
+           AS valid_utf8
+FROM dwh.dead_letters;

@@ -311,7 +311,7 @@ dead_letters_add(DeadLetters *dl, DwhIngestItem *item, int sqlstate,
 	dwh_column_add(&dl->offset, Int64GetDatum(item->offset),
 			   !item->has_coordinates);
 	dwh_column_add(&dl->raw, dwh_bytea_datum(item->data, item->len), false);
-	dwh_column_add(&dl->reason, text_datum(reason), false);
+	dwh_column_add(&dl->reason, text_datum(dwh_valid_utf8(reason)), false);
 	dwh_column_add(&dl->sqlstate, text_datum(unpack_sql_state(sqlstate)), false);
 }
 

@@ -59,8 +59,44 @@ problem_set(DwhProblem *problem, int sqlstate, const char *fmt,...)
 		enlargeStringInfo(&buf, needed);
 	}
 	problem->sqlstate = sqlstate;
-	problem->reason = buf.data;
+	/* A reason may quote the value (jansson does): it goes to a text column. */
+	problem->reason = dwh_valid_utf8(buf.data);
 	return false;
+}
+
+/*
+ * dwh_valid_utf8
+ *		s as valid UTF-8: each byte that does not start a valid character
+ *		becomes U+FFFD.  Text columns must hold valid text, or pg_dump
+ *		writes a table that pg_restore cannot load.  Returns s itself when
+ *		it is valid.
+ */
+char *
+dwh_valid_utf8(const char *s)
+{
+	int			len = strlen(s);
+	StringInfoData buf;
+	int			i = 0;
+
+	if (pg_verify_mbstr(PG_UTF8, s, len, true))
+		return (char *) s;
+	initStringInfo(&buf);
+	while (i < len)
+	{
+		int			l = pg_utf_mblen((const unsigned char *) s + i);
+
+		if (i + l <= len && pg_utf8_islegal((const unsigned char *) s + i, l))
+		{
+			appendBinaryStringInfo(&buf, s + i, l);
+			i += l;
+		}
+		else
+		{
+			appendStringInfoString(&buf, "\xEF\xBF\xBD");
+			i++;
+		}
+	}
+	return buf.data;
 }
 
 /*

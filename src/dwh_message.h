@@ -51,5 +51,6 @@ extern bool dwh_restaurant_value_check(JsonbContainer *value,
 									   Timestamp *update_ts,
 									   DwhProblem *problem);
 extern int	dwh_jsonb_text_cmp(Jsonb *a, Jsonb *b);
+extern char *dwh_valid_utf8(const char *s);
 
 #endif							/* DWH_MESSAGE_H */

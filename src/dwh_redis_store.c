@@ -458,7 +458,7 @@ decide_dead(Decision *d, DwhRedisKind kind, int sqlstate, const char *reason,
 	d->kind = kind;
 	d->state = DWH_REDIS_STATE_REFUSED;
 	d->sqlstate = sqlstate;
-	d->reason = pstrdup(reason);
+	d->reason = pstrdup(dwh_valid_utf8(reason));
 	d->raw_len = raw_len;
 }
 
