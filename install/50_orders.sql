@@ -261,7 +261,8 @@ $fn$;
 COMMENT ON FUNCTION dwh.load_known_orders(bigint[], timestamp[], jsonb[]) IS
     'Internal: load new current versions of orders DDS holds; returns the mart deltas they cause';
 
--- Links of the replaced versions that the new ones no longer hold.
+-- Links of the replaced versions that the new ones no longer hold: one
+-- hash anti-join, linear in the items whatever their number.
 CREATE FUNCTION dwh.unlink_replaced_items(object_ids bigint[], payloads jsonb[])
     RETURNS void
     LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -272,12 +273,17 @@ AS $fn$
                c.payload->'order_items' AS items
         FROM unnest(object_ids, payloads) AS c(object_id, payload)
     ),
+    item AS MATERIALIZED (
+        SELECT DISTINCT b.h_order_pk, dwh.hash_key(e->>'id') AS h_product_pk
+        FROM batch b, jsonb_array_elements(b.items) e
+    ),
     stale_products AS (
         DELETE FROM dds.l_order_product l
         USING batch b
         WHERE l.h_order_pk = b.h_order_pk
-          AND NOT EXISTS (SELECT FROM jsonb_array_elements(b.items) e
-                          WHERE dwh.hash_key(e->>'id') = l.h_product_pk)
+          AND NOT EXISTS (SELECT FROM item i
+                          WHERE i.h_order_pk = l.h_order_pk
+                            AND i.h_product_pk = l.h_product_pk)
     )
     DELETE FROM dds.l_order_user l
     USING batch b

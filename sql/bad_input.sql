@@ -181,3 +181,29 @@ SELECT sqlstate, reason,
        pg_catalog.convert_from(pg_catalog.convert_to(reason, 'UTF8'), 'UTF8') = reason
            AS valid_utf8
 FROM dwh.dead_letters;
+
+-- Timestamps: microseconds at most.  A seventh digit would be truncated by
+-- the validation and rounded by ::timestamp (here into the next day).
+DELETE FROM dwh.dead_letters;
+SELECT dwh.ingest_order(t.order_msg(30, 'u8', 'CLOSED', '2023-01-01 23:59:59.9999999',
+                                    t.items('d1:Плов')));
+SELECT dwh.ingest_order(t.order_msg(31, 'u8', 'CLOSED', '2023-01-01 23:59:59.999999',
+                                    t.items('d1:Плов')));
+SELECT sqlstate, reason FROM dwh.dead_letters;
+SELECT object_id, update_ts, h.order_dt
+FROM stg.order_events e JOIN dds.h_order h ON h.order_id = e.object_id
+WHERE object_id IN (30, 31);
+
+-- An order with many items, then a version with one item less: every
+-- link but one stays (the unlinking is one anti-join, not one scan of the
+-- items per link).
+SELECT dwh.ingest_order(t.order_msg(32, 'u8', 'CANCELLED', '2023-02-01 10:00:00',
+                                    (SELECT jsonb_agg(jsonb_build_object('id', 'big' || n, 'name', 'Блюдо ' || n,
+                                                                         'price', 100, 'quantity', 2))
+                                     FROM generate_series(1, 2000) n)));
+SELECT dwh.ingest_order(t.order_msg(32, 'u8', 'CANCELLED', '2023-02-01 11:00:00',
+                                    (SELECT jsonb_agg(jsonb_build_object('id', 'big' || n, 'name', 'Блюдо ' || n,
+                                                                         'price', 100, 'quantity', 2))
+                                     FROM generate_series(2, 2000) n)));
+SELECT count(*) AS links FROM dds.l_order_product WHERE h_order_pk = dwh.hash_key('32');
+SELECT * FROM t.check();

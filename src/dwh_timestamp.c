@@ -89,6 +89,12 @@ dwh_parse_timestamp(const char *str, int len, Timestamp *result)
 			return false;
 		while (p < end && *p >= '0' && *p <= '9')
 		{
+			/*
+			 * Microseconds at most: SQL's ::timestamp would round a seventh
+			 * digit, possibly into the next day, where this truncates.
+			 */
+			if (scale == 0)
+				return false;
 			fsec += (*p - '0') * scale;
 			scale /= 10;
 			p++;
