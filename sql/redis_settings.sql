@@ -20,6 +20,10 @@ ALTER SYSTEM SET dwh.redis_url = 'redis://dwh:secret-pw@[::1]:6380';
 ALTER SYSTEM SET dwh.redis_url = 'redis://:p%40ss:w@rd@redis.example.com/';
 ALTER SYSTEM SET dwh.redis_url = '/run/redis/redis.sock';
 ALTER SYSTEM SET dwh.redis_url = 'unix://:secret-pw@/run/redis/redis.sock?db=3';
+-- A socket path may hold '@' (systemd's redis@instance units).
+ALTER SYSTEM SET dwh.redis_url = 'unix:///run/redis@main/redis.sock';
+ALTER SYSTEM SET dwh.redis_url = 'unix://:secret-pw@/run/redis@main/redis.sock?db=1';
+ALTER SYSTEM SET dwh.redis_url = '/run/redis@main/redis.sock';
 
 -- Refused, without quoting any part of the value.
 ALTER SYSTEM SET dwh.redis_url = 'secret-pw';

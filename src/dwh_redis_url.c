@@ -10,8 +10,11 @@
  *	  /path/to/redis.sock
  *
  * The host may be an IPv6 address in brackets.  The username and password
- * may be percent-encoded (%40 for '@', %25 for '%'); the last '@' ends
- * them, so a password may also hold a raw '@', ':' or '/'.
+ * may be percent-encoded (%40 for '@', %25 for '%').  In redis:// the last
+ * '@' ends them, so a password may also hold a raw '@', ':' or '/'.  In
+ * unix:// the socket path starts with '/' and may hold '@' itself: a URL
+ * whose path follows "unix://" at once has no credentials, and otherwise
+ * the first "@/" ends them (a password holding "@/" writes it %40/).
  *
  * The value may hold a password: no message of this file ever quotes any
  * part of it, and the redacted form shown in logs and in dwh.status
@@ -274,7 +277,20 @@ dwh_redis_url_parse(const char *text, DwhRedisUrl *url, char *error,
 	}
 	if (pg_strncasecmp(text, "unix://", 7) == 0)
 	{
-		rest = parse_credentials(text + 7, url, error, error_size);
+		const char *path_at = strstr(text + 7, "@/");
+
+		rest = text + 7;
+		if (rest[0] != '/' && path_at != NULL)
+		{
+			/* Only what comes before the path can be credentials. */
+			char	   *credentials = pnstrdup(rest, path_at + 1 - rest);
+
+			if (parse_credentials(credentials, url, error, error_size) == NULL)
+				return false;
+			rest = path_at + 1;
+		}
+		else if (rest[0] != '/')
+			rest = parse_credentials(rest, url, error, error_size);
 		return rest != NULL &&
 			parse_socket_path(rest, true, url, error, error_size);
 	}
