@@ -207,3 +207,17 @@ SELECT dwh.ingest_order(t.order_msg(32, 'u8', 'CANCELLED', '2023-02-01 11:00:00'
                                      FROM generate_series(2, 2000) n)));
 SELECT count(*) AS links FROM dds.l_order_product WHERE h_order_pk = dwh.hash_key('32');
 SELECT * FROM t.check();
+
+-- Numbers of any size are JSON, as jsonb has them: only the fields dwh
+-- reads have ranges.
+DELETE FROM dwh.dead_letters;
+SELECT dwh.ingest_order('{"object_id": 1, "object_type": "ping", "big": 123456789012345678901234567890}');
+SELECT dwh.ingest_order('{"object_id": 2, "object_type": "ping", "huge": 1e400, "tiny": -1e-400}');
+SELECT dwh.ingest_order(jsonb_set(t.order_msg(33, 'u8', 'CLOSED', '2023-03-01 10:00:00',
+                                              t.items('d1:Плов'))::jsonb,
+                                  '{payload,loyalty_id}', '123456789012345678901234567890')::text);
+SELECT dwh.ingest_order('{"object_id": 3, "object_type": "ping", "big": 1e400, "bad": [}');
+SELECT dwh.ingest_order('{"object_id": 123456789012345678901234567890, "object_type": "order"}');
+SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
+SELECT object_type, message->'big' AS big FROM stg.other_events WHERE object_type = 'ping' ORDER BY id;
+SELECT object_id FROM stg.order_events WHERE object_id = 33;

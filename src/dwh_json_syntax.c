@@ -16,11 +16,31 @@
  */
 #include "postgres.h"
 
+#include "common/jsonapi.h"
+#include "mb/pg_wchar.h"
+
 #include <jansson.h>
 
 #include "dwh_json_syntax.h"
 
 const int	dwh_json_max_depth = JSON_PARSER_MAX_DEPTH;
+
+/*
+ * Is data JSON by PostgreSQL's rules (numbers of any size)?  Reports like
+ * dwh_json_syntax_check, without raising an error.
+ */
+static DwhJsonSyntax
+syntax_check_by_postgres(const char *data, int len, char *detail, int detail_len)
+{
+	JsonLexContext *lex = makeJsonLexContextCstringLen(pnstrdup(data, len), len,
+													   PG_UTF8, true);
+	JsonParseErrorType result = pg_parse_json(lex, &nullSemAction);
+
+	if (result == JSON_SUCCESS)
+		return DWH_JSON_OK;
+	snprintf(detail, detail_len, "%s", json_errdetail(result, lex));
+	return DWH_JSON_INVALID;
+}
 
 /*
  * dwh_json_syntax_check
@@ -48,6 +68,13 @@ dwh_json_syntax_check(const char *data, int len, char *detail, int detail_len)
 			return DWH_JSON_NUL_CHARACTER;
 		case json_error_stack_overflow:
 			return DWH_JSON_TOO_DEEP;
+		case json_error_numeric_overflow:
+			/*
+			 * jansson keeps numbers in int64 and double; jsonb keeps any
+			 * number.  PostgreSQL's own parser, which raises no error,
+			 * says whether the rest is JSON.
+			 */
+			return syntax_check_by_postgres(data, len, detail, detail_len);
 		case json_error_out_of_memory:
 			ereport(ERROR,
 					(errcode(ERRCODE_OUT_OF_MEMORY),
