@@ -9,7 +9,8 @@
 # table holds the same rows (but for load-time columns) as a database that
 # received the same messages and menus once, one at a time.
 #
-# Environment: DWH_DEADLOCK_ORDERS (20000) orders in the stream,
+# Environment: DWH_DEADLOCK_ORDERS (60000) orders in the stream (about half a
+# minute of concurrent writing on 2 cores; more for longer runs),
 # DWH_DEADLOCK_SEED (random) drives batching and interleaving; the seed is
 # printed.
 
@@ -26,7 +27,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $orders = $ENV{DWH_DEADLOCK_ORDERS} // 20000;
+my $orders = $ENV{DWH_DEADLOCK_ORDERS} // 60000;
 my $seed = $ENV{DWH_DEADLOCK_SEED} // int(rand(1_000_000));
 note("seed $seed (DWH_DEADLOCK_SEED=$seed reruns it), $orders orders");
 srand($seed);
@@ -88,7 +89,7 @@ INSERT INTO public.lines SELECT n, decode(h, 'hex') FROM hex;
 my @restaurants = split /\n/, $node->safe_psql('concurrent',
 	'SELECT object_id FROM stg.restaurants ORDER BY 1');
 my @menu_statements;
-for my $k (1 .. 60)
+for my $k (1 .. int($orders / 200) + 1)
 {
 	my $r = $restaurants[ $k % @restaurants ];
 	my $ts = sprintf('2023-01-0%d %02d:%02d:00', 1 + $k % 7, $k % 24, $k % 60);
