@@ -9,6 +9,7 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "dwh_kafka_options.h"
@@ -85,14 +86,20 @@ define_kafka_settings(void)
 							   GUC_SUPERUSER_ONLY,
 							   dwh_kafka_options_check, NULL, NULL);
 
+	/*
+	 * Read when the workers are registered, in the postmaster.  A backend
+	 * that loads dwh without the preload may not define a postmaster
+	 * setting (that is FATAL): there it is a plain one, read by nothing.
+	 */
 	DefineCustomIntVariable("dwh.kafka_consumers",
 							"Number of Kafka consumer workers sharing the topic's partitions.",
-							NULL,
+							"Takes effect at server start, when dwh is in shared_preload_libraries.",
 							&dwh_kafka_consumers,
 							1,
 							0,
 							DWH_MAX_KAFKA_WORKERS,
-							PGC_POSTMASTER,
+							process_shared_preload_libraries_in_progress ?
+							PGC_POSTMASTER : PGC_SIGHUP,
 							0,
 							NULL, NULL, NULL);
 

@@ -232,7 +232,8 @@ dwh_status_wake_kafka_workers(void)
 {
 	int			i;
 
-	ensure_shared();
+	if (shared == NULL)
+		return;					/* loaded without the preload: no workers */
 	for (i = 0; i < DWH_MAX_KAFKA_WORKERS; i++)
 	{
 		DwhWorkerStatus *slot = &shared->workers[i];
@@ -314,8 +315,24 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	int			i;
 
-	ensure_shared();
 	InitMaterializedSRF(fcinfo, 0);
+
+	if (shared == NULL)
+	{
+		/* Loaded without the preload: no workers, and one row saying why. */
+		Datum		values[17];
+		bool		nulls[17];
+
+		memset(nulls, true, sizeof(nulls));
+		values[0] = CStringGetTextDatum("none");
+		nulls[0] = false;
+		values[3] = CStringGetTextDatum("not started: dwh is not in shared_preload_libraries");
+		nulls[3] = false;
+		values[14] = CStringGetTextDatum("The workers need dwh in shared_preload_libraries and a server restart; the SQL functions and triggers work without it.");
+		nulls[14] = false;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		return (Datum) 0;
+	}
 
 	for (i = 0; i < DWH_STATUS_SLOTS; i++)
 	{
@@ -385,8 +402,9 @@ dwh_kafka_watermarks(PG_FUNCTION_ARGS)
 	DwhPartitionWatermark *marks;
 	int			i;
 
-	ensure_shared();
 	InitMaterializedSRF(fcinfo, 0);
+	if (shared == NULL)
+		return (Datum) 0;		/* no workers, no watermarks */
 
 	marks = palloc(sizeof(shared->watermarks));
 	SpinLockAcquire(&shared->watermark_mutex);

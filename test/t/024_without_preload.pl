@@ -1,0 +1,44 @@
+# dwh loaded without shared_preload_libraries: CREATE EXTENSION, LOAD and
+# every SQL entry point work (it used to end the session with "FATAL:
+# cannot create PGC_POSTMASTER variables after startup"), the workers are
+# absent, and dwh.status says why and what to do.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = PostgreSQL::Test::Cluster->new('without_preload');
+$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$node->start;
+
+my ($ret, $out, $err) = $node->psql('postgres', q{LOAD 'dwh'; SELECT 1});
+is($ret, 0, 'LOAD dwh works without the preload') or diag($err);
+($ret, $out, $err) = $node->psql('postgres', 'CREATE EXTENSION dwh');
+is($ret, 0, 'CREATE EXTENSION dwh works without the preload') or diag($err);
+
+is( $node->safe_psql('postgres', 'SELECT worker, state, last_error FROM dwh.status'),
+	'none|not started: dwh is not in shared_preload_libraries|'
+	  . 'The workers need dwh in shared_preload_libraries and a server restart; '
+	  . 'the SQL functions and triggers work without it.',
+	'dwh.status says the workers are absent, why, and what to do');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.kafka_partitions'),
+	'0', 'dwh.kafka_partitions is empty');
+
+my $order = q{{"object_id": 1, "object_type": "order", "sent_dttm": "2023-01-01 10:00:00", "payload": {"restaurant": {"id": "r1"}, "date": "2023-01-01 10:00:00", "user": {"id": "u1"}, "order_items": [{"id": "d1", "name": "Плов", "price": 100, "quantity": 1}], "bonus_payment": 0, "cost": 100, "payment": 100, "bonus_grant": 0, "statuses": [{"status": "CLOSED", "dttm": "2023-01-01 10:00:00"}], "final_status": "CLOSED", "update_ts": "2023-01-01 10:00:00"}}};
+is($node->safe_psql('postgres', "SELECT dwh.ingest_order(\$m\$$order\$m\$::text)"),
+	'applied', 'an order is ingested');
+is( $node->safe_psql('postgres',
+		'SELECT product_name || \' \' || order_cnt FROM cdm.user_product_counters'),
+	'Плов 1', 'and counted in the mart');
+($ret, $out, $err) = $node->psql('postgres', 'SELECT dwh.kafka_seek(0, 0)');
+is($ret, 0, 'dwh.kafka_seek works (there is no worker to wake)') or diag($err);
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty');
+is($node->safe_psql('postgres', q{LOAD 'dwh'; SHOW dwh.kafka_consumers}), '1',
+	'once loaded, dwh.kafka_consumers is defined (and read by nothing)');
+
+$node->stop;
+done_testing();
