@@ -48,17 +48,19 @@ static SPIPlanPtr namings_plan = NULL;
 
 /*
  * The statements below run with search_path pg_catalog, pg_temp: the SET
- * clause of the SQL entry points, or the workers' own (dwh_worker_search_path).
- * (A multi-argument unnest in FROM cannot be schema-qualified.)
+ * clause of the SQL entry points, or the workers' own
+ * (dwh_worker_search_path).  A multi-argument unnest in FROM cannot be
+ * schema-qualified.
  *
  * The orders come one row per object_id, in object_id order (parallel
  * batches lock their rows in the same order), newest version only: see
  * newest_orders().  Every row of the batch's orders is locked, but one
  * that is older than the stored version is not updated (nor seen by the
  * STG guard): it goes to the history table with the batch's other
- * superseded versions.  RETURNING names the orders that were stored.  Set-returning functions in the select list hand the
- * array elements over one by one, where unnest() in FROM would first copy
- * every payload into a tuplestore.
+ * superseded versions.  RETURNING names the orders that were stored.
+ * Set-returning functions in the select list hand the array elements over
+ * one by one, where unnest() in FROM would first copy every payload into a
+ * tuplestore.
  */
 static const char *upsert_orders_sql =
 "INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload) "

@@ -71,8 +71,8 @@ dwh_json_syntax_check(const char *data, int len, char *detail, int detail_len)
 		case json_error_numeric_overflow:
 			/*
 			 * jansson keeps numbers in int64 and double; jsonb keeps any
-			 * number.  PostgreSQL's own parser, which raises no error,
-			 * says whether the rest is JSON.
+			 * number.  PostgreSQL's own parser, which raises no error, says
+			 * whether the rest is JSON.
 			 */
 			return syntax_check_by_postgres(data, len, detail, detail_len);
 		case json_error_out_of_memory:

@@ -88,8 +88,8 @@ define_kafka_settings(void)
 
 	/*
 	 * Read when the workers are registered, in the postmaster.  A backend
-	 * that loads dwh without the preload may not define a postmaster
-	 * setting (that is FATAL): there it is a plain one, read by nothing.
+	 * that loads dwh without the preload may not define a postmaster setting
+	 * (that is FATAL): there it is a plain one, read by nothing.
 	 */
 	DefineCustomIntVariable("dwh.kafka_consumers",
 							"Number of Kafka consumer workers sharing the topic's partitions.",

@@ -18,11 +18,11 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
-#include "catalog/pg_type.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/jsonb.h"
@@ -108,8 +108,8 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
 	}
 
 	/*
-	 * This runs as whoever writes STG, with their search_path: the
-	 * statement names nothing that a search_path could redirect.
+	 * This runs as whoever writes STG, with their search_path: the statement
+	 * names nothing that a search_path could redirect.
 	 */
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
