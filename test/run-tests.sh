@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command of dwh: `sudo test/run-tests.sh`, or as root
+# The test command of dwh: as root `bash test/run-tests.sh` (a user with
+# sudo is re-run under sudo), or
 # `test/run-tests.sh`.
 #
 # Installs the build and test dependencies (test/install-deps.sh), copies
