@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The test command of dwh: as root `bash test/run-tests.sh` (a user with
-# sudo is re-run under sudo), or
-# `test/run-tests.sh`.
+# The test command of dwh: as root, `bash test/run-tests.sh` (a user with
+# sudo is re-run under sudo).
 #
 # Installs the build and test dependencies (test/install-deps.sh), copies
 # the source tree to a fresh directory, builds and installs the extension
