@@ -66,8 +66,8 @@ COMMENT ON FUNCTION dwh.hash_key(uuid, uuid) IS
 -- mode, so that a mart row is never computed from a dictionary state that
 -- a concurrent transaction is changing.
 CREATE FUNCTION dwh.dictionary_lock_key() RETURNS bigint
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT 7238964021746305793::bigint';
+    AS 'MODULE_PATHNAME', 'dwh_dictionary_lock_key'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION dwh.dictionary_lock_key() IS
     'Advisory lock key serialising dish category and name changes against order batches';
 

@@ -38,6 +38,7 @@ ALTER SYSTEM SET dwh.redis_url = 'redis://:secret%zz@host';
 ALTER SYSTEM SET dwh.redis_url = 'redis://[::1:6379';
 ALTER SYSTEM SET dwh.redis_url = 'unix://:secret-pw@relative.sock';
 ALTER SYSTEM SET dwh.redis_url = 'unix:///run/redis.sock?timeout=1';
+ALTER SYSTEM SET dwh.redis_url = 'unix://secret-pw@/run/redis@main/redis.sock';
 ALTER SYSTEM RESET dwh.redis_url;
 ALTER SYSTEM SET dwh.redis_max_value_size = 100;
 ALTER SYSTEM SET dwh.redis_timeout = '10min 1s';

@@ -489,6 +489,84 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(true);
 }
 
+/*
+ * Run work(arg) in a subtransaction, kept when it succeeds if keep is true
+ * and rolled back otherwise.  Returns NULL when it succeeded, or its error
+ * when returned(error) says the caller handles it (the subtransaction is
+ * rolled back); any other error is raised again.  The one body behind
+ * dwh_try_in_subtransaction, the trial of one message, and the claim's
+ * retry.
+ */
+static ErrorData *
+run_in_subtransaction(void (*work) (void *arg), void *arg, bool keep,
+					  bool (*returned) (ErrorData *edata))
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		work(arg);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+	}
+	PG_END_TRY();
+
+	if (edata == NULL && keep)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(oldcontext);
+	CurrentResourceOwner = oldowner;
+	if (edata != NULL && !returned(edata))
+		ReThrowError(edata);
+	return edata;
+}
+
+/* Is this the claim's 40001 (a concurrent batch renamed a dish)? */
+static bool
+is_serialization_failure(ErrorData *edata)
+{
+	return edata->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE;
+}
+
+/*
+ * The columns of rows[0..n-1] as arrays, for the statements below:
+ * arrays[0] object_id, [1] update_ts, [2] payload, [3] sent_dttm.
+ */
+static void
+order_arrays(OrderRow *rows, int n, Datum *arrays)
+{
+	DwhColumn	ids,
+				versions,
+				payloads,
+				sent;
+	int			i;
+
+	dwh_column_init(&ids, INT8OID, n);
+	dwh_column_init(&versions, TIMESTAMPOID, n);
+	dwh_column_init(&payloads, JSONBOID, n);
+	dwh_column_init(&sent, TIMESTAMPOID, n);
+	for (i = 0; i < n; i++)
+	{
+		dwh_column_add(&ids, Int64GetDatum(rows[i].object_id), false);
+		dwh_column_add(&versions, TimestampGetDatum(rows[i].update_ts), false);
+		dwh_column_add(&payloads, JsonbPGetDatum(rows[i].payload), false);
+		dwh_column_add(&sent, TimestampGetDatum(rows[i].sent_dttm), false);
+	}
+	arrays[0] = dwh_column_array(&ids);
+	arrays[1] = dwh_column_array(&versions);
+	arrays[2] = dwh_column_array(&payloads);
+	arrays[3] = dwh_column_array(&sent);
+}
+
 /* Arguments and result of the claim. */
 typedef struct ClaimCall
 {
@@ -498,8 +576,9 @@ typedef struct ClaimCall
 } ClaimCall;
 
 static void
-claim_call(ClaimCall *c)
+claim_call(void *arg)
 {
+	ClaimCall  *c = (ClaimCall *) arg;
 	MemoryContext caller = CurrentMemoryContext;
 	int			i;
 
@@ -528,51 +607,24 @@ claim_call(ClaimCall *c)
 static void
 claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more, ClaimCall *call)
 {
-	DwhColumn	payloads,
-				versions;
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	int			i;
+	OrderRow   *all = palloc(sizeof(OrderRow) * Max(n + n_more, 1));
+	Datum		arrays[4];
+	ErrorData  *edata;
 
-	dwh_column_init(&payloads, JSONBOID, n + n_more);
-	dwh_column_init(&versions, TIMESTAMPOID, n + n_more);
-	for (i = 0; i < n + n_more; i++)
-	{
-		OrderRow   *row = i < n ? &rows[i] : &more[i - n];
-
-		dwh_column_add(&payloads, JsonbPGetDatum(row->payload), false);
-		dwh_column_add(&versions, TimestampGetDatum(row->update_ts), false);
-	}
-	call->args[0] = dwh_column_array(&payloads);
-	call->args[1] = dwh_column_array(&versions);
+	memcpy(all, rows, sizeof(OrderRow) * n);
+	memcpy(all + n, more, sizeof(OrderRow) * n_more);
+	order_arrays(all, n + n_more, arrays);
+	call->args[0] = arrays[2];
+	call->args[1] = arrays[1];
 	call->args[2] = BoolGetDatum(false);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+	edata = run_in_subtransaction(claim_call, call, true, is_serialization_failure);
+	if (edata != NULL)
 	{
-		claim_call(call);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode != ERRCODE_T_R_SERIALIZATION_FAILURE)
-			ReThrowError(edata);
 		FreeErrorData(edata);
 		call->args[2] = BoolGetDatum(true);
 		claim_call(call);
 	}
-	PG_END_TRY();
 }
 
 /* Binary search of object_id in the sorted ids[0..n-1]. */
@@ -612,30 +664,11 @@ compare_int64(const void *a, const void *b)
 static void
 keep_superseded(OrderRow *rows, int n)
 {
-	DwhColumn	ids,
-				versions,
-				payloads,
-				sent;
 	Datum		args[4];
-	int			i;
 
 	if (n == 0)
 		return;
-	dwh_column_init(&ids, INT8OID, n);
-	dwh_column_init(&versions, TIMESTAMPOID, n);
-	dwh_column_init(&payloads, JSONBOID, n);
-	dwh_column_init(&sent, TIMESTAMPOID, n);
-	for (i = 0; i < n; i++)
-	{
-		dwh_column_add(&ids, Int64GetDatum(rows[i].object_id), false);
-		dwh_column_add(&versions, TimestampGetDatum(rows[i].update_ts), false);
-		dwh_column_add(&payloads, JsonbPGetDatum(rows[i].payload), false);
-		dwh_column_add(&sent, TimestampGetDatum(rows[i].sent_dttm), false);
-	}
-	args[0] = dwh_column_array(&ids);
-	args[1] = dwh_column_array(&versions);
-	args[2] = dwh_column_array(&payloads);
-	args[3] = dwh_column_array(&sent);
+	order_arrays(rows, n, args);
 	if (SPI_execute_plan(insert_history_plan, args, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not keep superseded orders");
 }
@@ -686,27 +719,17 @@ upsert_orders_deferred(OrderRow *rows, int n, OrderRow *superseded,
 	Oid			types[6] = {UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID,
 	UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID};
 	Datum		apply_args[6];
+	Datum		arrays[4];
 	Datum		args[3];
-	DwhColumn	o_id,
-				o_sent,
-				o_payload;
 	uint64		processed;
 	int64	   *stored;
 	uint64		r;
 	int			i;
 
-	dwh_column_init(&o_id, INT8OID, n);
-	dwh_column_init(&o_sent, TIMESTAMPOID, n);
-	dwh_column_init(&o_payload, JSONBOID, n);
-	for (i = 0; i < n; i++)
-	{
-		dwh_column_add(&o_id, Int64GetDatum(rows[i].object_id), false);
-		dwh_column_add(&o_sent, TimestampGetDatum(rows[i].sent_dttm), false);
-		dwh_column_add(&o_payload, JsonbPGetDatum(rows[i].payload), false);
-	}
-	args[0] = dwh_column_array(&o_id);
-	args[1] = dwh_column_array(&o_sent);
-	args[2] = dwh_column_array(&o_payload);
+	order_arrays(rows, n, arrays);
+	args[0] = arrays[0];		/* object_id */
+	args[1] = arrays[3];		/* sent_dttm */
+	args[2] = arrays[2];		/* payload */
 
 	d.context = CurrentMemoryContext;
 	d.calls = 0;
@@ -938,34 +961,7 @@ dwh_error_is_about_data(ErrorData *edata)
 ErrorData *
 dwh_try_in_subtransaction(void (*work) (void *arg), void *arg)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *volatile edata = NULL;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-
-	PG_TRY();
-	{
-		work(arg);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (!dwh_error_is_about_data(edata))
-			ReThrowError(edata);
-	}
-	PG_END_TRY();
-
-	return edata;
+	return run_in_subtransaction(work, arg, true, dwh_error_is_about_data);
 }
 
 /* The arguments of ingest_messages, for dwh_try_in_subtransaction. */
@@ -1008,30 +1004,10 @@ static ErrorData *
 trial_in_subtransaction(DwhIngestItem *item, const char *source,
 						const char *topic)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *volatile edata = NULL;
 	DwhIngestResult ignored = {0};
+	IngestCall	call = {item, 1, source, topic, &ignored};
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		ingest_messages(item, 1, source, topic, &ignored);
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-	}
-	PG_END_TRY();
-	RollbackAndReleaseCurrentSubTransaction();
-	MemoryContextSwitchTo(oldcontext);
-	CurrentResourceOwner = oldowner;
-	if (edata != NULL && !dwh_error_is_about_data(edata))
-		ReThrowError(edata);
-	return edata;
+	return run_in_subtransaction(ingest_call, &call, false, dwh_error_is_about_data);
 }
 
 /*

@@ -288,6 +288,17 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
  */
 #define DWH_DICTIONARY_LOCK_KEY INT64CONST(7238964021746305793)
 
+PG_FUNCTION_INFO_V1(dwh_dictionary_lock_key);
+
+/*
+ * dwh.dictionary_lock_key() returns bigint: the key, for SQL.
+ */
+Datum
+dwh_dictionary_lock_key(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64(DWH_DICTIONARY_LOCK_KEY);
+}
+
 static void
 dictionary_locktag(LOCKTAG *tag)
 {
