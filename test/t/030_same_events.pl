@@ -13,6 +13,11 @@
 #   shuffled    one statement per event, in a random order
 #   batches     dwh.ingest_orders() batches and multi-row dictionary upserts
 #   concurrent  2-3 connections at once, one transaction per statement
+#   copy        COPY of the events whose keys are new, upserts for the rest
+#   kafka       order messages produced to 3 partitions of a real broker and
+#               applied by two workers, dictionary values written before,
+#               while and after; then one partition replayed from the
+#               world's first message with dwh.kafka_seek()
 #   restore_j   pg_dump -Fc of one of them, pg_restore -j 4 into a new database
 #   restore_data  the same dump, pg_restore --data-only after CREATE EXTENSION
 #
@@ -31,7 +36,7 @@
 #
 # Environment: DWH_PROPERTY_SEED (first seed; world i uses seed + i),
 # DWH_PROPERTY_SECONDS (worlds are run until this many seconds are spent,
-# default 120), DWH_PROPERTY_WORLDS (run exactly this many worlds instead),
+# default 180), DWH_PROPERTY_WORLDS (run exactly this many worlds instead),
 # DWH_PROPERTY_SHRINK_SECONDS (default 60), DWH_PROPERTY_KEEP_GOING (go on
 # with more worlds after a failing one).
 
@@ -47,6 +52,7 @@ use IPC::Run;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use DwhTest qw(start_broker);
 use SameEvents;
 use Test::More;
 use Time::HiRes qw(time usleep);
@@ -58,18 +64,34 @@ sub utf8_note { note(map { encode('UTF-8', $_) } @_); return; }
 $ENV{PGCLIENTENCODING} = 'UTF8';
 
 my $base_seed = $ENV{DWH_PROPERTY_SEED} // (int(time() * 1000) ^ ($$ << 10)) % 1000000000;
-my $budget = $ENV{DWH_PROPERTY_SECONDS} // 120;
+my $budget = $ENV{DWH_PROPERTY_SECONDS} // 180;
 my $fixed_worlds = $ENV{DWH_PROPERTY_WORLDS};
 my $shrink_budget = $ENV{DWH_PROPERTY_SHRINK_SECONDS} // 60;
 my $keep_going = $ENV{DWH_PROPERTY_KEEP_GOING};
 
 diag("030_same_events: seed $base_seed (DWH_PROPERTY_SEED=$base_seed to repeat)");
 
+# Path (k): a broker with one topic that this test alone writes, and two
+# workers pointed at each world's database in turn (dwh.database), idle in
+# between.
+my $kafka_partitions = 3;
+my $kafka_topic = 'property_orders';
+my @kafka_end = (0) x $kafka_partitions;
+my $broker = start_broker(topic => $kafka_topic, partitions => $kafka_partitions);
+
 my $node = PostgreSQL::Test::Cluster->new('same_events');
 $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
-$node->append_conf('postgresql.conf',
-	"shared_preload_libraries = 'dwh'\nmax_locks_per_transaction = 128\n");
+$node->append_conf('postgresql.conf', <<"EOC");
+shared_preload_libraries = 'dwh'
+max_locks_per_transaction = 128
+dwh.kafka_brokers = '$broker->{bootstrap}'
+dwh.kafka_topic = '$kafka_topic'
+dwh.kafka_consumers = 2
+dwh.kafka_batch_wait = 10
+dwh.database = 'kafka_idle'
+EOC
 $node->start;
+$node->safe_psql('postgres', 'CREATE DATABASE kafka_idle');
 
 my $tmp = PostgreSQL::Test::Utils::tempdir();
 
@@ -84,19 +106,26 @@ sub sql
 	return decode('UTF-8', $node->safe_psql($db, encode('UTF-8', $query)));
 }
 
-# psql running a script file, one statement a line, each in its own
-# transaction, going on after an error.
+# psql running a script file, each statement in its own transaction, going
+# on after an error.  A statement is one line, except a COPY with its data.
+# Returns the command and the first line of each statement.
 my $script_counter = 0;
 
 sub psql_script
 {
 	my ($db, $statements) = @_;
 	my $file = sprintf('%s/script_%d.sql', $tmp, ++$script_counter);
+	my ($line, @starts) = (1);
 	open(my $fh, '>:encoding(UTF-8)', $file) or die "could not write $file: $!";
-	print $fh map { "$_\n" } @$statements;
+	foreach my $statement (@$statements)
+	{
+		push @starts, $line;
+		print $fh "$statement\n";
+		$line += 1 + ($statement =~ tr/\n//);
+	}
 	close($fh);
-	return ('psql', '-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=0',
-		'-h', $node->host, '-p', $node->port, '-d', $db, '-f', $file);
+	return ([ 'psql', '-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=0',
+		'-h', $node->host, '-p', $node->port, '-d', $db, '-f', $file ], \@starts);
 }
 
 # The errors psql reports for a script: a list of [statement index,
@@ -104,13 +133,15 @@ sub psql_script
 # gives index -1.
 sub script_errors
 {
-	my ($stderr, $exit) = @_;
+	my ($stderr, $exit, $starts) = @_;
 	my (@errors, $current);
 	foreach my $line (split /\n/, decode('UTF-8', $stderr))
 	{
 		if ($line =~ /^psql:[^:]*:(\d+): (ERROR|FATAL|PANIC):\s*(.*)$/)
 		{
-			$current = [ $1 - 1, "$2: $3" ];
+			my $at = $1;
+			my $i = scalar grep { $_ <= $at } @$starts;
+			$current = [ $i - 1, "$2: $3" ];
 			push @errors, $current;
 		}
 		elsif ($line =~ /^psql:/)
@@ -133,8 +164,9 @@ sub run_statements
 	my ($db, $statements) = @_;
 	return () unless @$statements;
 	my ($out, $err) = ('', '');
-	IPC::Run::run([ psql_script($db, $statements) ], '<', \undef, '>', \$out, '2>', \$err);
-	return script_errors($err, $? >> 8);
+	my ($cmd, $starts) = psql_script($db, $statements);
+	IPC::Run::run($cmd, '<', \undef, '>', \$out, '2>', \$err);
+	return script_errors($err, $? >> 8, $starts);
 }
 
 # Run scripts on as many connections at once.  Each connection first waits
@@ -152,8 +184,9 @@ sub run_concurrently
 	foreach my $script (@scripts)
 	{
 		my %run = (out => '', err => '');
-		$run{handle} = IPC::Run::start([ psql_script($db, [ $barrier, @$script ]) ],
-			'<', \undef, '>', \$run{out}, '2>', \$run{err});
+		my $cmd;
+		($cmd, $run{starts}) = psql_script($db, [ $barrier, @$script ]);
+		$run{handle} = IPC::Run::start($cmd, '<', \undef, '>', \$run{out}, '2>', \$run{err});
 		push @runs, \%run;
 	}
 	my $deadline = time() + 60;
@@ -178,7 +211,7 @@ WHERE locktype = 'advisory' AND classid = 7070 AND objid = 30 AND objsubid = 2
 		$run->{handle}->finish;
 		push @errors, [
 			map { [ $_->[0] - 1, $_->[1] ] }
-			  script_errors($run->{err}, $run->{handle}->result(0))
+			  script_errors($run->{err}, $run->{handle}->result(0), $run->{starts})
 		];
 	}
 	return @errors;
@@ -261,6 +294,34 @@ sub dictionary_batch_statement
 	  . ' ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload;';
 }
 
+# (e) rows of distinct new keys in one COPY (text format).
+sub copy_field
+{
+	my ($s) = @_;
+	$s =~ s/\\/\\\\/g;
+	$s =~ s/\t/\\t/g;
+	$s =~ s/\n/\\n/g;
+	$s =~ s/\r/\\r/g;
+	return $s;
+}
+
+sub copy_statement
+{
+	my (@events) = @_;
+	my ($table, $columns, @rows);
+	if ($events[0]{kind} eq 'order')
+	{
+		($table, $columns) = ('stg.order_events', 'object_id, object_type, sent_dttm, payload');
+		@rows = map { join("\t", $_->{key}, 'order', $_->{sent}, copy_field($_->{text})) } @events;
+	}
+	else
+	{
+		($table, $columns) = (dictionary_table($events[0]), 'object_id, payload');
+		@rows = map { join("\t", copy_field($_->{key}), copy_field($_->{text})) } @events;
+	}
+	return join("\n", "COPY $table ($columns) FROM STDIN;", @rows, '\\.');
+}
+
 #
 # Plans: how each database receives the events.  A plan names events by
 # number, so that it still applies, in the same relative order and
@@ -271,7 +332,9 @@ my %path_text = (
 	a => '(a) one statement per event',
 	b => '(b) ingest_orders batches and multi-row upserts',
 	c => '(c) concurrent connections',
-	d => '(d) pg_dump and pg_restore');
+	d => '(d) pg_dump and pg_restore',
+	e => '(e) COPY',
+	k => '(k) the Kafka workers');
 
 sub make_plans
 {
@@ -322,10 +385,34 @@ sub make_plans
 		connection => \%connection, style => \%style, connections => $connections,
 		what => "$connections connections at once" };
 
-	my $source = $rng->pick('shuffled', 'batches', 'concurrent');
+	# COPY: a run of events of one kind whose keys are not loaded yet goes
+	# in one COPY (1..6 rows); an event whose key is loaded is an upsert.
+	my %limit;
+	@order = $rng->shuffle(@n);
+	$limit{$_} = $rng->range(1, 6) foreach @order;
+	push @plans, { name => 'copy', path => 'e', order => \@order, limit => \%limit,
+		what => 'in a random order, COPY for new keys, upserts for the rest' };
+
+	# The Kafka workers: order messages produced to random partitions (each
+	# partition in a random order) and consumed by two workers; dictionary
+	# values written before, while and after they consume; then one
+	# partition replayed with dwh.kafka_seek().
+	my (%partition, %phase);
+	@order = $rng->shuffle(@n);
+	foreach my $n (@order)
+	{
+		$partition{$n} = $rng->below($kafka_partitions);
+		$phase{$n} = $rng->pick('before', 'while', 'after');
+	}
+	my $replay = $rng->below($kafka_partitions);
+	push @plans, { name => 'kafka', path => 'k', order => \@order, partition => \%partition,
+		phase => \%phase, replay => $replay,
+		what => "$kafka_partitions partitions, 2 workers, partition $replay replayed" };
+
+	my $source = $rng->pick('shuffled', 'batches', 'concurrent', 'copy', 'kafka');
 	push @plans, { name => 'restore_j', path => 'd', source => $source,
 		what => "pg_restore -j 4 of a dump of $source" };
-	$source = $rng->pick('inorder', 'shuffled', 'batches', 'concurrent');
+	$source = $rng->pick('inorder', 'shuffled', 'batches', 'concurrent', 'copy', 'kafka');
 	push @plans, { name => 'restore_data', path => 'd', source => $source, data_only => 1,
 		what => "pg_restore --data-only of a dump of $source after CREATE EXTENSION" };
 	return \@plans;
@@ -379,6 +466,34 @@ sub build_database
 			@group = ();
 		}
 	}
+	elsif ($plan->{path} eq 'e')
+	{
+		my (%loaded, @group);
+		my $flush = sub {
+			return unless @group;
+			push @statements, copy_statement(map { $by_n->{$_} } @group);
+			push @covers, [@group];
+			@group = ();
+		};
+		foreach my $n (@order)
+		{
+			my $e = $by_n->{$n};
+			my $id = "$e->{kind} $e->{key}";
+			if ($loaded{$id})
+			{
+				$flush->();
+				push @statements, event_statement($e);
+				push @covers, [$n];
+				next;
+			}
+			$flush->()
+			  if @group
+			  && ($by_n->{ $group[0] }{kind} ne $e->{kind} || @group >= $plan->{limit}{$n});
+			push @group, $n;
+			$loaded{$id} = 1;
+		}
+		$flush->();
+	}
 	if ($plan->{path} ne 'c')
 	{
 		foreach my $error (run_statements($db, \@statements))
@@ -418,6 +533,92 @@ sub build_database
 	{
 		push @errors, "event #$failed[$error->[0]] applied again: $error->[1]";
 	}
+	return @errors;
+}
+
+# (k) Start the Kafka plan in $db: the workers start where this world's
+# messages begin, dictionary values of the phase "before" are written, and
+# the order messages are produced.  The workers need a few seconds to move
+# to the database; other plans are built meanwhile.  Returns the plan's
+# state for finish_kafka_plan().
+sub start_kafka_plan
+{
+	my ($plan, $by_n, $db) = @_;
+	my @order = grep { $by_n->{$_} } @{ $plan->{order} };
+	my %run = (start => [@kafka_end], order => \@order, errors => []);
+
+	create_database($db, 1);
+	sql($db, join("\n", map { "SELECT dwh.kafka_seek($_, $kafka_end[$_], '$kafka_topic');" }
+		  0 .. $kafka_partitions - 1));
+	sql('postgres', "ALTER SYSTEM SET dwh.database = '$db'");
+	sql('postgres', 'SELECT pg_reload_conf()');
+	push @{ $run{errors} }, kafka_dictionaries($plan, $by_n, $db, \@order, 'before');
+
+	foreach my $p (0 .. $kafka_partitions - 1)
+	{
+		my @messages = map { $by_n->{$_}{message} }
+		  grep { $by_n->{$_}{kind} eq 'order' && $plan->{partition}{$_} == $p } @order;
+		next unless @messages;
+		my $file = "$tmp/kafka_$db.$p.txt";
+		open(my $fh, '>:encoding(UTF-8)', $file) or die "could not write $file: $!";
+		print $fh map { "$_\n" } @messages;
+		close($fh);
+		push @{ $run{errors} }, run_client('kcat', '-P', '-q', '-b', $broker->{bootstrap},
+			'-t', $kafka_topic, '-p', $p, '-l', $file);
+		$kafka_end[$p] += @messages;
+	}
+	$run{end} = [@kafka_end];
+	return \%run;
+}
+
+# The dictionary values of one phase, one statement each, in the plan's
+# order.
+sub kafka_dictionaries
+{
+	my ($plan, $by_n, $db, $order, $phase) = @_;
+	my @events = grep { $_->{kind} ne 'order' && $plan->{phase}{ $_->{n} } eq $phase }
+	  map { $by_n->{$_} } @$order;
+	return map { "event #$events[$_->[0]]{n} ($phase the workers): $_->[1]" }
+	  run_statements($db, [ map { event_statement($_) } @events ]);
+}
+
+# Wait until the workers applied every message of the run in $db and took
+# every requested seek.
+sub kafka_caught_up
+{
+	my ($db, $run, $what) = @_;
+	my $expected = 0;
+	$expected += $_ foreach @{ $run->{end} };
+	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
+	my $query = "SELECT coalesce(sum(next_offset), 0) = $expected"
+	  . " AND NOT coalesce(bool_or(seek_requested), false)"
+	  . " FROM dwh.kafka_offsets WHERE topic = '$kafka_topic'";
+	while (time() < $deadline)
+	{
+		return () if sql($db, $query) eq 't';
+		usleep(50_000);
+	}
+	return ("the workers did not apply every message $what: offsets "
+		  . sql($db, "SELECT string_agg(kafka_partition || ':' || coalesce(next_offset::text, '-'), ' ') FROM dwh.kafka_offsets")
+		  . " (expected @{ $run->{end} }); status: "
+		  . sql('postgres', q{SELECT string_agg(worker || ' ' || state, '; ') FROM dwh.status}));
+}
+
+# (k) Finish the Kafka plan: dictionary values "while" the workers consume,
+# wait for them, the values "after", then a replay of one partition from
+# the world's first message.  The workers go back to the idle database.
+sub finish_kafka_plan
+{
+	my ($plan, $by_n, $db, $run) = @_;
+	my @errors = @{ $run->{errors} };
+	push @errors, kafka_dictionaries($plan, $by_n, $db, $run->{order}, 'while');
+	push @errors, kafka_caught_up($db, $run, 'produced');
+	push @errors, kafka_dictionaries($plan, $by_n, $db, $run->{order}, 'after');
+	my $p = $plan->{replay};
+	sql($db, "SELECT dwh.kafka_seek($p, $run->{start}[$p], '$kafka_topic')");
+	push @errors, kafka_caught_up($db, $run, "after the replay of partition $p");
+	sql('postgres', "ALTER SYSTEM SET dwh.database = 'kafka_idle'");
+	sql('postgres', 'SELECT pg_reload_conf()');
 	return @errors;
 }
 
@@ -554,18 +755,33 @@ sub run_plans
 	my ($events, $plans, $prefix, $expected_sql) = @_;
 	my %by_n = map { $_->{n} => $_ } @$events;
 	my %plan = map { $_->{name} => $_ } @$plans;
-	my %built;
-	foreach my $p (@$plans)
+	my (%built, %kafka_run);
+
+	# The Kafka plan first: its workers move to the database meanwhile.
+	foreach my $p (grep { $_->{path} eq 'k' } @$plans)
+	{
+		my $db = sprintf('%s_%d_%s', $prefix, ++$database_counter, $p->{name});
+		$kafka_run{ $p->{name} } = start_kafka_plan($p, \%by_n, $db);
+		$built{ $p->{name} } = { db => $db };
+	}
+	my $finish = sub {
+		my ($name) = @_;
+		my $run = delete $kafka_run{$name} or return;
+		$built{$name}{errors} = [ finish_kafka_plan($plan{$name}, \%by_n, $built{$name}{db}, $run) ];
+	};
+	foreach my $p (grep { $_->{path} ne 'k' } @$plans)
 	{
 		my $source = $p->{source};
 		if ($source && !$built{$source})
 		{
 			die "plan $p->{name} needs $source first" unless $plan{$source};
 		}
+		$finish->($source) if $source;
 		my $db = sprintf('%s_%d_%s', $prefix, ++$database_counter, $p->{name});
 		my @errors = build_database($p, \%by_n, $db, $source ? $built{$source}{db} : undef);
 		$built{ $p->{name} } = { db => $db, errors => \@errors };
 	}
+	$finish->($_) foreach sort keys %kafka_run;
 	$built{$_}{snapshot} = snapshot($built{$_}{db}, $expected_sql) foreach keys %built;
 	unlink glob("$tmp/${prefix}_*.dump");
 	return \%built;

@@ -9,8 +9,8 @@
 # table holds the same rows (but for load-time columns) as a database that
 # received the same messages and menus once, one at a time.
 #
-# Environment: DWH_DEADLOCK_ORDERS (60000) orders in the stream (about half a
-# minute of concurrent writing on 2 cores; more for longer runs),
+# Environment: DWH_DEADLOCK_ORDERS (150000) orders in the stream (about two
+# minutes of concurrent writing on 2 cores; more for longer runs),
 # DWH_DEADLOCK_SEED (random) drives batching and interleaving; the seed is
 # printed.
 
@@ -27,7 +27,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $orders = $ENV{DWH_DEADLOCK_ORDERS} // 60000;
+my $orders = $ENV{DWH_DEADLOCK_ORDERS} // 150000;
 my $seed = $ENV{DWH_DEADLOCK_SEED} // int(rand(1_000_000));
 note("seed $seed (DWH_DEADLOCK_SEED=$seed reruns it), $orders orders");
 srand($seed);
