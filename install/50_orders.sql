@@ -7,12 +7,13 @@
 -- payloads); the triggers at the end call them in order.
 
 -- Orders new to DDS (the usual case): nothing counted before.  No other
--- transaction can write their links (it would first conflict on
--- stg.order_events.object_id), so those are plain INSERTs.  Rows go in hub
--- key order: the random UUID keys then fill index pages one after the
--- other, and so do the foreign-key checks.  (A concurrent writer of an
--- order's history, such as a parallel restore, may have loaded its hub and
--- satellite rows meanwhile: those are upserts.)
+-- transaction can write their hub, links or satellites meanwhile: an ingest
+-- or an upsert would first conflict on stg.order_events.object_id, and a
+-- direct write of history (a restore, say) holds the dictionary lock
+-- exclusively (dwh.stg_statement_lock()).  So all are plain INSERTs: no
+-- arbiter probes, no speculative insertions.  Rows go in hub key order:
+-- the random UUID keys then fill index pages one after the other, and so
+-- do the foreign-key checks.
 CREATE FUNCTION dwh.load_new_orders(object_ids bigint[], versions timestamp[],
                                     payloads jsonb[],
                                     OUT product_users uuid[], OUT products uuid[],
@@ -47,11 +48,9 @@ BEGIN
         WHERE l.h_product_pk IN (SELECT h_product_pk FROM item)
     ),
     order_hub AS (
-        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+        INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
         SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
         FROM batch
-        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
-        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
     ),
     order_user_link AS (
         INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
@@ -64,27 +63,19 @@ BEGIN
         FROM item
     ),
     status_satellite AS (
-        INSERT INTO dds.s_order_status AS s
+        INSERT INTO dds.s_order_status
                (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
         SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
                update_ts, 'stg.order_events'
         FROM batch
-        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-        SET status = EXCLUDED.status,
-            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
-        WHERE s.status IS DISTINCT FROM EXCLUDED.status
     ),
     cost_satellite AS (
-        INSERT INTO dds.s_order_cost AS s
+        INSERT INTO dds.s_order_cost
                (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
         SELECT h_order_pk, cost, payment,
                dwh.hash_key(h_order_pk::text || cost::text || payment::text),
                update_ts, 'stg.order_events'
         FROM batch
-        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
-            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
-        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
     ),
     -- In no particular order: dwh.apply_mart_deltas writes in key order.
     product_delta_keys AS (

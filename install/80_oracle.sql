@@ -283,11 +283,8 @@ BEGIN
               WHERE object_id BETWEEN bounds.lo AND bounds.hi) x,
              dwh.claim_order_keys(x.p, x.v, true) c;
 
-        PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
-                                           array_agg(payload))
-        FROM stg.order_event_history
-        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
-
+        -- Current versions first: dwh.load_new_orders() expects no DDS
+        -- rows of their orders.
         SELECT array_agg(object_id), array_agg(update_ts), array_agg(payload)
         INTO object_ids, versions, payloads
         FROM stg.order_events
@@ -295,6 +292,11 @@ BEGIN
         d := dwh.load_new_orders(object_ids, versions, payloads);
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
                                       d.category_users, d.categories, d.category_deltas);
+
+        PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
+                                           array_agg(payload))
+        FROM stg.order_event_history
+        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
 
         PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
     END LOOP;

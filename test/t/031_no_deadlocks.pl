@@ -9,8 +9,8 @@
 # table holds the same rows (but for load-time columns) as a database that
 # received the same messages and menus once, one at a time.
 #
-# Environment: DWH_DEADLOCK_ORDERS (150000) orders in the stream (about two
-# minutes of concurrent writing on 2 cores; more for longer runs),
+# Environment: DWH_DEADLOCK_ORDERS (150000) orders in the stream (a minute
+# and a half of concurrent writing on 2 cores; more for longer runs),
 # DWH_DEADLOCK_SEED (random) drives batching and interleaving; the seed is
 # printed.
 
