@@ -197,6 +197,7 @@ WHERE object_id IN (30, 31);
 -- An order with many items, then a version with one item less: every
 -- link but one stays (the unlinking is one anti-join, not one scan of the
 -- items per link).
+SET dwh.max_order_items = 2000;
 SELECT dwh.ingest_order(t.order_msg(32, 'u8', 'CANCELLED', '2023-02-01 10:00:00',
                                     (SELECT jsonb_agg(jsonb_build_object('id', 'big' || n, 'name', 'Блюдо ' || n,
                                                                          'price', 100, 'quantity', 2))
@@ -205,6 +206,7 @@ SELECT dwh.ingest_order(t.order_msg(32, 'u8', 'CANCELLED', '2023-02-01 11:00:00'
                                     (SELECT jsonb_agg(jsonb_build_object('id', 'big' || n, 'name', 'Блюдо ' || n,
                                                                          'price', 100, 'quantity', 2))
                                      FROM generate_series(2, 2000) n)));
+RESET dwh.max_order_items;
 SELECT count(*) AS links FROM dds.l_order_product WHERE h_order_pk = dwh.hash_key('32');
 SELECT * FROM t.check();
 
@@ -221,3 +223,27 @@ SELECT dwh.ingest_order('{"object_id": 123456789012345678901234567890, "object_t
 SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
 SELECT object_type, message->'big' AS big FROM stg.other_events WHERE object_type = 'ping' ORDER BY id;
 SELECT object_id FROM stg.order_events WHERE object_id = 33;
+
+-- Items per order are bounded by dwh.max_order_items: above it a message
+-- is dead-lettered with 54000, a direct write fails with 54000; at the
+-- limit it is applied.
+DELETE FROM dwh.dead_letters;
+SET dwh.max_order_items = 3;
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(34, 'u9', 'CLOSED', '2023-03-02 10:00:00',
+                           t.items('d1:Плов', 'd2:Лагман', 'd3:Шурпа', 'd4:Чай')), 'UTF8'),
+    convert_to(t.order_msg(35, 'u9', 'CLOSED', '2023-03-02 10:00:00',
+                           t.items('d1:Плов', 'd2:Лагман', 'd3:Шурпа')), 'UTF8')]);
+SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
+SELECT object_id FROM stg.order_events WHERE object_id IN (34, 35) ORDER BY 1;
+\set VERBOSITY sqlstate
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+SELECT 36, 'order', '2023-03-02 10:00:00',
+       t.order_msg(36, 'u9', 'CLOSED', '2023-03-02 10:00:00',
+                   t.items('d1:Плов', 'd2:Лагман', 'd3:Шурпа', 'd4:Чай'))::jsonb->'payload';
+\set VERBOSITY default
+RESET dwh.max_order_items;
+SELECT outcome FROM dwh.replay_dead_letters();
+SELECT count(*) AS dead_letters FROM dwh.dead_letters;
+SELECT object_id FROM stg.order_events WHERE object_id IN (34, 35, 36) ORDER BY 1;
+SELECT * FROM t.check();

@@ -384,6 +384,10 @@ dwh_order_payload_check(JsonbContainer *payload, Timestamp *update_ts,
 		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
 						   "payload.order_items must be an array");
 	n = JsonContainerSize(v.val.binary.data);
+	if (n > dwh_max_order_items)
+		return problem_set(problem, ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+						   "payload.order_items lists %d items, more than dwh.max_order_items (%d)",
+						   n, dwh_max_order_items);
 	for (i = 0; i < n; i++)
 	{
 		JsonbValue *item = getIthJsonbValueFromContainer(v.val.binary.data, i);

@@ -19,6 +19,7 @@
 
 char	   *dwh_database = NULL;
 int			dwh_max_message_size = 1024 * 1024;
+int			dwh_max_order_items = 1000;
 
 char	   *dwh_kafka_brokers = NULL;
 char	   *dwh_kafka_topic = NULL;
@@ -243,6 +244,21 @@ dwh_settings_define(void)
 							64 * 1024 * 1024,
 							PGC_SUSET,
 							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+
+	/*
+	 * Each item costs a link and its share of the mart deltas at every
+	 * version; the bound keeps one message from holding a partition for long.
+	 */
+	DefineCustomIntVariable("dwh.max_order_items",
+							"Most items an order version may list; one with more is refused (dead-lettered by the ingest functions).",
+							NULL,
+							&dwh_max_order_items,
+							1000,
+							1,
+							100000,
+							PGC_SUSET,
+							0,
 							NULL, NULL, NULL);
 
 	define_kafka_settings();
