@@ -14,6 +14,7 @@ OBJS = \
 	src/dwh_message.o \
 	src/dwh_stg_guard.o \
 	src/dwh_columns.o \
+	src/dwh_dead_letter.o \
 	src/dwh_ingest.o \
 	src/dwh_secrets.o \
 	src/dwh_status.o \

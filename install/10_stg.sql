@@ -88,11 +88,19 @@ CREATE TABLE stg.other_events (
     topic           text,
     kafka_partition integer,
     kafka_offset    bigint,
-    received_at     timestamptz NOT NULL DEFAULT now()
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    source          text NOT NULL,
+    raw_sha256      bytea NOT NULL,
+    position_mismatch boolean NOT NULL DEFAULT false
 );
--- A message replayed from Kafka (dwh.kafka_seek) is kept once.
+-- A message is identified by who handed it in, its Kafka position and its
+-- bytes: delivered again (dwh.kafka_seek, a loader's retry) it is kept
+-- once, and a position a SQL caller named never hides what the Kafka worker
+-- later reads there.  Other bytes at a known position are kept too,
+-- flagged (see dwh.ingest_orders).
 CREATE UNIQUE INDEX other_events_kafka_position_idx
-    ON stg.other_events (topic, kafka_partition, kafka_offset)
+    ON stg.other_events (kafka_partition, kafka_offset, source, topic, raw_sha256)
+    NULLS NOT DISTINCT
     WHERE kafka_offset IS NOT NULL;
 COMMENT ON TABLE stg.other_events IS 'Valid messages of an object_type other than ''order'': kept whole, out of the counts';
 COMMENT ON COLUMN stg.other_events.id IS 'Surrogate row number';
@@ -104,6 +112,9 @@ COMMENT ON COLUMN stg.other_events.topic IS 'Kafka topic it came from, when know
 COMMENT ON COLUMN stg.other_events.kafka_partition IS 'Kafka partition it came from, when known';
 COMMENT ON COLUMN stg.other_events.kafka_offset IS 'Kafka offset it came from, when known';
 COMMENT ON COLUMN stg.other_events.received_at IS 'When it was stored';
+COMMENT ON COLUMN stg.other_events.source IS 'Who handed it in: kafka (the Kafka worker) or sql (dwh.ingest_order[s]); part of what identifies it with its Kafka position';
+COMMENT ON COLUMN stg.other_events.raw_sha256 IS 'SHA-256 of the message exactly as received: the same bytes at the same source and position are a replay, kept once';
+COMMENT ON COLUMN stg.other_events.position_mismatch IS 'True when other bytes were already stored at this source and Kafka position (as an other event or a dead letter): a recreated topic, or a caller that named a wrong position';
 
 CREATE TABLE stg.users (
     id          bigserial PRIMARY KEY,

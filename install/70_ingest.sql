@@ -12,23 +12,34 @@ CREATE TABLE dwh.dead_letters (
     source_key      text,
     raw             bytea NOT NULL,
     reason          text NOT NULL,
-    sqlstate        char(5) NOT NULL
+    sqlstate        char(5) NOT NULL,
+    raw_length      bigint NOT NULL,
+    raw_sha256      bytea NOT NULL,
+    position_mismatch boolean NOT NULL DEFAULT false
 );
 CREATE INDEX dead_letters_received_at_idx ON dwh.dead_letters (received_at);
--- A message replayed from Kafka (dwh.kafka_seek) is dead-lettered once.
+-- A message is identified by who handed it in, its Kafka position and its
+-- bytes: delivered again (dwh.kafka_seek, a loader's retry) it is
+-- dead-lettered once, and a position a SQL caller named never hides what
+-- the Kafka worker later reads there.  Other bytes at a known position are
+-- kept too, flagged (see dwh.ingest_orders).
 CREATE UNIQUE INDEX dead_letters_kafka_position_idx
-    ON dwh.dead_letters (topic, kafka_partition, kafka_offset)
+    ON dwh.dead_letters (kafka_partition, kafka_offset, source, topic, raw_sha256)
+    NULLS NOT DISTINCT
     WHERE kafka_offset IS NOT NULL;
-COMMENT ON TABLE dwh.dead_letters IS 'Values that could not be loaded, with their raw bytes, origin and reason';
+COMMENT ON TABLE dwh.dead_letters IS 'Values that could not be loaded, with their raw bytes (a bounded prefix), origin and reason';
 COMMENT ON COLUMN dwh.dead_letters.id IS 'Surrogate row number';
 COMMENT ON COLUMN dwh.dead_letters.received_at IS 'When the value was refused';
-COMMENT ON COLUMN dwh.dead_letters.source IS 'Who handed it in: kafka (the Kafka worker), redis (the Redis worker) or sql (dwh.ingest_order[s])';
+COMMENT ON COLUMN dwh.dead_letters.source IS 'Who handed it in: kafka (the Kafka worker), redis (the Redis worker) or sql (dwh.ingest_order[s]); part of what identifies it with its Kafka position';
 COMMENT ON COLUMN dwh.dead_letters.topic IS 'Kafka topic, when known';
 COMMENT ON COLUMN dwh.dead_letters.kafka_partition IS 'Kafka partition, when known';
 COMMENT ON COLUMN dwh.dead_letters.kafka_offset IS 'Kafka offset, when known';
 COMMENT ON COLUMN dwh.dead_letters.source_key IS 'Redis key (or Kafka message key), when known';
-COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received';
+COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received, or its first dwh.dead_letter_keep_bytes bytes when it is longer (then shorter than raw_length)';
 COMMENT ON COLUMN dwh.dead_letters.reason IS 'Why it was refused';
+COMMENT ON COLUMN dwh.dead_letters.raw_length IS 'Length in bytes of the whole value';
+COMMENT ON COLUMN dwh.dead_letters.raw_sha256 IS 'SHA-256 of the whole value: checks a copy found elsewhere, and the same bytes at the same source and position are a replay, kept once';
+COMMENT ON COLUMN dwh.dead_letters.position_mismatch IS 'True when other bytes were already stored at this source and Kafka position (as a dead letter or an other event): a recreated topic, or a caller that named a wrong position';
 COMMENT ON COLUMN dwh.dead_letters.sqlstate IS 'SQLSTATE of the refusal (22P02 wrong shape, 22032 not JSON, 22021 bad UTF-8, 22007 bad timestamp, 22003 out of range, 54000 too large, ...)';
 
 CREATE FUNCTION dwh.ingest_order(message bytea, topic text DEFAULT NULL,
@@ -38,7 +49,7 @@ CREATE FUNCTION dwh.ingest_order(message bytea, topic text DEFAULT NULL,
     AS 'MODULE_PATHNAME', 'dwh_ingest_order'
     LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION dwh.ingest_order(bytea, text, integer, bigint) IS
-    'Ingest one raw Kafka message value; returns applied, unchanged, other_type or dead_letter';
+    'Ingest one raw Kafka message value; returns applied, unchanged, other_type, dead_letter, replayed or mismatch';
 
 CREATE FUNCTION dwh.ingest_order(message text, topic text DEFAULT NULL,
                                  kafka_partition integer DEFAULT NULL,
@@ -47,18 +58,19 @@ CREATE FUNCTION dwh.ingest_order(message text, topic text DEFAULT NULL,
     AS 'MODULE_PATHNAME', 'dwh_ingest_order'
     LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION dwh.ingest_order(text, text, integer, bigint) IS
-    'Ingest one Kafka message value given as text; returns applied, unchanged, other_type or dead_letter';
+    'Ingest one Kafka message value given as text; returns applied, unchanged, other_type, dead_letter, replayed or mismatch';
 
 CREATE FUNCTION dwh.ingest_orders(messages bytea[], topic text DEFAULT NULL,
                                   kafka_partitions integer[] DEFAULT NULL,
                                   kafka_offsets bigint[] DEFAULT NULL,
                                   OUT received integer, OUT applied integer,
                                   OUT unchanged integer, OUT other_type integer,
-                                  OUT dead_lettered integer)
+                                  OUT dead_lettered integer, OUT replayed integer,
+                                  OUT mismatched integer)
     AS 'MODULE_PATHNAME', 'dwh_ingest_orders'
     LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) IS
-    'Ingest a batch of raw Kafka message values set-based: one statement per destination';
+    'Ingest a batch of raw Kafka message values set-based: one statement per destination; received = applied + unchanged + other_type + dead_lettered + replayed, mismatched counts the stored ones flagged position_mismatch';
 
 CREATE FUNCTION dwh.keys_claimed() RETURNS boolean
     AS 'MODULE_PATHNAME', 'dwh_keys_claimed'
@@ -76,10 +88,25 @@ CREATE FUNCTION dwh.defer_mart_deltas(product_users uuid[], products uuid[],
 COMMENT ON FUNCTION dwh.defer_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[]) IS
     'Internal: inside an ingest, keep the order trigger''s mart deltas for one sorted pass at the end of the upsert; false elsewhere';
 
+-- What dwh.replay_dead_letters hands back to the ingest: a dead letter's
+-- value with its own source, so that a replayed Kafka message keeps its
+-- identity (a later redelivery of it is still a replay).  EXECUTE is
+-- revoked from PUBLIC below: only the replay, as the extension's owner,
+-- calls it.
+CREATE FUNCTION dwh.ingest_dead_letter(message bytea, source text, topic text,
+                                       kafka_partition integer, kafka_offset bigint)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'dwh_ingest_dead_letter'
+    LANGUAGE C VOLATILE SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION dwh.ingest_dead_letter(bytea, text, text, integer, bigint) IS
+    'Internal: ingest a dead letter''s value again under its own source (kafka or sql); returns what dwh.ingest_order returns';
+
 -- Replay: after a fix (a new dwh version, a corrected producer, a raised
 -- dwh.max_message_size), hand dead letters back to the ingest function.
 -- Each replayed row is removed; one still refused is recorded again, with
--- its new reason, under a new id.
+-- its new reason, under a new id.  A dead letter that keeps only a prefix
+-- of its value (dwh.dead_letter_keep_bytes) cannot be replayed: it stays,
+-- with the outcome 'truncated'.
 CREATE FUNCTION dwh.replay_dead_letters(ids bigint[] DEFAULT NULL)
     RETURNS TABLE (dead_letter_id bigint, outcome text)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -90,19 +117,25 @@ BEGIN
     -- One ingest per dead letter in one transaction: the dictionary lock
     -- exclusive keeps batches of other transactions from interleaving
     -- with them (docs/data-rule.md, "one lock order").
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM pg_catalog.pg_advisory_xact_lock(dwh.dictionary_lock_key());
     FOR d IN
         SELECT * FROM dwh.dead_letters
         WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')
         ORDER BY id
         FOR UPDATE
     LOOP
-        DELETE FROM dwh.dead_letters WHERE id = d.id;
         dead_letter_id := d.id;
-        outcome := dwh.ingest_order(d.raw, d.topic, d.kafka_partition, d.kafka_offset);
+        IF pg_catalog.length(d.raw) < d.raw_length THEN
+            outcome := 'truncated';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        DELETE FROM dwh.dead_letters WHERE id = d.id;
+        outcome := dwh.ingest_dead_letter(d.raw, d.source, d.topic,
+                                          d.kafka_partition, d.kafka_offset);
         RETURN NEXT;
     END LOOP;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.replay_dead_letters(bigint[]) IS
-    'Ingest order dead letters again (all, or those ids); returns what became of each';
+    'Ingest order dead letters again (all, or those ids); returns what became of each (truncated: kept, only a prefix of its value is stored)';

@@ -73,13 +73,18 @@ INSERT INTO t.cases (label, message) VALUES
 -- One at a time: each is a dead letter, the state does not move.
 SELECT n, label, dwh.ingest_order(message) FROM t.cases ORDER BY n;
 SELECT * FROM t.state();
-SELECT c.n, c.label, d.sqlstate, d.reason, d.raw = c.message AS raw_kept, d.source
+SELECT c.n, c.label, d.sqlstate, d.reason,
+       d.raw = substr(c.message, 1, 65536) AND d.raw_length = length(c.message)
+           AND d.raw_sha256 = sha256(c.message) AS raw_kept,
+       d.source
 FROM t.cases c JOIN dwh.dead_letters d ON d.id = c.n
 ORDER BY c.n;
 SELECT count(*) AS dead_letters FROM dwh.dead_letters;
 
--- Every message kept whole: the 10 MB one is 10 MB.
-SELECT length(raw) > 10 * 1024 * 1024 AS whole FROM dwh.dead_letters WHERE reason LIKE '%dwh.max_message_size%';
+-- Every message kept whole up to dwh.dead_letter_keep_bytes (64kB): of the
+-- 10 MB one, its first 64 kB, its length and its hash.
+SELECT length(raw) AS kept, raw_length, length(raw) = raw_length AS whole
+FROM dwh.dead_letters WHERE sqlstate IN ('54000', '54001') ORDER BY id;
 
 -- In a batch, with their coordinates: the good neighbours are applied.
 DELETE FROM dwh.dead_letters;

@@ -33,6 +33,7 @@
 #include "utils/timestamp.h"
 
 #include "dwh_columns.h"
+#include "dwh_dead_letter.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
 
@@ -71,23 +72,62 @@ static const char *upsert_orders_sql =
 "WHERE EXCLUDED.update_ts >= t.update_ts "
 "RETURNING t.object_id";
 
+/*
+ * Other events and dead letters are identified by their source, Kafka
+ * position and bytes (the unique index on stg.other_events and on
+ * dwh.dead_letters): the same bytes handed in again from the same source at
+ * the same position are a replay and are not written; a position that a
+ * SQL caller named is another identity than the Kafka worker's.  A message
+ * stored where other bytes are already stored, in either table or earlier
+ * in the statement ($10, computed in C), is flagged.  RETURNING says what
+ * was written.
+ */
 static const char *insert_others_sql =
-"INSERT INTO stg.other_events "
-"  (object_id, object_type, sent_dttm, message, topic, kafka_partition, kafka_offset) "
-"SELECT m.object_id, m.object_type, m.sent_dttm, m.message, $5, m.kafka_partition, m.kafka_offset "
-"FROM unnest($1::bigint[], $2::text[], $3::timestamp[], $4::jsonb[], $6::int[], $7::bigint[]) "
-"     AS m(object_id, object_type, sent_dttm, message, kafka_partition, kafka_offset) "
-"ON CONFLICT (topic, kafka_partition, kafka_offset) WHERE kafka_offset IS NOT NULL "
-"DO NOTHING";
+"INSERT INTO stg.other_events AS t "
+"  (object_id, object_type, sent_dttm, message, topic, kafka_partition, kafka_offset, "
+"   source, raw_sha256, position_mismatch) "
+"SELECT m.object_id, m.object_type, m.sent_dttm, m.message, $5, m.kafka_partition, m.kafka_offset, "
+"       $8, m.raw_sha256, "
+"       m.kafka_offset IS NOT NULL AND (m.mismatch "
+"         OR EXISTS (SELECT FROM stg.other_events x "
+"                    WHERE x.kafka_partition = m.kafka_partition AND x.kafka_offset = m.kafka_offset "
+"                      AND x.source = $8 AND x.topic IS NOT DISTINCT FROM $5 "
+"                      AND x.raw_sha256 <> m.raw_sha256) "
+"         OR EXISTS (SELECT FROM dwh.dead_letters x "
+"                    WHERE x.kafka_partition = m.kafka_partition AND x.kafka_offset = m.kafka_offset "
+"                      AND x.source = $8 AND x.topic IS NOT DISTINCT FROM $5 "
+"                      AND x.raw_sha256 <> m.raw_sha256)) "
+"FROM unnest($1::bigint[], $2::text[], $3::timestamp[], $4::jsonb[], $6::int[], $7::bigint[], "
+"            $9::bytea[], $10::boolean[]) "
+"     AS m(object_id, object_type, sent_dttm, message, kafka_partition, kafka_offset, "
+"          raw_sha256, mismatch) "
+"ON CONFLICT (kafka_partition, kafka_offset, source, topic, raw_sha256) "
+"  WHERE kafka_offset IS NOT NULL "
+"DO NOTHING "
+"RETURNING t.position_mismatch";
 
 static const char *insert_dead_sql =
-"INSERT INTO dwh.dead_letters "
-"  (source, topic, kafka_partition, kafka_offset, raw, reason, sqlstate) "
-"SELECT $1, $2, d.kafka_partition, d.kafka_offset, d.raw, d.reason, d.sqlstate "
-"FROM unnest($3::int[], $4::bigint[], $5::bytea[], $6::text[], $7::text[]) "
-"     AS d(kafka_partition, kafka_offset, raw, reason, sqlstate) "
-"ON CONFLICT (topic, kafka_partition, kafka_offset) WHERE kafka_offset IS NOT NULL "
-"DO NOTHING";
+"INSERT INTO dwh.dead_letters AS t "
+"  (source, topic, kafka_partition, kafka_offset, raw, reason, sqlstate, "
+"   raw_length, raw_sha256, position_mismatch) "
+"SELECT $1, $2, d.kafka_partition, d.kafka_offset, d.raw, d.reason, d.sqlstate, "
+"       d.raw_length, d.raw_sha256, "
+"       d.kafka_offset IS NOT NULL AND (d.mismatch "
+"         OR EXISTS (SELECT FROM dwh.dead_letters x "
+"                    WHERE x.kafka_partition = d.kafka_partition AND x.kafka_offset = d.kafka_offset "
+"                      AND x.source = $1 AND x.topic IS NOT DISTINCT FROM $2 "
+"                      AND x.raw_sha256 <> d.raw_sha256) "
+"         OR EXISTS (SELECT FROM stg.other_events x "
+"                    WHERE x.kafka_partition = d.kafka_partition AND x.kafka_offset = d.kafka_offset "
+"                      AND x.source = $1 AND x.topic IS NOT DISTINCT FROM $2 "
+"                      AND x.raw_sha256 <> d.raw_sha256)) "
+"FROM unnest($3::int[], $4::bigint[], $5::bytea[], $6::text[], $7::text[], "
+"            $8::bigint[], $9::bytea[], $10::boolean[]) "
+"     AS d(kafka_partition, kafka_offset, raw, reason, sqlstate, raw_length, raw_sha256, mismatch) "
+"ON CONFLICT (kafka_partition, kafka_offset, source, topic, raw_sha256) "
+"  WHERE kafka_offset IS NOT NULL "
+"DO NOTHING "
+"RETURNING t.position_mismatch";
 
 /*
  * Versions of the batch that are not current: superseded by a newer one of
@@ -126,17 +166,19 @@ prepare_plans(void)
 	}
 	if (insert_others_plan == NULL)
 	{
-		Oid			types[7] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPARRAYOID,
-			JSONBARRAYOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID};
+		Oid			types[10] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPARRAYOID,
+			JSONBARRAYOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID, TEXTOID,
+		BYTEAARRAYOID, BOOLARRAYOID};
 
-		insert_others_plan = dwh_prepare_kept(insert_others_sql, 7, types);
+		insert_others_plan = dwh_prepare_kept(insert_others_sql, 10, types);
 	}
 	if (insert_dead_plan == NULL)
 	{
-		Oid			types[7] = {TEXTOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID,
-		BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+		Oid			types[10] = {TEXTOID, TEXTOID, INT4ARRAYOID, INT8ARRAYOID,
+			BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
+		BYTEAARRAYOID, BOOLARRAYOID};
 
-		insert_dead_plan = dwh_prepare_kept(insert_dead_sql, 7, types);
+		insert_dead_plan = dwh_prepare_kept(insert_dead_sql, 10, types);
 	}
 	if (insert_history_plan == NULL)
 	{
@@ -284,6 +326,122 @@ newest_orders(OrderRow *rows, int n, OrderRow *superseded, int *n_superseded)
 	return kept;
 }
 
+/*
+ * The position columns of a statement's rows: position_cmp orders row
+ * numbers by position, then by row number.
+ */
+typedef struct PositionedColumns
+{
+	DwhColumn  *partition;
+	DwhColumn  *offset;
+} PositionedColumns;
+
+static int
+position_cmp(const void *a, const void *b, void *arg)
+{
+	PositionedColumns *c = (PositionedColumns *) arg;
+	int			x = *(const int *) a;
+	int			y = *(const int *) b;
+	int32		px = DatumGetInt32(c->partition->values[x]);
+	int32		py = DatumGetInt32(c->partition->values[y]);
+	int64		ox = DatumGetInt64(c->offset->values[x]);
+	int64		oy = DatumGetInt64(c->offset->values[y]);
+
+	if (px != py)
+		return px < py ? -1 : 1;
+	if (ox != oy)
+		return ox < oy ? -1 : 1;
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+static bool
+hash_equal(Datum a, Datum b)
+{
+	return memcmp(VARDATA_ANY(DatumGetPointer(a)), VARDATA_ANY(DatumGetPointer(b)),
+				  DWH_SHA256_LEN) == 0;
+}
+
+/*
+ * The mismatch column of a statement's rows: true for a row that comes
+ * after another one with other bytes at the same position, in the
+ * statement's own order.  The statement checks the rows stored before it
+ * itself; these it cannot see.
+ */
+static Datum
+mismatches_in_statement(DwhColumn *partition, DwhColumn *offset,
+						DwhColumn *hash)
+{
+	PositionedColumns c = {partition, offset};
+	DwhColumn	flags;
+	bool	   *flagged = palloc0(sizeof(bool) * Max(hash->n, 1));
+	int		   *order = palloc(sizeof(int) * Max(hash->n, 1));
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < hash->n; i++)
+		if (!offset->nulls[i])
+			order[n++] = i;
+	if (n > 1)
+		qsort_arg(order, n, sizeof(int), position_cmp, &c);
+
+	/*
+	 * Rows of one position, in their order: a row is flagged when a row
+	 * before it has other bytes, which is always true once two different
+	 * hashes have been seen.
+	 */
+	for (i = 0; i < n;)
+	{
+		Datum		first = hash->values[order[i]];
+		bool		mixed = false;
+		int			k;
+
+		for (k = i + 1;
+			 k < n &&
+			 DatumGetInt32(partition->values[order[k]]) ==
+			 DatumGetInt32(partition->values[order[i]]) &&
+			 DatumGetInt64(offset->values[order[k]]) ==
+			 DatumGetInt64(offset->values[order[i]]);
+			 k++)
+		{
+			if (mixed || !hash_equal(hash->values[order[k]], first))
+			{
+				flagged[order[k]] = true;
+				mixed = true;
+			}
+		}
+		i = k;
+	}
+
+	dwh_column_init(&flags, BOOLOID, Max(hash->n, 1));
+	for (i = 0; i < hash->n; i++)
+		dwh_column_add(&flags, BoolGetDatum(flagged[i]), false);
+	return dwh_column_array(&flags);
+}
+
+/*
+ * Count what an insert ... RETURNING position_mismatch wrote: the rows it
+ * did not write were already stored (replays).
+ */
+static void
+count_written(int handed, const char *what, int rc, int *stored,
+			  DwhIngestResult *result)
+{
+	uint64		r;
+
+	if (rc != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "could not store %s: %s", what, SPI_result_code_string(rc));
+	*stored += (int) SPI_processed;
+	result->replayed += handed - (int) SPI_processed;
+	for (r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+
+		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[r],
+									   SPI_tuptable->tupdesc, 1, &isnull)))
+			result->mismatched++;
+	}
+}
+
 /* The dead letters of one batch, written with a single statement. */
 typedef struct DeadLetters
 {
@@ -291,7 +449,9 @@ typedef struct DeadLetters
 				offset,
 				raw,
 				reason,
-				sqlstate;
+				sqlstate,
+				length,
+				hash;
 } DeadLetters;
 
 static void
@@ -302,8 +462,14 @@ dead_letters_init(DeadLetters *dl, int capacity)
 	dwh_column_init(&dl->raw, BYTEAOID, capacity);
 	dwh_column_init(&dl->reason, TEXTOID, capacity);
 	dwh_column_init(&dl->sqlstate, TEXTOID, capacity);
+	dwh_column_init(&dl->length, INT8OID, capacity);
+	dwh_column_init(&dl->hash, BYTEAOID, capacity);
 }
 
+/*
+ * Add a refused item: its first dwh.dead_letter_keep_bytes bytes, its
+ * length and the hash of all of it.
+ */
 static void
 dead_letters_add(DeadLetters *dl, DwhIngestItem *item, int sqlstate,
 				 const char *reason)
@@ -312,16 +478,21 @@ dead_letters_add(DeadLetters *dl, DwhIngestItem *item, int sqlstate,
 			   !item->has_coordinates);
 	dwh_column_add(&dl->offset, Int64GetDatum(item->offset),
 			   !item->has_coordinates);
-	dwh_column_add(&dl->raw, dwh_bytea_datum(item->data, item->len), false);
+	dwh_column_add(&dl->raw,
+			   dwh_bytea_datum(item->data, (int) dwh_dead_letter_kept(item->len)),
+			   false);
 	dwh_column_add(&dl->reason, text_datum(dwh_valid_utf8(reason)), false);
 	dwh_column_add(&dl->sqlstate, text_datum(unpack_sql_state(sqlstate)), false);
+	dwh_column_add(&dl->length, Int64GetDatum((int64) item->len), false);
+	dwh_column_add(&dl->hash, dwh_sha256_datum(item->data, item->len), false);
 }
 
 static void
-dead_letters_write(DeadLetters *dl, const char *source, const char *topic)
+dead_letters_write(DeadLetters *dl, const char *source, const char *topic,
+				   DwhIngestResult *result)
 {
-	Datum		args[7];
-	char		nulls[7] = "       ";
+	Datum		args[10];
+	char		nulls[10] = "          ";
 	int			rc;
 
 	if (dl->raw.n == 0)
@@ -334,10 +505,11 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic)
 	args[4] = dwh_column_array(&dl->raw);
 	args[5] = dwh_column_array(&dl->reason);
 	args[6] = dwh_column_array(&dl->sqlstate);
+	args[7] = dwh_column_array(&dl->length);
+	args[8] = dwh_column_array(&dl->hash);
+	args[9] = mismatches_in_statement(&dl->partition, &dl->offset, &dl->hash);
 	rc = SPI_execute_plan(insert_dead_plan, args, nulls, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "could not record dead letters: %s",
-			 SPI_result_code_string(rc));
+	count_written(dl->raw.n, "dead letters", rc, &result->dead_lettered, result);
 }
 
 /*
@@ -823,7 +995,8 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 				x_sent,
 				x_message,
 				x_partition,
-				x_offset;
+				x_offset,
+				x_hash;
 	DeadLetters dl;
 	MemoryContext parse_cxt;
 	int			i;
@@ -836,6 +1009,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	dwh_column_init(&x_message, JSONBOID, n);
 	dwh_column_init(&x_partition, INT4OID, n);
 	dwh_column_init(&x_offset, INT8OID, n);
+	dwh_column_init(&x_hash, BYTEAOID, n);
 	dead_letters_init(&dl, n);
 
 	/*
@@ -874,6 +1048,8 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 						   !items[i].has_coordinates);
 				dwh_column_add(&x_offset, Int64GetDatum(items[i].offset),
 						   !items[i].has_coordinates);
+				dwh_column_add(&x_hash, dwh_sha256_datum(items[i].data, items[i].len),
+						   false);
 				break;
 			case DWH_MESSAGE_INVALID:
 				dead_letters_add(&dl, &items[i], msg.problem.sqlstate,
@@ -908,8 +1084,8 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	}
 	if (x_id.n > 0)
 	{
-		Datum		args[7];
-		char		nulls[7] = "       ";
+		Datum		args[10];
+		char		nulls[10] = "          ";
 
 		args[0] = dwh_column_array(&x_id);
 		args[1] = dwh_column_array(&x_type);
@@ -919,14 +1095,13 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		nulls[4] = topic ? ' ' : 'n';
 		args[5] = dwh_column_array(&x_partition);
 		args[6] = dwh_column_array(&x_offset);
+		args[7] = text_datum(source);
+		args[8] = dwh_column_array(&x_hash);
+		args[9] = mismatches_in_statement(&x_partition, &x_offset, &x_hash);
 		rc = SPI_execute_plan(insert_others_plan, args, nulls, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "could not store other events: %s",
-				 SPI_result_code_string(rc));
-		result->other_type += x_id.n;
+		count_written(x_id.n, "other events", rc, &result->other_type, result);
 	}
-	dead_letters_write(&dl, source, topic);
-	result->dead_lettered += dl.raw.n;
+	dead_letters_write(&dl, source, topic, result);
 }
 
 /*
@@ -1038,6 +1213,8 @@ ingest_one_by_one(DwhIngestItem *items, int n, const char *source,
 		result->unchanged += one.unchanged;
 		result->other_type += one.other_type;
 		result->dead_lettered += one.dead_lettered;
+		result->replayed += one.replayed;
+		result->mismatched += one.mismatched;
 	}
 }
 
@@ -1108,8 +1285,7 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 			ingest_one_by_one(good, n_good, source, topic, &dl, result);
 		}
 		result->received = n;
-		result->dead_lettered += dl.raw.n;
-		dead_letters_write(&dl, source, topic);
+		dead_letters_write(&dl, source, topic, result);
 	}
 
 	SPI_finish();
@@ -1129,17 +1305,15 @@ item_coordinates(DwhIngestItem *item, bool has_partition, int32 partition,
 
 PG_FUNCTION_INFO_V1(dwh_ingest_order);
 PG_FUNCTION_INFO_V1(dwh_ingest_orders);
+PG_FUNCTION_INFO_V1(dwh_ingest_dead_letter);
 
 /*
- * dwh.ingest_order(message bytea|text, topic text, kafka_partition int,
- *					kafka_offset bigint) returns text
- *
- * Ingest one raw message; says what became of it: 'applied', 'unchanged',
- * 'other_type' or 'dead_letter'.  text and bytea share the varlena layout,
- * so one C function serves both signatures.
+ * Ingest the message in argument 0 with the topic, partition and offset in
+ * arguments topic_arg to topic_arg + 2, from source; say what became of
+ * it.
  */
-Datum
-dwh_ingest_order(PG_FUNCTION_ARGS)
+static text *
+ingest_one(FunctionCallInfo fcinfo, const char *source, int topic_arg)
 {
 	bytea	   *message;
 	char	   *topic = NULL;
@@ -1152,25 +1326,76 @@ dwh_ingest_order(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("message must not be null")));
 	message = PG_GETARG_BYTEA_PP(0);
-	if (!PG_ARGISNULL(1))
-		topic = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	if (!PG_ARGISNULL(topic_arg))
+		topic = text_to_cstring(PG_GETARG_TEXT_PP(topic_arg));
 
 	item.data = VARDATA_ANY(message);
 	item.len = VARSIZE_ANY_EXHDR(message);
-	item_coordinates(&item, !PG_ARGISNULL(2), PG_ARGISNULL(2) ? 0 : PG_GETARG_INT32(2),
-					 !PG_ARGISNULL(3), PG_ARGISNULL(3) ? 0 : PG_GETARG_INT64(3));
+	item_coordinates(&item,
+					 !PG_ARGISNULL(topic_arg + 1),
+					 PG_ARGISNULL(topic_arg + 1) ? 0 : PG_GETARG_INT32(topic_arg + 1),
+					 !PG_ARGISNULL(topic_arg + 2),
+					 PG_ARGISNULL(topic_arg + 2) ? 0 : PG_GETARG_INT64(topic_arg + 2));
 
-	dwh_ingest_batch(&item, 1, "sql", topic, &result);
+	dwh_ingest_batch(&item, 1, source, topic, &result);
 
 	if (result.applied > 0)
 		outcome = "applied";
 	else if (result.unchanged > 0)
 		outcome = "unchanged";
+	else if (result.replayed > 0)
+		outcome = "replayed";
+	else if (result.mismatched > 0)
+		outcome = "mismatch";
 	else if (result.other_type > 0)
 		outcome = "other_type";
 	else
 		outcome = "dead_letter";
-	PG_RETURN_TEXT_P(cstring_to_text(outcome));
+	return cstring_to_text(outcome);
+}
+
+/*
+ * dwh.ingest_order(message bytea|text, topic text, kafka_partition int,
+ *					kafka_offset bigint) returns text
+ *
+ * Ingest one raw message; says what became of it: 'applied', 'unchanged',
+ * 'other_type', 'dead_letter', 'replayed' (the same bytes were already
+ * stored at this position by a SQL caller: nothing written) or 'mismatch'
+ * (stored as an other event or dead letter, flagged: other bytes were
+ * stored at this position before).  text and bytea share the varlena
+ * layout, so one C function serves both signatures.
+ */
+Datum
+dwh_ingest_order(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(ingest_one(fcinfo, "sql", 1));
+}
+
+/*
+ * dwh.ingest_dead_letter(message bytea, source text, topic text,
+ *						  kafka_partition int, kafka_offset bigint) returns text
+ *
+ * What dwh.replay_dead_letters hands back to the ingest: a dead letter's
+ * value under the source that first handed it in, so that it keeps its
+ * identity.  Returns what dwh.ingest_order returns.
+ */
+Datum
+dwh_ingest_dead_letter(PG_FUNCTION_ARGS)
+{
+	char	   *source;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("source must not be null")));
+	source = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	if (strcmp(source, "kafka") != 0 && strcmp(source, "sql") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("dead letters of source \"%s\" cannot be ingested again",
+						source),
+				 errdetail("Only dead letters of the sources kafka and sql hold order messages.")));
+	PG_RETURN_TEXT_P(ingest_one(fcinfo, source, 2));
 }
 
 /*
@@ -1206,9 +1431,13 @@ coordinate_array(FunctionCallInfo fcinfo, int argno, Oid elemtype, int n,
 /*
  * dwh.ingest_orders(messages bytea[], topic text, kafka_partitions int[],
  *					 kafka_offsets bigint[])
- *		returns (received, applied, unchanged, other_type, dead_lettered)
+ *		returns (received, applied, unchanged, other_type, dead_lettered,
+ *				 replayed, mismatched)
  *
- * The set-based entry point: one call per batch.
+ * The set-based entry point: one call per batch.  The counts say what was
+ * written: received = applied + unchanged + other_type + dead_lettered +
+ * replayed; mismatched counts the other events and dead letters stored
+ * where other bytes were already stored (flagged position_mismatch).
  */
 Datum
 dwh_ingest_orders(PG_FUNCTION_ARGS)
@@ -1225,8 +1454,8 @@ dwh_ingest_orders(PG_FUNCTION_ARGS)
 	DwhIngestItem *items;
 	DwhIngestResult result;
 	TupleDesc	tupdesc;
-	Datum		out[5];
-	bool		out_nulls[5] = {false, false, false, false, false};
+	Datum		out[7];
+	bool		out_nulls[7] = {false, false, false, false, false, false, false};
 	int			i;
 
 	if (PG_ARGISNULL(0))
@@ -1277,5 +1506,7 @@ dwh_ingest_orders(PG_FUNCTION_ARGS)
 	out[2] = Int32GetDatum(result.unchanged);
 	out[3] = Int32GetDatum(result.other_type);
 	out[4] = Int32GetDatum(result.dead_lettered);
+	out[5] = Int32GetDatum(result.replayed);
+	out[6] = Int32GetDatum(result.mismatched);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, out, out_nulls)));
 }

@@ -21,14 +21,21 @@ typedef struct DwhIngestItem
 	int64		offset;
 } DwhIngestItem;
 
-/* What became of a batch. */
+/*
+ * What became of a batch: received = applied + unchanged + other_type +
+ * dead_lettered + replayed.
+ */
 typedef struct DwhIngestResult
 {
 	int			received;
 	int			applied;		/* new or newer order versions stored */
 	int			unchanged;		/* same or older versions, skipped */
-	int			other_type;		/* kept in stg.other_events */
-	int			dead_lettered;	/* recorded in dwh.dead_letters */
+	int			other_type;		/* stored in stg.other_events */
+	int			dead_lettered;	/* stored in dwh.dead_letters */
+	int			replayed;		/* already stored: same source, position
+								 * and bytes; nothing written */
+	int			mismatched;		/* of other_type and dead_lettered: stored
+								 * where other bytes were stored before */
 } DwhIngestResult;
 
 extern bool dwh_ingest_checked_order(int64 object_id, Jsonb *payload,

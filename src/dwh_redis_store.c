@@ -44,12 +44,10 @@
 #include "utils/snapmgr.h"
 
 #include "dwh_columns.h"
+#include "dwh_dead_letter.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
 #include "dwh_redis_store.h"
-
-/* Bytes of a too large value kept in its dead letter. */
-#define TOO_LARGE_PREFIX	1024
 
 static const char *const kind_names[] = {"unknown", "user", "restaurant"};
 static const char *const state_names[] = {"new", "mirrored", "missing", "refused"};
@@ -72,7 +70,6 @@ typedef struct Decision
 	Jsonb	   *payload;		/* user, restaurant */
 	int			sqlstate;		/* dead */
 	char	   *reason;			/* dead */
-	int			raw_len;		/* dead: bytes of value kept */
 } Decision;
 
 static SPIPlanPtr upsert_users_plan = NULL;
@@ -91,10 +88,11 @@ static const char *upsert_restaurants_sql =
 "ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload";
 
 static const char *dead_letters_sql =
-"INSERT INTO dwh.dead_letters (source, source_key, raw, reason, sqlstate) "
-"SELECT 'redis', d.k, d.raw, d.reason, d.sqlstate "
-"FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[]) "
-"     AS d(k, raw, reason, sqlstate)";
+"INSERT INTO dwh.dead_letters "
+"  (source, source_key, raw, reason, sqlstate, raw_length, raw_sha256) "
+"SELECT 'redis', d.k, d.raw, d.reason, d.sqlstate, d.raw_length, d.raw_sha256 "
+"FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::bigint[], $6::bytea[]) "
+"     AS d(k, raw, reason, sqlstate, raw_length, raw_sha256)";
 
 static const char *keys_sql =
 "INSERT INTO dwh.redis_keys AS r (key, kind, state, value_hash, reason, changed_at) "
@@ -155,10 +153,10 @@ prepare_plans(void)
 	}
 	if (dead_letters_plan == NULL)
 	{
-		Oid			types[4] = {TEXTARRAYOID, BYTEAARRAYOID, TEXTARRAYOID,
-		TEXTARRAYOID};
+		Oid			types[6] = {TEXTARRAYOID, BYTEAARRAYOID, TEXTARRAYOID,
+		TEXTARRAYOID, INT8ARRAYOID, BYTEAARRAYOID};
 
-		dead_letters_plan = dwh_prepare_kept(dead_letters_sql, 4, types);
+		dead_letters_plan = dwh_prepare_kept(dead_letters_sql, 6, types);
 	}
 	if (keys_plan == NULL)
 	{
@@ -425,7 +423,8 @@ value_hash(const char *data, size_t len, uint8 *out)
  * dwh_redis_value_seen
  *		Record what Redis holds under a key (called while the reply is
  *		alive).  Only a changed value is copied, and of a value larger than
- *		max_value_size only the prefix kept in its dead letter.
+ *		max_value_size only the prefix kept in its dead letter, with the
+ *		SHA-256 of the whole value.
  */
 void
 dwh_redis_value_seen(DwhRedisKey *key, bool found, const char *data,
@@ -443,23 +442,29 @@ dwh_redis_value_seen(DwhRedisKey *key, bool found, const char *data,
 		return;
 	key->changed = true;
 	key->len = len;
-	keep = len > (size_t) max_value_size ? TOO_LARGE_PREFIX : len;
+	key->has_sha256 = false;
+	keep = len;
+	if (len > (size_t) max_value_size)
+	{
+		keep = dwh_dead_letter_kept(len);
+		dwh_sha256(data, len, key->sha256);
+		key->has_sha256 = true;
+	}
 	key->value = palloc(keep + 1);
 	memcpy(key->value, data, keep);
 	key->value[keep] = '\0';
+	key->value_len = keep;
 }
 
 /* Make d a dead letter. */
 static void
-decide_dead(Decision *d, DwhRedisKind kind, int sqlstate, const char *reason,
-			int raw_len)
+decide_dead(Decision *d, DwhRedisKind kind, int sqlstate, const char *reason)
 {
 	d->target = TARGET_DEAD;
 	d->kind = kind;
 	d->state = DWH_REDIS_STATE_REFUSED;
 	d->sqlstate = sqlstate;
 	d->reason = pstrdup(dwh_valid_utf8(reason));
-	d->raw_len = raw_len;
 }
 
 /*
@@ -490,23 +495,21 @@ decide(DwhRedisKey *k, int max_value_size, Decision *d)
 	if (k->len > max_value_size)
 	{
 		decide_dead(d, k->kind, ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-					psprintf("value of " INT64_FORMAT " bytes exceeds dwh.redis_max_value_size (%d bytes); raw holds its first %d bytes",
-							 k->len, max_value_size, TOO_LARGE_PREFIX),
-					TOO_LARGE_PREFIX);
+					psprintf("value of " INT64_FORMAT " bytes exceeds dwh.redis_max_value_size (%d bytes)",
+							 k->len, max_value_size));
 		return;
 	}
 
 	value = dwh_json_parse(k->value, (int) k->len, &problem);
 	if (value == NULL)
 	{
-		decide_dead(d, k->kind, problem.sqlstate, problem.reason, (int) k->len);
+		decide_dead(d, k->kind, problem.sqlstate, problem.reason);
 		return;
 	}
 	if (!JB_ROOT_IS_OBJECT(value))
 	{
 		decide_dead(d, k->kind, ERRCODE_INVALID_TEXT_REPRESENTATION,
-					"value must be a JSON object (a user or a restaurant)",
-					(int) k->len);
+					"value must be a JSON object (a user or a restaurant)");
 		return;
 	}
 
@@ -516,8 +519,7 @@ decide(DwhRedisKey *k, int max_value_size, Decision *d)
 		if (!dwh_restaurant_value_check(&value->root, &has_ts, &ts, &problem))
 		{
 			decide_dead(d, DWH_REDIS_KIND_RESTAURANT, problem.sqlstate,
-						psprintf("invalid restaurant: %s", problem.reason),
-						(int) k->len);
+						psprintf("invalid restaurant: %s", problem.reason));
 			return;
 		}
 		d->target = TARGET_RESTAURANT;
@@ -528,8 +530,7 @@ decide(DwhRedisKey *k, int max_value_size, Decision *d)
 		if (!dwh_user_value_check(&value->root, &has_ts, &ts, &problem))
 		{
 			decide_dead(d, DWH_REDIS_KIND_USER, problem.sqlstate,
-						psprintf("invalid user: %s", problem.reason),
-						(int) k->len);
+						psprintf("invalid user: %s", problem.reason));
 			return;
 		}
 		d->target = TARGET_USER;
@@ -538,8 +539,7 @@ decide(DwhRedisKey *k, int max_value_size, Decision *d)
 	else
 	{
 		decide_dead(d, k->kind, ERRCODE_INVALID_TEXT_REPRESENTATION,
-					"value of unknown shape: neither a restaurant (no \"menu\") nor a user (no \"login\")",
-					(int) k->len);
+					"value of unknown shape: neither a restaurant (no \"menu\") nor a user (no \"login\")");
 		return;
 	}
 	d->state = DWH_REDIS_STATE_MIRRORED;
@@ -562,6 +562,8 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 				d_raw,
 				d_reason,
 				d_sqlstate,
+				d_length,
+				d_hash,
 				k_key,
 				k_kind,
 				k_state,
@@ -578,6 +580,8 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	dwh_column_init(&d_raw, BYTEAOID, n);
 	dwh_column_init(&d_reason, TEXTOID, n);
 	dwh_column_init(&d_sqlstate, TEXTOID, n);
+	dwh_column_init(&d_length, INT8OID, n);
+	dwh_column_init(&d_hash, BYTEAOID, n);
 	dwh_column_init(&k_key, TEXTOID, n);
 	dwh_column_init(&k_kind, TEXTOID, n);
 	dwh_column_init(&k_state, TEXTOID, n);
@@ -604,8 +608,16 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 		}
 		else if (d->target == TARGET_DEAD)
 		{
+			int64		kept = Min(k->value_len, (int64) dwh_dead_letter_kept(k->len));
+
 			dwh_column_add(&d_key, key, false);
-			dwh_column_add(&d_raw, dwh_bytea_datum(k->value, d->raw_len), false);
+			dwh_column_add(&d_raw, dwh_bytea_datum(k->value, (int) kept), false);
+			dwh_column_add(&d_length, Int64GetDatum(k->len), false);
+			dwh_column_add(&d_hash,
+					   k->has_sha256 ?
+					   dwh_bytea_datum(k->sha256, DWH_SHA256_LEN) :
+					   dwh_sha256_datum(k->value, k->value_len),
+					   false);
 			dwh_column_add(&d_reason, CStringGetTextDatum(d->reason), false);
 			dwh_column_add(&d_sqlstate,
 					   CStringGetTextDatum(unpack_sql_state(d->sqlstate)), false);
@@ -641,8 +653,9 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	}
 	if (d_key.n > 0)
 	{
-		Datum		args[4] = {dwh_column_array(&d_key), dwh_column_array(&d_raw),
-		dwh_column_array(&d_reason), dwh_column_array(&d_sqlstate)};
+		Datum		args[6] = {dwh_column_array(&d_key), dwh_column_array(&d_raw),
+			dwh_column_array(&d_reason), dwh_column_array(&d_sqlstate),
+		dwh_column_array(&d_length), dwh_column_array(&d_hash)};
 
 		rc = SPI_execute_plan(dead_letters_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
@@ -748,8 +761,7 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 				continue;
 			if (d->target == TARGET_DEAD || d->target == TARGET_STATE)
 				ReThrowError(edata);	/* not the value's fault */
-			decide_dead(d, d->kind, edata->sqlerrcode, edata->message,
-						(int) keys[idx[i]].len);
+			decide_dead(d, d->kind, edata->sqlerrcode, edata->message);
 			FreeErrorData(edata);
 			write_decisions(keys, decisions, &idx[i], 1, result);
 		}

@@ -10,6 +10,8 @@
 #ifndef DWH_REDIS_STORE_H
 #define DWH_REDIS_STORE_H
 
+#include "dwh_dead_letter.h"
+
 #define DWH_REDIS_HASH_LEN	16
 
 typedef enum DwhRedisKind
@@ -40,7 +42,10 @@ typedef struct DwhRedisKey
 	bool		changed;		/* found, and its hash differs */
 	uint8		new_hash[DWH_REDIS_HASH_LEN];
 	char	   *value;			/* a copy, only when changed */
+	int64		value_len;		/* bytes in the copy */
 	int64		len;			/* its full length in Redis */
+	bool		has_sha256;		/* sha256 is set (the copy is a prefix) */
+	uint8		sha256[DWH_SHA256_LEN];	/* of the whole value */
 } DwhRedisKey;
 
 /* What a batch did. */

@@ -20,6 +20,7 @@
 char	   *dwh_database = NULL;
 int			dwh_max_message_size = 1024 * 1024;
 int			dwh_max_order_items = 1000;
+int			dwh_dead_letter_keep_bytes = 64 * 1024;
 
 char	   *dwh_kafka_brokers = NULL;
 char	   *dwh_kafka_topic = NULL;
@@ -259,6 +260,21 @@ dwh_settings_define(void)
 							100000,
 							PGC_SUSET,
 							0,
+							NULL, NULL, NULL);
+
+	/*
+	 * Superusers only: a loader that could raise it would fill the disk
+	 * with refused values, which is what it bounds.
+	 */
+	DefineCustomIntVariable("dwh.dead_letter_keep_bytes",
+							"Bytes of a refused value that its dead letter keeps; the full length and a SHA-256 of the whole value are kept too.",
+							"A dead letter keeping a prefix only is not replayed by dwh.replay_dead_letters().",
+							&dwh_dead_letter_keep_bytes,
+							64 * 1024,
+							0,
+							1024 * 1024 * 1024,
+							PGC_SUSET,
+							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
 
 	define_kafka_settings();

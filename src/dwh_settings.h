@@ -11,6 +11,7 @@
 extern char *dwh_database;
 extern int	dwh_max_message_size;
 extern int	dwh_max_order_items;
+extern int	dwh_dead_letter_keep_bytes;
 
 /* Kafka */
 typedef enum DwhKafkaStartOffset

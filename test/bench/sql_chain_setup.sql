@@ -254,7 +254,9 @@ CREATE TABLE bench.results (
     applied     integer,
     unchanged   integer,
     other_type  integer,
-    dead_lettered integer
+    dead_lettered integer,
+    replayed    integer,
+    mismatched  integer
 );
 
 -- Per-transaction latencies from the pgbench logs.

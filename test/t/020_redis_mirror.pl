@@ -30,6 +30,7 @@ shared_preload_libraries = 'dwh'
 dwh.redis_refresh_interval = 1
 dwh.redis_batch_size = 3
 dwh.redis_max_value_size = 2kB
+dwh.dead_letter_keep_bytes = 1kB
 });
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION dwh');
@@ -331,12 +332,26 @@ is( psql(
 		'626a81ce9a8cd1920641e206 22P02 value of unknown shape: neither a restaurant (no "menu") nor a user (no "login")',
 		'626a81ce9a8cd1920641e207 22P02 invalid user: name must be a string, not number',
 		'626a81ce9a8cd1920641e208 22021 value holds a NUL byte at offset 13',
-		'a51e4e31ae4602047ec52503 54000 value of 3050 bytes exceeds dwh.redis_max_value_size (2048 bytes); raw holds its first 1024 bytes'),
+		'a51e4e31ae4602047ec52503 54000 value of 3050 bytes exceeds dwh.redis_max_value_size (2048 bytes)'),
 	'each malformed value is one dead letter with its key, SQLSTATE and reason');
 is( psql(
 		q{SELECT raw = convert_to('{"_id": "x", "name": 5, "login": "n"}', 'UTF8')
 		  FROM dwh.dead_letters WHERE source_key = '626a81ce9a8cd1920641e207'}),
 	't', 'the dead letter keeps the raw value');
+is( psql(
+		q{SELECT raw_length, raw_sha256 = sha256(raw)
+		  FROM dwh.dead_letters WHERE source_key = '626a81ce9a8cd1920641e207'}),
+	'37|t', 'with its length and hash');
+# Bounded by dwh.dead_letter_keep_bytes, like a Kafka dead letter: the value
+# too large keeps its first kilobyte, its length and the hash of all of it.
+is( psql(
+		q[SELECT length(raw), raw_length,
+		         raw = convert_to('{"_id": "x", "name": "big", "menu": [], "pad": "' || repeat('x', 1024 - 48), 'UTF8'),
+		         raw_sha256 = sha256(convert_to('{"_id": "x", "name": "big", "menu": [], "pad": "'
+		                                        || repeat('x', 3000) || '"}', 'UTF8'))
+		  FROM dwh.dead_letters WHERE source_key = 'a51e4e31ae4602047ec52503']),
+	'1024|3050|t|t',
+	'a value too large keeps a prefix of dwh.dead_letter_keep_bytes, its length and its hash');
 check_marts('after malformed values');
 
 # 5. Refreshes of unchanged values write nothing, and do not dead-letter the
