@@ -25,7 +25,8 @@ OBJS = \
 	src/dwh_redis_url.o \
 	src/dwh_redis_conn.o \
 	src/dwh_redis_store.o \
-	src/dwh_redis_worker.o
+	src/dwh_redis_worker.o \
+	src/dwh_worker_connect.o
 
 SHLIB_LINK = -ljansson -lrdkafka -lhiredis
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \

@@ -50,6 +50,7 @@
 #include "dwh_kafka_worker.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
+#include "dwh_worker_connect.h"
 
 #define BACKOFF_MIN_MS		500
 #define BACKOFF_MAX_MS		30000
@@ -628,9 +629,7 @@ dwh_kafka_worker_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	slot = dwh_status_attach(DWH_WORKER_KAFKA, worker_index);
-	connected_database = MemoryContextStrdup(TopMemoryContext, dwh_database);
-	BackgroundWorkerInitializeConnection(connected_database, NULL, 0);
-	dwh_worker_search_path();
+	connected_database = dwh_worker_connect(slot);
 	pgstat_report_appname(psprintf("dwh kafka worker %d", worker_index));
 
 	batch.context = AllocSetContextCreate(TopMemoryContext, "dwh kafka batch",

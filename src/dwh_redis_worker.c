@@ -51,6 +51,7 @@
 #include "dwh_redis_worker.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
+#include "dwh_worker_connect.h"
 
 #define BACKOFF_MIN_MS		500
 #define BACKOFF_MAX_MS		30000
@@ -540,9 +541,7 @@ dwh_redis_worker_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	slot = dwh_status_attach(DWH_WORKER_REDIS, 1);
-	connected_database = MemoryContextStrdup(TopMemoryContext, dwh_database);
-	BackgroundWorkerInitializeConnection(connected_database, NULL, 0);
-	dwh_worker_search_path();
+	connected_database = dwh_worker_connect(slot);
 	pgstat_report_appname("dwh redis worker");
 
 	cycle_context = AllocSetContextCreate(TopMemoryContext, "dwh redis cycle",

@@ -57,6 +57,7 @@ typedef struct DwhWorkerStatus
 	int64		refreshes;
 	int64		changes_found;
 	/* Both */
+	bool		connect_pending;	/* a connection attempt never returned */
 	char		last_error[DWH_ERROR_LEN];
 	TimestampTz last_error_at;
 } DwhWorkerStatus;
