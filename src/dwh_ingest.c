@@ -35,6 +35,7 @@
 #include "dwh_columns.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
+#include "dwh_version.h"
 
 
 static SPIPlanPtr upsert_orders_plan = NULL;
@@ -1136,7 +1137,8 @@ PG_FUNCTION_INFO_V1(dwh_ingest_orders);
  *
  * Ingest one raw message; says what became of it: 'applied', 'unchanged',
  * 'other_type' or 'dead_letter'.  text and bytea share the varlena layout,
- * so one C function serves both signatures.
+ * so one C function serves both signatures.  Refused while the schema is
+ * at another version than the library (src/dwh_version.c).
  */
 Datum
 dwh_ingest_order(PG_FUNCTION_ARGS)
@@ -1147,6 +1149,7 @@ dwh_ingest_order(PG_FUNCTION_ARGS)
 	DwhIngestResult result;
 	const char *outcome;
 
+	dwh_require_current_schema();
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -1208,7 +1211,8 @@ coordinate_array(FunctionCallInfo fcinfo, int argno, Oid elemtype, int n,
  *					 kafka_offsets bigint[])
  *		returns (received, applied, unchanged, other_type, dead_lettered)
  *
- * The set-based entry point: one call per batch.
+ * The set-based entry point: one call per batch.  Refused while the schema
+ * is at another version than the library, as dwh.ingest_order is.
  */
 Datum
 dwh_ingest_orders(PG_FUNCTION_ARGS)
@@ -1229,6 +1233,7 @@ dwh_ingest_orders(PG_FUNCTION_ARGS)
 	bool		out_nulls[5] = {false, false, false, false, false};
 	int			i;
 
+	dwh_require_current_schema();
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
