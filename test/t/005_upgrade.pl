@@ -19,6 +19,8 @@
 #     a forgotten change of each kind;
 #   - every stg, dds and cdm table of a equals b's but for the load-time
 #     columns (docs/data-rule.md), and dwh.verify() is empty in a;
+#   - a pg_dump of a taken under 1.0, restored into 1.0 in database c and
+#     updated there, gives the same tables as a;
 #   - the workers go on by themselves, and new orders flow into the marts.
 
 use strict;
@@ -333,6 +335,12 @@ FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk);
 CREATE TABLE load.vault_1_0 AS SELECT * FROM load.vault;
 });
 
+# A dump of the 1.0 warehouse, restored after the update (below).
+my $dir = PostgreSQL::Test::Utils::tempdir();
+$node->command_ok(
+	[ 'pg_dump', '-Fc', '--exclude-schema=load', '-f', "$dir/a-1.0.dump", '-d', 'a' ],
+	'pg_dump of the 1.0 warehouse');
+
 # The update.
 ($ret, $out, $err) = $node->psql('a', 'ALTER EXTENSION dwh UPDATE');
 is($ret, 0, 'ALTER EXTENSION dwh UPDATE succeeds') or diag($err);
@@ -395,7 +403,6 @@ is($node->safe_psql('a', 'SELECT count(*) FROM dwh.verify()'),
 
 # Database b: a fresh install loaded with the STG rows of a.
 $node->safe_psql('b', 'CREATE EXTENSION dwh');
-my $dir = PostgreSQL::Test::Utils::tempdir();
 my @stg_copy = (
 	[ 'stg.users',               'object_id, payload' ],
 	[ 'stg.user_history',        'object_id, update_ts, payload' ],
@@ -666,6 +673,23 @@ for my $t (split / /, $tables)
 	my $fingerprint = data_fingerprint('b', $t);
 	is(data_fingerprint('a', $t), $fingerprint, "$t: a equals b ($fingerprint)");
 }
+# A dump taken under 1.0 holds DDS and the marts too: restored into 1.0
+# (as 1.0 restored, in pg_dump's order) and updated, it gives what the
+# update of a gave, differences kept aside included.
+$node->safe_psql('postgres', 'CREATE DATABASE c');
+$node->safe_psql('c', q{CREATE EXTENSION dwh VERSION '1.0'});
+$node->command_ok([ 'pg_restore', '--data-only', '-d', 'c', "$dir/a-1.0.dump" ],
+	'pg_restore --data-only of the 1.0 dump into 1.0');
+($ret, $out, $err) = $node->psql('c', 'ALTER EXTENSION dwh UPDATE');
+is($ret, 0, 'the restored 1.0 warehouse is updated') or diag($err);
+is($node->safe_psql('c', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty in it');
+for my $t ((split / /, $tables), 'dwh_update_1_1.vault_differences')
+{
+	is(data_fingerprint('c', $t), data_fingerprint('a', $t),
+		"$t: the restored and updated 1.0 dump equals a");
+}
+
 for my $t ('stg.order_events', 'stg.users', 'stg.restaurants', 'dds.s_order_status',
 	'dds.s_product_names', 'dds.l_product_category', 'cdm.user_product_counters',
 	'cdm.user_category_counters')
