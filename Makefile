@@ -1,13 +1,14 @@
 # dwh: PGXS build of the extension, its install script and its tests.
 
 EXTENSION = dwh
-EXTVERSION = 1.0
+EXTVERSION = 1.1
 MODULE_big = dwh
 
 OBJS = \
 	src/dwh.o \
 	src/dwh_settings.o \
 	src/dwh_uuid.o \
+	src/dwh_version.o \
 	src/dwh_timestamp.o \
 	src/dwh_json_syntax.o \
 	src/dwh_jsonb_build.o \
@@ -30,11 +31,15 @@ OBJS = \
 
 SHLIB_LINK = -ljansson -lrdkafka -lhiredis
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \
-	-Wno-missing-field-initializers
+	-Wno-missing-field-initializers -DDWH_EXTVERSION='"$(EXTVERSION)"'
 
-# The install script is assembled from one file per concern under install/.
+# The install script of the current version is assembled from one file per
+# concern under install/.  update/ holds the full scripts of released
+# versions, frozen as they were released, and the update scripts between
+# versions, which ALTER EXTENSION dwh UPDATE runs (docs/upgrades.md).
 INSTALL_PARTS = $(sort $(wildcard install/*.sql))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+DATA = $(sort $(wildcard update/$(EXTENSION)--*.sql))
 
 REGRESS = $(basename $(notdir $(sort $(wildcard sql/*.sql))))
 REGRESS_OPTS = --temp-instance=./tmp_check --temp-config=test/regress.conf --encoding=UTF8
@@ -51,6 +56,15 @@ EXTRA_CLEAN = tmp_check tmp_check_iso test/isolation/results
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# CREATE EXTENSION dwh installs default_version: the version this build's
+# install script and library are (the library compares it with the schema
+# it finds, see src/dwh_version.c).
+CONTROL_VERSION := $(shell sed -n "s/^default_version = '\(.*\)'$$/\1/p" $(EXTENSION).control)
+ifneq ($(CONTROL_VERSION),$(EXTVERSION))
+$(error $(EXTENSION).control says default_version '$(CONTROL_VERSION)', the Makefile EXTVERSION $(EXTVERSION))
+endif
+src/dwh_version.o: Makefile
 
 $(EXTENSION)--$(EXTVERSION).sql: $(INSTALL_PARTS)
 	cat $^ > $@

@@ -36,6 +36,7 @@
 #include "dwh_dead_letter.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
+#include "dwh_version.h"
 
 
 static SPIPlanPtr upsert_orders_plan = NULL;
@@ -1310,7 +1311,8 @@ PG_FUNCTION_INFO_V1(dwh_ingest_dead_letter);
 /*
  * Ingest the message in argument 0 with the topic, partition and offset in
  * arguments topic_arg to topic_arg + 2, from source; say what became of
- * it.
+ * it.  Refused while the schema is at another version than the library
+ * (src/dwh_version.c).
  */
 static text *
 ingest_one(FunctionCallInfo fcinfo, const char *source, int topic_arg)
@@ -1321,6 +1323,7 @@ ingest_one(FunctionCallInfo fcinfo, const char *source, int topic_arg)
 	DwhIngestResult result;
 	const char *outcome;
 
+	dwh_require_current_schema();
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -1438,6 +1441,8 @@ coordinate_array(FunctionCallInfo fcinfo, int argno, Oid elemtype, int n,
  * written: received = applied + unchanged + other_type + dead_lettered +
  * replayed; mismatched counts the other events and dead letters stored
  * where other bytes were already stored (flagged position_mismatch).
+ * Refused while the schema is at another version than the library, as
+ * dwh.ingest_order is.
  */
 Datum
 dwh_ingest_orders(PG_FUNCTION_ARGS)
@@ -1458,6 +1463,7 @@ dwh_ingest_orders(PG_FUNCTION_ARGS)
 	bool		out_nulls[7] = {false, false, false, false, false, false, false};
 	int			i;
 
+	dwh_require_current_schema();
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),

@@ -18,9 +18,10 @@
  * those) aborts the transaction and the same batch is retried with backoff;
  * the batch lives in its own memory context, outside the transaction.
  *
- * While dwh.kafka_brokers is empty, the extension is not created or the
- * server is a standby, the worker sleeps on its latch and says why in
- * dwh.status, logging each new reason once.
+ * While dwh.kafka_brokers is empty, the extension is not created or not
+ * updated to the library's version, or the server is a standby, the worker
+ * sleeps on its latch and says why in dwh.status, logging each new reason
+ * once.
  *
  *-------------------------------------------------------------------------
  */
@@ -50,6 +51,7 @@
 #include "dwh_kafka_worker.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
+#include "dwh_version.h"
 #include "dwh_worker_connect.h"
 
 #define BACKOFF_MIN_MS		500
@@ -185,19 +187,26 @@ shutdown_consumer(int code, Datum arg)
 }
 
 /*
- * Publish a waiting state; a new reason is logged once, a repeated one
- * never.
+ * Publish a waiting state; a new reason is logged once (with the hint, if
+ * any), a repeated one never.
  */
 static void
-set_waiting(const char *reason)
+set_waiting_hint(const char *reason, const char *hint)
 {
 	dwh_status_set_state(slot, "%s", reason);
 	if (strcmp(last_logged_wait, reason) != 0)
 	{
 		strlcpy(last_logged_wait, reason, sizeof(last_logged_wait));
 		ereport(LOG,
-				(errmsg("dwh kafka worker %d: %s", worker_index, reason)));
+				(errmsg("dwh kafka worker %d: %s", worker_index, reason),
+				 hint ? errhint("%s", hint) : 0));
 	}
+}
+
+static void
+set_waiting(const char *reason)
+{
+	set_waiting_hint(reason, NULL);
 }
 
 /*
@@ -271,6 +280,7 @@ static bool
 ready_to_consume(void)
 {
 	bool		installed;
+	char	   *mismatch;
 
 	if (dwh_kafka_brokers[0] == '\0')
 	{
@@ -292,6 +302,14 @@ ready_to_consume(void)
 	{
 		set_waiting(psprintf("waiting: extension dwh is not created in database \"%s\"",
 							 connected_database));
+		return false;
+	}
+	/* After a package upgrade, until ALTER EXTENSION dwh UPDATE. */
+	mismatch = dwh_schema_mismatch();
+	if (mismatch != NULL)
+	{
+		set_waiting_hint(dwh_schema_wait_state(mismatch),
+						 dwh_schema_wait_hint(connected_database));
 		return false;
 	}
 	return true;

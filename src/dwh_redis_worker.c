@@ -25,7 +25,8 @@
  * at once after a reload that changes the connection settings).  An error
  * of the database aborts the transaction and the same work is retried
  * with backoff.  While dwh.redis_url is empty, the extension is not
- * created or the server is a standby, it sleeps on its latch and says why.
+ * created or not updated to the library's version, or the server is a
+ * standby, it sleeps on its latch and says why.
  *
  *-------------------------------------------------------------------------
  */
@@ -51,6 +52,7 @@
 #include "dwh_redis_worker.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
+#include "dwh_version.h"
 #include "dwh_worker_connect.h"
 
 #define BACKOFF_MIN_MS		500
@@ -128,18 +130,26 @@ shutdown_connection(int code, Datum arg)
 }
 
 /*
- * Publish a state; a new one is logged once, a repeated one never.
+ * Publish a state; a new one is logged once (with the hint, if any), a
+ * repeated one never.
  */
 static void
-set_state_logged(const char *state)
+set_state_logged_hint(const char *state, const char *hint)
 {
 	dwh_status_set_state(slot, "%s", state);
 	if (strcmp(last_logged, state) != 0)
 	{
 		strlcpy(last_logged, state, sizeof(last_logged));
 		ereport(LOG,
-				(errmsg("dwh redis worker: %s", state)));
+				(errmsg("dwh redis worker: %s", state),
+				 hint ? errhint("%s", hint) : 0));
 	}
+}
+
+static void
+set_state_logged(const char *state)
+{
+	set_state_logged_hint(state, NULL);
 }
 
 static void
@@ -217,6 +227,8 @@ process_reload(void)
 static bool
 ready_to_mirror(void)
 {
+	char	   *mismatch;
+
 	if (dwh_redis_url_current() == NULL)
 	{
 		set_state_logged("idle: dwh.redis_url is empty");
@@ -231,6 +243,14 @@ ready_to_mirror(void)
 	{
 		set_state_logged(psprintf("waiting: extension dwh is not created in database \"%s\"",
 								  connected_database));
+		return false;
+	}
+	/* After a package upgrade, until ALTER EXTENSION dwh UPDATE. */
+	mismatch = dwh_schema_mismatch();
+	if (mismatch != NULL)
+	{
+		set_state_logged_hint(dwh_schema_wait_state(mismatch),
+							  dwh_schema_wait_hint(connected_database));
 		return false;
 	}
 	return true;

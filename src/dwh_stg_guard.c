@@ -31,6 +31,7 @@
 #include "dwh_columns.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
+#include "dwh_version.h"
 
 PG_FUNCTION_INFO_V1(dwh_stg_guard);
 
@@ -254,8 +255,13 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 						DatumGetJsonbP(old_payload));
 		if (cmp < 0)
 		{
-			/* Older, or losing a tie: a superseded version. */
-			keep_in_history(kind, newtuple, tupdesc, has_ts, ts);
+			/*
+			 * Older, or losing a tie: a superseded version.  A 1.0 schema,
+			 * not updated yet, has no history table: there it is dropped, as
+			 * 1.0 did.
+			 */
+			if (dwh_schema_keeps_history())
+				keep_in_history(kind, newtuple, tupdesc, has_ts, ts);
 			return PointerGetDatum(NULL);
 		}
 		if (cmp == 0 && !sent_later(trigdata, tupdesc))

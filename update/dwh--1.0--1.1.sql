@@ -1,0 +1,1694 @@
+-- dwh 1.0 -> 1.1, run by ALTER EXTENSION dwh UPDATE.
+--
+-- Version 1.0 is the schema of update/dwh--1.0.sql (commit aa4d7d2); 1.1 is
+-- install/*.sql.  This script carries every change between them, in the
+-- order of the install files, with the same text: test/t/005_upgrade.pl
+-- compares the catalog of an updated database with a fresh install.  The
+-- rules for writing it are in docs/upgrades.md.
+--
+-- The data rule (docs/data-rule.md): STG keeps every version received, and
+-- DDS and the marts are a function of the versions in STG.  1.0 kept only
+-- the current version of each order, user and restaurant; at the end, DDS
+-- and the marts are recomputed from STG, and whatever 1.0's DDS held that
+-- STG no longer implies is kept aside (see the last section).
+
+\echo Use "ALTER EXTENSION dwh UPDATE" to load this file. \quit
+
+-- Prelude (install/00_prelude.sql): the dictionary lock's key comes from
+-- the C constant that the STG statement trigger takes (same value as 1.0's
+-- SQL function); a lock key for writers of user values.
+
+CREATE OR REPLACE FUNCTION dwh.dictionary_lock_key() RETURNS bigint
+    AS 'MODULE_PATHNAME', 'dwh_dictionary_lock_key'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION dwh.dictionary_lock_key() IS
+    'Advisory lock key serialising dish category and name changes against order batches';
+
+-- Writers of user values take this one exclusively: the satellite row of
+-- a version time is chosen among the values stored in stg.users and
+-- stg.user_history, so two writers of the same user take turns.
+CREATE FUNCTION dwh.user_lock_key() RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS 'SELECT 7238964021746305794::bigint';
+COMMENT ON FUNCTION dwh.user_lock_key() IS
+    'Advisory lock key serialising writers of user values';
+
+-- STG (install/10_stg.sql): the statement lock of the order tables, and the
+-- history tables of superseded versions.
+
+CREATE FUNCTION dwh.stg_statement_lock() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'dwh_stg_statement_lock'
+    LANGUAGE C;
+COMMENT ON FUNCTION dwh.stg_statement_lock() IS
+    'BEFORE STATEMENT trigger of the order tables: the dictionary lock, exclusive, unless the transaction holds it';
+
+CREATE FUNCTION dwh.dictionary_lock_exclusive() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'dwh_dictionary_lock_exclusive'
+    LANGUAGE C STRICT;
+COMMENT ON FUNCTION dwh.dictionary_lock_exclusive() IS
+    'Internal: does this transaction hold the dictionary lock exclusively?';
+
+-- Before any row: see install/40_products.sql, "Lock order".
+CREATE TRIGGER order_events_lock
+    BEFORE INSERT OR UPDATE ON stg.order_events
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_statement_lock();
+
+-- Superseded versions: one row per distinct version, the payload's digest
+-- standing for the payload in the unique key (a jsonb is too large for a
+-- btree entry).
+CREATE TABLE stg.order_event_history (
+    object_id   bigint NOT NULL,
+    update_ts   timestamp NOT NULL,
+    payload     jsonb NOT NULL,
+    payload_md5 uuid NOT NULL
+        GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
+    sent_dttm   timestamp NOT NULL,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (object_id, update_ts, payload_md5)
+);
+COMMENT ON TABLE stg.order_event_history IS 'Every version of an order received other than its current one (older, or losing a tie on update_ts), once';
+COMMENT ON COLUMN stg.order_event_history.object_id IS 'Order id (message object_id)';
+COMMENT ON COLUMN stg.order_event_history.update_ts IS 'Version time: payload.update_ts';
+COMMENT ON COLUMN stg.order_event_history.payload IS 'The message''s payload object, as is';
+COMMENT ON COLUMN stg.order_event_history.payload_md5 IS 'MD5 of the payload''s text: identifies the version with object_id and update_ts';
+COMMENT ON COLUMN stg.order_event_history.sent_dttm IS 'Greatest sent_dttm of the messages that carried this version';
+COMMENT ON COLUMN stg.order_event_history.loaded_at IS 'When this version was first stored here';
+
+CREATE TRIGGER order_event_history_guard
+    BEFORE INSERT OR UPDATE ON stg.order_event_history
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('order');
+
+CREATE TRIGGER order_event_history_lock
+    BEFORE INSERT OR UPDATE ON stg.order_event_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_statement_lock();
+
+CREATE TABLE stg.user_history (
+    object_id   varchar NOT NULL,
+    update_ts   timestamp,
+    payload     jsonb NOT NULL,
+    payload_md5 uuid NOT NULL
+        GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
+);
+COMMENT ON TABLE stg.user_history IS 'User values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
+COMMENT ON COLUMN stg.user_history.object_id IS 'Redis key';
+COMMENT ON COLUMN stg.user_history.update_ts IS 'Version time: payload.update_ts_utc (null when absent: older than any time)';
+COMMENT ON COLUMN stg.user_history.payload IS 'The Redis value, as is';
+COMMENT ON COLUMN stg.user_history.payload_md5 IS 'MD5 of the value''s text: identifies the version with object_id and update_ts';
+COMMENT ON COLUMN stg.user_history.loaded_at IS 'When this version was first stored here';
+
+CREATE TRIGGER user_history_guard
+    BEFORE INSERT OR UPDATE ON stg.user_history
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('user');
+
+CREATE TABLE stg.restaurant_history (
+    object_id   varchar NOT NULL,
+    update_ts   timestamp,
+    payload     jsonb NOT NULL,
+    payload_md5 uuid NOT NULL
+        GENERATED ALWAYS AS (pg_catalog.md5(payload::text)::uuid) STORED,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (object_id, update_ts, payload_md5)
+);
+COMMENT ON TABLE stg.restaurant_history IS 'Restaurant values mirrored from Redis other than the current one (older, or losing a tie on update_ts_utc), once';
+COMMENT ON COLUMN stg.restaurant_history.object_id IS 'Redis key';
+COMMENT ON COLUMN stg.restaurant_history.update_ts IS 'Version time: payload.update_ts_utc (null when absent: older than any time)';
+COMMENT ON COLUMN stg.restaurant_history.payload IS 'The Redis value, as is';
+COMMENT ON COLUMN stg.restaurant_history.payload_md5 IS 'MD5 of the value''s text: identifies the version with object_id and update_ts';
+COMMENT ON COLUMN stg.restaurant_history.loaded_at IS 'When this version was first stored here';
+
+CREATE TRIGGER restaurant_history_guard
+    BEFORE INSERT OR UPDATE ON stg.restaurant_history
+    FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
+
+-- Dishes (install/40_products.sql): menu namings and order namings have a
+-- loader each, replacing dwh.load_products; the claim of the keys that
+-- order batches share.
+DROP FUNCTION dwh.load_products(uuid[], text[], text[], timestamp[], text);
+
+-- Menu namings: dish hubs and one satellite row per dish and menu time.
+-- A row that is also the newest order naming's keeps its load_src.
+-- Returns the dishes whose current name changed.
+CREATE FUNCTION dwh.load_menu_namings(ids text[], names text[], versions timestamp[])
+    RETURNS uuid[]
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    renamed uuid[];
+BEGIN
+    WITH naming AS MATERIALIZED (
+        SELECT DISTINCT ON (n.product_id, n.load_dt)
+               dwh.hash_key(n.product_id) AS h_product_pk, n.product_id, n.name, n.load_dt
+        FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
+        ORDER BY n.product_id, n.load_dt, n.name COLLATE "C" DESC
+    ),
+    hub AS (
+        INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
+        SELECT DISTINCT h_product_pk, product_id, now(), 'stg.restaurants'
+        FROM naming
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    newest AS MATERIALIZED (
+        SELECT DISTINCT ON (h_product_pk) h_product_pk, name, load_dt
+        FROM naming
+        ORDER BY h_product_pk, load_dt DESC, name COLLATE "C" DESC
+    ),
+    before AS MATERIALIZED (
+        SELECT n.h_product_pk, n.name, n.load_dt,
+               cur.name AS cur_name, cur.load_dt AS cur_load_dt
+        FROM newest n
+        LEFT JOIN LATERAL (
+            SELECT s.name, s.load_dt
+            FROM dds.s_product_names s
+            WHERE s.h_product_pk = n.h_product_pk
+            ORDER BY s.load_dt DESC LIMIT 1) cur ON true
+    ),
+    satellite AS (
+        INSERT INTO dds.s_product_names AS s
+               (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
+        SELECT h_product_pk, name, dwh.hash_key(h_product_pk::text || name), load_dt,
+               'stg.restaurants'
+        FROM naming
+        ORDER BY h_product_pk, load_dt
+        ON CONFLICT (h_product_pk, load_dt) DO UPDATE
+        SET name = EXCLUDED.name,
+            hk_product_names_hashdiff = EXCLUDED.hk_product_names_hashdiff
+        WHERE EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+    )
+    SELECT array_agg(h_product_pk) INTO renamed
+    FROM before
+    WHERE cur_name IS NULL
+       OR (name <> cur_name
+           AND (load_dt > cur_load_dt
+                OR (load_dt = cur_load_dt AND name COLLATE "C" > cur_name COLLATE "C")));
+
+    RETURN renamed;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_menu_namings(text[], text[], timestamp[]) IS
+    'Internal: load dish hubs and the name satellite rows of menu namings; returns the dishes whose current name changed';
+
+-- The greatest name that menus give a dish at a time, if any.
+CREATE FUNCTION dwh.menu_name_at(product_id text, version timestamp)
+    RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT max(e->>'name' COLLATE "C")
+    FROM (SELECT payload FROM stg.restaurants
+          WHERE coalesce(update_ts, '-infinity') = version
+          UNION ALL
+          SELECT payload FROM stg.restaurant_history
+          WHERE coalesce(update_ts, '-infinity') = version) r,
+         jsonb_array_elements(r.payload->'menu') e
+    WHERE e->>'_id' = product_id;
+$fn$;
+COMMENT ON FUNCTION dwh.menu_name_at(text, timestamp) IS
+    'Internal: the greatest name that menu versions of this time give the dish, or null';
+
+-- Step 6 of the lock order, after the marts: the newest naming of each dish
+-- by an order.  Its satellite row is the one with load_src
+-- stg.order_events (one per dish); when a batch names a dish later, the row
+-- moves there, and the menu naming of its old time, if any, gets its row
+-- back.  Under a shared dictionary lock no current name changes (see
+-- dwh.claim_order_keys); under an exclusive one the marts follow.
+CREATE FUNCTION dwh.load_order_namings(product_ids text[], product_names text[],
+                                       name_versions timestamp[])
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    keys uuid[];
+    ids text[];
+    names text[];
+    times timestamp[];
+    old_times timestamp[];
+    old_current text[];
+    renamed uuid[];
+BEGIN
+    IF product_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- The batch's newest naming of each dish (from dwh.claim_order_keys),
+    -- where it is newer than the dish's newest order naming (whose row is
+    -- locked, in key order).
+    WITH naming AS MATERIALIZED (
+        SELECT dwh.hash_key(n.id) AS h_product_pk, n.id, n.name, n.version
+        FROM unnest(product_ids, product_names, name_versions) AS n(id, name, version)
+    ),
+    locked AS MATERIALIZED (
+        SELECT s.h_product_pk, s.name, s.load_dt
+        FROM dds.s_product_names s
+        WHERE s.h_product_pk IN (SELECT h_product_pk FROM naming)
+          AND s.load_src = 'stg.order_events'
+        ORDER BY s.h_product_pk
+        FOR UPDATE
+    )
+    SELECT array_agg(n.h_product_pk), array_agg(n.id), array_agg(n.name),
+           array_agg(n.version), array_agg(l.load_dt), array_agg(cur.name)
+    INTO keys, ids, names, times, old_times, old_current
+    FROM naming n
+    LEFT JOIN locked l USING (h_product_pk)
+    LEFT JOIN LATERAL (
+        SELECT s.name FROM dds.s_product_names s
+        WHERE s.h_product_pk = n.h_product_pk
+        ORDER BY s.load_dt DESC LIMIT 1) cur ON true
+    WHERE l.h_product_pk IS NULL
+       OR n.version > l.load_dt
+       OR (n.version = l.load_dt AND n.name COLLATE "C" > l.name COLLATE "C");
+
+    IF keys IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- The rows left behind: the menu naming of their time, or nothing.
+    WITH menu_time AS MATERIALIZED (
+        SELECT coalesce(update_ts, '-infinity') AS version FROM stg.restaurants
+        UNION
+        SELECT coalesce(update_ts, '-infinity') FROM stg.restaurant_history
+    ),
+    old AS (
+        SELECT m.h_product_pk, m.old_time,
+               CASE WHEN m.old_time IN (SELECT version FROM menu_time)
+                    THEN dwh.menu_name_at(m.product_id, m.old_time) END AS menu_name
+        FROM unnest(keys, ids, times, old_times) AS m(h_product_pk, product_id, load_dt, old_time)
+        WHERE m.old_time < m.load_dt
+    ),
+    kept AS (
+        UPDATE dds.s_product_names s
+        SET name = o.menu_name,
+            hk_product_names_hashdiff = dwh.hash_key(s.h_product_pk::text || o.menu_name),
+            load_src = 'stg.restaurants'
+        FROM old o
+        WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
+          AND o.menu_name IS NOT NULL
+    )
+    DELETE FROM dds.s_product_names s
+    USING old o
+    WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
+      AND o.menu_name IS NULL;
+
+    -- The new rows, merged with a menu naming of the same time.
+    INSERT INTO dds.s_product_names AS s
+           (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
+    SELECT m.h_product_pk, m.name, dwh.hash_key(m.h_product_pk::text || m.name),
+           m.load_dt, 'stg.order_events'
+    FROM unnest(keys, names, times) AS m(h_product_pk, name, load_dt)
+    ORDER BY 1
+    ON CONFLICT (h_product_pk, load_dt) DO UPDATE
+    SET name = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+                    THEN EXCLUDED.name ELSE s.name END,
+        hk_product_names_hashdiff = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+                                         THEN EXCLUDED.hk_product_names_hashdiff
+                                         ELSE s.hk_product_names_hashdiff END,
+        load_src = 'stg.order_events';
+
+    SELECT array_agg(m.h_product_pk) INTO renamed
+    FROM unnest(keys, old_current) AS m(h_product_pk, old_name)
+    CROSS JOIN LATERAL (
+        SELECT s.name FROM dds.s_product_names s
+        WHERE s.h_product_pk = m.h_product_pk
+        ORDER BY s.load_dt DESC LIMIT 1) cur
+    WHERE m.old_name IS DISTINCT FROM cur.name;
+    IF renamed IS NOT NULL THEN
+        IF NOT dwh.dictionary_lock_exclusive() THEN
+            RAISE EXCEPTION 'dish names changed while the batch held the dictionary lock shared'
+                USING ERRCODE = '40001',
+                      HINT = 'Retry the statement.';
+        END IF;
+        PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_order_namings(text[], text[], timestamp[]) IS
+    'Internal: move each dish''s newest order naming forward to the newest of these order versions';
+
+-- Does loading these namings change the current name of some dish, or
+-- name a dish for the first time?  Read only, before any lock: the current
+-- name only grows (in (time, name) order), so a "no" stays true; batches
+-- that hold the lock shared only add namings that keep every name.
+CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
+    RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT EXISTS (
+        SELECT
+        FROM (SELECT DISTINCT ON (n.product_id) n.product_id, n.name, n.load_dt
+              FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
+              ORDER BY n.product_id, n.load_dt DESC, n.name COLLATE "C" DESC) n
+        LEFT JOIN LATERAL (
+            SELECT s.name, s.load_dt
+            FROM dds.s_product_names s
+            WHERE s.h_product_pk = dwh.hash_key(n.product_id)
+            ORDER BY s.load_dt DESC LIMIT 1) cur ON true
+        WHERE cur.name IS NULL
+           OR (n.name <> cur.name
+               AND (n.load_dt > cur.load_dt
+                    OR (n.load_dt = cur.load_dt
+                        AND n.name COLLATE "C" > cur.name COLLATE "C"))));
+$fn$;
+COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
+    'Internal: would these dish namings change the current name of some dish?';
+
+-- Steps 1 and 2 of the lock order for these order versions: the dictionary
+-- lock, then dish, restaurant and user hubs and (dish, restaurant) pairs.
+-- The namings come at step 6 (dwh.load_order_namings).  A batch that
+-- finds a rename only after taking the lock shared (a concurrent batch
+-- changed the names meanwhile) fails with 40001: dwh.ingest_orders retries
+-- it with the lock exclusive.
+CREATE FUNCTION dwh.claim_order_keys(payloads jsonb[], versions timestamp[],
+                                     exclusive boolean DEFAULT false,
+                                     OUT ids text[], OUT names text[],
+                                     OUT item_versions timestamp[])
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF payloads IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- The batch's newest naming of each dish (what step 6 needs too).
+    -- Grouping by hashing first: a batch names each dish many times.
+    SELECT array_agg(n.id), array_agg(n.name), array_agg(n.version)
+    INTO ids, names, item_versions
+    FROM (SELECT DISTINCT ON (n.id) n.id, n.name, n.version
+          FROM (SELECT e->>'id' AS id, e->>'name' AS name, max(v.version) AS version
+                FROM unnest(payloads, versions) AS v(payload, version),
+                     jsonb_array_elements(v.payload->'order_items') e
+                GROUP BY 1, 2) n
+          ORDER BY n.id, n.version DESC, n.name COLLATE "C" DESC) n;
+
+    IF NOT exclusive THEN
+        exclusive := dwh.namings_rename(ids, names, item_versions);
+    END IF;
+    IF exclusive THEN
+        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
+    END IF;
+
+    -- Waiting for the lock, a batch may have seen a concurrent one rename
+    -- a dish it names: then this one must hold the lock exclusive.
+    IF NOT exclusive AND dwh.namings_rename(ids, names, item_versions) THEN
+        RAISE EXCEPTION 'dish names changed while the batch was waiting'
+            USING ERRCODE = '40001',
+                  DETAIL = 'A concurrent transaction renamed a dish that this batch names too.',
+                  HINT = 'Retry the statement; dwh.ingest_orders retries by itself.';
+    END IF;
+
+    INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
+    SELECT dwh.hash_key(id), id, now(), 'stg.order_events'
+    FROM (SELECT DISTINCT id FROM unnest(ids) AS i(id)) d
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+
+    WITH version AS MATERIALIZED (
+        SELECT v.payload->'restaurant'->>'id' AS restaurant_id,
+               v.payload->'user'->>'id' AS user_id,
+               v.payload->'order_items' AS items
+        FROM unnest(payloads) AS v(payload)
+    ),
+    restaurant AS MATERIALIZED (
+        SELECT restaurant_id, dwh.hash_key(restaurant_id) AS h_restaurant_pk
+        FROM version
+        GROUP BY 1
+    ),
+    restaurant_hub AS (
+        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+        SELECT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
+        FROM restaurant
+        ORDER BY h_restaurant_pk
+        ON CONFLICT DO NOTHING
+    ),
+    user_hub AS (
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
+        FROM (SELECT user_id FROM version GROUP BY 1) u
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    )
+    INSERT INTO dds.l_product_restaurant
+           (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+    SELECT dwh.hash_key(p.h_product_pk, r.h_restaurant_pk), p.h_product_pk,
+           r.h_restaurant_pk, now(), 'stg.order_events'
+    FROM (SELECT v.restaurant_id, e->>'id' AS product_id
+          FROM version v, jsonb_array_elements(v.items) e
+          GROUP BY 1, 2) x
+    JOIN restaurant r USING (restaurant_id)
+    CROSS JOIN LATERAL (SELECT dwh.hash_key(x.product_id) AS h_product_pk) p
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
+    'Internal: take the dictionary lock and load the keys that order batches share (dishes, restaurants, users, dish-restaurant pairs), in the one lock order; returns the batch''s newest naming of each dish';
+
+-- Orders (install/50_orders.sql): the order trigger split into step
+-- functions; the update trigger sees the versions it replaces; superseded
+-- versions carried into DDS from their history table.
+
+-- Orders new to DDS (the usual case): nothing counted before.  No other
+-- transaction can write their links (it would first conflict on
+-- stg.order_events.object_id), so those are plain INSERTs.  Rows go in hub
+-- key order: the random UUID keys then fill index pages one after the
+-- other, and so do the foreign-key checks.  (A concurrent writer of an
+-- order's history, such as a parallel restore, may have loaded its hub and
+-- satellite rows meanwhile: those are upserts.)
+CREATE FUNCTION dwh.load_new_orders(object_ids bigint[], versions timestamp[],
+                                    payloads jsonb[],
+                                    OUT product_users uuid[], OUT products uuid[],
+                                    OUT product_deltas integer[],
+                                    OUT category_users uuid[], OUT categories uuid[],
+                                    OUT category_deltas integer[])
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    WITH batch AS MATERIALIZED (
+        SELECT c.object_id,
+               dwh.hash_key(c.object_id::text) AS h_order_pk,
+               c.update_ts,
+               (c.payload->>'date')::timestamp AS order_dt,
+               c.payload->>'final_status' AS status,
+               (c.payload->>'cost')::numeric(19, 5) AS cost,
+               (c.payload->>'payment')::numeric(19, 5) AS payment,
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+               c.payload->'order_items' AS items
+        FROM unnest(object_ids, versions, payloads) AS c(object_id, update_ts, payload)
+        ORDER BY h_order_pk
+    ),
+    item AS MATERIALIZED (
+        SELECT DISTINCT b.h_order_pk, b.h_product_pk, b.h_user_pk, b.status
+        FROM (SELECT b.*, dwh.hash_key(e->>'id') AS h_product_pk
+              FROM batch b, jsonb_array_elements(b.items) e) b
+        ORDER BY b.h_order_pk, b.h_product_pk
+    ),
+    category AS MATERIALIZED (
+        SELECT l.h_product_pk, l.h_category_pk
+        FROM dds.l_product_category l
+        WHERE l.h_product_pk IN (SELECT h_product_pk FROM item)
+    ),
+    order_hub AS (
+        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        FROM batch
+        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
+        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
+    ),
+    order_user_link AS (
+        INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        FROM batch
+    ),
+    order_product_link AS (
+        INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        FROM item
+    ),
+    status_satellite AS (
+        INSERT INTO dds.s_order_status AS s
+               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET status = EXCLUDED.status,
+            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+        WHERE s.status IS DISTINCT FROM EXCLUDED.status
+    ),
+    cost_satellite AS (
+        INSERT INTO dds.s_order_cost AS s
+               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, cost, payment,
+               dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
+    ),
+    -- In no particular order: dwh.apply_mart_deltas writes in key order.
+    product_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_product_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM (SELECT h_user_pk, h_product_pk, count(*)::integer AS d
+              FROM item WHERE status = 'CLOSED'
+              GROUP BY h_user_pk, h_product_pk) x
+    ),
+    category_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_category_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM (SELECT i.h_user_pk, c.h_category_pk,
+                     count(DISTINCT i.h_order_pk)::integer AS d
+              FROM item i JOIN category c USING (h_product_pk)
+              WHERE i.status = 'CLOSED'
+              GROUP BY i.h_user_pk, c.h_category_pk) x
+    )
+    SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
+    INTO product_users, products, product_deltas,
+         category_users, categories, category_deltas
+    FROM product_delta_keys p, category_delta_keys c;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[]) IS
+    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause';
+
+-- Orders DDS already holds (a new version, a replay, a restore): the deltas
+-- take away what they counted before.  The current version is the greatest
+-- of its update_ts: its values are that time's satellite row, whatever was
+-- stored there.
+CREATE FUNCTION dwh.load_known_orders(object_ids bigint[], versions timestamp[],
+                                      payloads jsonb[],
+                                    OUT product_users uuid[], OUT products uuid[],
+                                      OUT product_deltas integer[],
+                                      OUT category_users uuid[], OUT categories uuid[],
+                                      OUT category_deltas integer[])
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    WITH batch AS MATERIALIZED (
+        SELECT c.object_id,
+               dwh.hash_key(c.object_id::text) AS h_order_pk,
+               c.update_ts,
+               (c.payload->>'date')::timestamp AS order_dt,
+               c.payload->>'final_status' AS status,
+               (c.payload->>'cost')::numeric(19, 5) AS cost,
+               (c.payload->>'payment')::numeric(19, 5) AS payment,
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+               c.payload->'order_items' AS items
+        FROM unnest(object_ids, versions, payloads) AS c(object_id, update_ts, payload)
+    ),
+    item AS MATERIALIZED (
+        SELECT DISTINCT b.h_order_pk, b.h_user_pk, b.status,
+               dwh.hash_key(e->>'id') AS h_product_pk
+        FROM batch b, jsonb_array_elements(b.items) e
+    ),
+    -- What the batch's orders counted before this statement.
+    old_user AS MATERIALIZED (
+        SELECT l.h_order_pk, l.h_user_pk
+        FROM batch b JOIN dds.l_order_user l ON l.h_order_pk = b.h_order_pk
+    ),
+    old_item AS MATERIALIZED (
+        SELECT l.h_order_pk, l.h_product_pk
+        FROM batch b JOIN dds.l_order_product l ON l.h_order_pk = b.h_order_pk
+    ),
+    old_closed AS MATERIALIZED (
+        SELECT b.h_order_pk
+        FROM batch b
+        WHERE (SELECT s.status FROM dds.s_order_status s
+               WHERE s.h_order_pk = b.h_order_pk
+               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+    ),
+    old_counted AS MATERIALIZED (
+        SELECT c.h_order_pk, u.h_user_pk, i.h_product_pk
+        FROM old_closed c
+        JOIN old_user u USING (h_order_pk)
+        JOIN old_item i USING (h_order_pk)
+    ),
+    category AS MATERIALIZED (
+        SELECT l.h_product_pk, l.h_category_pk
+        FROM dds.l_product_category l
+        WHERE l.h_product_pk IN (SELECT h_product_pk FROM item
+                                 UNION SELECT h_product_pk FROM old_counted)
+    ),
+    product_delta AS (
+        SELECT h_user_pk, h_product_pk, sum(d)::integer AS d
+        FROM (SELECT h_user_pk, h_product_pk, 1 AS d FROM item WHERE status = 'CLOSED'
+              UNION ALL
+              SELECT h_user_pk, h_product_pk, -1 FROM old_counted) x
+        GROUP BY h_user_pk, h_product_pk
+        HAVING sum(d) <> 0
+    ),
+    category_delta AS (
+        SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
+        FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, c.h_category_pk, 1 AS d
+              FROM item i JOIN category c USING (h_product_pk)
+              WHERE i.status = 'CLOSED'
+              UNION ALL
+              SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
+              FROM old_counted o JOIN category c USING (h_product_pk)) x
+        GROUP BY h_user_pk, h_category_pk
+        HAVING sum(d) <> 0
+    ),
+    -- Hubs, links and satellites.
+    order_hub AS (
+        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        FROM batch
+        ORDER BY h_order_pk
+        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
+        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
+    ),
+    order_user_link AS (
+        INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        FROM batch
+        ON CONFLICT DO NOTHING
+    ),
+    order_product_link AS (
+        INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        FROM item
+        ON CONFLICT DO NOTHING
+    ),
+    -- The current version is the greatest of its update_ts: its values
+    -- are that time's row, whatever was stored there.
+    status_satellite AS (
+        INSERT INTO dds.s_order_status AS s
+               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ORDER BY h_order_pk
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET status = EXCLUDED.status,
+            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+        WHERE s.status IS DISTINCT FROM EXCLUDED.status
+    ),
+    cost_satellite AS (
+        INSERT INTO dds.s_order_cost AS s
+               (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, cost, payment,
+               dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+               update_ts, 'stg.order_events'
+        FROM batch
+        ORDER BY h_order_pk
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
+    ),
+    -- In no particular order: dwh.apply_mart_deltas writes in key order.
+    product_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_product_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM product_delta
+    ),
+    category_delta_keys AS (
+        SELECT array_agg(h_user_pk) AS users,
+               array_agg(h_category_pk) AS keys,
+               array_agg(d) AS deltas
+        FROM category_delta
+    )
+    SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
+    INTO product_users, products, product_deltas,
+         category_users, categories, category_deltas
+    FROM product_delta_keys p, category_delta_keys c;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_known_orders(bigint[], timestamp[], jsonb[]) IS
+    'Internal: load new current versions of orders DDS holds; returns the mart deltas they cause';
+
+-- Links of the replaced versions that the new ones no longer hold: one
+-- hash anti-join, linear in the items whatever their number.
+CREATE FUNCTION dwh.unlink_replaced_items(object_ids bigint[], payloads jsonb[])
+    RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH batch AS MATERIALIZED (
+        SELECT dwh.hash_key(c.object_id::text) AS h_order_pk,
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
+               c.payload->'order_items' AS items
+        FROM unnest(object_ids, payloads) AS c(object_id, payload)
+    ),
+    item AS MATERIALIZED (
+        SELECT DISTINCT b.h_order_pk, dwh.hash_key(e->>'id') AS h_product_pk
+        FROM batch b, jsonb_array_elements(b.items) e
+    ),
+    stale_products AS (
+        DELETE FROM dds.l_order_product l
+        USING batch b
+        WHERE l.h_order_pk = b.h_order_pk
+          AND NOT EXISTS (SELECT FROM item i
+                          WHERE i.h_order_pk = l.h_order_pk
+                            AND i.h_product_pk = l.h_product_pk)
+    )
+    DELETE FROM dds.l_order_user l
+    USING batch b
+    WHERE l.h_order_pk = b.h_order_pk AND l.h_user_pk <> b.h_user_pk;
+$fn$;
+COMMENT ON FUNCTION dwh.unlink_replaced_items(bigint[], jsonb[]) IS
+    'Internal: delete the order links that the orders'' new versions no longer hold';
+
+-- Superseded versions of orders: the history keeps them (its trigger finds
+-- what they brought already in DDS when they were current).
+CREATE FUNCTION dwh.keep_superseded_orders(object_ids bigint[], versions timestamp[],
+                                           payloads jsonb[], sent timestamp[])
+    RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    INSERT INTO stg.order_event_history AS h (object_id, update_ts, payload, sent_dttm)
+    SELECT * FROM unnest(object_ids, versions, payloads, sent)
+    ORDER BY 1, 2
+    ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE
+    SET sent_dttm = EXCLUDED.sent_dttm
+    WHERE EXCLUDED.sent_dttm > h.sent_dttm;
+$fn$;
+COMMENT ON FUNCTION dwh.keep_superseded_orders(bigint[], timestamp[], jsonb[], timestamp[]) IS
+    'Internal: keep superseded order versions in stg.order_event_history';
+
+CREATE OR REPLACE FUNCTION dwh.order_events_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+    named record;
+    d record;
+BEGIN
+    SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
+    INTO object_ids, versions, payloads
+    FROM changed c;
+    IF object_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    IF NOT dwh.keys_claimed() THEN
+        named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
+    END IF;
+
+    -- Orders DDS does not hold yet take the shorter path.  (A restore
+    -- replays orders whose history it may have loaded first.)
+    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
+                                        JOIN dds.h_order h ON h.order_id = c.object_id) THEN
+        d := dwh.load_new_orders(object_ids, versions, payloads);
+    ELSE
+        d := dwh.load_known_orders(object_ids, versions, payloads);
+    END IF;
+
+    IF TG_OP = 'UPDATE' THEN
+        PERFORM dwh.unlink_replaced_items(object_ids, payloads);
+        -- A replaced version is superseded (unless only its sent_dttm grew).
+        PERFORM dwh.keep_superseded_orders(array_agg(o.object_id), array_agg(o.update_ts),
+                                           array_agg(o.payload), array_agg(o.sent_dttm))
+        FROM superseded o JOIN changed c USING (object_id)
+        WHERE CASE WHEN o.update_ts <> c.update_ts THEN true
+                   ELSE o.payload::text <> c.payload::text END;
+    END IF;
+
+    -- The marts, after DDS.  (Within an ingest, deferred to the end of its
+    -- upsert: one sorted pass for the INSERT and UPDATE triggers together.)
+    IF NOT dwh.defer_mart_deltas(d.product_users, d.products, d.product_deltas,
+                                 d.category_users, d.categories, d.category_deltas) THEN
+        PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
+                                      d.category_users, d.categories, d.category_deltas);
+    END IF;
+
+    IF NOT dwh.keys_claimed() THEN
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
+    END IF;
+
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.order_events_changed() IS
+    'AFTER INSERT/UPDATE statement trigger of stg.order_events: carries changed orders into DDS and the marts';
+
+DROP TRIGGER order_events_updated ON stg.order_events;
+CREATE TRIGGER order_events_updated
+    AFTER UPDATE ON stg.order_events
+    REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_changed();
+
+-- Superseded versions of orders (stg.order_event_history): they name
+-- dishes, pair dishes with restaurants, bring hubs, and give the status and
+-- cost rows of their update_ts when they are the greatest version of that
+-- time.  An order's links and counts follow its current version only.
+CREATE FUNCTION dwh.load_superseded_orders(object_ids bigint[], versions timestamp[],
+                                           payloads jsonb[])
+    RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH version AS MATERIALIZED (
+        SELECT v.object_id, dwh.hash_key(v.object_id::text) AS h_order_pk,
+               v.update_ts, (v.payload->>'date')::timestamp AS order_dt
+        FROM unnest(object_ids, versions, payloads) AS v(object_id, update_ts, payload)
+    ),
+    -- The greatest version of each (order, update_ts) touched; none where
+    -- the current version has that time, since it is the greatest of all.
+    winner AS MATERIALIZED (
+        SELECT DISTINCT ON (h.object_id, h.update_ts)
+               dwh.hash_key(h.object_id::text) AS h_order_pk, h.update_ts,
+               h.payload->>'final_status' AS status,
+               (h.payload->>'cost')::numeric(19, 5) AS cost,
+               (h.payload->>'payment')::numeric(19, 5) AS payment
+        FROM stg.order_event_history h
+        JOIN (SELECT DISTINCT object_id, update_ts FROM version) a
+          USING (object_id, update_ts)
+        WHERE NOT EXISTS (SELECT FROM stg.order_events c
+                          WHERE c.object_id = h.object_id AND c.update_ts = h.update_ts)
+        ORDER BY h.object_id, h.update_ts, h.payload::text COLLATE "C" DESC
+    ),
+    -- order_dt is the current version's: set here only for an order whose
+    -- current version is not loaded yet (a restore), then by it.
+    order_hub AS (
+        INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+        SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now(),
+               'stg.order_events'
+        FROM version
+        ORDER BY h_order_pk, update_ts DESC
+        ON CONFLICT DO NOTHING
+    ),
+    -- A version the order held before (the usual case: its current
+    -- version, just replaced) finds its rows as they are: not even locked.
+    status_satellite AS (
+        INSERT INTO dds.s_order_status AS s
+               (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+        SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
+               update_ts, 'stg.order_events'
+        FROM winner w
+        WHERE NOT EXISTS (SELECT FROM dds.s_order_status p
+                          WHERE p.h_order_pk = w.h_order_pk AND p.load_dt = w.update_ts
+                            AND p.status = w.status)
+        ORDER BY h_order_pk, update_ts
+        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+        SET status = EXCLUDED.status,
+            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
+        WHERE s.status IS DISTINCT FROM EXCLUDED.status
+    )
+    INSERT INTO dds.s_order_cost AS s
+           (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+    SELECT h_order_pk, cost, payment,
+           dwh.hash_key(h_order_pk::text || cost::text || payment::text),
+           update_ts, 'stg.order_events'
+    FROM winner w
+    WHERE NOT EXISTS (SELECT FROM dds.s_order_cost p
+                      WHERE p.h_order_pk = w.h_order_pk AND p.load_dt = w.update_ts
+                        AND p.cost = w.cost AND p.payment = w.payment)
+    ORDER BY h_order_pk, update_ts
+    ON CONFLICT (h_order_pk, load_dt) DO UPDATE
+    SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
+        hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
+    WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment);
+$fn$;
+COMMENT ON FUNCTION dwh.load_superseded_orders(bigint[], timestamp[], jsonb[]) IS
+    'Internal: load superseded order versions: order hubs and the satellite rows of their update_ts';
+
+CREATE FUNCTION dwh.order_event_history_added() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+    named record;
+BEGIN
+    SELECT array_agg(a.object_id), array_agg(a.update_ts), array_agg(a.payload)
+    INTO object_ids, versions, payloads
+    FROM added a;
+    IF object_ids IS NOT NULL THEN
+        IF NOT dwh.keys_claimed() THEN
+            named := dwh.claim_order_keys(payloads, versions,
+                                          dwh.dictionary_lock_exclusive());
+        END IF;
+        PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
+        IF NOT dwh.keys_claimed() THEN
+            PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.order_event_history_added() IS
+    'AFTER INSERT statement trigger of stg.order_event_history: carries superseded order versions into DDS';
+
+CREATE TRIGGER order_event_history_added
+    AFTER INSERT ON stg.order_event_history
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_event_history_added();
+
+-- Dictionaries (install/60_dictionaries.sql): one loader per kind for
+-- current and superseded values; the update triggers see the values they
+-- replace.
+
+-- Hubs and name satellite rows of these (user, version time) pairs: each
+-- row takes the values of the greatest version of that time, current or
+-- superseded.
+CREATE FUNCTION dwh.load_user_versions(keys text[], versions timestamp[])
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF keys IS NULL THEN
+        RETURN;
+    END IF;
+    -- The winners below are read after this lock: see dwh.user_lock_key().
+    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+
+    WITH touched AS MATERIALIZED (
+        SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
+        FROM unnest(keys, versions) AS t(k, v)
+    ),
+    hub AS (
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.users'
+        FROM touched
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    candidate AS (
+        SELECT c.object_id, coalesce(c.update_ts, '-infinity') AS load_dt, c.payload
+        FROM stg.users c JOIN touched t USING (object_id)
+        WHERE coalesce(c.update_ts, '-infinity') = t.load_dt
+        UNION ALL
+        SELECT h.object_id, coalesce(h.update_ts, '-infinity'), h.payload
+        FROM stg.user_history h JOIN touched t USING (object_id)
+        WHERE coalesce(h.update_ts, '-infinity') = t.load_dt
+    ),
+    winner AS (
+        SELECT DISTINCT ON (object_id, load_dt)
+               dwh.hash_key(object_id) AS h_user_pk, load_dt,
+               payload->>'name' AS username, payload->>'login' AS userlogin
+        FROM candidate
+        ORDER BY object_id, load_dt, payload::text COLLATE "C" DESC
+    )
+    INSERT INTO dds.s_user_names AS s
+           (h_user_pk, username, userlogin, hk_user_names_hashdiff, load_dt, load_src)
+    SELECT h_user_pk, username, userlogin,
+           dwh.hash_key(h_user_pk::text || username || userlogin), load_dt, 'stg.users'
+    FROM winner
+    ORDER BY h_user_pk, load_dt
+    ON CONFLICT (h_user_pk, load_dt) DO UPDATE
+    SET username = EXCLUDED.username, userlogin = EXCLUDED.userlogin,
+        hk_user_names_hashdiff = EXCLUDED.hk_user_names_hashdiff
+    WHERE (s.username, s.userlogin) IS DISTINCT FROM (EXCLUDED.username, EXCLUDED.userlogin);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_user_versions(text[], timestamp[]) IS
+    'Load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
+
+CREATE OR REPLACE FUNCTION dwh.users_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
+    FROM changed;
+
+    IF TG_OP = 'UPDATE' THEN
+        -- Replaced values are superseded versions.
+        INSERT INTO stg.user_history (object_id, update_ts, payload)
+        SELECT o.object_id, o.update_ts, o.payload
+        FROM superseded o JOIN changed c USING (object_id)
+        WHERE CASE WHEN o.update_ts IS DISTINCT FROM c.update_ts THEN true
+                   ELSE o.payload::text <> c.payload::text END
+        ORDER BY o.object_id
+        ON CONFLICT DO NOTHING;
+    END IF;
+
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.users_changed() IS
+    'AFTER INSERT/UPDATE statement trigger of stg.users: user hubs and name satellites';
+
+DROP TRIGGER users_updated ON stg.users;
+CREATE TRIGGER users_updated
+    AFTER UPDATE ON stg.users
+    REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
+
+CREATE FUNCTION dwh.user_history_added() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
+    FROM added;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.user_history_added() IS
+    'AFTER INSERT statement trigger of stg.user_history: superseded user values into DDS';
+
+CREATE TRIGGER user_history_added
+    AFTER INSERT ON stg.user_history
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.user_history_added();
+
+-- Restaurants: hubs and name satellite rows of these (restaurant, version
+-- time) pairs, as for users; then what the given menus say of their dishes:
+-- names, the restaurants serving them, and categories (a dish takes the
+-- category of the greatest (version time, category name) that lists it).
+CREATE FUNCTION dwh.load_restaurant_versions(keys text[], versions timestamp[],
+                                             payloads jsonb[])
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    renamed uuid[];
+    moved_products uuid[];
+    moved_categories uuid[];
+    moved_versions timestamp[];
+BEGIN
+    IF keys IS NULL THEN
+        RETURN;
+    END IF;
+
+    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+
+    WITH touched AS MATERIALIZED (
+        SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
+        FROM unnest(keys, versions) AS t(k, v)
+    ),
+    hub AS (
+        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.restaurants'
+        FROM touched
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    candidate AS (
+        SELECT c.object_id, coalesce(c.update_ts, '-infinity') AS load_dt, c.payload
+        FROM stg.restaurants c JOIN touched t USING (object_id)
+        WHERE coalesce(c.update_ts, '-infinity') = t.load_dt
+        UNION ALL
+        SELECT h.object_id, coalesce(h.update_ts, '-infinity'), h.payload
+        FROM stg.restaurant_history h JOIN touched t USING (object_id)
+        WHERE coalesce(h.update_ts, '-infinity') = t.load_dt
+    ),
+    winner AS (
+        SELECT DISTINCT ON (object_id, load_dt)
+               dwh.hash_key(object_id) AS h_restaurant_pk, load_dt,
+               payload->>'name' AS name
+        FROM candidate
+        ORDER BY object_id, load_dt, payload::text COLLATE "C" DESC
+    )
+    INSERT INTO dds.s_restaurant_names AS s
+           (h_restaurant_pk, name, hk_restaurant_names_hashdiff, load_dt, load_src)
+    SELECT h_restaurant_pk, name, dwh.hash_key(h_restaurant_pk::text || name),
+           load_dt, 'stg.restaurants'
+    FROM winner
+    ORDER BY h_restaurant_pk, load_dt
+    ON CONFLICT (h_restaurant_pk, load_dt) DO UPDATE
+    SET name = EXCLUDED.name,
+        hk_restaurant_names_hashdiff = EXCLUDED.hk_restaurant_names_hashdiff
+    WHERE s.name IS DISTINCT FROM EXCLUDED.name;
+
+    -- Menu entries with an empty _id name no dish and are skipped.
+    SELECT dwh.load_menu_namings(array_agg(e->>'_id'), array_agg(e->>'name'),
+                                 array_agg(coalesce(r.v, '-infinity')))
+    INTO renamed
+    FROM unnest(keys, versions, payloads) AS r(k, v, p),
+         jsonb_array_elements(r.p->'menu') e
+    WHERE e->>'_id' <> '';
+
+    WITH dish AS MATERIALIZED (
+        SELECT dwh.hash_key(r.k) AS h_restaurant_pk,
+               dwh.hash_key(e->>'_id') AS h_product_pk,
+               nullif(e->>'category', '') AS category_name,
+               coalesce(r.v, '-infinity') AS version
+        FROM unnest(keys, versions, payloads) AS r(k, v, p),
+             jsonb_array_elements(r.p->'menu') e
+        WHERE e->>'_id' <> ''
+    ),
+    restaurant_link AS (
+        INSERT INTO dds.l_product_restaurant
+               (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
+               h_restaurant_pk, now(), 'stg.restaurants'
+        FROM dish
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    category_hub AS (
+        INSERT INTO dds.h_category (h_category_pk, category_name, load_dt, load_src)
+        SELECT DISTINCT dwh.hash_key(category_name), category_name, now(), 'stg.restaurants'
+        FROM dish
+        WHERE category_name IS NOT NULL
+        ORDER BY 1
+        ON CONFLICT DO NOTHING
+    ),
+    -- The greatest (version, category name) listing a dish decides its
+    -- category.
+    candidate AS (
+        SELECT DISTINCT ON (h_product_pk) h_product_pk, category_name,
+               dwh.hash_key(category_name) AS h_category_pk, version
+        FROM dish
+        WHERE category_name IS NOT NULL
+        ORDER BY h_product_pk, version DESC, category_name COLLATE "C" DESC
+    ),
+    -- A newer menu keeping a dish in its category: the link's version.
+    restamped AS (
+        UPDATE dds.l_product_category l
+        SET load_dt = c.version
+        FROM candidate c
+        WHERE l.h_product_pk = c.h_product_pk AND l.h_category_pk = c.h_category_pk
+          AND c.version > l.load_dt
+    ),
+    moved AS (
+        SELECT c.*
+        FROM candidate c
+        LEFT JOIN dds.l_product_category l USING (h_product_pk)
+        LEFT JOIN dds.h_category h ON h.h_category_pk = l.h_category_pk
+        WHERE l.h_product_pk IS NULL
+           OR (l.h_category_pk <> c.h_category_pk
+               AND (c.version > l.load_dt
+                    OR (c.version = l.load_dt
+                        AND c.category_name COLLATE "C" > h.category_name COLLATE "C")))
+    )
+    SELECT array_agg(h_product_pk), array_agg(h_category_pk), array_agg(version)
+    INTO moved_products, moved_categories, moved_versions
+    FROM moved;
+
+    IF moved_products IS NOT NULL THEN
+        PERFORM dwh.move_products(moved_products, moved_categories, moved_versions);
+    END IF;
+    IF renamed IS NOT NULL THEN
+        PERFORM dwh.refresh_product_names(renamed);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_restaurant_versions(text[], timestamp[], jsonb[]) IS
+    'Load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
+
+CREATE OR REPLACE FUNCTION dwh.restaurants_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
+                                         array_agg(payload))
+    FROM changed;
+
+    IF TG_OP = 'UPDATE' THEN
+        -- Replaced values are superseded versions.
+        INSERT INTO stg.restaurant_history (object_id, update_ts, payload)
+        SELECT o.object_id, o.update_ts, o.payload
+        FROM superseded o JOIN changed c USING (object_id)
+        WHERE CASE WHEN o.update_ts IS DISTINCT FROM c.update_ts THEN true
+                   ELSE o.payload::text <> c.payload::text END
+        ORDER BY o.object_id
+        ON CONFLICT DO NOTHING;
+    END IF;
+
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.restaurants_changed() IS
+    'AFTER INSERT/UPDATE statement trigger of stg.restaurants: restaurants, dishes, categories and the marts they change';
+
+DROP TRIGGER restaurants_updated ON stg.restaurants;
+CREATE TRIGGER restaurants_updated
+    AFTER UPDATE ON stg.restaurants
+    REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();
+
+CREATE FUNCTION dwh.restaurant_history_added() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
+                                         array_agg(payload))
+    FROM added;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.restaurant_history_added() IS
+    'AFTER INSERT statement trigger of stg.restaurant_history: superseded restaurant values into DDS';
+
+CREATE TRIGGER restaurant_history_added
+    AFTER INSERT ON stg.restaurant_history
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurant_history_added();
+
+-- Ingest (install/70_ingest.sql).
+
+CREATE FUNCTION dwh.keys_claimed() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'dwh_keys_claimed'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.keys_claimed() IS
+    'Internal: inside an ingest, has it claimed the keys of the versions being written (see dwh.claim_order_keys)?';
+
+CREATE OR REPLACE FUNCTION dwh.replay_dead_letters(ids bigint[] DEFAULT NULL)
+    RETURNS TABLE (dead_letter_id bigint, outcome text)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    d dwh.dead_letters;
+BEGIN
+    -- One ingest per dead letter in one transaction: the dictionary lock
+    -- exclusive keeps batches of other transactions from interleaving
+    -- with them (docs/data-rule.md, "one lock order").
+    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    FOR d IN
+        SELECT * FROM dwh.dead_letters
+        WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')
+        ORDER BY id
+        FOR UPDATE
+    LOOP
+        DELETE FROM dwh.dead_letters WHERE id = d.id;
+        dead_letter_id := d.id;
+        outcome := dwh.ingest_order(d.raw, d.topic, d.kafka_partition, d.kafka_offset);
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.replay_dead_letters(bigint[]) IS
+    'Ingest order dead letters again (all, or those ids); returns what became of each';
+
+-- The oracle (install/80_oracle.sql): every version received, DDS checked
+-- and rebuilt against STG; dwh.rebuild() takes a parameter.
+
+CREATE VIEW dwh.order_versions AS
+SELECT object_id, update_ts, payload, true AS is_current FROM stg.order_events
+UNION ALL
+SELECT object_id, update_ts, payload, false FROM stg.order_event_history;
+COMMENT ON VIEW dwh.order_versions IS 'Every order version received: the current one of each order and the superseded ones';
+
+CREATE VIEW dwh.restaurant_versions AS
+SELECT object_id, coalesce(update_ts, '-infinity') AS version, payload FROM stg.restaurants
+UNION ALL
+SELECT object_id, coalesce(update_ts, '-infinity'), payload FROM stg.restaurant_history;
+COMMENT ON VIEW dwh.restaurant_versions IS 'Every restaurant value received, with its version time (-infinity when it has none)';
+
+CREATE VIEW dwh.user_versions AS
+SELECT object_id, coalesce(update_ts, '-infinity') AS version, payload FROM stg.users
+UNION ALL
+SELECT object_id, coalesce(update_ts, '-infinity'), payload FROM stg.user_history;
+COMMENT ON VIEW dwh.user_versions IS 'Every user value received, with its version time (-infinity when it has none)';
+
+CREATE FUNCTION dwh.verify_vault()
+    RETURNS TABLE (table_name text, business_key text, expected text, actual text)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH order_version AS MATERIALIZED (
+        SELECT * FROM dwh.order_versions
+    ),
+    menu_entry AS MATERIALIZED (
+        SELECT r.object_id AS restaurant_id, r.version, e->>'_id' AS product_id,
+               e->>'name' AS name, nullif(e->>'category', '') AS category_name
+        FROM dwh.restaurant_versions r, jsonb_array_elements(r.payload->'menu') e
+        WHERE e->>'_id' <> ''
+    ),
+    order_item AS MATERIALIZED (
+        SELECT v.object_id, v.update_ts, v.is_current,
+               v.payload->'restaurant'->>'id' AS restaurant_id,
+               e->>'id' AS product_id, e->>'name' AS name
+        FROM order_version v, jsonb_array_elements(v.payload->'order_items') e
+    ),
+    -- Each table as (key, value) pairs, expected and actual.
+    expected AS (
+        SELECT 'dds.h_order' AS t, object_id::text AS k,
+               (payload->>'date')::timestamp::text AS v
+        FROM order_version WHERE is_current
+        UNION ALL
+        SELECT 'dds.h_user', k, '' FROM (
+            SELECT payload->'user'->>'id' AS k FROM order_version
+            UNION SELECT object_id FROM dwh.user_versions) x
+        UNION ALL
+        SELECT 'dds.h_restaurant', k, '' FROM (
+            SELECT payload->'restaurant'->>'id' AS k FROM order_version
+            UNION SELECT object_id FROM dwh.restaurant_versions) x
+        UNION ALL
+        SELECT 'dds.h_product', k, '' FROM (
+            SELECT product_id AS k FROM order_item
+            UNION SELECT product_id FROM menu_entry) x
+        UNION ALL
+        SELECT DISTINCT 'dds.h_category', category_name, ''
+        FROM menu_entry WHERE category_name IS NOT NULL
+        UNION ALL
+        SELECT 'dds.l_order_user', object_id::text, payload->'user'->>'id'
+        FROM order_version WHERE is_current
+        UNION ALL
+        SELECT DISTINCT 'dds.l_order_product', object_id::text || ' ' || product_id, ''
+        FROM order_item WHERE is_current
+        UNION ALL
+        SELECT 'dds.l_product_restaurant', k, '' FROM (
+            SELECT product_id || ' ' || restaurant_id AS k FROM order_item
+            UNION SELECT product_id || ' ' || restaurant_id FROM menu_entry) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (product_id) 'dds.l_product_category', product_id,
+                   category_name || ' @ ' || version::text
+            FROM menu_entry WHERE category_name IS NOT NULL
+            ORDER BY product_id, version DESC, category_name COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, update_ts) 'dds.s_order_status',
+                   object_id::text || ' @ ' || update_ts::text, payload->>'final_status'
+            FROM order_version
+            ORDER BY object_id, update_ts, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, update_ts) 'dds.s_order_cost',
+                   object_id::text || ' @ ' || update_ts::text,
+                   (payload->>'cost')::numeric(19, 5)::text || ' '
+                   || (payload->>'payment')::numeric(19, 5)::text
+            FROM order_version
+            ORDER BY object_id, update_ts, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, version) 'dds.s_user_names',
+                   object_id || ' @ ' || version::text,
+                   (payload->>'name') || ' / ' || (payload->>'login')
+            FROM dwh.user_versions
+            ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (object_id, version) 'dds.s_restaurant_names',
+                   object_id || ' @ ' || version::text, payload->>'name'
+            FROM dwh.restaurant_versions
+            ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
+        UNION ALL
+        SELECT 'dds.s_product_names', coalesce(m.product_id, o.product_id) || ' @ '
+               || coalesce(m.version, o.version)::text,
+               CASE WHEN o.name IS NULL OR m.name COLLATE "C" > o.name COLLATE "C"
+                    THEN m.name ELSE o.name END
+               || ' / ' || CASE WHEN o.name IS NULL THEN 'stg.restaurants'
+                                ELSE 'stg.order_events' END
+        FROM (SELECT product_id, version, max(name COLLATE "C") AS name
+              FROM menu_entry GROUP BY 1, 2) m
+        FULL JOIN (SELECT DISTINCT ON (product_id) product_id, update_ts AS version, name
+                   FROM order_item
+                   ORDER BY product_id, update_ts DESC, name COLLATE "C" DESC) o
+          ON o.product_id = m.product_id AND o.version = m.version
+    ),
+    actual AS (
+        SELECT 'dds.h_order' AS t, order_id::text AS k, order_dt::text AS v FROM dds.h_order
+        UNION ALL SELECT 'dds.h_user', user_id, '' FROM dds.h_user
+        UNION ALL SELECT 'dds.h_restaurant', restaurant_id, '' FROM dds.h_restaurant
+        UNION ALL SELECT 'dds.h_product', product_id, '' FROM dds.h_product
+        UNION ALL SELECT 'dds.h_category', category_name, '' FROM dds.h_category
+        UNION ALL
+        SELECT 'dds.l_order_user', o.order_id::text, u.user_id
+        FROM dds.l_order_user l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_user u USING (h_user_pk)
+        UNION ALL
+        SELECT 'dds.l_order_product', o.order_id::text || ' ' || p.product_id, ''
+        FROM dds.l_order_product l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_product p USING (h_product_pk)
+        UNION ALL
+        SELECT 'dds.l_product_restaurant', p.product_id || ' ' || r.restaurant_id, ''
+        FROM dds.l_product_restaurant l JOIN dds.h_product p USING (h_product_pk)
+        JOIN dds.h_restaurant r USING (h_restaurant_pk)
+        UNION ALL
+        SELECT 'dds.l_product_category', p.product_id, c.category_name || ' @ ' || l.load_dt::text
+        FROM dds.l_product_category l JOIN dds.h_product p USING (h_product_pk)
+        JOIN dds.h_category c USING (h_category_pk)
+        UNION ALL
+        SELECT 'dds.s_order_status', o.order_id::text || ' @ ' || s.load_dt::text, s.status
+        FROM dds.s_order_status s JOIN dds.h_order o USING (h_order_pk)
+        UNION ALL
+        SELECT 'dds.s_order_cost', o.order_id::text || ' @ ' || s.load_dt::text,
+               s.cost::text || ' ' || s.payment::text
+        FROM dds.s_order_cost s JOIN dds.h_order o USING (h_order_pk)
+        UNION ALL
+        SELECT 'dds.s_user_names', u.user_id || ' @ ' || s.load_dt::text,
+               s.username || ' / ' || s.userlogin
+        FROM dds.s_user_names s JOIN dds.h_user u USING (h_user_pk)
+        UNION ALL
+        SELECT 'dds.s_restaurant_names', r.restaurant_id || ' @ ' || s.load_dt::text, s.name
+        FROM dds.s_restaurant_names s JOIN dds.h_restaurant r USING (h_restaurant_pk)
+        UNION ALL
+        SELECT 'dds.s_product_names', p.product_id || ' @ ' || s.load_dt::text,
+               s.name || ' / ' || s.load_src
+        FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+    )
+    SELECT coalesce(e.t, a.t), coalesce(e.k, a.k), e.v, a.v
+    FROM expected e
+    FULL JOIN actual a ON a.t = e.t AND a.k = e.k
+    WHERE e.k IS NULL OR a.k IS NULL OR e.v IS DISTINCT FROM a.v
+    ORDER BY 1, 2;
+$fn$;
+COMMENT ON FUNCTION dwh.verify_vault() IS
+    'Differences between DDS and its recomputation from every version held in STG; no rows means DDS is what STG implies';
+
+CREATE OR REPLACE FUNCTION dwh.verify()
+    RETURNS TABLE (mart text, user_id uuid, item_id uuid,
+                   expected_name text, actual_name text,
+                   expected_cnt integer, actual_cnt integer)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT 'user_product_counters', coalesce(e.user_id, a.user_id),
+           coalesce(e.product_id, a.product_id), e.product_name, a.product_name,
+           e.order_cnt, a.order_cnt
+    FROM dwh.expected_user_product_counters e
+    FULL JOIN cdm.user_product_counters a
+      ON a.user_id = e.user_id AND a.product_id = e.product_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL
+       OR e.order_cnt <> a.order_cnt OR e.product_name IS DISTINCT FROM a.product_name
+    UNION ALL
+    SELECT 'user_category_counters', coalesce(e.user_id, a.user_id),
+           coalesce(e.category_id, a.category_id), e.category_name, a.category_name,
+           e.order_cnt, a.order_cnt
+    FROM dwh.expected_user_category_counters e
+    FULL JOIN cdm.user_category_counters a
+      ON a.user_id = e.user_id AND a.category_id = e.category_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL
+       OR e.order_cnt <> a.order_cnt OR e.category_name IS DISTINCT FROM a.category_name
+    UNION ALL
+    -- DDS against what STG implies: the table in mart, the key and values
+    -- in the name columns.
+    SELECT v.table_name, NULL, NULL,
+           v.business_key || ': ' || coalesce(v.expected, '(no row)'),
+           v.business_key || ': ' || coalesce(v.actual, '(no row)'), NULL, NULL
+    FROM dwh.verify_vault() v
+    ORDER BY 1, 2, 3, 4;
+$fn$;
+COMMENT ON FUNCTION dwh.verify() IS
+    'Differences between the marts and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
+
+-- DDS and the marts recomputed from every version in STG, through the
+-- same loaders as the triggers, orders by chunks of object_id.  Writers of
+-- STG wait meanwhile; readers go on until the final truncation.
+CREATE FUNCTION dwh.rebuild_vault(chunk integer DEFAULT 10000)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    bounds record;
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+    named record;
+    d record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+    LOCK TABLE stg.order_events, stg.order_event_history, stg.users,
+               stg.user_history, stg.restaurants, stg.restaurant_history
+        IN SHARE MODE;
+    TRUNCATE dds.h_user, dds.h_product, dds.h_category, dds.h_restaurant,
+             dds.h_order, dds.l_order_user, dds.l_order_product,
+             dds.l_product_restaurant, dds.l_product_category,
+             dds.s_user_names, dds.s_product_names, dds.s_restaurant_names,
+             dds.s_order_cost, dds.s_order_status,
+             cdm.user_product_counters, cdm.user_category_counters;
+
+    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(version))
+    FROM dwh.user_versions;
+    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(version),
+                                         array_agg(payload))
+    FROM dwh.restaurant_versions;
+
+    FOR bounds IN
+        SELECT min(object_id) AS lo, max(object_id) AS hi
+        FROM (SELECT object_id, (row_number() OVER (ORDER BY object_id) - 1) / chunk AS g
+              FROM stg.order_events) x
+        GROUP BY g ORDER BY g
+    LOOP
+        SELECT c.* INTO named
+        FROM (SELECT array_agg(payload) AS p, array_agg(update_ts) AS v
+              FROM dwh.order_versions
+              WHERE object_id BETWEEN bounds.lo AND bounds.hi) x,
+             dwh.claim_order_keys(x.p, x.v, true) c;
+
+        PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
+                                           array_agg(payload))
+        FROM stg.order_event_history
+        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
+
+        SELECT array_agg(object_id), array_agg(update_ts), array_agg(payload)
+        INTO object_ids, versions, payloads
+        FROM stg.order_events
+        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
+        d := dwh.load_new_orders(object_ids, versions, payloads);
+        PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
+                                      d.category_users, d.categories, d.category_deltas);
+
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.rebuild_vault(integer) IS
+    'Internal: truncate DDS and the marts and load them again from every version in STG';
+
+DROP FUNCTION dwh.rebuild();
+CREATE FUNCTION dwh.rebuild(vault boolean DEFAULT false,
+                            OUT mart text, OUT rows_changed bigint)
+    RETURNS SETOF record
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    vault_differences bigint;
+BEGIN
+    -- No order batch or dictionary change runs meanwhile; readers go on.
+    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+
+    SELECT count(*) INTO vault_differences FROM dwh.verify_vault();
+    IF vault THEN
+        IF vault_differences > 0 THEN
+            PERFORM dwh.rebuild_vault();
+        END IF;
+        mart := 'dds';
+        rows_changed := vault_differences;
+        RETURN NEXT;
+    ELSIF vault_differences > 0 THEN
+        RAISE NOTICE 'DDS differs from what STG implies in % rows; not repaired',
+            vault_differences
+            USING DETAIL = 'SELECT * FROM dwh.verify_vault() lists them. The marts are repaired against DDS as it is.',
+                  HINT = 'SELECT * FROM dwh.rebuild(vault => true) recomputes DDS and the marts from STG; rows that STG does not imply are dropped.';
+    END IF;
+
+    LOCK TABLE cdm.user_product_counters, cdm.user_category_counters
+        IN SHARE ROW EXCLUSIVE MODE;
+
+    mart := 'user_product_counters';
+    WITH e AS MATERIALIZED (SELECT * FROM dwh.expected_user_product_counters),
+    upsert AS (
+        INSERT INTO cdm.user_product_counters AS m (user_id, product_id, product_name, order_cnt)
+        SELECT user_id, product_id, coalesce(product_name, ''), order_cnt
+        FROM e
+        ORDER BY user_id, product_id
+        ON CONFLICT (user_id, product_id) DO UPDATE
+        SET product_name = EXCLUDED.product_name, order_cnt = EXCLUDED.order_cnt
+        WHERE (m.product_name, m.order_cnt) IS DISTINCT FROM
+              (EXCLUDED.product_name, EXCLUDED.order_cnt)
+        RETURNING 1
+    ),
+    extra AS (
+        DELETE FROM cdm.user_product_counters m
+        WHERE NOT EXISTS (SELECT FROM e
+                          WHERE e.user_id = m.user_id AND e.product_id = m.product_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
+    RETURN NEXT;
+
+    mart := 'user_category_counters';
+    WITH e AS MATERIALIZED (SELECT * FROM dwh.expected_user_category_counters),
+    upsert AS (
+        INSERT INTO cdm.user_category_counters AS m (user_id, category_id, category_name, order_cnt)
+        SELECT user_id, category_id, category_name, order_cnt
+        FROM e
+        ORDER BY user_id, category_id
+        ON CONFLICT (user_id, category_id) DO UPDATE
+        SET category_name = EXCLUDED.category_name, order_cnt = EXCLUDED.order_cnt
+        WHERE (m.category_name, m.order_cnt) IS DISTINCT FROM
+              (EXCLUDED.category_name, EXCLUDED.order_cnt)
+        RETURNING 1
+    ),
+    extra AS (
+        DELETE FROM cdm.user_category_counters m
+        WHERE NOT EXISTS (SELECT FROM e
+                          WHERE e.user_id = m.user_id AND e.category_id = m.category_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
+    RETURN NEXT;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.rebuild(boolean) IS
+    'Make both marts equal to their recomputation from DDS (with vault => true, DDS first recomputed from STG); returns the rows changed per mart';
+
+-- Backups (install/90_backup_and_privileges.sql): DDS and the marts are no
+-- longer dumped (pg_restore rebuilds them from STG); the history tables
+-- are.  Dropping a table from the extension takes it out of the
+-- extension's configuration list; adding it back makes it a member again.
+
+ALTER EXTENSION dwh DROP TABLE dds.h_user;
+ALTER EXTENSION dwh ADD TABLE dds.h_user;
+ALTER EXTENSION dwh DROP TABLE dds.h_product;
+ALTER EXTENSION dwh ADD TABLE dds.h_product;
+ALTER EXTENSION dwh DROP TABLE dds.h_category;
+ALTER EXTENSION dwh ADD TABLE dds.h_category;
+ALTER EXTENSION dwh DROP TABLE dds.h_restaurant;
+ALTER EXTENSION dwh ADD TABLE dds.h_restaurant;
+ALTER EXTENSION dwh DROP TABLE dds.h_order;
+ALTER EXTENSION dwh ADD TABLE dds.h_order;
+ALTER EXTENSION dwh DROP TABLE dds.l_order_user;
+ALTER EXTENSION dwh ADD TABLE dds.l_order_user;
+ALTER EXTENSION dwh DROP TABLE dds.l_order_product;
+ALTER EXTENSION dwh ADD TABLE dds.l_order_product;
+ALTER EXTENSION dwh DROP TABLE dds.l_product_restaurant;
+ALTER EXTENSION dwh ADD TABLE dds.l_product_restaurant;
+ALTER EXTENSION dwh DROP TABLE dds.l_product_category;
+ALTER EXTENSION dwh ADD TABLE dds.l_product_category;
+ALTER EXTENSION dwh DROP TABLE dds.s_user_names;
+ALTER EXTENSION dwh ADD TABLE dds.s_user_names;
+ALTER EXTENSION dwh DROP TABLE dds.s_product_names;
+ALTER EXTENSION dwh ADD TABLE dds.s_product_names;
+ALTER EXTENSION dwh DROP TABLE dds.s_restaurant_names;
+ALTER EXTENSION dwh ADD TABLE dds.s_restaurant_names;
+ALTER EXTENSION dwh DROP TABLE dds.s_order_cost;
+ALTER EXTENSION dwh ADD TABLE dds.s_order_cost;
+ALTER EXTENSION dwh DROP TABLE dds.s_order_status;
+ALTER EXTENSION dwh ADD TABLE dds.s_order_status;
+ALTER EXTENSION dwh DROP TABLE cdm.user_product_counters;
+ALTER EXTENSION dwh ADD TABLE cdm.user_product_counters;
+ALTER EXTENSION dwh DROP TABLE cdm.user_category_counters;
+ALTER EXTENSION dwh ADD TABLE cdm.user_category_counters;
+ALTER EXTENSION dwh DROP SEQUENCE cdm.user_product_counters_id_seq;
+ALTER EXTENSION dwh ADD SEQUENCE cdm.user_product_counters_id_seq;
+ALTER EXTENSION dwh DROP SEQUENCE cdm.user_category_counters_id_seq;
+ALTER EXTENSION dwh ADD SEQUENCE cdm.user_category_counters_id_seq;
+SELECT pg_catalog.pg_extension_config_dump('stg.order_event_history', '');
+SELECT pg_catalog.pg_extension_config_dump('stg.user_history', '');
+SELECT pg_catalog.pg_extension_config_dump('stg.restaurant_history', '');
+
+-- PUBLIC gets nothing on the new functions and views either.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA dwh FROM PUBLIC;
+
+-- Data.  1.0 dropped superseded versions, so its DDS holds rows that STG
+-- no longer implies (the status, cost and name satellite rows of versions
+-- replaced since, keys that only those versions named) and lacks rows that
+-- the data rule keeps (the satellite row of a value without a version time
+-- is at -infinity, not at its load time).  DDS and the marts are
+-- recomputed from STG, as a fresh install loaded with the same STG rows
+-- holds them; every difference found first is kept in
+-- dwh_update_1_1.vault_differences, a table that is not part of the
+-- extension (drop it when it is no longer needed), so that no value 1.0
+-- held is lost.  STG and the operational tables are not touched.  Readers
+-- of DDS and the marts wait for the update to commit.  (A WARNING says so:
+-- an extension script shows no NOTICE, it runs with client_min_messages at
+-- least WARNING.)
+DO $update$
+DECLARE
+    differences bigint;
+    not_implied bigint;
+BEGIN
+    CREATE SCHEMA dwh_update_1_1;
+    CREATE TABLE dwh_update_1_1.vault_differences AS
+    SELECT v.table_name, v.business_key, v.actual AS value_1_0, v.expected AS value_1_1
+    FROM dwh.verify_vault() v;
+    ALTER EXTENSION dwh DROP TABLE dwh_update_1_1.vault_differences;
+    ALTER EXTENSION dwh DROP SCHEMA dwh_update_1_1;
+
+    SELECT count(*), count(*) FILTER (WHERE value_1_1 IS NULL)
+    INTO differences, not_implied
+    FROM dwh_update_1_1.vault_differences;
+    IF differences = 0 THEN
+        DROP SCHEMA dwh_update_1_1 CASCADE;
+        RETURN;
+    END IF;
+
+    COMMENT ON SCHEMA dwh_update_1_1 IS
+        'Left by ALTER EXTENSION dwh UPDATE to 1.1: what DDS held under 1.0 and 1.1 recomputed otherwise; not part of the extension';
+    COMMENT ON TABLE dwh_update_1_1.vault_differences IS
+        'Rows of DDS that differed from their recomputation from STG when dwh was updated from 1.0 to 1.1 (dwh.verify_vault() at that time)';
+    COMMENT ON COLUMN dwh_update_1_1.vault_differences.value_1_0 IS
+        'The row''s values under 1.0 (null: 1.0 had no such row)';
+    COMMENT ON COLUMN dwh_update_1_1.vault_differences.value_1_1 IS
+        'The row''s values recomputed from STG by 1.1 (null: STG does not imply the row, it was dropped)';
+
+    PERFORM dwh.rebuild_vault();
+
+    RAISE WARNING 'DDS and the marts were recomputed from STG: % rows of DDS differed, % of them not implied by STG',
+        differences, not_implied
+        USING DETAIL = 'dwh 1.0 kept only the current version of each order, user and restaurant: the rows of the versions it replaced cannot be recomputed, and a value without a version time now has its row at -infinity.',
+              HINT = 'Table dwh_update_1_1.vault_differences keeps every difference, with the values of 1.0 and of 1.1; drop schema dwh_update_1_1 when you no longer need it.';
+END
+$update$;
