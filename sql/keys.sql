@@ -1,4 +1,4 @@
--- Vault keys: RFC 4122 UUID v5 and the key convention of FORMATS.md.
+-- Vault keys: RFC 4122 UUID v5 and the key convention of docs/formats.md.
 \set ECHO none
 \i test/regress_helpers.sql
 \set ECHO all

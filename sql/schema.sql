@@ -3,7 +3,7 @@
 \i test/regress_helpers.sql
 \set ECHO all
 
--- The tables of FORMATS.md section 3, with their columns.
+-- The tables of docs/formats.md section 3, with their columns.
 SELECT table_schema, table_name,
        string_agg(column_name, ', ' ORDER BY ordinal_position) AS columns
 FROM information_schema.columns

@@ -155,7 +155,7 @@ bench_topic_messages()
 	kcat -Q -b "$bootstrap" "${args[@]}" | awk '{ s += $NF } END { print s + 0 }'
 }
 
-# The generator's default dictionaries (FORMATS.md section 4) straight into
+# The generator's default dictionaries (docs/formats.md section 5) straight into
 # STG, as the Redis worker would write them.
 bench_load_dictionaries()
 {

@@ -3,7 +3,7 @@
 # Benchmark of the SQL chain STG -> DDS -> marts through the batch entry
 # point dwh.ingest_orders(bytea[]).
 #
-# Loads HISTORY synthetic orders of the FORMATS.md section 4 profile, then
+# Loads HISTORY synthetic orders of the docs/formats.md section 5 profile, then
 # times MEASURED more, BATCH messages per call and per transaction (as the
 # Kafka consumer commits), and prints orders per second, how flat the rate
 # stays, batch latencies and where the time goes (pg_stat_statements over
@@ -385,7 +385,7 @@ printf '            maintenance_work_mem=1GB wal_buffers=64MB wal_compression=lz
 printf '            max_wal_size=16GB checkpoint_timeout=30min checkpoint_completion_target=0.9\n'
 printf '            synchronous_commit=%s jit=%s random_page_cost=1.1 autovacuum=on\n' "$SYNC_COMMIT" "$JIT"
 printf '            fsync=on full_page_writes=on, all tables logged; locale C.UTF-8\n'
-printf 'workload    %s users, 4 restaurants, 132 dishes in 10 categories (FORMATS.md 4)\n' "100"
+printf 'workload    %s users, 4 restaurants, 132 dishes in 10 categories (docs/formats.md 5)\n' "100"
 printf '            history %s orders, measured %s orders, %s messages per call,\n' "$HISTORY" "$MEASURED" "$BATCH"
 printf '            one call = one transaction = one commit; %s connection(s) in the measured\n' "$CLIENTS"
 printf '            phase (1 for the history); ~%s bytes/message\n' "$msg_bytes"

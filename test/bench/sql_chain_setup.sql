@@ -1,5 +1,5 @@
 -- Benchmark of the SQL chain (test/bench/sql_chain.sh): the deterministic
--- generator of the FORMATS.md section 4 data profile.  Everything lives in
+-- generator of the docs/formats.md section 5 data profile.  Everything lives in
 -- schema bench of the throw-away benchmark database; nothing here is part of
 -- the extension.
 --
@@ -97,7 +97,7 @@ SELECT k AS idx,
 FROM generate_series(0, 99) k;
 ALTER TABLE bench.users ADD PRIMARY KEY (idx);
 
--- Dictionary values as the Redis worker would store them (FORMATS.md 2);
+-- Dictionary values as the Redis worker would store them (docs/formats.md 2);
 -- their versions precede the first order.
 CREATE VIEW bench.user_values AS
 SELECT u.user_id AS object_id,
@@ -164,7 +164,7 @@ CREATE FUNCTION bench.ts_text(ts timestamp) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$SELECT to_char(ts, 'YYYY-MM-DD HH24:MI:SS')$$;
 
--- The Kafka message values (FORMATS.md 1) of orders first..last.
+-- The Kafka message values (docs/formats.md 1) of orders first..last.
 CREATE FUNCTION bench.messages(first bigint, last bigint)
     RETURNS TABLE (n bigint, message bytea)
     LANGUAGE sql STABLE

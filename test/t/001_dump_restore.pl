@@ -24,7 +24,7 @@ my $dst = 'dwh_restored';
 $node->safe_psql('postgres', "CREATE DATABASE $src");
 $node->safe_psql($src, 'CREATE EXTENSION dwh');
 
-# Dictionaries (FORMATS.md section 2): a few users, two restaurants whose
+# Dictionaries (docs/formats.md, section 2): a few users, two restaurants whose
 # menus spread their dishes over three categories.
 $node->safe_psql(
 	$src, q{
@@ -63,7 +63,7 @@ SET payload = jsonb_set(payload, '{update_ts_utc}', '"2023-08-12 09:00:00"')
 WHERE object_id = '626a81ce9a8cd1920641e200';
 });
 
-# Orders (FORMATS.md section 1), generated in SQL.  Every restaurant has
+# Orders (docs/formats.md, section 1), generated in SQL.  Every restaurant has
 # dishes on its menu and dishes that no menu names; an order takes two to
 # four of its restaurant's dishes; one order in five is CANCELLED.
 my $orders_sql = q{
