@@ -2,9 +2,9 @@
 # Install the Debian bookworm packages that dwh needs to build and test:
 # PostgreSQL 15 and its PGXS toolchain (gcc, and clang-14/llvm-14 for the
 # JIT bitcode), the Kafka, Redis and JSON client libraries, the Perl
-# modules of the TAP tests, redis-server, redis-cli, kcat, pg_bsd_indent,
-# and what the test Kafka broker and the data generator need (Java 17,
-# Maven, OpenSSL, Python 3); then fetch the Kafka broker's jars once
+# modules of the TAP tests, redis-server, redis-cli, kcat, pg_bsd_indent and
+# the shell linter, and what the test Kafka broker and the data generator
+# need (Java 17, Maven, OpenSSL, Python 3); then fetch the Kafka broker's jars once
 # (test/kafka/kafka.sh fetch, into /var/cache/dwh).
 # Idempotent and non-interactive: apt is skipped entirely when every
 # package is already installed, the fetch when the jars are there.  Run it
@@ -36,6 +36,7 @@ packages=(
 	openssl
 	redis-tools
 	stunnel4
+	shellcheck
 )
 
 missing=()

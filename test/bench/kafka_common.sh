@@ -9,6 +9,8 @@
 # The caller sets `here` and `root`, then sources this file; it reads the
 # environment variables listed in the callers' headers.
 
+: "${root:?the caller sets root before sourcing kafka_common.sh}"
+
 KEEP=${BENCH_KEEP:-0}
 SKIP_INSTALL=${BENCH_SKIP_INSTALL:-0}
 PARENT=${BENCH_DIR:-/tmp}
@@ -134,6 +136,7 @@ bench_broker_start()
 		{ cat "$work/kafka-start.log" >&2; exit 1; }
 	$KAFKA create-topic "$work/kafka" "$TOPIC" "$PARTITIONS" >/dev/null
 	bootstrap=$($KAFKA bootstrap "$work/kafka")
+	# shellcheck disable=SC2034 # read by the caller
 	broker_pid=$(cat "$work/kafka/kafka.pid")
 }
 
@@ -227,6 +230,7 @@ cluster_ticks()
 	echo "$t"
 }
 machine_busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+# shellcheck disable=SC2034 # read by the callers
 CLK_TCK=$(getconf CLK_TCK)
 
 # The version of the broker's jars (kafka_2.13-X.jar).

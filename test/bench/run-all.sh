@@ -96,7 +96,14 @@ run redis redis_mirror.sh "${redis_sizes[@]}"
 
 # A figure, or "-" when its run was skipped or failed before printing it.
 v() { printf '%s' "${R[$1]:--}"; }
-kb_mb() { [ "$1" = - ] && echo - || awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
+kb_mb()
+{
+	if [ "$1" = - ]; then
+		echo -
+	else
+		awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'
+	fi
+}
 pkg() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo '?'; }
 bin=$("$PG_CONFIG" --bindir)
 dev=$(findmnt -n -o SOURCE --target "${BENCH_DIR:-/tmp}" 2>/dev/null | sed 's/\[.*//')

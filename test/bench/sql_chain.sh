@@ -364,7 +364,7 @@ SELECT (SELECT count(*) FROM stg.order_events),
        (SELECT coalesce(sum(received - applied), 0) FROM bench.results);
 EOF
 )
-read -r stg_rows hub_rows dead_rows exp_p bad_p exp_c bad_c meas_applied meas_not_applied <<<"$recount"
+read -r stg_rows hub_rows dead_rows exp_p bad_p exp_c bad_c meas_applied _ <<<"$recount"
 
 # ---------------------------------------------------------------- report
 
