@@ -1,0 +1,64 @@
+-- The references of the order links and satellites to their hubs, checked
+-- once per statement instead of by foreign keys: the rows a foreign key
+-- would refuse are refused (23503), whatever writes them, and nothing
+-- that would leave a reference dangling gets through.
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:Плов', 'd2:Лагман');
+SELECT dwh.hash_key('1') AS o1, dwh.hash_key('u1') AS u1, dwh.hash_key('d1') AS d1,
+       dwh.hash_key('404') AS missing \gset
+
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+-- Rows whose hub is missing, alone or among good rows.
+INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+VALUES (gen_random_uuid(), :'missing', :'u1', now(), 'test');
+INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+VALUES (gen_random_uuid(), :'o1', :'missing', now(), 'test');
+INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+VALUES (gen_random_uuid(), :'o1', :'missing', now(), 'test');
+INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+SELECT gen_random_uuid(), o, :'d1', now(), 'test'
+FROM unnest(ARRAY[:'o1', :'missing']::uuid[]) o WHERE o = :'missing';
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+VALUES (:'o1', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test'),
+       (:'missing', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
+INSERT INTO dds.s_order_cost (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+VALUES (:'missing', 1, 1, gen_random_uuid(), '2030-01-01', 'test');
+COPY dds.s_order_cost (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src) FROM STDIN;
+4b3a2a5e-8f47-5b5e-a7a3-3b1b1b1b1b1b	1	1	4b3a2a5e-8f47-5b5e-a7a3-3b1b1b1b1b1b	2030-01-01	test
+\.
+
+-- A row whose hubs exist goes in (and out again).
+BEGIN;
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+VALUES (:'o1', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
+ROLLBACK;
+
+-- Repointing a reference, deleting or rekeying a hub row.
+UPDATE dds.l_order_product SET h_product_pk = :'missing' WHERE h_order_pk = :'o1';
+UPDATE dds.l_order_user SET h_order_pk = h_order_pk;
+UPDATE dds.s_order_status SET h_order_pk = :'missing';
+DELETE FROM dds.h_order WHERE h_order_pk = :'o1';
+DELETE FROM dds.h_user WHERE false;
+UPDATE dds.h_product SET h_product_pk = :'missing' WHERE h_product_pk = :'d1';
+-- What dwh updates stays possible.
+UPDATE dds.h_order SET order_dt = order_dt WHERE h_order_pk = :'o1';
+UPDATE dds.s_order_status SET status = status WHERE h_order_pk = :'o1';
+
+-- A hub truncated alone; then with every table that refers to it.
+TRUNCATE dds.h_order;
+TRUNCATE dds.h_order, dds.l_order_user, dds.l_order_product, dds.s_order_status;
+BEGIN;
+TRUNCATE dds.h_order, dds.l_order_user, dds.l_order_product, dds.s_order_status,
+         dds.s_order_cost;
+SELECT count(*) FROM dds.h_order;
+ROLLBACK;
+
+-- Nothing changed; the vault is still what STG implies.
+SELECT count(*) AS links FROM dds.l_order_product;
+SELECT count(*) AS statuses FROM dds.s_order_status;
+SELECT * FROM t.check();
+SELECT count(*) FROM dwh.verify();
