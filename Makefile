@@ -15,7 +15,9 @@ OBJS = \
 	src/dwh_stg_guard.o \
 	src/dwh_columns.o \
 	src/dwh_ingest.o \
+	src/dwh_secret_scan.o \
 	src/dwh_secrets.o \
+	src/dwh_secret_files.o \
 	src/dwh_status.o \
 	src/dwh_kafka_options.o \
 	src/dwh_kafka_consumer.o \
