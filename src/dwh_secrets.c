@@ -101,6 +101,19 @@ static struct
 	bool		sensitive;
 }			judged;
 
+/*
+ * The last query string a utility statement came with, when it is not the
+ * top-level one: an extension script or a function body runs many
+ * statements with one string.
+ */
+static struct
+{
+	const char *text;
+	TimestampTz started;
+	char		head[64];
+	bool		sensitive;
+}			judged_utility;
+
 /* The last message of a dwh check hook: it never quotes a value. */
 static char vouched_message[1024];
 
@@ -592,11 +605,24 @@ hide_utility_statement(PlannedStmt *pstmt, const char *queryString,
 	if (statement_sensitive())
 		hide_activity();
 
-	if (queryString == debug_query_string)
+	if (queryString == NULL)
+		sensitive = false;
+	else if (queryString == debug_query_string)
 		sensitive = statement_sensitive();
+	else if (queryString == judged_utility.text &&
+			 judged_utility.started == GetCurrentStatementStartTimestamp() &&
+			 strncmp(queryString, judged_utility.head,
+					 sizeof(judged_utility.head) - 1) == 0)
+		sensitive = judged_utility.sensitive;
 	else
-		sensitive = queryString != NULL &&
-			dwh_secret_text_sensitive(queryString, strlen(queryString), true);
+	{
+		sensitive = dwh_secret_text_sensitive(queryString, strlen(queryString),
+											  true);
+		judged_utility.text = queryString;
+		judged_utility.started = GetCurrentStatementStartTimestamp();
+		strlcpy(judged_utility.head, queryString, sizeof(judged_utility.head));
+		judged_utility.sensitive = sensitive;
+	}
 	if (sensitive && !IsA(parsetree, PrepareStmt) &&
 		!IsA(parsetree, ExecuteStmt) && !IsA(parsetree, DeallocateStmt))
 		queryString = masked_statement(queryString);
