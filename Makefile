@@ -17,7 +17,9 @@ OBJS = \
 	src/dwh_columns.o \
 	src/dwh_dead_letter.o \
 	src/dwh_ingest.o \
+	src/dwh_secret_scan.o \
 	src/dwh_secrets.o \
+	src/dwh_secret_files.o \
 	src/dwh_status.o \
 	src/dwh_kafka_options.o \
 	src/dwh_kafka_consumer.o \

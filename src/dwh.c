@@ -38,6 +38,8 @@ dwh_shmem_startup(void)
 	if (previous_shmem_startup_hook)
 		previous_shmem_startup_hook();
 	dwh_status_shmem_startup();
+	/* Every preloaded library has installed its hooks by now. */
+	dwh_secrets_check_hook_order();
 }
 
 /*
@@ -50,7 +52,7 @@ void
 _PG_init(void)
 {
 	dwh_settings_define();
-	dwh_secrets_install_log_filter();
+	dwh_secrets_install_hooks();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

@@ -35,6 +35,7 @@
 
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_options.h"
+#include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
 
@@ -70,16 +71,14 @@ conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
 }
 
 /*
- * The consumer configuration: what dwh needs, then the DBA's options,
- * which may override the defaults below but not the reserved properties.
+ * The consumer configuration: what dwh needs, then the DBA's options
+ * (dwh.kafka_options, then the file of dwh.kafka_options_file), which may
+ * override the defaults below but not the reserved properties.
  */
 static rd_kafka_conf_t *
 make_conf(int worker_index, char *error, size_t error_size)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
-	DwhKafkaOption *options;
-	int			n;
-	char	   *parse_error;
 	int64		prefetch_bytes = (int64) dwh_kafka_prefetch_memory * 1024;
 
 	conf_set(conf, "bootstrap.servers", dwh_kafka_brokers);
@@ -108,16 +107,35 @@ make_conf(int worker_index, char *error, size_t error_size)
 			 psprintf("dwh-" UINT64_FORMAT "-%s-%s-%d", GetSystemIdentifier(),
 					  dwh_database, dwh_kafka_topic, worker_index));
 
-	if (!dwh_kafka_options_parse(dwh_kafka_options, &options, &n, &parse_error))
+	if (!dwh_kafka_options_apply(conf, dwh_kafka_options, "dwh.kafka_options",
+								 error, error_size))
 	{
-		snprintf(error, error_size, "invalid Kafka options: %s", parse_error);
 		rd_kafka_conf_destroy(conf);
 		return NULL;
 	}
-	if (!dwh_kafka_conf_set_options(conf, options, n, error, error_size))
+
+	/* Then the file's, which may hold the secrets (and override). */
+	if (dwh_kafka_options_file[0] != '\0')
 	{
-		rd_kafka_conf_destroy(conf);
-		return NULL;
+		char	   *contents = dwh_secret_file_read("dwh.kafka_options_file",
+													dwh_kafka_options_file,
+													error, error_size);
+		bool		ok;
+
+		if (contents == NULL)
+		{
+			rd_kafka_conf_destroy(conf);
+			return NULL;
+		}
+		ok = dwh_kafka_options_apply(conf, contents,
+									 "the file named by dwh.kafka_options_file",
+									 error, error_size);
+		dwh_secret_file_forget(contents);
+		if (!ok)
+		{
+			rd_kafka_conf_destroy(conf);
+			return NULL;
+		}
 	}
 
 	rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_FETCH | RD_KAFKA_EVENT_LOG |

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_kafka_options.c
- *	  dwh.kafka_options: extra librdkafka properties, their syntax, their
- *	  validation and which of them are secret.
+ *	  dwh.kafka_options: extra librdkafka properties, their syntax and
+ *	  their validation.
  *
  * The syntax is the one of libpq connection strings: name=value pairs
  * separated by white space, a value in single quotes when it holds spaces,
@@ -14,8 +14,13 @@
  * process; in a backend (ALTER SYSTEM, SET) it also asks librdkafka whether
  * each property exists and takes that value, so a typo is an error at once.
  * The postmaster only parses: no library state is created there before the
- * fork.  A worker applies the properties again and reports what librdkafka
- * refuses (for example an unreadable ssl.ca.location) in dwh.status.
+ * fork.  A worker applies the properties again, with those of the file
+ * named by dwh.kafka_options_file, and reports what librdkafka refuses (for
+ * example an unreadable ssl.ca.location) in dwh.status.
+ *
+ * Any property may hold a secret (sasl.password, or an unquoted password
+ * with a space in it, whose tail reads as another pair): no message quotes
+ * a value, and a pair librdkafka does not know is named by its number.
  *
  *-------------------------------------------------------------------------
  */
@@ -27,6 +32,7 @@
 #include "miscadmin.h"
 
 #include "dwh_kafka_options.h"
+#include "dwh_secrets.h"
 
 /* Properties dwh manages itself, and the setting that replaces each. */
 static const struct
@@ -68,24 +74,12 @@ dwh_kafka_option_reserved(const char *name)
 }
 
 /*
- * dwh_kafka_option_is_secret
- *		Does this property hold a secret (never shown, never logged)?
- */
-bool
-dwh_kafka_option_is_secret(const char *name)
-{
-	return strstr(name, "password") != NULL ||
-		strstr(name, "secret") != NULL ||
-		strstr(name, "oauthbearer.config") != NULL ||
-		strcmp(name, "ssl.key.pem") == 0 ||
-		strcmp(name, "ssl_key") == 0;
-}
-
-/*
  * dwh_kafka_options_parse
  *		Split spec into name=value pairs, palloc'd in the current context.
- *		On a syntax error returns false with *error set (the error never
- *		quotes a value, which may be a secret).
+ *		On a syntax error returns false with *error set.  The error names
+ *		the pair by its number, never by its text: an unquoted password
+ *		with a space in it reads as a pair whose "name" is the password's
+ *		tail.
  */
 bool
 dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options, int *n,
@@ -115,12 +109,12 @@ dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options, int *n,
 			p++;
 		if (*p != '=')
 		{
-			*error = psprintf("missing \"=\" after \"%s\"", name.data);
+			*error = psprintf("name=value pair %d has no \"=\"", *n + 1);
 			return false;
 		}
 		if (name.len == 0)
 		{
-			*error = pstrdup("missing property name before \"=\"");
+			*error = psprintf("name=value pair %d has no name", *n + 1);
 			return false;
 		}
 		p++;
@@ -135,8 +129,8 @@ dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options, int *n,
 			{
 				if (*p == '\0')
 				{
-					*error = psprintf("unterminated quoted value of \"%s\"",
-									  name.data);
+					*error = psprintf("the quoted value of name=value pair %d is not terminated",
+									  *n + 1);
 					return false;
 				}
 				if (*p == '\'')
@@ -174,8 +168,10 @@ dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options, int *n,
 /*
  * dwh_kafka_conf_set_options
  *		Apply the options to a librdkafka configuration.  On the first one
- *		refused returns false with the reason in error; the reason names the
- *		property but never a secret value.
+ *		refused returns false with the reason in error.  The reason names a
+ *		property librdkafka knows, an unknown one only by its number (its
+ *		"name" may be a piece of a value), and never quotes a value:
+ *		librdkafka's own explanation is left out, as it may quote one.
  */
 bool
 dwh_kafka_conf_set_options(rd_kafka_conf_t *conf, const DwhKafkaOption *options,
@@ -194,17 +190,58 @@ dwh_kafka_conf_set_options(rd_kafka_conf_t *conf, const DwhKafkaOption *options,
 			continue;
 		if (res == RD_KAFKA_CONF_UNKNOWN)
 			snprintf(error, error_size,
-					 "unknown librdkafka property \"%s\"", options[i].name);
-		else if (dwh_kafka_option_is_secret(options[i].name))
+					 "name=value pair %d names no librdkafka property", i + 1);
+		else
 			snprintf(error, error_size,
 					 "invalid value for librdkafka property \"%s\"",
 					 options[i].name);
-		else
-			snprintf(error, error_size,
-					 "invalid value for librdkafka property \"%s\": %s",
-					 options[i].name, errstr);
+		explicit_bzero(errstr, sizeof(errstr));
 		return false;
 	}
+	return true;
+}
+
+/*
+ * dwh_kafka_options_apply
+ *		Parse spec and apply it to a librdkafka configuration, refusing the
+ *		properties dwh manages.  On failure returns false with the reason in
+ *		error, naming where the options come from (source) and never
+ *		quoting a value.
+ */
+bool
+dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
+						const char *source, char *error, size_t error_size)
+{
+	DwhKafkaOption *options;
+	int			n;
+	char	   *parse_error;
+	char		reason[600];
+	int			i;
+
+	if (!dwh_kafka_options_parse(spec, &options, &n, &parse_error))
+	{
+		snprintf(error, error_size, "invalid Kafka options in %s: %s",
+				 source, parse_error);
+		return false;
+	}
+	for (i = 0; i < n; i++)
+	{
+		if (dwh_kafka_option_reserved(options[i].name) != NULL)
+		{
+			snprintf(error, error_size,
+					 "invalid Kafka options in %s: librdkafka property \"%s\" is managed by dwh",
+					 source, options[i].name);
+			return false;
+		}
+	}
+	if (!dwh_kafka_conf_set_options(conf, options, n, reason, sizeof(reason)))
+	{
+		snprintf(error, error_size, "invalid Kafka options in %s: %s",
+				 source, reason);
+		return false;
+	}
+	for (i = 0; i < n; i++)
+		explicit_bzero(options[i].value, strlen(options[i].value));
 	return true;
 }
 
@@ -224,6 +261,7 @@ dwh_kafka_options_check(char **newval, void **extra, GucSource source)
 	{
 		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 		GUC_check_errmsg("invalid Kafka options: %s", error);
+		dwh_secrets_vouch_message(GUC_check_errmsg_string);
 		GUC_check_errhint("Write name=value pairs separated by spaces; quote a value holding spaces in single quotes.");
 		return false;
 	}
@@ -237,6 +275,7 @@ dwh_kafka_options_check(char **newval, void **extra, GucSource source)
 			GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 			GUC_check_errmsg("librdkafka property \"%s\" is managed by dwh",
 							 options[i].name);
+			dwh_secrets_vouch_message(GUC_check_errmsg_string);
 			GUC_check_errhint("%s", instead);
 			return false;
 		}
@@ -256,6 +295,7 @@ dwh_kafka_options_check(char **newval, void **extra, GucSource source)
 		{
 			GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 			GUC_check_errmsg("invalid Kafka options: %s", reason);
+			dwh_secrets_vouch_message(GUC_check_errmsg_string);
 			GUC_check_errhint("See the librdkafka CONFIGURATION.md of librdkafka %s for the consumer properties.",
 							  rd_kafka_version_str());
 			return false;

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_kafka_options.h
- *	  dwh.kafka_options: extra librdkafka properties, their syntax, their
- *	  validation and which of them are secret.
+ *	  dwh.kafka_options: extra librdkafka properties, their syntax and
+ *	  their validation.
  *
  *-------------------------------------------------------------------------
  */
@@ -21,11 +21,14 @@ typedef struct DwhKafkaOption
 
 extern bool dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options,
 									int *n, char **error);
-extern bool dwh_kafka_option_is_secret(const char *name);
 extern const char *dwh_kafka_option_reserved(const char *name);
 extern bool dwh_kafka_conf_set_options(rd_kafka_conf_t *conf,
 									   const DwhKafkaOption *options, int n,
 									   char *error, size_t error_size);
+
+extern bool dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
+									const char *source, char *error,
+									size_t error_size);
 
 extern bool dwh_kafka_options_check(char **newval, void **extra,
 									GucSource source);

@@ -49,6 +49,7 @@
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_offsets.h"
 #include "dwh_kafka_worker.h"
+#include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
 #include "dwh_version.h"
@@ -119,16 +120,33 @@ dwh_kafka_register_workers(void)
 	}
 }
 
-/* The settings a consumer is built from: a change means reconnecting. */
+/*
+ * The settings a consumer is built from, with the content of the options
+ * file (or why it cannot be read): a change means reconnecting.  Kept in
+ * memory only (it may hold a password).
+ */
 static char *
 current_consumer_settings(void)
 {
-	return MemoryContextStrdup(TopMemoryContext,
-							   psprintf("%s|%s|%s|%s|%d|%d",
-										dwh_kafka_brokers, dwh_kafka_topic,
-										dwh_kafka_group_id, dwh_kafka_options,
-										dwh_kafka_prefetch_memory,
-										dwh_kafka_start_offset));
+	char	   *file = NULL;
+	char		error[600] = "";
+	char	   *joined;
+	char	   *settings;
+
+	if (dwh_kafka_options_file[0] != '\0')
+		file = dwh_secret_file_read("dwh.kafka_options_file",
+									dwh_kafka_options_file, error,
+									sizeof(error));
+	joined = psprintf("%s|%s|%s|%s|%d|%d|%s|%s",
+					  dwh_kafka_brokers, dwh_kafka_topic, dwh_kafka_group_id,
+					  dwh_kafka_options, dwh_kafka_prefetch_memory,
+					  dwh_kafka_start_offset, dwh_kafka_options_file,
+					  file ? file : error);
+	settings = MemoryContextStrdup(TopMemoryContext, joined);
+	explicit_bzero(joined, strlen(joined));
+	pfree(joined);
+	dwh_secret_file_forget(file);
+	return settings;
 }
 
 static void
@@ -268,7 +286,10 @@ process_reload(void)
 		ready_checked = false;
 	}
 	if (consumer_settings)
+	{
+		explicit_bzero(consumer_settings, strlen(consumer_settings));
 		pfree(consumer_settings);
+	}
 	consumer_settings = settings;
 }
 

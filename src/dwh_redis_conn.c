@@ -104,7 +104,7 @@ io_failure(DwhRedisConn *conn, DwhRedisError *error, const char *what)
 {
 	set_error(conn, error, ERRCODE_CONNECTION_FAILURE, true,
 			  strcmp(what, "connecting") == 0 ?
-			  "The worker reconnects by itself when Redis is back. If the server requires TLS, point dwh.redis_url at a local TLS tunnel such as stunnel (see the README, \"Limits\")." :
+			  "The worker reconnects by itself when Redis is back. If the server requires TLS, point dwh.redis_url at a local TLS tunnel such as stunnel (see Limits in the README)." :
 			  "The worker reconnects by itself when Redis is back.",
 			  "connection to Redis at %s lost while %s: %s",
 			  conn->address, what,

@@ -27,6 +27,7 @@
 #include <ctype.h>
 
 #include "dwh_redis_url.h"
+#include "dwh_secrets.h"
 
 /* The parsed value of dwh.redis_url; NULL while it is empty. */
 static const DwhRedisUrl *current_url = NULL;
@@ -365,6 +366,7 @@ dwh_redis_url_check(char **newval, void **extra, GucSource source)
 		free(url);
 		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 		GUC_check_errmsg("invalid Redis URL: %s", error);
+		dwh_secrets_vouch_message(GUC_check_errmsg_string);
 		GUC_check_errhint("Write redis://[[username]:password@]host[:port][/db], unix://[[username]:password@]/path[?db=N] or an absolute socket path; percent-encode a %% in the password as %%25.");
 		return false;
 	}

@@ -28,6 +28,9 @@
  * created or not updated to the library's version, or the server is a
  * standby, it sleeps on its latch and says why.
  *
+ * The URL may come from a file instead (dwh.redis_url_file), read at start,
+ * on every reload, and every few seconds while it cannot be used.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -50,6 +53,7 @@
 #include "dwh_redis_store.h"
 #include "dwh_redis_url.h"
 #include "dwh_redis_worker.h"
+#include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
 #include "dwh_version.h"
@@ -66,6 +70,11 @@ static DwhWorkerStatus *slot;
 static DwhRedisConn *conn = NULL;
 static char *connected_database = NULL;
 static char *conn_settings = NULL;
+/* The URL connected to, and the one read from dwh.redis_url_file. */
+static const DwhRedisUrl *used_url = NULL;
+static DwhRedisUrl *file_url = NULL;
+/* Why no URL can be used (a file that cannot be read), or empty. */
+static char url_problem[DWH_ERROR_LEN];
 static MemoryContext cycle_context;
 static MemoryContext page_context;
 static char last_logged[DWH_ERROR_LEN];
@@ -103,14 +112,65 @@ dwh_redis_register_worker(void)
 }
 
 /*
- * The settings a connection is made from: a change means reconnecting.
- * Kept in memory only (it holds the password).
+ * Choose the URL to connect to: dwh.redis_url, or the one in the file
+ * named by dwh.redis_url_file (read now), and say why neither can be used.
+ * Returns the settings the connection is made from, with the file's
+ * content: a change means reconnecting.  Kept in memory only (it holds
+ * the password).
  */
 static char *
 current_conn_settings(void)
 {
-	return MemoryContextStrdup(TopMemoryContext,
-							   psprintf("%s|%d", dwh_redis_url, dwh_redis_timeout));
+	char		error[DWH_ERROR_LEN];
+	char	   *contents = NULL;
+	char	   *joined;
+	char	   *settings;
+
+	used_url = NULL;
+	url_problem[0] = '\0';
+	if (file_url == NULL)
+		file_url = MemoryContextAllocZero(TopMemoryContext, sizeof(DwhRedisUrl));
+	explicit_bzero(file_url, sizeof(DwhRedisUrl));
+
+	if (dwh_redis_url_file[0] == '\0')
+		used_url = dwh_redis_url_current();
+	else if (dwh_redis_url[0] != '\0')
+		strlcpy(url_problem,
+				"dwh.redis_url and dwh.redis_url_file are both set: empty one of them and reload",
+				sizeof(url_problem));
+	else if ((contents = dwh_secret_file_read("dwh.redis_url_file",
+											  dwh_redis_url_file, error,
+											  sizeof(error))) == NULL)
+		strlcpy(url_problem, error, sizeof(url_problem));
+	else if (contents[0] == '\0')
+		strlcpy(url_problem, "the file named by dwh.redis_url_file is empty",
+				sizeof(url_problem));
+	else if (!dwh_redis_url_parse(contents, file_url, error, sizeof(error)))
+		snprintf(url_problem, sizeof(url_problem),
+				 "invalid Redis URL in the file named by dwh.redis_url_file: %s",
+				 error);
+	else
+		used_url = file_url;
+
+	joined = psprintf("%s|%d|%s|%s", dwh_redis_url, dwh_redis_timeout,
+					  dwh_redis_url_file, contents ? contents : url_problem);
+	settings = MemoryContextStrdup(TopMemoryContext, joined);
+	explicit_bzero(joined, strlen(joined));
+	pfree(joined);
+	dwh_secret_file_forget(contents);
+	return settings;
+}
+
+/* Take new connection settings, wiping the old ones. */
+static void
+replace_conn_settings(char *settings)
+{
+	if (conn_settings != NULL)
+	{
+		explicit_bzero(conn_settings, strlen(conn_settings));
+		pfree(conn_settings);
+	}
+	conn_settings = settings;
 }
 
 static void
@@ -216,9 +276,7 @@ process_reload(void)
 		backoff_ms = 0;
 		last_logged[0] = '\0';
 	}
-	explicit_bzero(conn_settings, strlen(conn_settings));
-	pfree(conn_settings);
-	conn_settings = settings;
+	replace_conn_settings(settings);
 }
 
 /*
@@ -229,7 +287,18 @@ ready_to_mirror(void)
 {
 	char	   *mismatch;
 
-	if (dwh_redis_url_current() == NULL)
+	if (url_problem[0] != '\0')
+	{
+		/* Read the file again: a chmod needs no reload. */
+		replace_conn_settings(current_conn_settings());
+		if (url_problem[0] != '\0')
+		{
+			dwh_status_set_error(slot, "%s", url_problem);
+			set_state_logged(psprintf("error: %s", url_problem));
+			return false;
+		}
+	}
+	if (used_url == NULL)
 	{
 		set_state_logged("idle: dwh.redis_url is empty");
 		return false;
@@ -290,13 +359,13 @@ connect_redis(void)
 	char		address[DWH_REDIS_HOST_LEN + DWH_REDIS_PATH_LEN + 64];
 
 	dwh_status_set_state(slot, "connecting");
-	conn = dwh_redis_connect(dwh_redis_url_current(), dwh_redis_timeout, &error);
+	conn = dwh_redis_connect(used_url, dwh_redis_timeout, &error);
 	if (conn == NULL)
 	{
 		redis_failed(&error);
 		return false;
 	}
-	dwh_redis_url_redacted(dwh_redis_url_current(), address, sizeof(address));
+	dwh_redis_url_redacted(used_url, address, sizeof(address));
 	ereport(LOG,
 			(errmsg("dwh redis worker: connected to Redis at %s", address)));
 	last_logged[0] = '\0';

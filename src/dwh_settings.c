@@ -26,6 +26,7 @@ char	   *dwh_kafka_brokers = NULL;
 char	   *dwh_kafka_topic = NULL;
 char	   *dwh_kafka_group_id = NULL;
 char	   *dwh_kafka_options = NULL;
+char	   *dwh_kafka_options_file = NULL;
 int			dwh_kafka_consumers = 1;
 int			dwh_kafka_batch_size = 1000;
 int			dwh_kafka_batch_wait = 100;
@@ -33,6 +34,7 @@ int			dwh_kafka_prefetch_memory = 16 * 1024;
 int			dwh_kafka_start_offset = DWH_KAFKA_START_EARLIEST;
 
 char	   *dwh_redis_url = NULL;
+char	   *dwh_redis_url_file = NULL;
 int			dwh_redis_refresh_interval = 60;
 int			dwh_redis_batch_size = 1000;
 char	   *dwh_redis_scan_pattern = NULL;
@@ -87,6 +89,15 @@ define_kafka_settings(void)
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,
 							   dwh_kafka_options_check, NULL, NULL);
+
+	DefineCustomStringVariable("dwh.kafka_options_file",
+							   "File of more librdkafka consumer properties, added to dwh.kafka_options: for secrets that must not pass through SQL.",
+							   "Same syntax as dwh.kafka_options. Read by the Kafka workers at start and on reload; it must be readable by the server's user only (0600).",
+							   &dwh_kafka_options_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
 
 	/*
 	 * Read when the workers are registered, in the postmaster.  A backend
@@ -164,6 +175,15 @@ define_redis_settings(void)
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,
 							   dwh_redis_url_check, dwh_redis_url_assign, NULL);
+
+	DefineCustomStringVariable("dwh.redis_url_file",
+							   "File holding the Redis URL, used instead of dwh.redis_url: for a password that must not pass through SQL.",
+							   "Read by the Redis worker at start and on reload; it must be readable by the server's user only (0600). dwh.redis_url must then be empty.",
+							   &dwh_redis_url_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
 
 	DefineCustomIntVariable("dwh.redis_refresh_interval",
 							"Time between two refresh passes, which read every known dictionary key again.",

@@ -24,6 +24,7 @@ extern char *dwh_kafka_brokers;
 extern char *dwh_kafka_topic;
 extern char *dwh_kafka_group_id;
 extern char *dwh_kafka_options;
+extern char *dwh_kafka_options_file;
 extern int	dwh_kafka_consumers;
 extern int	dwh_kafka_batch_size;
 extern int	dwh_kafka_batch_wait;
@@ -32,6 +33,7 @@ extern int	dwh_kafka_start_offset;
 
 /* Redis */
 extern char *dwh_redis_url;
+extern char *dwh_redis_url_file;
 extern int	dwh_redis_refresh_interval;
 extern int	dwh_redis_batch_size;
 extern char *dwh_redis_scan_pattern;

@@ -1,0 +1,195 @@
+# Secrets that never pass through SQL: dwh.redis_url_file and
+# dwh.kafka_options_file name files readable by the server's user only.
+# The Redis worker connects with the password of the file (a real
+# redis-server that requires it), reads the file again on reload, refuses a
+# file that its group or others may read (and takes it once fixed, without
+# a reload), and refuses dwh.redis_url and the file together.  The Kafka
+# workers (no broker: the brokers' address is a closed port) add the file's
+# properties to dwh.kafka_options, refuse an unknown or reserved property of
+# the file naming it by its number, and a readable file.  Neither password
+# appears in the log, which logs every statement.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use RedisServer;
+use Test::More;
+
+sub random_secret
+{
+	my $s = 'Fs';
+	$s .= (0 .. 9, 'a' .. 'z', 'A' .. 'Z')[ int(rand(62)) ] for 1 .. 22;
+	return $s;
+}
+
+my $redis_password = random_secret();
+my $kafka_password = random_secret();
+my $redis = RedisServer->new(password => $redis_password);
+
+my $node = PostgreSQL::Test::Cluster->new('secret_files');
+$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$node->append_conf(
+	'postgresql.conf', q{
+shared_preload_libraries = 'dwh'
+log_statement = 'all'
+log_min_messages = debug1
+dwh.redis_refresh_interval = 1
+});
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION dwh');
+
+my $dir = PostgreSQL::Test::Utils::tempdir();
+my $redis_file = "$dir/redis_url";
+my $kafka_file = "$dir/kafka_options";
+
+sub write_secret_file
+{
+	my ($file, $content, $mode) = @_;
+	unlink $file;
+	append_to_file($file, $content);
+	chmod $mode, $file or die "chmod $file: $!";
+	return;
+}
+
+sub redis_status
+{
+	return $node->safe_psql('postgres',
+		"SELECT state || ' | ' || coalesce(last_error, '') FROM dwh.status WHERE worker = 'redis'"
+	);
+}
+
+sub wait_redis
+{
+	my ($pattern, $name) = @_;
+	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
+	my $status = '';
+	while (time() < $deadline)
+	{
+		$status = redis_status();
+		last if $status =~ $pattern;
+		select(undef, undef, undef, 0.2);
+	}
+	like($status, $pattern, $name);
+	return;
+}
+
+# A file its group may read is refused, with the reason in dwh.status.
+write_secret_file($redis_file, $redis->url . "\n", 0640);
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.redis_url_file = '$redis_file'; SELECT pg_reload_conf()");
+wait_redis(
+	qr/^error: the file named by dwh\.redis_url_file has group or world access: permissions should be u=rw \(0600\) or less/,
+	'a Redis URL file readable by its group is refused');
+
+# Fixed by chmod alone: the worker reads the file again while it waits.
+chmod 0600, $redis_file;
+wait_redis(qr/^mirroring \|/,
+	'the worker connects with the password of the file once it is 0600');
+is($node->safe_psql('postgres', 'SHOW dwh.redis_url'),
+	'', 'dwh.redis_url stays empty');
+
+# A new password in the file is read on reload.
+write_secret_file($redis_file,
+	$redis->url(password => 'wrong-' . random_secret()) . "\n", 0600);
+$node->reload;
+wait_redis(qr/refused the password/,
+	'on reload the worker reads the file again (a wrong password now)');
+write_secret_file($redis_file, $redis->url . "\n", 0600);
+$node->reload;
+wait_redis(qr/^mirroring/, 'and the right one again');
+
+# dwh.redis_url and the file together are refused.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.redis_url = 'redis://127.0.0.1:1/0'; SELECT pg_reload_conf()"
+);
+wait_redis(
+	qr/^error: dwh\.redis_url and dwh\.redis_url_file are both set: empty one of them and reload/,
+	'dwh.redis_url and dwh.redis_url_file together are refused');
+$node->safe_psql('postgres',
+	'ALTER SYSTEM RESET dwh.redis_url; SELECT pg_reload_conf()');
+wait_redis(qr/^mirroring/, 'the file alone is used again');
+
+# A file that is not there.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.redis_url_file = '$dir/none'; SELECT pg_reload_conf()"
+);
+wait_redis(
+	qr/^error: could not open the file named by dwh\.redis_url_file: No such file or directory/,
+	'a missing file is reported');
+
+# Kafka: the file's properties are applied after dwh.kafka_options.
+my $closed_port = PostgreSQL::Test::Cluster::get_free_port();
+
+sub kafka_status
+{
+	return $node->safe_psql('postgres',
+		"SELECT state || ' | ' || coalesce(last_error, '') FROM dwh.status WHERE worker = 'kafka 1'"
+	);
+}
+
+sub wait_kafka
+{
+	my ($pattern, $name) = @_;
+	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
+	my $status = '';
+	while (time() < $deadline)
+	{
+		$status = kafka_status();
+		last if $status =~ $pattern;
+		select(undef, undef, undef, 0.2);
+	}
+	like($status, $pattern, $name);
+	return;
+}
+
+write_secret_file($kafka_file,
+	"sasl.username=dwh\nsasl.password=$kafka_password\nno.such.property=1\n",
+	0600);
+$node->safe_psql(
+	'postgres', qq{
+ALTER SYSTEM SET dwh.kafka_brokers = '127.0.0.1:$closed_port';
+ALTER SYSTEM SET dwh.kafka_options = 'security.protocol=SASL_PLAINTEXT';
+ALTER SYSTEM SET dwh.kafka_options_file = '$kafka_file';
+SELECT pg_reload_conf();
+});
+wait_kafka(
+	qr/^waiting: invalid Kafka settings \| invalid Kafka options in the file named by dwh\.kafka_options_file: name=value pair 3 names no librdkafka property$/,
+	'an unknown property of the file is named by its number');
+
+write_secret_file($kafka_file,
+	"sasl.password=$kafka_password group.id=other\n", 0600);
+$node->reload;
+wait_kafka(
+	qr/invalid Kafka options in the file named by dwh\.kafka_options_file: librdkafka property "group\.id" is managed by dwh$/,
+	'a property dwh manages is refused in the file too');
+
+write_secret_file($kafka_file,
+	"sasl.mechanisms=PLAIN sasl.username=dwh sasl.password='$kafka_password'\n",
+	0644);
+$node->reload;
+wait_kafka(
+	qr/the file named by dwh\.kafka_options_file has group or world access/,
+	'a Kafka options file readable by others is refused');
+
+chmod 0600, $kafka_file;
+$node->reload;
+wait_kafka(qr/^(consuming|waiting for the broker)/,
+	'a valid 0600 file is applied: the worker consumes (and waits for the broker)'
+);
+
+$node->stop;
+my $log = slurp_file($node->logfile);
+like($log, qr/dwh redis worker: connected to Redis at redis:\/\/:\*\*\*\@127\.0\.0\.1/,
+	'the log names Redis by its redacted URL');
+foreach my $secret ($redis_password, $kafka_password)
+{
+	my @hits = grep { index($_, $secret) >= 0 } split /\n/, $log;
+	ok(!@hits, 'the log holds no password of the files') or diag(join("\n", @hits));
+}
+
+done_testing();
