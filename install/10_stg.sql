@@ -116,6 +116,32 @@ COMMENT ON COLUMN stg.other_events.source IS 'Who handed it in: kafka (the Kafka
 COMMENT ON COLUMN stg.other_events.raw_sha256 IS 'SHA-256 of the message exactly as received: the same bytes at the same source and position are a replay, kept once';
 COMMENT ON COLUMN stg.other_events.position_mismatch IS 'True when other bytes were already stored at this source and Kafka position (as an other event or a dead letter): a recreated topic, or a caller that named a wrong position';
 
+-- Rows written in 1.0's shape (a 1.0 dump restored with --data-only, a
+-- loader's INSERT naming 1.0's columns) lack source and raw_sha256: they
+-- are filled as the update from 1.0 fills the rows it finds (the raw bytes
+-- are not known, the message's text stands for them).  The ingest names
+-- both columns, so the WHEN clause never calls the function for its rows.
+CREATE FUNCTION dwh.other_events_complete() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NEW.source IS NULL THEN
+        NEW.source := CASE WHEN NEW.kafka_offset IS NOT NULL THEN 'kafka' ELSE 'sql' END;
+    END IF;
+    IF NEW.raw_sha256 IS NULL THEN
+        NEW.raw_sha256 := pg_catalog.sha256(pg_catalog.convert_to(NEW.message::text, 'UTF8'));
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.other_events_complete() IS
+    'BEFORE INSERT trigger of stg.other_events: fills source and raw_sha256 of a row written without them (1.0''s columns), as the update from 1.0 filled its rows';
+
+CREATE TRIGGER other_events_complete
+    BEFORE INSERT ON stg.other_events
+    FOR EACH ROW WHEN (NEW.source IS NULL OR NEW.raw_sha256 IS NULL)
+    EXECUTE FUNCTION dwh.other_events_complete();
+
 CREATE TABLE stg.users (
     id          bigserial PRIMARY KEY,
     object_id   varchar NOT NULL UNIQUE,

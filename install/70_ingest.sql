@@ -42,6 +42,34 @@ COMMENT ON COLUMN dwh.dead_letters.raw_sha256 IS 'SHA-256 of the whole value: ch
 COMMENT ON COLUMN dwh.dead_letters.position_mismatch IS 'True when other bytes were already stored at this source and Kafka position (as a dead letter or an other event): a recreated topic, or a caller that named a wrong position';
 COMMENT ON COLUMN dwh.dead_letters.sqlstate IS 'SQLSTATE of the refusal (22P02 wrong shape, 22032 not JSON, 22021 bad UTF-8, 22007 bad timestamp, 22003 out of range, 54000 too large, ...)';
 
+-- Rows written in 1.0's shape (a 1.0 dump restored with --data-only)
+-- lack raw_length and raw_sha256: 1.0 kept the whole value, so both come
+-- from raw, as the update from 1.0 fills the rows it finds.  A row whose
+-- raw is shorter than the raw_length it names is a prefix: its hash is not
+-- made up, the row is refused (raw_sha256 stays null).  The ingest and
+-- the Redis worker name both columns, so the WHEN clause never calls the
+-- function for their rows.
+CREATE FUNCTION dwh.dead_letters_complete() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NEW.raw_length IS NULL THEN
+        NEW.raw_length := pg_catalog.length(NEW.raw);
+    END IF;
+    IF NEW.raw_sha256 IS NULL AND NEW.raw_length = pg_catalog.length(NEW.raw) THEN
+        NEW.raw_sha256 := pg_catalog.sha256(NEW.raw);
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.dead_letters_complete() IS
+    'BEFORE INSERT trigger of dwh.dead_letters: fills raw_length and raw_sha256 of a row written without them (1.0''s columns) from its whole raw value, as the update from 1.0 filled its rows';
+
+CREATE TRIGGER dead_letters_complete
+    BEFORE INSERT ON dwh.dead_letters
+    FOR EACH ROW WHEN (NEW.raw_length IS NULL OR NEW.raw_sha256 IS NULL)
+    EXECUTE FUNCTION dwh.dead_letters_complete();
+
 CREATE FUNCTION dwh.ingest_order(message bytea, topic text DEFAULT NULL,
                                  kafka_partition integer DEFAULT NULL,
                                  kafka_offset bigint DEFAULT NULL)

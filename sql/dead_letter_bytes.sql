@@ -61,4 +61,19 @@ SELECT dwh.ingest_order('{');
 SELECT length(raw) AS kept, raw_length FROM dwh.dead_letters WHERE raw_length = 1;
 RESET dwh.dead_letter_keep_bytes;
 
+-- A dead letter written in 1.0's shape (a 1.0 dump restored with
+-- --data-only) names neither raw_length nor raw_sha256: 1.0 kept the whole
+-- value, so both come from raw.  One that names a longer value than its
+-- raw holds keeps a prefix: no hash is made up for it, it is refused.
+INSERT INTO dwh.dead_letters (source, topic, kafka_partition, kafka_offset, raw, reason, sqlstate)
+VALUES ('kafka', 'order-service_orders', 3, 30, convert_to('{not json', 'UTF8'),
+        'not JSON', '22032');
+SELECT raw_length, raw_sha256 = sha256(convert_to('{not json', 'UTF8')) AS hash_of_all,
+       position_mismatch
+FROM dwh.dead_letters WHERE kafka_offset = 30;
+\set VERBOSITY terse
+INSERT INTO dwh.dead_letters (source, raw, reason, sqlstate, raw_length)
+VALUES ('sql', convert_to('{not', 'UTF8'), 'not JSON', '22032', 9);
+\set VERBOSITY default
+
 SELECT * FROM t.check();

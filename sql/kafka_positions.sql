@@ -121,6 +121,22 @@ SET dwh.dead_letter_keep_bytes = '1GB';
 RESET ROLE;
 SELECT dwh.ingest_dead_letter(convert_to('x', 'UTF8'), 'redis', NULL, NULL, NULL);
 
+-- 9. Rows written in 1.0's shape (a 1.0 dump restored with --data-only)
+--    name neither source nor raw_sha256: a row with a Kafka offset is taken
+--    for the worker's, one without for a SQL caller's, and the message's
+--    text stands for its bytes, as the update from 1.0 fills its rows.  A
+--    row that names them keeps what it names.
+INSERT INTO stg.other_events (object_id, object_type, message, topic, kafka_partition, kafka_offset)
+VALUES (901, 'ping', '{"object_type": "ping", "object_id": 901}', 'order-service_orders', 0, 901);
+INSERT INTO stg.other_events (object_id, object_type, message)
+VALUES (902, 'ping', '{"object_type": "ping", "object_id": 902}');
+INSERT INTO stg.other_events (object_id, object_type, message, source, raw_sha256)
+VALUES (903, 'ping', '{"object_type": "ping", "object_id": 903}', 'sql', '\x00');
+SELECT object_id, source, kafka_offset,
+       raw_sha256 = sha256(convert_to(message::text, 'UTF8')) AS hash_of_text,
+       raw_sha256 = '\x00' AS as_named, position_mismatch
+FROM stg.other_events WHERE object_id > 900 ORDER BY object_id;
+
 SELECT * FROM t.check();
 
 DROP OWNED BY regress_dwh_forger;

@@ -33,8 +33,9 @@ CREATE FUNCTION dwh.user_lock_key() RETURNS bigint
 COMMENT ON FUNCTION dwh.user_lock_key() IS
     'Advisory lock key serialising writers of user values';
 
--- STG (install/10_stg.sql): the statement lock of the order tables, and the
--- history tables of superseded versions.
+-- STG (install/10_stg.sql): the statement lock of the order tables, the
+-- history tables of superseded versions, and what identifies an other
+-- event with its Kafka position.
 
 CREATE FUNCTION dwh.stg_statement_lock() RETURNS trigger
     AS 'MODULE_PATHNAME', 'dwh_stg_statement_lock'
@@ -121,6 +122,95 @@ COMMENT ON COLUMN stg.restaurant_history.loaded_at IS 'When this version was fir
 CREATE TRIGGER restaurant_history_guard
     BEFORE INSERT OR UPDATE ON stg.restaurant_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
+
+-- 1.0's unique indexes let a message repeat at a position given without a
+-- topic (nulls were distinct there); 1.1's keep a message delivered again
+-- at the same position once, and cannot be built over such repeats.  They
+-- are exact copies (same position, source and bytes), but the update
+-- removes no row of what was received: it stops and says which.
+DO $repeats$
+DECLARE
+    others bigint;
+    dead bigint;
+BEGIN
+    SELECT pg_catalog.count(*) INTO others
+    FROM (SELECT FROM stg.other_events
+          WHERE kafka_offset IS NOT NULL
+          GROUP BY kafka_partition, kafka_offset, topic,
+                   pg_catalog.sha256(pg_catalog.convert_to(message::text, 'UTF8'))
+          HAVING pg_catalog.count(*) > 1) r;
+    SELECT pg_catalog.count(*) INTO dead
+    FROM (SELECT FROM dwh.dead_letters
+          WHERE kafka_offset IS NOT NULL
+          GROUP BY kafka_partition, kafka_offset, source, topic, pg_catalog.sha256(raw)
+          HAVING pg_catalog.count(*) > 1) r;
+    IF others > 0 OR dead > 0 THEN
+        RAISE EXCEPTION 'cannot update dwh to 1.1: a message is stored more than once at the same Kafka position'
+            USING ERRCODE = 'unique_violation',
+                  DETAIL = pg_catalog.format('%s messages of stg.other_events and %s of dwh.dead_letters are stored more than once with the same partition, offset and bytes and no topic; dwh 1.1 keeps such a message once.', others, dead),
+                  HINT = 'Delete all but the first row (lowest id) of each, then run ALTER EXTENSION dwh UPDATE again.';
+    END IF;
+END
+$repeats$;
+
+-- Other events (issue 11): who handed a message in and the SHA-256 of its
+-- bytes identify it with its Kafka position.  1.0 kept no source (its
+-- worker and the SQL functions wrote alike): a row with a Kafka offset is
+-- taken for the worker's, one without for a SQL caller's (a wrong guess
+-- costs nothing: a later message at that position is stored, flagged at
+-- worst).  1.0 kept no raw bytes either: the message's text stands for
+-- them, as the BEFORE INSERT trigger below does for rows written in 1.0's
+-- shape.  The columns are filled before they become NOT NULL, and the
+-- unique index is made after.
+ALTER TABLE stg.other_events
+    ADD COLUMN source text,
+    ADD COLUMN raw_sha256 bytea,
+    ADD COLUMN position_mismatch boolean NOT NULL DEFAULT false;
+UPDATE stg.other_events
+SET source = CASE WHEN kafka_offset IS NOT NULL THEN 'kafka' ELSE 'sql' END,
+    raw_sha256 = pg_catalog.sha256(pg_catalog.convert_to(message::text, 'UTF8'));
+ALTER TABLE stg.other_events
+    ALTER COLUMN source SET NOT NULL,
+    ALTER COLUMN raw_sha256 SET NOT NULL;
+DROP INDEX stg.other_events_kafka_position_idx;
+-- A message is identified by who handed it in, its Kafka position and its
+-- bytes: delivered again (dwh.kafka_seek, a loader's retry) it is kept
+-- once, and a position a SQL caller named never hides what the Kafka worker
+-- later reads there.  Other bytes at a known position are kept too,
+-- flagged (see dwh.ingest_orders).
+CREATE UNIQUE INDEX other_events_kafka_position_idx
+    ON stg.other_events (kafka_partition, kafka_offset, source, topic, raw_sha256)
+    NULLS NOT DISTINCT
+    WHERE kafka_offset IS NOT NULL;
+COMMENT ON COLUMN stg.other_events.source IS 'Who handed it in: kafka (the Kafka worker) or sql (dwh.ingest_order[s]); part of what identifies it with its Kafka position';
+COMMENT ON COLUMN stg.other_events.raw_sha256 IS 'SHA-256 of the message exactly as received: the same bytes at the same source and position are a replay, kept once';
+COMMENT ON COLUMN stg.other_events.position_mismatch IS 'True when other bytes were already stored at this source and Kafka position (as an other event or a dead letter): a recreated topic, or a caller that named a wrong position';
+
+-- Rows written in 1.0's shape (a 1.0 dump restored with --data-only, a
+-- loader's INSERT naming 1.0's columns) lack source and raw_sha256: they
+-- are filled as the update from 1.0 fills the rows it finds (the raw bytes
+-- are not known, the message's text stands for them).  The ingest names
+-- both columns, so the WHEN clause never calls the function for its rows.
+CREATE FUNCTION dwh.other_events_complete() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NEW.source IS NULL THEN
+        NEW.source := CASE WHEN NEW.kafka_offset IS NOT NULL THEN 'kafka' ELSE 'sql' END;
+    END IF;
+    IF NEW.raw_sha256 IS NULL THEN
+        NEW.raw_sha256 := pg_catalog.sha256(pg_catalog.convert_to(NEW.message::text, 'UTF8'));
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.other_events_complete() IS
+    'BEFORE INSERT trigger of stg.other_events: fills source and raw_sha256 of a row written without them (1.0''s columns), as the update from 1.0 filled its rows';
+
+CREATE TRIGGER other_events_complete
+    BEFORE INSERT ON stg.other_events
+    FOR EACH ROW WHEN (NEW.source IS NULL OR NEW.raw_sha256 IS NULL)
+    EXECUTE FUNCTION dwh.other_events_complete();
 
 -- Dishes (install/40_products.sql): menu namings and order namings have a
 -- loader each, replacing dwh.load_products; the claim of the keys that
@@ -450,12 +540,13 @@ COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
 -- versions carried into DDS from their history table.
 
 -- Orders new to DDS (the usual case): nothing counted before.  No other
--- transaction can write their links (it would first conflict on
--- stg.order_events.object_id), so those are plain INSERTs.  Rows go in hub
--- key order: the random UUID keys then fill index pages one after the
--- other, and so do the foreign-key checks.  (A concurrent writer of an
--- order's history, such as a parallel restore, may have loaded its hub and
--- satellite rows meanwhile: those are upserts.)
+-- transaction can write their hub, links or satellites meanwhile: an ingest
+-- or an upsert would first conflict on stg.order_events.object_id, and a
+-- direct write of history (a restore, say) holds the dictionary lock
+-- exclusively (dwh.stg_statement_lock()).  So all are plain INSERTs: no
+-- arbiter probes, no speculative insertions.  Rows go in hub key order:
+-- the random UUID keys then fill index pages one after the other, and so
+-- do the foreign-key checks.
 CREATE FUNCTION dwh.load_new_orders(object_ids bigint[], versions timestamp[],
                                     payloads jsonb[],
                                     OUT product_users uuid[], OUT products uuid[],
@@ -490,11 +581,9 @@ BEGIN
         WHERE l.h_product_pk IN (SELECT h_product_pk FROM item)
     ),
     order_hub AS (
-        INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
+        INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
         SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
         FROM batch
-        ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
-        WHERE h.order_dt IS DISTINCT FROM EXCLUDED.order_dt
     ),
     order_user_link AS (
         INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
@@ -507,27 +596,19 @@ BEGIN
         FROM item
     ),
     status_satellite AS (
-        INSERT INTO dds.s_order_status AS s
+        INSERT INTO dds.s_order_status
                (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
         SELECT h_order_pk, status, dwh.hash_key(h_order_pk::text || status),
                update_ts, 'stg.order_events'
         FROM batch
-        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-        SET status = EXCLUDED.status,
-            hk_order_status_hashdiff = EXCLUDED.hk_order_status_hashdiff
-        WHERE s.status IS DISTINCT FROM EXCLUDED.status
     ),
     cost_satellite AS (
-        INSERT INTO dds.s_order_cost AS s
+        INSERT INTO dds.s_order_cost
                (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
         SELECT h_order_pk, cost, payment,
                dwh.hash_key(h_order_pk::text || cost::text || payment::text),
                update_ts, 'stg.order_events'
         FROM batch
-        ON CONFLICT (h_order_pk, load_dt) DO UPDATE
-        SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
-            hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
-        WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment)
     ),
     -- In no particular order: dwh.apply_mart_deltas writes in key order.
     product_delta_keys AS (
@@ -1217,12 +1298,150 @@ CREATE TRIGGER restaurant_history_added
 
 -- Ingest (install/70_ingest.sql).
 
+-- Dead letters (issue 11): a bounded prefix of the value, its length and
+-- the SHA-256 of all of it.  Rows of 1.0 kept their values whole: length
+-- and hash come from raw, before the columns become NOT NULL (their raw is
+-- not cut to dwh.dead_letter_keep_bytes: nothing says which were refused
+-- for their size).  The unique index is made after.
+ALTER TABLE dwh.dead_letters
+    ADD COLUMN raw_length bigint,
+    ADD COLUMN raw_sha256 bytea,
+    ADD COLUMN position_mismatch boolean NOT NULL DEFAULT false;
+UPDATE dwh.dead_letters
+SET raw_length = pg_catalog.length(raw), raw_sha256 = pg_catalog.sha256(raw);
+ALTER TABLE dwh.dead_letters
+    ALTER COLUMN raw_length SET NOT NULL,
+    ALTER COLUMN raw_sha256 SET NOT NULL;
+DROP INDEX dwh.dead_letters_kafka_position_idx;
+-- A message is identified by who handed it in, its Kafka position and its
+-- bytes: delivered again (dwh.kafka_seek, a loader's retry) it is
+-- dead-lettered once, and a position a SQL caller named never hides what
+-- the Kafka worker later reads there.  Other bytes at a known position are
+-- kept too, flagged (see dwh.ingest_orders).
+CREATE UNIQUE INDEX dead_letters_kafka_position_idx
+    ON dwh.dead_letters (kafka_partition, kafka_offset, source, topic, raw_sha256)
+    NULLS NOT DISTINCT
+    WHERE kafka_offset IS NOT NULL;
+COMMENT ON TABLE dwh.dead_letters IS 'Values that could not be loaded, with their raw bytes (a bounded prefix), origin and reason';
+COMMENT ON COLUMN dwh.dead_letters.source IS 'Who handed it in: kafka (the Kafka worker), redis (the Redis worker) or sql (dwh.ingest_order[s]); part of what identifies it with its Kafka position';
+COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received, or its first dwh.dead_letter_keep_bytes bytes when it is longer (then shorter than raw_length)';
+COMMENT ON COLUMN dwh.dead_letters.raw_length IS 'Length in bytes of the whole value';
+COMMENT ON COLUMN dwh.dead_letters.raw_sha256 IS 'SHA-256 of the whole value: checks a copy found elsewhere, and the same bytes at the same source and position are a replay, kept once';
+COMMENT ON COLUMN dwh.dead_letters.position_mismatch IS 'True when other bytes were already stored at this source and Kafka position (as a dead letter or an other event): a recreated topic, or a caller that named a wrong position';
+
+-- Rows written in 1.0's shape (a 1.0 dump restored with --data-only)
+-- lack raw_length and raw_sha256: 1.0 kept the whole value, so both come
+-- from raw, as the update from 1.0 fills the rows it finds.  A row whose
+-- raw is shorter than the raw_length it names is a prefix: its hash is not
+-- made up, the row is refused (raw_sha256 stays null).  The ingest and
+-- the Redis worker name both columns, so the WHEN clause never calls the
+-- function for their rows.
+CREATE FUNCTION dwh.dead_letters_complete() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NEW.raw_length IS NULL THEN
+        NEW.raw_length := pg_catalog.length(NEW.raw);
+    END IF;
+    IF NEW.raw_sha256 IS NULL AND NEW.raw_length = pg_catalog.length(NEW.raw) THEN
+        NEW.raw_sha256 := pg_catalog.sha256(NEW.raw);
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.dead_letters_complete() IS
+    'BEFORE INSERT trigger of dwh.dead_letters: fills raw_length and raw_sha256 of a row written without them (1.0''s columns) from its whole raw value, as the update from 1.0 filled its rows';
+
+CREATE TRIGGER dead_letters_complete
+    BEFORE INSERT ON dwh.dead_letters
+    FOR EACH ROW WHEN (NEW.raw_length IS NULL OR NEW.raw_sha256 IS NULL)
+    EXECUTE FUNCTION dwh.dead_letters_complete();
+
+COMMENT ON FUNCTION dwh.ingest_order(bytea, text, integer, bigint) IS
+    'Ingest one raw Kafka message value; returns applied, unchanged, other_type, dead_letter, replayed or mismatch';
+COMMENT ON FUNCTION dwh.ingest_order(text, text, integer, bigint) IS
+    'Ingest one Kafka message value given as text; returns applied, unchanged, other_type, dead_letter, replayed or mismatch';
+
+-- dwh.ingest_orders has two more OUT parameters: a changed result type
+-- cannot be replaced.  The old function is renamed, not dropped, until the
+-- privileges that DBAs granted on it (a loader's EXECUTE) are granted on
+-- the new one, each by its grantor; see "Privileges" at the end.
+ALTER FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[])
+    RENAME TO ingest_orders_1_0;
+CREATE FUNCTION dwh.ingest_orders(messages bytea[], topic text DEFAULT NULL,
+                                  kafka_partitions integer[] DEFAULT NULL,
+                                  kafka_offsets bigint[] DEFAULT NULL,
+                                  OUT received integer, OUT applied integer,
+                                  OUT unchanged integer, OUT other_type integer,
+                                  OUT dead_lettered integer, OUT replayed integer,
+                                  OUT mismatched integer)
+    AS 'MODULE_PATHNAME', 'dwh_ingest_orders'
+    LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) IS
+    'Ingest a batch of raw Kafka message values set-based: one statement per destination; received = applied + unchanged + other_type + dead_lettered + replayed, mismatched counts the stored ones flagged position_mismatch';
+
+DO $grants$
+DECLARE
+    updater name := current_user;
+    g record;
+BEGIN
+    -- A superuser's GRANT is the owner's; a grant by another role is made
+    -- again as that role, after the grant that gave it the grant option.
+    FOR g IN
+        SELECT a.grantor, a.grantee, a.privilege_type, a.is_grantable,
+               a.grantor <> p.proowner AS by_other
+        FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+        WHERE p.oid = 'dwh.ingest_orders_1_0(bytea[], text, integer[], bigint[])'::pg_catalog.regprocedure
+          AND a.grantee <> p.proowner
+    LOOP
+        BEGIN
+            IF g.by_other THEN
+                EXECUTE pg_catalog.format('SET LOCAL ROLE %s', g.grantor::pg_catalog.regrole);
+            END IF;
+            EXECUTE pg_catalog.format('GRANT %s ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[]) TO %s%s',
+                                      g.privilege_type,
+                                      CASE WHEN g.grantee = 0 THEN 'PUBLIC'
+                                           ELSE g.grantee::pg_catalog.regrole::text END,
+                                      CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+            IF g.by_other THEN
+                EXECUTE pg_catalog.format('SET LOCAL ROLE %I', updater);
+            END IF;
+        EXCEPTION WHEN insufficient_privilege THEN
+            -- The grantor may no longer reach schema dwh: the update goes
+            -- on, and says what a DBA has to grant again.
+            RAISE WARNING 'could not grant % on function dwh.ingest_orders again to %, as %',
+                g.privilege_type,
+                CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::text END,
+                g.grantor::pg_catalog.regrole
+                USING DETAIL = SQLERRM,
+                      HINT = 'Grant it again after the update.';
+        END;
+    END LOOP;
+END
+$grants$;
+DROP FUNCTION dwh.ingest_orders_1_0(bytea[], text, integer[], bigint[]);
+
 CREATE FUNCTION dwh.keys_claimed() RETURNS boolean
     AS 'MODULE_PATHNAME', 'dwh_keys_claimed'
     LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION dwh.keys_claimed() IS
     'Internal: inside an ingest, has it claimed the keys of the versions being written (see dwh.claim_order_keys)?';
 
+-- What dwh.replay_dead_letters hands back to the ingest: a dead letter's
+-- value with its own source, so that a replayed Kafka message keeps its
+-- identity (a later redelivery of it is still a replay).  EXECUTE is
+-- revoked from PUBLIC below: only the replay, as the extension's owner,
+-- calls it.
+CREATE FUNCTION dwh.ingest_dead_letter(message bytea, source text, topic text,
+                                       kafka_partition integer, kafka_offset bigint)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'dwh_ingest_dead_letter'
+    LANGUAGE C VOLATILE SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION dwh.ingest_dead_letter(bytea, text, text, integer, bigint) IS
+    'Internal: ingest a dead letter''s value again under its own source (kafka or sql); returns what dwh.ingest_order returns';
+
+-- Replay: takes the dictionary lock (1.1), hands each dead letter back
+-- under its own source, and leaves the truncated ones.
 CREATE OR REPLACE FUNCTION dwh.replay_dead_letters(ids bigint[] DEFAULT NULL)
     RETURNS TABLE (dead_letter_id bigint, outcome text)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -1233,22 +1452,28 @@ BEGIN
     -- One ingest per dead letter in one transaction: the dictionary lock
     -- exclusive keeps batches of other transactions from interleaving
     -- with them (docs/data-rule.md, "one lock order").
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM pg_catalog.pg_advisory_xact_lock(dwh.dictionary_lock_key());
     FOR d IN
         SELECT * FROM dwh.dead_letters
         WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')
         ORDER BY id
         FOR UPDATE
     LOOP
-        DELETE FROM dwh.dead_letters WHERE id = d.id;
         dead_letter_id := d.id;
-        outcome := dwh.ingest_order(d.raw, d.topic, d.kafka_partition, d.kafka_offset);
+        IF pg_catalog.length(d.raw) < d.raw_length THEN
+            outcome := 'truncated';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        DELETE FROM dwh.dead_letters WHERE id = d.id;
+        outcome := dwh.ingest_dead_letter(d.raw, d.source, d.topic,
+                                          d.kafka_partition, d.kafka_offset);
         RETURN NEXT;
     END LOOP;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.replay_dead_letters(bigint[]) IS
-    'Ingest order dead letters again (all, or those ids); returns what became of each';
+    'Ingest order dead letters again (all, or those ids); returns what became of each (truncated: kept, only a prefix of its value is stored)';
 
 -- The oracle (install/80_oracle.sql): every version received, DDS checked
 -- and rebuilt against STG; dwh.rebuild() takes a parameter.
@@ -1495,11 +1720,8 @@ BEGIN
               WHERE object_id BETWEEN bounds.lo AND bounds.hi) x,
              dwh.claim_order_keys(x.p, x.v, true) c;
 
-        PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
-                                           array_agg(payload))
-        FROM stg.order_event_history
-        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
-
+        -- Current versions first: dwh.load_new_orders() expects no DDS
+        -- rows of their orders.
         SELECT array_agg(object_id), array_agg(update_ts), array_agg(payload)
         INTO object_ids, versions, payloads
         FROM stg.order_events
@@ -1507,6 +1729,11 @@ BEGIN
         d := dwh.load_new_orders(object_ids, versions, payloads);
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
                                       d.category_users, d.categories, d.category_deltas);
+
+        PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
+                                           array_agg(payload))
+        FROM stg.order_event_history
+        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
 
         PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
     END LOOP;
@@ -1641,6 +1868,49 @@ SELECT pg_catalog.pg_extension_config_dump('stg.restaurant_history', '');
 -- PUBLIC gets nothing on the new functions and views either.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA dwh FROM PUBLIC;
+
+-- Privileges.  Every GRANT and REVOKE of an extension script, an update's
+-- too, records the privileges it leaves as the object's initial ones
+-- (pg_init_privs), and pg_dump dumps only what differs from those: the
+-- lines above, and the grants made again on dwh.ingest_orders, would make
+-- the privileges that DBAs granted under 1.0 look like dwh's own, and a
+-- dump taken after the update would lose them.  The initial privileges
+-- of dwh's objects in schema dwh are set back to what a fresh install
+-- records, the owner's alone; objects there that belong to no extension
+-- have none.
+UPDATE pg_catalog.pg_init_privs i
+SET initprivs = ARRAY(SELECT x
+                      FROM pg_catalog.unnest(pg_catalog.acldefault(o.kind, o.owner)) x
+                      WHERE NOT EXISTS (SELECT FROM pg_catalog.aclexplode(ARRAY[x]) e
+                                        WHERE e.grantee = 0))
+FROM (SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass AS classoid, p.oid,
+             'f'::"char" AS kind, p.proowner AS owner
+      FROM pg_catalog.pg_proc p
+      WHERE p.pronamespace = 'dwh'::pg_catalog.regnamespace
+      UNION ALL
+      SELECT 'pg_catalog.pg_class'::pg_catalog.regclass, c.oid, 'r', c.relowner
+      FROM pg_catalog.pg_class c
+      WHERE c.relnamespace = 'dwh'::pg_catalog.regnamespace
+        AND c.relkind IN ('r', 'p', 'v', 'm', 'f')) o
+WHERE i.classoid = o.classoid AND i.objoid = o.oid AND i.objsubid = 0
+  AND i.privtype = 'e'
+  AND EXISTS (SELECT FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension x
+                ON x.oid = d.refobjid AND x.extname = 'dwh'
+              WHERE d.classid = o.classoid AND d.objid = o.oid AND d.objsubid = 0
+                AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+                AND d.deptype = 'e');
+DELETE FROM pg_catalog.pg_init_privs i
+WHERE i.privtype = 'e'
+  AND ((i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+        AND i.objoid IN (SELECT p.oid FROM pg_catalog.pg_proc p
+                         WHERE p.pronamespace = 'dwh'::pg_catalog.regnamespace))
+       OR (i.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND i.objoid IN (SELECT c.oid FROM pg_catalog.pg_class c
+                            WHERE c.relnamespace = 'dwh'::pg_catalog.regnamespace)))
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                  WHERE d.classid = i.classoid AND d.objid = i.objoid AND d.objsubid = 0
+                    AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+                    AND d.deptype = 'e');
 
 -- Data.  1.0 dropped superseded versions, so its DDS holds rows that STG
 -- no longer implies (the status, cost and name satellite rows of versions

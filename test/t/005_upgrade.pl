@@ -244,6 +244,8 @@ INSERT INTO stg.other_events (object_id, object_type, sent_dttm, message,
 VALUES (7, 'heartbeat', '2023-08-15 12:00:00',
         '{"object_id": 7, "object_type": "heartbeat", "sent_dttm": "2023-08-15 12:00:00"}',
         'order-service_orders', 0, 41);
+INSERT INTO stg.other_events (object_id, object_type, sent_dttm, message)
+VALUES (8, 'heartbeat', NULL, '{"object_id": 8, "object_type": "heartbeat"}');
 INSERT INTO dwh.dead_letters (source, topic, kafka_partition, kafka_offset, raw, reason, sqlstate)
 VALUES ('kafka', 'order-service_orders', 1, 17, convert_to('{not json', 'UTF8'),
         'invalid JSON: string or ''}'' expected near position 2', '22032');
@@ -256,6 +258,35 @@ SELECT object_id, 'user', 'mirrored', '\x00'::bytea, now() FROM stg.users;
 
 is($node->safe_psql('a', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'the 1.0 warehouse is consistent by its own dwh.verify()');
+
+# What DBAs granted under 1.0: a loader's EXECUTE on dwh.ingest_orders
+# (with the grant option, and passed on by the loader), an analyst's on
+# dwh.verify() and on the dead letters.  dwh.ingest_orders is dropped and
+# created again by the update.
+$node->safe_psql(
+	'a', q{
+CREATE ROLE regress_loader;
+CREATE ROLE regress_subloader;
+CREATE ROLE regress_reader;
+GRANT USAGE ON SCHEMA dwh TO regress_loader, regress_reader;
+GRANT EXECUTE ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[])
+    TO regress_loader WITH GRANT OPTION;
+SET ROLE regress_loader;
+GRANT EXECUTE ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[])
+    TO regress_subloader;
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION dwh.verify() TO regress_reader;
+GRANT SELECT ON dwh.dead_letters TO regress_reader;
+});
+my $dba_grants = q{
+SELECT p.oid::regprocedure || ' ' || p.proacl::text FROM pg_proc p
+WHERE p.oid IN ('dwh.ingest_orders(bytea[], text, integer[], bigint[])'::regprocedure,
+                'dwh.verify()'::regprocedure)
+UNION ALL
+SELECT 'dwh.dead_letters ' || relacl::text FROM pg_class
+WHERE oid = 'dwh.dead_letters'::regclass
+ORDER BY 1};
+my $dba_grants_1_0 = $node->safe_psql('a', $dba_grants);
 my $lock_key = '7238964021746305793';
 is($node->safe_psql('a', 'SELECT dwh.dictionary_lock_key()'),
 	$lock_key, "1.0's dictionary lock key");
@@ -273,15 +304,20 @@ WHERE s.load_dt < c.load_dt}),
 # Every row of the tables that hold what was received and of the
 # operational tables, all columns (ids and load times too), and the
 # sequences.
+# The columns that 1.1 added are left out: the update fills them.
+my %added_in_1_1 = (
+	'stg.other_events' => "'source', 'raw_sha256', 'position_mismatch'",
+	'dwh.dead_letters' => "'raw_length', 'raw_sha256', 'position_mismatch'");
 sub full_fingerprint
 {
 	my ($db, $table) = @_;
 	return $node->safe_psql($db, "SELECT last_value || ' ' || is_called FROM $table")
 	  if $table =~ /_seq$/;
+	my $added = $added_in_1_1{$table} // "''";
 	return $node->safe_psql(
 		$db, qq{
 SELECT count(*) || ' ' || md5(coalesce(string_agg(r, E'\\n' ORDER BY r), ''))
-FROM (SELECT to_jsonb(t)::text AS r FROM $table t) s});
+FROM (SELECT (to_jsonb(t) - ARRAY[$added])::text AS r FROM $table t) s});
 }
 my @kept = (
 	'stg.order_events', 'stg.other_events', 'stg.users', 'stg.restaurants',
@@ -357,6 +393,34 @@ for my $t (@kept)
 {
 	is(full_fingerprint('a', $t), $kept_before{$t}, "$t: every row kept as it was");
 }
+# The columns 1.1 added, filled for the rows of 1.0: a message with a
+# Kafka offset taken for the worker's, one without for a SQL caller's, the
+# hash of the message's text (its bytes were not kept); a dead letter's
+# length and hash from its whole value.
+is( $node->safe_psql(
+		'a', q{
+SELECT string_agg(concat_ws(' ', object_id, source,
+                            raw_sha256 = sha256(convert_to(message::text, 'UTF8')),
+                            position_mismatch), ', ' ORDER BY object_id)
+FROM stg.other_events}),
+	'7 kafka t f, 8 sql t f',
+	'stg.other_events: source, raw_sha256 and position_mismatch filled for the rows of 1.0');
+is( $node->safe_psql(
+		'a', q{
+SELECT string_agg(concat_ws(' ', raw_length, raw_sha256 = sha256(raw), position_mismatch),
+                  ', ' ORDER BY id)
+FROM dwh.dead_letters}),
+	'9 t f',
+	'dwh.dead_letters: raw_length, raw_sha256 and position_mismatch filled for the rows of 1.0');
+
+# What DBAs granted is kept, dwh.ingest_orders dropped and created again
+# included, each grant by its grantor.
+is($node->safe_psql('a', $dba_grants), $dba_grants_1_0, 'the grants of DBAs are kept');
+like(
+	$node->safe_psql('a', $dba_grants),
+	qr/^dwh\.ingest_orders\(bytea\[\],text,integer\[\],bigint\[\]\) \{postgres=X\/postgres,regress_loader=X\*\/postgres,regress_subloader=X\/regress_loader\}$/m,
+	'dwh.ingest_orders: the loader with its grant option, and the grant it passed on');
+
 is( $node->safe_psql(
 		'a', q{
 SELECT count(*) FROM load.redis_wanted b
@@ -421,6 +485,69 @@ for my $c (@stg_copy)
 		"COPY (SELECT $columns FROM $table ORDER BY $columns) TO '$dir/$table.copy'");
 	$node->safe_psql('b', "COPY $table ($columns) FROM '$dir/$table.copy'");
 }
+
+# Rows written in 1.0's shape, without the columns 1.1 added (the copy of
+# stg.other_events above, and dead letters here): a BEFORE INSERT trigger
+# fills them as the update filled a's.
+my $dead_letter_columns =
+  'source, topic, kafka_partition, kafka_offset, source_key, raw, reason, sqlstate';
+$node->safe_psql('a',
+	"COPY (SELECT $dead_letter_columns FROM dwh.dead_letters ORDER BY id) TO '$dir/dead_letters.copy'"
+);
+$node->safe_psql('b',
+	"COPY dwh.dead_letters ($dead_letter_columns) FROM '$dir/dead_letters.copy'");
+my $filled = q{
+SELECT string_agg(r, E'\n' ORDER BY r) FROM (
+    SELECT (to_jsonb(t) - ARRAY['id', 'received_at'])::text AS r FROM stg.other_events t
+    UNION ALL
+    SELECT (to_jsonb(t) - ARRAY['id', 'received_at'])::text FROM dwh.dead_letters t) s};
+is($node->safe_psql('b', $filled), $node->safe_psql('a', $filled),
+	'other events and dead letters written in 1.0\'s shape into 1.1 equal the updated ones');
+
+# The initial privileges (what pg_dump leaves out) are a fresh install's:
+# the grants of DBAs are not taken for dwh's own, and a dump taken after
+# the update keeps them.
+my $init_privs = q{
+SELECT string_agg(concat_ws(' ', (i).type, (i).identity, p.initprivs::text), E'\n'
+                  ORDER BY (i).type, (i).identity)
+FROM (SELECT pg_identify_object(classoid, objoid, objsubid) AS i, initprivs
+      FROM pg_init_privs WHERE privtype = 'e') p
+WHERE (i).schema IN ('dwh', 'stg', 'dds', 'cdm')};
+is($node->safe_psql('a', $init_privs), $node->safe_psql('b', $init_privs),
+	'the initial privileges of the updated database are a fresh install\'s');
+like(
+	$node->safe_psql('a', $init_privs),
+	qr/^function dwh\.ingest_orders\(pg_catalog\.bytea\[\],pg_catalog\.text,integer\[\],bigint\[\]\) \{postgres=X\/postgres\}$/m,
+	'dwh.ingest_orders: the owner\'s alone');
+$node->command_ok(
+	[ 'pg_dump', '-s', '-f', "$dir/a-1.1-schema.sql", '-d', 'a' ],
+	'pg_dump of the updated warehouse');
+my $dumped = slurp_file("$dir/a-1.1-schema.sql");
+like(
+	$dumped,
+	qr/GRANT ALL ON FUNCTION dwh\.ingest_orders\(.*\) TO regress_loader WITH GRANT OPTION;/,
+	'a dump taken after the update keeps the grant on dwh.ingest_orders');
+like($dumped, qr/GRANT ALL ON FUNCTION dwh\.verify\(\) TO regress_reader;/,
+	'and the grant on a function the update did not recreate');
+like($dumped, qr/GRANT SELECT ON TABLE dwh\.dead_letters TO regress_reader;/,
+	'and on a table');
+
+# The catalogs are compared without the grants of DBAs, which b lacks
+# (schema dwh's list of privileges, no longer empty once granted, is made
+# the same in b).
+$node->safe_psql(
+	'a', q{
+REVOKE ALL ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[])
+    FROM regress_loader CASCADE;
+REVOKE ALL ON FUNCTION dwh.verify() FROM regress_reader;
+REVOKE ALL ON dwh.dead_letters FROM regress_reader;
+REVOKE USAGE ON SCHEMA dwh FROM regress_loader, regress_reader;
+});
+$node->safe_psql(
+	'b', q{
+GRANT USAGE ON SCHEMA dwh TO regress_reader;
+REVOKE USAGE ON SCHEMA dwh FROM regress_reader;
+});
 
 # The catalog of the extension's objects, one line per property:
 # object, property, value (as JSON, so one line each).
@@ -689,6 +816,50 @@ for my $t ((split / /, $tables), 'dwh_update_1_1.vault_differences')
 	is(data_fingerprint('c', $t), data_fingerprint('a', $t),
 		"$t: the restored and updated 1.0 dump equals a");
 }
+
+# A 1.0 dump's other events and dead letters restored with --data-only
+# into a fresh 1.1: its COPY names 1.0's columns only, and the rows are
+# those of the update, ids and times included.
+$node->safe_psql('postgres', 'CREATE DATABASE d');
+$node->safe_psql('d', 'CREATE EXTENSION dwh');
+$node->command_ok(
+	[
+		'pg_restore', '--data-only', '-n', 'stg', '-n', 'dwh',
+		'-t', 'other_events', '-t', 'dead_letters',
+		'-d', 'd', "$dir/a-1.0.dump"
+	],
+	'pg_restore --data-only of the 1.0 dump\'s other events and dead letters into 1.1');
+for my $t ('stg.other_events', 'dwh.dead_letters')
+{
+	my $all = qq{
+SELECT count(*) || ' ' || md5(coalesce(string_agg(r, E'\\n' ORDER BY r), ''))
+FROM (SELECT to_jsonb(t)::text AS r FROM $t t) s};
+	is($node->safe_psql('d', $all), $node->safe_psql('a', $all),
+		"$t: the 1.0 dump's rows restored into 1.1 equal the updated ones");
+}
+
+# 1.0 let a message repeat at a position named without a topic; 1.1's
+# unique indexes cannot be built over such repeats, and the update removes
+# no row of what was received: it stops, says which, and goes through once
+# the repeat is deleted.
+$node->safe_psql('postgres', 'CREATE DATABASE e');
+$node->safe_psql(
+	'e', q{
+CREATE EXTENSION dwh VERSION '1.0';
+INSERT INTO dwh.dead_letters (source, topic, kafka_partition, kafka_offset, raw, reason, sqlstate)
+SELECT 'sql', NULL, 0, 5, convert_to('[not json', 'UTF8'), 'not JSON', '22032'
+FROM generate_series(1, 2);
+});
+($ret, $out, $err) = $node->psql('e', 'ALTER EXTENSION dwh UPDATE');
+isnt($ret, 0, 'a 1.0 database with a repeated message at a position is not updated');
+like(
+	$err,
+	qr/ERROR:  cannot update dwh to 1\.1: a message is stored more than once at the same Kafka position\nDETAIL:  0 messages of stg\.other_events and 1 of dwh\.dead_letters are stored more than once.*\nHINT:  Delete all but the first row \(lowest id\) of each, then run ALTER EXTENSION dwh UPDATE again\./s,
+	'the update says why and what to do');
+$node->safe_psql('e', 'DELETE FROM dwh.dead_letters WHERE id = 2');
+$node->safe_psql('e', 'ALTER EXTENSION dwh UPDATE');
+is($node->safe_psql('e', q{SELECT extversion FROM pg_extension WHERE extname = 'dwh'}),
+	$version, 'without the repeat it is');
 
 for my $t ('stg.order_events', 'stg.users', 'stg.restaurants', 'dds.s_order_status',
 	'dds.s_product_names', 'dds.l_product_category', 'cdm.user_product_counters',
