@@ -216,12 +216,22 @@ forget_gaps(const int32 *partitions, int n)
 	n_pending_gaps = kept;
 }
 
-/* Keep an offset out of range for serve_gaps(); one per partition. */
+/*
+ * Keep an offset out of range for serve_gaps(); one per partition, and
+ * only for partitions still ours (an error may outlive an assignment).
+ */
 static void
 add_gap(const DwhKafkaEvent *ev)
 {
+	int32	   *owned;
+	int			n_owned = dwh_kafka_consumer_assignment(consumer, &owned);
 	int			i;
 
+	for (i = 0; i < n_owned; i++)
+		if (owned[i] == ev->partition)
+			break;
+	if (i == n_owned)
+		return;
 	if (pending_gaps == NULL)
 		pending_gaps = MemoryContextAlloc(TopMemoryContext,
 										  sizeof(PendingGap) * DWH_MAX_PARTITIONS);
