@@ -1,5 +1,6 @@
--- Kafka: the offsets applied, stored in the transaction of each batch, and
--- the status of the workers.
+-- Kafka: the offsets applied, stored in the transaction of each batch, the
+-- gaps (offsets the broker no longer held when they were due), and the
+-- status of the workers.
 
 CREATE TABLE dwh.kafka_offsets (
     topic           text NOT NULL,
@@ -16,13 +17,45 @@ COMMENT ON COLUMN dwh.kafka_offsets.next_offset IS 'Offset of the first message 
 COMMENT ON COLUMN dwh.kafka_offsets.seek_requested IS 'Set by dwh.kafka_seek(): the owning worker must move to next_offset';
 COMMENT ON COLUMN dwh.kafka_offsets.updated_at IS 'When the row last changed';
 
+-- A gap is written in the transaction that moves the partition's stored
+-- offset past it (dwh.kafka_on_gap = skip), or open, stopping the
+-- partition, until dwh.kafka_seek() moves it (stop): never twice, never lost.
+CREATE TABLE dwh.kafka_gaps (
+    id               bigserial PRIMARY KEY,
+    topic            text NOT NULL,
+    kafka_partition  integer NOT NULL,
+    next_offset      bigint NOT NULL,
+    log_start_offset bigint NOT NULL,
+    log_end_offset   bigint NOT NULL,
+    action           text NOT NULL CHECK (action IN ('skipped', 'stopped')),
+    detected_at      timestamptz NOT NULL DEFAULT now(),
+    resumed_offset   bigint,
+    resumed_at       timestamptz,
+    CHECK ((resumed_offset IS NULL) = (resumed_at IS NULL))
+);
+-- At most one open gap per partition: it is what stops the partition.
+CREATE UNIQUE INDEX kafka_gaps_open_idx ON dwh.kafka_gaps (topic, kafka_partition)
+    WHERE resumed_at IS NULL;
+CREATE INDEX kafka_gaps_partition_idx ON dwh.kafka_gaps (topic, kafka_partition, detected_at);
+COMMENT ON TABLE dwh.kafka_gaps IS 'Kafka messages lost before they were applied: each time the broker no longer held a partition''s stored offset (retention, deleted records, a recreated topic)';
+COMMENT ON COLUMN dwh.kafka_gaps.id IS 'Surrogate row number';
+COMMENT ON COLUMN dwh.kafka_gaps.topic IS 'Kafka topic';
+COMMENT ON COLUMN dwh.kafka_gaps.kafka_partition IS 'Partition number';
+COMMENT ON COLUMN dwh.kafka_gaps.next_offset IS 'The stored offset of the first message not applied, which the broker no longer held: offsets next_offset to log_start_offset - 1 were never applied';
+COMMENT ON COLUMN dwh.kafka_gaps.log_start_offset IS 'The first offset the broker held (its low watermark); below next_offset when the log ends before next_offset (topic recreated or truncated)';
+COMMENT ON COLUMN dwh.kafka_gaps.log_end_offset IS 'The offset of the broker''s next message (its high watermark)';
+COMMENT ON COLUMN dwh.kafka_gaps.action IS 'What the worker did (dwh.kafka_on_gap): skipped (went on from log_start_offset) or stopped (consumed nothing more from the partition until dwh.kafka_seek())';
+COMMENT ON COLUMN dwh.kafka_gaps.detected_at IS 'When the worker found the gap';
+COMMENT ON COLUMN dwh.kafka_gaps.resumed_offset IS 'Where consumption went on: log_start_offset when skipped, the offset given to dwh.kafka_seek() when stopped; NULL while the partition is stopped';
+COMMENT ON COLUMN dwh.kafka_gaps.resumed_at IS 'When consumption went on; NULL while the partition is stopped';
+
 CREATE FUNCTION dwh.kafka_seek(kafka_partition integer, next_offset bigint,
                                topic text DEFAULT NULL)
     RETURNS void
     AS 'MODULE_PATHNAME', 'dwh_kafka_seek'
     LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION dwh.kafka_seek(integer, bigint, text) IS
-    'Rewind (replay) or skip a partition of the order topic (default dwh.kafka_topic): the next message applied from it is the one at next_offset';
+    'Rewind (replay) or skip a partition of the order topic (default dwh.kafka_topic): the next message applied from it is the one at next_offset; a partition stopped at a gap goes on from there';
 
 CREATE FUNCTION dwh.worker_status(
         OUT worker text, OUT pid integer, OUT started_at timestamptz,
@@ -57,7 +90,11 @@ SELECT coalesce(o.topic, w.topic) AS topic,
        w.high_watermark,
        greatest(w.high_watermark - coalesce(o.next_offset, w.low_watermark), 0) AS lag,
        o.updated_at AS stored_at,
-       w.observed_at AS watermark_at
+       w.observed_at AS watermark_at,
+       w.low_watermark,
+       coalesce(g.stopped, false) AS stopped,
+       coalesce(g.gaps, 0) AS gaps,
+       g.last_gap_at
 FROM dwh.kafka_offsets o
 FULL JOIN dwh.kafka_watermarks() w
        ON w.topic = o.topic AND w.kafka_partition = o.kafka_partition
@@ -65,9 +102,17 @@ LEFT JOIN (SELECT s.worker, p.p
            FROM dwh.worker_status() s, unnest(s.partitions) AS p(p)
            WHERE s.pid IS NOT NULL) owner
        ON owner.p = coalesce(o.kafka_partition, w.kafka_partition)
-      AND coalesce(o.topic, w.topic) = current_setting('dwh.kafka_topic');
+      AND coalesce(o.topic, w.topic) = current_setting('dwh.kafka_topic')
+LEFT JOIN LATERAL (
+    SELECT count(*) AS gaps,
+           max(kg.detected_at) AS last_gap_at,
+           bool_or(kg.resumed_at IS NULL) AS stopped
+    FROM dwh.kafka_gaps kg
+    WHERE kg.topic = coalesce(o.topic, w.topic)
+      AND kg.kafka_partition = coalesce(o.kafka_partition, w.kafka_partition)
+) g ON true;
 COMMENT ON VIEW dwh.kafka_partitions IS
-    'Per Kafka partition: the worker owning it, the offset stored in the database, the broker''s high watermark and the lag between them';
+    'Per Kafka partition: the worker owning it, the offset stored in the database, the broker''s watermarks and the lag, whether it is stopped at a gap, and its gaps (dwh.kafka_gaps)';
 
 CREATE VIEW dwh.status AS
 SELECT s.worker, s.pid, s.state, s.state_since,
@@ -76,19 +121,25 @@ SELECT s.worker, s.pid, s.state, s.state_since,
        p.lag,
        p.partition_offsets,
        s.keys_mirrored, s.keys_missing, s.refreshes, s.changes_found,
-       s.last_error, s.last_error_at, s.started_at
+       s.last_error, s.last_error_at, s.started_at,
+       p.gaps, p.stopped_partitions
 FROM dwh.worker_status() s
 LEFT JOIN LATERAL (
     SELECT sum(k.lag)::bigint AS lag,
            jsonb_agg(jsonb_build_object('partition', k.kafka_partition,
                                         'stored_offset', k.stored_offset,
                                         'high_watermark', k.high_watermark,
-                                        'lag', k.lag)
-                     ORDER BY k.kafka_partition) AS partition_offsets
+                                        'lag', k.lag,
+                                        'stopped', k.stopped,
+                                        'gaps', k.gaps)
+                     ORDER BY k.kafka_partition) AS partition_offsets,
+           sum(k.gaps)::bigint AS gaps,
+           array_agg(k.kafka_partition ORDER BY k.kafka_partition)
+               FILTER (WHERE k.stopped) AS stopped_partitions
     FROM dwh.kafka_partitions k
     WHERE k.topic = current_setting('dwh.kafka_topic')
       AND k.kafka_partition = ANY (s.partitions)
 ) p ON true
 ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
-    'One row per background worker: its state, partitions, throughput counters, lag, and last error';
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one';

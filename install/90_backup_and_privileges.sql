@@ -19,6 +19,8 @@ SELECT pg_catalog.pg_extension_config_dump('stg.restaurant_history', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.dead_letters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_offsets', '');
+SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps', '');
+SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.redis_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.redis_wanted', '');
 

@@ -13,10 +13,12 @@ SHOW dwh.kafka_batch_size;
 SHOW dwh.kafka_batch_wait;
 SHOW dwh.kafka_prefetch_memory;
 SHOW dwh.kafka_start_offset;
+SHOW dwh.kafka_on_gap;
 
 -- Options: librdkafka checks each property; dwh's own are refused with a hint.
 ALTER SYSTEM SET dwh.kafka_options = 'bootstrap.servers=localhost:9092';
 ALTER SYSTEM SET dwh.kafka_options = 'enable.auto.commit=true';
+ALTER SYSTEM SET dwh.kafka_options = 'auto.offset.reset=earliest';
 ALTER SYSTEM SET dwh.kafka_options = 'no.such.property=1';
 ALTER SYSTEM SET dwh.kafka_options = 'session.timeout.ms=soon';
 ALTER SYSTEM SET dwh.kafka_options = 'sasl.password';
@@ -47,6 +49,29 @@ SELECT topic, kafka_partition, worker, stored_offset, high_watermark, lag
 FROM dwh.kafka_partitions;
 SELECT dwh.kafka_seek(-1, 0);
 SELECT dwh.kafka_seek(0, -5);
+ALTER SYSTEM SET dwh.kafka_on_gap = 'pause';
+
+-- A gap recorded open (dwh.kafka_on_gap = stop, as a worker writes it)
+-- stops its partition, at most one per partition, until dwh.kafka_seek()
+-- moves the partition: that closes the gap.  (The workers against a real
+-- broker: test/t/017_kafka_gaps.pl.)
+INSERT INTO dwh.kafka_gaps (topic, kafka_partition, next_offset, log_start_offset,
+                            log_end_offset, action)
+VALUES ('order-service_orders', 3, 40, 100, 150, 'stopped');
+INSERT INTO dwh.kafka_gaps (topic, kafka_partition, next_offset, log_start_offset,
+                            log_end_offset, action)
+VALUES ('order-service_orders', 3, 40, 120, 150, 'stopped');
+SELECT kafka_partition, stored_offset, stopped, gaps, last_gap_at IS NOT NULL AS has_gap
+FROM dwh.kafka_partitions;
+SELECT dwh.kafka_seek(3, 100);
+SELECT kafka_partition, next_offset, log_start_offset, log_end_offset, action,
+       resumed_offset, resumed_at IS NOT NULL AS resumed
+FROM dwh.kafka_gaps;
+SELECT kafka_partition, stored_offset, stopped, gaps FROM dwh.kafka_partitions;
+SELECT topic, kafka_partition, next_offset, seek_requested FROM dwh.kafka_offsets;
+-- A seek of a partition that is not stopped leaves its closed gaps alone.
+SELECT dwh.kafka_seek(3, 120);
+SELECT kafka_partition, resumed_offset FROM dwh.kafka_gaps;
 
 -- Options are for superusers only; the views and the seek need a grant.
 CREATE ROLE regress_dwh_monitor;

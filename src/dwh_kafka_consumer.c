@@ -16,6 +16,15 @@
  * dwh_kafka_consumer_assign().  Offsets committed to Kafka are for
  * monitoring tools only.
  *
+ * A stored offset the broker no longer holds (retention deleted messages
+ * not applied yet, or the topic was recreated) is never skipped silently:
+ * auto.offset.reset is "error", so librdkafka stops fetching the partition
+ * and reports DWH_KAFKA_OUT_OF_RANGE, and the worker records the gap and
+ * decides where to go on (dwh.kafka_on_gap).  A partition stopped in this
+ * state cannot be moved by a seek (librdkafka refuses to seek a partition
+ * that is not fetching): it is assigned again, and a partition that must
+ * stay stopped is paused.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -56,6 +65,9 @@ struct DwhKafkaConsumer
 	/* Partitions owned now, sorted. */
 	int			n_assigned;
 	int32	   *assigned;
+	/* Those of them paused because they are stopped at a gap, sorted. */
+	int			n_stopped;
+	int32	   *stopped;
 	/* For log lines that librdkafka repeats while a broker is down. */
 	char		last_log[256];
 	TimestampTz last_log_at;
@@ -87,8 +99,13 @@ make_conf(int worker_index, char *error, size_t error_size)
 	conf_set(conf, "enable.auto.offset.store", "false");
 	conf_set(conf, "enable.partition.eof", "false");
 	conf_set(conf, "log.queue", "true");
-	conf_set(conf, "auto.offset.reset",
-			 dwh_kafka_start_offset == DWH_KAFKA_START_LATEST ? "latest" : "earliest");
+	/*
+	 * Partitions are always assigned at an explicit offset (stored, or the
+	 * beginning or end for dwh.kafka_start_offset), so this only says what
+	 * happens to an offset the broker no longer holds: report it, never reset
+	 * silently.
+	 */
+	conf_set(conf, "auto.offset.reset", "error");
 
 	/* Prefetch bound: the local queue, plus one fetch response in flight. */
 	conf_set(conf, "queued.max.messages.kbytes",
@@ -286,6 +303,8 @@ dwh_kafka_consumer_destroy(DwhKafkaConsumer *c)
 	close(c->pipe_write);
 	if (c->assigned)
 		pfree(c->assigned);
+	if (c->stopped)
+		pfree(c->stopped);
 	pfree(c->topic);
 	pfree(c);
 }
@@ -334,6 +353,39 @@ list_partitions(DwhKafkaConsumer *c, rd_kafka_topic_partition_list_t *list,
 			parts[(*n)++] = list->elems[i].partition;
 	qsort(parts, *n, sizeof(int32), compare_int32);
 	return parts;
+}
+
+/*
+ * Fill event from a partition's "offset out of range" error (librdkafka
+ * raises it with auto.offset.reset=error, and stops fetching the
+ * partition).  The watermarks are those of the fetch response that failed,
+ * when the broker sent them.  Returns false if the error names no
+ * partition; event->kind stays DWH_KAFKA_NOTHING for another topic's.
+ */
+static bool
+out_of_range(DwhKafkaConsumer *c, rd_kafka_event_t *ev, DwhKafkaEvent *event)
+{
+	rd_kafka_topic_partition_t *tp = rd_kafka_event_topic_partition(ev);
+	int64_t		low = -1;
+	int64_t		high = -1;
+
+	if (tp == NULL)
+		return false;
+	if (strcmp(tp->topic, c->topic) == 0)
+	{
+		event->kind = DWH_KAFKA_OUT_OF_RANGE;
+		event->partition = tp->partition;
+		event->offset = tp->offset;
+		if (rd_kafka_get_watermark_offsets(c->rk, c->topic, tp->partition,
+										   &low, &high) != RD_KAFKA_RESP_ERR_NO_ERROR)
+			low = high = -1;
+		event->low = low;
+		event->high = high;
+		snprintf(event->error, sizeof(event->error), "%s",
+				 rd_kafka_event_error_string(ev));
+	}
+	rd_kafka_topic_partition_destroy(tp);
+	return true;
 }
 
 /*
@@ -404,6 +456,14 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				return;
 
 			case RD_KAFKA_EVENT_ERROR:
+				if (rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET &&
+					out_of_range(c, ev, event))
+				{
+					rd_kafka_event_destroy(ev);
+					if (event->kind == DWH_KAFKA_NOTHING)
+						break;	/* another topic's: not ours to serve */
+					return;
+				}
 				event->kind = rd_kafka_event_error_is_fatal(ev) ?
 					DWH_KAFKA_FATAL : DWH_KAFKA_ERROR;
 				event->broker_down =
@@ -491,19 +551,107 @@ set_assigned(DwhKafkaConsumer *c, int32 *parts, int n)
 }
 
 /*
+ * A list of our topic's partitions, each at offsets[i] (negative: no stored
+ * offset, start as dwh.kafka_start_offset says).
+ */
+static rd_kafka_topic_partition_list_t *
+make_list(DwhKafkaConsumer *c, const int32 *parts, const int64 *offsets, int n)
+{
+	rd_kafka_topic_partition_list_t *list;
+	int			i;
+
+	list = rd_kafka_topic_partition_list_new(Max(n, 1));
+	for (i = 0; i < n; i++)
+	{
+		rd_kafka_topic_partition_t *tp;
+
+		tp = rd_kafka_topic_partition_list_add(list, c->topic, parts[i]);
+		if (offsets[i] >= 0)
+			tp->offset = offsets[i];
+		else
+			tp->offset = dwh_kafka_start_offset == DWH_KAFKA_START_LATEST ?
+				RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
+	}
+	return list;
+}
+
+static bool
+contains(const int32 *parts, int n, int32 p)
+{
+	return bsearch(&p, parts, n, sizeof(int32), compare_int32) != NULL;
+}
+
+/*
+ * Pause the partitions among parts that are stopped at a gap, resume the
+ * others (a pause outlives an assignment in librdkafka), and remember
+ * which are stopped.  Must follow the assignment that started them: the
+ * pause then takes effect before their first fetch.
+ */
+static void
+set_stopped(DwhKafkaConsumer *c, const int32 *parts, const bool *stopped, int n)
+{
+	rd_kafka_topic_partition_list_t *pause = rd_kafka_topic_partition_list_new(Max(n, 1));
+	rd_kafka_topic_partition_list_t *resume = rd_kafka_topic_partition_list_new(Max(n, 1));
+	MemoryContext old;
+	int32	   *now;
+	int			n_now = 0;
+	int			i;
+
+	for (i = 0; i < n; i++)
+		rd_kafka_topic_partition_list_add(stopped[i] ? pause : resume,
+										  c->topic, parts[i]);
+	if (pause->cnt > 0)
+		(void) rd_kafka_pause_partitions(c->rk, pause);
+	if (resume->cnt > 0)
+		(void) rd_kafka_resume_partitions(c->rk, resume);
+	rd_kafka_topic_partition_list_destroy(pause);
+	rd_kafka_topic_partition_list_destroy(resume);
+
+	/* (the stopped ones not in parts) + (those of parts stopped now) */
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	now = palloc(sizeof(int32) * (c->n_stopped + n + 1));
+	MemoryContextSwitchTo(old);
+	for (i = 0; i < c->n_stopped; i++)
+		if (!contains(parts, n, c->stopped[i]))
+			now[n_now++] = c->stopped[i];
+	for (i = 0; i < n; i++)
+		if (stopped[i])
+			now[n_now++] = parts[i];
+	qsort(now, n_now, sizeof(int32), compare_int32);
+	if (c->stopped)
+		pfree(c->stopped);
+	c->stopped = now;
+	c->n_stopped = n_now;
+}
+
+/* Forget that these partitions are stopped: they are no longer ours. */
+static void
+forget_stopped(DwhKafkaConsumer *c, const int32 *parts, int n)
+{
+	int			kept = 0;
+	int			i;
+
+	for (i = 0; i < c->n_stopped; i++)
+		if (!contains(parts, n, c->stopped[i]))
+			c->stopped[kept++] = c->stopped[i];
+	c->n_stopped = kept;
+}
+
+/*
  * dwh_kafka_consumer_assign
  *		Take the partitions of the pending DWH_KAFKA_ASSIGN, starting each at
  *		offsets[i] (same order as the event's sorted partitions; negative:
- *		no stored offset, start as dwh.kafka_start_offset says).
+ *		no stored offset, start as dwh.kafka_start_offset says); those with
+ *		stopped[i] are paused.
  */
 void
-dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets)
+dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets,
+						  const bool *stopped)
 {
 	rd_kafka_topic_partition_list_t *list;
 	int32	   *parts;
 	int			n;
 	int			i;
-	int			j;
 	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
 
 	Assert(c->pending != NULL);
@@ -513,18 +661,7 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets)
 	 * Only partitions of our topic, each at its stored offset: after a
 	 * topic change the group may still hand out the old topic's.
 	 */
-	list = rd_kafka_topic_partition_list_new(Max(n, 1));
-	for (j = 0; j < n; j++)
-	{
-		rd_kafka_topic_partition_t *tp;
-
-		tp = rd_kafka_topic_partition_list_add(list, c->topic, parts[j]);
-		if (offsets[j] >= 0)
-			tp->offset = offsets[j];
-		else
-			tp->offset = dwh_kafka_start_offset == DWH_KAFKA_START_LATEST ?
-				RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING;
-	}
+	list = make_list(c, parts, offsets, n);
 
 	if (c->cooperative)
 	{
@@ -555,12 +692,114 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets)
 					(errmsg("Kafka consumer %d: could not assign partitions: %s",
 							c->worker_index, rd_kafka_err2str(err))));
 		set_assigned(c, parts, n);
+		c->n_stopped = 0;
 	}
+	set_stopped(c, parts, stopped, n);
 	report_rebalance(c, "assigned", parts, n);
 
 	rd_kafka_topic_partition_list_destroy(list);
 	rd_kafka_topic_partition_list_destroy(c->pending);
 	c->pending = NULL;
+}
+
+/*
+ * dwh_kafka_consumer_reassign
+ *		Start every owned partition again at offsets[i] (same order as
+ *		dwh_kafka_consumer_assignment(); negative as for assign), pausing
+ *		those with stopped[i].  The way to move a partition that hit an
+ *		offset out of range, which librdkafka will not seek; what was
+ *		fetched and not yet polled is fetched again.
+ */
+void
+dwh_kafka_consumer_reassign(DwhKafkaConsumer *c, const int64 *offsets,
+							const bool *stopped)
+{
+	rd_kafka_topic_partition_list_t *list;
+
+	if (c->n_assigned == 0)
+		return;
+	list = make_list(c, c->assigned, offsets, c->n_assigned);
+	if (c->cooperative)
+	{
+		rd_kafka_error_t *e = rd_kafka_incremental_unassign(c->rk, list);
+
+		if (e == NULL)
+			e = rd_kafka_incremental_assign(c->rk, list);
+		if (e)
+		{
+			ereport(WARNING,
+					(errmsg("could not assign Kafka partitions %s again: %s",
+							format_partitions(c->assigned, c->n_assigned),
+							rd_kafka_error_string(e))));
+			rd_kafka_error_destroy(e);
+		}
+	}
+	else
+	{
+		rd_kafka_resp_err_t err = rd_kafka_assign(c->rk, list);
+
+		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+			ereport(WARNING,
+					(errmsg("could not assign Kafka partitions %s again: %s",
+							format_partitions(c->assigned, c->n_assigned),
+							rd_kafka_err2str(err))));
+	}
+	set_stopped(c, c->assigned, stopped, c->n_assigned);
+	rd_kafka_topic_partition_list_destroy(list);
+	ereport(LOG,
+			(errmsg("Kafka partitions %s assigned again at their stored offsets, stopped: %s",
+					format_partitions(c->assigned, c->n_assigned),
+					format_partitions(c->stopped, c->n_stopped))));
+}
+
+/*
+ * dwh_kafka_consumer_stop
+ *		Keep an owned partition that hit an offset out of range stopped
+ *		(librdkafka stopped fetching it): pause it, so that no assignment
+ *		starts it again, until dwh_kafka_consumer_reassign() says otherwise.
+ */
+void
+dwh_kafka_consumer_stop(DwhKafkaConsumer *c, int32 partition)
+{
+	bool		stopped = true;
+
+	set_stopped(c, &partition, &stopped, 1);
+}
+
+/*
+ * dwh_kafka_consumer_is_stopped
+ *		Is this owned partition paused at a gap?
+ */
+bool
+dwh_kafka_consumer_is_stopped(DwhKafkaConsumer *c, int32 partition)
+{
+	return contains(c->stopped, c->n_stopped, partition);
+}
+
+/*
+ * dwh_kafka_consumer_query_watermarks
+ *		Ask the partition's leader for its first and next offsets.  Blocks
+ *		for at most a few seconds; on failure returns false with the reason.
+ */
+bool
+dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
+									int64 *low, int64 *high,
+									char *error, size_t error_size)
+{
+	int64_t		lo = -1;
+	int64_t		hi = -1;
+	rd_kafka_resp_err_t err;
+
+	err = rd_kafka_query_watermark_offsets(c->rk, c->topic, partition,
+										   &lo, &hi, 3000);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		snprintf(error, error_size, "%s", rd_kafka_err2str(err));
+		return false;
+	}
+	*low = lo;
+	*high = hi;
+	return true;
 }
 
 /*
@@ -605,6 +844,9 @@ dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
 		rd_kafka_assign(c->rk, NULL);
 		c->n_assigned = 0;
 	}
+	forget_stopped(c, parts, n);
+	if (!c->cooperative)
+		c->n_stopped = 0;
 	report_rebalance(c, c->pending_lost ? "lost" : "revoked", parts, n);
 	rd_kafka_topic_partition_list_destroy(c->pending);
 	c->pending = NULL;

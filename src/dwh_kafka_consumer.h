@@ -16,6 +16,9 @@ typedef enum DwhKafkaEventKind
 	DWH_KAFKA_MESSAGE,
 	DWH_KAFKA_ASSIGN,			/* partitions given: look up their offsets */
 	DWH_KAFKA_REVOKE,			/* partitions taken away */
+	DWH_KAFKA_OUT_OF_RANGE,		/* the broker no longer holds a position:
+								 * the partition is not fetched until it is
+								 * reassigned */
 	DWH_KAFKA_ERROR,			/* librdkafka retries by itself */
 	DWH_KAFKA_FATAL				/* the consumer must be recreated */
 } DwhKafkaEventKind;
@@ -24,14 +27,18 @@ typedef struct DwhKafkaEvent
 {
 	DwhKafkaEventKind kind;
 	/* DWH_KAFKA_MESSAGE: a copy of the value, in the caller's context */
+	/* DWH_KAFKA_OUT_OF_RANGE: the offset that could not be fetched */
 	int32		partition;
 	int64		offset;
+	/* DWH_KAFKA_OUT_OF_RANGE: the broker's watermarks, -1 if unknown */
+	int64		low;
+	int64		high;
 	char	   *data;
 	int			len;
 	/* DWH_KAFKA_ASSIGN, DWH_KAFKA_REVOKE */
 	int			n_partitions;
 	int32	   *partitions;
-	/* DWH_KAFKA_ERROR, DWH_KAFKA_FATAL */
+	/* DWH_KAFKA_ERROR, DWH_KAFKA_FATAL, DWH_KAFKA_OUT_OF_RANGE */
 	bool		broker_down;
 	char		error[512];
 } DwhKafkaEvent;
@@ -45,7 +52,20 @@ extern void dwh_kafka_consumer_poll(DwhKafkaConsumer *consumer,
 extern void dwh_kafka_consumer_wait(DwhKafkaConsumer *consumer,
 									long timeout_ms);
 extern void dwh_kafka_consumer_assign(DwhKafkaConsumer *consumer,
-									  const int64 *offsets);
+									  const int64 *offsets,
+									  const bool *stopped);
+extern void dwh_kafka_consumer_reassign(DwhKafkaConsumer *consumer,
+										const int64 *offsets,
+										const bool *stopped);
+extern void dwh_kafka_consumer_stop(DwhKafkaConsumer *consumer,
+									int32 partition);
+extern bool dwh_kafka_consumer_is_stopped(DwhKafkaConsumer *consumer,
+										  int32 partition);
+extern bool dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *consumer,
+												int32 partition,
+												int64 *low, int64 *high,
+												char *error,
+												size_t error_size);
 extern void dwh_kafka_consumer_revoke(DwhKafkaConsumer *consumer);
 extern void dwh_kafka_consumer_seek(DwhKafkaConsumer *consumer,
 									int32 partition, int64 offset);

@@ -12,6 +12,13 @@
  * noticed it lost a partition), the second waits for the first to commit
  * and then skips what the first applied: a message is never applied twice.
  *
+ * A partition whose stored offset the broker no longer holds has a gap:
+ * dwh_kafka_offsets_gap() records it in dwh.kafka_gaps in the transaction
+ * that moves the stored offset past it, or, when dwh.kafka_on_gap is
+ * "stop", leaves the offset and records the gap as open: an open gap stops
+ * the partition until dwh.kafka_seek() moves it, which closes the gap.  So
+ * a gap is recorded exactly once, whatever crashes in between.
+ *
  * All functions here run inside the caller's transaction, with SPI.
  *
  *-------------------------------------------------------------------------
@@ -95,12 +102,19 @@ find_partition(const int32 *partitions, int n, int32 partition)
 	return -1;
 }
 
+/* Is the partition of row o stopped at a gap (SQL, for the queries)? */
+#define STOPPED_SQL \
+	"EXISTS (SELECT FROM dwh.kafka_gaps AS g " \
+	"        WHERE g.topic = o.topic AND g.kafka_partition = o.kafka_partition " \
+	"          AND g.resumed_at IS NULL)"
+
 /*
- * Read (partition, next_offset, seek_requested) rows of the last query
- * into arrays indexed like the sorted partitions.
+ * Read (partition, next_offset, stopped[, seek_requested]) rows of the
+ * last query into arrays indexed like the sorted partitions.
  */
 static void
-read_rows(const int32 *partitions, int n, int64 *next_offsets, bool *seek)
+read_rows(const int32 *partitions, int n, int64 *next_offsets, bool *stopped,
+		  bool *seek)
 {
 	uint64		r;
 
@@ -116,44 +130,53 @@ read_rows(const int32 *partitions, int n, int64 *next_offsets, bool *seek)
 		if (i < 0)
 			continue;
 		next_offsets[i] = isnull ? DWH_NO_OFFSET : DatumGetInt64(next);
+		if (stopped)
+			stopped[i] = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
 		if (seek)
-			seek[i] = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
+			seek[i] = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
 	}
 }
 
 /*
  * dwh_kafka_offsets_lookup
  *		The stored next offsets of the (sorted) partitions, DWH_NO_OFFSET
- *		where none is stored.  For a new assignment: a seek requested for
- *		these partitions is fulfilled by starting there, so it is cleared.
+ *		where none is stored, and whether each is stopped at a gap.  For a
+ *		new assignment: a seek requested for these partitions is fulfilled
+ *		by starting there, so it is cleared.
  */
 void
 dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions, int n,
-						 int64 *next_offsets)
+						 int64 *next_offsets, bool *stopped)
 {
 	int			i;
 
 	for (i = 0; i < n; i++)
+	{
 		next_offsets[i] = DWH_NO_OFFSET;
+		stopped[i] = false;
+	}
 	connect_spi();
 	run("UPDATE dwh.kafka_offsets SET seek_requested = false "
 		"WHERE topic = $1 AND kafka_partition = ANY ($2) AND seek_requested",
 		topic, partitions, n, SPI_OK_UPDATE);
-	run("SELECT kafka_partition, next_offset FROM dwh.kafka_offsets "
-		"WHERE topic = $1 AND kafka_partition = ANY ($2)",
+	run("SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL
+		" FROM dwh.kafka_offsets AS o "
+		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2)",
 		topic, partitions, n, SPI_OK_SELECT);
-	read_rows(partitions, n, next_offsets, NULL);
+	read_rows(partitions, n, next_offsets, stopped, NULL);
 	SPI_finish();
 }
 
 /*
  * dwh_kafka_offsets_lock
  *		Lock the rows of the (sorted) partitions of a batch, creating the
- *		missing ones, and return what they hold now.
+ *		missing ones, and return what they hold now, and whether each is
+ *		stopped at a gap.
  */
 void
 dwh_kafka_offsets_lock(const char *topic, const int32 *partitions, int n,
-					   int64 *next_offsets, bool *seek_requested)
+					   int64 *next_offsets, bool *seek_requested,
+					   bool *stopped)
 {
 	int			i;
 
@@ -161,17 +184,19 @@ dwh_kafka_offsets_lock(const char *topic, const int32 *partitions, int n,
 	{
 		next_offsets[i] = DWH_NO_OFFSET;
 		seek_requested[i] = false;
+		stopped[i] = false;
 	}
 	connect_spi();
 	run("INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
 		"SELECT $1, p FROM unnest($2::integer[]) AS p ORDER BY p "
 		"ON CONFLICT DO NOTHING",
 		topic, partitions, n, SPI_OK_INSERT);
-	run("SELECT kafka_partition, next_offset, seek_requested FROM dwh.kafka_offsets "
-		"WHERE topic = $1 AND kafka_partition = ANY ($2) "
-		"ORDER BY kafka_partition FOR UPDATE",
+	run("SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL ", o.seek_requested "
+		"FROM dwh.kafka_offsets AS o "
+		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2) "
+		"ORDER BY o.kafka_partition FOR UPDATE OF o",
 		topic, partitions, n, SPI_OK_SELECT);
-	read_rows(partitions, n, next_offsets, seek_requested);
+	read_rows(partitions, n, next_offsets, stopped, seek_requested);
 	SPI_finish();
 }
 
@@ -244,6 +269,105 @@ dwh_kafka_offsets_take_seeks(const char *topic, const int32 *partitions, int n,
 	return count;
 }
 
+/*
+ * dwh_kafka_offsets_gap
+ *		Serve an offset out of range of a partition: the broker reported
+ *		that it does not hold fetch_offset, and holds low to high - 1.  The
+ *		partition's row is locked, then:
+ *
+ *		- a seek requested meanwhile, or a gap already open (the partition
+ *		  is stopped), or a stored offset the broker holds after all (the
+ *		  error was stale): nothing to record, the partition is started again
+ *		  where its row says;
+ *		- otherwise the gap from the stored offset (fetch_offset if none is
+ *		  stored) to low is recorded, and with stop false the stored offset
+ *		  moves to low in the same transaction; with stop true it stays, and
+ *		  the open gap stops the partition.
+ *
+ *		Fills *gap (its next_offset is what was stored) and returns what was
+ *		done.
+ */
+DwhKafkaGapOutcome
+dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
+					  int64 low, int64 high, bool stop, DwhKafkaGap *gap)
+{
+	Oid			types[6] = {TEXTOID, INT4OID, INT8OID, INT8OID, INT8OID, TEXTOID};
+	Datum		args[6];
+	int			rc;
+	bool		isnull;
+	bool		seek;
+	bool		open;
+	int64		stored;
+	DwhKafkaGapOutcome outcome;
+
+	gap->next_offset = fetch_offset;
+	gap->log_start_offset = low;
+	gap->log_end_offset = high;
+
+	connect_spi();
+	run("INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
+		"SELECT $1, p FROM unnest($2::integer[]) AS p "
+		"ON CONFLICT DO NOTHING",
+		topic, &partition, 1, SPI_OK_INSERT);
+	run("SELECT o.next_offset, o.seek_requested, " STOPPED_SQL
+		" FROM dwh.kafka_offsets AS o "
+		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2) FOR UPDATE OF o",
+		topic, &partition, 1, SPI_OK_SELECT);
+	if (SPI_processed != 1)
+		elog(ERROR, "dwh.kafka_offsets has no row for partition %d of topic \"%s\"",
+			 partition, topic);
+	stored = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										 SPI_tuptable->tupdesc, 1, &isnull));
+	if (isnull)
+		stored = fetch_offset;
+	seek = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 2, &isnull));
+	open = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 3, &isnull));
+	gap->next_offset = stored;
+
+	if (seek)
+		outcome = DWH_GAP_MOVED;
+	else if (open)
+		outcome = DWH_GAP_STILL_STOPPED;
+	else if (stored < 0 || (stored >= low && stored <= high))
+		outcome = DWH_GAP_NONE;
+	else
+		outcome = stop ? DWH_GAP_STOPPED : DWH_GAP_SKIPPED;
+
+	if (outcome == DWH_GAP_SKIPPED || outcome == DWH_GAP_STOPPED)
+	{
+		args[0] = CStringGetTextDatum(topic);
+		args[1] = Int32GetDatum(partition);
+		args[2] = Int64GetDatum(stored);
+		args[3] = Int64GetDatum(low);
+		args[4] = Int64GetDatum(high);
+		args[5] = CStringGetTextDatum(stop ? "stopped" : "skipped");
+		rc = SPI_execute_with_args("INSERT INTO dwh.kafka_gaps "
+								   "  (topic, kafka_partition, next_offset, log_start_offset, "
+								   "   log_end_offset, action, resumed_offset, resumed_at) "
+								   "SELECT $1, $2, $3, $4, $5, $6, "
+								   "       CASE WHEN $6 = 'skipped' THEN $4 END, "
+								   "       CASE WHEN $6 = 'skipped' THEN pg_catalog.now() END",
+								   6, types, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not record the Kafka gap: %s",
+				 SPI_result_code_string(rc));
+	}
+	if (outcome == DWH_GAP_SKIPPED)
+	{
+		rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets "
+								   "SET next_offset = $4, updated_at = pg_catalog.now() "
+								   "WHERE topic = $1 AND kafka_partition = $2",
+								   4, types, args, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "could not store the Kafka offset: %s",
+				 SPI_result_code_string(rc));
+	}
+	SPI_finish();
+	return outcome;
+}
+
 /* Wake the workers once the seek is committed, never before. */
 static bool wake_registered = false;
 
@@ -268,7 +392,8 @@ PG_FUNCTION_INFO_V1(dwh_kafka_seek);
  * Rewind (replay) or skip a partition: the next message applied from it
  * will be the one at next_offset.  The worker that owns the partition moves
  * to it as soon as this commits; messages already applied again are
- * idempotent, but the counters of a skipped range are never applied.
+ * idempotent, but the counters of a skipped range are never applied.  A
+ * partition stopped at a gap goes on from there: its gap is closed.
  */
 Datum
 dwh_kafka_seek(PG_FUNCTION_ARGS)
@@ -310,6 +435,13 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 							   3, types, args, NULL, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "could not store the Kafka offset: %s", SPI_result_code_string(rc));
+	/* The operator decided where the partition goes on: its gap is closed. */
+	rc = SPI_execute_with_args("UPDATE dwh.kafka_gaps "
+							   "SET resumed_offset = $3, resumed_at = pg_catalog.now() "
+							   "WHERE topic = $1 AND kafka_partition = $2 AND resumed_at IS NULL",
+							   3, types, args, NULL, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "could not close the Kafka gap: %s", SPI_result_code_string(rc));
 	SPI_finish();
 
 	if (!wake_registered)

@@ -12,11 +12,33 @@
 /* Stands for "no offset stored yet". */
 #define DWH_NO_OFFSET	(-1)
 
+/* What dwh_kafka_offsets_gap() did. */
+typedef enum DwhKafkaGapOutcome
+{
+	DWH_GAP_NONE,				/* the broker holds the stored offset */
+	DWH_GAP_MOVED,				/* dwh.kafka_seek() moved the partition */
+	DWH_GAP_STILL_STOPPED,		/* its gap was recorded before, still open */
+	DWH_GAP_SKIPPED,			/* recorded, stored offset moved past it */
+	DWH_GAP_STOPPED				/* recorded open: the partition stops */
+} DwhKafkaGapOutcome;
+
+typedef struct DwhKafkaGap
+{
+	int64		next_offset;	/* stored offset the broker no longer holds */
+	int64		log_start_offset;	/* the first offset it holds */
+	int64		log_end_offset; /* the offset of its next message */
+} DwhKafkaGap;
+
 extern void dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions,
-									 int n, int64 *next_offsets);
+									 int n, int64 *next_offsets, bool *stopped);
 extern void dwh_kafka_offsets_lock(const char *topic, const int32 *partitions,
 								   int n, int64 *next_offsets,
-								   bool *seek_requested);
+								   bool *seek_requested, bool *stopped);
+extern DwhKafkaGapOutcome dwh_kafka_offsets_gap(const char *topic,
+												int32 partition,
+												int64 fetch_offset,
+												int64 low, int64 high,
+												bool stop, DwhKafkaGap *gap);
 extern void dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 									const int64 *next_offsets, int n);
 extern int	dwh_kafka_offsets_take_seeks(const char *topic,

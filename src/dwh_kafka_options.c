@@ -43,7 +43,7 @@ static const struct
 	{"bootstrap.servers", "dwh.kafka_brokers"},
 	{"metadata.broker.list", "dwh.kafka_brokers"},
 	{"group.id", "dwh.kafka_group_id"},
-	{"auto.offset.reset", "dwh.kafka_start_offset"},
+	{"auto.offset.reset", "dwh.kafka_start_offset or dwh.kafka_on_gap"},
 	{"queued.max.messages.kbytes", "dwh.kafka_prefetch_memory"},
 	{"enable.auto.commit", NULL},
 	{"enable.auto.offset.store", NULL},

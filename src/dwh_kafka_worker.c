@@ -23,6 +23,14 @@
  * sleeps on its latch and says why in dwh.status, logging each new reason
  * once.
  *
+ * An offset out of range (the broker no longer holds a partition's stored
+ * offset) is kept as a pending gap until it is served: the batch gathered
+ * so far is applied first, so that the stored offset is where the stream
+ * broke, then the gap is recorded (dwh_kafka_offsets_gap) and every owned
+ * partition is assigned again at its stored offset, the stopped ones
+ * paused (a partition that only stops is just paused where it is).  A
+ * failure on the way leaves the gap pending, to be served again.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -59,6 +67,7 @@
 #define BACKOFF_MAX_MS		30000
 #define NOT_READY_RECHECK_MS	5000
 #define WATERMARK_INTERVAL_MS	1000
+#define GAP_RETRY_MS			1000
 
 PGDLLEXPORT void dwh_kafka_worker_main(Datum main_arg);
 
@@ -86,6 +95,19 @@ static TimestampTz last_watermarks = 0;
 static MemoryContext loop_context = NULL;
 /* dwh.status says "waiting for the broker" (librdkafka said all are down). */
 static bool waiting_for_broker = false;
+
+/* Offsets out of range, one per partition, not yet served. */
+typedef struct PendingGap
+{
+	int32		partition;
+	int64		offset;			/* the offset that could not be fetched */
+	int64		low;			/* the broker's watermarks, -1 if unknown */
+	int64		high;
+} PendingGap;
+
+static PendingGap *pending_gaps = NULL;
+static int	n_pending_gaps = 0;
+static TimestampTz gaps_not_before = 0;
 
 /* A rebalance received but not yet served (its DB lookup may fail). */
 static DwhKafkaEventKind pending_rebalance = DWH_KAFKA_NOTHING;
@@ -189,9 +211,68 @@ drop_consumer(void)
 		consumer = NULL;
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
+	n_pending_gaps = 0;
 	waiting_for_broker = false;
 	dwh_status_set_assigned(slot, NULL, 0);
 	batch_clear();
+}
+
+/* Forget the pending gaps of partitions no longer ours. */
+static void
+forget_gaps(const int32 *partitions, int n)
+{
+	int			kept = 0;
+	int			i;
+	int			j;
+
+	for (i = 0; i < n_pending_gaps; i++)
+	{
+		bool		drop = false;
+
+		for (j = 0; j < n && !drop; j++)
+			drop = (pending_gaps[i].partition == partitions[j]);
+		if (!drop)
+			pending_gaps[kept++] = pending_gaps[i];
+	}
+	n_pending_gaps = kept;
+}
+
+/*
+ * Keep an offset out of range for serve_gaps(); one per partition, and
+ * only for partitions still ours (an error may outlive an assignment).
+ */
+static void
+add_gap(const DwhKafkaEvent *ev)
+{
+	int32	   *owned;
+	int			n_owned = dwh_kafka_consumer_assignment(consumer, &owned);
+	int			i;
+
+	for (i = 0; i < n_owned; i++)
+		if (owned[i] == ev->partition)
+			break;
+	if (i == n_owned)
+		return;
+	if (pending_gaps == NULL)
+		pending_gaps = MemoryContextAlloc(TopMemoryContext,
+										  sizeof(PendingGap) * DWH_MAX_PARTITIONS);
+	for (i = 0; i < n_pending_gaps; i++)
+		if (pending_gaps[i].partition == ev->partition)
+			break;
+	if (i == n_pending_gaps)
+	{
+		if (n_pending_gaps == DWH_MAX_PARTITIONS)
+			return;				/* served with the others, found again */
+		n_pending_gaps++;
+	}
+	pending_gaps[i].partition = ev->partition;
+	pending_gaps[i].offset = ev->offset;
+	pending_gaps[i].low = ev->low;
+	pending_gaps[i].high = ev->high;
+	ereport(DEBUG1,
+			(errmsg_internal("Kafka partition %d: offset " INT64_FORMAT " out of range (watermarks " INT64_FORMAT ", " INT64_FORMAT "): %s",
+							 ev->partition, ev->offset, ev->low, ev->high,
+							 ev->error)));
 }
 
 static void
@@ -374,19 +455,22 @@ serve_rebalance(void)
 	if (pending_rebalance == DWH_KAFKA_ASSIGN)
 	{
 		int64	   *offsets = palloc(sizeof(int64) * Max(pending_n, 1));
+		bool	   *stopped = palloc(sizeof(bool) * Max(pending_n, 1));
 
 		StartTransactionCommand();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		dwh_kafka_offsets_lookup(dwh_kafka_consumer_topic(consumer),
-								 pending_partitions, pending_n, offsets);
+								 pending_partitions, pending_n, offsets,
+								 stopped);
 		PopActiveSnapshot();
 		CommitTransactionCommand();
-		dwh_kafka_consumer_assign(consumer, offsets);
+		dwh_kafka_consumer_assign(consumer, offsets, stopped);
 		broker_answered();
 	}
 	else
 	{
 		batch_drop_partitions(pending_partitions, pending_n);
+		forget_gaps(pending_partitions, pending_n);
 		dwh_kafka_consumer_revoke(consumer);
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
@@ -396,6 +480,30 @@ serve_rebalance(void)
 	ereport(DEBUG1,
 			(errmsg("dwh kafka worker %d now owns %d partitions",
 					worker_index, n_owned)));
+}
+
+/*
+ * Start every owned partition again at its stored offset, pausing those
+ * stopped at a gap.  What was gathered and not applied is dropped: it is
+ * fetched again from the stored offsets.
+ */
+static void
+reassign_owned(void)
+{
+	int32	   *owned;
+	int			n_owned = dwh_kafka_consumer_assignment(consumer, &owned);
+	int64	   *offsets = palloc(sizeof(int64) * Max(n_owned, 1));
+	bool	   *stopped = palloc(sizeof(bool) * Max(n_owned, 1));
+
+	batch_clear();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	dwh_kafka_offsets_lookup(dwh_kafka_consumer_topic(consumer), owned,
+							 n_owned, offsets, stopped);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(loop_context);
+	dwh_kafka_consumer_reassign(consumer, offsets, stopped);
 }
 
 /*
@@ -423,12 +531,22 @@ serve_seeks(void)
 
 	batch_drop_partitions(parts, n);
 	for (i = 0; i < n; i++)
-	{
-		dwh_kafka_consumer_seek(consumer, parts[i], offsets[i]);
 		ereport(LOG,
 				(errmsg("dwh kafka worker %d: partition %d moved to offset " INT64_FORMAT,
 						worker_index, parts[i], offsets[i])));
-	}
+
+	/*
+	 * librdkafka does not seek a partition that is not fetching: one stopped
+	 * at a gap is started again by a new assignment.
+	 */
+	for (i = 0; i < n; i++)
+		if (dwh_kafka_consumer_is_stopped(consumer, parts[i]))
+		{
+			reassign_owned();
+			return;
+		}
+	for (i = 0; i < n; i++)
+		dwh_kafka_consumer_seek(consumer, parts[i], offsets[i]);
 }
 
 static int
@@ -461,6 +579,7 @@ apply_batch(void)
 	int32	   *parts = palloc(sizeof(int32) * batch.n);
 	int64	   *stored = palloc(sizeof(int64) * batch.n);
 	bool	   *seek = palloc(sizeof(bool) * batch.n);
+	bool	   *stopped = palloc(sizeof(bool) * batch.n);
 	int64	   *next = palloc(sizeof(int64) * batch.n);
 	DwhIngestItem *keep = palloc(sizeof(DwhIngestItem) * batch.n);
 	int			n_parts = 0;
@@ -482,7 +601,7 @@ apply_batch(void)
 	pgstat_report_activity(STATE_RUNNING, "dwh: applying a Kafka batch");
 
 	/* Lock the partitions' rows, then keep only what is not applied yet. */
-	dwh_kafka_offsets_lock(topic, parts, n_parts, stored, seek);
+	dwh_kafka_offsets_lock(topic, parts, n_parts, stored, seek, stopped);
 	for (i = 0; i < n_parts; i++)
 	{
 		next[i] = -1;
@@ -492,8 +611,9 @@ apply_batch(void)
 	{
 		int			p = partition_index(parts, n_parts, batch.items[i].partition);
 
-		if (seek[p] || (stored[p] != DWH_NO_OFFSET &&
-						batch.items[i].offset < stored[p]))
+		/* Moved meanwhile, or stopped at a gap: not from here. */
+		if (seek[p] || stopped[p] || (stored[p] != DWH_NO_OFFSET &&
+									  batch.items[i].offset < stored[p]))
 			continue;
 		keep[n_keep++] = batch.items[i];
 		next[p] = Max(next[p], batch.items[i].offset + 1);
@@ -523,6 +643,134 @@ apply_batch(void)
 	backoff_ms = 0;
 	if (any_seek)
 		serve_seeks();
+}
+
+/*
+ * Say what was done about a gap, once its transaction is committed: a
+ * recorded gap is a WARNING, whatever dwh.kafka_on_gap says.
+ */
+static void
+report_gap(const char *topic, int32 partition, DwhKafkaGapOutcome outcome,
+		   const DwhKafkaGap *gap)
+{
+	bool		stop = (outcome == DWH_GAP_STOPPED);
+	char	   *then;
+
+	if (outcome != DWH_GAP_SKIPPED && outcome != DWH_GAP_STOPPED)
+	{
+		ereport(outcome == DWH_GAP_NONE ? LOG : DEBUG1,
+				(errmsg("Kafka partition %d of topic \"%s\" starts again at its stored offset " INT64_FORMAT,
+						partition, topic, gap->next_offset),
+				 errdetail("The broker holds offsets " INT64_FORMAT " to " INT64_FORMAT ".",
+						   gap->log_start_offset, gap->log_end_offset - 1)));
+		return;
+	}
+
+	if (stop)
+		then = pstrdup("dwh.kafka_on_gap is \"stop\": the partition is not consumed until it is moved. The gap is recorded in dwh.kafka_gaps.");
+	else
+		then = psprintf("Consumption goes on from offset " INT64_FORMAT ". The gap is recorded in dwh.kafka_gaps.",
+						gap->log_start_offset);
+
+	if (gap->next_offset < gap->log_start_offset)
+		ereport(WARNING,
+				(errmsg("offsets " INT64_FORMAT " to " INT64_FORMAT " of Kafka partition %d of topic \"%s\" can no longer be read",
+						gap->next_offset, gap->log_start_offset - 1,
+						partition, topic),
+				 errdetail("The broker's log of the partition now starts at offset " INT64_FORMAT " (retention or deleted records). %s",
+						   gap->log_start_offset, then),
+				 stop ? errhint("Move the partition with dwh.kafka_seek(%d, " INT64_FORMAT ") to go on from the first offset the broker holds.",
+								partition, gap->log_start_offset) : 0));
+	else
+		ereport(WARNING,
+				(errmsg("Kafka partition %d of topic \"%s\" ends before its stored offset " INT64_FORMAT,
+						partition, topic, gap->next_offset),
+				 errdetail("The broker's log of the partition ends at offset " INT64_FORMAT ": the topic was recreated or truncated. %s",
+						   gap->log_end_offset, then),
+				 stop ? errhint("Move the partition with dwh.kafka_seek(%d, " INT64_FORMAT ") to read what the broker holds.",
+								partition, gap->log_start_offset) : 0));
+}
+
+/*
+ * Serve the pending gaps: apply what was gathered before them (so that the
+ * stored offsets are where the stream broke), record each in one
+ * transaction with the offsets it moves, then start the partitions that go
+ * on again from the stored offsets.  Any error leaves the gaps pending.
+ */
+static void
+serve_gaps(void)
+{
+	const char *topic = dwh_kafka_consumer_topic(consumer);
+	DwhKafkaGapOutcome *outcomes;
+	DwhKafkaGap *gaps;
+	bool		restart = false;
+	int			n;
+	int			i;
+
+	if (GetCurrentTimestamp() < gaps_not_before)
+		return;
+	if (batch.n > 0)
+		apply_batch();
+
+	/* The broker's watermarks, when the failed fetch did not carry them. */
+	for (i = 0; i < n_pending_gaps; i++)
+	{
+		PendingGap *g = &pending_gaps[i];
+		char		error[256];
+
+		if (g->low >= 0 && g->high >= 0)
+			continue;
+		if (!dwh_kafka_consumer_query_watermarks(consumer, g->partition,
+												 &g->low, &g->high,
+												 error, sizeof(error)))
+		{
+			dwh_status_set_error(slot, "could not read the watermarks of partition %d: %s",
+								 g->partition, error);
+			ereport(LOG,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("could not read the watermarks of Kafka partition %d of topic \"%s\": %s",
+							g->partition, topic, error),
+					 errdetail("The partition's stored offset is out of range; the worker tries again.")));
+			gaps_not_before = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+														  GAP_RETRY_MS);
+			return;
+		}
+	}
+
+	n = n_pending_gaps;
+	outcomes = palloc(sizeof(DwhKafkaGapOutcome) * Max(n, 1));
+	gaps = palloc(sizeof(DwhKafkaGap) * Max(n, 1));
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "dwh: recording a Kafka gap");
+	for (i = 0; i < n; i++)
+		outcomes[i] = dwh_kafka_offsets_gap(topic, pending_gaps[i].partition,
+											pending_gaps[i].offset,
+											pending_gaps[i].low,
+											pending_gaps[i].high,
+											dwh_kafka_on_gap == DWH_KAFKA_GAP_STOP,
+											&gaps[i]);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(loop_context);
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	/*
+	 * A partition that stops stays as librdkafka left it, not fetching; the
+	 * others are started again where their rows say.
+	 */
+	for (i = 0; i < n; i++)
+	{
+		report_gap(topic, pending_gaps[i].partition, outcomes[i], &gaps[i]);
+		if (outcomes[i] == DWH_GAP_STOPPED || outcomes[i] == DWH_GAP_STILL_STOPPED)
+			dwh_kafka_consumer_stop(consumer, pending_gaps[i].partition);
+		else
+			restart = true;
+	}
+	n_pending_gaps = 0;
+	if (restart)
+		reassign_owned();
 }
 
 /* Add a message to the batch (its value is already in batch.context). */
@@ -586,6 +834,10 @@ gather(void)
 				batch_add(&ev);
 				broker_answered();
 				break;
+			case DWH_KAFKA_OUT_OF_RANGE:
+				add_gap(&ev);
+				broker_answered();
+				return;
 			case DWH_KAFKA_ASSIGN:
 			case DWH_KAFKA_REVOKE:
 				pending_rebalance = ev.kind;
@@ -722,11 +974,19 @@ dwh_kafka_worker_main(Datum main_arg)
 			serve_rebalance();
 			continue;
 		}
+		if (n_pending_gaps > 0 && GetCurrentTimestamp() >= gaps_not_before)
+		{
+			serve_gaps();
+			continue;
+		}
 		if (dwh_status_take_offsets_changed(slot))
 			serve_seeks();
 
 		gather();
 		if (consumer == NULL || pending_rebalance != DWH_KAFKA_NOTHING)
+			continue;
+		/* A gap to serve now: the queue may hold more, so no sleep. */
+		if (n_pending_gaps > 0 && GetCurrentTimestamp() >= gaps_not_before)
 			continue;
 
 		if (batch_due())

@@ -32,6 +32,7 @@ int			dwh_kafka_batch_size = 1000;
 int			dwh_kafka_batch_wait = 100;
 int			dwh_kafka_prefetch_memory = 16 * 1024;
 int			dwh_kafka_start_offset = DWH_KAFKA_START_EARLIEST;
+int			dwh_kafka_on_gap = DWH_KAFKA_GAP_SKIP;
 
 char	   *dwh_redis_url = NULL;
 char	   *dwh_redis_url_file = NULL;
@@ -44,6 +45,12 @@ int			dwh_redis_timeout = 5000;
 static const struct config_enum_entry start_offset_options[] = {
 	{"earliest", DWH_KAFKA_START_EARLIEST, false},
 	{"latest", DWH_KAFKA_START_LATEST, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry on_gap_options[] = {
+	{"skip", DWH_KAFKA_GAP_SKIP, false},
+	{"stop", DWH_KAFKA_GAP_STOP, false},
 	{NULL, 0, false}
 };
 
@@ -155,6 +162,21 @@ define_kafka_settings(void)
 							 &dwh_kafka_start_offset,
 							 DWH_KAFKA_START_EARLIEST,
 							 start_offset_options,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
+
+	/*
+	 * Read when a gap is found, so a reload needs no new consumer.  A
+	 * partition already stopped waits for dwh.kafka_seek() whatever the
+	 * setting says later.
+	 */
+	DefineCustomEnumVariable("dwh.kafka_on_gap",
+							 "What a Kafka worker does when the broker no longer holds a partition's stored offset.",
+							 "skip: record the gap in dwh.kafka_gaps and go on from the first offset the broker holds; stop: record it and consume nothing more from that partition until dwh.kafka_seek() moves it.",
+							 &dwh_kafka_on_gap,
+							 DWH_KAFKA_GAP_SKIP,
+							 on_gap_options,
 							 PGC_SIGHUP,
 							 0,
 							 NULL, NULL, NULL);

@@ -20,6 +20,13 @@ typedef enum DwhKafkaStartOffset
 	DWH_KAFKA_START_LATEST
 } DwhKafkaStartOffset;
 
+/* What a worker does when a partition's stored offset is no longer held. */
+typedef enum DwhKafkaOnGap
+{
+	DWH_KAFKA_GAP_SKIP,
+	DWH_KAFKA_GAP_STOP
+} DwhKafkaOnGap;
+
 extern char *dwh_kafka_brokers;
 extern char *dwh_kafka_topic;
 extern char *dwh_kafka_group_id;
@@ -30,6 +37,7 @@ extern int	dwh_kafka_batch_size;
 extern int	dwh_kafka_batch_wait;
 extern int	dwh_kafka_prefetch_memory;
 extern int	dwh_kafka_start_offset;
+extern int	dwh_kafka_on_gap;
 
 /* Redis */
 extern char *dwh_redis_url;
