@@ -34,6 +34,7 @@
 #include "dwh_kafka_offsets.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
+#include "dwh_version.h"
 
 static Datum
 int4_array(const int32 *values, int n)
@@ -435,13 +436,19 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 							   3, types, args, NULL, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "could not store the Kafka offset: %s", SPI_result_code_string(rc));
-	/* The operator decided where the partition goes on: its gap is closed. */
-	rc = SPI_execute_with_args("UPDATE dwh.kafka_gaps "
-							   "SET resumed_offset = $3, resumed_at = pg_catalog.now() "
-							   "WHERE topic = $1 AND kafka_partition = $2 AND resumed_at IS NULL",
-							   3, types, args, NULL, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "could not close the Kafka gap: %s", SPI_result_code_string(rc));
+	/*
+	 * The operator decided where the partition goes on: its gap is closed.
+	 * (A 1.0 schema, not updated yet, has no gaps.)
+	 */
+	if (dwh_schema_is_current())
+	{
+		rc = SPI_execute_with_args("UPDATE dwh.kafka_gaps "
+								   "SET resumed_offset = $3, resumed_at = pg_catalog.now() "
+								   "WHERE topic = $1 AND kafka_partition = $2 AND resumed_at IS NULL",
+								   3, types, args, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "could not close the Kafka gap: %s", SPI_result_code_string(rc));
+	}
 	SPI_finish();
 
 	if (!wake_registered)

@@ -119,6 +119,19 @@ dwh_schema_wait_hint(const char *database)
 }
 
 /*
+ * dwh_schema_is_current
+ *		Is extension dwh in this database at this library's version (or not
+ *		created)?  In a transaction.
+ */
+bool
+dwh_schema_is_current(void)
+{
+	char	   *installed = dwh_installed_version();
+
+	return installed == NULL || strcmp(installed, dwh_library_version) == 0;
+}
+
+/*
  * dwh_require_current_schema
  *		Refuse to go on unless extension dwh in this database is at this
  *		library's version: for entry points that run SQL an older schema

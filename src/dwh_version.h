@@ -16,6 +16,7 @@ extern char *dwh_installed_version(void);
 extern char *dwh_schema_mismatch(void);
 extern char *dwh_schema_wait_state(const char *installed);
 extern char *dwh_schema_wait_hint(const char *database);
+extern bool dwh_schema_is_current(void);
 extern void dwh_require_current_schema(void);
 extern bool dwh_schema_keeps_history(void);
 

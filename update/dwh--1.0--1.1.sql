@@ -212,6 +212,145 @@ CREATE TRIGGER other_events_complete
     FOR EACH ROW WHEN (NEW.source IS NULL OR NEW.raw_sha256 IS NULL)
     EXECUTE FUNCTION dwh.other_events_complete();
 
+-- DDS (install/20_dds.sql): the references of the order links and
+-- satellites are checked once per statement instead of by foreign keys.
+ALTER TABLE dds.l_order_user DROP CONSTRAINT l_order_user_h_order_pk_fkey,
+    DROP CONSTRAINT l_order_user_h_user_pk_fkey;
+ALTER TABLE dds.l_order_product DROP CONSTRAINT l_order_product_h_order_pk_fkey,
+    DROP CONSTRAINT l_order_product_h_product_pk_fkey;
+ALTER TABLE dds.s_order_cost DROP CONSTRAINT s_order_cost_h_order_pk_fkey;
+ALTER TABLE dds.s_order_status DROP CONSTRAINT s_order_status_h_order_pk_fkey;
+
+-- References of the order tables, checked once per statement.  The links
+-- and satellites of orders take about ten rows per order; as foreign keys,
+-- each row ran a query of its own and locked its hub rows (about a third
+-- of the CPU of a batch).  They refuse the same rows set-based instead:
+-- after each INSERT, one anti-join finds any row whose hub is missing
+-- (SQLSTATE 23503, as a foreign key would say).  No row lock is needed to
+-- keep the check true until commit, because hub rows are never deleted
+-- and their keys never change (refused below); a TRUNCATE of a hub must
+-- take the tables that refer to it along.  Updates of the reference
+-- columns are refused: dwh replaces a link, it never repoints it.
+CREATE FUNCTION dwh.order_references_exist() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    missing uuid;
+BEGIN
+    -- One anti-join per reference (an OR of two would hash a whole hub).
+    SELECT a.h_order_pk INTO missing
+    FROM added a
+    WHERE NOT EXISTS (SELECT FROM dds.h_order h WHERE h.h_order_pk = a.h_order_pk)
+    LIMIT 1;
+    IF FOUND THEN
+        PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_order_pk', missing, 'h_order');
+    END IF;
+
+    IF TG_TABLE_NAME = 'l_order_user' THEN
+        SELECT a.h_user_pk INTO missing
+        FROM added a
+        WHERE NOT EXISTS (SELECT FROM dds.h_user h WHERE h.h_user_pk = a.h_user_pk)
+        LIMIT 1;
+        IF FOUND THEN
+            PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_user_pk', missing, 'h_user');
+        END IF;
+    ELSIF TG_TABLE_NAME = 'l_order_product' THEN
+        SELECT a.h_product_pk INTO missing
+        FROM added a
+        WHERE NOT EXISTS (SELECT FROM dds.h_product h WHERE h.h_product_pk = a.h_product_pk)
+        LIMIT 1;
+        IF FOUND THEN
+            PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_product_pk', missing, 'h_product');
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.order_references_exist() IS
+    'AFTER INSERT statement trigger of the order links and satellites: every row''s hubs exist (23503 otherwise)';
+
+CREATE FUNCTION dwh.reference_missing(referring text, key_column text, key uuid,
+                                      hub text)
+    RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'insert on table "dds.%" refers to a row missing from "dds.%"', referring, hub
+        USING ERRCODE = '23503',
+              DETAIL = format('Key (%s)=(%s) is not present in table "dds.%s".', key_column, key, hub),
+              HINT = 'Hub rows come first: dwh loads a hub in the statement that loads its links and satellites.';
+END
+$fn$;
+COMMENT ON FUNCTION dwh.reference_missing(text, text, uuid, text) IS
+    'Internal: raise the foreign key violation of dwh.order_references_exist()';
+
+CREATE FUNCTION dwh.order_references_kept() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'rows of dds.% cannot be deleted', TG_TABLE_NAME
+            USING ERRCODE = '23503',
+                  DETAIL = 'Links and satellites refer to hub rows, which DDS never deletes.',
+                  HINT = 'DDS is derived from STG: SELECT * FROM dwh.rebuild(vault => true) recomputes it.';
+    ELSIF TG_OP = 'UPDATE' THEN
+        RAISE EXCEPTION 'key columns of dds.% cannot be updated', TG_TABLE_NAME
+            USING ERRCODE = '23503',
+                  DETAIL = 'Hub keys are fixed, and a link is replaced, never repointed.',
+                  HINT = 'DDS is derived from STG: SELECT * FROM dwh.rebuild(vault => true) recomputes it.';
+    END IF;
+    -- TRUNCATE: the tables that refer to the hub must be empty now (taken
+    -- along in the same command).
+    IF (TG_TABLE_NAME = 'h_order'
+        AND (EXISTS (SELECT FROM dds.l_order_user) OR EXISTS (SELECT FROM dds.l_order_product)
+             OR EXISTS (SELECT FROM dds.s_order_status) OR EXISTS (SELECT FROM dds.s_order_cost)))
+       OR (TG_TABLE_NAME = 'h_user' AND EXISTS (SELECT FROM dds.l_order_user))
+       OR (TG_TABLE_NAME = 'h_product' AND EXISTS (SELECT FROM dds.l_order_product)) THEN
+        RAISE EXCEPTION 'cannot truncate dds.% while rows refer to it', TG_TABLE_NAME
+            USING ERRCODE = '23503',
+                  DETAIL = 'Order links and satellites refer to its rows.',
+                  HINT = 'Truncate the tables that refer to it in the same command, or run SELECT * FROM dwh.rebuild(vault => true).';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.order_references_kept() IS
+    'Trigger of the hubs of orders, users and dishes and of the order links and satellites: refuses what would leave a reference dangling';
+
+CREATE TRIGGER references_exist AFTER INSERT ON dds.l_order_user
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_exist();
+CREATE TRIGGER references_exist AFTER INSERT ON dds.l_order_product
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_exist();
+CREATE TRIGGER references_exist AFTER INSERT ON dds.s_order_status
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_exist();
+CREATE TRIGGER references_exist AFTER INSERT ON dds.s_order_cost
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_exist();
+
+CREATE TRIGGER references_kept BEFORE UPDATE OF h_order_pk, h_user_pk ON dds.l_order_user
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_kept BEFORE UPDATE OF h_order_pk, h_product_pk ON dds.l_order_product
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_kept BEFORE UPDATE OF h_order_pk ON dds.s_order_status
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_kept BEFORE UPDATE OF h_order_pk ON dds.s_order_cost
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_kept BEFORE DELETE OR UPDATE OF h_order_pk ON dds.h_order
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_kept BEFORE DELETE OR UPDATE OF h_user_pk ON dds.h_user
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_kept BEFORE DELETE OR UPDATE OF h_product_pk ON dds.h_product
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_truncated AFTER TRUNCATE ON dds.h_order
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_truncated AFTER TRUNCATE ON dds.h_user
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+CREATE TRIGGER references_truncated AFTER TRUNCATE ON dds.h_product
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
+
 -- Dishes (install/40_products.sql): menu namings and order namings have a
 -- loader each, replacing dwh.load_products; the claim of the keys that
 -- order batches share.
@@ -1475,6 +1614,104 @@ $fn$;
 COMMENT ON FUNCTION dwh.replay_dead_letters(bigint[]) IS
     'Ingest order dead letters again (all, or those ids); returns what became of each (truncated: kept, only a prefix of its value is stored)';
 
+-- Kafka (install/75_kafka.sql): the gaps, and the views that show them.
+-- A gap is written in the transaction that moves the partition's stored
+-- offset past it (dwh.kafka_on_gap = skip), or open, stopping the
+-- partition, until dwh.kafka_seek() moves it (stop): never twice, never lost.
+CREATE TABLE dwh.kafka_gaps (
+    id               bigserial PRIMARY KEY,
+    topic            text NOT NULL,
+    kafka_partition  integer NOT NULL,
+    next_offset      bigint NOT NULL,
+    log_start_offset bigint NOT NULL,
+    log_end_offset   bigint NOT NULL,
+    action           text NOT NULL CHECK (action IN ('skipped', 'stopped')),
+    detected_at      timestamptz NOT NULL DEFAULT now(),
+    resumed_offset   bigint,
+    resumed_at       timestamptz,
+    CHECK ((resumed_offset IS NULL) = (resumed_at IS NULL))
+);
+-- At most one open gap per partition: it is what stops the partition.
+CREATE UNIQUE INDEX kafka_gaps_open_idx ON dwh.kafka_gaps (topic, kafka_partition)
+    WHERE resumed_at IS NULL;
+CREATE INDEX kafka_gaps_partition_idx ON dwh.kafka_gaps (topic, kafka_partition, detected_at);
+COMMENT ON TABLE dwh.kafka_gaps IS 'Kafka messages lost before they were applied: each time the broker no longer held a partition''s stored offset (retention, deleted records, a recreated topic)';
+COMMENT ON COLUMN dwh.kafka_gaps.id IS 'Surrogate row number';
+COMMENT ON COLUMN dwh.kafka_gaps.topic IS 'Kafka topic';
+COMMENT ON COLUMN dwh.kafka_gaps.kafka_partition IS 'Partition number';
+COMMENT ON COLUMN dwh.kafka_gaps.next_offset IS 'The stored offset of the first message not applied, which the broker no longer held: offsets next_offset to log_start_offset - 1 were never applied';
+COMMENT ON COLUMN dwh.kafka_gaps.log_start_offset IS 'The first offset the broker held (its low watermark); below next_offset when the log ends before next_offset (topic recreated or truncated)';
+COMMENT ON COLUMN dwh.kafka_gaps.log_end_offset IS 'The offset of the broker''s next message (its high watermark)';
+COMMENT ON COLUMN dwh.kafka_gaps.action IS 'What the worker did (dwh.kafka_on_gap): skipped (went on from log_start_offset) or stopped (consumed nothing more from the partition until dwh.kafka_seek())';
+COMMENT ON COLUMN dwh.kafka_gaps.detected_at IS 'When the worker found the gap';
+COMMENT ON COLUMN dwh.kafka_gaps.resumed_offset IS 'Where consumption went on: log_start_offset when skipped, the offset given to dwh.kafka_seek() when stopped; NULL while the partition is stopped';
+COMMENT ON COLUMN dwh.kafka_gaps.resumed_at IS 'When consumption went on; NULL while the partition is stopped';
+
+COMMENT ON FUNCTION dwh.kafka_seek(integer, bigint, text) IS
+    'Rewind (replay) or skip a partition of the order topic (default dwh.kafka_topic): the next message applied from it is the one at next_offset; a partition stopped at a gap goes on from there';
+
+CREATE OR REPLACE VIEW dwh.kafka_partitions AS
+SELECT coalesce(o.topic, w.topic) AS topic,
+       coalesce(o.kafka_partition, w.kafka_partition) AS kafka_partition,
+       owner.worker,
+       o.next_offset AS stored_offset,
+       w.high_watermark,
+       greatest(w.high_watermark - coalesce(o.next_offset, w.low_watermark), 0) AS lag,
+       o.updated_at AS stored_at,
+       w.observed_at AS watermark_at,
+       w.low_watermark,
+       coalesce(g.stopped, false) AS stopped,
+       coalesce(g.gaps, 0) AS gaps,
+       g.last_gap_at
+FROM dwh.kafka_offsets o
+FULL JOIN dwh.kafka_watermarks() w
+       ON w.topic = o.topic AND w.kafka_partition = o.kafka_partition
+LEFT JOIN (SELECT s.worker, p.p
+           FROM dwh.worker_status() s, unnest(s.partitions) AS p(p)
+           WHERE s.pid IS NOT NULL) owner
+       ON owner.p = coalesce(o.kafka_partition, w.kafka_partition)
+      AND coalesce(o.topic, w.topic) = current_setting('dwh.kafka_topic')
+LEFT JOIN LATERAL (
+    SELECT count(*) AS gaps,
+           max(kg.detected_at) AS last_gap_at,
+           bool_or(kg.resumed_at IS NULL) AS stopped
+    FROM dwh.kafka_gaps kg
+    WHERE kg.topic = coalesce(o.topic, w.topic)
+      AND kg.kafka_partition = coalesce(o.kafka_partition, w.kafka_partition)
+) g ON true;
+COMMENT ON VIEW dwh.kafka_partitions IS
+    'Per Kafka partition: the worker owning it, the offset stored in the database, the broker''s watermarks and the lag, whether it is stopped at a gap, and its gaps (dwh.kafka_gaps)';
+
+CREATE OR REPLACE VIEW dwh.status AS
+SELECT s.worker, s.pid, s.state, s.state_since,
+       s.partitions,
+       s.messages, s.batches, s.dead_letters, s.last_batch_at,
+       p.lag,
+       p.partition_offsets,
+       s.keys_mirrored, s.keys_missing, s.refreshes, s.changes_found,
+       s.last_error, s.last_error_at, s.started_at,
+       p.gaps, p.stopped_partitions
+FROM dwh.worker_status() s
+LEFT JOIN LATERAL (
+    SELECT sum(k.lag)::bigint AS lag,
+           jsonb_agg(jsonb_build_object('partition', k.kafka_partition,
+                                        'stored_offset', k.stored_offset,
+                                        'high_watermark', k.high_watermark,
+                                        'lag', k.lag,
+                                        'stopped', k.stopped,
+                                        'gaps', k.gaps)
+                     ORDER BY k.kafka_partition) AS partition_offsets,
+           sum(k.gaps)::bigint AS gaps,
+           array_agg(k.kafka_partition ORDER BY k.kafka_partition)
+               FILTER (WHERE k.stopped) AS stopped_partitions
+    FROM dwh.kafka_partitions k
+    WHERE k.topic = current_setting('dwh.kafka_topic')
+      AND k.kafka_partition = ANY (s.partitions)
+) p ON true
+ORDER BY s.worker_number IS NULL, s.worker;
+COMMENT ON VIEW dwh.status IS
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one';
+
 -- The oracle (install/80_oracle.sql): every version received, DDS checked
 -- and rebuilt against STG; dwh.rebuild() takes a parameter.
 
@@ -1864,6 +2101,8 @@ ALTER EXTENSION dwh ADD SEQUENCE cdm.user_category_counters_id_seq;
 SELECT pg_catalog.pg_extension_config_dump('stg.order_event_history', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.user_history', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.restaurant_history', '');
+SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps', '');
+SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps_id_seq', '');
 
 -- PUBLIC gets nothing on the new functions and views either.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;

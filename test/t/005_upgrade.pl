@@ -746,8 +746,8 @@ my %forgotten = (
 	  qr/^< relation stg\.user_history\tcolumn 6 note/,
 	'CREATE INDEX ON dds.h_order (order_dt)' =>
 	  qr/^< relation dds\.h_order_order_dt_idx\tindex definition/,
-	'ALTER TABLE dds.s_order_cost DROP CONSTRAINT s_order_cost_h_order_pk_fkey' =>
-	  qr/^> relation dds\.s_order_cost\tconstraint s_order_cost_h_order_pk_fkey/,
+	'ALTER TABLE dds.s_user_names DROP CONSTRAINT s_user_names_h_user_pk_fkey' =>
+	  qr/^> relation dds\.s_user_names\tconstraint s_user_names_h_user_pk_fkey/,
 	'GRANT SELECT ON dwh.dead_letters TO PUBLIC' =>
 	  qr/^< relation dwh\.dead_letters\tattributes/,
 	q{ALTER EXTENSION dwh DROP TABLE stg.user_history;
