@@ -82,6 +82,47 @@ CREATE FUNCTION dwh.kafka_watermarks(
 COMMENT ON FUNCTION dwh.kafka_watermarks() IS
     'The broker''s watermarks of each partition as the workers last saw them (behind dwh.kafka_partitions)';
 
+-- The stored offsets and the gaps, for the views below, which must answer
+-- at once whatever happens: a DBA's LOCK TABLE, VACUUM FULL or ALTER TABLE
+-- on these tables would make a plain SELECT wait.  Then these return no
+-- rows, and the views show the partitions without what is stored.
+CREATE FUNCTION dwh.stored_offsets(OUT topic text, OUT kafka_partition integer,
+                                   OUT next_offset bigint, OUT updated_at timestamptz)
+    RETURNS SETOF record
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    LOCK TABLE dwh.kafka_offsets IN ACCESS SHARE MODE NOWAIT;
+    RETURN QUERY SELECT o.topic, o.kafka_partition, o.next_offset, o.updated_at
+                 FROM dwh.kafka_offsets o;
+EXCEPTION WHEN lock_not_available THEN
+    RETURN;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.stored_offsets() IS
+    'Internal (dwh.kafka_partitions): dwh.kafka_offsets, or no rows at once while the table is locked';
+
+CREATE FUNCTION dwh.stored_gaps(OUT topic text, OUT kafka_partition integer,
+                                OUT gaps bigint, OUT last_gap_at timestamptz,
+                                OUT stopped boolean)
+    RETURNS SETOF record
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    LOCK TABLE dwh.kafka_gaps IN ACCESS SHARE MODE NOWAIT;
+    RETURN QUERY SELECT g.topic, g.kafka_partition, count(*), max(g.detected_at),
+                        bool_or(g.resumed_at IS NULL)
+                 FROM dwh.kafka_gaps g
+                 GROUP BY g.topic, g.kafka_partition;
+EXCEPTION WHEN lock_not_available THEN
+    RETURN;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.stored_gaps() IS
+    'Internal (dwh.kafka_partitions): gaps per partition of dwh.kafka_gaps, or no rows at once while the table is locked';
+
 CREATE VIEW dwh.kafka_partitions AS
 SELECT coalesce(o.topic, w.topic) AS topic,
        coalesce(o.kafka_partition, w.kafka_partition) AS kafka_partition,
@@ -95,7 +136,7 @@ SELECT coalesce(o.topic, w.topic) AS topic,
        coalesce(g.stopped, false) AS stopped,
        coalesce(g.gaps, 0) AS gaps,
        g.last_gap_at
-FROM dwh.kafka_offsets o
+FROM dwh.stored_offsets() o
 FULL JOIN dwh.kafka_watermarks() w
        ON w.topic = o.topic AND w.kafka_partition = o.kafka_partition
 LEFT JOIN (SELECT s.worker, p.p
@@ -103,14 +144,9 @@ LEFT JOIN (SELECT s.worker, p.p
            WHERE s.pid IS NOT NULL) owner
        ON owner.p = coalesce(o.kafka_partition, w.kafka_partition)
       AND coalesce(o.topic, w.topic) = current_setting('dwh.kafka_topic')
-LEFT JOIN LATERAL (
-    SELECT count(*) AS gaps,
-           max(kg.detected_at) AS last_gap_at,
-           bool_or(kg.resumed_at IS NULL) AS stopped
-    FROM dwh.kafka_gaps kg
-    WHERE kg.topic = coalesce(o.topic, w.topic)
-      AND kg.kafka_partition = coalesce(o.kafka_partition, w.kafka_partition)
-) g ON true;
+LEFT JOIN dwh.stored_gaps() g
+       ON g.topic = coalesce(o.topic, w.topic)
+      AND g.kafka_partition = coalesce(o.kafka_partition, w.kafka_partition);
 COMMENT ON VIEW dwh.kafka_partitions IS
     'Per Kafka partition: the worker owning it, the offset stored in the database, the broker''s watermarks and the lag, whether it is stopped at a gap, and its gaps (dwh.kafka_gaps)';
 
