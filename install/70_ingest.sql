@@ -34,8 +34,8 @@ COMMENT ON COLUMN dwh.dead_letters.source IS 'Who handed it in: kafka (the Kafka
 COMMENT ON COLUMN dwh.dead_letters.topic IS 'Kafka topic, when known';
 COMMENT ON COLUMN dwh.dead_letters.kafka_partition IS 'Kafka partition, when known';
 COMMENT ON COLUMN dwh.dead_letters.kafka_offset IS 'Kafka offset, when known';
-COMMENT ON COLUMN dwh.dead_letters.source_key IS 'Redis key (or Kafka message key), when known';
-COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received, or its first dwh.dead_letter_keep_bytes bytes when it is longer (then shorter than raw_length)';
+COMMENT ON COLUMN dwh.dead_letters.source_key IS 'Redis key (or Kafka message key), when known; NULL for a Redis key refused as a key (not valid UTF-8, a NUL byte, longer than 128 bytes), whose bytes are in raw';
+COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received (for a Redis key refused as a key: the key), or its first dwh.dead_letter_keep_bytes bytes when it is longer (then shorter than raw_length)';
 COMMENT ON COLUMN dwh.dead_letters.reason IS 'Why it was refused';
 COMMENT ON COLUMN dwh.dead_letters.raw_length IS 'Length in bytes of the whole value';
 COMMENT ON COLUMN dwh.dead_letters.raw_sha256 IS 'SHA-256 of the whole value: checks a copy found elsewhere, and the same bytes at the same source and position are a replay, kept once';

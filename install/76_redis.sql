@@ -20,6 +20,14 @@ COMMENT ON COLUMN dwh.redis_keys.reason IS 'Why the value was refused (state ref
 COMMENT ON COLUMN dwh.redis_keys.first_seen_at IS 'When the key was first named by an order, found by SCAN or found in DDS';
 COMMENT ON COLUMN dwh.redis_keys.changed_at IS 'When the state or the value last changed';
 
+-- A Redis key found by SCAN that cannot be a text key (not valid UTF-8, a
+-- NUL byte, longer than 128 bytes) is dead-lettered with source_key NULL
+-- and the key in raw.  Every refresh pass finds it again: this index keeps
+-- one dead letter per such key.
+CREATE UNIQUE INDEX dead_letters_redis_key_idx
+    ON dwh.dead_letters (raw_sha256)
+    WHERE source = 'redis' AND source_key IS NULL;
+
 -- Ids of users and restaurants new to DDS, for the worker to read.  A
 -- queue: the worker empties it every second (and compares the hubs with
 -- dwh.redis_keys on every refresh, so nothing is lost if it is).  No key:

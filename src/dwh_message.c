@@ -30,8 +30,6 @@
 
 /* Upper bound of amounts: what numeric(19,5) holds. */
 #define DWH_MAX_AMOUNT 1e14
-/* Longest business key (user, restaurant, dish id) accepted. */
-#define DWH_MAX_KEY_LEN 128
 
 static bool problem_set(DwhProblem *problem, int sqlstate, const char *fmt,...)
 			pg_attribute_printf(3, 4);
@@ -97,6 +95,30 @@ dwh_valid_utf8(const char *s)
 		}
 	}
 	return buf.data;
+}
+
+/*
+ * dwh_valid_utf8_in_place
+ *		Make s valid UTF-8 without changing its length: each byte that does
+ *		not start a valid character becomes '?'.  For fixed-size buffers
+ *		(shared memory, error texts), where vsnprintf may also have cut the
+ *		last character in two.
+ */
+void
+dwh_valid_utf8_in_place(char *s)
+{
+	int			len = strlen(s);
+	int			i = 0;
+
+	while (i < len)
+	{
+		int			l = pg_utf_mblen((const unsigned char *) s + i);
+
+		if (i + l <= len && pg_utf8_islegal((const unsigned char *) s + i, l))
+			i += l;
+		else
+			s[i++] = '?';
+	}
 }
 
 /*

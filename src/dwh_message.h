@@ -11,6 +11,12 @@
 #include "datatype/timestamp.h"
 #include "utils/jsonb.h"
 
+/*
+ * Longest business key (user, restaurant, dish id) accepted, in bytes: in
+ * orders, and for the Redis keys that dictionaries are read from.
+ */
+#define DWH_MAX_KEY_LEN 128
+
 /* Why a value was refused: a SQLSTATE and a sentence for dead letters. */
 typedef struct DwhProblem
 {
@@ -52,5 +58,6 @@ extern bool dwh_restaurant_value_check(JsonbContainer *value,
 									   DwhProblem *problem);
 extern int	dwh_jsonb_text_cmp(Jsonb *a, Jsonb *b);
 extern char *dwh_valid_utf8(const char *s);
+extern void dwh_valid_utf8_in_place(char *s);
 
 #endif							/* DWH_MESSAGE_H */

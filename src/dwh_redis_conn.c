@@ -31,12 +31,14 @@
 #include <sys/socket.h>
 #include <hiredis/hiredis.h>
 
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "dwh_message.h"
 #include "dwh_redis_conn.h"
 
 /* Keys per MGET command; a batch is a pipeline of such commands. */
@@ -66,15 +68,15 @@ static void set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
 			pg_attribute_printf(6, 7);
 
 /*
- * Record an error; the text is scrubbed of the password in case a server
- * message echoed it.
+ * Record an error.  The text is made valid UTF-8: a server's error reply
+ * may quote any bytes (a key, an argument), and a long text is cut at the
+ * size of the buffer, maybe inside a character.
  */
 static void
 set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
 		  bool transient, const char *hint, const char *fmt,...)
 {
 	va_list		args;
-	char	   *p;
 
 	va_start(args, fmt);
 	vsnprintf(error->message, sizeof(error->message), fmt, args);
@@ -82,16 +84,33 @@ set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
 	error->sqlstate = sqlstate;
 	error->transient = transient;
 	error->hint = hint;
+	dwh_valid_utf8_in_place(error->message);
+}
 
-	if (conn == NULL || conn->password[0] == '\0')
-		return;
-	while ((p = strstr(error->message, conn->password)) != NULL)
+/*
+ * A copy of a text the server sent, the password replaced by "***" in case
+ * the server echoed it.  Only server texts are scrubbed: the rest of a
+ * message names Redis by its redacted URL, whose "***" a short password
+ * could otherwise match again and again.
+ */
+static char *
+server_text(DwhRedisConn *conn, const char *text)
+{
+	StringInfoData buf;
+	size_t		plen = strlen(conn->password);
+	const char *p;
+
+	if (plen == 0)
+		return pstrdup(text);
+	initStringInfo(&buf);
+	while ((p = strstr(text, conn->password)) != NULL)
 	{
-		size_t		plen = strlen(conn->password);
-
-		memmove(p + 3, p + plen, strlen(p + plen) + 1);
-		memcpy(p, "***", 3);
+		appendBinaryStringInfo(&buf, text, p - text);
+		appendStringInfoString(&buf, "***");
+		text = p + plen;
 	}
+	appendStringInfoString(&buf, text);
+	return buf.data;
 }
 
 /*
@@ -118,8 +137,10 @@ io_failure(DwhRedisConn *conn, DwhRedisError *error, const char *what)
  */
 static bool
 server_error(DwhRedisConn *conn, DwhRedisError *error, const char *command,
-			 const char *text)
+			 const char *reply_text)
 {
+	const char *text = server_text(conn, reply_text);
+
 	if (strncmp(text, "NOAUTH", 6) == 0)
 		set_error(conn, error, ERRCODE_INVALID_PASSWORD, false,
 				  "Redis requires a password: write it in dwh.redis_url as redis://:password@host:port/db and reload the configuration.",
@@ -304,7 +325,7 @@ handshake_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 					set_error(conn, error, ERRCODE_UNDEFINED_DATABASE, false,
 							  "Redis has 16 databases (0 to 15) unless its \"databases\" setting says otherwise; correct the /db part of dwh.redis_url and reload the configuration.",
 							  "Redis at %s has no database %d: %s",
-							  conn->address, hs->db, reply->str);
+							  conn->address, hs->db, server_text(conn, reply->str));
 					return false;
 				}
 				return server_error(conn, error, "SELECT", reply->str);
@@ -501,13 +522,14 @@ mget_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 
 /*
  * dwh_redis_mget
- *		Read keys[0..n) as a pipeline of MGET commands of MGET_KEYS keys;
+ *		Read keys[0..n) (of lens[0..n) bytes) as a pipeline of MGET
+ *		commands of MGET_KEYS keys;
  *		fn sees each value while its reply is alive (no copy is made of
  *		values the caller does not keep).
  */
 bool
-dwh_redis_mget(DwhRedisConn *conn, char **keys, int n, DwhRedisValueFn fn,
-			   void *arg, DwhRedisError *error)
+dwh_redis_mget(DwhRedisConn *conn, char **keys, const size_t *lens, int n,
+			   DwhRedisValueFn fn, void *arg, DwhRedisError *error)
 {
 	const char **argv = palloc(sizeof(char *) * (MGET_KEYS + 1));
 	size_t	   *argvlen = palloc(sizeof(size_t) * (MGET_KEYS + 1));
@@ -528,7 +550,7 @@ dwh_redis_mget(DwhRedisConn *conn, char **keys, int n, DwhRedisValueFn fn,
 		for (i = 0; i < count; i++)
 		{
 			argv[i + 1] = keys[first + i];
-			argvlen[i + 1] = strlen(keys[first + i]);
+			argvlen[i + 1] = lens[first + i];
 		}
 		if (redisAppendCommandArgv(conn->ctx, count + 1, argv, argvlen) != REDIS_OK)
 			ereport(ERROR,

@@ -30,14 +30,15 @@ typedef struct DwhRedisError
 typedef void (*DwhRedisValueFn) (void *arg, int index, bool found,
 								 const char *data, size_t len);
 
-/* Called once per key returned by a SCAN step. */
+/* Called once per key returned by a SCAN step: any bytes, NUL included. */
 typedef void (*DwhRedisKeyFn) (void *arg, const char *key, size_t len);
 
 extern DwhRedisConn *dwh_redis_connect(const DwhRedisUrl *url, int timeout_ms,
 									   DwhRedisError *error);
 extern void dwh_redis_disconnect(DwhRedisConn *conn);
 extern bool dwh_redis_conn_is_clean(DwhRedisConn *conn);
-extern bool dwh_redis_mget(DwhRedisConn *conn, char **keys, int n,
+extern bool dwh_redis_mget(DwhRedisConn *conn, char **keys,
+						   const size_t *lens, int n,
 						   DwhRedisValueFn fn, void *arg,
 						   DwhRedisError *error);
 extern bool dwh_redis_scan(DwhRedisConn *conn, const char *cursor,

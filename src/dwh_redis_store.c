@@ -25,6 +25,14 @@
  * again are dead-lettered with the error.  Errors that are not about data
  * are raised: the worker retries the batch.
  *
+ * A key is bytes too.  One that SCAN finds and that is not valid UTF-8,
+ * holds a NUL byte or is longer than any id an order can name is never
+ * written to a text column (pg_restore would refuse the whole table, and a
+ * key cut at its NUL would stand for another key): it is dead-lettered
+ * with the key in raw and no source_key, its value not read.  A unique
+ * index on the SHA-256 of such keys makes a refused key one dead letter,
+ * however many refresh passes find it again.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -34,6 +42,7 @@
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "utils/array.h"
@@ -75,6 +84,7 @@ typedef struct Decision
 static SPIPlanPtr upsert_users_plan = NULL;
 static SPIPlanPtr upsert_restaurants_plan = NULL;
 static SPIPlanPtr dead_letters_plan = NULL;
+static SPIPlanPtr refused_keys_plan = NULL;
 static SPIPlanPtr keys_plan = NULL;
 
 static const char *upsert_users_sql =
@@ -93,6 +103,16 @@ static const char *dead_letters_sql =
 "SELECT 'redis', d.k, d.raw, d.reason, d.sqlstate, d.raw_length, d.raw_sha256 "
 "FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::bigint[], $6::bytea[]) "
 "     AS d(k, raw, reason, sqlstate, raw_length, raw_sha256)";
+
+static const char *refused_keys_sql =
+"INSERT INTO dwh.dead_letters "
+"  (source, raw, reason, sqlstate, raw_length, raw_sha256) "
+"SELECT 'redis', d.raw, d.reason, d.sqlstate, d.raw_length, d.raw_sha256 "
+"FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bigint[], $5::bytea[]) "
+"     AS d(raw, reason, sqlstate, raw_length, raw_sha256) "
+"ORDER BY d.raw_sha256 "
+"ON CONFLICT (raw_sha256) WHERE source = 'redis' AND source_key IS NULL "
+"DO NOTHING";
 
 static const char *keys_sql =
 "INSERT INTO dwh.redis_keys AS r (key, kind, state, value_hash, reason, changed_at) "
@@ -158,6 +178,13 @@ prepare_plans(void)
 
 		dead_letters_plan = dwh_prepare_kept(dead_letters_sql, 6, types);
 	}
+	if (refused_keys_plan == NULL)
+	{
+		Oid			types[5] = {BYTEAARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+		INT8ARRAYOID, BYTEAARRAYOID};
+
+		refused_keys_plan = dwh_prepare_kept(refused_keys_sql, 5, types);
+	}
 	if (keys_plan == NULL)
 	{
 		Oid			types[5] = {TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
@@ -177,6 +204,7 @@ forget_plans(void)
 	upsert_users_plan = NULL;
 	upsert_restaurants_plan = NULL;
 	dead_letters_plan = NULL;
+	refused_keys_plan = NULL;
 	keys_plan = NULL;
 }
 
@@ -263,12 +291,105 @@ dwh_redis_store_sync_hubs(void)
 }
 
 /*
- * dwh_redis_store_add_keys
- *		Record keys found by SCAN; those already known are left alone
- *		(and cost no write).  Returns how many are new.
+ * dwh_redis_key_refused
+ *		Can a key found by SCAN not be a text key?  If so, fill refused
+ *		(the kept bytes are palloc'd) and return true.  Lengths, never
+ *		strlen: a key may hold NUL bytes.
+ */
+bool
+dwh_redis_key_refused(const char *key, size_t len, DwhRedisRefusedKey *refused)
+{
+	const char *nul;
+
+	memset(refused, 0, sizeof(DwhRedisRefusedKey));
+	if (len > DWH_MAX_KEY_LEN)
+	{
+		refused->sqlstate = ERRCODE_STRING_DATA_RIGHT_TRUNCATION;
+		refused->reason = psprintf("Redis key of %zu bytes is longer than %d bytes, the longest id an order can name (raw holds the key; its value was not read)",
+								   len, DWH_MAX_KEY_LEN);
+	}
+	else if ((nul = memchr(key, '\0', len)) != NULL)
+	{
+		refused->sqlstate = ERRCODE_CHARACTER_NOT_IN_REPERTOIRE;
+		refused->reason = psprintf("Redis key holds a NUL byte at byte %d (raw holds the key; its value was not read)",
+								   (int) (nul - key) + 1);
+	}
+	else if (!pg_verify_mbstr(PG_UTF8, key, (int) len, true))
+	{
+		refused->sqlstate = ERRCODE_CHARACTER_NOT_IN_REPERTOIRE;
+		refused->reason = psprintf("Redis key is not valid UTF-8 from byte %d on (raw holds the key; its value was not read)",
+								   pg_encoding_verifymbstr(PG_UTF8, key, (int) len) + 1);
+	}
+	else
+		return false;
+
+	refused->len = len;
+	refused->kept = dwh_dead_letter_kept(len);
+	refused->raw = palloc(Max(refused->kept, 1));
+	memcpy(refused->raw, key, refused->kept);
+	dwh_sha256(key, len, refused->sha256);
+	return true;
+}
+
+/*
+ * dwh_redis_store_refuse_keys
+ *		Dead-letter the keys SCAN found that cannot be text keys, each once:
+ *		one already dead-lettered (the same bytes) is left alone.  Returns
+ *		how many are new.
  */
 int
-dwh_redis_store_add_keys(char **keys, int n)
+dwh_redis_store_refuse_keys(DwhRedisRefusedKey *keys, int n)
+{
+	DwhColumn	raw,
+				reason,
+				sqlstate,
+				length,
+				hash;
+	Datum		args[5];
+	int			i;
+	int			rc;
+	int			added;
+
+	if (n == 0)
+		return 0;
+	begin_work("dwh: dead-lettering Redis keys that cannot be text");
+	prepare_plans();
+	dwh_column_init(&raw, BYTEAOID, n);
+	dwh_column_init(&reason, TEXTOID, n);
+	dwh_column_init(&sqlstate, TEXTOID, n);
+	dwh_column_init(&length, INT8OID, n);
+	dwh_column_init(&hash, BYTEAOID, n);
+	for (i = 0; i < n; i++)
+	{
+		dwh_column_add(&raw, dwh_bytea_datum(keys[i].raw, (int) keys[i].kept), false);
+		dwh_column_add(&reason, CStringGetTextDatum(keys[i].reason), false);
+		dwh_column_add(&sqlstate,
+					   CStringGetTextDatum(unpack_sql_state(keys[i].sqlstate)), false);
+		dwh_column_add(&length, Int64GetDatum((int64) keys[i].len), false);
+		dwh_column_add(&hash, dwh_bytea_datum(keys[i].sha256, DWH_SHA256_LEN), false);
+	}
+	args[0] = dwh_column_array(&raw);
+	args[1] = dwh_column_array(&reason);
+	args[2] = dwh_column_array(&sqlstate);
+	args[3] = dwh_column_array(&length);
+	args[4] = dwh_column_array(&hash);
+	rc = SPI_execute_plan(refused_keys_plan, args, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "could not record dead letters of Redis keys: %s",
+			 SPI_result_code_string(rc));
+	added = (int) SPI_processed;
+	end_work();
+	return added;
+}
+
+/*
+ * dwh_redis_store_add_keys
+ *		Record keys found by SCAN (each checked by dwh_redis_key_refused);
+ *		those already known are left alone (and cost no write).  Returns
+ *		how many are new.
+ */
+int
+dwh_redis_store_add_keys(char **keys, size_t *lens, int n)
 {
 	DwhColumn		col;
 	Datum		args[1];
@@ -282,7 +403,8 @@ dwh_redis_store_add_keys(char **keys, int n)
 	begin_work("dwh: recording the Redis keys found by SCAN");
 	dwh_column_init(&col, TEXTOID, n);
 	for (i = 0; i < n; i++)
-		dwh_column_add(&col, CStringGetTextDatum(keys[i]), false);
+		dwh_column_add(&col, PointerGetDatum(cstring_to_text_with_len(keys[i], (int) lens[i])),
+					   false);
 	args[0] = dwh_column_array(&col);
 
 	/*
@@ -352,8 +474,13 @@ fetch_keys(const char *activity, const char *sql, int nargs, Oid *types,
 		DwhRedisKey *k = &result[i];
 		bool		isnull;
 		Datum		hash;
+		text	   *key;
 
-		k->key = MemoryContextStrdup(caller, SPI_getvalue(tup, desc, 1));
+		key = DatumGetTextPP(SPI_getbinval(tup, desc, 1, &isnull));
+		k->key_len = VARSIZE_ANY_EXHDR(key);
+		k->key = MemoryContextAlloc(caller, k->key_len + 1);
+		memcpy(k->key, VARDATA_ANY(key), k->key_len);
+		k->key[k->key_len] = '\0';
 		k->kind = kind_from_name(SPI_getvalue(tup, desc, 2));
 		k->state = state_from_name(SPI_getvalue(tup, desc, 3));
 		hash = SPI_getbinval(tup, desc, 4, &isnull);
@@ -592,7 +719,8 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	{
 		DwhRedisKey *k = &keys[idx[i]];
 		Decision   *d = &decisions[idx[i]];
-		Datum		key = CStringGetTextDatum(k->key);
+		Datum		key = PointerGetDatum(cstring_to_text_with_len(k->key,
+																   (int) k->key_len));
 
 		if (d->target == TARGET_NOTHING)
 			continue;

@@ -32,7 +32,8 @@ typedef enum DwhRedisState
 /* One key of a batch: what the database knows, then what Redis said. */
 typedef struct DwhRedisKey
 {
-	char	   *key;
+	char	   *key;			/* valid UTF-8, no NUL: text */
+	size_t		key_len;
 	DwhRedisKind kind;
 	DwhRedisState state;
 	bool		has_hash;
@@ -48,6 +49,21 @@ typedef struct DwhRedisKey
 	uint8		sha256[DWH_SHA256_LEN];	/* of the whole value */
 } DwhRedisKey;
 
+/*
+ * A key found by SCAN that cannot be a text key: not valid UTF-8, a NUL
+ * byte, or longer than any id an order can name.  Its dead letter keeps
+ * the key's bytes as a value's would be kept.
+ */
+typedef struct DwhRedisRefusedKey
+{
+	char	   *raw;			/* the first kept bytes of the key */
+	size_t		kept;
+	size_t		len;			/* the key's full length */
+	uint8		sha256[DWH_SHA256_LEN]; /* of the whole key */
+	int			sqlstate;
+	char	   *reason;
+} DwhRedisRefusedKey;
+
 /* What a batch did. */
 typedef struct DwhRedisApplyResult
 {
@@ -59,7 +75,10 @@ typedef struct DwhRedisApplyResult
 extern bool dwh_redis_store_ready(void);
 extern int	dwh_redis_store_take_wanted(void);
 extern int	dwh_redis_store_sync_hubs(void);
-extern int	dwh_redis_store_add_keys(char **keys, int n);
+extern bool dwh_redis_key_refused(const char *key, size_t len,
+								  DwhRedisRefusedKey *refused);
+extern int	dwh_redis_store_add_keys(char **keys, size_t *lens, int n);
+extern int	dwh_redis_store_refuse_keys(DwhRedisRefusedKey *keys, int n);
 extern int	dwh_redis_store_new_keys(int limit, DwhRedisKey **keys);
 extern int	dwh_redis_store_page(const char *after, int limit,
 								 DwhRedisKey **keys);

@@ -396,14 +396,18 @@ mirror_batch(DwhRedisKey *keys, int n, DwhRedisApplyResult *result,
 			 DwhRedisError *error)
 {
 	char	  **names = palloc(sizeof(char *) * Max(n, 1));
+	size_t	   *lens = palloc(sizeof(size_t) * Max(n, 1));
 	SeenArg		arg;
 	int			i;
 
 	memset(result, 0, sizeof(DwhRedisApplyResult));
 	for (i = 0; i < n; i++)
+	{
 		names[i] = keys[i].key;
+		lens[i] = keys[i].key_len;
+	}
 	arg.keys = keys;
-	if (!dwh_redis_mget(conn, names, n, value_seen, &arg, error))
+	if (!dwh_redis_mget(conn, names, lens, n, value_seen, &arg, error))
 		return false;
 	dwh_redis_store_apply(keys, n, dwh_redis_max_value_size, result);
 	if (result->values_changed > 0)
@@ -439,35 +443,58 @@ fetch_new_keys(DwhRedisError *error)
 	return true;
 }
 
-/* Gathers the keys of SCAN steps. */
+/* Gathers the keys of SCAN steps: text keys, and keys refused as such. */
 typedef struct ScanKeys
 {
 	char	  **keys;
+	size_t	   *lens;
 	int			n;
 	int			capacity;
+	DwhRedisRefusedKey *refused;
+	int			n_refused;
+	int			refused_capacity;
 } ScanKeys;
 
 static void
 key_found(void *arg, const char *key, size_t len)
 {
 	ScanKeys   *sk = (ScanKeys *) arg;
+	DwhRedisRefusedKey refused;
 
+	if (dwh_redis_key_refused(key, len, &refused))
+	{
+		if (sk->n_refused == sk->refused_capacity)
+		{
+			sk->refused_capacity *= 2;
+			sk->refused = repalloc(sk->refused,
+								   sizeof(DwhRedisRefusedKey) * sk->refused_capacity);
+		}
+		sk->refused[sk->n_refused++] = refused;
+		return;
+	}
 	if (sk->n == sk->capacity)
 	{
 		sk->capacity *= 2;
 		sk->keys = repalloc(sk->keys, sizeof(char *) * sk->capacity);
+		sk->lens = repalloc(sk->lens, sizeof(size_t) * sk->capacity);
 	}
-	sk->keys[sk->n++] = pnstrdup(key, len);
+	sk->keys[sk->n] = palloc(len + 1);
+	memcpy(sk->keys[sk->n], key, len);
+	sk->keys[sk->n][len] = '\0';
+	sk->lens[sk->n] = len;
+	sk->n++;
 }
 
 /*
  * Walk the keyspace with SCAN MATCH dwh.redis_scan_pattern and record the
- * keys not known yet.
+ * keys not known yet; dead-letter those that cannot be text keys (once:
+ * every pass finds them again).
  */
 static bool
 scan_keys(DwhRedisError *error)
 {
 	char		cursor[64] = "0";
+	int			refused;
 
 	dwh_status_set_state(slot, "scanning Redis keys");
 	do
@@ -481,6 +508,10 @@ scan_keys(DwhRedisError *error)
 		sk.capacity = 1024;
 		sk.n = 0;
 		sk.keys = palloc(sizeof(char *) * sk.capacity);
+		sk.lens = palloc(sizeof(size_t) * sk.capacity);
+		sk.refused_capacity = 16;
+		sk.n_refused = 0;
+		sk.refused = palloc(sizeof(DwhRedisRefusedKey) * sk.refused_capacity);
 		/* Gather about a batch of keys, then record them at once. */
 		do
 		{
@@ -489,9 +520,16 @@ scan_keys(DwhRedisError *error)
 								key_found, &sk, error))
 				return false;
 			strlcpy(cursor, next, sizeof(cursor));
-		} while (strcmp(cursor, "0") != 0 && sk.n < dwh_redis_batch_size);
-		if (dwh_redis_store_add_keys(sk.keys, sk.n) > 0)
+		} while (strcmp(cursor, "0") != 0 &&
+				 sk.n + sk.n_refused < dwh_redis_batch_size);
+		if (dwh_redis_store_add_keys(sk.keys, sk.lens, sk.n) > 0)
 			new_keys_pending = true;
+		refused = dwh_redis_store_refuse_keys(sk.refused, sk.n_refused);
+		if (refused > 0)
+			ereport(LOG,
+					(errmsg("dwh redis worker: %d Redis keys found by SCAN cannot be text keys and were dead-lettered",
+							refused),
+					 errhint("See dwh.dead_letters rows with source 'redis' and no source_key: raw holds each key.")));
 	} while (strcmp(cursor, "0") != 0);
 	MemoryContextSwitchTo(cycle_context);
 	return true;
@@ -684,6 +722,8 @@ dwh_redis_worker_main(Datum main_arg)
 			continue;
 		}
 		backoff_ms = 0;
+		/* Recovered: the last error no longer holds (the log keeps it). */
+		dwh_status_clear_error(slot);
 		dwh_status_set_state(slot, "mirroring");
 
 		sleep_ms = WANTED_POLL_MS;

@@ -26,6 +26,7 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
+#include "dwh_message.h"
 #include "dwh_status.h"
 
 static DwhSharedStatus *shared = NULL;
@@ -143,6 +144,8 @@ dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
 	va_start(args, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, args);
 	va_end(args);
+	/* Read as text by dwh.status: never invalid, even when cut short. */
+	dwh_valid_utf8_in_place(buf);
 
 	SpinLockAcquire(&slot->mutex);
 	if (strcmp(slot->state, buf) != 0)
@@ -157,6 +160,8 @@ dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
  * dwh_status_set_error
  *		Publish the last error and its time.  Callers pass text that holds
  *		no secret (librdkafka and hiredis messages never carry passwords).
+ *		Library and server texts may hold any bytes, and a long one is cut
+ *		at DWH_ERROR_LEN: what dwh.status shows is made valid UTF-8.
  */
 void
 dwh_status_set_error(DwhWorkerStatus *slot, const char *fmt,...)
@@ -168,10 +173,25 @@ dwh_status_set_error(DwhWorkerStatus *slot, const char *fmt,...)
 	va_start(args, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, args);
 	va_end(args);
+	dwh_valid_utf8_in_place(buf);
 
 	SpinLockAcquire(&slot->mutex);
 	strlcpy(slot->last_error, buf, DWH_ERROR_LEN);
 	slot->last_error_at = now;
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_clear_error
+ *		Forget the last error: the worker has recovered from it.  (The
+ *		server log keeps every error.)
+ */
+void
+dwh_status_clear_error(DwhWorkerStatus *slot)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->last_error[0] = '\0';
+	slot->last_error_at = 0;
 	SpinLockRelease(&slot->mutex);
 }
 

@@ -110,6 +110,21 @@ sub set
 	die "SET $key: $out" unless $out eq 'OK';
 }
 
+# SET key to value, both any bytes (NUL included): the command goes to
+# redis-cli --pipe in the protocol's own framing, which carries lengths.
+sub set_bytes
+{
+	my ($self, $key, $value) = @_;
+	my $command = '';
+	$command .= '$' . length($_) . "\r\n$_\r\n" for ('SET', $key, $value);
+	my @cmd = ('redis-cli', '-h', '127.0.0.1', '-p', $self->{port},
+		'-a', $self->{password}, '--no-auth-warning', '--pipe');
+	my ($out, $err) = ('', '');
+	IPC::Run::run(\@cmd, '<', \"*3\r\n$command", '>', \$out, '2>', \$err)
+	  or die "redis-cli --pipe failed: $err";
+	die "SET of a binary key: $out" unless $out =~ /errors: 0, replies: 1/;
+}
+
 sub del
 {
 	my ($self, @keys) = @_;
