@@ -1463,7 +1463,17 @@ CREATE UNIQUE INDEX dead_letters_kafka_position_idx
     WHERE kafka_offset IS NOT NULL;
 COMMENT ON TABLE dwh.dead_letters IS 'Values that could not be loaded, with their raw bytes (a bounded prefix), origin and reason';
 COMMENT ON COLUMN dwh.dead_letters.source IS 'Who handed it in: kafka (the Kafka worker), redis (the Redis worker) or sql (dwh.ingest_order[s]); part of what identifies it with its Kafka position';
-COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received, or its first dwh.dead_letter_keep_bytes bytes when it is longer (then shorter than raw_length)';
+COMMENT ON COLUMN dwh.dead_letters.raw IS 'The value exactly as received (for a Redis key refused as a key: the key), or its first dwh.dead_letter_keep_bytes bytes when it is longer (then shorter than raw_length)';
+COMMENT ON COLUMN dwh.dead_letters.source_key IS 'Redis key (or Kafka message key), when known; NULL for a Redis key refused as a key (not valid UTF-8, a NUL byte, longer than 128 bytes), whose bytes are in raw';
+-- A Redis key found by SCAN that cannot be a text key (not valid UTF-8, a
+-- NUL byte, longer than 128 bytes) is dead-lettered with source_key NULL
+-- and the key in raw.  Every refresh pass finds it again: this index keeps
+-- one dead letter per such key.  (1.0 always wrote source_key for Redis:
+-- its rows cannot break it.  Keys that 1.0 stored and 1.1 would refuse stay
+-- where they are; see docs/upgrades.md.)
+CREATE UNIQUE INDEX dead_letters_redis_key_idx
+    ON dwh.dead_letters (raw_sha256)
+    WHERE source = 'redis' AND source_key IS NULL;
 COMMENT ON COLUMN dwh.dead_letters.raw_length IS 'Length in bytes of the whole value';
 COMMENT ON COLUMN dwh.dead_letters.raw_sha256 IS 'SHA-256 of the whole value: checks a copy found elsewhere, and the same bytes at the same source and position are a replay, kept once';
 COMMENT ON COLUMN dwh.dead_letters.position_mismatch IS 'True when other bytes were already stored at this source and Kafka position (as a dead letter or an other event): a recreated topic, or a caller that named a wrong position';
