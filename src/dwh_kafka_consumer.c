@@ -779,11 +779,11 @@ dwh_kafka_consumer_is_stopped(DwhKafkaConsumer *c, int32 partition)
 /*
  * dwh_kafka_consumer_query_watermarks
  *		Ask the partition's leader for its first and next offsets.  Blocks
- *		for at most a few seconds; on failure returns false with the reason.
+ *		for at most timeout_ms; on failure returns false with the reason.
  */
 bool
 dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
-									int64 *low, int64 *high,
+									int64 *low, int64 *high, int timeout_ms,
 									char *error, size_t error_size)
 {
 	int64_t		lo = -1;
@@ -791,7 +791,7 @@ dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
 	rd_kafka_resp_err_t err;
 
 	err = rd_kafka_query_watermark_offsets(c->rk, c->topic, partition,
-										   &lo, &hi, 3000);
+										   &lo, &hi, timeout_ms);
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		snprintf(error, error_size, "%s", rd_kafka_err2str(err));

@@ -64,7 +64,7 @@ extern bool dwh_kafka_consumer_is_stopped(DwhKafkaConsumer *consumer,
 extern bool dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *consumer,
 												int32 partition,
 												int64 *low, int64 *high,
-												char *error,
+												int timeout_ms, char *error,
 												size_t error_size);
 extern void dwh_kafka_consumer_revoke(DwhKafkaConsumer *consumer);
 extern void dwh_kafka_consumer_seek(DwhKafkaConsumer *consumer,

@@ -67,6 +67,7 @@
 #define BACKOFF_MAX_MS		30000
 #define NOT_READY_RECHECK_MS	5000
 #define WATERMARK_INTERVAL_MS	1000
+#define RECOVERY_PROBE_MS		5000
 #define GAP_RETRY_MS			1000
 
 PGDLLEXPORT void dwh_kafka_worker_main(Datum main_arg);
@@ -92,6 +93,7 @@ static bool ready_checked = false;
 static char last_logged_wait[DWH_STATE_LEN];
 static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
+static TimestampTz last_recovery_probe = 0;
 static MemoryContext loop_context = NULL;
 /* dwh.status says "waiting for the broker" (librdkafka said all are down). */
 static bool waiting_for_broker = false;
@@ -323,6 +325,32 @@ broker_answered(void)
 		waiting_for_broker = false;
 		dwh_status_set_state(slot, "consuming");
 	}
+}
+
+/*
+ * dwh.status's last error says what keeps the worker from consuming now.
+ * Each applied batch clears it; an idle worker with an error shown asks
+ * the leader of a partition it owns, every few seconds, and clears it once
+ * the broker answers.  (The log keeps every error.)
+ */
+static void
+probe_recovery(void)
+{
+	int32	   *owned;
+	int64		low;
+	int64		high;
+	char		error[256];
+
+	if (!dwh_status_has_error(slot) ||
+		!TimestampDifferenceExceeds(last_recovery_probe, GetCurrentTimestamp(),
+									RECOVERY_PROBE_MS))
+		return;
+	last_recovery_probe = GetCurrentTimestamp();
+	if (dwh_kafka_consumer_assignment(consumer, &owned) == 0)
+		return;
+	if (dwh_kafka_consumer_query_watermarks(consumer, owned[0], &low, &high,
+											500, error, sizeof(error)))
+		dwh_status_clear_error(slot);
 }
 
 static void
@@ -637,6 +665,8 @@ apply_batch(void)
 	pgstat_report_stat(false);
 
 	dwh_status_count_batch(slot, n_keep, result.dead_lettered);
+	/* Applied: an earlier error no longer holds (the log keeps it). */
+	dwh_status_clear_error(slot);
 	dwh_kafka_consumer_commit(consumer, next_parts, next, n_next);
 	dwh_kafka_consumer_publish_watermarks(consumer);
 	batch_clear();
@@ -721,7 +751,7 @@ serve_gaps(void)
 		if (g->low >= 0 && g->high >= 0)
 			continue;
 		if (!dwh_kafka_consumer_query_watermarks(consumer, g->partition,
-												 &g->low, &g->high,
+												 &g->low, &g->high, 3000,
 												 error, sizeof(error)))
 		{
 			dwh_status_set_error(slot, "could not read the watermarks of partition %d: %s",
@@ -1002,6 +1032,7 @@ dwh_kafka_worker_main(Datum main_arg)
 		{
 			dwh_kafka_consumer_publish_watermarks(consumer);
 			last_watermarks = GetCurrentTimestamp();
+			probe_recovery();
 		}
 
 		/* Nothing due: sleep until a message, a signal or the batch wait. */

@@ -182,6 +182,21 @@ dwh_status_set_error(DwhWorkerStatus *slot, const char *fmt,...)
 }
 
 /*
+ * dwh_status_has_error
+ *		Does the slot show an error?
+ */
+bool
+dwh_status_has_error(DwhWorkerStatus *slot)
+{
+	bool		has;
+
+	SpinLockAcquire(&slot->mutex);
+	has = slot->last_error[0] != '\0';
+	SpinLockRelease(&slot->mutex);
+	return has;
+}
+
+/*
  * dwh_status_clear_error
  *		Forget the last error: the worker has recovered from it.  (The
  *		server log keeps every error.)

@@ -87,6 +87,7 @@ extern void dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
 			pg_attribute_printf(2, 3);
 extern void dwh_status_set_error(DwhWorkerStatus *slot, const char *fmt,...)
 			pg_attribute_printf(2, 3);
+extern bool dwh_status_has_error(DwhWorkerStatus *slot);
 extern void dwh_status_clear_error(DwhWorkerStatus *slot);
 extern void dwh_status_set_assigned(DwhWorkerStatus *slot,
 									const int32 *partitions, int n);

@@ -42,6 +42,9 @@ ok(wait_for($node,
 my $during = stored_total($node);
 broker_command('restart', $broker->{dir});
 ok(wait_applied($node, $a->{messages}), 'the stream resumes by itself once the broker is back');
+ok(wait_for($node,
+		"SELECT bool_and(last_error IS NULL AND last_error_at IS NULL) FROM dwh.status WHERE worker LIKE 'kafka%'"),
+	'once batches are applied again, dwh.status shows no error');
 note("$during of $a->{messages} messages were applied when the broker stopped");
 check_consistent($node, 'after the broker restart');
 check_manifest_counts($node, $a, 'after the broker restart');
@@ -62,6 +65,9 @@ $locker->query_safe('ROLLBACK;');
 $locker->quit;
 ok(wait_applied($node, $a->{messages} + $b->{messages}),
 	'every message applied once the lock is released');
+ok(wait_for($node,
+		"SELECT bool_and(last_error IS NULL) FROM dwh.status WHERE worker LIKE 'kafka%'"),
+	'and the lock timeout no longer shows as the last error');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
 	$a->{object_ids}{count} + $b->{object_ids}{count},
 	'every order in STG once');
