@@ -299,7 +299,7 @@ set_waiting_hint(const char *reason, const char *hint)
 	{
 		strlcpy(last_logged_wait, reason, sizeof(last_logged_wait));
 		ereport(LOG,
-				(errmsg("dwh kafka worker %d: %s", worker_index, reason),
+				(errmsg("%s", reason),
 				 hint ? errhint("%s", hint) : 0));
 	}
 }
@@ -379,8 +379,8 @@ process_reload(void)
 	if (strcmp(dwh_database, connected_database) != 0)
 	{
 		ereport(LOG,
-				(errmsg("dwh kafka worker %d: dwh.database changed from \"%s\" to \"%s\", restarting",
-						worker_index, connected_database, dwh_database)));
+				(errmsg("dwh.database changed from \"%s\" to \"%s\", restarting",
+						connected_database, dwh_database)));
 		proc_exit(1);
 	}
 
@@ -389,8 +389,7 @@ process_reload(void)
 	{
 		if (consumer != NULL)
 			ereport(LOG,
-					(errmsg("dwh kafka worker %d: Kafka settings changed, reconnecting",
-							worker_index)));
+					(errmsg("Kafka settings changed, reconnecting")));
 		drop_consumer();
 		ready_checked = false;
 	}
@@ -457,7 +456,8 @@ connect_consumer(void)
 		dwh_status_set_error(slot, "%s", error);
 		ereport(LOG,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("dwh kafka worker %d: %s", worker_index, error),
+				 errmsg("could not create the Kafka consumer"),
+				 errdetail_internal("%s", error),
 				 errhint("Correct the Kafka settings and reload the configuration.")));
 		strlcpy(last_logged_wait, "waiting: invalid Kafka settings",
 				sizeof(last_logged_wait));
@@ -560,8 +560,8 @@ serve_seeks(void)
 	batch_drop_partitions(parts, n);
 	for (i = 0; i < n; i++)
 		ereport(LOG,
-				(errmsg("dwh kafka worker %d: partition %d moved to offset " INT64_FORMAT,
-						worker_index, parts[i], offsets[i])));
+				(errmsg("Kafka partition %d moved to offset " INT64_FORMAT,
+						parts[i], offsets[i])));
 
 	/*
 	 * librdkafka does not seek a partition that is not fetching: one stopped
@@ -888,14 +888,15 @@ gather(void)
 				}
 				ereport(LOG,
 						(errcode(ERRCODE_CONNECTION_FAILURE),
-						 errmsg("dwh kafka worker %d: %s", worker_index, ev.error)));
+						 errmsg("Kafka consumer error"),
+						 errdetail_internal("%s", ev.error)));
 				break;
 			case DWH_KAFKA_FATAL:
 				dwh_status_set_error(slot, "%s", ev.error);
 				ereport(LOG,
 						(errcode(ERRCODE_CONNECTION_FAILURE),
-						 errmsg("dwh kafka worker %d: fatal consumer error, reconnecting: %s",
-								worker_index, ev.error)));
+						 errmsg("fatal Kafka consumer error, reconnecting"),
+						 errdetail_internal("%s", ev.error)));
 				drop_consumer();
 				backoff_ms = BACKOFF_MAX_MS;
 				return;

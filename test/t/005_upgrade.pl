@@ -75,7 +75,7 @@ for my $worker ('kafka 1', 'redis')
 my $log = slurp_file($node->logfile);
 like(
 	$log,
-	qr/LOG:  dwh kafka worker 1: \Q$waiting\E\n(?:.*\n)?.*HINT:  Run ALTER EXTENSION dwh UPDATE in database "a"; the worker goes on by itself within seconds\./,
+	qr/LOG:  \Q$waiting\E\n(?:.*\n)?.*HINT:  Run ALTER EXTENSION dwh UPDATE in database "a"; the worker goes on by itself within seconds\./,
 	'the Kafka worker logs why it waits, with a hint');
 like(
 	$log,
