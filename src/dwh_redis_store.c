@@ -239,7 +239,7 @@ run(const char *sql, int expected)
 	int			rc = SPI_execute(sql, false, 0);
 
 	if (rc != expected)
-		elog(ERROR, "dwh redis worker: statement failed: %s",
+		elog(ERROR, "statement failed: %s",
 			 SPI_result_code_string(rc));
 	return (int) SPI_processed;
 }
@@ -417,7 +417,7 @@ dwh_redis_store_add_keys(char **keys, size_t *lens, int n)
 							   "ORDER BY 1 ON CONFLICT (key) DO NOTHING",
 							   1, types, args, NULL, false, 0);
 	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "dwh redis worker: could not record keys: %s",
+		elog(ERROR, "could not record keys: %s",
 			 SPI_result_code_string(rc));
 	added = (int) SPI_processed;
 	end_work();
@@ -463,7 +463,7 @@ fetch_keys(const char *activity, const char *sql, int nargs, Oid *types,
 	begin_work(activity);
 	rc = SPI_execute_with_args(sql, nargs, types, args, NULL, true, 0);
 	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "dwh redis worker: could not read dwh.redis_keys: %s",
+		elog(ERROR, "could not read dwh.redis_keys: %s",
 			 SPI_result_code_string(rc));
 	n = (int) SPI_processed;
 	result = MemoryContextAllocZero(caller, sizeof(DwhRedisKey) * Max(n, 1));
@@ -913,7 +913,7 @@ dwh_redis_store_counts(int64 *mirrored, int64 *missing)
 					 "       pg_catalog.count(*) FILTER (WHERE state IN ('missing', 'refused')) "
 					 "FROM dwh.redis_keys", true, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "dwh redis worker: could not count keys: %s",
+		elog(ERROR, "could not count keys: %s",
 			 SPI_result_code_string(rc));
 	*mirrored = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 											SPI_tuptable->tupdesc, 1, &isnull));

@@ -201,7 +201,7 @@ set_state_logged_hint(const char *state, const char *hint)
 	{
 		strlcpy(last_logged, state, sizeof(last_logged));
 		ereport(LOG,
-				(errmsg("dwh redis worker: %s", state),
+				(errmsg("%s", state),
 				 hint ? errhint("%s", hint) : 0));
 	}
 }
@@ -252,7 +252,7 @@ process_reload(void)
 	if (strcmp(dwh_database, connected_database) != 0)
 	{
 		ereport(LOG,
-				(errmsg("dwh redis worker: dwh.database changed from \"%s\" to \"%s\", restarting",
+				(errmsg("dwh.database changed from \"%s\" to \"%s\", restarting",
 						connected_database, dwh_database)));
 		proc_exit(1);
 	}
@@ -271,7 +271,7 @@ process_reload(void)
 	{
 		if (conn != NULL)
 			ereport(LOG,
-					(errmsg("dwh redis worker: Redis settings changed, reconnecting")));
+					(errmsg("Redis settings changed, reconnecting")));
 		drop_connection();
 		backoff_ms = 0;
 		last_logged[0] = '\0';
@@ -347,7 +347,7 @@ redis_failed(DwhRedisError *error)
 		strlcpy(last_logged, error->message, sizeof(last_logged));
 		ereport(LOG,
 				(errcode(error->sqlstate),
-				 errmsg("dwh redis worker: %s", error->message),
+				 errmsg("%s", error->message),
 				 error->hint ? errhint("%s", error->hint) : 0));
 	}
 }
@@ -367,7 +367,7 @@ connect_redis(void)
 	}
 	dwh_redis_url_redacted(used_url, address, sizeof(address));
 	ereport(LOG,
-			(errmsg("dwh redis worker: connected to Redis at %s", address)));
+			(errmsg("connected to Redis at %s", address)));
 	last_logged[0] = '\0';
 	return true;
 }
@@ -527,7 +527,7 @@ scan_keys(DwhRedisError *error)
 		refused = dwh_redis_store_refuse_keys(sk.refused, sk.n_refused);
 		if (refused > 0)
 			ereport(LOG,
-					(errmsg("dwh redis worker: %d Redis keys found by SCAN cannot be text keys and were dead-lettered",
+					(errmsg("%d Redis keys found by SCAN cannot be text keys and were dead-lettered",
 							refused),
 					 errhint("See dwh.dead_letters rows with source 'redis' and no source_key: raw holds each key.")));
 	} while (strcmp(cursor, "0") != 0);
@@ -583,7 +583,7 @@ refresh_pass(DwhRedisError *error)
 	next_refresh = TimestampTzPlusMilliseconds(start,
 											   (int64) dwh_redis_refresh_interval * 1000);
 	ereport(DEBUG1,
-			(errmsg("dwh redis worker: refresh pass done in %.3f ms: " INT64_FORMAT " keys read, " INT64_FORMAT " changes written",
+			(errmsg("refresh pass done in %.3f ms: " INT64_FORMAT " keys read, " INT64_FORMAT " changes written",
 					(double) (GetCurrentTimestamp() - start) / 1000.0,
 					read, changed)));
 	return true;

@@ -79,7 +79,7 @@ like(
 	'the Kafka worker logs why it waits, with a hint');
 like(
 	$log,
-	qr/LOG:  dwh redis worker: \Q$waiting\E\n(?:.*\n)?.*HINT:  Run ALTER EXTENSION dwh UPDATE in database "a"/,
+	qr/LOG:  \Q$waiting\E\n(?:.*\n)?.*HINT:  Run ALTER EXTENSION dwh UPDATE in database "a"/,
 	'the Redis worker logs why it waits, with a hint');
 
 # The ingest functions run SQL that 1.0 lacks: they refuse.

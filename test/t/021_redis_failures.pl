@@ -224,13 +224,13 @@ is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 # 6. The log has the errors with their SQLSTATEs and hints, never the
 #    password; neither has dwh.status.
 my $log = slurp_file($node->logfile);
-like($log, qr/LOG:  28P01: dwh redis worker: Redis at \S+ refused the password/,
+like($log, qr/LOG:  28P01: Redis at \S+ refused the password/,
 	'the wrong password is logged with SQLSTATE 28P01');
 like($log, qr/HINT:  Check the username and password in dwh.redis_url/,
 	'with a hint');
-like($log, qr/LOG:  3D000: dwh redis worker: Redis at \S+ has no database 99/,
+like($log, qr/LOG:  3D000: Redis at \S+ has no database 99/,
 	'the wrong database is logged with SQLSTATE 3D000');
-like($log, qr/LOG:  08001: dwh redis worker: could not connect to Redis/,
+like($log, qr/LOG:  08001: could not connect to Redis/,
 	'Redis down is logged with SQLSTATE 08001');
 unlike($log, qr/\Q$password\E/, 'the password never appears in the log');
 unlike($log, qr/not-the-password/, 'nor does the wrong one');

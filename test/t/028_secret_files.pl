@@ -184,7 +184,7 @@ wait_kafka(qr/^(consuming|waiting for the broker)/,
 
 $node->stop;
 my $log = slurp_file($node->logfile);
-like($log, qr/dwh redis worker: connected to Redis at redis:\/\/:\*\*\*\@127\.0\.0\.1/,
+like($log, qr/connected to Redis at redis:\/\/:\*\*\*\@127\.0\.0\.1/,
 	'the log names Redis by its redacted URL');
 foreach my $secret ($redis_password, $kafka_password)
 {
