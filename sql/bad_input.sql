@@ -127,6 +127,19 @@ SELECT * FROM dwh.ingest_orders(ARRAY[
 SELECT sqlstate, reason FROM dwh.dead_letters;
 SELECT * FROM t.products WHERE user_id = 'u5';
 
+-- Culprits only: a lone message, and a batch whose every message fails on
+-- its own, are dead-lettered too.  Both once freed an error twice and
+-- crashed the server (found by test/t/040_fuzz.pl).
+DELETE FROM dwh.dead_letters;
+SELECT dwh.ingest_order(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 11:00:00', t.items('d5:Долма')));
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 11:00:00', t.items('d5:Долма')), 'UTF8')]);
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 11:00:00', t.items('d5:Долма')), 'UTF8'),
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 12:00:00', t.items('d5:Долма')), 'UTF8')]);
+SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
+SELECT count(*) AS order_666 FROM stg.order_events WHERE object_id = 666;
+
 -- An error that is not about the data (here a serialization failure) is
 -- raised to the caller: nothing is dead-lettered, nothing is applied.
 CREATE OR REPLACE FUNCTION t.reject_666() RETURNS trigger LANGUAGE plpgsql AS $$
