@@ -242,6 +242,17 @@ SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
 SELECT object_type, message->'big' AS big FROM stg.other_events WHERE object_type = 'ping' ORDER BY id;
 SELECT object_id FROM stg.order_events WHERE object_id = 33;
 
+-- A number beyond what jsonb holds (numeric's range) makes a value jsonb
+-- refuses: dead-lettered with 22003, alone or in a batch, like any other
+-- bad value (it was an error of the whole batch; test/t/040_fuzz.pl).
+DELETE FROM dwh.dead_letters;
+SELECT dwh.ingest_order('{"object_id": 4, "object_type": "ping", "tiny": 1e-100000}');
+SELECT * FROM dwh.ingest_orders(ARRAY[convert_to('{"object_id": 5, "huge": 1e200000}', 'UTF8')]);
+SELECT * FROM dwh.ingest_orders(ARRAY[convert_to('{"object_id": 6, "tiny": 1e-16384}', 'UTF8'),
+                                      convert_to('{"object_id": 7, "huge": 1e131072}', 'UTF8')]);
+SELECT sqlstate, reason, convert_from(raw, 'UTF8') AS raw FROM dwh.dead_letters ORDER BY id;
+SELECT count(*) AS pings FROM stg.other_events WHERE object_type = 'ping';
+
 -- Items per order are bounded by dwh.max_order_items: above it a message
 -- is dead-lettered with 54000, a direct write fails with 54000; at the
 -- limit it is applied.
