@@ -145,6 +145,11 @@ my $trouble_re = qr{
 sub server_trouble
 {
 	my @trouble;
+
+	# First the server must take connections: after a crash it does once
+	# it has restarted, and by then the crash is in its log.
+	push @trouble, 'crash: the server does not take connections'
+	  unless $node->poll_query_until('postgres', 'SELECT true');
 	my $log = slurp_file($node->logfile, $log_pos);
 	# Only whole lines: the rest is read next time.
 	my $end = rindex($log, "\n") + 1;
@@ -156,15 +161,6 @@ sub server_trouble
 	my $pid = postmaster_pid();
 	push @trouble, "crash: the postmaster was $first_postmaster, is now $pid"
 	  if $pid ne $first_postmaster;
-	# After a crash, wait until the server takes connections again; what it
-	# logs meanwhile (the restart) belongs to this crash, not to the next
-	# step.
-	if (@trouble)
-	{
-		$node->poll_query_until('postgres', 'SELECT true');
-		my $rest = slurp_file($node->logfile, $log_pos);
-		$log_pos += rindex($rest, "\n") + 1;
-	}
 	return @trouble;
 }
 
@@ -337,7 +333,10 @@ BEGIN
                          AND raw_sha256 = sha256(v) AND raw_length = length(v)
                          AND raw = substring(v FROM 1 FOR keep)
                          AND sqlstate !~ '^XX') THEN
-            RETURN 'refused, but no dead letter keeps the value';
+            RETURN 'refused, but no dead letter keeps the value; the key''s dead letters: '
+                || coalesce((SELECT string_agg(format('%s %s bytes %s', sqlstate, raw_length, left(reason, 80)), '; ' ORDER BY id)
+                             FROM dwh.dead_letters WHERE source = 'redis' AND source_key = k), 'none')
+                || '; its state: ' || (SELECT concat_ws(' ', kind, state, reason) FROM dwh.redis_keys WHERE key = k);
         END IF;
     ELSE
         RETURN 'state ' || s || ' after two refreshes';
@@ -825,12 +824,27 @@ sub wait_two_refreshes
 	return 0;
 }
 
+# SET a key to a value.  IPC::Run hands nothing to redis-cli's stdin for
+# the one value "0" (false in Perl): that one goes as an argument.
+sub redis_set
+{
+	my ($key, $value) = @_;
+	if ($value eq '0')
+	{
+		my $out = $redis->cli('SET', $key, '0');
+		die "SET $key: $out" unless $out eq 'OK';
+		return;
+	}
+	$redis->set($key, $value);
+	return;
+}
+
 # Set values and check where each went; returns the problems found.
 sub redis_values
 {
 	my (%values) = @_;
 	my @problems;
-	$redis->set($_, $values{$_}) foreach sort keys %values;
+	redis_set($_, $values{$_}) foreach sort keys %values;
 	push @problems, 'stalled: the Redis worker did not refresh twice in 60 s: '
 	  . sql('fuzz_redis', q{SELECT state || ' ' || coalesce(last_error, '') FROM dwh.status WHERE worker = 'redis'})
 	  unless wait_two_refreshes();

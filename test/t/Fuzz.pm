@@ -411,6 +411,20 @@ my %tree_mutations = (
 		return (replace_at($root, $p, { t => 's', v => $new }),
 			'string ' . ($p->[2] // 'element') . ' with ' . show_bytes($piece));
 	},
+	broken_escape => sub {
+		my ($rng, $root) = @_;
+		# An escape cut short by a multibyte character: an error text that
+		# quotes the input up to there ends inside the character.
+		my $p = pick_place($rng, $root, sub { $_[0][3]{t} eq 's' && $_[0][3]{v} =~ /[\xc2-\xf4]/ })
+		  // return ($root, 'no string with a multibyte character');
+		my @starts;
+		while ($p->[3]{v} =~ /[\xc2-\xf4]/g) { push @starts, pos($p->[3]{v}) - 1; }
+		my $at = $rng->pick(@starts);
+		my $piece = $rng->pick('\\', '\\u', '\\u0', '\\u00', '\\u00d', '\\ud800\\u', '\\x');
+		my $v = $p->[3]{v};
+		return (replace_at($root, $p, { t => 's', v => substr($v, 0, $at) . $piece . substr($v, $at) }),
+			'escape ' . show_bytes($piece) . ' cut by a character in ' . ($p->[2] // 'an element'));
+	},
 	object_type => sub {
 		my ($rng, $root) = @_;
 		my $p = pick_place($rng, $root, sub { ($_[0][2] // '') eq 'object_type' })
