@@ -127,6 +127,19 @@ SELECT * FROM dwh.ingest_orders(ARRAY[
 SELECT sqlstate, reason FROM dwh.dead_letters;
 SELECT * FROM t.products WHERE user_id = 'u5';
 
+-- Culprits only: a lone message, and a batch whose every message fails on
+-- its own, are dead-lettered too.  Both once freed an error twice and
+-- crashed the server (found by test/t/040_fuzz.pl).
+DELETE FROM dwh.dead_letters;
+SELECT dwh.ingest_order(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 11:00:00', t.items('d5:Долма')));
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 11:00:00', t.items('d5:Долма')), 'UTF8')]);
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 11:00:00', t.items('d5:Долма')), 'UTF8'),
+    convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 12:00:00', t.items('d5:Долма')), 'UTF8')]);
+SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
+SELECT count(*) AS order_666 FROM stg.order_events WHERE object_id = 666;
+
 -- An error that is not about the data (here a serialization failure) is
 -- raised to the caller: nothing is dead-lettered, nothing is applied.
 CREATE OR REPLACE FUNCTION t.reject_666() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -228,6 +241,17 @@ SELECT dwh.ingest_order('{"object_id": 123456789012345678901234567890, "object_t
 SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
 SELECT object_type, message->'big' AS big FROM stg.other_events WHERE object_type = 'ping' ORDER BY id;
 SELECT object_id FROM stg.order_events WHERE object_id = 33;
+
+-- A number beyond what jsonb holds (numeric's range) makes a value jsonb
+-- refuses: dead-lettered with 22003, alone or in a batch, like any other
+-- bad value (it was an error of the whole batch; test/t/040_fuzz.pl).
+DELETE FROM dwh.dead_letters;
+SELECT dwh.ingest_order('{"object_id": 4, "object_type": "ping", "tiny": 1e-100000}');
+SELECT * FROM dwh.ingest_orders(ARRAY[convert_to('{"object_id": 5, "huge": 1e200000}', 'UTF8')]);
+SELECT * FROM dwh.ingest_orders(ARRAY[convert_to('{"object_id": 6, "tiny": 1e-16384}', 'UTF8'),
+                                      convert_to('{"object_id": 7, "huge": 1e131072}', 'UTF8')]);
+SELECT sqlstate, reason, convert_from(raw, 'UTF8') AS raw FROM dwh.dead_letters ORDER BY id;
+SELECT count(*) AS pings FROM stg.other_events WHERE object_type = 'ping';
 
 -- Items per order are bounded by dwh.max_order_items: above it a message
 -- is dead-lettered with 54000, a direct write fails with 54000; at the

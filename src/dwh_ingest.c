@@ -1269,6 +1269,11 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 			else
 				good[n_good++] = items[i];
 		}
+		/*
+		 * Every error above is freed, the batch's own included when a lone
+		 * message failed: only a new attempt may leave one here.
+		 */
+		edata = NULL;
 		memset(result, 0, sizeof(DwhIngestResult));
 		if (n_good > 0)
 			edata = ingest_in_subtransaction(good, n_good, source, topic, result);

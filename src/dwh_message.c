@@ -7,9 +7,10 @@
  * checks that never raise an error: the usual, plainly valid value is built
  * into jsonb in one pass (dwh_jsonb_build.c); anything else is judged by
  * jansson (with a depth limit and without accepting \u0000) and only then
- * goes through jsonb_in, so that whatever is wrong with one message is a
- * reason in dwh.dead_letters, not an error that aborts its batch.  The shape checks work on jsonb so
- * that the very same rules guard direct writes to the STG tables.
+ * goes through jsonb_in, in a subtransaction, so that whatever is wrong
+ * with one message is a reason in dwh.dead_letters, not an error that
+ * aborts its batch.  The shape checks work on jsonb so that the very same
+ * rules guard direct writes to the STG tables.
  *
  *-------------------------------------------------------------------------
  */
@@ -22,6 +23,7 @@
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
+#include "dwh_ingest.h"
 #include "dwh_json_syntax.h"
 #include "dwh_jsonb_build.h"
 #include "dwh_message.h"
@@ -97,6 +99,22 @@ dwh_valid_utf8(const char *s)
 	return buf.data;
 }
 
+/* jsonb_in of a C string, for dwh_try_in_subtransaction. */
+typedef struct JsonbInCall
+{
+	char	   *text;
+	Jsonb	   *result;
+} JsonbInCall;
+
+static void
+jsonb_in_call(void *arg)
+{
+	JsonbInCall *call = (JsonbInCall *) arg;
+
+	call->result = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+													  CStringGetDatum(call->text)));
+}
+
 /*
  * dwh_valid_utf8_in_place
  *		Make s valid UTF-8 without changing its length: each byte that does
@@ -123,17 +141,18 @@ dwh_valid_utf8_in_place(char *s)
 
 /*
  * dwh_json_parse
- *		Turn raw bytes into jsonb, or return NULL and say why.  Only the final
- *		jsonb_in can raise an error, and only for what jansson accepted, which
- *		is a subset of what jsonb_in accepts.  A value that the one-pass
- *		builder takes never gets that far.
+ *		Turn raw bytes into jsonb, or return NULL and say why; never raises an
+ *		error about the bytes.  A value that the one-pass builder takes is
+ *		done at once; any other goes through the syntax check, then jsonb_in.
+ *		Needs a transaction (jsonb_in runs in a subtransaction).
  */
 Jsonb *
 dwh_json_parse(const char *data, int len, DwhProblem *problem)
 {
 	int			valid_len;
 	char		detail[256];
-	char	   *text;
+	JsonbInCall call;
+	ErrorData  *edata;
 	Jsonb	   *jb;
 
 	if (len > dwh_max_message_size)
@@ -185,10 +204,27 @@ dwh_json_parse(const char *data, int len, DwhProblem *problem)
 			return NULL;
 	}
 
-	text = palloc(len + 1);
-	memcpy(text, data, len);
-	text[len] = '\0';
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
+	/*
+	 * jsonb_in can still refuse what the syntax check let through: a number
+	 * beyond numeric's range (22003), which jansson reports only as too
+	 * large for a double, and PostgreSQL's own syntax check accepts.  That
+	 * refusal is the value's: raised, it would fail every retry of a Kafka
+	 * batch holding only such messages, and stall the Redis worker on the
+	 * value for good.  Errors that are not about the value are raised.
+	 */
+	call.text = palloc(len + 1);
+	memcpy(call.text, data, len);
+	call.text[len] = '\0';
+	call.result = NULL;
+	edata = dwh_try_in_subtransaction(jsonb_in_call, &call);
+	if (edata != NULL)
+	{
+		problem_set(problem, edata->sqlerrcode,
+					"value cannot be stored as jsonb: %s", edata->message);
+		FreeErrorData(edata);
+		return NULL;
+	}
+	return call.result;
 }
 
 /*

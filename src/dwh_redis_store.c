@@ -862,6 +862,13 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 	int			i;
 
 	memset(result, 0, sizeof(DwhRedisApplyResult));
+
+	/*
+	 * Classified in the transaction that writes them: parsing a value may
+	 * need a subtransaction (dwh_json_parse).  A batch with nothing to
+	 * write commits a transaction that wrote nothing.
+	 */
+	begin_work("dwh: writing Redis values");
 	for (i = 0; i < n; i++)
 	{
 		CHECK_FOR_INTERRUPTS();
@@ -870,9 +877,11 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 			idx[n_idx++] = i;
 	}
 	if (n_idx == 0)
+	{
+		end_work();
 		return;
+	}
 
-	begin_work("dwh: writing Redis values");
 	prepare_plans();
 	edata = write_in_subtransaction(keys, decisions, idx, n_idx, result);
 	if (edata != NULL)
