@@ -111,9 +111,16 @@ BEGIN
         RETURN;
     END IF;
 
+    -- Each dish's hub row, locked in key order, stands for its one order
+    -- naming row: a dish that orders never named has no such row to lock,
+    -- and two batches naming it at once would each insert one.
+    PERFORM FROM dds.h_product h
+    WHERE h.h_product_pk IN (SELECT dwh.hash_key(id) FROM unnest(product_ids) AS i(id))
+    ORDER BY h.h_product_pk
+    FOR NO KEY UPDATE;
+
     -- The batch's newest naming of each dish (from dwh.claim_order_keys),
-    -- where it is newer than the dish's newest order naming (whose row is
-    -- locked, in key order).
+    -- where it is newer than the dish's newest order naming.
     WITH naming AS MATERIALIZED (
         SELECT dwh.hash_key(n.id) AS h_product_pk, n.id, n.name, n.version
         FROM unnest(product_ids, product_names, name_versions) AS n(id, name, version)
@@ -123,8 +130,6 @@ BEGIN
         FROM dds.s_product_names s
         WHERE s.h_product_pk IN (SELECT h_product_pk FROM naming)
           AND s.load_src = 'stg.order_events'
-        ORDER BY s.h_product_pk
-        FOR UPDATE
     )
     SELECT array_agg(n.h_product_pk), array_agg(n.id), array_agg(n.name),
            array_agg(n.version), array_agg(l.load_dt), array_agg(cur.name)
@@ -230,8 +235,10 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 --   3. the batch's rows of stg.order_events, in object_id order;
 --   4. each order's own vault rows (under its stg.order_events row lock);
 --   5. the mart rows, in one sorted pass per mart;
---   6. the newest order naming of each dish, in key order: rows that every
---      batch updates, held only from here to commit.
+--   6. the hub rows of the dishes the batch names, in key order, standing
+--      for their newest order naming rows (which every batch updates, and
+--      which a dish orders never named does not have yet), held only from
+--      here to commit.
 -- Steps 1 and 2 are dwh.claim_order_keys(), step 6 dwh.load_order_namings(),
 -- both run over every version of the batch by dwh.ingest_orders (the
 -- order triggers run them over what their statement wrote when no ingest

@@ -460,9 +460,16 @@ BEGIN
         RETURN;
     END IF;
 
+    -- Each dish's hub row, locked in key order, stands for its one order
+    -- naming row: a dish that orders never named has no such row to lock,
+    -- and two batches naming it at once would each insert one.
+    PERFORM FROM dds.h_product h
+    WHERE h.h_product_pk IN (SELECT dwh.hash_key(id) FROM unnest(product_ids) AS i(id))
+    ORDER BY h.h_product_pk
+    FOR NO KEY UPDATE;
+
     -- The batch's newest naming of each dish (from dwh.claim_order_keys),
-    -- where it is newer than the dish's newest order naming (whose row is
-    -- locked, in key order).
+    -- where it is newer than the dish's newest order naming.
     WITH naming AS MATERIALIZED (
         SELECT dwh.hash_key(n.id) AS h_product_pk, n.id, n.name, n.version
         FROM unnest(product_ids, product_names, name_versions) AS n(id, name, version)
@@ -472,8 +479,6 @@ BEGIN
         FROM dds.s_product_names s
         WHERE s.h_product_pk IN (SELECT h_product_pk FROM naming)
           AND s.load_src = 'stg.order_events'
-        ORDER BY s.h_product_pk
-        FOR UPDATE
     )
     SELECT array_agg(n.h_product_pk), array_agg(n.id), array_agg(n.name),
            array_agg(n.version), array_agg(l.load_dt), array_agg(cur.name)
