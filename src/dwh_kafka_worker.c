@@ -6,8 +6,10 @@
  *
  * dwh.kafka_consumers workers are registered when dwh is preloaded; they
  * share the topic's partitions through the Kafka consumer group.  A worker
- * loops: serve the consumer queue, gather up to dwh.kafka_batch_size
- * messages or wait dwh.kafka_batch_wait, then apply them in one transaction
+ * loops: serve the consumer queue until it is empty or holds
+ * dwh.kafka_batch_size messages (waiting up to dwh.kafka_batch_wait for
+ * more, 0 by default: a trickle is applied at once, message by message, a
+ * backlog in full batches), then apply them in one transaction
  * that first locks the partitions' rows of dwh.kafka_offsets, drops the
  * messages already applied, hands the rest to dwh_ingest_batch() and
  * stores the next offsets.  A crash anywhere before the commit loses

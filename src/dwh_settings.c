@@ -29,7 +29,7 @@ char	   *dwh_kafka_options = NULL;
 char	   *dwh_kafka_options_file = NULL;
 int			dwh_kafka_consumers = 1;
 int			dwh_kafka_batch_size = 1000;
-int			dwh_kafka_batch_wait = 100;
+int			dwh_kafka_batch_wait = 0;
 int			dwh_kafka_prefetch_memory = 16 * 1024;
 int			dwh_kafka_start_offset = DWH_KAFKA_START_EARLIEST;
 int			dwh_kafka_on_gap = DWH_KAFKA_GAP_SKIP;
@@ -134,12 +134,16 @@ define_kafka_settings(void)
 							0,
 							NULL, NULL, NULL);
 
+	/*
+	 * 0 closes a batch as soon as the consumer's queue is empty: a trickle
+	 * is applied message by message at once, a backlog in full batches.
+	 */
 	DefineCustomIntVariable("dwh.kafka_batch_wait",
-							"Longest wait for a batch to fill before it is applied.",
+							"Longest a batch waits for more messages after its first one; 0 applies it as soon as nothing more has arrived.",
 							NULL,
 							&dwh_kafka_batch_wait,
-							100,
-							1,
+							0,
+							0,
 							60000,
 							PGC_SIGHUP,
 							GUC_UNIT_MS,

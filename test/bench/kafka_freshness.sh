@@ -9,8 +9,8 @@
 # with the same stream on another topic, then produces SECONDS x RATE
 # orders of the generator's default mix at a steady RATE orders a second
 # (the redelivered, late and malformed messages of the mix come on top)
-# with the workers' default, production-like batching (dwh.kafka_batch_wait
-# 100ms, dwh.kafka_batch_size 1000).  Prints p50, p90, p99 and max of the
+# with the workers' default batching (dwh.kafka_batch_wait 0: a batch
+# closes once nothing more has arrived; dwh.kafka_batch_size 1000).  Prints p50, p90, p99 and max of the
 # time from produce to visibility: over all orders, over those sent after
 # the first window (WINDOW seconds), and per window; and the achieved
 # produce rate.  Ends with dwh.verify() empty and the marts equal to the
