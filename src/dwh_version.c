@@ -71,6 +71,13 @@ dwh_installed_version(void)
 	return version;
 }
 
+/* Is an installed version (NULL: not created) another than the library's? */
+static bool
+is_other_version(const char *installed)
+{
+	return installed != NULL && strcmp(installed, dwh_library_version) != 0;
+}
+
 /*
  * dwh_schema_mismatch
  *		For a background worker, between transactions: NULL when extension
@@ -88,7 +95,7 @@ dwh_schema_mismatch(void)
 
 	StartTransactionCommand();
 	installed = dwh_installed_version();
-	if (installed != NULL && strcmp(installed, dwh_library_version) != 0)
+	if (is_other_version(installed))
 		mismatch = MemoryContextStrdup(caller, installed);
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(caller);
@@ -126,9 +133,7 @@ dwh_schema_wait_hint(const char *database)
 bool
 dwh_schema_is_current(void)
 {
-	char	   *installed = dwh_installed_version();
-
-	return installed == NULL || strcmp(installed, dwh_library_version) == 0;
+	return !is_other_version(dwh_installed_version());
 }
 
 /*
@@ -142,7 +147,7 @@ dwh_require_current_schema(void)
 {
 	char	   *installed = dwh_installed_version();
 
-	if (installed != NULL && strcmp(installed, dwh_library_version) != 0)
+	if (is_other_version(installed))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("extension dwh is at version %s in this database, but its library is version %s",
