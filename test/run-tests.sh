@@ -2,7 +2,7 @@
 # The test command of dwh: as root, `bash test/run-tests.sh` (a user with
 # sudo is re-run under sudo).
 #
-# Installs the build and test dependencies (test/install-deps.sh), copies
+# Installs the build and test dependencies (tools/install-deps.sh), copies
 # the source tree to a fresh directory, builds and installs the extension
 # there as root, then runs `make installcheck` as the postgres user (initdb
 # refuses to run as root) in three passes so that a failure in one suite
@@ -62,7 +62,7 @@ unset LANGUAGE PGHOST PGHOSTADDR PGPORT PGDATABASE PGUSER PGPASSWORD \
 	PGPASSFILE PGSERVICE PGSERVICEFILE PGOPTIONS PGDATA PGSSLMODE
 
 echo "== dependencies"
-bash "$script_dir/install-deps.sh"
+bash "$root/tools/install-deps.sh"
 
 if ! id -u postgres >/dev/null 2>&1; then
 	echo "run-tests: there is no postgres user to run the tests as (postgresql-15 creates it)" >&2

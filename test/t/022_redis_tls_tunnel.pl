@@ -106,7 +106,7 @@ for (1 .. 300)
 is($pong, 'PONG', 'redis-server answers through the stunnel client');
 
 # The dictionaries of the generator's default profile.
-my $dictionaries = run_or_die('/usr/bin/python3', "$root/test/gen/dwh-gen",
+my $dictionaries = run_or_die('/usr/bin/python3', "$root/tools/dwh-gen",
 	'dictionaries', '--format', 'redis-proto');
 like(tunnel_cli($dictionaries, '--pipe'), qr/errors: 0, replies: \d+/,
 	'dictionaries loaded through the tunnel');
@@ -160,10 +160,10 @@ unlike(psql("SELECT state FROM dwh.status WHERE worker = 'redis'"),
 	qr/waiting|error/, 'the worker is no longer waiting for Redis');
 
 # A change made in Redis arrives with a refresh.
-my $changes = run_or_die('/usr/bin/python3', "$root/test/gen/dwh-gen",
+my $changes = run_or_die('/usr/bin/python3', "$root/tools/dwh-gen",
 	'dictionaries', '--format', 'redis-proto', '--changes', '0.1');
 like(tunnel_cli($changes, '--pipe'), qr/errors: 0/, 'changed dictionaries written');
-my $json = run_or_die('/usr/bin/python3', "$root/test/gen/dwh-gen",
+my $json = run_or_die('/usr/bin/python3', "$root/tools/dwh-gen",
 	'dictionaries', '--format', 'json', '--changes', '0.1');
 my ($user_key, $user_value) = $json =~ /^(\S+)\t(\{"_id".*"login".*)$/m;
 ok(defined $user_key, "a changed user in the generator's output");

@@ -1,5 +1,5 @@
 # Hostile input, as a seeded mutation fuzzer (issue 12): valid order
-# messages and dictionary values from the generator (test/gen/dwh-gen),
+# messages and dictionary values from the generator (tools/dwh-gen),
 # mutated (test/t/Fuzz.pm: bit flips, truncation, invalid UTF-8, NUL bytes,
 # \u0000, lone surrogates, type swaps, odd numbers and timestamps, deep
 # nesting, large arrays, duplicate keys, missing and extra fields), fed
@@ -385,7 +385,7 @@ sub scratch_db
 # of another type, and its dictionaries.
 #
 
-my $gen = "/usr/bin/python3 $root/test/gen/dwh-gen";
+my $gen = "/usr/bin/python3 $root/tools/dwh-gen";
 my $gen_seed = $seed % 1000000 + 1;
 my @orders = split /\n/,
   `$gen orders --count 300 --seed $gen_seed --escaped 0.3 --reversals 0.05 --malformed 0.03 --unknown-dishes 0.05`;

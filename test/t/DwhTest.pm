@@ -1,7 +1,7 @@
 # Shared pieces of the dwh TAP tests: a PostgreSQL node with dwh preloaded,
-# a real Kafka broker (test/kafka/kafka.sh) or librdkafka's mock cluster
+# a real Kafka broker (tools/kafka/kafka.sh) or librdkafka's mock cluster
 # with faults on demand (test/kafka/mock_cluster.c), orders from the
-# generator (test/gen/dwh-gen) produced with kcat, and the checks every
+# generator (tools/dwh-gen) produced with kcat, and the checks every
 # scenario ends with: dwh.verify() empty and the marts equal to an
 # independent recount.
 
@@ -35,7 +35,7 @@ END
 {
 	foreach my $dir (@started_brokers)
 	{
-		system("bash $root/test/kafka/kafka.sh stop $dir >/dev/null 2>&1");
+		system("bash $root/tools/kafka/kafka.sh stop $dir >/dev/null 2>&1");
 	}
 	foreach my $mock (@started_mocks)
 	{
@@ -67,11 +67,11 @@ sub new_dwh_node
 	return $node;
 }
 
-# Run test/kafka/kafka.sh with these arguments; returns its stdout.
+# Run tools/kafka/kafka.sh with these arguments; returns its stdout.
 sub broker_command
 {
 	my @args = @_;
-	my $out = `bash $root/test/kafka/kafka.sh @args 2>&1`;
+	my $out = `bash $root/tools/kafka/kafka.sh @args 2>&1`;
 	die "kafka.sh @args failed:\n$out" if $? != 0;
 	return $out;
 }
@@ -114,7 +114,7 @@ sub start_broker
 sub generate_orders
 {
 	my ($file, @args) = @_;
-	system("/usr/bin/python3 $root/test/gen/dwh-gen orders @args > $file") == 0
+	system("/usr/bin/python3 $root/tools/dwh-gen orders @args > $file") == 0
 	  or die "dwh-gen orders @args failed";
 	return $file;
 }
@@ -126,7 +126,7 @@ sub load_dictionaries
 {
 	my ($node, @args) = @_;
 	my $file = "$PostgreSQL::Test::Utils::tmp_check/dictionaries.tsv";
-	system("/usr/bin/python3 $root/test/gen/dwh-gen dictionaries @args > $file") == 0
+	system("/usr/bin/python3 $root/tools/dwh-gen dictionaries @args > $file") == 0
 	  or die "dwh-gen dictionaries @args failed";
 	chmod 0644, $file;
 	# csv with a quote that never occurs: no escape processing at all.

@@ -20,14 +20,14 @@
 # Pass times come from the worker's DEBUG1 line "refresh pass done in X
 # ms".  Ends with dwh.verify() empty.  It is a benchmark that reports
 # figures, not a test with a threshold; the last lines are "RESULT
-# key=value" lines for test/bench/run-all.sh.
+# key=value" lines for bench/run-all.sh.
 #
 # Runs as root on a machine with PostgreSQL 15 and redis-server; builds and
 # installs the extension first (unless BENCH_SKIP_INSTALL=1).  Everything
 # lives under a temporary directory removed at the end (BENCH_KEEP=1 keeps
 # it).
 #
-# Usage: test/bench/redis_mirror.sh
+# Usage: bench/redis_mirror.sh
 # Environment: BENCH_USERS (100000), BENCH_RESTAURANTS (1000),
 #   BENCH_DISHES (10000), BENCH_PASSES (5), BENCH_BATCH (1000: the
 #   dwh.redis_batch_size), BENCH_KEEP (0), BENCH_SKIP_INSTALL (0),
@@ -36,7 +36,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
+root=$(cd "$here/.." && pwd)
 
 USERS=${BENCH_USERS:-100000}
 RESTAURANTS=${BENCH_RESTAURANTS:-1000}
@@ -242,7 +242,7 @@ echo "renamed users in DDS: $(psql_q "SELECT count(*) FROM (SELECT h_user_pk FRO
 echo "dwh.verify() differences: $(psql_q "SELECT count(*) FROM dwh.verify()")"
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 
-# Machine-readable figures for test/bench/run-all.sh.
+# Machine-readable figures for bench/run-all.sh.
 echo "RESULT redis_users=$USERS"
 echo "RESULT redis_restaurants=$RESTAURANTS"
 printf 'RESULT redis_mirror_s=%.2f\n' "$(echo "($t1 - $t0) / 1000" | bc -l)"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Summarise auto_explain JSON plans (sent to the client as NOTICEs) for
-test/bench/sql_chain.sh: the statements by duration, the triggers by time,
+bench/sql_chain.sh: the statements by duration, the triggers by time,
 then the plan nodes by their own time (total time x loops minus that of
 their children).  Foreign-key checks (one tiny statement per row) are
 summed into one line.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Static checks of the tree, run by .ci/run: shellcheck over every shell
 # script in git (sourced files followed).  Exits non-zero on any finding.
-# Needs shellcheck (test/install-deps.sh installs it).
+# Needs shellcheck (tools/install-deps.sh installs it).
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

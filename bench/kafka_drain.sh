@@ -2,10 +2,10 @@
 #
 # Benchmark of the Kafka consumers draining a backlog into the marts.
 #
-# Starts a throw-away Kafka broker (test/kafka/kafka.sh, one topic of
+# Starts a throw-away Kafka broker (tools/kafka/kafka.sh, one topic of
 # PARTITIONS partitions) and a throw-away PostgreSQL cluster with dwh
 # preloaded and CONSUMERS Kafka workers; pre-produces ORDERS orders of the
-# generator's default mix (test/gen/dwh-gen: redelivered duplicates, status
+# generator's default mix (tools/dwh-gen: redelivered duplicates, status
 # changes, out-of-order versions, 1% malformed messages) with kcat, loads
 # the dictionaries into STG, and only then points the workers at the broker
 # (ALTER SYSTEM SET dwh.kafka_brokers; pg_reload_conf()).  It times the
@@ -24,9 +24,9 @@
 # Ends with dwh.verify() empty, every message accounted for and the marts
 # equal to the generator's manifest.  A benchmark that reports figures, not
 # a test with a threshold.  The last lines are "RESULT key=value" lines for
-# test/bench/run-all.sh.
+# bench/run-all.sh.
 #
-# Usage: test/bench/kafka_drain.sh
+# Usage: bench/kafka_drain.sh
 # Environment: BENCH_ORDERS (1000000), BENCH_CONSUMERS (2),
 #   BENCH_PARTITIONS (4), BENCH_SAMPLE (5: seconds between lag samples),
 #   BENCH_SEED (1: generator seed), BENCH_PREFETCH_MEMORY, BENCH_BATCH_SIZE
@@ -38,7 +38,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
+root=$(cd "$here/.." && pwd)
 # shellcheck source=kafka_common.sh
 . "$here/kafka_common.sh"
 

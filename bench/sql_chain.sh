@@ -12,7 +12,7 @@
 #
 # It is a benchmark that reports figures, not a test with a threshold.  When
 # the marts are consistent, the last lines are "RESULT key=value" lines for
-# test/bench/run-all.sh.
+# bench/run-all.sh.
 #
 # Runs as root on a machine where PostgreSQL 15 is installed (it builds and
 # installs the extension first); it starts a throw-away cluster of its own
@@ -20,7 +20,7 @@
 # the end.  Generation of the measured messages happens before the clock
 # starts.
 #
-# Usage: test/bench/sql_chain.sh [--history N] [--measured N] [--batch N]
+# Usage: bench/sql_chain.sh [--history N] [--measured N] [--batch N]
 #                                [--clients N] [--synchronous-commit on|off] [--keep]
 # Environment: BENCH_HISTORY (1000000), BENCH_MEASURED (100000),
 #   BENCH_BATCH (1000), BENCH_CLIENTS (1: connections ingesting measured
@@ -35,7 +35,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
+root=$(cd "$here/.." && pwd)
 
 HISTORY=${BENCH_HISTORY:-1000000}
 MEASURED=${BENCH_MEASURED:-100000}
@@ -89,9 +89,9 @@ calc() { awk "BEGIN { print $* }"; }
 # ---------------------------------------------------------------- install
 
 if [ "$SKIP_INSTALL" != 1 ] && [ "$(id -u)" = 0 ]; then
-	if [ ! -x "$PG_CONFIG" ] && [ -x "$root/test/install-deps.sh" ]; then
-		log "installing dependencies (test/install-deps.sh)"
-		"$root/test/install-deps.sh" >&2
+	if [ ! -x "$PG_CONFIG" ] && [ -x "$root/tools/install-deps.sh" ]; then
+		log "installing dependencies (tools/install-deps.sh)"
+		"$root/tools/install-deps.sh" >&2
 	fi
 	log "building and installing the extension (make install)"
 	make -C "$root" -s PG_CONFIG="$PG_CONFIG" >&2
@@ -495,7 +495,7 @@ if [ "$verify" != 0 ] || [ "$bad_p" != 0 ] || [ "$bad_c" != 0 ] || [ "$dead_rows
 	exit 1
 fi
 
-# Machine-readable figures for test/bench/run-all.sh.
+# Machine-readable figures for bench/run-all.sh.
 echo "RESULT sql_chain_clients=$CLIENTS"
 echo "RESULT sql_chain_history=$HISTORY"
 echo "RESULT sql_chain_measured=$MEASURED"

@@ -11,7 +11,7 @@
 # runs smaller sizes in a few minutes (to compare two builds side by side,
 # run both at the same size on the same machine).
 #
-# Usage: test/bench/run-all.sh
+# Usage: bench/run-all.sh
 # Environment: BENCH_QUICK (0; 1: smaller sizes), BENCH_ONLY (names of the
 #   runs to do among sql1 sql2 drain freshness redis; default all),
 #   BENCH_OUT (folder of the logs, default /tmp/dwh-bench-YYYYmmdd-HHMMSS),
@@ -26,7 +26,7 @@
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
+root=$(cd "$here/.." && pwd)
 QUICK=${BENCH_QUICK:-0}
 ONLY=${BENCH_ONLY:-sql1 sql2 drain freshness redis}
 OUT=${BENCH_OUT:-/tmp/dwh-bench-$(date +%Y%m%d-%H%M%S)}

@@ -1,4 +1,4 @@
--- What test/demo.sh shows at the end: the marts with user and dish names,
+-- What demo/demo.sh shows at the end: the marts with user and dish names,
 -- the workers, the dead letters and the "pizza lover" question.
 -- psql variable: min_orders, the N of "ordered a category at least N times"
 -- (empty: twice the average).

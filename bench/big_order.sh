@@ -12,7 +12,7 @@
 # on a machine where PostgreSQL 15 and the extension are installed; starts
 # a throw-away cluster of its own and removes it.
 #
-# Usage: test/bench/big_order.sh
+# Usage: bench/big_order.sh
 # Environment: BENCH_ITEMS (sizes, default "100 1000 5000 13000": the last about 1 MB),
 #   BENCH_DIR (/tmp), PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 

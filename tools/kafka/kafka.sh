@@ -2,7 +2,7 @@
 # A single-node Apache Kafka broker (KRaft: broker and controller in one JVM)
 # on 127.0.0.1 for the tests, the demo and the benchmark of dwh.  Debian has
 # no Kafka package: `fetch` resolves the official jars from Maven Central
-# (test/kafka/pom.xml) into a cache folder that every user can read, and the
+# (tools/kafka/pom.xml) into a cache folder that every user can read, and the
 # other subcommands run the broker from there as the current user, with its
 # configuration, data, logs and pid in a folder of its own.
 #
@@ -34,7 +34,7 @@ usage()
 Usage: $(basename "$0") COMMAND ...
 
   fetch
-	Resolve the Kafka ${kafka_version_hint} jars (test/kafka/pom.xml) from Maven
+	Resolve the Kafka ${kafka_version_hint} jars (tools/kafka/pom.xml) from Maven
 	Central into \$DWH_KAFKA_JARS (default /var/cache/dwh/kafka-libs), readable
 	by every user.  Skipped when the folder is complete for this pom.xml.
 	Needs java and mvn; run it as root for the default folder.
@@ -91,7 +91,7 @@ note()
 need()
 {
 	command -v "$1" >/dev/null 2>&1 ||
-		die "$1 is not installed (run test/install-deps.sh as root)"
+		die "$1 is not installed (run tools/install-deps.sh as root)"
 }
 
 java_bin()
@@ -211,7 +211,7 @@ make_class_archive()
 need_jars()
 {
 	[[ -f $jars/.complete ]] ||
-		die "no Kafka jars in $jars: run 'test/kafka/kafka.sh fetch' as root (or set DWH_KAFKA_JARS)"
+		die "no Kafka jars in $jars: run 'tools/kafka/kafka.sh fetch' as root (or set DWH_KAFKA_JARS)"
 	[[ -r $jars/.complete ]] || die "$jars is not readable by $(id -un)"
 }
 
@@ -360,7 +360,7 @@ write_config()
 		protocols+=",SASL_SSL:SASL_SSL"
 	fi
 	cat >"$dir/server.properties" <<EOF
-# Written by test/kafka/kafka.sh: a one-node KRaft cluster for tests.
+# Written by tools/kafka/kafka.sh: a one-node KRaft cluster for tests.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$host:$CONTROLLER_PORT
@@ -479,7 +479,7 @@ setup()
 	# A half-done setup (a failed format) is redone from scratch; anything
 	# else in a non-empty DIR is not ours to delete.
 	if [[ -n $(ls -A "$dir") ]] &&
-		! grep -qs '^# Written by test/kafka/kafka.sh' "$dir/server.properties"; then
+		! grep -qs '^# Written by tools/kafka/kafka.sh' "$dir/server.properties"; then
 		die "$dir is not empty and not a broker folder of kafka.sh: give an empty or new DIR"
 	fi
 	rm -rf "$dir/data" "$dir/tls" "$dir/ca.pem" "$dir/kcat-sasl.conf" "$dir/broker.env"

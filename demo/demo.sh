@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Local demo of dwh, end to end: installs what it needs (test/install-deps.sh),
+# Local demo of dwh, end to end: installs what it needs (tools/install-deps.sh),
 # builds and installs the extension, then starts under .demo/ (never a system
 # cluster) a PostgreSQL cluster with dwh preloaded, a redis-server and a
 # one-node Kafka broker on loopback.  It loads the dictionaries into Redis
 # and waits until the Redis worker has mirrored them, backfills orders
-# produced to Kafka by the generator (test/gen/dwh-gen: duplicates, status
+# produced to Kafka by the generator (tools/dwh-gen: duplicates, status
 # changes, cancelled and a few malformed messages), then streams new orders
 # live at a fixed rate, with a progress line.  Once the lag is 0 it shows the
 # marts, dwh.status, the dead letters and the "pizza lover" question.  It
@@ -15,8 +15,8 @@
 # topic, data) and adds orders with new object_ids.
 #
 # Usage, as root (a user with sudo is re-run under sudo):
-#   test/demo.sh           set up or reuse, load, stream, show
-#   test/demo.sh stop      stop PostgreSQL, Redis and Kafka of the demo
+#   demo/demo.sh           set up or reuse, load, stream, show
+#   demo/demo.sh stop      stop PostgreSQL, Redis and Kafka of the demo
 #
 # Environment:
 #   PG_CONFIG          pg_config of the PostgreSQL 15 to use
@@ -102,7 +102,7 @@ as_pg() { (cd / && runuser -u "$pg_user" -- "$@" 9>&-); }
 kafka()
 {
 	local sh=$demo/bin/kafka.sh
-	[[ -f $sh ]] || sh=$root/test/kafka/kafka.sh
+	[[ -f $sh ]] || sh=$root/tools/kafka/kafka.sh
 	as_pg bash "$sh" "$@"
 }
 # The time in microseconds, and microseconds as seconds with one decimal.
@@ -131,7 +131,7 @@ place_demo()
 	chmod 755 "$demo"
 	# kafka.sh runs as postgres, from a copy that it can read.
 	mkdir -p "$demo/bin"
-	cp "$root/test/kafka/kafka.sh" "$root/test/kafka/pom.xml" "$demo/bin/"
+	cp "$root/tools/kafka/kafka.sh" "$root/tools/kafka/pom.xml" "$demo/bin/"
 	chmod 755 "$demo/bin" "$demo/bin/kafka.sh"
 	chmod 644 "$demo/bin/pom.xml"
 }
@@ -221,7 +221,7 @@ start_postgres()
 		# dwh.kafka_consumers takes effect at start only.
 		cat >>"$demo/data/postgresql.conf" <<EOF
 
-# test/demo.sh
+# demo/demo.sh
 shared_preload_libraries = 'dwh'
 dwh.kafka_consumers = $consumers
 port = $pg_port
@@ -433,7 +433,7 @@ start_producer()
 	manifest=$demo/orders/$name-$first.json
 	echo "   object_ids $(num "$first") to $(num $((first + count - 1))), seed $first, order times from $start"
 	touch "$manifest.producing"
-	"$python3" "$root/test/gen/dwh-gen" orders --count "$count" --first-id "$first" \
+	"$python3" "$root/tools/dwh-gen" orders --count "$count" --first-id "$first" \
 		--seed "$first" --start "$start" --rate "$pace" --manifest "$manifest.tmp" \
 		--kafka "$bootstrap" --topic "$topic" &
 	producer=$!
@@ -459,18 +459,18 @@ if [[ ${1:-} == stop ]]; then
 	stop_all
 	exit 0
 fi
-[[ $# -eq 0 ]] || die "usage: test/demo.sh [stop]"
+[[ $# -eq 0 ]] || die "usage: demo/demo.sh [stop]"
 
 t_begin=$(now_us)
 place_demo
 mkdir -p "$demo/orders"
 exec 9>"$demo/lock"
-flock -n 9 || die "another test/demo.sh is running"
+flock -n 9 || die "another demo/demo.sh is running"
 producer=
 trap '[[ -z $producer ]] || kill "$producer" 2>/dev/null || true' EXIT
 
-step "packages (test/install-deps.sh)"
-"$root/test/install-deps.sh" </dev/null | sed 's/^/   /'
+step "packages (tools/install-deps.sh)"
+"$root/tools/install-deps.sh" </dev/null | sed 's/^/   /'
 [[ -x $PG_CONFIG ]] || die "no pg_config at $PG_CONFIG (set PG_CONFIG)"
 pgbin=$("$PG_CONFIG" --bindir)
 
@@ -491,8 +491,8 @@ start_kafka
 start_postgres
 
 step "dictionaries: generator -> Redis"
-dict_keys=$("$python3" "$root/test/gen/dwh-gen" dictionaries --format json | wc -l)
-reply=$("$python3" "$root/test/gen/dwh-gen" dictionaries \
+dict_keys=$("$python3" "$root/tools/dwh-gen" dictionaries --format json | wc -l)
+reply=$("$python3" "$root/tools/dwh-gen" dictionaries \
 	--redis "redis://127.0.0.1:$redis_port/0" | tail -n 1)
 [[ $reply == *"errors: 0,"* ]] || die "redis-cli --pipe: $reply"
 echo "   $dict_keys keys SET in Redis ($reply)"
@@ -501,7 +501,10 @@ step "configuring dwh in database $database"
 if [[ -z $(psql_demo -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$database'") ]]; then
 	psql_demo -d postgres -c "CREATE DATABASE $database"
 fi
-psql_demo -c "SET client_min_messages = warning" -c "CREATE EXTENSION IF NOT EXISTS dwh"
+# A demo set up by an older build holds an older version of the schema:
+# update it the way a DBA does after installing a new build.
+psql_demo -c "SET client_min_messages = warning" -c "CREATE EXTENSION IF NOT EXISTS dwh" \
+	-c "ALTER EXTENSION dwh UPDATE"
 psql_demo >/dev/null <<EOF
 ALTER SYSTEM SET dwh.database = '$database';
 ALTER SYSTEM SET dwh.kafka_brokers = '$bootstrap';
@@ -570,7 +573,7 @@ until [[ $(sql "SELECT coalesce(sum(lag), 0) = 0 AND count(pid) = $consumers
 done
 
 step "results"
-psql_demo -v min_orders="$min_orders" -f "$root/test/demo/report.sql"
+psql_demo -v min_orders="$min_orders" -f "$root/demo/report.sql"
 
 # What the generator says the warehouse must hold, summed over every run.
 read -r want_orders want_dead want_prod want_cat want_kinds <<<"$("$python3" - "$demo"/orders/*.json <<'EOF'

@@ -1,8 +1,8 @@
 # shellcheck shell=bash
-# Shared pieces of the Kafka benchmarks (test/bench/kafka_drain.sh and
-# test/bench/kafka_freshness.sh), sourced, not run: build and install, a
+# Shared pieces of the Kafka benchmarks (bench/kafka_drain.sh and
+# bench/kafka_freshness.sh), sourced, not run: build and install, a
 # throw-away PostgreSQL cluster with dwh preloaded, a throw-away Kafka
-# broker (test/kafka/kafka.sh), the generator's dictionaries loaded into
+# broker (tools/kafka/kafka.sh), the generator's dictionaries loaded into
 # STG, the final checks against the generator's manifest, CPU accounting
 # from /proc, and clean-up.
 #
@@ -18,8 +18,8 @@ PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 CONSUMERS=${BENCH_CONSUMERS:-2}
 PARTITIONS=${BENCH_PARTITIONS:-4}
 TOPIC=order-service_orders
-GEN="/usr/bin/python3 $root/test/gen/dwh-gen"
-KAFKA="bash $root/test/kafka/kafka.sh"
+GEN="/usr/bin/python3 $root/tools/dwh-gen"
+KAFKA="bash $root/tools/kafka/kafka.sh"
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "run as root: it installs the extension and runs the cluster as postgres" >&2
@@ -43,7 +43,7 @@ bench_install()
 	BIN=$("$PG_CONFIG" --bindir)
 	[ -e "$("$PG_CONFIG" --pkglibdir)/dwh.so" ] ||
 		{ echo "dwh.so is not installed for $PG_CONFIG" >&2; exit 1; }
-	command -v kcat >/dev/null || { echo "kcat is missing (test/install-deps.sh)" >&2; exit 1; }
+	command -v kcat >/dev/null || { echo "kcat is missing (tools/install-deps.sh)" >&2; exit 1; }
 }
 
 free_port()
@@ -84,7 +84,7 @@ bench_cleanup()
 	exit $rc
 }
 
-# A cluster with the settings of test/bench/sql_chain.sh (a DBA's settings
+# A cluster with the settings of bench/sql_chain.sh (a DBA's settings
 # for a bulk-loading warehouse, durability untouched), dwh preloaded, the
 # extension created in postgres; extra postgresql.conf lines in $1.
 bench_cluster_start()

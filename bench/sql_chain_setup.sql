@@ -1,4 +1,4 @@
--- Benchmark of the SQL chain (test/bench/sql_chain.sh): the deterministic
+-- Benchmark of the SQL chain (bench/sql_chain.sh): the deterministic
 -- generator of the docs/formats.md section 5 data profile.  Everything lives in
 -- schema bench of the throw-away benchmark database; nothing here is part of
 -- the extension.

@@ -4,7 +4,7 @@
 # the transaction that applied it is visible to a reader of the marts.
 #
 # Starts a throw-away Kafka broker and PostgreSQL cluster (as
-# test/bench/kafka_drain.sh), loads the dictionaries, lets all CONSUMERS
+# bench/kafka_drain.sh), loads the dictionaries, lets all CONSUMERS
 # workers join the topic, warms the broker's JVM for BROKER_WARMUP seconds
 # with the same stream on another topic, then produces SECONDS x RATE
 # orders of the generator's default mix at a steady RATE orders a second
@@ -34,9 +34,9 @@
 # gives the poll period achieved.
 #
 # A benchmark that reports figures, not a test with a threshold.  The last
-# lines are "RESULT key=value" lines for test/bench/run-all.sh.
+# lines are "RESULT key=value" lines for bench/run-all.sh.
 #
-# Usage: test/bench/kafka_freshness.sh
+# Usage: bench/kafka_freshness.sh
 # Environment: BENCH_RATE (1000 orders/s), BENCH_SECONDS (60),
 #   BENCH_POLL_MS (5), BENCH_WINDOW (10: seconds per line of the
 #   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
@@ -49,7 +49,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
+root=$(cd "$here/.." && pwd)
 # shellcheck source=kafka_common.sh
 . "$here/kafka_common.sh"
 

@@ -5,7 +5,7 @@
 # modules of the TAP tests, redis-server, redis-cli, kcat, pg_bsd_indent and
 # the shell linter, and what the test Kafka broker and the data generator
 # need (Java 17, Maven, OpenSSL, Python 3); then fetch the Kafka broker's jars once
-# (test/kafka/kafka.sh fetch, into /var/cache/dwh).
+# (tools/kafka/kafka.sh fetch, into /var/cache/dwh).
 # Idempotent and non-interactive: apt is skipped entirely when every
 # package is already installed, the fetch when the jars are there.  Run it
 # as root (or as a user with sudo).
