@@ -17,10 +17,11 @@
 # generator's manifest.
 #
 # How it measures (nothing is added to the extension):
-#   - the producer (a Python pacer in front of `kcat -P`) writes each line to
-#     kcat at its scheduled time and records, per object_id, the wall-clock
-#     time at which the order's first message was handed to kcat; kcat's own
-#     batching (linger.ms) is part of what is measured;
+#   - the producer (a Python pacer over librdkafka, python3-confluent-kafka)
+#     hands each message to librdkafka at its scheduled time and records, per
+#     object_id, the wall-clock time at which the order's first message was
+#     handed over; the producer's batching (linger.ms, BENCH_LINGER_MS,
+#     librdkafka's default 5 ms) is part of what is measured;
 #   - a poller session (one psql process kept open) asks every POLL_MS
 #     which object_ids stg.order_events holds at or above the lowest one not
 #     seen yet; an order's row is written by the same transaction that
@@ -38,7 +39,7 @@
 #
 # Usage: bench/kafka_freshness.sh
 # Environment: BENCH_RATE (1000 orders/s), BENCH_SECONDS (60),
-#   BENCH_POLL_MS (5), BENCH_WINDOW (10: seconds per line of the
+#   BENCH_POLL_MS (5), BENCH_LINGER_MS (5), BENCH_WINDOW (10: seconds per line of the
 #   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
 #   on another topic first, so that the broker's JVM is warm; 0: none),
 #   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
@@ -58,6 +59,7 @@ SECONDS_=${BENCH_SECONDS:-60}
 POLL_MS=${BENCH_POLL_MS:-5}
 WINDOW=${BENCH_WINDOW:-10}
 BROKER_WARMUP=${BENCH_BROKER_WARMUP:-10}
+LINGER_MS=${BENCH_LINGER_MS:-5}
 SEED=${BENCH_SEED:-2}
 ORDERS=$((RATE * SECONDS_))
 
@@ -98,19 +100,25 @@ batch_wait=$(q "SHOW dwh.kafka_batch_wait")
 batch_size=$(q "SHOW dwh.kafka_batch_size")
 
 cat >"$work/freshness.py" <<'EOF'
-# pace: write the orders file to kcat at a steady rate, record send times.
+# pace: produce the orders file at a steady rate, record send times.
 # poll: record when each object_id becomes visible in stg.order_events.
 # report: join both and print the figures.
 import re, subprocess, sys, time
 
-def pace(orders, rate, count, first_id, sent_file, kcat_args):
-    lines = open(orders, 'rb').readlines()
+def pace(orders, rate, count, first_id, sent_file, bootstrap, topic, linger_ms):
+    # librdkafka through its Python binding, each message handed over at its
+    # time: kcat -P reads its standard input ahead and holds the last lines
+    # of a pipe until more arrive, which at a trickle delays every message
+    # by the time until the next one.
+    from confluent_kafka import Producer
+    lines = [l.rstrip(b'\n') for l in open(orders, 'rb').readlines()]
     ids = []
     for l in lines:
         m = re.match(rb'\{"object_id":(\d+),', l)
         ids.append(int(m.group(1)) if m else None)
     msg_rate = rate * len(lines) / count
-    kcat = subprocess.Popen(kcat_args, stdin=subprocess.PIPE)
+    producer = Producer({'bootstrap.servers': bootstrap, 'linger.ms': linger_ms,
+                         'sticky.partitioning.linger.ms': 0})
     sent = {}
     n, i = len(lines), 0
     t0 = time.monotonic()
@@ -118,19 +126,19 @@ def pace(orders, rate, count, first_id, sent_file, kcat_args):
         due = min(n, int((time.monotonic() - t0) * msg_rate) + 1)
         if due > i:
             tw = time.time()
-            kcat.stdin.write(b''.join(lines[i:due]))
-            kcat.stdin.flush()
             for j in range(i, due):
+                producer.produce(topic, lines[j])
                 o = ids[j]
                 if o is not None and first_id <= o < first_id + count and o not in sent:
                     sent[o] = tw
+            producer.poll(0)
             i = due
         delay = t0 + i / msg_rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
     elapsed = time.monotonic() - t0
-    kcat.stdin.close()
-    kcat.wait()
+    if producer.flush(30) != 0:
+        raise SystemExit('pace: messages not delivered within 30 s')
     with open(sent_file, 'w') as f:
         for o, t in sent.items():
             f.write('%d %.6f\n' % (o, t))
@@ -213,7 +221,8 @@ def report(sent_file, seen_file, window):
 
 mode = sys.argv[1]
 if mode == 'pace':
-    pace(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7:])
+    pace(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6],
+         sys.argv[7], sys.argv[8], int(sys.argv[9]))
 elif mode == 'poll':
     poll(sys.argv[7:], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], 600)
 else:
@@ -232,23 +241,22 @@ if [ "$BROKER_WARMUP" -gt 0 ]; then
 	warmup_reader=$!
 	# The first lines of the stream, sent at its message rate.
 	head -n "$((RATE * BROKER_WARMUP * messages / ORDERS))" "$work/orders.txt" >"$work/warmup.txt"
-	python3 "$work/freshness.py" pace "$work/warmup.txt" "$RATE" "$((RATE * BROKER_WARMUP))" \
-		"$first_id" "$work/warmup-sent.txt" kcat -P -q -b "$bootstrap" -t dwh-bench-warmup \
-		-X sticky.partitioning.linger.ms=0 >/dev/null
+	/usr/bin/python3 "$work/freshness.py" pace "$work/warmup.txt" "$RATE" "$((RATE * BROKER_WARMUP))" \
+		"$first_id" "$work/warmup-sent.txt" "$bootstrap" dwh-bench-warmup "$LINGER_MS" >/dev/null
 	kill "$warmup_reader" 2>/dev/null || true
 	wait "$warmup_reader" 2>/dev/null || true
 fi
 
 log "poller: every $POLL_MS ms; producer: $RATE orders/s for $SECONDS_ s"
-python3 "$work/freshness.py" poll "$first_id" "$ORDERS" "$POLL_MS" "$work/seen.txt" "$work/poll.ready" \
+/usr/bin/python3 "$work/freshness.py" poll "$first_id" "$ORDERS" "$POLL_MS" "$work/seen.txt" "$work/poll.ready" \
 	runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -XAtq &
 poller=$!
 bench_children=$poller
 for _ in $(seq 100); do [ -e "$work/poll.ready" ] && break; sleep 0.1; done
 [ -e "$work/poll.ready" ] || { echo "the poller did not start" >&2; exit 1; }
 
-read -r pace_s paced first_sent < <(python3 "$work/freshness.py" pace "$work/orders.txt" "$RATE" "$ORDERS" \
-	"$first_id" "$work/sent.txt" kcat -P -q -b "$bootstrap" -t "$TOPIC" -X sticky.partitioning.linger.ms=0)
+read -r pace_s paced first_sent < <(/usr/bin/python3 "$work/freshness.py" pace "$work/orders.txt" "$RATE" "$ORDERS" \
+	"$first_id" "$work/sent.txt" "$bootstrap" "$TOPIC" "$LINGER_MS")
 log "produced $paced messages in $pace_s s; waiting for the last orders to become visible"
 wait "$poller"
 bench_children=""
@@ -257,7 +265,7 @@ for _ in $(seq 600); do
 	sleep 0.2
 done
 
-python3 "$work/freshness.py" report "$work/sent.txt" "$work/seen.txt" "$WINDOW" >"$work/report.txt"
+/usr/bin/python3 "$work/freshness.py" report "$work/sent.txt" "$work/seen.txt" "$WINDOW" >"$work/report.txt"
 r() { sed -n "s/^RESULT $1=//p" "$work/report.txt"; }
 read -r polls poll_p50 poll_p99 poll_max <"$work/seen.txt.periods"
 
@@ -265,7 +273,7 @@ echo
 echo "dwh Kafka freshness: produce -> visible in the marts, at a steady $RATE orders/s"
 echo "($ORDERS orders, $messages messages with the mix's redeliveries, late versions and"
 echo "malformed lines; $CONSUMERS workers, $PARTITIONS partitions, dwh.kafka_batch_wait $batch_wait,"
-echo "dwh.kafka_batch_size $batch_size; kcat -P with librdkafka's default linger)"
+echo "dwh.kafka_batch_size $batch_size; the producer's linger.ms $LINGER_MS)"
 printf 'produced       %d orders in %.1f s: %.0f orders/s, %.0f messages/s achieved\n' \
 	"$first_sent" "$pace_s" "$(calc "$first_sent / $pace_s")" "$(calc "$paced / $pace_s")"
 printf 'measured       %s orders seen, %s never seen\n' "$(r freshness_orders_measured)" "$(r freshness_orders_unseen)"

@@ -4,7 +4,8 @@
 # JIT bitcode), the Kafka, Redis and JSON client libraries, the Perl
 # modules of the TAP tests, redis-server, redis-cli, kcat, pg_bsd_indent and
 # the shell linter, and what the test Kafka broker and the data generator
-# need (Java 17, Maven, OpenSSL, Python 3); then fetch the Kafka broker's jars once
+# need (Java 17, Maven, OpenSSL, Python 3), and the benchmarks' Kafka
+# producer (python3-confluent-kafka); then fetch the Kafka broker's jars once
 # (tools/kafka/kafka.sh fetch, into /var/cache/dwh).
 # Idempotent and non-interactive: apt is skipped entirely when every
 # package is already installed, the fetch when the jars are there.  Run it
@@ -33,6 +34,7 @@ packages=(
 	openjdk-17-jre-headless
 	maven
 	python3
+	python3-confluent-kafka
 	openssl
 	redis-tools
 	stunnel4
