@@ -30,6 +30,23 @@ export LANG=C.UTF-8 LC_ALL=C.UTF-8
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 now() { date +%s.%N; }
 calc() { awk "BEGIN { print $* }"; }
+
+# Where a benchmark writes its data files and images (BENCH_PLOT_DIR; none
+# when empty).  bench/run-all.sh sets it to its folder of logs.
+# shellcheck disable=SC2034 # read by the benchmarks
+PLOT_DIR=${BENCH_PLOT_DIR:-}
+# bench_plot FILE.png: draw the gnuplot commands on standard input into a
+# PNG image (gnuplot-nox); says so and goes on when gnuplot is missing.
+bench_plot()
+{
+	if ! command -v gnuplot >/dev/null; then
+		log "gnuplot is missing (tools/install-deps.sh): no $1"
+		cat >/dev/null
+		return 0
+	fi
+	{ printf 'set terminal pngcairo size 900,560 font "DejaVu Sans,10"\nset output "%s"\n' "$1"; cat; } |
+		gnuplot || log "gnuplot failed: no $1"
+}
 # True when the expression $1 is at least $2.
 ge() { awk "BEGIN { exit !(($1) >= ($2)) }"; }
 

@@ -32,7 +32,8 @@
 #   BENCH_SEED (1: generator seed), BENCH_PREFETCH_MEMORY, BENCH_BATCH_SIZE
 #   (dwh.kafka_prefetch_memory, dwh.kafka_batch_size; default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB),
-#   BENCH_KEEP (0: remove everything), BENCH_SKIP_INSTALL (0: make install
+#   BENCH_PLOT_DIR (none: where the lag over time goes, as drain-lag.tsv
+#   and drain-lag.png), BENCH_KEEP (0: remove everything), BENCH_SKIP_INSTALL (0: make install
 #   first), BENCH_DIR (/tmp), PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 
 set -euo pipefail
@@ -151,6 +152,7 @@ while :; do
 		q "SELECT worker, state, last_error FROM dwh.status" >&2
 		exit 1
 	fi
+	echo "$el $((messages - applied))" >>"$work/lag.tsv"
 	done_now=$([ "$applied" -ge "$messages" ] && echo 1 || echo 0)
 	# Half-way, each worker logs its PostgreSQL memory contexts: how much
 	# of its private memory is PostgreSQL's own (caches, plans, batch).
@@ -276,4 +278,17 @@ printf 'RESULT kafka_drain_cpu_workers_pct=%.0f\n' "$(calc "100 * $workers_ticks
 printf 'RESULT kafka_drain_cpu_broker_pct=%.0f\n' "$(calc "100 * $broker_d / $CLK_TCK / $drain_s")"
 printf 'RESULT kafka_drain_cpu_other_pct=%.0f\n' "$(calc "100 * ($busy_d - $cluster_d - $broker_d) / $CLK_TCK / $drain_s")"
 echo "RESULT kafka_drain_consistent=$([ "$checks_ok" = 0 ] && echo yes || echo no)"
+# The lag over the drain beside the log, as data and as an image.
+if [ -n "$PLOT_DIR" ]; then
+	cp "$work/lag.tsv" "$PLOT_DIR/drain-lag.tsv"
+	bench_plot "$PLOT_DIR/drain-lag.png" <<PLOT
+set title "dwh: Kafka drain of $ORDERS orders ($messages messages), $CONSUMERS workers, $PARTITIONS partitions"
+set xlabel "seconds since the workers were given the broker"
+set ylabel "messages not yet applied (lag)"
+set format y "%.0f"
+set grid
+set key top right
+plot "$PLOT_DIR/drain-lag.tsv" using 1:2 with lines lw 2 title "lag, sampled every 0.2 s"
+PLOT
+fi
 exit "$checks_ok"

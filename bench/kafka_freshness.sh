@@ -38,8 +38,11 @@
 # lines are "RESULT key=value" lines for bench/run-all.sh.
 #
 # Usage: bench/kafka_freshness.sh
+# BENCH_RATE may be a fraction of an order a second (0.0833: 5 a minute).
 # Environment: BENCH_RATE (1000 orders/s), BENCH_SECONDS (60),
-#   BENCH_POLL_MS (5), BENCH_LINGER_MS (5), BENCH_WINDOW (10: seconds per line of the
+#   BENCH_POLL_MS (5), BENCH_LINGER_MS (5), BENCH_LABEL (the rate: names
+#   the files written to BENCH_PLOT_DIR), BENCH_PLOT_DIR (none: where the
+#   latency distribution goes, as freshness-LABEL.tsv and .png), BENCH_WINDOW (10: seconds per line of the
 #   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
 #   on another topic first, so that the broker's JVM is warm; 0: none),
 #   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
@@ -61,7 +64,12 @@ WINDOW=${BENCH_WINDOW:-10}
 BROKER_WARMUP=${BENCH_BROKER_WARMUP:-10}
 LINGER_MS=${BENCH_LINGER_MS:-5}
 SEED=${BENCH_SEED:-2}
-ORDERS=$((RATE * SECONDS_))
+# RATE may be a fraction (0.0833: 5 orders a minute, each one alone).
+ORDERS=$(awk -v r="$RATE" -v s="$SECONDS_" 'BEGIN { printf "%d", r * s + 0.5 }')
+[ "$ORDERS" -ge 1 ] || { echo "BENCH_RATE x BENCH_SECONDS is less than one order" >&2; exit 1; }
+# The broker is warmed at the rate measured, but at least 100 orders/s.
+WARM_RATE=$(awk -v r="$RATE" 'BEGIN { print (r < 100 ? 100 : r) }')
+LABEL=${BENCH_LABEL:-$RATE}
 
 extra=""
 [ -z "${BENCH_BATCH_WAIT:-}" ] || extra+="dwh.kafka_batch_wait = '$BENCH_BATCH_WAIT'"$'\n'
@@ -203,6 +211,11 @@ def report(sent_file, seen_file, window):
             lat.append(ms)
             windows.setdefault(int((ts - t0) // window), []).append(ms)
     lat.sort()
+    # The distribution, for a plot: latency (ms) and the fraction of orders
+    # seen within it.
+    with open(seen_file + '.cdf', 'w') as f:
+        for i, ms in enumerate(lat):
+            f.write('%.2f %.5f\n' % (ms, (i + 1) / len(lat)))
     steady = sorted(ms for w, v in windows.items() if w > 0 for ms in v)
     if steady:
         for name, q in (('p50', 0.5), ('p90', 0.9), ('p99', 0.99), ('max', 1)):
@@ -235,13 +248,14 @@ EOF
 # broker, 0.14 s once warm).  Warm it with the same stream on a topic of
 # its own, which the workers never read, produced and fetched back.
 if [ "$BROKER_WARMUP" -gt 0 ]; then
-	log "warming the broker: $RATE orders/s for $BROKER_WARMUP s on topic dwh-bench-warmup"
+	log "warming the broker: $WARM_RATE orders/s for $BROKER_WARMUP s on topic dwh-bench-warmup"
 	$KAFKA create-topic "$work/kafka" dwh-bench-warmup "$PARTITIONS" >/dev/null
 	kcat -C -q -b "$bootstrap" -t dwh-bench-warmup -o beginning >/dev/null 2>&1 &
 	warmup_reader=$!
-	# The first lines of the stream, sent at its message rate.
-	head -n "$((RATE * BROKER_WARMUP * messages / ORDERS))" "$work/orders.txt" >"$work/warmup.txt"
-	/usr/bin/python3 "$work/freshness.py" pace "$work/warmup.txt" "$RATE" "$((RATE * BROKER_WARMUP))" \
+	# Orders of the same mix, from another seed.
+	warm_orders=$(awk -v r="$WARM_RATE" -v s="$BROKER_WARMUP" 'BEGIN { printf "%d", r * s }')
+	$GEN orders --count "$warm_orders" --seed "$((SEED + 1000))" >"$work/warmup.txt"
+	/usr/bin/python3 "$work/freshness.py" pace "$work/warmup.txt" "$WARM_RATE" "$warm_orders" \
 		"$first_id" "$work/warmup-sent.txt" "$bootstrap" dwh-bench-warmup "$LINGER_MS" >/dev/null
 	kill "$warmup_reader" 2>/dev/null || true
 	wait "$warmup_reader" 2>/dev/null || true
@@ -301,5 +315,18 @@ echo "RESULT freshness_rate=$RATE"
 printf 'RESULT freshness_achieved_orders_per_s=%.0f\n' "$(calc "$first_sent / $pace_s")"
 grep '^RESULT' "$work/report.txt"
 echo "RESULT freshness_poll_p50_ms=$poll_p50"
+# The latency distribution beside the log, as data and as an image.
+if [ -n "$PLOT_DIR" ]; then
+	cp "$work/seen.txt.cdf" "$PLOT_DIR/freshness-$LABEL.tsv"
+	bench_plot "$PLOT_DIR/freshness-$LABEL.png" <<PLOT
+set title "dwh: produce -> visible in the marts at $RATE orders/s ($CONSUMERS workers)"
+set xlabel "latency (ms, log scale)"
+set ylabel "fraction of orders visible"
+set logscale x
+set grid
+set key bottom right
+plot "$PLOT_DIR/freshness-$LABEL.tsv" using 1:2 with steps title "$RATE orders/s"
+PLOT
+fi
 echo "RESULT freshness_consistent=$([ "$checks_ok" = 0 ] && echo yes || echo no)"
 exit "$checks_ok"

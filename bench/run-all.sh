@@ -13,14 +13,18 @@
 #
 # Usage: bench/run-all.sh
 # Environment: BENCH_QUICK (0; 1: smaller sizes), BENCH_ONLY (names of the
-#   runs to do among sql1 sql2 drain freshness redis; default all),
-#   BENCH_OUT (folder of the logs, default /tmp/dwh-bench-YYYYmmdd-HHMMSS),
+#   runs to do among sql1 sql2 history drain freshness redis; default all
+#   but history: the SQL chain on 10,000,000 orders of history,
+#   BENCH_LONG_HISTORY, about 20 minutes),
+#   BENCH_OUT (folder of the logs, data files and images, default
+#   /tmp/dwh-bench-YYYYmmdd-HHMMSS: drain-lag.png, freshness.png),
 #   BENCH_SKIP_INSTALL (0: make install once first), BENCH_DIR (/tmp),
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 #
 # Sizes (full / quick): SQL chain history 1,000,000 / 100,000 orders and
 # 100,000 / 20,000 measured; Kafka drain 1,000,000 / 100,000 orders;
-# freshness 60 / 20 s at 1,000 orders/s; Redis 100,000 / 20,000 users,
+# freshness at 5 orders a minute 240 / 60 s, at 1,000 orders/s 60 / 20 s,
+# at 5,000 orders/s 30 / 10 s; Redis 100,000 / 20,000 users,
 # 1,000 / 200 restaurants, 10,000 / 2,000 dishes.
 
 set -uo pipefail
@@ -48,12 +52,12 @@ fi
 if [ "$QUICK" = 1 ]; then
 	sql_sizes=(BENCH_HISTORY=100000 BENCH_MEASURED=20000)
 	drain_sizes=(BENCH_ORDERS=100000)
-	fresh_sizes=(BENCH_SECONDS=20 BENCH_RATE=1000)
+	fresh_seconds=(60 20 10)
 	redis_sizes=(BENCH_USERS=20000 BENCH_RESTAURANTS=200 BENCH_DISHES=2000)
 else
 	sql_sizes=(BENCH_HISTORY=1000000 BENCH_MEASURED=100000)
 	drain_sizes=(BENCH_ORDERS=1000000)
-	fresh_sizes=(BENCH_SECONDS=60 BENCH_RATE=1000)
+	fresh_seconds=(240 60 30)
 	redis_sizes=(BENCH_USERS=100000 BENCH_RESTAURANTS=1000 BENCH_DISHES=10000)
 fi
 
@@ -71,10 +75,10 @@ started=$(date -u '+%Y-%m-%d %H:%M UTC')
 run() {
 	local name=$1 script=$2 t0 rc
 	shift 2
-	case " $ONLY " in *" $name "*) ;; *) return ;; esac
+	case " $ONLY " in *" $name "* | *" ${name%%_*} "*) ;; *) return ;; esac
 	echo "== $name: $script $* (log $OUT/$name.log)"
 	t0=$SECONDS
-	env BENCH_SKIP_INSTALL=1 "$@" "$here/$script" >"$OUT/$name.log" 2>&1
+	env BENCH_SKIP_INSTALL=1 BENCH_PLOT_DIR="$OUT" "$@" "$here/$script" >"$OUT/$name.log" 2>&1
 	rc=$?
 	while IFS='=' read -r key value; do
 		R[$name.$key]=$value
@@ -90,8 +94,37 @@ run() {
 
 run sql1 sql_chain.sh "${sql_sizes[@]}" BENCH_CLIENTS=1 BENCH_EXPLAIN=0
 run sql2 sql_chain.sh "${sql_sizes[@]}" BENCH_CLIENTS=2 BENCH_EXPLAIN=0
+# Not in the default set (about 20 minutes): the SQL chain on top of a
+# history of 10,000,000 orders, the rate per tenth of the history.
+run history sql_chain.sh BENCH_HISTORY="${BENCH_LONG_HISTORY:-10000000}" BENCH_MEASURED=100000 \
+	BENCH_CLIENTS=1 BENCH_EXPLAIN=0
 run drain kafka_drain.sh "${drain_sizes[@]}"
-run freshness kafka_freshness.sh "${fresh_sizes[@]}"
+# Freshness at a trickle (5 orders a minute, each one alone), at 1,000 and
+# at 5,000 orders a second.
+fresh_rates=(0.0833 1000 5000)
+fresh_names=(freshness_trickle freshness_1000 freshness_5000)
+for i in 0 1 2; do
+	run "${fresh_names[$i]}" kafka_freshness.sh BENCH_RATE="${fresh_rates[$i]}" \
+		BENCH_SECONDS="${fresh_seconds[$i]}" BENCH_WINDOW="$((fresh_seconds[i] / 3))" \
+		BENCH_LABEL="${fresh_names[$i]#freshness_}"
+done
+# The three latency distributions in one image.
+plots=()
+for i in 0 1 2; do
+	f=$OUT/freshness-${fresh_names[$i]#freshness_}.tsv
+	[ -s "$f" ] && plots+=("\"$f\" using 1:2 with steps lw 2 title \"${fresh_rates[$i]} orders/s\"")
+done
+if [ ${#plots[@]} -gt 0 ]; then
+	bench_plot "$OUT/freshness.png" <<PLOT
+set title "dwh: produce -> visible in the marts (2 workers, 4 partitions)"
+set xlabel "latency (ms, log scale)"
+set ylabel "fraction of orders visible"
+set logscale x
+set grid
+set key bottom right
+plot $(IFS=,; echo "${plots[*]}")
+PLOT
+fi
 run redis redis_mirror.sh "${redis_sizes[@]}"
 
 # A figure, or "-" when its run was skipped or failed before printing it.
@@ -126,17 +159,25 @@ row "dwh commit" "$commit"
 line
 row "SQL chain, 1 connection" "$(v sql1.sql_chain_orders_per_s) orders/s  (history $(v sql1.sql_chain_history), $(v sql1.sql_chain_measured) measured)"
 row "SQL chain, 2 connections" "$(v sql2.sql_chain_orders_per_s) orders/s"
+row "  loading the history, first / last tenth" "$(v sql1.sql_chain_history_first_tenth_orders_per_s) / $(v sql1.sql_chain_history_last_tenth_orders_per_s) orders/s (last/first $(v sql1.sql_chain_history_last_vs_first))"
+if [ -n "${STATUS[history]:-}" ]; then
+	row "SQL chain on $(v history.sql_chain_history) orders of history" "$(v history.sql_chain_orders_per_s) orders/s"
+	row "  loading the history, first / last tenth" "$(v history.sql_chain_history_first_tenth_orders_per_s) / $(v history.sql_chain_history_last_tenth_orders_per_s) orders/s (last/first $(v history.sql_chain_history_last_vs_first))"
+fi
 row "Kafka drain, $(v drain.kafka_drain_consumers) workers, $(v drain.kafka_drain_partitions) partitions" "$(v drain.kafka_drain_orders_per_s) orders/s, $(v drain.kafka_drain_messages_per_s) messages/s  ($(v drain.kafka_drain_orders) orders in $(v drain.kafka_drain_s) s)"
 row "  worker CPU" "$(v drain.kafka_drain_orders_per_worker_cpu_s) orders per CPU-second of the workers"
 row "  CPU: workers / broker / rest of the machine" "$(v drain.kafka_drain_cpu_workers_pct)% / $(v drain.kafka_drain_cpu_broker_pct)% / $(v drain.kafka_drain_cpu_other_pct)% of one core"
 row "Kafka worker peak private memory" "$(kb_mb "$(v drain.kafka_worker_peak_anon_kb)") MB vs bound $(kb_mb "$(v drain.kafka_worker_bound_kb)") MB (32 MB + 2.5 x prefetch + work_mem): held $(v drain.kafka_worker_bound_held)"
-row "Freshness at $(v freshness.freshness_rate) orders/s, all orders" "p50 $(v freshness.freshness_p50_ms) ms, p99 $(v freshness.freshness_p99_ms) ms, max $(v freshness.freshness_max_ms) ms  (achieved $(v freshness.freshness_achieved_orders_per_s) orders/s)"
-row "  sent after the first 10 s" "p50 $(v freshness.freshness_steady_p50_ms) ms, p99 $(v freshness.freshness_steady_p99_ms) ms, max $(v freshness.freshness_steady_max_ms) ms"
+row "Freshness, produce -> visible (ms)" "p50 / p90 / p99 / max  (orders measured, achieved rate)"
+for i in 0 1 2; do
+	n=${fresh_names[$i]}
+	row "  at ${fresh_rates[$i]} orders/s" "$(v "$n.freshness_p50_ms") / $(v "$n.freshness_p90_ms") / $(v "$n.freshness_p99_ms") / $(v "$n.freshness_max_ms")  ($(v "$n.freshness_orders_measured") orders, $(v "$n.freshness_achieved_orders_per_s") orders/s)"
+done
 row "Redis mirror, $(v redis.redis_users) users + $(v redis.redis_restaurants) restaurants" "$(v redis.redis_mirror_s) s"
 row "Redis refresh pass: unchanged / SCAN / 1% changed" "$(v redis.redis_refresh_unchanged_ms) / $(v redis.redis_refresh_scan_ms) / $(v redis.redis_refresh_changed_ms) ms"
 line
 failed=0
-for name in sql1 sql2 drain freshness redis; do
+for name in sql1 sql2 history drain "${fresh_names[@]}" redis; do
 	[ -n "${STATUS[$name]:-}" ] || continue
 	row "run $name" "${STATUS[$name]}"
 	[ "${STATUS[$name]}" = ok ] || failed=1

@@ -402,8 +402,11 @@ if [ "$hist_batches" -gt 0 ]; then
 		           FROM bench.latency WHERE phase = 'history')
 		SELECT tenth, (min(seq) - 1) * $BATCH,
 		       round(count(*) * $BATCH / (sum(usec) / 1e6))
-		FROM l GROUP BY tenth ORDER BY tenth" |
-		awk '{ printf "                %9d -> %6d\n", $2, $3 }'
+		FROM l GROUP BY tenth ORDER BY tenth" >"$work/history-tenths.txt"
+	awk '{ printf "                %9d -> %6d\n", $2, $3 }' "$work/history-tenths.txt"
+	hist_first=$(awk 'NR == 1 { print $3 }' "$work/history-tenths.txt")
+	hist_last=$(awk 'END { print $3 }' "$work/history-tenths.txt")
+	printf '              last tenth / first tenth = %.2f\n' "$(calc "$hist_last / $hist_first")"
 fi
 printf 'vacuum        VACUUM ANALYZE + CHECKPOINT after the history: %.1f s\n' "$vacuum_s"
 hr
@@ -500,4 +503,9 @@ echo "RESULT sql_chain_clients=$CLIENTS"
 echo "RESULT sql_chain_history=$HISTORY"
 echo "RESULT sql_chain_measured=$MEASURED"
 echo "RESULT sql_chain_orders_per_s=$(rate "$MEASURED" "$meas_s")"
+if [ -n "${hist_first:-}" ]; then
+	echo "RESULT sql_chain_history_first_tenth_orders_per_s=$hist_first"
+	echo "RESULT sql_chain_history_last_tenth_orders_per_s=$hist_last"
+	printf 'RESULT sql_chain_history_last_vs_first=%.2f\n' "$(calc "$hist_last / $hist_first")"
+fi
 echo "RESULT sql_chain_consistent=yes"
