@@ -312,7 +312,7 @@ checks_ok=0
 bench_checks "$work/manifest.json" || checks_ok=1
 echo "machine: $(bench_machine)"
 echo "RESULT freshness_rate=$RATE"
-printf 'RESULT freshness_achieved_orders_per_s=%.0f\n' "$(calc "$first_sent / $pace_s")"
+printf 'RESULT freshness_achieved_orders_per_s=%.4g\n' "$(calc "$first_sent / $pace_s")"
 grep '^RESULT' "$work/report.txt"
 echo "RESULT freshness_poll_p50_ms=$poll_p50"
 # The latency distribution beside the log, as data and as an image.
@@ -324,7 +324,7 @@ set xlabel "latency (ms, log scale)"
 set ylabel "fraction of orders visible"
 set logscale x
 set grid
-set key bottom right
+set key top left
 plot "$PLOT_DIR/freshness-$LABEL.tsv" using 1:2 with steps title "$RATE orders/s"
 PLOT
 fi

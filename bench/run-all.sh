@@ -121,7 +121,7 @@ set xlabel "latency (ms, log scale)"
 set ylabel "fraction of orders visible"
 set logscale x
 set grid
-set key bottom right
+set key top left
 plot $(IFS=,; echo "${plots[*]}")
 PLOT
 fi
