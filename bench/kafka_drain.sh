@@ -32,6 +32,7 @@
 #   BENCH_SEED (1: generator seed), BENCH_PREFETCH_MEMORY, BENCH_BATCH_SIZE
 #   (dwh.kafka_prefetch_memory, dwh.kafka_batch_size; default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB),
+#   BENCH_PERF (0; 1: perf samples the workers, a profile at the end),
 #   BENCH_PLOT_DIR (none: where the lag over time goes, as drain-lag.tsv
 #   and drain-lag.png), BENCH_KEEP (0: remove everything), BENCH_SKIP_INSTALL (0: make install
 #   first), BENCH_DIR (/tmp), PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
@@ -108,6 +109,17 @@ done
 	done
 ) >"$work/memory.log" &
 bench_children=$!
+
+# With BENCH_PERF=1, where the workers' CPU goes: perf samples both
+# workers (call graphs) for the whole drain.
+perf_pid=""
+if [ "${BENCH_PERF:-0}" = 1 ]; then
+	command -v perf >/dev/null || { echo "BENCH_PERF=1 needs perf (linux-perf)" >&2; exit 1; }
+	perf record -q -e cpu-clock -F 499 -g -o "$work/perf.data" \
+		-p "$(for wp in $pids; do printf '%s,' "${wp#*=}"; done | sed 's/,$//')" 2>/dev/null &
+	perf_pid=$!
+	bench_children+=" $perf_pid"
+fi
 
 declare -A cpu0
 for wp in $pids; do
@@ -187,8 +199,13 @@ cluster1=$(cluster_ticks)
 broker1=$(cpu_ticks "$broker_pid")
 busy1=$(machine_busy_ticks)
 sleep 0.5
-kill "$bench_children" 2>/dev/null || true
-wait "$bench_children" 2>/dev/null || true
+if [ -n "$perf_pid" ]; then
+	kill -INT "$perf_pid" 2>/dev/null || true
+	wait "$perf_pid" 2>/dev/null || true
+fi
+# shellcheck disable=SC2086 # a list of pids
+kill $bench_children 2>/dev/null || true
+wait 2>/dev/null || true
 bench_children=""
 
 workers_ticks=0
@@ -290,5 +307,15 @@ set grid
 set key top right
 plot "$PLOT_DIR/drain-lag.tsv" using 1:2 with lines lw 2 title "lag, sampled every 0.2 s"
 PLOT
+fi
+if [ -n "$perf_pid" ]; then
+	echo
+	echo "PERF: the workers' CPU by function (self time, at least 0.5%)"
+	perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.5 \
+		--stdio 2>/dev/null | grep -E '^ +[0-9]' | head -n 60
+	echo "PERF: by shared object"
+	perf report -i "$work/perf.data" --no-children --sort dso --stdio 2>/dev/null |
+		grep -E '^ +[0-9]' | head -n 15
+	[ -z "$PLOT_DIR" ] || cp "$work/perf.data" "$PLOT_DIR/drain-perf.data"
 fi
 exit "$checks_ok"
