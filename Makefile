@@ -21,6 +21,7 @@ OBJS = \
 	src/dwh_secrets.o \
 	src/dwh_secret_files.o \
 	src/dwh_status.o \
+	src/dwh_worker.o \
 	src/dwh_kafka_options.o \
 	src/dwh_kafka_consumer.o \
 	src/dwh_kafka_offsets.o \
@@ -28,8 +29,7 @@ OBJS = \
 	src/dwh_redis_url.o \
 	src/dwh_redis_conn.o \
 	src/dwh_redis_store.o \
-	src/dwh_redis_worker.o \
-	src/dwh_worker_connect.o
+	src/dwh_redis_worker.o
 
 SHLIB_LINK = -ljansson -lrdkafka -lhiredis
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \

@@ -11,11 +11,10 @@
 #include "miscadmin.h"
 #include "storage/ipc.h"
 
-#include "dwh_kafka_worker.h"
-#include "dwh_redis_worker.h"
 #include "dwh_secrets.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
+#include "dwh_worker.h"
 
 PG_MODULE_MAGIC;
 
@@ -64,8 +63,5 @@ _PG_init(void)
 
 	/* pg_upgrade's server must not consume anything. */
 	if (!IsBinaryUpgrade)
-	{
-		dwh_kafka_register_workers();
-		dwh_redis_register_worker();
-	}
+		dwh_workers_register();
 }

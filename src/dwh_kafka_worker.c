@@ -23,7 +23,8 @@
  * While dwh.kafka_brokers is empty, the extension is not created or not
  * updated to the library's version, or the server is a standby, the worker
  * sleeps on its latch and says why in dwh.status, logging each new reason
- * once.
+ * once.  Registration, start-up, waits, reload, readiness and error
+ * recovery are the skeleton both workers share (src/dwh_worker.c).
  *
  * An offset out of range (the broker no longer holds a partition's stored
  * offset) is kept as a pending gap until it is served: the batch gathered
@@ -38,36 +39,24 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
 #include "pgstat.h"
-#include "postmaster/bgworker.h"
-#include "postmaster/interrupt.h"
 #include "storage/ipc.h"
-#include "storage/latch.h"
-#include "tcop/tcopprot.h"
-#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
-#include "utils/wait_event.h"
 
 #include "dwh_ingest.h"
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_offsets.h"
-#include "dwh_kafka_worker.h"
 #include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
-#include "dwh_version.h"
-#include "dwh_worker_connect.h"
+#include "dwh_worker.h"
 
-#define BACKOFF_MIN_MS		500
-#define BACKOFF_MAX_MS		30000
-#define NOT_READY_RECHECK_MS	5000
 #define WATERMARK_INTERVAL_MS	1000
 #define RECOVERY_PROBE_MS		5000
 #define GAP_RETRY_MS			1000
@@ -89,10 +78,8 @@ static int	worker_index;
 static DwhWorkerStatus *slot;
 static DwhKafkaConsumer *consumer = NULL;
 static char *consumer_settings = NULL;
-static char *connected_database = NULL;
 static Batch batch;
 static bool ready_checked = false;
-static char last_logged_wait[DWH_STATE_LEN];
 static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
 static TimestampTz last_recovery_probe = 0;
@@ -117,34 +104,6 @@ static TimestampTz gaps_not_before = 0;
 static DwhKafkaEventKind pending_rebalance = DWH_KAFKA_NOTHING;
 static int	pending_n = 0;
 static int32 *pending_partitions = NULL;
-
-/*
- * dwh_kafka_register_workers
- *		Register dwh.kafka_consumers workers (from _PG_init, when preloaded).
- */
-void
-dwh_kafka_register_workers(void)
-{
-	int			i;
-
-	for (i = 1; i <= dwh_kafka_consumers; i++)
-	{
-		BackgroundWorker worker;
-
-		memset(&worker, 0, sizeof(worker));
-		worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
-			BGWORKER_BACKEND_DATABASE_CONNECTION;
-		/* Started on a standby too, where it waits for promotion. */
-		worker.bgw_start_time = BgWorkerStart_ConsistentState;
-		worker.bgw_restart_time = 5;
-		snprintf(worker.bgw_library_name, BGW_MAXLEN, "dwh");
-		snprintf(worker.bgw_function_name, BGW_MAXLEN, "dwh_kafka_worker_main");
-		snprintf(worker.bgw_name, BGW_MAXLEN, "dwh kafka worker %d", i);
-		snprintf(worker.bgw_type, BGW_MAXLEN, "dwh kafka worker");
-		worker.bgw_main_arg = Int32GetDatum(i);
-		RegisterBackgroundWorker(&worker);
-	}
-}
 
 /*
  * The settings a consumer is built from, with the content of the options
@@ -290,29 +249,6 @@ shutdown_consumer(int code, Datum arg)
 }
 
 /*
- * Publish a waiting state; a new reason is logged once (with the hint, if
- * any), a repeated one never.
- */
-static void
-set_waiting_hint(const char *reason, const char *hint)
-{
-	dwh_status_set_state(slot, "%s", reason);
-	if (strcmp(last_logged_wait, reason) != 0)
-	{
-		strlcpy(last_logged_wait, reason, sizeof(last_logged_wait));
-		ereport(LOG,
-				(errmsg("%s", reason),
-				 hint ? errhint("%s", hint) : 0));
-	}
-}
-
-static void
-set_waiting(const char *reason)
-{
-	set_waiting_hint(reason, NULL);
-}
-
-/*
  * Back to "consuming" after "waiting for the broker", on the first sign
  * that the brokers answer again: a message fetched or a partition
  * assignment.  librdkafka says when every broker is down, never when they
@@ -355,36 +291,19 @@ probe_recovery(void)
 		dwh_status_clear_error(slot);
 }
 
-static void
-wait_latch(long timeout_ms)
-{
-	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-					 timeout_ms, PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-}
-
 /*
- * Reload the configuration.  Another database means another process; other
- * Kafka settings mean another consumer.  Gathered messages are dropped:
- * they are not applied yet, so they will be fetched again.
+ * Reload the configuration.  Another database means another process
+ * (dwh_worker_reload); other Kafka settings mean another consumer.
+ * Gathered messages are dropped: they are not applied yet, so they will be
+ * fetched again.
  */
 static void
 process_reload(void)
 {
 	char	   *settings;
 
-	if (!ConfigReloadPending)
+	if (!dwh_worker_reload())
 		return;
-	ConfigReloadPending = false;
-	ProcessConfigFile(PGC_SIGHUP);
-
-	if (strcmp(dwh_database, connected_database) != 0)
-	{
-		ereport(LOG,
-				(errmsg("dwh.database changed from \"%s\" to \"%s\", restarting",
-						connected_database, dwh_database)));
-		proc_exit(1);
-	}
 
 	settings = current_consumer_settings();
 	if (consumer_settings == NULL || strcmp(settings, consumer_settings) != 0)
@@ -404,46 +323,34 @@ process_reload(void)
 }
 
 /*
- * Can the worker consume?  Publishes why not.  The catalog lookups run in
- * a short transaction of their own.
+ * Are extension dwh and the offsets table there?  The catalog lookups run
+ * in a transaction of their own.
  */
 static bool
-ready_to_consume(void)
+kafka_tables_present(void)
 {
 	bool		installed;
-	char	   *mismatch;
-
-	if (dwh_kafka_brokers[0] == '\0')
-	{
-		set_waiting("idle: dwh.kafka_brokers is empty");
-		return false;
-	}
-	if (RecoveryInProgress())
-	{
-		set_waiting("waiting: the server is a standby");
-		return false;
-	}
 
 	StartTransactionCommand();
 	installed = OidIsValid(get_extension_oid("dwh", true)) &&
 		OidIsValid(get_relname_relid("kafka_offsets",
 									 get_namespace_oid("dwh", true)));
 	CommitTransactionCommand();
-	if (!installed)
+	return installed;
+}
+
+/*
+ * Can the worker consume?  Publishes why not.
+ */
+static bool
+ready_to_consume(void)
+{
+	if (dwh_kafka_brokers[0] == '\0')
 	{
-		set_waiting(psprintf("waiting: extension dwh is not created in database \"%s\"",
-							 connected_database));
+		dwh_worker_set_state_logged("idle: dwh.kafka_brokers is empty", NULL);
 		return false;
 	}
-	/* After a package upgrade, until ALTER EXTENSION dwh UPDATE. */
-	mismatch = dwh_schema_mismatch();
-	if (mismatch != NULL)
-	{
-		set_waiting_hint(dwh_schema_wait_state(mismatch),
-						 dwh_schema_wait_hint(connected_database));
-		return false;
-	}
-	return true;
+	return dwh_worker_ready(kafka_tables_present);
 }
 
 static bool
@@ -461,12 +368,12 @@ connect_consumer(void)
 				 errmsg("could not create the Kafka consumer"),
 				 errdetail_internal("%s", error),
 				 errhint("Correct the Kafka settings and reload the configuration.")));
-		strlcpy(last_logged_wait, "waiting: invalid Kafka settings",
-				sizeof(last_logged_wait));
+		/* Logged just now: only a change of state is logged next. */
+		(void) dwh_worker_note_logged("waiting: invalid Kafka settings");
 		dwh_status_set_state(slot, "waiting: invalid Kafka settings");
 		return false;
 	}
-	last_logged_wait[0] = '\0';
+	dwh_worker_forget_logged();
 	dwh_status_set_state(slot, "consuming");
 	return true;
 }
@@ -900,41 +807,10 @@ gather(void)
 						 errmsg("fatal Kafka consumer error, reconnecting"),
 						 errdetail_internal("%s", ev.error)));
 				drop_consumer();
-				backoff_ms = BACKOFF_MAX_MS;
+				backoff_ms = DWH_WORKER_BACKOFF_MAX_MS;
 				return;
 		}
 	}
-}
-
-/*
- * After an error: publish it, clean up the transaction, and wait before
- * retrying.  The batch is kept and retried as it is.
- */
-static void
-recover_from_error(void)
-{
-	ErrorData  *edata;
-
-	error_context_stack = NULL;
-	HOLD_INTERRUPTS();
-	EmitErrorReport();
-	/* Copy the error while what it points to still exists. */
-	MemoryContextSwitchTo(TopMemoryContext);
-	edata = CopyErrorData();
-	AbortOutOfAnyTransaction();
-	MemoryContextSwitchTo(TopMemoryContext);
-	FlushErrorState();
-	RESUME_INTERRUPTS();
-	pgstat_report_activity(STATE_IDLE, NULL);
-
-	dwh_status_set_error(slot, "%s (SQLSTATE %s)", edata->message,
-						 unpack_sql_state(edata->sqlerrcode));
-	FreeErrorData(edata);
-
-	backoff_ms = backoff_ms == 0 ? BACKOFF_MIN_MS : Min(backoff_ms * 2, BACKOFF_MAX_MS);
-	dwh_status_set_state(slot, "retrying after an error");
-	ready_checked = false;
-	wait_latch(backoff_ms);
 }
 
 /*
@@ -947,27 +823,26 @@ dwh_kafka_worker_main(Datum main_arg)
 	sigjmp_buf	local_sigjmp_buf;
 
 	worker_index = DatumGetInt32(main_arg);
-
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-
-	slot = dwh_status_attach(DWH_WORKER_KAFKA, worker_index);
-	connected_database = dwh_worker_connect(slot);
-	pgstat_report_appname(psprintf("dwh kafka worker %d", worker_index));
+	slot = dwh_worker_start(DWH_WORKER_KAFKA, worker_index);
 
 	batch.context = AllocSetContextCreate(TopMemoryContext, "dwh kafka batch",
 										  ALLOCSET_DEFAULT_SIZES);
 	batch_clear();
+	/* Created once: an error comes back to the sigsetjmp below. */
+	loop_context = AllocSetContextCreate(TopMemoryContext, "dwh kafka loop",
+										 ALLOCSET_DEFAULT_SIZES);
 	consumer_settings = current_consumer_settings();
 	before_shmem_exit(shutdown_consumer, (Datum) 0);
 
 	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
-		recover_from_error();
+	{
+		/* The batch is kept, and retried as it is after the backoff. */
+		dwh_worker_recover(&backoff_ms);
+		ready_checked = false;
+		dwh_worker_wait(backoff_ms);
+	}
 	PG_exception_stack = &local_sigjmp_buf;
 
-	loop_context = AllocSetContextCreate(TopMemoryContext, "dwh kafka loop",
-										 ALLOCSET_DEFAULT_SIZES);
 	for (;;)
 	{
 		/* Whatever a round allocates outside a transaction goes here. */
@@ -981,7 +856,7 @@ dwh_kafka_worker_main(Datum main_arg)
 			if (!ready_to_consume())
 			{
 				drop_consumer();
-				wait_latch(NOT_READY_RECHECK_MS);
+				dwh_worker_wait(DWH_WORKER_RECHECK_MS);
 				continue;
 			}
 			ready_checked = true;
@@ -990,14 +865,14 @@ dwh_kafka_worker_main(Datum main_arg)
 		{
 			if (backoff_ms > 0)
 			{
-				wait_latch(backoff_ms);
+				dwh_worker_wait(backoff_ms);
 				backoff_ms = 0;
 				continue;
 			}
 			if (!connect_consumer())
 			{
 				/* Wait for a reload that corrects the settings. */
-				wait_latch(-1);
+				dwh_worker_wait(DWH_WORKER_WAIT_FOREVER);
 				continue;
 			}
 		}

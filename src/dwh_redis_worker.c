@@ -31,44 +31,36 @@
  * The URL may come from a file instead (dwh.redis_url_file), read at start,
  * on every reload, and every few seconds while it cannot be used.
  *
+ * Registration, start-up, waits, reload, readiness and error recovery are
+ * the skeleton both workers share (src/dwh_worker.c).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/xact.h"
-#include "access/xlog.h"
+#include <signal.h>
+
 #include "miscadmin.h"
-#include "pgstat.h"
-#include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
-#include "storage/latch.h"
-#include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
-#include "utils/wait_event.h"
 
 #include "dwh_redis_conn.h"
 #include "dwh_redis_store.h"
 #include "dwh_redis_url.h"
-#include "dwh_redis_worker.h"
 #include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
-#include "dwh_version.h"
-#include "dwh_worker_connect.h"
+#include "dwh_worker.h"
 
-#define BACKOFF_MIN_MS		500
-#define BACKOFF_MAX_MS		30000
-#define NOT_READY_RECHECK_MS	5000
 #define WANTED_POLL_MS		1000
 
 PGDLLEXPORT void dwh_redis_worker_main(Datum main_arg);
 
 static DwhWorkerStatus *slot;
 static DwhRedisConn *conn = NULL;
-static char *connected_database = NULL;
 static char *conn_settings = NULL;
 /* The URL connected to, and the one read from dwh.redis_url_file. */
 static const DwhRedisUrl *used_url = NULL;
@@ -77,7 +69,6 @@ static DwhRedisUrl *file_url = NULL;
 static char url_problem[DWH_ERROR_LEN];
 static MemoryContext cycle_context;
 static MemoryContext page_context;
-static char last_logged[DWH_ERROR_LEN];
 static int	backoff_ms = 0;
 static TimestampTz next_refresh = 0;
 static TimestampTz last_refresh_start = 0;
@@ -88,28 +79,6 @@ static int64 keys_mirrored = 0;
 static int64 keys_missing = 0;
 static int64 refreshes = 0;
 static int64 changes_found = 0;
-
-/*
- * dwh_redis_register_worker
- *		Register the Redis worker (from _PG_init, when preloaded).
- */
-void
-dwh_redis_register_worker(void)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
-		BGWORKER_BACKEND_DATABASE_CONNECTION;
-	/* Started on a standby too, where it waits for promotion. */
-	worker.bgw_start_time = BgWorkerStart_ConsistentState;
-	worker.bgw_restart_time = 5;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "dwh");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "dwh_redis_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "dwh redis worker");
-	snprintf(worker.bgw_type, BGW_MAXLEN, "dwh redis worker");
-	RegisterBackgroundWorker(&worker);
-}
 
 /*
  * Choose the URL to connect to: dwh.redis_url, or the one in the file
@@ -190,37 +159,6 @@ shutdown_connection(int code, Datum arg)
 }
 
 /*
- * Publish a state; a new one is logged once (with the hint, if any), a
- * repeated one never.
- */
-static void
-set_state_logged_hint(const char *state, const char *hint)
-{
-	dwh_status_set_state(slot, "%s", state);
-	if (strcmp(last_logged, state) != 0)
-	{
-		strlcpy(last_logged, state, sizeof(last_logged));
-		ereport(LOG,
-				(errmsg("%s", state),
-				 hint ? errhint("%s", hint) : 0));
-	}
-}
-
-static void
-set_state_logged(const char *state)
-{
-	set_state_logged_hint(state, NULL);
-}
-
-static void
-wait_latch(long timeout_ms)
-{
-	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-					 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-}
-
-/*
  * The JSON parser of dwh refuses values beyond dwh.max_message_size: in
  * this process, that limit is dwh.redis_max_value_size (values beyond it
  * are refused before parsing, with their own reason).
@@ -235,27 +173,18 @@ apply_value_size_limit(void)
 }
 
 /*
- * Reload the configuration.  Another database means another process;
- * another URL or timeout means another connection, made at once.
+ * Reload the configuration.  Another database means another process
+ * (dwh_worker_reload); another URL or timeout means another connection,
+ * made at once.
  */
 static void
 process_reload(void)
 {
 	char	   *settings;
 
-	if (!ConfigReloadPending)
+	if (!dwh_worker_reload())
 		return;
-	ConfigReloadPending = false;
-	ProcessConfigFile(PGC_SIGHUP);
 	apply_value_size_limit();
-
-	if (strcmp(dwh_database, connected_database) != 0)
-	{
-		ereport(LOG,
-				(errmsg("dwh.database changed from \"%s\" to \"%s\", restarting",
-						connected_database, dwh_database)));
-		proc_exit(1);
-	}
 
 	/* A new interval counts from the start of the last pass. */
 	if (dwh_redis_refresh_interval != refresh_interval_used &&
@@ -274,7 +203,7 @@ process_reload(void)
 					(errmsg("Redis settings changed, reconnecting")));
 		drop_connection();
 		backoff_ms = 0;
-		last_logged[0] = '\0';
+		dwh_worker_forget_logged();
 	}
 	replace_conn_settings(settings);
 }
@@ -285,8 +214,6 @@ process_reload(void)
 static bool
 ready_to_mirror(void)
 {
-	char	   *mismatch;
-
 	if (url_problem[0] != '\0')
 	{
 		/* Read the file again: a chmod needs no reload. */
@@ -294,35 +221,17 @@ ready_to_mirror(void)
 		if (url_problem[0] != '\0')
 		{
 			dwh_status_set_error(slot, "%s", url_problem);
-			set_state_logged(psprintf("error: %s", url_problem));
+			dwh_worker_set_state_logged(psprintf("error: %s", url_problem),
+										NULL);
 			return false;
 		}
 	}
 	if (used_url == NULL)
 	{
-		set_state_logged("idle: dwh.redis_url is empty");
+		dwh_worker_set_state_logged("idle: dwh.redis_url is empty", NULL);
 		return false;
 	}
-	if (RecoveryInProgress())
-	{
-		set_state_logged("waiting: the server is a standby");
-		return false;
-	}
-	if (!dwh_redis_store_ready())
-	{
-		set_state_logged(psprintf("waiting: extension dwh is not created in database \"%s\"",
-								  connected_database));
-		return false;
-	}
-	/* After a package upgrade, until ALTER EXTENSION dwh UPDATE. */
-	mismatch = dwh_schema_mismatch();
-	if (mismatch != NULL)
-	{
-		set_state_logged_hint(dwh_schema_wait_state(mismatch),
-							  dwh_schema_wait_hint(connected_database));
-		return false;
-	}
-	return true;
+	return dwh_worker_ready(dwh_redis_store_ready);
 }
 
 /*
@@ -336,20 +245,17 @@ redis_failed(DwhRedisError *error)
 	drop_connection();
 	dwh_status_set_error(slot, "%s", error->message);
 	if (error->transient)
-		backoff_ms = backoff_ms == 0 ? BACKOFF_MIN_MS : Min(backoff_ms * 2, BACKOFF_MAX_MS);
+		backoff_ms = dwh_worker_next_backoff(backoff_ms);
 	else
-		backoff_ms = BACKOFF_MAX_MS;
+		backoff_ms = DWH_WORKER_BACKOFF_MAX_MS;
 	dwh_status_set_state(slot, "%s, retrying every %d s at most",
 						 error->transient ? "waiting for Redis" : "error: Redis refused the connection settings",
-						 BACKOFF_MAX_MS / 1000);
-	if (strcmp(last_logged, error->message) != 0)
-	{
-		strlcpy(last_logged, error->message, sizeof(last_logged));
+						 DWH_WORKER_BACKOFF_MAX_MS / 1000);
+	if (dwh_worker_note_logged(error->message))
 		ereport(LOG,
 				(errcode(error->sqlstate),
 				 errmsg("%s", error->message),
 				 error->hint ? errhint("%s", error->hint) : 0));
-	}
 }
 
 static bool
@@ -368,7 +274,7 @@ connect_redis(void)
 	dwh_redis_url_redacted(used_url, address, sizeof(address));
 	ereport(LOG,
 			(errmsg("connected to Redis at %s", address)));
-	last_logged[0] = '\0';
+	dwh_worker_forget_logged();
 	return true;
 }
 
@@ -620,39 +526,6 @@ run_cycle(DwhRedisError *error)
 }
 
 /*
- * After an error of the database: publish it, clean up the transaction,
- * and wait before retrying.  A connection cut in the middle of an
- * exchange is out of step and is dropped.
- */
-static void
-recover_from_error(void)
-{
-	ErrorData  *edata;
-
-	error_context_stack = NULL;
-	HOLD_INTERRUPTS();
-	EmitErrorReport();
-	AbortOutOfAnyTransaction();
-	MemoryContextSwitchTo(TopMemoryContext);
-	edata = CopyErrorData();
-	FlushErrorState();
-	RESUME_INTERRUPTS();
-	pgstat_report_activity(STATE_IDLE, NULL);
-
-	dwh_status_set_error(slot, "%s (SQLSTATE %s)", edata->message,
-						 unpack_sql_state(edata->sqlerrcode));
-	FreeErrorData(edata);
-	if (conn != NULL && !dwh_redis_conn_is_clean(conn))
-		drop_connection();
-	new_keys_pending = true;
-	counts_stale = true;
-
-	backoff_ms = backoff_ms == 0 ? BACKOFF_MIN_MS : Min(backoff_ms * 2, BACKOFF_MAX_MS);
-	dwh_status_set_state(slot, "retrying after an error");
-	wait_latch(backoff_ms);
-}
-
-/*
  * dwh_redis_worker_main
  *		Entry point of the Redis worker.
  */
@@ -661,15 +534,9 @@ dwh_redis_worker_main(Datum main_arg)
 {
 	sigjmp_buf	local_sigjmp_buf;
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
 	/* A write to a socket Redis closed must fail, not kill the process. */
 	pqsignal(SIGPIPE, SIG_IGN);
-	BackgroundWorkerUnblockSignals();
-
-	slot = dwh_status_attach(DWH_WORKER_REDIS, 1);
-	connected_database = dwh_worker_connect(slot);
-	pgstat_report_appname("dwh redis worker");
+	slot = dwh_worker_start(DWH_WORKER_REDIS, 1);
 
 	cycle_context = AllocSetContextCreate(TopMemoryContext, "dwh redis cycle",
 										  ALLOCSET_DEFAULT_SIZES);
@@ -680,7 +547,16 @@ dwh_redis_worker_main(Datum main_arg)
 	before_shmem_exit(shutdown_connection, (Datum) 0);
 
 	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
-		recover_from_error();
+	{
+		dwh_worker_recover(&backoff_ms);
+		/* A connection cut in the middle of an exchange is out of step. */
+		if (conn != NULL && !dwh_redis_conn_is_clean(conn))
+			drop_connection();
+		/* What the failed cycle did not finish is done again. */
+		new_keys_pending = true;
+		counts_stale = true;
+		dwh_worker_wait(backoff_ms);
+	}
 	PG_exception_stack = &local_sigjmp_buf;
 
 	for (;;)
@@ -696,14 +572,14 @@ dwh_redis_worker_main(Datum main_arg)
 		if (!ready_to_mirror())
 		{
 			drop_connection();
-			wait_latch(NOT_READY_RECHECK_MS);
+			dwh_worker_wait(DWH_WORKER_RECHECK_MS);
 			continue;
 		}
 		if (conn == NULL)
 		{
 			if (backoff_ms > 0)
 			{
-				wait_latch(backoff_ms);
+				dwh_worker_wait(backoff_ms);
 				/* The next failure doubles it from here. */
 				if (ConfigReloadPending)
 					continue;
@@ -730,6 +606,6 @@ dwh_redis_worker_main(Datum main_arg)
 		if (next_refresh > 0)
 			sleep_ms = Min(sleep_ms,
 						   (long) ((next_refresh - GetCurrentTimestamp()) / 1000));
-		wait_latch(sleep_ms);
+		dwh_worker_wait(sleep_ms);
 	}
 }

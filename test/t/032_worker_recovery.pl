@@ -1,0 +1,135 @@
+# The error recovery the Kafka and Redis workers share (src/dwh_worker.c):
+# an error of the database (here a lock timeout on the worker's own table,
+# raised again and again) is published in dwh.status with its SQLSTATE, the
+# worker says it retries, and it goes on by itself once the lock is gone.
+# Recovering leaves nothing behind: after several errors each worker still
+# has one of each of its memory contexts (the Kafka worker used to create a
+# new loop context at every error and keep the old one).
+#
+# Kafka comes from librdkafka's mock cluster (no broker to start), Redis
+# from a throw-away redis-server.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use DwhTest;
+use PostgreSQL::Test::Utils;
+use RedisServer;
+use Test::More;
+use Time::HiRes qw(usleep);
+
+my $mock = start_mock_cluster(brokers => 1, partitions => 2);
+my $redis = RedisServer->new(password => 'recovery-pw');
+
+# Both sources empty: the workers idle until the locks are taken.
+my $node = new_dwh_node(
+	'worker_recovery',
+	'dwh.kafka_consumers' => 1,
+	'dwh.redis_refresh_interval' => 1);
+
+sub psql { return $node->safe_psql('postgres', $_[0]) }
+
+# How many lines of the log, from byte $offset on, match $re.
+sub log_count
+{
+	my ($offset, $re) = @_;
+	my $log = slurp_file($node->logfile, $offset);
+	my @hits = ($log =~ /$re/g);
+	return scalar @hits;
+}
+
+# Wait until the log, from $offset on, has at least $n lines matching $re.
+sub wait_log
+{
+	my ($offset, $re, $n) = @_;
+	foreach (1 .. 10 * $PostgreSQL::Test::Utils::timeout_default)
+	{
+		return 1 if log_count($offset, $re) >= $n;
+		usleep(100_000);
+	}
+	return 0;
+}
+
+# The memory contexts of a process named $name (as in a "level: N; name:"
+# line of pg_log_backend_memory_contexts) that it holds now.
+sub contexts_named
+{
+	my ($pid, $name) = @_;
+	my $offset = -s $node->logfile;
+	psql("SELECT pg_log_backend_memory_contexts($pid)");
+	ok(wait_log($offset, qr/\[$pid\] LOG:  Grand total: /, 1),
+		"process $pid logged its memory contexts");
+	return log_count($offset, qr/\[$pid\] LOG:  level: \d+; \Q$name\E: /);
+}
+
+psql(q{ALTER SYSTEM SET lock_timeout = '200ms'});
+$node->reload;
+
+# 1. The Kafka worker: the offsets table locked when its partitions are
+#    assigned; the lookup of their stored offsets fails again and again.
+my $locker = $node->background_psql('postgres');
+$locker->query_safe(
+	'BEGIN; LOCK dwh.kafka_offsets, dwh.redis_keys IN ACCESS EXCLUSIVE MODE;');
+
+my $offset = -s $node->logfile;
+psql("ALTER SYSTEM SET dwh.kafka_brokers = '$mock->{bootstrap}'");
+psql("ALTER SYSTEM SET dwh.redis_url = '" . $redis->url . "'");
+$node->reload;
+
+# dwh.worker_status() is read while the lock is held: it is what dwh.status
+# shows of the workers themselves.
+sub worker_row
+{
+	my ($worker, $columns) = @_;
+	return psql("SELECT $columns FROM dwh.worker_status() WHERE worker = '$worker'");
+}
+
+my $kafka_pid = worker_row('kafka 1', 'pid');
+my $redis_pid = worker_row('redis', 'pid');
+my $timeout = qr/ERROR:  canceling statement due to lock timeout/;
+
+ok(wait_log($offset, qr/\[$kafka_pid\] $timeout/, 3),
+	'the Kafka worker fails three times on the lock');
+ok(wait_log($offset, qr/\[$redis_pid\] $timeout/, 3),
+	'the Redis worker fails three times on the lock');
+foreach my $worker ('kafka 1', 'redis')
+{
+	is(worker_row($worker, q{state || ' | ' || last_error}),
+		'retrying after an error | canceling statement due to lock timeout (SQLSTATE 55P03)',
+		"$worker: dwh.status shows the error with its SQLSTATE, and the retry");
+}
+
+# Three errors recovered: still one loop context, one cycle and one page
+# context.
+is(contexts_named($kafka_pid, 'dwh kafka loop'),
+	1, 'the Kafka worker has one loop context after its errors');
+is(contexts_named($kafka_pid, 'dwh kafka batch'),
+	1, 'and one batch context');
+is(contexts_named($redis_pid, 'dwh redis cycle'),
+	1, 'the Redis worker has one cycle context after its errors');
+is(contexts_named($redis_pid, 'dwh redis page'),
+	1, 'and one page context');
+
+# 2. The lock released: both go on by themselves, in the same processes,
+#    and the error no longer shows.
+$locker->query_safe('ROLLBACK;');
+$locker->quit;
+ok( $node->poll_query_until(
+		'postgres',
+		q{SELECT state = 'mirroring' AND last_error IS NULL FROM dwh.status WHERE worker = 'redis'}
+	),
+	'the Redis worker mirrors once the lock is gone');
+ok( $node->poll_query_until(
+		'postgres',
+		q{SELECT cardinality(partitions) = 2 FROM dwh.status WHERE worker = 'kafka 1'}),
+	'the Kafka worker owns its partitions once the lock is gone');
+is(worker_row('kafka 1', 'pid'), $kafka_pid, 'the Kafka worker recovered without a restart');
+is(worker_row('redis', 'pid'), $redis_pid, 'and so did the Redis worker');
+
+$node->stop;
+stop_mock_cluster($mock);
+$redis->stop;
+done_testing();
