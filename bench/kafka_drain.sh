@@ -309,13 +309,13 @@ plot "$PLOT_DIR/drain-lag.tsv" using 1:2 with lines lw 2 title "lag, sampled eve
 PLOT
 fi
 if [ -n "$perf_pid" ]; then
+	[ -z "$PLOT_DIR" ] || cp "$work/perf.data" "$PLOT_DIR/drain-perf.data"
 	echo
 	echo "PERF: the workers' CPU by function (self time, at least 0.5%)"
-	perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.5 \
-		--stdio 2>/dev/null | grep -E '^ +[0-9]' | head -n 60
+	perf report -i "$work/perf.data" --no-children -g none --sort dso,symbol --percent-limit 0.5 \
+		--stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -n '1,60p'
 	echo "PERF: by shared object"
-	perf report -i "$work/perf.data" --no-children --sort dso --stdio 2>/dev/null |
-		grep -E '^ +[0-9]' | head -n 15
-	[ -z "$PLOT_DIR" ] || cp "$work/perf.data" "$PLOT_DIR/drain-perf.data"
+	perf report -i "$work/perf.data" --no-children -g none --sort dso --stdio 2>/dev/null |
+		grep -E '^ +[0-9]' | sed -n '1,15p'
 fi
 exit "$checks_ok"
