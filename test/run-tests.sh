@@ -14,6 +14,7 @@
 #
 # Environment: PG_CONFIG (default /usr/lib/postgresql/15/bin/pg_config),
 # DWH_KEEP_TEST_DIR=1 to keep the test directory even when all passed.
+# The tests get DWH_GIT_DIR, a mirror clone of this repository (see below).
 
 set -euo pipefail
 
@@ -82,6 +83,17 @@ tar -C "$root" \
 	--exclude='*.o' --exclude='*.bc' --exclude='*.so' \
 	-cf - . | tar -C "$src" --no-same-owner -xf -
 
+# test/t/006_upgrade_live.pl builds version 1.0 from its commit, and the
+# copy above has no .git: it reads the history from DWH_GIT_DIR, a mirror
+# clone of this repository in the test directory (which the postgres user
+# can read wherever this clone is).  Without history the test fails and
+# says why.
+git_dir=
+if git -c safe.directory='*' -C "$root" rev-parse --git-dir >/dev/null 2>&1; then
+	git_dir=$work/dwh.git
+	git -c safe.directory='*' clone --quiet --mirror --no-local "$root" "$git_dir"
+fi
+
 echo "== build and install ($PG_CONFIG) in $src"
 make -C "$src" -j"$(nproc)" PG_CONFIG="$PG_CONFIG"
 make -C "$src" PG_CONFIG="$PG_CONFIG" install
@@ -97,7 +109,7 @@ run_installcheck()
 
 	echo "== $name"
 	set +e
-	(cd "$src" && runuser -u postgres -- env HOME="$work" \
+	(cd "$src" && runuser -u postgres -- env HOME="$work" DWH_GIT_DIR="$git_dir" \
 		make PG_CONFIG="$PG_CONFIG" installcheck "$@" </dev/null) 2>&1 |
 		tee "$logs/$name.out"
 	status=${PIPESTATUS[0]}
