@@ -18,9 +18,10 @@
  */
 #include "postgres.h"
 
-#include "access/xact.h"
+#include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
@@ -29,13 +30,13 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "dwh_columns.h"
 #include "dwh_dead_letter.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
+#include "dwh_spi.h"
 #include "dwh_version.h"
 
 
@@ -662,47 +663,6 @@ dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(true);
 }
 
-/*
- * Run work(arg) in a subtransaction, kept when it succeeds if keep is true
- * and rolled back otherwise.  Returns NULL when it succeeded, or its error
- * when returned(error) says the caller handles it (the subtransaction is
- * rolled back); any other error is raised again.  The one body behind
- * dwh_try_in_subtransaction, the trial of one message, and the claim's
- * retry.
- */
-static ErrorData *
-run_in_subtransaction(void (*work) (void *arg), void *arg, bool keep,
-					  bool (*returned) (ErrorData *edata))
-{
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *volatile edata = NULL;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		work(arg);
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-	}
-	PG_END_TRY();
-
-	if (edata == NULL && keep)
-		ReleaseCurrentSubTransaction();
-	else
-		RollbackAndReleaseCurrentSubTransaction();
-	MemoryContextSwitchTo(oldcontext);
-	CurrentResourceOwner = oldowner;
-	if (edata != NULL && !returned(edata))
-		ReThrowError(edata);
-	return edata;
-}
-
 /* Is this the claim's 40001 (a concurrent batch renamed a dish)? */
 static bool
 is_serialization_failure(ErrorData *edata)
@@ -791,7 +751,8 @@ claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more, ClaimCall *call)
 	call->args[1] = arrays[1];
 	call->args[2] = BoolGetDatum(false);
 
-	edata = run_in_subtransaction(claim_call, call, true, is_serialization_failure);
+	edata = dwh_run_in_subtransaction(claim_call, call, true,
+									  is_serialization_failure);
 	if (edata != NULL)
 	{
 		FreeErrorData(edata);
@@ -1105,41 +1066,6 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	dead_letters_write(&dl, source, topic, result);
 }
 
-/*
- * dwh_error_is_about_data
- *		Is this error about the data being written (so that writing it item
- *		by item isolates the culprits), rather than about the system?  The
- *		one rule for every batch writer: what it says no to is dead-lettered,
- *		everything else is retried and never skips data.
- */
-bool
-dwh_error_is_about_data(ErrorData *edata)
-{
-	switch (ERRCODE_TO_CATEGORY(edata->sqlerrcode))
-	{
-		case ERRCODE_DATA_EXCEPTION:
-		case ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION:
-		case ERRCODE_PROGRAM_LIMIT_EXCEEDED:
-		case ERRCODE_PLPGSQL_ERROR:
-			return true;
-		default:
-			return false;
-	}
-}
-
-/*
- * dwh_try_in_subtransaction
- *		Run work(arg) in a subtransaction.  Returns NULL when it succeeded,
- *		or its error when the error is about the data (the subtransaction is
- *		rolled back and the caller isolates the culprits); any other error
- *		is raised again.
- */
-ErrorData *
-dwh_try_in_subtransaction(void (*work) (void *arg), void *arg)
-{
-	return run_in_subtransaction(work, arg, true, dwh_error_is_about_data);
-}
-
 /* The arguments of ingest_messages, for dwh_try_in_subtransaction. */
 typedef struct IngestCall
 {
@@ -1183,7 +1109,8 @@ trial_in_subtransaction(DwhIngestItem *item, const char *source,
 	DwhIngestResult ignored = {0};
 	IngestCall	call = {item, 1, source, topic, &ignored};
 
-	return run_in_subtransaction(ingest_call, &call, false, dwh_error_is_about_data);
+	return dwh_run_in_subtransaction(ingest_call, &call, false,
+									 dwh_error_is_about_data);
 }
 
 /*

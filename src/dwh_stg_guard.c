@@ -21,16 +21,17 @@
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
-#include "utils/builtins.h"
-#include "utils/lsyscache.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 
-#include "dwh_columns.h"
 #include "dwh_ingest.h"
 #include "dwh_message.h"
+#include "dwh_spi.h"
 #include "dwh_version.h"
 
 PG_FUNCTION_INFO_V1(dwh_stg_guard);
