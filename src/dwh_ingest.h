@@ -8,9 +8,6 @@
 #ifndef DWH_INGEST_H
 #define DWH_INGEST_H
 
-#include "datatype/timestamp.h"
-#include "utils/jsonb.h"
-
 /* One raw message value and, when known, where it came from. */
 typedef struct DwhIngestItem
 {
@@ -38,8 +35,6 @@ typedef struct DwhIngestResult
 								 * where other bytes were stored before */
 } DwhIngestResult;
 
-extern bool dwh_ingest_checked_order(int64 object_id, Jsonb *payload,
-									 Timestamp *update_ts);
 extern void dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 							 const char *topic, DwhIngestResult *result);
 
