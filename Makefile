@@ -13,9 +13,11 @@ OBJS = \
 	src/dwh_json_syntax.o \
 	src/dwh_jsonb_build.o \
 	src/dwh_message.o \
+	src/dwh_spi.o \
 	src/dwh_stg_guard.o \
 	src/dwh_columns.o \
 	src/dwh_dead_letter.o \
+	src/dwh_ingest_session.o \
 	src/dwh_ingest.o \
 	src/dwh_secret_scan.o \
 	src/dwh_secrets.o \

@@ -71,20 +71,3 @@ dwh_bytea_datum(const void *data, int len)
 	memcpy(VARDATA(b), data, len);
 	return PointerGetDatum(b);
 }
-
-/*
- * dwh_prepare_kept
- *		Prepare a set-based statement and keep its plan for the life of the
- *		backend.
- */
-SPIPlanPtr
-dwh_prepare_kept(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}

@@ -14,31 +14,39 @@
  * (deadlock, cancel, disk full, missing privilege) are raised to the caller,
  * which retries the batch: no message is ever skipped for them.
  *
+ * The triggers that the batch's statements fire learn what the batch is
+ * doing from its session (dwh_ingest_session.c, which describes the whole
+ * path of a batch from C to SQL and back).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/xact.h"
+#include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/datum.h"
 #include "utils/jsonb.h"
-#include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "dwh_columns.h"
 #include "dwh_dead_letter.h"
 #include "dwh_ingest.h"
+#include "dwh_ingest_session.h"
 #include "dwh_message.h"
+#include "dwh_spi.h"
 #include "dwh_version.h"
 
-
+/*
+ * The plans of the statements below, kept for the life of the backend.  They
+ * are the only state of this file that outlives a call, and they hold no
+ * state of a batch: what a batch shares with its triggers is in its session.
+ */
 static SPIPlanPtr upsert_orders_plan = NULL;
 static SPIPlanPtr insert_others_plan = NULL;
 static SPIPlanPtr insert_dead_plan = NULL;
@@ -217,15 +225,6 @@ jsonb_copy(Jsonb *jb)
 	return JsonbPGetDatum(copy);
 }
 
-/* A valid order message of the batch. */
-typedef struct OrderRow
-{
-	int64		object_id;
-	Timestamp	sent_dttm;
-	Timestamp	update_ts;
-	Jsonb	   *payload;
-} OrderRow;
-
 /*
  * By object_id, then newest version first: versions are ordered by
  * (update_ts, payload text), as the STG guard orders them.
@@ -233,55 +232,14 @@ typedef struct OrderRow
 static int
 order_row_cmp(const void *a, const void *b)
 {
-	const OrderRow *x = (const OrderRow *) a;
-	const OrderRow *y = (const OrderRow *) b;
+	const DwhIngestOrder *x = (const DwhIngestOrder *) a;
+	const DwhIngestOrder *y = (const DwhIngestOrder *) b;
 
 	if (x->object_id != y->object_id)
 		return x->object_id < y->object_id ? -1 : 1;
 	if (x->update_ts != y->update_ts)
 		return x->update_ts > y->update_ts ? -1 : 1;
 	return -dwh_jsonb_text_cmp(x->payload, y->payload);
-}
-
-/*
- * The orders of the upsert that is running, checked by dwh_message_parse
- * and sorted by object_id; none when no upsert runs.
- */
-static OrderRow *upserting = NULL;
-static int	n_upserting = 0;
-
-/*
- * dwh_ingest_checked_order
- *		Is this payload, byte for byte, one that the running ingest has just
- *		checked for this order?  Then the STG guard need not check it again,
- *		and update_ts receives the version derived from it.  Whoever wrote
- *		the row, the same bytes pass the same checks.
- */
-bool
-dwh_ingest_checked_order(int64 object_id, Jsonb *payload, Timestamp *update_ts)
-{
-	int			lo = 0;
-	int			hi = n_upserting - 1;
-
-	while (lo <= hi)
-	{
-		int			mid = lo + (hi - lo) / 2;
-		OrderRow   *row = &upserting[mid];
-
-		if (row->object_id == object_id)
-		{
-			if (VARSIZE(row->payload) != VARSIZE(payload) ||
-				memcmp(row->payload, payload, VARSIZE(payload)) != 0)
-				return false;
-			*update_ts = row->update_ts;
-			return true;
-		}
-		if (row->object_id < object_id)
-			lo = mid + 1;
-		else
-			hi = mid - 1;
-	}
-	return false;
 }
 
 /*
@@ -292,17 +250,18 @@ dwh_ingest_checked_order(int64 object_id, Jsonb *payload, Timestamp *update_ts)
  * comes twice is kept once, with the later sent_dttm.
  */
 static int
-newest_orders(OrderRow *rows, int n, OrderRow *superseded, int *n_superseded)
+newest_orders(DwhIngestOrder *rows, int n, DwhIngestOrder *superseded,
+			  int *n_superseded)
 {
 	int			kept = 0;
 	int			i;
 
 	*n_superseded = 0;
 	if (n > 1)
-		qsort(rows, n, sizeof(OrderRow), order_row_cmp);
+		qsort(rows, n, sizeof(DwhIngestOrder), order_row_cmp);
 	for (i = 0; i < n; i++)
 	{
-		OrderRow   *prev = NULL;
+		DwhIngestOrder *prev = NULL;
 
 		if (*n_superseded > 0 &&
 			superseded[*n_superseded - 1].object_id == rows[i].object_id)
@@ -514,37 +473,12 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic,
 }
 
 /*
- * Mart deltas deferred to the end of an order upsert.  One upsert fires
- * both the INSERT and the UPDATE statement triggers of stg.order_events;
- * applied at once, their deltas would lock mart rows in two sorted passes,
- * and two batches crossing between the passes would deadlock.  During the
- * upsert of an ingest the triggers hand their deltas here instead
- * (dwh.defer_mart_deltas), and they are applied as one sorted pass.
+ * The mart deltas that the order triggers of an upsert handed to its
+ * session (dwh_ingest_session_defer_deltas), summed per key and applied in
+ * one sorted pass: one upsert fires both the INSERT and the UPDATE
+ * statement triggers of stg.order_events, and two passes would let two
+ * batches cross between them and deadlock.
  */
-typedef struct DeferredDeltas
-{
-	MemoryContext context;
-	int			calls;			/* trigger calls that handed deltas over */
-	/* The first call's arrays, as given: usually the only ones. */
-	Datum		first[6];
-	bool		first_null[6];
-	/* From the second call on, every call's elements, regrouped at the end. */
-	DwhColumn product_users,
-				products,
-				product_deltas,
-				category_users,
-				categories,
-				category_deltas;
-} DeferredDeltas;
-
-static DeferredDeltas *deferred = NULL;
-
-/*
- * True while an ingest writes a batch whose keys it has claimed (steps 1
- * and 2 of the lock order): the order triggers need not claim them again.
- */
-static bool keys_claimed = false;
-
 static const char *apply_deferred_sql =
 "WITH p AS (SELECT u, k, pg_catalog.sum(d)::integer AS d "
 "           FROM unnest($1::uuid[], $2::uuid[], $3::integer[]) AS x(u, k, d) "
@@ -563,31 +497,6 @@ static const char *apply_deferred_sql =
 static const char *apply_direct_sql =
 "SELECT dwh.apply_mart_deltas($1, $2, $3, $4, $5, $6)";
 
-static void
-column_append_array(DwhColumn *col, ArrayType *arr, int *capacity)
-{
-	Datum	   *values;
-	bool	   *nulls;
-	int			n;
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-	int			i;
-
-	get_typlenbyvalalign(col->elemtype, &typlen, &typbyval, &typalign);
-	deconstruct_array(arr, col->elemtype, typlen, typbyval, typalign,
-					  &values, &nulls, &n);
-	if (col->n + n > *capacity)
-	{
-		*capacity = Max(*capacity * 2, col->n + n);
-		col->values = repalloc(col->values, sizeof(Datum) * *capacity);
-		col->nulls = repalloc(col->nulls, sizeof(bool) * *capacity);
-	}
-	for (i = 0; i < n; i++)
-		dwh_column_add(col, nulls[i] ? (Datum) 0 : datumCopy(values[i], typbyval, typlen),
-				   nulls[i]);
-}
-
 PG_FUNCTION_INFO_V1(dwh_keys_claimed);
 
 /*
@@ -599,7 +508,7 @@ PG_FUNCTION_INFO_V1(dwh_keys_claimed);
 Datum
 dwh_keys_claimed(PG_FUNCTION_ARGS)
 {
-	PG_RETURN_BOOL(keys_claimed);
+	PG_RETURN_BOOL(dwh_ingest_session_keys_claimed());
 }
 
 PG_FUNCTION_INFO_V1(dwh_defer_mart_deltas);
@@ -615,92 +524,16 @@ PG_FUNCTION_INFO_V1(dwh_defer_mart_deltas);
 Datum
 dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
 {
-	MemoryContext old;
-	int			capacity;
+	Datum		arrays[DWH_MART_DELTA_ARRAYS];
+	bool		nulls[DWH_MART_DELTA_ARRAYS];
 	int			i;
-	DwhColumn *cols[6];
 
-	if (deferred == NULL)
-		PG_RETURN_BOOL(false);
-
-	old = MemoryContextSwitchTo(deferred->context);
-	if (deferred->calls == 0)
+	for (i = 0; i < DWH_MART_DELTA_ARRAYS; i++)
 	{
-		for (i = 0; i < 6; i++)
-		{
-			deferred->first_null[i] = PG_ARGISNULL(i);
-			deferred->first[i] = PG_ARGISNULL(i) ? (Datum) 0 :
-				PointerGetDatum(PG_DETOAST_DATUM_COPY(PG_GETARG_DATUM(i)));
-		}
-		deferred->calls++;
-		MemoryContextSwitchTo(old);
-		PG_RETURN_BOOL(true);
+		nulls[i] = PG_ARGISNULL(i);
+		arrays[i] = nulls[i] ? (Datum) 0 : PG_GETARG_DATUM(i);
 	}
-
-	cols[0] = &deferred->product_users;
-	cols[1] = &deferred->products;
-	cols[2] = &deferred->product_deltas;
-	cols[3] = &deferred->category_users;
-	cols[4] = &deferred->categories;
-	cols[5] = &deferred->category_deltas;
-	for (i = 0; i < 6; i++)
-	{
-		/* The second call brings the first one's elements along. */
-		if (deferred->calls == 1 && !deferred->first_null[i])
-		{
-			capacity = Max(cols[i]->n, 1);
-			column_append_array(cols[i], DatumGetArrayTypeP(deferred->first[i]),
-								&capacity);
-		}
-		if (PG_ARGISNULL(i))
-			continue;
-		capacity = Max(cols[i]->n, 1);
-		column_append_array(cols[i], PG_GETARG_ARRAYTYPE_P(i), &capacity);
-	}
-	deferred->calls++;
-	MemoryContextSwitchTo(old);
-	PG_RETURN_BOOL(true);
-}
-
-/*
- * Run work(arg) in a subtransaction, kept when it succeeds if keep is true
- * and rolled back otherwise.  Returns NULL when it succeeded, or its error
- * when returned(error) says the caller handles it (the subtransaction is
- * rolled back); any other error is raised again.  The one body behind
- * dwh_try_in_subtransaction, the trial of one message, and the claim's
- * retry.
- */
-static ErrorData *
-run_in_subtransaction(void (*work) (void *arg), void *arg, bool keep,
-					  bool (*returned) (ErrorData *edata))
-{
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *volatile edata = NULL;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		work(arg);
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-	}
-	PG_END_TRY();
-
-	if (edata == NULL && keep)
-		ReleaseCurrentSubTransaction();
-	else
-		RollbackAndReleaseCurrentSubTransaction();
-	MemoryContextSwitchTo(oldcontext);
-	CurrentResourceOwner = oldowner;
-	if (edata != NULL && !returned(edata))
-		ReThrowError(edata);
-	return edata;
+	PG_RETURN_BOOL(dwh_ingest_session_defer_deltas(arrays, nulls));
 }
 
 /* Is this the claim's 40001 (a concurrent batch renamed a dish)? */
@@ -715,7 +548,7 @@ is_serialization_failure(ErrorData *edata)
  * arrays[0] object_id, [1] update_ts, [2] payload, [3] sent_dttm.
  */
 static void
-order_arrays(OrderRow *rows, int n, Datum *arrays)
+order_arrays(DwhIngestOrder *rows, int n, Datum *arrays)
 {
 	DwhColumn	ids,
 				versions,
@@ -778,20 +611,22 @@ claim_call(void *arg)
  * the claim is rolled back, locks included, and taken again exclusive.
  */
 static void
-claim_keys(OrderRow *rows, int n, OrderRow *more, int n_more, ClaimCall *call)
+claim_keys(DwhIngestOrder *rows, int n, DwhIngestOrder *more, int n_more,
+		   ClaimCall *call)
 {
-	OrderRow   *all = palloc(sizeof(OrderRow) * Max(n + n_more, 1));
+	DwhIngestOrder *all = palloc(sizeof(DwhIngestOrder) * Max(n + n_more, 1));
 	Datum		arrays[4];
 	ErrorData  *edata;
 
-	memcpy(all, rows, sizeof(OrderRow) * n);
-	memcpy(all + n, more, sizeof(OrderRow) * n_more);
+	memcpy(all, rows, sizeof(DwhIngestOrder) * n);
+	memcpy(all + n, more, sizeof(DwhIngestOrder) * n_more);
 	order_arrays(all, n + n_more, arrays);
 	call->args[0] = arrays[2];
 	call->args[1] = arrays[1];
 	call->args[2] = BoolGetDatum(false);
 
-	edata = run_in_subtransaction(claim_call, call, true, is_serialization_failure);
+	edata = dwh_run_in_subtransaction(claim_call, call, true,
+									  is_serialization_failure);
 	if (edata != NULL)
 	{
 		FreeErrorData(edata);
@@ -835,7 +670,7 @@ compare_int64(const void *a, const void *b)
  * order of the batch has its stg.order_events row locked by now).
  */
 static void
-keep_superseded(OrderRow *rows, int n)
+keep_superseded(DwhIngestOrder *rows, int n)
 {
 	Datum		args[4];
 
@@ -847,53 +682,23 @@ keep_superseded(OrderRow *rows, int n)
 }
 
 /*
- * Run the upsert of rows[0..n-1] (args), the mart deltas of its triggers
- * going to d.
- */
-static void
-run_upsert(Datum *args, OrderRow *rows, int n, DeferredDeltas *d)
-{
-	DeferredDeltas *outer_deferred = deferred;
-	OrderRow   *outer_upserting = upserting;
-	int			outer_n_upserting = n_upserting;
-
-	deferred = d;
-	upserting = rows;
-	n_upserting = n;
-	PG_TRY();
-	{
-		int			rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
-
-		if (rc != SPI_OK_INSERT_RETURNING)
-			elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
-	}
-	PG_FINALLY();
-	{
-		/* An ingest run by a trigger of another one gives the outer's back. */
-		deferred = outer_deferred;
-		upserting = outer_upserting;
-		n_upserting = outer_n_upserting;
-	}
-	PG_END_TRY();
-}
-
-/*
- * Steps 3 to 5 of the lock order: upsert rows[0..n-1] (the newest version
- * of each order of the batch) with the triggers' mart deltas deferred, keep
- * the versions that are not current (superseded[0..n_superseded-1] and the
- * rows older than the stored version) in the history table, then apply the
- * mart deltas in one sorted pass.  Returns how many rows were stored.
+ * Steps 3 to 5 of the lock order, in session (the batch's keys claimed):
+ * upsert rows[0..n-1] (the newest version of each order of the batch)
+ * with the triggers' mart deltas kept in the session, keep the versions
+ * that are not current (superseded[0..n_superseded-1] and the rows older
+ * than the stored version) in the history table, then apply the mart
+ * deltas in one sorted pass.  Returns how many rows were stored.
  */
 static uint64
-upsert_orders_deferred(OrderRow *rows, int n, OrderRow *superseded,
-					   int n_superseded)
+upsert_orders_deferred(DwhIngestSession *session, DwhIngestOrder *rows, int n,
+					   DwhIngestOrder *superseded, int n_superseded)
 {
-	DeferredDeltas d;
-	Oid			types[6] = {UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID,
-	UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID};
-	Datum		apply_args[6];
+	Oid			types[DWH_MART_DELTA_ARRAYS] = {UUIDARRAYOID, UUIDARRAYOID,
+	INT4ARRAYOID, UUIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID};
+	DwhMartDeltas *d;
 	Datum		arrays[4];
 	Datum		args[3];
+	int			rc;
 	uint64		processed;
 	int64	   *stored;
 	uint64		r;
@@ -904,16 +709,15 @@ upsert_orders_deferred(OrderRow *rows, int n, OrderRow *superseded,
 	args[1] = arrays[3];		/* sent_dttm */
 	args[2] = arrays[2];		/* payload */
 
-	d.context = CurrentMemoryContext;
-	d.calls = 0;
-	dwh_column_init(&d.product_users, UUIDOID, 1);
-	dwh_column_init(&d.products, UUIDOID, 1);
-	dwh_column_init(&d.product_deltas, INT4OID, 1);
-	dwh_column_init(&d.category_users, UUIDOID, 1);
-	dwh_column_init(&d.categories, UUIDOID, 1);
-	dwh_column_init(&d.category_deltas, INT4OID, 1);
-
-	run_upsert(args, rows, n, &d);
+	/*
+	 * While the upsert runs, the guard takes these rows' checks as done and
+	 * the order triggers hand their deltas to the session.
+	 */
+	dwh_ingest_session_start_upsert(session, rows, n);
+	rc = SPI_execute_plan(upsert_orders_plan, args, NULL, false, 0);
+	if (rc != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "could not store orders: %s", SPI_result_code_string(rc));
+	d = dwh_ingest_session_end_upsert(session);
 	processed = SPI_processed;
 
 	/* The rows not stored are not current: into the history with the rest. */
@@ -931,28 +735,29 @@ upsert_orders_deferred(OrderRow *rows, int n, OrderRow *superseded,
 			superseded[n_superseded++] = rows[i];
 	keep_superseded(superseded, n_superseded);
 
-	if (d.calls == 1)
+	if (d->calls == 1)
 	{
-		char		nulls[6];
-		int			i;
+		char		nulls[DWH_MART_DELTA_ARRAYS];
 
-		for (i = 0; i < 6; i++)
-			nulls[i] = d.first_null[i] ? 'n' : ' ';
+		for (i = 0; i < DWH_MART_DELTA_ARRAYS; i++)
+			nulls[i] = d->first_null[i] ? 'n' : ' ';
 		if (apply_direct_plan == NULL)
-			apply_direct_plan = dwh_prepare_kept(apply_direct_sql, 6, types);
-		if (SPI_execute_plan(apply_direct_plan, d.first, nulls, false, 0) != SPI_OK_SELECT)
+			apply_direct_plan = dwh_prepare_kept(apply_direct_sql,
+												 DWH_MART_DELTA_ARRAYS, types);
+		if (SPI_execute_plan(apply_direct_plan, d->first, nulls, false,
+							 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not apply the mart deltas");
 	}
-	else if (d.products.n > 0 || d.categories.n > 0)
+	else if (d->all[1].n > 0 || d->all[4].n > 0)	/* products, categories */
 	{
-		apply_args[0] = dwh_column_array(&d.product_users);
-		apply_args[1] = dwh_column_array(&d.products);
-		apply_args[2] = dwh_column_array(&d.product_deltas);
-		apply_args[3] = dwh_column_array(&d.category_users);
-		apply_args[4] = dwh_column_array(&d.categories);
-		apply_args[5] = dwh_column_array(&d.category_deltas);
+		Datum		apply_args[DWH_MART_DELTA_ARRAYS];
+
+		for (i = 0; i < DWH_MART_DELTA_ARRAYS; i++)
+			apply_args[i] = dwh_column_array(&d->all[i]);
 		if (apply_deferred_plan == NULL)
-			apply_deferred_plan = dwh_prepare_kept(apply_deferred_sql, 6, types);
+			apply_deferred_plan =
+				dwh_prepare_kept(apply_deferred_sql, DWH_MART_DELTA_ARRAYS,
+								 types);
 		if (SPI_execute_plan(apply_deferred_plan, apply_args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not apply the mart deltas");
 	}
@@ -960,22 +765,26 @@ upsert_orders_deferred(OrderRow *rows, int n, OrderRow *superseded,
 }
 
 /*
- * upsert_orders_deferred, the batch's keys being claimed: the order
- * triggers skip their own claim (dwh.keys_claimed()).
+ * upsert_orders_deferred in an ingest session: the batch's keys are
+ * claimed, so the order triggers skip their own claim (dwh.keys_claimed()).
+ * The session is popped whatever happens (dwh_ingest_session.c says why
+ * an abort would drop it too).
  */
 static uint64
-upsert_claimed(OrderRow *rows, int n, OrderRow *superseded, int n_superseded)
+upsert_claimed(DwhIngestOrder *rows, int n, DwhIngestOrder *superseded,
+			   int n_superseded)
 {
+	DwhIngestSession *session = dwh_ingest_session_push();
 	volatile uint64 stored = 0;
 
-	keys_claimed = true;
 	PG_TRY();
 	{
-		stored = upsert_orders_deferred(rows, n, superseded, n_superseded);
+		stored = upsert_orders_deferred(session, rows, n, superseded,
+										n_superseded);
 	}
 	PG_FINALLY();
 	{
-		keys_claimed = false;
+		dwh_ingest_session_pop(session);
 	}
 	PG_END_TRY();
 	return stored;
@@ -989,7 +798,7 @@ static void
 ingest_messages(DwhIngestItem *items, int n, const char *source,
 				const char *topic, DwhIngestResult *result)
 {
-	OrderRow   *orders;
+	DwhIngestOrder *orders;
 	int			n_orders = 0;
 	DwhColumn x_id,
 				x_type,
@@ -1003,7 +812,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	int			i;
 	int			rc;
 
-	orders = palloc(sizeof(OrderRow) * Max(n, 1));
+	orders = palloc(sizeof(DwhIngestOrder) * Max(n, 1));
 	dwh_column_init(&x_id, INT8OID, n);
 	dwh_column_init(&x_type, TEXTOID, n);
 	dwh_column_init(&x_sent, TIMESTAMPOID, n);
@@ -1064,7 +873,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	if (n_orders > 0)
 	{
 		/* Room for every version: the stored rows' elders join them. */
-		OrderRow   *superseded = palloc(sizeof(OrderRow) * n_orders);
+		DwhIngestOrder *superseded = palloc(sizeof(DwhIngestOrder) * n_orders);
 		int			n_superseded;
 		int			kept = newest_orders(orders, n_orders, superseded,
 										 &n_superseded);
@@ -1103,41 +912,6 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		count_written(x_id.n, "other events", rc, &result->other_type, result);
 	}
 	dead_letters_write(&dl, source, topic, result);
-}
-
-/*
- * dwh_error_is_about_data
- *		Is this error about the data being written (so that writing it item
- *		by item isolates the culprits), rather than about the system?  The
- *		one rule for every batch writer: what it says no to is dead-lettered,
- *		everything else is retried and never skips data.
- */
-bool
-dwh_error_is_about_data(ErrorData *edata)
-{
-	switch (ERRCODE_TO_CATEGORY(edata->sqlerrcode))
-	{
-		case ERRCODE_DATA_EXCEPTION:
-		case ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION:
-		case ERRCODE_PROGRAM_LIMIT_EXCEEDED:
-		case ERRCODE_PLPGSQL_ERROR:
-			return true;
-		default:
-			return false;
-	}
-}
-
-/*
- * dwh_try_in_subtransaction
- *		Run work(arg) in a subtransaction.  Returns NULL when it succeeded,
- *		or its error when the error is about the data (the subtransaction is
- *		rolled back and the caller isolates the culprits); any other error
- *		is raised again.
- */
-ErrorData *
-dwh_try_in_subtransaction(void (*work) (void *arg), void *arg)
-{
-	return run_in_subtransaction(work, arg, true, dwh_error_is_about_data);
 }
 
 /* The arguments of ingest_messages, for dwh_try_in_subtransaction. */
@@ -1183,7 +957,8 @@ trial_in_subtransaction(DwhIngestItem *item, const char *source,
 	DwhIngestResult ignored = {0};
 	IngestCall	call = {item, 1, source, topic, &ignored};
 
-	return run_in_subtransaction(ingest_call, &call, false, dwh_error_is_about_data);
+	return dwh_run_in_subtransaction(ingest_call, &call, false,
+									 dwh_error_is_about_data);
 }
 
 /*

@@ -8,9 +8,6 @@
 #ifndef DWH_INGEST_H
 #define DWH_INGEST_H
 
-#include "datatype/timestamp.h"
-#include "utils/jsonb.h"
-
 /* One raw message value and, when known, where it came from. */
 typedef struct DwhIngestItem
 {
@@ -38,11 +35,6 @@ typedef struct DwhIngestResult
 								 * where other bytes were stored before */
 } DwhIngestResult;
 
-extern bool dwh_ingest_checked_order(int64 object_id, Jsonb *payload,
-									 Timestamp *update_ts);
-extern bool dwh_error_is_about_data(ErrorData *edata);
-extern ErrorData *dwh_try_in_subtransaction(void (*work) (void *arg),
-											void *arg);
 extern void dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 							 const char *topic, DwhIngestResult *result);
 

@@ -23,11 +23,11 @@
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
-#include "dwh_ingest.h"
 #include "dwh_json_syntax.h"
 #include "dwh_jsonb_build.h"
 #include "dwh_message.h"
 #include "dwh_settings.h"
+#include "dwh_spi.h"
 #include "dwh_timestamp.h"
 
 /* Upper bound of amounts: what numeric(19,5) holds. */

@@ -42,21 +42,20 @@
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
-#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
 #include "dwh_columns.h"
 #include "dwh_dead_letter.h"
-#include "dwh_ingest.h"
 #include "dwh_message.h"
 #include "dwh_redis_store.h"
+#include "dwh_spi.h"
 
 static const char *const kind_names[] = {"unknown", "user", "restaurant"};
 static const char *const state_names[] = {"new", "mirrored", "missing", "refused"};

@@ -43,7 +43,6 @@
 #include "access/xact.h"
 #include "executor/executor.h"
 #include "lib/stringinfo.h"
-#include "miscadmin.h"
 #include "parser/analyze.h"
 #include "tcop/tcopprot.h"
 #include "tcop/utility.h"

@@ -21,16 +21,17 @@
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
-#include "utils/builtins.h"
-#include "utils/lsyscache.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 
-#include "dwh_columns.h"
-#include "dwh_ingest.h"
+#include "dwh_ingest_session.h"
 #include "dwh_message.h"
+#include "dwh_spi.h"
 #include "dwh_version.h"
 
 PG_FUNCTION_INFO_V1(dwh_stg_guard);
@@ -66,6 +67,11 @@ version_cmp(bool has_ts, Timestamp ts, Jsonb *payload,
 	return dwh_jsonb_text_cmp(payload, old_payload);
 }
 
+/*
+ * The plans of keep_in_history, kept for the life of the backend: the only
+ * state of this file that outlives a call.  What the guard knows of a
+ * running ingest it asks of the ingest session (dwh_ingest_session.c).
+ */
 static SPIPlanPtr order_history_plan = NULL;
 static SPIPlanPtr user_history_plan = NULL;
 static SPIPlanPtr restaurant_history_plan = NULL;
@@ -218,7 +224,8 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 
 		/* The ingest has just checked these very bytes: once is enough. */
 		ok = (!isnull &&
-			  dwh_ingest_checked_order(DatumGetInt64(object_id), payload, &ts)) ||
+			  dwh_ingest_session_checked_order(DatumGetInt64(object_id),
+											   payload, &ts)) ||
 			dwh_order_payload_check(&payload->root, &ts, &problem);
 	}
 	else if (strcmp(kind, "user") == 0)
