@@ -234,7 +234,12 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 --      restaurant and user hubs, (dish, restaurant) pairs;
 --   3. the batch's rows of stg.order_events, in object_id order;
 --   4. each order's own vault rows (under its stg.order_events row lock);
---   5. the mart rows, in one sorted pass per mart;
+--   5. the mart rows, in one sorted pass per mart: dishes, categories,
+--      then, after the tag lock (dwh.tag_lock_key(), shared; rule changes,
+--      dwh.expire_tags() and dwh.rebuild() take it exclusive), the users'
+--      order counts, whose rows stand for the users (each batch that
+--      changes an order of a user locks the user's row there, when it has
+--      one and some tag rule exists), and the users' tag rows;
 --   6. the hub rows of the dishes the batch names, in key order, standing
 --      for their newest order naming rows (which every batch updates, and
 --      which a dish orders never named does not have yet), held only from
@@ -370,18 +375,39 @@ COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
 -- existing rows are first locked in that order, because an UPDATE does not
 -- promise one.  A row lives while its count is positive.  (CHECK constraints
 -- are evaluated on the row an INSERT proposes before ON CONFLICT, so
--- decrements cannot go through the upsert.)
+-- decrements cannot go through the upsert.)  The category deltas carry the
+-- users' CLOSED order counts and the users touched under keys of their own
+-- (install/30_cdm.sql).  Then the user tags of what changed follow
+-- (install/77_tags.sql), unless refresh_tags is false.
 CREATE FUNCTION dwh.apply_mart_deltas(product_users uuid[], products uuid[],
                                       product_deltas integer[],
                                       category_users uuid[], categories uuid[],
-                                      category_deltas integer[])
+                                      category_deltas integer[],
+                                      refresh_tags boolean DEFAULT true)
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     zero_users uuid[];
     zero_keys uuid[];
+    order_users uuid[];
+    order_deltas integer[];
+    touched uuid[];
 BEGIN
+    IF categories IS NOT NULL THEN
+        SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
+               array_agg(d.d) FILTER (WHERE d.category_id = dwh.all_orders_key()),
+               array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.touched_user_key()),
+               array_agg(d.user_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
+                                                                         dwh.touched_user_key())),
+               array_agg(d.category_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
+                                                                             dwh.touched_user_key())),
+               array_agg(d.d) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
+                                                                   dwh.touched_user_key()))
+        INTO order_users, order_deltas, touched, category_users, categories, category_deltas
+        FROM unnest(category_users, categories, category_deltas) AS d(user_id, category_id, d);
+    END IF;
+
     IF products IS NOT NULL THEN
         IF EXISTS (SELECT FROM unnest(product_deltas) d WHERE d < 0) THEN
             PERFORM FROM cdm.user_product_counters m
@@ -474,7 +500,12 @@ BEGIN
               AND m.order_cnt = 0;
         END IF;
     END IF;
+
+    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched,
+                                            product_users, products,
+                                            category_users, categories,
+                                            refresh_tags);
 END
 $fn$;
-COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[]) IS
-    'Add per-key order count deltas to the marts, in key order; rows reaching zero are deleted';
+COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS
+    'Add per-key order count deltas to the marts, in key order (rows reaching zero are deleted), then refresh the user tags they change';

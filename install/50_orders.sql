@@ -94,7 +94,17 @@ BEGIN
                      count(DISTINCT i.h_order_pk)::integer AS d
               FROM item i JOIN category c USING (h_product_pk)
               WHERE i.status = 'CLOSED'
-              GROUP BY i.h_user_pk, c.h_category_pk) x
+              GROUP BY i.h_user_pk, c.h_category_pk
+              -- The users' CLOSED order counts, and the users touched
+              -- (install/30_cdm.sql).
+              UNION ALL
+              SELECT h_user_pk, dwh.all_orders_key(), count(*)::integer
+              FROM batch WHERE status = 'CLOSED'
+              GROUP BY h_user_pk
+              UNION ALL
+              SELECT h_user_pk, dwh.touched_user_key(), count(*)::integer
+              FROM batch
+              GROUP BY h_user_pk) x
     )
     SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
     INTO product_users, products, product_deltas,
@@ -178,7 +188,21 @@ BEGIN
               WHERE i.status = 'CLOSED'
               UNION ALL
               SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
-              FROM old_counted o JOIN category c USING (h_product_pk)) x
+              FROM old_counted o JOIN category c USING (h_product_pk)
+              -- The users' CLOSED order counts, and the users touched, the
+              -- old ones too (install/30_cdm.sql).
+              UNION ALL
+              SELECT h_order_pk, h_user_pk, dwh.all_orders_key(), 1
+              FROM batch WHERE status = 'CLOSED'
+              UNION ALL
+              SELECT c.h_order_pk, u.h_user_pk, dwh.all_orders_key(), -1
+              FROM old_closed c JOIN old_user u USING (h_order_pk)
+              UNION ALL
+              SELECT h_order_pk, h_user_pk, dwh.touched_user_key(), 1
+              FROM batch
+              UNION ALL
+              SELECT h_order_pk, h_user_pk, dwh.touched_user_key(), 1
+              FROM old_user) x
         GROUP BY h_user_pk, h_category_pk
         HAVING sum(d) <> 0
     ),

@@ -171,11 +171,15 @@ BEGIN
             load_dt = EXCLUDED.load_dt,
             load_src = EXCLUDED.load_src
     ),
+    -- The users of those orders are touched: their windowed tag rules are
+    -- recounted (install/30_cdm.sql).
     keys AS (
         SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
                array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
                array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
-        FROM delta
+        FROM (SELECT h_user_pk, h_category_pk, d FROM delta
+              UNION ALL
+              SELECT DISTINCT h_user_pk, dwh.touched_user_key(), 1 FROM item) x
     )
     SELECT users, keys, deltas
     INTO category_users, category_keys, category_deltas

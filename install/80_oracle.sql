@@ -37,6 +37,70 @@ WHERE st.status = 'CLOSED'
 GROUP BY ou.h_user_pk, pc.h_category_pk, hc.category_name;
 COMMENT ON VIEW dwh.expected_user_category_counters IS 'cdm.user_category_counters recomputed from DDS';
 
+CREATE VIEW dwh.expected_user_order_counters AS
+SELECT ou.h_user_pk AS user_id, count(*)::integer AS order_cnt
+FROM dwh.order_current_status st
+JOIN dds.l_order_user ou USING (h_order_pk)
+WHERE st.status = 'CLOSED'
+GROUP BY ou.h_user_pk;
+COMMENT ON VIEW dwh.expected_user_order_counters IS 'cdm.user_order_counters recomputed from DDS';
+
+-- The tags of every rule recounted from DDS (not from the marts, which
+-- dwh.verify() checks on their own): a user's CLOSED orders dated from
+-- the rule's window start on (all of them without a window), those with
+-- the dish or a dish of the category; the favourite category is the one
+-- of most orders, the smallest name (byte by byte) among equals.
+CREATE VIEW dwh.expected_user_tags AS
+WITH closed AS MATERIALIZED (
+    SELECT ou.h_user_pk AS user_id, st.h_order_pk, o.order_dt
+    FROM dwh.order_current_status st
+    JOIN dds.l_order_user ou USING (h_order_pk)
+    JOIN dds.h_order o USING (h_order_pk)
+    WHERE st.status = 'CLOSED'
+),
+item AS MATERIALIZED (
+    SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
+    FROM closed c
+    JOIN dds.l_order_product op USING (h_order_pk)
+    LEFT JOIN dds.l_product_category pc USING (h_product_pk)
+),
+rule AS MATERIALIZED (
+    SELECT r.tag, r.kind, r.threshold,
+           coalesce(r.window_as_of - make_interval(days => r.window_days),
+                    '-infinity') AS window_start,
+           dwh.hash_key(r.category_name) AS category_id,
+           dwh.hash_key(r.product_id) AS product_id
+    FROM dwh.tag_rules r
+),
+counted AS (
+    SELECT c.user_id, r.tag, NULL::text AS value, count(*)::integer AS order_cnt, r.threshold
+    FROM rule r JOIN closed c ON c.order_dt >= r.window_start
+    WHERE r.kind = 'all_orders'
+    GROUP BY c.user_id, r.tag, r.threshold
+    UNION ALL
+    SELECT i.user_id, r.tag, NULL, count(DISTINCT i.h_order_pk)::integer, r.threshold
+    FROM rule r
+    JOIN item i ON i.order_dt >= r.window_start
+               AND ((r.kind = 'dish' AND i.h_product_pk = r.product_id)
+                    OR (r.kind = 'category' AND i.h_category_pk = r.category_id))
+    GROUP BY i.user_id, r.tag, r.threshold
+    UNION ALL
+    SELECT * FROM (
+        SELECT DISTINCT ON (i.user_id, r.tag) i.user_id, r.tag, h.category_name::text,
+               count(DISTINCT i.h_order_pk)::integer, r.threshold
+        FROM rule r
+        JOIN item i ON i.order_dt >= r.window_start
+        JOIN dds.h_category h ON h.h_category_pk = i.h_category_pk
+        WHERE r.kind = 'favourite_category'
+        GROUP BY i.user_id, r.tag, r.threshold, h.category_name
+        ORDER BY i.user_id, r.tag, count(DISTINCT i.h_order_pk) DESC,
+                 h.category_name COLLATE "C") f
+)
+SELECT user_id, tag, value, order_cnt
+FROM counted
+WHERE order_cnt >= threshold;
+COMMENT ON VIEW dwh.expected_user_tags IS 'cdm.user_tags recounted from DDS and dwh.tag_rules (windowed rules as of their window_as_of)';
+
 -- The vault recomputed from STG (docs/data-rule.md): every version
 -- received, current or superseded, and what each table holds as a function
 -- of them.  dwh.verify_vault() lists where DDS differs.
@@ -227,6 +291,21 @@ AS $fn$
     WHERE e.user_id IS NULL OR a.user_id IS NULL
        OR e.order_cnt <> a.order_cnt OR e.category_name IS DISTINCT FROM a.category_name
     UNION ALL
+    SELECT 'user_order_counters', coalesce(e.user_id, a.user_id), NULL, NULL, NULL,
+           e.order_cnt, a.order_cnt
+    FROM dwh.expected_user_order_counters e
+    FULL JOIN cdm.user_order_counters a ON a.user_id = e.user_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
+    UNION ALL
+    -- Tags: the tag and its value in the name columns.
+    SELECT 'user_tags', coalesce(e.user_id, a.user_id), NULL,
+           e.tag || coalesce(': ' || e.value, ''), a.tag || coalesce(': ' || a.value, ''),
+           e.order_cnt, a.order_cnt
+    FROM dwh.expected_user_tags e
+    FULL JOIN cdm.user_tags a ON a.user_id = e.user_id AND a.tag = e.tag
+    WHERE e.user_id IS NULL OR a.user_id IS NULL
+       OR e.order_cnt <> a.order_cnt OR e.value IS DISTINCT FROM a.value
+    UNION ALL
     -- DDS against what STG implies: the table in mart, the key and values
     -- in the name columns.
     SELECT v.table_name, NULL, NULL,
@@ -236,7 +315,7 @@ AS $fn$
     ORDER BY 1, 2, 3, 4;
 $fn$;
 COMMENT ON FUNCTION dwh.verify() IS
-    'Differences between the marts and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
+    'Differences between the marts and the user tags and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
 
 -- DDS and the marts recomputed from every version in STG, through the
 -- same loaders as the triggers, orders by chunks of object_id.  Writers of
@@ -263,7 +342,8 @@ BEGIN
              dds.l_product_restaurant, dds.l_product_category,
              dds.s_user_names, dds.s_product_names, dds.s_restaurant_names,
              dds.s_order_cost, dds.s_order_status,
-             cdm.user_product_counters, cdm.user_category_counters;
+             cdm.user_product_counters, cdm.user_category_counters,
+             cdm.user_order_counters;
 
     PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(version))
     FROM dwh.user_versions;
@@ -291,7 +371,8 @@ BEGIN
         WHERE object_id BETWEEN bounds.lo AND bounds.hi;
         d := dwh.load_new_orders(object_ids, versions, payloads);
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      d.category_users, d.categories, d.category_deltas);
+                                      d.category_users, d.categories, d.category_deltas,
+                                      refresh_tags => false);
 
         PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
                                            array_agg(payload))
@@ -300,10 +381,16 @@ BEGIN
 
         PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
     END LOOP;
+
+    -- The tags, once the marts are whole again (not chunk by chunk: a
+    -- count half loaded would revoke and grant again).
+    IF NOT dwh.tags_restoring() THEN
+        PERFORM dwh.rebuild_tags();
+    END IF;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild_vault(integer) IS
-    'Internal: truncate DDS and the marts and load them again from every version in STG';
+    'Internal: truncate DDS and the marts and load them again from every version in STG, then recompute the user tags';
 
 CREATE FUNCTION dwh.rebuild(vault boolean DEFAULT false,
                             OUT mart text, OUT rows_changed bigint)
@@ -313,8 +400,10 @@ AS $fn$
 DECLARE
     vault_differences bigint;
 BEGIN
-    -- No order batch or dictionary change runs meanwhile; readers go on.
+    -- No order batch or dictionary change runs meanwhile, nor a rule
+    -- change or dwh.expire_tags(); readers go on.
     PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
 
     SELECT count(*) INTO vault_differences FROM dwh.verify_vault();
     IF vault THEN
@@ -331,7 +420,8 @@ BEGIN
                   HINT = 'SELECT * FROM dwh.rebuild(vault => true) recomputes DDS and the marts from STG; rows that STG does not imply are dropped.';
     END IF;
 
-    LOCK TABLE cdm.user_product_counters, cdm.user_category_counters
+    LOCK TABLE cdm.user_product_counters, cdm.user_category_counters,
+               cdm.user_order_counters
         IN SHARE ROW EXCLUSIVE MODE;
 
     mart := 'user_product_counters';
@@ -377,8 +467,34 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
     RETURN NEXT;
+
+    mart := 'user_order_counters';
+    WITH e AS MATERIALIZED (SELECT * FROM dwh.expected_user_order_counters),
+    upsert AS (
+        INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
+        SELECT user_id, order_cnt
+        FROM e
+        ORDER BY user_id
+        ON CONFLICT (user_id) DO UPDATE
+        SET order_cnt = EXCLUDED.order_cnt
+        WHERE m.order_cnt <> EXCLUDED.order_cnt
+        RETURNING 1
+    ),
+    extra AS (
+        DELETE FROM cdm.user_order_counters m
+        WHERE NOT EXISTS (SELECT FROM e WHERE e.user_id = m.user_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
+    RETURN NEXT;
+
+    -- The tags of the marts repaired: rows_changed counts the grant and
+    -- revoke events written.
+    mart := 'user_tags';
+    rows_changed := dwh.rebuild_tags();
+    RETURN NEXT;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild(boolean) IS
-    'Make both marts equal to their recomputation from DDS (with vault => true, DDS first recomputed from STG); returns the rows changed per mart';
+    'Make the marts equal to their recomputation from DDS (with vault => true, DDS first recomputed from STG), then the user tags to their recount; returns the rows changed per mart (for user_tags: the events written)';
 

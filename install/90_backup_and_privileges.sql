@@ -23,6 +23,14 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.redis_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.redis_wanted', '');
+-- The user tags are a function of the rules, the marts and DDS too, but
+-- they carry when each was granted, and their events are the feed that
+-- apps have read: both are dumped with the rules, and a restore brings
+-- them back as they were instead of granting them again (docs/tags.md).
+SELECT pg_catalog.pg_extension_config_dump('dwh.tag_rules', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
 
 -- PUBLIC gets nothing: functions are executable by PUBLIC by default.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;

@@ -351,6 +351,40 @@ CREATE TRIGGER references_truncated AFTER TRUNCATE ON dds.h_user
 CREATE TRIGGER references_truncated AFTER TRUNCATE ON dds.h_product
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_references_kept();
 
+-- CDM (install/30_cdm.sql): the users' CLOSED order counts, for the tag
+-- rules over all of a user's orders.
+
+-- Orders per user: what rules over all of a user's orders count (install/
+-- 77_tags.sql).  Its deltas travel with the category mart's (the ingest
+-- hands the order trigger's deltas over as six arrays, see
+-- dwh.defer_mart_deltas) under two keys that no category has: a category
+-- key is a UUID version 5, these are not.
+CREATE TABLE cdm.user_order_counters (
+    id          bigserial PRIMARY KEY,
+    user_id     uuid NOT NULL UNIQUE,
+    order_cnt   integer NOT NULL CHECK (order_cnt >= 0)
+) WITH (fillfactor = 80);
+COMMENT ON TABLE cdm.user_order_counters IS 'Orders per user: distinct CLOSED orders of the user';
+COMMENT ON COLUMN cdm.user_order_counters.id IS 'Surrogate row number';
+COMMENT ON COLUMN cdm.user_order_counters.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_order_counters.order_cnt IS 'Number of the user''s CLOSED orders';
+
+-- In the category deltas: the change of a user's CLOSED order count ...
+CREATE FUNCTION dwh.all_orders_key() RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS 'SELECT ''00000000-0000-0000-0000-000000000000''::uuid';
+COMMENT ON FUNCTION dwh.all_orders_key() IS
+    'Internal: the key that carries a user''s CLOSED order count delta among the category mart deltas (cdm.user_order_counters)';
+
+-- ... and "some order of this user changed" (a positive delta, so that
+-- summing the deltas of a batch never cancels it): windowed tag rules
+-- recount such users.
+CREATE FUNCTION dwh.touched_user_key() RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS 'SELECT ''00000000-0000-0000-0000-000000000001''::uuid';
+COMMENT ON FUNCTION dwh.touched_user_key() IS
+    'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (for windowed tag rules)';
+
 -- Dishes (install/40_products.sql): menu namings and order namings have a
 -- loader each, replacing dwh.load_products; the claim of the keys that
 -- order batches share.
@@ -679,6 +713,140 @@ $fn$;
 COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
     'Internal: take the dictionary lock and load the keys that order batches share (dishes, restaurants, users, dish-restaurant pairs), in the one lock order; returns the batch''s newest naming of each dish';
 
+-- The marts' deltas carry the users' order counts and the users touched,
+-- and refresh the user tags: a parameter more (install/77_tags.sql).
+DROP FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[]);
+CREATE FUNCTION dwh.apply_mart_deltas(product_users uuid[], products uuid[],
+                                      product_deltas integer[],
+                                      category_users uuid[], categories uuid[],
+                                      category_deltas integer[],
+                                      refresh_tags boolean DEFAULT true)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    zero_users uuid[];
+    zero_keys uuid[];
+    order_users uuid[];
+    order_deltas integer[];
+    touched uuid[];
+BEGIN
+    IF categories IS NOT NULL THEN
+        SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
+               array_agg(d.d) FILTER (WHERE d.category_id = dwh.all_orders_key()),
+               array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.touched_user_key()),
+               array_agg(d.user_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
+                                                                         dwh.touched_user_key())),
+               array_agg(d.category_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
+                                                                             dwh.touched_user_key())),
+               array_agg(d.d) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
+                                                                   dwh.touched_user_key()))
+        INTO order_users, order_deltas, touched, category_users, categories, category_deltas
+        FROM unnest(category_users, categories, category_deltas) AS d(user_id, category_id, d);
+    END IF;
+
+    IF products IS NOT NULL THEN
+        IF EXISTS (SELECT FROM unnest(product_deltas) d WHERE d < 0) THEN
+            PERFORM FROM cdm.user_product_counters m
+            JOIN unnest(product_users, products) AS k(user_id, product_id)
+              ON m.user_id = k.user_id AND m.product_id = k.product_id
+            ORDER BY m.user_id, m.product_id
+            FOR UPDATE OF m;
+        END IF;
+
+        WITH delta AS MATERIALIZED (
+            SELECT * FROM unnest(product_users, products, product_deltas)
+                     AS d(user_id, product_id, d)
+        ),
+        name AS MATERIALIZED (
+            SELECT p.product_id,
+                   (SELECT s.name FROM dds.s_product_names s
+                    WHERE s.h_product_pk = p.product_id
+                    ORDER BY s.load_dt DESC LIMIT 1) AS name
+            FROM (SELECT DISTINCT product_id FROM delta WHERE d > 0) p
+        ),
+        up AS (
+            INSERT INTO cdm.user_product_counters AS m
+                   (user_id, product_id, product_name, order_cnt)
+            SELECT d.user_id, d.product_id, coalesce(n.name, ''), d.d
+            FROM delta d JOIN name n USING (product_id)
+            WHERE d.d > 0
+            ORDER BY d.user_id, d.product_id
+            ON CONFLICT (user_id, product_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_product_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
+            RETURNING m.user_id, m.product_id, m.order_cnt
+        )
+        SELECT array_agg(user_id), array_agg(product_id)
+        INTO zero_users, zero_keys
+        FROM down
+        WHERE order_cnt = 0;
+
+        IF zero_keys IS NOT NULL THEN
+            DELETE FROM cdm.user_product_counters m
+            USING unnest(zero_users, zero_keys) AS z(user_id, product_id)
+            WHERE m.user_id = z.user_id AND m.product_id = z.product_id
+              AND m.order_cnt = 0;
+        END IF;
+    END IF;
+
+    IF categories IS NOT NULL THEN
+        IF EXISTS (SELECT FROM unnest(category_deltas) d WHERE d < 0) THEN
+            PERFORM FROM cdm.user_category_counters m
+            JOIN unnest(category_users, categories) AS k(user_id, category_id)
+              ON m.user_id = k.user_id AND m.category_id = k.category_id
+            ORDER BY m.user_id, m.category_id
+            FOR UPDATE OF m;
+        END IF;
+
+        WITH delta AS MATERIALIZED (
+            SELECT * FROM unnest(category_users, categories, category_deltas)
+                     AS d(user_id, category_id, d)
+        ),
+        up AS (
+            INSERT INTO cdm.user_category_counters AS m
+                   (user_id, category_id, category_name, order_cnt)
+            SELECT d.user_id, d.category_id, h.category_name, d.d
+            FROM delta d JOIN dds.h_category h ON h.h_category_pk = d.category_id
+            WHERE d.d > 0
+            ORDER BY d.user_id, d.category_id
+            ON CONFLICT (user_id, category_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_category_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
+            RETURNING m.user_id, m.category_id, m.order_cnt
+        )
+        SELECT array_agg(user_id), array_agg(category_id)
+        INTO zero_users, zero_keys
+        FROM down
+        WHERE order_cnt = 0;
+
+        IF zero_keys IS NOT NULL THEN
+            DELETE FROM cdm.user_category_counters m
+            USING unnest(zero_users, zero_keys) AS z(user_id, category_id)
+            WHERE m.user_id = z.user_id AND m.category_id = z.category_id
+              AND m.order_cnt = 0;
+        END IF;
+    END IF;
+
+    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched,
+                                            product_users, products,
+                                            category_users, categories,
+                                            refresh_tags);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS
+    'Add per-key order count deltas to the marts, in key order (rows reaching zero are deleted), then refresh the user tags they change';
+
 -- Orders (install/50_orders.sql): the order trigger split into step
 -- functions; the update trigger sees the versions it replaces; superseded
 -- versions carried into DDS from their history table.
@@ -771,7 +939,17 @@ BEGIN
                      count(DISTINCT i.h_order_pk)::integer AS d
               FROM item i JOIN category c USING (h_product_pk)
               WHERE i.status = 'CLOSED'
-              GROUP BY i.h_user_pk, c.h_category_pk) x
+              GROUP BY i.h_user_pk, c.h_category_pk
+              -- The users' CLOSED order counts, and the users touched
+              -- (install/30_cdm.sql).
+              UNION ALL
+              SELECT h_user_pk, dwh.all_orders_key(), count(*)::integer
+              FROM batch WHERE status = 'CLOSED'
+              GROUP BY h_user_pk
+              UNION ALL
+              SELECT h_user_pk, dwh.touched_user_key(), count(*)::integer
+              FROM batch
+              GROUP BY h_user_pk) x
     )
     SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
     INTO product_users, products, product_deltas,
@@ -855,7 +1033,21 @@ BEGIN
               WHERE i.status = 'CLOSED'
               UNION ALL
               SELECT DISTINCT o.h_order_pk, o.h_user_pk, c.h_category_pk, -1
-              FROM old_counted o JOIN category c USING (h_product_pk)) x
+              FROM old_counted o JOIN category c USING (h_product_pk)
+              -- The users' CLOSED order counts, and the users touched, the
+              -- old ones too (install/30_cdm.sql).
+              UNION ALL
+              SELECT h_order_pk, h_user_pk, dwh.all_orders_key(), 1
+              FROM batch WHERE status = 'CLOSED'
+              UNION ALL
+              SELECT c.h_order_pk, u.h_user_pk, dwh.all_orders_key(), -1
+              FROM old_closed c JOIN old_user u USING (h_order_pk)
+              UNION ALL
+              SELECT h_order_pk, h_user_pk, dwh.touched_user_key(), 1
+              FROM batch
+              UNION ALL
+              SELECT h_order_pk, h_user_pk, dwh.touched_user_key(), 1
+              FROM old_user) x
         GROUP BY h_user_pk, h_category_pk
         HAVING sum(d) <> 0
     ),
@@ -1254,6 +1446,84 @@ CREATE TRIGGER user_history_added
     AFTER INSERT ON stg.user_history
     REFERENCING NEW TABLE AS added
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.user_history_added();
+
+-- A dish moved to another category touches the users of the CLOSED
+-- orders holding it (their windowed tag rules are recounted).
+CREATE OR REPLACE FUNCTION dwh.move_products(products uuid[], categories uuid[],
+                                  versions timestamp[])
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    category_users uuid[];
+    category_keys uuid[];
+    category_deltas integer[];
+BEGIN
+    WITH moved AS MATERIALIZED (
+        SELECT * FROM unnest(products, categories, versions)
+                 AS m(h_product_pk, h_category_pk, load_dt)
+    ),
+    closed AS MATERIALIZED (
+        SELECT a.h_order_pk
+        FROM (SELECT DISTINCT op.h_order_pk
+              FROM moved m JOIN dds.l_order_product op USING (h_product_pk)) a
+        WHERE (SELECT s.status FROM dds.s_order_status s
+               WHERE s.h_order_pk = a.h_order_pk
+               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+    ),
+    item AS MATERIALIZED (
+        SELECT c.h_order_pk, ou.h_user_pk, op.h_product_pk
+        FROM closed c
+        JOIN dds.l_order_user ou USING (h_order_pk)
+        JOIN dds.l_order_product op USING (h_order_pk)
+    ),
+    delta AS (
+        SELECT h_user_pk, h_category_pk, sum(d)::integer AS d
+        FROM (SELECT DISTINCT i.h_order_pk, i.h_user_pk, pc.h_category_pk, -1 AS d
+              FROM item i JOIN dds.l_product_category pc USING (h_product_pk)
+              UNION ALL
+              SELECT DISTINCT i.h_order_pk, i.h_user_pk,
+                     coalesce(m.h_category_pk, pc.h_category_pk), 1
+              FROM item i
+              LEFT JOIN moved m USING (h_product_pk)
+              LEFT JOIN dds.l_product_category pc USING (h_product_pk)
+              WHERE coalesce(m.h_category_pk, pc.h_category_pk) IS NOT NULL) x
+        GROUP BY h_user_pk, h_category_pk
+        HAVING sum(d) <> 0
+    ),
+    relink AS (
+        INSERT INTO dds.l_product_category AS l
+               (hk_product_category_pk, h_product_pk, h_category_pk, load_dt, load_src)
+        SELECT dwh.hash_key(h_product_pk, h_category_pk), h_product_pk, h_category_pk,
+               load_dt, 'stg.restaurants'
+        FROM moved
+        ORDER BY h_product_pk
+        ON CONFLICT (h_product_pk) DO UPDATE
+        SET hk_product_category_pk = EXCLUDED.hk_product_category_pk,
+            h_category_pk = EXCLUDED.h_category_pk,
+            load_dt = EXCLUDED.load_dt,
+            load_src = EXCLUDED.load_src
+    ),
+    -- The users of those orders are touched: their windowed tag rules are
+    -- recounted (install/30_cdm.sql).
+    keys AS (
+        SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
+               array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
+               array_agg(d ORDER BY h_user_pk, h_category_pk) AS deltas
+        FROM (SELECT h_user_pk, h_category_pk, d FROM delta
+              UNION ALL
+              SELECT DISTINCT h_user_pk, dwh.touched_user_key(), 1 FROM item) x
+    )
+    SELECT users, keys, deltas
+    INTO category_users, category_keys, category_deltas
+    FROM keys;
+
+    PERFORM dwh.apply_mart_deltas(NULL, NULL, NULL,
+                                  category_users, category_keys, category_deltas);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.move_products(uuid[], uuid[], timestamp[]) IS
+    'Relink dishes to new categories and recount the category mart for the CLOSED orders holding them';
 
 -- Restaurants: hubs and name satellite rows of these (restaurant, version
 -- time) pairs, as for users; then what the given menus say of their dishes:
@@ -1764,6 +2034,712 @@ ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
     'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one';
 
+-- User tags (docs/tags.md): rules that a DBA or analyst writes in
+-- dwh.tag_rules, the tags they give users in cdm.user_tags, kept in the
+-- transaction of the order, retraction, menu change or rule change that
+-- causes them, and every grant and revoke in cdm.user_tag_events with a
+-- NOTIFY on channel dwh_user_tags.  Tags are a function of the rules and of
+-- the marts and DDS (all-time rules count from the marts, windowed ones
+-- from DDS as of the rule's window_as_of); dwh.verify() recounts them.
+
+-- The tag lock: order batches take it shared when they refresh the tags of
+-- what they changed (step 5 of the lock order, install/40_products.sql);
+-- rule changes, dwh.expire_tags() and dwh.rebuild() take it exclusive, so
+-- that they recount from marts that no batch is changing underneath.
+CREATE FUNCTION dwh.tag_lock_key() RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS 'SELECT 3482019573612840177::bigint';
+COMMENT ON FUNCTION dwh.tag_lock_key() IS
+    'Advisory lock key serialising tag rule changes, dwh.expire_tags() and dwh.rebuild() against the tag refresh of order batches';
+
+-- A restore (pg_restore, or a script of pg_dump run by psql) sets
+-- row_security and check_function_bodies off for its whole session.  It
+-- brings cdm.user_tags and cdm.user_tag_events back as they were dumped
+-- (one snapshot, consistent with the rules and STG dumped with them), so
+-- while it rebuilds the marts from STG the tags are not maintained: else
+-- each table restored would grant and revoke again what the dump holds.
+CREATE FUNCTION dwh.tags_restoring() RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $fn$
+    SELECT pg_catalog.current_setting('row_security') = 'off'
+       AND pg_catalog.current_setting('check_function_bodies') = 'off'
+$fn$;
+COMMENT ON FUNCTION dwh.tags_restoring() IS
+    'Internal: does this session restore a dump (row_security and check_function_bodies off, as pg_restore and pg_dump''s scripts set them)? Tags are then restored, not maintained';
+
+-- Rules: plain rows that a DBA or analyst writes.  The checks below are
+-- also made by the BEFORE trigger, first, with messages that say what to
+-- write instead.
+CREATE TABLE dwh.tag_rules (
+    tag           text PRIMARY KEY,
+    kind          text NOT NULL,
+    category_name text,
+    product_id    text,
+    threshold     integer NOT NULL DEFAULT 1,
+    window_days   integer,
+    window_as_of  timestamp,
+    CONSTRAINT tag_rules_tag_check CHECK (tag <> '' AND length(tag) <= 200),
+    CONSTRAINT tag_rules_kind_check
+        CHECK (kind IN ('category', 'dish', 'all_orders', 'favourite_category')),
+    CONSTRAINT tag_rules_names_check
+        CHECK (CASE kind
+               WHEN 'category' THEN category_name <> '' AND product_id IS NULL
+               WHEN 'dish' THEN product_id <> '' AND category_name IS NULL
+               ELSE category_name IS NULL AND product_id IS NULL END),
+    CONSTRAINT tag_rules_threshold_check CHECK (threshold >= 1),
+    CONSTRAINT tag_rules_window_days_check CHECK (window_days >= 1),
+    CONSTRAINT tag_rules_window_as_of_check
+        CHECK ((window_days IS NULL) = (window_as_of IS NULL))
+);
+COMMENT ON TABLE dwh.tag_rules IS 'User tag rules: a user holds a rule''s tag while the orders it counts reach its threshold; written with plain SQL, each change recomputes the rule''s tags';
+COMMENT ON COLUMN dwh.tag_rules.tag IS 'The tag''s name (unique, 1 to 200 characters)';
+COMMENT ON COLUMN dwh.tag_rules.kind IS 'What it counts: category (the user''s CLOSED orders with a dish of category_name), dish (those with the dish product_id), all_orders (all of them), favourite_category (the user''s most ordered category, the tag''s value)';
+COMMENT ON COLUMN dwh.tag_rules.category_name IS 'kind category: the category''s name, as in cdm.user_category_counters.category_name and dds.h_category (compared byte by byte); it may not be known yet';
+COMMENT ON COLUMN dwh.tag_rules.product_id IS 'kind dish: the dish''s id in the orders and menus (dds.h_product.product_id); it may not be known yet';
+COMMENT ON COLUMN dwh.tag_rules.threshold IS 'At least this many orders (1 or more): for favourite_category, in the favourite category';
+COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) lies within this many days (1 or more) before window_as_of; null: all of them';
+COMMENT ON COLUMN dwh.tag_rules.window_as_of IS 'Set by dwh, not by the rule''s writer: the UTC time that windowed counts end at, set when the rule is written and moved on by dwh.expire_tags(); null without a window';
+
+-- Tags: one row per user and tag held.  order_cnt is kept current.
+CREATE TABLE cdm.user_tags (
+    user_id     uuid NOT NULL,
+    tag         text NOT NULL,
+    value       text,
+    order_cnt   integer NOT NULL,
+    since       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, tag)
+) WITH (fillfactor = 80);
+-- "Who holds tag X"; a rule change reads its holders.
+CREATE INDEX user_tags_tag_idx ON cdm.user_tags (tag);
+COMMENT ON TABLE cdm.user_tags IS 'User tags: a row per user and tag while the user meets the rule of dwh.tag_rules';
+COMMENT ON COLUMN cdm.user_tags.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tags.tag IS 'The tag (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_tags.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
+COMMENT ON COLUMN cdm.user_tags.order_cnt IS 'The orders the rule counts for the user now (at least its threshold)';
+COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
+
+-- The change feed: every grant and revoke, in the transaction that makes
+-- it.  Ids grow in commit order for each (user, tag) (docs/tags.md).
+CREATE TABLE cdm.user_tag_events (
+    id          bigserial PRIMARY KEY,
+    user_id     uuid NOT NULL,
+    tag         text NOT NULL,
+    value       text,
+    kind        text NOT NULL CHECK (kind IN ('grant', 'revoke')),
+    order_cnt   integer NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE cdm.user_tag_events IS 'Every grant and revoke of a user tag, written in the transaction that makes it; each is also notified on channel dwh_user_tags';
+COMMENT ON COLUMN cdm.user_tag_events.id IS 'The event''s id: unique, and growing in commit order for each user and tag';
+COMMENT ON COLUMN cdm.user_tag_events.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tag_events.tag IS 'The tag';
+COMMENT ON COLUMN cdm.user_tag_events.value IS 'favourite_category: the category granted or revoked; null for the other kinds';
+COMMENT ON COLUMN cdm.user_tag_events.kind IS 'grant or revoke (a favourite category that changes: a revoke of the old one, then a grant of the new one)';
+COMMENT ON COLUMN cdm.user_tag_events.order_cnt IS 'The orders the rule counts for the user after the change';
+COMMENT ON COLUMN cdm.user_tag_events.at IS 'The time of the transaction that made the change';
+
+-- Windowed rules read a user's orders by date: the orders of a user, and
+-- the orders of a time (dwh.expire_tags, a rule's recount).
+CREATE INDEX l_order_user_h_user_pk_idx ON dds.l_order_user (h_user_pk);
+CREATE INDEX h_order_order_dt_idx ON dds.h_order (order_dt);
+
+-- What each (user, tag) pair counts now, and whether the tag is held:
+-- all-time rules from the marts, windowed ones from DDS (the user's
+-- CLOSED orders dated from window_as_of - window_days on).  Pairs of tags
+-- without a rule are left out.
+CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
+    RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH pair AS MATERIALIZED (
+        SELECT DISTINCT p.user_id, r.tag, r.kind, r.threshold,
+               r.window_as_of - make_interval(days => r.window_days) AS window_start,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM unnest(users, tags) AS p(user_id, tag)
+        JOIN dwh.tag_rules r ON r.tag = p.tag
+    ),
+    -- Each user's CLOSED orders in the widest window asked of it.
+    recent AS MATERIALIZED (
+        SELECT w.user_id, o.h_order_pk, o.order_dt
+        FROM (SELECT p.user_id, min(p.window_start) AS since
+              FROM pair p
+              WHERE p.window_start IS NOT NULL
+              GROUP BY p.user_id) w
+        JOIN dds.l_order_user ou ON ou.h_user_pk = w.user_id
+        JOIN dds.h_order o ON o.h_order_pk = ou.h_order_pk
+        WHERE o.order_dt >= w.since
+          AND (SELECT s.status FROM dds.s_order_status s
+               WHERE s.h_order_pk = o.h_order_pk
+               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+    ),
+    recent_item AS MATERIALIZED (
+        SELECT r.user_id, r.h_order_pk, r.order_dt, op.h_product_pk, pc.h_category_pk
+        FROM recent r
+        JOIN dds.l_order_product op ON op.h_order_pk = r.h_order_pk
+        LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
+    ),
+    counted AS (
+        SELECT p.user_id, p.tag, NULL::text AS value, m.order_cnt, p.threshold
+        FROM pair p
+        JOIN cdm.user_category_counters m
+          ON m.user_id = p.user_id AND m.category_id = p.category_id
+        WHERE p.kind = 'category' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
+        FROM pair p
+        JOIN cdm.user_product_counters m
+          ON m.user_id = p.user_id AND m.product_id = p.product_id
+        WHERE p.kind = 'dish' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
+        FROM pair p
+        JOIN cdm.user_order_counters m ON m.user_id = p.user_id
+        WHERE p.kind = 'all_orders' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, f.category_name, f.order_cnt, p.threshold
+        FROM pair p
+        CROSS JOIN LATERAL (
+            SELECT m.category_name::text AS category_name, m.order_cnt
+            FROM cdm.user_category_counters m
+            WHERE m.user_id = p.user_id
+            ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
+            LIMIT 1) f
+        WHERE p.kind = 'favourite_category' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, count(*)::integer, p.threshold
+        FROM pair p
+        JOIN recent r ON r.user_id = p.user_id AND r.order_dt >= p.window_start
+        WHERE p.kind = 'all_orders'
+        GROUP BY p.user_id, p.tag, p.threshold
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, count(DISTINCT i.h_order_pk)::integer, p.threshold
+        FROM pair p
+        JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
+        WHERE (p.kind = 'dish' AND i.h_product_pk = p.product_id)
+           OR (p.kind = 'category' AND i.h_category_pk = p.category_id)
+        GROUP BY p.user_id, p.tag, p.threshold
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag, h.category_name::text,
+                   count(DISTINCT i.h_order_pk)::integer, p.threshold
+            FROM pair p
+            JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
+            JOIN dds.h_category h ON h.h_category_pk = i.h_category_pk
+            WHERE p.kind = 'favourite_category'
+            GROUP BY p.user_id, p.tag, p.threshold, h.category_name
+            ORDER BY p.user_id, p.tag, count(DISTINCT i.h_order_pk) DESC,
+                     h.category_name COLLATE "C") f
+    )
+    SELECT c.user_id, c.tag, c.value, c.order_cnt, c.order_cnt >= c.threshold
+    FROM counted c;
+$fn$;
+COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
+    'Internal: for these (user, tag) pairs, what each rule counts now (from the marts, or DDS for windowed rules) and whether the tag is held';
+
+-- Make the tags of these (user, tag) pairs what their rules say now:
+-- revoke, grant, move a favourite to another category, keep order_cnt
+-- current; write an event for each grant and revoke, in (user, tag) order,
+-- and notify it.  The caller holds what keeps the pairs' users still: the
+-- tag lock exclusive, or, shared, the users' rows of
+-- cdm.user_order_counters.  Returns the events written.
+CREATE FUNCTION dwh.refresh_user_tags(users uuid[], tags text[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    written integer;
+BEGIN
+    IF users IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    WITH pair AS MATERIALIZED (
+        SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)
+    ),
+    due AS MATERIALIZED (
+        SELECT * FROM dwh.tags_due(users, tags)
+    ),
+    held AS MATERIALIZED (
+        SELECT t.user_id, t.tag, t.value, t.order_cnt
+        FROM cdm.user_tags t
+        JOIN pair p ON p.user_id = t.user_id AND p.tag = t.tag
+    ),
+    change AS MATERIALIZED (
+        SELECT p.user_id, p.tag, h.value AS old_value, d.value AS new_value,
+               coalesce(d.order_cnt, 0) AS new_cnt,
+               h.user_id IS NOT NULL AS was_held, coalesce(d.held, false) AS is_held
+        FROM pair p
+        LEFT JOIN held h ON h.user_id = p.user_id AND h.tag = p.tag
+        LEFT JOIN due d ON d.user_id = p.user_id AND d.tag = p.tag
+        WHERE (h.user_id IS NOT NULL) <> coalesce(d.held, false)
+           OR (h.user_id IS NOT NULL
+               AND (h.value IS DISTINCT FROM d.value OR h.order_cnt <> d.order_cnt))
+    ),
+    revoked AS (
+        DELETE FROM cdm.user_tags t
+        USING change c
+        WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND NOT c.is_held
+    ),
+    kept AS (
+        UPDATE cdm.user_tags t
+        SET value = c.new_value, order_cnt = c.new_cnt,
+            since = CASE WHEN t.value IS DISTINCT FROM c.new_value THEN now() ELSE t.since END
+        FROM change c
+        WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND c.is_held
+    ),
+    granted AS (
+        INSERT INTO cdm.user_tags (user_id, tag, value, order_cnt)
+        SELECT c.user_id, c.tag, c.new_value, c.new_cnt
+        FROM change c
+        WHERE NOT c.was_held AND c.is_held
+        ORDER BY c.user_id, c.tag
+    ),
+    event AS (
+        INSERT INTO cdm.user_tag_events (user_id, tag, value, kind, order_cnt)
+        SELECT e.user_id, e.tag, e.value, e.kind, e.order_cnt
+        FROM (SELECT c.user_id, c.tag, c.old_value AS value, 'revoke' AS kind,
+                     c.new_cnt AS order_cnt, 1 AS step
+              FROM change c
+              WHERE c.was_held AND (NOT c.is_held OR c.old_value IS DISTINCT FROM c.new_value)
+              UNION ALL
+              SELECT c.user_id, c.tag, c.new_value, 'grant', c.new_cnt, 2
+              FROM change c
+              WHERE c.is_held AND (NOT c.was_held OR c.old_value IS DISTINCT FROM c.new_value)) e
+        ORDER BY e.user_id, e.tag, e.step
+        RETURNING id, user_id, tag, kind
+    )
+    SELECT count(*)::integer INTO written
+    FROM (SELECT e.id, e.user_id, e.tag, e.kind FROM event e ORDER BY e.id) e
+    CROSS JOIN LATERAL pg_notify('dwh_user_tags',
+                                 json_build_object('id', e.id, 'user_id', e.user_id,
+                                                   'tag', e.tag, 'kind', e.kind)::text) n;
+    RETURN written;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
+    'Internal: make the tags of these (user, tag) pairs what their rules say now, writing and notifying an event per grant and revoke; returns the events written';
+
+-- Step 5 of the lock order, after the marts of dishes and categories (see
+-- dwh.apply_mart_deltas): the users' CLOSED order counts, then the tags of
+-- the (user, rule) pairs whose count may have changed.  With some rule,
+-- the rows of every user touched are locked first, in key order: they
+-- stand for the users, so that two batches changing orders of one user
+-- refresh its tags one after the other, each from what the other
+-- committed.
+CREATE FUNCTION dwh.apply_order_deltas_and_tags(order_users uuid[], order_deltas integer[],
+                                                touched uuid[],
+                                                product_users uuid[], products uuid[],
+                                                category_users uuid[], categories uuid[],
+                                                refresh_tags boolean)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    tagging boolean;
+    zero_users uuid[];
+    pair_users uuid[];
+    pair_tags text[];
+BEGIN
+    IF order_users IS NULL AND touched IS NULL AND products IS NULL
+       AND categories IS NULL THEN
+        RETURN;
+    END IF;
+
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    tagging := refresh_tags AND NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules);
+
+    IF tagging OR EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
+        PERFORM FROM cdm.user_order_counters m
+        WHERE m.user_id IN (SELECT x.user_id
+                            FROM unnest(order_users, order_deltas) AS x(user_id, d)
+                            WHERE x.d < 0
+                            UNION
+                            SELECT t.user_id FROM unnest(touched) AS t(user_id)
+                            WHERE tagging)
+        ORDER BY m.user_id
+        FOR UPDATE;
+    END IF;
+
+    IF order_users IS NOT NULL THEN
+        WITH delta AS MATERIALIZED (
+            SELECT x.user_id, sum(x.d)::integer AS d
+            FROM unnest(order_users, order_deltas) AS x(user_id, d)
+            GROUP BY x.user_id
+            HAVING sum(x.d) <> 0
+        ),
+        up AS (
+            INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
+            SELECT d.user_id, d.d
+            FROM delta d
+            WHERE d.d > 0
+            ORDER BY d.user_id
+            ON CONFLICT (user_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_order_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id
+            RETURNING m.user_id, m.order_cnt
+        )
+        SELECT array_agg(user_id) INTO zero_users
+        FROM down
+        WHERE order_cnt = 0;
+
+        IF zero_users IS NOT NULL THEN
+            DELETE FROM cdm.user_order_counters m
+            WHERE m.user_id = ANY (zero_users) AND m.order_cnt = 0;
+        END IF;
+    END IF;
+
+    IF NOT tagging THEN
+        RETURN;
+    END IF;
+
+    -- The pairs whose count may have changed: all-time rules by the mart
+    -- keys that moved, windowed ones for every user touched.
+    WITH rule AS MATERIALIZED (
+        SELECT r.tag, r.kind, r.window_days IS NOT NULL AS windowed,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM dwh.tag_rules r
+    ),
+    pair AS (
+        SELECT p.user_id, r.tag
+        FROM unnest(product_users, products) AS p(user_id, product_id)
+        JOIN rule r ON r.kind = 'dish' AND NOT r.windowed AND r.product_id = p.product_id
+        UNION
+        SELECT c.user_id, r.tag
+        FROM unnest(category_users, categories) AS c(user_id, category_id)
+        JOIN rule r ON r.kind = 'category' AND NOT r.windowed AND r.category_id = c.category_id
+        UNION
+        SELECT c.user_id, r.tag
+        FROM unnest(category_users) AS c(user_id)
+        JOIN rule r ON r.kind = 'favourite_category' AND NOT r.windowed
+        UNION
+        SELECT o.user_id, r.tag
+        FROM unnest(order_users) AS o(user_id)
+        JOIN rule r ON r.kind = 'all_orders' AND NOT r.windowed
+        UNION
+        SELECT t.user_id, r.tag
+        FROM unnest(touched) AS t(user_id)
+        JOIN rule r ON r.windowed
+    )
+    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
+           array_agg(p.tag ORDER BY p.user_id, p.tag)
+    INTO pair_users, pair_tags
+    FROM pair p;
+
+    PERFORM dwh.refresh_user_tags(pair_users, pair_tags);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], uuid[], boolean) IS
+    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then refresh the tags they and the dish and category deltas change';
+
+-- Every tag of these rules recomputed (a rule written, changed or
+-- dropped, or all of them: dwh.rebuild_tags): the pairs of the users that
+-- hold the tag, and of those that could: all-time rules from the marts,
+-- windowed ones from the orders dated in the window.  The caller holds the
+-- tag lock exclusive.
+CREATE FUNCTION dwh.recompute_rule_tags(rule_tags text[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    pair_users uuid[];
+    pair_tags text[];
+BEGIN
+    WITH rule AS MATERIALIZED (
+        SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
+               r.window_as_of - make_interval(days => r.window_days) AS window_start,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM dwh.tag_rules r
+        WHERE r.tag = ANY (rule_tags)
+    ),
+    pair AS (
+        SELECT t.user_id, t.tag FROM cdm.user_tags t WHERE t.tag = ANY (rule_tags)
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_category_counters m ON m.category_id = r.category_id
+        WHERE r.kind = 'category' AND NOT r.windowed AND m.order_cnt >= r.threshold
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_product_counters m ON m.product_id = r.product_id
+        WHERE r.kind = 'dish' AND NOT r.windowed AND m.order_cnt >= r.threshold
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_order_counters m ON m.order_cnt >= r.threshold
+        WHERE r.kind = 'all_orders' AND NOT r.windowed
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_category_counters m ON m.order_cnt >= r.threshold
+        WHERE r.kind = 'favourite_category' AND NOT r.windowed
+        UNION
+        SELECT ou.h_user_pk, r.tag
+        FROM rule r
+        JOIN dds.h_order o ON o.order_dt >= r.window_start
+        JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
+        WHERE r.windowed
+    )
+    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
+           array_agg(p.tag ORDER BY p.user_id, p.tag)
+    INTO pair_users, pair_tags
+    FROM pair p;
+
+    RETURN dwh.refresh_user_tags(pair_users, pair_tags);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.recompute_rule_tags(text[]) IS
+    'Internal: recompute every tag of these rules (a tag whose rule is gone is revoked); returns the events written';
+
+-- Every tag recomputed, rules and tags held alike: after a restore that
+-- did not bring the tags back, or a DBA's write to cdm.user_tags.
+CREATE FUNCTION dwh.rebuild_tags()
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tags can only be recomputed in a READ COMMITTED transaction'
+            USING ERRCODE = '25000',
+                  DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
+    END IF;
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
+                                         UNION
+                                         SELECT DISTINCT t.tag FROM cdm.user_tags t));
+END
+$fn$;
+COMMENT ON FUNCTION dwh.rebuild_tags() IS
+    'Recompute every user tag from the rules, the marts and DDS (writing the grant and revoke events that makes); returns the events written';
+
+-- Windows move on: each windowed rule's window_as_of becomes now (UTC),
+-- and the tags held by users with an order dated between the old and the
+-- new start of the window are recounted (only they can change: a count
+-- that is below its threshold only goes down as time passes, and a
+-- favourite needs one).  Meant to run once a minute; see docs/tags.md for
+-- what its caller needs.
+CREATE FUNCTION dwh.expire_tags(OUT rules_moved integer, OUT events integer)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    as_of timestamp;
+    pair_users uuid[];
+    pair_tags text[];
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tags can only be expired in a READ COMMITTED transaction'
+            USING ERRCODE = '25000',
+                  DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
+    END IF;
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    as_of := now() AT TIME ZONE 'UTC';
+
+    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
+           array_agg(p.tag ORDER BY p.user_id, p.tag)
+    INTO pair_users, pair_tags
+    FROM (SELECT DISTINCT t.user_id, t.tag
+          FROM dwh.tag_rules r
+          JOIN dds.h_order o
+            ON o.order_dt >= r.window_as_of - make_interval(days => r.window_days)
+           AND o.order_dt < as_of - make_interval(days => r.window_days)
+          JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
+          JOIN cdm.user_tags t ON t.user_id = ou.h_user_pk AND t.tag = r.tag
+          WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of) p;
+
+    UPDATE dwh.tag_rules r
+    SET window_as_of = as_of
+    WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of;
+    GET DIAGNOSTICS rules_moved = ROW_COUNT;
+
+    events := dwh.refresh_user_tags(pair_users, pair_tags);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.expire_tags() IS
+    'Move every windowed rule''s window to end now and revoke (or recount) the tags that orders leaving the window change; returns the rules moved and the events written';
+
+-- Rules are checked row by row before they are written, with messages
+-- that say what to write; the CHECK constraints of the table say the same
+-- in case the trigger is disabled.  window_as_of is dwh's: set to now
+-- (UTC) when a rule is written or changed, kept when only it changes
+-- (dwh.expire_tags) and when a restore brings it back.
+CREATE FUNCTION dwh.tag_rules_check() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NEW.tag IS NULL OR NEW.tag = '' OR length(NEW.tag) > 200 THEN
+        RAISE EXCEPTION 'tag name must have 1 to 200 characters'
+            USING ERRCODE = '23514',
+                  DETAIL = format('The name given has %s characters.', coalesce(length(NEW.tag), 0));
+    END IF;
+    IF NEW.kind IS NULL
+       OR NEW.kind NOT IN ('category', 'dish', 'all_orders', 'favourite_category') THEN
+        RAISE EXCEPTION 'tag rule "%" has an unknown kind: %', NEW.tag, coalesce(NEW.kind, 'null')
+            USING ERRCODE = '23514',
+                  DETAIL = 'A rule counts the orders with a dish of a category (category), with one dish (dish), all orders (all_orders), or names the category of most of them (favourite_category).';
+    END IF;
+    IF NEW.threshold IS NULL OR NEW.threshold < 1 THEN
+        RAISE EXCEPTION 'threshold of tag rule "%" must be at least 1, not %',
+            NEW.tag, coalesce(NEW.threshold::text, 'null')
+            USING ERRCODE = '23514',
+                  DETAIL = 'A user holds the tag while the rule counts at least threshold of the user''s orders.';
+    END IF;
+    IF NEW.window_days < 1 THEN
+        RAISE EXCEPTION 'window of tag rule "%" must be at least 1 day, not %',
+            NEW.tag, NEW.window_days
+            USING ERRCODE = '23514',
+                  HINT = 'Leave window_days null to count the orders of all time.';
+    END IF;
+    IF NEW.kind = 'category' AND (NEW.category_name IS NULL OR NEW.category_name = '') THEN
+        RAISE EXCEPTION 'tag rule "%" of kind category names no category', NEW.tag
+            USING ERRCODE = '23514',
+                  HINT = 'Set category_name to the category''s name, as cdm.user_category_counters shows it.';
+    END IF;
+    IF NEW.kind = 'dish' AND (NEW.product_id IS NULL OR NEW.product_id = '') THEN
+        RAISE EXCEPTION 'tag rule "%" of kind dish names no dish', NEW.tag
+            USING ERRCODE = '23514',
+                  HINT = 'Set product_id to the dish''s id in the orders and menus (dds.h_product.product_id).';
+    END IF;
+    IF NEW.product_id IS NOT NULL AND NEW.kind <> 'dish' THEN
+        RAISE EXCEPTION 'tag rule "%" of kind % names a dish', NEW.tag, NEW.kind
+            USING ERRCODE = '23514',
+                  DETAIL = 'Only a rule of kind dish counts the orders of one dish.',
+                  HINT = 'Leave product_id null, or make the rule of kind dish.';
+    END IF;
+    IF NEW.category_name IS NOT NULL AND NEW.kind <> 'category' THEN
+        RAISE EXCEPTION 'tag rule "%" of kind % names a category', NEW.tag, NEW.kind
+            USING ERRCODE = '23514',
+                  DETAIL = 'Only a rule of kind category counts the orders with a dish of one category.',
+                  HINT = 'Leave category_name null, or make the rule of kind category.';
+    END IF;
+
+    IF NEW.window_days IS NULL THEN
+        NEW.window_as_of := NULL;
+    ELSIF TG_OP = 'INSERT'
+          OR (OLD.tag, OLD.kind, OLD.category_name, OLD.product_id, OLD.threshold,
+              OLD.window_days) IS DISTINCT FROM
+             (NEW.tag, NEW.kind, NEW.category_name, NEW.product_id, NEW.threshold,
+              NEW.window_days)
+          OR NEW.window_as_of IS NULL THEN
+        IF NEW.window_as_of IS NULL OR NOT dwh.tags_restoring() THEN
+            NEW.window_as_of := now() AT TIME ZONE 'UTC';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_rules_check() IS
+    'BEFORE INSERT/UPDATE trigger of dwh.tag_rules: refuses a bad rule with a message that says what to write, and sets window_as_of';
+
+CREATE TRIGGER tag_rules_check
+    BEFORE INSERT OR UPDATE ON dwh.tag_rules
+    FOR EACH ROW EXECUTE FUNCTION dwh.tag_rules_check();
+
+-- A rule written, changed or dropped: its tags recomputed, under the tag
+-- lock exclusive (order batches wait at their tag step meanwhile, and the
+-- recount sees every batch committed before).  A change of window_as_of
+-- alone recomputes nothing (dwh.expire_tags does what it needs).
+CREATE FUNCTION dwh.tag_rules_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    changed text[];
+BEGIN
+    IF dwh.tags_restoring() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(n.tag) INTO changed FROM new_rules n;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(o.tag) INTO changed FROM old_rules o;
+    ELSE
+        SELECT array_agg(DISTINCT x.tag) INTO changed
+        FROM ((SELECT o.tag, o.kind, o.category_name, o.product_id, o.threshold, o.window_days
+               FROM old_rules o
+               EXCEPT
+               SELECT n.tag, n.kind, n.category_name, n.product_id, n.threshold, n.window_days
+               FROM new_rules n)
+              UNION ALL
+              (SELECT n.tag, n.kind, n.category_name, n.product_id, n.threshold, n.window_days
+               FROM new_rules n
+               EXCEPT
+               SELECT o.tag, o.kind, o.category_name, o.product_id, o.threshold, o.window_days
+               FROM old_rules o)) x;
+    END IF;
+    IF changed IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tag rules can only be changed in a READ COMMITTED transaction'
+            USING ERRCODE = '25000',
+                  DETAIL = 'The rule''s tags are recounted from the marts as committed once the tag lock is held; an older snapshot would miss orders.';
+    END IF;
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.recompute_rule_tags(changed);
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_rules_changed() IS
+    'AFTER INSERT/UPDATE/DELETE statement trigger of dwh.tag_rules: recomputes the tags of the rules written, changed or dropped';
+
+CREATE TRIGGER tag_rules_inserted
+    AFTER INSERT ON dwh.tag_rules
+    REFERENCING NEW TABLE AS new_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_changed();
+
+CREATE TRIGGER tag_rules_updated
+    AFTER UPDATE ON dwh.tag_rules
+    REFERENCING OLD TABLE AS old_rules NEW TABLE AS new_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_changed();
+
+CREATE TRIGGER tag_rules_deleted
+    AFTER DELETE ON dwh.tag_rules
+    REFERENCING OLD TABLE AS old_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_changed();
+
+-- TRUNCATE fires no DELETE trigger: it would leave the rules' tags held.
+CREATE FUNCTION dwh.tag_rules_refuse_truncate() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'dwh.tag_rules cannot be truncated'
+        USING ERRCODE = '55000',
+              DETAIL = 'TRUNCATE would leave the rules'' tags held, without revoke events.',
+              HINT = 'DELETE FROM dwh.tag_rules revokes the tags of the rules it deletes.';
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_rules_refuse_truncate() IS
+    'Refuses TRUNCATE on dwh.tag_rules';
+
+CREATE TRIGGER tag_rules_no_truncate
+    BEFORE TRUNCATE ON dwh.tag_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_refuse_truncate();
+
+-- Rules may name a category or dish before any menu or order does: they
+-- are accepted and listed here until it arrives.
+CREATE VIEW dwh.tag_rule_problems AS
+SELECT r.tag, r.kind, r.category_name AS name,
+       'no menu has named this category yet'::text AS problem
+FROM dwh.tag_rules r
+WHERE r.category_name IS NOT NULL
+  AND NOT EXISTS (SELECT FROM dds.h_category h WHERE h.category_name = r.category_name)
+UNION ALL
+SELECT r.tag, r.kind, r.product_id,
+       'no order or menu has named this dish yet'
+FROM dwh.tag_rules r
+WHERE r.product_id IS NOT NULL
+  AND NOT EXISTS (SELECT FROM dds.h_product h WHERE h.product_id = r.product_id);
+COMMENT ON VIEW dwh.tag_rule_problems IS 'Tag rules that name a category or dish that the warehouse does not know (yet): they hold no tag until it arrives';
+
 -- The oracle (install/80_oracle.sql): every version received, DDS checked
 -- and rebuilt against STG; dwh.rebuild() takes a parameter.
 
@@ -1929,6 +2905,75 @@ $fn$;
 COMMENT ON FUNCTION dwh.verify_vault() IS
     'Differences between DDS and its recomputation from every version held in STG; no rows means DDS is what STG implies';
 
+CREATE VIEW dwh.expected_user_order_counters AS
+SELECT ou.h_user_pk AS user_id, count(*)::integer AS order_cnt
+FROM dwh.order_current_status st
+JOIN dds.l_order_user ou USING (h_order_pk)
+WHERE st.status = 'CLOSED'
+GROUP BY ou.h_user_pk;
+COMMENT ON VIEW dwh.expected_user_order_counters IS 'cdm.user_order_counters recomputed from DDS';
+
+-- The tags of every rule recounted from DDS (not from the marts, which
+-- dwh.verify() checks on their own): a user's CLOSED orders dated from
+-- the rule's window start on (all of them without a window), those with
+-- the dish or a dish of the category; the favourite category is the one
+-- of most orders, the smallest name (byte by byte) among equals.
+CREATE VIEW dwh.expected_user_tags AS
+WITH closed AS MATERIALIZED (
+    SELECT ou.h_user_pk AS user_id, st.h_order_pk, o.order_dt
+    FROM dwh.order_current_status st
+    JOIN dds.l_order_user ou USING (h_order_pk)
+    JOIN dds.h_order o USING (h_order_pk)
+    WHERE st.status = 'CLOSED'
+),
+item AS MATERIALIZED (
+    SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
+    FROM closed c
+    JOIN dds.l_order_product op USING (h_order_pk)
+    LEFT JOIN dds.l_product_category pc USING (h_product_pk)
+),
+rule AS MATERIALIZED (
+    SELECT r.tag, r.kind, r.threshold,
+           coalesce(r.window_as_of - make_interval(days => r.window_days),
+                    '-infinity') AS window_start,
+           dwh.hash_key(r.category_name) AS category_id,
+           dwh.hash_key(r.product_id) AS product_id
+    FROM dwh.tag_rules r
+),
+counted AS (
+    SELECT c.user_id, r.tag, NULL::text AS value, count(*)::integer AS order_cnt, r.threshold
+    FROM rule r JOIN closed c ON c.order_dt >= r.window_start
+    WHERE r.kind = 'all_orders'
+    GROUP BY c.user_id, r.tag, r.threshold
+    UNION ALL
+    SELECT i.user_id, r.tag, NULL, count(DISTINCT i.h_order_pk)::integer, r.threshold
+    FROM rule r
+    JOIN item i ON i.order_dt >= r.window_start
+               AND ((r.kind = 'dish' AND i.h_product_pk = r.product_id)
+                    OR (r.kind = 'category' AND i.h_category_pk = r.category_id))
+    GROUP BY i.user_id, r.tag, r.threshold
+    UNION ALL
+    SELECT * FROM (
+        SELECT DISTINCT ON (i.user_id, r.tag) i.user_id, r.tag, h.category_name::text,
+               count(DISTINCT i.h_order_pk)::integer, r.threshold
+        FROM rule r
+        JOIN item i ON i.order_dt >= r.window_start
+        JOIN dds.h_category h ON h.h_category_pk = i.h_category_pk
+        WHERE r.kind = 'favourite_category'
+        GROUP BY i.user_id, r.tag, r.threshold, h.category_name
+        ORDER BY i.user_id, r.tag, count(DISTINCT i.h_order_pk) DESC,
+                 h.category_name COLLATE "C") f
+)
+SELECT user_id, tag, value, order_cnt
+FROM counted
+WHERE order_cnt >= threshold;
+COMMENT ON VIEW dwh.expected_user_tags IS 'cdm.user_tags recounted from DDS and dwh.tag_rules (windowed rules as of their window_as_of)';
+
+-- The users' order counts of the DDS that 1.0 left (recomputed below with
+-- the rest when DDS differs from what STG implies).
+INSERT INTO cdm.user_order_counters (user_id, order_cnt)
+SELECT user_id, order_cnt FROM dwh.expected_user_order_counters ORDER BY user_id;
+
 CREATE OR REPLACE FUNCTION dwh.verify()
     RETURNS TABLE (mart text, user_id uuid, item_id uuid,
                    expected_name text, actual_name text,
@@ -1953,6 +2998,21 @@ AS $fn$
     WHERE e.user_id IS NULL OR a.user_id IS NULL
        OR e.order_cnt <> a.order_cnt OR e.category_name IS DISTINCT FROM a.category_name
     UNION ALL
+    SELECT 'user_order_counters', coalesce(e.user_id, a.user_id), NULL, NULL, NULL,
+           e.order_cnt, a.order_cnt
+    FROM dwh.expected_user_order_counters e
+    FULL JOIN cdm.user_order_counters a ON a.user_id = e.user_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
+    UNION ALL
+    -- Tags: the tag and its value in the name columns.
+    SELECT 'user_tags', coalesce(e.user_id, a.user_id), NULL,
+           e.tag || coalesce(': ' || e.value, ''), a.tag || coalesce(': ' || a.value, ''),
+           e.order_cnt, a.order_cnt
+    FROM dwh.expected_user_tags e
+    FULL JOIN cdm.user_tags a ON a.user_id = e.user_id AND a.tag = e.tag
+    WHERE e.user_id IS NULL OR a.user_id IS NULL
+       OR e.order_cnt <> a.order_cnt OR e.value IS DISTINCT FROM a.value
+    UNION ALL
     -- DDS against what STG implies: the table in mart, the key and values
     -- in the name columns.
     SELECT v.table_name, NULL, NULL,
@@ -1962,7 +3022,7 @@ AS $fn$
     ORDER BY 1, 2, 3, 4;
 $fn$;
 COMMENT ON FUNCTION dwh.verify() IS
-    'Differences between the marts and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
+    'Differences between the marts and the user tags and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
 
 -- DDS and the marts recomputed from every version in STG, through the
 -- same loaders as the triggers, orders by chunks of object_id.  Writers of
@@ -1989,7 +3049,8 @@ BEGIN
              dds.l_product_restaurant, dds.l_product_category,
              dds.s_user_names, dds.s_product_names, dds.s_restaurant_names,
              dds.s_order_cost, dds.s_order_status,
-             cdm.user_product_counters, cdm.user_category_counters;
+             cdm.user_product_counters, cdm.user_category_counters,
+             cdm.user_order_counters;
 
     PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(version))
     FROM dwh.user_versions;
@@ -2017,7 +3078,8 @@ BEGIN
         WHERE object_id BETWEEN bounds.lo AND bounds.hi;
         d := dwh.load_new_orders(object_ids, versions, payloads);
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      d.category_users, d.categories, d.category_deltas);
+                                      d.category_users, d.categories, d.category_deltas,
+                                      refresh_tags => false);
 
         PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
                                            array_agg(payload))
@@ -2026,10 +3088,16 @@ BEGIN
 
         PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
     END LOOP;
+
+    -- The tags, once the marts are whole again (not chunk by chunk: a
+    -- count half loaded would revoke and grant again).
+    IF NOT dwh.tags_restoring() THEN
+        PERFORM dwh.rebuild_tags();
+    END IF;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild_vault(integer) IS
-    'Internal: truncate DDS and the marts and load them again from every version in STG';
+    'Internal: truncate DDS and the marts and load them again from every version in STG, then recompute the user tags';
 
 DROP FUNCTION dwh.rebuild();
 CREATE FUNCTION dwh.rebuild(vault boolean DEFAULT false,
@@ -2040,8 +3108,10 @@ AS $fn$
 DECLARE
     vault_differences bigint;
 BEGIN
-    -- No order batch or dictionary change runs meanwhile; readers go on.
+    -- No order batch or dictionary change runs meanwhile, nor a rule
+    -- change or dwh.expire_tags(); readers go on.
     PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
 
     SELECT count(*) INTO vault_differences FROM dwh.verify_vault();
     IF vault THEN
@@ -2058,7 +3128,8 @@ BEGIN
                   HINT = 'SELECT * FROM dwh.rebuild(vault => true) recomputes DDS and the marts from STG; rows that STG does not imply are dropped.';
     END IF;
 
-    LOCK TABLE cdm.user_product_counters, cdm.user_category_counters
+    LOCK TABLE cdm.user_product_counters, cdm.user_category_counters,
+               cdm.user_order_counters
         IN SHARE ROW EXCLUSIVE MODE;
 
     mart := 'user_product_counters';
@@ -2104,10 +3175,36 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
     RETURN NEXT;
+
+    mart := 'user_order_counters';
+    WITH e AS MATERIALIZED (SELECT * FROM dwh.expected_user_order_counters),
+    upsert AS (
+        INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
+        SELECT user_id, order_cnt
+        FROM e
+        ORDER BY user_id
+        ON CONFLICT (user_id) DO UPDATE
+        SET order_cnt = EXCLUDED.order_cnt
+        WHERE m.order_cnt <> EXCLUDED.order_cnt
+        RETURNING 1
+    ),
+    extra AS (
+        DELETE FROM cdm.user_order_counters m
+        WHERE NOT EXISTS (SELECT FROM e WHERE e.user_id = m.user_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
+    RETURN NEXT;
+
+    -- The tags of the marts repaired: rows_changed counts the grant and
+    -- revoke events written.
+    mart := 'user_tags';
+    rows_changed := dwh.rebuild_tags();
+    RETURN NEXT;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild(boolean) IS
-    'Make both marts equal to their recomputation from DDS (with vault => true, DDS first recomputed from STG); returns the rows changed per mart';
+    'Make the marts equal to their recomputation from DDS (with vault => true, DDS first recomputed from STG), then the user tags to their recount; returns the rows changed per mart (for user_tags: the events written)';
 
 -- Backups (install/90_backup_and_privileges.sql): DDS and the marts are no
 -- longer dumped (pg_restore rebuilds them from STG); the history tables
@@ -2155,6 +3252,14 @@ SELECT pg_catalog.pg_extension_config_dump('stg.user_history', '');
 SELECT pg_catalog.pg_extension_config_dump('stg.restaurant_history', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps', '');
 SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps_id_seq', '');
+-- The user tags are a function of the rules, the marts and DDS too, but
+-- they carry when each was granted, and their events are the feed that
+-- apps have read: both are dumped with the rules, and a restore brings
+-- them back as they were instead of granting them again (docs/tags.md).
+SELECT pg_catalog.pg_extension_config_dump('dwh.tag_rules', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
 
 -- PUBLIC gets nothing on the new functions and views either.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;

@@ -2,7 +2,10 @@
 # a fresh database, must bring back every row of every stg, dds and cdm
 # table (DDS and the marts rebuilt from STG by the triggers, equal but for
 # their load-time columns) and of dwh.dead_letters, leave verify() empty,
-# and restore the sequences so that the next order gets a fresh id.
+# and restore the sequences so that the next order gets a fresh id.  Tag
+# rules, tags (with the time each was granted) and tag events come back as
+# they were dumped, not granted again, and a new order grants a tag with an
+# event id past the restored ones.
 
 use strict;
 use warnings;
@@ -23,6 +26,17 @@ my $dst = 'dwh_restored';
 
 $node->safe_psql('postgres', "CREATE DATABASE $src");
 $node->safe_psql($src, 'CREATE EXTENSION dwh');
+
+# Tag rules (docs/tags.md), written before the data: the tags follow the
+# orders, and the rules, tags and events are dumped.
+$node->safe_psql(
+	$src, q{
+INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id, threshold) VALUES
+    ('pastry lover', 'category', 'Выпечка', NULL, 20),
+    ('lassi fan', 'dish', NULL, '6276e8cd0cf48b4cded00882', 10),
+    ('regular', 'all_orders', NULL, NULL, 30),
+    ('favourite', 'favourite_category', NULL, NULL, 1);
+});
 
 # Dictionaries (docs/formats.md, section 2): a few users, two restaurants whose
 # menus spread their dishes over three categories.
@@ -166,6 +180,12 @@ FROM dwh.ingest_orders(ARRAY(
 	'40|40',
 	'40 CLOSED orders cancelled by a later version');
 
+# A rule written and dropped: its tags granted, then revoked.
+$node->safe_psql($src, q{
+INSERT INTO dwh.tag_rules (tag, kind) VALUES ('dropped', 'all_orders');
+DELETE FROM dwh.tag_rules WHERE tag = 'dropped';
+});
+
 is($node->safe_psql($src, 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'marts consistent before the dump');
 
@@ -177,7 +197,7 @@ SELECT format('%I.%I', n.nspname, c.relname)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
   AND (n.nspname IN ('stg', 'dds', 'cdm')
-       OR (n.nspname = 'dwh' AND c.relname = 'dead_letters'))
+       OR (n.nspname = 'dwh' AND c.relname IN ('dead_letters', 'tag_rules')))
 ORDER BY 1});
 my @tables = split /\n/, $tables;
 ok(scalar(@tables) >= 20, 'found ' . scalar(@tables) . ' warehouse tables');
@@ -193,7 +213,10 @@ sub table_fingerprint
 	my @load_time = ('loaded_at');
 	push @load_time, 'load_dt', 'load_src'
 	  if $table =~ /^dds\.[hl]_/ && $table ne 'dds.l_product_category';
-	push @load_time, 'id' if $table =~ /^cdm\./;
+	# The tag events are restored as they were dumped, ids included; a
+	# tag's since too, compared separately below.
+	push @load_time, 'id' if $table =~ /^cdm\./ && $table ne 'cdm.user_tag_events';
+	push @load_time, 'since' if $table eq 'cdm.user_tags';
 	my $drop = join(', ', map { "'$_'" } @load_time);
 	return $node->safe_psql(
 		$db, qq{
@@ -220,7 +243,8 @@ $loaded_before{$_} = loaded_at_fingerprint($src, $_) for @stg_versioned;
 for my $t ('stg.order_events', 'stg.other_events', 'stg.users',
 	'stg.restaurants', 'dds.h_order', 'dds.s_order_status', 'dds.s_user_names',
 	'dds.l_product_category', 'cdm.user_product_counters',
-	'cdm.user_category_counters', 'dwh.dead_letters')
+	'cdm.user_category_counters', 'cdm.user_order_counters', 'cdm.user_tags',
+	'cdm.user_tag_events', 'dwh.tag_rules', 'dwh.dead_letters')
 {
 	my ($count) = split /\|/, ($before{$t} // '0');
 	ok($count > 0, "$t has rows before the dump ($count)");
@@ -228,6 +252,20 @@ for my $t ('stg.order_events', 'stg.other_events', 'stg.users',
 
 my $max_id_before =
   $node->safe_psql($src, 'SELECT max(id) FROM stg.order_events');
+
+# Every rule holds for somebody, and the dropped one's tags were revoked:
+# the dump carries grants and revokes.
+is( $node->safe_psql(
+		$src, q{
+SELECT string_agg(DISTINCT tag, ', ') FROM cdm.user_tags}),
+	'favourite, lassi fan, pastry lover, regular',
+	'tags granted before the dump');
+ok( $node->safe_psql($src,
+		"SELECT count(*) FROM cdm.user_tag_events WHERE kind = 'revoke'") > 0,
+	'tags revoked before the dump');
+my $since_sql =
+  q{SELECT md5(string_agg(user_id || tag || since, ',' ORDER BY user_id, tag)) FROM cdm.user_tags};
+my $since_before = $node->safe_psql($src, $since_sql);
 
 # Dump and restore into a fresh database.
 my $dump = PostgreSQL::Test::Utils::tempdir() . '/dwh.dump';
@@ -268,6 +306,10 @@ for my $t (@stg_versioned)
 
 is($node->safe_psql($dst, 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'marts consistent after restore');
+is($node->safe_psql($dst, $since_sql), $since_before,
+	'cdm.user_tags: since preserved by restore (the tags are restored, not granted again)');
+my $max_event_restored =
+  $node->safe_psql($dst, 'SELECT max(id) FROM cdm.user_tag_events');
 
 # Sequences came back: new rows get ids past every restored one.  A new
 # order of a new user adds rows to stg.order_events and to both marts, a
@@ -320,6 +362,13 @@ for my $t (@with_ids)
 }
 is($node->safe_psql($dst, 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'marts consistent after the new order');
+is( $node->safe_psql(
+		$dst, qq{
+SELECT string_agg(e.tag || ' ' || e.kind || ' ' || e.value, ', ' ORDER BY e.id)
+FROM cdm.user_tag_events e
+WHERE e.id > $max_event_restored AND e.user_id = dwh.hash_key('626a81ce9a8cd1920641e2ff')}),
+	'favourite grant Выпечка',
+	'the new order grants a tag in the restored database, with an event id past the restored ones');
 
 $node->stop;
 done_testing();

@@ -744,8 +744,8 @@ my %forgotten = (
 	  qr/^> relation stg\.order_events\ttrigger order_events_lock/,
 	'ALTER TABLE stg.user_history ADD COLUMN note text' =>
 	  qr/^< relation stg\.user_history\tcolumn 6 note/,
-	'CREATE INDEX ON dds.h_order (order_dt)' =>
-	  qr/^< relation dds\.h_order_order_dt_idx\tindex definition/,
+	'CREATE INDEX ON dds.h_order (load_dt)' =>
+	  qr/^< relation dds\.h_order_load_dt_idx\tindex definition/,
 	'ALTER TABLE dds.s_user_names DROP CONSTRAINT s_user_names_h_user_pk_fkey' =>
 	  qr/^> relation dds\.s_user_names\tconstraint s_user_names_h_user_pk_fkey/,
 	'GRANT SELECT ON dwh.dead_letters TO PUBLIC' =>

@@ -41,7 +41,7 @@ my ($security) = $readme =~ /^## Security\n(.*?)^## /ms;
 my ($recipes) = ($security // '') =~ /```sql\n(.*?CREATE ROLE analyst.*?)```/s;
 ok(defined $recipes, "README's Security section has the role recipes");
 $recipes //= '';
-foreach my $role ('analyst', 'loader', 'operator')
+foreach my $role ('analyst', 'loader', 'operator', 'tagger')
 {
 	like($recipes, qr/CREATE ROLE $role\b/, "the recipes create role $role");
 }
@@ -70,6 +70,11 @@ SELECT string_agg(x, E'\n' ORDER BY x) FROM (
   UNION ALL SELECT 'dds.h_product ' || count(*) FROM dds.h_product
   UNION ALL SELECT 'mart ' || user_id || ' ' || product_name || ' ' || order_cnt
             FROM cdm.user_product_counters
+  UNION ALL SELECT 'rule ' || tag || ' ' || kind || ' ' || threshold || ' '
+                   || coalesce(window_as_of::text, '') FROM dwh.tag_rules
+  UNION ALL SELECT 'tag ' || user_id || ' ' || tag || ' ' || order_cnt || ' ' || since
+            FROM cdm.user_tags
+  UNION ALL SELECT 'tag event ' || id || ' ' || tag || ' ' || kind FROM cdm.user_tag_events
   UNION ALL SELECT 'dead letter ' || id || ' ' || encode(raw, 'escape') FROM dwh.dead_letters
   UNION ALL SELECT 'offset ' || topic || ' ' || kafka_partition || ' ' || next_offset
             FROM dwh.kafka_offsets
@@ -114,10 +119,20 @@ attempt('operator', 'SELECT count(*) FROM dwh.dead_letters', 'ok');
 is(attempt('operator', 'SELECT count(*) FROM dwh.verify()', 'ok'), '0',
 	'operator runs dwh.verify()');
 attempt('operator', 'SELECT count(*) FROM dwh.kafka_partitions', 'ok');
+attempt('tagger', q{INSERT INTO dwh.tag_rules (tag, kind, threshold, window_days)
+                    VALUES ('regular', 'all_orders', 1, 30), ('any', 'all_orders', 1, NULL)}, 'ok');
+attempt('tagger', q{UPDATE dwh.tag_rules SET threshold = 2 WHERE tag = 'any'}, 'ok');
+attempt('tagger', q{DELETE FROM dwh.tag_rules WHERE tag = 'any'}, 'ok');
+is(attempt('tagger', 'SELECT count(*) FROM dwh.tag_rule_problems', 'ok'), '0',
+	"tagger reads the rules' problems");
+is(attempt('analyst', 'SELECT count(*) FROM cdm.user_tags', 'ok'), '0',
+	'analyst reads the tags (none: the orders are older than the window)');
+is(attempt('analyst', q{SELECT string_agg(tag || ' ' || kind, ', ' ORDER BY id) FROM cdm.user_tag_events}, 'ok'),
+	'any grant, any grant, any revoke, any revoke', 'analyst reads the tag events');
 $before = state_of();
 
 # What no role but a superuser may do, tried by each of them.
-my @roles = ('analyst', 'loader', 'operator', 'dbowner', 'nobody');
+my @roles = ('analyst', 'loader', 'operator', 'tagger', 'dbowner', 'nobody');
 my @forbidden = (
 	[ q{INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload) VALUES (9, 'order', now(), '{}')}, '42501' ],
 	[ q{UPDATE stg.order_events SET payload = '{}'}, '42501' ],
@@ -130,6 +145,15 @@ my @forbidden = (
 	[ q{UPDATE dwh.kafka_offsets SET next_offset = 0}, '42501' ],
 	[ q{SELECT dwh.kafka_seek(0, 0, 'orders')}, '42501' ],
 	[ q{SELECT * FROM dwh.rebuild()}, '42501' ],
+	[ q{INSERT INTO cdm.user_tags (user_id, tag, order_cnt) VALUES (gen_random_uuid(), 'x', 1)}, '42501' ],
+	[ q{UPDATE cdm.user_tags SET order_cnt = 100}, '42501' ],
+	[ q{DELETE FROM cdm.user_tag_events}, '42501' ],
+	[ q{UPDATE dwh.tag_rules SET window_as_of = now()}, '42501' ],
+	[ q{TRUNCATE dwh.tag_rules}, '42501' ],
+	[ q{SELECT * FROM dwh.expire_tags()}, '42501' ],
+	[ q{SELECT dwh.rebuild_tags()}, '42501' ],
+	[ q{SELECT dwh.refresh_user_tags(ARRAY[gen_random_uuid()], ARRAY['regular'])}, '42501' ],
+	[ q{SELECT dwh.recompute_rule_tags(ARRAY['regular'])}, '42501' ],
 	[ q{SELECT * FROM dwh.replay_dead_letters()}, '42501' ],
 	[ q{SELECT dwh.ingest_order('x'::text)}, '42501' ],
 	[ q{SELECT dwh.ingest_dead_letter('x', 'kafka', 'orders', 0, 7)}, '42501' ],
@@ -180,6 +204,17 @@ attempt('nobody', $ingest, '42501');
 attempt('dbowner', 'SELECT count(*) FROM dwh.dead_letters', '42501');
 attempt('dbowner', $ingest, '42501');
 attempt('dbowner', 'SELECT count(*) FROM cdm.user_product_counters', '42501');
+attempt('analyst', q{INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', 'all_orders')}, '42501');
+attempt('analyst', q{DELETE FROM dwh.tag_rules}, '42501');
+attempt('loader', q{INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', 'all_orders')}, '42501');
+attempt('operator', q{DELETE FROM dwh.tag_rules}, '42501');
+attempt('dbowner', q{INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', 'all_orders')}, '42501');
+attempt('nobody', 'SELECT count(*) FROM cdm.user_tags', '42501');
+attempt('tagger', 'SELECT count(*) FROM stg.order_events', '42501');
+attempt('tagger', 'SELECT count(*) FROM dwh.dead_letters', '42501');
+attempt('tagger', $ingest, '42501');
+attempt('tagger', q{INSERT INTO dwh.tag_rules (tag, kind, window_days, window_as_of)
+                    VALUES ('x', 'all_orders', 1, now())}, '42501');
 
 # The database owner can change its database's settings: none that a
 # superuser-only or reload setting of dwh would take, and its search_path

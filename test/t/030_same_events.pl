@@ -27,7 +27,9 @@
 # as the reference, load-time columns aside; and the tables equal an
 # independent recount written here from the event list (SameEvents.pm):
 # current and superseded versions in STG, hubs, links, satellites, and the
-# two marts.  Ties between versions are settled by the payload's jsonb text
+# two marts.  Tag rules of every all-time kind are defined in each database
+# before its events (restores bring them), so the user tags are compared
+# too (cdm.user_tag_events, the order of grants and revokes, is not).  Ties between versions are settled by the payload's jsonb text
 # form, which the test writes itself (checked against PostgreSQL's).
 #
 # On a failure the event list is shrunk (delta debugging, on fresh
@@ -228,11 +230,38 @@ sub run_client
 	return $ok ? () : ("@cmd[0 .. 1] ... failed: " . decode('UTF-8', $err));
 }
 
+# The dishes of the world being run, for its dish tag rules.
+our @tag_dish_ids;
+
+# User tag rules of every all-time kind (docs/tags.md), defined before any
+# event: every category name the worlds draw from, the world's dishes, all
+# orders and the favourite category, each at thresholds 1 and 2, so that
+# cdm.user_tags is compared between databases too.
+sub tag_rules_statement
+{
+	my @categories = ('Plov', 'Plov new', 'plov', 'Салаты', 'салаты', 'Салаты тёплые',
+		'Супы', 'Супы и борщи', 'Напитки', 'Drinks', 'drinks', 'Выпечка', 'Десерты');
+	my $list = sub { 'ARRAY[' . join(', ', map { quote_literal($_) } @_) . ']::text[]' };
+	return "INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id, threshold)
+SELECT 'category ' || c || ' ' || n, 'category', c, NULL, n
+FROM unnest(" . $list->(@categories) . ") c, generate_series(1, 2) n
+UNION ALL
+SELECT 'dish ' || d || ' ' || n, 'dish', NULL, d, n
+FROM unnest(" . $list->(@tag_dish_ids) . ") d, generate_series(1, 2) n
+UNION ALL
+SELECT 'orders ' || n, 'all_orders', NULL, NULL, n FROM generate_series(1, 3) n
+UNION ALL
+SELECT 'favourite ' || n, 'favourite_category', NULL, NULL, n FROM generate_series(1, 2) n";
+}
+
+# A new database, with the extension and the tag rules unless a restore
+# brings them.
 sub create_database
 {
-	my ($db, $with_extension) = @_;
+	my ($db, $with_extension, $restore) = @_;
 	sql('postgres', qq{CREATE DATABASE "$db"});
 	sql($db, 'CREATE EXTENSION dwh') if $with_extension;
+	sql($db, tag_rules_statement()) if $with_extension && !$restore;
 	return;
 }
 
@@ -437,7 +466,7 @@ sub build_database
 		push @errors, run_client('pg_dump', '-Fc', '-f', $dump,
 			'-h', $node->host, '-p', $node->port, '-d', $source_db)
 		  unless -e $dump;
-		create_database($db, $plan->{data_only});
+		create_database($db, $plan->{data_only}, 1);
 		push @errors, run_client('pg_restore', ($plan->{data_only} ? '--data-only' : ('-j', '4')),
 			'-h', $node->host, '-p', $node->port, '-d', $db, $dump);
 		return @errors;
@@ -633,6 +662,7 @@ sub load_time_column
 	my ($schema, $table, $column) = @_;
 	return 1 if $column eq 'id' && $schema ne 'dds';
 	return 1 if $column eq 'loaded_at' || $column eq 'received_at';
+	return 1 if $table eq 'user_tags' && $column eq 'since';
 	return 1
 	  if $schema eq 'dds'
 	  && $table =~ /^[hl]_/
@@ -669,6 +699,10 @@ sub snapshot
 	my @parts;
 	foreach my $t (sort keys %$tables)
 	{
+		# The tag events are the order in which tags were granted and
+		# revoked: arrival orders and batchings differ there, by design;
+		# the tags they lead to (cdm.user_tags) do not.
+		next if $t eq 'cdm.user_tag_events';
 		my @columns = grep { !load_time_column($_->{schema}, $_->{table}, $_->{name}) }
 		  @{ $tables->{$t} };
 		my $header = 'columns: ' . join(', ', map { $_->{name} } @columns);
@@ -966,6 +1000,7 @@ sub run_world
 {
 	my ($seed) = @_;
 	my $world = generate_world($seed);
+	@tag_dish_ids = map { $_->{id} } @{ $world->{dishes} };
 	my $events = $world->{events};
 	my $plans = make_plans($world->{rng}->child, $events);
 	my (undef, $expected_sql) = expected_tables($events);

@@ -1,0 +1,705 @@
+-- User tags (docs/tags.md): rules that a DBA or analyst writes in
+-- dwh.tag_rules, the tags they give users in cdm.user_tags, kept in the
+-- transaction of the order, retraction, menu change or rule change that
+-- causes them, and every grant and revoke in cdm.user_tag_events with a
+-- NOTIFY on channel dwh_user_tags.  Tags are a function of the rules and of
+-- the marts and DDS (all-time rules count from the marts, windowed ones
+-- from DDS as of the rule's window_as_of); dwh.verify() recounts them.
+
+-- The tag lock: order batches take it shared when they refresh the tags of
+-- what they changed (step 5 of the lock order, install/40_products.sql);
+-- rule changes, dwh.expire_tags() and dwh.rebuild() take it exclusive, so
+-- that they recount from marts that no batch is changing underneath.
+CREATE FUNCTION dwh.tag_lock_key() RETURNS bigint
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS 'SELECT 3482019573612840177::bigint';
+COMMENT ON FUNCTION dwh.tag_lock_key() IS
+    'Advisory lock key serialising tag rule changes, dwh.expire_tags() and dwh.rebuild() against the tag refresh of order batches';
+
+-- A restore (pg_restore, or a script of pg_dump run by psql) sets
+-- row_security and check_function_bodies off for its whole session.  It
+-- brings cdm.user_tags and cdm.user_tag_events back as they were dumped
+-- (one snapshot, consistent with the rules and STG dumped with them), so
+-- while it rebuilds the marts from STG the tags are not maintained: else
+-- each table restored would grant and revoke again what the dump holds.
+CREATE FUNCTION dwh.tags_restoring() RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $fn$
+    SELECT pg_catalog.current_setting('row_security') = 'off'
+       AND pg_catalog.current_setting('check_function_bodies') = 'off'
+$fn$;
+COMMENT ON FUNCTION dwh.tags_restoring() IS
+    'Internal: does this session restore a dump (row_security and check_function_bodies off, as pg_restore and pg_dump''s scripts set them)? Tags are then restored, not maintained';
+
+-- Rules: plain rows that a DBA or analyst writes.  The checks below are
+-- also made by the BEFORE trigger, first, with messages that say what to
+-- write instead.
+CREATE TABLE dwh.tag_rules (
+    tag           text PRIMARY KEY,
+    kind          text NOT NULL,
+    category_name text,
+    product_id    text,
+    threshold     integer NOT NULL DEFAULT 1,
+    window_days   integer,
+    window_as_of  timestamp,
+    CONSTRAINT tag_rules_tag_check CHECK (tag <> '' AND length(tag) <= 200),
+    CONSTRAINT tag_rules_kind_check
+        CHECK (kind IN ('category', 'dish', 'all_orders', 'favourite_category')),
+    CONSTRAINT tag_rules_names_check
+        CHECK (CASE kind
+               WHEN 'category' THEN category_name <> '' AND product_id IS NULL
+               WHEN 'dish' THEN product_id <> '' AND category_name IS NULL
+               ELSE category_name IS NULL AND product_id IS NULL END),
+    CONSTRAINT tag_rules_threshold_check CHECK (threshold >= 1),
+    CONSTRAINT tag_rules_window_days_check CHECK (window_days >= 1),
+    CONSTRAINT tag_rules_window_as_of_check
+        CHECK ((window_days IS NULL) = (window_as_of IS NULL))
+);
+COMMENT ON TABLE dwh.tag_rules IS 'User tag rules: a user holds a rule''s tag while the orders it counts reach its threshold; written with plain SQL, each change recomputes the rule''s tags';
+COMMENT ON COLUMN dwh.tag_rules.tag IS 'The tag''s name (unique, 1 to 200 characters)';
+COMMENT ON COLUMN dwh.tag_rules.kind IS 'What it counts: category (the user''s CLOSED orders with a dish of category_name), dish (those with the dish product_id), all_orders (all of them), favourite_category (the user''s most ordered category, the tag''s value)';
+COMMENT ON COLUMN dwh.tag_rules.category_name IS 'kind category: the category''s name, as in cdm.user_category_counters.category_name and dds.h_category (compared byte by byte); it may not be known yet';
+COMMENT ON COLUMN dwh.tag_rules.product_id IS 'kind dish: the dish''s id in the orders and menus (dds.h_product.product_id); it may not be known yet';
+COMMENT ON COLUMN dwh.tag_rules.threshold IS 'At least this many orders (1 or more): for favourite_category, in the favourite category';
+COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) lies within this many days (1 or more) before window_as_of; null: all of them';
+COMMENT ON COLUMN dwh.tag_rules.window_as_of IS 'Set by dwh, not by the rule''s writer: the UTC time that windowed counts end at, set when the rule is written and moved on by dwh.expire_tags(); null without a window';
+
+-- Tags: one row per user and tag held.  order_cnt is kept current.
+CREATE TABLE cdm.user_tags (
+    user_id     uuid NOT NULL,
+    tag         text NOT NULL,
+    value       text,
+    order_cnt   integer NOT NULL,
+    since       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, tag)
+) WITH (fillfactor = 80);
+-- "Who holds tag X"; a rule change reads its holders.
+CREATE INDEX user_tags_tag_idx ON cdm.user_tags (tag);
+COMMENT ON TABLE cdm.user_tags IS 'User tags: a row per user and tag while the user meets the rule of dwh.tag_rules';
+COMMENT ON COLUMN cdm.user_tags.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tags.tag IS 'The tag (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_tags.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
+COMMENT ON COLUMN cdm.user_tags.order_cnt IS 'The orders the rule counts for the user now (at least its threshold)';
+COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
+
+-- The change feed: every grant and revoke, in the transaction that makes
+-- it.  Ids grow in commit order for each (user, tag) (docs/tags.md).
+CREATE TABLE cdm.user_tag_events (
+    id          bigserial PRIMARY KEY,
+    user_id     uuid NOT NULL,
+    tag         text NOT NULL,
+    value       text,
+    kind        text NOT NULL CHECK (kind IN ('grant', 'revoke')),
+    order_cnt   integer NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE cdm.user_tag_events IS 'Every grant and revoke of a user tag, written in the transaction that makes it; each is also notified on channel dwh_user_tags';
+COMMENT ON COLUMN cdm.user_tag_events.id IS 'The event''s id: unique, and growing in commit order for each user and tag';
+COMMENT ON COLUMN cdm.user_tag_events.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tag_events.tag IS 'The tag';
+COMMENT ON COLUMN cdm.user_tag_events.value IS 'favourite_category: the category granted or revoked; null for the other kinds';
+COMMENT ON COLUMN cdm.user_tag_events.kind IS 'grant or revoke (a favourite category that changes: a revoke of the old one, then a grant of the new one)';
+COMMENT ON COLUMN cdm.user_tag_events.order_cnt IS 'The orders the rule counts for the user after the change';
+COMMENT ON COLUMN cdm.user_tag_events.at IS 'The time of the transaction that made the change';
+
+-- Windowed rules read a user's orders by date: the orders of a user, and
+-- the orders of a time (dwh.expire_tags, a rule's recount).
+CREATE INDEX l_order_user_h_user_pk_idx ON dds.l_order_user (h_user_pk);
+CREATE INDEX h_order_order_dt_idx ON dds.h_order (order_dt);
+
+-- What each (user, tag) pair counts now, and whether the tag is held:
+-- all-time rules from the marts, windowed ones from DDS (the user's
+-- CLOSED orders dated from window_as_of - window_days on).  Pairs of tags
+-- without a rule are left out.
+CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
+    RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH pair AS MATERIALIZED (
+        SELECT DISTINCT p.user_id, r.tag, r.kind, r.threshold,
+               r.window_as_of - make_interval(days => r.window_days) AS window_start,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM unnest(users, tags) AS p(user_id, tag)
+        JOIN dwh.tag_rules r ON r.tag = p.tag
+    ),
+    -- Each user's CLOSED orders in the widest window asked of it.
+    recent AS MATERIALIZED (
+        SELECT w.user_id, o.h_order_pk, o.order_dt
+        FROM (SELECT p.user_id, min(p.window_start) AS since
+              FROM pair p
+              WHERE p.window_start IS NOT NULL
+              GROUP BY p.user_id) w
+        JOIN dds.l_order_user ou ON ou.h_user_pk = w.user_id
+        JOIN dds.h_order o ON o.h_order_pk = ou.h_order_pk
+        WHERE o.order_dt >= w.since
+          AND (SELECT s.status FROM dds.s_order_status s
+               WHERE s.h_order_pk = o.h_order_pk
+               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+    ),
+    recent_item AS MATERIALIZED (
+        SELECT r.user_id, r.h_order_pk, r.order_dt, op.h_product_pk, pc.h_category_pk
+        FROM recent r
+        JOIN dds.l_order_product op ON op.h_order_pk = r.h_order_pk
+        LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
+    ),
+    counted AS (
+        SELECT p.user_id, p.tag, NULL::text AS value, m.order_cnt, p.threshold
+        FROM pair p
+        JOIN cdm.user_category_counters m
+          ON m.user_id = p.user_id AND m.category_id = p.category_id
+        WHERE p.kind = 'category' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
+        FROM pair p
+        JOIN cdm.user_product_counters m
+          ON m.user_id = p.user_id AND m.product_id = p.product_id
+        WHERE p.kind = 'dish' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
+        FROM pair p
+        JOIN cdm.user_order_counters m ON m.user_id = p.user_id
+        WHERE p.kind = 'all_orders' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, f.category_name, f.order_cnt, p.threshold
+        FROM pair p
+        CROSS JOIN LATERAL (
+            SELECT m.category_name::text AS category_name, m.order_cnt
+            FROM cdm.user_category_counters m
+            WHERE m.user_id = p.user_id
+            ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
+            LIMIT 1) f
+        WHERE p.kind = 'favourite_category' AND p.window_start IS NULL
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, count(*)::integer, p.threshold
+        FROM pair p
+        JOIN recent r ON r.user_id = p.user_id AND r.order_dt >= p.window_start
+        WHERE p.kind = 'all_orders'
+        GROUP BY p.user_id, p.tag, p.threshold
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, count(DISTINCT i.h_order_pk)::integer, p.threshold
+        FROM pair p
+        JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
+        WHERE (p.kind = 'dish' AND i.h_product_pk = p.product_id)
+           OR (p.kind = 'category' AND i.h_category_pk = p.category_id)
+        GROUP BY p.user_id, p.tag, p.threshold
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag, h.category_name::text,
+                   count(DISTINCT i.h_order_pk)::integer, p.threshold
+            FROM pair p
+            JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
+            JOIN dds.h_category h ON h.h_category_pk = i.h_category_pk
+            WHERE p.kind = 'favourite_category'
+            GROUP BY p.user_id, p.tag, p.threshold, h.category_name
+            ORDER BY p.user_id, p.tag, count(DISTINCT i.h_order_pk) DESC,
+                     h.category_name COLLATE "C") f
+    )
+    SELECT c.user_id, c.tag, c.value, c.order_cnt, c.order_cnt >= c.threshold
+    FROM counted c;
+$fn$;
+COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
+    'Internal: for these (user, tag) pairs, what each rule counts now (from the marts, or DDS for windowed rules) and whether the tag is held';
+
+-- Make the tags of these (user, tag) pairs what their rules say now:
+-- revoke, grant, move a favourite to another category, keep order_cnt
+-- current; write an event for each grant and revoke, in (user, tag) order,
+-- and notify it.  The caller holds what keeps the pairs' users still: the
+-- tag lock exclusive, or, shared, the users' rows of
+-- cdm.user_order_counters.  Returns the events written.
+CREATE FUNCTION dwh.refresh_user_tags(users uuid[], tags text[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    written integer;
+BEGIN
+    IF users IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    WITH pair AS MATERIALIZED (
+        SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)
+    ),
+    due AS MATERIALIZED (
+        SELECT * FROM dwh.tags_due(users, tags)
+    ),
+    held AS MATERIALIZED (
+        SELECT t.user_id, t.tag, t.value, t.order_cnt
+        FROM cdm.user_tags t
+        JOIN pair p ON p.user_id = t.user_id AND p.tag = t.tag
+    ),
+    change AS MATERIALIZED (
+        SELECT p.user_id, p.tag, h.value AS old_value, d.value AS new_value,
+               coalesce(d.order_cnt, 0) AS new_cnt,
+               h.user_id IS NOT NULL AS was_held, coalesce(d.held, false) AS is_held
+        FROM pair p
+        LEFT JOIN held h ON h.user_id = p.user_id AND h.tag = p.tag
+        LEFT JOIN due d ON d.user_id = p.user_id AND d.tag = p.tag
+        WHERE (h.user_id IS NOT NULL) <> coalesce(d.held, false)
+           OR (h.user_id IS NOT NULL
+               AND (h.value IS DISTINCT FROM d.value OR h.order_cnt <> d.order_cnt))
+    ),
+    revoked AS (
+        DELETE FROM cdm.user_tags t
+        USING change c
+        WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND NOT c.is_held
+    ),
+    kept AS (
+        UPDATE cdm.user_tags t
+        SET value = c.new_value, order_cnt = c.new_cnt,
+            since = CASE WHEN t.value IS DISTINCT FROM c.new_value THEN now() ELSE t.since END
+        FROM change c
+        WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND c.is_held
+    ),
+    granted AS (
+        INSERT INTO cdm.user_tags (user_id, tag, value, order_cnt)
+        SELECT c.user_id, c.tag, c.new_value, c.new_cnt
+        FROM change c
+        WHERE NOT c.was_held AND c.is_held
+        ORDER BY c.user_id, c.tag
+    ),
+    event AS (
+        INSERT INTO cdm.user_tag_events (user_id, tag, value, kind, order_cnt)
+        SELECT e.user_id, e.tag, e.value, e.kind, e.order_cnt
+        FROM (SELECT c.user_id, c.tag, c.old_value AS value, 'revoke' AS kind,
+                     c.new_cnt AS order_cnt, 1 AS step
+              FROM change c
+              WHERE c.was_held AND (NOT c.is_held OR c.old_value IS DISTINCT FROM c.new_value)
+              UNION ALL
+              SELECT c.user_id, c.tag, c.new_value, 'grant', c.new_cnt, 2
+              FROM change c
+              WHERE c.is_held AND (NOT c.was_held OR c.old_value IS DISTINCT FROM c.new_value)) e
+        ORDER BY e.user_id, e.tag, e.step
+        RETURNING id, user_id, tag, kind
+    )
+    SELECT count(*)::integer INTO written
+    FROM (SELECT e.id, e.user_id, e.tag, e.kind FROM event e ORDER BY e.id) e
+    CROSS JOIN LATERAL pg_notify('dwh_user_tags',
+                                 json_build_object('id', e.id, 'user_id', e.user_id,
+                                                   'tag', e.tag, 'kind', e.kind)::text) n;
+    RETURN written;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
+    'Internal: make the tags of these (user, tag) pairs what their rules say now, writing and notifying an event per grant and revoke; returns the events written';
+
+-- Step 5 of the lock order, after the marts of dishes and categories (see
+-- dwh.apply_mart_deltas): the users' CLOSED order counts, then the tags of
+-- the (user, rule) pairs whose count may have changed.  With some rule,
+-- the rows of every user touched are locked first, in key order: they
+-- stand for the users, so that two batches changing orders of one user
+-- refresh its tags one after the other, each from what the other
+-- committed.
+CREATE FUNCTION dwh.apply_order_deltas_and_tags(order_users uuid[], order_deltas integer[],
+                                                touched uuid[],
+                                                product_users uuid[], products uuid[],
+                                                category_users uuid[], categories uuid[],
+                                                refresh_tags boolean)
+    RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    tagging boolean;
+    zero_users uuid[];
+    pair_users uuid[];
+    pair_tags text[];
+BEGIN
+    IF order_users IS NULL AND touched IS NULL AND products IS NULL
+       AND categories IS NULL THEN
+        RETURN;
+    END IF;
+
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    tagging := refresh_tags AND NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules);
+
+    IF tagging OR EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
+        PERFORM FROM cdm.user_order_counters m
+        WHERE m.user_id IN (SELECT x.user_id
+                            FROM unnest(order_users, order_deltas) AS x(user_id, d)
+                            WHERE x.d < 0
+                            UNION
+                            SELECT t.user_id FROM unnest(touched) AS t(user_id)
+                            WHERE tagging)
+        ORDER BY m.user_id
+        FOR UPDATE;
+    END IF;
+
+    IF order_users IS NOT NULL THEN
+        WITH delta AS MATERIALIZED (
+            SELECT x.user_id, sum(x.d)::integer AS d
+            FROM unnest(order_users, order_deltas) AS x(user_id, d)
+            GROUP BY x.user_id
+            HAVING sum(x.d) <> 0
+        ),
+        up AS (
+            INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
+            SELECT d.user_id, d.d
+            FROM delta d
+            WHERE d.d > 0
+            ORDER BY d.user_id
+            ON CONFLICT (user_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_order_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id
+            RETURNING m.user_id, m.order_cnt
+        )
+        SELECT array_agg(user_id) INTO zero_users
+        FROM down
+        WHERE order_cnt = 0;
+
+        IF zero_users IS NOT NULL THEN
+            DELETE FROM cdm.user_order_counters m
+            WHERE m.user_id = ANY (zero_users) AND m.order_cnt = 0;
+        END IF;
+    END IF;
+
+    IF NOT tagging THEN
+        RETURN;
+    END IF;
+
+    -- The pairs whose count may have changed: all-time rules by the mart
+    -- keys that moved, windowed ones for every user touched.
+    WITH rule AS MATERIALIZED (
+        SELECT r.tag, r.kind, r.window_days IS NOT NULL AS windowed,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM dwh.tag_rules r
+    ),
+    pair AS (
+        SELECT p.user_id, r.tag
+        FROM unnest(product_users, products) AS p(user_id, product_id)
+        JOIN rule r ON r.kind = 'dish' AND NOT r.windowed AND r.product_id = p.product_id
+        UNION
+        SELECT c.user_id, r.tag
+        FROM unnest(category_users, categories) AS c(user_id, category_id)
+        JOIN rule r ON r.kind = 'category' AND NOT r.windowed AND r.category_id = c.category_id
+        UNION
+        SELECT c.user_id, r.tag
+        FROM unnest(category_users) AS c(user_id)
+        JOIN rule r ON r.kind = 'favourite_category' AND NOT r.windowed
+        UNION
+        SELECT o.user_id, r.tag
+        FROM unnest(order_users) AS o(user_id)
+        JOIN rule r ON r.kind = 'all_orders' AND NOT r.windowed
+        UNION
+        SELECT t.user_id, r.tag
+        FROM unnest(touched) AS t(user_id)
+        JOIN rule r ON r.windowed
+    )
+    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
+           array_agg(p.tag ORDER BY p.user_id, p.tag)
+    INTO pair_users, pair_tags
+    FROM pair p;
+
+    PERFORM dwh.refresh_user_tags(pair_users, pair_tags);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], uuid[], boolean) IS
+    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then refresh the tags they and the dish and category deltas change';
+
+-- Every tag of these rules recomputed (a rule written, changed or
+-- dropped, or all of them: dwh.rebuild_tags): the pairs of the users that
+-- hold the tag, and of those that could: all-time rules from the marts,
+-- windowed ones from the orders dated in the window.  The caller holds the
+-- tag lock exclusive.
+CREATE FUNCTION dwh.recompute_rule_tags(rule_tags text[])
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    pair_users uuid[];
+    pair_tags text[];
+BEGIN
+    WITH rule AS MATERIALIZED (
+        SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
+               r.window_as_of - make_interval(days => r.window_days) AS window_start,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM dwh.tag_rules r
+        WHERE r.tag = ANY (rule_tags)
+    ),
+    pair AS (
+        SELECT t.user_id, t.tag FROM cdm.user_tags t WHERE t.tag = ANY (rule_tags)
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_category_counters m ON m.category_id = r.category_id
+        WHERE r.kind = 'category' AND NOT r.windowed AND m.order_cnt >= r.threshold
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_product_counters m ON m.product_id = r.product_id
+        WHERE r.kind = 'dish' AND NOT r.windowed AND m.order_cnt >= r.threshold
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_order_counters m ON m.order_cnt >= r.threshold
+        WHERE r.kind = 'all_orders' AND NOT r.windowed
+        UNION
+        SELECT m.user_id, r.tag
+        FROM rule r
+        JOIN cdm.user_category_counters m ON m.order_cnt >= r.threshold
+        WHERE r.kind = 'favourite_category' AND NOT r.windowed
+        UNION
+        SELECT ou.h_user_pk, r.tag
+        FROM rule r
+        JOIN dds.h_order o ON o.order_dt >= r.window_start
+        JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
+        WHERE r.windowed
+    )
+    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
+           array_agg(p.tag ORDER BY p.user_id, p.tag)
+    INTO pair_users, pair_tags
+    FROM pair p;
+
+    RETURN dwh.refresh_user_tags(pair_users, pair_tags);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.recompute_rule_tags(text[]) IS
+    'Internal: recompute every tag of these rules (a tag whose rule is gone is revoked); returns the events written';
+
+-- Every tag recomputed, rules and tags held alike: after a restore that
+-- did not bring the tags back, or a DBA's write to cdm.user_tags.
+CREATE FUNCTION dwh.rebuild_tags()
+    RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tags can only be recomputed in a READ COMMITTED transaction'
+            USING ERRCODE = '25000',
+                  DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
+    END IF;
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
+                                         UNION
+                                         SELECT DISTINCT t.tag FROM cdm.user_tags t));
+END
+$fn$;
+COMMENT ON FUNCTION dwh.rebuild_tags() IS
+    'Recompute every user tag from the rules, the marts and DDS (writing the grant and revoke events that makes); returns the events written';
+
+-- Windows move on: each windowed rule's window_as_of becomes now (UTC),
+-- and the tags held by users with an order dated between the old and the
+-- new start of the window are recounted (only they can change: a count
+-- that is below its threshold only goes down as time passes, and a
+-- favourite needs one).  Meant to run once a minute; see docs/tags.md for
+-- what its caller needs.
+CREATE FUNCTION dwh.expire_tags(OUT rules_moved integer, OUT events integer)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    as_of timestamp;
+    pair_users uuid[];
+    pair_tags text[];
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tags can only be expired in a READ COMMITTED transaction'
+            USING ERRCODE = '25000',
+                  DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
+    END IF;
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    as_of := now() AT TIME ZONE 'UTC';
+
+    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
+           array_agg(p.tag ORDER BY p.user_id, p.tag)
+    INTO pair_users, pair_tags
+    FROM (SELECT DISTINCT t.user_id, t.tag
+          FROM dwh.tag_rules r
+          JOIN dds.h_order o
+            ON o.order_dt >= r.window_as_of - make_interval(days => r.window_days)
+           AND o.order_dt < as_of - make_interval(days => r.window_days)
+          JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
+          JOIN cdm.user_tags t ON t.user_id = ou.h_user_pk AND t.tag = r.tag
+          WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of) p;
+
+    UPDATE dwh.tag_rules r
+    SET window_as_of = as_of
+    WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of;
+    GET DIAGNOSTICS rules_moved = ROW_COUNT;
+
+    events := dwh.refresh_user_tags(pair_users, pair_tags);
+END
+$fn$;
+COMMENT ON FUNCTION dwh.expire_tags() IS
+    'Move every windowed rule''s window to end now and revoke (or recount) the tags that orders leaving the window change; returns the rules moved and the events written';
+
+-- Rules are checked row by row before they are written, with messages
+-- that say what to write; the CHECK constraints of the table say the same
+-- in case the trigger is disabled.  window_as_of is dwh's: set to now
+-- (UTC) when a rule is written or changed, kept when only it changes
+-- (dwh.expire_tags) and when a restore brings it back.
+CREATE FUNCTION dwh.tag_rules_check() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NEW.tag IS NULL OR NEW.tag = '' OR length(NEW.tag) > 200 THEN
+        RAISE EXCEPTION 'tag name must have 1 to 200 characters'
+            USING ERRCODE = '23514',
+                  DETAIL = format('The name given has %s characters.', coalesce(length(NEW.tag), 0));
+    END IF;
+    IF NEW.kind IS NULL
+       OR NEW.kind NOT IN ('category', 'dish', 'all_orders', 'favourite_category') THEN
+        RAISE EXCEPTION 'tag rule "%" has an unknown kind: %', NEW.tag, coalesce(NEW.kind, 'null')
+            USING ERRCODE = '23514',
+                  DETAIL = 'A rule counts the orders with a dish of a category (category), with one dish (dish), all orders (all_orders), or names the category of most of them (favourite_category).';
+    END IF;
+    IF NEW.threshold IS NULL OR NEW.threshold < 1 THEN
+        RAISE EXCEPTION 'threshold of tag rule "%" must be at least 1, not %',
+            NEW.tag, coalesce(NEW.threshold::text, 'null')
+            USING ERRCODE = '23514',
+                  DETAIL = 'A user holds the tag while the rule counts at least threshold of the user''s orders.';
+    END IF;
+    IF NEW.window_days < 1 THEN
+        RAISE EXCEPTION 'window of tag rule "%" must be at least 1 day, not %',
+            NEW.tag, NEW.window_days
+            USING ERRCODE = '23514',
+                  HINT = 'Leave window_days null to count the orders of all time.';
+    END IF;
+    IF NEW.kind = 'category' AND (NEW.category_name IS NULL OR NEW.category_name = '') THEN
+        RAISE EXCEPTION 'tag rule "%" of kind category names no category', NEW.tag
+            USING ERRCODE = '23514',
+                  HINT = 'Set category_name to the category''s name, as cdm.user_category_counters shows it.';
+    END IF;
+    IF NEW.kind = 'dish' AND (NEW.product_id IS NULL OR NEW.product_id = '') THEN
+        RAISE EXCEPTION 'tag rule "%" of kind dish names no dish', NEW.tag
+            USING ERRCODE = '23514',
+                  HINT = 'Set product_id to the dish''s id in the orders and menus (dds.h_product.product_id).';
+    END IF;
+    IF NEW.product_id IS NOT NULL AND NEW.kind <> 'dish' THEN
+        RAISE EXCEPTION 'tag rule "%" of kind % names a dish', NEW.tag, NEW.kind
+            USING ERRCODE = '23514',
+                  DETAIL = 'Only a rule of kind dish counts the orders of one dish.',
+                  HINT = 'Leave product_id null, or make the rule of kind dish.';
+    END IF;
+    IF NEW.category_name IS NOT NULL AND NEW.kind <> 'category' THEN
+        RAISE EXCEPTION 'tag rule "%" of kind % names a category', NEW.tag, NEW.kind
+            USING ERRCODE = '23514',
+                  DETAIL = 'Only a rule of kind category counts the orders with a dish of one category.',
+                  HINT = 'Leave category_name null, or make the rule of kind category.';
+    END IF;
+
+    IF NEW.window_days IS NULL THEN
+        NEW.window_as_of := NULL;
+    ELSIF TG_OP = 'INSERT'
+          OR (OLD.tag, OLD.kind, OLD.category_name, OLD.product_id, OLD.threshold,
+              OLD.window_days) IS DISTINCT FROM
+             (NEW.tag, NEW.kind, NEW.category_name, NEW.product_id, NEW.threshold,
+              NEW.window_days)
+          OR NEW.window_as_of IS NULL THEN
+        IF NEW.window_as_of IS NULL OR NOT dwh.tags_restoring() THEN
+            NEW.window_as_of := now() AT TIME ZONE 'UTC';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_rules_check() IS
+    'BEFORE INSERT/UPDATE trigger of dwh.tag_rules: refuses a bad rule with a message that says what to write, and sets window_as_of';
+
+CREATE TRIGGER tag_rules_check
+    BEFORE INSERT OR UPDATE ON dwh.tag_rules
+    FOR EACH ROW EXECUTE FUNCTION dwh.tag_rules_check();
+
+-- A rule written, changed or dropped: its tags recomputed, under the tag
+-- lock exclusive (order batches wait at their tag step meanwhile, and the
+-- recount sees every batch committed before).  A change of window_as_of
+-- alone recomputes nothing (dwh.expire_tags does what it needs).
+CREATE FUNCTION dwh.tag_rules_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    changed text[];
+BEGIN
+    IF dwh.tags_restoring() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(n.tag) INTO changed FROM new_rules n;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(o.tag) INTO changed FROM old_rules o;
+    ELSE
+        SELECT array_agg(DISTINCT x.tag) INTO changed
+        FROM ((SELECT o.tag, o.kind, o.category_name, o.product_id, o.threshold, o.window_days
+               FROM old_rules o
+               EXCEPT
+               SELECT n.tag, n.kind, n.category_name, n.product_id, n.threshold, n.window_days
+               FROM new_rules n)
+              UNION ALL
+              (SELECT n.tag, n.kind, n.category_name, n.product_id, n.threshold, n.window_days
+               FROM new_rules n
+               EXCEPT
+               SELECT o.tag, o.kind, o.category_name, o.product_id, o.threshold, o.window_days
+               FROM old_rules o)) x;
+    END IF;
+    IF changed IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'tag rules can only be changed in a READ COMMITTED transaction'
+            USING ERRCODE = '25000',
+                  DETAIL = 'The rule''s tags are recounted from the marts as committed once the tag lock is held; an older snapshot would miss orders.';
+    END IF;
+    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.recompute_rule_tags(changed);
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_rules_changed() IS
+    'AFTER INSERT/UPDATE/DELETE statement trigger of dwh.tag_rules: recomputes the tags of the rules written, changed or dropped';
+
+CREATE TRIGGER tag_rules_inserted
+    AFTER INSERT ON dwh.tag_rules
+    REFERENCING NEW TABLE AS new_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_changed();
+
+CREATE TRIGGER tag_rules_updated
+    AFTER UPDATE ON dwh.tag_rules
+    REFERENCING OLD TABLE AS old_rules NEW TABLE AS new_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_changed();
+
+CREATE TRIGGER tag_rules_deleted
+    AFTER DELETE ON dwh.tag_rules
+    REFERENCING OLD TABLE AS old_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_changed();
+
+-- TRUNCATE fires no DELETE trigger: it would leave the rules' tags held.
+CREATE FUNCTION dwh.tag_rules_refuse_truncate() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'dwh.tag_rules cannot be truncated'
+        USING ERRCODE = '55000',
+              DETAIL = 'TRUNCATE would leave the rules'' tags held, without revoke events.',
+              HINT = 'DELETE FROM dwh.tag_rules revokes the tags of the rules it deletes.';
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_rules_refuse_truncate() IS
+    'Refuses TRUNCATE on dwh.tag_rules';
+
+CREATE TRIGGER tag_rules_no_truncate
+    BEFORE TRUNCATE ON dwh.tag_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_refuse_truncate();
+
+-- Rules may name a category or dish before any menu or order does: they
+-- are accepted and listed here until it arrives.
+CREATE VIEW dwh.tag_rule_problems AS
+SELECT r.tag, r.kind, r.category_name AS name,
+       'no menu has named this category yet'::text AS problem
+FROM dwh.tag_rules r
+WHERE r.category_name IS NOT NULL
+  AND NOT EXISTS (SELECT FROM dds.h_category h WHERE h.category_name = r.category_name)
+UNION ALL
+SELECT r.tag, r.kind, r.product_id,
+       'no order or menu has named this dish yet'
+FROM dwh.tag_rules r
+WHERE r.product_id IS NOT NULL
+  AND NOT EXISTS (SELECT FROM dds.h_product h WHERE h.product_id = r.product_id);
+COMMENT ON VIEW dwh.tag_rule_problems IS 'Tag rules that name a category or dish that the warehouse does not know (yet): they hold no tag until it arrives';

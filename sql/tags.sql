@@ -1,0 +1,190 @@
+-- User tags (docs/tags.md): rules and their errors, grants and revokes in
+-- the transaction of the order, retraction, menu change or rule change
+-- that causes them, the favourite category and its ties, windows that
+-- expire, the change feed and its NOTIFY, and the oracle.
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+-- What a statement raises, as SQLSTATE and message.
+CREATE FUNCTION t.try(stmt text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE stmt;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ': ' || SQLERRM;
+END
+$$;
+
+-- Tags and events, readable: users by their business keys.
+CREATE VIEW t.tags AS
+SELECT u.user_id, g.tag, g.value, g.order_cnt
+FROM cdm.user_tags g JOIN dds.h_user u ON u.h_user_pk = g.user_id
+ORDER BY 1, 2;
+
+CREATE VIEW t.events AS
+SELECT e.id, u.user_id, e.tag, e.value, e.kind, e.order_cnt
+FROM cdm.user_tag_events e JOIN dds.h_user u ON u.h_user_pk = e.user_id
+ORDER BY e.id;
+
+-- Bad rules are refused, each with SQLSTATE 23514 and what is wrong.
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, category_name, threshold)
+               VALUES ('soups', 'category', 'Супы', -1)$$) AS negative_threshold;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, threshold)
+               VALUES ('any', 'all_orders', 0)$$) AS zero_threshold;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days)
+               VALUES ('recent', 'all_orders', -3)$$) AS negative_window;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', 'cuisine')$$) AS unknown_kind;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', NULL)$$) AS no_kind;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id)
+               VALUES ('x', 'category', 'Супы', 'd1')$$) AS dish_for_category_rule;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id)
+               VALUES ('x', 'dish', 'Супы', 'd1')$$) AS category_for_dish_rule;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', 'category')$$) AS no_category;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, product_id) VALUES ('x', 'dish', '')$$) AS no_dish;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, category_name)
+               VALUES ('x', 'favourite_category', 'Супы')$$) AS category_for_favourite;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind) VALUES ('', 'all_orders')$$) AS empty_name;
+-- One in full: the detail and hint say what to write.
+INSERT INTO dwh.tag_rules (tag, kind, window_days) VALUES ('recent', 'all_orders', 0);
+INSERT INTO dwh.tag_rules (tag, kind, product_id) VALUES ('plov', 'category', 'd1');
+-- The table's constraints say the same when the trigger is disabled.
+ALTER TABLE dwh.tag_rules DISABLE TRIGGER tag_rules_check;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('x', 'all_orders', 0)$$) AS constraint_threshold;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, product_id) VALUES ('x', 'category', 'd1')$$) AS constraint_names;
+ALTER TABLE dwh.tag_rules ENABLE TRIGGER tag_rules_check;
+SELECT count(*) AS rules FROM dwh.tag_rules;
+
+-- Rules: soups (a category), plov (a dish), regulars (all orders), the
+-- favourite category; a category and a dish that nothing names yet are
+-- accepted, and listed as problems.
+INSERT INTO dwh.tag_rules (tag, kind, category_name, threshold)
+VALUES ('soup lover', 'category', 'Супы', 2),
+       ('dessert', 'category', 'Десерты', 1);
+INSERT INTO dwh.tag_rules (tag, kind, product_id, threshold)
+VALUES ('plov fan', 'dish', 'd1', 2),
+       ('mystery', 'dish', 'no-such-dish', 1);
+INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('regular', 'all_orders', 3);
+INSERT INTO dwh.tag_rules (tag, kind) VALUES ('favourite', 'favourite_category');
+SELECT tag, kind, category_name, product_id, threshold, window_days, window_as_of
+FROM dwh.tag_rules ORDER BY tag;
+SELECT * FROM dwh.tag_rule_problems ORDER BY tag;
+
+-- The menu names Супы and the dishes; Десерты and no-such-dish stay unknown.
+SELECT t.set_menu('rest-1', '2023-01-01 00:00:00',
+                  'd1:Плов:Основные', 'd2:Борщ:Супы', 'd3:Щи:Супы', 'd4:Торт:Выпечка');
+SELECT * FROM dwh.tag_rule_problems ORDER BY tag;
+
+-- A first order: the favourite category is granted in its transaction, and
+-- each grant is notified after commit with its event id, user, tag and kind.
+-- Ties go to the smallest category name (byte by byte): Основные, not Супы.
+LISTEN dwh_user_tags;
+\o | sed -e 's/PID [0-9]*/PID N/'
+SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:Плов', 'd2:Борщ');
+\o
+UNLISTEN dwh_user_tags;
+SELECT * FROM t.tags;
+SELECT * FROM t.events;
+
+-- More orders: soup lover at 2 orders with a soup, the favourite moves to
+-- Супы (2 against 1: a revoke and a grant), then back to Основные on a tie.
+SELECT t.load(2, 'u1', 'CLOSED', '2023-04-02 20:00:00', 'd3:Щи');
+SELECT * FROM t.tags;
+SELECT t.load(3, 'u1', 'CLOSED', '2023-04-03 20:00:00', 'd1:Плов');
+SELECT * FROM t.tags;
+SELECT * FROM t.events;
+SELECT * FROM dwh.verify();
+
+-- A batch of orders of two users in one call: tags of both, one statement.
+SELECT received, applied FROM dwh.ingest_orders(ARRAY[
+    convert_to(t.order_msg(4, 'u2', 'CLOSED', '2023-04-04 12:00:00', t.items('d2:Борщ')), 'UTF8'),
+    convert_to(t.order_msg(5, 'u2', 'CLOSED', '2023-04-04 13:00:00', t.items('d3:Щи', 'd4:Торт')), 'UTF8'),
+    convert_to(t.order_msg(6, 'u2', 'OPEN', '2023-04-04 14:00:00', t.items('d1:Плов')), 'UTF8'),
+    convert_to(t.order_msg(7, 'u1', 'CLOSED', '2023-04-04 15:00:00', t.items('d4:Торт')), 'UTF8')]);
+SELECT * FROM t.tags;
+SELECT * FROM dwh.verify();
+
+-- A retraction: order 2 leaves CLOSED, and in the same transaction u1 is no
+-- longer a soup lover (1 order with a soup).
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+BEGIN;
+SELECT t.load(2, 'u1', 'CANCELLED', '2023-04-02 21:00:00', 'd3:Щи');
+SELECT * FROM t.tags WHERE user_id = 'u1';
+SELECT tag, value, kind, order_cnt FROM t.events WHERE id > :last_event;
+COMMIT;
+SELECT * FROM dwh.verify();
+
+-- A menu change: Торт moves to Десерты, which now exists: the dessert
+-- lovers are granted in the menu's transaction, and Десерты is no longer a
+-- problem.  u2's favourite: Десерты 1, Супы 2.
+SELECT t.set_menu('rest-1', '2023-02-01 00:00:00',
+                  'd1:Плов:Основные', 'd2:Борщ:Супы', 'd3:Щи:Супы', 'd4:Торт:Десерты');
+SELECT * FROM t.tags;
+SELECT * FROM dwh.tag_rule_problems ORDER BY tag;
+SELECT * FROM dwh.verify();
+
+-- Rule changes: regulars from 2 orders (u2 has 2 CLOSED orders), plov fan
+-- dropped, a rule renamed: grants and revokes, set-based.
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+UPDATE dwh.tag_rules SET threshold = 2 WHERE tag = 'regular';
+DELETE FROM dwh.tag_rules WHERE tag = 'plov fan';
+UPDATE dwh.tag_rules SET tag = 'sweet tooth' WHERE tag = 'dessert';
+SELECT tag, value, kind, order_cnt, user_id FROM t.events WHERE id > :last_event;
+SELECT * FROM t.tags;
+SELECT * FROM dwh.verify();
+-- A rule is changed only in READ COMMITTED: its recount must see the
+-- orders committed while it waited.
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT t.try($$UPDATE dwh.tag_rules SET threshold = 5 WHERE tag = 'regular'$$) AS repeatable_read;
+ROLLBACK;
+-- TRUNCATE would leave the tags held: refused.
+TRUNCATE dwh.tag_rules;
+
+-- Windowed rules count the orders dated within window_days before the
+-- rule's window_as_of.  u3 has an order dated 31 days ago (never counted),
+-- one dated 30 days minus 2 seconds ago, u4 one dated yesterday.
+INSERT INTO dwh.tag_rules (tag, kind, category_name, threshold, window_days)
+VALUES ('active', 'all_orders', NULL, 1, 30), ('active soups', 'category', 'Супы', 1, 30);
+SELECT tag, window_days, window_as_of <= now() AT TIME ZONE 'UTC' AS set_now
+FROM dwh.tag_rules WHERE window_days IS NOT NULL ORDER BY tag;
+SELECT t.load(8, 'u3', 'CLOSED',
+              to_char(clock_timestamp() AT TIME ZONE 'UTC' - interval '31 days',
+                      'YYYY-MM-DD HH24:MI:SS.US'), 'd2:Борщ');
+SELECT * FROM t.tags WHERE user_id = 'u3';
+SELECT t.load(9, 'u3', 'CLOSED',
+              to_char(clock_timestamp() AT TIME ZONE 'UTC' - interval '30 days' + interval '2 seconds',
+                      'YYYY-MM-DD HH24:MI:SS.US'), 'd3:Щи');
+SELECT t.load(10, 'u4', 'CLOSED',
+              to_char(clock_timestamp() AT TIME ZONE 'UTC' - interval '1 day',
+                      'YYYY-MM-DD HH24:MI:SS.US'), 'd2:Борщ');
+SELECT * FROM t.tags WHERE user_id IN ('u3', 'u4');
+SELECT * FROM dwh.verify();
+-- Time passes: the order of 30 days minus 2 seconds leaves the window.
+-- dwh.expire_tags() revokes what it counted, and nothing else.
+SELECT pg_sleep(2.5);
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+SELECT * FROM dwh.expire_tags();
+SELECT tag, value, kind, order_cnt, user_id FROM t.events WHERE id > :last_event;
+SELECT * FROM t.tags WHERE user_id IN ('u3', 'u4');
+SELECT * FROM dwh.verify();
+-- Nothing more to expire.
+SELECT events FROM dwh.expire_tags();
+
+-- The oracle catches a tampered tag, a missing one and a made-up one;
+-- dwh.rebuild() repairs them, with events.
+UPDATE cdm.user_tags SET order_cnt = 99
+WHERE tag = 'regular' AND user_id = dwh.hash_key('u1');
+DELETE FROM cdm.user_tags WHERE tag = 'favourite' AND user_id = dwh.hash_key('u2');
+INSERT INTO cdm.user_tags (user_id, tag, order_cnt) VALUES (dwh.hash_key('u4'), 'regular', 1);
+SELECT mart, expected_name, actual_name, expected_cnt, actual_cnt FROM dwh.verify();
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+SELECT * FROM dwh.rebuild();
+SELECT tag, value, kind, order_cnt, user_id FROM t.events WHERE id > :last_event;
+SELECT * FROM dwh.verify();
+
+-- The users' order counts mart, and the marts' own recount.
+SELECT u.user_id, m.order_cnt
+FROM cdm.user_order_counters m JOIN dds.h_user u ON u.h_user_pk = m.user_id
+ORDER BY 1;
+SELECT * FROM t.check();
