@@ -7,8 +7,10 @@
 # need (Java 17, Maven, OpenSSL, Python 3), and the benchmarks' Kafka
 # producer (python3-confluent-kafka); what builds the Debian package
 # (tools/build-deb.sh: debhelper, dpkg-dev, postgresql-server-dev-all for
-# pg_buildext's debhelper sequence); then fetch the Kafka broker's jars once
-# (tools/kafka/kafka.sh fetch, into /var/cache/dwh).
+# pg_buildext's debhelper sequence); Graphviz and its font for the picture
+# of the tables (tools/erd.sh, test/t/041_vault_diagram.pl); then fetch
+# the Kafka broker's jars once (tools/kafka/kafka.sh fetch, into
+# /var/cache/dwh).
 # Idempotent and non-interactive: apt is skipped entirely when every
 # package is already installed, the fetch when the jars are there.  Run it
 # as root (or as a user with sudo).
@@ -45,6 +47,8 @@ packages=(
 	debhelper
 	dpkg-dev
 	postgresql-server-dev-all
+	graphviz
+	fonts-dejavu-core
 )
 
 missing=()
