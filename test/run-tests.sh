@@ -2,25 +2,47 @@
 # The test command of dwh: as root, `bash test/run-tests.sh` (a user with
 # sudo is re-run under sudo).
 #
-# Installs the build and test dependencies (tools/install-deps.sh), copies
-# the source tree to a fresh directory, builds and installs the extension
-# there as root, then runs `make installcheck` as the postgres user (initdb
-# refuses to run as root) in three passes so that a failure in one suite
-# does not hide the others: pg_regress (sql/*.sql), the isolation specs
-# (test/isolation/specs) and the TAP tests (test/t/*.pl).  When something
-# fails it prints the diffs and logs that say why.  The last line of output
-# is always "dwh tests: N passed, M failed"; the exit status is 0 only when
-# everything passed.
+# Installs the build and test dependencies (tools/install-deps.sh), then
+# installs the extension the way a DBA does: builds the Debian package
+# (tools/build-deb.sh) and installs it with dpkg, checking that the files
+# the server loads are the package's.  With DWH_TEST_INSTALL=make it
+# builds and installs from source with `make install` instead (removing
+# the package first when it is installed, so that the two never mix).
+# It copies the source tree to a fresh directory and runs `make
+# installcheck` there as the postgres user (initdb refuses to run as root)
+# in three passes so that a failure in one suite does not hide the others:
+# pg_regress (sql/*.sql), the isolation specs (test/isolation/specs) and
+# the TAP tests (test/t/*.pl).  installcheck builds nothing: every test
+# runs against the installed extension.  When something fails it prints
+# the diffs and logs that say why.  The last line of output is always "dwh
+# tests: N passed, M failed"; the exit status is 0 only when everything
+# passed.
 #
-# Environment: PG_CONFIG (default /usr/lib/postgresql/15/bin/pg_config),
-# DWH_KEEP_TEST_DIR=1 to keep the test directory even when all passed.
-# The tests get DWH_GIT_DIR, a mirror clone of this repository (see below).
+# Environment: DWH_TEST_INSTALL (package, the default, or make), PG_CONFIG
+# (default /usr/lib/postgresql/15/bin/pg_config; another one needs
+# DWH_TEST_INSTALL=make), DWH_KEEP_TEST_DIR=1 to keep the test directory
+# even when all passed.  The tests get DWH_GIT_DIR, a mirror clone of this
+# repository (see below).
 
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$script_dir/.." && pwd)
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+DWH_TEST_INSTALL=${DWH_TEST_INSTALL:-package}
+case $DWH_TEST_INSTALL in
+package)
+	if [[ $PG_CONFIG != /usr/lib/postgresql/15/bin/pg_config ]]; then
+		echo "run-tests: the package is for /usr/lib/postgresql/15; with PG_CONFIG=$PG_CONFIG use DWH_TEST_INSTALL=make" >&2
+		exit 1
+	fi
+	;;
+make) ;;
+*)
+	echo "run-tests: DWH_TEST_INSTALL is package or make, not '$DWH_TEST_INSTALL'" >&2
+	exit 1
+	;;
+esac
 
 passed=0
 failed=0
@@ -49,7 +71,7 @@ if [[ $(id -u) -ne 0 ]]; then
 	if command -v sudo >/dev/null 2>&1; then
 		echo "run-tests: building and installing the extension needs root; re-running under sudo" >&2
 		exec sudo env PG_CONFIG="$PG_CONFIG" CI="${CI:-}" \
-			DWH_KEEP_TEST_DIR="${DWH_KEEP_TEST_DIR:-}" \
+			DWH_TEST_INSTALL="$DWH_TEST_INSTALL" DWH_KEEP_TEST_DIR="${DWH_KEEP_TEST_DIR:-}" \
 			bash "$script_dir/run-tests.sh" "$@"
 	fi
 	echo "run-tests: must run as root (or as a user with sudo): it installs the extension and runs the tests as the postgres user" >&2
@@ -94,9 +116,43 @@ if git -c safe.directory='*' -C "$root" rev-parse --git-dir >/dev/null 2>&1; the
 	git -c safe.directory='*' clone --quiet --mirror --no-local "$root" "$git_dir"
 fi
 
-echo "== build and install ($PG_CONFIG) in $src"
-make -C "$src" -j"$(nproc)" PG_CONFIG="$PG_CONFIG"
-make -C "$src" PG_CONFIG="$PG_CONFIG" install
+package=postgresql-15-dwh
+installed_package()
+{
+	[[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$package" 2>/dev/null || true) == ii* ]]
+}
+
+if [[ $DWH_TEST_INSTALL == package ]]; then
+	echo "== build the package (tools/build-deb.sh) and install it"
+	deb=$(bash "$root/tools/build-deb.sh" "$work/deb" | tail -n 1)
+	# dpkg -i replaces the files of an installed package of the same
+	# version, and those of an earlier make install; its dependencies are
+	# among those tools/install-deps.sh installed.
+	env DEBIAN_FRONTEND=noninteractive dpkg -i "$deb" </dev/null
+	# The server must load the package's files, unmodified.
+	libdir=$("$PG_CONFIG" --pkglibdir)
+	sharedir=$("$PG_CONFIG" --sharedir)
+	for f in "$libdir/dwh.so" "$sharedir/extension/dwh.control"; do
+		owner=$(dpkg-query -S "$f" 2>/dev/null | cut -d: -f1 || true)
+		if [[ $owner != "$package" ]]; then
+			echo "run-tests: $f is not the package's (owner: ${owner:-none})" >&2
+			exit 1
+		fi
+	done
+	if ! changed=$(dpkg --verify "$package") || [[ -n $changed ]]; then
+		echo "run-tests: the files of $package differ from the package: $changed" >&2
+		exit 1
+	fi
+	dpkg-query -W -f='installed ${Package} ${Version}\n' "$package"
+else
+	if installed_package; then
+		echo "== remove the package $package (DWH_TEST_INSTALL=make)"
+		env DEBIAN_FRONTEND=noninteractive dpkg -r "$package" </dev/null
+	fi
+	echo "== build and install ($PG_CONFIG) in $src"
+	make -C "$src" -j"$(nproc)" PG_CONFIG="$PG_CONFIG"
+	make -C "$src" PG_CONFIG="$PG_CONFIG" install
+fi
 chown -R postgres: "$work"
 
 # Run `make installcheck` as postgres with the given variable overrides,

@@ -5,8 +5,12 @@
 # modules of the TAP tests, redis-server, redis-cli, kcat, pg_bsd_indent and
 # the shell linter, and what the test Kafka broker and the data generator
 # need (Java 17, Maven, OpenSSL, Python 3), and the benchmarks' Kafka
-# producer (python3-confluent-kafka); then fetch the Kafka broker's jars once
-# (tools/kafka/kafka.sh fetch, into /var/cache/dwh).
+# producer (python3-confluent-kafka); what builds the Debian package
+# (tools/build-deb.sh: debhelper, dpkg-dev, postgresql-server-dev-all for
+# pg_buildext's debhelper sequence); Graphviz and its font for the picture
+# of the tables (tools/erd.sh, test/t/041_vault_diagram.pl); then fetch
+# the Kafka broker's jars once (tools/kafka/kafka.sh fetch, into
+# /var/cache/dwh).
 # Idempotent and non-interactive: apt is skipped entirely when every
 # package is already installed, the fetch when the jars are there.  Run it
 # as root (or as a user with sudo).
@@ -39,6 +43,12 @@ packages=(
 	redis-tools
 	stunnel4
 	shellcheck
+	build-essential
+	debhelper
+	dpkg-dev
+	postgresql-server-dev-all
+	graphviz
+	fonts-dejavu-core
 )
 
 missing=()
