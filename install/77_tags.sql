@@ -17,7 +17,8 @@ COMMENT ON FUNCTION dwh.tag_lock_key() IS
     'Advisory lock key serialising tag rule changes, dwh.expire_tags() and dwh.rebuild() against the tag refresh of order batches';
 
 -- A restore (pg_restore, or a script of pg_dump run by psql) sets
--- row_security and check_function_bodies off for its whole session.  It
+-- check_function_bodies off for its whole session, whatever its options
+-- (row_security too, unless --enable-row-security).  It
 -- brings cdm.user_tags and cdm.user_tag_events back as they were dumped
 -- (one snapshot, consistent with the rules and STG dumped with them), so
 -- while it rebuilds the marts from STG the tags are not maintained: else
@@ -25,11 +26,10 @@ COMMENT ON FUNCTION dwh.tag_lock_key() IS
 CREATE FUNCTION dwh.tags_restoring() RETURNS boolean
     LANGUAGE sql STABLE
     AS $fn$
-    SELECT pg_catalog.current_setting('row_security') = 'off'
-       AND pg_catalog.current_setting('check_function_bodies') = 'off'
+    SELECT pg_catalog.current_setting('check_function_bodies') = 'off'
 $fn$;
 COMMENT ON FUNCTION dwh.tags_restoring() IS
-    'Internal: does this session restore a dump (row_security and check_function_bodies off, as pg_restore and pg_dump''s scripts set them)? Tags are then restored, not maintained';
+    'Internal: does this session restore a dump (check_function_bodies off, as pg_restore and pg_dump''s scripts set it whatever their options)? Tags are then restored, not maintained';
 
 -- Rules: plain rows that a DBA or analyst writes.  The checks below are
 -- also made by the BEFORE trigger, first, with messages that say what to

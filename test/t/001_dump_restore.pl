@@ -296,6 +296,20 @@ for my $t (@tables)
 		"$t: same row count and checksum after restore");
 }
 
+# pg_restore --enable-row-security leaves row_security on: the tags are
+# still restored, not maintained (dwh.tags_restoring()), and the backup is
+# as restorable as with the defaults.
+$node->safe_psql('postgres', 'CREATE DATABASE restored_rls');
+run_client('pg_restore --enable-row-security', 'pg_restore', '--enable-row-security',
+	'-h', $node->host, '-p', $node->port, '-d', 'restored_rls', $dump);
+for my $t (@tables)
+{
+	is(table_fingerprint('restored_rls', $t), $before{$t},
+		"$t: same row count and checksum after pg_restore --enable-row-security");
+}
+is($node->safe_psql('restored_rls', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty after pg_restore --enable-row-security');
+
 # The STG guard stamps loaded_at only when a newer version replaces a row,
 # so a restore's COPY keeps the time each version was first stored.
 for my $t (@stg_versioned)
