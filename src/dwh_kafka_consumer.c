@@ -327,7 +327,8 @@ report_log_line(DwhKafkaConsumer *c, int level, const char *fac, const char *tex
 	strlcpy(c->last_log, line, sizeof(c->last_log));
 	c->last_log_at = now;
 	ereport(level <= 4 ? LOG : DEBUG1,
-			(errmsg("Kafka consumer %d: %s", c->worker_index, line)));
+			(errmsg("Kafka client library log of consumer %d", c->worker_index),
+			 errdetail_internal("%s", line)));
 }
 
 static int
@@ -672,8 +673,9 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets,
 		if (e)
 		{
 			ereport(WARNING,
-					(errmsg("Kafka consumer %d: could not add partitions: %s",
-							c->worker_index, rd_kafka_error_string(e))));
+					(errmsg("Kafka consumer %d could not add partitions",
+							c->worker_index),
+					 errdetail_internal("%s", rd_kafka_error_string(e))));
 			rd_kafka_error_destroy(e);
 		}
 		all = palloc(sizeof(int32) * (c->n_assigned + n + 1));
@@ -689,8 +691,9 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets,
 		err = rd_kafka_assign(c->rk, list);
 		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 			ereport(WARNING,
-					(errmsg("Kafka consumer %d: could not assign partitions: %s",
-							c->worker_index, rd_kafka_err2str(err))));
+					(errmsg("Kafka consumer %d could not assign partitions",
+							c->worker_index),
+					 errdetail_internal("%s", rd_kafka_err2str(err))));
 		set_assigned(c, parts, n);
 		c->n_stopped = 0;
 	}
@@ -728,9 +731,9 @@ dwh_kafka_consumer_reassign(DwhKafkaConsumer *c, const int64 *offsets,
 		if (e)
 		{
 			ereport(WARNING,
-					(errmsg("could not assign Kafka partitions %s again: %s",
-							format_partitions(c->assigned, c->n_assigned),
-							rd_kafka_error_string(e))));
+					(errmsg("could not assign Kafka partitions %s again",
+							format_partitions(c->assigned, c->n_assigned)),
+					 errdetail_internal("%s", rd_kafka_error_string(e))));
 			rd_kafka_error_destroy(e);
 		}
 	}
@@ -740,9 +743,9 @@ dwh_kafka_consumer_reassign(DwhKafkaConsumer *c, const int64 *offsets,
 
 		if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 			ereport(WARNING,
-					(errmsg("could not assign Kafka partitions %s again: %s",
-							format_partitions(c->assigned, c->n_assigned),
-							rd_kafka_err2str(err))));
+					(errmsg("could not assign Kafka partitions %s again",
+							format_partitions(c->assigned, c->n_assigned)),
+					 errdetail_internal("%s", rd_kafka_err2str(err))));
 	}
 	set_stopped(c, c->assigned, stopped, c->n_assigned);
 	rd_kafka_topic_partition_list_destroy(list);
@@ -824,8 +827,9 @@ dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
 		if (e)
 		{
 			ereport(WARNING,
-					(errmsg("Kafka consumer %d: could not give up partitions: %s",
-							c->worker_index, rd_kafka_error_string(e))));
+					(errmsg("Kafka consumer %d could not give up partitions",
+							c->worker_index),
+					 errdetail_internal("%s", rd_kafka_error_string(e))));
 			rd_kafka_error_destroy(e);
 		}
 		for (i = 0; i < c->n_assigned; i++)
@@ -868,9 +872,9 @@ dwh_kafka_consumer_seek(DwhKafkaConsumer *c, int32 partition, int64 offset)
 	if (e)
 	{
 		ereport(WARNING,
-				(errmsg("Kafka consumer %d: could not move partition %d to offset " INT64_FORMAT ": %s",
-						c->worker_index, partition, offset,
-						rd_kafka_error_string(e))));
+				(errmsg("Kafka consumer %d could not move partition %d to offset " INT64_FORMAT,
+						c->worker_index, partition, offset),
+				 errdetail_internal("%s", rd_kafka_error_string(e))));
 		rd_kafka_error_destroy(e);
 	}
 	rd_kafka_topic_partition_list_destroy(list);

@@ -667,9 +667,10 @@ serve_gaps(void)
 								 g->partition, error);
 			ereport(LOG,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("could not read the watermarks of Kafka partition %d of topic \"%s\": %s",
-							g->partition, topic, error),
-					 errdetail("The partition's stored offset is out of range; the worker tries again.")));
+					 errmsg("could not read the watermarks of Kafka partition %d of topic \"%s\"",
+							g->partition, topic),
+					 errdetail("The Kafka client library reported: %s.  The partition's stored offset is out of range; the worker tries again.",
+							   error)));
 			gaps_not_before = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 														  GAP_RETRY_MS);
 			return;
