@@ -223,7 +223,7 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 		snprintf(error, error_size, "could not subscribe to topic \"%s\": %s",
 				 c->topic, rd_kafka_err2str(err));
 		MemoryContextSwitchTo(old);
-		dwh_kafka_consumer_destroy(c);
+		dwh_kafka_consumer_destroy(c, false);
 		return NULL;
 	}
 
@@ -251,9 +251,14 @@ rebalance_is_cooperative(rd_kafka_t *rk)
  *		Close the consumer within about half a second, so that SIGTERM is
  *		honoured quickly even when the broker is gone.  Nothing is lost by
  *		cutting the close short: offsets live in the database.
+ *
+ * When the process is exiting and the close did not finish in time (no
+ * broker answers), the library is left to the exit: rd_kafka_destroy()
+ * would wait for the group's session to time out (seconds), and the
+ * library's threads call nothing of the server's.
  */
 void
-dwh_kafka_consumer_destroy(DwhKafkaConsumer *c)
+dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 500);
 	rd_kafka_error_t *error;
@@ -296,6 +301,8 @@ dwh_kafka_consumer_destroy(DwhKafkaConsumer *c)
 		}
 	}
 
+	if (exiting && !rd_kafka_consumer_closed(c->rk))
+		return;
 	rd_kafka_queue_destroy(c->queue);
 	rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
 	FreeWaitEventSet(c->wait_set);
@@ -780,26 +787,66 @@ dwh_kafka_consumer_is_stopped(DwhKafkaConsumer *c, int32 partition)
 }
 
 /*
+ * Ask the partition's leader for one end of the partition: offset is
+ * RD_KAFKA_OFFSET_BEGINNING or RD_KAFKA_OFFSET_END (ListOffsets takes them
+ * as the special timestamps "earliest" and "latest").
+ */
+static rd_kafka_resp_err_t
+query_one_watermark(DwhKafkaConsumer *c, int32 partition, int64 *offset,
+					int timeout_ms)
+{
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_t *tp;
+	rd_kafka_resp_err_t err;
+
+	tp = rd_kafka_topic_partition_list_add(list, c->topic, partition);
+	tp->offset = *offset;
+	err = rd_kafka_offsets_for_times(c->rk, list, Max(timeout_ms, 1));
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		err = tp->err;
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		*offset = tp->offset;
+	rd_kafka_topic_partition_list_destroy(list);
+	return err;
+}
+
+/*
  * dwh_kafka_consumer_query_watermarks
  *		Ask the partition's leader for its first and next offsets.  Blocks
  *		for at most timeout_ms; on failure returns false with the reason.
+ *
+ * rd_kafka_query_watermark_offsets() would be the obvious call, but before
+ * librdkafka 2.3.0 it waits for its replies without a deadline: with the
+ * broker down it never returned, and the worker ignored SIGTERM until the
+ * broker came back.  rd_kafka_offsets_for_times() honours its timeout.
  */
 bool
 dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
 									int64 *low, int64 *high, int timeout_ms,
 									char *error, size_t error_size)
 {
-	int64_t		lo = -1;
-	int64_t		hi = -1;
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   timeout_ms);
+	int64		lo = RD_KAFKA_OFFSET_BEGINNING;
+	int64		hi = RD_KAFKA_OFFSET_END;
 	rd_kafka_resp_err_t err;
 
-	err = rd_kafka_query_watermark_offsets(c->rk, c->topic, partition,
-										   &lo, &hi, timeout_ms);
+	err = query_one_watermark(c, partition, &lo, timeout_ms / 2);
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+														   deadline);
+
+		err = query_one_watermark(c, partition, &hi, (int) left);
+	}
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		snprintf(error, error_size, "%s", rd_kafka_err2str(err));
 		return false;
 	}
+	/* An empty partition may answer "earliest" with no offset at all. */
+	if (lo < 0 && hi >= 0)
+		lo = hi;
 	*low = lo;
 	*high = hi;
 	return true;

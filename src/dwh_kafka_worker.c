@@ -170,7 +170,7 @@ drop_consumer(void)
 {
 	if (consumer != NULL)
 	{
-		dwh_kafka_consumer_destroy(consumer);
+		dwh_kafka_consumer_destroy(consumer, false);
 		consumer = NULL;
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
@@ -243,7 +243,7 @@ shutdown_consumer(int code, Datum arg)
 {
 	if (consumer != NULL)
 	{
-		dwh_kafka_consumer_destroy(consumer);
+		dwh_kafka_consumer_destroy(consumer, true);
 		consumer = NULL;
 	}
 }

@@ -2,7 +2,7 @@
 # orders stream (the workers wait, say so, and resume by themselves with
 # nothing lost); an error that is not about a message (a lock held on the
 # offsets table) is retried with backoff and never skips data; SIGTERM
-# stops a worker quickly; a worker waits on a standby-like missing extension.
+# stops a worker quickly, also while the broker is down; a worker waits on a standby-like missing extension.
 
 use strict;
 use warnings;
@@ -40,6 +40,20 @@ ok(wait_for($node,
 		"SELECT bool_or(last_error IS NOT NULL) FROM dwh.status WHERE worker LIKE 'kafka%'"),
 	'the lost broker shows in dwh.status');
 my $during = stored_total($node);
+
+# With the broker still down, a worker showing an error probes the leader
+# every 5 s to clear it.  That probe once waited for an answer forever
+# (rd_kafka_query_watermark_offsets before librdkafka 2.3.0), and the
+# worker then ignored SIGTERM, so the server could not stop.
+sleep(7);
+my $stuck_pid = $node->safe_psql('postgres',
+	"SELECT pid FROM dwh.status WHERE worker = 'kafka 1'");
+my $term_at = time();
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($stuck_pid)");
+ok(wait_for($node, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $stuck_pid)", 15),
+	'with the broker down, a worker stops on SIGTERM');
+cmp_ok(time() - $term_at, '<', 5, 'with the broker down, SIGTERM honoured within a few seconds');
+
 broker_command('restart', $broker->{dir});
 ok(wait_applied($node, $a->{messages}), 'the stream resumes by itself once the broker is back');
 ok(wait_for($node,
