@@ -189,6 +189,41 @@ INSERT INTO stg.restaurants (object_id, payload) SELECT key, value FROM dict WHE
 EOF
 }
 
+# BENCH_TAG_RULES user tag rules (docs/tags.md) of mixed kinds, defined
+# once the dictionaries are in DDS: categories and dishes (taken in name
+# and id order from the menus), all orders, the favourite category, and
+# five in twenty with a window of 30 days (the order dates of the
+# benchmarks end about now, so that a window holds orders).  The pattern
+# repeats every 20 rules, thresholds raised.  Prints the rules written.
+TAG_RULES=${BENCH_TAG_RULES:-0}
+bench_tag_rules()
+{
+	[ "$TAG_RULES" -gt 0 ] || { echo 0; return; }
+	q "INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id, threshold, window_days)
+	   SELECT format('bench %s: %s', i, p.kind), p.kind,
+	          CASE WHEN p.kind = 'category' THEN c.names[1 + i % cardinality(c.names)] END,
+	          CASE WHEN p.kind = 'dish' THEN d.ids[1 + i % cardinality(d.ids)] END,
+	          p.threshold * (1 + i / 20), p.window_days
+	   FROM generate_series(0, $TAG_RULES - 1) i
+	   JOIN (VALUES (0, 'category', 10, NULL::integer), (1, 'dish', 5, NULL), (2, 'all_orders', 50, NULL),
+	                (3, 'favourite_category', 1, NULL), (4, 'category', 5, 30),
+	                (5, 'category', 100, NULL), (6, 'dish', 20, NULL), (7, 'all_orders', 20, 30),
+	                (8, 'category', 30, NULL), (9, 'dish', 2, NULL), (10, 'category', 3, NULL),
+	                (11, 'dish', 10, NULL), (12, 'all_orders', 200, NULL),
+	                (13, 'favourite_category', 5, 30), (14, 'dish', 3, 30),
+	                (15, 'category', 50, NULL), (16, 'dish', 1, NULL), (17, 'category', 20, 30),
+	                (18, 'all_orders', 10, NULL), (19, 'category', 300, NULL))
+	        AS p(n, kind, threshold, window_days) ON p.n = i % 20,
+	        (SELECT array_agg(category_name ORDER BY category_name COLLATE \"C\") AS names
+	         FROM dds.h_category) c,
+	        (SELECT array_agg(product_id ORDER BY product_id COLLATE \"C\") AS ids
+	         FROM dds.h_product) d" >/dev/null
+	q "SELECT count(*) FROM dwh.tag_rules"
+}
+# The first order time for $1 orders 15 s apart (the generator's step)
+# whose newest is dated about now: windowed tag rules count some of them.
+bench_orders_start() { date -u -d "@$(($(date +%s) - $1 * 15))" '+%Y-%m-%d %H:%M:%S'; }
+
 # Messages applied so far: partitions start at offset 0, so the stored next
 # offsets add up to the messages applied (dead letters included).
 bench_applied() { q "SELECT coalesce(sum(next_offset), 0) FROM dwh.kafka_offsets WHERE topic = '$TOPIC'"; }
@@ -231,6 +266,10 @@ bench_checks()
 	check "dead letters (malformed messages)" "$dead" "$(manifest "$m" malformed)"
 	check "product mart rows, sum(order_cnt)" "$prod" "$want_p"
 	check "category mart rows, sum(order_cnt)" "$cat" "$want_c"
+	if [ "$TAG_RULES" -gt 0 ]; then
+		printf '  %-44s %s\n' "user tags, tag events (recounted by verify)" \
+			"$(q "SELECT (SELECT count(*) FROM cdm.user_tags) || ', ' || (SELECT count(*) FROM cdm.user_tag_events)")"
+	fi
 	return $ok
 }
 

@@ -8,8 +8,12 @@
 # generator's default mix (tools/dwh-gen: redelivered duplicates, status
 # changes, out-of-order versions, 1% malformed messages) with kcat, loads
 # the dictionaries into STG, and only then points the workers at the broker
-# (ALTER SYSTEM SET dwh.kafka_brokers; pg_reload_conf()).  It times the
-# drain until every message is applied and prints:
+# (ALTER SYSTEM SET dwh.kafka_brokers; pg_reload_conf()).  The orders are
+# dated 15 s apart up to about now.  With BENCH_TAG_RULES=N, N user tag
+# rules of mixed kinds (bench_tag_rules in kafka_common.sh: categories,
+# dishes, all orders, the favourite category, a quarter of them windowed)
+# are defined before the drain, so that every batch keeps the tags too.
+# It times the drain until every message is applied and prints:
 #
 #   - orders/s and messages/s over the whole drain;
 #   - the lag over time (a sample every SAMPLE seconds: elapsed, messages
@@ -21,8 +25,8 @@
 #   - where the CPU went during the drain (workers, rest of PostgreSQL,
 #     broker JVM, everything else on the machine), from /proc.
 #
-# Ends with dwh.verify() empty, every message accounted for and the marts
-# equal to the generator's manifest.  A benchmark that reports figures, not
+# Ends with dwh.verify() empty (the tags recounted too), every message
+# accounted for and the marts equal to the generator's manifest.  A benchmark that reports figures, not
 # a test with a threshold.  The last lines are "RESULT key=value" lines for
 # bench/run-all.sh.
 #
@@ -33,6 +37,7 @@
 #   (dwh.kafka_prefetch_memory, dwh.kafka_batch_size; default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB),
 #   BENCH_PERF (0; 1: perf samples the workers, a profile at the end),
+#   BENCH_TAG_RULES (0: user tag rules defined before the drain),
 #   BENCH_PLOT_DIR (none: where the lag over time goes, as drain-lag.tsv
 #   and drain-lag.png), BENCH_KEEP (0: remove everything), BENCH_SKIP_INSTALL (0: make install
 #   first), BENCH_DIR (/tmp), PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
@@ -57,7 +62,8 @@ bench_workdir kafka-drain
 bench_broker_start
 
 log "generating $ORDERS orders (dwh-gen, default mix, seed $SEED)"
-$GEN orders --count "$ORDERS" --seed "$SEED" --manifest "$work/manifest.json" >"$work/orders.txt"
+$GEN orders --count "$ORDERS" --seed "$SEED" --start "$(bench_orders_start "$ORDERS")" \
+	--manifest "$work/manifest.json" >"$work/orders.txt"
 messages=$(manifest "$work/manifest.json" messages)
 msg_bytes=$(($(stat -c %s "$work/orders.txt") / messages))
 
@@ -73,6 +79,8 @@ rm -f "$work/orders.txt"
 log "starting PostgreSQL ($CONSUMERS Kafka workers) and loading the dictionaries"
 bench_cluster_start "$extra"
 bench_load_dictionaries
+rules_defined=$(bench_tag_rules)
+[ "$rules_defined" = "$TAG_RULES" ] || { echo "$rules_defined tag rules defined, not $TAG_RULES" >&2; exit 1; }
 q "CHECKPOINT"
 
 prefetch_kb=$(q "SELECT setting FROM pg_settings WHERE name = 'dwh.kafka_prefetch_memory'")
@@ -132,6 +140,8 @@ busy0=$(machine_busy_ticks)
 echo
 echo "dwh Kafka drain: $ORDERS orders ($messages messages, ~$msg_bytes bytes each) pre-produced"
 echo "on $PARTITIONS partitions, drained by $CONSUMERS workers into the marts"
+[ "$TAG_RULES" = 0 ] ||
+	echo "and the user tags of $TAG_RULES rules ($(q "SELECT count(*) FILTER (WHERE window_days IS NOT NULL) FROM dwh.tag_rules") windowed)"
 printf '%8s %10s %10s %9s' "elapsed" "applied" "lag" "msgs/s"
 for wp in $pids; do printf ' %18s' "${wp%=*} RSS/anon MB"; done
 echo
@@ -228,6 +238,10 @@ printf '               %.0f orders per CPU-second of the workers (%.1f CPU-secon
 	"$(calc "$ORDERS * $CLK_TCK / $workers_ticks")" "$(calc "$workers_ticks / $CLK_TCK")"
 printf 'produce        %d messages with kcat in %.1f s (%.0f messages/s), before the drain\n' \
 	"$messages" "$produce_s" "$(calc "$messages / $produce_s")"
+tags_held=$(q "SELECT count(*) FROM cdm.user_tags")
+tag_events=$(q "SELECT count(*) FROM cdm.user_tag_events")
+printf 'tags           %d rules: %d tags held, %d grant and revoke events written by the drain\n' \
+	"$TAG_RULES" "$tags_held" "$tag_events"
 [ "$pids" = "$pids_after" ] || echo "NOTE: worker pids changed during the drain: $pids -> $pids_after"
 
 echo
@@ -286,6 +300,9 @@ echo "RESULT kafka_drain_partitions=$PARTITIONS"
 printf 'RESULT kafka_drain_orders_per_s=%.0f\n' "$orders_s"
 printf 'RESULT kafka_drain_messages_per_s=%.0f\n' "$messages_s"
 printf 'RESULT kafka_drain_s=%.1f\n' "$drain_s"
+echo "RESULT kafka_drain_tag_rules=$TAG_RULES"
+echo "RESULT kafka_drain_tags=$tags_held"
+echo "RESULT kafka_drain_tag_events=$tag_events"
 printf 'RESULT kafka_drain_orders_per_worker_cpu_s=%.0f\n' "$(calc "$ORDERS * $CLK_TCK / $workers_ticks")"
 echo "RESULT kafka_worker_peak_anon_kb=$peak_anon_max"
 echo "RESULT kafka_worker_peak_growth_kb=$peak_growth_max"

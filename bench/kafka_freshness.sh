@@ -14,7 +14,14 @@
 # time from produce to visibility: over all orders, over those sent after
 # the first window (WINDOW seconds), and per window; and the achieved
 # produce rate.  Ends with dwh.verify() empty and the marts equal to the
-# generator's manifest.
+# generator's manifest.  The orders are dated 15 s apart up to about now.
+#
+# With BENCH_TAG_RULES=N, N user tag rules of mixed kinds (as in
+# bench/kafka_drain.sh) are defined first, and it also prints the latency
+# of the tag events: from the produce of an order to its user's grant or
+# revoke visible (see below).  The warehouse starts empty, as for the
+# orders' figure: the windowed rules' recounts read only the orders of the
+# run (bench/kafka_drain.sh measures the cost with a history).
 #
 # How it measures (nothing is added to the extension):
 #   - the producer (a Python pacer over librdkafka, python3-confluent-kafka)
@@ -30,7 +37,15 @@
 #     the poll was sent: a latency is overstated by at most one poll period
 #     (half of it on average) and understated by at most the time from
 #     sending a poll to its snapshot (well under a millisecond);
-#   - the same clock (time.time(), one machine) stamps both ends.
+#   - the same clock (time.time(), one machine) stamps both ends;
+#   - with tag rules, the same poll also reads the new rows of
+#     cdm.user_tag_events (one statement: one snapshot).  A grant or revoke
+#     is written by the transaction that applied orders of its user, so it
+#     becomes visible in the poll that first sees them; its latency runs
+#     from the latest send among its user's orders first seen in that poll
+#     (one of them earned it; a batch holds several) to that poll.  Events
+#     with no such order (a later version of an order already seen) are
+#     counted as not attributed.
 # The poller and the pacer use some CPU of the same machine; the output
 # gives the poll period achieved.
 #
@@ -45,6 +60,7 @@
 #   latency distribution goes, as freshness-LABEL.tsv and .png), BENCH_WINDOW (10: seconds per line of the
 #   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
 #   on another topic first, so that the broker's JVM is warm; 0: none),
+#   BENCH_TAG_RULES (0: user tag rules defined first),
 #   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
 #   BENCH_SKIP_INSTALL (0), BENCH_DIR (/tmp),
@@ -81,10 +97,13 @@ bench_broker_start
 log "starting PostgreSQL ($CONSUMERS Kafka workers) and loading the dictionaries"
 bench_cluster_start "$extra"
 bench_load_dictionaries
+rules_defined=$(bench_tag_rules)
+[ "$rules_defined" = "$TAG_RULES" ] || { echo "$rules_defined tag rules defined, not $TAG_RULES" >&2; exit 1; }
 q "CHECKPOINT"
 
 log "generating $ORDERS orders (dwh-gen, default mix, seed $SEED)"
-$GEN orders --count "$ORDERS" --seed "$SEED" --manifest "$work/manifest.json" >"$work/orders.txt"
+$GEN orders --count "$ORDERS" --seed "$SEED" --start "$(bench_orders_start "$ORDERS")" \
+	--manifest "$work/manifest.json" >"$work/orders.txt"
 messages=$(manifest "$work/manifest.json" messages)
 first_id=$(manifest "$work/manifest.json" object_ids.first)
 
@@ -111,7 +130,7 @@ cat >"$work/freshness.py" <<'EOF'
 # pace: produce the orders file at a steady rate, record send times.
 # poll: record when each object_id becomes visible in stg.order_events.
 # report: join both and print the figures.
-import re, subprocess, sys, time
+import os, re, subprocess, sys, time
 
 def pace(orders, rate, count, first_id, sent_file, bootstrap, topic, linger_ms):
     # librdkafka through its Python binding, each message handed over at its
@@ -168,6 +187,12 @@ def poll(psql_args, first_id, count, period_ms, seen_file, ready_file, timeout):
     open(ready_file, 'w').close()
     last = first_id + count - 1
     low, seen, above, periods = first_id, {}, set(), []
+    # With tag rules: the user of each order seen, and each tag event seen
+    # (id, user, time), read in the same statement (one snapshot) as the
+    # orders.  Event ids may become visible out of order: the events above
+    # the highest id seen a second ago are read again.
+    tags = os.environ.get('BENCH_TAG_RULES', '0') != '0'
+    user, events, ev_max, ev_hist = {}, {}, 0, []
     prev = None
     deadline = time.time() + timeout
     while low <= last and time.time() < deadline:
@@ -175,12 +200,27 @@ def poll(psql_args, first_id, count, period_ms, seen_file, ready_file, timeout):
         if prev is not None:
             periods.append(tq - prev)
         prev = tq
-        for r in query('SELECT object_id FROM stg.order_events WHERE object_id BETWEEN %d AND %d'
-                       % (low, last)):
-            o = int(r)
+        sql = ("SELECT 'o', object_id, coalesce(payload->'user'->>'id', '-') FROM stg.order_events"
+               " WHERE object_id BETWEEN %d AND %d" % (low, last))
+        if tags:
+            while len(ev_hist) > 1 and ev_hist[1][0] < tq - 1:
+                ev_hist.pop(0)
+            sql += (" UNION ALL SELECT 'e', e.id, u.user_id FROM cdm.user_tag_events e"
+                    " JOIN dds.h_user u ON u.h_user_pk = e.user_id WHERE e.id > %d"
+                    % (ev_hist[0][1] if ev_hist else 0))
+        for r in query(sql):
+            what, i, u = r.decode().rstrip('\n').split('|', 2)
+            o = int(i)
+            if what == 'e':
+                if o not in events:
+                    events[o] = (u, tq)
+                    ev_max = max(ev_max, o)
+                continue
             if o not in seen:
                 seen[o] = tq
+                user[o] = u
                 above.add(o)
+        ev_hist.append((tq, ev_max))
         while low in above:
             above.discard(low)
             low += 1
@@ -191,7 +231,11 @@ def poll(psql_args, first_id, count, period_ms, seen_file, ready_file, timeout):
     p.wait()
     with open(seen_file, 'w') as f:
         for o, t in seen.items():
-            f.write('%d %.6f\n' % (o, t))
+            f.write('%d %.6f %s\n' % (o, t, user[o]))
+    if tags:
+        with open(seen_file + '.events', 'w') as f:
+            for e, (u, t) in sorted(events.items()):
+                f.write('%d %.6f %s\n' % (e, t, u))
     periods.sort()
     with open(seen_file + '.periods', 'w') as f:
         f.write('%d %.2f %.2f %.2f\n' % (len(periods), 1000 * periods[len(periods) // 2],
@@ -202,7 +246,7 @@ def pct(v, q):
 
 def report(sent_file, seen_file, window):
     sent = dict((int(a), float(b)) for a, b in (l.split() for l in open(sent_file)))
-    seen = dict((int(a), float(b)) for a, b in (l.split() for l in open(seen_file)))
+    seen = dict((int(a), float(b)) for a, b, _ in (l.split() for l in open(seen_file)))
     t0 = min(sent.values())
     lat, windows = [], {}
     for o, ts in sent.items():
@@ -231,6 +275,30 @@ def report(sent_file, seen_file, window):
         v = sorted(windows[w])
         print('WINDOW %d %d %d %.0f %.0f %.0f' % (w * window, (w + 1) * window, len(v),
                                                  pct(v, 0.5), pct(v, 0.99), v[-1]))
+    # Tag events: each is committed by the transaction that applied some
+    # orders of its user; it counts from the latest send among that user's
+    # orders first seen in the same poll as the event (the order that
+    # earned the grant or revoke is one of them), to that poll.
+    if os.path.exists(seen_file + '.events'):
+        newest = {}
+        for l in open(seen_file):
+            o, t, u = l.split()
+            if int(o) in sent:
+                k = (t, u)
+                newest[k] = max(newest.get(k, 0), sent[int(o)])
+        tag_lat, other = [], 0
+        for l in open(seen_file + '.events'):
+            e, t, u = l.split()
+            if (t, u) in newest:
+                tag_lat.append(1000 * (float(t) - newest[(t, u)]))
+            else:
+                other += 1
+        tag_lat.sort()
+        print('RESULT freshness_tag_events_measured=%d' % len(tag_lat))
+        print('RESULT freshness_tag_events_unattributed=%d' % other)
+        if tag_lat:
+            for name, q in (('p50', 0.5), ('p90', 0.9), ('p99', 0.99), ('max', 1)):
+                print('RESULT freshness_tag_%s_ms=%.0f' % (name, pct(tag_lat, q)))
 
 mode = sys.argv[1]
 if mode == 'pace':
@@ -262,7 +330,7 @@ if [ "$BROKER_WARMUP" -gt 0 ]; then
 fi
 
 log "poller: every $POLL_MS ms; producer: $RATE orders/s for $SECONDS_ s"
-/usr/bin/python3 "$work/freshness.py" poll "$first_id" "$ORDERS" "$POLL_MS" "$work/seen.txt" "$work/poll.ready" \
+BENCH_TAG_RULES=$TAG_RULES /usr/bin/python3 "$work/freshness.py" poll "$first_id" "$ORDERS" "$POLL_MS" "$work/seen.txt" "$work/poll.ready" \
 	runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -XAtq &
 poller=$!
 bench_children=$poller
@@ -299,6 +367,14 @@ if [ -n "$(r freshness_steady_p50_ms)" ]; then
 		"$WINDOW" "$(r freshness_steady_p50_ms)" "$(r freshness_steady_p90_ms)" \
 		"$(r freshness_steady_p99_ms)" "$(r freshness_steady_max_ms)"
 fi
+if [ "$TAG_RULES" -gt 0 ]; then
+	printf 'tag events (ms) p50 %s   p90 %s   p99 %s   max %s   (%s events of %s rules; %s not attributed)\n' \
+		"$(r freshness_tag_p50_ms)" "$(r freshness_tag_p90_ms)" "$(r freshness_tag_p99_ms)" \
+		"$(r freshness_tag_max_ms)" "$(r freshness_tag_events_measured)" "$TAG_RULES" \
+		"$(r freshness_tag_events_unattributed)"
+	echo "               produce -> a grant or revoke visible: from the latest send among the orders of"
+	echo "               its user first seen in the same poll (one transaction commits both)"
+fi
 printf 'resolution     %s polls, period p50 %s ms, p99 %s ms, max %s ms: a latency is\n' \
 	"$polls" "$poll_p50" "$poll_p99" "$poll_max"
 echo "               overstated by at most one period (half of one on average)"
@@ -312,6 +388,7 @@ checks_ok=0
 bench_checks "$work/manifest.json" || checks_ok=1
 echo "machine: $(bench_machine)"
 echo "RESULT freshness_rate=$RATE"
+echo "RESULT freshness_tag_rules=$TAG_RULES"
 printf 'RESULT freshness_achieved_orders_per_s=%.4g\n' "$(calc "$first_sent / $pace_s")"
 grep '^RESULT' "$work/report.txt"
 echo "RESULT freshness_poll_p50_ms=$poll_p50"

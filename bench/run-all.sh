@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 #
 # The dwh benchmark suite in one command: runs the SQL chain benchmark (one
-# and two connections), the Kafka drain, the Kafka freshness and the Redis
-# mirror benchmarks one after the other, keeps each one's full output, and
+# and two connections), the Kafka drain (without tag rules, then with 20),
+# the Kafka freshness (at three rates, then at 1,000 orders/s with 20 tag
+# rules) and the Redis mirror benchmarks one after the other, keeps each
+# one's full output, and
 # prints one table of their key figures (the "RESULT key=value" lines each
 # script ends with) under a description of the machine and the versions.
 #
@@ -13,8 +15,10 @@
 #
 # Usage: bench/run-all.sh
 # Environment: BENCH_QUICK (0; 1: smaller sizes), BENCH_ONLY (names of the
-#   runs to do among sql1 sql2 history drain freshness redis; default all
-#   but history: the SQL chain on 10,000,000 orders of history,
+#   runs to do among sql1 sql2 history drain drain_tags freshness
+#   freshness_tags redis, where drain and freshness include their runs
+#   with tags; default all but history: the SQL chain on 10,000,000 orders
+#   of history,
 #   BENCH_LONG_HISTORY, about 20 minutes),
 #   BENCH_OUT (folder of the logs, data files and images, default
 #   /tmp/dwh-bench-YYYYmmdd-HHMMSS: drain-lag.png, freshness.png),
@@ -22,9 +26,10 @@
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 #
 # Sizes (full / quick): SQL chain history 1,000,000 / 100,000 orders and
-# 100,000 / 20,000 measured; Kafka drain 1,000,000 / 100,000 orders;
-# freshness at 5 orders a minute 240 / 60 s, at 1,000 orders/s 60 / 20 s,
-# at 5,000 orders/s 30 / 10 s; Redis 100,000 / 20,000 users,
+# 100,000 / 20,000 measured; Kafka drain 1,000,000 / 100,000 orders (with
+# and without tags); freshness at 5 orders a minute 240 / 60 s, at 1,000
+# orders/s 60 / 20 s (with and without tags), at 5,000 orders/s 30 / 10 s;
+# Redis 100,000 / 20,000 users,
 # 1,000 / 200 restaurants, 10,000 / 2,000 dishes.
 
 set -uo pipefail
@@ -99,6 +104,9 @@ run sql2 sql_chain.sh "${sql_sizes[@]}" BENCH_CLIENTS=2 BENCH_EXPLAIN=0
 run history sql_chain.sh BENCH_HISTORY="${BENCH_LONG_HISTORY:-10000000}" BENCH_MEASURED=100000 \
 	BENCH_CLIENTS=1 BENCH_EXPLAIN=0
 run drain kafka_drain.sh "${drain_sizes[@]}"
+# The same drain with 20 user tag rules of mixed kinds defined before it
+# (bench_tag_rules in kafka_common.sh): the cost of keeping the tags.
+run drain_tags kafka_drain.sh "${drain_sizes[@]}" BENCH_TAG_RULES=20
 # Freshness at a trickle (5 orders a minute, each one alone), at 1,000 and
 # at 5,000 orders a second.
 fresh_rates=(0.0833 1000 5000)
@@ -108,6 +116,10 @@ for i in 0 1 2; do
 		BENCH_SECONDS="${fresh_seconds[$i]}" BENCH_WINDOW="$((fresh_seconds[i] / 3))" \
 		BENCH_LABEL="${fresh_names[$i]#freshness_}"
 done
+# Freshness at 1,000 orders/s with the 20 tag rules: the orders' latency
+# and the tag events'.
+run freshness_tags kafka_freshness.sh BENCH_RATE=1000 BENCH_SECONDS="${fresh_seconds[1]}" \
+	BENCH_WINDOW="$((fresh_seconds[1] / 3))" BENCH_LABEL=tags_1000 BENCH_TAG_RULES=20
 # The three latency distributions in one image.
 plots=()
 for i in 0 1 2; do
@@ -129,6 +141,15 @@ run redis redis_mirror.sh "${redis_sizes[@]}"
 
 # A figure, or "-" when its run was skipped or failed before printing it.
 v() { printf '%s' "${R[$1]:--}"; }
+# $1 / $2 as a percentage, or "-".
+ratio()
+{
+	if [ "$1" = - ] || [ "$2" = - ] || [ "$2" = 0 ]; then
+		echo -
+	else
+		awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f%%", 100 * a / b }'
+	fi
+}
 kb_mb()
 {
 	if [ "$1" = - ]; then
@@ -167,17 +188,22 @@ fi
 row "Kafka drain, $(v drain.kafka_drain_consumers) workers, $(v drain.kafka_drain_partitions) partitions" "$(v drain.kafka_drain_orders_per_s) orders/s, $(v drain.kafka_drain_messages_per_s) messages/s  ($(v drain.kafka_drain_orders) orders in $(v drain.kafka_drain_s) s)"
 row "  worker CPU" "$(v drain.kafka_drain_orders_per_worker_cpu_s) orders per CPU-second of the workers"
 row "  CPU: workers / broker / rest of the machine" "$(v drain.kafka_drain_cpu_workers_pct)% / $(v drain.kafka_drain_cpu_broker_pct)% / $(v drain.kafka_drain_cpu_other_pct)% of one core"
+row "Kafka drain with $(v drain_tags.kafka_drain_tag_rules) tag rules" "$(v drain_tags.kafka_drain_orders_per_s) orders/s  ($(v drain_tags.kafka_drain_tags) tags held, $(v drain_tags.kafka_drain_tag_events) events)"
+row "  worker CPU" "$(v drain_tags.kafka_drain_orders_per_worker_cpu_s) orders per CPU-second of the workers"
+row "  with tags / without" "$(ratio "$(v drain_tags.kafka_drain_orders_per_s)" "$(v drain.kafka_drain_orders_per_s)") of the rate, $(ratio "$(v drain_tags.kafka_drain_orders_per_worker_cpu_s)" "$(v drain.kafka_drain_orders_per_worker_cpu_s)") per worker CPU-second"
 row "Kafka worker peak private memory" "$(kb_mb "$(v drain.kafka_worker_peak_anon_kb)") MB vs bound $(kb_mb "$(v drain.kafka_worker_bound_kb)") MB (32 MB + 2.5 x prefetch + work_mem): held $(v drain.kafka_worker_bound_held)"
 row "Freshness, produce -> visible (ms)" "p50 / p90 / p99 / max  (orders measured, achieved rate)"
 for i in 0 1 2; do
 	n=${fresh_names[$i]}
 	row "  at ${fresh_rates[$i]} orders/s" "$(v "$n.freshness_p50_ms") / $(v "$n.freshness_p90_ms") / $(v "$n.freshness_p99_ms") / $(v "$n.freshness_max_ms")  ($(v "$n.freshness_orders_measured") orders, $(v "$n.freshness_achieved_orders_per_s") orders/s)"
 done
+row "  at 1000 orders/s, $(v freshness_tags.freshness_tag_rules) tag rules: orders" "$(v freshness_tags.freshness_p50_ms) / $(v freshness_tags.freshness_p90_ms) / $(v freshness_tags.freshness_p99_ms) / $(v freshness_tags.freshness_max_ms)  ($(v freshness_tags.freshness_orders_measured) orders, $(v freshness_tags.freshness_achieved_orders_per_s) orders/s)"
+row "    tag events (produce -> grant/revoke visible)" "$(v freshness_tags.freshness_tag_p50_ms) / $(v freshness_tags.freshness_tag_p90_ms) / $(v freshness_tags.freshness_tag_p99_ms) / $(v freshness_tags.freshness_tag_max_ms)  ($(v freshness_tags.freshness_tag_events_measured) events)"
 row "Redis mirror, $(v redis.redis_users) users + $(v redis.redis_restaurants) restaurants" "$(v redis.redis_mirror_s) s"
 row "Redis refresh pass: unchanged / SCAN / 1% changed" "$(v redis.redis_refresh_unchanged_ms) / $(v redis.redis_refresh_scan_ms) / $(v redis.redis_refresh_changed_ms) ms"
 line
 failed=0
-for name in sql1 sql2 history drain "${fresh_names[@]}" redis; do
+for name in sql1 sql2 history drain drain_tags "${fresh_names[@]}" freshness_tags redis; do
 	[ -n "${STATUS[$name]:-}" ] || continue
 	row "run $name" "${STATUS[$name]}"
 	[ "${STATUS[$name]}" = ok ] || failed=1

@@ -6,9 +6,14 @@
 # and waits until the Redis worker has mirrored them, backfills orders
 # produced to Kafka by the generator (tools/dwh-gen: duplicates, status
 # changes, cancelled and a few malformed messages), then streams new orders
-# live at a fixed rate, with a progress line.  Once the lag is 0 it shows the
-# marts, dwh.status, the dead letters and the "pizza lover" question.  It
-# fails (exit 1) when dwh.verify() is not empty, a mart is empty, the lag
+# live at a fixed rate, with a progress line.  Before the stream it defines
+# three user tag rules (dwh.tag_rules, docs/tags.md): "pizza lover" (orders
+# with a dish of Выпечка), "regular" (orders dated in the last 30 days) and
+# "favourite" (the favourite category); the orders of a run are dated up to
+# about now, so that the 30-day window holds them.  Once the lag is 0 it
+# shows the marts, dwh.status, the dead letters, the tags per rule and the
+# latest tag events.  It fails (exit 1) when dwh.verify() (which recounts
+# the tags too) is not empty, a mart is empty, a rule has no holder, the lag
 # does not reach 0 in time, or the warehouse disagrees with the generator's
 # counts (orders, dead letters = malformed lines, sums of the marts).
 # Everything keeps running; a second run reuses it (cluster, Redis, broker,
@@ -33,9 +38,18 @@
 #   DEMO_REDIS_PORT    Redis port on 127.0.0.1 (default: a free one)
 #   DEMO_KAFKA_PORT    Kafka port on 127.0.0.1 (default: a free one)
 #                      The ports are chosen on the first run and kept.
-#   DEMO_MIN_ORDERS    N of the "pizza lover" question (default: twice the
-#                      average user's count, at least 10)
+#   DEMO_MIN_ORDERS    threshold of the "pizza lover" tag: orders with a dish
+#                      of Выпечка (default: the orders in STG after this run
+#                      / 140, about twice the average user's, at least 10)
+#   DEMO_REGULAR_ORDERS  threshold of the "regular" tag: orders dated in the
+#                      last 30 days (default: the orders in STG after this
+#                      run / 100, about the average user's, at least 10)
 #   DEMO_TIMEOUT       seconds allowed for the lag to reach 0 (default 600)
+#   DEMO_DIR           folder of the services and data (default .demo at the
+#                      root of the tree); another folder, with other ports,
+#                      runs a second demo beside the first
+#   DEMO_SKIP_INSTALL  1: neither build nor install dwh; run the dwh that
+#                      PG_CONFIG's installation holds (default 0)
 
 set -euo pipefail
 shopt -s nullglob
@@ -48,6 +62,8 @@ live_seconds=${DEMO_LIVE_SECONDS:-15}
 consumers=${DEMO_CONSUMERS:-2}
 partitions=${DEMO_PARTITIONS:-4}
 min_orders=${DEMO_MIN_ORDERS:-}
+regular_orders=${DEMO_REGULAR_ORDERS:-}
+skip_install=${DEMO_SKIP_INSTALL:-0}
 timeout=${DEMO_TIMEOUT:-600}
 topic=order-service_orders
 database=dwh_demo
@@ -80,6 +96,9 @@ for v in orders rate live_seconds consumers partitions timeout; do
 	[[ ${!v} =~ ^[0-9]+$ ]] || die "DEMO_${v^^} must be a whole number, not '${!v}'"
 done
 [[ $min_orders =~ ^[0-9]*$ ]] || die "DEMO_MIN_ORDERS must be a whole number, not '$min_orders'"
+[[ $regular_orders =~ ^[0-9]*$ ]] ||
+	die "DEMO_REGULAR_ORDERS must be a whole number, not '$regular_orders'"
+[[ $skip_install =~ ^[01]$ ]] || die "DEMO_SKIP_INSTALL must be 0 or 1, not '$skip_install'"
 ((orders > 0 || live_seconds > 0)) || die "nothing to do: DEMO_ORDERS and DEMO_LIVE_SECONDS are 0"
 
 # Root is needed for apt-get and make install; re-run under sudo, keeping
@@ -113,21 +132,30 @@ num() { sed -E ':a; s/([0-9])([0-9]{3})($|[^0-9])/\1,\2\3/; ta' <<<"$1"; }
 
 # ---------------------------------------------------------------- services
 
-# Set demo to the real path of .demo.  The services run as postgres and
-# nobody: in a tree they cannot enter (a clone under /root), .demo is made a
-# link to a folder of /var/tmp, the same for every run of this tree.
+# Set demo to the real path of .demo (or of DEMO_DIR).  The services run as
+# postgres and nobody: in a tree they cannot enter (a clone under /root),
+# .demo is made a link to a folder of /var/tmp, the same for every run of
+# this tree.
 place_demo()
 {
 	local real
-	if [[ ! -e $root/.demo && ! -L $root/.demo ]] &&
+	if [[ -n ${DEMO_DIR:-} ]]; then
+		mkdir -p "$DEMO_DIR"
+		demo=$(cd "$DEMO_DIR" && pwd -P)
+		if ! { runuser -u "$pg_user" -- test -x "$demo" && runuser -u "$redis_user" -- test -x "$demo"; }; then
+			die "$pg_user and $redis_user must be able to enter DEMO_DIR ($demo)"
+		fi
+	elif [[ ! -e $root/.demo && ! -L $root/.demo ]] &&
 		! { runuser -u "$pg_user" -- test -x "$root" && runuser -u "$redis_user" -- test -x "$root"; }; then
 		real=/var/tmp/dwh-demo-$(sha1sum <<<"$root" | cut -c1-12)
 		mkdir -p "$real"
 		ln -s "$real" "$root/.demo"
 		echo "demo.sh: $pg_user cannot enter $root: .demo links to $real"
 	fi
-	mkdir -p "$root/.demo"
-	demo=$(cd "$root/.demo" && pwd -P)
+	if [[ -z ${DEMO_DIR:-} ]]; then
+		mkdir -p "$root/.demo"
+		demo=$(cd "$root/.demo" && pwd -P)
+	fi
 	chmod 755 "$demo"
 	# kafka.sh runs as postgres, from a copy that it can read.
 	mkdir -p "$demo/bin"
@@ -413,10 +441,15 @@ print(top + 1)
 EOF
 }
 
-# Time of the first new order: a minute after the newest order in STG.
+# Time of the first of $1 new orders: a minute after the newest order in
+# STG, or, if later, early enough for the newest of them to be dated about
+# now (the generator spaces orders 15 s apart): the "regular" tag counts
+# the orders dated in the last 30 days.
 next_start()
 {
-	sql "SELECT to_char(coalesce(max(update_ts) + interval '1 minute', '2023-01-01'),
+	sql "SELECT to_char(greatest(max(update_ts) + interval '1 minute',
+	                             date_trunc('second', now() AT TIME ZONE 'UTC')
+	                             - $1 * interval '15 seconds'),
 	                    'YYYY-MM-DD HH24:MI:SS') FROM stg.order_events"
 }
 
@@ -429,7 +462,7 @@ start_producer()
 {
 	local count=$1 pace=$2 name=$3 first start
 	first=$(next_first_id)
-	start=$(next_start)
+	start=$(next_start "$count")
 	manifest=$demo/orders/$name-$first.json
 	echo "   object_ids $(num "$first") to $(num $((first + count - 1))), seed $first, order times from $start"
 	touch "$manifest.producing"
@@ -453,8 +486,9 @@ wait_producer()
 if [[ ${1:-} == stop ]]; then
 	[[ -x $PG_CONFIG ]] || PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 	pgbin=$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
-	[[ -d $root/.demo ]] || { echo "demo.sh: nothing to stop (no $root/.demo)"; exit 0; }
-	demo=$(cd "$root/.demo" && pwd -P)
+	dir=${DEMO_DIR:-$root/.demo}
+	[[ -d $dir ]] || { echo "demo.sh: nothing to stop (no $dir)"; exit 0; }
+	demo=$(cd "$dir" && pwd -P)
 	load_ports
 	stop_all
 	exit 0
@@ -474,14 +508,20 @@ step "packages (tools/install-deps.sh)"
 [[ -x $PG_CONFIG ]] || die "no pg_config at $PG_CONFIG (set PG_CONFIG)"
 pgbin=$("$PG_CONFIG" --bindir)
 
-step "building and installing dwh with $PG_CONFIG"
 library=$("$PG_CONFIG" --pkglibdir)/dwh.so
-before=$(sha256sum "$library" 2>/dev/null || true)
-{ make -C "$root" -j"$(nproc)" PG_CONFIG="$PG_CONFIG" && make -C "$root" PG_CONFIG="$PG_CONFIG" install; } \
-	>"$demo/build.log" 2>&1 || { tail -n 30 "$demo/build.log" >&2; die "the build failed (log: $demo/build.log)"; }
 library_changed=no
-[[ -z $before || $before == "$(sha256sum "$library")" ]] || library_changed=yes
-echo "   installed $library"
+if [[ $skip_install == 1 ]]; then
+	step "using the dwh installed for $PG_CONFIG (DEMO_SKIP_INSTALL=1)"
+	[[ -f $library ]] || die "no $library: install dwh for $PG_CONFIG first, or leave DEMO_SKIP_INSTALL unset"
+	echo "   $library"
+else
+	step "building and installing dwh with $PG_CONFIG"
+	before=$(sha256sum "$library" 2>/dev/null || true)
+	{ make -C "$root" -j"$(nproc)" PG_CONFIG="$PG_CONFIG" && make -C "$root" PG_CONFIG="$PG_CONFIG" install; } \
+		>"$demo/build.log" 2>&1 || { tail -n 30 "$demo/build.log" >&2; die "the build failed (log: $demo/build.log)"; }
+	[[ -z $before || $before == "$(sha256sum "$library")" ]] || library_changed=yes
+	echo "   installed $library"
+fi
 
 step "services under $demo"
 load_ports
@@ -541,6 +581,28 @@ echo "   $(sql "SELECT format('%s users, %s restaurants in STG; %s dishes in %s 
                              (SELECT count(*) FROM stg.users), (SELECT count(*) FROM stg.restaurants),
                              (SELECT count(*) FROM dds.h_product), (SELECT count(*) FROM dds.h_category))")"
 
+# The tag rules, before the stream: their tags are granted as the orders
+# arrive.  The thresholds follow the volume (the generator's 100 users get
+# the same shares of the orders whatever their number); a second run
+# raises them, which recomputes the rules' tags at once.
+step "user tag rules (dwh.tag_rules) -> cdm.user_tags"
+total=$(($(sql "SELECT count(*) FROM stg.order_events") + orders + rate * live_seconds))
+pizza_n=${min_orders:-$((total / 140 > 10 ? total / 140 : 10))}
+regular_n=${regular_orders:-$((total / 100 > 10 ? total / 100 : 10))}
+psql_demo <<EOF
+INSERT INTO dwh.tag_rules (tag, kind, category_name, threshold, window_days) VALUES
+    ('pizza lover', 'category', 'Выпечка', $pizza_n, NULL),
+    ('regular', 'all_orders', NULL, $regular_n, 30),
+    ('favourite', 'favourite_category', NULL, 1, NULL)
+ON CONFLICT (tag) DO UPDATE
+SET kind = EXCLUDED.kind, category_name = EXCLUDED.category_name,
+    threshold = EXCLUDED.threshold, window_days = EXCLUDED.window_days;
+EOF
+echo "   pizza lover: at least $(num "$pizza_n") orders with a dish of Выпечка"
+echo "   regular:     at least $(num "$regular_n") orders dated in the last 30 days"
+echo "   favourite:   the category of most of the user's orders (the tag's value)"
+rules=("pizza lover" regular favourite)
+
 # An earlier run that stopped while producing left orders in Kafka that no
 # manifest describes: the comparisons with the generator are then skipped.
 history_complete=yes
@@ -573,7 +635,7 @@ until [[ $(sql "SELECT coalesce(sum(lag), 0) = 0 AND count(pid) = $consumers
 done
 
 step "results"
-psql_demo -v min_orders="$min_orders" -f "$root/demo/report.sql"
+psql_demo -f "$root/demo/report.sql"
 
 # What the generator says the warehouse must hold, summed over every run.
 read -r want_orders want_dead want_prod want_cat want_kinds <<<"$("$python3" - "$demo"/orders/*.json <<'EOF'
@@ -599,6 +661,10 @@ IFS='|' read -r got_orders got_dead got_prod got_cat prod_rows cat_rows differen
 	       (SELECT count(*) FROM cdm.user_product_counters),
 	       (SELECT count(*) FROM cdm.user_category_counters),
 	       (SELECT count(*) FROM dwh.verify())")"
+declare -A holders
+for tag in "${rules[@]}"; do
+	holders[$tag]=$(sql "SELECT count(*) FROM cdm.user_tags WHERE tag = '$tag'")
+done
 
 failed=0
 # check TEXT COMMAND...: one line of the summary; a failed COMMAND fails the run.
@@ -612,7 +678,11 @@ check()
 	fi
 }
 echo "Checks:"
-check "SELECT count(*) FROM dwh.verify() = $differences" [ "$differences" = 0 ]
+check "SELECT count(*) FROM dwh.verify() = $differences (marts, vault and user tags recounted)" \
+	[ "$differences" = 0 ]
+for tag in "${rules[@]}"; do
+	check "users tagged \"$tag\": ${holders[$tag]}" [ "${holders[$tag]}" -gt 0 ]
+done
 check "marts not empty: $(num "$prod_rows") + $(num "$cat_rows") rows" \
 	[ "$prod_rows" -gt 0 -a "$cat_rows" -gt 0 ]
 check "lag 0: $(num "$(applied_total)") messages applied = $(num "$(broker_total)") in the topic" true
@@ -634,13 +704,20 @@ echo "   whole run: $(seconds $(($(now_us) - t_begin))) s"
 
 sudo_prefix=
 [[ -z ${SUDO_USER:-} ]] || sudo_prefix="sudo "
+# The settings that name this demo, for running it again or stopping it.
+run_prefix=$sudo_prefix
+for v in DEMO_DIR PG_CONFIG DEMO_SKIP_INSTALL; do
+	if [[ -n ${!v:-} && ! ($v == PG_CONFIG && ${!v} == /usr/lib/postgresql/15/bin/pg_config) ]]; then
+		run_prefix+="$v=${!v} "
+	fi
+done
 cat <<EOF
 
 The demo keeps running (PostgreSQL, Redis and Kafka under $demo):
   connect: ${sudo_prefix}$pgbin/psql -h $demo/run -p $pg_port -U postgres $database
   Redis:   redis-cli -p $redis_port      Kafka: kcat -L -b $bootstrap
-  again:   ${sudo_prefix}$script        (adds new orders)
-  stop:    ${sudo_prefix}$script stop
+  again:   ${run_prefix}$script        (adds new orders)
+  stop:    ${run_prefix}$script stop
 EOF
 
 ((failed == 0)) || die "some checks failed"

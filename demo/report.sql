@@ -1,7 +1,6 @@
 -- What demo/demo.sh shows at the end: the marts with user and dish names,
--- the workers, the dead letters and the "pizza lover" question.
--- psql variable: min_orders, the N of "ordered a category at least N times"
--- (empty: twice the average).
+-- the workers, the dead letters, the user tags per rule and the latest tag
+-- events.
 
 \pset footer off
 \pset null '-'
@@ -38,24 +37,42 @@ FROM dwh.dead_letters
 GROUP BY 1, 2
 ORDER BY 1, 3 DESC, 2;
 
--- The README's "pizza lover" query (Querying the marts), with the names.
--- N is min_orders, or else twice the average user's count (at least 10),
--- so that the tag picks out some users whatever the volume loaded.
-SELECT coalesce(nullif(:'min_orders', '')::integer,
-                greatest(10, round(2 * avg(order_cnt)))::integer) AS n
-FROM cdm.user_category_counters
-WHERE category_name = 'Выпечка' \gset
-\echo 'The "pizza lover" tag: users who ordered Выпечка (pastry) at least' :n 'times:'
-SELECT count(*) AS users, min(order_cnt) AS fewest, max(order_cnt) AS most
-FROM cdm.user_category_counters
-WHERE category_name = 'Выпечка' AND order_cnt >= :n;
+-- User tags: the rules demo.sh defined before the stream, kept in the
+-- transaction of each batch.  Windowed rules first move on to now, as the
+-- tags worker does every minute.
+\echo 'Windows moved on to now (dwh.expire_tags()):'
+SELECT rules_moved, events AS tag_events FROM dwh.expire_tags();
 
-SELECT n.username AS "user", n.userlogin AS login, m.order_cnt AS orders
-FROM cdm.user_category_counters m
-LEFT JOIN user_name n ON n.h_user_pk = m.user_id
-WHERE m.category_name = 'Выпечка' AND m.order_cnt >= :n
-ORDER BY m.order_cnt DESC, 1
+\echo 'User tags per rule (dwh.tag_rules -> cdm.user_tags):'
+SELECT r.tag, r.kind, coalesce(r.category_name, r.product_id, '') AS "of",
+       r.threshold AS "at least", coalesce(r.window_days || ' days', 'all time') AS "window",
+       count(t.user_id) AS users, min(t.order_cnt) AS fewest, max(t.order_cnt) AS most
+FROM dwh.tag_rules r
+LEFT JOIN cdm.user_tags t ON t.tag = r.tag
+GROUP BY r.tag, r.kind, r.category_name, r.product_id, r.threshold, r.window_days
+ORDER BY r.tag;
+
+\echo 'Favourite categories (the value of the tag "favourite"):'
+SELECT t.value AS category, count(*) AS users
+FROM cdm.user_tags t
+WHERE t.tag = 'favourite'
+GROUP BY t.value
+ORDER BY 2 DESC, 1;
+
+\echo 'The pizza lovers with the most orders of Выпечка:'
+SELECT n.username AS "user", n.userlogin AS login, t.order_cnt AS orders, t.since
+FROM cdm.user_tags t
+LEFT JOIN user_name n ON n.h_user_pk = t.user_id
+WHERE t.tag = 'pizza lover'
+ORDER BY t.order_cnt DESC, 1
 LIMIT 5;
+
+\echo 'The latest tag events (cdm.user_tag_events, also sent by NOTIFY dwh_user_tags):'
+SELECT e.id, e.at::time(0) AS at, n.username AS "user", e.tag, e.kind, e.value, e.order_cnt AS orders
+FROM cdm.user_tag_events e
+LEFT JOIN user_name n ON n.h_user_pk = e.user_id
+ORDER BY e.id DESC
+LIMIT 10;
 
 \echo 'The warehouse:'
 SELECT (SELECT count(*) FROM stg.order_events) AS orders,
@@ -64,4 +81,6 @@ SELECT (SELECT count(*) FROM stg.order_events) AS orders,
        (SELECT count(*) FROM cdm.user_product_counters) AS product_rows,
        (SELECT count(*) FROM cdm.user_category_counters) AS category_rows,
        (SELECT count(*) FROM dwh.dead_letters) AS dead_letters,
+       (SELECT count(*) FROM cdm.user_tags) AS tags,
+       (SELECT count(*) FROM cdm.user_tag_events) AS tag_events,
        (SELECT count(*) FROM dwh.verify()) AS verify_differences;

@@ -607,6 +607,28 @@ CREATE TRIGGER tag_rules_check
     BEFORE INSERT OR UPDATE ON dwh.tag_rules
     FOR EACH ROW EXECUTE FUNCTION dwh.tag_rules_check();
 
+-- A statement that writes rules takes the tag lock exclusive before it
+-- locks any rule's row, as dwh.expire_tags() does before it moves the
+-- windows: a rule change that locked its row first, then waited for the
+-- tag lock held by dwh.expire_tags(), which then waited for that row, was
+-- a deadlock.  Batches and rule changes hold the lock until commit.
+CREATE FUNCTION dwh.tag_rules_lock() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NOT dwh.tags_restoring() THEN
+        PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_rules_lock() IS
+    'BEFORE INSERT/UPDATE/DELETE statement trigger of dwh.tag_rules: takes the tag lock exclusive before any rule''s row is locked';
+
+CREATE TRIGGER tag_rules_lock
+    BEFORE INSERT OR UPDATE OR DELETE ON dwh.tag_rules
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.tag_rules_lock();
+
 -- A rule written, changed or dropped: its tags recomputed, under the tag
 -- lock exclusive (order batches wait at their tag step meanwhile, and the
 -- recount sees every batch committed before).  A change of window_as_of

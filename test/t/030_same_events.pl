@@ -27,9 +27,13 @@
 # as the reference, load-time columns aside; and the tables equal an
 # independent recount written here from the event list (SameEvents.pm):
 # current and superseded versions in STG, hubs, links, satellites, and the
-# two marts.  Tag rules of every all-time kind are defined in each database
-# before its events (restores bring them), so the user tags are compared
-# too (cdm.user_tag_events, the order of grants and revokes, is not).  Ties between versions are settled by the payload's jsonb text
+# two marts.  Tag rules of every kind, all-time and windowed, are defined in
+# each database before its events (restores bring them), so the user tags
+# are compared too (cdm.user_tag_events, the order of grants and revokes,
+# is not).  The windows end at one fixed window_as_of in the future, which
+# dwh.expire_tags() never moves, and start in the middle of the orders'
+# dates: versions that change an order's date move it in and out of them.
+# Ties between versions are settled by the payload's jsonb text
 # form, which the test writes itself (checked against PostgreSQL's).
 #
 # On a failure the event list is shrunk (delta debugging, on fresh
@@ -233,25 +237,38 @@ sub run_client
 # The dishes of the world being run, for its dish tag rules.
 our @tag_dish_ids;
 
-# User tag rules of every all-time kind (docs/tags.md), defined before any
-# event: every category name the worlds draw from, the world's dishes, all
-# orders and the favourite category, each at thresholds 1 and 2, so that
-# cdm.user_tags is compared between databases too.
+# User tag rules of every kind (docs/tags.md), defined before any event:
+# every category name the worlds draw from, the world's dishes, all orders
+# and the favourite category, each at thresholds 1 and 2, all-time and
+# windowed, so that cdm.user_tags is compared between databases too.  The
+# orders are dated 2023-04-01 09:50 to 09:59 (SameEvents.pm); a windowed
+# rule counts those dated 09:55 and later: its window ends at a fixed
+# window_as_of, 2100-04-01 09:55 (set after the rules are written: a
+# change of window_as_of alone is kept), and is that many days long.  A
+# window_as_of in the future is never moved by dwh.expire_tags() (which
+# moves those before now), so a tags worker's expiry pass cannot make one
+# database differ from another.
 sub tag_rules_statement
 {
 	my @categories = ('Plov', 'Plov new', 'plov', 'Салаты', 'салаты', 'Салаты тёплые',
 		'Супы', 'Супы и борщи', 'Напитки', 'Drinks', 'drinks', 'Выпечка', 'Десерты');
 	my $list = sub { 'ARRAY[' . join(', ', map { quote_literal($_) } @_) . ']::text[]' };
-	return "INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id, threshold)
-SELECT 'category ' || c || ' ' || n, 'category', c, NULL, n
-FROM unnest(" . $list->(@categories) . ") c, generate_series(1, 2) n
-UNION ALL
-SELECT 'dish ' || d || ' ' || n, 'dish', NULL, d, n
-FROM unnest(" . $list->(@tag_dish_ids) . ") d, generate_series(1, 2) n
-UNION ALL
-SELECT 'orders ' || n, 'all_orders', NULL, NULL, n FROM generate_series(1, 3) n
-UNION ALL
-SELECT 'favourite ' || n, 'favourite_category', NULL, NULL, n FROM generate_series(1, 2) n";
+	return "INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id, threshold, window_days)
+SELECT w.prefix || r.tag, r.kind, r.category_name, r.product_id, r.threshold, w.days
+FROM (SELECT 'category ' || c || ' ' || n AS tag, 'category' AS kind, c AS category_name,
+             NULL AS product_id, n AS threshold
+      FROM unnest(" . $list->(@categories) . ") c, generate_series(1, 2) n
+      UNION ALL
+      SELECT 'dish ' || d || ' ' || n, 'dish', NULL, d, n
+      FROM unnest(" . $list->(@tag_dish_ids) . ") d, generate_series(1, 2) n
+      UNION ALL
+      SELECT 'orders ' || n, 'all_orders', NULL, NULL, n FROM generate_series(1, 3) n
+      UNION ALL
+      SELECT 'favourite ' || n, 'favourite_category', NULL, NULL, n
+      FROM generate_series(1, 2) n) r,
+     (VALUES ('', NULL::integer),
+             ('windowed ', date '2100-04-01' - date '2023-04-01')) w(prefix, days);
+UPDATE dwh.tag_rules SET window_as_of = '2100-04-01 09:55:00' WHERE window_days IS NOT NULL";
 }
 
 # A new database, with the extension and the tag rules unless a restore
