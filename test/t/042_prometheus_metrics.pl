@@ -9,7 +9,8 @@
 # mirrored and missing, tag events by kind, the state of each worker).
 # Then the broker is stopped (the metrics show the error and the state of
 # the Kafka workers) and started again (the error clears, new messages are
-# counted), then Redis is stopped (the Redis worker's error and state).
+# counted), then Redis is stopped (the Redis worker's error and state);
+# last a Kafka worker is terminated (up 0 until it is started again).
 
 use strict;
 use warnings;
@@ -379,6 +380,20 @@ is(value_of($m, 'dwh_worker_state', worker => 'redis', state => 'waiting_for_red
 	1, 'and its state is waiting_for_redis');
 is(value_of($m, 'dwh_redis_keys_mirrored'), $redis_keys,
 	'the keys mirrored stay as they were');
+
+# A Kafka worker terminated: absent (up 0, state stopped) until the
+# postmaster starts it again, 5 s later.
+my $pid = psql(q{SELECT pid FROM dwh.status WHERE worker = 'kafka 2'});
+psql("SELECT pg_terminate_backend($pid)");
+$m = scrape_until('kafka 2 absent',
+	sub { (value_of($_[0], 'dwh_worker_up', worker => 'kafka 2') // 1) == 0 });
+is(value_of($m, 'dwh_worker_up', worker => 'kafka 2'), 0, 'kafka 2 terminated: up 0');
+is(value_of($m, 'dwh_worker_state', worker => 'kafka 2', state => 'stopped'),
+	1, 'and its state is stopped');
+is(value_of($m, 'dwh_worker_up', worker => 'kafka 1'), 1, 'kafka 1 is still up');
+$m = scrape_until('kafka 2 back',
+	sub { (value_of($_[0], 'dwh_worker_up', worker => 'kafka 2') // 0) == 1 });
+is(value_of($m, 'dwh_worker_up', worker => 'kafka 2'), 1, 'kafka 2 started again: up 1');
 
 $exporter->kill_kill;
 $node->stop;
