@@ -8,7 +8,10 @@
 # producer (python3-confluent-kafka); what builds the Debian package
 # (tools/build-deb.sh: debhelper, dpkg-dev, postgresql-server-dev-all for
 # pg_buildext's debhelper sequence); Graphviz and its font for the picture
-# of the tables (tools/erd.sh, test/t/041_vault_diagram.pl); then fetch
+# of the tables (tools/erd.sh, test/t/041_vault_diagram.pl); Prometheus
+# (promtool, for tools/lint.sh) and its PostgreSQL exporter (started by
+# test/t/042_prometheus_metrics.pl on a port of its own), with python3-yaml
+# for the lint of the exporter's queries file; then fetch
 # the Kafka broker's jars once (tools/kafka/kafka.sh fetch, into
 # /var/cache/dwh).
 # Idempotent and non-interactive: apt is skipped entirely when every
@@ -49,6 +52,9 @@ packages=(
 	postgresql-server-dev-all
 	graphviz
 	fonts-dejavu-core
+	prometheus
+	prometheus-postgres-exporter
+	python3-yaml
 )
 
 missing=()
@@ -83,6 +89,18 @@ else
 	"${as_root[@]}" "${apt_env[@]}" apt-get install -y --no-install-recommends \
 		-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
 		"${missing[@]}" </dev/null
+
+	# Debian starts the services of prometheus (port 9090) and
+	# prometheus-postgres-exporter (9187) where systemd runs: this machine
+	# builds and tests, the tests start their own exporter, so the
+	# services that this run installed are stopped and disabled.
+	if [[ -d /run/systemd/system ]]; then
+		for service in prometheus prometheus-postgres-exporter; do
+			if [[ " ${missing[*]} " == *" $service "* ]]; then
+				"${as_root[@]}" systemctl disable --now "$service.service" </dev/null || true
+			fi
+		done
+	fi
 fi
 
 # The Kafka jars come from Maven Central, not apt: fetched once into a

@@ -2762,6 +2762,16 @@ WHERE r.product_id IS NOT NULL
   AND NOT EXISTS (SELECT FROM dds.h_product h WHERE h.product_id = r.product_id);
 COMMENT ON VIEW dwh.tag_rule_problems IS 'Tag rules that name a category or dish that the warehouse does not know (yet): they hold no tag until it arrives';
 
+-- Counts of the tag events by kind, for monitoring (monitoring/queries.yaml):
+-- a role granted SELECT on this view reads the counts without reading the
+-- users.  Both kinds always have a row.
+CREATE VIEW dwh.tag_event_counts AS
+SELECT k.kind, count(e.id) AS events, max(e.at) AS last_event_at
+FROM (VALUES ('grant'::text), ('revoke'::text)) k(kind)
+LEFT JOIN cdm.user_tag_events e ON e.kind = k.kind
+GROUP BY k.kind;
+COMMENT ON VIEW dwh.tag_event_counts IS 'Tag events (cdm.user_tag_events) by kind: how many and the time of the last; for monitoring without access to the users';
+
 -- The oracle (install/80_oracle.sql): every version received, DDS checked
 -- and rebuilt against STG; dwh.rebuild() takes a parameter.
 

@@ -2,8 +2,10 @@
 # be able to do.  The recipes (the SQL block of the README's "Security"
 # section) are read from README.md itself, so a recipe that does not run,
 # or that grants more than it says, fails here.  Besides the analyst, the
-# loader and the operator, two roles that dwh must also resist: the owner
-# of the database where the extension lives, and a role with no grants.
+# loader, the operator, the tag editor and Prometheus's exporter (which
+# must read the counts it exports, and neither the rows behind them nor
+# the secret settings), two roles that dwh must also resist: the owner of
+# the database where the extension lives, and a role with no grants.
 #
 # Each attempt must fail with the SQLSTATE listed (42501, insufficient
 # privilege, almost always), and then nothing must have changed: the
@@ -41,7 +43,7 @@ my ($security) = $readme =~ /^## Security\n(.*?)^## /ms;
 my ($recipes) = ($security // '') =~ /```sql\n(.*?CREATE ROLE analyst.*?)```/s;
 ok(defined $recipes, "README's Security section has the role recipes");
 $recipes //= '';
-foreach my $role ('analyst', 'loader', 'operator', 'tagger')
+foreach my $role ('analyst', 'loader', 'operator', 'tagger', 'prometheus')
 {
 	like($recipes, qr/CREATE ROLE $role\b/, "the recipes create role $role");
 }
@@ -125,14 +127,22 @@ attempt('tagger', q{UPDATE dwh.tag_rules SET threshold = 2 WHERE tag = 'any'}, '
 attempt('tagger', q{DELETE FROM dwh.tag_rules WHERE tag = 'any'}, 'ok');
 is(attempt('tagger', 'SELECT count(*) FROM dwh.tag_rule_problems', 'ok'), '0',
 	"tagger reads the rules' problems");
+is(attempt('prometheus', 'SELECT count(*) FROM dwh.status', 'ok'),
+	$node->safe_psql('warehouse', 'SELECT count(*) FROM dwh.status'),
+	'prometheus reads dwh.status');
+attempt('prometheus', 'SELECT count(*) FROM dwh.kafka_partitions', 'ok');
+is(attempt('prometheus', 'SELECT current_setting(\'statement_timeout\')', 'ok'), '10s',
+	'prometheus statements time out');
 is(attempt('analyst', 'SELECT count(*) FROM cdm.user_tags', 'ok'), '0',
 	'analyst reads the tags (none: the orders are older than the window)');
 is(attempt('analyst', q{SELECT string_agg(tag || ' ' || kind, ', ' ORDER BY id) FROM cdm.user_tag_events}, 'ok'),
 	'any grant, any grant, any revoke, any revoke', 'analyst reads the tag events');
+is(attempt('prometheus', q{SELECT string_agg(kind || ' ' || events, ', ' ORDER BY kind) FROM dwh.tag_event_counts}, 'ok'),
+	'grant 2, revoke 2', 'prometheus reads the counts of tag events');
 $before = state_of();
 
 # What no role but a superuser may do, tried by each of them.
-my @roles = ('analyst', 'loader', 'operator', 'tagger', 'dbowner', 'nobody');
+my @roles = ('analyst', 'loader', 'operator', 'tagger', 'prometheus', 'dbowner', 'nobody');
 my @forbidden = (
 	[ q{INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload) VALUES (9, 'order', now(), '{}')}, '42501' ],
 	[ q{UPDATE stg.order_events SET payload = '{}'}, '42501' ],
@@ -213,6 +223,15 @@ attempt('nobody', 'SELECT count(*) FROM cdm.user_tags', '42501');
 attempt('tagger', 'SELECT count(*) FROM stg.order_events', '42501');
 attempt('tagger', 'SELECT count(*) FROM dwh.dead_letters', '42501');
 attempt('tagger', $ingest, '42501');
+# The exporter's role reads the counts, not the users, the rows or the secrets.
+attempt('prometheus', 'SELECT count(*) FROM cdm.user_tag_events', '42501');
+attempt('prometheus', 'SELECT count(*) FROM cdm.user_product_counters', '42501');
+attempt('prometheus', 'SELECT count(*) FROM dwh.dead_letters', '42501');
+attempt('prometheus', 'SELECT count(*) FROM dwh.kafka_gaps', '42501');
+attempt('prometheus', 'SELECT count(*) FROM dwh.redis_keys', '42501');
+attempt('prometheus', 'SELECT count(*) FROM stg.order_events', '42501');
+attempt('prometheus', 'SELECT count(*) FROM dwh.verify()', '42501');
+attempt('prometheus', $ingest, '42501');
 attempt('tagger', q{INSERT INTO dwh.tag_rules (tag, kind, window_days, window_as_of)
                     VALUES ('x', 'all_orders', 1, now())}, '42501');
 
