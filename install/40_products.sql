@@ -232,14 +232,18 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 --      or names one for the first time; menus always take it exclusive);
 --   2. the keys that batches share, each table in one sorted pass: dish,
 --      restaurant and user hubs, (dish, restaurant) pairs;
---   3. the batch's rows of stg.order_events, in object_id order;
+--   3. the batch's rows of stg.order_events, in object_id order, then the
+--      tag lock (dwh.tag_lock_key(), shared; rule changes,
+--      dwh.expire_tags() and dwh.rebuild() take it exclusive), which the
+--      order triggers take before they read DDS, so that no tag window
+--      moves while a batch counts its orders in it (a menu change takes
+--      it after the dictionary lock, for the same reason);
 --   4. each order's own vault rows (under its stg.order_events row lock);
 --   5. the mart rows, in one sorted pass per mart: dishes, categories,
---      then, after the tag lock (dwh.tag_lock_key(), shared; rule changes,
---      dwh.expire_tags() and dwh.rebuild() take it exclusive), the users'
---      order counts, whose rows stand for the users (each batch that
---      changes an order of a user locks the user's row there, when it has
---      one and some tag rule exists), and the users' tag rows;
+--      then the users' order counts, whose rows stand for the users (each
+--      batch that changes an order of a user locks the user's row there,
+--      when it has one and some tag rule exists), and the users' windowed
+--      counts and tag rows;
 --   6. the hub rows of the dishes the batch names, in key order, standing
 --      for their newest order naming rows (which every batch updates, and
 --      which a dish orders never named does not have yet), held only from
@@ -377,8 +381,9 @@ COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
 -- are evaluated on the row an INSERT proposes before ON CONFLICT, so
 -- decrements cannot go through the upsert.)  The category deltas carry the
 -- users' CLOSED order counts and the users touched under keys of their own
--- (install/30_cdm.sql).  Then the user tags of what changed follow
--- (install/77_tags.sql), unless refresh_tags is false.
+-- (install/30_cdm.sql), and the windowed tag counts under
+-- dwh.tag_window_key() (install/77_tags.sql).  Then the user tags of what
+-- changed follow (install/77_tags.sql), unless refresh_tags is false.
 CREATE FUNCTION dwh.apply_mart_deltas(product_users uuid[], products uuid[],
                                       product_deltas integer[],
                                       category_users uuid[], categories uuid[],
@@ -393,19 +398,31 @@ DECLARE
     order_users uuid[];
     order_deltas integer[];
     touched uuid[];
+    window_users uuid[];
+    window_keys uuid[];
+    window_deltas integer[];
 BEGIN
     IF categories IS NOT NULL THEN
         SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.d) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.touched_user_key()),
-               array_agg(d.user_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                         dwh.touched_user_key())),
-               array_agg(d.category_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                             dwh.touched_user_key())),
-               array_agg(d.d) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                   dwh.touched_user_key()))
-        INTO order_users, order_deltas, touched, category_users, categories, category_deltas
-        FROM unnest(category_users, categories, category_deltas) AS d(user_id, category_id, d);
+               array_agg(d.user_id) FILTER (WHERE d.window_key),
+               array_agg(d.category_id) FILTER (WHERE d.window_key),
+               array_agg(d.d) FILTER (WHERE d.window_key),
+               array_agg(d.user_id) FILTER (WHERE NOT d.window_key
+                                              AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                        dwh.touched_user_key())),
+               array_agg(d.category_id) FILTER (WHERE NOT d.window_key
+                                                  AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                            dwh.touched_user_key())),
+               array_agg(d.d) FILTER (WHERE NOT d.window_key
+                                        AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                  dwh.touched_user_key()))
+        INTO order_users, order_deltas, touched, window_users, window_keys, window_deltas,
+             category_users, categories, category_deltas
+        FROM (SELECT x.*, dwh.is_tag_window_key(x.category_id) AS window_key
+              FROM unnest(category_users, categories, category_deltas)
+                   AS x(user_id, category_id, d)) d;
     END IF;
 
     IF products IS NOT NULL THEN
@@ -504,6 +521,7 @@ BEGIN
     PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched,
                                             product_users, products,
                                             category_users, categories,
+                                            window_users, window_keys, window_deltas,
                                             refresh_tags);
 END
 $fn$;

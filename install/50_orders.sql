@@ -333,6 +333,16 @@ DECLARE
     payloads jsonb[];
     named record;
     d record;
+    windows boolean;
+    orders uuid[];
+    before_users uuid[];
+    before_tags text[];
+    before_categories uuid[];
+    before_counts integer[];
+    w record;
+    category_users uuid[];
+    categories uuid[];
+    category_deltas integer[];
 BEGIN
     SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
     INTO object_ids, versions, payloads
@@ -345,12 +355,29 @@ BEGIN
         named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
 
+    -- The tag lock, shared, before DDS is read (step 3 of the lock order,
+    -- install/40_products.sql): windowed tag rules count what the orders
+    -- count now minus what they counted before, which holds only while no
+    -- window moves and no rule changes until the batch commits.
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    windows := NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules r WHERE r.window_days IS NOT NULL);
+    IF windows THEN
+        orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+    END IF;
+
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)
     IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
                                         JOIN dds.h_order h ON h.order_id = c.object_id) THEN
         d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
+        IF windows THEN
+            SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
+                   array_agg(b.order_cnt)
+            INTO before_users, before_tags, before_categories, before_counts
+            FROM dwh.tag_window_counts(orders, NULL, NULL) b;
+        END IF;
         d := dwh.load_known_orders(object_ids, versions, payloads);
     END IF;
 
@@ -364,12 +391,27 @@ BEGIN
                    ELSE o.payload::text <> c.payload::text END;
     END IF;
 
+    -- The windowed tag counts' deltas travel with the category deltas
+    -- (install/77_tags.sql).
+    category_users := d.category_users;
+    categories := d.categories;
+    category_deltas := d.category_deltas;
+    IF windows THEN
+        w := dwh.tag_window_deltas(orders, before_users, before_tags,
+                                   before_categories, before_counts);
+        IF w.keys IS NOT NULL THEN
+            category_users := category_users || w.users;
+            categories := categories || w.keys;
+            category_deltas := category_deltas || w.deltas;
+        END IF;
+    END IF;
+
     -- The marts, after DDS.  (Within an ingest, deferred to the end of its
     -- upsert: one sorted pass for the INSERT and UPDATE triggers together.)
     IF NOT dwh.defer_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                 d.category_users, d.categories, d.category_deltas) THEN
+                                 category_users, categories, category_deltas) THEN
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      d.category_users, d.categories, d.category_deltas);
+                                      category_users, categories, category_deltas);
     END IF;
 
     IF NOT dwh.keys_claimed() THEN

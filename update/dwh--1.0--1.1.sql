@@ -377,13 +377,13 @@ COMMENT ON FUNCTION dwh.all_orders_key() IS
     'Internal: the key that carries a user''s CLOSED order count delta among the category mart deltas (cdm.user_order_counters)';
 
 -- ... and "some order of this user changed" (a positive delta, so that
--- summing the deltas of a batch never cancels it): windowed tag rules
--- recount such users.
+-- summing the deltas of a batch never cancels it): the tag step locks
+-- such users' rows before it refreshes their tags.
 CREATE FUNCTION dwh.touched_user_key() RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS 'SELECT ''00000000-0000-0000-0000-000000000001''::uuid';
 COMMENT ON FUNCTION dwh.touched_user_key() IS
-    'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (for windowed tag rules)';
+    'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (the tag step locks the user)';
 
 -- Dishes (install/40_products.sql): menu namings and order namings have a
 -- loader each, replacing dwh.load_products; the claim of the keys that
@@ -730,19 +730,31 @@ DECLARE
     order_users uuid[];
     order_deltas integer[];
     touched uuid[];
+    window_users uuid[];
+    window_keys uuid[];
+    window_deltas integer[];
 BEGIN
     IF categories IS NOT NULL THEN
         SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.d) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.touched_user_key()),
-               array_agg(d.user_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                         dwh.touched_user_key())),
-               array_agg(d.category_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                             dwh.touched_user_key())),
-               array_agg(d.d) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                   dwh.touched_user_key()))
-        INTO order_users, order_deltas, touched, category_users, categories, category_deltas
-        FROM unnest(category_users, categories, category_deltas) AS d(user_id, category_id, d);
+               array_agg(d.user_id) FILTER (WHERE d.window_key),
+               array_agg(d.category_id) FILTER (WHERE d.window_key),
+               array_agg(d.d) FILTER (WHERE d.window_key),
+               array_agg(d.user_id) FILTER (WHERE NOT d.window_key
+                                              AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                        dwh.touched_user_key())),
+               array_agg(d.category_id) FILTER (WHERE NOT d.window_key
+                                                  AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                            dwh.touched_user_key())),
+               array_agg(d.d) FILTER (WHERE NOT d.window_key
+                                        AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                  dwh.touched_user_key()))
+        INTO order_users, order_deltas, touched, window_users, window_keys, window_deltas,
+             category_users, categories, category_deltas
+        FROM (SELECT x.*, dwh.is_tag_window_key(x.category_id) AS window_key
+              FROM unnest(category_users, categories, category_deltas)
+                   AS x(user_id, category_id, d)) d;
     END IF;
 
     IF products IS NOT NULL THEN
@@ -841,6 +853,7 @@ BEGIN
     PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched,
                                             product_users, products,
                                             category_users, categories,
+                                            window_users, window_keys, window_deltas,
                                             refresh_tags);
 END
 $fn$;
@@ -1178,6 +1191,16 @@ DECLARE
     payloads jsonb[];
     named record;
     d record;
+    windows boolean;
+    orders uuid[];
+    before_users uuid[];
+    before_tags text[];
+    before_categories uuid[];
+    before_counts integer[];
+    w record;
+    category_users uuid[];
+    categories uuid[];
+    category_deltas integer[];
 BEGIN
     SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
     INTO object_ids, versions, payloads
@@ -1190,12 +1213,29 @@ BEGIN
         named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
 
+    -- The tag lock, shared, before DDS is read (step 3 of the lock order,
+    -- install/40_products.sql): windowed tag rules count what the orders
+    -- count now minus what they counted before, which holds only while no
+    -- window moves and no rule changes until the batch commits.
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    windows := NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules r WHERE r.window_days IS NOT NULL);
+    IF windows THEN
+        orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+    END IF;
+
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)
     IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
                                         JOIN dds.h_order h ON h.order_id = c.object_id) THEN
         d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
+        IF windows THEN
+            SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
+                   array_agg(b.order_cnt)
+            INTO before_users, before_tags, before_categories, before_counts
+            FROM dwh.tag_window_counts(orders, NULL, NULL) b;
+        END IF;
         d := dwh.load_known_orders(object_ids, versions, payloads);
     END IF;
 
@@ -1209,12 +1249,27 @@ BEGIN
                    ELSE o.payload::text <> c.payload::text END;
     END IF;
 
+    -- The windowed tag counts' deltas travel with the category deltas
+    -- (install/77_tags.sql).
+    category_users := d.category_users;
+    categories := d.categories;
+    category_deltas := d.category_deltas;
+    IF windows THEN
+        w := dwh.tag_window_deltas(orders, before_users, before_tags,
+                                   before_categories, before_counts);
+        IF w.keys IS NOT NULL THEN
+            category_users := category_users || w.users;
+            categories := categories || w.keys;
+            category_deltas := category_deltas || w.deltas;
+        END IF;
+    END IF;
+
     -- The marts, after DDS.  (Within an ingest, deferred to the end of its
     -- upsert: one sorted pass for the INSERT and UPDATE triggers together.)
     IF NOT dwh.defer_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                 d.category_users, d.categories, d.category_deltas) THEN
+                                 category_users, categories, category_deltas) THEN
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      d.category_users, d.categories, d.category_deltas);
+                                      category_users, categories, category_deltas);
     END IF;
 
     IF NOT dwh.keys_claimed() THEN
@@ -1458,7 +1513,32 @@ DECLARE
     category_users uuid[];
     category_keys uuid[];
     category_deltas integer[];
+    windows boolean;
+    orders uuid[];
+    before_users uuid[];
+    before_tags text[];
+    before_categories uuid[];
+    before_counts integer[];
+    w record;
 BEGIN
+    -- Windowed tag rules count what the orders holding the dishes count
+    -- after the move minus before, under the tag lock (see
+    -- dwh.order_events_changed).
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    windows := NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules r
+                           WHERE r.window_days IS NOT NULL
+                             AND r.kind IN ('category', 'favourite_category'));
+    IF windows THEN
+        orders := ARRAY(SELECT DISTINCT op.h_order_pk
+                        FROM dds.l_order_product op
+                        WHERE op.h_product_pk = ANY (products));
+        SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
+               array_agg(b.order_cnt)
+        INTO before_users, before_tags, before_categories, before_counts
+        FROM dwh.tag_window_counts(orders, NULL, NULL) b;
+    END IF;
+
     WITH moved AS MATERIALIZED (
         SELECT * FROM unnest(products, categories, versions)
                  AS m(h_product_pk, h_category_pk, load_dt)
@@ -1504,8 +1584,8 @@ BEGIN
             load_dt = EXCLUDED.load_dt,
             load_src = EXCLUDED.load_src
     ),
-    -- The users of those orders are touched: their windowed tag rules are
-    -- recounted (install/30_cdm.sql).
+    -- The users of those orders are touched (install/30_cdm.sql): their
+    -- rows are locked before their tags are refreshed.
     keys AS (
         SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
                array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
@@ -1517,6 +1597,16 @@ BEGIN
     SELECT users, keys, deltas
     INTO category_users, category_keys, category_deltas
     FROM keys;
+
+    IF windows THEN
+        w := dwh.tag_window_deltas(orders, before_users, before_tags,
+                                   before_categories, before_counts);
+        IF w.keys IS NOT NULL THEN
+            category_users := category_users || w.users;
+            category_keys := category_keys || w.keys;
+            category_deltas := category_deltas || w.deltas;
+        END IF;
+    END IF;
 
     PERFORM dwh.apply_mart_deltas(NULL, NULL, NULL,
                                   category_users, category_keys, category_deltas);
@@ -2143,99 +2233,217 @@ COMMENT ON COLUMN cdm.user_tag_events.at IS 'The time of the transaction that ma
 CREATE INDEX l_order_user_h_user_pk_idx ON dds.l_order_user (h_user_pk);
 CREATE INDEX h_order_order_dt_idx ON dds.h_order (order_dt);
 
--- What each (user, tag) pair counts now, and whether the tag is held:
--- all-time rules from the marts, windowed ones from DDS (the user's
--- CLOSED orders dated from window_as_of - window_days on).  Pairs of tags
--- without a rule are left out.
-CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
-    RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
+-- What windowed rules count, kept like the marts: for each windowed rule,
+-- each user's CLOSED orders that the rule counts, dated from window_as_of -
+-- window_days on (a favourite_category rule: per category).  A batch adds
+-- what its orders count now minus what they counted before (computed with
+-- the tag lock held shared, so that no window moves meanwhile: see
+-- dwh.order_events_changed); dwh.expire_tags() takes away the orders that
+-- leave a window; a rule change recounts its rows.  So a windowed tag costs
+-- a batch what an all-time one does: no recount of the user's orders.
+CREATE TABLE cdm.user_window_counters (
+    user_id     uuid NOT NULL,
+    tag         text NOT NULL,
+    category_id uuid NOT NULL,
+    order_cnt   integer NOT NULL CHECK (order_cnt >= 0),
+    PRIMARY KEY (user_id, tag, category_id)
+) WITH (fillfactor = 80);
+-- A rule change deletes and recounts its rows.
+CREATE INDEX user_window_counters_tag_idx ON cdm.user_window_counters (tag);
+COMMENT ON TABLE cdm.user_window_counters IS 'What each windowed tag rule counts per user: the user''s CLOSED orders dated within the rule''s window (as of its window_as_of) that the rule counts; a row exists while its order_cnt is positive';
+COMMENT ON COLUMN cdm.user_window_counters.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_window_counters.tag IS 'The windowed rule (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_window_counters.category_id IS 'favourite_category rules: the category (dds.h_category.h_category_pk); other rules: dwh.all_orders_key()';
+COMMENT ON COLUMN cdm.user_window_counters.order_cnt IS 'The user''s CLOSED orders in the window that the rule counts (in the category, for favourite_category)';
+
+-- The deltas of cdm.user_window_counters travel with the category mart
+-- deltas (install/30_cdm.sql), under a key per (rule, category) that no
+-- category can have: a category key is a UUID version 5, these are
+-- ffffffff-ffff-0xxx-xxxx-xxxxxxxxxxxx, the rest from an MD5 of the rule's
+-- tag and the category.  The tag step finds the rule and category back by
+-- computing the keys of the windowed rules.
+CREATE FUNCTION dwh.tag_window_key(tag text, category_id uuid) RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT ('ffffffff-ffff-0' || pg_catalog.substr(h, 1, 3) || '-'
+            || pg_catalog.substr(h, 4, 4) || '-' || pg_catalog.substr(h, 8, 12))::uuid
+    FROM pg_catalog.md5($1 || '/' || $2::text) AS h
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
+    'Internal: the key that carries the deltas of cdm.user_window_counters for this rule and category among the category mart deltas';
+
+CREATE FUNCTION dwh.is_tag_window_key(key uuid) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT $1 >= 'ffffffff-ffff-0000-0000-000000000000'::uuid
+       AND $1 <= 'ffffffff-ffff-0fff-ffff-ffffffffffff'::uuid
+$fn$;
+COMMENT ON FUNCTION dwh.is_tag_window_key(uuid) IS
+    'Internal: is this key among the category mart deltas one of dwh.tag_window_key()?';
+
+-- What orders count for windowed rules, from DDS as the calling statement
+-- sees it, per (user, rule, category) as cdm.user_window_counters keeps
+-- it: the given orders (null: every order dated in a window), for the
+-- given rules (null: every windowed rule).  With moved_to, only the orders
+-- that leave a window when its end moves on to moved_to (dated before
+-- moved_to - window_days), for the rules whose window ends before.
+CREATE FUNCTION dwh.tag_window_counts(orders uuid[], rule_tags text[], moved_to timestamp)
+    RETURNS TABLE (user_id uuid, tag text, category_id uuid, order_cnt integer)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH pair AS MATERIALIZED (
-        SELECT DISTINCT p.user_id, r.tag, r.kind, r.threshold,
+    WITH rule AS MATERIALIZED (
+        SELECT r.tag, r.kind,
                r.window_as_of - make_interval(days => r.window_days) AS window_start,
+               moved_to - make_interval(days => r.window_days) AS window_end,
                dwh.hash_key(r.category_name) AS category_id,
                dwh.hash_key(r.product_id) AS product_id
-        FROM unnest(users, tags) AS p(user_id, tag)
-        JOIN dwh.tag_rules r ON r.tag = p.tag
+        FROM dwh.tag_rules r
+        WHERE r.window_days IS NOT NULL
+          AND (rule_tags IS NULL OR r.tag = ANY (rule_tags))
+          AND (moved_to IS NULL OR r.window_as_of < moved_to)
     ),
-    -- Each user's CLOSED orders in the widest window asked of it.
-    recent AS MATERIALIZED (
-        SELECT w.user_id, o.h_order_pk, o.order_dt
-        FROM (SELECT p.user_id, min(p.window_start) AS since
-              FROM pair p
-              WHERE p.window_start IS NOT NULL
-              GROUP BY p.user_id) w
-        JOIN dds.l_order_user ou ON ou.h_user_pk = w.user_id
-        JOIN dds.h_order o ON o.h_order_pk = ou.h_order_pk
-        WHERE o.order_dt >= w.since
+    span AS MATERIALIZED (
+        SELECT min(r.window_start) AS lo, max(r.window_end) AS hi FROM rule r
+    ),
+    closed AS MATERIALIZED (
+        SELECT ou.h_user_pk AS user_id, o.h_order_pk, o.order_dt
+        FROM (SELECT h.h_order_pk, h.order_dt
+              FROM dds.h_order h
+              WHERE orders IS NOT NULL AND h.h_order_pk = ANY (orders)
+              UNION ALL
+              SELECT h.h_order_pk, h.order_dt
+              FROM span s JOIN dds.h_order h
+                ON h.order_dt >= s.lo AND (s.hi IS NULL OR h.order_dt < s.hi)
+              WHERE orders IS NULL) o
+        JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
+        WHERE o.order_dt >= (SELECT s.lo FROM span s)
           AND (SELECT s.status FROM dds.s_order_status s
                WHERE s.h_order_pk = o.h_order_pk
                ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
     ),
-    recent_item AS MATERIALIZED (
-        SELECT r.user_id, r.h_order_pk, r.order_dt, op.h_product_pk, pc.h_category_pk
-        FROM recent r
-        JOIN dds.l_order_product op ON op.h_order_pk = r.h_order_pk
+    item AS MATERIALIZED (
+        SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
+        FROM closed c
+        JOIN dds.l_order_product op ON op.h_order_pk = c.h_order_pk
         LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
+        WHERE EXISTS (SELECT FROM rule r WHERE r.kind <> 'all_orders')
+    )
+    SELECT c.user_id, r.tag, dwh.all_orders_key(), count(*)::integer
+    FROM rule r
+    JOIN closed c ON c.order_dt >= r.window_start
+                 AND (r.window_end IS NULL OR c.order_dt < r.window_end)
+    WHERE r.kind = 'all_orders'
+    GROUP BY c.user_id, r.tag
+    UNION ALL
+    SELECT i.user_id, r.tag, dwh.all_orders_key(), count(DISTINCT i.h_order_pk)::integer
+    FROM rule r
+    JOIN item i ON i.order_dt >= r.window_start
+               AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+               AND ((r.kind = 'dish' AND i.h_product_pk = r.product_id)
+                    OR (r.kind = 'category' AND i.h_category_pk = r.category_id))
+    GROUP BY i.user_id, r.tag
+    UNION ALL
+    SELECT i.user_id, r.tag, i.h_category_pk, count(DISTINCT i.h_order_pk)::integer
+    FROM rule r
+    JOIN item i ON i.order_dt >= r.window_start
+               AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+               AND i.h_category_pk IS NOT NULL
+    WHERE r.kind = 'favourite_category'
+    GROUP BY i.user_id, r.tag, i.h_category_pk;
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_counts(uuid[], text[], timestamp) IS
+    'Internal: what orders count for windowed tag rules per (user, rule, category), from DDS: the given orders or every order in a window, or with moved_to those leaving the windows';
+
+-- The windowed counts' deltas of these orders for the category mart
+-- deltas: what they count now (dwh.tag_window_counts) minus what they
+-- counted before (the arrays before_*, read the same way before the
+-- caller changed DDS).
+CREATE FUNCTION dwh.tag_window_deltas(orders uuid[],
+                                      before_users uuid[], before_tags text[],
+                                      before_categories uuid[], before_counts integer[],
+                                      OUT users uuid[], OUT keys uuid[], OUT deltas integer[])
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT array_agg(x.user_id), array_agg(dwh.tag_window_key(x.tag, x.category_id)),
+           array_agg(x.d)
+    FROM (SELECT c.user_id, c.tag, c.category_id, sum(c.n)::integer AS d
+          FROM (SELECT w.user_id, w.tag, w.category_id, w.order_cnt AS n
+                FROM dwh.tag_window_counts(orders, NULL, NULL) w
+                UNION ALL
+                SELECT b.user_id, b.tag, b.category_id, -b.n
+                FROM unnest(before_users, before_tags, before_categories, before_counts)
+                     AS b(user_id, tag, category_id, n)) c
+          GROUP BY c.user_id, c.tag, c.category_id
+          HAVING sum(c.n) <> 0) x;
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], integer[]) IS
+    'Internal: the deltas of cdm.user_window_counters that a change of these orders makes, as category mart deltas under dwh.tag_window_key()';
+
+-- What each (user, tag) pair counts now, and whether the tag is held:
+-- all-time rules from the marts, windowed ones from
+-- cdm.user_window_counters.  Pairs of tags without a rule are left out.
+-- Each rule's keys are computed once, not per pair.
+CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
+    RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH rule AS MATERIALIZED (
+        SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM dwh.tag_rules r
+    ),
+    pair AS MATERIALIZED (
+        SELECT p.user_id, r.tag, r.kind, r.threshold, r.windowed, r.category_id, r.product_id
+        FROM (SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)) p
+        JOIN rule r ON r.tag = p.tag
     ),
     counted AS (
         SELECT p.user_id, p.tag, NULL::text AS value, m.order_cnt, p.threshold
         FROM pair p
         JOIN cdm.user_category_counters m
           ON m.user_id = p.user_id AND m.category_id = p.category_id
-        WHERE p.kind = 'category' AND p.window_start IS NULL
+        WHERE p.kind = 'category' AND NOT p.windowed
         UNION ALL
         SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
         FROM pair p
         JOIN cdm.user_product_counters m
           ON m.user_id = p.user_id AND m.product_id = p.product_id
-        WHERE p.kind = 'dish' AND p.window_start IS NULL
+        WHERE p.kind = 'dish' AND NOT p.windowed
         UNION ALL
         SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
         FROM pair p
         JOIN cdm.user_order_counters m ON m.user_id = p.user_id
-        WHERE p.kind = 'all_orders' AND p.window_start IS NULL
-        UNION ALL
-        SELECT p.user_id, p.tag, f.category_name, f.order_cnt, p.threshold
-        FROM pair p
-        CROSS JOIN LATERAL (
-            SELECT m.category_name::text AS category_name, m.order_cnt
-            FROM cdm.user_category_counters m
-            WHERE m.user_id = p.user_id
-            ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
-            LIMIT 1) f
-        WHERE p.kind = 'favourite_category' AND p.window_start IS NULL
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, count(*)::integer, p.threshold
-        FROM pair p
-        JOIN recent r ON r.user_id = p.user_id AND r.order_dt >= p.window_start
-        WHERE p.kind = 'all_orders'
-        GROUP BY p.user_id, p.tag, p.threshold
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, count(DISTINCT i.h_order_pk)::integer, p.threshold
-        FROM pair p
-        JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
-        WHERE (p.kind = 'dish' AND i.h_product_pk = p.product_id)
-           OR (p.kind = 'category' AND i.h_category_pk = p.category_id)
-        GROUP BY p.user_id, p.tag, p.threshold
+        WHERE p.kind = 'all_orders' AND NOT p.windowed
         UNION ALL
         SELECT * FROM (
-            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag, h.category_name::text,
-                   count(DISTINCT i.h_order_pk)::integer, p.threshold
+            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
+                   m.category_name::text, m.order_cnt, p.threshold
             FROM pair p
-            JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
-            JOIN dds.h_category h ON h.h_category_pk = i.h_category_pk
-            WHERE p.kind = 'favourite_category'
-            GROUP BY p.user_id, p.tag, p.threshold, h.category_name
-            ORDER BY p.user_id, p.tag, count(DISTINCT i.h_order_pk) DESC,
-                     h.category_name COLLATE "C") f
+            JOIN cdm.user_category_counters m ON m.user_id = p.user_id
+            WHERE p.kind = 'favourite_category' AND NOT p.windowed
+            ORDER BY p.user_id, p.tag, m.order_cnt DESC, m.category_name COLLATE "C") f
+        UNION ALL
+        SELECT p.user_id, p.tag, NULL, w.order_cnt, p.threshold
+        FROM pair p
+        JOIN cdm.user_window_counters w
+          ON w.user_id = p.user_id AND w.tag = p.tag AND w.category_id = dwh.all_orders_key()
+        WHERE p.kind <> 'favourite_category' AND p.windowed
+        UNION ALL
+        SELECT * FROM (
+            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
+                   h.category_name::text, w.order_cnt, p.threshold
+            FROM pair p
+            JOIN cdm.user_window_counters w ON w.user_id = p.user_id AND w.tag = p.tag
+            JOIN dds.h_category h ON h.h_category_pk = w.category_id
+            WHERE p.kind = 'favourite_category' AND p.windowed
+            ORDER BY p.user_id, p.tag, w.order_cnt DESC, h.category_name COLLATE "C") f
     )
     SELECT c.user_id, c.tag, c.value, c.order_cnt, c.order_cnt >= c.threshold
     FROM counted c;
 $fn$;
 COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
-    'Internal: for these (user, tag) pairs, what each rule counts now (from the marts, or DDS for windowed rules) and whether the tag is held';
+    'Internal: for these (user, tag) pairs, what each rule counts now (from the marts, or cdm.user_window_counters for windowed rules) and whether the tag is held';
 
 -- Make the tags of these (user, tag) pairs what their rules say now:
 -- revoke, grant, move a favourite to another category, keep order_cnt
@@ -2321,16 +2529,19 @@ COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
     'Internal: make the tags of these (user, tag) pairs what their rules say now, writing and notifying an event per grant and revoke; returns the events written';
 
 -- Step 5 of the lock order, after the marts of dishes and categories (see
--- dwh.apply_mart_deltas): the users' CLOSED order counts, then the tags of
--- the (user, rule) pairs whose count may have changed.  With some rule,
--- the rows of every user touched are locked first, in key order: they
--- stand for the users, so that two batches changing orders of one user
--- refresh its tags one after the other, each from what the other
--- committed.
+-- dwh.apply_mart_deltas): the users' CLOSED order counts, then, with some
+-- rule, the windowed counts and the tags of the (user, rule) pairs whose
+-- count may have changed.  With some rule, the rows of every user touched
+-- are locked first, in key order: they stand for the users, so that two
+-- batches changing orders of one user refresh its tags one after the
+-- other, each from what the other committed.  The tag lock is held shared
+-- already when window deltas come (dwh.order_events_changed).
 CREATE FUNCTION dwh.apply_order_deltas_and_tags(order_users uuid[], order_deltas integer[],
                                                 touched uuid[],
                                                 product_users uuid[], products uuid[],
                                                 category_users uuid[], categories uuid[],
+                                                window_users uuid[], window_keys uuid[],
+                                                window_deltas integer[],
                                                 refresh_tags boolean)
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2338,11 +2549,15 @@ AS $fn$
 DECLARE
     tagging boolean;
     zero_users uuid[];
+    zero_tags text[];
+    zero_categories uuid[];
+    window_pair_users uuid[];
+    window_pair_tags text[];
     pair_users uuid[];
     pair_tags text[];
 BEGIN
     IF order_users IS NULL AND touched IS NULL AND products IS NULL
-       AND categories IS NULL THEN
+       AND categories IS NULL AND window_keys IS NULL THEN
         RETURN;
     END IF;
 
@@ -2399,34 +2614,92 @@ BEGIN
         RETURN;
     END IF;
 
+    -- The windowed counts: each key found back among the windowed rules'
+    -- (a favourite's, one per category).  The users' rows are locked.
+    IF window_keys IS NOT NULL THEN
+        WITH window_key AS MATERIALIZED (
+            SELECT r.tag, c.category_id, dwh.tag_window_key(r.tag, c.category_id) AS key
+            FROM dwh.tag_rules r
+            CROSS JOIN LATERAL (SELECT dwh.all_orders_key() AS category_id
+                                WHERE r.kind <> 'favourite_category'
+                                UNION ALL
+                                SELECT h.h_category_pk FROM dds.h_category h
+                                WHERE r.kind = 'favourite_category') c
+            WHERE r.window_days IS NOT NULL
+        ),
+        delta AS MATERIALIZED (
+            SELECT x.user_id, k.tag, k.category_id, sum(x.d)::integer AS d
+            FROM unnest(window_users, window_keys, window_deltas) AS x(user_id, key, d)
+            JOIN window_key k ON k.key = x.key
+            GROUP BY x.user_id, k.tag, k.category_id
+            HAVING sum(x.d) <> 0
+        ),
+        up AS (
+            INSERT INTO cdm.user_window_counters AS m (user_id, tag, category_id, order_cnt)
+            SELECT d.user_id, d.tag, d.category_id, d.d
+            FROM delta d
+            WHERE d.d > 0
+            ORDER BY d.user_id, d.tag, d.category_id
+            ON CONFLICT (user_id, tag, category_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_window_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id AND m.tag = d.tag
+              AND m.category_id = d.category_id
+            RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
+        ),
+        zero AS MATERIALIZED (
+            SELECT z.user_id, z.tag, z.category_id FROM down z WHERE z.order_cnt = 0
+        ),
+        moved AS MATERIALIZED (
+            SELECT DISTINCT d.user_id, d.tag FROM delta d
+        )
+        SELECT (SELECT array_agg(z.user_id) FROM zero z),
+               (SELECT array_agg(z.tag) FROM zero z),
+               (SELECT array_agg(z.category_id) FROM zero z),
+               (SELECT array_agg(m.user_id) FROM moved m),
+               (SELECT array_agg(m.tag) FROM moved m)
+        INTO zero_users, zero_tags, zero_categories, window_pair_users, window_pair_tags;
+
+        IF zero_users IS NOT NULL THEN
+            DELETE FROM cdm.user_window_counters m
+            USING unnest(zero_users, zero_tags, zero_categories) AS z(user_id, tag, category_id)
+            WHERE m.user_id = z.user_id AND m.tag = z.tag AND m.category_id = z.category_id
+              AND m.order_cnt = 0;
+        END IF;
+    END IF;
+
     -- The pairs whose count may have changed: all-time rules by the mart
-    -- keys that moved, windowed ones for every user touched.
+    -- keys that moved, windowed ones by the windowed counts that moved.
     WITH rule AS MATERIALIZED (
-        SELECT r.tag, r.kind, r.window_days IS NOT NULL AS windowed,
+        SELECT r.tag, r.kind,
                dwh.hash_key(r.category_name) AS category_id,
                dwh.hash_key(r.product_id) AS product_id
         FROM dwh.tag_rules r
+        WHERE r.window_days IS NULL
     ),
     pair AS (
         SELECT p.user_id, r.tag
         FROM unnest(product_users, products) AS p(user_id, product_id)
-        JOIN rule r ON r.kind = 'dish' AND NOT r.windowed AND r.product_id = p.product_id
+        JOIN rule r ON r.kind = 'dish' AND r.product_id = p.product_id
         UNION
         SELECT c.user_id, r.tag
         FROM unnest(category_users, categories) AS c(user_id, category_id)
-        JOIN rule r ON r.kind = 'category' AND NOT r.windowed AND r.category_id = c.category_id
+        JOIN rule r ON r.kind = 'category' AND r.category_id = c.category_id
         UNION
         SELECT c.user_id, r.tag
-        FROM unnest(category_users) AS c(user_id)
-        JOIN rule r ON r.kind = 'favourite_category' AND NOT r.windowed
+        FROM (SELECT DISTINCT c.user_id FROM unnest(category_users) AS c(user_id)) c
+        JOIN rule r ON r.kind = 'favourite_category'
         UNION
         SELECT o.user_id, r.tag
         FROM unnest(order_users) AS o(user_id)
-        JOIN rule r ON r.kind = 'all_orders' AND NOT r.windowed
+        JOIN rule r ON r.kind = 'all_orders'
         UNION
-        SELECT t.user_id, r.tag
-        FROM unnest(touched) AS t(user_id)
-        JOIN rule r ON r.windowed
+        SELECT w.user_id, w.tag
+        FROM unnest(window_pair_users, window_pair_tags) AS w(user_id, tag)
     )
     SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
            array_agg(p.tag ORDER BY p.user_id, p.tag)
@@ -2436,13 +2709,14 @@ BEGIN
     PERFORM dwh.refresh_user_tags(pair_users, pair_tags);
 END
 $fn$;
-COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], uuid[], boolean) IS
-    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then refresh the tags they and the dish and category deltas change';
+COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], uuid[], uuid[], uuid[], integer[], boolean) IS
+    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then, with some rule, the windowed count deltas and the tags they and the dish and category deltas change';
 
 -- Every tag of these rules recomputed (a rule written, changed or
--- dropped, or all of them: dwh.rebuild_tags): the pairs of the users that
--- hold the tag, and of those that could: all-time rules from the marts,
--- windowed ones from the orders dated in the window.  The caller holds the
+-- dropped, or all of them: dwh.rebuild_tags): the windowed counts of the
+-- rules recounted from the orders dated in the window, then the pairs of
+-- the users that hold the tag, and of those that could: all-time rules
+-- from the marts, windowed ones from their counts.  The caller holds the
 -- tag lock exclusive.
 CREATE FUNCTION dwh.recompute_rule_tags(rule_tags text[])
     RETURNS integer
@@ -2452,9 +2726,14 @@ DECLARE
     pair_users uuid[];
     pair_tags text[];
 BEGIN
+    DELETE FROM cdm.user_window_counters w WHERE w.tag = ANY (rule_tags);
+    INSERT INTO cdm.user_window_counters (user_id, tag, category_id, order_cnt)
+    SELECT w.user_id, w.tag, w.category_id, w.order_cnt
+    FROM dwh.tag_window_counts(NULL, rule_tags, NULL) w
+    ORDER BY w.user_id, w.tag, w.category_id;
+
     WITH rule AS MATERIALIZED (
         SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
-               r.window_as_of - make_interval(days => r.window_days) AS window_start,
                dwh.hash_key(r.category_name) AS category_id,
                dwh.hash_key(r.product_id) AS product_id
         FROM dwh.tag_rules r
@@ -2483,11 +2762,10 @@ BEGIN
         JOIN cdm.user_category_counters m ON m.order_cnt >= r.threshold
         WHERE r.kind = 'favourite_category' AND NOT r.windowed
         UNION
-        SELECT ou.h_user_pk, r.tag
+        SELECT w.user_id, r.tag
         FROM rule r
-        JOIN dds.h_order o ON o.order_dt >= r.window_start
-        JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
-        WHERE r.windowed
+        JOIN cdm.user_window_counters w ON w.tag = r.tag
+        WHERE r.windowed AND w.order_cnt >= r.threshold
     )
     SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
            array_agg(p.tag ORDER BY p.user_id, p.tag)
@@ -2521,17 +2799,20 @@ $fn$;
 COMMENT ON FUNCTION dwh.rebuild_tags() IS
     'Recompute every user tag from the rules, the marts and DDS (writing the grant and revoke events that makes); returns the events written';
 
--- Windows move on: each windowed rule's window_as_of becomes now (UTC),
--- and the tags held by users with an order dated between the old and the
--- new start of the window are recounted (only they can change: a count
--- that is below its threshold only goes down as time passes, and a
--- favourite needs one).  Meant to run once a minute; see docs/tags.md for
--- what its caller needs.
+-- Windows move on: each windowed rule's window_as_of becomes now (UTC);
+-- the orders dated between the old and the new start of a window leave
+-- its counts (cdm.user_window_counters), and the tags held by their users
+-- are recounted (only they can change: a count that is below its
+-- threshold only goes down as time passes, and a favourite needs one).
+-- Meant to run once a minute; see docs/tags.md for what its caller needs.
 CREATE FUNCTION dwh.expire_tags(OUT rules_moved integer, OUT events integer)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     as_of timestamp;
+    zero_users uuid[];
+    zero_tags text[];
+    zero_categories uuid[];
     pair_users uuid[];
     pair_tags text[];
 BEGIN
@@ -2543,17 +2824,39 @@ BEGIN
     PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
     as_of := now() AT TIME ZONE 'UTC';
 
-    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
-           array_agg(p.tag ORDER BY p.user_id, p.tag)
-    INTO pair_users, pair_tags
-    FROM (SELECT DISTINCT t.user_id, t.tag
-          FROM dwh.tag_rules r
-          JOIN dds.h_order o
-            ON o.order_dt >= r.window_as_of - make_interval(days => r.window_days)
-           AND o.order_dt < as_of - make_interval(days => r.window_days)
-          JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
-          JOIN cdm.user_tags t ON t.user_id = ou.h_user_pk AND t.tag = r.tag
-          WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of) p;
+    -- What leaves the windows, taken away from the counts (the windows as
+    -- they are until the rules move below).
+    WITH leaving AS MATERIALIZED (
+        SELECT * FROM dwh.tag_window_counts(NULL, NULL, as_of)
+    ),
+    down AS (
+        UPDATE cdm.user_window_counters m
+        SET order_cnt = m.order_cnt - l.order_cnt
+        FROM leaving l
+        WHERE m.user_id = l.user_id AND m.tag = l.tag AND m.category_id = l.category_id
+        RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
+    ),
+    zero AS MATERIALIZED (
+        SELECT z.user_id, z.tag, z.category_id FROM down z WHERE z.order_cnt = 0
+    ),
+    pair AS MATERIALIZED (
+        SELECT DISTINCT t.user_id, t.tag
+        FROM leaving l
+        JOIN cdm.user_tags t ON t.user_id = l.user_id AND t.tag = l.tag
+    )
+    SELECT (SELECT array_agg(z.user_id) FROM zero z),
+           (SELECT array_agg(z.tag) FROM zero z),
+           (SELECT array_agg(z.category_id) FROM zero z),
+           (SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag) FROM pair p),
+           (SELECT array_agg(p.tag ORDER BY p.user_id, p.tag) FROM pair p)
+    INTO zero_users, zero_tags, zero_categories, pair_users, pair_tags;
+
+    IF zero_users IS NOT NULL THEN
+        DELETE FROM cdm.user_window_counters m
+        USING unnest(zero_users, zero_tags, zero_categories) AS z(user_id, tag, category_id)
+        WHERE m.user_id = z.user_id AND m.tag = z.tag AND m.category_id = z.category_id
+          AND m.order_cnt = 0;
+    END IF;
 
     UPDATE dwh.tag_rules r
     SET window_as_of = as_of
@@ -2564,7 +2867,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.expire_tags() IS
-    'Move every windowed rule''s window to end now and revoke (or recount) the tags that orders leaving the window change; returns the rules moved and the events written';
+    'Move every windowed rule''s window to end now, take the orders leaving a window out of its counts and revoke (or recount) the tags that changes; returns the rules moved and the events written';
 
 -- Rules are checked row by row before they are written, with messages
 -- that say what to write; the CHECK constraints of the table say the same
@@ -3045,6 +3348,16 @@ AS $fn$
     WHERE e.user_id IS NULL OR a.user_id IS NULL
        OR e.order_cnt <> a.order_cnt OR e.value IS DISTINCT FROM a.value
     UNION ALL
+    -- What windowed rules count: the tag in the name columns, the category
+    -- of a favourite in item_id.
+    SELECT 'user_window_counters', coalesce(e.user_id, a.user_id),
+           nullif(coalesce(e.category_id, a.category_id), dwh.all_orders_key()),
+           e.tag, a.tag, e.order_cnt, a.order_cnt
+    FROM dwh.tag_window_counts(NULL, NULL, NULL) e
+    FULL JOIN cdm.user_window_counters a
+      ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
+    UNION ALL
     -- DDS against what STG implies: the table in mart, the key and values
     -- in the name columns.
     SELECT v.table_name, NULL, NULL,
@@ -3288,10 +3601,13 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps_id_seq', '');
 -- they carry when each was granted, and their events are the feed that
 -- apps have read: both are dumped with the rules, and a restore brings
 -- them back as they were instead of granting them again (docs/tags.md).
+-- The windowed counts are dumped with them: a restore does not maintain
+-- tags, so it brings back the counts that go with the tags it restores.
 SELECT pg_catalog.pg_extension_config_dump('dwh.tag_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_window_counters', '');
 
 -- PUBLIC gets nothing on the new functions and views either.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;
