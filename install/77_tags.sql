@@ -163,67 +163,85 @@ COMMENT ON FUNCTION dwh.is_tag_window_key(uuid) IS
 -- moved_to - window_days), for the rules whose window ends before.
 CREATE FUNCTION dwh.tag_window_counts(orders uuid[], rule_tags text[], moved_to timestamp)
     RETURNS TABLE (user_id uuid, tag text, category_id uuid, order_cnt integer)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH rule AS MATERIALIZED (
-        SELECT r.tag, r.kind,
-               r.window_as_of - make_interval(days => r.window_days) AS window_start,
-               moved_to - make_interval(days => r.window_days) AS window_end,
-               dwh.hash_key(r.category_name) AS category_id,
-               dwh.hash_key(r.product_id) AS product_id
-        FROM dwh.tag_rules r
-        WHERE r.window_days IS NOT NULL
-          AND (rule_tags IS NULL OR r.tag = ANY (rule_tags))
-          AND (moved_to IS NULL OR r.window_as_of < moved_to)
-    ),
-    span AS MATERIALIZED (
-        SELECT min(r.window_start) AS lo, max(r.window_end) AS hi FROM rule r
-    ),
-    closed AS MATERIALIZED (
-        SELECT ou.h_user_pk AS user_id, o.h_order_pk, o.order_dt
-        FROM (SELECT h.h_order_pk, h.order_dt
-              FROM dds.h_order h
-              WHERE orders IS NOT NULL AND h.h_order_pk = ANY (orders)
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        WITH rule AS MATERIALIZED (
+            SELECT r.tag, r.kind,
+                   r.window_as_of - make_interval(days => r.window_days) AS window_start,
+                   moved_to - make_interval(days => r.window_days) AS window_end,
+                   dwh.hash_key(r.category_name) AS category_id,
+                   dwh.hash_key(r.product_id) AS product_id
+            FROM dwh.tag_rules r
+            WHERE r.window_days IS NOT NULL
+              AND (rule_tags IS NULL OR r.tag = ANY (rule_tags))
+              AND (moved_to IS NULL OR r.window_as_of < moved_to)
+        ),
+        span AS MATERIALIZED (
+            SELECT min(r.window_start) AS lo, max(r.window_end) AS hi FROM rule r
+        ),
+        -- The given orders by key (not a scan of the window filtered by
+        -- them), or every order dated in a window.
+        given AS MATERIALIZED (
+            SELECT h.h_order_pk, h.order_dt
+            FROM (SELECT DISTINCT x.pk FROM unnest(orders) AS x(pk)) x
+            JOIN dds.h_order h ON h.h_order_pk = x.pk
+        ),
+        closed AS MATERIALIZED (
+            SELECT ou.h_user_pk AS user_id, o.h_order_pk, o.order_dt
+            FROM (SELECT g.h_order_pk, g.order_dt
+                  FROM given g, span s
+                  WHERE orders IS NOT NULL AND g.order_dt >= s.lo
+                  UNION ALL
+                  SELECT h.h_order_pk, h.order_dt
+                  FROM span s JOIN dds.h_order h
+                    ON h.order_dt >= s.lo AND (s.hi IS NULL OR h.order_dt < s.hi)
+                  WHERE orders IS NULL) o
+            JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
+            WHERE (SELECT s.status FROM dds.s_order_status s
+                   WHERE s.h_order_pk = o.h_order_pk
+                   ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+        ),
+        item AS MATERIALIZED (
+            SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
+            FROM closed c
+            JOIN dds.l_order_product op ON op.h_order_pk = c.h_order_pk
+            LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
+            WHERE EXISTS (SELECT FROM rule r WHERE r.kind <> 'all_orders')
+        )
+        SELECT c.user_id, r.tag, dwh.all_orders_key(), count(*)::integer
+        FROM rule r
+        JOIN closed c ON c.order_dt >= r.window_start
+                     AND (r.window_end IS NULL OR c.order_dt < r.window_end)
+        WHERE r.kind = 'all_orders'
+        GROUP BY c.user_id, r.tag
+        UNION ALL
+        SELECT k.user_id, k.tag, dwh.all_orders_key(), count(DISTINCT k.h_order_pk)::integer
+        FROM (SELECT i.user_id, r.tag, i.h_order_pk
+              FROM rule r
+              JOIN item i ON i.h_product_pk = r.product_id
+                         AND i.order_dt >= r.window_start
+                         AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+              WHERE r.kind = 'dish'
               UNION ALL
-              SELECT h.h_order_pk, h.order_dt
-              FROM span s JOIN dds.h_order h
-                ON h.order_dt >= s.lo AND (s.hi IS NULL OR h.order_dt < s.hi)
-              WHERE orders IS NULL) o
-        JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
-        WHERE o.order_dt >= (SELECT s.lo FROM span s)
-          AND (SELECT s.status FROM dds.s_order_status s
-               WHERE s.h_order_pk = o.h_order_pk
-               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
-    ),
-    item AS MATERIALIZED (
-        SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
-        FROM closed c
-        JOIN dds.l_order_product op ON op.h_order_pk = c.h_order_pk
-        LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
-        WHERE EXISTS (SELECT FROM rule r WHERE r.kind <> 'all_orders')
-    )
-    SELECT c.user_id, r.tag, dwh.all_orders_key(), count(*)::integer
-    FROM rule r
-    JOIN closed c ON c.order_dt >= r.window_start
-                 AND (r.window_end IS NULL OR c.order_dt < r.window_end)
-    WHERE r.kind = 'all_orders'
-    GROUP BY c.user_id, r.tag
-    UNION ALL
-    SELECT i.user_id, r.tag, dwh.all_orders_key(), count(DISTINCT i.h_order_pk)::integer
-    FROM rule r
-    JOIN item i ON i.order_dt >= r.window_start
-               AND (r.window_end IS NULL OR i.order_dt < r.window_end)
-               AND ((r.kind = 'dish' AND i.h_product_pk = r.product_id)
-                    OR (r.kind = 'category' AND i.h_category_pk = r.category_id))
-    GROUP BY i.user_id, r.tag
-    UNION ALL
-    SELECT i.user_id, r.tag, i.h_category_pk, count(DISTINCT i.h_order_pk)::integer
-    FROM rule r
-    JOIN item i ON i.order_dt >= r.window_start
-               AND (r.window_end IS NULL OR i.order_dt < r.window_end)
-               AND i.h_category_pk IS NOT NULL
-    WHERE r.kind = 'favourite_category'
-    GROUP BY i.user_id, r.tag, i.h_category_pk;
+              SELECT i.user_id, r.tag, i.h_order_pk
+              FROM rule r
+              JOIN item i ON i.h_category_pk = r.category_id
+                         AND i.order_dt >= r.window_start
+                         AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+              WHERE r.kind = 'category') k
+        GROUP BY k.user_id, k.tag
+        UNION ALL
+        SELECT i.user_id, r.tag, i.h_category_pk, count(DISTINCT i.h_order_pk)::integer
+        FROM rule r
+        JOIN item i ON i.order_dt >= r.window_start
+                   AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+                   AND i.h_category_pk IS NOT NULL
+        WHERE r.kind = 'favourite_category'
+        GROUP BY i.user_id, r.tag, i.h_category_pk;
+END
 $fn$;
 COMMENT ON FUNCTION dwh.tag_window_counts(uuid[], text[], timestamp) IS
     'Internal: what orders count for windowed tag rules per (user, rule, category), from DDS: the given orders or every order in a window, or with moved_to those leaving the windows';
@@ -236,10 +254,12 @@ CREATE FUNCTION dwh.tag_window_deltas(orders uuid[],
                                       before_users uuid[], before_tags text[],
                                       before_categories uuid[], before_counts integer[],
                                       OUT users uuid[], OUT keys uuid[], OUT deltas integer[])
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     SELECT array_agg(x.user_id), array_agg(dwh.tag_window_key(x.tag, x.category_id)),
            array_agg(x.d)
+    INTO users, keys, deltas
     FROM (SELECT c.user_id, c.tag, c.category_id, sum(c.n)::integer AS d
           FROM (SELECT w.user_id, w.tag, w.category_id, w.order_cnt AS n
                 FROM dwh.tag_window_counts(orders, NULL, NULL) w
@@ -249,6 +269,7 @@ AS $fn$
                      AS b(user_id, tag, category_id, n)) c
           GROUP BY c.user_id, c.tag, c.category_id
           HAVING sum(c.n) <> 0) x;
+END
 $fn$;
 COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], integer[]) IS
     'Internal: the deltas of cdm.user_window_counters that a change of these orders makes, as category mart deltas under dwh.tag_window_key()';
@@ -259,62 +280,66 @@ COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], intege
 -- Each rule's keys are computed once, not per pair.
 CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
     RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH rule AS MATERIALIZED (
-        SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
-               dwh.hash_key(r.category_name) AS category_id,
-               dwh.hash_key(r.product_id) AS product_id
-        FROM dwh.tag_rules r
-    ),
-    pair AS MATERIALIZED (
-        SELECT p.user_id, r.tag, r.kind, r.threshold, r.windowed, r.category_id, r.product_id
-        FROM (SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)) p
-        JOIN rule r ON r.tag = p.tag
-    ),
-    counted AS (
-        SELECT p.user_id, p.tag, NULL::text AS value, m.order_cnt, p.threshold
-        FROM pair p
-        JOIN cdm.user_category_counters m
-          ON m.user_id = p.user_id AND m.category_id = p.category_id
-        WHERE p.kind = 'category' AND NOT p.windowed
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
-        FROM pair p
-        JOIN cdm.user_product_counters m
-          ON m.user_id = p.user_id AND m.product_id = p.product_id
-        WHERE p.kind = 'dish' AND NOT p.windowed
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
-        FROM pair p
-        JOIN cdm.user_order_counters m ON m.user_id = p.user_id
-        WHERE p.kind = 'all_orders' AND NOT p.windowed
-        UNION ALL
-        SELECT * FROM (
-            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
-                   m.category_name::text, m.order_cnt, p.threshold
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        WITH rule AS MATERIALIZED (
+            SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
+                   dwh.hash_key(r.category_name) AS category_id,
+                   dwh.hash_key(r.product_id) AS product_id
+            FROM dwh.tag_rules r
+        ),
+        pair AS MATERIALIZED (
+            SELECT p.user_id, r.tag, r.kind, r.threshold, r.windowed, r.category_id, r.product_id
+            FROM (SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)) p
+            JOIN rule r ON r.tag = p.tag
+        ),
+        counted AS (
+            SELECT p.user_id, p.tag, NULL::text AS value, m.order_cnt, p.threshold
             FROM pair p
-            JOIN cdm.user_category_counters m ON m.user_id = p.user_id
-            WHERE p.kind = 'favourite_category' AND NOT p.windowed
-            ORDER BY p.user_id, p.tag, m.order_cnt DESC, m.category_name COLLATE "C") f
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, w.order_cnt, p.threshold
-        FROM pair p
-        JOIN cdm.user_window_counters w
-          ON w.user_id = p.user_id AND w.tag = p.tag AND w.category_id = dwh.all_orders_key()
-        WHERE p.kind <> 'favourite_category' AND p.windowed
-        UNION ALL
-        SELECT * FROM (
-            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
-                   h.category_name::text, w.order_cnt, p.threshold
+            JOIN cdm.user_category_counters m
+              ON m.user_id = p.user_id AND m.category_id = p.category_id
+            WHERE p.kind = 'category' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
             FROM pair p
-            JOIN cdm.user_window_counters w ON w.user_id = p.user_id AND w.tag = p.tag
-            JOIN dds.h_category h ON h.h_category_pk = w.category_id
-            WHERE p.kind = 'favourite_category' AND p.windowed
-            ORDER BY p.user_id, p.tag, w.order_cnt DESC, h.category_name COLLATE "C") f
-    )
-    SELECT c.user_id, c.tag, c.value, c.order_cnt, c.order_cnt >= c.threshold
-    FROM counted c;
+            JOIN cdm.user_product_counters m
+              ON m.user_id = p.user_id AND m.product_id = p.product_id
+            WHERE p.kind = 'dish' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
+            FROM pair p
+            JOIN cdm.user_order_counters m ON m.user_id = p.user_id
+            WHERE p.kind = 'all_orders' AND NOT p.windowed
+            UNION ALL
+            SELECT * FROM (
+                SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
+                       m.category_name::text, m.order_cnt, p.threshold
+                FROM pair p
+                JOIN cdm.user_category_counters m ON m.user_id = p.user_id
+                WHERE p.kind = 'favourite_category' AND NOT p.windowed
+                ORDER BY p.user_id, p.tag, m.order_cnt DESC, m.category_name COLLATE "C") f
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, w.order_cnt, p.threshold
+            FROM pair p
+            JOIN cdm.user_window_counters w
+              ON w.user_id = p.user_id AND w.tag = p.tag AND w.category_id = dwh.all_orders_key()
+            WHERE p.kind <> 'favourite_category' AND p.windowed
+            UNION ALL
+            SELECT * FROM (
+                SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
+                       h.category_name::text, w.order_cnt, p.threshold
+                FROM pair p
+                JOIN cdm.user_window_counters w ON w.user_id = p.user_id AND w.tag = p.tag
+                JOIN dds.h_category h ON h.h_category_pk = w.category_id
+                WHERE p.kind = 'favourite_category' AND p.windowed
+                ORDER BY p.user_id, p.tag, w.order_cnt DESC, h.category_name COLLATE "C") f
+        )
+        SELECT c.user_id, c.tag, c.value, c.order_cnt, c.order_cnt >= c.threshold
+        FROM counted c;
+END
 $fn$;
 COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
     'Internal: for these (user, tag) pairs, what each rule counts now (from the marts, or cdm.user_window_counters for windowed rules) and whether the tag is held';
