@@ -193,9 +193,11 @@ EOF
 # once the dictionaries are in DDS: categories and dishes (taken in name
 # and id order from the menus), all orders, the favourite category, and
 # five in twenty with a window of 30 days (the order dates of the
-# benchmarks end about now, so that a window holds orders).  The pattern
+# benchmarks end about now, so that a window holds orders); with
+# BENCH_TAG_WINDOWS=0 those five count all of time instead.  The pattern
 # repeats every 20 rules, thresholds raised.  Prints the rules written.
 TAG_RULES=${BENCH_TAG_RULES:-0}
+TAG_WINDOWS=${BENCH_TAG_WINDOWS:-1}
 bench_tag_rules()
 {
 	[ "$TAG_RULES" -gt 0 ] || { echo 0; return; }
@@ -203,7 +205,7 @@ bench_tag_rules()
 	   SELECT format('bench %s: %s', i, p.kind), p.kind,
 	          CASE WHEN p.kind = 'category' THEN c.names[1 + i % cardinality(c.names)] END,
 	          CASE WHEN p.kind = 'dish' THEN d.ids[1 + i % cardinality(d.ids)] END,
-	          p.threshold * (1 + i / 20), p.window_days
+	          p.threshold * (1 + i / 20), CASE WHEN $TAG_WINDOWS = 1 THEN p.window_days END
 	   FROM generate_series(0, $TAG_RULES - 1) i
 	   JOIN (VALUES (0, 'category', 10, NULL::integer), (1, 'dish', 5, NULL), (2, 'all_orders', 50, NULL),
 	                (3, 'favourite_category', 1, NULL), (4, 'category', 5, 30),
