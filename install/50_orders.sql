@@ -381,6 +381,7 @@ DECLARE
     named record;
     d record;
     windows boolean;
+    recount_windows boolean := false;
     orders uuid[];
     before_users uuid[];
     before_tags text[];
@@ -415,9 +416,9 @@ BEGIN
     IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
                                         JOIN dds.h_order h ON h.order_id = c.object_id) THEN
         d := dwh.load_new_orders(object_ids, versions, payloads, windows);
-        windows := false;
     ELSE
-        IF windows THEN
+        recount_windows := windows;
+        IF recount_windows THEN
             orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
             SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
                    array_agg(b.order_cnt)
@@ -442,7 +443,7 @@ BEGIN
     category_users := d.category_users;
     categories := d.categories;
     category_deltas := d.category_deltas;
-    IF windows THEN
+    IF recount_windows THEN
         w := dwh.tag_window_deltas(orders, before_users, before_tags,
                                    before_categories, before_counts);
         IF w.keys IS NOT NULL THEN
