@@ -2307,14 +2307,13 @@ COMMENT ON COLUMN cdm.user_window_counters.order_cnt IS 'The user''s CLOSED orde
 -- deltas (install/30_cdm.sql), under a key per (rule, category) that no
 -- category can have: a category key is a UUID version 5, these are
 -- ffffffff-ffff-0xxx-xxxx-xxxxxxxxxxxx, the rest from an MD5 of the rule's
--- tag and the category.  The tag step finds the rule and category back by
--- computing the keys of the windowed rules.
+-- tag and the category (one expression, so that the planner inlines it).
+-- The tag step finds the rule and category back by computing the keys of
+-- the windowed rules.
 CREATE FUNCTION dwh.tag_window_key(tag text, category_id uuid) RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT ('ffffffff-ffff-0' || pg_catalog.substr(h, 1, 3) || '-'
-            || pg_catalog.substr(h, 4, 4) || '-' || pg_catalog.substr(h, 8, 12))::uuid
-    FROM pg_catalog.md5($1 || '/' || $2::text) AS h
+    SELECT ('ffffffffffff0' || pg_catalog.substr(pg_catalog.md5($1 || '/' || $2::text), 1, 19))::uuid
 $fn$;
 COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
     'Internal: the key that carries the deltas of cdm.user_window_counters for this rule and category among the category mart deltas';
@@ -2449,8 +2448,10 @@ COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], intege
 
 -- What each (user, tag) pair counts now, and whether the tag is held:
 -- all-time rules from the marts, windowed ones from
--- cdm.user_window_counters.  Pairs of tags without a rule are left out.
--- Each rule's keys are computed once, not per pair.
+-- cdm.user_window_counters; a pair whose tag has no rule counts nothing.
+-- One row per pair, each read by key (one index probe per pair, whatever
+-- the planner believes of the tables' sizes); each rule's keys are
+-- computed once, not per pair.
 CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
     RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2465,57 +2466,51 @@ BEGIN
             FROM dwh.tag_rules r
         ),
         pair AS MATERIALIZED (
-            SELECT p.user_id, r.tag, r.kind, r.threshold, r.windowed, r.category_id, r.product_id
-            FROM (SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)) p
-            JOIN rule r ON r.tag = p.tag
-        ),
-        counted AS (
-            SELECT p.user_id, p.tag, NULL::text AS value, m.order_cnt, p.threshold
-            FROM pair p
-            JOIN cdm.user_category_counters m
-              ON m.user_id = p.user_id AND m.category_id = p.category_id
-            WHERE p.kind = 'category' AND NOT p.windowed
-            UNION ALL
-            SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
-            FROM pair p
-            JOIN cdm.user_product_counters m
-              ON m.user_id = p.user_id AND m.product_id = p.product_id
-            WHERE p.kind = 'dish' AND NOT p.windowed
-            UNION ALL
-            SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
-            FROM pair p
-            JOIN cdm.user_order_counters m ON m.user_id = p.user_id
-            WHERE p.kind = 'all_orders' AND NOT p.windowed
-            UNION ALL
-            SELECT * FROM (
-                SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
-                       m.category_name::text, m.order_cnt, p.threshold
-                FROM pair p
-                JOIN cdm.user_category_counters m ON m.user_id = p.user_id
-                WHERE p.kind = 'favourite_category' AND NOT p.windowed
-                ORDER BY p.user_id, p.tag, m.order_cnt DESC, m.category_name COLLATE "C") f
-            UNION ALL
-            SELECT p.user_id, p.tag, NULL, w.order_cnt, p.threshold
-            FROM pair p
-            JOIN cdm.user_window_counters w
-              ON w.user_id = p.user_id AND w.tag = p.tag AND w.category_id = dwh.all_orders_key()
-            WHERE p.kind <> 'favourite_category' AND p.windowed
-            UNION ALL
-            SELECT * FROM (
-                SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag,
-                       h.category_name::text, w.order_cnt, p.threshold
-                FROM pair p
-                JOIN cdm.user_window_counters w ON w.user_id = p.user_id AND w.tag = p.tag
-                JOIN dds.h_category h ON h.h_category_pk = w.category_id
-                WHERE p.kind = 'favourite_category' AND p.windowed
-                ORDER BY p.user_id, p.tag, w.order_cnt DESC, h.category_name COLLATE "C") f
+            SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)
         )
-        SELECT c.user_id, c.tag, c.value, c.order_cnt, c.order_cnt >= c.threshold
-        FROM counted c;
+        SELECT p.user_id, p.tag, c.value, coalesce(c.order_cnt, 0),
+               coalesce(c.order_cnt >= r.threshold, false)
+        FROM pair p
+        LEFT JOIN rule r ON r.tag = p.tag
+        LEFT JOIN LATERAL (
+            SELECT NULL::text AS value, m.order_cnt
+            FROM cdm.user_category_counters m
+            WHERE r.kind = 'category' AND NOT r.windowed
+              AND m.user_id = p.user_id AND m.category_id = r.category_id
+            UNION ALL
+            SELECT NULL, m.order_cnt
+            FROM cdm.user_product_counters m
+            WHERE r.kind = 'dish' AND NOT r.windowed
+              AND m.user_id = p.user_id AND m.product_id = r.product_id
+            UNION ALL
+            SELECT NULL, m.order_cnt
+            FROM cdm.user_order_counters m
+            WHERE r.kind = 'all_orders' AND NOT r.windowed AND m.user_id = p.user_id
+            UNION ALL
+            (SELECT m.category_name::text, m.order_cnt
+             FROM cdm.user_category_counters m
+             WHERE r.kind = 'favourite_category' AND NOT r.windowed AND m.user_id = p.user_id
+             ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
+             LIMIT 1)
+            UNION ALL
+            SELECT NULL, w.order_cnt
+            FROM cdm.user_window_counters w
+            WHERE r.kind <> 'favourite_category' AND r.windowed
+              AND w.user_id = p.user_id AND w.tag = p.tag
+              AND w.category_id = dwh.all_orders_key()
+            UNION ALL
+            (SELECT h.category_name::text, w.order_cnt
+             FROM cdm.user_window_counters w
+             JOIN dds.h_category h ON h.h_category_pk = w.category_id
+             WHERE r.kind = 'favourite_category' AND r.windowed
+               AND w.user_id = p.user_id AND w.tag = p.tag
+             ORDER BY w.order_cnt DESC, h.category_name COLLATE "C"
+             LIMIT 1)
+        ) c ON true;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
-    'Internal: for these (user, tag) pairs, what each rule counts now (from the marts, or cdm.user_window_counters for windowed rules) and whether the tag is held';
+    'Internal: for each of these (user, tag) pairs, what its rule counts now (from the marts, or cdm.user_window_counters for windowed rules) and whether the tag is held';
 
 -- Make the tags of these (user, tag) pairs what their rules say now:
 -- revoke, grant, move a favourite to another category, keep order_cnt
@@ -2534,25 +2529,18 @@ BEGIN
         RETURN 0;
     END IF;
 
-    WITH pair AS MATERIALIZED (
-        SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)
-    ),
-    due AS MATERIALIZED (
+    -- What each pair counts now against the tag it holds (read by key).
+    WITH due AS MATERIALIZED (
         SELECT * FROM dwh.tags_due(users, tags)
     ),
-    held AS MATERIALIZED (
-        SELECT t.user_id, t.tag, t.value, t.order_cnt
-        FROM cdm.user_tags t
-        JOIN pair p ON p.user_id = t.user_id AND p.tag = t.tag
-    ),
     change AS MATERIALIZED (
-        SELECT p.user_id, p.tag, h.value AS old_value, d.value AS new_value,
-               coalesce(d.order_cnt, 0) AS new_cnt,
-               h.user_id IS NOT NULL AS was_held, coalesce(d.held, false) AS is_held
-        FROM pair p
-        LEFT JOIN held h ON h.user_id = p.user_id AND h.tag = p.tag
-        LEFT JOIN due d ON d.user_id = p.user_id AND d.tag = p.tag
-        WHERE (h.user_id IS NOT NULL) <> coalesce(d.held, false)
+        SELECT d.user_id, d.tag, h.value AS old_value, d.value AS new_value,
+               d.order_cnt AS new_cnt, h.user_id IS NOT NULL AS was_held, d.held AS is_held
+        FROM due d
+        LEFT JOIN LATERAL (SELECT t.user_id, t.value, t.order_cnt
+                           FROM cdm.user_tags t
+                           WHERE t.user_id = d.user_id AND t.tag = d.tag) h ON true
+        WHERE (h.user_id IS NOT NULL) <> d.held
            OR (h.user_id IS NOT NULL
                AND (h.value IS DISTINCT FROM d.value OR h.order_cnt <> d.order_cnt))
     ),
