@@ -2361,6 +2361,9 @@ BEGIN
             FROM (SELECT DISTINCT x.pk FROM unnest(orders) AS x(pk)) x
             JOIN dds.h_order h ON h.h_order_pk = x.pk
         ),
+        -- Each order's user and dishes by key (OFFSET 0: never a merge
+        -- join over a whole link table, which a generic plan's estimate
+        -- of the orders chose).
         closed AS MATERIALIZED (
             SELECT ou.h_user_pk AS user_id, o.h_order_pk, o.order_dt
             FROM (SELECT g.h_order_pk, g.order_dt
@@ -2371,7 +2374,8 @@ BEGIN
                   FROM span s JOIN dds.h_order h
                     ON h.order_dt >= s.lo AND (s.hi IS NULL OR h.order_dt < s.hi)
                   WHERE orders IS NULL) o
-            JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
+            CROSS JOIN LATERAL (SELECT l.h_user_pk FROM dds.l_order_user l
+                                WHERE l.h_order_pk = o.h_order_pk OFFSET 0) ou
             WHERE (SELECT s.status FROM dds.s_order_status s
                    WHERE s.h_order_pk = o.h_order_pk
                    ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
@@ -2379,7 +2383,8 @@ BEGIN
         item AS MATERIALIZED (
             SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
             FROM closed c
-            JOIN dds.l_order_product op ON op.h_order_pk = c.h_order_pk
+            CROSS JOIN LATERAL (SELECT l.h_product_pk FROM dds.l_order_product l
+                                WHERE l.h_order_pk = c.h_order_pk OFFSET 0) op
             LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
             WHERE EXISTS (SELECT FROM rule r WHERE r.kind <> 'all_orders')
         )
@@ -2449,9 +2454,9 @@ COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], intege
 -- What each (user, tag) pair counts now, and whether the tag is held:
 -- all-time rules from the marts, windowed ones from
 -- cdm.user_window_counters; a pair whose tag has no rule counts nothing.
--- One row per pair, each read by key (one index probe per pair, whatever
--- the planner believes of the tables' sizes); each rule's keys are
--- computed once, not per pair.
+-- One row per pair, each count read by key (OFFSET 0: one index probe per
+-- pair, whatever the planner believes of the tables' sizes, which a batch
+-- never analyzes); each rule's keys are computed once, not per pair.
 CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
     RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2466,47 +2471,66 @@ BEGIN
             FROM dwh.tag_rules r
         ),
         pair AS MATERIALIZED (
-            SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)
+            SELECT p.user_id, p.tag, r.kind, r.windowed, r.threshold, r.category_id, r.product_id
+            FROM (SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)) p
+            LEFT JOIN rule r ON r.tag = p.tag
+        ),
+        counted AS (
+            SELECT p.user_id, p.tag, NULL::text AS value, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT m.order_cnt FROM cdm.user_category_counters m
+                               WHERE m.user_id = p.user_id AND m.category_id = p.category_id
+                               OFFSET 0) c ON true
+            WHERE p.kind = 'category' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT m.order_cnt FROM cdm.user_product_counters m
+                               WHERE m.user_id = p.user_id AND m.product_id = p.product_id
+                               OFFSET 0) c ON true
+            WHERE p.kind = 'dish' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT m.order_cnt FROM cdm.user_order_counters m
+                               WHERE m.user_id = p.user_id
+                               OFFSET 0) c ON true
+            WHERE p.kind = 'all_orders' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, c.category_name, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT m.category_name::text AS category_name, m.order_cnt
+                               FROM cdm.user_category_counters m
+                               WHERE m.user_id = p.user_id
+                               ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
+                               LIMIT 1) c ON true
+            WHERE p.kind = 'favourite_category' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT w.order_cnt FROM cdm.user_window_counters w
+                               WHERE w.user_id = p.user_id AND w.tag = p.tag
+                                 AND w.category_id = dwh.all_orders_key()
+                               OFFSET 0) c ON true
+            WHERE p.kind <> 'favourite_category' AND p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, c.category_name, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT h.category_name::text AS category_name, w.order_cnt
+                               FROM cdm.user_window_counters w
+                               JOIN dds.h_category h ON h.h_category_pk = w.category_id
+                               WHERE w.user_id = p.user_id AND w.tag = p.tag
+                               ORDER BY w.order_cnt DESC, h.category_name COLLATE "C"
+                               LIMIT 1) c ON true
+            WHERE p.kind = 'favourite_category' AND p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, NULL, NULL
+            FROM pair p
+            WHERE p.kind IS NULL
         )
-        SELECT p.user_id, p.tag, c.value, coalesce(c.order_cnt, 0),
-               coalesce(c.order_cnt >= r.threshold, false)
-        FROM pair p
-        LEFT JOIN rule r ON r.tag = p.tag
-        LEFT JOIN LATERAL (
-            SELECT NULL::text AS value, m.order_cnt
-            FROM cdm.user_category_counters m
-            WHERE r.kind = 'category' AND NOT r.windowed
-              AND m.user_id = p.user_id AND m.category_id = r.category_id
-            UNION ALL
-            SELECT NULL, m.order_cnt
-            FROM cdm.user_product_counters m
-            WHERE r.kind = 'dish' AND NOT r.windowed
-              AND m.user_id = p.user_id AND m.product_id = r.product_id
-            UNION ALL
-            SELECT NULL, m.order_cnt
-            FROM cdm.user_order_counters m
-            WHERE r.kind = 'all_orders' AND NOT r.windowed AND m.user_id = p.user_id
-            UNION ALL
-            (SELECT m.category_name::text, m.order_cnt
-             FROM cdm.user_category_counters m
-             WHERE r.kind = 'favourite_category' AND NOT r.windowed AND m.user_id = p.user_id
-             ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
-             LIMIT 1)
-            UNION ALL
-            SELECT NULL, w.order_cnt
-            FROM cdm.user_window_counters w
-            WHERE r.kind <> 'favourite_category' AND r.windowed
-              AND w.user_id = p.user_id AND w.tag = p.tag
-              AND w.category_id = dwh.all_orders_key()
-            UNION ALL
-            (SELECT h.category_name::text, w.order_cnt
-             FROM cdm.user_window_counters w
-             JOIN dds.h_category h ON h.h_category_pk = w.category_id
-             WHERE r.kind = 'favourite_category' AND r.windowed
-               AND w.user_id = p.user_id AND w.tag = p.tag
-             ORDER BY w.order_cnt DESC, h.category_name COLLATE "C"
-             LIMIT 1)
-        ) c ON true;
+        SELECT c.user_id, c.tag, c.value, coalesce(c.order_cnt, 0),
+               coalesce(c.order_cnt >= c.threshold, false)
+        FROM counted c;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
