@@ -25,14 +25,12 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 
 #include "dwh_status.h"
@@ -79,8 +77,10 @@ connect_spi(void)
 
 /*
  * dwh_tag_feed_tables_present
- *		Are extension dwh and the outbox there?  The catalog lookups run in
- *		a transaction of their own.
+ *		Is extension dwh there?  Its tag tables are new in 1.1: an older
+ *		schema lacks them, and the version check that follows says so
+ *		(rather than "not created").  The catalog lookup runs in a
+ *		transaction of its own.
  */
 bool
 dwh_tag_feed_tables_present(void)
@@ -88,9 +88,7 @@ dwh_tag_feed_tables_present(void)
 	bool		installed;
 
 	StartTransactionCommand();
-	installed = OidIsValid(get_extension_oid("dwh", true)) &&
-		OidIsValid(get_relname_relid("tag_outbox",
-									 get_namespace_oid("dwh", true)));
+	installed = OidIsValid(get_extension_oid("dwh", true));
 	CommitTransactionCommand();
 	return installed;
 }
