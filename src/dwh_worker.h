@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_worker.h
- *	  What the Kafka and Redis background workers share: registration,
+ *	  What the Kafka, Redis and tags background workers share: registration,
  *	  start-up and connection, latch waits, states logged once, reload,
  *	  readiness and error recovery.
  *
