@@ -10,8 +10,6 @@ OBJS = \
 	src/dwh_uuid.o \
 	src/dwh_version.o \
 	src/dwh_timestamp.o \
-	src/dwh_json_syntax.o \
-	src/dwh_jsonb_build.o \
 	src/dwh_message.o \
 	src/dwh_spi.o \
 	src/dwh_stg_guard.o \
@@ -36,7 +34,7 @@ OBJS = \
 	src/dwh_redis_store.o \
 	src/dwh_redis_worker.o
 
-SHLIB_LINK = -ljansson -lrdkafka -lhiredis
+SHLIB_LINK = -lrdkafka -lhiredis
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \
 	-Wno-missing-field-initializers -DDWH_EXTVERSION='"$(EXTVERSION)"'
 
