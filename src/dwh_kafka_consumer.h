@@ -16,8 +16,8 @@ typedef enum DwhKafkaEventKind
 	DWH_KAFKA_MESSAGE,
 	DWH_KAFKA_ASSIGN,			/* partitions given: look up their offsets */
 	DWH_KAFKA_REVOKE,			/* partitions taken away */
-	DWH_KAFKA_OUT_OF_RANGE,		/* the broker no longer holds a position:
-								 * the partition is not fetched until it is
+	DWH_KAFKA_OUT_OF_RANGE,		/* the broker no longer holds a position: the
+								 * partition is not fetched until it is
 								 * reassigned */
 	DWH_KAFKA_ERROR,			/* librdkafka retries by itself */
 	DWH_KAFKA_FATAL				/* the consumer must be recreated */

@@ -84,6 +84,7 @@ static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
 static TimestampTz last_recovery_probe = 0;
 static MemoryContext loop_context = NULL;
+
 /* dwh.status says "waiting for the broker" (librdkafka said all are down). */
 static bool waiting_for_broker = false;
 
