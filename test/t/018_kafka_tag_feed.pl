@@ -30,7 +30,7 @@ use lib $FindBin::RealBin;
 use DwhTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(usleep);
+use Time::HiRes qw(time usleep);
 
 my $password = 'Tag-Feed-Secret-7';
 $ENV{DWH_KAFKA_SASL_USER} = 'dwh';
@@ -154,6 +154,18 @@ my $pending = psql('SELECT count(*) FROM dwh.tag_outbox');
 ok($pending > 0, "phase 3: $pending events wait in the outbox");
 like(slurp_file($node->logfile), qr/LOG:  could not produce user tag events to Kafka\n.*DETAIL:  /,
 	'the failure is logged, the library text as detail');
+
+# SIGTERM with the broker down and events in flight: the worker exits at
+# once (the purge drops them; they stay in the outbox for the next one).
+my $termed = psql(q{SELECT pid FROM dwh.status WHERE worker = 'tags'});
+my $term_at = time();
+psql("SELECT pg_terminate_backend($termed)");
+ok(wait_for($node, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $termed)", 15),
+	'phase 3: the tags worker stops on SIGTERM with the broker down');
+cmp_ok(time() - $term_at, '<', 5, 'phase 3: SIGTERM honoured within a few seconds');
+ok(wait_for($node,
+		"SELECT pid IS NOT NULL AND pid <> $termed FROM dwh.status WHERE worker = 'tags'"),
+	'phase 3: a new tags worker takes over');
 
 # The outbox locked against the worker's delete: once the broker is back
 # it produces the batch, is acknowledged, and waits for the lock.
