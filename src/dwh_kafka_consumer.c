@@ -807,7 +807,7 @@ dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
 	int64		hi = RD_KAFKA_OFFSET_END;
 	rd_kafka_resp_err_t err;
 
-	err = query_one_watermark(c, partition, &lo, timeout_ms / 2);
+	err = query_one_watermark(c, partition, &lo, timeout_ms * 2 / 3);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
@@ -826,6 +826,22 @@ dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
 	*low = lo;
 	*high = hi;
 	return true;
+}
+
+/*
+ * dwh_kafka_consumer_leader_answers
+ *		Does the partition's leader answer (its next offset) within
+ *		timeout_ms?  One request, with the deadline that
+ *		dwh_kafka_consumer_query_watermarks explains.
+ */
+bool
+dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
+								  int timeout_ms)
+{
+	int64		high = RD_KAFKA_OFFSET_END;
+
+	return query_one_watermark(c, partition, &high, timeout_ms) ==
+		RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
 /*

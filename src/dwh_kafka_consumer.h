@@ -66,6 +66,8 @@ extern bool dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *consumer,
 												int64 *low, int64 *high,
 												int timeout_ms, char *error,
 												size_t error_size);
+extern bool dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
+											  int timeout_ms);
 extern void dwh_kafka_consumer_revoke(DwhKafkaConsumer *consumer);
 extern void dwh_kafka_consumer_seek(DwhKafkaConsumer *consumer,
 									int32 partition, int64 offset);
