@@ -474,7 +474,8 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 /*
  * dwh_kafka_consumer_wait
  *		Sleep until the queue has something, the latch is set (signal,
- *		offsets changed by dwh.kafka_seek) or the timeout passes.
+ *		offsets changed by dwh.kafka_seek) or the timeout passes.  A
+ *		timeout of zero or less sleeps 1 ms, never forever.
  */
 void
 dwh_kafka_consumer_wait(DwhKafkaConsumer *c, long timeout_ms)
@@ -482,7 +483,8 @@ dwh_kafka_consumer_wait(DwhKafkaConsumer *c, long timeout_ms)
 	WaitEvent	ev;
 	char		buf[64];
 
-	(void) WaitEventSetWait(c->wait_set, timeout_ms, &ev, 1, PG_WAIT_EXTENSION);
+	(void) WaitEventSetWait(c->wait_set, Max(timeout_ms, 1), &ev, 1,
+							PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
 	/* The pipe only says "not empty any more": drain it, then poll. */
 	while (read(c->pipe_read, buf, sizeof(buf)) > 0)

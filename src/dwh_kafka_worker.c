@@ -876,7 +876,7 @@ dwh_kafka_worker_main(Datum main_arg)
 			if (!connect_consumer())
 			{
 				/* Wait for a reload that corrects the settings. */
-				dwh_worker_wait(DWH_WORKER_WAIT_FOREVER);
+				dwh_worker_wait_for_signal();
 				continue;
 			}
 		}

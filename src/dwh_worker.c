@@ -124,21 +124,30 @@ dwh_workers_register(void)
 
 /*
  * dwh_worker_wait
- *		Sleep on the latch until it is set or timeout_ms pass
- *		(DWH_WORKER_WAIT_FOREVER: until it is set).  A deadline already
- *		passed still sleeps 1 ms.
+ *		Sleep on the latch until it is set or timeout_ms pass.  A deadline
+ *		already passed (zero or negative, as a computed one can be) still
+ *		sleeps 1 ms: no value of timeout_ms means "forever", so that a
+ *		deadline missed by a millisecond cannot park the worker until the
+ *		next signal.
  */
 void
 dwh_worker_wait(long timeout_ms)
 {
-	int			events = WL_LATCH_SET | WL_EXIT_ON_PM_DEATH;
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
 
-	if (timeout_ms != DWH_WORKER_WAIT_FOREVER)
-	{
-		events |= WL_TIMEOUT;
-		timeout_ms = Max(timeout_ms, 1);
-	}
-	(void) WaitLatch(MyLatch, events, timeout_ms, PG_WAIT_EXTENSION);
+/*
+ * dwh_worker_wait_for_signal
+ *		Sleep on the latch until it is set (a reload, a shutdown), however
+ *		long.
+ */
+void
+dwh_worker_wait_for_signal(void)
+{
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_EXIT_ON_PM_DEATH, -1L,
+					 PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
 }
 
