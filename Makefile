@@ -10,8 +10,6 @@ OBJS = \
 	src/dwh_uuid.o \
 	src/dwh_version.o \
 	src/dwh_timestamp.o \
-	src/dwh_json_syntax.o \
-	src/dwh_jsonb_build.o \
 	src/dwh_message.o \
 	src/dwh_spi.o \
 	src/dwh_stg_guard.o \
@@ -28,12 +26,15 @@ OBJS = \
 	src/dwh_kafka_consumer.o \
 	src/dwh_kafka_offsets.o \
 	src/dwh_kafka_worker.o \
+	src/dwh_kafka_producer.o \
+	src/dwh_tag_feed.o \
+	src/dwh_tags_worker.o \
 	src/dwh_redis_url.o \
 	src/dwh_redis_conn.o \
 	src/dwh_redis_store.o \
 	src/dwh_redis_worker.o
 
-SHLIB_LINK = -ljansson -lrdkafka -lhiredis
+SHLIB_LINK = -lrdkafka -lhiredis
 PG_CPPFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare \
 	-Wno-missing-field-initializers -DDWH_EXTVERSION='"$(EXTVERSION)"'
 

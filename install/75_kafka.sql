@@ -65,7 +65,11 @@ CREATE FUNCTION dwh.worker_status(
         OUT keys_mirrored bigint, OUT keys_missing bigint,
         OUT refreshes bigint, OUT changes_found bigint,
         OUT last_error text, OUT last_error_at timestamptz,
-        OUT worker_number integer)
+        OUT worker_number integer,
+        OUT expiry_passes bigint, OUT last_expiry_at timestamptz,
+        OUT last_expiry_rules_moved integer, OUT last_expiry_events integer,
+        OUT events_produced bigint, OUT events_pending bigint,
+        OUT last_produced_at timestamptz)
     RETURNS SETOF record
     AS 'MODULE_PATHNAME', 'dwh_worker_status'
     LANGUAGE C VOLATILE;
@@ -158,7 +162,9 @@ SELECT s.worker, s.pid, s.state, s.state_since,
        p.partition_offsets,
        s.keys_mirrored, s.keys_missing, s.refreshes, s.changes_found,
        s.last_error, s.last_error_at, s.started_at,
-       p.gaps, p.stopped_partitions
+       p.gaps, p.stopped_partitions,
+       s.expiry_passes, s.last_expiry_at, s.last_expiry_rules_moved, s.last_expiry_events,
+       s.events_produced, s.events_pending, s.last_produced_at
 FROM dwh.worker_status() s
 LEFT JOIN LATERAL (
     SELECT sum(k.lag)::bigint AS lag,
@@ -178,4 +184,4 @@ LEFT JOIN LATERAL (
 ) p ON true
 ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
-    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one';
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka';

@@ -102,6 +102,17 @@ COMMENT ON COLUMN cdm.user_tag_events.kind IS 'grant or revoke (a favourite cate
 COMMENT ON COLUMN cdm.user_tag_events.order_cnt IS 'The orders the rule counts for the user after the change';
 COMMENT ON COLUMN cdm.user_tag_events.at IS 'The time of the transaction that made the change';
 
+-- The outbox of the Kafka feed (docs/tags.md, "The Kafka feed"): one row
+-- per event that the tags worker has still to produce, written in the
+-- transaction of the event while dwh.tags_topic names a topic, deleted by
+-- the worker once the broker has acknowledged the event.  No foreign key:
+-- a restore loads the two tables in any order.
+CREATE TABLE dwh.tag_outbox (
+    event_id    bigint PRIMARY KEY
+);
+COMMENT ON TABLE dwh.tag_outbox IS 'User tag events not yet acknowledged by the Kafka broker of dwh.tags_topic: written with each event while the setting names a topic, deleted by the tags worker once the broker has the event';
+COMMENT ON COLUMN dwh.tag_outbox.event_id IS 'The event to produce (cdm.user_tag_events.id)';
+
 -- Windowed rules read a user's orders by date: the orders of a user, and
 -- the orders of a time (dwh.expire_tags, a rule's recount).
 CREATE INDEX l_order_user_h_user_pk_idx ON dds.l_order_user (h_user_pk);
@@ -363,18 +374,41 @@ $fn$;
 COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
     'Internal: for each of these (user, tag) pairs, what its rule counts now (from the marts, or cdm.user_window_counters for windowed rules) and whether the tag is held';
 
+-- Does the Kafka feed take events?  While dwh.tags_topic names a topic
+-- (a setting of the tags worker; a value of postgresql.conf reads here
+-- even where the library is not loaded), each event also goes to
+-- dwh.tag_outbox.  Without a topic nothing is queued, so nothing grows.
+CREATE FUNCTION dwh.tag_feed_on() RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $fn$
+    SELECT coalesce(pg_catalog.current_setting('dwh.tags_topic', true), '') <> ''
+$fn$;
+COMMENT ON FUNCTION dwh.tag_feed_on() IS
+    'Internal: does dwh.tags_topic name a topic, so that tag events are queued in dwh.tag_outbox for the tags worker?';
+
+-- Wake the tags worker when this transaction commits: it produces what
+-- the transaction queued at once instead of at its next look (a second).
+CREATE FUNCTION dwh.tag_feed_wake() RETURNS void
+    AS 'MODULE_PATHNAME', 'dwh_tag_feed_wake'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.tag_feed_wake() IS
+    'Internal: wake the tags worker when the current transaction commits (it queued tag events for Kafka)';
+
 -- Make the tags of these (user, tag) pairs what their rules say now:
 -- revoke, grant, move a favourite to another category, keep order_cnt
 -- current; write an event for each grant and revoke, in (user, tag) order,
--- and notify it.  The caller holds what keeps the pairs' users still: the
--- tag lock exclusive, or, shared, the users' rows of
--- cdm.user_order_counters.  Returns the events written.
+-- notify it, and queue it for Kafka while the feed is on (dwh.tag_outbox,
+-- in the event's own transaction, so that the two commit together).  The
+-- caller holds what keeps the pairs' users still: the tag lock exclusive,
+-- or, shared, the users' rows of cdm.user_order_counters.  Returns the
+-- events written.
 CREATE FUNCTION dwh.refresh_user_tags(users uuid[], tags text[])
     RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     written integer;
+    to_produce integer;
 BEGIN
     IF users IS NULL THEN
         RETURN 0;
@@ -427,12 +461,22 @@ BEGIN
               WHERE c.is_held AND (NOT c.was_held OR c.old_value IS DISTINCT FROM c.new_value)) e
         ORDER BY e.user_id, e.tag, e.step
         RETURNING id, user_id, tag, kind
+    ),
+    queued AS (
+        INSERT INTO dwh.tag_outbox (event_id)
+        SELECT e.id FROM event e
+        WHERE dwh.tag_feed_on()
+        RETURNING event_id
     )
-    SELECT count(*)::integer INTO written
+    SELECT count(*)::integer, (SELECT count(*) FROM queued)::integer
+    INTO written, to_produce
     FROM (SELECT e.id, e.user_id, e.tag, e.kind FROM event e ORDER BY e.id) e
     CROSS JOIN LATERAL pg_notify('dwh_user_tags',
                                  json_build_object('id', e.id, 'user_id', e.user_id,
                                                    'tag', e.tag, 'kind', e.kind)::text) n;
+    IF to_produce > 0 THEN
+        PERFORM dwh.tag_feed_wake();
+    END IF;
     RETURN written;
 END
 $fn$;

@@ -34,6 +34,8 @@ SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_window_counters', '');
+-- The events not yet produced to Kafka: a restore produces them (again).
+SELECT pg_catalog.pg_extension_config_dump('dwh.tag_outbox', '');
 
 -- PUBLIC gets nothing: functions are executable by PUBLIC by default.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;

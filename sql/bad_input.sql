@@ -191,7 +191,7 @@ INSERT INTO stg.user_history (object_id, payload) VALUES ('u-null', NULL);
 \set VERBOSITY default
 
 -- A reason that quotes the value is valid UTF-8 even when the value is
--- not: jansson's error text can cut a character in two (a dump of such a
+-- not: a parser's error text can cut a character in two (a dump of such a
 -- dead letter could not be restored).
 DELETE FROM dwh.dead_letters;
 SELECT dwh.ingest_order('\x7b2261223a225c75d191227d'::bytea);
@@ -252,6 +252,21 @@ SELECT * FROM dwh.ingest_orders(ARRAY[convert_to('{"object_id": 6, "tiny": 1e-16
                                       convert_to('{"object_id": 7, "huge": 1e131072}', 'UTF8')]);
 SELECT sqlstate, reason, convert_from(raw, 'UTF8') AS raw FROM dwh.dead_letters ORDER BY id;
 SELECT count(*) AS pings FROM stg.other_events WHERE object_type = 'ping';
+
+-- Nesting is bounded at 2048 levels, counted outside strings: brackets in
+-- a string (after an escaped quote too) do not count.
+DELETE FROM dwh.dead_letters;
+SELECT * FROM dwh.ingest_orders(ARRAY[
+    convert_to('{"object_id": 8, "object_type": "ping", "deep": '
+               || repeat('[', 2047) || repeat(']', 2047) || '}', 'UTF8'),
+    convert_to('{"object_id": 9, "object_type": "ping", "deep": '
+               || repeat('[', 2048) || repeat(']', 2048) || '}', 'UTF8'),
+    convert_to('{"object_id": 10, "object_type": "ping", "s": "\ud83d\ude00 \"'
+               || repeat('[', 3000) || '"}', 'UTF8')]);
+SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
+SELECT message->>'object_id' AS object_id, message->'deep' IS NOT NULL AS deep,
+       length(message->>'s') AS s_length
+FROM stg.other_events WHERE message->>'object_id' IN ('8', '9', '10') ORDER BY id;
 
 -- Items per order are bounded by dwh.max_order_items: above it a message
 -- is dead-lettered with 54000, a direct write fails with 54000; at the

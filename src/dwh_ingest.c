@@ -405,7 +405,7 @@ count_written(int handed, const char *what, int rc, int *stored,
 /* The dead letters of one batch, written with a single statement. */
 typedef struct DeadLetters
 {
-	DwhColumn partition,
+	DwhColumn	partition,
 				offset,
 				raw,
 				reason,
@@ -435,12 +435,12 @@ dead_letters_add(DeadLetters *dl, DwhIngestItem *item, int sqlstate,
 				 const char *reason)
 {
 	dwh_column_add(&dl->partition, Int32GetDatum(item->partition),
-			   !item->has_coordinates);
+				   !item->has_coordinates);
 	dwh_column_add(&dl->offset, Int64GetDatum(item->offset),
-			   !item->has_coordinates);
+				   !item->has_coordinates);
 	dwh_column_add(&dl->raw,
-			   dwh_bytea_datum(item->data, (int) dwh_dead_letter_kept(item->len)),
-			   false);
+				   dwh_bytea_datum(item->data, (int) dwh_dead_letter_kept(item->len)),
+				   false);
 	dwh_column_add(&dl->reason, text_datum(dwh_valid_utf8(reason)), false);
 	dwh_column_add(&dl->sqlstate, text_datum(unpack_sql_state(sqlstate)), false);
 	dwh_column_add(&dl->length, Int64GetDatum((int64) item->len), false);
@@ -800,7 +800,7 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 {
 	DwhIngestOrder *orders;
 	int			n_orders = 0;
-	DwhColumn x_id,
+	DwhColumn	x_id,
 				x_type,
 				x_sent,
 				x_message,
@@ -823,8 +823,8 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 	dead_letters_init(&dl, n);
 
 	/*
-	 * Parsing leaves several times a message's size of garbage: it goes
-	 * with each message, so that a batch keeps only what it stores.
+	 * Parsing leaves several times a message's size of garbage: it goes with
+	 * each message, so that a batch keeps only what it stores.
 	 */
 	parse_cxt = AllocSetContextCreate(CurrentMemoryContext,
 									  "dwh message parsing",
@@ -849,17 +849,17 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 				break;
 			case DWH_MESSAGE_OTHER:
 				dwh_column_add(&x_id, Int64GetDatum(msg.object_id),
-						   !msg.has_object_id);
+							   !msg.has_object_id);
 				dwh_column_add(&x_type, text_datum(msg.object_type), false);
 				dwh_column_add(&x_sent, TimestampGetDatum(msg.sent_dttm),
-						   !msg.has_sent_dttm);
+							   !msg.has_sent_dttm);
 				dwh_column_add(&x_message, jsonb_copy(msg.message), false);
 				dwh_column_add(&x_partition, Int32GetDatum(items[i].partition),
-						   !items[i].has_coordinates);
+							   !items[i].has_coordinates);
 				dwh_column_add(&x_offset, Int64GetDatum(items[i].offset),
-						   !items[i].has_coordinates);
+							   !items[i].has_coordinates);
 				dwh_column_add(&x_hash, dwh_sha256_datum(items[i].data, items[i].len),
-						   false);
+							   false);
 				break;
 			case DWH_MESSAGE_INVALID:
 				dead_letters_add(&dl, &items[i], msg.problem.sqlstate,
@@ -1044,6 +1044,7 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 			else
 				good[n_good++] = items[i];
 		}
+
 		/*
 		 * Every error above is freed, the batch's own included when a lone
 		 * message failed: only a new attempt may leave one here.
@@ -1055,9 +1056,9 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 		if (edata != NULL)
 		{
 			/*
-			 * Good alone, bad together: apply them one by one, the
-			 * dictionary lock exclusive, since one batch after another in
-			 * one transaction would not take their locks in one order.
+			 * Good alone, bad together: apply them one by one, the dictionary
+			 * lock exclusive, since one batch after another in one
+			 * transaction would not take their locks in one order.
 			 */
 			FreeErrorData(edata);
 			if (SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock(dwh.dictionary_lock_key())",

@@ -29,8 +29,8 @@ typedef struct DwhIngestResult
 	int			unchanged;		/* same or older versions, skipped */
 	int			other_type;		/* stored in stg.other_events */
 	int			dead_lettered;	/* stored in dwh.dead_letters */
-	int			replayed;		/* already stored: same source, position
-								 * and bytes; nothing written */
+	int			replayed;		/* already stored: same source, position and
+								 * bytes; nothing written */
 	int			mismatched;		/* of other_type and dead_lettered: stored
 								 * where other bytes were stored before */
 } DwhIngestResult;

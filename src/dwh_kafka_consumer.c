@@ -44,7 +44,6 @@
 
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_options.h"
-#include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
 
@@ -99,6 +98,7 @@ make_conf(int worker_index, char *error, size_t error_size)
 	conf_set(conf, "enable.auto.offset.store", "false");
 	conf_set(conf, "enable.partition.eof", "false");
 	conf_set(conf, "log.queue", "true");
+
 	/*
 	 * Partitions are always assigned at an explicit offset (stored, or the
 	 * beginning or end for dwh.kafka_start_offset), so this only says what
@@ -114,6 +114,7 @@ make_conf(int worker_index, char *error, size_t error_size)
 			 psprintf("%lld", (long long) Max(prefetch_bytes / 2, 1048576)));
 	conf_set(conf, "client.id",
 			 psprintf("dwh-%s-%d", dwh_database, worker_index));
+
 	/*
 	 * Static membership: a restarted worker takes its partitions back at
 	 * once.  The topic is part of the identity: a member that comes back
@@ -124,35 +125,10 @@ make_conf(int worker_index, char *error, size_t error_size)
 			 psprintf("dwh-" UINT64_FORMAT "-%s-%s-%d", GetSystemIdentifier(),
 					  dwh_database, dwh_kafka_topic, worker_index));
 
-	if (!dwh_kafka_options_apply(conf, dwh_kafka_options, "dwh.kafka_options",
-								 error, error_size))
+	if (!dwh_kafka_options_apply_settings(conf, error, error_size))
 	{
 		rd_kafka_conf_destroy(conf);
 		return NULL;
-	}
-
-	/* Then the file's, which may hold the secrets (and override). */
-	if (dwh_kafka_options_file[0] != '\0')
-	{
-		char	   *contents = dwh_secret_file_read("dwh.kafka_options_file",
-													dwh_kafka_options_file,
-													error, error_size);
-		bool		ok;
-
-		if (contents == NULL)
-		{
-			rd_kafka_conf_destroy(conf);
-			return NULL;
-		}
-		ok = dwh_kafka_options_apply(conf, contents,
-									 "the file named by dwh.kafka_options_file",
-									 error, error_size);
-		dwh_secret_file_forget(contents);
-		if (!ok)
-		{
-			rd_kafka_conf_destroy(conf);
-			return NULL;
-		}
 	}
 
 	rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_FETCH | RD_KAFKA_EVENT_LOG |
@@ -498,7 +474,8 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 /*
  * dwh_kafka_consumer_wait
  *		Sleep until the queue has something, the latch is set (signal,
- *		offsets changed by dwh.kafka_seek) or the timeout passes.
+ *		offsets changed by dwh.kafka_seek) or the timeout passes.  A
+ *		timeout of zero or less sleeps 1 ms, never forever.
  */
 void
 dwh_kafka_consumer_wait(DwhKafkaConsumer *c, long timeout_ms)
@@ -506,7 +483,8 @@ dwh_kafka_consumer_wait(DwhKafkaConsumer *c, long timeout_ms)
 	WaitEvent	ev;
 	char		buf[64];
 
-	(void) WaitEventSetWait(c->wait_set, timeout_ms, &ev, 1, PG_WAIT_EXTENSION);
+	(void) WaitEventSetWait(c->wait_set, Max(timeout_ms, 1), &ev, 1,
+							PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
 	/* The pipe only says "not empty any more": drain it, then poll. */
 	while (read(c->pipe_read, buf, sizeof(buf)) > 0)
@@ -666,8 +644,8 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets,
 	parts = list_partitions(c, c->pending, &n);
 
 	/*
-	 * Only partitions of our topic, each at its stored offset: after a
-	 * topic change the group may still hand out the old topic's.
+	 * Only partitions of our topic, each at its stored offset: after a topic
+	 * change the group may still hand out the old topic's.
 	 */
 	list = make_list(c, parts, offsets, n);
 
@@ -831,7 +809,7 @@ dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
 	int64		hi = RD_KAFKA_OFFSET_END;
 	rd_kafka_resp_err_t err;
 
-	err = query_one_watermark(c, partition, &lo, timeout_ms / 2);
+	err = query_one_watermark(c, partition, &lo, timeout_ms * 2 / 3);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
@@ -850,6 +828,22 @@ dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
 	*low = lo;
 	*high = hi;
 	return true;
+}
+
+/*
+ * dwh_kafka_consumer_leader_answers
+ *		Does the partition's leader answer (its next offset) within
+ *		timeout_ms?  One request, with the deadline that
+ *		dwh_kafka_consumer_query_watermarks explains.
+ */
+bool
+dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
+								  int timeout_ms)
+{
+	int64		high = RD_KAFKA_OFFSET_END;
+
+	return query_one_watermark(c, partition, &high, timeout_ms) ==
+		RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
 /*

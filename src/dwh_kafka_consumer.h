@@ -16,8 +16,8 @@ typedef enum DwhKafkaEventKind
 	DWH_KAFKA_MESSAGE,
 	DWH_KAFKA_ASSIGN,			/* partitions given: look up their offsets */
 	DWH_KAFKA_REVOKE,			/* partitions taken away */
-	DWH_KAFKA_OUT_OF_RANGE,		/* the broker no longer holds a position:
-								 * the partition is not fetched until it is
+	DWH_KAFKA_OUT_OF_RANGE,		/* the broker no longer holds a position: the
+								 * partition is not fetched until it is
 								 * reassigned */
 	DWH_KAFKA_ERROR,			/* librdkafka retries by itself */
 	DWH_KAFKA_FATAL				/* the consumer must be recreated */
@@ -66,6 +66,8 @@ extern bool dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *consumer,
 												int64 *low, int64 *high,
 												int timeout_ms, char *error,
 												size_t error_size);
+extern bool dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
+											  int timeout_ms);
 extern void dwh_kafka_consumer_revoke(DwhKafkaConsumer *consumer);
 extern void dwh_kafka_consumer_seek(DwhKafkaConsumer *consumer,
 									int32 partition, int64 offset);

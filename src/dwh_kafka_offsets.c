@@ -436,9 +436,10 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 							   3, types, args, NULL, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "could not store the Kafka offset: %s", SPI_result_code_string(rc));
+
 	/*
-	 * The operator decided where the partition goes on: its gap is closed.
-	 * (A 1.0 schema, not updated yet, has no gaps.)
+	 * The operator decided where the partition goes on: its gap is closed. (A
+	 * 1.0 schema, not updated yet, has no gaps.)
 	 */
 	if (dwh_schema_is_current())
 	{

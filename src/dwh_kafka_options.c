@@ -32,7 +32,9 @@
 #include "miscadmin.h"
 
 #include "dwh_kafka_options.h"
+#include "dwh_secret_files.h"
 #include "dwh_secrets.h"
+#include "dwh_settings.h"
 
 /* Properties dwh manages itself, and the setting that replaces each. */
 static const struct
@@ -243,6 +245,38 @@ dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
 	for (i = 0; i < n; i++)
 		explicit_bzero(options[i].value, strlen(options[i].value));
 	return true;
+}
+
+/*
+ * dwh_kafka_options_apply_settings
+ *		Apply the DBA's options to a librdkafka configuration, the consumer's
+ *		or the tags worker's producer's: dwh.kafka_options, then those of the
+ *		file named by dwh.kafka_options_file (which may hold the secrets, and
+ *		override).  On failure returns false with the reason in error, which
+ *		never quotes a value.
+ */
+bool
+dwh_kafka_options_apply_settings(rd_kafka_conf_t *conf, char *error,
+								 size_t error_size)
+{
+	char	   *contents;
+	bool		ok;
+
+	if (!dwh_kafka_options_apply(conf, dwh_kafka_options, "dwh.kafka_options",
+								 error, error_size))
+		return false;
+	if (dwh_kafka_options_file[0] == '\0')
+		return true;
+
+	contents = dwh_secret_file_read("dwh.kafka_options_file",
+									dwh_kafka_options_file, error, error_size);
+	if (contents == NULL)
+		return false;
+	ok = dwh_kafka_options_apply(conf, contents,
+								 "the file named by dwh.kafka_options_file",
+								 error, error_size);
+	dwh_secret_file_forget(contents);
+	return ok;
 }
 
 /*

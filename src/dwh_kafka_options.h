@@ -30,6 +30,9 @@ extern bool dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
 									const char *source, char *error,
 									size_t error_size);
 
+extern bool dwh_kafka_options_apply_settings(rd_kafka_conf_t *conf,
+											 char *error, size_t error_size);
+
 extern bool dwh_kafka_options_check(char **newval, void **extra,
 									GucSource source);
 extern bool dwh_kafka_topic_check(char **newval, void **extra,

@@ -84,6 +84,7 @@ static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
 static TimestampTz last_recovery_probe = 0;
 static MemoryContext loop_context = NULL;
+
 /* dwh.status says "waiting for the broker" (librdkafka said all are down). */
 static bool waiting_for_broker = false;
 
@@ -275,9 +276,6 @@ static void
 probe_recovery(void)
 {
 	int32	   *owned;
-	int64		low;
-	int64		high;
-	char		error[256];
 
 	if (!dwh_status_has_error(slot) ||
 		!TimestampDifferenceExceeds(last_recovery_probe, GetCurrentTimestamp(),
@@ -286,8 +284,13 @@ probe_recovery(void)
 	last_recovery_probe = GetCurrentTimestamp();
 	if (dwh_kafka_consumer_assignment(consumer, &owned) == 0)
 		return;
-	if (dwh_kafka_consumer_query_watermarks(consumer, owned[0], &low, &high,
-											500, error, sizeof(error)))
+
+	/*
+	 * A generous deadline: a loaded broker or machine answers in more than a
+	 * few hundred milliseconds, and a probe that times out leaves the error
+	 * shown for good on a worker with nothing to apply.
+	 */
+	if (dwh_kafka_consumer_leader_answers(consumer, owned[0], 2000))
 		dwh_status_clear_error(slot);
 }
 
@@ -873,7 +876,7 @@ dwh_kafka_worker_main(Datum main_arg)
 			if (!connect_consumer())
 			{
 				/* Wait for a reload that corrects the settings. */
-				dwh_worker_wait(DWH_WORKER_WAIT_FOREVER);
+				dwh_worker_wait_for_signal();
 				continue;
 			}
 		}

@@ -390,7 +390,7 @@ dwh_redis_store_refuse_keys(DwhRedisRefusedKey *keys, int n)
 int
 dwh_redis_store_add_keys(char **keys, size_t *lens, int n)
 {
-	DwhColumn		col;
+	DwhColumn	col;
 	Datum		args[1];
 	Oid			types[1] = {TEXTARRAYOID};
 	int			i;
@@ -680,7 +680,7 @@ static void
 write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 				DwhRedisApplyResult *result)
 {
-	DwhColumn		u_key,
+	DwhColumn	u_key,
 				u_payload,
 				r_key,
 				r_payload,
@@ -741,21 +741,21 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 			dwh_column_add(&d_raw, dwh_bytea_datum(k->value, (int) kept), false);
 			dwh_column_add(&d_length, Int64GetDatum(k->len), false);
 			dwh_column_add(&d_hash,
-					   k->has_sha256 ?
-					   dwh_bytea_datum(k->sha256, DWH_SHA256_LEN) :
-					   dwh_sha256_datum(k->value, k->value_len),
-					   false);
+						   k->has_sha256 ?
+						   dwh_bytea_datum(k->sha256, DWH_SHA256_LEN) :
+						   dwh_sha256_datum(k->value, k->value_len),
+						   false);
 			dwh_column_add(&d_reason, CStringGetTextDatum(d->reason), false);
 			dwh_column_add(&d_sqlstate,
-					   CStringGetTextDatum(unpack_sql_state(d->sqlstate)), false);
+						   CStringGetTextDatum(unpack_sql_state(d->sqlstate)), false);
 		}
 		dwh_column_add(&k_key, key, false);
 		dwh_column_add(&k_kind, CStringGetTextDatum(kind_names[d->kind]), false);
 		dwh_column_add(&k_state, CStringGetTextDatum(state_names[d->state]), false);
 		dwh_column_add(&k_hash, dwh_bytea_datum(k->new_hash, DWH_REDIS_HASH_LEN),
-				   !k->found);
+					   !k->found);
 		dwh_column_add(&k_reason, d->reason ? CStringGetTextDatum(d->reason) : (Datum) 0,
-				   d->reason == NULL);
+					   d->reason == NULL);
 		if (k->found)
 			result->values_changed++;
 	}
@@ -864,8 +864,8 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 
 	/*
 	 * Classified in the transaction that writes them: parsing a value may
-	 * need a subtransaction (dwh_json_parse).  A batch with nothing to
-	 * write commits a transaction that wrote nothing.
+	 * need a subtransaction (dwh_json_parse).  A batch with nothing to write
+	 * commits a transaction that wrote nothing.
 	 */
 	begin_work("dwh: writing Redis values");
 	for (i = 0; i < n; i++)

@@ -46,7 +46,7 @@ typedef struct DwhRedisKey
 	int64		value_len;		/* bytes in the copy */
 	int64		len;			/* its full length in Redis */
 	bool		has_sha256;		/* sha256 is set (the copy is a prefix) */
-	uint8		sha256[DWH_SHA256_LEN];	/* of the whole value */
+	uint8		sha256[DWH_SHA256_LEN]; /* of the whole value */
 } DwhRedisKey;
 
 /*

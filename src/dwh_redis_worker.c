@@ -62,9 +62,11 @@ PGDLLEXPORT void dwh_redis_worker_main(Datum main_arg);
 static DwhWorkerStatus *slot;
 static DwhRedisConn *conn = NULL;
 static char *conn_settings = NULL;
+
 /* The URL connected to, and the one read from dwh.redis_url_file. */
 static const DwhRedisUrl *used_url = NULL;
 static DwhRedisUrl *file_url = NULL;
+
 /* Why no URL can be used (a file that cannot be read), or empty. */
 static char url_problem[DWH_ERROR_LEN];
 static MemoryContext cycle_context;

@@ -34,6 +34,9 @@ int			dwh_kafka_prefetch_memory = 16 * 1024;
 int			dwh_kafka_start_offset = DWH_KAFKA_START_EARLIEST;
 int			dwh_kafka_on_gap = DWH_KAFKA_GAP_SKIP;
 
+int			dwh_tags_expire_interval = 30;
+char	   *dwh_tags_topic = NULL;
+
 char	   *dwh_redis_url = NULL;
 char	   *dwh_redis_url_file = NULL;
 int			dwh_redis_refresh_interval = 60;
@@ -135,8 +138,8 @@ define_kafka_settings(void)
 							NULL, NULL, NULL);
 
 	/*
-	 * 0 closes a batch as soon as the consumer's queue is empty: a trickle
-	 * is applied message by message at once, a backlog in full batches.
+	 * 0 closes a batch as soon as the consumer's queue is empty: a trickle is
+	 * applied message by message at once, a backlog in full batches.
 	 */
 	DefineCustomIntVariable("dwh.kafka_batch_wait",
 							"Longest a batch waits for more messages after its first one; 0 applies it as soon as nothing more has arrived.",
@@ -184,6 +187,48 @@ define_kafka_settings(void)
 							 PGC_SIGHUP,
 							 0,
 							 NULL, NULL, NULL);
+}
+
+/* Check hook of dwh.tags_topic: empty (no feed), or a Kafka topic name. */
+static bool
+tags_topic_check(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	return dwh_kafka_topic_check(newval, extra, source);
+}
+
+/*
+ * Settings of the tags worker (docs/tags.md).  Both take effect on reload.
+ * The expiry interval bounds how long a windowed tag outlives its window:
+ * 30 s revokes within a minute what leaves a window.
+ */
+static void
+define_tags_settings(void)
+{
+	DefineCustomIntVariable("dwh.tags_expire_interval",
+							"Time between two expiry passes of the tags worker, which revoke the windowed tags whose orders left the window; 0 disables them.",
+							NULL,
+							&dwh_tags_expire_interval,
+							30,
+							0,
+							24 * 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	/*
+	 * Read by every backend that writes tag events (dwh.tag_feed_on()): an
+	 * event is queued for the worker while a topic is named.
+	 */
+	DefineCustomStringVariable("dwh.tags_topic",
+							   "Kafka topic that the tags worker produces every user tag grant and revoke to; empty: no feed, nothing is queued.",
+							   "The brokers and their security are those of dwh.kafka_brokers, dwh.kafka_options and dwh.kafka_options_file.",
+							   &dwh_tags_topic,
+							   "",
+							   PGC_SIGHUP,
+							   0,
+							   tags_topic_check, NULL, NULL);
 }
 
 /*
@@ -309,8 +354,8 @@ dwh_settings_define(void)
 							NULL, NULL, NULL);
 
 	/*
-	 * Superusers only: a loader that could raise it would fill the disk
-	 * with refused values, which is what it bounds.
+	 * Superusers only: a loader that could raise it would fill the disk with
+	 * refused values, which is what it bounds.
 	 */
 	DefineCustomIntVariable("dwh.dead_letter_keep_bytes",
 							"Bytes of a refused value that its dead letter keeps; the full length and a SHA-256 of the whole value are kept too.",
@@ -324,6 +369,7 @@ dwh_settings_define(void)
 							NULL, NULL, NULL);
 
 	define_kafka_settings();
+	define_tags_settings();
 	define_redis_settings();
 
 	MarkGUCPrefixReserved("dwh");

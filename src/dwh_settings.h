@@ -39,6 +39,10 @@ extern int	dwh_kafka_prefetch_memory;
 extern int	dwh_kafka_start_offset;
 extern int	dwh_kafka_on_gap;
 
+/* User tags: the tags worker */
+extern int	dwh_tags_expire_interval;
+extern char *dwh_tags_topic;
+
 /* Redis */
 extern char *dwh_redis_url;
 extern char *dwh_redis_url_file;

@@ -102,6 +102,8 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	ensure_shared();
 	if (kind == DWH_WORKER_REDIS)
 		slot = &shared->workers[DWH_REDIS_SLOT];
+	else if (kind == DWH_WORKER_TAGS)
+		slot = &shared->workers[DWH_TAGS_SLOT];
 	else
 	{
 		Assert(index >= 1 && index <= DWH_MAX_KAFKA_WORKERS);
@@ -124,6 +126,13 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	slot->keys_missing = 0;
 	slot->refreshes = 0;
 	slot->changes_found = 0;
+	slot->expiry_passes = 0;
+	slot->last_expiry_at = 0;
+	slot->last_expiry_rules_moved = 0;
+	slot->last_expiry_events = 0;
+	slot->events_produced = 0;
+	slot->events_pending = 0;
+	slot->last_produced_at = 0;
 	SpinLockRelease(&slot->mutex);
 
 	before_shmem_exit(detach_slot, PointerGetDatum(slot));
@@ -258,6 +267,43 @@ dwh_status_set_redis(DwhWorkerStatus *slot, int64 keys_mirrored,
 }
 
 /*
+ * dwh_status_count_expiry
+ *		Count an expiry pass of the tags worker, committed just now.
+ */
+void
+dwh_status_count_expiry(DwhWorkerStatus *slot, int rules_moved, int events)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	SpinLockAcquire(&slot->mutex);
+	slot->expiry_passes++;
+	slot->last_expiry_at = now;
+	slot->last_expiry_rules_moved = rules_moved;
+	slot->last_expiry_events = events;
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
+ * dwh_status_set_feed
+ *		Publish the tags worker's Kafka feed: the events the broker has
+ *		acknowledged since the worker started, and those still in the
+ *		outbox.  The time of the last acknowledgement moves when produced
+ *		grows.
+ */
+void
+dwh_status_set_feed(DwhWorkerStatus *slot, int64 produced, int64 pending)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	SpinLockAcquire(&slot->mutex);
+	if (produced != slot->events_produced)
+		slot->last_produced_at = now;
+	slot->events_produced = produced;
+	slot->events_pending = pending;
+	SpinLockRelease(&slot->mutex);
+}
+
+/*
  * dwh_status_wake_kafka_workers
  *		Tell every running Kafka worker that stored offsets changed, and wake
  *		it.  Called after the change is committed, so that the worker sees it.
@@ -283,6 +329,28 @@ dwh_status_wake_kafka_workers(void)
 		if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
 			SetLatch(&proc->procLatch);
 	}
+}
+
+/*
+ * dwh_status_wake_tags_worker
+ *		Wake the tags worker, if it runs (after a commit that queued tag
+ *		events for Kafka).
+ */
+void
+dwh_status_wake_tags_worker(void)
+{
+	DwhWorkerStatus *slot;
+	PGPROC	   *proc;
+	int			pid;
+
+	if (shared == NULL)
+		return;					/* loaded without the preload: no worker */
+	slot = &shared->workers[DWH_TAGS_SLOT];
+	SpinLockAcquire(&slot->mutex);
+	pid = slot->pid;
+	SpinLockRelease(&slot->mutex);
+	if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
+		SetLatch(&proc->procLatch);
 }
 
 /*
@@ -339,10 +407,17 @@ timestamp_or_null(TimestampTz t, bool *isnull)
 PG_FUNCTION_INFO_V1(dwh_worker_status);
 PG_FUNCTION_INFO_V1(dwh_kafka_watermarks);
 
+/* The columns of dwh.worker_status() as 1.1 declares it. */
+#define STATUS_COLUMNS			24
+
 /*
  * dwh.worker_status() returns setof record
  *
- * One row per worker slot ever used since the server started.
+ * One row per worker slot ever used since the server started.  The row
+ * has the columns that the SQL declaration asks for: 1.0 declares the first
+ * 17 (a 1.0 schema served by this library until ALTER EXTENSION dwh
+ * UPDATE), 1.1 all of them; tuplestore_putvalues() reads as many values
+ * as the result's descriptor has columns.
  */
 Datum
 dwh_worker_status(PG_FUNCTION_ARGS)
@@ -351,12 +426,15 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 	int			i;
 
 	InitMaterializedSRF(fcinfo, 0);
+	if (rsinfo->setDesc->natts > STATUS_COLUMNS)
+		elog(ERROR, "dwh.worker_status() declares %d columns, this library returns %d at most",
+			 rsinfo->setDesc->natts, STATUS_COLUMNS);
 
 	if (shared == NULL)
 	{
 		/* Loaded without the preload: no workers, and one row saying why. */
-		Datum		values[17];
-		bool		nulls[17];
+		Datum		values[STATUS_COLUMNS];
+		bool		nulls[STATUS_COLUMNS];
 
 		memset(nulls, true, sizeof(nulls));
 		values[0] = CStringGetTextDatum("none");
@@ -372,8 +450,8 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 	for (i = 0; i < DWH_STATUS_SLOTS; i++)
 	{
 		DwhWorkerStatus s;
-		Datum		values[17];
-		bool		nulls[17];
+		Datum		values[STATUS_COLUMNS];
+		bool		nulls[STATUS_COLUMNS];
 		Datum	   *parts;
 		int			j;
 
@@ -386,6 +464,8 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 		memset(nulls, 0, sizeof(nulls));
 		if (s.kind == DWH_WORKER_KAFKA)
 			values[0] = CStringGetTextDatum(psprintf("kafka %d", s.index));
+		else if (s.kind == DWH_WORKER_TAGS)
+			values[0] = CStringGetTextDatum("tags");
 		else
 			values[0] = CStringGetTextDatum("redis");
 		values[1] = Int32GetDatum(s.pid);
@@ -417,6 +497,18 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 		nulls[14] = (s.last_error[0] == '\0');
 		values[15] = timestamp_or_null(s.last_error_at, &nulls[15]);
 		values[16] = Int32GetDatum(s.index);
+		/* The tags worker's, null for the others. */
+		values[17] = Int64GetDatum(s.expiry_passes);
+		values[18] = timestamp_or_null(s.last_expiry_at, &nulls[18]);
+		values[19] = Int32GetDatum(s.last_expiry_rules_moved);
+		nulls[19] = (s.last_expiry_at == 0);
+		values[20] = Int32GetDatum(s.last_expiry_events);
+		nulls[20] = (s.last_expiry_at == 0);
+		values[21] = Int64GetDatum(s.events_produced);
+		values[22] = Int64GetDatum(s.events_pending);
+		values[23] = timestamp_or_null(s.last_produced_at, &nulls[23]);
+		for (j = 17; j < STATUS_COLUMNS; j++)
+			nulls[j] = nulls[j] || (s.kind != DWH_WORKER_TAGS);
 
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}

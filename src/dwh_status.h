@@ -13,8 +13,9 @@
 #include "storage/spin.h"
 
 #define DWH_MAX_KAFKA_WORKERS	16
-#define DWH_STATUS_SLOTS		(DWH_MAX_KAFKA_WORKERS + 1)
+#define DWH_STATUS_SLOTS		(DWH_MAX_KAFKA_WORKERS + 2)
 #define DWH_REDIS_SLOT			DWH_MAX_KAFKA_WORKERS
+#define DWH_TAGS_SLOT			(DWH_MAX_KAFKA_WORKERS + 1)
 
 /* Partitions numbered beyond this are consumed but not shown in status. */
 #define DWH_MAX_PARTITIONS		1024
@@ -27,7 +28,8 @@ typedef enum DwhWorkerKind
 {
 	DWH_WORKER_NONE = 0,
 	DWH_WORKER_KAFKA,
-	DWH_WORKER_REDIS
+	DWH_WORKER_REDIS,
+	DWH_WORKER_TAGS
 } DwhWorkerKind;
 
 /*
@@ -56,7 +58,15 @@ typedef struct DwhWorkerStatus
 	int64		keys_missing;
 	int64		refreshes;
 	int64		changes_found;
-	/* Both */
+	/* Tags: the expiry passes and the Kafka feed */
+	int64		expiry_passes;
+	TimestampTz last_expiry_at;
+	int32		last_expiry_rules_moved;
+	int32		last_expiry_events;
+	int64		events_produced;	/* acknowledged by the broker */
+	int64		events_pending; /* in dwh.tag_outbox, as last counted */
+	TimestampTz last_produced_at;
+	/* All */
 	bool		connect_pending;	/* a connection attempt never returned */
 	char		last_error[DWH_ERROR_LEN];
 	TimestampTz last_error_at;
@@ -96,7 +106,12 @@ extern void dwh_status_count_batch(DwhWorkerStatus *slot, int64 messages,
 extern void dwh_status_set_redis(DwhWorkerStatus *slot, int64 keys_mirrored,
 								 int64 keys_missing, int64 refreshes,
 								 int64 changes_found);
+extern void dwh_status_count_expiry(DwhWorkerStatus *slot, int rules_moved,
+									int events);
+extern void dwh_status_set_feed(DwhWorkerStatus *slot, int64 produced,
+								int64 pending);
 extern void dwh_status_wake_kafka_workers(void);
+extern void dwh_status_wake_tags_worker(void);
 extern bool dwh_status_take_offsets_changed(DwhWorkerStatus *slot);
 extern void dwh_status_set_watermark(const char *topic, int32 partition,
 									 int64 low, int64 high, int worker);

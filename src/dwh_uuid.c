@@ -10,6 +10,12 @@
  * without a resource owner (background workers) and is on the hot path of
  * every batch, where a context allocation per key would dominate.
  *
+ * On x86-64 CPUs with the SHA extensions a block is hashed with them: four
+ * times as fast as the portable code (a 28-byte key in 110 ns instead of
+ * 490 ns), and in the SQL chain benchmark the ingesting backend spent a
+ * median 6% less CPU time, less in every one of ten paired rounds
+ * (docs/benchmarks.md, "Parsing and SHA-1").
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"

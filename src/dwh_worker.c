@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_worker.c
- *	  The skeleton the Kafka and Redis background workers share.
+ *	  The skeleton the Kafka, Redis and tags background workers share.
  *
  * A worker's source file holds only what is specific to its source (the
  * consumer or the connection, its settings, its loop); everything else is
@@ -59,6 +59,7 @@
 /* This process's worker. */
 static DwhWorkerStatus *slot = NULL;
 static char *connected_database = NULL;
+
 /* The last state or error logged, in TopMemoryContext; NULL: none. */
 static char *last_logged = NULL;
 
@@ -89,6 +90,12 @@ register_worker(DwhWorkerKind kind, int index)
 		snprintf(worker.bgw_name, BGW_MAXLEN, "dwh kafka worker %d", index);
 		snprintf(worker.bgw_type, BGW_MAXLEN, "dwh kafka worker");
 	}
+	else if (kind == DWH_WORKER_TAGS)
+	{
+		snprintf(worker.bgw_function_name, BGW_MAXLEN, "dwh_tags_worker_main");
+		snprintf(worker.bgw_name, BGW_MAXLEN, "dwh tags worker");
+		snprintf(worker.bgw_type, BGW_MAXLEN, "dwh tags worker");
+	}
 	else
 	{
 		snprintf(worker.bgw_function_name, BGW_MAXLEN, "dwh_redis_worker_main");
@@ -101,8 +108,8 @@ register_worker(DwhWorkerKind kind, int index)
 
 /*
  * dwh_workers_register
- *		Register dwh.kafka_consumers Kafka workers and the Redis worker
- *		(from _PG_init, when preloaded).
+ *		Register dwh.kafka_consumers Kafka workers, the Redis worker and the
+ *		tags worker (from _PG_init, when preloaded).
  */
 void
 dwh_workers_register(void)
@@ -112,25 +119,35 @@ dwh_workers_register(void)
 	for (i = 1; i <= dwh_kafka_consumers; i++)
 		register_worker(DWH_WORKER_KAFKA, i);
 	register_worker(DWH_WORKER_REDIS, 1);
+	register_worker(DWH_WORKER_TAGS, 1);
 }
 
 /*
  * dwh_worker_wait
- *		Sleep on the latch until it is set or timeout_ms pass
- *		(DWH_WORKER_WAIT_FOREVER: until it is set).  A deadline already
- *		passed still sleeps 1 ms.
+ *		Sleep on the latch until it is set or timeout_ms pass.  A deadline
+ *		already passed (zero or negative, as a computed one can be) still
+ *		sleeps 1 ms: no value of timeout_ms means "forever", so that a
+ *		deadline missed by a millisecond cannot park the worker until the
+ *		next signal.
  */
 void
 dwh_worker_wait(long timeout_ms)
 {
-	int			events = WL_LATCH_SET | WL_EXIT_ON_PM_DEATH;
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
 
-	if (timeout_ms != DWH_WORKER_WAIT_FOREVER)
-	{
-		events |= WL_TIMEOUT;
-		timeout_ms = Max(timeout_ms, 1);
-	}
-	(void) WaitLatch(MyLatch, events, timeout_ms, PG_WAIT_EXTENSION);
+/*
+ * dwh_worker_wait_for_signal
+ *		Sleep on the latch until it is set (a reload, a shutdown), however
+ *		long.
+ */
+void
+dwh_worker_wait_for_signal(void)
+{
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_EXIT_ON_PM_DEATH, -1L,
+					 PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
 }
 

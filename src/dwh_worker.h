@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_worker.h
- *	  What the Kafka and Redis background workers share: registration,
+ *	  What the Kafka, Redis and tags background workers share: registration,
  *	  start-up and connection, latch waits, states logged once, reload,
  *	  readiness and error recovery.
  *
@@ -19,13 +19,11 @@
 /* How often a worker that is not ready checks again. */
 #define DWH_WORKER_RECHECK_MS		5000
 
-/* dwh_worker_wait: sleep until the latch is set, however long. */
-#define DWH_WORKER_WAIT_FOREVER		(-1L)
-
 extern void dwh_workers_register(void);
 
 extern DwhWorkerStatus *dwh_worker_start(DwhWorkerKind kind, int index);
 extern void dwh_worker_wait(long timeout_ms);
+extern void dwh_worker_wait_for_signal(void);
 extern int	dwh_worker_next_backoff(int backoff_ms);
 
 extern void dwh_worker_set_state_logged(const char *state, const char *hint);

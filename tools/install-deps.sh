@@ -32,7 +32,6 @@ packages=(
 	make
 	librdkafka-dev
 	libhiredis-dev
-	libjansson-dev
 	perl
 	libipc-run-perl
 	redis-server

@@ -2114,6 +2114,32 @@ $fn$;
 COMMENT ON FUNCTION dwh.stored_gaps() IS
     'Internal (dwh.kafka_partitions): gaps per partition of dwh.kafka_gaps, or no rows at once while the table is locked';
 
+-- dwh.worker_status has more OUT parameters (the tags worker's expiry
+-- passes and Kafka feed): a changed result type cannot be replaced.  The
+-- old function is renamed, the views below are replaced over the new one,
+-- then the privileges that DBAs granted on the old one (an operator's
+-- EXECUTE) are granted on the new one, each by its grantor, as for
+-- dwh.ingest_orders.
+ALTER FUNCTION dwh.worker_status() RENAME TO worker_status_1_0;
+CREATE FUNCTION dwh.worker_status(
+        OUT worker text, OUT pid integer, OUT started_at timestamptz,
+        OUT state text, OUT state_since timestamptz, OUT partitions integer[],
+        OUT messages bigint, OUT batches bigint, OUT dead_letters bigint,
+        OUT last_batch_at timestamptz,
+        OUT keys_mirrored bigint, OUT keys_missing bigint,
+        OUT refreshes bigint, OUT changes_found bigint,
+        OUT last_error text, OUT last_error_at timestamptz,
+        OUT worker_number integer,
+        OUT expiry_passes bigint, OUT last_expiry_at timestamptz,
+        OUT last_expiry_rules_moved integer, OUT last_expiry_events integer,
+        OUT events_produced bigint, OUT events_pending bigint,
+        OUT last_produced_at timestamptz)
+    RETURNS SETOF record
+    AS 'MODULE_PATHNAME', 'dwh_worker_status'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.worker_status() IS
+    'State of each background worker since the server started (behind dwh.status)';
+
 CREATE OR REPLACE VIEW dwh.kafka_partitions AS
 SELECT coalesce(o.topic, w.topic) AS topic,
        coalesce(o.kafka_partition, w.kafka_partition) AS kafka_partition,
@@ -2149,7 +2175,9 @@ SELECT s.worker, s.pid, s.state, s.state_since,
        p.partition_offsets,
        s.keys_mirrored, s.keys_missing, s.refreshes, s.changes_found,
        s.last_error, s.last_error_at, s.started_at,
-       p.gaps, p.stopped_partitions
+       p.gaps, p.stopped_partitions,
+       s.expiry_passes, s.last_expiry_at, s.last_expiry_rules_moved, s.last_expiry_events,
+       s.events_produced, s.events_pending, s.last_produced_at
 FROM dwh.worker_status() s
 LEFT JOIN LATERAL (
     SELECT sum(k.lag)::bigint AS lag,
@@ -2169,7 +2197,44 @@ LEFT JOIN LATERAL (
 ) p ON true
 ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
-    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one';
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka';
+
+DO $grants$
+DECLARE
+    updater name := current_user;
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantor, a.grantee, a.privilege_type, a.is_grantable,
+               a.grantor <> p.proowner AS by_other
+        FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+        WHERE p.oid = 'dwh.worker_status_1_0()'::pg_catalog.regprocedure
+          AND a.grantee <> p.proowner
+    LOOP
+        BEGIN
+            IF g.by_other THEN
+                EXECUTE pg_catalog.format('SET LOCAL ROLE %s', g.grantor::pg_catalog.regrole);
+            END IF;
+            EXECUTE pg_catalog.format('GRANT %s ON FUNCTION dwh.worker_status() TO %s%s',
+                                      g.privilege_type,
+                                      CASE WHEN g.grantee = 0 THEN 'PUBLIC'
+                                           ELSE g.grantee::pg_catalog.regrole::text END,
+                                      CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+            IF g.by_other THEN
+                EXECUTE pg_catalog.format('SET LOCAL ROLE %I', updater);
+            END IF;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE WARNING 'could not grant % on function dwh.worker_status() again to %, as %',
+                g.privilege_type,
+                CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::pg_catalog.regrole::text END,
+                g.grantor::pg_catalog.regrole
+                USING DETAIL = SQLERRM,
+                      HINT = 'Grant it again after the update.';
+        END;
+    END LOOP;
+END
+$grants$;
+DROP FUNCTION dwh.worker_status_1_0();
 
 -- User tags (docs/tags.md): rules that a DBA or analyst writes in
 -- dwh.tag_rules, the tags they give users in cdm.user_tags, kept in the
@@ -2274,6 +2339,17 @@ COMMENT ON COLUMN cdm.user_tag_events.value IS 'favourite_category: the category
 COMMENT ON COLUMN cdm.user_tag_events.kind IS 'grant or revoke (a favourite category that changes: a revoke of the old one, then a grant of the new one)';
 COMMENT ON COLUMN cdm.user_tag_events.order_cnt IS 'The orders the rule counts for the user after the change';
 COMMENT ON COLUMN cdm.user_tag_events.at IS 'The time of the transaction that made the change';
+
+-- The outbox of the Kafka feed (docs/tags.md, "The Kafka feed"): one row
+-- per event that the tags worker has still to produce, written in the
+-- transaction of the event while dwh.tags_topic names a topic, deleted by
+-- the worker once the broker has acknowledged the event.  No foreign key:
+-- a restore loads the two tables in any order.
+CREATE TABLE dwh.tag_outbox (
+    event_id    bigint PRIMARY KEY
+);
+COMMENT ON TABLE dwh.tag_outbox IS 'User tag events not yet acknowledged by the Kafka broker of dwh.tags_topic: written with each event while the setting names a topic, deleted by the tags worker once the broker has the event';
+COMMENT ON COLUMN dwh.tag_outbox.event_id IS 'The event to produce (cdm.user_tag_events.id)';
 
 -- Windowed rules read a user's orders by date: the orders of a user, and
 -- the orders of a time (dwh.expire_tags, a rule's recount).
@@ -2536,18 +2612,41 @@ $fn$;
 COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
     'Internal: for each of these (user, tag) pairs, what its rule counts now (from the marts, or cdm.user_window_counters for windowed rules) and whether the tag is held';
 
+-- Does the Kafka feed take events?  While dwh.tags_topic names a topic
+-- (a setting of the tags worker; a value of postgresql.conf reads here
+-- even where the library is not loaded), each event also goes to
+-- dwh.tag_outbox.  Without a topic nothing is queued, so nothing grows.
+CREATE FUNCTION dwh.tag_feed_on() RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $fn$
+    SELECT coalesce(pg_catalog.current_setting('dwh.tags_topic', true), '') <> ''
+$fn$;
+COMMENT ON FUNCTION dwh.tag_feed_on() IS
+    'Internal: does dwh.tags_topic name a topic, so that tag events are queued in dwh.tag_outbox for the tags worker?';
+
+-- Wake the tags worker when this transaction commits: it produces what
+-- the transaction queued at once instead of at its next look (a second).
+CREATE FUNCTION dwh.tag_feed_wake() RETURNS void
+    AS 'MODULE_PATHNAME', 'dwh_tag_feed_wake'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION dwh.tag_feed_wake() IS
+    'Internal: wake the tags worker when the current transaction commits (it queued tag events for Kafka)';
+
 -- Make the tags of these (user, tag) pairs what their rules say now:
 -- revoke, grant, move a favourite to another category, keep order_cnt
 -- current; write an event for each grant and revoke, in (user, tag) order,
--- and notify it.  The caller holds what keeps the pairs' users still: the
--- tag lock exclusive, or, shared, the users' rows of
--- cdm.user_order_counters.  Returns the events written.
+-- notify it, and queue it for Kafka while the feed is on (dwh.tag_outbox,
+-- in the event's own transaction, so that the two commit together).  The
+-- caller holds what keeps the pairs' users still: the tag lock exclusive,
+-- or, shared, the users' rows of cdm.user_order_counters.  Returns the
+-- events written.
 CREATE FUNCTION dwh.refresh_user_tags(users uuid[], tags text[])
     RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     written integer;
+    to_produce integer;
 BEGIN
     IF users IS NULL THEN
         RETURN 0;
@@ -2600,12 +2699,22 @@ BEGIN
               WHERE c.is_held AND (NOT c.was_held OR c.old_value IS DISTINCT FROM c.new_value)) e
         ORDER BY e.user_id, e.tag, e.step
         RETURNING id, user_id, tag, kind
+    ),
+    queued AS (
+        INSERT INTO dwh.tag_outbox (event_id)
+        SELECT e.id FROM event e
+        WHERE dwh.tag_feed_on()
+        RETURNING event_id
     )
-    SELECT count(*)::integer INTO written
+    SELECT count(*)::integer, (SELECT count(*) FROM queued)::integer
+    INTO written, to_produce
     FROM (SELECT e.id, e.user_id, e.tag, e.kind FROM event e ORDER BY e.id) e
     CROSS JOIN LATERAL pg_notify('dwh_user_tags',
                                  json_build_object('id', e.id, 'user_id', e.user_id,
                                                    'tag', e.tag, 'kind', e.kind)::text) n;
+    IF to_produce > 0 THEN
+        PERFORM dwh.tag_feed_wake();
+    END IF;
     RETURN written;
 END
 $fn$;
@@ -3692,6 +3801,8 @@ SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_window_counters', '');
+-- The events not yet produced to Kafka: a restore produces them (again).
+SELECT pg_catalog.pg_extension_config_dump('dwh.tag_outbox', '');
 
 -- PUBLIC gets nothing on the new functions and views either.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;

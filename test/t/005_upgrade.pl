@@ -62,11 +62,11 @@ $node->safe_psql('a', q{CREATE EXTENSION dwh VERSION '1.0'});
 is($node->safe_psql('a', q{SELECT extversion FROM pg_extension WHERE extname = 'dwh'}),
 	'1.0', 'database a holds dwh 1.0');
 
-# Until the update, both workers wait and say why, in dwh.status and once
+# Until the update, the workers (Kafka, Redis, tags) wait and say why, in dwh.status and once
 # in the server log with the command to run.
 my $waiting = "waiting: extension dwh is at version 1.0, its library at $version: "
   . 'run ALTER EXTENSION dwh UPDATE';
-for my $worker ('kafka 1', 'redis')
+for my $worker ('kafka 1', 'redis', 'tags')
 {
 	ok( $node->poll_query_until(
 			'a', "SELECT state = '$waiting' FROM dwh.status WHERE worker = '$worker'"),
@@ -261,7 +261,8 @@ is($node->safe_psql('a', 'SELECT count(*) FROM dwh.verify()'),
 
 # What DBAs granted under 1.0: a loader's EXECUTE on dwh.ingest_orders
 # (with the grant option, and passed on by the loader), an analyst's on
-# dwh.verify() and on the dead letters.  dwh.ingest_orders is dropped and
+# dwh.verify() and on the dead letters, an operator's on dwh.worker_status()
+# and dwh.status.  dwh.ingest_orders and dwh.worker_status are dropped and
 # created again by the update.
 $node->safe_psql(
 	'a', q{
@@ -277,14 +278,16 @@ GRANT EXECUTE ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[])
 RESET ROLE;
 GRANT EXECUTE ON FUNCTION dwh.verify() TO regress_reader;
 GRANT SELECT ON dwh.dead_letters TO regress_reader;
+GRANT EXECUTE ON FUNCTION dwh.worker_status() TO regress_reader;
+GRANT SELECT ON dwh.status TO regress_reader;
 });
 my $dba_grants = q{
 SELECT p.oid::regprocedure || ' ' || p.proacl::text FROM pg_proc p
 WHERE p.oid IN ('dwh.ingest_orders(bytea[], text, integer[], bigint[])'::regprocedure,
-                'dwh.verify()'::regprocedure)
+                'dwh.verify()'::regprocedure, 'dwh.worker_status()'::regprocedure)
 UNION ALL
-SELECT 'dwh.dead_letters ' || relacl::text FROM pg_class
-WHERE oid = 'dwh.dead_letters'::regclass
+SELECT c.oid::regclass || ' ' || relacl::text FROM pg_class c
+WHERE c.oid IN ('dwh.dead_letters'::regclass, 'dwh.status'::regclass)
 ORDER BY 1};
 my $dba_grants_1_0 = $node->safe_psql('a', $dba_grants);
 my $lock_key = '7238964021746305793';
@@ -531,6 +534,10 @@ like($dumped, qr/GRANT ALL ON FUNCTION dwh\.verify\(\) TO regress_reader;/,
 	'and the grant on a function the update did not recreate');
 like($dumped, qr/GRANT SELECT ON TABLE dwh\.dead_letters TO regress_reader;/,
 	'and on a table');
+like($dumped, qr/GRANT ALL ON FUNCTION dwh\.worker_status\(.*\) TO regress_reader;/,
+	'and on dwh.worker_status(), which the update recreated with more columns');
+like($dumped, qr/GRANT SELECT ON TABLE dwh\.status TO regress_reader;/,
+	'and on the view dwh.status, replaced over it');
 
 # The catalogs are compared without the grants of DBAs, which b lacks
 # (schema dwh's list of privileges, no longer empty once granted, is made
@@ -541,6 +548,8 @@ REVOKE ALL ON FUNCTION dwh.ingest_orders(bytea[], text, integer[], bigint[])
     FROM regress_loader CASCADE;
 REVOKE ALL ON FUNCTION dwh.verify() FROM regress_reader;
 REVOKE ALL ON dwh.dead_letters FROM regress_reader;
+REVOKE ALL ON FUNCTION dwh.worker_status() FROM regress_reader;
+REVOKE ALL ON dwh.status FROM regress_reader;
 REVOKE USAGE ON SCHEMA dwh FROM regress_loader, regress_reader;
 });
 $node->safe_psql(
@@ -870,7 +879,7 @@ for my $t ('stg.order_events', 'stg.users', 'stg.restaurants', 'dds.s_order_stat
 
 # The workers go on by themselves (to a broker and a Redis that are not
 # there).
-for my $worker ('kafka 1', 'redis')
+for my $worker ('kafka 1', 'redis', 'tags')
 {
 	ok( $node->poll_query_until(
 			'a',

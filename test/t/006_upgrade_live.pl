@@ -20,8 +20,9 @@
 #      the operational tables and the marts are copied aside.
 #   3. The node stops; the files of the build under test replace 1.0's in
 #      the copy; the node starts.  The second third is produced while the
-#      three workers wait for the update (and say so in dwh.status): they
-#      apply none of it.  ALTER EXTENSION dwh UPDATE, and in its
+#      four workers (the tags worker is new) wait for the update (and say
+#      so in dwh.status): they apply none of it.  ALTER EXTENSION dwh
+#      UPDATE, and in its
 #      transaction every row of STG and of the operational tables equals
 #      the copy taken under 1.0 (dwh.redis_wanted may only gain keys the
 #      Redis worker knows), and the marts hold the same counts.  The
@@ -342,14 +343,14 @@ my $waiting = "waiting: extension dwh is at version 1.0, its library at $version
   . 'run ALTER EXTENSION dwh UPDATE';
 ok( wait_for(
 		$node,
-		"SELECT count(*) = 3 AND bool_and(state = '$waiting') FROM dwh.status"),
-	'both Kafka workers and the Redis worker wait for the update')
+		"SELECT count(*) = 4 AND bool_and(state = '$waiting') FROM dwh.status"),
+	'both Kafka workers, the Redis worker and the tags worker wait for the update')
   or diag(worker_states());
 produce($broker, $parts[1]{file});
 # Time enough for a worker that did not wait to apply some of it.
 sleep 3;
 is(psql("SELECT count(*) FILTER (WHERE state = '$waiting') || '/' || coalesce(sum(messages), 0) FROM dwh.status"),
-	'3/0', 'the workers still wait, and applied nothing');
+	'4/0', 'the workers still wait, and applied nothing');
 
 # The update; in its transaction, before any worker can go on, every row
 # of STG and of the operational tables is as 1.0 left it (in 1.0's

@@ -42,8 +42,8 @@ sub wait_states
 }
 
 my $waiting = qq{waiting: database "warehouse" (dwh.database) does not exist};
-ok(wait_states("kafka 1: $waiting\nredis: $waiting"),
-	'both workers wait for the database, and dwh.status says why');
+ok(wait_states("kafka 1: $waiting\nredis: $waiting\ntags: $waiting"),
+	'the workers wait for the database, and dwh.status says why');
 
 # Over three restart intervals (bgw_restart_time is 5 s), no new FATAL.
 my $fatals = sub {
@@ -53,25 +53,28 @@ my $fatals = sub {
 my $before = $fatals->();
 sleep(16);
 is($fatals->(), $before, 'no FATAL while waiting');
-ok($before <= 2, "one failed connection per worker at most ($before)");
-like(states(), qr/^kafka 1: \Q$waiting\E\nredis: \Q$waiting\E$/, 'still waiting, still shown');
+ok($before <= 3, "one failed connection per worker at most ($before)");
+like(states(), qr/^kafka 1: \Q$waiting\E\nredis: \Q$waiting\E\ntags: \Q$waiting\E$/,
+	'still waiting, still shown');
 
 # The database appears: the workers connect (and find no extension there).
 $node->safe_psql('postgres', 'CREATE DATABASE warehouse');
 ok( wait_states(qq{kafka 1: waiting: extension dwh is not created in database "warehouse"\n}
-		  . qq{redis: idle: dwh.redis_url is empty}),
+		  . qq{redis: idle: dwh.redis_url is empty\n}
+		  . qq{tags: waiting: extension dwh is not created in database "warehouse"}),
 	'once the database exists, the workers connect to it');
 
 # dwh.database renamed to another missing database, then back.
 $node->safe_psql('postgres', q{ALTER SYSTEM SET dwh.database = 'elsewhere'});
 $node->reload;
 my $elsewhere = qq{waiting: database "elsewhere" (dwh.database) does not exist};
-ok(wait_states("kafka 1: $elsewhere\nredis: $elsewhere"),
+ok(wait_states("kafka 1: $elsewhere\nredis: $elsewhere\ntags: $elsewhere"),
 	'a new dwh.database that does not exist is waited for too');
 $node->safe_psql('postgres', q{ALTER SYSTEM SET dwh.database = 'warehouse'});
 $node->reload;
 ok( wait_states(qq{kafka 1: waiting: extension dwh is not created in database "warehouse"\n}
-		  . qq{redis: idle: dwh.redis_url is empty}),
+		  . qq{redis: idle: dwh.redis_url is empty\n}
+		  . qq{tags: waiting: extension dwh is not created in database "warehouse"}),
 	'set back to an existing database, the workers connect without a restart of the server');
 
 $node->stop;

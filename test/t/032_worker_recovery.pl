@@ -1,4 +1,5 @@
-# The error recovery the Kafka and Redis workers share (src/dwh_worker.c):
+# The error recovery the Kafka, Redis and tags workers share
+# (src/dwh_worker.c):
 # an error of the database (here a lock timeout on the worker's own table,
 # raised again and again) is published in dwh.status with its SQLSTATE, the
 # worker says it retries, and it goes on by itself once the lock is gone.
@@ -28,7 +29,8 @@ my $redis = RedisServer->new(password => 'recovery-pw');
 my $node = new_dwh_node(
 	'worker_recovery',
 	'dwh.kafka_consumers' => 1,
-	'dwh.redis_refresh_interval' => 1);
+	'dwh.redis_refresh_interval' => 1,
+	'dwh.tags_expire_interval' => 1);
 
 sub psql { return $node->safe_psql('postgres', $_[0]) }
 
@@ -72,7 +74,7 @@ $node->reload;
 #    assigned; the lookup of their stored offsets fails again and again.
 my $locker = $node->background_psql('postgres');
 $locker->query_safe(
-	'BEGIN; LOCK dwh.kafka_offsets, dwh.redis_keys IN ACCESS EXCLUSIVE MODE;');
+	'BEGIN; LOCK dwh.kafka_offsets, dwh.redis_keys, dwh.tag_rules IN ACCESS EXCLUSIVE MODE;');
 
 my $offset = -s $node->logfile;
 psql("ALTER SYSTEM SET dwh.kafka_brokers = '$mock->{bootstrap}'");
@@ -89,13 +91,16 @@ sub worker_row
 
 my $kafka_pid = worker_row('kafka 1', 'pid');
 my $redis_pid = worker_row('redis', 'pid');
+my $tags_pid = worker_row('tags', 'pid');
 my $timeout = qr/ERROR:  canceling statement due to lock timeout/;
 
 ok(wait_log($offset, qr/\[$kafka_pid\] $timeout/, 3),
 	'the Kafka worker fails three times on the lock');
 ok(wait_log($offset, qr/\[$redis_pid\] $timeout/, 3),
 	'the Redis worker fails three times on the lock');
-foreach my $worker ('kafka 1', 'redis')
+ok(wait_log($offset, qr/\[$tags_pid\] $timeout/, 3),
+	'the tags worker fails three times on the lock (its expiry pass reads the rules)');
+foreach my $worker ('kafka 1', 'redis', 'tags')
 {
 	is(worker_row($worker, q{state || ' | ' || last_error}),
 		'retrying after an error | canceling statement due to lock timeout (SQLSTATE 55P03)',
@@ -112,6 +117,10 @@ is(contexts_named($redis_pid, 'dwh redis cycle'),
 	1, 'the Redis worker has one cycle context after its errors');
 is(contexts_named($redis_pid, 'dwh redis page'),
 	1, 'and one page context');
+is(contexts_named($tags_pid, 'dwh tags loop'),
+	1, 'the tags worker has one loop context after its errors');
+is(contexts_named($tags_pid, 'dwh tags flight'),
+	1, 'and one flight context');
 
 # 2. The lock released: both go on by themselves, in the same processes,
 #    and the error no longer shows.
@@ -128,6 +137,11 @@ ok( $node->poll_query_until(
 	'the Kafka worker owns its partitions once the lock is gone');
 is(worker_row('kafka 1', 'pid'), $kafka_pid, 'the Kafka worker recovered without a restart');
 is(worker_row('redis', 'pid'), $redis_pid, 'and so did the Redis worker');
+ok( $node->poll_query_until(
+		'postgres',
+		q{SELECT state = 'expiring tags every 1 s' AND last_error IS NULL FROM dwh.status WHERE worker = 'tags'}),
+	'the tags worker expires tags again once the lock is gone, and shows no error');
+is(worker_row('tags', 'pid'), $tags_pid, 'and recovered without a restart');
 
 $node->stop;
 stop_mock_cluster($mock);
