@@ -30,7 +30,7 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.redis_wanted', '');
 -- The windowed counts are dumped with them: a restore does not maintain
 -- tags, so it brings back the counts that go with the tags it restores.
 SELECT pg_catalog.pg_extension_config_dump('dwh.tag_rules', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags_held', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_window_counters', '');

@@ -56,7 +56,7 @@ WHERE n.nspname IN ('stg', 'dwh') AND c.relkind IN ('r', 'S')
 SELECT c.oid::regclass AS derived_table_dumped
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname IN ('dds', 'cdm') AND c.relkind IN ('r', 'S')
-  AND c.oid NOT IN ('cdm.user_tags'::regclass, 'cdm.user_tag_events'::regclass,
+  AND c.oid NOT IN ('cdm.user_tags_held'::regclass, 'cdm.user_tag_events'::regclass,
                     'cdm.user_window_counters'::regclass,
                     'cdm.user_tag_events_id_seq'::regclass)
   AND EXISTS (SELECT FROM pg_extension e

@@ -105,6 +105,20 @@ SELECT received, applied FROM dwh.ingest_orders(ARRAY[
 SELECT * FROM t.tags;
 SELECT * FROM dwh.verify();
 
+-- A count that moves without crossing its threshold writes no tag row:
+-- cdm.user_tags reads the count (u1's plov fan and regular tags).
+BEGIN;
+SELECT string_agg(tag || ':' || xmin, ',' ORDER BY tag) AS held_before
+FROM cdm.user_tags_held WHERE user_id = dwh.hash_key('u1') \gset
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+SELECT t.load(8, 'u1', 'CLOSED', '2023-04-05 12:00:00', 'd1:Плов');
+SELECT * FROM t.tags WHERE user_id = 'u1';
+SELECT string_agg(tag || ':' || xmin, ',' ORDER BY tag) = :'held_before' AS tag_rows_untouched,
+       (SELECT count(*) FROM cdm.user_tag_events WHERE id > :last_event) AS events
+FROM cdm.user_tags_held WHERE user_id = dwh.hash_key('u1');
+SELECT * FROM dwh.verify();
+ROLLBACK;
+
 -- A retraction: order 2 leaves CLOSED, and in the same transaction u1 is no
 -- longer a soup lover (1 order with a soup).
 SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
@@ -222,10 +236,10 @@ SELECT * FROM dwh.verify();
 
 -- The oracle catches a tampered tag, a missing one and a made-up one;
 -- dwh.rebuild() repairs them, with events.
-UPDATE cdm.user_tags SET order_cnt = 99
+UPDATE cdm.user_tags_held SET value = 'Супы'
 WHERE tag = 'regular' AND user_id = dwh.hash_key('u1');
-DELETE FROM cdm.user_tags WHERE tag = 'favourite' AND user_id = dwh.hash_key('u2');
-INSERT INTO cdm.user_tags (user_id, tag, order_cnt) VALUES (dwh.hash_key('u4'), 'regular', 1);
+DELETE FROM cdm.user_tags_held WHERE tag = 'favourite' AND user_id = dwh.hash_key('u2');
+INSERT INTO cdm.user_tags_held (user_id, tag) VALUES (dwh.hash_key('u4'), 'regular');
 UPDATE cdm.user_window_counters SET order_cnt = 7
 WHERE tag = 'active' AND user_id = dwh.hash_key('u4');
 SELECT mart, expected_name, actual_name, expected_cnt, actual_cnt FROM dwh.verify();

@@ -733,7 +733,27 @@ DECLARE
     window_users uuid[];
     window_keys uuid[];
     window_deltas integer[];
+    tagging boolean;
+    moved_product_users uuid[];
+    moved_products uuid[];
+    moved_product_counts integer[];
+    moved_category_users uuid[];
+    moved_categories uuid[];
+    moved_category_counts integer[];
+    crossed_users uuid[];
+    crossed_tags text[];
 BEGIN
+    IF products IS NULL AND categories IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Step 3 of the lock order: the order triggers and menu changes took
+    -- the tag lock already (this takes it again, in case a caller did
+    -- not).  With some rule, the marts' new counts are kept for the tags.
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    tagging := refresh_tags AND NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules);
+
     IF categories IS NOT NULL THEN
         SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.d) FILTER (WHERE d.category_id = dwh.all_orders_key()),
@@ -786,6 +806,7 @@ BEGIN
             ORDER BY d.user_id, d.product_id
             ON CONFLICT (user_id, product_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.product_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_product_counters m
@@ -793,11 +814,20 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
             RETURNING m.user_id, m.product_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id), array_agg(product_id)
-        INTO zero_users, zero_keys
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(product_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(product_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, zero_keys,
+             moved_product_users, moved_products, moved_product_counts
+        FROM moved;
 
         IF zero_keys IS NOT NULL THEN
             DELETE FROM cdm.user_product_counters m
@@ -829,6 +859,7 @@ BEGIN
             ORDER BY d.user_id, d.category_id
             ON CONFLICT (user_id, category_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.category_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_category_counters m
@@ -836,11 +867,20 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
             RETURNING m.user_id, m.category_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id), array_agg(category_id)
-        INTO zero_users, zero_keys
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(category_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(category_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, zero_keys,
+             moved_category_users, moved_categories, moved_category_counts
+        FROM moved;
 
         IF zero_keys IS NOT NULL THEN
             DELETE FROM cdm.user_category_counters m
@@ -850,11 +890,21 @@ BEGIN
         END IF;
     END IF;
 
-    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched,
-                                            product_users, products,
-                                            category_users, categories,
+    IF tagging THEN
+        SELECT array_agg(c.user_id), array_agg(c.tag)
+        INTO crossed_users, crossed_tags
+        FROM (SELECT * FROM dwh.tags_crossed('dish', product_users, products, product_deltas,
+                                             moved_product_users, moved_products,
+                                             moved_product_counts)
+              UNION ALL
+              SELECT * FROM dwh.tags_crossed('category', category_users, categories,
+                                             category_deltas, moved_category_users,
+                                             moved_categories, moved_category_counts)) c;
+    END IF;
+
+    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched, category_users,
                                             window_users, window_keys, window_deltas,
-                                            refresh_tags);
+                                            tagging, crossed_users, crossed_tags);
 END
 $fn$;
 COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS
@@ -2257,7 +2307,7 @@ COMMENT ON FUNCTION dwh.tag_lock_key() IS
 -- A restore (pg_restore, or a script of pg_dump run by psql) sets
 -- check_function_bodies off for its whole session, whatever its options
 -- (row_security too, unless --enable-row-security).  It
--- brings cdm.user_tags and cdm.user_tag_events back as they were dumped
+-- brings cdm.user_tags_held and cdm.user_tag_events back as they were dumped
 -- (one snapshot, consistent with the rules and STG dumped with them), so
 -- while it rebuilds the marts from STG the tags are not maintained: else
 -- each table restored would grant and revoke again what the dump holds.
@@ -2302,23 +2352,24 @@ COMMENT ON COLUMN dwh.tag_rules.threshold IS 'At least this many orders (1 or mo
 COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) lies within this many days (1 or more) before window_as_of; null: all of them';
 COMMENT ON COLUMN dwh.tag_rules.window_as_of IS 'Set by dwh, not by the rule''s writer: the UTC time that windowed counts end at, set when the rule is written and moved on by dwh.expire_tags(); null without a window';
 
--- Tags: one row per user and tag held.  order_cnt is kept current.
-CREATE TABLE cdm.user_tags (
+-- Tags: one row per user and tag held, written only when a tag is
+-- granted, revoked or its value changes; what the rule counts now is read
+-- from the counts by the view cdm.user_tags (below), so that an order that
+-- moves a count without crossing a threshold writes no tag row.
+CREATE TABLE cdm.user_tags_held (
     user_id     uuid NOT NULL,
     tag         text NOT NULL,
     value       text,
-    order_cnt   integer NOT NULL,
     since       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (user_id, tag)
-) WITH (fillfactor = 80);
+);
 -- "Who holds tag X"; a rule change reads its holders.
-CREATE INDEX user_tags_tag_idx ON cdm.user_tags (tag);
-COMMENT ON TABLE cdm.user_tags IS 'User tags: a row per user and tag while the user meets the rule of dwh.tag_rules';
-COMMENT ON COLUMN cdm.user_tags.user_id IS 'The user: dds.h_user.h_user_pk';
-COMMENT ON COLUMN cdm.user_tags.tag IS 'The tag (dwh.tag_rules.tag)';
-COMMENT ON COLUMN cdm.user_tags.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
-COMMENT ON COLUMN cdm.user_tags.order_cnt IS 'The orders the rule counts for the user now (at least its threshold)';
-COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
+CREATE INDEX user_tags_held_tag_idx ON cdm.user_tags_held (tag);
+COMMENT ON TABLE cdm.user_tags_held IS 'The user tags held: a row per user and tag while the user meets the rule of dwh.tag_rules (read cdm.user_tags, which adds the count)';
+COMMENT ON COLUMN cdm.user_tags_held.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tags_held.tag IS 'The tag (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_tags_held.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
+COMMENT ON COLUMN cdm.user_tags_held.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
 
 -- The change feed: every grant and revoke, in the transaction that makes
 -- it.  Ids grow in commit order for each (user, tag) (docs/tags.md).
@@ -2378,6 +2429,42 @@ COMMENT ON COLUMN cdm.user_window_counters.user_id IS 'The user: dds.h_user.h_us
 COMMENT ON COLUMN cdm.user_window_counters.tag IS 'The windowed rule (dwh.tag_rules.tag)';
 COMMENT ON COLUMN cdm.user_window_counters.category_id IS 'favourite_category rules: the category (dds.h_category.h_category_pk); other rules: dwh.all_orders_key()';
 COMMENT ON COLUMN cdm.user_window_counters.order_cnt IS 'The user''s CLOSED orders in the window that the rule counts (in the category, for favourite_category)';
+
+-- The tags with what their rules count now: one key read per tag, from the
+-- mart or windowed count that the rule counts (for a favourite, in its
+-- category).
+CREATE VIEW cdm.user_tags AS
+SELECT h.user_id, h.tag, h.value,
+       coalesce(CASE
+                WHEN r.window_days IS NOT NULL THEN
+                    (SELECT w.order_cnt FROM cdm.user_window_counters w
+                     WHERE w.user_id = h.user_id AND w.tag = h.tag
+                       AND w.category_id = CASE WHEN r.kind = 'favourite_category'
+                                                THEN dwh.hash_key(h.value)
+                                                ELSE dwh.all_orders_key() END)
+                WHEN r.kind = 'category' THEN
+                    (SELECT m.order_cnt FROM cdm.user_category_counters m
+                     WHERE m.user_id = h.user_id
+                       AND m.category_id = dwh.hash_key(r.category_name))
+                WHEN r.kind = 'favourite_category' THEN
+                    (SELECT m.order_cnt FROM cdm.user_category_counters m
+                     WHERE m.user_id = h.user_id AND m.category_id = dwh.hash_key(h.value))
+                WHEN r.kind = 'dish' THEN
+                    (SELECT m.order_cnt FROM cdm.user_product_counters m
+                     WHERE m.user_id = h.user_id AND m.product_id = dwh.hash_key(r.product_id))
+                ELSE
+                    (SELECT m.order_cnt FROM cdm.user_order_counters m
+                     WHERE m.user_id = h.user_id)
+                END, 0) AS order_cnt,
+       h.since
+FROM cdm.user_tags_held h
+LEFT JOIN dwh.tag_rules r ON r.tag = h.tag;
+COMMENT ON VIEW cdm.user_tags IS 'User tags: a row per user and tag while the user meets the rule of dwh.tag_rules, with what the rule counts now';
+COMMENT ON COLUMN cdm.user_tags.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tags.tag IS 'The tag (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_tags.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
+COMMENT ON COLUMN cdm.user_tags.order_cnt IS 'The orders the rule counts for the user now (at least its threshold): read from the marts or cdm.user_window_counters';
+COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
 
 -- The deltas of cdm.user_window_counters travel with the category mart
 -- deltas (install/30_cdm.sql), under a key per (rule, category) that no
@@ -2633,13 +2720,12 @@ COMMENT ON FUNCTION dwh.tag_feed_wake() IS
     'Internal: wake the tags worker when the current transaction commits (it queued tag events for Kafka)';
 
 -- Make the tags of these (user, tag) pairs what their rules say now:
--- revoke, grant, move a favourite to another category, keep order_cnt
--- current; write an event for each grant and revoke, in (user, tag) order,
--- notify it, and queue it for Kafka while the feed is on (dwh.tag_outbox,
--- in the event's own transaction, so that the two commit together).  The
--- caller holds what keeps the pairs' users still: the tag lock exclusive,
--- or, shared, the users' rows of cdm.user_order_counters.  Returns the
--- events written.
+-- revoke, grant, move a favourite to another category; write an event for
+-- each grant and revoke, in (user, tag) order, notify it, and queue it for
+-- Kafka while the feed is on (dwh.tag_outbox, in the event's own
+-- transaction, so that the two commit together).  The caller holds what
+-- keeps the pairs' users still: the tag lock exclusive, or, shared, the
+-- users' rows of cdm.user_order_counters.  Returns the events written.
 CREATE FUNCTION dwh.refresh_user_tags(users uuid[], tags text[])
     RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2660,28 +2746,26 @@ BEGIN
         SELECT d.user_id, d.tag, h.value AS old_value, d.value AS new_value,
                d.order_cnt AS new_cnt, h.user_id IS NOT NULL AS was_held, d.held AS is_held
         FROM due d
-        LEFT JOIN LATERAL (SELECT t.user_id, t.value, t.order_cnt
-                           FROM cdm.user_tags t
+        LEFT JOIN LATERAL (SELECT t.user_id, t.value
+                           FROM cdm.user_tags_held t
                            WHERE t.user_id = d.user_id AND t.tag = d.tag) h ON true
         WHERE (h.user_id IS NOT NULL) <> d.held
-           OR (h.user_id IS NOT NULL
-               AND (h.value IS DISTINCT FROM d.value OR h.order_cnt <> d.order_cnt))
+           OR (h.user_id IS NOT NULL AND d.held AND h.value IS DISTINCT FROM d.value)
     ),
     revoked AS (
-        DELETE FROM cdm.user_tags t
+        DELETE FROM cdm.user_tags_held t
         USING change c
         WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND NOT c.is_held
     ),
-    kept AS (
-        UPDATE cdm.user_tags t
-        SET value = c.new_value, order_cnt = c.new_cnt,
-            since = CASE WHEN t.value IS DISTINCT FROM c.new_value THEN now() ELSE t.since END
+    moved AS (
+        UPDATE cdm.user_tags_held t
+        SET value = c.new_value, since = now()
         FROM change c
         WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND c.is_held
     ),
     granted AS (
-        INSERT INTO cdm.user_tags (user_id, tag, value, order_cnt)
-        SELECT c.user_id, c.tag, c.new_value, c.new_cnt
+        INSERT INTO cdm.user_tags_held (user_id, tag, value)
+        SELECT c.user_id, c.tag, c.new_value
         FROM change c
         WHERE NOT c.was_held AND c.is_held
         ORDER BY c.user_id, c.tag
@@ -2721,42 +2805,68 @@ $fn$;
 COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
     'Internal: make the tags of these (user, tag) pairs what their rules say now, writing and notifying an event per grant and revoke; returns the events written';
 
+-- The (user, rule) pairs of all-time dish or category rules (kind) whose
+-- count crossed the rule's threshold: the mart rows moved_users/moved_keys
+-- now count moved_counts, having changed by the delta of the same key in
+-- users/keys/deltas.  Only these can gain or lose the tag: the tags held
+-- are what the counts before said (they are kept in the same transactions
+-- as the counts, and dwh.verify() checks it).
+CREATE FUNCTION dwh.tags_crossed(kind text, users uuid[], keys uuid[], deltas integer[],
+                                 moved_users uuid[], moved_keys uuid[],
+                                 moved_counts integer[])
+    RETURNS TABLE (user_id uuid, tag text)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT m.user_id, r.tag
+    FROM (SELECT r.tag, r.threshold,
+                 CASE r.kind WHEN 'dish' THEN dwh.hash_key(r.product_id)
+                             ELSE dwh.hash_key(r.category_name) END AS key
+          FROM dwh.tag_rules r
+          WHERE r.kind = tags_crossed.kind AND r.window_days IS NULL) r
+    JOIN unnest(moved_users, moved_keys, moved_counts) AS m(user_id, key, order_cnt)
+      ON m.key = r.key
+    JOIN unnest(users, keys, deltas) AS d(user_id, key, d)
+      ON d.user_id = m.user_id AND d.key = m.key
+    WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold)
+$fn$;
+COMMENT ON FUNCTION dwh.tags_crossed(text, uuid[], uuid[], integer[], uuid[], uuid[], integer[]) IS
+    'Internal: the (user, tag) pairs of all-time rules of this kind (dish or category) whose count crossed the threshold, from the mart rows written and their deltas';
+
 -- Step 5 of the lock order, after the marts of dishes and categories (see
 -- dwh.apply_mart_deltas): the users' CLOSED order counts, then, with some
--- rule, the windowed counts and the tags of the (user, rule) pairs whose
--- count may have changed.  With some rule, the rows of every user touched
--- are locked first, in key order: they stand for the users, so that two
--- batches changing orders of one user refresh its tags one after the
--- other, each from what the other committed.  The tag lock is held shared
--- already when window deltas come (dwh.order_events_changed).
+-- rule (tagging), the windowed counts and the tags that the batch may
+-- change: the pairs whose count crossed its threshold (crossed_users and
+-- crossed_tags for dish and category rules; all_orders and windowed rules
+-- here, from the counts written), and the favourite categories of the
+-- users with a category delta (category_users) or a windowed one.  With
+-- some rule, the rows of every user touched are locked first, in key
+-- order: they stand for the users, so that two batches changing orders of
+-- one user refresh its tags one after the other, each from what the other
+-- committed.  The caller holds the tag lock shared.
 CREATE FUNCTION dwh.apply_order_deltas_and_tags(order_users uuid[], order_deltas integer[],
-                                                touched uuid[],
-                                                product_users uuid[], products uuid[],
-                                                category_users uuid[], categories uuid[],
+                                                touched uuid[], category_users uuid[],
                                                 window_users uuid[], window_keys uuid[],
                                                 window_deltas integer[],
-                                                refresh_tags boolean)
+                                                tagging boolean,
+                                                crossed_users uuid[], crossed_tags text[])
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    tagging boolean;
     zero_users uuid[];
     zero_tags text[];
     zero_categories uuid[];
+    moved_users uuid[];
+    moved_counts integer[];
     window_pair_users uuid[];
     window_pair_tags text[];
     pair_users uuid[];
     pair_tags text[];
 BEGIN
-    IF order_users IS NULL AND touched IS NULL AND products IS NULL
-       AND categories IS NULL AND window_keys IS NULL THEN
+    IF order_users IS NULL AND touched IS NULL AND category_users IS NULL
+       AND window_keys IS NULL AND crossed_users IS NULL THEN
         RETURN;
     END IF;
-
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
-    tagging := refresh_tags AND NOT dwh.tags_restoring()
-               AND EXISTS (SELECT FROM dwh.tag_rules);
 
     IF tagging OR EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
         PERFORM FROM cdm.user_order_counters m
@@ -2785,6 +2895,7 @@ BEGIN
             ORDER BY d.user_id
             ON CONFLICT (user_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_order_counters m
@@ -2792,10 +2903,17 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id
             RETURNING m.user_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id) INTO zero_users
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, moved_users, moved_counts
+        FROM moved;
 
         IF zero_users IS NOT NULL THEN
             DELETE FROM cdm.user_order_counters m
@@ -2835,6 +2953,7 @@ BEGIN
             ORDER BY d.user_id, d.tag, d.category_id
             ON CONFLICT (user_id, tag, category_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_window_counters m
@@ -2844,17 +2963,29 @@ BEGIN
               AND m.category_id = d.category_id
             RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
         ),
-        zero AS MATERIALIZED (
-            SELECT z.user_id, z.tag, z.category_id FROM down z WHERE z.order_cnt = 0
-        ),
         moved AS MATERIALIZED (
-            SELECT DISTINCT d.user_id, d.tag FROM delta d
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
+        ),
+        zero AS MATERIALIZED (
+            SELECT z.user_id, z.tag, z.category_id FROM moved z WHERE z.order_cnt = 0
+        ),
+        -- A favourite may move with any of its counts; a threshold rule
+        -- changes only where its count crossed the threshold.
+        pair AS MATERIALIZED (
+            SELECT DISTINCT m.user_id, m.tag
+            FROM moved m
+            JOIN delta d USING (user_id, tag, category_id)
+            JOIN dwh.tag_rules r ON r.tag = m.tag
+            WHERE r.kind = 'favourite_category'
+               OR (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold)
         )
         SELECT (SELECT array_agg(z.user_id) FROM zero z),
                (SELECT array_agg(z.tag) FROM zero z),
                (SELECT array_agg(z.category_id) FROM zero z),
-               (SELECT array_agg(m.user_id) FROM moved m),
-               (SELECT array_agg(m.tag) FROM moved m)
+               (SELECT array_agg(p.user_id) FROM pair p),
+               (SELECT array_agg(p.tag) FROM pair p)
         INTO zero_users, zero_tags, zero_categories, window_pair_users, window_pair_tags;
 
         IF zero_users IS NOT NULL THEN
@@ -2865,31 +2996,22 @@ BEGIN
         END IF;
     END IF;
 
-    -- The pairs whose count may have changed: all-time rules by the mart
-    -- keys that moved, windowed ones by the windowed counts that moved.
-    WITH rule AS MATERIALIZED (
-        SELECT r.tag, r.kind,
-               dwh.hash_key(r.category_name) AS category_id,
-               dwh.hash_key(r.product_id) AS product_id
-        FROM dwh.tag_rules r
-        WHERE r.window_days IS NULL
-    ),
-    pair AS (
-        SELECT p.user_id, r.tag
-        FROM unnest(product_users, products) AS p(user_id, product_id)
-        JOIN rule r ON r.kind = 'dish' AND r.product_id = p.product_id
+    -- The pairs whose tag may change: the crossings, and the favourites.
+    WITH pair AS (
+        SELECT c.user_id, c.tag
+        FROM unnest(crossed_users, crossed_tags) AS c(user_id, tag)
         UNION
-        SELECT c.user_id, r.tag
-        FROM unnest(category_users, categories) AS c(user_id, category_id)
-        JOIN rule r ON r.kind = 'category' AND r.category_id = c.category_id
+        SELECT m.user_id, r.tag
+        FROM unnest(moved_users, moved_counts) AS m(user_id, order_cnt)
+        JOIN (SELECT x.user_id, sum(x.d)::integer AS d
+              FROM unnest(order_users, order_deltas) AS x(user_id, d)
+              GROUP BY x.user_id) d USING (user_id)
+        JOIN dwh.tag_rules r ON r.kind = 'all_orders' AND r.window_days IS NULL
+        WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold)
         UNION
         SELECT c.user_id, r.tag
         FROM (SELECT DISTINCT c.user_id FROM unnest(category_users) AS c(user_id)) c
-        JOIN rule r ON r.kind = 'favourite_category'
-        UNION
-        SELECT o.user_id, r.tag
-        FROM unnest(order_users) AS o(user_id)
-        JOIN rule r ON r.kind = 'all_orders'
+        JOIN dwh.tag_rules r ON r.kind = 'favourite_category' AND r.window_days IS NULL
         UNION
         SELECT w.user_id, w.tag
         FROM unnest(window_pair_users, window_pair_tags) AS w(user_id, tag)
@@ -2902,8 +3024,8 @@ BEGIN
     PERFORM dwh.refresh_user_tags(pair_users, pair_tags);
 END
 $fn$;
-COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], uuid[], uuid[], uuid[], integer[], boolean) IS
-    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then, with some rule, the windowed count deltas and the tags they and the dish and category deltas change';
+COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], integer[], boolean, uuid[], text[]) IS
+    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then, with some rule, the windowed count deltas and the tags that they and the crossings of the dish and category marts change';
 
 -- Every tag of these rules recomputed (a rule written, changed or
 -- dropped, or all of them: dwh.rebuild_tags): the windowed counts of the
@@ -2933,7 +3055,7 @@ BEGIN
         WHERE r.tag = ANY (rule_tags)
     ),
     pair AS (
-        SELECT t.user_id, t.tag FROM cdm.user_tags t WHERE t.tag = ANY (rule_tags)
+        SELECT t.user_id, t.tag FROM cdm.user_tags_held t WHERE t.tag = ANY (rule_tags)
         UNION
         SELECT m.user_id, r.tag
         FROM rule r
@@ -2972,7 +3094,7 @@ COMMENT ON FUNCTION dwh.recompute_rule_tags(text[]) IS
     'Internal: recompute every tag of these rules (a tag whose rule is gone is revoked); returns the events written';
 
 -- Every tag recomputed, rules and tags held alike: after a restore that
--- did not bring the tags back, or a DBA's write to cdm.user_tags.
+-- did not bring the tags back, or a DBA's write to cdm.user_tags_held.
 CREATE FUNCTION dwh.rebuild_tags()
     RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2986,7 +3108,7 @@ BEGIN
     PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
     RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
                                          UNION
-                                         SELECT DISTINCT t.tag FROM cdm.user_tags t));
+                                         SELECT DISTINCT t.tag FROM cdm.user_tags_held t));
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild_tags() IS
@@ -3035,7 +3157,7 @@ BEGIN
     pair AS MATERIALIZED (
         SELECT DISTINCT t.user_id, t.tag
         FROM leaving l
-        JOIN cdm.user_tags t ON t.user_id = l.user_id AND t.tag = l.tag
+        JOIN cdm.user_tags_held t ON t.user_id = l.user_id AND t.tag = l.tag
     )
     SELECT (SELECT array_agg(z.user_id) FROM zero z),
            (SELECT array_agg(z.tag) FROM zero z),
@@ -3538,8 +3660,8 @@ AS $fn$
            e.order_cnt, a.order_cnt
     FROM dwh.expected_user_tags e
     FULL JOIN cdm.user_tags a ON a.user_id = e.user_id AND a.tag = e.tag
-    WHERE e.user_id IS NULL OR a.user_id IS NULL
-       OR e.order_cnt <> a.order_cnt OR e.value IS DISTINCT FROM a.value
+    -- The counts are the marts' (cdm.user_tags reads them), compared above.
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.value IS DISTINCT FROM a.value
     UNION ALL
     -- What windowed rules count: the tag in the name columns, the category
     -- of a favourite in item_id.
@@ -3797,7 +3919,7 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps_id_seq', '');
 -- The windowed counts are dumped with them: a restore does not maintain
 -- tags, so it brings back the counts that go with the tags it restores.
 SELECT pg_catalog.pg_extension_config_dump('dwh.tag_rules', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags_held', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_window_counters', '');
