@@ -37,6 +37,8 @@
 #   (dwh.kafka_prefetch_memory, dwh.kafka_batch_size; default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB),
 #   BENCH_PERF (0; 1: perf samples the workers, a profile at the end),
+#   BENCH_STATEMENTS (0; 1: pg_stat_statements, the workers' statements by
+#   time at the end),
 #   BENCH_TAG_RULES (0: user tag rules defined before the drain),
 #   BENCH_TAG_WINDOWS (1; 0: the rules that have a window count all of time),
 #   BENCH_PLOT_DIR (none: where the lag over time goes, as drain-lag.tsv
@@ -147,6 +149,7 @@ printf '%8s %10s %10s %9s' "elapsed" "applied" "lag" "msgs/s"
 for wp in $pids; do printf ' %18s' "${wp%=*} RSS/anon MB"; done
 echo
 
+bench_statements_reset
 t0=$(now)
 q "ALTER SYSTEM SET dwh.kafka_brokers = '$bootstrap'"
 q "SELECT pg_reload_conf()" >/dev/null
@@ -297,6 +300,7 @@ printf '  %-40s %s\n' "machine busy" "$(share "$busy_d")"
 echo
 echo "CHECKS"
 checks_ok=0
+bench_statements
 bench_checks "$work/manifest.json" || checks_ok=1
 echo "machine: $(bench_machine)"
 

@@ -522,12 +522,16 @@ COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
 -- now count moved_counts, having changed by the delta of the same key in
 -- users/keys/deltas.  Only these can gain or lose the tag: the tags held
 -- are what the counts before said (they are kept in the same transactions
--- as the counts, and dwh.verify() checks it).
+-- as the counts, and dwh.verify() checks it).  No nested loop: a plan
+-- made for arrays of unknown length (10 rows, it guesses) joins the two
+-- arrays of a batch, some thousand elements each, by comparing every
+-- pair.
 CREATE FUNCTION dwh.tags_crossed(kind text, users uuid[], keys uuid[], deltas integer[],
                                  moved_users uuid[], moved_keys uuid[],
                                  moved_counts integer[])
     RETURNS TABLE (user_id uuid, tag text)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET enable_nestloop = off
 AS $fn$
     SELECT m.user_id, r.tag
     FROM (SELECT r.tag, r.threshold,
@@ -665,7 +669,6 @@ BEGIN
             ORDER BY d.user_id, d.tag, d.category_id
             ON CONFLICT (user_id, tag, category_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
-            RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_window_counters m
@@ -675,23 +678,25 @@ BEGIN
               AND m.category_id = d.category_id
             RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
         ),
-        moved AS MATERIALIZED (
-            SELECT * FROM up
-            UNION ALL
-            SELECT * FROM down
-        ),
         zero AS MATERIALIZED (
-            SELECT z.user_id, z.tag, z.category_id FROM moved z WHERE z.order_cnt = 0
+            SELECT z.user_id, z.tag, z.category_id FROM down z WHERE z.order_cnt = 0
         ),
         -- A favourite may move with any of its counts; a threshold rule
-        -- changes only where its count crossed the threshold.
+        -- changes only where its count crossed the threshold.  The counts
+        -- before are read by key, as this statement's snapshot has them
+        -- (the users' rows are locked: no other batch changes them).
         pair AS MATERIALIZED (
-            SELECT DISTINCT m.user_id, m.tag
-            FROM moved m
-            JOIN delta d USING (user_id, tag, category_id)
-            JOIN dwh.tag_rules r ON r.tag = m.tag
+            SELECT DISTINCT d.user_id, d.tag
+            FROM delta d
+            JOIN dwh.tag_rules r ON r.tag = d.tag
+            LEFT JOIN LATERAL (SELECT w.order_cnt FROM cdm.user_window_counters w
+                               WHERE r.kind <> 'favourite_category'
+                                 AND w.user_id = d.user_id AND w.tag = d.tag
+                                 AND w.category_id = d.category_id
+                               OFFSET 0) b ON true
             WHERE r.kind = 'favourite_category'
-               OR (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold)
+               OR (coalesce(b.order_cnt, 0) >= r.threshold)
+                  <> (coalesce(b.order_cnt, 0) + d.d >= r.threshold)
         )
         SELECT (SELECT array_agg(z.user_id) FROM zero z),
                (SELECT array_agg(z.tag) FROM zero z),
