@@ -106,7 +106,13 @@ bench_cleanup()
 # extension created in postgres; extra postgresql.conf lines in $1.
 bench_cluster_start()
 {
-	local extra=$1 mem_mb sb
+	local extra=$1 mem_mb sb preload=dwh
+	# With BENCH_STATEMENTS=1, pg_stat_statements sees every statement
+	# that the workers' batches run (bench_statements prints them).
+	if [ "${BENCH_STATEMENTS:-0}" = 1 ]; then
+		preload=dwh,pg_stat_statements
+		extra+=$'\npg_stat_statements.track = all\npg_stat_statements.max = 5000\npg_stat_statements.track_utility = off'
+	fi
 	pg_port=$(free_port)
 	mem_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
 	sb=$((mem_mb / 4))
@@ -119,7 +125,7 @@ bench_cluster_start()
 listen_addresses = ''
 port = $pg_port
 unix_socket_directories = '$work'
-shared_preload_libraries = 'dwh'
+shared_preload_libraries = '$preload'
 max_connections = 20
 shared_buffers = $shared_buffers
 effective_cache_size = $((mem_mb / 2))MB
@@ -141,6 +147,40 @@ EOF
 	runuser -u postgres -- "$BIN/pg_ctl" -D "$pgdata" -l "$work/postgresql.log" -w start >/dev/null
 	postmaster_pid=$(head -n 1 "$pgdata/postmaster.pid")
 	q "CREATE EXTENSION dwh"
+	[ "${BENCH_STATEMENTS:-0}" != 1 ] || q "CREATE EXTENSION pg_stat_statements"
+}
+
+# With BENCH_STATEMENTS=1: forget what the set-up ran (call before the
+# workers start), and at the end print where the workers' batches spent
+# their time, per statement (nested statements included in their callers').
+bench_statements_reset()
+{
+	[ "${BENCH_STATEMENTS:-0}" != 1 ] || q "SELECT pg_stat_statements_reset()" >/dev/null
+}
+
+bench_statements()
+{
+	[ "${BENCH_STATEMENTS:-0}" = 1 ] || return 0
+	echo
+	echo "WHERE THE TIME GOES (pg_stat_statements, track = all): % of the time of the"
+	echo "workers' batches (dwh.ingest_orders); a statement includes the statements it runs"
+	runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -Xq \
+		-P pager=off -P border=0 -P footer=off -c "
+		WITH s AS (SELECT * FROM pg_stat_statements s
+		           JOIN pg_database d ON d.oid = s.dbid AND d.datname = current_database()),
+		top AS (SELECT sum(total_exec_time) FILTER (WHERE toplevel) AS t,
+		               sum(calls) FILTER (WHERE query LIKE '%dwh.apply_mart_deltas(%') AS batches
+		        FROM s)
+		SELECT round((100 * s.total_exec_time / top.t)::numeric, 1) AS \"%\",
+		       s.calls,
+		       round((s.total_exec_time / top.batches)::numeric, 2) AS \"ms/batch\",
+		       CASE WHEN s.toplevel THEN '[top] ' ELSE '' END ||
+		       round(s.rows::numeric / s.calls, 0) AS \"rows/call\",
+		       left(regexp_replace(s.query, '\\s+', ' ', 'g'), 100) AS statement
+		FROM s, top
+		WHERE s.total_exec_time >= 0.004 * top.t
+		ORDER BY s.total_exec_time DESC
+		LIMIT 30"
 }
 
 q() { runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
@@ -193,9 +233,11 @@ EOF
 # once the dictionaries are in DDS: categories and dishes (taken in name
 # and id order from the menus), all orders, the favourite category, and
 # five in twenty with a window of 30 days (the order dates of the
-# benchmarks end about now, so that a window holds orders).  The pattern
+# benchmarks end about now, so that a window holds orders); with
+# BENCH_TAG_WINDOWS=0 those five count all of time instead.  The pattern
 # repeats every 20 rules, thresholds raised.  Prints the rules written.
 TAG_RULES=${BENCH_TAG_RULES:-0}
+TAG_WINDOWS=${BENCH_TAG_WINDOWS:-1}
 bench_tag_rules()
 {
 	[ "$TAG_RULES" -gt 0 ] || { echo 0; return; }
@@ -203,7 +245,7 @@ bench_tag_rules()
 	   SELECT format('bench %s: %s', i, p.kind), p.kind,
 	          CASE WHEN p.kind = 'category' THEN c.names[1 + i % cardinality(c.names)] END,
 	          CASE WHEN p.kind = 'dish' THEN d.ids[1 + i % cardinality(d.ids)] END,
-	          p.threshold * (1 + i / 20), p.window_days
+	          p.threshold * (1 + i / 20), CASE WHEN $TAG_WINDOWS = 1 THEN p.window_days END
 	   FROM generate_series(0, $TAG_RULES - 1) i
 	   JOIN (VALUES (0, 'category', 10, NULL::integer), (1, 'dish', 5, NULL), (2, 'all_orders', 50, NULL),
 	                (3, 'favourite_category', 1, NULL), (4, 'category', 5, 30),

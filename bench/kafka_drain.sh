@@ -37,7 +37,10 @@
 #   (dwh.kafka_prefetch_memory, dwh.kafka_batch_size; default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB),
 #   BENCH_PERF (0; 1: perf samples the workers, a profile at the end),
+#   BENCH_STATEMENTS (0; 1: pg_stat_statements, the workers' statements by
+#   time at the end),
 #   BENCH_TAG_RULES (0: user tag rules defined before the drain),
+#   BENCH_TAG_WINDOWS (1; 0: the rules that have a window count all of time),
 #   BENCH_PLOT_DIR (none: where the lag over time goes, as drain-lag.tsv
 #   and drain-lag.png), BENCH_KEEP (0: remove everything), BENCH_SKIP_INSTALL (0: make install
 #   first), BENCH_DIR (/tmp), PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
@@ -146,6 +149,7 @@ printf '%8s %10s %10s %9s' "elapsed" "applied" "lag" "msgs/s"
 for wp in $pids; do printf ' %18s' "${wp%=*} RSS/anon MB"; done
 echo
 
+bench_statements_reset
 t0=$(now)
 q "ALTER SYSTEM SET dwh.kafka_brokers = '$bootstrap'"
 q "SELECT pg_reload_conf()" >/dev/null
@@ -238,8 +242,13 @@ printf '               %.0f orders per CPU-second of the workers (%.1f CPU-secon
 	"$(calc "$ORDERS * $CLK_TCK / $workers_ticks")" "$(calc "$workers_ticks / $CLK_TCK")"
 printf 'produce        %d messages with kcat in %.1f s (%.0f messages/s), before the drain\n' \
 	"$messages" "$produce_s" "$(calc "$messages / $produce_s")"
-tags_held=$(q "SELECT count(*) FROM cdm.user_tags")
-tag_events=$(q "SELECT count(*) FROM cdm.user_tag_events")
+# (A build older than the tags, for a comparison, has neither table.)
+tags_held=0
+tag_events=0
+if [ "$(q "SELECT to_regclass('cdm.user_tags') IS NOT NULL")" = t ]; then
+	tags_held=$(q "SELECT count(*) FROM cdm.user_tags")
+	tag_events=$(q "SELECT count(*) FROM cdm.user_tag_events")
+fi
 printf 'tags           %d rules: %d tags held, %d grant and revoke events written by the drain\n' \
 	"$TAG_RULES" "$tags_held" "$tag_events"
 [ "$pids" = "$pids_after" ] || echo "NOTE: worker pids changed during the drain: $pids -> $pids_after"
@@ -291,6 +300,7 @@ printf '  %-40s %s\n' "machine busy" "$(share "$busy_d")"
 echo
 echo "CHECKS"
 checks_ok=0
+bench_statements
 bench_checks "$work/manifest.json" || checks_ok=1
 echo "machine: $(bench_machine)"
 

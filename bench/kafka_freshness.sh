@@ -20,8 +20,7 @@
 # bench/kafka_drain.sh) are defined first, and it also prints the latency
 # of the tag events: from the produce of an order to its user's grant or
 # revoke visible (see below).  The warehouse starts empty, as for the
-# orders' figure: the windowed rules' recounts read only the orders of the
-# run (bench/kafka_drain.sh measures the cost with a history).
+# orders' figure (bench/kafka_drain.sh measures the cost with a history).
 #
 # How it measures (nothing is added to the extension):
 #   - the producer (a Python pacer over librdkafka, python3-confluent-kafka)

@@ -58,10 +58,10 @@ COMMENT ON FUNCTION dwh.all_orders_key() IS
     'Internal: the key that carries a user''s CLOSED order count delta among the category mart deltas (cdm.user_order_counters)';
 
 -- ... and "some order of this user changed" (a positive delta, so that
--- summing the deltas of a batch never cancels it): windowed tag rules
--- recount such users.
+-- summing the deltas of a batch never cancels it): the tag step locks
+-- such users' rows before it refreshes their tags.
 CREATE FUNCTION dwh.touched_user_key() RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS 'SELECT ''00000000-0000-0000-0000-000000000001''::uuid';
 COMMENT ON FUNCTION dwh.touched_user_key() IS
-    'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (for windowed tag rules)';
+    'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (the tag step locks the user)';

@@ -232,14 +232,18 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 --      or names one for the first time; menus always take it exclusive);
 --   2. the keys that batches share, each table in one sorted pass: dish,
 --      restaurant and user hubs, (dish, restaurant) pairs;
---   3. the batch's rows of stg.order_events, in object_id order;
+--   3. the batch's rows of stg.order_events, in object_id order, then the
+--      tag lock (dwh.tag_lock_key(), shared; rule changes,
+--      dwh.expire_tags() and dwh.rebuild() take it exclusive), which the
+--      order triggers take before they read DDS, so that no tag window
+--      moves while a batch counts its orders in it (a menu change takes
+--      it after the dictionary lock, for the same reason);
 --   4. each order's own vault rows (under its stg.order_events row lock);
 --   5. the mart rows, in one sorted pass per mart: dishes, categories,
---      then, after the tag lock (dwh.tag_lock_key(), shared; rule changes,
---      dwh.expire_tags() and dwh.rebuild() take it exclusive), the users'
---      order counts, whose rows stand for the users (each batch that
---      changes an order of a user locks the user's row there, when it has
---      one and some tag rule exists), and the users' tag rows;
+--      then the users' order counts, whose rows stand for the users (each
+--      batch that changes an order of a user locks the user's row there,
+--      when it has one and some tag rule exists), and the users' windowed
+--      counts and tag rows;
 --   6. the hub rows of the dishes the batch names, in key order, standing
 --      for their newest order naming rows (which every batch updates, and
 --      which a dish orders never named does not have yet), held only from
@@ -377,8 +381,10 @@ COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
 -- are evaluated on the row an INSERT proposes before ON CONFLICT, so
 -- decrements cannot go through the upsert.)  The category deltas carry the
 -- users' CLOSED order counts and the users touched under keys of their own
--- (install/30_cdm.sql).  Then the user tags of what changed follow
--- (install/77_tags.sql), unless refresh_tags is false.
+-- (install/30_cdm.sql), and the windowed tag counts under
+-- dwh.tag_window_key() (install/77_tags.sql).  Then the user tags of what
+-- changed follow (install/77_tags.sql), unless refresh_tags is false: with
+-- some rule, the new count of every mart row written goes with them.
 CREATE FUNCTION dwh.apply_mart_deltas(product_users uuid[], products uuid[],
                                       product_deltas integer[],
                                       category_users uuid[], categories uuid[],
@@ -393,19 +399,51 @@ DECLARE
     order_users uuid[];
     order_deltas integer[];
     touched uuid[];
+    window_users uuid[];
+    window_keys uuid[];
+    window_deltas integer[];
+    tagging boolean;
+    moved_product_users uuid[];
+    moved_products uuid[];
+    moved_product_counts integer[];
+    moved_category_users uuid[];
+    moved_categories uuid[];
+    moved_category_counts integer[];
+    crossed_users uuid[];
+    crossed_tags text[];
 BEGIN
+    IF products IS NULL AND categories IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Step 3 of the lock order: the order triggers and menu changes took
+    -- the tag lock already (this takes it again, in case a caller did
+    -- not).  With some rule, the marts' new counts are kept for the tags.
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    tagging := refresh_tags AND NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules);
+
     IF categories IS NOT NULL THEN
         SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.d) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.touched_user_key()),
-               array_agg(d.user_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                         dwh.touched_user_key())),
-               array_agg(d.category_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                             dwh.touched_user_key())),
-               array_agg(d.d) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                   dwh.touched_user_key()))
-        INTO order_users, order_deltas, touched, category_users, categories, category_deltas
-        FROM unnest(category_users, categories, category_deltas) AS d(user_id, category_id, d);
+               array_agg(d.user_id) FILTER (WHERE d.window_key),
+               array_agg(d.category_id) FILTER (WHERE d.window_key),
+               array_agg(d.d) FILTER (WHERE d.window_key),
+               array_agg(d.user_id) FILTER (WHERE NOT d.window_key
+                                              AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                        dwh.touched_user_key())),
+               array_agg(d.category_id) FILTER (WHERE NOT d.window_key
+                                                  AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                            dwh.touched_user_key())),
+               array_agg(d.d) FILTER (WHERE NOT d.window_key
+                                        AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                  dwh.touched_user_key()))
+        INTO order_users, order_deltas, touched, window_users, window_keys, window_deltas,
+             category_users, categories, category_deltas
+        FROM (SELECT x.*, dwh.is_tag_window_key(x.category_id) AS window_key
+              FROM unnest(category_users, categories, category_deltas)
+                   AS x(user_id, category_id, d)) d;
     END IF;
 
     IF products IS NOT NULL THEN
@@ -437,6 +475,7 @@ BEGIN
             ORDER BY d.user_id, d.product_id
             ON CONFLICT (user_id, product_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.product_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_product_counters m
@@ -444,11 +483,20 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
             RETURNING m.user_id, m.product_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id), array_agg(product_id)
-        INTO zero_users, zero_keys
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(product_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(product_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, zero_keys,
+             moved_product_users, moved_products, moved_product_counts
+        FROM moved;
 
         IF zero_keys IS NOT NULL THEN
             DELETE FROM cdm.user_product_counters m
@@ -480,6 +528,7 @@ BEGIN
             ORDER BY d.user_id, d.category_id
             ON CONFLICT (user_id, category_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.category_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_category_counters m
@@ -487,11 +536,20 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
             RETURNING m.user_id, m.category_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id), array_agg(category_id)
-        INTO zero_users, zero_keys
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(category_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(category_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, zero_keys,
+             moved_category_users, moved_categories, moved_category_counts
+        FROM moved;
 
         IF zero_keys IS NOT NULL THEN
             DELETE FROM cdm.user_category_counters m
@@ -501,10 +559,21 @@ BEGIN
         END IF;
     END IF;
 
-    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched,
-                                            product_users, products,
-                                            category_users, categories,
-                                            refresh_tags);
+    IF tagging THEN
+        SELECT array_agg(c.user_id), array_agg(c.tag)
+        INTO crossed_users, crossed_tags
+        FROM (SELECT * FROM dwh.tags_crossed('dish', product_users, products, product_deltas,
+                                             moved_product_users, moved_products,
+                                             moved_product_counts)
+              UNION ALL
+              SELECT * FROM dwh.tags_crossed('category', category_users, categories,
+                                             category_deltas, moved_category_users,
+                                             moved_categories, moved_category_counts)) c;
+    END IF;
+
+    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched, category_users,
+                                            window_users, window_keys, window_deltas,
+                                            tagging, crossed_users, crossed_tags);
 END
 $fn$;
 COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS

@@ -15,7 +15,7 @@
 -- the random UUID keys then fill index pages one after the other, and so
 -- do the foreign-key checks.
 CREATE FUNCTION dwh.load_new_orders(object_ids bigint[], versions timestamp[],
-                                    payloads jsonb[],
+                                    payloads jsonb[], windows boolean DEFAULT false,
                                     OUT product_users uuid[], OUT products uuid[],
                                     OUT product_deltas integer[],
                                     OUT category_users uuid[], OUT categories uuid[],
@@ -77,6 +77,47 @@ BEGIN
                update_ts, 'stg.order_events'
         FROM batch
     ),
+    window_rule AS MATERIALIZED (
+        SELECT r.tag, r.kind,
+               r.window_as_of - make_interval(days => r.window_days) AS window_start,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM dwh.tag_rules r
+        WHERE windows AND r.window_days IS NOT NULL
+    ),
+    window_item AS MATERIALIZED (
+        SELECT i.h_user_pk, i.h_order_pk, b.order_dt, i.h_product_pk, c.h_category_pk
+        FROM item i
+        JOIN batch b USING (h_order_pk)
+        LEFT JOIN category c USING (h_product_pk)
+        WHERE i.status = 'CLOSED'
+          AND EXISTS (SELECT FROM window_rule r WHERE r.kind <> 'all_orders')
+    ),
+    window_delta AS (
+        SELECT b.h_user_pk, r.tag, dwh.all_orders_key() AS category_id, count(*)::integer AS d
+        FROM window_rule r
+        JOIN batch b ON b.order_dt >= r.window_start
+        WHERE r.kind = 'all_orders' AND b.status = 'CLOSED'
+        GROUP BY b.h_user_pk, r.tag
+        UNION ALL
+        SELECT k.h_user_pk, k.tag, dwh.all_orders_key(), count(DISTINCT k.h_order_pk)::integer
+        FROM (SELECT i.h_user_pk, r.tag, i.h_order_pk
+              FROM window_rule r
+              JOIN window_item i ON i.h_product_pk = r.product_id AND i.order_dt >= r.window_start
+              WHERE r.kind = 'dish'
+              UNION ALL
+              SELECT i.h_user_pk, r.tag, i.h_order_pk
+              FROM window_rule r
+              JOIN window_item i ON i.h_category_pk = r.category_id AND i.order_dt >= r.window_start
+              WHERE r.kind = 'category') k
+        GROUP BY k.h_user_pk, k.tag
+        UNION ALL
+        SELECT i.h_user_pk, r.tag, i.h_category_pk, count(DISTINCT i.h_order_pk)::integer
+        FROM window_rule r
+        JOIN window_item i ON i.order_dt >= r.window_start AND i.h_category_pk IS NOT NULL
+        WHERE r.kind = 'favourite_category'
+        GROUP BY i.h_user_pk, r.tag, i.h_category_pk
+    ),
     -- In no particular order: dwh.apply_mart_deltas writes in key order.
     product_delta_keys AS (
         SELECT array_agg(h_user_pk) AS users,
@@ -104,7 +145,13 @@ BEGIN
               UNION ALL
               SELECT h_user_pk, dwh.touched_user_key(), count(*)::integer
               FROM batch
-              GROUP BY h_user_pk) x
+              GROUP BY h_user_pk
+              -- With windows (the caller holds the tag lock), what the
+              -- orders count for the windowed tag rules, as
+              -- dwh.tag_window_counts() counts it (install/77_tags.sql).
+              UNION ALL
+              SELECT w.h_user_pk, dwh.tag_window_key(w.tag, w.category_id), w.d
+              FROM window_delta w) x
     )
     SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
     INTO product_users, products, product_deltas,
@@ -112,8 +159,8 @@ BEGIN
     FROM product_delta_keys p, category_delta_keys c;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[]) IS
-    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause';
+COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[], boolean) IS
+    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause (with windows, those of the windowed tag counts too)';
 
 -- Orders DDS already holds (a new version, a replay, a restore): the deltas
 -- take away what they counted before.  The current version is the greatest
@@ -333,6 +380,17 @@ DECLARE
     payloads jsonb[];
     named record;
     d record;
+    windows boolean;
+    recount_windows boolean := false;
+    orders uuid[];
+    before_users uuid[];
+    before_tags text[];
+    before_categories uuid[];
+    before_counts integer[];
+    w record;
+    category_users uuid[];
+    categories uuid[];
+    category_deltas integer[];
 BEGIN
     SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
     INTO object_ids, versions, payloads
@@ -345,12 +403,28 @@ BEGIN
         named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
 
+    -- The tag lock, shared, before DDS is read (step 3 of the lock order,
+    -- install/40_products.sql): windowed tag rules count what the orders
+    -- count now minus what they counted before, which holds only while no
+    -- window moves and no rule changes until the batch commits.
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    windows := NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules r WHERE r.window_days IS NOT NULL);
+
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)
     IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
                                         JOIN dds.h_order h ON h.order_id = c.object_id) THEN
-        d := dwh.load_new_orders(object_ids, versions, payloads);
+        d := dwh.load_new_orders(object_ids, versions, payloads, windows);
     ELSE
+        recount_windows := windows;
+        IF recount_windows THEN
+            orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+            SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
+                   array_agg(b.order_cnt)
+            INTO before_users, before_tags, before_categories, before_counts
+            FROM dwh.tag_window_counts(orders, NULL, NULL) b;
+        END IF;
         d := dwh.load_known_orders(object_ids, versions, payloads);
     END IF;
 
@@ -364,12 +438,27 @@ BEGIN
                    ELSE o.payload::text <> c.payload::text END;
     END IF;
 
+    -- The windowed tag counts' deltas travel with the category deltas
+    -- (install/77_tags.sql); dwh.load_new_orders() counts them itself.
+    category_users := d.category_users;
+    categories := d.categories;
+    category_deltas := d.category_deltas;
+    IF recount_windows THEN
+        w := dwh.tag_window_deltas(orders, before_users, before_tags,
+                                   before_categories, before_counts);
+        IF w.keys IS NOT NULL THEN
+            category_users := category_users || w.users;
+            categories := categories || w.keys;
+            category_deltas := category_deltas || w.deltas;
+        END IF;
+    END IF;
+
     -- The marts, after DDS.  (Within an ingest, deferred to the end of its
     -- upsert: one sorted pass for the INSERT and UPDATE triggers together.)
     IF NOT dwh.defer_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                 d.category_users, d.categories, d.category_deltas) THEN
+                                 category_users, categories, category_deltas) THEN
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      d.category_users, d.categories, d.category_deltas);
+                                      category_users, categories, category_deltas);
     END IF;
 
     IF NOT dwh.keys_claimed() THEN

@@ -125,7 +125,32 @@ DECLARE
     category_users uuid[];
     category_keys uuid[];
     category_deltas integer[];
+    windows boolean;
+    orders uuid[];
+    before_users uuid[];
+    before_tags text[];
+    before_categories uuid[];
+    before_counts integer[];
+    w record;
 BEGIN
+    -- Windowed tag rules count what the orders holding the dishes count
+    -- after the move minus before, under the tag lock (see
+    -- dwh.order_events_changed).
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    windows := NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules r
+                           WHERE r.window_days IS NOT NULL
+                             AND r.kind IN ('category', 'favourite_category'));
+    IF windows THEN
+        orders := ARRAY(SELECT DISTINCT op.h_order_pk
+                        FROM dds.l_order_product op
+                        WHERE op.h_product_pk = ANY (products));
+        SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
+               array_agg(b.order_cnt)
+        INTO before_users, before_tags, before_categories, before_counts
+        FROM dwh.tag_window_counts(orders, NULL, NULL) b;
+    END IF;
+
     WITH moved AS MATERIALIZED (
         SELECT * FROM unnest(products, categories, versions)
                  AS m(h_product_pk, h_category_pk, load_dt)
@@ -171,8 +196,8 @@ BEGIN
             load_dt = EXCLUDED.load_dt,
             load_src = EXCLUDED.load_src
     ),
-    -- The users of those orders are touched: their windowed tag rules are
-    -- recounted (install/30_cdm.sql).
+    -- The users of those orders are touched (install/30_cdm.sql): their
+    -- rows are locked before their tags are refreshed.
     keys AS (
         SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
                array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
@@ -184,6 +209,16 @@ BEGIN
     SELECT users, keys, deltas
     INTO category_users, category_keys, category_deltas
     FROM keys;
+
+    IF windows THEN
+        w := dwh.tag_window_deltas(orders, before_users, before_tags,
+                                   before_categories, before_counts);
+        IF w.keys IS NOT NULL THEN
+            category_users := category_users || w.users;
+            category_keys := category_keys || w.keys;
+            category_deltas := category_deltas || w.deltas;
+        END IF;
+    END IF;
 
     PERFORM dwh.apply_mart_deltas(NULL, NULL, NULL,
                                   category_users, category_keys, category_deltas);

@@ -303,8 +303,18 @@ AS $fn$
            e.order_cnt, a.order_cnt
     FROM dwh.expected_user_tags e
     FULL JOIN cdm.user_tags a ON a.user_id = e.user_id AND a.tag = e.tag
-    WHERE e.user_id IS NULL OR a.user_id IS NULL
-       OR e.order_cnt <> a.order_cnt OR e.value IS DISTINCT FROM a.value
+    -- The counts are the marts' (cdm.user_tags reads them), compared above.
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.value IS DISTINCT FROM a.value
+    UNION ALL
+    -- What windowed rules count: the tag in the name columns, the category
+    -- of a favourite in item_id.
+    SELECT 'user_window_counters', coalesce(e.user_id, a.user_id),
+           nullif(coalesce(e.category_id, a.category_id), dwh.all_orders_key()),
+           e.tag, a.tag, e.order_cnt, a.order_cnt
+    FROM dwh.tag_window_counts(NULL, NULL, NULL) e
+    FULL JOIN cdm.user_window_counters a
+      ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
     UNION ALL
     -- DDS against what STG implies: the table in mart, the key and values
     -- in the name columns.

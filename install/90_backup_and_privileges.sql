@@ -27,10 +27,13 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.redis_wanted', '');
 -- they carry when each was granted, and their events are the feed that
 -- apps have read: both are dumped with the rules, and a restore brings
 -- them back as they were instead of granting them again (docs/tags.md).
+-- The windowed counts are dumped with them: a restore does not maintain
+-- tags, so it brings back the counts that go with the tags it restores.
 SELECT pg_catalog.pg_extension_config_dump('dwh.tag_rules', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags_held', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_window_counters', '');
 -- The events not yet produced to Kafka: a restore produces them (again).
 SELECT pg_catalog.pg_extension_config_dump('dwh.tag_outbox', '');
 

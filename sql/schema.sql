@@ -51,11 +51,13 @@ WHERE n.nspname IN ('stg', 'dwh') AND c.relkind IN ('r', 'S')
   AND NOT EXISTS (SELECT FROM pg_extension e
                   WHERE e.extname = 'dwh' AND c.oid = ANY (e.extconfig));
 -- The user tags are derived too, but dumped: a restore brings back when
--- each was granted and the feed of their events (docs/tags.md).
+-- each was granted and the feed of their events (docs/tags.md), and the
+-- windowed counts that go with them.
 SELECT c.oid::regclass AS derived_table_dumped
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname IN ('dds', 'cdm') AND c.relkind IN ('r', 'S')
-  AND c.oid NOT IN ('cdm.user_tags'::regclass, 'cdm.user_tag_events'::regclass,
+  AND c.oid NOT IN ('cdm.user_tags_held'::regclass, 'cdm.user_tag_events'::regclass,
+                    'cdm.user_window_counters'::regclass,
                     'cdm.user_tag_events_id_seq'::regclass)
   AND EXISTS (SELECT FROM pg_extension e
               WHERE e.extname = 'dwh' AND c.oid = ANY (e.extconfig));

@@ -105,6 +105,20 @@ SELECT received, applied FROM dwh.ingest_orders(ARRAY[
 SELECT * FROM t.tags;
 SELECT * FROM dwh.verify();
 
+-- A count that moves without crossing its threshold writes no tag row:
+-- cdm.user_tags reads the count (u1's plov fan and regular tags).
+BEGIN;
+SELECT string_agg(tag || ':' || xmin, ',' ORDER BY tag) AS held_before
+FROM cdm.user_tags_held WHERE user_id = dwh.hash_key('u1') \gset
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+SELECT t.load(8, 'u1', 'CLOSED', '2023-04-05 12:00:00', 'd1:Плов');
+SELECT * FROM t.tags WHERE user_id = 'u1';
+SELECT string_agg(tag || ':' || xmin, ',' ORDER BY tag) = :'held_before' AS tag_rows_untouched,
+       (SELECT count(*) FROM cdm.user_tag_events WHERE id > :last_event) AS events
+FROM cdm.user_tags_held WHERE user_id = dwh.hash_key('u1');
+SELECT * FROM dwh.verify();
+ROLLBACK;
+
 -- A retraction: order 2 leaves CLOSED, and in the same transaction u1 is no
 -- longer a soup lover (1 order with a soup).
 SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
@@ -171,16 +185,68 @@ SELECT * FROM dwh.verify();
 -- Nothing more to expire.
 SELECT events FROM dwh.expire_tags();
 
+-- What windowed rules count is kept like the marts, in
+-- cdm.user_window_counters (none left for u3: its orders left the window).
+CREATE VIEW t.windows AS
+SELECT u.user_id, w.tag, c.category_name, w.order_cnt
+FROM cdm.user_window_counters w
+JOIN dds.h_user u ON u.h_user_pk = w.user_id
+LEFT JOIN dds.h_category c ON c.h_category_pk = w.category_id
+ORDER BY 1, 2, 3;
+SELECT * FROM t.windows;
+-- A new version of u4's order 10 that only moves its date 40 days back
+-- changes no mart row, but leaves both windows: both tags are revoked in
+-- its transaction.
+CREATE FUNCTION t.load_dated(object_id bigint, user_id text, dated interval,
+                             VARIADIC dishes text[]) RETURNS text
+LANGUAGE sql AS $$
+    SELECT dwh.ingest_order(jsonb_set(
+        t.order_msg(object_id, user_id, 'CLOSED',
+                    to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'),
+                    t.items(VARIADIC dishes))::jsonb,
+        '{payload,date}',
+        to_jsonb(to_char(clock_timestamp() AT TIME ZONE 'UTC' - dated,
+                         'YYYY-MM-DD HH24:MI:SS.US')))::text)
+$$;
+SELECT order_cnt FROM cdm.user_category_counters
+WHERE user_id = dwh.hash_key('u4') AND category_name = 'Супы';
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+SELECT t.load_dated(10, 'u4', interval '40 days', 'd2:Борщ');
+SELECT order_cnt FROM cdm.user_category_counters
+WHERE user_id = dwh.hash_key('u4') AND category_name = 'Супы';
+SELECT tag, value, kind, order_cnt, user_id FROM t.events WHERE id > :last_event;
+SELECT * FROM t.windows WHERE user_id = 'u4';
+SELECT * FROM dwh.verify();
+-- Back into the window (29 days and 23 hours old): counted, granted again.
+SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
+SELECT t.load_dated(10, 'u4', interval '29 days 23 hours', 'd2:Борщ');
+SELECT tag, value, kind, order_cnt, user_id FROM t.events WHERE id > :last_event;
+SELECT * FROM t.windows WHERE user_id = 'u4';
+-- A windowed favourite counts per category: for u4, Супы 1; a first
+-- order of u5 dated now, with a soup and a cake, ties Десерты and Супы at
+-- 1, and the smallest name (byte by byte) is the favourite.
+INSERT INTO dwh.tag_rules (tag, kind, threshold, window_days)
+VALUES ('recent favourite', 'favourite_category', 1, 30);
+SELECT t.load(11, 'u5', 'CLOSED',
+              to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'),
+              'd2:Борщ', 'd4:Торт');
+SELECT * FROM t.windows WHERE user_id IN ('u4', 'u5');
+SELECT * FROM t.tags WHERE user_id IN ('u4', 'u5') AND tag LIKE '%favourite';
+SELECT * FROM dwh.verify();
+
 -- The oracle catches a tampered tag, a missing one and a made-up one;
 -- dwh.rebuild() repairs them, with events.
-UPDATE cdm.user_tags SET order_cnt = 99
+UPDATE cdm.user_tags_held SET value = 'Супы'
 WHERE tag = 'regular' AND user_id = dwh.hash_key('u1');
-DELETE FROM cdm.user_tags WHERE tag = 'favourite' AND user_id = dwh.hash_key('u2');
-INSERT INTO cdm.user_tags (user_id, tag, order_cnt) VALUES (dwh.hash_key('u4'), 'regular', 1);
+DELETE FROM cdm.user_tags_held WHERE tag = 'favourite' AND user_id = dwh.hash_key('u2');
+INSERT INTO cdm.user_tags_held (user_id, tag) VALUES (dwh.hash_key('u4'), 'regular');
+UPDATE cdm.user_window_counters SET order_cnt = 7
+WHERE tag = 'active' AND user_id = dwh.hash_key('u4');
 SELECT mart, expected_name, actual_name, expected_cnt, actual_cnt FROM dwh.verify();
 SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
 SELECT * FROM dwh.rebuild();
 SELECT tag, value, kind, order_cnt, user_id FROM t.events WHERE id > :last_event;
+SELECT * FROM t.windows WHERE user_id = 'u4' AND tag = 'active';
 SELECT * FROM dwh.verify();
 
 -- The users' order counts mart, and the marts' own recount.

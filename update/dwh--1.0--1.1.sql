@@ -377,13 +377,13 @@ COMMENT ON FUNCTION dwh.all_orders_key() IS
     'Internal: the key that carries a user''s CLOSED order count delta among the category mart deltas (cdm.user_order_counters)';
 
 -- ... and "some order of this user changed" (a positive delta, so that
--- summing the deltas of a batch never cancels it): windowed tag rules
--- recount such users.
+-- summing the deltas of a batch never cancels it): the tag step locks
+-- such users' rows before it refreshes their tags.
 CREATE FUNCTION dwh.touched_user_key() RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS 'SELECT ''00000000-0000-0000-0000-000000000001''::uuid';
 COMMENT ON FUNCTION dwh.touched_user_key() IS
-    'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (for windowed tag rules)';
+    'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (the tag step locks the user)';
 
 -- Dishes (install/40_products.sql): menu namings and order namings have a
 -- loader each, replacing dwh.load_products; the claim of the keys that
@@ -730,19 +730,51 @@ DECLARE
     order_users uuid[];
     order_deltas integer[];
     touched uuid[];
+    window_users uuid[];
+    window_keys uuid[];
+    window_deltas integer[];
+    tagging boolean;
+    moved_product_users uuid[];
+    moved_products uuid[];
+    moved_product_counts integer[];
+    moved_category_users uuid[];
+    moved_categories uuid[];
+    moved_category_counts integer[];
+    crossed_users uuid[];
+    crossed_tags text[];
 BEGIN
+    IF products IS NULL AND categories IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Step 3 of the lock order: the order triggers and menu changes took
+    -- the tag lock already (this takes it again, in case a caller did
+    -- not).  With some rule, the marts' new counts are kept for the tags.
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    tagging := refresh_tags AND NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules);
+
     IF categories IS NOT NULL THEN
         SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.d) FILTER (WHERE d.category_id = dwh.all_orders_key()),
                array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.touched_user_key()),
-               array_agg(d.user_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                         dwh.touched_user_key())),
-               array_agg(d.category_id) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                             dwh.touched_user_key())),
-               array_agg(d.d) FILTER (WHERE d.category_id NOT IN (dwh.all_orders_key(),
-                                                                   dwh.touched_user_key()))
-        INTO order_users, order_deltas, touched, category_users, categories, category_deltas
-        FROM unnest(category_users, categories, category_deltas) AS d(user_id, category_id, d);
+               array_agg(d.user_id) FILTER (WHERE d.window_key),
+               array_agg(d.category_id) FILTER (WHERE d.window_key),
+               array_agg(d.d) FILTER (WHERE d.window_key),
+               array_agg(d.user_id) FILTER (WHERE NOT d.window_key
+                                              AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                        dwh.touched_user_key())),
+               array_agg(d.category_id) FILTER (WHERE NOT d.window_key
+                                                  AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                            dwh.touched_user_key())),
+               array_agg(d.d) FILTER (WHERE NOT d.window_key
+                                        AND d.category_id NOT IN (dwh.all_orders_key(),
+                                                                  dwh.touched_user_key()))
+        INTO order_users, order_deltas, touched, window_users, window_keys, window_deltas,
+             category_users, categories, category_deltas
+        FROM (SELECT x.*, dwh.is_tag_window_key(x.category_id) AS window_key
+              FROM unnest(category_users, categories, category_deltas)
+                   AS x(user_id, category_id, d)) d;
     END IF;
 
     IF products IS NOT NULL THEN
@@ -774,6 +806,7 @@ BEGIN
             ORDER BY d.user_id, d.product_id
             ON CONFLICT (user_id, product_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.product_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_product_counters m
@@ -781,11 +814,20 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
             RETURNING m.user_id, m.product_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id), array_agg(product_id)
-        INTO zero_users, zero_keys
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(product_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(product_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, zero_keys,
+             moved_product_users, moved_products, moved_product_counts
+        FROM moved;
 
         IF zero_keys IS NOT NULL THEN
             DELETE FROM cdm.user_product_counters m
@@ -817,6 +859,7 @@ BEGIN
             ORDER BY d.user_id, d.category_id
             ON CONFLICT (user_id, category_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.category_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_category_counters m
@@ -824,11 +867,20 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
             RETURNING m.user_id, m.category_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id), array_agg(category_id)
-        INTO zero_users, zero_keys
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(category_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(category_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, zero_keys,
+             moved_category_users, moved_categories, moved_category_counts
+        FROM moved;
 
         IF zero_keys IS NOT NULL THEN
             DELETE FROM cdm.user_category_counters m
@@ -838,10 +890,21 @@ BEGIN
         END IF;
     END IF;
 
-    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched,
-                                            product_users, products,
-                                            category_users, categories,
-                                            refresh_tags);
+    IF tagging THEN
+        SELECT array_agg(c.user_id), array_agg(c.tag)
+        INTO crossed_users, crossed_tags
+        FROM (SELECT * FROM dwh.tags_crossed('dish', product_users, products, product_deltas,
+                                             moved_product_users, moved_products,
+                                             moved_product_counts)
+              UNION ALL
+              SELECT * FROM dwh.tags_crossed('category', category_users, categories,
+                                             category_deltas, moved_category_users,
+                                             moved_categories, moved_category_counts)) c;
+    END IF;
+
+    PERFORM dwh.apply_order_deltas_and_tags(order_users, order_deltas, touched, category_users,
+                                            window_users, window_keys, window_deltas,
+                                            tagging, crossed_users, crossed_tags);
 END
 $fn$;
 COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS
@@ -860,7 +923,7 @@ COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uui
 -- the random UUID keys then fill index pages one after the other, and so
 -- do the foreign-key checks.
 CREATE FUNCTION dwh.load_new_orders(object_ids bigint[], versions timestamp[],
-                                    payloads jsonb[],
+                                    payloads jsonb[], windows boolean DEFAULT false,
                                     OUT product_users uuid[], OUT products uuid[],
                                     OUT product_deltas integer[],
                                     OUT category_users uuid[], OUT categories uuid[],
@@ -922,6 +985,47 @@ BEGIN
                update_ts, 'stg.order_events'
         FROM batch
     ),
+    window_rule AS MATERIALIZED (
+        SELECT r.tag, r.kind,
+               r.window_as_of - make_interval(days => r.window_days) AS window_start,
+               dwh.hash_key(r.category_name) AS category_id,
+               dwh.hash_key(r.product_id) AS product_id
+        FROM dwh.tag_rules r
+        WHERE windows AND r.window_days IS NOT NULL
+    ),
+    window_item AS MATERIALIZED (
+        SELECT i.h_user_pk, i.h_order_pk, b.order_dt, i.h_product_pk, c.h_category_pk
+        FROM item i
+        JOIN batch b USING (h_order_pk)
+        LEFT JOIN category c USING (h_product_pk)
+        WHERE i.status = 'CLOSED'
+          AND EXISTS (SELECT FROM window_rule r WHERE r.kind <> 'all_orders')
+    ),
+    window_delta AS (
+        SELECT b.h_user_pk, r.tag, dwh.all_orders_key() AS category_id, count(*)::integer AS d
+        FROM window_rule r
+        JOIN batch b ON b.order_dt >= r.window_start
+        WHERE r.kind = 'all_orders' AND b.status = 'CLOSED'
+        GROUP BY b.h_user_pk, r.tag
+        UNION ALL
+        SELECT k.h_user_pk, k.tag, dwh.all_orders_key(), count(DISTINCT k.h_order_pk)::integer
+        FROM (SELECT i.h_user_pk, r.tag, i.h_order_pk
+              FROM window_rule r
+              JOIN window_item i ON i.h_product_pk = r.product_id AND i.order_dt >= r.window_start
+              WHERE r.kind = 'dish'
+              UNION ALL
+              SELECT i.h_user_pk, r.tag, i.h_order_pk
+              FROM window_rule r
+              JOIN window_item i ON i.h_category_pk = r.category_id AND i.order_dt >= r.window_start
+              WHERE r.kind = 'category') k
+        GROUP BY k.h_user_pk, k.tag
+        UNION ALL
+        SELECT i.h_user_pk, r.tag, i.h_category_pk, count(DISTINCT i.h_order_pk)::integer
+        FROM window_rule r
+        JOIN window_item i ON i.order_dt >= r.window_start AND i.h_category_pk IS NOT NULL
+        WHERE r.kind = 'favourite_category'
+        GROUP BY i.h_user_pk, r.tag, i.h_category_pk
+    ),
     -- In no particular order: dwh.apply_mart_deltas writes in key order.
     product_delta_keys AS (
         SELECT array_agg(h_user_pk) AS users,
@@ -949,7 +1053,13 @@ BEGIN
               UNION ALL
               SELECT h_user_pk, dwh.touched_user_key(), count(*)::integer
               FROM batch
-              GROUP BY h_user_pk) x
+              GROUP BY h_user_pk
+              -- With windows (the caller holds the tag lock), what the
+              -- orders count for the windowed tag rules, as
+              -- dwh.tag_window_counts() counts it (install/77_tags.sql).
+              UNION ALL
+              SELECT w.h_user_pk, dwh.tag_window_key(w.tag, w.category_id), w.d
+              FROM window_delta w) x
     )
     SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
     INTO product_users, products, product_deltas,
@@ -957,8 +1067,8 @@ BEGIN
     FROM product_delta_keys p, category_delta_keys c;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[]) IS
-    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause';
+COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[], boolean) IS
+    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause (with windows, those of the windowed tag counts too)';
 
 -- Orders DDS already holds (a new version, a replay, a restore): the deltas
 -- take away what they counted before.  The current version is the greatest
@@ -1178,6 +1288,17 @@ DECLARE
     payloads jsonb[];
     named record;
     d record;
+    windows boolean;
+    recount_windows boolean := false;
+    orders uuid[];
+    before_users uuid[];
+    before_tags text[];
+    before_categories uuid[];
+    before_counts integer[];
+    w record;
+    category_users uuid[];
+    categories uuid[];
+    category_deltas integer[];
 BEGIN
     SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
     INTO object_ids, versions, payloads
@@ -1190,12 +1311,28 @@ BEGIN
         named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
 
+    -- The tag lock, shared, before DDS is read (step 3 of the lock order,
+    -- install/40_products.sql): windowed tag rules count what the orders
+    -- count now minus what they counted before, which holds only while no
+    -- window moves and no rule changes until the batch commits.
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    windows := NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules r WHERE r.window_days IS NOT NULL);
+
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)
     IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
                                         JOIN dds.h_order h ON h.order_id = c.object_id) THEN
-        d := dwh.load_new_orders(object_ids, versions, payloads);
+        d := dwh.load_new_orders(object_ids, versions, payloads, windows);
     ELSE
+        recount_windows := windows;
+        IF recount_windows THEN
+            orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+            SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
+                   array_agg(b.order_cnt)
+            INTO before_users, before_tags, before_categories, before_counts
+            FROM dwh.tag_window_counts(orders, NULL, NULL) b;
+        END IF;
         d := dwh.load_known_orders(object_ids, versions, payloads);
     END IF;
 
@@ -1209,12 +1346,27 @@ BEGIN
                    ELSE o.payload::text <> c.payload::text END;
     END IF;
 
+    -- The windowed tag counts' deltas travel with the category deltas
+    -- (install/77_tags.sql); dwh.load_new_orders() counts them itself.
+    category_users := d.category_users;
+    categories := d.categories;
+    category_deltas := d.category_deltas;
+    IF recount_windows THEN
+        w := dwh.tag_window_deltas(orders, before_users, before_tags,
+                                   before_categories, before_counts);
+        IF w.keys IS NOT NULL THEN
+            category_users := category_users || w.users;
+            categories := categories || w.keys;
+            category_deltas := category_deltas || w.deltas;
+        END IF;
+    END IF;
+
     -- The marts, after DDS.  (Within an ingest, deferred to the end of its
     -- upsert: one sorted pass for the INSERT and UPDATE triggers together.)
     IF NOT dwh.defer_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                 d.category_users, d.categories, d.category_deltas) THEN
+                                 category_users, categories, category_deltas) THEN
         PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      d.category_users, d.categories, d.category_deltas);
+                                      category_users, categories, category_deltas);
     END IF;
 
     IF NOT dwh.keys_claimed() THEN
@@ -1458,7 +1610,32 @@ DECLARE
     category_users uuid[];
     category_keys uuid[];
     category_deltas integer[];
+    windows boolean;
+    orders uuid[];
+    before_users uuid[];
+    before_tags text[];
+    before_categories uuid[];
+    before_counts integer[];
+    w record;
 BEGIN
+    -- Windowed tag rules count what the orders holding the dishes count
+    -- after the move minus before, under the tag lock (see
+    -- dwh.order_events_changed).
+    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    windows := NOT dwh.tags_restoring()
+               AND EXISTS (SELECT FROM dwh.tag_rules r
+                           WHERE r.window_days IS NOT NULL
+                             AND r.kind IN ('category', 'favourite_category'));
+    IF windows THEN
+        orders := ARRAY(SELECT DISTINCT op.h_order_pk
+                        FROM dds.l_order_product op
+                        WHERE op.h_product_pk = ANY (products));
+        SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
+               array_agg(b.order_cnt)
+        INTO before_users, before_tags, before_categories, before_counts
+        FROM dwh.tag_window_counts(orders, NULL, NULL) b;
+    END IF;
+
     WITH moved AS MATERIALIZED (
         SELECT * FROM unnest(products, categories, versions)
                  AS m(h_product_pk, h_category_pk, load_dt)
@@ -1504,8 +1681,8 @@ BEGIN
             load_dt = EXCLUDED.load_dt,
             load_src = EXCLUDED.load_src
     ),
-    -- The users of those orders are touched: their windowed tag rules are
-    -- recounted (install/30_cdm.sql).
+    -- The users of those orders are touched (install/30_cdm.sql): their
+    -- rows are locked before their tags are refreshed.
     keys AS (
         SELECT array_agg(h_user_pk ORDER BY h_user_pk, h_category_pk) AS users,
                array_agg(h_category_pk ORDER BY h_user_pk, h_category_pk) AS keys,
@@ -1517,6 +1694,16 @@ BEGIN
     SELECT users, keys, deltas
     INTO category_users, category_keys, category_deltas
     FROM keys;
+
+    IF windows THEN
+        w := dwh.tag_window_deltas(orders, before_users, before_tags,
+                                   before_categories, before_counts);
+        IF w.keys IS NOT NULL THEN
+            category_users := category_users || w.users;
+            category_keys := category_keys || w.keys;
+            category_deltas := category_deltas || w.deltas;
+        END IF;
+    END IF;
 
     PERFORM dwh.apply_mart_deltas(NULL, NULL, NULL,
                                   category_users, category_keys, category_deltas);
@@ -2120,7 +2307,7 @@ COMMENT ON FUNCTION dwh.tag_lock_key() IS
 -- A restore (pg_restore, or a script of pg_dump run by psql) sets
 -- check_function_bodies off for its whole session, whatever its options
 -- (row_security too, unless --enable-row-security).  It
--- brings cdm.user_tags and cdm.user_tag_events back as they were dumped
+-- brings cdm.user_tags_held and cdm.user_tag_events back as they were dumped
 -- (one snapshot, consistent with the rules and STG dumped with them), so
 -- while it rebuilds the marts from STG the tags are not maintained: else
 -- each table restored would grant and revoke again what the dump holds.
@@ -2165,23 +2352,24 @@ COMMENT ON COLUMN dwh.tag_rules.threshold IS 'At least this many orders (1 or mo
 COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) lies within this many days (1 or more) before window_as_of; null: all of them';
 COMMENT ON COLUMN dwh.tag_rules.window_as_of IS 'Set by dwh, not by the rule''s writer: the UTC time that windowed counts end at, set when the rule is written and moved on by dwh.expire_tags(); null without a window';
 
--- Tags: one row per user and tag held.  order_cnt is kept current.
-CREATE TABLE cdm.user_tags (
+-- Tags: one row per user and tag held, written only when a tag is
+-- granted, revoked or its value changes; what the rule counts now is read
+-- from the counts by the view cdm.user_tags (below), so that an order that
+-- moves a count without crossing a threshold writes no tag row.
+CREATE TABLE cdm.user_tags_held (
     user_id     uuid NOT NULL,
     tag         text NOT NULL,
     value       text,
-    order_cnt   integer NOT NULL,
     since       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (user_id, tag)
-) WITH (fillfactor = 80);
+);
 -- "Who holds tag X"; a rule change reads its holders.
-CREATE INDEX user_tags_tag_idx ON cdm.user_tags (tag);
-COMMENT ON TABLE cdm.user_tags IS 'User tags: a row per user and tag while the user meets the rule of dwh.tag_rules';
-COMMENT ON COLUMN cdm.user_tags.user_id IS 'The user: dds.h_user.h_user_pk';
-COMMENT ON COLUMN cdm.user_tags.tag IS 'The tag (dwh.tag_rules.tag)';
-COMMENT ON COLUMN cdm.user_tags.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
-COMMENT ON COLUMN cdm.user_tags.order_cnt IS 'The orders the rule counts for the user now (at least its threshold)';
-COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
+CREATE INDEX user_tags_held_tag_idx ON cdm.user_tags_held (tag);
+COMMENT ON TABLE cdm.user_tags_held IS 'The user tags held: a row per user and tag while the user meets the rule of dwh.tag_rules (read cdm.user_tags, which adds the count)';
+COMMENT ON COLUMN cdm.user_tags_held.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tags_held.tag IS 'The tag (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_tags_held.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
+COMMENT ON COLUMN cdm.user_tags_held.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
 
 -- The change feed: every grant and revoke, in the transaction that makes
 -- it.  Ids grow in commit order for each (user, tag) (docs/tags.md).
@@ -2219,99 +2407,297 @@ COMMENT ON COLUMN dwh.tag_outbox.event_id IS 'The event to produce (cdm.user_tag
 CREATE INDEX l_order_user_h_user_pk_idx ON dds.l_order_user (h_user_pk);
 CREATE INDEX h_order_order_dt_idx ON dds.h_order (order_dt);
 
+-- What windowed rules count, kept like the marts: for each windowed rule,
+-- each user's CLOSED orders that the rule counts, dated from window_as_of -
+-- window_days on (a favourite_category rule: per category).  A batch adds
+-- what its orders count now minus what they counted before (computed with
+-- the tag lock held shared, so that no window moves meanwhile: see
+-- dwh.order_events_changed); dwh.expire_tags() takes away the orders that
+-- leave a window; a rule change recounts its rows.  So a windowed tag costs
+-- a batch what an all-time one does: no recount of the user's orders.
+CREATE TABLE cdm.user_window_counters (
+    user_id     uuid NOT NULL,
+    tag         text NOT NULL,
+    category_id uuid NOT NULL,
+    order_cnt   integer NOT NULL CHECK (order_cnt >= 0),
+    PRIMARY KEY (user_id, tag, category_id)
+) WITH (fillfactor = 80);
+-- A rule change deletes and recounts its rows.
+CREATE INDEX user_window_counters_tag_idx ON cdm.user_window_counters (tag);
+COMMENT ON TABLE cdm.user_window_counters IS 'What each windowed tag rule counts per user: the user''s CLOSED orders dated within the rule''s window (as of its window_as_of) that the rule counts; a row exists while its order_cnt is positive';
+COMMENT ON COLUMN cdm.user_window_counters.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_window_counters.tag IS 'The windowed rule (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_window_counters.category_id IS 'favourite_category rules: the category (dds.h_category.h_category_pk); other rules: dwh.all_orders_key()';
+COMMENT ON COLUMN cdm.user_window_counters.order_cnt IS 'The user''s CLOSED orders in the window that the rule counts (in the category, for favourite_category)';
+
+-- The tags with what their rules count now: one key read per tag, from the
+-- mart or windowed count that the rule counts (for a favourite, in its
+-- category).
+CREATE VIEW cdm.user_tags AS
+SELECT h.user_id, h.tag, h.value,
+       coalesce(CASE
+                WHEN r.window_days IS NOT NULL THEN
+                    (SELECT w.order_cnt FROM cdm.user_window_counters w
+                     WHERE w.user_id = h.user_id AND w.tag = h.tag
+                       AND w.category_id = CASE WHEN r.kind = 'favourite_category'
+                                                THEN dwh.hash_key(h.value)
+                                                ELSE dwh.all_orders_key() END)
+                WHEN r.kind = 'category' THEN
+                    (SELECT m.order_cnt FROM cdm.user_category_counters m
+                     WHERE m.user_id = h.user_id
+                       AND m.category_id = dwh.hash_key(r.category_name))
+                WHEN r.kind = 'favourite_category' THEN
+                    (SELECT m.order_cnt FROM cdm.user_category_counters m
+                     WHERE m.user_id = h.user_id AND m.category_id = dwh.hash_key(h.value))
+                WHEN r.kind = 'dish' THEN
+                    (SELECT m.order_cnt FROM cdm.user_product_counters m
+                     WHERE m.user_id = h.user_id AND m.product_id = dwh.hash_key(r.product_id))
+                ELSE
+                    (SELECT m.order_cnt FROM cdm.user_order_counters m
+                     WHERE m.user_id = h.user_id)
+                END, 0) AS order_cnt,
+       h.since
+FROM cdm.user_tags_held h
+LEFT JOIN dwh.tag_rules r ON r.tag = h.tag;
+COMMENT ON VIEW cdm.user_tags IS 'User tags: a row per user and tag while the user meets the rule of dwh.tag_rules, with what the rule counts now';
+COMMENT ON COLUMN cdm.user_tags.user_id IS 'The user: dds.h_user.h_user_pk';
+COMMENT ON COLUMN cdm.user_tags.tag IS 'The tag (dwh.tag_rules.tag)';
+COMMENT ON COLUMN cdm.user_tags.value IS 'favourite_category: the user''s most ordered category (the smallest name, byte by byte, among equals); null for the other kinds';
+COMMENT ON COLUMN cdm.user_tags.order_cnt IS 'The orders the rule counts for the user now (at least its threshold): read from the marts or cdm.user_window_counters';
+COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its current value): the time of the granting transaction, a load-time column';
+
+-- The deltas of cdm.user_window_counters travel with the category mart
+-- deltas (install/30_cdm.sql), under a key per (rule, category) that no
+-- category can have: a category key is a UUID version 5, these are
+-- ffffffff-ffff-0xxx-xxxx-xxxxxxxxxxxx, the rest from an MD5 of the rule's
+-- tag and the category (one expression, so that the planner inlines it).
+-- The tag step finds the rule and category back by computing the keys of
+-- the windowed rules.
+CREATE FUNCTION dwh.tag_window_key(tag text, category_id uuid) RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT ('ffffffffffff0' || pg_catalog.substr(pg_catalog.md5($1 || '/' || $2::text), 1, 19))::uuid
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
+    'Internal: the key that carries the deltas of cdm.user_window_counters for this rule and category among the category mart deltas';
+
+CREATE FUNCTION dwh.is_tag_window_key(key uuid) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT $1 >= 'ffffffff-ffff-0000-0000-000000000000'::uuid
+       AND $1 <= 'ffffffff-ffff-0fff-ffff-ffffffffffff'::uuid
+$fn$;
+COMMENT ON FUNCTION dwh.is_tag_window_key(uuid) IS
+    'Internal: is this key among the category mart deltas one of dwh.tag_window_key()?';
+
+-- What orders count for windowed rules, from DDS as the calling statement
+-- sees it, per (user, rule, category) as cdm.user_window_counters keeps
+-- it: the given orders (null: every order dated in a window), for the
+-- given rules (null: every windowed rule).  With moved_to, only the orders
+-- that leave a window when its end moves on to moved_to (dated before
+-- moved_to - window_days), for the rules whose window ends before.
+CREATE FUNCTION dwh.tag_window_counts(orders uuid[], rule_tags text[], moved_to timestamp)
+    RETURNS TABLE (user_id uuid, tag text, category_id uuid, order_cnt integer)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        WITH rule AS MATERIALIZED (
+            SELECT r.tag, r.kind,
+                   r.window_as_of - make_interval(days => r.window_days) AS window_start,
+                   moved_to - make_interval(days => r.window_days) AS window_end,
+                   dwh.hash_key(r.category_name) AS category_id,
+                   dwh.hash_key(r.product_id) AS product_id
+            FROM dwh.tag_rules r
+            WHERE r.window_days IS NOT NULL
+              AND (rule_tags IS NULL OR r.tag = ANY (rule_tags))
+              AND (moved_to IS NULL OR r.window_as_of < moved_to)
+        ),
+        span AS MATERIALIZED (
+            SELECT min(r.window_start) AS lo, max(r.window_end) AS hi FROM rule r
+        ),
+        -- The given orders by key (not a scan of the window filtered by
+        -- them), or every order dated in a window.
+        given AS MATERIALIZED (
+            SELECT h.h_order_pk, h.order_dt
+            FROM (SELECT DISTINCT x.pk FROM unnest(orders) AS x(pk)) x
+            JOIN dds.h_order h ON h.h_order_pk = x.pk
+        ),
+        -- Each order's user and dishes by key (OFFSET 0: never a merge
+        -- join over a whole link table, which a generic plan's estimate
+        -- of the orders chose).
+        closed AS MATERIALIZED (
+            SELECT ou.h_user_pk AS user_id, o.h_order_pk, o.order_dt
+            FROM (SELECT g.h_order_pk, g.order_dt
+                  FROM given g, span s
+                  WHERE orders IS NOT NULL AND g.order_dt >= s.lo
+                  UNION ALL
+                  SELECT h.h_order_pk, h.order_dt
+                  FROM span s JOIN dds.h_order h
+                    ON h.order_dt >= s.lo AND (s.hi IS NULL OR h.order_dt < s.hi)
+                  WHERE orders IS NULL) o
+            CROSS JOIN LATERAL (SELECT l.h_user_pk FROM dds.l_order_user l
+                                WHERE l.h_order_pk = o.h_order_pk OFFSET 0) ou
+            WHERE (SELECT s.status FROM dds.s_order_status s
+                   WHERE s.h_order_pk = o.h_order_pk
+                   ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
+        ),
+        item AS MATERIALIZED (
+            SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
+            FROM closed c
+            CROSS JOIN LATERAL (SELECT l.h_product_pk FROM dds.l_order_product l
+                                WHERE l.h_order_pk = c.h_order_pk OFFSET 0) op
+            LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
+            WHERE EXISTS (SELECT FROM rule r WHERE r.kind <> 'all_orders')
+        )
+        SELECT c.user_id, r.tag, dwh.all_orders_key(), count(*)::integer
+        FROM rule r
+        JOIN closed c ON c.order_dt >= r.window_start
+                     AND (r.window_end IS NULL OR c.order_dt < r.window_end)
+        WHERE r.kind = 'all_orders'
+        GROUP BY c.user_id, r.tag
+        UNION ALL
+        SELECT k.user_id, k.tag, dwh.all_orders_key(), count(DISTINCT k.h_order_pk)::integer
+        FROM (SELECT i.user_id, r.tag, i.h_order_pk
+              FROM rule r
+              JOIN item i ON i.h_product_pk = r.product_id
+                         AND i.order_dt >= r.window_start
+                         AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+              WHERE r.kind = 'dish'
+              UNION ALL
+              SELECT i.user_id, r.tag, i.h_order_pk
+              FROM rule r
+              JOIN item i ON i.h_category_pk = r.category_id
+                         AND i.order_dt >= r.window_start
+                         AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+              WHERE r.kind = 'category') k
+        GROUP BY k.user_id, k.tag
+        UNION ALL
+        SELECT i.user_id, r.tag, i.h_category_pk, count(DISTINCT i.h_order_pk)::integer
+        FROM rule r
+        JOIN item i ON i.order_dt >= r.window_start
+                   AND (r.window_end IS NULL OR i.order_dt < r.window_end)
+                   AND i.h_category_pk IS NOT NULL
+        WHERE r.kind = 'favourite_category'
+        GROUP BY i.user_id, r.tag, i.h_category_pk;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_counts(uuid[], text[], timestamp) IS
+    'Internal: what orders count for windowed tag rules per (user, rule, category), from DDS: the given orders or every order in a window, or with moved_to those leaving the windows';
+
+-- The windowed counts' deltas of these orders for the category mart
+-- deltas: what they count now (dwh.tag_window_counts) minus what they
+-- counted before (the arrays before_*, read the same way before the
+-- caller changed DDS).
+CREATE FUNCTION dwh.tag_window_deltas(orders uuid[],
+                                      before_users uuid[], before_tags text[],
+                                      before_categories uuid[], before_counts integer[],
+                                      OUT users uuid[], OUT keys uuid[], OUT deltas integer[])
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    SELECT array_agg(x.user_id), array_agg(dwh.tag_window_key(x.tag, x.category_id)),
+           array_agg(x.d)
+    INTO users, keys, deltas
+    FROM (SELECT c.user_id, c.tag, c.category_id, sum(c.n)::integer AS d
+          FROM (SELECT w.user_id, w.tag, w.category_id, w.order_cnt AS n
+                FROM dwh.tag_window_counts(orders, NULL, NULL) w
+                UNION ALL
+                SELECT b.user_id, b.tag, b.category_id, -b.n
+                FROM unnest(before_users, before_tags, before_categories, before_counts)
+                     AS b(user_id, tag, category_id, n)) c
+          GROUP BY c.user_id, c.tag, c.category_id
+          HAVING sum(c.n) <> 0) x;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], integer[]) IS
+    'Internal: the deltas of cdm.user_window_counters that a change of these orders makes, as category mart deltas under dwh.tag_window_key()';
+
 -- What each (user, tag) pair counts now, and whether the tag is held:
--- all-time rules from the marts, windowed ones from DDS (the user's
--- CLOSED orders dated from window_as_of - window_days on).  Pairs of tags
--- without a rule are left out.
+-- all-time rules from the marts, windowed ones from
+-- cdm.user_window_counters; a pair whose tag has no rule counts nothing.
+-- One row per pair, each count read by key (OFFSET 0: one index probe per
+-- pair, whatever the planner believes of the tables' sizes, which a batch
+-- never analyzes); each rule's keys are computed once, not per pair.
 CREATE FUNCTION dwh.tags_due(users uuid[], tags text[])
     RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer, held boolean)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH pair AS MATERIALIZED (
-        SELECT DISTINCT p.user_id, r.tag, r.kind, r.threshold,
-               r.window_as_of - make_interval(days => r.window_days) AS window_start,
-               dwh.hash_key(r.category_name) AS category_id,
-               dwh.hash_key(r.product_id) AS product_id
-        FROM unnest(users, tags) AS p(user_id, tag)
-        JOIN dwh.tag_rules r ON r.tag = p.tag
-    ),
-    -- Each user's CLOSED orders in the widest window asked of it.
-    recent AS MATERIALIZED (
-        SELECT w.user_id, o.h_order_pk, o.order_dt
-        FROM (SELECT p.user_id, min(p.window_start) AS since
-              FROM pair p
-              WHERE p.window_start IS NOT NULL
-              GROUP BY p.user_id) w
-        JOIN dds.l_order_user ou ON ou.h_user_pk = w.user_id
-        JOIN dds.h_order o ON o.h_order_pk = ou.h_order_pk
-        WHERE o.order_dt >= w.since
-          AND (SELECT s.status FROM dds.s_order_status s
-               WHERE s.h_order_pk = o.h_order_pk
-               ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED'
-    ),
-    recent_item AS MATERIALIZED (
-        SELECT r.user_id, r.h_order_pk, r.order_dt, op.h_product_pk, pc.h_category_pk
-        FROM recent r
-        JOIN dds.l_order_product op ON op.h_order_pk = r.h_order_pk
-        LEFT JOIN dds.l_product_category pc ON pc.h_product_pk = op.h_product_pk
-    ),
-    counted AS (
-        SELECT p.user_id, p.tag, NULL::text AS value, m.order_cnt, p.threshold
-        FROM pair p
-        JOIN cdm.user_category_counters m
-          ON m.user_id = p.user_id AND m.category_id = p.category_id
-        WHERE p.kind = 'category' AND p.window_start IS NULL
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
-        FROM pair p
-        JOIN cdm.user_product_counters m
-          ON m.user_id = p.user_id AND m.product_id = p.product_id
-        WHERE p.kind = 'dish' AND p.window_start IS NULL
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, m.order_cnt, p.threshold
-        FROM pair p
-        JOIN cdm.user_order_counters m ON m.user_id = p.user_id
-        WHERE p.kind = 'all_orders' AND p.window_start IS NULL
-        UNION ALL
-        SELECT p.user_id, p.tag, f.category_name, f.order_cnt, p.threshold
-        FROM pair p
-        CROSS JOIN LATERAL (
-            SELECT m.category_name::text AS category_name, m.order_cnt
-            FROM cdm.user_category_counters m
-            WHERE m.user_id = p.user_id
-            ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
-            LIMIT 1) f
-        WHERE p.kind = 'favourite_category' AND p.window_start IS NULL
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, count(*)::integer, p.threshold
-        FROM pair p
-        JOIN recent r ON r.user_id = p.user_id AND r.order_dt >= p.window_start
-        WHERE p.kind = 'all_orders'
-        GROUP BY p.user_id, p.tag, p.threshold
-        UNION ALL
-        SELECT p.user_id, p.tag, NULL, count(DISTINCT i.h_order_pk)::integer, p.threshold
-        FROM pair p
-        JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
-        WHERE (p.kind = 'dish' AND i.h_product_pk = p.product_id)
-           OR (p.kind = 'category' AND i.h_category_pk = p.category_id)
-        GROUP BY p.user_id, p.tag, p.threshold
-        UNION ALL
-        SELECT * FROM (
-            SELECT DISTINCT ON (p.user_id, p.tag) p.user_id, p.tag, h.category_name::text,
-                   count(DISTINCT i.h_order_pk)::integer, p.threshold
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        WITH rule AS MATERIALIZED (
+            SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
+                   dwh.hash_key(r.category_name) AS category_id,
+                   dwh.hash_key(r.product_id) AS product_id
+            FROM dwh.tag_rules r
+        ),
+        pair AS MATERIALIZED (
+            SELECT p.user_id, p.tag, r.kind, r.windowed, r.threshold, r.category_id, r.product_id
+            FROM (SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)) p
+            LEFT JOIN rule r ON r.tag = p.tag
+        ),
+        counted AS (
+            SELECT p.user_id, p.tag, NULL::text AS value, c.order_cnt, p.threshold
             FROM pair p
-            JOIN recent_item i ON i.user_id = p.user_id AND i.order_dt >= p.window_start
-            JOIN dds.h_category h ON h.h_category_pk = i.h_category_pk
-            WHERE p.kind = 'favourite_category'
-            GROUP BY p.user_id, p.tag, p.threshold, h.category_name
-            ORDER BY p.user_id, p.tag, count(DISTINCT i.h_order_pk) DESC,
-                     h.category_name COLLATE "C") f
-    )
-    SELECT c.user_id, c.tag, c.value, c.order_cnt, c.order_cnt >= c.threshold
-    FROM counted c;
+            LEFT JOIN LATERAL (SELECT m.order_cnt FROM cdm.user_category_counters m
+                               WHERE m.user_id = p.user_id AND m.category_id = p.category_id
+                               OFFSET 0) c ON true
+            WHERE p.kind = 'category' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT m.order_cnt FROM cdm.user_product_counters m
+                               WHERE m.user_id = p.user_id AND m.product_id = p.product_id
+                               OFFSET 0) c ON true
+            WHERE p.kind = 'dish' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT m.order_cnt FROM cdm.user_order_counters m
+                               WHERE m.user_id = p.user_id
+                               OFFSET 0) c ON true
+            WHERE p.kind = 'all_orders' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, c.category_name, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT m.category_name::text AS category_name, m.order_cnt
+                               FROM cdm.user_category_counters m
+                               WHERE m.user_id = p.user_id
+                               ORDER BY m.order_cnt DESC, m.category_name COLLATE "C"
+                               LIMIT 1) c ON true
+            WHERE p.kind = 'favourite_category' AND NOT p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT w.order_cnt FROM cdm.user_window_counters w
+                               WHERE w.user_id = p.user_id AND w.tag = p.tag
+                                 AND w.category_id = dwh.all_orders_key()
+                               OFFSET 0) c ON true
+            WHERE p.kind <> 'favourite_category' AND p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, c.category_name, c.order_cnt, p.threshold
+            FROM pair p
+            LEFT JOIN LATERAL (SELECT h.category_name::text AS category_name, w.order_cnt
+                               FROM cdm.user_window_counters w
+                               JOIN dds.h_category h ON h.h_category_pk = w.category_id
+                               WHERE w.user_id = p.user_id AND w.tag = p.tag
+                               ORDER BY w.order_cnt DESC, h.category_name COLLATE "C"
+                               LIMIT 1) c ON true
+            WHERE p.kind = 'favourite_category' AND p.windowed
+            UNION ALL
+            SELECT p.user_id, p.tag, NULL, NULL, NULL
+            FROM pair p
+            WHERE p.kind IS NULL
+        )
+        SELECT c.user_id, c.tag, c.value, coalesce(c.order_cnt, 0),
+               coalesce(c.order_cnt >= c.threshold, false)
+        FROM counted c;
+END
 $fn$;
 COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
-    'Internal: for these (user, tag) pairs, what each rule counts now (from the marts, or DDS for windowed rules) and whether the tag is held';
+    'Internal: for each of these (user, tag) pairs, what its rule counts now (from the marts, or cdm.user_window_counters for windowed rules) and whether the tag is held';
 
 -- Does the Kafka feed take events?  While dwh.tags_topic names a topic
 -- (a setting of the tags worker; a value of postgresql.conf reads here
@@ -2334,13 +2720,12 @@ COMMENT ON FUNCTION dwh.tag_feed_wake() IS
     'Internal: wake the tags worker when the current transaction commits (it queued tag events for Kafka)';
 
 -- Make the tags of these (user, tag) pairs what their rules say now:
--- revoke, grant, move a favourite to another category, keep order_cnt
--- current; write an event for each grant and revoke, in (user, tag) order,
--- notify it, and queue it for Kafka while the feed is on (dwh.tag_outbox,
--- in the event's own transaction, so that the two commit together).  The
--- caller holds what keeps the pairs' users still: the tag lock exclusive,
--- or, shared, the users' rows of cdm.user_order_counters.  Returns the
--- events written.
+-- revoke, grant, move a favourite to another category; write an event for
+-- each grant and revoke, in (user, tag) order, notify it, and queue it for
+-- Kafka while the feed is on (dwh.tag_outbox, in the event's own
+-- transaction, so that the two commit together).  The caller holds what
+-- keeps the pairs' users still: the tag lock exclusive, or, shared, the
+-- users' rows of cdm.user_order_counters.  Returns the events written.
 CREATE FUNCTION dwh.refresh_user_tags(users uuid[], tags text[])
     RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2353,43 +2738,34 @@ BEGIN
         RETURN 0;
     END IF;
 
-    WITH pair AS MATERIALIZED (
-        SELECT DISTINCT p.user_id, p.tag FROM unnest(users, tags) AS p(user_id, tag)
-    ),
-    due AS MATERIALIZED (
+    -- What each pair counts now against the tag it holds (read by key).
+    WITH due AS MATERIALIZED (
         SELECT * FROM dwh.tags_due(users, tags)
     ),
-    held AS MATERIALIZED (
-        SELECT t.user_id, t.tag, t.value, t.order_cnt
-        FROM cdm.user_tags t
-        JOIN pair p ON p.user_id = t.user_id AND p.tag = t.tag
-    ),
     change AS MATERIALIZED (
-        SELECT p.user_id, p.tag, h.value AS old_value, d.value AS new_value,
-               coalesce(d.order_cnt, 0) AS new_cnt,
-               h.user_id IS NOT NULL AS was_held, coalesce(d.held, false) AS is_held
-        FROM pair p
-        LEFT JOIN held h ON h.user_id = p.user_id AND h.tag = p.tag
-        LEFT JOIN due d ON d.user_id = p.user_id AND d.tag = p.tag
-        WHERE (h.user_id IS NOT NULL) <> coalesce(d.held, false)
-           OR (h.user_id IS NOT NULL
-               AND (h.value IS DISTINCT FROM d.value OR h.order_cnt <> d.order_cnt))
+        SELECT d.user_id, d.tag, h.value AS old_value, d.value AS new_value,
+               d.order_cnt AS new_cnt, h.user_id IS NOT NULL AS was_held, d.held AS is_held
+        FROM due d
+        LEFT JOIN LATERAL (SELECT t.user_id, t.value
+                           FROM cdm.user_tags_held t
+                           WHERE t.user_id = d.user_id AND t.tag = d.tag) h ON true
+        WHERE (h.user_id IS NOT NULL) <> d.held
+           OR (h.user_id IS NOT NULL AND d.held AND h.value IS DISTINCT FROM d.value)
     ),
     revoked AS (
-        DELETE FROM cdm.user_tags t
+        DELETE FROM cdm.user_tags_held t
         USING change c
         WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND NOT c.is_held
     ),
-    kept AS (
-        UPDATE cdm.user_tags t
-        SET value = c.new_value, order_cnt = c.new_cnt,
-            since = CASE WHEN t.value IS DISTINCT FROM c.new_value THEN now() ELSE t.since END
+    moved AS (
+        UPDATE cdm.user_tags_held t
+        SET value = c.new_value, since = now()
         FROM change c
         WHERE t.user_id = c.user_id AND t.tag = c.tag AND c.was_held AND c.is_held
     ),
     granted AS (
-        INSERT INTO cdm.user_tags (user_id, tag, value, order_cnt)
-        SELECT c.user_id, c.tag, c.new_value, c.new_cnt
+        INSERT INTO cdm.user_tags_held (user_id, tag, value)
+        SELECT c.user_id, c.tag, c.new_value
         FROM change c
         WHERE NOT c.was_held AND c.is_held
         ORDER BY c.user_id, c.tag
@@ -2429,35 +2805,72 @@ $fn$;
 COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
     'Internal: make the tags of these (user, tag) pairs what their rules say now, writing and notifying an event per grant and revoke; returns the events written';
 
+-- The (user, rule) pairs of all-time dish or category rules (kind) whose
+-- count crossed the rule's threshold: the mart rows moved_users/moved_keys
+-- now count moved_counts, having changed by the delta of the same key in
+-- users/keys/deltas.  Only these can gain or lose the tag: the tags held
+-- are what the counts before said (they are kept in the same transactions
+-- as the counts, and dwh.verify() checks it).  No nested loop: a plan
+-- made for arrays of unknown length (10 rows, it guesses) joins the two
+-- arrays of a batch, some thousand elements each, by comparing every
+-- pair.
+CREATE FUNCTION dwh.tags_crossed(kind text, users uuid[], keys uuid[], deltas integer[],
+                                 moved_users uuid[], moved_keys uuid[],
+                                 moved_counts integer[])
+    RETURNS TABLE (user_id uuid, tag text)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET enable_nestloop = off
+AS $fn$
+    SELECT m.user_id, r.tag
+    FROM (SELECT r.tag, r.threshold,
+                 CASE r.kind WHEN 'dish' THEN dwh.hash_key(r.product_id)
+                             ELSE dwh.hash_key(r.category_name) END AS key
+          FROM dwh.tag_rules r
+          WHERE r.kind = tags_crossed.kind AND r.window_days IS NULL) r
+    JOIN unnest(moved_users, moved_keys, moved_counts) AS m(user_id, key, order_cnt)
+      ON m.key = r.key
+    JOIN unnest(users, keys, deltas) AS d(user_id, key, d)
+      ON d.user_id = m.user_id AND d.key = m.key
+    WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold)
+$fn$;
+COMMENT ON FUNCTION dwh.tags_crossed(text, uuid[], uuid[], integer[], uuid[], uuid[], integer[]) IS
+    'Internal: the (user, tag) pairs of all-time rules of this kind (dish or category) whose count crossed the threshold, from the mart rows written and their deltas';
+
 -- Step 5 of the lock order, after the marts of dishes and categories (see
--- dwh.apply_mart_deltas): the users' CLOSED order counts, then the tags of
--- the (user, rule) pairs whose count may have changed.  With some rule,
--- the rows of every user touched are locked first, in key order: they
--- stand for the users, so that two batches changing orders of one user
--- refresh its tags one after the other, each from what the other
--- committed.
+-- dwh.apply_mart_deltas): the users' CLOSED order counts, then, with some
+-- rule (tagging), the windowed counts and the tags that the batch may
+-- change: the pairs whose count crossed its threshold (crossed_users and
+-- crossed_tags for dish and category rules; all_orders and windowed rules
+-- here, from the counts written), and the favourite categories of the
+-- users with a category delta (category_users) or a windowed one.  With
+-- some rule, the rows of every user touched are locked first, in key
+-- order: they stand for the users, so that two batches changing orders of
+-- one user refresh its tags one after the other, each from what the other
+-- committed.  The caller holds the tag lock shared.
 CREATE FUNCTION dwh.apply_order_deltas_and_tags(order_users uuid[], order_deltas integer[],
-                                                touched uuid[],
-                                                product_users uuid[], products uuid[],
-                                                category_users uuid[], categories uuid[],
-                                                refresh_tags boolean)
+                                                touched uuid[], category_users uuid[],
+                                                window_users uuid[], window_keys uuid[],
+                                                window_deltas integer[],
+                                                tagging boolean,
+                                                crossed_users uuid[], crossed_tags text[])
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    tagging boolean;
     zero_users uuid[];
+    zero_tags text[];
+    zero_categories uuid[];
+    moved_users uuid[];
+    moved_counts integer[];
+    window_pair_users uuid[];
+    window_pair_tags text[];
     pair_users uuid[];
     pair_tags text[];
 BEGIN
-    IF order_users IS NULL AND touched IS NULL AND products IS NULL
-       AND categories IS NULL THEN
+    IF order_users IS NULL AND touched IS NULL AND category_users IS NULL
+       AND window_keys IS NULL AND crossed_users IS NULL THEN
         RETURN;
     END IF;
-
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
-    tagging := refresh_tags AND NOT dwh.tags_restoring()
-               AND EXISTS (SELECT FROM dwh.tag_rules);
 
     IF tagging OR EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
         PERFORM FROM cdm.user_order_counters m
@@ -2486,6 +2899,7 @@ BEGIN
             ORDER BY d.user_id
             ON CONFLICT (user_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            RETURNING m.user_id, m.order_cnt
         ),
         down AS (
             UPDATE cdm.user_order_counters m
@@ -2493,10 +2907,17 @@ BEGIN
             FROM delta d
             WHERE d.d < 0 AND m.user_id = d.user_id
             RETURNING m.user_id, m.order_cnt
+        ),
+        moved AS (
+            SELECT * FROM up
+            UNION ALL
+            SELECT * FROM down
         )
-        SELECT array_agg(user_id) INTO zero_users
-        FROM down
-        WHERE order_cnt = 0;
+        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               array_agg(user_id) FILTER (WHERE tagging),
+               array_agg(order_cnt) FILTER (WHERE tagging)
+        INTO zero_users, moved_users, moved_counts
+        FROM moved;
 
         IF zero_users IS NOT NULL THEN
             DELETE FROM cdm.user_order_counters m
@@ -2508,34 +2929,97 @@ BEGIN
         RETURN;
     END IF;
 
-    -- The pairs whose count may have changed: all-time rules by the mart
-    -- keys that moved, windowed ones for every user touched.
-    WITH rule AS MATERIALIZED (
-        SELECT r.tag, r.kind, r.window_days IS NOT NULL AS windowed,
-               dwh.hash_key(r.category_name) AS category_id,
-               dwh.hash_key(r.product_id) AS product_id
-        FROM dwh.tag_rules r
-    ),
-    pair AS (
-        SELECT p.user_id, r.tag
-        FROM unnest(product_users, products) AS p(user_id, product_id)
-        JOIN rule r ON r.kind = 'dish' AND NOT r.windowed AND r.product_id = p.product_id
+    -- The windowed counts: each key found back among the windowed rules'
+    -- (a favourite's, one per category).  The users' rows are locked.
+    IF window_keys IS NOT NULL THEN
+        WITH window_key AS MATERIALIZED (
+            SELECT r.tag, c.category_id, dwh.tag_window_key(r.tag, c.category_id) AS key
+            FROM dwh.tag_rules r
+            CROSS JOIN LATERAL (SELECT dwh.all_orders_key() AS category_id
+                                WHERE r.kind <> 'favourite_category'
+                                UNION ALL
+                                SELECT h.h_category_pk FROM dds.h_category h
+                                WHERE r.kind = 'favourite_category') c
+            WHERE r.window_days IS NOT NULL
+        ),
+        delta AS MATERIALIZED (
+            SELECT x.user_id, k.tag, k.category_id, sum(x.d)::integer AS d
+            FROM unnest(window_users, window_keys, window_deltas) AS x(user_id, key, d)
+            JOIN window_key k ON k.key = x.key
+            GROUP BY x.user_id, k.tag, k.category_id
+            HAVING sum(x.d) <> 0
+        ),
+        up AS (
+            INSERT INTO cdm.user_window_counters AS m (user_id, tag, category_id, order_cnt)
+            SELECT d.user_id, d.tag, d.category_id, d.d
+            FROM delta d
+            WHERE d.d > 0
+            ORDER BY d.user_id, d.tag, d.category_id
+            ON CONFLICT (user_id, tag, category_id) DO UPDATE
+            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        ),
+        down AS (
+            UPDATE cdm.user_window_counters m
+            SET order_cnt = m.order_cnt + d.d
+            FROM delta d
+            WHERE d.d < 0 AND m.user_id = d.user_id AND m.tag = d.tag
+              AND m.category_id = d.category_id
+            RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
+        ),
+        zero AS MATERIALIZED (
+            SELECT z.user_id, z.tag, z.category_id FROM down z WHERE z.order_cnt = 0
+        ),
+        -- A favourite may move with any of its counts; a threshold rule
+        -- changes only where its count crossed the threshold.  The counts
+        -- before are read by key, as this statement's snapshot has them
+        -- (the users' rows are locked: no other batch changes them).
+        pair AS MATERIALIZED (
+            SELECT DISTINCT d.user_id, d.tag
+            FROM delta d
+            JOIN dwh.tag_rules r ON r.tag = d.tag
+            LEFT JOIN LATERAL (SELECT w.order_cnt FROM cdm.user_window_counters w
+                               WHERE r.kind <> 'favourite_category'
+                                 AND w.user_id = d.user_id AND w.tag = d.tag
+                                 AND w.category_id = d.category_id
+                               OFFSET 0) b ON true
+            WHERE r.kind = 'favourite_category'
+               OR (coalesce(b.order_cnt, 0) >= r.threshold)
+                  <> (coalesce(b.order_cnt, 0) + d.d >= r.threshold)
+        )
+        SELECT (SELECT array_agg(z.user_id) FROM zero z),
+               (SELECT array_agg(z.tag) FROM zero z),
+               (SELECT array_agg(z.category_id) FROM zero z),
+               (SELECT array_agg(p.user_id) FROM pair p),
+               (SELECT array_agg(p.tag) FROM pair p)
+        INTO zero_users, zero_tags, zero_categories, window_pair_users, window_pair_tags;
+
+        IF zero_users IS NOT NULL THEN
+            DELETE FROM cdm.user_window_counters m
+            USING unnest(zero_users, zero_tags, zero_categories) AS z(user_id, tag, category_id)
+            WHERE m.user_id = z.user_id AND m.tag = z.tag AND m.category_id = z.category_id
+              AND m.order_cnt = 0;
+        END IF;
+    END IF;
+
+    -- The pairs whose tag may change: the crossings, and the favourites.
+    WITH pair AS (
+        SELECT c.user_id, c.tag
+        FROM unnest(crossed_users, crossed_tags) AS c(user_id, tag)
+        UNION
+        SELECT m.user_id, r.tag
+        FROM unnest(moved_users, moved_counts) AS m(user_id, order_cnt)
+        JOIN (SELECT x.user_id, sum(x.d)::integer AS d
+              FROM unnest(order_users, order_deltas) AS x(user_id, d)
+              GROUP BY x.user_id) d USING (user_id)
+        JOIN dwh.tag_rules r ON r.kind = 'all_orders' AND r.window_days IS NULL
+        WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold)
         UNION
         SELECT c.user_id, r.tag
-        FROM unnest(category_users, categories) AS c(user_id, category_id)
-        JOIN rule r ON r.kind = 'category' AND NOT r.windowed AND r.category_id = c.category_id
+        FROM (SELECT DISTINCT c.user_id FROM unnest(category_users) AS c(user_id)) c
+        JOIN dwh.tag_rules r ON r.kind = 'favourite_category' AND r.window_days IS NULL
         UNION
-        SELECT c.user_id, r.tag
-        FROM unnest(category_users) AS c(user_id)
-        JOIN rule r ON r.kind = 'favourite_category' AND NOT r.windowed
-        UNION
-        SELECT o.user_id, r.tag
-        FROM unnest(order_users) AS o(user_id)
-        JOIN rule r ON r.kind = 'all_orders' AND NOT r.windowed
-        UNION
-        SELECT t.user_id, r.tag
-        FROM unnest(touched) AS t(user_id)
-        JOIN rule r ON r.windowed
+        SELECT w.user_id, w.tag
+        FROM unnest(window_pair_users, window_pair_tags) AS w(user_id, tag)
     )
     SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
            array_agg(p.tag ORDER BY p.user_id, p.tag)
@@ -2545,13 +3029,14 @@ BEGIN
     PERFORM dwh.refresh_user_tags(pair_users, pair_tags);
 END
 $fn$;
-COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], uuid[], boolean) IS
-    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then refresh the tags they and the dish and category deltas change';
+COMMENT ON FUNCTION dwh.apply_order_deltas_and_tags(uuid[], integer[], uuid[], uuid[], uuid[], uuid[], integer[], boolean, uuid[], text[]) IS
+    'Internal: apply the users'' CLOSED order count deltas to cdm.user_order_counters, in key order, then, with some rule, the windowed count deltas and the tags that they and the crossings of the dish and category marts change';
 
 -- Every tag of these rules recomputed (a rule written, changed or
--- dropped, or all of them: dwh.rebuild_tags): the pairs of the users that
--- hold the tag, and of those that could: all-time rules from the marts,
--- windowed ones from the orders dated in the window.  The caller holds the
+-- dropped, or all of them: dwh.rebuild_tags): the windowed counts of the
+-- rules recounted from the orders dated in the window, then the pairs of
+-- the users that hold the tag, and of those that could: all-time rules
+-- from the marts, windowed ones from their counts.  The caller holds the
 -- tag lock exclusive.
 CREATE FUNCTION dwh.recompute_rule_tags(rule_tags text[])
     RETURNS integer
@@ -2561,16 +3046,21 @@ DECLARE
     pair_users uuid[];
     pair_tags text[];
 BEGIN
+    DELETE FROM cdm.user_window_counters w WHERE w.tag = ANY (rule_tags);
+    INSERT INTO cdm.user_window_counters (user_id, tag, category_id, order_cnt)
+    SELECT w.user_id, w.tag, w.category_id, w.order_cnt
+    FROM dwh.tag_window_counts(NULL, rule_tags, NULL) w
+    ORDER BY w.user_id, w.tag, w.category_id;
+
     WITH rule AS MATERIALIZED (
         SELECT r.tag, r.kind, r.threshold, r.window_days IS NOT NULL AS windowed,
-               r.window_as_of - make_interval(days => r.window_days) AS window_start,
                dwh.hash_key(r.category_name) AS category_id,
                dwh.hash_key(r.product_id) AS product_id
         FROM dwh.tag_rules r
         WHERE r.tag = ANY (rule_tags)
     ),
     pair AS (
-        SELECT t.user_id, t.tag FROM cdm.user_tags t WHERE t.tag = ANY (rule_tags)
+        SELECT t.user_id, t.tag FROM cdm.user_tags_held t WHERE t.tag = ANY (rule_tags)
         UNION
         SELECT m.user_id, r.tag
         FROM rule r
@@ -2592,11 +3082,10 @@ BEGIN
         JOIN cdm.user_category_counters m ON m.order_cnt >= r.threshold
         WHERE r.kind = 'favourite_category' AND NOT r.windowed
         UNION
-        SELECT ou.h_user_pk, r.tag
+        SELECT w.user_id, r.tag
         FROM rule r
-        JOIN dds.h_order o ON o.order_dt >= r.window_start
-        JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
-        WHERE r.windowed
+        JOIN cdm.user_window_counters w ON w.tag = r.tag
+        WHERE r.windowed AND w.order_cnt >= r.threshold
     )
     SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
            array_agg(p.tag ORDER BY p.user_id, p.tag)
@@ -2610,7 +3099,7 @@ COMMENT ON FUNCTION dwh.recompute_rule_tags(text[]) IS
     'Internal: recompute every tag of these rules (a tag whose rule is gone is revoked); returns the events written';
 
 -- Every tag recomputed, rules and tags held alike: after a restore that
--- did not bring the tags back, or a DBA's write to cdm.user_tags.
+-- did not bring the tags back, or a DBA's write to cdm.user_tags_held.
 CREATE FUNCTION dwh.rebuild_tags()
     RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2624,23 +3113,26 @@ BEGIN
     PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
     RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
                                          UNION
-                                         SELECT DISTINCT t.tag FROM cdm.user_tags t));
+                                         SELECT DISTINCT t.tag FROM cdm.user_tags_held t));
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild_tags() IS
     'Recompute every user tag from the rules, the marts and DDS (writing the grant and revoke events that makes); returns the events written';
 
--- Windows move on: each windowed rule's window_as_of becomes now (UTC),
--- and the tags held by users with an order dated between the old and the
--- new start of the window are recounted (only they can change: a count
--- that is below its threshold only goes down as time passes, and a
--- favourite needs one).  Meant to run once a minute; see docs/tags.md for
--- what its caller needs.
+-- Windows move on: each windowed rule's window_as_of becomes now (UTC);
+-- the orders dated between the old and the new start of a window leave
+-- its counts (cdm.user_window_counters), and the tags held by their users
+-- are recounted (only they can change: a count that is below its
+-- threshold only goes down as time passes, and a favourite needs one).
+-- Meant to run once a minute; see docs/tags.md for what its caller needs.
 CREATE FUNCTION dwh.expire_tags(OUT rules_moved integer, OUT events integer)
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     as_of timestamp;
+    zero_users uuid[];
+    zero_tags text[];
+    zero_categories uuid[];
     pair_users uuid[];
     pair_tags text[];
 BEGIN
@@ -2652,17 +3144,39 @@ BEGIN
     PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
     as_of := now() AT TIME ZONE 'UTC';
 
-    SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag),
-           array_agg(p.tag ORDER BY p.user_id, p.tag)
-    INTO pair_users, pair_tags
-    FROM (SELECT DISTINCT t.user_id, t.tag
-          FROM dwh.tag_rules r
-          JOIN dds.h_order o
-            ON o.order_dt >= r.window_as_of - make_interval(days => r.window_days)
-           AND o.order_dt < as_of - make_interval(days => r.window_days)
-          JOIN dds.l_order_user ou ON ou.h_order_pk = o.h_order_pk
-          JOIN cdm.user_tags t ON t.user_id = ou.h_user_pk AND t.tag = r.tag
-          WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of) p;
+    -- What leaves the windows, taken away from the counts (the windows as
+    -- they are until the rules move below).
+    WITH leaving AS MATERIALIZED (
+        SELECT * FROM dwh.tag_window_counts(NULL, NULL, as_of)
+    ),
+    down AS (
+        UPDATE cdm.user_window_counters m
+        SET order_cnt = m.order_cnt - l.order_cnt
+        FROM leaving l
+        WHERE m.user_id = l.user_id AND m.tag = l.tag AND m.category_id = l.category_id
+        RETURNING m.user_id, m.tag, m.category_id, m.order_cnt
+    ),
+    zero AS MATERIALIZED (
+        SELECT z.user_id, z.tag, z.category_id FROM down z WHERE z.order_cnt = 0
+    ),
+    pair AS MATERIALIZED (
+        SELECT DISTINCT t.user_id, t.tag
+        FROM leaving l
+        JOIN cdm.user_tags_held t ON t.user_id = l.user_id AND t.tag = l.tag
+    )
+    SELECT (SELECT array_agg(z.user_id) FROM zero z),
+           (SELECT array_agg(z.tag) FROM zero z),
+           (SELECT array_agg(z.category_id) FROM zero z),
+           (SELECT array_agg(p.user_id ORDER BY p.user_id, p.tag) FROM pair p),
+           (SELECT array_agg(p.tag ORDER BY p.user_id, p.tag) FROM pair p)
+    INTO zero_users, zero_tags, zero_categories, pair_users, pair_tags;
+
+    IF zero_users IS NOT NULL THEN
+        DELETE FROM cdm.user_window_counters m
+        USING unnest(zero_users, zero_tags, zero_categories) AS z(user_id, tag, category_id)
+        WHERE m.user_id = z.user_id AND m.tag = z.tag AND m.category_id = z.category_id
+          AND m.order_cnt = 0;
+    END IF;
 
     UPDATE dwh.tag_rules r
     SET window_as_of = as_of
@@ -2673,7 +3187,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.expire_tags() IS
-    'Move every windowed rule''s window to end now and revoke (or recount) the tags that orders leaving the window change; returns the rules moved and the events written';
+    'Move every windowed rule''s window to end now, take the orders leaving a window out of its counts and revoke (or recount) the tags that changes; returns the rules moved and the events written';
 
 -- Rules are checked row by row before they are written, with messages
 -- that say what to write; the CHECK constraints of the table say the same
@@ -3151,8 +3665,18 @@ AS $fn$
            e.order_cnt, a.order_cnt
     FROM dwh.expected_user_tags e
     FULL JOIN cdm.user_tags a ON a.user_id = e.user_id AND a.tag = e.tag
-    WHERE e.user_id IS NULL OR a.user_id IS NULL
-       OR e.order_cnt <> a.order_cnt OR e.value IS DISTINCT FROM a.value
+    -- The counts are the marts' (cdm.user_tags reads them), compared above.
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.value IS DISTINCT FROM a.value
+    UNION ALL
+    -- What windowed rules count: the tag in the name columns, the category
+    -- of a favourite in item_id.
+    SELECT 'user_window_counters', coalesce(e.user_id, a.user_id),
+           nullif(coalesce(e.category_id, a.category_id), dwh.all_orders_key()),
+           e.tag, a.tag, e.order_cnt, a.order_cnt
+    FROM dwh.tag_window_counts(NULL, NULL, NULL) e
+    FULL JOIN cdm.user_window_counters a
+      ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
     UNION ALL
     -- DDS against what STG implies: the table in mart, the key and values
     -- in the name columns.
@@ -3397,10 +3921,13 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.kafka_gaps_id_seq', '');
 -- they carry when each was granted, and their events are the feed that
 -- apps have read: both are dumped with the rules, and a restore brings
 -- them back as they were instead of granting them again (docs/tags.md).
+-- The windowed counts are dumped with them: a restore does not maintain
+-- tags, so it brings back the counts that go with the tags it restores.
 SELECT pg_catalog.pg_extension_config_dump('dwh.tag_rules', '');
-SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_tags_held', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events', '');
 SELECT pg_catalog.pg_extension_config_dump('cdm.user_tag_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('cdm.user_window_counters', '');
 -- The events not yet produced to Kafka: a restore produces them (again).
 SELECT pg_catalog.pg_extension_config_dump('dwh.tag_outbox', '');
 

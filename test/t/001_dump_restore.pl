@@ -216,7 +216,7 @@ sub table_fingerprint
 	# The tag events are restored as they were dumped, ids included; a
 	# tag's since too, compared separately below.
 	push @load_time, 'id' if $table =~ /^cdm\./ && $table ne 'cdm.user_tag_events';
-	push @load_time, 'since' if $table eq 'cdm.user_tags';
+	push @load_time, 'since' if $table eq 'cdm.user_tags_held';
 	my $drop = join(', ', map { "'$_'" } @load_time);
 	return $node->safe_psql(
 		$db, qq{
@@ -243,7 +243,7 @@ $loaded_before{$_} = loaded_at_fingerprint($src, $_) for @stg_versioned;
 for my $t ('stg.order_events', 'stg.other_events', 'stg.users',
 	'stg.restaurants', 'dds.h_order', 'dds.s_order_status', 'dds.s_user_names',
 	'dds.l_product_category', 'cdm.user_product_counters',
-	'cdm.user_category_counters', 'cdm.user_order_counters', 'cdm.user_tags',
+	'cdm.user_category_counters', 'cdm.user_order_counters', 'cdm.user_tags_held',
 	'cdm.user_tag_events', 'dwh.tag_rules', 'dwh.dead_letters')
 {
 	my ($count) = split /\|/, ($before{$t} // '0');

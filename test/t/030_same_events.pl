@@ -240,8 +240,8 @@ our @tag_dish_ids;
 # User tag rules of every kind (docs/tags.md), defined before any event:
 # every category name the worlds draw from, the world's dishes, all orders
 # and the favourite category, each at thresholds 1 and 2, all-time and
-# windowed, so that cdm.user_tags is compared between databases too.  The
-# orders are dated 2023-04-01 09:50 to 09:59 (SameEvents.pm); a windowed
+# windowed, so that the tags held (cdm.user_tags_held) are compared between
+# databases too.  The orders are dated 2023-04-01 09:50 to 09:59 (SameEvents.pm); a windowed
 # rule counts those dated 09:55 and later: its window ends at a fixed
 # window_as_of, 2100-04-01 09:55 (set after the rules are written: a
 # change of window_as_of alone is kept), and is that many days long.  A
@@ -679,7 +679,7 @@ sub load_time_column
 	my ($schema, $table, $column) = @_;
 	return 1 if $column eq 'id' && $schema ne 'dds';
 	return 1 if $column eq 'loaded_at' || $column eq 'received_at';
-	return 1 if $table eq 'user_tags' && $column eq 'since';
+	return 1 if $table eq 'user_tags_held' && $column eq 'since';
 	return 1
 	  if $schema eq 'dds'
 	  && $table =~ /^[hl]_/

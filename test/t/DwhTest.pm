@@ -316,9 +316,12 @@ sub wait_for
 	my $deadline = time() + $timeout;
 	while (time() < $deadline)
 	{
-		# The server may be restarting after a crash: retry on errors.
+		# The server may be restarting after a crash: retry on errors,
+		# including psql exiting (refused) before it read its standard
+		# input, which IPC::Run reports by dying of the broken pipe.
 		my ($ret, $out) = (1, '');
-		$ret = $node->psql('postgres', $query, stdout => \$out);
+		eval { $ret = $node->psql('postgres', $query, stdout => \$out); 1 }
+		  or $ret = 1;
 		return 1 if $ret == 0 && $out eq 't';
 		usleep(200_000);
 	}
