@@ -27,6 +27,7 @@ OBJS = \
 	src/dwh_kafka_offsets.o \
 	src/dwh_kafka_worker.o \
 	src/dwh_kafka_producer.o \
+	src/dwh_kafka_queue.o \
 	src/dwh_tag_feed.o \
 	src/dwh_tags_worker.o \
 	src/dwh_redis_url.o \

@@ -8,8 +8,8 @@
  * lines arrive as events on the consumer queue (log.queue=true, the main
  * queue forwarded to it), together with the messages, and the worker
  * serves them after rd_kafka_queue_poll() returns, on its own thread.  The
- * queue wakes the worker through a non-blocking pipe that sits in the same
- * WaitEventSet as its latch, so SIGTERM and SIGHUP are seen at once.
+ * queue wakes the worker through its latch's WaitEventSet
+ * (src/dwh_kafka_queue.c), so SIGTERM and SIGHUP are seen at once.
  *
  * Partitions are assigned at the offsets stored in the database: the
  * worker looks them up between DWH_KAFKA_ASSIGN and
@@ -29,9 +29,6 @@
  */
 #include "postgres.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <librdkafka/rdkafka.h>
 
 #include "access/xlog.h"
@@ -44,6 +41,7 @@
 
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_options.h"
+#include "dwh_kafka_queue.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
 
@@ -51,9 +49,8 @@ struct DwhKafkaConsumer
 {
 	rd_kafka_t *rk;
 	rd_kafka_queue_t *queue;
-	int			pipe_read;
-	int			pipe_write;
-	WaitEventSet *wait_set;
+	DwhKafkaQueue events;		/* the queue's wake-ups and log lines */
+	char		client[32];		/* "consumer N", for the log */
 	char	   *topic;
 	int			worker_index;
 	/* The group's rebalance protocol, as of the last rebalance event. */
@@ -67,9 +64,6 @@ struct DwhKafkaConsumer
 	/* Those of them paused because they are stopped at a gap, sorted. */
 	int			n_stopped;
 	int32	   *stopped;
-	/* For log lines that librdkafka repeats while a broker is down. */
-	char		last_log[256];
-	TimestampTz last_log_at;
 };
 
 static void
@@ -149,7 +143,6 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 	rd_kafka_topic_partition_list_t *topics;
 	rd_kafka_resp_err_t err;
 	char		errstr[512];
-	int			fds[2];
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
 	conf = make_conf(worker_index, error, error_size);
@@ -177,18 +170,8 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 	rd_kafka_poll_set_consumer(c->rk);
 	c->queue = rd_kafka_queue_get_consumer(c->rk);
 
-	if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not create a pipe for the Kafka consumer: %m")));
-	c->pipe_read = fds[0];
-	c->pipe_write = fds[1];
-	rd_kafka_queue_io_event_enable(c->queue, c->pipe_write, "1", 1);
-
-	c->wait_set = CreateWaitEventSet(TopMemoryContext, 3);
-	AddWaitEventToSet(c->wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(c->wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-	AddWaitEventToSet(c->wait_set, WL_SOCKET_READABLE, c->pipe_read, NULL, NULL);
+	snprintf(c->client, sizeof(c->client), "consumer %d", worker_index);
+	dwh_kafka_queue_start(&c->events, c->queue, c->client);
 
 	topics = rd_kafka_topic_partition_list_new(1);
 	rd_kafka_topic_partition_list_add(topics, c->topic, RD_KAFKA_PARTITION_UA);
@@ -239,7 +222,7 @@ dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting)
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 500);
 	rd_kafka_error_t *error;
 
-	rd_kafka_queue_io_event_enable(c->queue, -1, NULL, 0);
+	dwh_kafka_queue_mute(&c->events);
 	if (c->pending)
 	{
 		rd_kafka_topic_partition_list_destroy(c->pending);
@@ -281,37 +264,13 @@ dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting)
 		return;
 	rd_kafka_queue_destroy(c->queue);
 	rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
-	FreeWaitEventSet(c->wait_set);
-	close(c->pipe_read);
-	close(c->pipe_write);
+	dwh_kafka_queue_stop(&c->events);
 	if (c->assigned)
 		pfree(c->assigned);
 	if (c->stopped)
 		pfree(c->stopped);
 	pfree(c->topic);
 	pfree(c);
-}
-
-/*
- * Report a librdkafka log line, at LOG for warnings and worse, at DEBUG1
- * otherwise.  The same line repeated within a minute is reported once:
- * while a broker is down librdkafka repeats itself.
- */
-static void
-report_log_line(DwhKafkaConsumer *c, int level, const char *fac, const char *text)
-{
-	TimestampTz now = GetCurrentTimestamp();
-	char		line[256];
-
-	snprintf(line, sizeof(line), "%s: %s", fac, text);
-	if (strcmp(line, c->last_log) == 0 &&
-		!TimestampDifferenceExceeds(c->last_log_at, now, 60 * 1000))
-		return;
-	strlcpy(c->last_log, line, sizeof(c->last_log));
-	c->last_log_at = now;
-	ereport(level <= 4 ? LOG : DEBUG1,
-			(errmsg("Kafka client library log of consumer %d", c->worker_index),
-			 errdetail_internal("%s", line)));
 }
 
 static int
@@ -387,9 +346,6 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 	{
 		rd_kafka_event_t *ev = rd_kafka_queue_poll(c->queue, 0);
 		const rd_kafka_message_t *msg;
-		const char *fac;
-		const char *text;
-		int			level;
 
 		if (ev == NULL)
 		{
@@ -451,17 +407,14 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				event->kind = rd_kafka_event_error_is_fatal(ev) ?
 					DWH_KAFKA_FATAL : DWH_KAFKA_ERROR;
 				event->broker_down =
-					rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
-					rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__TRANSPORT ||
-					rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__RESOLVE;
+					dwh_kafka_error_is_broker_down(rd_kafka_event_error(ev));
 				snprintf(event->error, sizeof(event->error), "%s",
 						 rd_kafka_event_error_string(ev));
 				rd_kafka_event_destroy(ev);
 				return;
 
 			case RD_KAFKA_EVENT_LOG:
-				if (rd_kafka_event_log(ev, &fac, &text, &level) == 0)
-					report_log_line(c, level, fac, text);
+				dwh_kafka_queue_relay_log(&c->events, ev);
 				break;
 
 			default:
@@ -480,15 +433,7 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 void
 dwh_kafka_consumer_wait(DwhKafkaConsumer *c, long timeout_ms)
 {
-	WaitEvent	ev;
-	char		buf[64];
-
-	(void) WaitEventSetWait(c->wait_set, Max(timeout_ms, 1), &ev, 1,
-							PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-	/* The pipe only says "not empty any more": drain it, then poll. */
-	while (read(c->pipe_read, buf, sizeof(buf)) > 0)
-		;
+	dwh_kafka_queue_wait(&c->events, timeout_ms);
 }
 
 /* "0,2,5", or "none": partition numbers for a log line. */

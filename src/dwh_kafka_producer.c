@@ -9,8 +9,7 @@
  * callback is set: delivery reports, errors and log lines arrive as events
  * on the producer's main queue (log.queue=true), which the worker serves
  * after rd_kafka_queue_poll() returns, on its own thread; the queue wakes
- * the worker through a non-blocking pipe in the same WaitEventSet as its
- * latch.
+ * the worker through its latch's WaitEventSet (src/dwh_kafka_queue.c).
  *
  * The producer is idempotent (enable.idempotence, set after the DBA's
  * options so that none turns it off): librdkafka retries a message until
@@ -26,9 +25,6 @@
  */
 #include "postgres.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <librdkafka/rdkafka.h>
 
 #include "miscadmin.h"
@@ -39,19 +35,15 @@
 
 #include "dwh_kafka_options.h"
 #include "dwh_kafka_producer.h"
+#include "dwh_kafka_queue.h"
 #include "dwh_settings.h"
 
 struct DwhKafkaProducer
 {
 	rd_kafka_t *rk;
 	rd_kafka_queue_t *queue;
-	int			pipe_read;
-	int			pipe_write;
-	WaitEventSet *wait_set;
+	DwhKafkaQueue events;		/* the queue's wake-ups and log lines */
 	char	   *topic;
-	/* For log lines that librdkafka repeats while a broker is down. */
-	char		last_log[256];
-	TimestampTz last_log_at;
 };
 
 static void
@@ -97,7 +89,6 @@ dwh_kafka_producer_create(const char *topic, char *error, size_t error_size)
 	DwhKafkaProducer *p;
 	rd_kafka_conf_t *conf;
 	char		errstr[512];
-	int			fds[2];
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
 	conf = make_conf(error, error_size);
@@ -125,18 +116,7 @@ dwh_kafka_producer_create(const char *topic, char *error, size_t error_size)
 	rd_kafka_set_log_queue(p->rk, NULL);
 	p->queue = rd_kafka_queue_get_main(p->rk);
 
-	if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not create a pipe for the Kafka producer: %m")));
-	p->pipe_read = fds[0];
-	p->pipe_write = fds[1];
-	rd_kafka_queue_io_event_enable(p->queue, p->pipe_write, "1", 1);
-
-	p->wait_set = CreateWaitEventSet(TopMemoryContext, 3);
-	AddWaitEventToSet(p->wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(p->wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-	AddWaitEventToSet(p->wait_set, WL_SOCKET_READABLE, p->pipe_read, NULL, NULL);
+	dwh_kafka_queue_start(&p->events, p->queue, "tags producer");
 
 	MemoryContextSwitchTo(old);
 	return p;
@@ -152,15 +132,13 @@ dwh_kafka_producer_create(const char *topic, char *error, size_t error_size)
 void
 dwh_kafka_producer_destroy(DwhKafkaProducer *p)
 {
-	rd_kafka_queue_io_event_enable(p->queue, -1, NULL, 0);
+	dwh_kafka_queue_mute(&p->events);
 	(void) rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE |
 						  RD_KAFKA_PURGE_F_INFLIGHT |
 						  RD_KAFKA_PURGE_F_NON_BLOCKING);
 	rd_kafka_queue_destroy(p->queue);
 	rd_kafka_destroy(p->rk);
-	FreeWaitEventSet(p->wait_set);
-	close(p->pipe_read);
-	close(p->pipe_write);
+	dwh_kafka_queue_stop(&p->events);
 	pfree(p->topic);
 	pfree(p);
 }
@@ -195,28 +173,6 @@ dwh_kafka_producer_send(DwhKafkaProducer *p, const char *key, int key_len,
 }
 
 /*
- * Report a librdkafka log line, at LOG for warnings and worse, at DEBUG1
- * otherwise.  The same line repeated within a minute is reported once:
- * while a broker is down librdkafka repeats itself.
- */
-static void
-report_log_line(DwhKafkaProducer *p, int level, const char *fac,
-				const char *text)
-{
-	TimestampTz now = GetCurrentTimestamp();
-	char		line[256];
-
-	snprintf(line, sizeof(line), "%s: %s", fac, text);
-	if (strcmp(line, p->last_log) == 0 &&
-		!TimestampDifferenceExceeds(p->last_log_at, now, 60 * 1000))
-		return;
-	strlcpy(p->last_log, line, sizeof(p->last_log));
-	p->last_log_at = now;
-	ereport(level <= 4 ? LOG : DEBUG1,
-			(errmsg("Kafka producer of the tags worker: %s", line)));
-}
-
-/*
  * dwh_kafka_producer_serve
  *		Serve every event queued now: call delivered for each message
  *		reported, report log lines, and sum up in report what else
@@ -232,9 +188,6 @@ dwh_kafka_producer_serve(DwhKafkaProducer *p, DwhKafkaDelivered delivered,
 		rd_kafka_event_t *ev = rd_kafka_queue_poll(p->queue, 0);
 		const rd_kafka_message_t *msg;
 		rd_kafka_resp_err_t err;
-		const char *fac;
-		const char *text;
-		int			level;
 
 		if (ev == NULL)
 			return;
@@ -264,9 +217,7 @@ dwh_kafka_producer_serve(DwhKafkaProducer *p, DwhKafkaDelivered delivered,
 				err = rd_kafka_event_error(ev);
 				report->error = true;
 				report->broker_down = report->broker_down ||
-					err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
-					err == RD_KAFKA_RESP_ERR__TRANSPORT ||
-					err == RD_KAFKA_RESP_ERR__RESOLVE;
+					dwh_kafka_error_is_broker_down(err);
 				if (rd_kafka_event_error_is_fatal(ev))
 				{
 					char		reason[400];
@@ -282,8 +233,7 @@ dwh_kafka_producer_serve(DwhKafkaProducer *p, DwhKafkaDelivered delivered,
 				break;
 
 			case RD_KAFKA_EVENT_LOG:
-				if (rd_kafka_event_log(ev, &fac, &text, &level) == 0)
-					report_log_line(p, level, fac, text);
+				dwh_kafka_queue_relay_log(&p->events, ev);
 				break;
 
 			default:
@@ -301,15 +251,7 @@ dwh_kafka_producer_serve(DwhKafkaProducer *p, DwhKafkaDelivered delivered,
 void
 dwh_kafka_producer_wait(DwhKafkaProducer *p, long timeout_ms)
 {
-	WaitEvent	ev;
-	char		buf[64];
-
-	(void) WaitEventSetWait(p->wait_set, Max(timeout_ms, 1), &ev, 1,
-							PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-	/* The pipe only says "not empty any more": drain it, then serve. */
-	while (read(p->pipe_read, buf, sizeof(buf)) > 0)
-		;
+	dwh_kafka_queue_wait(&p->events, timeout_ms);
 }
 
 const char *
