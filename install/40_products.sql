@@ -411,6 +411,8 @@ DECLARE
     moved_category_counts integer[];
     crossed_users uuid[];
     crossed_tags text[];
+    rule_products uuid[];
+    rule_categories uuid[];
 BEGIN
     IF products IS NULL AND categories IS NULL THEN
         RETURN;
@@ -422,6 +424,15 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
     tagging := refresh_tags AND NOT dwh.tags_restoring()
                AND EXISTS (SELECT FROM dwh.tag_rules);
+    -- Only the mart rows that some all-time rule counts can cross a
+    -- threshold: their keys.
+    IF tagging THEN
+        SELECT coalesce(array_agg(dwh.hash_key(r.product_id)) FILTER (WHERE r.kind = 'dish'), '{}'),
+               coalesce(array_agg(dwh.hash_key(r.category_name)) FILTER (WHERE r.kind = 'category'), '{}')
+        INTO rule_products, rule_categories
+        FROM dwh.tag_rules r
+        WHERE r.window_days IS NULL;
+    END IF;
 
     IF categories IS NOT NULL THEN
         SELECT array_agg(d.user_id) FILTER (WHERE d.category_id = dwh.all_orders_key()),
@@ -491,9 +502,9 @@ BEGIN
         )
         SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
                array_agg(product_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE tagging),
-               array_agg(product_id) FILTER (WHERE tagging),
-               array_agg(order_cnt) FILTER (WHERE tagging)
+               array_agg(user_id) FILTER (WHERE product_id = ANY (rule_products)),
+               array_agg(product_id) FILTER (WHERE product_id = ANY (rule_products)),
+               array_agg(order_cnt) FILTER (WHERE product_id = ANY (rule_products))
         INTO zero_users, zero_keys,
              moved_product_users, moved_products, moved_product_counts
         FROM moved;
@@ -544,9 +555,9 @@ BEGIN
         )
         SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
                array_agg(category_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE tagging),
-               array_agg(category_id) FILTER (WHERE tagging),
-               array_agg(order_cnt) FILTER (WHERE tagging)
+               array_agg(user_id) FILTER (WHERE category_id = ANY (rule_categories)),
+               array_agg(category_id) FILTER (WHERE category_id = ANY (rule_categories)),
+               array_agg(order_cnt) FILTER (WHERE category_id = ANY (rule_categories))
         INTO zero_users, zero_keys,
              moved_category_users, moved_categories, moved_category_counts
         FROM moved;
@@ -559,7 +570,7 @@ BEGIN
         END IF;
     END IF;
 
-    IF tagging THEN
+    IF moved_product_users IS NOT NULL OR moved_category_users IS NOT NULL THEN
         SELECT array_agg(c.user_id), array_agg(c.tag)
         INTO crossed_users, crossed_tags
         FROM (SELECT * FROM dwh.tags_crossed('dish', product_users, products, product_deltas,
