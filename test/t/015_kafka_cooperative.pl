@@ -35,6 +35,7 @@ use lib $FindBin::RealBin;
 use DwhTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 
 my $partitions = 6;
 my $broker = start_broker(partitions => $partitions);
@@ -172,12 +173,23 @@ load_dictionaries($node_b);
 produce_next();
 wait_owned($node, 3, 3, 'node A with node B in the group');
 wait_owned($node_b, 3, 3, 'node B');
-my $owned_by_b = $node_b->safe_psql('postgres',
-	"SELECT string_agg(p::text, ',' ORDER BY p) FROM dwh.status, unnest(partitions) p WHERE worker LIKE 'kafka%'");
-my $owned_by_a = $node->safe_psql('postgres',
-	"SELECT string_agg(p::text, ',' ORDER BY p) FROM dwh.status, unnest(partitions) p WHERE worker LIKE 'kafka%'");
-is( join(',', sort { $a <=> $b } split(/,/, "$owned_by_a,$owned_by_b")),
-	join(',', 0 .. $partitions - 1),
+# Each node's view is read at its own moment, and the group may still be
+# settling (a member's commit refused with an old generation starts
+# another round): wait until the two views together cover every partition
+# once.
+my $owned_sql =
+  "SELECT string_agg(p::text, ',' ORDER BY p) FROM dwh.status, unnest(partitions) p WHERE worker LIKE 'kafka%'";
+my $across = '';
+my $settle_deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
+while (time() < $settle_deadline)
+{
+	my $owned_by_a = $node->safe_psql('postgres', $owned_sql);
+	my $owned_by_b = $node_b->safe_psql('postgres', $owned_sql);
+	$across = join(',', sort { $a <=> $b } split(/,/, "$owned_by_a,$owned_by_b"));
+	last if $across eq join(',', 0 .. $partitions - 1);
+	usleep(200_000);
+}
+is($across, join(',', 0 .. $partitions - 1),
 	'across both nodes every partition is owned once');
 my @revoked = grep { $_->{what} eq 'revoked' && $_->{owns} ne 'none' }
   rebalances_since($log_offset);
