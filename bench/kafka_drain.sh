@@ -42,7 +42,7 @@
 #   BENCH_TAG_RULES (0: user tag rules defined before the drain),
 #   BENCH_TAG_WINDOWS (1; 0: the rules that have a window count all of time),
 #   BENCH_PLOT_DIR (none: where the lag over time goes, as drain-lag.tsv
-#   and drain-lag.png), BENCH_KEEP (0: remove everything), BENCH_SKIP_INSTALL (0: make install
+#   and drain-lag.png; with tag rules drain-lag-tags.*), BENCH_KEEP (0: remove everything), BENCH_SKIP_INSTALL (0: make install
 #   first), BENCH_DIR (/tmp), PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 
 set -euo pipefail
@@ -323,16 +323,24 @@ printf 'RESULT kafka_drain_cpu_broker_pct=%.0f\n' "$(calc "100 * $broker_d / $CL
 printf 'RESULT kafka_drain_cpu_other_pct=%.0f\n' "$(calc "100 * ($busy_d - $cluster_d - $broker_d) / $CLK_TCK / $drain_s")"
 echo "RESULT kafka_drain_consistent=$([ "$checks_ok" = 0 ] && echo yes || echo no)"
 # The lag over the drain beside the log, as data and as an image.
+# A drain with tag rules writes drain-lag-tags.*, so that run-all.sh's two
+# drains keep an image each.
 if [ -n "$PLOT_DIR" ]; then
-	cp "$work/lag.tsv" "$PLOT_DIR/drain-lag.tsv"
-	bench_plot "$PLOT_DIR/drain-lag.png" <<PLOT
-set title "dwh: Kafka drain of $ORDERS orders ($messages messages), $CONSUMERS workers, $PARTITIONS partitions"
+	plot_name=drain-lag
+	plot_rules=""
+	if [ "$TAG_RULES" != 0 ]; then
+		plot_name=drain-lag-tags
+		plot_rules=", $TAG_RULES tag rules"
+	fi
+	cp "$work/lag.tsv" "$PLOT_DIR/$plot_name.tsv"
+	bench_plot "$PLOT_DIR/$plot_name.png" <<PLOT
+set title "dwh: Kafka drain of $ORDERS orders ($messages messages), $CONSUMERS workers, $PARTITIONS partitions$plot_rules"
 set xlabel "seconds since the workers were given the broker"
 set ylabel "messages not yet applied (lag)"
 set format y "%.0f"
 set grid
 set key top right
-plot "$PLOT_DIR/drain-lag.tsv" using 1:2 with lines lw 2 title "lag, sampled every 0.2 s"
+plot "$PLOT_DIR/$plot_name.tsv" using 1:2 with lines lw 2 title "lag, sampled every 0.2 s"
 PLOT
 fi
 if [ -n "$perf_pid" ]; then

@@ -21,7 +21,8 @@
 #   of history,
 #   BENCH_LONG_HISTORY, about 20 minutes),
 #   BENCH_OUT (folder of the logs, data files and images, default
-#   /tmp/dwh-bench-YYYYmmdd-HHMMSS: drain-lag.png, freshness.png),
+#   /tmp/dwh-bench-YYYYmmdd-HHMMSS: drain-lag.png, drain-lag-tags.png,
+#   freshness.png),
 #   BENCH_SKIP_INSTALL (0: make install once first), BENCH_DIR (/tmp),
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 #
