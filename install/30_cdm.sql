@@ -36,7 +36,7 @@ COMMENT ON COLUMN cdm.user_category_counters.category_name IS 'The category name
 COMMENT ON COLUMN cdm.user_category_counters.order_cnt IS 'Number of the user''s CLOSED orders with a dish of the category (several such dishes count once)';
 
 -- Orders per user: what rules over all of a user's orders count (install/
--- 77_tags.sql).  Its deltas travel with the category mart's (the ingest
+-- 79_tag_refresh.sql).  Its deltas travel with the category mart's (the ingest
 -- hands the order trigger's deltas over as six arrays, see
 -- dwh.defer_mart_deltas) under two keys that no category has: a category
 -- key is a UUID version 5, these are not.

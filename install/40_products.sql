@@ -382,9 +382,10 @@ COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
 -- decrements cannot go through the upsert.)  The category deltas carry the
 -- users' CLOSED order counts and the users touched under keys of their own
 -- (install/30_cdm.sql), and the windowed tag counts under
--- dwh.tag_window_key() (install/77_tags.sql).  Then the user tags of what
--- changed follow (install/77_tags.sql), unless refresh_tags is false: with
--- some rule, the new count of every mart row written goes with them.
+-- dwh.tag_window_key() (install/78_tag_windows.sql).  Then the user tags of
+-- what changed follow (install/79_tag_refresh.sql), unless refresh_tags is
+-- false: with some rule, the new count of every mart row written goes with
+-- them.
 CREATE FUNCTION dwh.apply_mart_deltas(product_users uuid[], products uuid[],
                                       product_deltas integer[],
                                       category_users uuid[], categories uuid[],

@@ -1067,7 +1067,7 @@ BEGIN
               GROUP BY h_user_pk
               -- With windows (the caller holds the tag lock), what the
               -- orders count for the windowed tag rules, as
-              -- dwh.tag_window_counts() counts it (install/77_tags.sql).
+              -- dwh.tag_window_counts() counts it (install/78_tag_windows.sql).
               UNION ALL
               SELECT w.h_user_pk, dwh.tag_window_key(w.tag, w.category_id), w.d
               FROM window_delta w) x
@@ -1358,7 +1358,7 @@ BEGIN
     END IF;
 
     -- The windowed tag counts' deltas travel with the category deltas
-    -- (install/77_tags.sql); dwh.load_new_orders() counts them itself.
+    -- (install/78_tag_windows.sql); dwh.load_new_orders() counts them itself.
     category_users := d.category_users;
     categories := d.categories;
     category_deltas := d.category_deltas;
