@@ -753,16 +753,19 @@ BEGIN
     -- the tag lock already (this takes it again, in case a caller did
     -- not).  With some rule, the marts' new counts are kept for the tags.
     PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
-    tagging := refresh_tags AND NOT dwh.tags_restoring()
-               AND EXISTS (SELECT FROM dwh.tag_rules);
-    -- Only the mart rows that some all-time rule counts can cross a
-    -- threshold: their keys.
-    IF tagging THEN
-        SELECT coalesce(array_agg(dwh.hash_key(r.product_id)) FILTER (WHERE r.kind = 'dish'), '{}'),
-               coalesce(array_agg(dwh.hash_key(r.category_name)) FILTER (WHERE r.kind = 'category'), '{}')
-        INTO rule_products, rule_categories
-        FROM dwh.tag_rules r
-        WHERE r.window_days IS NULL;
+    -- Whether some rule exists, and the keys of the mart rows that an
+    -- all-time rule counts (only those can cross a threshold).
+    SELECT count(*) > 0,
+           coalesce(array_agg(dwh.hash_key(r.product_id))
+                    FILTER (WHERE r.kind = 'dish' AND r.window_days IS NULL), '{}'),
+           coalesce(array_agg(dwh.hash_key(r.category_name))
+                    FILTER (WHERE r.kind = 'category' AND r.window_days IS NULL), '{}')
+    INTO tagging, rule_products, rule_categories
+    FROM dwh.tag_rules r;
+    tagging := tagging AND refresh_tags AND NOT dwh.tags_restoring();
+    IF NOT tagging THEN
+        rule_products := NULL;
+        rule_categories := NULL;
     END IF;
 
     IF categories IS NOT NULL THEN
