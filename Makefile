@@ -17,6 +17,7 @@ OBJS = \
 	src/dwh_dead_letter.o \
 	src/dwh_ingest_session.o \
 	src/dwh_ingest.o \
+	src/dwh_ingest_sql.o \
 	src/dwh_secret_scan.o \
 	src/dwh_secrets.o \
 	src/dwh_secret_files.o \

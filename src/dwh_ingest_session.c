@@ -14,7 +14,8 @@
  * The path of one batch, and what each hop reads:
  *
  * C	dwh_ingest_batch() (dwh_ingest.c), called by the Kafka worker or by
- *		the SQL functions dwh.ingest_order() and dwh.ingest_orders():
+ *		the SQL functions dwh.ingest_order() and dwh.ingest_orders()
+ *		(dwh_ingest_sql.c):
  *		SPI_connect, then ingest_messages() in a subtransaction.
  * C	ingest_messages(): classifies the messages (dwh_message.c) and keeps
  *		the newest version of each order; then
@@ -373,4 +374,46 @@ dwh_ingest_session_defer_deltas(Datum *arrays, bool *nulls)
 	d->calls++;
 	MemoryContextSwitchTo(old);
 	return true;
+}
+
+/*
+ * The session as the order triggers see it (install/50_orders.sql).
+ */
+PG_FUNCTION_INFO_V1(dwh_keys_claimed);
+
+/*
+ * dwh.keys_claimed() returns boolean
+ *
+ * Has the running ingest claimed the keys of the versions that the calling
+ * trigger is writing?  False for any other writer.
+ */
+Datum
+dwh_keys_claimed(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(dwh_ingest_session_keys_claimed());
+}
+
+PG_FUNCTION_INFO_V1(dwh_defer_mart_deltas);
+
+/*
+ * dwh.defer_mart_deltas(product_users uuid[], products uuid[],
+ *		product_deltas int[], category_users uuid[], categories uuid[],
+ *		category_deltas int[]) returns boolean
+ *
+ * True if the deltas were kept for the end of the current ingest upsert;
+ * false if the caller must apply them itself (a direct write to STG).
+ */
+Datum
+dwh_defer_mart_deltas(PG_FUNCTION_ARGS)
+{
+	Datum		arrays[DWH_MART_DELTA_ARRAYS];
+	bool		nulls[DWH_MART_DELTA_ARRAYS];
+	int			i;
+
+	for (i = 0; i < DWH_MART_DELTA_ARRAYS; i++)
+	{
+		nulls[i] = PG_ARGISNULL(i);
+		arrays[i] = nulls[i] ? (Datum) 0 : PG_GETARG_DATUM(i);
+	}
+	PG_RETURN_BOOL(dwh_ingest_session_defer_deltas(arrays, nulls));
 }

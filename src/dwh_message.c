@@ -19,7 +19,10 @@
  * on the shared machine (one build's CPU time varied by 11% from run to
  * run, its rate by a factor of 2.5); jansson never ran for a valid
  * message, and was no faster than this code for the others.  Both were
- * removed, and jansson with them as a dependency.
+ * removed, and jansson with them as a dependency.  A profile puts all of
+ * jsonb_in at 7% of the backend's CPU and its subtransaction at 1%: no
+ * parser could give back more, and a few per cent do not pay for a second
+ * grammar that must refuse exactly what jsonb_in refuses.
  *
  *-------------------------------------------------------------------------
  */
