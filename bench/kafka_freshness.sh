@@ -32,10 +32,11 @@
 #     which object_ids stg.order_events holds at or above the lowest one not
 #     seen yet; an order's row is written by the same transaction that
 #     updates DDS and the marts, so its first sighting is the first poll
-#     whose snapshot sees that commit.  The time of a sighting is the time
-#     the poll was sent: a latency is overstated by at most one poll period
-#     (half of it on average) and understated by at most the time from
-#     sending a poll to its snapshot (well under a millisecond);
+#     whose snapshot sees that commit.  The time of a sighting is the
+#     start of the poll's statement on the server (statement_timestamp(),
+#     just before its snapshot), not the time the poller sent it, which
+#     may be much earlier on a busy machine: a latency is overstated by at
+#     most one poll period (half of it on average);
 #   - the same clock (time.time(), one machine) stamps both ends;
 #   - with tag rules, the same poll also reads the new rows of
 #     cdm.user_tag_events (one statement: one snapshot).  A grant or revoke
@@ -60,6 +61,9 @@
 #   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
 #   on another topic first, so that the broker's JVM is warm; 0: none),
 #   BENCH_TAG_RULES (0: user tag rules defined first),
+#   BENCH_KEYED (0; 1: each order's messages keyed by its object_id, so
+#   that all versions of an order go to one partition; the contract's
+#   producer sends no key),
 #   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
 #   BENCH_SKIP_INSTALL (0), BENCH_DIR (/tmp),
@@ -143,6 +147,7 @@ def pace(orders, rate, count, first_id, sent_file, bootstrap, topic, linger_ms):
         m = re.match(rb'\{"object_id":(\d+),', l)
         ids.append(int(m.group(1)) if m else None)
     msg_rate = rate * len(lines) / count
+    keyed = os.environ.get('BENCH_KEYED', '0') == '1'
     producer = Producer({'bootstrap.servers': bootstrap, 'linger.ms': linger_ms,
                          'sticky.partitioning.linger.ms': 0})
     sent = {}
@@ -153,8 +158,11 @@ def pace(orders, rate, count, first_id, sent_file, bootstrap, topic, linger_ms):
         if due > i:
             tw = time.time()
             for j in range(i, due):
-                producer.produce(topic, lines[j])
                 o = ids[j]
+                if keyed and o is not None:
+                    producer.produce(topic, lines[j], key=str(o))
+                else:
+                    producer.produce(topic, lines[j])
                 if o is not None and first_id <= o < first_id + count and o not in sent:
                     sent[o] = tw
             producer.poll(0)
@@ -199,24 +207,30 @@ def poll(psql_args, first_id, count, period_ms, seen_file, ready_file, timeout):
         if prev is not None:
             periods.append(tq - prev)
         prev = tq
-        sql = ("SELECT 'o', object_id, coalesce(payload->'user'->>'id', '-') FROM stg.order_events"
-               " WHERE object_id BETWEEN %d AND %d" % (low, last))
+        # The statement's start on the server stamps its sightings: the
+        # snapshot is taken right after it, however late the poll runs.
+        sql = ("SELECT 't', (extract(epoch FROM statement_timestamp()) * 1e6)::bigint, '-'"
+               " UNION ALL SELECT 'o', object_id, coalesce(payload->'user'->>'id', '-')"
+               " FROM stg.order_events WHERE object_id BETWEEN %d AND %d" % (low, last))
         if tags:
             while len(ev_hist) > 1 and ev_hist[1][0] < tq - 1:
                 ev_hist.pop(0)
             sql += (" UNION ALL SELECT 'e', e.id, u.user_id FROM cdm.user_tag_events e"
                     " JOIN dds.h_user u ON u.h_user_pk = e.user_id WHERE e.id > %d"
                     % (ev_hist[0][1] if ev_hist else 0))
-        for r in query(sql):
-            what, i, u = r.decode().rstrip('\n').split('|', 2)
+        rows = [r.decode().rstrip('\n').split('|', 2) for r in query(sql)]
+        ts = next((int(i) / 1e6 for what, i, _ in rows if what == 't'), tq)
+        for what, i, u in rows:
             o = int(i)
+            if what == 't':
+                continue
             if what == 'e':
                 if o not in events:
-                    events[o] = (u, tq)
+                    events[o] = (u, ts)
                     ev_max = max(ev_max, o)
                 continue
             if o not in seen:
-                seen[o] = tq
+                seen[o] = ts
                 user[o] = u
                 above.add(o)
         ev_hist.append((tq, ev_max))
@@ -377,6 +391,9 @@ fi
 printf 'resolution     %s polls, period p50 %s ms, p99 %s ms, max %s ms: a latency is\n' \
 	"$polls" "$poll_p50" "$poll_p99" "$poll_max"
 echo "               overstated by at most one period (half of one on average)"
+read -r batches batch_mean < <(q "SELECT sum(batches), round(sum(messages)::numeric / nullif(sum(batches), 0), 1)
+                                  FROM dwh.status WHERE worker LIKE 'kafka%'" | tr '|' ' ')
+printf 'batches        %s, %s messages each on average (dwh.status)\n' "$batches" "$batch_mean"
 echo "per $WINDOW s of send time:"
 printf '  %9s %8s %8s %8s %8s\n' "window s" orders "p50 ms" "p99 ms" "max ms"
 awk '/^WINDOW/ { printf "  %4d-%-4d %8d %8d %8d %8d\n", $2, $3, $4, $5, $6, $7 }' "$work/report.txt"
@@ -391,6 +408,8 @@ echo "RESULT freshness_tag_rules=$TAG_RULES"
 printf 'RESULT freshness_achieved_orders_per_s=%.4g\n' "$(calc "$first_sent / $pace_s")"
 grep '^RESULT' "$work/report.txt"
 echo "RESULT freshness_poll_p50_ms=$poll_p50"
+echo "RESULT freshness_batches=$batches"
+echo "RESULT freshness_batch_mean_messages=$batch_mean"
 # The latency distribution beside the log, as data and as an image.
 if [ -n "$PLOT_DIR" ]; then
 	cp "$work/seen.txt.cdf" "$PLOT_DIR/freshness-$LABEL.tsv"
