@@ -26,6 +26,8 @@
 #   BENCH_BATCH (1000), BENCH_CLIENTS (1: connections ingesting measured
 #   batches side by side, like consumers of several Kafka partitions),
 #   BENCH_SYNCHRONOUS_COMMIT (on), BENCH_JIT (off),
+#   BENCH_MAX_WAL_SIZE (16GB: WAL kept between checkpoints; lower it where
+#   the disk is short, as bench/run-all.sh does for its long history),
 #   BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB), BENCH_KEEP (0: remove
 #   the cluster), BENCH_SKIP_INSTALL (0: run make install first),
 #   BENCH_EXPLAIN (1: auto_explain one extra, rolled back batch),
@@ -43,6 +45,7 @@ BATCH=${BENCH_BATCH:-1000}
 SYNC_COMMIT=${BENCH_SYNCHRONOUS_COMMIT:-on}
 CLIENTS=${BENCH_CLIENTS:-1}
 JIT=${BENCH_JIT:-off}
+MAX_WAL_SIZE=${BENCH_MAX_WAL_SIZE:-16GB}
 KEEP=${BENCH_KEEP:-0}
 SKIP_INSTALL=${BENCH_SKIP_INSTALL:-0}
 EXPLAIN=${BENCH_EXPLAIN:-1}
@@ -181,7 +184,7 @@ work_mem = 64MB
 maintenance_work_mem = 1GB
 wal_buffers = 64MB
 wal_compression = lz4
-max_wal_size = 16GB
+max_wal_size = $MAX_WAL_SIZE
 min_wal_size = 1GB
 checkpoint_timeout = 30min
 checkpoint_completion_target = 0.9
@@ -382,7 +385,7 @@ printf 'machine     %s CPUs (%s), %s MB RAM, %s\n' "$(nproc)" "$cpu" "$mem_mb" "
 printf 'postgres    %s\n' "$pgver"
 printf 'settings    shared_buffers=%s effective_cache_size=%sMB work_mem=64MB\n' "$shared_buffers" "$ecs"
 printf '            maintenance_work_mem=1GB wal_buffers=64MB wal_compression=lz4\n'
-printf '            max_wal_size=16GB checkpoint_timeout=30min checkpoint_completion_target=0.9\n'
+printf '            max_wal_size=%s checkpoint_timeout=30min checkpoint_completion_target=0.9\n' "$MAX_WAL_SIZE"
 printf '            synchronous_commit=%s jit=%s random_page_cost=1.1 autovacuum=on\n' "$SYNC_COMMIT" "$JIT"
 printf '            fsync=on full_page_writes=on, all tables logged; locale C.UTF-8\n'
 printf 'workload    %s users, 4 restaurants, 132 dishes in 10 categories (docs/formats.md 5)\n' "100"
