@@ -255,6 +255,9 @@ my @odd_keys = (
 my @object_types = ('order', 'Order', 'ORDER', 'order ', ' order', 'heartbeat',
 	'', 'orders', 'ord\\u0065r', "order\\u0000", 'user', 'restaurant');
 
+# The largest array large_array builds, in encoded bytes.
+my $large_array_bytes = 4 * 1024 * 1024;
+
 my %timestamp_keys =
   map { $_ => 1 } qw(sent_dttm date update_ts dttm update_ts_utc);
 
@@ -366,9 +369,19 @@ my %tree_mutations = (
 		my $n = $rng->pick(2, 50, 999, 1000, 1001, 3000, 20000);
 		my $node = $p->[3];
 		my @proto = $node->{t} eq 'a' && @{ $node->{v} } ? @{ $node->{v} } : ({ t => 'n', v => '1' });
+		# At most $large_array_bytes of copies: an element may already be
+		# an odd string of 1.8 MB, and 20,000 copies of it would take more
+		# memory than the machine has (seed 58175625 did).
+		my $each = length(encode_json_tree({ t => 'a', v => \@proto })) / @proto;
+		my $capped = '';
+		if ($n * $each > $large_array_bytes)
+		{
+			$n = int($large_array_bytes / $each) || 1;
+			$capped = ' (capped by size)';
+		}
 		my @items = map { copy_tree($proto[ $_ % @proto ]) } 0 .. $n - 1;
 		return (replace_at($root, $p, { t => 'a', v => \@items }),
-			'array ' . ($p->[2] // 'element') . " of $n");
+			'array ' . ($p->[2] // 'element') . " of $n$capped");
 	},
 	duplicate_key => sub {
 		my ($rng, $root) = @_;
