@@ -24,7 +24,15 @@
 #   /tmp/dwh-bench-YYYYmmdd-HHMMSS: drain-lag.png, drain-lag-tags.png,
 #   freshness.png),
 #   BENCH_SKIP_INSTALL (0: make install once first), BENCH_DIR (/tmp),
-#   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
+#   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config),
+#   BENCH_BASELINE (a commit to measure beside this build, such as
+#   42f1c82, the last one before adaptive batching: bench/build_baseline.sh
+#   builds it into a private copy of PostgreSQL under BENCH_OUT/baseline,
+#   and each run named in BENCH_BASELINE_RUNS is done with it first, then
+#   with this build; the suite's table then ends with the goals of
+#   docs/benchmarks.md, baseline and this build side by side),
+#   BENCH_BASELINE_RUNS (sql1 history drain freshness_trickle
+#   freshness_1000 freshness_5000; runs of BENCH_ONLY only).
 #
 # Sizes (full / quick): SQL chain history 1,000,000 / 100,000 orders and
 # 100,000 / 20,000 measured; Kafka drain 1,000,000 / 100,000 orders (with
@@ -55,6 +63,17 @@ if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ]; then
 	fi
 fi
 
+BASELINE=${BENCH_BASELINE:-}
+BASELINE_RUNS=${BENCH_BASELINE_RUNS:-sql1 history drain freshness_trickle freshness_1000 freshness_5000}
+base_pg_config=
+base_commit=
+if [ -n "$BASELINE" ]; then
+	echo "building the baseline $BASELINE into $OUT/baseline (bench/build_baseline.sh)"
+	base_pg_config=$("$here/build_baseline.sh" "$BASELINE" "$OUT/baseline" | tail -n 1) || exit 1
+	base_commit=$(git -C "$root" rev-parse --short "$BASELINE")
+	mkdir -p "$OUT/baseline/plots"
+fi
+
 if [ "$QUICK" = 1 ]; then
 	sql_sizes=(BENCH_HISTORY=100000 BENCH_MEASURED=20000)
 	drain_sizes=(BENCH_ORDERS=100000)
@@ -76,26 +95,43 @@ declare -A STATUS
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 
-# run NAME SCRIPT VAR=VALUE...: run a benchmark, keep its output, read its
-# RESULT lines into R[NAME.key].
+# run_one KEY SCRIPT VAR=VALUE...: run a benchmark, keep its output in
+# KEY.log, read its RESULT lines into R[KEY.key].
+run_one() {
+	local key=$1 script=$2 t0 rc
+	shift 2
+	echo "== $key: $script $* (log $OUT/$key.log)"
+	t0=$SECONDS
+	env BENCH_SKIP_INSTALL=1 BENCH_PLOT_DIR="$OUT" "$@" "$here/$script" >"$OUT/$key.log" 2>&1
+	rc=$?
+	while IFS='=' read -r k value; do
+		R[$key.$k]=$value
+	done < <(sed -n -E 's/^RESULT ([a-z0-9_]+=.*)$/\1/p' "$OUT/$key.log")
+	if [ "$rc" = 0 ]; then
+		STATUS[$key]=ok
+	else
+		STATUS[$key]="FAILED (exit $rc)"
+		tail -n 15 "$OUT/$key.log" | sed 's/^/   | /'
+	fi
+	echo "   ${STATUS[$key]} in $((SECONDS - t0)) s"
+}
+
+# run NAME SCRIPT VAR=VALUE...: a run of BENCH_ONLY, with the baseline
+# first (as base.NAME, its images in baseline/plots) when it is one of
+# BENCH_BASELINE_RUNS.
 run() {
-	local name=$1 script=$2 t0 rc
+	local name=$1 script=$2
 	shift 2
 	case " $ONLY " in *" $name "* | *" ${name%%_*} "*) ;; *) return ;; esac
-	echo "== $name: $script $* (log $OUT/$name.log)"
-	t0=$SECONDS
-	env BENCH_SKIP_INSTALL=1 BENCH_PLOT_DIR="$OUT" "$@" "$here/$script" >"$OUT/$name.log" 2>&1
-	rc=$?
-	while IFS='=' read -r key value; do
-		R[$name.$key]=$value
-	done < <(sed -n -E 's/^RESULT ([a-z0-9_]+=.*)$/\1/p' "$OUT/$name.log")
-	if [ "$rc" = 0 ]; then
-		STATUS[$name]=ok
-	else
-		STATUS[$name]="FAILED (exit $rc)"
-		tail -n 15 "$OUT/$name.log" | sed 's/^/   | /'
+	if [ -n "$BASELINE" ]; then
+		case " $BASELINE_RUNS " in
+		*" $name "*)
+			run_one "base.$name" "$script" "$@" PG_CONFIG="$base_pg_config" \
+				BENCH_PLOT_DIR="$OUT/baseline/plots"
+			;;
+		esac
 	fi
-	echo "   ${STATUS[$name]} in $((SECONDS - t0)) s"
+	run_one "$name" "$script" "$@"
 }
 
 run sql1 sql_chain.sh "${sql_sizes[@]}" BENCH_CLIENTS=1 BENCH_EXPLAIN=0
@@ -128,7 +164,9 @@ run freshness_tags kafka_freshness.sh BENCH_RATE=1000 BENCH_SECONDS="${fresh_sec
 plots=()
 for i in 0 1 2; do
 	f=$OUT/freshness-${fresh_names[$i]#freshness_}.tsv
-	[ -s "$f" ] && plots+=("\"$f\" using 1:2 with steps lw 2 title \"${fresh_rates[$i]} orders/s\"")
+	[ -s "$f" ] && plots+=("\"$f\" using 1:2 with steps lw 2 lc $((i + 1)) title \"${fresh_rates[$i]} orders/s\"")
+	f=$OUT/baseline/plots/freshness-${fresh_names[$i]#freshness_}.tsv
+	[ -s "$f" ] && plots+=("\"$f\" using 1:2 with steps lw 1 dt 2 lc $((i + 1)) title \"${fresh_rates[$i]} orders/s, $base_commit\"")
 done
 if [ ${#plots[@]} -gt 0 ]; then
 	bench_plot "$OUT/freshness.png" <<PLOT
@@ -181,6 +219,7 @@ row "load average before / after" "$load_before / $(cut -d' ' -f1-3 /proc/loadav
 row "PostgreSQL" "$("$bin/postgres" --version | sed 's/^postgres (PostgreSQL) //')"
 row "librdkafka / Kafka broker / hiredis" "$(pkg librdkafka1) / $(kafka_version) / $(pkg libhiredis0.14)"
 row "dwh commit" "$commit"
+[ -z "$BASELINE" ] || row "baseline (runs marked base. in the logs)" "$base_commit"
 line
 row "SQL chain, 1 connection" "$(v sql1.sql_chain_orders_per_s) orders/s  (history $(v sql1.sql_chain_history), $(v sql1.sql_chain_measured) measured)"
 row "SQL chain, 2 connections" "$(v sql2.sql_chain_orders_per_s) orders/s"
@@ -206,11 +245,46 @@ row "    tag events (produce -> grant/revoke visible)" "$(v freshness_tags.fresh
 row "Redis mirror, $(v redis.redis_users) users + $(v redis.redis_restaurants) restaurants" "$(v redis.redis_mirror_s) s"
 row "Redis refresh pass: unchanged / SCAN / 1% changed" "$(v redis.redis_refresh_unchanged_ms) / $(v redis.redis_refresh_scan_ms) / $(v redis.redis_refresh_changed_ms) ms"
 line
+if [ -n "$BASELINE" ]; then
+	# The goals (docs/benchmarks.md, "Goals"): the baseline, this build.
+	us()
+	{
+		if [ "$1" = - ]; then
+			echo -
+		else
+			awk -v n="$1" 'BEGIN { printf "%.0f", 1e6 / n }'
+		fi
+	}
+	hist=history
+	[ -n "${STATUS[history]:-}" ] || hist=sql1
+	goal() { printf '%-38s %17s %17s  %s\n' "$1" "$2" "$3" "$4"; }
+	goal "goal figure" "$base_commit" "${commit%% *}" "goal"
+	f1k=() ftr=() f5k=() drn=() cpu=() tenth=() sql=()
+	for p in base. ''; do
+		f1k+=("$(v "${p}freshness_1000.freshness_p50_ms") / $(v "${p}freshness_1000.freshness_p99_ms")")
+		ftr+=("$(v "${p}freshness_trickle.freshness_p99_ms")")
+		f5k+=("$(v "${p}freshness_5000.freshness_p99_ms")")
+		drn+=("$(v "${p}drain.kafka_drain_orders_per_s")")
+		cpu+=("$(us "$(v "${p}drain.kafka_drain_orders_per_worker_cpu_s")")")
+		tenth+=("$(v "${p}$hist.sql_chain_history_last_vs_first")")
+		sql+=("$(v "${p}sql1.sql_chain_orders_per_s")")
+	done
+	goal "produce -> visible, 1000/s p50 / p99" "${f1k[0]}" "${f1k[1]}" "<= 15 / <= 50 ms"
+	goal "produce -> visible, 5 a minute, p99" "${ftr[0]}" "${ftr[1]}" "<= 20 ms"
+	goal "produce -> visible, 5000/s, p99" "${f5k[0]}" "${f5k[1]}" "<= 100 ms"
+	goal "drain, $(v drain.kafka_drain_orders) orders (orders/s)" "${drn[0]}" "${drn[1]}" "not lower; 15000"
+	goal "worker CPU per order in the drain (us)" "${cpu[0]}" "${cpu[1]}" "<= 90"
+	goal "history $(v "$hist.sql_chain_history"), last / first tenth" "${tenth[0]}" "${tenth[1]}" ">= 0.90"
+	goal "SQL chain, 1 connection (orders/s)" "${sql[0]}" "${sql[1]}" "not lower"
+	line
+fi
 failed=0
 for name in sql1 sql2 history drain drain_tags "${fresh_names[@]}" freshness_tags redis; do
-	[ -n "${STATUS[$name]:-}" ] || continue
-	row "run $name" "${STATUS[$name]}"
-	[ "${STATUS[$name]}" = ok ] || failed=1
+	for key in "base.$name" "$name"; do
+		[ -n "${STATUS[$key]:-}" ] || continue
+		row "run $key" "${STATUS[$key]}"
+		[ "${STATUS[$key]}" = ok ] || failed=1
+	done
 done
 row "logs" "$OUT"
 exit $failed
