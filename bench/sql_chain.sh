@@ -31,6 +31,9 @@
 #   BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB), BENCH_KEEP (0: remove
 #   the cluster), BENCH_SKIP_INSTALL (0: run make install first),
 #   BENCH_EXPLAIN (1: auto_explain one extra, rolled back batch),
+#   BENCH_VERIFY_PARTS (1: the check is dwh.verify(); N > 1:
+#   dwh.verify(N), a part of the key space at a time, in less temporary
+#   space, as bench/run-all.sh does for its long history),
 #   BENCH_DIR (parent of the cluster directory, default /tmp),
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 
@@ -48,6 +51,7 @@ JIT=${BENCH_JIT:-off}
 MAX_WAL_SIZE=${BENCH_MAX_WAL_SIZE:-16GB}
 KEEP=${BENCH_KEEP:-0}
 SKIP_INSTALL=${BENCH_SKIP_INSTALL:-0}
+VERIFY_PARTS=${BENCH_VERIFY_PARTS:-1}
 EXPLAIN=${BENCH_EXPLAIN:-1}
 PARENT=${BENCH_DIR:-/tmp}
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
@@ -333,11 +337,30 @@ fi
 
 # ---------------------------------------------------------------- checks
 
-log "checking: dwh.verify() and an independent recount"
+verify_call='dwh.verify()'
+# (A build older than dwh.verify(parts) checks everything at once.)
+if [ "$VERIFY_PARTS" != 1 ] && [ "$(qv "SELECT to_regprocedure('dwh.verify(integer)') IS NOT NULL")" = t ]; then
+	verify_call="dwh.verify($VERIFY_PARTS)"
+fi
+log "checking: $verify_call and an independent recount"
+# The check's peak of temporary files, sampled every half second.
+peak_file=$work/verify-temp-peak
+(
+	peak=0
+	while :; do
+		b=$(du -sb "$data"/base/pgsql_tmp 2>/dev/null | cut -f1)
+		[ "${b:-0}" -le "$peak" ] || { peak=$b; echo "$peak" >"$peak_file"; }
+		sleep 0.5
+	done
+) &
+sampler=$!
 t0=$(now)
-verify=$(qv "SELECT count(*) FROM dwh.verify()")
+verify=$(qv "SELECT count(*) FROM $verify_call")
 t1=$(now)
+kill "$sampler" 2>/dev/null || true
+wait "$sampler" 2>/dev/null || true
 verify_s=$(calc "$t1 - $t0")
+verify_temp_mb=$(( $(cat "$peak_file" 2>/dev/null || echo 0) / 1048576 ))
 recount=$(q -At -F ' ' -f - <<EOF
 -- Expected marts straight from the generator (not from STG or DDS).
 CREATE TEMP TABLE lines AS
@@ -488,7 +511,8 @@ if [ "$explain_ok" = 1 ]; then
 fi
 hr
 echo "CHECKS"
-printf '  SELECT count(*) FROM dwh.verify()    %s   (%.1f s)%s\n' "$verify" "$verify_s" \
+printf '  %-36s %s   (%.1f s, temporary files at most %s MB)%s\n' "SELECT count(*) FROM $verify_call" \
+	"$verify" "$verify_s" "$verify_temp_mb" \
 	"$([ "$verify" = 0 ] && echo '' || echo '   <-- MARTS INCONSISTENT')"
 printf '  recount from the generator           product rows %s expected, %s differ;\n' "$exp_p" "$bad_p"
 printf '                                       category rows %s expected, %s differ\n' "$exp_c" "$bad_c"
@@ -512,3 +536,6 @@ if [ -n "${hist_first:-}" ]; then
 	printf 'RESULT sql_chain_history_last_vs_first=%.2f\n' "$(calc "$hist_last / $hist_first")"
 fi
 echo "RESULT sql_chain_consistent=yes"
+echo "RESULT sql_chain_verify_parts=$VERIFY_PARTS"
+printf 'RESULT sql_chain_verify_s=%.0f\n' "$verify_s"
+echo "RESULT sql_chain_verify_temp_peak_mb=$verify_temp_mb"

@@ -113,6 +113,12 @@ VALUES (dwh.hash_key('u9'), dwh.hash_key('Десерты'), 'Десерты', 3)
 SELECT mart, u.user_id, expected_name, actual_name, expected_cnt, actual_cnt
 FROM dwh.verify() v LEFT JOIN dds.h_user u ON u.h_user_pk = v.user_id
 ORDER BY 1, 2, 3, 4;
+-- verify(parts) finds the same differences, a part of the users at a time.
+SELECT p AS parts, count(*) AS found,
+       (SELECT count(*) FROM (SELECT * FROM dwh.verify(p) EXCEPT ALL SELECT * FROM dwh.verify()) x) AS not_in_whole,
+       (SELECT count(*) FROM (SELECT * FROM dwh.verify() EXCEPT ALL SELECT * FROM dwh.verify(p)) x) AS missed
+FROM generate_series(1, 7, 3) p, dwh.verify(p)
+GROUP BY p ORDER BY p;
 SELECT * FROM dwh.rebuild();
 SELECT * FROM t.check();
 
@@ -124,6 +130,17 @@ UPDATE dds.s_product_names SET name = 'Шурпа?' WHERE name = 'Шурпа';
 INSERT INTO dds.h_category (h_category_pk, category_name, load_dt, load_src)
 VALUES (dwh.hash_key('Ничья'), 'Ничья', now(), 'by hand');
 SELECT mart, expected_name, actual_name FROM dwh.verify() ORDER BY 1, 2, 3;
+-- In parts: the orders', dishes' and categories' keys each in their part.
+SELECT p AS parts, count(*) AS found,
+       (SELECT count(*) FROM (SELECT * FROM dwh.verify(p) EXCEPT ALL SELECT * FROM dwh.verify()) x) AS not_in_whole,
+       (SELECT count(*) FROM (SELECT * FROM dwh.verify() EXCEPT ALL SELECT * FROM dwh.verify(p)) x) AS missed
+FROM generate_series(1, 7, 3) p, dwh.verify(p)
+GROUP BY p ORDER BY p;
+SELECT part, count(v.*) AS vault_differences
+FROM generate_series(0, 3) part LEFT JOIN dwh.verify_vault(part, 4) v ON true
+GROUP BY part ORDER BY part;
+SELECT * FROM dwh.verify(0);
+SELECT * FROM dwh.verify_vault(4, 4);
 SELECT * FROM dwh.rebuild();
 SELECT count(*) AS vault_differences FROM dwh.verify_vault();
 SELECT * FROM dwh.rebuild(vault => true);

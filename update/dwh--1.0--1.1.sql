@@ -3430,12 +3430,47 @@ UNION ALL
 SELECT object_id, coalesce(update_ts, '-infinity'), payload FROM stg.user_history;
 COMMENT ON VIEW dwh.user_versions IS 'Every user value received, with its version time (-infinity when it has none)';
 
-CREATE FUNCTION dwh.verify_vault()
-    RETURNS TABLE (table_name text, business_key text, expected text, actual text)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Is a key in this part of the key space?  dwh.verify(parts) and
+-- dwh.verify_vault(part, parts) check one part at a time, so that a large
+-- warehouse is checked without sorting all of it at once.  With one part,
+-- every key is in it: the planner folds the test away.
+CREATE FUNCTION dwh.key_in_part(k text, part integer, parts integer)
+    RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
+    SELECT parts = 1 OR abs(hashtext(coalesce(k, ''))::bigint) % parts = part
+$fn$;
+COMMENT ON FUNCTION dwh.key_in_part(text, integer, integer) IS
+    'Internal: whether a key falls in part "part" (from 0) of "parts" parts of the key space (by its hash), as dwh.verify(parts) checks them';
+
+-- The part of the vault check of the keys in one part: order-keyed rows by
+-- the order, dish-keyed ones (and an order's dishes) by the dish, the
+-- others by their hub's key.  Only the part's versions of orders are held
+-- with their payload; every version is read again for the part's users,
+-- restaurants and dishes.  Custom plans: with one part the test of the
+-- part is folded away and the plan is the one of a whole check.
+CREATE FUNCTION dwh.verify_vault(part integer, parts integer)
+    RETURNS TABLE (table_name text, business_key text, expected text, actual text)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_custom_plan
+AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF parts IS NULL OR parts < 1 OR part IS NULL OR part < 0 OR part >= parts THEN
+        RAISE EXCEPTION 'part % of % parts does not exist', part, parts
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Parts are numbered from 0 to parts - 1, and there is at least one.';
+    END IF;
+    RETURN QUERY
     WITH order_version AS MATERIALIZED (
-        SELECT * FROM dwh.order_versions
+        SELECT * FROM dwh.order_versions v
+        WHERE dwh.key_in_part(v.object_id::text, part, parts)
+    ),
+    -- Every version: the ones just read when there is one part.
+    every_version AS NOT MATERIALIZED (
+        SELECT * FROM order_version WHERE parts = 1
+        UNION ALL
+        SELECT * FROM dwh.order_versions WHERE parts > 1
     ),
     menu_entry AS MATERIALIZED (
         SELECT r.object_id AS restaurant_id, r.version, e->>'_id' AS product_id,
@@ -3443,11 +3478,13 @@ AS $fn$
         FROM dwh.restaurant_versions r, jsonb_array_elements(r.payload->'menu') e
         WHERE e->>'_id' <> ''
     ),
+    -- The items of every version, of the part's dishes.
     order_item AS MATERIALIZED (
         SELECT v.object_id, v.update_ts, v.is_current,
                v.payload->'restaurant'->>'id' AS restaurant_id,
                e->>'id' AS product_id, e->>'name' AS name
-        FROM order_version v, jsonb_array_elements(v.payload->'order_items') e
+        FROM every_version v, jsonb_array_elements(v.payload->'order_items') e
+        WHERE dwh.key_in_part(e->>'id', part, parts)
     ),
     -- Each table as (key, value) pairs, expected and actual.
     expected AS (
@@ -3456,19 +3493,23 @@ AS $fn$
         FROM order_version WHERE is_current
         UNION ALL
         SELECT 'dds.h_user', k, '' FROM (
-            SELECT payload->'user'->>'id' AS k FROM order_version
+            SELECT payload->'user'->>'id' AS k FROM every_version
             UNION SELECT object_id FROM dwh.user_versions) x
+        WHERE dwh.key_in_part(k, part, parts)
         UNION ALL
         SELECT 'dds.h_restaurant', k, '' FROM (
-            SELECT payload->'restaurant'->>'id' AS k FROM order_version
+            SELECT payload->'restaurant'->>'id' AS k FROM every_version
             UNION SELECT object_id FROM dwh.restaurant_versions) x
+        WHERE dwh.key_in_part(k, part, parts)
         UNION ALL
         SELECT 'dds.h_product', k, '' FROM (
             SELECT product_id AS k FROM order_item
-            UNION SELECT product_id FROM menu_entry) x
+            UNION SELECT product_id FROM menu_entry
+                  WHERE dwh.key_in_part(product_id, part, parts)) x
         UNION ALL
         SELECT DISTINCT 'dds.h_category', category_name, ''
-        FROM menu_entry WHERE category_name IS NOT NULL
+        FROM menu_entry
+        WHERE category_name IS NOT NULL AND dwh.key_in_part(category_name, part, parts)
         UNION ALL
         SELECT 'dds.l_order_user', object_id::text, payload->'user'->>'id'
         FROM order_version WHERE is_current
@@ -3478,12 +3519,14 @@ AS $fn$
         UNION ALL
         SELECT 'dds.l_product_restaurant', k, '' FROM (
             SELECT product_id || ' ' || restaurant_id AS k FROM order_item
-            UNION SELECT product_id || ' ' || restaurant_id FROM menu_entry) x
+            UNION SELECT product_id || ' ' || restaurant_id FROM menu_entry
+                  WHERE dwh.key_in_part(product_id, part, parts)) x
         UNION ALL
         SELECT * FROM (
             SELECT DISTINCT ON (product_id) 'dds.l_product_category', product_id,
                    category_name || ' @ ' || version::text
-            FROM menu_entry WHERE category_name IS NOT NULL
+            FROM menu_entry
+            WHERE category_name IS NOT NULL AND dwh.key_in_part(product_id, part, parts)
             ORDER BY product_id, version DESC, category_name COLLATE "C" DESC) x
         UNION ALL
         SELECT * FROM (
@@ -3505,12 +3548,14 @@ AS $fn$
                    object_id || ' @ ' || version::text,
                    (payload->>'name') || ' / ' || (payload->>'login')
             FROM dwh.user_versions
+            WHERE dwh.key_in_part(object_id, part, parts)
             ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
         UNION ALL
         SELECT * FROM (
             SELECT DISTINCT ON (object_id, version) 'dds.s_restaurant_names',
                    object_id || ' @ ' || version::text, payload->>'name'
             FROM dwh.restaurant_versions
+            WHERE dwh.key_in_part(object_id, part, parts)
             ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
         UNION ALL
         SELECT 'dds.s_product_names', coalesce(m.product_id, o.product_id) || ' @ '
@@ -3520,7 +3565,8 @@ AS $fn$
                || ' / ' || CASE WHEN o.name IS NULL THEN 'stg.restaurants'
                                 ELSE 'stg.order_events' END
         FROM (SELECT product_id, version, max(name COLLATE "C") AS name
-              FROM menu_entry GROUP BY 1, 2) m
+              FROM menu_entry WHERE dwh.key_in_part(product_id, part, parts)
+              GROUP BY 1, 2) m
         FULL JOIN (SELECT DISTINCT ON (product_id) product_id, update_ts AS version, name
                    FROM order_item
                    ORDER BY product_id, update_ts DESC, name COLLATE "C" DESC) o
@@ -3528,48 +3574,72 @@ AS $fn$
     ),
     actual AS (
         SELECT 'dds.h_order' AS t, order_id::text AS k, order_dt::text AS v FROM dds.h_order
+        WHERE dwh.key_in_part(order_id::text, part, parts)
         UNION ALL SELECT 'dds.h_user', user_id, '' FROM dds.h_user
+        WHERE dwh.key_in_part(user_id, part, parts)
         UNION ALL SELECT 'dds.h_restaurant', restaurant_id, '' FROM dds.h_restaurant
+        WHERE dwh.key_in_part(restaurant_id, part, parts)
         UNION ALL SELECT 'dds.h_product', product_id, '' FROM dds.h_product
+        WHERE dwh.key_in_part(product_id, part, parts)
         UNION ALL SELECT 'dds.h_category', category_name, '' FROM dds.h_category
+        WHERE dwh.key_in_part(category_name, part, parts)
         UNION ALL
         SELECT 'dds.l_order_user', o.order_id::text, u.user_id
         FROM dds.l_order_user l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_user u USING (h_user_pk)
+        WHERE dwh.key_in_part(o.order_id::text, part, parts)
         UNION ALL
         SELECT 'dds.l_order_product', o.order_id::text || ' ' || p.product_id, ''
         FROM dds.l_order_product l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_product p USING (h_product_pk)
+        WHERE dwh.key_in_part(p.product_id, part, parts)
         UNION ALL
         SELECT 'dds.l_product_restaurant', p.product_id || ' ' || r.restaurant_id, ''
         FROM dds.l_product_restaurant l JOIN dds.h_product p USING (h_product_pk)
         JOIN dds.h_restaurant r USING (h_restaurant_pk)
+        WHERE dwh.key_in_part(p.product_id, part, parts)
         UNION ALL
         SELECT 'dds.l_product_category', p.product_id, c.category_name || ' @ ' || l.load_dt::text
         FROM dds.l_product_category l JOIN dds.h_product p USING (h_product_pk)
         JOIN dds.h_category c USING (h_category_pk)
+        WHERE dwh.key_in_part(p.product_id, part, parts)
         UNION ALL
         SELECT 'dds.s_order_status', o.order_id::text || ' @ ' || s.load_dt::text, s.status
         FROM dds.s_order_status s JOIN dds.h_order o USING (h_order_pk)
+        WHERE dwh.key_in_part(o.order_id::text, part, parts)
         UNION ALL
         SELECT 'dds.s_order_cost', o.order_id::text || ' @ ' || s.load_dt::text,
                s.cost::text || ' ' || s.payment::text
         FROM dds.s_order_cost s JOIN dds.h_order o USING (h_order_pk)
+        WHERE dwh.key_in_part(o.order_id::text, part, parts)
         UNION ALL
         SELECT 'dds.s_user_names', u.user_id || ' @ ' || s.load_dt::text,
                s.username || ' / ' || s.userlogin
         FROM dds.s_user_names s JOIN dds.h_user u USING (h_user_pk)
+        WHERE dwh.key_in_part(u.user_id, part, parts)
         UNION ALL
         SELECT 'dds.s_restaurant_names', r.restaurant_id || ' @ ' || s.load_dt::text, s.name
         FROM dds.s_restaurant_names s JOIN dds.h_restaurant r USING (h_restaurant_pk)
+        WHERE dwh.key_in_part(r.restaurant_id, part, parts)
         UNION ALL
         SELECT 'dds.s_product_names', p.product_id || ' @ ' || s.load_dt::text,
                s.name || ' / ' || s.load_src
         FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+        WHERE dwh.key_in_part(p.product_id, part, parts)
     )
     SELECT coalesce(e.t, a.t), coalesce(e.k, a.k), e.v, a.v
     FROM expected e
     FULL JOIN actual a ON a.t = e.t AND a.k = e.k
     WHERE e.k IS NULL OR a.k IS NULL OR e.v IS DISTINCT FROM a.v
     ORDER BY 1, 2;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.verify_vault(integer, integer) IS
+    'Differences between DDS and its recomputation from STG, for the keys of one part (from 0) of the key space cut in "parts" parts';
+
+CREATE FUNCTION dwh.verify_vault()
+    RETURNS TABLE (table_name text, business_key text, expected text, actual text)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT * FROM dwh.verify_vault(0, 1);
 $fn$;
 COMMENT ON FUNCTION dwh.verify_vault() IS
     'Differences between DDS and its recomputation from every version held in STG; no rows means DDS is what STG implies';
@@ -3643,62 +3713,102 @@ COMMENT ON VIEW dwh.expected_user_tags IS 'cdm.user_tags recounted from DDS and 
 INSERT INTO cdm.user_order_counters (user_id, order_cnt)
 SELECT user_id, order_cnt FROM dwh.expected_user_order_counters ORDER BY user_id;
 
+-- The whole check, a part of the key space at a time: the marts and tags
+-- of the part's users, and the vault's part.  Each part is one query, whose
+-- sorts and temporary files end with it; all parts read one snapshot.
+CREATE FUNCTION dwh.verify(parts integer)
+    RETURNS TABLE (mart text, user_id uuid, item_id uuid,
+                   expected_name text, actual_name text,
+                   expected_cnt integer, actual_cnt integer)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_custom_plan
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    part integer;
+BEGIN
+    IF parts IS NULL OR parts < 1 THEN
+        RAISE EXCEPTION 'a check in % parts is not possible', parts
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give one part or more; dwh.verify() checks everything at once.';
+    END IF;
+    FOR part IN 0 .. parts - 1 LOOP
+        RETURN QUERY
+        SELECT 'user_product_counters', coalesce(e.user_id, a.user_id),
+               coalesce(e.product_id, a.product_id), e.product_name::text,
+               a.product_name::text, e.order_cnt, a.order_cnt
+        FROM (SELECT * FROM dwh.expected_user_product_counters x
+              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+        FULL JOIN (SELECT * FROM cdm.user_product_counters x
+                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+          ON a.user_id = e.user_id AND a.product_id = e.product_id
+        WHERE e.user_id IS NULL OR a.user_id IS NULL
+           OR e.order_cnt <> a.order_cnt OR e.product_name IS DISTINCT FROM a.product_name
+        UNION ALL
+        SELECT 'user_category_counters', coalesce(e.user_id, a.user_id),
+               coalesce(e.category_id, a.category_id), e.category_name, a.category_name,
+               e.order_cnt, a.order_cnt
+        FROM (SELECT * FROM dwh.expected_user_category_counters x
+              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+        FULL JOIN (SELECT * FROM cdm.user_category_counters x
+                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+          ON a.user_id = e.user_id AND a.category_id = e.category_id
+        WHERE e.user_id IS NULL OR a.user_id IS NULL
+           OR e.order_cnt <> a.order_cnt OR e.category_name IS DISTINCT FROM a.category_name
+        UNION ALL
+        SELECT 'user_order_counters', coalesce(e.user_id, a.user_id), NULL, NULL, NULL,
+               e.order_cnt, a.order_cnt
+        FROM (SELECT * FROM dwh.expected_user_order_counters x
+              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+        FULL JOIN (SELECT * FROM cdm.user_order_counters x
+                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+          ON a.user_id = e.user_id
+        WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
+        UNION ALL
+        -- Tags: the tag and its value in the name columns.
+        SELECT 'user_tags', coalesce(e.user_id, a.user_id), NULL,
+               e.tag || coalesce(': ' || e.value, ''), a.tag || coalesce(': ' || a.value, ''),
+               e.order_cnt, a.order_cnt
+        FROM (SELECT * FROM dwh.expected_user_tags x
+              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+        FULL JOIN (SELECT * FROM cdm.user_tags x
+                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+          ON a.user_id = e.user_id AND a.tag = e.tag
+        -- The counts are the marts' (cdm.user_tags reads them), compared above.
+        WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.value IS DISTINCT FROM a.value
+        UNION ALL
+        -- What windowed rules count: the tag in the name columns, the category
+        -- of a favourite in item_id.
+        SELECT 'user_window_counters', coalesce(e.user_id, a.user_id),
+               nullif(coalesce(e.category_id, a.category_id), dwh.all_orders_key()),
+               e.tag, a.tag, e.order_cnt, a.order_cnt
+        FROM (SELECT * FROM dwh.tag_window_counts(NULL, NULL, NULL) x
+              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+        FULL JOIN (SELECT * FROM cdm.user_window_counters x
+                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+          ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
+        WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
+        UNION ALL
+        -- DDS against what STG implies: the table in mart, the key and values
+        -- in the name columns.
+        SELECT v.table_name, NULL, NULL,
+               v.business_key || ': ' || coalesce(v.expected, '(no row)'),
+               v.business_key || ': ' || coalesce(v.actual, '(no row)'), NULL, NULL
+        FROM dwh.verify_vault(part, parts) v
+        ORDER BY 1, 2, 3, 4;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.verify(integer) IS
+    'dwh.verify() a part of the key space at a time (users for the marts and tags, orders, dishes and the other hubs'' keys for DDS), in "parts" parts: the same differences, in less temporary space; rows ordered within each part';
+
 CREATE OR REPLACE FUNCTION dwh.verify()
     RETURNS TABLE (mart text, user_id uuid, item_id uuid,
                    expected_name text, actual_name text,
                    expected_cnt integer, actual_cnt integer)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT 'user_product_counters', coalesce(e.user_id, a.user_id),
-           coalesce(e.product_id, a.product_id), e.product_name, a.product_name,
-           e.order_cnt, a.order_cnt
-    FROM dwh.expected_user_product_counters e
-    FULL JOIN cdm.user_product_counters a
-      ON a.user_id = e.user_id AND a.product_id = e.product_id
-    WHERE e.user_id IS NULL OR a.user_id IS NULL
-       OR e.order_cnt <> a.order_cnt OR e.product_name IS DISTINCT FROM a.product_name
-    UNION ALL
-    SELECT 'user_category_counters', coalesce(e.user_id, a.user_id),
-           coalesce(e.category_id, a.category_id), e.category_name, a.category_name,
-           e.order_cnt, a.order_cnt
-    FROM dwh.expected_user_category_counters e
-    FULL JOIN cdm.user_category_counters a
-      ON a.user_id = e.user_id AND a.category_id = e.category_id
-    WHERE e.user_id IS NULL OR a.user_id IS NULL
-       OR e.order_cnt <> a.order_cnt OR e.category_name IS DISTINCT FROM a.category_name
-    UNION ALL
-    SELECT 'user_order_counters', coalesce(e.user_id, a.user_id), NULL, NULL, NULL,
-           e.order_cnt, a.order_cnt
-    FROM dwh.expected_user_order_counters e
-    FULL JOIN cdm.user_order_counters a ON a.user_id = e.user_id
-    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
-    UNION ALL
-    -- Tags: the tag and its value in the name columns.
-    SELECT 'user_tags', coalesce(e.user_id, a.user_id), NULL,
-           e.tag || coalesce(': ' || e.value, ''), a.tag || coalesce(': ' || a.value, ''),
-           e.order_cnt, a.order_cnt
-    FROM dwh.expected_user_tags e
-    FULL JOIN cdm.user_tags a ON a.user_id = e.user_id AND a.tag = e.tag
-    -- The counts are the marts' (cdm.user_tags reads them), compared above.
-    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.value IS DISTINCT FROM a.value
-    UNION ALL
-    -- What windowed rules count: the tag in the name columns, the category
-    -- of a favourite in item_id.
-    SELECT 'user_window_counters', coalesce(e.user_id, a.user_id),
-           nullif(coalesce(e.category_id, a.category_id), dwh.all_orders_key()),
-           e.tag, a.tag, e.order_cnt, a.order_cnt
-    FROM dwh.tag_window_counts(NULL, NULL, NULL) e
-    FULL JOIN cdm.user_window_counters a
-      ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
-    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
-    UNION ALL
-    -- DDS against what STG implies: the table in mart, the key and values
-    -- in the name columns.
-    SELECT v.table_name, NULL, NULL,
-           v.business_key || ': ' || coalesce(v.expected, '(no row)'),
-           v.business_key || ': ' || coalesce(v.actual, '(no row)'), NULL, NULL
-    FROM dwh.verify_vault() v
-    ORDER BY 1, 2, 3, 4;
+    SELECT * FROM dwh.verify(1) ORDER BY 1, 2, 3, 4;
 $fn$;
 COMMENT ON FUNCTION dwh.verify() IS
     'Differences between the marts and the user tags and their recomputation from DDS, and between DDS and its recomputation from STG; no rows means consistent';
