@@ -348,7 +348,8 @@ peak_file=$work/verify-temp-peak
 (
 	peak=0
 	while :; do
-		b=$(du -sb "$data"/base/pgsql_tmp 2>/dev/null | cut -f1)
+		# (No folder until the first temporary file.)
+		b=$(du -sb "$data"/base/pgsql_tmp 2>/dev/null | cut -f1) || b=0
 		[ "${b:-0}" -le "$peak" ] || { peak=$b; echo "$peak" >"$peak_file"; }
 		sleep 0.5
 	done
