@@ -228,6 +228,7 @@ row "  loading the history, first / last tenth" "$(v sql1.sql_chain_history_firs
 if [ -n "${STATUS[history]:-}" ]; then
 	row "SQL chain on $(v history.sql_chain_history) orders of history" "$(v history.sql_chain_orders_per_s) orders/s"
 	row "  loading the history, first / last tenth" "$(v history.sql_chain_history_first_tenth_orders_per_s) / $(v history.sql_chain_history_last_tenth_orders_per_s) orders/s (last/first $(v history.sql_chain_history_last_vs_first))"
+	row "  its check, dwh.verify in $(v history.sql_chain_verify_parts) parts" "$(v history.sql_chain_verify_s) s, temporary files at most $(v history.sql_chain_verify_temp_peak_mb) MB"
 fi
 row "Kafka drain, $(v drain.kafka_drain_consumers) workers, $(v drain.kafka_drain_partitions) partitions" "$(v drain.kafka_drain_orders_per_s) orders/s, $(v drain.kafka_drain_messages_per_s) messages/s  ($(v drain.kafka_drain_orders) orders in $(v drain.kafka_drain_s) s)"
 row "  worker CPU" "$(v drain.kafka_drain_orders_per_worker_cpu_s) orders per CPU-second of the workers"
