@@ -163,6 +163,13 @@ COMMENT ON COLUMN dds.s_product_names.hk_product_names_hashdiff IS 'dwh.hash_key
 COMMENT ON COLUMN dds.s_product_names.load_dt IS 'Version: the order''s update_ts or the menu''s update_ts_utc';
 COMMENT ON COLUMN dds.s_product_names.load_src IS 'Table it was loaded from';
 
+-- Each dish's one naming by orders (dwh.load_order_namings), found by key:
+-- the row moves at every batch that names the dish, and a scan of the
+-- primary key would visit the entries of all its old places since the
+-- last vacuum.
+CREATE UNIQUE INDEX s_product_names_order_naming_idx ON dds.s_product_names (h_product_pk)
+    WHERE load_src = 'stg.order_events';
+
 CREATE TABLE dds.s_restaurant_names (
     h_restaurant_pk uuid NOT NULL REFERENCES dds.h_restaurant,
     name        varchar NOT NULL,

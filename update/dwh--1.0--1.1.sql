@@ -4152,3 +4152,11 @@ BEGIN
               HINT = 'Table dwh_update_1_1.vault_differences keeps every difference, with the values of 1.0 and of 1.1; drop schema dwh_update_1_1 when you no longer need it.';
 END
 $update$;
+
+-- After the recomputation: 1.0 could hold several rows from orders for a dish.
+-- Each dish's one naming by orders (dwh.load_order_namings), found by key:
+-- the row moves at every batch that names the dish, and a scan of the
+-- primary key would visit the entries of all its old places since the
+-- last vacuum.
+CREATE UNIQUE INDEX s_product_names_order_naming_idx ON dds.s_product_names (h_product_pk)
+    WHERE load_src = 'stg.order_events';
