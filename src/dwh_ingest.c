@@ -28,6 +28,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -44,6 +45,14 @@
  * are the only state of this file that outlives a call, and they hold no
  * state of a batch: what a batch shares with its triggers is in its session.
  */
+/*
+ * Batches of at most this many messages run with generic plans
+ * (dwh_ingest_batch; measured in docs/benchmarks.md).
+ */
+#ifndef SMALL_BATCH
+#define SMALL_BATCH 8
+#endif
+
 static SPIPlanPtr upsert_orders_plan = NULL;
 static SPIPlanPtr insert_others_plan = NULL;
 static SPIPlanPtr insert_dead_plan = NULL;
@@ -962,6 +971,7 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 				 const char *topic, DwhIngestResult *result)
 {
 	ErrorData  *edata;
+	int			guc_level;
 	int			i;
 
 	memset(result, 0, sizeof(DwhIngestResult));
@@ -972,6 +982,18 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	prepare_plans();
+
+	/*
+	 * A small batch takes the generic plans.  With arrays of a few elements
+	 * a custom plan always looks cheaper, so the plan cache would plan every
+	 * statement of the chain again at every batch: a third of the CPU of a
+	 * batch of one order.  Restored at the end, or by the abort.
+	 */
+	guc_level = NewGUCNestLevel();
+	if (n <= SMALL_BATCH)
+		(void) set_config_option("plan_cache_mode", "force_generic_plan",
+								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+								 true, 0, false);
 
 	edata = ingest_in_subtransaction(items, n, source, topic, result);
 	if (edata != NULL)
@@ -1028,5 +1050,6 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 		dead_letters_write(&dl, source, topic, result);
 	}
 
+	AtEOXact_GUC(true, guc_level);
 	SPI_finish();
 }
