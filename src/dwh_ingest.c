@@ -984,8 +984,8 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 	prepare_plans();
 
 	/*
-	 * A small batch takes the generic plans.  With arrays of a few elements
-	 * a custom plan always looks cheaper, so the plan cache would plan every
+	 * A small batch takes the generic plans.  With arrays of a few elements a
+	 * custom plan always looks cheaper, so the plan cache would plan every
 	 * statement of the chain again at every batch: a third of the CPU of a
 	 * batch of one order.  Restored at the end, or by the abort.
 	 */
