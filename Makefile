@@ -16,6 +16,7 @@ OBJS = \
 	src/dwh_columns.o \
 	src/dwh_dead_letter.o \
 	src/dwh_ingest_session.o \
+	src/dwh_inflight.o \
 	src/dwh_ingest.o \
 	src/dwh_ingest_sql.o \
 	src/dwh_secret_scan.o \

@@ -11,6 +11,7 @@
 #include "miscadmin.h"
 #include "storage/ipc.h"
 
+#include "dwh_inflight.h"
 #include "dwh_secrets.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
@@ -29,6 +30,7 @@ dwh_shmem_request(void)
 	if (previous_shmem_request_hook)
 		previous_shmem_request_hook();
 	dwh_status_shmem_request();
+	dwh_inflight_shmem_request();
 }
 
 static void
@@ -37,6 +39,7 @@ dwh_shmem_startup(void)
 	if (previous_shmem_startup_hook)
 		previous_shmem_startup_hook();
 	dwh_status_shmem_startup();
+	dwh_inflight_shmem_startup();
 	/* Every preloaded library has installed its hooks by now. */
 	dwh_secrets_check_hook_order();
 }

@@ -35,6 +35,7 @@
 
 #include "dwh_columns.h"
 #include "dwh_dead_letter.h"
+#include "dwh_inflight.h"
 #include "dwh_ingest.h"
 #include "dwh_ingest_session.h"
 #include "dwh_message.h"
@@ -759,11 +760,14 @@ upsert_claimed(DwhIngestOrder *rows, int n, DwhIngestOrder *superseded,
 
 /*
  * Classify and write items[0..n-1].  Raises an error if any statement
- * fails; the caller decides what the error means.
+ * fails; the caller decides what the error means.  With a Kafka worker's
+ * number and deferred[], the orders another worker is applying are left
+ * out (deferred[i] set) instead of written.
  */
 static void
 ingest_messages(DwhIngestItem *items, int n, const char *source,
-				const char *topic, DwhIngestResult *result)
+				const char *topic, int worker, bool *deferred,
+				DwhIngestResult *result)
 {
 	DwhIngestOrder *orders;
 	int			n_orders = 0;
@@ -808,6 +812,12 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		switch (msg.kind)
 		{
 			case DWH_MESSAGE_ORDER:
+				if (worker > 0 && !dwh_inflight_claim(worker, msg.object_id))
+				{
+					deferred[i] = true;
+					result->deferred++;
+					break;
+				}
 				orders[n_orders].object_id = msg.object_id;
 				orders[n_orders].sent_dttm = msg.sent_dttm;
 				orders[n_orders].update_ts = msg.update_ts;
@@ -888,6 +898,8 @@ typedef struct IngestCall
 	int			n;
 	const char *source;
 	const char *topic;
+	int			worker;
+	bool	   *deferred;
 	DwhIngestResult *result;
 } IngestCall;
 
@@ -896,7 +908,8 @@ ingest_call(void *arg)
 {
 	IngestCall *c = (IngestCall *) arg;
 
-	ingest_messages(c->items, c->n, c->source, c->topic, c->result);
+	ingest_messages(c->items, c->n, c->source, c->topic, c->worker,
+					c->deferred, c->result);
 }
 
 /*
@@ -905,9 +918,10 @@ ingest_call(void *arg)
  */
 static ErrorData *
 ingest_in_subtransaction(DwhIngestItem *items, int n, const char *source,
-						 const char *topic, DwhIngestResult *result)
+						 const char *topic, int worker, bool *deferred,
+						 DwhIngestResult *result)
 {
-	IngestCall	call = {items, n, source, topic, result};
+	IngestCall	call = {items, n, source, topic, worker, deferred, result};
 
 	return dwh_try_in_subtransaction(ingest_call, &call);
 }
@@ -922,7 +936,7 @@ trial_in_subtransaction(DwhIngestItem *item, const char *source,
 						const char *topic)
 {
 	DwhIngestResult ignored = {0};
-	IngestCall	call = {item, 1, source, topic, &ignored};
+	IngestCall	call = {item, 1, source, topic, 0, NULL, &ignored};
 
 	return dwh_run_in_subtransaction(ingest_call, &call, false,
 									 dwh_error_is_about_data);
@@ -945,7 +959,8 @@ ingest_one_by_one(DwhIngestItem *items, int n, const char *source,
 		ErrorData  *edata;
 
 		CHECK_FOR_INTERRUPTS();
-		edata = ingest_in_subtransaction(&items[i], 1, source, topic, &one);
+		edata = ingest_in_subtransaction(&items[i], 1, source, topic, 0, NULL,
+										 &one);
 		if (edata != NULL)
 		{
 			dead_letters_add(dl, &items[i], edata->sqlerrcode, edata->message);
@@ -962,13 +977,14 @@ ingest_one_by_one(DwhIngestItem *items, int n, const char *source,
 }
 
 /*
- * dwh_ingest_batch
- *		Ingest n raw messages in the current transaction.  source names the
- *		origin for dead letters ('kafka', 'sql'); topic may be NULL.
+ * Ingest n raw messages in the current transaction; with a Kafka worker's
+ * number, leaving out the orders another worker is applying (see
+ * dwh_ingest_batch_deferring).
  */
-void
-dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
-				 const char *topic, DwhIngestResult *result)
+static void
+ingest_batch(DwhIngestItem *items, int n, const char *source,
+			 const char *topic, int worker, bool *deferred,
+			 DwhIngestResult *result)
 {
 	ErrorData  *edata;
 	int			guc_level;
@@ -995,7 +1011,8 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
 								 true, 0, false);
 
-	edata = ingest_in_subtransaction(items, n, source, topic, result);
+	edata = ingest_in_subtransaction(items, n, source, topic, worker, deferred,
+									 result);
 	if (edata != NULL)
 	{
 		DeadLetters dl;
@@ -1007,8 +1024,10 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 		 * back whatever happens.  Then the others go in as one batch again,
 		 * which takes its locks in one pass (messages applied one by one
 		 * would lock mart rows in several).  A lone message has just failed
-		 * on its own: no second try.
+		 * on its own: no second try.  Nothing is left out any more.
 		 */
+		if (deferred != NULL)
+			memset(deferred, 0, sizeof(bool) * n);
 		dead_letters_init(&dl, n);
 		for (i = 0; i < n; i++)
 		{
@@ -1032,7 +1051,8 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 		edata = NULL;
 		memset(result, 0, sizeof(DwhIngestResult));
 		if (n_good > 0)
-			edata = ingest_in_subtransaction(good, n_good, source, topic, result);
+			edata = ingest_in_subtransaction(good, n_good, source, topic, 0,
+											 NULL, result);
 		if (edata != NULL)
 		{
 			/*
@@ -1052,4 +1072,32 @@ dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 
 	AtEOXact_GUC(true, guc_level);
 	SPI_finish();
+}
+
+/*
+ * dwh_ingest_batch
+ *		Ingest n raw messages in the current transaction.  source names the
+ *		origin for dead letters ('kafka', 'sql'); topic may be NULL.
+ */
+void
+dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
+				 const char *topic, DwhIngestResult *result)
+{
+	ingest_batch(items, n, source, topic, 0, NULL, result);
+}
+
+/*
+ * dwh_ingest_batch_deferring
+ *		As dwh_ingest_batch, for Kafka worker number worker: the orders that
+ *		another worker is applying are left out, deferred[i] set for each
+ *		of their messages (result->deferred counts them), for the caller
+ *		to apply in a transaction of their own after this one commits.
+ *		This worker's orders stay marked until dwh_inflight_clear().
+ */
+void
+dwh_ingest_batch_deferring(DwhIngestItem *items, int n, const char *topic,
+						   int worker, bool *deferred, DwhIngestResult *result)
+{
+	memset(deferred, 0, sizeof(bool) * n);
+	ingest_batch(items, n, "kafka", topic, worker, deferred, result);
 }

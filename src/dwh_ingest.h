@@ -20,7 +20,7 @@ typedef struct DwhIngestItem
 
 /*
  * What became of a batch: received = applied + unchanged + other_type +
- * dead_lettered + replayed.
+ * dead_lettered + replayed + deferred.
  */
 typedef struct DwhIngestResult
 {
@@ -33,9 +33,15 @@ typedef struct DwhIngestResult
 								 * bytes; nothing written */
 	int			mismatched;		/* of other_type and dead_lettered: stored
 								 * where other bytes were stored before */
+	int			deferred;		/* left out: another Kafka worker is applying
+								 * their order (see dwh_inflight.c) */
 } DwhIngestResult;
 
 extern void dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 							 const char *topic, DwhIngestResult *result);
+extern void dwh_ingest_batch_deferring(DwhIngestItem *items, int n,
+									   const char *topic, int worker,
+									   bool *deferred,
+									   DwhIngestResult *result);
 
 #endif							/* DWH_INGEST_H */

@@ -49,6 +49,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "dwh_inflight.h"
 #include "dwh_ingest.h"
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_offsets.h"
@@ -510,29 +511,38 @@ partition_index(const int32 *partitions, int n, int32 p)
 }
 
 /*
- * Apply the gathered batch in one transaction with its offsets.
+ * Apply items[0..n-1] in one transaction with their offsets: the messages
+ * not applied yet, of partitions neither moved nor stopped meanwhile.  With
+ * deferred, the orders another worker is applying are left out
+ * (deferred[i] set for their messages) and each partition's offset is
+ * stored only up to its first message left out, so that a crash before
+ * they are applied fetches them again.  Returns in next_parts[0..*n_next-1]
+ * and next[] the offsets that follow the messages applied or left out.
+ * An offset stored is at least the one after[] gives for its partition (of
+ * after_parts[0..n_after-1]): the messages left out come after it.
  */
 static void
-apply_batch(void)
+apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
+					 bool *deferred, const int32 *after_parts,
+					 const int64 *after, int n_after,
+					 DwhIngestResult *result, int32 *next_parts, int64 *next,
+					 int *n_next, bool *any_seek)
 {
-	const char *topic = dwh_kafka_consumer_topic(consumer);
-	int32	   *parts = palloc(sizeof(int32) * batch.n);
-	int64	   *stored = palloc(sizeof(int64) * batch.n);
-	bool	   *seek = palloc(sizeof(bool) * batch.n);
-	bool	   *stopped = palloc(sizeof(bool) * batch.n);
-	int64	   *next = palloc(sizeof(int64) * batch.n);
-	DwhIngestItem *keep = palloc(sizeof(DwhIngestItem) * batch.n);
+	int32	   *parts = palloc(sizeof(int32) * n);
+	int64	   *stored = palloc(sizeof(int64) * n);
+	bool	   *seek = palloc(sizeof(bool) * n);
+	bool	   *stopped = palloc(sizeof(bool) * n);
+	int64	   *upto = palloc(sizeof(int64) * n);
+	DwhIngestItem *keep = palloc(sizeof(DwhIngestItem) * n);
+	int		   *kept_from = palloc(sizeof(int) * n);
+	bool	   *kept_deferred = palloc0(sizeof(bool) * n);
 	int			n_parts = 0;
 	int			n_keep = 0;
-	int			n_next = 0;
-	int32	   *next_parts = palloc(sizeof(int32) * batch.n);
-	bool		any_seek = false;
-	DwhIngestResult result;
 	int			i;
 
-	for (i = 0; i < batch.n; i++)
-		if (partition_index(parts, n_parts, batch.items[i].partition) < 0)
-			parts[n_parts++] = batch.items[i].partition;
+	for (i = 0; i < n; i++)
+		if (partition_index(parts, n_parts, items[i].partition) < 0)
+			parts[n_parts++] = items[i].partition;
 	qsort(parts, n_parts, sizeof(int32), compare_int32);
 
 	SetCurrentStatementStartTimestamp();
@@ -545,29 +555,61 @@ apply_batch(void)
 	for (i = 0; i < n_parts; i++)
 	{
 		next[i] = -1;
-		any_seek = any_seek || seek[i];
+		upto[i] = -1;
+		*any_seek = *any_seek || seek[i];
 	}
-	for (i = 0; i < batch.n; i++)
+	for (i = 0; i < n; i++)
 	{
-		int			p = partition_index(parts, n_parts, batch.items[i].partition);
+		int			p = partition_index(parts, n_parts, items[i].partition);
 
 		/* Moved meanwhile, or stopped at a gap: not from here. */
 		if (seek[p] || stopped[p] || (stored[p] != DWH_NO_OFFSET &&
-									  batch.items[i].offset < stored[p]))
+									  items[i].offset < stored[p]))
 			continue;
-		keep[n_keep++] = batch.items[i];
-		next[p] = Max(next[p], batch.items[i].offset + 1);
+		kept_from[n_keep] = i;
+		keep[n_keep++] = items[i];
+		next[p] = Max(next[p], items[i].offset + 1);
 	}
+
+	if (deferred != NULL)
+	{
+		memset(deferred, 0, sizeof(bool) * n);
+		dwh_ingest_batch_deferring(keep, n_keep, topic, worker_index,
+								   kept_deferred, result);
+	}
+	else
+		dwh_ingest_batch(keep, n_keep, "kafka", topic, result);
+
+	/* Stored up to the first message left out, or past the last one. */
+	for (i = 0; i < n_parts; i++)
+		upto[i] = next[i];
+	for (i = 0; i < n_after; i++)
+	{
+		int			p = partition_index(parts, n_parts, after_parts[i]);
+
+		if (p >= 0 && upto[p] >= 0)
+			upto[p] = Max(upto[p], after[i]);
+	}
+	for (i = 0; i < n_keep; i++)
+	{
+		int			p = partition_index(parts, n_parts, keep[i].partition);
+
+		if (!kept_deferred[i])
+			continue;
+		deferred[kept_from[i]] = true;
+		upto[p] = Min(upto[p], keep[i].offset);
+	}
+
+	*n_next = 0;
 	for (i = 0; i < n_parts; i++)
 	{
 		if (next[i] < 0)
 			continue;
-		next_parts[n_next] = parts[i];
-		next[n_next++] = next[i];
+		next_parts[*n_next] = parts[i];
+		upto[*n_next] = upto[i];
+		next[(*n_next)++] = next[i];
 	}
-
-	dwh_ingest_batch(keep, n_keep, "kafka", topic, &result);
-	dwh_kafka_offsets_store(topic, next_parts, next, n_next);
+	dwh_kafka_offsets_store(topic, next_parts, upto, *n_next);
 
 	PopActiveSnapshot();
 	CommitTransactionCommand();
@@ -575,8 +617,57 @@ apply_batch(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 	/* Publish the row counts, or autovacuum never sees this worker's. */
 	pgstat_report_stat(false);
+}
 
-	dwh_status_count_batch(slot, n_keep, result.dead_lettered);
+/*
+ * Apply the gathered batch: in one transaction with its offsets, but for
+ * the orders another worker is applying right now (dwh_inflight.c), which
+ * wait for a second one rather than make the whole batch wait on their
+ * rows for that worker's commit.
+ */
+static void
+apply_batch(void)
+{
+	const char *topic = dwh_kafka_consumer_topic(consumer);
+	bool	   *deferred = palloc(sizeof(bool) * batch.n);
+	int32	   *next_parts = palloc(sizeof(int32) * batch.n);
+	int64	   *next = palloc(sizeof(int64) * batch.n);
+	int			n_next = 0;
+	bool		any_seek = false;
+	DwhIngestResult result;
+	int			applied;
+	int			dead;
+
+	dwh_inflight_clear(worker_index);
+	apply_in_transaction(topic, batch.items, batch.n, deferred, NULL, NULL, 0,
+						 &result, next_parts, next, &n_next, &any_seek);
+	dwh_inflight_clear(worker_index);
+	applied = result.received - result.deferred;
+	dead = result.dead_lettered;
+
+	if (result.deferred > 0)
+	{
+		DwhIngestItem *left = palloc(sizeof(DwhIngestItem) * result.deferred);
+		int32	   *left_parts = palloc(sizeof(int32) * result.deferred);
+		int64	   *left_next = palloc(sizeof(int64) * result.deferred);
+		int			n_left = 0;
+		int			n_left_next = 0;
+		int			i;
+
+		for (i = 0; i < batch.n; i++)
+			if (deferred[i])
+				left[n_left++] = batch.items[i];
+		ereport(DEBUG1,
+				(errmsg_internal("%d messages of orders another worker is applying left to a second transaction",
+								 n_left)));
+		apply_in_transaction(topic, left, n_left, NULL, next_parts, next,
+							 n_next, &result, left_parts, left_next,
+							 &n_left_next, &any_seek);
+		applied += result.received;
+		dead += result.dead_lettered;
+	}
+
+	dwh_status_count_batch(slot, applied, dead);
 	/* Applied: an earlier error no longer holds (the log keeps it). */
 	dwh_status_clear_error(slot);
 	dwh_kafka_consumer_commit(consumer, next_parts, next, n_next);
@@ -842,6 +933,7 @@ dwh_kafka_worker_main(Datum main_arg)
 	{
 		/* The batch is kept, and retried as it is after the backoff. */
 		dwh_worker_recover(&backoff_ms);
+		dwh_inflight_clear(worker_index);
 		ready_checked = false;
 		dwh_worker_wait(backoff_ms);
 	}

@@ -1,0 +1,114 @@
+# Two Kafka workers applying versions of the same orders at once.  Every
+# message of the stream reaches all four partitions, so the two workers'
+# batches always share orders.  An order the other worker is applying is
+# left to a second transaction (src/dwh_inflight.c) instead of making the
+# whole batch wait on its row for that worker's commit.  The test asserts
+# that this happened, that every message is applied and counted once and
+# that the marts are exact; then it does it again while a worker is killed
+# (SIGKILL) several times: a crash between a batch's two transactions
+# fetches again the messages left out, from the offsets stored.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use DwhTest;
+use IPC::Run;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $broker = start_broker(partitions => 4);
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+
+# Every line of $file once to each of the four partitions of $topic, the
+# partitions side by side.
+sub produce_everywhere
+{
+	my ($file, $topic) = @_;
+	my @kcat;
+	foreach my $p (0 .. 3)
+	{
+		push @kcat,
+		  IPC::Run::start([
+			'kcat', '-P', '-q', '-b', $broker->{bootstrap},
+			'-t', $topic, '-p', $p, '-l', $file ]);
+	}
+	foreach (@kcat)
+	{
+		$_->finish or die "kcat could not produce $file";
+	}
+	return;
+}
+
+# A server with two workers on a topic of its own that holds the stream
+# four times; $kills SIGKILLs of a worker on the way.
+sub run_stream
+{
+	my ($name, $seed, $kills) = @_;
+	my $topic = "orders_$name";
+	broker_command('create-topic', $broker->{dir}, $topic, 4);
+	my $node = new_dwh_node(
+		"kafka_shared_$name",
+		'dwh.kafka_consumers' => 2,
+		'dwh.kafka_batch_size' => 200,
+		'dwh.kafka_topic' => $topic);
+	load_dictionaries($node);
+	# The workers say at DEBUG1 when they leave messages to a second
+	# transaction.
+	$node->append_conf('postgresql.conf', "log_min_messages = debug1\n");
+	$node->reload;
+
+	generate_orders("$tmp/$name.txt", "--count 4000 --seed $seed --malformed 0",
+		'--duplicates 0.05 --status-changes 0.1 --out-of-order 0.05',
+		'--reversals 0.05', "--manifest $tmp/$name.json");
+	my $manifest = read_manifest("$tmp/$name.json");
+	my $total = 4 * $manifest->{messages};
+
+	# Both workers start on the full topic at the same moment.
+	produce_everywhere("$tmp/$name.txt", $topic);
+	$node->safe_psql('postgres',
+		"ALTER SYSTEM SET dwh.kafka_brokers = '$broker->{bootstrap}'; SELECT pg_reload_conf()");
+
+	foreach my $k (1 .. $kills)
+	{
+		my $goal = int($k * $total / ($kills + 1));
+		ok(wait_for($node, "SELECT coalesce(sum(next_offset), 0) >= $goal FROM dwh.kafka_offsets"),
+			"$name: $k of " . ($kills + 1) . ' parts of the stream applied');
+		my $victim = $node->safe_psql('postgres',
+			"SELECT pid FROM dwh.status WHERE worker = 'kafka 1'");
+		note("$name: killing worker $victim at " . stored_total($node, $topic) . " of $total");
+		kill 'KILL', $victim;
+		ok( wait_for($node,
+				"SELECT count(*) = 2 FROM dwh.status WHERE pid IS NOT NULL AND pid <> $victim AND worker LIKE 'kafka%'"
+			),
+			"$name: workers back after kill $k");
+	}
+
+	ok(wait_applied($node, $total, $topic), "$name: every message applied");
+	my $left = 0;
+	my $log = slurp_file($node->logfile);
+	$left += $1
+	  while $log =~ /(\d+) messages of orders another worker is applying left to a second transaction/g;
+	ok($left > 0,
+		"$name: orders the other worker was applying left to a second transaction ($left messages)");
+	is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
+		$manifest->{object_ids}{count}, "$name: each order in STG once");
+	check_consistent($node, $name);
+	check_manifest_counts($node, $manifest, $name);
+	if ($kills == 0)
+	{
+		is( $node->safe_psql('postgres',
+				"SELECT sum(messages) FROM dwh.status WHERE worker LIKE 'kafka%'"),
+			$total, "$name: each message counted once by the workers");
+	}
+	$node->stop;
+	return;
+}
+
+run_stream('calm', 21, 0);
+run_stream('killed', 22, 3);
+
+broker_command('stop', $broker->{dir});
+done_testing();
