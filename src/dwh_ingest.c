@@ -42,18 +42,16 @@
 #include "dwh_spi.h"
 
 /*
+ * Batches of at most this many messages run with generic plans
+ * (ingest_batch; measured in docs/benchmarks.md).
+ */
+#define SMALL_BATCH 8
+
+/*
  * The plans of the statements below, kept for the life of the backend.  They
  * are the only state of this file that outlives a call, and they hold no
  * state of a batch: what a batch shares with its triggers is in its session.
  */
-/*
- * Batches of at most this many messages run with generic plans
- * (dwh_ingest_batch; measured in docs/benchmarks.md).
- */
-#ifndef SMALL_BATCH
-#define SMALL_BATCH 8
-#endif
-
 static SPIPlanPtr upsert_orders_plan = NULL;
 static SPIPlanPtr insert_others_plan = NULL;
 static SPIPlanPtr insert_dead_plan = NULL;
