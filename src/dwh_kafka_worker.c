@@ -555,7 +555,6 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 	for (i = 0; i < n_parts; i++)
 	{
 		next[i] = -1;
-		upto[i] = -1;
 		*any_seek = *any_seek || seek[i];
 	}
 	for (i = 0; i < n; i++)
@@ -638,7 +637,6 @@ apply_batch(void)
 	int			applied;
 	int			dead;
 
-	dwh_inflight_clear(worker_index);
 	apply_in_transaction(topic, batch.items, batch.n, deferred, NULL, NULL, 0,
 						 &result, next_parts, next, &n_next, &any_seek);
 	dwh_inflight_clear(worker_index);
@@ -919,6 +917,8 @@ dwh_kafka_worker_main(Datum main_arg)
 
 	worker_index = DatumGetInt32(main_arg);
 	slot = dwh_worker_start(DWH_WORKER_KAFKA, worker_index);
+	/* A predecessor that exited in the middle of a batch left its marks. */
+	dwh_inflight_clear(worker_index);
 
 	batch.context = AllocSetContextCreate(TopMemoryContext, "dwh kafka batch",
 										  ALLOCSET_DEFAULT_SIZES);
