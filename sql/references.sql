@@ -31,6 +31,27 @@ COPY dds.s_order_cost (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_d
 4b3a2a5e-8f47-5b5e-a7a3-3b1b1b1b1b1b	1	1	4b3a2a5e-8f47-5b5e-a7a3-3b1b1b1b1b1b	2030-01-01	test
 \.
 
+-- A missing hub among keys that repeat (each distinct key is probed once).
+BEGIN;
+SELECT t.load(2, 'u2', 'CLOSED', '2023-04-01 21:00:00', 'd2:Лагман');
+SELECT t.load(3, 'u2', 'CLOSED', '2023-04-01 22:00:00', 'd2:Лагман');
+SELECT dwh.hash_key('2') AS o2, dwh.hash_key('3') AS o3 \gset
+SAVEPOINT repeated;
+INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+SELECT gen_random_uuid(), o, gen_random_uuid(), now(), 'test'
+FROM unnest(ARRAY[:'o1', :'o1', :'missing', :'o1']::uuid[]) o;
+ROLLBACK TO repeated;
+INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
+VALUES (gen_random_uuid(), :'o2', :'d1', now(), 'test'),
+       (gen_random_uuid(), :'o3', :'d1', now(), 'test'),
+       (gen_random_uuid(), :'o1', :'missing', now(), 'test');
+ROLLBACK TO repeated;
+INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
+VALUES (gen_random_uuid(), :'o2', :'u1', now(), 'test'),
+       (gen_random_uuid(), :'o3', :'u1', now(), 'test'),
+       (gen_random_uuid(), :'o1', :'missing', now(), 'test');
+ROLLBACK;
+
 -- A row whose hubs exist goes in (and out again).
 BEGIN;
 INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)

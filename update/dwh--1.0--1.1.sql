@@ -232,32 +232,39 @@ ALTER TABLE dds.s_order_status DROP CONSTRAINT s_order_status_h_order_pk_fkey;
 -- take the tables that refer to it along.  Updates of the reference
 -- columns are refused: dwh replaces a link, it never repoints it.
 CREATE FUNCTION dwh.order_references_exist() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $fn$
 DECLARE
     missing uuid;
 BEGIN
-    -- One anti-join per reference (an OR of two would hash a whole hub).
-    SELECT a.h_order_pk INTO missing
-    FROM added a
-    WHERE NOT EXISTS (SELECT FROM dds.h_order h WHERE h.h_order_pk = a.h_order_pk)
+    -- One probe of the hub's key per distinct key (an order has about
+    -- three dish links, and a batch's links name each user and dish many
+    -- times).  OFFSET 0 and no sequential scan keep each NOT EXISTS a
+    -- probe by key: a plan made while a hub was small would hash or scan
+    -- the whole hub, and be kept as the hub grows.
+    SELECT k.h_order_pk INTO missing
+    FROM (SELECT DISTINCT a.h_order_pk FROM added a) k
+    WHERE NOT EXISTS (SELECT FROM dds.h_order h WHERE h.h_order_pk = k.h_order_pk
+                      OFFSET 0)
     LIMIT 1;
     IF FOUND THEN
         PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_order_pk', missing, 'h_order');
     END IF;
 
     IF TG_TABLE_NAME = 'l_order_user' THEN
-        SELECT a.h_user_pk INTO missing
-        FROM added a
-        WHERE NOT EXISTS (SELECT FROM dds.h_user h WHERE h.h_user_pk = a.h_user_pk)
+        SELECT k.h_user_pk INTO missing
+        FROM (SELECT DISTINCT a.h_user_pk FROM added a) k
+        WHERE NOT EXISTS (SELECT FROM dds.h_user h WHERE h.h_user_pk = k.h_user_pk
+                          OFFSET 0)
         LIMIT 1;
         IF FOUND THEN
             PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_user_pk', missing, 'h_user');
         END IF;
     ELSIF TG_TABLE_NAME = 'l_order_product' THEN
-        SELECT a.h_product_pk INTO missing
-        FROM added a
-        WHERE NOT EXISTS (SELECT FROM dds.h_product h WHERE h.h_product_pk = a.h_product_pk)
+        SELECT k.h_product_pk INTO missing
+        FROM (SELECT DISTINCT a.h_product_pk FROM added a) k
+        WHERE NOT EXISTS (SELECT FROM dds.h_product h WHERE h.h_product_pk = k.h_product_pk
+                          OFFSET 0)
         LIMIT 1;
         IF FOUND THEN
             PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_product_pk', missing, 'h_product');
