@@ -374,7 +374,7 @@ if [ "$WORKER_WARMUP" -gt 0 ]; then
 	[ "$(bench_applied)" -ge "$WORKER_WARMUP" ] ||
 		{ echo "the workers did not apply the $WORKER_WARMUP warm-up orders" >&2; exit 1; }
 	bench_checks_base
-	events_after=$(q "SELECT coalesce(max(id), 0) FROM cdm.user_tag_events")
+	[ "$TAG_RULES" = 0 ] || events_after=$(q "SELECT coalesce(max(id), 0) FROM cdm.user_tag_events")
 	read -r base_batches base_messages < <(q "SELECT sum(batches), sum(messages)
 	                                          FROM dwh.status WHERE worker LIKE 'kafka%'" | tr '|' ' ')
 fi
