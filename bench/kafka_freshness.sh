@@ -62,8 +62,9 @@
 #   latency distribution goes, as freshness-LABEL.tsv and .png), BENCH_WINDOW (10: seconds per line of the
 #   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
 #   on another topic first, so that the broker's JVM is warm; 0: none),
-#   BENCH_WORKER_WARMUP (20: orders of their own through the workers
-#   first, on the measured topic, left out of the figures and the checks;
+#   BENCH_WORKER_WARMUP (20: orders of their own, with every kind of
+#   message of the mix, through the workers first, on the measured topic,
+#   left out of the figures and the checks;
 #   0: none, the first orders then include the workers' first batches),
 #   BENCH_TAG_RULES (0: user tag rules defined first),
 #   BENCH_KEYED (0; 1: each order's messages keyed by its object_id, so
@@ -356,23 +357,28 @@ fi
 
 # A worker's first batches build its plans and caches: at a trickle, the
 # first order after the workers start took 27 to 31 ms, those after it
-# 10 to 16 ms.  The figures are of workers that have run: WORKER_WARMUP
-# orders of their own (object_ids far above the measured ones, each sent
-# once, valid and final) go through them on the measured topic first, at
-# 10 a second, and the checks count only what came after them.
+# 10 to 16 ms, and so did the first one to take each other path (a
+# redelivery, a new version, a malformed line).  The figures are of
+# workers that have run: WORKER_WARMUP orders of their own (object_ids far
+# above the measured ones), with every kind of message of the mix, go
+# through them on the measured topic first, at 10 a second, and the checks
+# count only what came after them.
 events_after=0
 if [ "$WORKER_WARMUP" -gt 0 ]; then
 	log "warming the workers: $WORKER_WARMUP orders on $TOPIC"
-	$GEN orders --count "$WORKER_WARMUP" --seed "$((SEED + 2000))" --clean --first-id 900000000 \
-		--start "$(bench_orders_start "$WORKER_WARMUP")" >"$work/worker-warmup.txt"
+	$GEN orders --count "$WORKER_WARMUP" --seed "$((SEED + 2000))" --first-id 900000000 \
+		--duplicates 0.2 --status-changes 0.2 --out-of-order 0.2 --malformed 0.2 \
+		--max-delay 3 --start "$(bench_orders_start "$WORKER_WARMUP")" \
+		--manifest "$work/worker-warmup.json" >"$work/worker-warmup.txt"
+	warm_messages=$(manifest "$work/worker-warmup.json" messages)
 	/usr/bin/python3 "$work/freshness.py" pace "$work/worker-warmup.txt" 10 "$WORKER_WARMUP" \
 		900000000 "$work/worker-warmup-sent.txt" "$bootstrap" "$TOPIC" "$LINGER_MS" >/dev/null
 	for _ in $(seq 300); do
-		[ "$(bench_applied)" -ge "$WORKER_WARMUP" ] && break
+		[ "$(bench_applied)" -ge "$warm_messages" ] && break
 		sleep 0.2
 	done
-	[ "$(bench_applied)" -ge "$WORKER_WARMUP" ] ||
-		{ echo "the workers did not apply the $WORKER_WARMUP warm-up orders" >&2; exit 1; }
+	[ "$(bench_applied)" -ge "$warm_messages" ] ||
+		{ echo "the workers did not apply the $warm_messages warm-up messages" >&2; exit 1; }
 	bench_checks_base
 	[ "$TAG_RULES" = 0 ] || events_after=$(q "SELECT coalesce(max(id), 0) FROM cdm.user_tag_events")
 	read -r base_batches base_messages < <(q "SELECT sum(batches), sum(messages)
