@@ -23,7 +23,8 @@
 #   BENCH_OUT (folder of the logs, data files and images, default
 #   /tmp/dwh-bench-YYYYmmdd-HHMMSS: drain-lag.png, drain-lag-tags.png,
 #   freshness.png),
-#   BENCH_SKIP_INSTALL (0: make install once first), BENCH_DIR (/tmp),
+#   BENCH_SKIP_INSTALL (0: tools/install-deps.sh when root, and make
+#   install once first), BENCH_DIR (/tmp),
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config),
 #   BENCH_BASELINE (a commit to measure beside this build, such as
 #   42f1c82, the last one before adaptive batching: bench/build_baseline.sh
@@ -56,6 +57,12 @@ export PG_CONFIG
 mkdir -p "$OUT"
 
 if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ]; then
+	# What the benchmarks need (the broker's jars, kcat, gnuplot for the
+	# images); quick when all of it is there.
+	if [ "$(id -u)" = 0 ] && ! "$root/tools/install-deps.sh" >"$OUT/install-deps.log" 2>&1; then
+		echo "tools/install-deps.sh failed: see $OUT/install-deps.log" >&2
+		exit 1
+	fi
 	echo "building and installing the extension (make install)"
 	if ! make -s -C "$root" PG_CONFIG="$PG_CONFIG" >/dev/null ||
 		! make -s -C "$root" PG_CONFIG="$PG_CONFIG" install >/dev/null; then

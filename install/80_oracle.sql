@@ -14,51 +14,57 @@ FROM dds.s_product_names
 ORDER BY h_product_pk, load_dt DESC;
 COMMENT ON VIEW dwh.product_current_name IS 'Current name of every dish (its newest name satellite row)';
 
+-- Each CLOSED order with its user: the order's newest status satellite row
+-- is read by key for each of a user's links, so that a check of some users
+-- (dwh.verify(parts)) reads their orders alone, and nothing is sorted.
+CREATE VIEW dwh.closed_orders AS
+SELECT ou.h_user_pk, ou.h_order_pk
+FROM dds.l_order_user ou
+WHERE (SELECT s.status FROM dds.s_order_status s
+       WHERE s.h_order_pk = ou.h_order_pk
+       ORDER BY s.load_dt DESC LIMIT 1) = 'CLOSED';
+COMMENT ON VIEW dwh.closed_orders IS 'Every order whose current status is CLOSED, with its user (an order of two users twice)';
+
 CREATE VIEW dwh.expected_user_product_counters AS
-SELECT ou.h_user_pk AS user_id, op.h_product_pk AS product_id,
-       pn.name AS product_name, count(*)::integer AS order_cnt
-FROM dwh.order_current_status st
-JOIN dds.l_order_user ou USING (h_order_pk)
-JOIN dds.l_order_product op USING (h_order_pk)
-LEFT JOIN dwh.product_current_name pn USING (h_product_pk)
-WHERE st.status = 'CLOSED'
-GROUP BY ou.h_user_pk, op.h_product_pk, pn.name;
+SELECT x.user_id, x.product_id, pn.name AS product_name, x.order_cnt
+FROM (SELECT c.h_user_pk AS user_id, op.h_product_pk AS product_id,
+             count(*)::integer AS order_cnt
+      FROM dwh.closed_orders c
+      JOIN dds.l_order_product op USING (h_order_pk)
+      GROUP BY c.h_user_pk, op.h_product_pk) x
+LEFT JOIN dwh.product_current_name pn ON pn.h_product_pk = x.product_id;
 COMMENT ON VIEW dwh.expected_user_product_counters IS 'cdm.user_product_counters recomputed from DDS';
 
 CREATE VIEW dwh.expected_user_category_counters AS
-SELECT ou.h_user_pk AS user_id, pc.h_category_pk AS category_id,
-       hc.category_name, count(DISTINCT st.h_order_pk)::integer AS order_cnt
-FROM dwh.order_current_status st
-JOIN dds.l_order_user ou USING (h_order_pk)
+SELECT c.h_user_pk AS user_id, pc.h_category_pk AS category_id,
+       hc.category_name, count(DISTINCT c.h_order_pk)::integer AS order_cnt
+FROM dwh.closed_orders c
 JOIN dds.l_order_product op USING (h_order_pk)
 JOIN dds.l_product_category pc USING (h_product_pk)
 JOIN dds.h_category hc USING (h_category_pk)
-WHERE st.status = 'CLOSED'
-GROUP BY ou.h_user_pk, pc.h_category_pk, hc.category_name;
+GROUP BY c.h_user_pk, pc.h_category_pk, hc.category_name;
 COMMENT ON VIEW dwh.expected_user_category_counters IS 'cdm.user_category_counters recomputed from DDS';
 
 CREATE VIEW dwh.expected_user_order_counters AS
-SELECT ou.h_user_pk AS user_id, count(*)::integer AS order_cnt
-FROM dwh.order_current_status st
-JOIN dds.l_order_user ou USING (h_order_pk)
-WHERE st.status = 'CLOSED'
-GROUP BY ou.h_user_pk;
+SELECT c.h_user_pk AS user_id, count(*)::integer AS order_cnt
+FROM dwh.closed_orders c
+GROUP BY c.h_user_pk;
 COMMENT ON VIEW dwh.expected_user_order_counters IS 'cdm.user_order_counters recomputed from DDS';
 
 -- The tags of every rule recounted from DDS (not from the marts, which
 -- dwh.verify() checks on their own): a user's CLOSED orders dated from
 -- the rule's window start on (all of them without a window), those with
 -- the dish or a dish of the category; the favourite category is the one
--- of most orders, the smallest name (byte by byte) among equals.
+-- of most orders, the smallest name (byte by byte) among equals.  The
+-- orders and items are not materialized, so that a check of some users
+-- reads theirs alone.
 CREATE VIEW dwh.expected_user_tags AS
-WITH closed AS MATERIALIZED (
-    SELECT ou.h_user_pk AS user_id, st.h_order_pk, o.order_dt
-    FROM dwh.order_current_status st
-    JOIN dds.l_order_user ou USING (h_order_pk)
+WITH closed AS (
+    SELECT c.h_user_pk AS user_id, c.h_order_pk, o.order_dt
+    FROM dwh.closed_orders c
     JOIN dds.h_order o USING (h_order_pk)
-    WHERE st.status = 'CLOSED'
 ),
-item AS MATERIALIZED (
+item AS (
     SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
     FROM closed c
     JOIN dds.l_order_product op USING (h_order_pk)
@@ -125,8 +131,9 @@ COMMENT ON VIEW dwh.user_versions IS 'Every user value received, with its versio
 
 -- Is a key in this part of the key space?  dwh.verify(parts) and
 -- dwh.verify_vault(part, parts) check one part at a time, so that a large
--- warehouse is checked without sorting all of it at once.  With one part,
--- every key is in it: the planner folds the test away.
+-- warehouse is checked without sorting all of it at once: orders by the
+-- hash of their business key here.  With one part, every key is in it: the
+-- planner folds the test away (and in dwh.uuid_in_part below).
 CREATE FUNCTION dwh.key_in_part(k text, part integer, parts integer)
     RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -134,14 +141,39 @@ AS $fn$
     SELECT parts = 1 OR abs(hashtext(coalesce(k, ''))::bigint) % parts = part
 $fn$;
 COMMENT ON FUNCTION dwh.key_in_part(text, integer, integer) IS
-    'Internal: whether a key falls in part "part" (from 0) of "parts" parts of the key space (by its hash), as dwh.verify(parts) checks them';
+    'Internal: whether a key falls in part "part" (from 0) of "parts" parts of the key space (by its hash), as dwh.verify_vault(part, parts) checks orders';
 
--- The part of the vault check of the keys in one part: order-keyed rows by
--- the order, dish-keyed ones (and an order's dishes) by the dish, the
--- others by their hub's key.  Only the part's versions of orders are held
--- with their payload; every version is read again for the part's users,
--- restaurants and dishes.  Custom plans: with one part the test of the
--- part is folded away and the plan is the one of a whole check.
+-- A user's part, for the marts and tags: a range of its hash key (the
+-- first 32 bits cut evenly), so that a part's rows are read by index.
+-- Hash keys are SHA-1 based (docs/formats.md), so the parts are even.
+CREATE FUNCTION dwh.key_part_start(part integer, parts integer)
+    RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $fn$
+    SELECT (pg_catalog.lpad(pg_catalog.to_hex((part::bigint << 32) / parts), 8, '0')
+            || '-0000-0000-0000-000000000000')::uuid
+$fn$;
+COMMENT ON FUNCTION dwh.key_part_start(integer, integer) IS
+    'Internal: the smallest hash key of part "part" (from 0) of "parts" parts of the key space, as dwh.verify(parts) checks users';
+
+CREATE FUNCTION dwh.uuid_in_part(k uuid, part integer, parts integer)
+    RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $fn$
+    SELECT parts = 1
+        OR (k >= dwh.key_part_start(part, parts)
+            AND (part = parts - 1 OR k < dwh.key_part_start(part + 1, parts)))
+$fn$;
+COMMENT ON FUNCTION dwh.uuid_in_part(uuid, integer, integer) IS
+    'Internal: whether a hash key falls in part "part" (from 0) of "parts" parts of the key space (by range), as dwh.verify(parts) checks users';
+
+-- The part of the vault check of the keys in one part: the rows of the
+-- part's orders (by the order's key), and in part 0 every row of the
+-- tables of users, restaurants, dishes and categories.  Those are small,
+-- but which of them the orders name takes every version of every order:
+-- read once, in part 0, into hash aggregates (small, never sorted), not
+-- once per part.  Custom plans: with one part the test of the part is
+-- folded away and the plan is the one of a whole check.
 CREATE FUNCTION dwh.verify_vault(part integer, parts integer)
     RETURNS TABLE (table_name text, business_key text, expected text, actual text)
     LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -159,25 +191,40 @@ BEGIN
         SELECT * FROM dwh.order_versions v
         WHERE dwh.key_in_part(v.object_id::text, part, parts)
     ),
-    -- Every version: the ones just read when there is one part.
+    -- Every version, in part 0 (the ones just read when there is one part).
     every_version AS NOT MATERIALIZED (
         SELECT * FROM order_version WHERE parts = 1
         UNION ALL
-        SELECT * FROM dwh.order_versions WHERE parts > 1
+        SELECT * FROM dwh.order_versions WHERE parts > 1 AND part = 0
     ),
     menu_entry AS MATERIALIZED (
         SELECT r.object_id AS restaurant_id, r.version, e->>'_id' AS product_id,
                e->>'name' AS name, nullif(e->>'category', '') AS category_name
         FROM dwh.restaurant_versions r, jsonb_array_elements(r.payload->'menu') e
-        WHERE e->>'_id' <> ''
+        WHERE part = 0 AND e->>'_id' <> ''
     ),
-    -- The items of every version, of the part's dishes.
-    order_item AS MATERIALIZED (
-        SELECT v.object_id, v.update_ts, v.is_current,
-               v.payload->'restaurant'->>'id' AS restaurant_id,
+    -- The items of every version, read by each aggregate below.
+    order_item AS NOT MATERIALIZED (
+        SELECT v.update_ts, v.payload->'restaurant'->>'id' AS restaurant_id,
                e->>'id' AS product_id, e->>'name' AS name
         FROM every_version v, jsonb_array_elements(v.payload->'order_items') e
-        WHERE dwh.key_in_part(e->>'id', part, parts)
+    ),
+    -- Each dish at each restaurant the orders name, and its newest version.
+    item_key AS MATERIALIZED (
+        SELECT product_id, restaurant_id, max(update_ts) AS newest
+        FROM order_item GROUP BY product_id, restaurant_id
+    ),
+    -- The name of each dish in its newest version (the greatest, byte by
+    -- byte, among those of that version; none if one has none).
+    item_name AS (
+        SELECT i.product_id, i.update_ts AS version,
+               CASE WHEN bool_or(i.name IS NULL) THEN NULL
+                    ELSE max(i.name COLLATE "C") END AS name
+        FROM order_item i
+        JOIN (SELECT product_id, max(newest) AS newest FROM item_key
+              GROUP BY product_id) n
+          ON n.product_id = i.product_id AND n.newest = i.update_ts
+        GROUP BY i.product_id, i.update_ts
     ),
     -- Each table as (key, value) pairs, expected and actual.
     expected AS (
@@ -187,39 +234,36 @@ BEGIN
         UNION ALL
         SELECT 'dds.h_user', k, '' FROM (
             SELECT payload->'user'->>'id' AS k FROM every_version
-            UNION SELECT object_id FROM dwh.user_versions) x
-        WHERE dwh.key_in_part(k, part, parts)
+            UNION SELECT object_id FROM dwh.user_versions WHERE part = 0) x
         UNION ALL
         SELECT 'dds.h_restaurant', k, '' FROM (
             SELECT payload->'restaurant'->>'id' AS k FROM every_version
-            UNION SELECT object_id FROM dwh.restaurant_versions) x
-        WHERE dwh.key_in_part(k, part, parts)
+            UNION SELECT object_id FROM dwh.restaurant_versions WHERE part = 0) x
         UNION ALL
         SELECT 'dds.h_product', k, '' FROM (
-            SELECT product_id AS k FROM order_item
-            UNION SELECT product_id FROM menu_entry
-                  WHERE dwh.key_in_part(product_id, part, parts)) x
+            SELECT product_id AS k FROM item_key
+            UNION SELECT product_id FROM menu_entry) x
         UNION ALL
         SELECT DISTINCT 'dds.h_category', category_name, ''
         FROM menu_entry
-        WHERE category_name IS NOT NULL AND dwh.key_in_part(category_name, part, parts)
+        WHERE category_name IS NOT NULL
         UNION ALL
         SELECT 'dds.l_order_user', object_id::text, payload->'user'->>'id'
         FROM order_version WHERE is_current
         UNION ALL
-        SELECT DISTINCT 'dds.l_order_product', object_id::text || ' ' || product_id, ''
-        FROM order_item WHERE is_current
+        SELECT DISTINCT 'dds.l_order_product', v.object_id::text || ' ' || (e->>'id'), ''
+        FROM order_version v, jsonb_array_elements(v.payload->'order_items') e
+        WHERE v.is_current
         UNION ALL
         SELECT 'dds.l_product_restaurant', k, '' FROM (
-            SELECT product_id || ' ' || restaurant_id AS k FROM order_item
-            UNION SELECT product_id || ' ' || restaurant_id FROM menu_entry
-                  WHERE dwh.key_in_part(product_id, part, parts)) x
+            SELECT product_id || ' ' || restaurant_id AS k FROM item_key
+            UNION SELECT product_id || ' ' || restaurant_id FROM menu_entry) x
         UNION ALL
         SELECT * FROM (
             SELECT DISTINCT ON (product_id) 'dds.l_product_category', product_id,
                    category_name || ' @ ' || version::text
             FROM menu_entry
-            WHERE category_name IS NOT NULL AND dwh.key_in_part(product_id, part, parts)
+            WHERE category_name IS NOT NULL
             ORDER BY product_id, version DESC, category_name COLLATE "C" DESC) x
         UNION ALL
         SELECT * FROM (
@@ -241,14 +285,14 @@ BEGIN
                    object_id || ' @ ' || version::text,
                    (payload->>'name') || ' / ' || (payload->>'login')
             FROM dwh.user_versions
-            WHERE dwh.key_in_part(object_id, part, parts)
+            WHERE part = 0
             ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
         UNION ALL
         SELECT * FROM (
             SELECT DISTINCT ON (object_id, version) 'dds.s_restaurant_names',
                    object_id || ' @ ' || version::text, payload->>'name'
             FROM dwh.restaurant_versions
-            WHERE dwh.key_in_part(object_id, part, parts)
+            WHERE part = 0
             ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
         UNION ALL
         SELECT 'dds.s_product_names', coalesce(m.product_id, o.product_id) || ' @ '
@@ -258,24 +302,17 @@ BEGIN
                || ' / ' || CASE WHEN o.name IS NULL THEN 'stg.restaurants'
                                 ELSE 'stg.order_events' END
         FROM (SELECT product_id, version, max(name COLLATE "C") AS name
-              FROM menu_entry WHERE dwh.key_in_part(product_id, part, parts)
-              GROUP BY 1, 2) m
-        FULL JOIN (SELECT DISTINCT ON (product_id) product_id, update_ts AS version, name
-                   FROM order_item
-                   ORDER BY product_id, update_ts DESC, name COLLATE "C" DESC) o
+              FROM menu_entry GROUP BY 1, 2) m
+        FULL JOIN item_name o
           ON o.product_id = m.product_id AND o.version = m.version
     ),
     actual AS (
         SELECT 'dds.h_order' AS t, order_id::text AS k, order_dt::text AS v FROM dds.h_order
         WHERE dwh.key_in_part(order_id::text, part, parts)
-        UNION ALL SELECT 'dds.h_user', user_id, '' FROM dds.h_user
-        WHERE dwh.key_in_part(user_id, part, parts)
-        UNION ALL SELECT 'dds.h_restaurant', restaurant_id, '' FROM dds.h_restaurant
-        WHERE dwh.key_in_part(restaurant_id, part, parts)
-        UNION ALL SELECT 'dds.h_product', product_id, '' FROM dds.h_product
-        WHERE dwh.key_in_part(product_id, part, parts)
-        UNION ALL SELECT 'dds.h_category', category_name, '' FROM dds.h_category
-        WHERE dwh.key_in_part(category_name, part, parts)
+        UNION ALL SELECT 'dds.h_user', user_id, '' FROM dds.h_user WHERE part = 0
+        UNION ALL SELECT 'dds.h_restaurant', restaurant_id, '' FROM dds.h_restaurant WHERE part = 0
+        UNION ALL SELECT 'dds.h_product', product_id, '' FROM dds.h_product WHERE part = 0
+        UNION ALL SELECT 'dds.h_category', category_name, '' FROM dds.h_category WHERE part = 0
         UNION ALL
         SELECT 'dds.l_order_user', o.order_id::text, u.user_id
         FROM dds.l_order_user l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_user u USING (h_user_pk)
@@ -283,17 +320,17 @@ BEGIN
         UNION ALL
         SELECT 'dds.l_order_product', o.order_id::text || ' ' || p.product_id, ''
         FROM dds.l_order_product l JOIN dds.h_order o USING (h_order_pk) JOIN dds.h_product p USING (h_product_pk)
-        WHERE dwh.key_in_part(p.product_id, part, parts)
+        WHERE dwh.key_in_part(o.order_id::text, part, parts)
         UNION ALL
         SELECT 'dds.l_product_restaurant', p.product_id || ' ' || r.restaurant_id, ''
         FROM dds.l_product_restaurant l JOIN dds.h_product p USING (h_product_pk)
         JOIN dds.h_restaurant r USING (h_restaurant_pk)
-        WHERE dwh.key_in_part(p.product_id, part, parts)
+        WHERE part = 0
         UNION ALL
         SELECT 'dds.l_product_category', p.product_id, c.category_name || ' @ ' || l.load_dt::text
         FROM dds.l_product_category l JOIN dds.h_product p USING (h_product_pk)
         JOIN dds.h_category c USING (h_category_pk)
-        WHERE dwh.key_in_part(p.product_id, part, parts)
+        WHERE part = 0
         UNION ALL
         SELECT 'dds.s_order_status', o.order_id::text || ' @ ' || s.load_dt::text, s.status
         FROM dds.s_order_status s JOIN dds.h_order o USING (h_order_pk)
@@ -307,16 +344,16 @@ BEGIN
         SELECT 'dds.s_user_names', u.user_id || ' @ ' || s.load_dt::text,
                s.username || ' / ' || s.userlogin
         FROM dds.s_user_names s JOIN dds.h_user u USING (h_user_pk)
-        WHERE dwh.key_in_part(u.user_id, part, parts)
+        WHERE part = 0
         UNION ALL
         SELECT 'dds.s_restaurant_names', r.restaurant_id || ' @ ' || s.load_dt::text, s.name
         FROM dds.s_restaurant_names s JOIN dds.h_restaurant r USING (h_restaurant_pk)
-        WHERE dwh.key_in_part(r.restaurant_id, part, parts)
+        WHERE part = 0
         UNION ALL
         SELECT 'dds.s_product_names', p.product_id || ' @ ' || s.load_dt::text,
                s.name || ' / ' || s.load_src
         FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
-        WHERE dwh.key_in_part(p.product_id, part, parts)
+        WHERE part = 0
     )
     SELECT coalesce(e.t, a.t), coalesce(e.k, a.k), e.v, a.v
     FROM expected e
@@ -326,7 +363,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.verify_vault(integer, integer) IS
-    'Differences between DDS and its recomputation from STG, for the keys of one part (from 0) of the key space cut in "parts" parts';
+    'Differences between DDS and its recomputation from STG, for the orders of one part (from 0) of the key space cut in "parts" parts, and in part 0 the other hubs, links and satellites';
 
 CREATE FUNCTION dwh.verify_vault()
     RETURNS TABLE (table_name text, business_key text, expected text, actual text)
@@ -362,9 +399,9 @@ BEGIN
                coalesce(e.product_id, a.product_id), e.product_name::text,
                a.product_name::text, e.order_cnt, a.order_cnt
         FROM (SELECT * FROM dwh.expected_user_product_counters x
-              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+              WHERE dwh.uuid_in_part(x.user_id, part, parts)) e
         FULL JOIN (SELECT * FROM cdm.user_product_counters x
-                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+                   WHERE dwh.uuid_in_part(x.user_id, part, parts)) a
           ON a.user_id = e.user_id AND a.product_id = e.product_id
         WHERE e.user_id IS NULL OR a.user_id IS NULL
            OR e.order_cnt <> a.order_cnt OR e.product_name IS DISTINCT FROM a.product_name
@@ -373,9 +410,9 @@ BEGIN
                coalesce(e.category_id, a.category_id), e.category_name, a.category_name,
                e.order_cnt, a.order_cnt
         FROM (SELECT * FROM dwh.expected_user_category_counters x
-              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+              WHERE dwh.uuid_in_part(x.user_id, part, parts)) e
         FULL JOIN (SELECT * FROM cdm.user_category_counters x
-                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+                   WHERE dwh.uuid_in_part(x.user_id, part, parts)) a
           ON a.user_id = e.user_id AND a.category_id = e.category_id
         WHERE e.user_id IS NULL OR a.user_id IS NULL
            OR e.order_cnt <> a.order_cnt OR e.category_name IS DISTINCT FROM a.category_name
@@ -383,9 +420,9 @@ BEGIN
         SELECT 'user_order_counters', coalesce(e.user_id, a.user_id), NULL, NULL, NULL,
                e.order_cnt, a.order_cnt
         FROM (SELECT * FROM dwh.expected_user_order_counters x
-              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+              WHERE dwh.uuid_in_part(x.user_id, part, parts)) e
         FULL JOIN (SELECT * FROM cdm.user_order_counters x
-                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+                   WHERE dwh.uuid_in_part(x.user_id, part, parts)) a
           ON a.user_id = e.user_id
         WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
         UNION ALL
@@ -394,9 +431,9 @@ BEGIN
                e.tag || coalesce(': ' || e.value, ''), a.tag || coalesce(': ' || a.value, ''),
                e.order_cnt, a.order_cnt
         FROM (SELECT * FROM dwh.expected_user_tags x
-              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+              WHERE dwh.uuid_in_part(x.user_id, part, parts)) e
         FULL JOIN (SELECT * FROM cdm.user_tags x
-                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+                   WHERE dwh.uuid_in_part(x.user_id, part, parts)) a
           ON a.user_id = e.user_id AND a.tag = e.tag
         -- The counts are the marts' (cdm.user_tags reads them), compared above.
         WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.value IS DISTINCT FROM a.value
@@ -407,9 +444,9 @@ BEGIN
                nullif(coalesce(e.category_id, a.category_id), dwh.all_orders_key()),
                e.tag, a.tag, e.order_cnt, a.order_cnt
         FROM (SELECT * FROM dwh.tag_window_counts(NULL, NULL, NULL) x
-              WHERE dwh.key_in_part(x.user_id::text, part, parts)) e
+              WHERE dwh.uuid_in_part(x.user_id, part, parts)) e
         FULL JOIN (SELECT * FROM cdm.user_window_counters x
-                   WHERE dwh.key_in_part(x.user_id::text, part, parts)) a
+                   WHERE dwh.uuid_in_part(x.user_id, part, parts)) a
           ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
         WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt
         UNION ALL

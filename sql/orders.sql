@@ -139,6 +139,21 @@ GROUP BY p ORDER BY p;
 SELECT part, count(v.*) AS vault_differences
 FROM generate_series(0, 3) part LEFT JOIN dwh.verify_vault(part, 4) v ON true
 GROUP BY part ORDER BY part;
+-- Users are cut by ranges of their hash key: each key, the first and last
+-- and those at and just below each range's start, in exactly one part.
+SELECT parts, count(*) AS keys, count(*) FILTER (WHERE n <> 1) AS not_in_one_part
+FROM (SELECT parts, k, count(*) FILTER (WHERE dwh.uuid_in_part(k, part, parts)) AS n
+      FROM (VALUES (1), (4), (7), (16)) ps(parts)
+      CROSS JOIN LATERAL (
+          SELECT '00000000-0000-0000-0000-000000000000'::uuid AS k
+          UNION SELECT 'ffffffff-ffff-ffff-ffff-ffffffffffff'
+          UNION SELECT dwh.key_part_start(q, parts) FROM generate_series(0, parts - 1) q
+          UNION SELECT (lpad(to_hex(('x' || substr(dwh.key_part_start(q, parts)::text, 1, 8))::bit(32)::bigint - 1), 8, '0')
+                        || '-ffff-ffff-ffff-ffffffffffff')::uuid
+                FROM generate_series(1, parts - 1) q) keys
+      CROSS JOIN LATERAL generate_series(0, parts - 1) part
+      GROUP BY parts, k) x
+GROUP BY parts ORDER BY parts;
 SELECT * FROM dwh.verify(0);
 SELECT * FROM dwh.verify_vault(4, 4);
 SELECT * FROM dwh.rebuild();

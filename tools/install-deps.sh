@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install the Debian bookworm packages that dwh needs to build and test:
 # PostgreSQL 15 and its PGXS toolchain (gcc, and clang-14/llvm-14 for the
-# JIT bitcode), the Kafka, Redis and JSON client libraries, the Perl
+# JIT bitcode), the Kafka and Redis client libraries (and jansson, which
+# version 1.0 needs when the upgrade test builds it), the Perl
 # modules of the TAP tests, redis-server, redis-cli, kcat, pg_bsd_indent and
 # the shell linter, and what the test Kafka broker and the data generator
 # need (Java 17, Maven, OpenSSL, Python 3), and the benchmarks' Kafka
 # producer (python3-confluent-kafka); what builds the Debian package
 # (tools/build-deb.sh: debhelper, dpkg-dev, postgresql-server-dev-all for
 # pg_buildext's debhelper sequence); Graphviz and its font for the picture
-# of the tables (tools/erd.sh, test/t/041_vault_diagram.pl); Prometheus
+# of the tables (tools/erd.sh, test/t/041_vault_diagram.pl); gnuplot for
+# the benchmarks' images; Prometheus
 # (promtool, for tools/lint.sh) and its PostgreSQL exporter (started by
 # test/t/042_prometheus_metrics.pl on a port of its own), with python3-yaml
 # for the lint of the exporter's queries file; then fetch
@@ -32,6 +34,9 @@ packages=(
 	make
 	librdkafka-dev
 	libhiredis-dev
+	# Version 1.0 (commit aa4d7d2) parsed with jansson: test/t/006_upgrade_live.pl
+	# builds it to upgrade a live 1.0 installation.
+	libjansson-dev
 	perl
 	libipc-run-perl
 	redis-server
@@ -50,6 +55,8 @@ packages=(
 	dpkg-dev
 	postgresql-server-dev-all
 	graphviz
+	# The benchmarks' images (bench/kafka_common.sh, bench_plot).
+	gnuplot-nox
 	fonts-dejavu-core
 	prometheus
 	prometheus-postgres-exporter
