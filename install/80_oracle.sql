@@ -2,6 +2,44 @@
 -- lists every difference with the maintained marts (none: consistent),
 -- dwh.rebuild() makes the marts equal to the recomputation.
 
+-- Is a key in this part of the key space?  dwh.verify(parts) and
+-- dwh.verify_vault(part, parts) check one part at a time, so that a large
+-- warehouse is checked without sorting all of it at once: orders by the
+-- hash of their business key here.  With one part, every key is in it: the
+-- planner folds the test away (and in dwh.uuid_in_part below).
+CREATE FUNCTION dwh.key_in_part(k text, part integer, parts integer)
+    RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $fn$
+    SELECT parts = 1 OR abs(hashtext(coalesce(k, ''))::bigint) % parts = part
+$fn$;
+COMMENT ON FUNCTION dwh.key_in_part(text, integer, integer) IS
+    'Internal: whether a key falls in part "part" (from 0) of "parts" parts of the key space (by its hash), as dwh.verify_vault(part, parts) checks orders';
+
+-- A user's part, for the marts and tags: a range of its hash key (the
+-- first 32 bits cut evenly), so that a part's rows are read by index.
+-- Hash keys are SHA-1 based (docs/formats.md), so the parts are even.
+CREATE FUNCTION dwh.key_part_start(part integer, parts integer)
+    RETURNS uuid
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $fn$
+    SELECT (pg_catalog.lpad(pg_catalog.to_hex((part::bigint << 32) / parts), 8, '0')
+            || '-0000-0000-0000-000000000000')::uuid
+$fn$;
+COMMENT ON FUNCTION dwh.key_part_start(integer, integer) IS
+    'Internal: the smallest hash key of part "part" (from 0) of "parts" parts of the key space, as dwh.verify(parts) checks users';
+
+CREATE FUNCTION dwh.uuid_in_part(k uuid, part integer, parts integer)
+    RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $fn$
+    SELECT parts = 1
+        OR (k >= dwh.key_part_start(part, parts)
+            AND (part = parts - 1 OR k < dwh.key_part_start(part + 1, parts)))
+$fn$;
+COMMENT ON FUNCTION dwh.uuid_in_part(uuid, integer, integer) IS
+    'Internal: whether a hash key falls in part "part" (from 0) of "parts" parts of the key space (by range), as dwh.verify(parts) checks users';
+
 CREATE VIEW dwh.order_current_status AS
 SELECT DISTINCT ON (h_order_pk) h_order_pk, status, load_dt
 FROM dds.s_order_status
@@ -55,16 +93,20 @@ COMMENT ON VIEW dwh.expected_user_order_counters IS 'cdm.user_order_counters rec
 -- dwh.verify() checks on their own): a user's CLOSED orders dated from
 -- the rule's window start on (all of them without a window), those with
 -- the dish or a dish of the category; the favourite category is the one
--- of most orders, the smallest name (byte by byte) among equals.  The
--- orders and items are not materialized, so that a check of some users
--- reads theirs alone.
-CREATE VIEW dwh.expected_user_tags AS
-WITH closed AS (
+-- of most orders, the smallest name (byte by byte) among equals.  For the
+-- users of one part (dwh.verify(parts)): their orders are read by key and
+-- held once, for every rule.
+CREATE FUNCTION dwh.expected_user_tags_in_part(part integer, parts integer)
+    RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer)
+    LANGUAGE sql STABLE PARALLEL SAFE
+AS $fn$
+WITH closed AS MATERIALIZED (
     SELECT c.h_user_pk AS user_id, c.h_order_pk, o.order_dt
     FROM dwh.closed_orders c
     JOIN dds.h_order o USING (h_order_pk)
+    WHERE dwh.uuid_in_part(c.h_user_pk, part, parts)
 ),
-item AS (
+item AS MATERIALIZED (
     SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
     FROM closed c
     JOIN dds.l_order_product op USING (h_order_pk)
@@ -104,7 +146,13 @@ counted AS (
 )
 SELECT user_id, tag, value, order_cnt
 FROM counted
-WHERE order_cnt >= threshold;
+WHERE order_cnt >= threshold
+$fn$;
+COMMENT ON FUNCTION dwh.expected_user_tags_in_part(integer, integer) IS
+    'Internal: dwh.expected_user_tags for the users of part "part" (from 0) of "parts" parts of the key space, as dwh.verify(parts) checks them';
+
+CREATE VIEW dwh.expected_user_tags AS
+SELECT * FROM dwh.expected_user_tags_in_part(0, 1);
 COMMENT ON VIEW dwh.expected_user_tags IS 'cdm.user_tags recounted from DDS and dwh.tag_rules (windowed rules as of their window_as_of)';
 
 -- The vault recomputed from STG (docs/data-rule.md): every version
@@ -128,44 +176,6 @@ SELECT object_id, coalesce(update_ts, '-infinity') AS version, payload FROM stg.
 UNION ALL
 SELECT object_id, coalesce(update_ts, '-infinity'), payload FROM stg.user_history;
 COMMENT ON VIEW dwh.user_versions IS 'Every user value received, with its version time (-infinity when it has none)';
-
--- Is a key in this part of the key space?  dwh.verify(parts) and
--- dwh.verify_vault(part, parts) check one part at a time, so that a large
--- warehouse is checked without sorting all of it at once: orders by the
--- hash of their business key here.  With one part, every key is in it: the
--- planner folds the test away (and in dwh.uuid_in_part below).
-CREATE FUNCTION dwh.key_in_part(k text, part integer, parts integer)
-    RETURNS boolean
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $fn$
-    SELECT parts = 1 OR abs(hashtext(coalesce(k, ''))::bigint) % parts = part
-$fn$;
-COMMENT ON FUNCTION dwh.key_in_part(text, integer, integer) IS
-    'Internal: whether a key falls in part "part" (from 0) of "parts" parts of the key space (by its hash), as dwh.verify_vault(part, parts) checks orders';
-
--- A user's part, for the marts and tags: a range of its hash key (the
--- first 32 bits cut evenly), so that a part's rows are read by index.
--- Hash keys are SHA-1 based (docs/formats.md), so the parts are even.
-CREATE FUNCTION dwh.key_part_start(part integer, parts integer)
-    RETURNS uuid
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $fn$
-    SELECT (pg_catalog.lpad(pg_catalog.to_hex((part::bigint << 32) / parts), 8, '0')
-            || '-0000-0000-0000-000000000000')::uuid
-$fn$;
-COMMENT ON FUNCTION dwh.key_part_start(integer, integer) IS
-    'Internal: the smallest hash key of part "part" (from 0) of "parts" parts of the key space, as dwh.verify(parts) checks users';
-
-CREATE FUNCTION dwh.uuid_in_part(k uuid, part integer, parts integer)
-    RETURNS boolean
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $fn$
-    SELECT parts = 1
-        OR (k >= dwh.key_part_start(part, parts)
-            AND (part = parts - 1 OR k < dwh.key_part_start(part + 1, parts)))
-$fn$;
-COMMENT ON FUNCTION dwh.uuid_in_part(uuid, integer, integer) IS
-    'Internal: whether a hash key falls in part "part" (from 0) of "parts" parts of the key space (by range), as dwh.verify(parts) checks users';
 
 -- The part of the vault check of the keys in one part: the rows of the
 -- part's orders (by the order's key), and in part 0 every row of the
@@ -430,8 +440,7 @@ BEGIN
         SELECT 'user_tags', coalesce(e.user_id, a.user_id), NULL,
                e.tag || coalesce(': ' || e.value, ''), a.tag || coalesce(': ' || a.value, ''),
                e.order_cnt, a.order_cnt
-        FROM (SELECT * FROM dwh.expected_user_tags x
-              WHERE dwh.uuid_in_part(x.user_id, part, parts)) e
+        FROM dwh.expected_user_tags_in_part(part, parts) e
         FULL JOIN (SELECT * FROM cdm.user_tags x
                    WHERE dwh.uuid_in_part(x.user_id, part, parts)) a
           ON a.user_id = e.user_id AND a.tag = e.tag

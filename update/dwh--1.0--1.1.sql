@@ -3721,16 +3721,20 @@ COMMENT ON VIEW dwh.expected_user_order_counters IS 'cdm.user_order_counters rec
 -- dwh.verify() checks on their own): a user's CLOSED orders dated from
 -- the rule's window start on (all of them without a window), those with
 -- the dish or a dish of the category; the favourite category is the one
--- of most orders, the smallest name (byte by byte) among equals.  The
--- orders and items are not materialized, so that a check of some users
--- reads theirs alone.
-CREATE VIEW dwh.expected_user_tags AS
-WITH closed AS (
+-- of most orders, the smallest name (byte by byte) among equals.  For the
+-- users of one part (dwh.verify(parts)): their orders are read by key and
+-- held once, for every rule.
+CREATE FUNCTION dwh.expected_user_tags_in_part(part integer, parts integer)
+    RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer)
+    LANGUAGE sql STABLE PARALLEL SAFE
+AS $fn$
+WITH closed AS MATERIALIZED (
     SELECT c.h_user_pk AS user_id, c.h_order_pk, o.order_dt
     FROM dwh.closed_orders c
     JOIN dds.h_order o USING (h_order_pk)
+    WHERE dwh.uuid_in_part(c.h_user_pk, part, parts)
 ),
-item AS (
+item AS MATERIALIZED (
     SELECT c.user_id, c.h_order_pk, c.order_dt, op.h_product_pk, pc.h_category_pk
     FROM closed c
     JOIN dds.l_order_product op USING (h_order_pk)
@@ -3770,7 +3774,13 @@ counted AS (
 )
 SELECT user_id, tag, value, order_cnt
 FROM counted
-WHERE order_cnt >= threshold;
+WHERE order_cnt >= threshold
+$fn$;
+COMMENT ON FUNCTION dwh.expected_user_tags_in_part(integer, integer) IS
+    'Internal: dwh.expected_user_tags for the users of part "part" (from 0) of "parts" parts of the key space, as dwh.verify(parts) checks them';
+
+CREATE VIEW dwh.expected_user_tags AS
+SELECT * FROM dwh.expected_user_tags_in_part(0, 1);
 COMMENT ON VIEW dwh.expected_user_tags IS 'cdm.user_tags recounted from DDS and dwh.tag_rules (windowed rules as of their window_as_of)';
 
 -- The users' order counts of the DDS that 1.0 left (recomputed below with
@@ -3834,8 +3844,7 @@ BEGIN
         SELECT 'user_tags', coalesce(e.user_id, a.user_id), NULL,
                e.tag || coalesce(': ' || e.value, ''), a.tag || coalesce(': ' || a.value, ''),
                e.order_cnt, a.order_cnt
-        FROM (SELECT * FROM dwh.expected_user_tags x
-              WHERE dwh.uuid_in_part(x.user_id, part, parts)) e
+        FROM dwh.expected_user_tags_in_part(part, parts) e
         FULL JOIN (SELECT * FROM cdm.user_tags x
                    WHERE dwh.uuid_in_part(x.user_id, part, parts)) a
           ON a.user_id = e.user_id AND a.tag = e.tag
