@@ -126,6 +126,10 @@ SELECT * FROM t.check();
 -- both values; rebuild() repairs the marts and says DDS was left as is;
 -- rebuild(vault => true) recomputes DDS and the marts from STG.
 DELETE FROM dds.s_order_status WHERE h_order_pk = dwh.hash_key('10');
+DELETE FROM dds.l_order_product
+WHERE (h_order_pk, h_product_pk) = (SELECT l.h_order_pk, l.h_product_pk
+                                    FROM dds.l_order_product l JOIN dds.h_order o USING (h_order_pk)
+                                    ORDER BY o.order_id, l.h_product_pk LIMIT 1);
 UPDATE dds.s_product_names SET name = 'Шурпа?' WHERE name = 'Шурпа';
 INSERT INTO dds.h_category (h_category_pk, category_name, load_dt, load_src)
 VALUES (dwh.hash_key('Ничья'), 'Ничья', now(), 'by hand');
