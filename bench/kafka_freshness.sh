@@ -67,6 +67,8 @@
 #   left out of the figures and the checks;
 #   0: none, the first orders then include the workers' first batches),
 #   BENCH_TAG_RULES (0: user tag rules defined first),
+#   BENCH_STATEMENTS (0; 1: pg_stat_statements, the workers' statements by
+#   time spent over the measured orders, as in bench/kafka_drain.sh),
 #   BENCH_KEYED (0; 1: each order's messages keyed by its object_id, so
 #   that all versions of an order go to one partition; the contract's
 #   producer sends no key),
@@ -385,6 +387,7 @@ if [ "$WORKER_WARMUP" -gt 0 ]; then
 	                                          FROM dwh.status WHERE worker LIKE 'kafka%'" | tr '|' ' ')
 fi
 
+bench_statements_reset
 log "poller: every $POLL_MS ms; producer: $RATE orders/s for $SECONDS_ s"
 BENCH_TAG_EVENTS_AFTER=$events_after BENCH_TAG_RULES=$TAG_RULES /usr/bin/python3 "$work/freshness.py" poll "$first_id" "$ORDERS" "$POLL_MS" "$work/seen.txt" "$work/poll.ready" \
 	runuser -u postgres -- "$BIN/psql" -h "$work" -p "$pg_port" -d postgres -XAtq &
@@ -442,6 +445,7 @@ printf 'batches        %s, %s messages each on average (dwh.status)\n' "$batches
 echo "per $WINDOW s of send time:"
 printf '  %9s %8s %8s %8s %8s\n' "window s" orders "p50 ms" "p99 ms" "max ms"
 awk '/^WINDOW/ { printf "  %4d-%-4d %8d %8d %8d %8d\n", $2, $3, $4, $5, $6, $7 }' "$work/report.txt"
+bench_statements
 
 echo
 echo "CHECKS"
