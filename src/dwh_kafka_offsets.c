@@ -33,6 +33,7 @@
 
 #include "dwh_kafka_offsets.h"
 #include "dwh_settings.h"
+#include "dwh_spi.h"
 #include "dwh_status.h"
 #include "dwh_version.h"
 
@@ -66,18 +67,39 @@ connect_spi(void)
 		elog(ERROR, "SPI_connect failed");
 }
 
-/* Run sql with ($1 topic, $2 partitions[]) and check the result code. */
+/*
+ * Kept plans of the statements below: a worker runs some of them in every
+ * batch, where parsing and planning them again cost more than running them.
+ */
+static SPIPlanPtr lookup_clear_plan = NULL;
+static SPIPlanPtr lookup_plan = NULL;
+static SPIPlanPtr lock_create_plan = NULL;
+static SPIPlanPtr lock_plan = NULL;
+static SPIPlanPtr store_plan = NULL;
+static SPIPlanPtr take_seeks_plan = NULL;
+static SPIPlanPtr gap_create_plan = NULL;
+static SPIPlanPtr gap_lock_plan = NULL;
+
+/*
+ * Run sql with ($1 topic, $2 partitions[]) through its kept plan (prepared
+ * on first use) and check the result code.
+ */
 static void
-run(const char *sql, const char *topic, const int32 *partitions, int n,
-	int expected)
+run(SPIPlanPtr *plan, const char *sql, const char *topic,
+	const int32 *partitions, int n, int expected)
 {
-	Oid			types[2] = {TEXTOID, INT4ARRAYOID};
 	Datum		args[2];
 	int			rc;
 
+	if (*plan == NULL)
+	{
+		Oid			types[2] = {TEXTOID, INT4ARRAYOID};
+
+		*plan = dwh_prepare_kept(sql, 2, types);
+	}
 	args[0] = CStringGetTextDatum(topic);
 	args[1] = int4_array(partitions, n);
-	rc = SPI_execute_with_args(sql, 2, types, args, NULL, false, 0);
+	rc = SPI_execute_plan(*plan, args, NULL, false, 0);
 	if (rc != expected)
 		elog(ERROR, "dwh.kafka_offsets: %s: %s", sql, SPI_result_code_string(rc));
 }
@@ -157,10 +179,12 @@ dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions, int n,
 		stopped[i] = false;
 	}
 	connect_spi();
-	run("UPDATE dwh.kafka_offsets SET seek_requested = false "
+	run(&lookup_clear_plan,
+		"UPDATE dwh.kafka_offsets SET seek_requested = false "
 		"WHERE topic = $1 AND kafka_partition = ANY ($2) AND seek_requested",
 		topic, partitions, n, SPI_OK_UPDATE);
-	run("SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL
+	run(&lookup_plan,
+		"SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL
 		" FROM dwh.kafka_offsets AS o "
 		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2)",
 		topic, partitions, n, SPI_OK_SELECT);
@@ -188,11 +212,13 @@ dwh_kafka_offsets_lock(const char *topic, const int32 *partitions, int n,
 		stopped[i] = false;
 	}
 	connect_spi();
-	run("INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
+	run(&lock_create_plan,
+		"INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
 		"SELECT $1, p FROM unnest($2::integer[]) AS p ORDER BY p "
 		"ON CONFLICT DO NOTHING",
 		topic, partitions, n, SPI_OK_INSERT);
-	run("SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL ", o.seek_requested "
+	run(&lock_plan,
+		"SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL ", o.seek_requested "
 		"FROM dwh.kafka_offsets AS o "
 		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2) "
 		"ORDER BY o.kafka_partition FOR UPDATE OF o",
@@ -210,22 +236,27 @@ void
 dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 						const int64 *next_offsets, int n)
 {
-	Oid			types[3] = {TEXTOID, INT4ARRAYOID, INT8ARRAYOID};
 	Datum		args[3];
 	int			rc;
 
 	if (n == 0)
 		return;
 	connect_spi();
+	if (store_plan == NULL)
+	{
+		Oid			types[3] = {TEXTOID, INT4ARRAYOID, INT8ARRAYOID};
+
+		store_plan = dwh_prepare_kept("UPDATE dwh.kafka_offsets AS o "
+									  "SET next_offset = v.next_offset, seek_requested = false, "
+									  "    updated_at = pg_catalog.now() "
+									  "FROM unnest($2::integer[], $3::bigint[]) AS v(kafka_partition, next_offset) "
+									  "WHERE o.topic = $1 AND o.kafka_partition = v.kafka_partition",
+									  3, types);
+	}
 	args[0] = CStringGetTextDatum(topic);
 	args[1] = int4_array(partitions, n);
 	args[2] = int8_array(next_offsets, n);
-	rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets AS o "
-							   "SET next_offset = v.next_offset, seek_requested = false, "
-							   "    updated_at = pg_catalog.now() "
-							   "FROM unnest($2::integer[], $3::bigint[]) AS v(kafka_partition, next_offset) "
-							   "WHERE o.topic = $1 AND o.kafka_partition = v.kafka_partition",
-							   3, types, args, NULL, false, 0);
+	rc = SPI_execute_plan(store_plan, args, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "could not store Kafka offsets: %s", SPI_result_code_string(rc));
 	SPI_finish();
@@ -248,7 +279,8 @@ dwh_kafka_offsets_take_seeks(const char *topic, const int32 *partitions, int n,
 	if (n == 0)
 		return 0;
 	connect_spi();
-	run("UPDATE dwh.kafka_offsets SET seek_requested = false "
+	run(&take_seeks_plan,
+		"UPDATE dwh.kafka_offsets SET seek_requested = false "
 		"WHERE topic = $1 AND kafka_partition = ANY ($2) AND seek_requested "
 		"RETURNING kafka_partition, next_offset",
 		topic, partitions, n, SPI_OK_UPDATE_RETURNING);
@@ -306,11 +338,13 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 	gap->log_end_offset = high;
 
 	connect_spi();
-	run("INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
+	run(&gap_create_plan,
+		"INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
 		"SELECT $1, p FROM unnest($2::integer[]) AS p "
 		"ON CONFLICT DO NOTHING",
 		topic, &partition, 1, SPI_OK_INSERT);
-	run("SELECT o.next_offset, o.seek_requested, " STOPPED_SQL
+	run(&gap_lock_plan,
+		"SELECT o.next_offset, o.seek_requested, " STOPPED_SQL
 		" FROM dwh.kafka_offsets AS o "
 		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2) FOR UPDATE OF o",
 		topic, &partition, 1, SPI_OK_SELECT);
