@@ -258,11 +258,14 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 -- name a dish for the first time?  Read only, before any lock: the current
 -- name only grows (in (time, name) order), so a "no" stays true; batches
 -- that hold the lock shared only add namings that keep every name.
+-- PL/pgSQL, as every function a batch calls: its plan is kept for the
+-- session (an SQL function is planned again at every call).
 CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
     RETURNS boolean
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT EXISTS (
+BEGIN
+    RETURN EXISTS (
         SELECT
         FROM (SELECT DISTINCT ON (n.product_id) n.product_id, n.name, n.load_dt
               FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
@@ -277,6 +280,7 @@ AS $fn$
                AND (n.load_dt > cur.load_dt
                     OR (n.load_dt = cur.load_dt
                         AND n.name COLLATE "C" > cur.name COLLATE "C"))));
+END
 $fn$;
 COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
     'Internal: would these dish namings change the current name of some dish?';

@@ -604,11 +604,14 @@ COMMENT ON FUNCTION dwh.load_order_namings(text[], text[], timestamp[]) IS
 -- name a dish for the first time?  Read only, before any lock: the current
 -- name only grows (in (time, name) order), so a "no" stays true; batches
 -- that hold the lock shared only add namings that keep every name.
+-- PL/pgSQL, as every function a batch calls: its plan is kept for the
+-- session (an SQL function is planned again at every call).
 CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
     RETURNS boolean
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT EXISTS (
+BEGIN
+    RETURN EXISTS (
         SELECT
         FROM (SELECT DISTINCT ON (n.product_id) n.product_id, n.name, n.load_dt
               FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
@@ -623,6 +626,7 @@ AS $fn$
                AND (n.load_dt > cur.load_dt
                     OR (n.load_dt = cur.load_dt
                         AND n.name COLLATE "C" > cur.name COLLATE "C"))));
+END
 $fn$;
 COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
     'Internal: would these dish namings change the current name of some dish?';
@@ -944,7 +948,7 @@ COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uui
 -- the random UUID keys then fill index pages one after the other, and so
 -- do the foreign-key checks.
 CREATE FUNCTION dwh.load_new_orders(object_ids bigint[], versions timestamp[],
-                                    payloads jsonb[], windows boolean DEFAULT false,
+                                    payloads jsonb[],
                                     OUT product_users uuid[], OUT products uuid[],
                                     OUT product_deltas integer[],
                                     OUT category_users uuid[], OUT categories uuid[],
@@ -1006,47 +1010,6 @@ BEGIN
                update_ts, 'stg.order_events'
         FROM batch
     ),
-    window_rule AS MATERIALIZED (
-        SELECT r.tag, r.kind,
-               r.window_as_of - make_interval(days => r.window_days) AS window_start,
-               dwh.hash_key(r.category_name) AS category_id,
-               dwh.hash_key(r.product_id) AS product_id
-        FROM dwh.tag_rules r
-        WHERE windows AND r.window_days IS NOT NULL
-    ),
-    window_item AS MATERIALIZED (
-        SELECT i.h_user_pk, i.h_order_pk, b.order_dt, i.h_product_pk, c.h_category_pk
-        FROM item i
-        JOIN batch b USING (h_order_pk)
-        LEFT JOIN category c USING (h_product_pk)
-        WHERE i.status = 'CLOSED'
-          AND EXISTS (SELECT FROM window_rule r WHERE r.kind <> 'all_orders')
-    ),
-    window_delta AS (
-        SELECT b.h_user_pk, r.tag, dwh.all_orders_key() AS category_id, count(*)::integer AS d
-        FROM window_rule r
-        JOIN batch b ON b.order_dt >= r.window_start
-        WHERE r.kind = 'all_orders' AND b.status = 'CLOSED'
-        GROUP BY b.h_user_pk, r.tag
-        UNION ALL
-        SELECT k.h_user_pk, k.tag, dwh.all_orders_key(), count(DISTINCT k.h_order_pk)::integer
-        FROM (SELECT i.h_user_pk, r.tag, i.h_order_pk
-              FROM window_rule r
-              JOIN window_item i ON i.h_product_pk = r.product_id AND i.order_dt >= r.window_start
-              WHERE r.kind = 'dish'
-              UNION ALL
-              SELECT i.h_user_pk, r.tag, i.h_order_pk
-              FROM window_rule r
-              JOIN window_item i ON i.h_category_pk = r.category_id AND i.order_dt >= r.window_start
-              WHERE r.kind = 'category') k
-        GROUP BY k.h_user_pk, k.tag
-        UNION ALL
-        SELECT i.h_user_pk, r.tag, i.h_category_pk, count(DISTINCT i.h_order_pk)::integer
-        FROM window_rule r
-        JOIN window_item i ON i.order_dt >= r.window_start AND i.h_category_pk IS NOT NULL
-        WHERE r.kind = 'favourite_category'
-        GROUP BY i.h_user_pk, r.tag, i.h_category_pk
-    ),
     -- In no particular order: dwh.apply_mart_deltas writes in key order.
     product_delta_keys AS (
         SELECT array_agg(h_user_pk) AS users,
@@ -1074,13 +1037,7 @@ BEGIN
               UNION ALL
               SELECT h_user_pk, dwh.touched_user_key(), count(*)::integer
               FROM batch
-              GROUP BY h_user_pk
-              -- With windows (the caller holds the tag lock), what the
-              -- orders count for the windowed tag rules, as
-              -- dwh.tag_window_counts() counts it (install/78_tag_windows.sql).
-              UNION ALL
-              SELECT w.h_user_pk, dwh.tag_window_key(w.tag, w.category_id), w.d
-              FROM window_delta w) x
+              GROUP BY h_user_pk) x
     )
     SELECT p.users, p.keys, p.deltas, c.users, c.keys, c.deltas
     INTO product_users, products, product_deltas,
@@ -1088,8 +1045,8 @@ BEGIN
     FROM product_delta_keys p, category_delta_keys c;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[], boolean) IS
-    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause (with windows, those of the windowed tag counts too)';
+COMMENT ON FUNCTION dwh.load_new_orders(bigint[], timestamp[], jsonb[]) IS
+    'Internal: load orders new to DDS (hub, links, satellites); returns the mart deltas they cause';
 
 -- Orders DDS already holds (a new version, a replay, a restore): the deltas
 -- take away what they counted before.  The current version is the greatest
@@ -1256,8 +1213,9 @@ COMMENT ON FUNCTION dwh.load_known_orders(bigint[], timestamp[], jsonb[]) IS
 -- hash anti-join, linear in the items whatever their number.
 CREATE FUNCTION dwh.unlink_replaced_items(object_ids bigint[], payloads jsonb[])
     RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     WITH batch AS MATERIALIZED (
         SELECT dwh.hash_key(c.object_id::text) AS h_order_pk,
                dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
@@ -1279,6 +1237,7 @@ AS $fn$
     DELETE FROM dds.l_order_user l
     USING batch b
     WHERE l.h_order_pk = b.h_order_pk AND l.h_user_pk <> b.h_user_pk;
+END
 $fn$;
 COMMENT ON FUNCTION dwh.unlink_replaced_items(bigint[], jsonb[]) IS
     'Internal: delete the order links that the orders'' new versions no longer hold';
@@ -1288,14 +1247,16 @@ COMMENT ON FUNCTION dwh.unlink_replaced_items(bigint[], jsonb[]) IS
 CREATE FUNCTION dwh.keep_superseded_orders(object_ids bigint[], versions timestamp[],
                                            payloads jsonb[], sent timestamp[])
     RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     INSERT INTO stg.order_event_history AS h (object_id, update_ts, payload, sent_dttm)
     SELECT * FROM unnest(object_ids, versions, payloads, sent)
     ORDER BY 1, 2
     ON CONFLICT (object_id, update_ts, payload_md5) DO UPDATE
     SET sent_dttm = EXCLUDED.sent_dttm
     WHERE EXCLUDED.sent_dttm > h.sent_dttm;
+END
 $fn$;
 COMMENT ON FUNCTION dwh.keep_superseded_orders(bigint[], timestamp[], jsonb[], timestamp[]) IS
     'Internal: keep superseded order versions in stg.order_event_history';
@@ -1310,7 +1271,6 @@ DECLARE
     named record;
     d record;
     windows boolean;
-    recount_windows boolean := false;
     orders uuid[];
     before_users uuid[];
     before_tags text[];
@@ -1340,15 +1300,19 @@ BEGIN
     windows := NOT dwh.tags_restoring()
                AND EXISTS (SELECT FROM dwh.tag_rules r WHERE r.window_days IS NOT NULL);
 
+    -- With windowed rules, what the orders count in the windows before
+    -- (nothing for new orders) and after (dwh.tag_window_deltas, below).
+    IF windows THEN
+        orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+    END IF;
+
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)
     IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
                                         JOIN dds.h_order h ON h.order_id = c.object_id) THEN
-        d := dwh.load_new_orders(object_ids, versions, payloads, windows);
+        d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
-        recount_windows := windows;
-        IF recount_windows THEN
-            orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+        IF windows THEN
             SELECT array_agg(b.user_id), array_agg(b.tag), array_agg(b.category_id),
                    array_agg(b.order_cnt)
             INTO before_users, before_tags, before_categories, before_counts
@@ -1368,11 +1332,11 @@ BEGIN
     END IF;
 
     -- The windowed tag counts' deltas travel with the category deltas
-    -- (install/78_tag_windows.sql); dwh.load_new_orders() counts them itself.
+    -- (install/78_tag_windows.sql).
     category_users := d.category_users;
     categories := d.categories;
     category_deltas := d.category_deltas;
-    IF recount_windows THEN
+    IF windows THEN
         w := dwh.tag_window_deltas(orders, before_users, before_tags,
                                    before_categories, before_counts);
         IF w.keys IS NOT NULL THEN
@@ -1413,8 +1377,9 @@ CREATE TRIGGER order_events_updated
 CREATE FUNCTION dwh.load_superseded_orders(object_ids bigint[], versions timestamp[],
                                            payloads jsonb[])
     RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     WITH version AS MATERIALIZED (
         SELECT v.object_id, dwh.hash_key(v.object_id::text) AS h_order_pk,
                v.update_ts, (v.payload->>'date')::timestamp AS order_dt
@@ -1476,6 +1441,7 @@ AS $fn$
     SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
         hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
     WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment);
+END
 $fn$;
 COMMENT ON FUNCTION dwh.load_superseded_orders(bigint[], timestamp[], jsonb[]) IS
     'Internal: load superseded order versions: order hubs and the satellite rows of their update_ts';
