@@ -198,6 +198,10 @@ CREATE TRIGGER restaurants_guard
     BEFORE INSERT OR UPDATE ON stg.restaurants
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
 
+-- Menu times: a dish's newest order naming that moves on looks up whether
+-- some menu version named it at its old time (dwh.load_order_namings).
+CREATE INDEX restaurants_update_ts_idx ON stg.restaurants (update_ts);
+
 CREATE TABLE stg.restaurant_history (
     object_id   varchar NOT NULL,
     update_ts   timestamp,
@@ -217,3 +221,4 @@ COMMENT ON COLUMN stg.restaurant_history.loaded_at IS 'When this version was fir
 CREATE TRIGGER restaurant_history_guard
     BEFORE INSERT OR UPDATE ON stg.restaurant_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
+CREATE INDEX restaurant_history_update_ts_idx ON stg.restaurant_history (update_ts);

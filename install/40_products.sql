@@ -149,14 +149,15 @@ BEGIN
     END IF;
 
     -- The rows left behind: the menu naming of their time, or nothing.
-    WITH menu_time AS MATERIALIZED (
-        SELECT coalesce(update_ts, '-infinity') AS version FROM stg.restaurants
-        UNION
-        SELECT coalesce(update_ts, '-infinity') FROM stg.restaurant_history
-    ),
-    old AS (
+    -- Whether some menu version has that time, by index (an order's time
+    -- is never null: it is parsed from its digits); menus are rarely of
+    -- the time of an order.
+    WITH old AS (
         SELECT m.h_product_pk, m.old_time,
-               CASE WHEN m.old_time IN (SELECT version FROM menu_time)
+               CASE WHEN EXISTS (SELECT FROM stg.restaurants r
+                                 WHERE r.update_ts = m.old_time)
+                         OR EXISTS (SELECT FROM stg.restaurant_history r
+                                    WHERE r.update_ts = m.old_time)
                     THEN dwh.menu_name_at(m.product_id, m.old_time) END AS menu_name
         FROM unnest(keys, ids, times, old_times) AS m(h_product_pk, product_id, load_dt, old_time)
         WHERE m.old_time < m.load_dt

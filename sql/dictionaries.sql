@@ -79,6 +79,23 @@ JOIN dds.h_product p USING (h_product_pk)
 JOIN dds.h_restaurant r USING (h_restaurant_pk)
 ORDER BY 1, 2, 3;
 
+-- An order naming a dish at the time of a menu version shares its row
+-- (the greater name).  When a newer order names the dish, the row of that
+-- time goes back to the menu's name: the menu's time is found by index in
+-- stg.restaurants, or in stg.restaurant_history once a newer menu came.
+SELECT t.set_menu('rest-3', '2023-09-01 00:00:00', 'd5:Лобио:Закуски', 'd6:Сациви:Закуски');
+SELECT t.load(50, 'u1', 'CLOSED', '2023-09-01 00:00:00', 'd5:Лобио по-имеретински', 'd6:Сациви с орехами');
+SELECT p.product_id, s.name, s.load_dt, s.load_src
+FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+WHERE p.product_id IN ('d5', 'd6') ORDER BY 1, 3;
+SELECT t.load(51, 'u1', 'CLOSED', '2023-09-02 00:00:00', 'd5:Лобио');
+SELECT t.set_menu('rest-3', '2023-09-03 00:00:00', 'd5:Лобио:Закуски', 'd6:Сациви:Закуски');
+SELECT t.load(52, 'u1', 'CLOSED', '2023-09-04 00:00:00', 'd6:Сациви');
+SELECT p.product_id, s.name, s.load_dt, s.load_src
+FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+WHERE p.product_id IN ('d5', 'd6') ORDER BY 1, 3;
+SELECT count(*) AS differences FROM dwh.verify();
+
 -- Order independence: the same order versions and menu versions loaded in
 -- two different orders end in the same marts.
 CREATE TABLE t.events (n int, kind text, arg text[]);
