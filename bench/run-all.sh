@@ -207,6 +207,15 @@ kb_mb()
 		awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'
 	fi
 }
+# Microseconds as milliseconds, or "-".
+ms()
+{
+	if [ "$1" = - ]; then
+		echo -
+	else
+		awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'
+	fi
+}
 pkg() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo '?'; }
 bin=$("$PG_CONFIG" --bindir)
 dev=$(findmnt -n -o SOURCE --target "${BENCH_DIR:-/tmp}" 2>/dev/null | sed 's/\[.*//')
@@ -231,6 +240,7 @@ line
 row "SQL chain, 1 connection" "$(v sql1.sql_chain_orders_per_s) orders/s  (history $(v sql1.sql_chain_history), $(v sql1.sql_chain_measured) measured)"
 row "SQL chain, 2 connections" "$(v sql2.sql_chain_orders_per_s) orders/s"
 row "  loading the history, first / last tenth" "$(v sql1.sql_chain_history_first_tenth_orders_per_s) / $(v sql1.sql_chain_history_last_tenth_orders_per_s) orders/s (last/first $(v sql1.sql_chain_history_last_vs_first))"
+row "  CPU of a batch of 1 / 10 / 100 / 1000 orders" "$(ms "$(v sql1.sql_chain_batch_cpu_us_1)") / $(ms "$(v sql1.sql_chain_batch_cpu_us_10)") / $(ms "$(v sql1.sql_chain_batch_cpu_us_100)") / $(ms "$(v sql1.sql_chain_batch_cpu_us_1000)") ms (rolled back, new orders)"
 if [ -n "${STATUS[history]:-}" ]; then
 	row "SQL chain on $(v history.sql_chain_history) orders of history" "$(v history.sql_chain_orders_per_s) orders/s"
 	row "  loading the history, first / last tenth" "$(v history.sql_chain_history_first_tenth_orders_per_s) / $(v history.sql_chain_history_last_tenth_orders_per_s) orders/s (last/first $(v history.sql_chain_history_last_vs_first))"
@@ -267,7 +277,7 @@ if [ -n "$BASELINE" ]; then
 	[ -n "${STATUS[history]:-}" ] || hist=sql1
 	goal() { printf '%-38s %17s %17s  %s\n' "$1" "$2" "$3" "$4"; }
 	goal "goal figure" "$base_commit" "${commit%% *}" "goal"
-	f1k=() ftr=() f5k=() drn=() cpu=() tenth=() sql=()
+	f1k=() ftr=() f5k=() drn=() cpu=() tenth=() sql=() b10=()
 	for p in base. ''; do
 		f1k+=("$(v "${p}freshness_1000.freshness_p50_ms") / $(v "${p}freshness_1000.freshness_p99_ms")")
 		ftr+=("$(v "${p}freshness_trickle.freshness_p99_ms")")
@@ -276,6 +286,7 @@ if [ -n "$BASELINE" ]; then
 		cpu+=("$(us "$(v "${p}drain.kafka_drain_orders_per_worker_cpu_s")")")
 		tenth+=("$(v "${p}$hist.sql_chain_history_last_vs_first")")
 		sql+=("$(v "${p}sql1.sql_chain_orders_per_s")")
+		b10+=("$(ms "$(v "${p}sql1.sql_chain_batch_cpu_us_10")")")
 	done
 	goal "produce -> visible, 1000/s p50 / p99" "${f1k[0]}" "${f1k[1]}" "<= 15 / <= 50 ms"
 	goal "produce -> visible, 5 a minute, p99" "${ftr[0]}" "${ftr[1]}" "<= 20 ms"
@@ -284,6 +295,7 @@ if [ -n "$BASELINE" ]; then
 	goal "worker CPU per order in the drain (us)" "${cpu[0]}" "${cpu[1]}" "<= 90"
 	goal "history $(v "$hist.sql_chain_history"), last / first tenth" "${tenth[0]}" "${tenth[1]}" ">= 0.90"
 	goal "SQL chain, 1 connection (orders/s)" "${sql[0]}" "${sql[1]}" "not lower"
+	goal "CPU of a batch of 10 new orders (ms)" "${b10[0]}" "${b10[1]}" "(what 1000/s pays)"
 	line
 fi
 failed=0

@@ -31,6 +31,9 @@
 #   BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB), BENCH_KEEP (0: remove
 #   the cluster), BENCH_SKIP_INSTALL (0: run make install first),
 #   BENCH_EXPLAIN (1: auto_explain one extra, rolled back batch),
+#   BENCH_BATCH_COST ("1 10 100 1000": sizes of the rolled-back batches
+#   whose CPU time is measured after the measured phase, each size for
+#   about 2 s; empty: none),
 #   BENCH_VERIFY_PARTS (1: the check is dwh.verify(); N > 1:
 #   dwh.verify(N), a part of the key space at a time, in less temporary
 #   space, as bench/run-all.sh does for its long history),
@@ -53,6 +56,7 @@ KEEP=${BENCH_KEEP:-0}
 SKIP_INSTALL=${BENCH_SKIP_INSTALL:-0}
 VERIFY_PARTS=${BENCH_VERIFY_PARTS:-1}
 EXPLAIN=${BENCH_EXPLAIN:-1}
+BATCH_COST=${BENCH_BATCH_COST-1 10 100 1000}
 PARENT=${BENCH_DIR:-/tmp}
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 
@@ -335,6 +339,51 @@ EOF
 	fi
 fi
 
+# ---------------------------------------------------------------- batch cost
+
+# What a batch costs, by size: at a low rate a batch holds a few orders,
+# and what every batch costs whatever its size (statements started and
+# ended, plans, locks, commit) is most of its cost.  New orders after the
+# measured ones, each batch rolled back so that every size meets the same
+# warehouse; the CPU time of the backend (from /proc, in clock ticks) over
+# ROUNDS batches, after 5 unmeasured ones (a session plans its statements
+# in its first calls), pg_stat_statements off.  Generation is done before.
+declare -A cost_us=()
+if [ -n "$BATCH_COST" ]; then
+	log "CPU time of rolled-back batches of $BATCH_COST orders"
+	first=$((HISTORY + MEASURED))
+	q -c "CREATE FUNCTION bench.backend_cpu_us() RETURNS bigint LANGUAGE sql AS \$\$
+	          SELECT (split_part(s, ' ', 12)::bigint + split_part(s, ' ', 13)::bigint)
+	                 * (1000000 / 100)
+	          FROM (SELECT substr(t, strpos(t, ') ') + 2) AS s
+	                FROM pg_catalog.pg_read_file('/proc/self/stat') t) x \$\$" \
+		-c "CREATE PROCEDURE bench.rolled_back_batches(n integer)
+	          LANGUAGE plpgsql AS \$\$
+	          DECLARE m bytea[];
+	          BEGIN
+	              FOR i IN 1..n LOOP
+	                  SELECT messages INTO m FROM cost_batches WHERE k = 1 + i % 50;
+	                  PERFORM dwh.ingest_orders(m, 'order-service_orders');
+	                  ROLLBACK;
+	              END LOOP;
+	          END \$\$" >/dev/null
+	for size in $BATCH_COST; do
+		# About 2 s of work a size: 0.5 ms a batch and 0.1 ms an order.
+		rounds=$(calc "int(2000 / (0.5 + 0.1 * $size)) + 1")
+		cost_us[$size]=$(q -At <<EOF
+SET pg_stat_statements.track = none;
+CREATE TEMP TABLE cost_batches AS
+    SELECT k, bench.batch($first, $first + 50 * $size, k, $size) AS messages
+    FROM generate_series(1, 50) k;
+CALL bench.rolled_back_batches(5);
+SELECT bench.backend_cpu_us() AS c0 \gset
+CALL bench.rolled_back_batches($rounds);
+SELECT (bench.backend_cpu_us() - :c0) / $rounds;
+EOF
+)
+	done
+fi
+
 # ---------------------------------------------------------------- checks
 
 verify_call='dwh.verify()'
@@ -510,6 +559,15 @@ if [ "$explain_ok" = 1 ]; then
 	echo "includes the function's statements)"
 	/usr/bin/python3 "$here/sql_chain_explain.py" "$work/explain.txt" 14 || true
 fi
+if [ -n "$BATCH_COST" ]; then
+	hr
+	echo "CPU OF A BATCH BY ITS SIZE (new orders, each batch rolled back; the backend's CPU time)"
+	printf '  %14s %14s %16s\n' "orders a batch" "ms a batch" "us an order"
+	for size in $BATCH_COST; do
+		printf '  %14s %14.2f %16.0f\n' "$size" "$(calc "${cost_us[$size]} / 1000")" \
+			"$(calc "${cost_us[$size]} / $size")"
+	done
+fi
 hr
 echo "CHECKS"
 printf '  %-36s %s   (%.1f s, temporary files at most %s MB)%s\n' "SELECT count(*) FROM $verify_call" \
@@ -537,6 +595,9 @@ if [ -n "${hist_first:-}" ]; then
 	printf 'RESULT sql_chain_history_last_vs_first=%.2f\n' "$(calc "$hist_last / $hist_first")"
 fi
 echo "RESULT sql_chain_consistent=yes"
+for size in $BATCH_COST; do
+	echo "RESULT sql_chain_batch_cpu_us_$size=${cost_us[$size]}"
+done
 echo "RESULT sql_chain_verify_parts=$VERIFY_PARTS"
 printf 'RESULT sql_chain_verify_s=%.0f\n' "$verify_s"
 echo "RESULT sql_chain_verify_temp_peak_mb=$verify_temp_mb"
