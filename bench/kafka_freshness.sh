@@ -14,8 +14,9 @@
 # with the workers' default batching (dwh.kafka_batch_wait 0: a batch
 # closes once nothing more has arrived; dwh.kafka_batch_size 1000).  Prints p50, p90, p99 and max of the
 # time from produce to visibility: over all orders, over those sent after
-# the first window (WINDOW seconds), and per window; and the achieved
-# produce rate.  Ends with dwh.verify() empty and the marts, less what
+# the first window (WINDOW seconds), and per window; the achieved
+# produce rate; and the CPU of the workers (per batch and per message),
+# the broker and the rest of the machine meanwhile.  Ends with dwh.verify() empty and the marts, less what
 # the warm-up orders left, equal to the generator's manifest.  The orders are dated 15 s apart up to about now.
 #
 # With BENCH_TAG_RULES=N, N user tag rules of mixed kinds (as in
@@ -396,6 +397,15 @@ bench_children=$poller
 for _ in $(seq 100); do [ -e "$work/poll.ready" ] && break; sleep 0.1; done
 [ -e "$work/poll.ready" ] || { echo "the poller did not start" >&2; exit 1; }
 
+# CPU from the first order produced to the last one visible: the
+# workers', the rest of PostgreSQL's, the broker's and the machine's.
+pids=$(bench_worker_pids)
+declare -A cpu0=()
+for wp in $pids; do cpu0[$wp]=$(cpu_ticks "${wp#*=}"); done
+cluster0=$(cluster_ticks)
+broker0=$(cpu_ticks "$broker_pid")
+busy0=$(machine_busy_ticks)
+cpu_t0=$(now)
 read -r pace_s paced first_sent < <(/usr/bin/python3 "$work/freshness.py" pace "$work/orders.txt" "$RATE" "$ORDERS" \
 	"$first_id" "$work/sent.txt" "$bootstrap" "$TOPIC" "$LINGER_MS")
 log "produced $paced messages in $pace_s s; waiting for the last orders to become visible"
@@ -405,6 +415,14 @@ for _ in $(seq 600); do
 	[ "$(bench_applied)" -ge "$messages" ] && break
 	sleep 0.2
 done
+
+cpu_s=$(calc "$(now) - $cpu_t0")
+workers_ticks=0
+for wp in $pids; do workers_ticks=$((workers_ticks + $(cpu_ticks "${wp#*=}") - cpu0[$wp])); done
+cluster_d=$(($(cluster_ticks) - cluster0))
+broker_d=$(($(cpu_ticks "$broker_pid") - broker0))
+busy_d=$(($(machine_busy_ticks) - busy0))
+pct_core() { awk -v t="$1" -v c="$CLK_TCK" -v d="$cpu_s" 'BEGIN { printf "%.0f", 100 * t / c / d }'; }
 
 /usr/bin/python3 "$work/freshness.py" report "$work/sent.txt" "$work/seen.txt" "$WINDOW" >"$work/report.txt"
 r() { sed -n "s/^RESULT $1=//p" "$work/report.txt"; }
@@ -442,6 +460,12 @@ read -r batches batch_mean < <(q "SELECT sum(batches) - ${base_batches:-0},
                                                / nullif(sum(batches) - ${base_batches:-0}, 0), 1)
                                   FROM dwh.status WHERE worker LIKE 'kafka%'" | tr '|' ' ')
 printf 'batches        %s, %s messages each on average (dwh.status)\n' "$batches" "$batch_mean"
+printf 'CPU            workers %s%%, rest of PostgreSQL (the poll too) %s%%, broker %s%%, the rest %s%% of one core\n' \
+	"$(pct_core "$workers_ticks")" "$(pct_core $((cluster_d - workers_ticks)))" \
+	"$(pct_core "$broker_d")" "$(pct_core $((busy_d - cluster_d - broker_d)))"
+printf '               (%.1f s, %s cores); the workers: %.2f ms a batch, %.0f us a message\n' \
+	"$cpu_s" "$(nproc)" "$(calc "1000 * $workers_ticks / $CLK_TCK / ($batches > 0 ? $batches : 1)")" \
+	"$(calc "1000000 * $workers_ticks / $CLK_TCK / $paced")"
 echo "per $WINDOW s of send time:"
 printf '  %9s %8s %8s %8s %8s\n' "window s" orders "p50 ms" "p99 ms" "max ms"
 awk '/^WINDOW/ { printf "  %4d-%-4d %8d %8d %8d %8d\n", $2, $3, $4, $5, $6, $7 }' "$work/report.txt"
@@ -459,6 +483,9 @@ grep '^RESULT' "$work/report.txt"
 echo "RESULT freshness_poll_p50_ms=$poll_p50"
 echo "RESULT freshness_batches=$batches"
 echo "RESULT freshness_batch_mean_messages=$batch_mean"
+echo "RESULT freshness_cpu_workers_pct=$(pct_core "$workers_ticks")"
+echo "RESULT freshness_cpu_broker_pct=$(pct_core "$broker_d")"
+echo "RESULT freshness_cpu_machine_pct=$(pct_core "$busy_d")"
 # The latency distribution beside the log, as data and as an image.
 if [ -n "$PLOT_DIR" ]; then
 	cp "$work/seen.txt.cdf" "$PLOT_DIR/freshness-$LABEL.tsv"
