@@ -354,7 +354,7 @@ if [ -n "$BATCH_COST" ]; then
 	first=$((HISTORY + MEASURED))
 	q -c "CREATE FUNCTION bench.backend_cpu_us() RETURNS bigint LANGUAGE sql AS \$\$
 	          SELECT (split_part(s, ' ', 12)::bigint + split_part(s, ' ', 13)::bigint)
-	                 * (1000000 / 100)
+	                 * (1000000 / $(getconf CLK_TCK))
 	          FROM (SELECT substr(t, strpos(t, ') ') + 2) AS s
 	                FROM pg_catalog.pg_read_file('/proc/self/stat') t) x \$\$" \
 		-c "CREATE PROCEDURE bench.rolled_back_batches(n integer)

@@ -259,8 +259,8 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 -- name a dish for the first time?  Read only, before any lock: the current
 -- name only grows (in (time, name) order), so a "no" stays true; batches
 -- that hold the lock shared only add namings that keep every name.
--- PL/pgSQL, as every function a batch calls: its plan is kept for the
--- session (an SQL function is planned again at every call).
+-- PL/pgSQL, as every function each batch calls: its plan is kept for
+-- the session (an SQL function is planned again at every call).
 CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
     RETURNS boolean
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

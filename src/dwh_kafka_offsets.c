@@ -71,14 +71,24 @@ connect_spi(void)
  * Kept plans of the statements below: a worker runs some of them in every
  * batch, where parsing and planning them again cost more than running them.
  */
-static SPIPlanPtr lookup_clear_plan = NULL;
+static SPIPlanPtr clear_seeks_plan = NULL;
 static SPIPlanPtr lookup_plan = NULL;
-static SPIPlanPtr lock_create_plan = NULL;
+static SPIPlanPtr create_rows_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr store_plan = NULL;
-static SPIPlanPtr take_seeks_plan = NULL;
-static SPIPlanPtr gap_create_plan = NULL;
 static SPIPlanPtr gap_lock_plan = NULL;
+
+/* Create the partitions' missing rows, in partition order. */
+#define CREATE_ROWS_SQL \
+	"INSERT INTO dwh.kafka_offsets (topic, kafka_partition) " \
+	"SELECT $1, p FROM unnest($2::integer[]) AS p ORDER BY p " \
+	"ON CONFLICT DO NOTHING"
+
+/* Clear the partitions' seek requests, returning where they asked to go. */
+#define CLEAR_SEEKS_SQL \
+	"UPDATE dwh.kafka_offsets SET seek_requested = false " \
+	"WHERE topic = $1 AND kafka_partition = ANY ($2) AND seek_requested " \
+	"RETURNING kafka_partition, next_offset"
 
 /*
  * Run sql with ($1 topic, $2 partitions[]) through its kept plan (prepared
@@ -179,10 +189,8 @@ dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions, int n,
 		stopped[i] = false;
 	}
 	connect_spi();
-	run(&lookup_clear_plan,
-		"UPDATE dwh.kafka_offsets SET seek_requested = false "
-		"WHERE topic = $1 AND kafka_partition = ANY ($2) AND seek_requested",
-		topic, partitions, n, SPI_OK_UPDATE);
+	run(&clear_seeks_plan, CLEAR_SEEKS_SQL, topic, partitions, n,
+		SPI_OK_UPDATE_RETURNING);
 	run(&lookup_plan,
 		"SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL
 		" FROM dwh.kafka_offsets AS o "
@@ -212,11 +220,7 @@ dwh_kafka_offsets_lock(const char *topic, const int32 *partitions, int n,
 		stopped[i] = false;
 	}
 	connect_spi();
-	run(&lock_create_plan,
-		"INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
-		"SELECT $1, p FROM unnest($2::integer[]) AS p ORDER BY p "
-		"ON CONFLICT DO NOTHING",
-		topic, partitions, n, SPI_OK_INSERT);
+	run(&create_rows_plan, CREATE_ROWS_SQL, topic, partitions, n, SPI_OK_INSERT);
 	run(&lock_plan,
 		"SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL ", o.seek_requested "
 		"FROM dwh.kafka_offsets AS o "
@@ -279,11 +283,8 @@ dwh_kafka_offsets_take_seeks(const char *topic, const int32 *partitions, int n,
 	if (n == 0)
 		return 0;
 	connect_spi();
-	run(&take_seeks_plan,
-		"UPDATE dwh.kafka_offsets SET seek_requested = false "
-		"WHERE topic = $1 AND kafka_partition = ANY ($2) AND seek_requested "
-		"RETURNING kafka_partition, next_offset",
-		topic, partitions, n, SPI_OK_UPDATE_RETURNING);
+	run(&clear_seeks_plan, CLEAR_SEEKS_SQL, topic, partitions, n,
+		SPI_OK_UPDATE_RETURNING);
 	for (r = 0; r < SPI_processed; r++)
 	{
 		bool		isnull;
@@ -338,11 +339,7 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 	gap->log_end_offset = high;
 
 	connect_spi();
-	run(&gap_create_plan,
-		"INSERT INTO dwh.kafka_offsets (topic, kafka_partition) "
-		"SELECT $1, p FROM unnest($2::integer[]) AS p "
-		"ON CONFLICT DO NOTHING",
-		topic, &partition, 1, SPI_OK_INSERT);
+	run(&create_rows_plan, CREATE_ROWS_SQL, topic, &partition, 1, SPI_OK_INSERT);
 	run(&gap_lock_plan,
 		"SELECT o.next_offset, o.seek_requested, " STOPPED_SQL
 		" FROM dwh.kafka_offsets AS o "

@@ -610,8 +610,8 @@ COMMENT ON FUNCTION dwh.load_order_namings(text[], text[], timestamp[]) IS
 -- name a dish for the first time?  Read only, before any lock: the current
 -- name only grows (in (time, name) order), so a "no" stays true; batches
 -- that hold the lock shared only add namings that keep every name.
--- PL/pgSQL, as every function a batch calls: its plan is kept for the
--- session (an SQL function is planned again at every call).
+-- PL/pgSQL, as every function each batch calls: its plan is kept for
+-- the session (an SQL function is planned again at every call).
 CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
     RETURNS boolean
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2811,20 +2811,24 @@ CREATE FUNCTION dwh.tags_crossed(kind text, users uuid[], keys uuid[], deltas in
                                  moved_users uuid[], moved_keys uuid[],
                                  moved_counts integer[])
     RETURNS TABLE (user_id uuid, tag text)
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET enable_nestloop = off
 AS $fn$
-    SELECT m.user_id, r.tag
-    FROM (SELECT r.tag, r.threshold,
-                 CASE r.kind WHEN 'dish' THEN dwh.hash_key(r.product_id)
-                             ELSE dwh.hash_key(r.category_name) END AS key
-          FROM dwh.tag_rules r
-          WHERE r.kind = tags_crossed.kind AND r.window_days IS NULL) r
-    JOIN unnest(moved_users, moved_keys, moved_counts) AS m(user_id, key, order_cnt)
-      ON m.key = r.key
-    JOIN unnest(users, keys, deltas) AS d(user_id, key, d)
-      ON d.user_id = m.user_id AND d.key = m.key
-    WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold)
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+        SELECT m.user_id, r.tag
+        FROM (SELECT r.tag, r.threshold,
+                     CASE r.kind WHEN 'dish' THEN dwh.hash_key(r.product_id)
+                                 ELSE dwh.hash_key(r.category_name) END AS key
+              FROM dwh.tag_rules r
+              WHERE r.kind = tags_crossed.kind AND r.window_days IS NULL) r
+        JOIN unnest(moved_users, moved_keys, moved_counts) AS m(user_id, key, order_cnt)
+          ON m.key = r.key
+        JOIN unnest(users, keys, deltas) AS d(user_id, key, d)
+          ON d.user_id = m.user_id AND d.key = m.key
+        WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold);
+END
 $fn$;
 COMMENT ON FUNCTION dwh.tags_crossed(text, uuid[], uuid[], integer[], uuid[], uuid[], integer[]) IS
     'Internal: the (user, tag) pairs of all-time rules of this kind (dish or category) whose count crossed the threshold, from the mart rows written and their deltas';
