@@ -104,8 +104,8 @@ DECLARE
     names text[];
     times timestamp[];
     old_times timestamp[];
-    old_current text[];
     renamed uuid[];
+    moved uuid[];
 BEGIN
     IF product_ids IS NULL THEN
         RETURN;
@@ -120,7 +120,10 @@ BEGIN
     FOR NO KEY UPDATE;
 
     -- The batch's newest naming of each dish (from dwh.claim_order_keys),
-    -- where it is newer than the dish's newest order naming.
+    -- where it is newer than the dish's newest order naming; and the dishes
+    -- whose current name it changes (or gives first), found before the
+    -- write: the current name is the naming greatest in (time, name), and
+    -- the row an order naming leaves is older than the one it gets.
     WITH naming AS MATERIALIZED (
         SELECT dwh.hash_key(n.id) AS h_product_pk, n.id, n.name, n.version
         FROM unnest(product_ids, product_names, name_versions) AS n(id, name, version)
@@ -132,12 +135,18 @@ BEGIN
           AND s.load_src = 'stg.order_events'
     )
     SELECT array_agg(n.h_product_pk), array_agg(n.id), array_agg(n.name),
-           array_agg(n.version), array_agg(l.load_dt), array_agg(cur.name)
-    INTO keys, ids, names, times, old_times, old_current
+           array_agg(n.version), array_agg(l.load_dt),
+           array_agg(n.h_product_pk)
+               FILTER (WHERE cur.name IS NULL
+                          OR (n.name <> cur.name
+                              AND (n.version > cur.load_dt
+                                   OR (n.version = cur.load_dt
+                                       AND n.name COLLATE "C" > cur.name COLLATE "C"))))
+    INTO keys, ids, names, times, old_times, renamed
     FROM naming n
     LEFT JOIN locked l USING (h_product_pk)
     LEFT JOIN LATERAL (
-        SELECT s.name FROM dds.s_product_names s
+        SELECT s.name, s.load_dt FROM dds.s_product_names s
         WHERE s.h_product_pk = n.h_product_pk
         ORDER BY s.load_dt DESC LIMIT 1) cur ON true
     WHERE l.h_product_pk IS NULL
@@ -151,15 +160,22 @@ BEGIN
     -- The rows left behind: the menu naming of their time, or nothing.
     -- Whether some menu version has that time, by index (an order's time
     -- is never null: it is parsed from its digits); menus are rarely of
-    -- the time of an order.
-    WITH old AS (
-        SELECT m.h_product_pk, m.old_time,
+    -- the time of an order.  A row no menu keeps moves to its new time
+    -- in place (no new row to check against the hub), unless a menu
+    -- naming already has that time: then it goes, and the menu's row
+    -- takes the order naming below.
+    WITH old AS MATERIALIZED (
+        SELECT m.h_product_pk, m.name, m.load_dt, m.old_time,
                CASE WHEN EXISTS (SELECT FROM stg.restaurants r
                                  WHERE r.update_ts = m.old_time)
                          OR EXISTS (SELECT FROM stg.restaurant_history r
                                     WHERE r.update_ts = m.old_time)
-                    THEN dwh.menu_name_at(m.product_id, m.old_time) END AS menu_name
-        FROM unnest(keys, ids, times, old_times) AS m(h_product_pk, product_id, load_dt, old_time)
+                    THEN dwh.menu_name_at(m.product_id, m.old_time) END AS menu_name,
+               EXISTS (SELECT FROM dds.s_product_names s
+                       WHERE s.h_product_pk = m.h_product_pk
+                         AND s.load_dt = m.load_dt) AS taken
+        FROM unnest(keys, ids, names, times, old_times)
+             AS m(h_product_pk, product_id, name, load_dt, old_time)
         WHERE m.old_time < m.load_dt
     ),
     kept AS (
@@ -170,34 +186,43 @@ BEGIN
         FROM old o
         WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
           AND o.menu_name IS NOT NULL
+    ),
+    dropped AS (
+        DELETE FROM dds.s_product_names s
+        USING old o
+        WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
+          AND o.menu_name IS NULL AND o.taken
+    ),
+    moving AS (
+        UPDATE dds.s_product_names s
+        SET name = o.name,
+            hk_product_names_hashdiff = dwh.hash_key(s.h_product_pk::text || o.name),
+            load_dt = o.load_dt
+        FROM old o
+        WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
+          AND o.menu_name IS NULL AND NOT o.taken
+        RETURNING s.h_product_pk
     )
-    DELETE FROM dds.s_product_names s
-    USING old o
-    WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
-      AND o.menu_name IS NULL;
+    SELECT array_agg(h_product_pk) INTO moved FROM moving;
 
-    -- The new rows, merged with a menu naming of the same time.
-    INSERT INTO dds.s_product_names AS s
-           (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
-    SELECT m.h_product_pk, m.name, dwh.hash_key(m.h_product_pk::text || m.name),
-           m.load_dt, 'stg.order_events'
-    FROM unnest(keys, names, times) AS m(h_product_pk, name, load_dt)
-    ORDER BY 1
-    ON CONFLICT (h_product_pk, load_dt) DO UPDATE
-    SET name = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
-                    THEN EXCLUDED.name ELSE s.name END,
-        hk_product_names_hashdiff = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
-                                         THEN EXCLUDED.hk_product_names_hashdiff
-                                         ELSE s.hk_product_names_hashdiff END,
-        load_src = 'stg.order_events';
+    -- The other new rows, merged with a menu naming of the same time.
+    IF moved IS NULL OR cardinality(moved) < cardinality(keys) THEN
+        INSERT INTO dds.s_product_names AS s
+               (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
+        SELECT m.h_product_pk, m.name, dwh.hash_key(m.h_product_pk::text || m.name),
+               m.load_dt, 'stg.order_events'
+        FROM unnest(keys, names, times) AS m(h_product_pk, name, load_dt)
+        WHERE m.h_product_pk <> ALL (coalesce(moved, '{}'))
+        ORDER BY 1
+        ON CONFLICT (h_product_pk, load_dt) DO UPDATE
+        SET name = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+                        THEN EXCLUDED.name ELSE s.name END,
+            hk_product_names_hashdiff = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+                                             THEN EXCLUDED.hk_product_names_hashdiff
+                                             ELSE s.hk_product_names_hashdiff END,
+            load_src = 'stg.order_events';
+    END IF;
 
-    SELECT array_agg(m.h_product_pk) INTO renamed
-    FROM unnest(keys, old_current) AS m(h_product_pk, old_name)
-    CROSS JOIN LATERAL (
-        SELECT s.name FROM dds.s_product_names s
-        WHERE s.h_product_pk = m.h_product_pk
-        ORDER BY s.load_dt DESC LIMIT 1) cur
-    WHERE m.old_name IS DISTINCT FROM cur.name;
     IF renamed IS NOT NULL THEN
         IF NOT dwh.dictionary_lock_exclusive() THEN
             RAISE EXCEPTION 'dish names changed while the batch held the dictionary lock shared'

@@ -94,6 +94,23 @@ SELECT t.load(52, 'u1', 'CLOSED', '2023-09-04 00:00:00', 'd6:Сациви');
 SELECT p.product_id, s.name, s.load_dt, s.load_src
 FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
 WHERE p.product_id IN ('d5', 'd6') ORDER BY 1, 3;
+-- A row no menu names at its time moves to the newer order naming's time
+-- (one row for d7 after orders 53 and 54); where a menu version already
+-- names the dish at that time, the order naming takes that row instead
+-- (order 55: the greater name of the two, loaded from the orders).
+SELECT t.load(53, 'u1', 'CLOSED', '2023-09-05 00:00:00', 'd7:Хинкали');
+SELECT t.load(54, 'u1', 'CLOSED', '2023-09-06 00:00:00', 'd7:Хинкали с мясом');
+SELECT t.set_menu('rest-3', '2023-09-07 00:00:00', 'd5:Лобио:Закуски', 'd6:Сациви:Закуски',
+                  'd7:Хинкали:Основные блюда');
+SELECT p.product_id, s.name, s.load_dt, s.load_src
+FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+WHERE p.product_id = 'd7' ORDER BY 1, 3;
+SELECT t.load(55, 'u1', 'CLOSED', '2023-09-07 00:00:00', 'd7:Хинкали с сыром');
+SELECT p.product_id, s.name, s.load_dt, s.load_src
+FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+WHERE p.product_id = 'd7' ORDER BY 1, 3;
+SELECT product_name, order_cnt FROM cdm.user_product_counters
+WHERE product_id = dwh.hash_key('d7');
 SELECT count(*) AS differences FROM dwh.verify();
 
 -- Order independence: the same order versions and menu versions loaded in
