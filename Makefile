@@ -13,6 +13,7 @@ OBJS = \
 	src/dwh_message.o \
 	src/dwh_spi.o \
 	src/dwh_stg_guard.o \
+	src/dwh_references.o \
 	src/dwh_columns.o \
 	src/dwh_dead_letter.o \
 	src/dwh_ingest_session.o \

@@ -221,71 +221,18 @@ COMMENT ON COLUMN dds.s_order_status.load_src IS 'Table it was loaded from';
 -- and satellites of orders take about ten rows per order; as foreign keys,
 -- each row ran a query of its own and locked its hub rows (about a third
 -- of the CPU of a batch).  They refuse the same rows set-based instead:
--- after each INSERT, one anti-join finds any row whose hub is missing
--- (SQLSTATE 23503, as a foreign key would say).  No row lock is needed to
--- keep the check true until commit, because hub rows are never deleted
--- and their keys never change (refused below); a TRUNCATE of a hub must
--- take the tables that refer to it along.  Updates of the reference
--- columns are refused: dwh replaces a link, it never repoints it.
+-- after each INSERT, each distinct key of the statement's new rows is
+-- looked up in its hub (SQLSTATE 23503, as a foreign key would say;
+-- src/dwh_references.c).  No row lock is needed to keep the check true
+-- until commit, because hub rows are never deleted and their keys never
+-- change (refused below); a TRUNCATE of a hub must take the tables that
+-- refer to it along.  Updates of the reference columns are refused: dwh
+-- replaces a link, it never repoints it.
 CREATE FUNCTION dwh.order_references_exist() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
-AS $fn$
-DECLARE
-    missing uuid;
-BEGIN
-    -- One probe of the hub's key per distinct key (an order has about
-    -- three dish links, and a batch's links name each user and dish many
-    -- times).  OFFSET 0 and no sequential scan keep each NOT EXISTS a
-    -- probe by key: a plan made while a hub was small would hash or scan
-    -- the whole hub, and be kept as the hub grows.
-    SELECT k.h_order_pk INTO missing
-    FROM (SELECT DISTINCT a.h_order_pk FROM added a) k
-    WHERE NOT EXISTS (SELECT FROM dds.h_order h WHERE h.h_order_pk = k.h_order_pk
-                      OFFSET 0)
-    LIMIT 1;
-    IF FOUND THEN
-        PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_order_pk', missing, 'h_order');
-    END IF;
-
-    IF TG_TABLE_NAME = 'l_order_user' THEN
-        SELECT k.h_user_pk INTO missing
-        FROM (SELECT DISTINCT a.h_user_pk FROM added a) k
-        WHERE NOT EXISTS (SELECT FROM dds.h_user h WHERE h.h_user_pk = k.h_user_pk
-                          OFFSET 0)
-        LIMIT 1;
-        IF FOUND THEN
-            PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_user_pk', missing, 'h_user');
-        END IF;
-    ELSIF TG_TABLE_NAME = 'l_order_product' THEN
-        SELECT k.h_product_pk INTO missing
-        FROM (SELECT DISTINCT a.h_product_pk FROM added a) k
-        WHERE NOT EXISTS (SELECT FROM dds.h_product h WHERE h.h_product_pk = k.h_product_pk
-                          OFFSET 0)
-        LIMIT 1;
-        IF FOUND THEN
-            PERFORM dwh.reference_missing(TG_TABLE_NAME, 'h_product_pk', missing, 'h_product');
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$fn$;
+    AS 'MODULE_PATHNAME', 'dwh_order_references_exist'
+    LANGUAGE C;
 COMMENT ON FUNCTION dwh.order_references_exist() IS
     'AFTER INSERT statement trigger of the order links and satellites: every row''s hubs exist (23503 otherwise)';
-
-CREATE FUNCTION dwh.reference_missing(referring text, key_column text, key uuid,
-                                      hub text)
-    RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    RAISE EXCEPTION 'insert on table "dds.%" refers to a row missing from "dds.%"', referring, hub
-        USING ERRCODE = '23503',
-              DETAIL = format('Key (%s)=(%s) is not present in table "dds.%s".', key_column, key, hub),
-              HINT = 'Hub rows come first: dwh loads a hub in the statement that loads its links and satellites.';
-END
-$fn$;
-COMMENT ON FUNCTION dwh.reference_missing(text, text, uuid, text) IS
-    'Internal: raise the foreign key violation of dwh.order_references_exist()';
 
 CREATE FUNCTION dwh.order_references_kept() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp

@@ -58,6 +58,57 @@ INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, lo
 VALUES (:'o1', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
 ROLLBACK;
 
+-- A hub row written by the same statement as its reference counts; one
+-- whose subtransaction rolled back does not.
+BEGIN;
+WITH hub AS (
+    INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+    VALUES (:'missing', 404, '2030-01-01', now(), 'test')
+    RETURNING h_order_pk)
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+SELECT h_order_pk, 'CLOSED', gen_random_uuid(), '2030-01-01', 'test' FROM hub;
+SELECT count(*) FROM dds.s_order_status WHERE h_order_pk = :'missing';
+ROLLBACK;
+BEGIN;
+SAVEPOINT hub;
+INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+VALUES (:'missing', 404, '2030-01-01', now(), 'test');
+ROLLBACK TO hub;
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+VALUES (:'missing', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
+ROLLBACK;
+
+-- A statement's new rows spilled to disk (work_mem), read by two more
+-- statement triggers of the table, one firing before the check and one
+-- after: each sees every row, and a missing hub after thousands of good
+-- rows is found.
+BEGIN;
+SET LOCAL work_mem = '64kB';
+CREATE TEMP TABLE seen (trigger_name text, added bigint);
+CREATE FUNCTION pg_temp.count_added() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO seen SELECT TG_NAME, count(*) FROM added;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER a_count AFTER INSERT ON dds.s_order_status
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.count_added();
+CREATE TRIGGER z_count AFTER INSERT ON dds.s_order_status
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.count_added();
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+SELECT :'o1', 'CLOSED', gen_random_uuid(), timestamp '2030-01-01' + i * interval '1 s', 'test'
+FROM generate_series(1, 3000) i;
+SELECT * FROM seen ORDER BY trigger_name;
+SAVEPOINT spilled;
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+SELECT CASE WHEN i = 3000 THEN :'missing'::uuid ELSE :'o1'::uuid END, 'CLOSED',
+       gen_random_uuid(), timestamp '2031-01-01' + i * interval '1 s', 'test'
+FROM generate_series(1, 3000) i;
+ROLLBACK TO spilled;
+ROLLBACK;
+
 -- Repointing a reference, deleting or rekeying a hub row.
 UPDATE dds.l_order_product SET h_product_pk = :'missing' WHERE h_order_pk = :'o1';
 UPDATE dds.l_order_user SET h_order_pk = h_order_pk;
