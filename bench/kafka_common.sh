@@ -134,7 +134,7 @@ maintenance_work_mem = 1GB
 wal_buffers = 64MB
 wal_compression = lz4
 max_wal_size = 16GB
-min_wal_size = 1GB
+min_wal_size = 8GB
 checkpoint_timeout = 30min
 checkpoint_completion_target = 0.9
 random_page_cost = 1.1
@@ -227,6 +227,34 @@ COPY dict FROM '$work/dictionaries.tsv' WITH (FORMAT csv, DELIMITER E'\t', QUOTE
 INSERT INTO stg.users (object_id, payload) SELECT key, value FROM dict WHERE NOT value ? 'menu';
 INSERT INTO stg.restaurants (object_id, payload) SELECT key, value FROM dict WHERE value ? 'menu';
 EOF
+}
+
+# bench_checkpoint ORDERS: a checkpoint, with WAL segments ready for the
+# ORDERS to come.  A server that has run through checkpoints renames its
+# old WAL segments into future ones (keeping min_wal_size of them); a new
+# cluster has none, and the commit that first writes into a new segment
+# creates it (16 MB of zeroes, synced: 70 to 100 ms on the 2-core machine)
+# holding the WAL write lock, so every commit waits.  A batch writes about
+# 4 kB of WAL an order (5 in small batches): at 5,000 orders/s, a stall
+# every second.  Switching through enough segments for ORDERS at 5 kB
+# (BENCH_WAL_SEGMENTS: so many instead) and then checkpointing leaves them
+# as recycled future segments, as on a server in service.
+# BENCH_WAL_SEGMENTS=0: the bare checkpoint of a new cluster.
+bench_checkpoint()
+{
+	local segments=${BENCH_WAL_SEGMENTS:-$((($1 * 5 + 16383) / 16384 + 4))}
+
+	if [ "$segments" -gt 0 ]; then
+		q "CREATE TABLE public.bench_wal_fill (i integer)"
+		q "DO \$\$ BEGIN
+		     FOR i IN 1..$segments LOOP
+		       INSERT INTO public.bench_wal_fill VALUES (i);
+		       PERFORM pg_catalog.pg_switch_wal();
+		     END LOOP;
+		   END \$\$"
+		q "DROP TABLE public.bench_wal_fill"
+	fi
+	q "CHECKPOINT"
 }
 
 # BENCH_TAG_RULES user tag rules (docs/tags.md) of mixed kinds, defined

@@ -33,7 +33,10 @@
 # Usage: bench/kafka_drain.sh
 # Environment: BENCH_ORDERS (1000000), BENCH_CONSUMERS (2),
 #   BENCH_PARTITIONS (4), BENCH_SAMPLE (5: seconds between lag samples),
-#   BENCH_SEED (1: generator seed), BENCH_PREFETCH_MEMORY, BENCH_BATCH_SIZE
+#   BENCH_SEED (1: generator seed), BENCH_WAL_SEGMENTS (WAL segments made
+#   ready before the drain, as on a server in service; default: enough for
+#   the orders at 5 kB each; 0: none),
+#   BENCH_PREFETCH_MEMORY, BENCH_BATCH_SIZE
 #   (dwh.kafka_prefetch_memory, dwh.kafka_batch_size; default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS (25% of RAM, at most 8GB),
 #   BENCH_PERF (0; 1: perf samples the workers, a profile at the end),
@@ -84,7 +87,7 @@ bench_cluster_start "$extra"
 bench_load_dictionaries
 rules_defined=$(bench_tag_rules)
 [ "$rules_defined" = "$TAG_RULES" ] || { echo "$rules_defined tag rules defined, not $TAG_RULES" >&2; exit 1; }
-q "CHECKPOINT"
+bench_checkpoint "$ORDERS"
 
 prefetch_kb=$(q "SELECT setting FROM pg_settings WHERE name = 'dwh.kafka_prefetch_memory'")
 batch_size=$(q "SHOW dwh.kafka_batch_size")
@@ -150,6 +153,7 @@ for wp in $pids; do printf ' %18s' "${wp%=*} RSS/anon MB"; done
 echo
 
 bench_statements_reset
+wal0=$(q "SELECT pg_current_wal_insert_lsn()")
 t0=$(now)
 q "ALTER SYSTEM SET dwh.kafka_brokers = '$bootstrap'"
 q "SELECT pg_reload_conf()" >/dev/null
@@ -204,6 +208,7 @@ while :; do
 done
 t1=$(now)
 drain_s=$(calc "$t1 - $t0")
+wal_bytes=$(q "SELECT pg_current_wal_insert_lsn() - '$wal0'::pg_lsn")
 
 declare -A cpu1
 for wp in $pids; do
@@ -240,6 +245,8 @@ printf '               %s batches, %.0f messages per batch (dwh.kafka_batch_size
 	"$batches" "$(calc "$messages / $batches")" "$batch_size" "$batch_wait"
 printf '               %.0f orders per CPU-second of the workers (%.1f CPU-seconds in all)\n' \
 	"$(calc "$ORDERS * $CLK_TCK / $workers_ticks")" "$(calc "$workers_ticks / $CLK_TCK")"
+printf 'WAL            %.0f MB written by the drain, %.2f kB an order (for min_wal_size: README)\n' \
+	"$(calc "$wal_bytes / 1048576")" "$(calc "$wal_bytes / 1024 / $ORDERS")"
 printf 'produce        %d messages with kcat in %.1f s (%.0f messages/s), before the drain\n' \
 	"$messages" "$produce_s" "$(calc "$messages / $produce_s")"
 # (A build older than the tags, for a comparison, has neither table.)
@@ -314,6 +321,7 @@ echo "RESULT kafka_drain_tag_rules=$TAG_RULES"
 echo "RESULT kafka_drain_tags=$tags_held"
 echo "RESULT kafka_drain_tag_events=$tag_events"
 printf 'RESULT kafka_drain_orders_per_worker_cpu_s=%.0f\n' "$(calc "$ORDERS * $CLK_TCK / $workers_ticks")"
+printf 'RESULT kafka_drain_wal_kb_per_order=%.2f\n' "$(calc "$wal_bytes / 1024 / $ORDERS")"
 echo "RESULT kafka_worker_peak_anon_kb=$peak_anon_max"
 echo "RESULT kafka_worker_peak_growth_kb=$peak_growth_max"
 echo "RESULT kafka_worker_bound_kb=$bound_kb"

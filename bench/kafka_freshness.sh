@@ -73,7 +73,8 @@
 #   BENCH_KEYED (0; 1: each order's messages keyed by its object_id, so
 #   that all versions of an order go to one partition; the contract's
 #   producer sends no key),
-#   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
+#   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2),
+#   BENCH_WAL_SEGMENTS (as in bench/kafka_drain.sh), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
 #   settings' defaults), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
 #   BENCH_SKIP_INSTALL (0), BENCH_DIR (/tmp),
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
@@ -112,7 +113,7 @@ bench_cluster_start "$extra"
 bench_load_dictionaries
 rules_defined=$(bench_tag_rules)
 [ "$rules_defined" = "$TAG_RULES" ] || { echo "$rules_defined tag rules defined, not $TAG_RULES" >&2; exit 1; }
-q "CHECKPOINT"
+bench_checkpoint "$ORDERS"
 
 log "generating $ORDERS orders (dwh-gen, default mix, seed $SEED)"
 $GEN orders --count "$ORDERS" --seed "$SEED" --start "$(bench_orders_start "$ORDERS")" \
@@ -405,6 +406,7 @@ for wp in $pids; do cpu0[$wp]=$(cpu_ticks "${wp#*=}"); done
 cluster0=$(cluster_ticks)
 broker0=$(cpu_ticks "$broker_pid")
 busy0=$(machine_busy_ticks)
+wal0=$(q "SELECT pg_current_wal_insert_lsn()")
 cpu_t0=$(now)
 read -r pace_s paced first_sent < <(/usr/bin/python3 "$work/freshness.py" pace "$work/orders.txt" "$RATE" "$ORDERS" \
 	"$first_id" "$work/sent.txt" "$bootstrap" "$TOPIC" "$LINGER_MS")
@@ -417,6 +419,7 @@ for _ in $(seq 600); do
 done
 
 cpu_s=$(calc "$(now) - $cpu_t0")
+wal_bytes=$(q "SELECT pg_current_wal_insert_lsn() - '$wal0'::pg_lsn")
 workers_ticks=0
 for wp in $pids; do workers_ticks=$((workers_ticks + $(cpu_ticks "${wp#*=}") - cpu0[$wp])); done
 cluster_d=$(($(cluster_ticks) - cluster0))
@@ -466,6 +469,8 @@ printf 'CPU            workers %s%%, rest of PostgreSQL (the poll too) %s%%, bro
 printf '               (%.1f s, %s cores); the workers: %.2f ms a batch, %.0f us a message\n' \
 	"$cpu_s" "$(nproc)" "$(calc "1000 * $workers_ticks / $CLK_TCK / ($batches > 0 ? $batches : 1)")" \
 	"$(calc "1000000 * $workers_ticks / $CLK_TCK / $paced")"
+printf 'WAL            %.0f MB, %.2f kB an order\n' "$(calc "$wal_bytes / 1048576")" \
+	"$(calc "$wal_bytes / 1024 / $ORDERS")"
 echo "per $WINDOW s of send time:"
 printf '  %9s %8s %8s %8s %8s\n' "window s" orders "p50 ms" "p99 ms" "max ms"
 awk '/^WINDOW/ { printf "  %4d-%-4d %8d %8d %8d %8d\n", $2, $3, $4, $5, $6, $7 }' "$work/report.txt"
