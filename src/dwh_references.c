@@ -20,8 +20,9 @@
  * lookup does not ask for the inserting role's privileges on the hub.
  *
  * It replaced a PL/pgSQL function that ran an anti-join per reference; the
- * lookups are the same, without an executor, a plan or a GUC nesting level
- * around each of them (about 15% of the CPU of a drain).
+ * lookups are the same, without a plan, an executor or a GUC nesting level
+ * around them (the check took 11% of a drain's CPU, now 7%: the index
+ * descents themselves).
  *
  *-------------------------------------------------------------------------
  */
