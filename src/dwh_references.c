@@ -36,7 +36,7 @@
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "fmgr.h"
-#include "utils/builtins.h"
+#include "lib/qunique.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -44,6 +44,8 @@
 #include "utils/snapmgr.h"
 #include "utils/tuplestore.h"
 #include "utils/uuid.h"
+
+#include "dwh_uuid.h"
 
 PG_FUNCTION_INFO_V1(dwh_order_references_exist);
 
@@ -86,7 +88,6 @@ distinct_keys(Tuplestorestate *rows, TupleDesc tupdesc, AttrNumber attnum,
 	int			allocated = 64;
 	int			n = 0;
 	pg_uuid_t  *keys = palloc(allocated * sizeof(pg_uuid_t));
-	int			distinct = 0;
 
 	tuplestore_select_read_pointer(rows, readptr);
 	tuplestore_rescan(rows);
@@ -106,12 +107,8 @@ distinct_keys(Tuplestorestate *rows, TupleDesc tupdesc, AttrNumber attnum,
 	}
 	ExecDropSingleTupleTableSlot(slot);
 
-	if (n > 1)
-		qsort(keys, n, sizeof(pg_uuid_t), uuid_order);
-	for (int i = 0; i < n; i++)
-		if (distinct == 0 || uuid_order(&keys[i], &keys[distinct - 1]) != 0)
-			keys[distinct++] = keys[i];
-	*count = distinct;
+	qsort(keys, n, sizeof(pg_uuid_t), uuid_order);
+	*count = qunique(keys, n, sizeof(pg_uuid_t), uuid_order);
 	return keys;
 }
 
@@ -135,10 +132,10 @@ first_missing(Relation hub, pg_uuid_t *keys, int count)
 	index = index_open(index_oid, AccessShareLock);
 	slot = table_slot_create(hub, NULL);
 	scan = index_beginscan(hub, index, SnapshotSelf, 1, 0);
+	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_UUID_EQ, (Datum) 0);
 	for (int i = 0; i < count && missing == NULL; i++)
 	{
-		ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_UUID_EQ,
-					UUIDPGetDatum(&keys[i]));
+		skey.sk_argument = UUIDPGetDatum(&keys[i]);
 		index_rescan(scan, &skey, 1, NULL, 0);
 		if (!index_getnext_slot(scan, ForwardScanDirection, slot))
 			missing = &keys[i];
@@ -199,16 +196,19 @@ dwh_order_references_exist(PG_FUNCTION_ARGS)
 		missing = first_missing(hub, keys, count);
 		table_close(hub, NoLock);
 		if (missing != NULL)
+		{
+			char		key_text[DWH_UUID_TEXT_LEN + 1];
+
+			dwh_uuid_format(missing, key_text);
+			key_text[DWH_UUID_TEXT_LEN] = '\0';
 			ereport(ERROR,
 					(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
 					 errmsg("insert on table \"dds.%s\" refers to a row missing from \"dds.%s\"",
 							table, ref->hub),
 					 errdetail("Key (%s)=(%s) is not present in table \"dds.%s\".",
-							   ref->column,
-							   DatumGetCString(DirectFunctionCall1(uuid_out,
-																   UUIDPGetDatum(missing))),
-							   ref->hub),
+							   ref->column, key_text, ref->hub),
 					 errhint("Hub rows come first: dwh loads a hub in the statement that loads its links and satellites.")));
+		}
 		pfree(keys);
 	}
 	if (!known)
