@@ -13,7 +13,9 @@ OBJS = \
 	src/dwh_message.o \
 	src/dwh_spi.o \
 	src/dwh_stg_guard.o \
+	src/dwh_key_probe.o \
 	src/dwh_references.o \
+	src/dwh_order_keys.o \
 	src/dwh_columns.o \
 	src/dwh_dead_letter.o \
 	src/dwh_ingest_session.o \

@@ -502,7 +502,7 @@ static const char *apply_deferred_sql =
 static const char *apply_direct_sql =
 "SELECT dwh.apply_mart_deltas($1, $2, $3, $4, $5, $6)";
 
-/* Is this the claim's 40001 (a concurrent batch renamed a dish)? */
+/* Is this the claim's 40001 (the batch renames a dish)? */
 static bool
 is_serialization_failure(ErrorData *edata)
 {
@@ -572,9 +572,9 @@ claim_call(void *arg)
 /*
  * Steps 1 and 2 of the lock order for every version of the batch
  * (rows[0..n-1] and more[0..n_more-1]); call receives the batch's newest
- * naming of each dish, for step 6.  The dictionary lock is taken shared unless the batch
- * renames a dish; if a concurrent batch renamed one meanwhile (40001),
- * the claim is rolled back, locks included, and taken again exclusive.
+ * naming of each dish, for step 6.  The dictionary lock is taken shared;
+ * if the batch renames a dish (40001), the claim is rolled back, locks
+ * included, and taken again with the lock exclusive.
  */
 static void
 claim_keys(DwhIngestOrder *rows, int n, DwhIngestOrder *more, int n_more,

@@ -28,23 +28,19 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
-#include "access/stratnum.h"
 #include "access/table.h"
-#include "access/tableam.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "fmgr.h"
 #include "lib/qunique.h"
-#include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
-#include "utils/relcache.h"
 #include "utils/snapmgr.h"
 #include "utils/tuplestore.h"
 #include "utils/uuid.h"
 
+#include "dwh_key_probe.h"
 #include "dwh_uuid.h"
 
 PG_FUNCTION_INFO_V1(dwh_order_references_exist);
@@ -66,12 +62,6 @@ static const Reference references[] = {
 	{"s_order_status", "h_order_pk", "h_order"},
 	{"s_order_cost", "h_order_pk", "h_order"},
 };
-
-static int
-uuid_order(const void *a, const void *b)
-{
-	return memcmp(a, b, UUID_LEN);
-}
 
 /*
  * The distinct non-null values of column attnum (a uuid) among the rows of
@@ -107,42 +97,26 @@ distinct_keys(Tuplestorestate *rows, TupleDesc tupdesc, AttrNumber attnum,
 	}
 	ExecDropSingleTupleTableSlot(slot);
 
-	qsort(keys, n, sizeof(pg_uuid_t), uuid_order);
-	*count = qunique(keys, n, sizeof(pg_uuid_t), uuid_order);
+	qsort(keys, n, sizeof(pg_uuid_t), dwh_uuid_cmp);
+	*count = qunique(keys, n, sizeof(pg_uuid_t), dwh_uuid_cmp);
 	return keys;
 }
 
 /*
- * Look each key up in the hub's primary key (its first and only column);
- * returns the first key missing, or NULL.  The keys come sorted, so the
- * descents of a batch share their upper pages.
+ * Look each key up in the hub's primary key; returns the first key missing,
+ * or NULL.
  */
 static pg_uuid_t *
 first_missing(Relation hub, pg_uuid_t *keys, int count)
 {
-	Oid			index_oid = RelationGetPrimaryKeyIndex(hub);
-	Relation	index;
-	IndexScanDesc scan;
-	TupleTableSlot *slot;
-	ScanKeyData skey;
+	DwhKeyProbe probe;
 	pg_uuid_t  *missing = NULL;
 
-	if (!OidIsValid(index_oid))
-		elog(ERROR, "hub \"%s\" has no primary key", RelationGetRelationName(hub));
-	index = index_open(index_oid, AccessShareLock);
-	slot = table_slot_create(hub, NULL);
-	scan = index_beginscan(hub, index, SnapshotSelf, 1, 0);
-	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_UUID_EQ, (Datum) 0);
+	dwh_key_probe_begin(&probe, hub, SnapshotSelf);
 	for (int i = 0; i < count && missing == NULL; i++)
-	{
-		skey.sk_argument = UUIDPGetDatum(&keys[i]);
-		index_rescan(scan, &skey, 1, NULL, 0);
-		if (!index_getnext_slot(scan, ForwardScanDirection, slot))
+		if (!dwh_key_probe(&probe, &keys[i]))
 			missing = &keys[i];
-	}
-	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(slot);
-	index_close(index, NoLock); /* held until commit, as a query would */
+	dwh_key_probe_end(&probe);
 	return missing;
 }
 

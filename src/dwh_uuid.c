@@ -321,6 +321,22 @@ dwh_hash_key(const char *name, size_t len, pg_uuid_t *result)
 }
 
 /*
+ * dwh_link_key
+ *		The key of a link: the key over the text of both hub keys, one after
+ *		the other, without formatting them through uuid_out.
+ */
+void
+dwh_link_key(const pg_uuid_t *first, const pg_uuid_t *second,
+			 pg_uuid_t *result)
+{
+	char		buf[2 * DWH_UUID_TEXT_LEN];
+
+	dwh_uuid_format(first, buf);
+	dwh_uuid_format(second, buf + DWH_UUID_TEXT_LEN);
+	dwh_hash_key(buf, sizeof(buf), result);
+}
+
+/*
  * dwh_uuid_format
  *		Write the lower-case hyphenated form of uuid into buf, which must
  *		hold DWH_UUID_TEXT_LEN bytes; no terminating NUL is written.
@@ -375,19 +391,13 @@ dwh_hash_key_text(PG_FUNCTION_ARGS)
 
 /*
  * dwh.hash_key(first uuid, second uuid) returns uuid
- *		Link keys: the key over the text of both hub keys, one after the
- *		other, without formatting them through uuid_out.
+ *		Link keys (dwh_link_key).
  */
 Datum
 dwh_hash_key_link(PG_FUNCTION_ARGS)
 {
-	pg_uuid_t  *first = PG_GETARG_UUID_P(0);
-	pg_uuid_t  *second = PG_GETARG_UUID_P(1);
-	char		buf[2 * DWH_UUID_TEXT_LEN];
 	pg_uuid_t  *result = palloc(sizeof(pg_uuid_t));
 
-	dwh_uuid_format(first, buf);
-	dwh_uuid_format(second, buf + DWH_UUID_TEXT_LEN);
-	dwh_hash_key(buf, sizeof(buf), result);
+	dwh_link_key(PG_GETARG_UUID_P(0), PG_GETARG_UUID_P(1), result);
 	PG_RETURN_UUID_P(result);
 }

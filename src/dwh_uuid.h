@@ -16,6 +16,8 @@
 extern void dwh_uuid_v5(const pg_uuid_t *ns, const char *name, size_t len,
 						pg_uuid_t *result);
 extern void dwh_hash_key(const char *name, size_t len, pg_uuid_t *result);
+extern void dwh_link_key(const pg_uuid_t *first, const pg_uuid_t *second,
+						 pg_uuid_t *result);
 extern void dwh_uuid_format(const pg_uuid_t *uuid, char *buf);
 
 #endif							/* DWH_UUID_H */

@@ -579,9 +579,10 @@ COMMENT ON FUNCTION dwh.load_order_namings(text[], text[], timestamp[]) IS
     'Internal: move each dish''s newest order naming forward to the newest of these order versions';
 
 -- Does loading these namings change the current name of some dish, or
--- name a dish for the first time?  Read only, before any lock: the current
--- name only grows (in (time, name) order), so a "no" stays true; batches
--- that hold the lock shared only add namings that keep every name.
+-- name a dish for the first time?  Asked under the dictionary lock held
+-- shared: the current name only grows (in (time, name) order), so a "no"
+-- stays true while batches that hold the lock shared only add namings that
+-- keep every name.
 -- PL/pgSQL, as every function each batch calls: its plan is kept for
 -- the session (an SQL function is planned again at every call).
 CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
@@ -609,94 +610,106 @@ $fn$;
 COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
     'Internal: would these dish namings change the current name of some dish?';
 
+-- The batch's newest naming of each dish, and the shared keys that DDS
+-- lacks: walks of the payloads and lookups by primary key, in C
+-- (src/dwh_order_keys.c).
+CREATE FUNCTION dwh.order_namings(payloads jsonb[], versions timestamp[],
+                                  OUT ids text[], OUT names text[],
+                                  OUT item_versions timestamp[])
+    AS 'MODULE_PATHNAME', 'dwh_order_namings'
+    LANGUAGE C STRICT IMMUTABLE;
+COMMENT ON FUNCTION dwh.order_namings(jsonb[], timestamp[]) IS
+    'Internal: the newest naming (version, then greatest name) of each dish among the items of these order versions';
+
+CREATE FUNCTION dwh.order_keys_missing(payloads jsonb[],
+                                       OUT products text[], OUT restaurants text[],
+                                       OUT users text[], OUT pair_restaurants text[],
+                                       OUT pair_products text[])
+    AS 'MODULE_PATHNAME', 'dwh_order_keys_missing'
+    LANGUAGE C STRICT VOLATILE;
+COMMENT ON FUNCTION dwh.order_keys_missing(jsonb[]) IS
+    'Internal: the dishes, restaurants, users and (restaurant, dish) pairs of these orders that DDS has no hub or link for yet';
+
 -- Steps 1 and 2 of the lock order for these order versions: the dictionary
 -- lock, then dish, restaurant and user hubs and (dish, restaurant) pairs.
--- The namings come at step 6 (dwh.load_order_namings).  A batch that
--- finds a rename only after taking the lock shared (a concurrent batch
--- changed the names meanwhile) fails with 40001: dwh.ingest_orders retries
--- it with the lock exclusive.
+-- The namings come at step 6 (dwh.load_order_namings).  The lock is taken
+-- shared unless the caller asks for it exclusive; a batch that finds under
+-- the shared lock that it renames a dish (or names one first, or a
+-- concurrent batch renamed one meanwhile) fails with 40001: dwh.ingest_orders
+-- rolls the claim back and claims again with the lock exclusive.  Only the
+-- keys that DDS lacks are written: once a key exists, its upsert would
+-- insert nothing and wait for no one.
 CREATE FUNCTION dwh.claim_order_keys(payloads jsonb[], versions timestamp[],
                                      exclusive boolean DEFAULT false,
                                      OUT ids text[], OUT names text[],
                                      OUT item_versions timestamp[])
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    named record;
+    missing record;
 BEGIN
     IF payloads IS NULL THEN
         RETURN;
     END IF;
 
     -- The batch's newest naming of each dish (what step 6 needs too).
-    -- Grouping by hashing first: a batch names each dish many times.
-    SELECT array_agg(n.id), array_agg(n.name), array_agg(n.version)
-    INTO ids, names, item_versions
-    FROM (SELECT DISTINCT ON (n.id) n.id, n.name, n.version
-          FROM (SELECT e->>'id' AS id, e->>'name' AS name, max(v.version) AS version
-                FROM unnest(payloads, versions) AS v(payload, version),
-                     jsonb_array_elements(v.payload->'order_items') e
-                GROUP BY 1, 2) n
-          ORDER BY n.id, n.version DESC, n.name COLLATE "C" DESC) n;
+    named := dwh.order_namings(payloads, versions);
+    ids := named.ids;
+    names := named.names;
+    item_versions := named.item_versions;
 
-    IF NOT exclusive THEN
-        exclusive := dwh.namings_rename(ids, names, item_versions);
-    END IF;
     IF exclusive THEN
         PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
     ELSE
         PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
+        IF dwh.namings_rename(ids, names, item_versions) THEN
+            RAISE EXCEPTION 'the batch renames a dish under the dictionary lock held shared'
+                USING ERRCODE = '40001',
+                      DETAIL = 'A batch that renames a dish, or names one first, holds the lock exclusive.',
+                      HINT = 'Retry the statement with the lock exclusive; dwh.ingest_orders does so by itself.';
+        END IF;
     END IF;
 
-    -- Waiting for the lock, a batch may have seen a concurrent one rename
-    -- a dish it names: then this one must hold the lock exclusive.
-    IF NOT exclusive AND dwh.namings_rename(ids, names, item_versions) THEN
-        RAISE EXCEPTION 'dish names changed while the batch was waiting'
-            USING ERRCODE = '40001',
-                  DETAIL = 'A concurrent transaction renamed a dish that this batch names too.',
-                  HINT = 'Retry the statement; dwh.ingest_orders retries by itself.';
-    END IF;
+    -- A key that a transaction in progress inserted counts as missing: its
+    -- upsert below waits for that transaction.
+    missing := dwh.order_keys_missing(payloads);
 
-    INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-    SELECT dwh.hash_key(id), id, now(), 'stg.order_events'
-    FROM (SELECT DISTINCT id FROM unnest(ids) AS i(id)) d
-    ORDER BY 1
-    ON CONFLICT DO NOTHING;
-
-    WITH version AS MATERIALIZED (
-        SELECT v.payload->'restaurant'->>'id' AS restaurant_id,
-               v.payload->'user'->>'id' AS user_id,
-               v.payload->'order_items' AS items
-        FROM unnest(payloads) AS v(payload)
-    ),
-    restaurant AS MATERIALIZED (
-        SELECT restaurant_id, dwh.hash_key(restaurant_id) AS h_restaurant_pk
-        FROM version
-        GROUP BY 1
-    ),
-    restaurant_hub AS (
-        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT h_restaurant_pk, restaurant_id, now(), 'stg.order_events'
-        FROM restaurant
-        ORDER BY h_restaurant_pk
-        ON CONFLICT DO NOTHING
-    ),
-    user_hub AS (
-        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
-        FROM (SELECT user_id FROM version GROUP BY 1) u
+    IF missing.products IS NOT NULL THEN
+        INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
+        SELECT dwh.hash_key(id), id, now(), 'stg.order_events'
+        FROM unnest(missing.products) AS i(id)
         ORDER BY 1
-        ON CONFLICT DO NOTHING
-    )
-    INSERT INTO dds.l_product_restaurant
-           (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
-    SELECT dwh.hash_key(p.h_product_pk, r.h_restaurant_pk), p.h_product_pk,
-           r.h_restaurant_pk, now(), 'stg.order_events'
-    FROM (SELECT v.restaurant_id, e->>'id' AS product_id
-          FROM version v, jsonb_array_elements(v.items) e
-          GROUP BY 1, 2) x
-    JOIN restaurant r USING (restaurant_id)
-    CROSS JOIN LATERAL (SELECT dwh.hash_key(x.product_id) AS h_product_pk) p
-    ORDER BY 1
-    ON CONFLICT DO NOTHING;
+        ON CONFLICT DO NOTHING;
+    END IF;
+
+    IF missing.restaurants IS NOT NULL OR missing.users IS NOT NULL
+       OR missing.pair_products IS NOT NULL THEN
+        WITH restaurant_hub AS (
+            INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+            SELECT dwh.hash_key(restaurant_id), restaurant_id, now(), 'stg.order_events'
+            FROM unnest(missing.restaurants) AS r(restaurant_id)
+            ORDER BY 1
+            ON CONFLICT DO NOTHING
+        ),
+        user_hub AS (
+            INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+            SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
+            FROM unnest(missing.users) AS u(user_id)
+            ORDER BY 1
+            ON CONFLICT DO NOTHING
+        )
+        INSERT INTO dds.l_product_restaurant
+               (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
+        SELECT dwh.hash_key(p.h_product_pk, r.h_restaurant_pk), p.h_product_pk,
+               r.h_restaurant_pk, now(), 'stg.order_events'
+        FROM unnest(missing.pair_restaurants, missing.pair_products)
+             AS x(restaurant_id, product_id)
+        CROSS JOIN LATERAL (SELECT dwh.hash_key(x.product_id) AS h_product_pk) p
+        CROSS JOIN LATERAL (SELECT dwh.hash_key(x.restaurant_id) AS h_restaurant_pk) r
+        ORDER BY 1
+        ON CONFLICT DO NOTHING;
+    END IF;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS

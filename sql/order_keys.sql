@@ -1,0 +1,142 @@
+-- The two C steps of the claim of a batch's keys (src/dwh_order_keys.c):
+-- dwh.order_namings() gives what the SQL aggregate it replaced gave, on
+-- seeded random batches; dwh.order_keys_missing() names exactly the keys
+-- that DDS has no row for, this transaction's rows counting as there;
+-- dwh.claim_order_keys() writes those and no others, and refuses to rename
+-- a dish under the dictionary lock held shared (40001).
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+-- The aggregate that dwh.claim_order_keys ran before: per dish, the
+-- greatest version among its items, then the greatest name byte-wise.
+CREATE FUNCTION t.namings_sql(payloads jsonb[], versions timestamp[])
+RETURNS TABLE (id text, name text, version timestamp)
+LANGUAGE sql AS $$
+    SELECT DISTINCT ON (n.id) n.id, n.name, n.version
+    FROM (SELECT e->>'id' AS id, e->>'name' AS name, max(v.version) AS version
+          FROM unnest(payloads, versions) AS v(payload, version),
+               jsonb_array_elements(v.payload->'order_items') e
+          GROUP BY 1, 2) n
+    ORDER BY n.id, n.version DESC, n.name COLLATE "C" DESC
+$$;
+
+CREATE FUNCTION t.namings_c(payloads jsonb[], versions timestamp[])
+RETURNS TABLE (id text, name text, version timestamp)
+LANGUAGE sql AS $$
+    SELECT u.* FROM dwh.order_namings(payloads, versions) n,
+                    unnest(n.ids, n.names, n.item_versions) AS u
+$$;
+
+-- Seeded random batches: 1 to 6 versions of 0 to 4 items, over 5 dishes,
+-- names that tie on version, differ only in case, length or bytes beyond
+-- ASCII, and 3 version times.  Prints the seed, the number of batches
+-- where the two differ (0) and the first such batch, smallest first.
+SELECT setseed(0.4242);
+SELECT 0.4242 AS seed;
+CREATE TABLE t.batches AS
+SELECT b, array_agg(p ORDER BY k) AS payloads, array_agg(v ORDER BY k) AS versions
+FROM (SELECT b, k,
+             jsonb_build_object('order_items', coalesce((
+                 SELECT jsonb_agg(jsonb_build_object(
+                            'id', 'd' || (1 + floor(random() * 5))::int,
+                            'name', (ARRAY['Plov', 'plov', 'Plov ', 'Pl', 'Плов', 'Плов!', ''])
+                                    [1 + floor(random() * 7)::int]))
+                 FROM generate_series(1, floor(random() * 5)::int) i
+                 WHERE k > 0), '[]')) AS p,
+             timestamp '2023-01-01' + floor(random() * 3) * interval '1 hour' AS v
+      FROM generate_series(1, 300) b,
+           LATERAL generate_series(1, 1 + (b % 6)) k) x
+GROUP BY b;
+SELECT count(*) AS batches_differing
+FROM t.batches
+WHERE EXISTS (SELECT * FROM t.namings_sql(payloads, versions)
+              EXCEPT SELECT * FROM t.namings_c(payloads, versions))
+   OR EXISTS (SELECT * FROM t.namings_c(payloads, versions)
+              EXCEPT SELECT * FROM t.namings_sql(payloads, versions));
+SELECT b, payloads, versions
+FROM t.batches
+WHERE EXISTS (SELECT * FROM t.namings_sql(payloads, versions)
+              EXCEPT SELECT * FROM t.namings_c(payloads, versions))
+   OR EXISTS (SELECT * FROM t.namings_c(payloads, versions)
+              EXCEPT SELECT * FROM t.namings_sql(payloads, versions))
+ORDER BY length(payloads::text), b
+LIMIT 1;
+-- Dishes come sorted byte-wise; a batch without items names nothing.
+SELECT * FROM dwh.order_namings(ARRAY['{"order_items": [{"id": "b", "name": "B"}, {"id": "a", "name": "A"}, {"id": "b", "name": "C"}]}']::jsonb[],
+                                ARRAY['2023-01-01']::timestamp[]);
+SELECT * FROM dwh.order_namings(ARRAY['{"order_items": []}']::jsonb[],
+                                ARRAY['2023-01-01']::timestamp[]);
+
+-- The keys that DDS lacks: all of them in an empty warehouse, in key
+-- order; none once an order with them is loaded.
+CREATE FUNCTION t.payload(user_id text, restaurant_id text, VARIADIC dishes text[])
+RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT (t.order_msg(1, user_id, 'CLOSED', '2023-04-01 20:00:00',
+                        t.items(VARIADIC dishes), restaurant_id)::jsonb)->'payload'
+$$;
+SELECT * FROM dwh.order_keys_missing(ARRAY[t.payload('u1', 'r1', 'd1:A', 'd2:B'),
+                                           t.payload('u2', 'r1', 'd2:B'),
+                                           t.payload('u1', 'r2', 'd1:A')]);
+SELECT array_agg(k ORDER BY dwh.hash_key(k)) AS dishes_in_key_order
+FROM unnest(ARRAY['d1', 'd2']) k;
+SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:A', 'd2:B');
+SELECT * FROM dwh.order_keys_missing(ARRAY[t.payload('u1', 'rest-1', 'd1:A', 'd2:B')]);
+SELECT * FROM dwh.order_keys_missing(ARRAY[t.payload('u1', 'rest-1', 'd1:A', 'd3:C'),
+                                           t.payload('u3', 'rest-1', 'd2:B')]);
+
+-- Rows of this transaction count, a rolled-back subtransaction's do not.
+BEGIN;
+INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+VALUES (dwh.hash_key('u9'), 'u9', now(), 'test');
+SELECT users FROM dwh.order_keys_missing(ARRAY[t.payload('u9', 'rest-1', 'd1:A')]);
+SAVEPOINT s;
+INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+VALUES (dwh.hash_key('u8'), 'u8', now(), 'test');
+ROLLBACK TO SAVEPOINT s;
+SELECT users FROM dwh.order_keys_missing(ARRAY[t.payload('u8', 'rest-1', 'd1:A')]);
+ROLLBACK;
+SELECT users FROM dwh.order_keys_missing(ARRAY[t.payload('u9', 'rest-1', 'd1:A')]);
+
+-- The claim writes what is missing, once: the hubs and the pair of a new
+-- user, dish and restaurant, under the lock held exclusive.
+BEGIN;
+SELECT ids, names FROM dwh.claim_order_keys(ARRAY[t.payload('u4', 'r4', 'd4:D', 'd1:A')],
+                                            ARRAY['2023-04-02']::timestamp[], true);
+SELECT 'h_user' AS t, user_id AS k, load_src FROM dds.h_user WHERE user_id = 'u4'
+UNION ALL
+SELECT 'h_restaurant', restaurant_id, load_src FROM dds.h_restaurant WHERE restaurant_id = 'r4'
+UNION ALL
+SELECT 'h_product', product_id, load_src FROM dds.h_product WHERE product_id IN ('d1', 'd4')
+UNION ALL
+SELECT 'l_product_restaurant', p.product_id, l.load_src
+FROM dds.l_product_restaurant l JOIN dds.h_product p USING (h_product_pk)
+WHERE l.h_restaurant_pk = dwh.hash_key('r4')
+ORDER BY 1, 2;
+SELECT * FROM dwh.order_keys_missing(ARRAY[t.payload('u4', 'r4', 'd4:D', 'd1:A')]);
+ROLLBACK;
+
+-- Under the lock held shared, a batch that names a dish first, or renames
+-- one, is refused with 40001 (dwh.ingest_orders claims again exclusive);
+-- one that keeps every name is not.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SELECT ids, names FROM dwh.claim_order_keys(ARRAY[t.payload('u1', 'rest-1', 'd5:E')],
+                                            ARRAY['2023-04-02']::timestamp[]);
+SELECT ids, names FROM dwh.claim_order_keys(ARRAY[t.payload('u1', 'rest-1', 'd1:Z')],
+                                            ARRAY['2023-04-02']::timestamp[]);
+SELECT ids, names FROM dwh.claim_order_keys(ARRAY[t.payload('u1', 'rest-1', 'd1:A')],
+                                            ARRAY['2023-04-02']::timestamp[]);
+-- Through the entry point, both are applied.
+SELECT t.load(2, 'u1', 'CLOSED', '2023-04-02 20:00:00', 'd5:E', 'd1:Z');
+SELECT product_name, order_cnt FROM cdm.user_product_counters ORDER BY 1;
+
+-- What only a checked payload has is required.
+SELECT * FROM dwh.order_keys_missing(ARRAY['{"user": {"id": "u1"}, "order_items": []}']::jsonb[]);
+SELECT * FROM dwh.order_keys_missing(ARRAY['{"restaurant": {"id": 1}, "user": {"id": "u1"}, "order_items": []}']::jsonb[]);
+SELECT * FROM dwh.order_namings(ARRAY['{"order_items": [1]}']::jsonb[], ARRAY['2023-01-01']::timestamp[]);
+SELECT * FROM dwh.order_namings(ARRAY['{"order_items": {}}']::jsonb[], ARRAY['2023-01-01']::timestamp[]);
+SELECT * FROM dwh.order_namings(ARRAY['{"order_items": []}', NULL]::jsonb[], ARRAY['2023-01-01', '2023-01-01']::timestamp[]);
+SELECT * FROM dwh.order_namings(ARRAY['{"order_items": []}']::jsonb[], ARRAY[]::timestamp[]);
+SELECT count(*) AS verify FROM dwh.verify();

@@ -1,0 +1,441 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_order_keys.c
+ *	  What a batch of order versions names and refers to: the two C steps
+ *	  of dwh.claim_order_keys() (install/40_products.sql).
+ *
+ * dwh.order_namings() reduces the batch's order items to the newest naming
+ * of each dish; dwh.order_keys_missing() says which of the keys that
+ * batches share (dish, restaurant and user hubs, dish-restaurant pairs)
+ * DDS lacks.  Both were statements of the claim: an aggregate over every
+ * item, and one upsert per table that, once the keys exist (every batch
+ * but the first few), inserts nothing.  Here they are a walk over the
+ * payloads and a lookup of each distinct key in its table's primary key;
+ * the claim inserts only what is missing, with the statements it had.
+ *
+ * The payloads are checked orders (dwh_order_payload_check): the ids and
+ * names read here are strings.  Anything else is refused with 22023.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/transam.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "lib/qunique.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "dwh_key_probe.h"
+#include "dwh_uuid.h"
+
+PG_FUNCTION_INFO_V1(dwh_order_namings);
+PG_FUNCTION_INFO_V1(dwh_order_keys_missing);
+
+/* A string of a payload, not copied. */
+typedef struct PayloadString
+{
+	const char *val;
+	int			len;
+} PayloadString;
+
+/* One item's naming of a dish. */
+typedef struct ItemNaming
+{
+	PayloadString id;
+	PayloadString name;
+	Timestamp	version;
+} ItemNaming;
+
+/* A key of a hub or link, with the business keys it is the hash of. */
+typedef struct SharedKey
+{
+	pg_uuid_t	key;
+	PayloadString first;		/* the hub's business key; a pair's restaurant */
+	PayloadString second;		/* a pair's dish */
+} SharedKey;
+
+/* Growing array of SharedKey. */
+typedef struct SharedKeys
+{
+	SharedKey  *keys;
+	int			n;
+	int			allocated;
+} SharedKeys;
+
+/* The order of text under COLLATE "C": bytes, then length. */
+static int
+string_cmp(const PayloadString *a, const PayloadString *b)
+{
+	int			c = memcmp(a->val, b->val, Min(a->len, b->len));
+
+	if (c != 0)
+		return c;
+	return (a->len > b->len) - (a->len < b->len);
+}
+
+/* Dish first; then the newest version, then the greatest name. */
+static int
+naming_cmp(const void *a, const void *b)
+{
+	const ItemNaming *x = a;
+	const ItemNaming *y = b;
+	int			c = string_cmp(&x->id, &y->id);
+
+	if (c != 0)
+		return c;
+	if (x->version != y->version)
+		return x->version > y->version ? -1 : 1;
+	return string_cmp(&y->name, &x->name);
+}
+
+static int
+shared_key_cmp(const void *a, const void *b)
+{
+	return dwh_uuid_cmp(&((const SharedKey *) a)->key,
+						&((const SharedKey *) b)->key);
+}
+
+/* The elements of a one-dimensional array argument, none of them null. */
+static int
+array_elements(ArrayType *arr, Oid elemtype, const char *name, Datum **values)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	bool	   *nulls;
+	int			n;
+
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("%s must be a one-dimensional array", name)));
+	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
+	deconstruct_array(arr, elemtype, typlen, typbyval, typalign, values, &nulls,
+					  &n);
+	for (int i = 0; i < n; i++)
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s must not contain nulls", name)));
+	return n;
+}
+
+/* The string field key of object obj; path names obj in the error. */
+static PayloadString
+string_field(JsonbContainer *obj, const char *key, const char *path, int i)
+{
+	JsonbValue	v;
+	PayloadString s;
+
+	if (!JsonContainerIsObject(obj) ||
+		getKeyJsonValueFromContainer(obj, key, strlen(key), &v) == NULL ||
+		v.type != jbvString)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload %d has no string %s%s", i + 1, path, key),
+				 errdetail("Only checked order payloads are claimed.")));
+	s.val = v.val.string.val;
+	s.len = v.val.string.len;
+	return s;
+}
+
+/* The container of field key of object obj (an object or an array). */
+static JsonbContainer *
+container_field(JsonbContainer *obj, const char *key, bool array, int i)
+{
+	JsonbValue	v;
+
+	if (!JsonContainerIsObject(obj) ||
+		getKeyJsonValueFromContainer(obj, key, strlen(key), &v) == NULL ||
+		v.type != jbvBinary ||
+		(array ? !JsonContainerIsArray(v.val.binary.data) :
+		 !JsonContainerIsObject(v.val.binary.data)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload %d has no %s %s", i + 1,
+						array ? "array" : "object", key),
+				 errdetail("Only checked order payloads are claimed.")));
+	return v.val.binary.data;
+}
+
+/* The order items of a payload and their number. */
+static JsonbContainer *
+order_items(JsonbContainer *payload, int i, int *count)
+{
+	JsonbContainer *items = container_field(payload, "order_items", true, i);
+
+	*count = JsonContainerSize(items);
+	return items;
+}
+
+/* Item j of the order items of payload i. */
+static JsonbContainer *
+order_item(JsonbContainer *items, int j, int i)
+{
+	JsonbValue *item = getIthJsonbValueFromContainer(items, j);
+
+	if (item->type != jbvBinary)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload %d has an order item that is not an object",
+						i + 1),
+				 errdetail("Only checked order payloads are claimed.")));
+	return item->val.binary.data;
+}
+
+/* The text[] of strings[0..n-1], or null when n is 0. */
+static Datum
+text_array(PayloadString *strings, int n, bool *isnull)
+{
+	Datum	   *elems;
+
+	*isnull = (n == 0);
+	if (n == 0)
+		return (Datum) 0;
+	elems = palloc(sizeof(Datum) * n);
+	for (int i = 0; i < n; i++)
+		elems[i] = PointerGetDatum(cstring_to_text_with_len(strings[i].val,
+															strings[i].len));
+	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false,
+										   TYPALIGN_INT));
+}
+
+static HeapTuple
+result_tuple(FunctionCallInfo fcinfo, Datum *values, bool *nulls)
+{
+	TupleDesc	tupdesc;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	return heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls);
+}
+
+/*
+ * dwh.order_namings(payloads jsonb[], versions timestamp[],
+ *					 OUT ids text[], OUT names text[],
+ *					 OUT item_versions timestamp[])
+ *
+ * The newest naming of each dish among the items of the order versions
+ * (payloads[i] of version versions[i]): the greatest version, then the
+ * greatest name byte-wise, as the current name of a dish is chosen
+ * (docs/data-rule.md).  Sorted by dish id byte-wise; all null when there
+ * is no item.
+ */
+Datum
+dwh_order_namings(PG_FUNCTION_ARGS)
+{
+	Datum	   *payloads;
+	Datum	   *versions;
+	int			n;
+	ItemNaming *namings = NULL;
+	int			n_namings = 0;
+	int			allocated = 0;
+	PayloadString *ids;
+	PayloadString *names;
+	Datum	   *times;
+	int			n_dishes = 0;
+	Datum		values[3];
+	bool		nulls[3];
+
+	n = array_elements(PG_GETARG_ARRAYTYPE_P(0), JSONBOID, "payloads", &payloads);
+	if (array_elements(PG_GETARG_ARRAYTYPE_P(1), TIMESTAMPOID, "versions",
+					   &versions) != n)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("payloads and versions must have as many elements")));
+
+	for (int i = 0; i < n; i++)
+	{
+		int			count;
+		JsonbContainer *items = order_items(&DatumGetJsonbP(payloads[i])->root,
+											i, &count);
+
+		if (n_namings + count > allocated)
+		{
+			allocated = Max(64, 2 * (n_namings + count));
+			namings = namings ? repalloc(namings, sizeof(ItemNaming) * allocated) :
+				palloc(sizeof(ItemNaming) * allocated);
+		}
+		for (int j = 0; j < count; j++)
+		{
+			JsonbContainer *item = order_item(items, j, i);
+			ItemNaming *x = &namings[n_namings++];
+
+			x->id = string_field(item, "id", "order_items[].", i);
+			x->name = string_field(item, "name", "order_items[].", i);
+			x->version = DatumGetTimestamp(versions[i]);
+		}
+	}
+
+	ids = palloc(sizeof(PayloadString) * Max(n_namings, 1));
+	names = palloc(sizeof(PayloadString) * Max(n_namings, 1));
+	times = palloc(sizeof(Datum) * Max(n_namings, 1));
+	if (n_namings > 0)
+		qsort(namings, n_namings, sizeof(ItemNaming), naming_cmp);
+	for (int k = 0; k < n_namings; k++)
+	{
+		if (n_dishes > 0 && string_cmp(&ids[n_dishes - 1], &namings[k].id) == 0)
+			continue;			/* an older or lesser naming of the same dish */
+		ids[n_dishes] = namings[k].id;
+		names[n_dishes] = namings[k].name;
+		times[n_dishes] = TimestampGetDatum(namings[k].version);
+		n_dishes++;
+	}
+
+	values[0] = text_array(ids, n_dishes, &nulls[0]);
+	values[1] = text_array(names, n_dishes, &nulls[1]);
+	nulls[2] = (n_dishes == 0);
+	values[2] = n_dishes == 0 ? (Datum) 0 :
+		PointerGetDatum(construct_array(times, n_dishes, TIMESTAMPOID, 8,
+										FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	PG_RETURN_DATUM(HeapTupleGetDatum(result_tuple(fcinfo, values, nulls)));
+}
+
+static void
+shared_key_add(SharedKeys *set, const pg_uuid_t *key, PayloadString first,
+			   PayloadString second)
+{
+	if (set->n == set->allocated)
+	{
+		set->allocated = Max(64, 2 * set->allocated);
+		set->keys = set->keys ? repalloc(set->keys, sizeof(SharedKey) * set->allocated) :
+			palloc(sizeof(SharedKey) * set->allocated);
+	}
+	set->keys[set->n].key = *key;
+	set->keys[set->n].first = first;
+	set->keys[set->n].second = second;
+	set->n++;
+}
+
+/*
+ * Keep in set only the distinct keys that table dds.<table> lacks, sorted.
+ *
+ * A key is there when a row of a committed transaction or of this one has
+ * it (SnapshotDirty): rows are never deleted from these tables and their
+ * keys never change.  A row that a transaction still in progress inserted
+ * (or deletes) does not count: the claim's upsert of that key waits for
+ * it, as it did for every key before this lookup.
+ */
+static void
+keep_missing(SharedKeys *set, const char *table)
+{
+	Relation	rel;
+	DwhKeyProbe probe;
+	SnapshotData dirty;
+	int			kept = 0;
+
+	if (set->n == 0)
+		return;
+	qsort(set->keys, set->n, sizeof(SharedKey), shared_key_cmp);
+	set->n = qunique(set->keys, set->n, sizeof(SharedKey), shared_key_cmp);
+
+	InitDirtySnapshot(dirty);
+	rel = table_open(get_relname_relid(table, get_namespace_oid("dds", false)),
+					 AccessShareLock);
+	dwh_key_probe_begin(&probe, rel, &dirty);
+	for (int i = 0; i < set->n; i++)
+	{
+		bool		there = dwh_key_probe(&probe, &set->keys[i].key) &&
+		!TransactionIdIsValid(dirty.xmin) &&
+		!TransactionIdIsValid(dirty.xmax);
+
+		if (!there)
+			set->keys[kept++] = set->keys[i];
+	}
+	dwh_key_probe_end(&probe);
+	table_close(rel, NoLock);	/* held until commit, as a query would */
+	set->n = kept;
+}
+
+/* The first (second) business keys of set, as a text[] or null. */
+static Datum
+business_keys(SharedKeys *set, bool second, bool *isnull)
+{
+	PayloadString *strings = palloc(sizeof(PayloadString) * Max(set->n, 1));
+
+	for (int i = 0; i < set->n; i++)
+		strings[i] = second ? set->keys[i].second : set->keys[i].first;
+	return text_array(strings, set->n, isnull);
+}
+
+/*
+ * dwh.order_keys_missing(payloads jsonb[],
+ *						  OUT products text[], OUT restaurants text[],
+ *						  OUT users text[], OUT pair_restaurants text[],
+ *						  OUT pair_products text[])
+ *
+ * The business keys of the dishes, restaurants and users of the orders
+ * whose hubs DDS lacks, and the (restaurant, dish) pairs it has no link
+ * for; each in key order, null when none is missing.
+ */
+Datum
+dwh_order_keys_missing(PG_FUNCTION_ARGS)
+{
+	Datum	   *payloads;
+	int			n;
+	SharedKeys	products = {0};
+	SharedKeys	restaurants = {0};
+	SharedKeys	users = {0};
+	SharedKeys	pairs = {0};
+	PayloadString none = {NULL, 0};
+	Datum		values[5];
+	bool		nulls[5];
+
+	n = array_elements(PG_GETARG_ARRAYTYPE_P(0), JSONBOID, "payloads", &payloads);
+	for (int i = 0; i < n; i++)
+	{
+		JsonbContainer *payload = &DatumGetJsonbP(payloads[i])->root;
+		PayloadString restaurant_id;
+		PayloadString user_id;
+		pg_uuid_t	restaurant_key;
+		pg_uuid_t	key;
+		JsonbContainer *items;
+		int			count;
+
+		restaurant_id = string_field(container_field(payload, "restaurant", false, i),
+									 "id", "restaurant.", i);
+		user_id = string_field(container_field(payload, "user", false, i),
+							   "id", "user.", i);
+		dwh_hash_key(restaurant_id.val, restaurant_id.len, &restaurant_key);
+		shared_key_add(&restaurants, &restaurant_key, restaurant_id, none);
+		dwh_hash_key(user_id.val, user_id.len, &key);
+		shared_key_add(&users, &key, user_id, none);
+
+		items = order_items(payload, i, &count);
+		for (int j = 0; j < count; j++)
+		{
+			PayloadString product_id;
+			pg_uuid_t	product_key;
+
+			product_id = string_field(order_item(items, j, i), "id",
+									  "order_items[].", i);
+			dwh_hash_key(product_id.val, product_id.len, &product_key);
+			shared_key_add(&products, &product_key, product_id, none);
+			dwh_link_key(&product_key, &restaurant_key, &key);
+			shared_key_add(&pairs, &key, restaurant_id, product_id);
+		}
+	}
+
+	/* In the order the claim writes them. */
+	keep_missing(&products, "h_product");
+	keep_missing(&restaurants, "h_restaurant");
+	keep_missing(&users, "h_user");
+	keep_missing(&pairs, "l_product_restaurant");
+
+	values[0] = business_keys(&products, false, &nulls[0]);
+	values[1] = business_keys(&restaurants, false, &nulls[1]);
+	values[2] = business_keys(&users, false, &nulls[2]);
+	values[3] = business_keys(&pairs, false, &nulls[3]);
+	values[4] = business_keys(&pairs, true, &nulls[4]);
+	PG_RETURN_DATUM(HeapTupleGetDatum(result_tuple(fcinfo, values, nulls)));
+}
