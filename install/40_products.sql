@@ -285,30 +285,12 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 -- shared: the current name only grows (in (time, name) order), so a "no"
 -- stays true while batches that hold the lock shared only add namings that
 -- keep every name.
--- PL/pgSQL, as every function each batch calls: its plan is kept for
--- the session (an SQL function is planned again at every call).
+-- In C (src/dwh_order_keys.c): a lookup of each dish's newest row in the
+-- primary key, which no plan made on a small table turns into a scan.
 CREATE FUNCTION dwh.namings_rename(ids text[], names text[], versions timestamp[])
     RETURNS boolean
-    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    RETURN EXISTS (
-        SELECT
-        FROM (SELECT DISTINCT ON (n.product_id) n.product_id, n.name, n.load_dt
-              FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
-              ORDER BY n.product_id, n.load_dt DESC, n.name COLLATE "C" DESC) n
-        LEFT JOIN LATERAL (
-            SELECT s.name, s.load_dt
-            FROM dds.s_product_names s
-            WHERE s.h_product_pk = dwh.hash_key(n.product_id)
-            ORDER BY s.load_dt DESC LIMIT 1) cur ON true
-        WHERE cur.name IS NULL
-           OR (n.name <> cur.name
-               AND (n.load_dt > cur.load_dt
-                    OR (n.load_dt = cur.load_dt
-                        AND n.name COLLATE "C" > cur.name COLLATE "C"))));
-END
-$fn$;
+    AS 'MODULE_PATHNAME', 'dwh_namings_rename'
+    LANGUAGE C STABLE;
 COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
     'Internal: would these dish namings change the current name of some dish?';
 

@@ -1,9 +1,10 @@
--- The two C steps of the claim of a batch's keys (src/dwh_order_keys.c):
+-- The C steps of the claim of a batch's keys (src/dwh_order_keys.c):
 -- dwh.order_namings() gives what the SQL aggregate it replaced gave, on
 -- seeded random batches; dwh.order_keys_missing() names exactly the keys
 -- that DDS has no row for, this transaction's rows counting as there;
--- dwh.claim_order_keys() writes those and no others, and refuses to rename
--- a dish under the dictionary lock held shared (40001).
+-- dwh.namings_rename() answers as the query it replaced, on seeded random
+-- cases; dwh.claim_order_keys() writes the missing keys and no others, and
+-- refuses to rename a dish under the dictionary lock held shared (40001).
 \set ECHO none
 \i test/regress_helpers.sql
 \set ECHO all
@@ -131,6 +132,78 @@ SELECT ids, names FROM dwh.claim_order_keys(ARRAY[t.payload('u1', 'rest-1', 'd1:
 -- Through the entry point, both are applied.
 SELECT t.load(2, 'u1', 'CLOSED', '2023-04-02 20:00:00', 'd5:E', 'd1:Z');
 SELECT product_name, order_cnt FROM cdm.user_product_counters ORDER BY 1;
+
+-- dwh.namings_rename() against the query it replaced, on seeded random
+-- cases: 3 to 12 name rows over 4 dishes (times and names that tie, names
+-- that differ in case, length or bytes beyond ASCII), namings of 1 to 3
+-- dishes among 5 (the fifth has no row: named first).  Prints the seed, how
+-- many cases rename, how many differ (0) and the smallest that does.
+CREATE FUNCTION t.namings_rename_sql(ids text[], names text[], versions timestamp[])
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT
+        FROM (SELECT DISTINCT ON (n.product_id) n.product_id, n.name, n.load_dt
+              FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
+              ORDER BY n.product_id, n.load_dt DESC, n.name COLLATE "C" DESC) n
+        LEFT JOIN LATERAL (
+            SELECT s.name, s.load_dt
+            FROM dds.s_product_names s
+            WHERE s.h_product_pk = dwh.hash_key(n.product_id)
+            ORDER BY s.load_dt DESC LIMIT 1) cur ON true
+        WHERE cur.name IS NULL
+           OR (n.name <> cur.name
+               AND (n.load_dt > cur.load_dt
+                    OR (n.load_dt = cur.load_dt
+                        AND n.name COLLATE "C" > cur.name COLLATE "C"))))
+$$;
+BEGIN;
+SELECT setseed(0.5151);
+SELECT 0.5151 AS seed;
+INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
+SELECT dwh.hash_key('n' || i), 'n' || i, now(), 'test' FROM generate_series(1, 5) i;
+CREATE TEMP TABLE rename_cases (k int, name_rows text, ids text[], names text[],
+                                versions timestamp[], sql_says boolean, c_says boolean);
+DO $$
+DECLARE
+    name_rows text;
+    ids text[];
+    names text[];
+    versions timestamp[];
+BEGIN
+    FOR k IN 1..300 LOOP
+        DELETE FROM dds.s_product_names
+        WHERE h_product_pk IN (SELECT dwh.hash_key('n' || i) FROM generate_series(1, 5) i);
+        INSERT INTO dds.s_product_names
+               (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
+        SELECT DISTINCT ON (d, t) dwh.hash_key('n' || d), nm, gen_random_uuid(), t, 'test'
+        FROM (SELECT 1 + floor(random() * 4)::int AS d,
+                     (ARRAY['Plov', 'plov', 'Pl', 'Плов', ''])[1 + floor(random() * 5)::int] AS nm,
+                     timestamp '2023-01-01' + floor(random() * 3) * interval '1 hour' AS t
+              FROM generate_series(1, 3 + floor(random() * 10)::int)) r;
+        SELECT string_agg(p.product_id || '@' || s.load_dt::time || '=' || s.name, ' '
+                          ORDER BY p.product_id, s.load_dt)
+        INTO name_rows
+        FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+        WHERE p.product_id LIKE 'n%';
+        SELECT array_agg('n' || (1 + floor(random() * 5)::int)),
+               array_agg((ARRAY['Plov', 'plov', 'Pl', 'Плов', ''])[1 + floor(random() * 5)::int]),
+               array_agg(timestamp '2023-01-01' + floor(random() * 3) * interval '1 hour')
+        INTO ids, names, versions
+        FROM generate_series(1, 1 + floor(random() * 3)::int);
+        INSERT INTO rename_cases
+        VALUES (k, name_rows, ids, names, versions,
+                t.namings_rename_sql(ids, names, versions),
+                dwh.namings_rename(ids, names, versions));
+    END LOOP;
+END
+$$;
+SELECT count(*) AS cases, count(*) FILTER (WHERE sql_says) AS renaming,
+       count(*) FILTER (WHERE sql_says IS DISTINCT FROM c_says) AS differing
+FROM rename_cases;
+SELECT * FROM rename_cases WHERE sql_says IS DISTINCT FROM c_says
+ORDER BY length(coalesce(name_rows, '')) + length(ids::text), k LIMIT 1;
+ROLLBACK;
 
 -- What only a checked payload has is required.
 SELECT * FROM dwh.order_keys_missing(ARRAY['{"user": {"id": "u1"}, "order_items": []}']::jsonb[]);

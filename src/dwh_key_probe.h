@@ -26,6 +26,8 @@ typedef struct DwhKeyProbe
 extern void dwh_key_probe_begin(DwhKeyProbe *probe, Relation rel,
 								Snapshot snapshot);
 extern bool dwh_key_probe(DwhKeyProbe *probe, const pg_uuid_t *key);
+extern TupleTableSlot *dwh_key_probe_last(DwhKeyProbe *probe,
+										  const pg_uuid_t *key);
 extern void dwh_key_probe_end(DwhKeyProbe *probe);
 extern int	dwh_uuid_cmp(const void *a, const void *b);
 

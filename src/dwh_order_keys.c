@@ -1,17 +1,18 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_order_keys.c
- *	  What a batch of order versions names and refers to: the two C steps
- *	  of dwh.claim_order_keys() (install/40_products.sql).
+ *	  What a batch of order versions names and refers to: the C steps of
+ *	  dwh.claim_order_keys() (install/40_products.sql).
  *
  * dwh.order_namings() reduces the batch's order items to the newest naming
- * of each dish; dwh.order_keys_missing() says which of the keys that
- * batches share (dish, restaurant and user hubs, dish-restaurant pairs)
- * DDS lacks.  Both were statements of the claim: an aggregate over every
- * item, and one upsert per table that, once the keys exist (every batch
- * but the first few), inserts nothing.  Here they are a walk over the
- * payloads and a lookup of each distinct key in its table's primary key;
- * the claim inserts only what is missing, with the statements it had.
+ * of each dish; dwh.namings_rename() says whether those change the
+ * current name of some dish; dwh.order_keys_missing() says which of the
+ * keys that batches share (dish, restaurant and user hubs, dish-restaurant
+ * pairs) DDS lacks.  All were statements of the claim: an aggregate over
+ * every item, a lateral lookup per dish, and one upsert per table that,
+ * once the keys exist (every batch but the first few), inserts nothing.
+ * Here they are a walk over the payloads and lookups in primary keys; the
+ * claim inserts only what is missing, with the statements it had.
  *
  * The payloads are checked orders (dwh_order_payload_check): the ids and
  * names read here are strings.  Anything else is refused with 22023.
@@ -32,6 +33,7 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -39,6 +41,7 @@
 #include "dwh_uuid.h"
 
 PG_FUNCTION_INFO_V1(dwh_order_namings);
+PG_FUNCTION_INFO_V1(dwh_namings_rename);
 PG_FUNCTION_INFO_V1(dwh_order_keys_missing);
 
 /* A string of a payload, not copied. */
@@ -96,6 +99,27 @@ naming_cmp(const void *a, const void *b)
 	if (x->version != y->version)
 		return x->version > y->version ? -1 : 1;
 	return string_cmp(&y->name, &x->name);
+}
+
+/*
+ * Keep the newest naming of each dish among namings[0..n-1], sorted by dish
+ * id byte-wise; returns how many are left.
+ */
+static int
+newest_per_dish(ItemNaming *namings, int n)
+{
+	int			kept = 0;
+
+	if (n == 0)
+		return 0;
+	qsort(namings, n, sizeof(ItemNaming), naming_cmp);
+	for (int k = 0; k < n; k++)
+	{
+		if (kept > 0 && string_cmp(&namings[kept - 1].id, &namings[k].id) == 0)
+			continue;			/* an older or lesser naming of the same dish */
+		namings[kept++] = namings[k];
+	}
+	return kept;
 }
 
 static int
@@ -243,7 +267,7 @@ dwh_order_namings(PG_FUNCTION_ARGS)
 	PayloadString *ids;
 	PayloadString *names;
 	Datum	   *times;
-	int			n_dishes = 0;
+	int			n_dishes;
 	Datum		values[3];
 	bool		nulls[3];
 
@@ -277,19 +301,15 @@ dwh_order_namings(PG_FUNCTION_ARGS)
 		}
 	}
 
-	ids = palloc(sizeof(PayloadString) * Max(n_namings, 1));
-	names = palloc(sizeof(PayloadString) * Max(n_namings, 1));
-	times = palloc(sizeof(Datum) * Max(n_namings, 1));
-	if (n_namings > 0)
-		qsort(namings, n_namings, sizeof(ItemNaming), naming_cmp);
-	for (int k = 0; k < n_namings; k++)
+	n_dishes = newest_per_dish(namings, n_namings);
+	ids = palloc(sizeof(PayloadString) * Max(n_dishes, 1));
+	names = palloc(sizeof(PayloadString) * Max(n_dishes, 1));
+	times = palloc(sizeof(Datum) * Max(n_dishes, 1));
+	for (int k = 0; k < n_dishes; k++)
 	{
-		if (n_dishes > 0 && string_cmp(&ids[n_dishes - 1], &namings[k].id) == 0)
-			continue;			/* an older or lesser naming of the same dish */
-		ids[n_dishes] = namings[k].id;
-		names[n_dishes] = namings[k].name;
-		times[n_dishes] = TimestampGetDatum(namings[k].version);
-		n_dishes++;
+		ids[k] = namings[k].id;
+		names[k] = namings[k].name;
+		times[k] = TimestampGetDatum(namings[k].version);
 	}
 
 	values[0] = text_array(ids, n_dishes, &nulls[0]);
@@ -301,9 +321,122 @@ dwh_order_namings(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(result_tuple(fcinfo, values, nulls)));
 }
 
+/* The string of a text datum, not copied. */
+static PayloadString
+text_string(Datum d)
+{
+	text	   *t = DatumGetTextPP(d);
+	PayloadString s;
+
+	s.val = VARDATA_ANY(t);
+	s.len = VARSIZE_ANY_EXHDR(t);
+	return s;
+}
+
+/*
+ * Does this naming change the current name of its dish, whose newest row of
+ * dds.s_product_names is in slot (NULL: none)?  It does when it differs
+ * and is newer, or as new and greater byte-wise: the current name is the
+ * greatest naming in (time, name) order.
+ */
+static bool
+renames(const ItemNaming *naming, TupleTableSlot *slot, AttrNumber name_att,
+		AttrNumber load_dt_att)
+{
+	bool		isnull;
+	PayloadString current;
+	Timestamp	current_time;
+	int			c;
+
+	if (slot == NULL)
+		return true;			/* named for the first time */
+	current = text_string(slot_getattr(slot, name_att, &isnull));
+	current_time = DatumGetTimestamp(slot_getattr(slot, load_dt_att, &isnull));
+	c = string_cmp(&naming->name, &current);
+	if (c == 0)
+		return false;
+	return naming->version > current_time ||
+		(naming->version == current_time && c > 0);
+}
+
+/*
+ * dwh.namings_rename(ids text[], names text[], versions timestamp[])
+ *		returns boolean
+ *
+ * Would these namings (ids[i] named names[i] at versions[i], the newest of
+ * each dish counting) change the current name of some dish, or name one
+ * for the first time?  The current name is the one of the dish's newest
+ * row in dds.s_product_names that the statement's snapshot sees.  False
+ * when an argument is null.
+ */
+Datum
+dwh_namings_rename(PG_FUNCTION_ARGS)
+{
+	Datum	   *ids;
+	Datum	   *names;
+	Datum	   *versions;
+	int			n;
+	ItemNaming *namings;
+	Oid			relid;
+	Relation	rel;
+	AttrNumber	name_att;
+	AttrNumber	load_dt_att;
+	DwhKeyProbe probe;
+	bool		found = false;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		PG_RETURN_BOOL(false);
+	n = array_elements(PG_GETARG_ARRAYTYPE_P(0), TEXTOID, "ids", &ids);
+	if (array_elements(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, "names", &names) != n ||
+		array_elements(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPOID, "versions",
+					   &versions) != n)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("ids, names and versions must have as many elements")));
+	namings = palloc(sizeof(ItemNaming) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		namings[i].id = text_string(ids[i]);
+		namings[i].name = text_string(names[i]);
+		namings[i].version = DatumGetTimestamp(versions[i]);
+	}
+	n = newest_per_dish(namings, n);
+	if (n == 0)
+		PG_RETURN_BOOL(false);
+
+	relid = get_relname_relid("s_product_names", get_namespace_oid("dds", false));
+	name_att = get_attnum(relid, "name");
+	load_dt_att = get_attnum(relid, "load_dt");
+	if (name_att == InvalidAttrNumber || load_dt_att == InvalidAttrNumber)
+		elog(ERROR, "dds.s_product_names has no column name or load_dt");
+	rel = table_open(relid, AccessShareLock);
+	dwh_key_probe_begin(&probe, rel, GetActiveSnapshot());
+	for (int i = 0; i < n && !found; i++)
+	{
+		pg_uuid_t	key;
+
+		dwh_hash_key(namings[i].id.val, namings[i].id.len, &key);
+		found = renames(&namings[i], dwh_key_probe_last(&probe, &key),
+						name_att, load_dt_att);
+	}
+	dwh_key_probe_end(&probe);
+	table_close(rel, NoLock);	/* held until commit, as a query would */
+	PG_RETURN_BOOL(found);
+}
+
+/* Order of SharedKey by its business keys. */
+static int
+business_key_cmp(const void *a, const void *b)
+{
+	const SharedKey *x = a;
+	const SharedKey *y = b;
+	int			c = string_cmp(&x->first, &y->first);
+
+	return c != 0 ? c : string_cmp(&x->second, &y->second);
+}
+
 static void
-shared_key_add(SharedKeys *set, const pg_uuid_t *key, PayloadString first,
-			   PayloadString second)
+shared_key_add(SharedKeys *set, PayloadString first, PayloadString second)
 {
 	if (set->n == set->allocated)
 	{
@@ -311,14 +444,45 @@ shared_key_add(SharedKeys *set, const pg_uuid_t *key, PayloadString first,
 		set->keys = set->keys ? repalloc(set->keys, sizeof(SharedKey) * set->allocated) :
 			palloc(sizeof(SharedKey) * set->allocated);
 	}
-	set->keys[set->n].key = *key;
 	set->keys[set->n].first = first;
 	set->keys[set->n].second = second;
 	set->n++;
 }
 
 /*
- * Keep in set only the distinct keys that table dds.<table> lacks, sorted.
+ * Keep one of each business key in set, and hash it: a hub's key, or with
+ * pairs a dish-restaurant link's (first the restaurant, second the dish).
+ * Hashing after the duplicates are gone: a batch names each dish many
+ * times, and a SHA-1 costs more than the comparisons.
+ */
+static void
+hash_distinct(SharedKeys *set, bool pairs)
+{
+	pg_uuid_t	restaurant_key;
+
+	if (set->n == 0)
+		return;
+	qsort(set->keys, set->n, sizeof(SharedKey), business_key_cmp);
+	set->n = qunique(set->keys, set->n, sizeof(SharedKey), business_key_cmp);
+	for (int i = 0; i < set->n; i++)
+	{
+		SharedKey  *k = &set->keys[i];
+		pg_uuid_t	product_key;
+
+		if (!pairs)
+		{
+			dwh_hash_key(k->first.val, k->first.len, &k->key);
+			continue;
+		}
+		if (i == 0 || string_cmp(&set->keys[i - 1].first, &k->first) != 0)
+			dwh_hash_key(k->first.val, k->first.len, &restaurant_key);
+		dwh_hash_key(k->second.val, k->second.len, &product_key);
+		dwh_link_key(&product_key, &restaurant_key, &k->key);
+	}
+}
+
+/*
+ * Keep in set only the keys that table dds.<table> lacks, sorted.
  *
  * A key is there when a row of a committed transaction or of this one has
  * it (SnapshotDirty): rows are never deleted from these tables and their
@@ -337,7 +501,6 @@ keep_missing(SharedKeys *set, const char *table)
 	if (set->n == 0)
 		return;
 	qsort(set->keys, set->n, sizeof(SharedKey), shared_key_cmp);
-	set->n = qunique(set->keys, set->n, sizeof(SharedKey), shared_key_cmp);
 
 	InitDirtySnapshot(dirty);
 	rel = table_open(get_relname_relid(table, get_namespace_oid("dds", false)),
@@ -387,7 +550,7 @@ dwh_order_keys_missing(PG_FUNCTION_ARGS)
 	SharedKeys	restaurants = {0};
 	SharedKeys	users = {0};
 	SharedKeys	pairs = {0};
-	PayloadString none = {NULL, 0};
+	PayloadString none = {"", 0};
 	Datum		values[5];
 	bool		nulls[5];
 
@@ -396,35 +559,30 @@ dwh_order_keys_missing(PG_FUNCTION_ARGS)
 	{
 		JsonbContainer *payload = &DatumGetJsonbP(payloads[i])->root;
 		PayloadString restaurant_id;
-		PayloadString user_id;
-		pg_uuid_t	restaurant_key;
-		pg_uuid_t	key;
 		JsonbContainer *items;
 		int			count;
 
 		restaurant_id = string_field(container_field(payload, "restaurant", false, i),
 									 "id", "restaurant.", i);
-		user_id = string_field(container_field(payload, "user", false, i),
-							   "id", "user.", i);
-		dwh_hash_key(restaurant_id.val, restaurant_id.len, &restaurant_key);
-		shared_key_add(&restaurants, &restaurant_key, restaurant_id, none);
-		dwh_hash_key(user_id.val, user_id.len, &key);
-		shared_key_add(&users, &key, user_id, none);
-
+		shared_key_add(&restaurants, restaurant_id, none);
+		shared_key_add(&users,
+					   string_field(container_field(payload, "user", false, i),
+									"id", "user.", i),
+					   none);
 		items = order_items(payload, i, &count);
 		for (int j = 0; j < count; j++)
 		{
-			PayloadString product_id;
-			pg_uuid_t	product_key;
+			PayloadString product_id = string_field(order_item(items, j, i), "id",
+													"order_items[].", i);
 
-			product_id = string_field(order_item(items, j, i), "id",
-									  "order_items[].", i);
-			dwh_hash_key(product_id.val, product_id.len, &product_key);
-			shared_key_add(&products, &product_key, product_id, none);
-			dwh_link_key(&product_key, &restaurant_key, &key);
-			shared_key_add(&pairs, &key, restaurant_id, product_id);
+			shared_key_add(&products, product_id, none);
+			shared_key_add(&pairs, restaurant_id, product_id);
 		}
 	}
+	hash_distinct(&products, false);
+	hash_distinct(&restaurants, false);
+	hash_distinct(&users, false);
+	hash_distinct(&pairs, true);
 
 	/* In the order the claim writes them. */
 	keep_missing(&products, "h_product");
