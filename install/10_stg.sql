@@ -198,8 +198,8 @@ CREATE TRIGGER restaurants_guard
     BEFORE INSERT OR UPDATE ON stg.restaurants
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
 
--- Menu times: a dish's newest order naming that moves on looks up whether
--- some menu version named it at its old time (dwh.load_order_namings).
+-- Menu times: a dish's order naming row that moves looks up whether
+-- some menu version named it at its old time (dwh.place_order_namings).
 CREATE INDEX restaurants_update_ts_idx ON stg.restaurants (update_ts);
 
 CREATE TABLE stg.restaurant_history (

@@ -163,12 +163,32 @@ COMMENT ON COLUMN dds.s_product_names.hk_product_names_hashdiff IS 'dwh.hash_key
 COMMENT ON COLUMN dds.s_product_names.load_dt IS 'Version: the order''s update_ts or the menu''s update_ts_utc';
 COMMENT ON COLUMN dds.s_product_names.load_src IS 'Table it was loaded from';
 
--- Each dish's one naming by orders (dwh.load_order_namings), found by key:
--- the row moves at every batch that names the dish, and a scan of the
--- primary key would visit the entries of all its old places since the
--- last vacuum.
+-- Each dish's one order naming row (dwh.place_order_namings), found by
+-- key.
 CREATE UNIQUE INDEX s_product_names_order_naming_idx ON dds.s_product_names (h_product_pk)
     WHERE load_src = 'stg.order_events';
+
+-- Where the order naming row of a dish belongs (docs/data-rule.md): its
+-- first and newest naming by orders and its newest by menus.  Every batch
+-- moves the newest order naming of the dishes it names; here that is an
+-- update of columns no index holds, which PostgreSQL makes in the row's
+-- page (the room fillfactor leaves) and prunes without a vacuum, while
+-- the satellite row it decides stays where it is.  A row exists for each
+-- dish that orders named; a batch's claim inserts it empty, at step 2 of
+-- the lock order, and fills it at step 6.
+CREATE TABLE dds.product_namings (
+    h_product_pk    uuid PRIMARY KEY REFERENCES dds.h_product,
+    first_order_dt  timestamp,
+    last_order_dt   timestamp,
+    last_order_name varchar,
+    last_menu_dt    timestamp
+) WITH (fillfactor = 50);
+COMMENT ON TABLE dds.product_namings IS 'Each dish''s first and newest naming by orders and newest by menus: where its order naming row of s_product_names belongs';
+COMMENT ON COLUMN dds.product_namings.h_product_pk IS 'The dish';
+COMMENT ON COLUMN dds.product_namings.first_order_dt IS 'The oldest update_ts of an order version that names it';
+COMMENT ON COLUMN dds.product_namings.last_order_dt IS 'The newest update_ts of an order version that names it';
+COMMENT ON COLUMN dds.product_namings.last_order_name IS 'The greatest name (byte-wise) that order versions of last_order_dt give it';
+COMMENT ON COLUMN dds.product_namings.last_menu_dt IS 'The newest version time of a menu that names it; null: no menu does';
 
 CREATE TABLE dds.s_restaurant_names (
     h_restaurant_pk uuid NOT NULL REFERENCES dds.h_restaurant,

@@ -1,20 +1,161 @@
 -- Dishes are named by menus and by orders (docs/data-rule.md).  The name
 -- satellite keeps one row per dish and time at which a menu version names
--- it, and one row at the time of its newest naming by an order (the
--- greatest (update_ts, name) over every order version's items), each with
--- the greatest name named at its time (byte-wise).  Orders name dishes in
--- every batch: one row per order item would cost a row per item, so only
--- the newest naming is kept, and it moves forward.  A dish's current name
--- is its newest row's.
+-- it, with the greatest name (byte-wise) named then, and one order naming
+-- row for the dishes that orders name.  Orders name dishes in every batch:
+-- one row per order item would cost a row per item, and a row at the
+-- newest naming would move at every batch (a key update, never in place),
+-- so the order naming row sits where the newest naming does not move it:
+-- at the dish's first order naming, or at its newest menu naming when the
+-- newest order naming is not older (the first naming after the newest menu
+-- would have to be searched for).  It holds the name of the newest order
+-- naming, or the greatest of it and the menus' of the row's time when they
+-- are of the same time; where a menu names the dish at the row's time, the
+-- order naming row takes that menu row's place.  A dish's current name is
+-- its newest row's, which is the newest naming's in (time, name) order.
+-- dds.product_namings keeps what decides the place.
 
--- Menu namings: dish hubs and one satellite row per dish and menu time.
--- A row that is also the newest order naming's keeps its load_src.
--- Returns the dishes whose current name changed.
+-- Where the order naming row of a dish belongs, from its first and newest
+-- order naming and its newest menu naming (null: it has none).
+CREATE FUNCTION dwh.order_naming_time(first_order timestamp, last_order timestamp,
+                                      last_menu timestamp)
+    RETURNS timestamp
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $fn$
+    SELECT CASE WHEN last_menu IS NULL OR last_order >= last_menu
+                THEN greatest(first_order, last_menu)
+                ELSE first_order END
+$fn$;
+COMMENT ON FUNCTION dwh.order_naming_time(timestamp, timestamp, timestamp) IS
+    'Internal: the time of a dish''s order naming row, from its first and newest order naming and its newest menu naming';
+
+-- The name of each dish's newest row: its current name.
+CREATE FUNCTION dwh.current_product_names(products uuid[])
+    RETURNS TABLE (h_product_pk uuid, name varchar)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT p.k, (SELECT s.name FROM dds.s_product_names s
+                 WHERE s.h_product_pk = p.k
+                 ORDER BY s.load_dt DESC LIMIT 1)
+    FROM unnest(products) AS p(k)
+$fn$;
+COMMENT ON FUNCTION dwh.current_product_names(uuid[]) IS
+    'Internal: the current name of each of these dishes (its newest name satellite row), null if it has none';
+
+-- The greatest name that menus give a dish at a time, if any; the menu
+-- versions of that time are found by index.
+CREATE FUNCTION dwh.menu_name_at(product_id text, version timestamp)
+    RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT max(e->>'name' COLLATE "C")
+    FROM (SELECT payload FROM stg.restaurants
+          WHERE update_ts = version
+             OR (update_ts IS NULL AND version = '-infinity')
+          UNION ALL
+          SELECT payload FROM stg.restaurant_history
+          WHERE update_ts = version
+             OR (update_ts IS NULL AND version = '-infinity')) r,
+         jsonb_array_elements(r.payload->'menu') e
+    WHERE e->>'_id' = product_id;
+$fn$;
+COMMENT ON FUNCTION dwh.menu_name_at(text, timestamp) IS
+    'Internal: the greatest name that menu versions of this time give the dish, or null';
+
+-- Put the order naming row of each of these dishes where
+-- dds.product_namings says it belongs, with the name it must hold.  The
+-- place it leaves goes back to the menu naming of that time, if any.  The
+-- caller holds the dishes' rows of dds.product_namings, or the dictionary
+-- lock exclusive.  Returns the dishes whose current name changed.
+CREATE FUNCTION dwh.place_order_namings(products uuid[])
+    RETURNS uuid[]
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    sorted uuid[];
+    before varchar[];
+    keys uuid[];
+    times timestamp[];
+    names varchar[];
+    renamed uuid[];
+BEGIN
+    SELECT array_agg(c.h_product_pk ORDER BY c.h_product_pk),
+           array_agg(c.name ORDER BY c.h_product_pk)
+    INTO sorted, before
+    FROM dwh.current_product_names(ARRAY(SELECT DISTINCT unnest(products))) c;
+
+    SELECT array_agg(p.h_product_pk ORDER BY p.h_product_pk),
+           array_agg(w.load_dt ORDER BY p.h_product_pk),
+           array_agg(CASE WHEN p.last_order_dt > w.load_dt THEN p.last_order_name
+                          ELSE greatest(p.last_order_name COLLATE "C",
+                                        dwh.menu_name_at(h.product_id, w.load_dt) COLLATE "C")
+                     END ORDER BY p.h_product_pk)
+    INTO keys, times, names
+    FROM dds.product_namings p
+    JOIN dds.h_product h USING (h_product_pk)
+    CROSS JOIN LATERAL (
+        SELECT dwh.order_naming_time(p.first_order_dt, p.last_order_dt,
+                                     p.last_menu_dt) AS load_dt) w
+    WHERE p.h_product_pk = ANY (sorted) AND p.first_order_dt IS NOT NULL;
+
+    -- The places left: the menu naming of that time, or nothing.
+    WITH leaving AS MATERIALIZED (
+        SELECT s.h_product_pk, s.load_dt,
+               dwh.menu_name_at(h.product_id, s.load_dt) AS menu_name
+        FROM dds.s_product_names s
+        JOIN dds.h_product h USING (h_product_pk)
+        LEFT JOIN unnest(keys, times) AS w(h_product_pk, load_dt) USING (h_product_pk)
+        WHERE s.h_product_pk = ANY (sorted) AND s.load_src = 'stg.order_events'
+          AND s.load_dt IS DISTINCT FROM w.load_dt
+    ),
+    kept AS (
+        UPDATE dds.s_product_names s
+        SET name = l.menu_name,
+            hk_product_names_hashdiff = dwh.hash_key(s.h_product_pk::text || l.menu_name),
+            load_src = 'stg.restaurants'
+        FROM leaving l
+        WHERE s.h_product_pk = l.h_product_pk AND s.load_dt = l.load_dt
+          AND l.menu_name IS NOT NULL
+    )
+    DELETE FROM dds.s_product_names s
+    USING leaving l
+    WHERE s.h_product_pk = l.h_product_pk AND s.load_dt = l.load_dt
+      AND l.menu_name IS NULL;
+
+    INSERT INTO dds.s_product_names AS s
+           (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
+    SELECT w.h_product_pk, w.name, dwh.hash_key(w.h_product_pk::text || w.name),
+           w.load_dt, 'stg.order_events'
+    FROM unnest(keys, names, times) AS w(h_product_pk, name, load_dt)
+    ORDER BY 1
+    ON CONFLICT (h_product_pk, load_dt) DO UPDATE
+    SET name = EXCLUDED.name,
+        hk_product_names_hashdiff = EXCLUDED.hk_product_names_hashdiff,
+        load_src = EXCLUDED.load_src
+    WHERE s.name IS DISTINCT FROM EXCLUDED.name
+       OR s.load_src IS DISTINCT FROM EXCLUDED.load_src;
+
+    SELECT array_agg(c.h_product_pk) INTO renamed
+    FROM dwh.current_product_names(sorted) c
+    JOIN unnest(sorted, before) AS b(h_product_pk, name) USING (h_product_pk)
+    WHERE c.name IS DISTINCT FROM b.name;
+    RETURN renamed;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.place_order_namings(uuid[]) IS
+    'Internal: move the order naming row of these dishes where dds.product_namings places it; returns the dishes whose current name changed';
+
+-- Menu namings: dish hubs and one satellite row per dish and menu time
+-- (a time where the dish's order naming row is stays that row), then the
+-- order naming rows that the newest menu naming moves.  Returns the
+-- dishes whose current name changed.
 CREATE FUNCTION dwh.load_menu_namings(ids text[], names text[], versions timestamp[])
     RETURNS uuid[]
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    dishes uuid[];
+    before varchar[];
+    placed uuid[];
     renamed uuid[];
 BEGIN
     WITH naming AS MATERIALIZED (
@@ -30,20 +171,9 @@ BEGIN
         ORDER BY 1
         ON CONFLICT DO NOTHING
     ),
-    newest AS MATERIALIZED (
-        SELECT DISTINCT ON (h_product_pk) h_product_pk, name, load_dt
-        FROM naming
-        ORDER BY h_product_pk, load_dt DESC, name COLLATE "C" DESC
-    ),
     before AS MATERIALIZED (
-        SELECT n.h_product_pk, n.name, n.load_dt,
-               cur.name AS cur_name, cur.load_dt AS cur_load_dt
-        FROM newest n
-        LEFT JOIN LATERAL (
-            SELECT s.name, s.load_dt
-            FROM dds.s_product_names s
-            WHERE s.h_product_pk = n.h_product_pk
-            ORDER BY s.load_dt DESC LIMIT 1) cur ON true
+        SELECT c.h_product_pk, c.name
+        FROM dwh.current_product_names(ARRAY(SELECT DISTINCT h_product_pk FROM naming)) c
     ),
     satellite AS (
         INSERT INTO dds.s_product_names AS s
@@ -56,173 +186,107 @@ BEGIN
         SET name = EXCLUDED.name,
             hk_product_names_hashdiff = EXCLUDED.hk_product_names_hashdiff
         WHERE EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
+          AND s.load_src = 'stg.restaurants'
     )
-    SELECT array_agg(h_product_pk) INTO renamed
-    FROM before
-    WHERE cur_name IS NULL
-       OR (name <> cur_name
-           AND (load_dt > cur_load_dt
-                OR (load_dt = cur_load_dt AND name COLLATE "C" > cur_name COLLATE "C")));
+    SELECT array_agg(h_product_pk ORDER BY h_product_pk),
+           array_agg(name ORDER BY h_product_pk)
+    INTO dishes, before
+    FROM before;
 
+    UPDATE dds.product_namings p
+    SET last_menu_dt = n.load_dt
+    FROM (SELECT dwh.hash_key(m.product_id) AS h_product_pk, max(m.load_dt) AS load_dt
+          FROM unnest(ids, versions) AS m(product_id, load_dt)
+          GROUP BY 1) n
+    WHERE p.h_product_pk = n.h_product_pk
+      AND (p.last_menu_dt IS NULL OR n.load_dt > p.last_menu_dt);
+
+    -- Every dish of these menus that orders name: a menu naming at the
+    -- time of its order naming row may change the name that row holds.
+    SELECT array_agg(p.h_product_pk) INTO placed
+    FROM dds.product_namings p
+    WHERE p.h_product_pk = ANY (dishes) AND p.first_order_dt IS NOT NULL;
+    IF placed IS NOT NULL THEN
+        PERFORM dwh.place_order_namings(placed);
+    END IF;
+
+    SELECT array_agg(c.h_product_pk) INTO renamed
+    FROM dwh.current_product_names(dishes) c
+    JOIN unnest(dishes, before) AS b(h_product_pk, name) USING (h_product_pk)
+    WHERE c.name IS DISTINCT FROM b.name;
     RETURN renamed;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_menu_namings(text[], text[], timestamp[]) IS
     'Internal: load dish hubs and the name satellite rows of menu namings; returns the dishes whose current name changed';
 
--- The greatest name that menus give a dish at a time, if any.
-CREATE FUNCTION dwh.menu_name_at(product_id text, version timestamp)
-    RETURNS text
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-    SELECT max(e->>'name' COLLATE "C")
-    FROM (SELECT payload FROM stg.restaurants
-          WHERE coalesce(update_ts, '-infinity') = version
-          UNION ALL
-          SELECT payload FROM stg.restaurant_history
-          WHERE coalesce(update_ts, '-infinity') = version) r,
-         jsonb_array_elements(r.payload->'menu') e
-    WHERE e->>'_id' = product_id;
-$fn$;
-COMMENT ON FUNCTION dwh.menu_name_at(text, timestamp) IS
-    'Internal: the greatest name that menu versions of this time give the dish, or null';
-
--- Step 6 of the lock order, after the marts: the newest naming of each dish
--- by an order.  Its satellite row is the one with load_src
--- stg.order_events (one per dish); when a batch names a dish later, the row
--- moves there, and the menu naming of its old time, if any, gets its row
--- back.  Under a shared dictionary lock no current name changes (see
--- dwh.claim_order_keys); under an exclusive one the marts follow.
+-- Step 6 of the lock order, after the marts: the dishes' rows of
+-- dds.product_namings, locked in key order, take the batch's first and
+-- newest naming of each dish.  Most batches move only the newest order
+-- naming there, which leaves the order naming row where it is; a batch
+-- that moves it (the first naming by orders, an older first one, a new
+-- name) places it.  Under a shared dictionary lock no current name
+-- changes (see dwh.claim_order_keys); under an exclusive one the marts
+-- follow.
 CREATE FUNCTION dwh.load_order_namings(product_ids text[], product_names text[],
-                                       name_versions timestamp[])
+                                       name_versions timestamp[],
+                                       first_versions timestamp[])
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    keys uuid[];
-    ids text[];
-    names text[];
-    times timestamp[];
-    old_times timestamp[];
-    renamed uuid[];
     moved uuid[];
+    renamed uuid[];
 BEGIN
     IF product_ids IS NULL THEN
         RETURN;
     END IF;
 
-    -- Each dish's hub row, locked in key order, stands for its one order
-    -- naming row: a dish that orders never named has no such row to lock,
-    -- and two batches naming it at once would each insert one.
-    PERFORM FROM dds.h_product h
-    WHERE h.h_product_pk IN (SELECT dwh.hash_key(id) FROM unnest(product_ids) AS i(id))
-    ORDER BY h.h_product_pk
-    FOR NO KEY UPDATE;
-
-    -- The batch's newest naming of each dish (from dwh.claim_order_keys),
-    -- where it is newer than the dish's newest order naming; and the dishes
-    -- whose current name it changes (or gives first), found before the
-    -- write: the current name is the naming greatest in (time, name), and
-    -- the row an order naming leaves is older than the one it gets.
     WITH naming AS MATERIALIZED (
-        SELECT dwh.hash_key(n.id) AS h_product_pk, n.id, n.name, n.version
-        FROM unnest(product_ids, product_names, name_versions) AS n(id, name, version)
+        SELECT dwh.hash_key(n.id) AS h_product_pk, n.name, n.version, n.first
+        FROM unnest(product_ids, product_names, name_versions, first_versions)
+             AS n(id, name, version, first)
     ),
     locked AS MATERIALIZED (
-        SELECT s.h_product_pk, s.name, s.load_dt
-        FROM dds.s_product_names s
-        WHERE s.h_product_pk IN (SELECT h_product_pk FROM naming)
-          AND s.load_src = 'stg.order_events'
+        SELECT p.h_product_pk, p.first_order_dt, p.last_order_dt, p.last_order_name,
+               p.last_menu_dt
+        FROM dds.product_namings p
+        WHERE p.h_product_pk IN (SELECT h_product_pk FROM naming)
+        ORDER BY p.h_product_pk
+        FOR NO KEY UPDATE
+    ),
+    change AS MATERIALIZED (
+        SELECT l.*, least(l.first_order_dt, n.first) AS first,
+               CASE WHEN x.newer THEN n.version ELSE l.last_order_dt END AS last,
+               CASE WHEN x.newer THEN n.name ELSE l.last_order_name END AS name
+        FROM locked l
+        JOIN naming n USING (h_product_pk)
+        CROSS JOIN LATERAL (
+            SELECT l.last_order_dt IS NULL
+                   OR n.version > l.last_order_dt
+                   OR (n.version = l.last_order_dt
+                       AND n.name COLLATE "C" > l.last_order_name COLLATE "C") AS newer) x
+        WHERE x.newer OR n.first < l.first_order_dt
+    ),
+    written AS (
+        UPDATE dds.product_namings p
+        SET first_order_dt = c.first, last_order_dt = c.last, last_order_name = c.name
+        FROM change c
+        WHERE p.h_product_pk = c.h_product_pk
     )
-    SELECT array_agg(n.h_product_pk), array_agg(n.id), array_agg(n.name),
-           array_agg(n.version), array_agg(l.load_dt),
-           array_agg(n.h_product_pk)
-               FILTER (WHERE cur.name IS NULL
-                          OR (n.name <> cur.name
-                              AND (n.version > cur.load_dt
-                                   OR (n.version = cur.load_dt
-                                       AND n.name COLLATE "C" > cur.name COLLATE "C"))))
-    INTO keys, ids, names, times, old_times, renamed
-    FROM naming n
-    LEFT JOIN locked l USING (h_product_pk)
-    LEFT JOIN LATERAL (
-        SELECT s.name, s.load_dt FROM dds.s_product_names s
-        WHERE s.h_product_pk = n.h_product_pk
-        ORDER BY s.load_dt DESC LIMIT 1) cur ON true
-    WHERE l.h_product_pk IS NULL
-       OR n.version > l.load_dt
-       OR (n.version = l.load_dt AND n.name COLLATE "C" > l.name COLLATE "C");
+    SELECT array_agg(c.h_product_pk) INTO moved
+    FROM change c
+    CROSS JOIN LATERAL (
+        SELECT dwh.order_naming_time(c.first_order_dt, c.last_order_dt, c.last_menu_dt) AS was,
+               dwh.order_naming_time(c.first, c.last, c.last_menu_dt) AS now) t
+    WHERE t.was IS DISTINCT FROM t.now
+       OR c.last_order_name IS DISTINCT FROM c.name
+       OR (c.last_order_dt = t.was) IS DISTINCT FROM (c.last = t.now);
 
-    IF keys IS NULL THEN
+    IF moved IS NULL THEN
         RETURN;
     END IF;
-
-    -- The rows left behind: the menu naming of their time, or nothing.
-    -- Whether some menu version has that time, by index (an order's time
-    -- is never null: it is parsed from its digits); menus are rarely of
-    -- the time of an order.  A row no menu keeps moves to its new time
-    -- in place (no new row to check against the hub), unless a menu
-    -- naming already has that time: then it goes, and the menu's row
-    -- takes the order naming below.
-    WITH old AS MATERIALIZED (
-        SELECT m.h_product_pk, m.name, m.load_dt, m.old_time,
-               CASE WHEN EXISTS (SELECT FROM stg.restaurants r
-                                 WHERE r.update_ts = m.old_time)
-                         OR EXISTS (SELECT FROM stg.restaurant_history r
-                                    WHERE r.update_ts = m.old_time)
-                    THEN dwh.menu_name_at(m.product_id, m.old_time) END AS menu_name,
-               EXISTS (SELECT FROM dds.s_product_names s
-                       WHERE s.h_product_pk = m.h_product_pk
-                         AND s.load_dt = m.load_dt) AS taken
-        FROM unnest(keys, ids, names, times, old_times)
-             AS m(h_product_pk, product_id, name, load_dt, old_time)
-        WHERE m.old_time < m.load_dt
-    ),
-    kept AS (
-        UPDATE dds.s_product_names s
-        SET name = o.menu_name,
-            hk_product_names_hashdiff = dwh.hash_key(s.h_product_pk::text || o.menu_name),
-            load_src = 'stg.restaurants'
-        FROM old o
-        WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
-          AND o.menu_name IS NOT NULL
-    ),
-    dropped AS (
-        DELETE FROM dds.s_product_names s
-        USING old o
-        WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
-          AND o.menu_name IS NULL AND o.taken
-    ),
-    moving AS (
-        UPDATE dds.s_product_names s
-        SET name = o.name,
-            hk_product_names_hashdiff = dwh.hash_key(s.h_product_pk::text || o.name),
-            load_dt = o.load_dt
-        FROM old o
-        WHERE s.h_product_pk = o.h_product_pk AND s.load_dt = o.old_time
-          AND o.menu_name IS NULL AND NOT o.taken
-        RETURNING s.h_product_pk
-    )
-    SELECT array_agg(h_product_pk) INTO moved FROM moving;
-
-    -- The other new rows, merged with a menu naming of the same time.
-    IF moved IS NULL OR cardinality(moved) < cardinality(keys) THEN
-        INSERT INTO dds.s_product_names AS s
-               (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
-        SELECT m.h_product_pk, m.name, dwh.hash_key(m.h_product_pk::text || m.name),
-               m.load_dt, 'stg.order_events'
-        FROM unnest(keys, names, times) AS m(h_product_pk, name, load_dt)
-        WHERE m.h_product_pk <> ALL (coalesce(moved, '{}'))
-        ORDER BY 1
-        ON CONFLICT (h_product_pk, load_dt) DO UPDATE
-        SET name = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
-                        THEN EXCLUDED.name ELSE s.name END,
-            hk_product_names_hashdiff = CASE WHEN EXCLUDED.name COLLATE "C" > s.name COLLATE "C"
-                                             THEN EXCLUDED.hk_product_names_hashdiff
-                                             ELSE s.hk_product_names_hashdiff END,
-            load_src = 'stg.order_events';
-    END IF;
-
+    renamed := dwh.place_order_namings(moved);
     IF renamed IS NOT NULL THEN
         IF NOT dwh.dictionary_lock_exclusive() THEN
             RAISE EXCEPTION 'dish names changed while the batch held the dictionary lock shared'
@@ -233,8 +297,8 @@ BEGIN
     END IF;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.load_order_namings(text[], text[], timestamp[]) IS
-    'Internal: move each dish''s newest order naming forward to the newest of these order versions';
+COMMENT ON FUNCTION dwh.load_order_namings(text[], text[], timestamp[], timestamp[]) IS
+    'Internal: take the first and newest order naming of each dish into dds.product_namings, and move its order naming row where that places it';
 
 -- Mart rows carry the dish name: follow a rename on every row of the dish.
 CREATE FUNCTION dwh.refresh_product_names(products uuid[]) RETURNS void
@@ -256,8 +320,9 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 -- that two batches wait for each other but never deadlock:
 --   1. the dictionary lock, shared (exclusive when the batch renames a dish
 --      or names one for the first time; menus always take it exclusive);
---   2. the keys that batches share, each table in one sorted pass: dish,
---      restaurant and user hubs, (dish, restaurant) pairs;
+--   2. the keys that batches share, each table in one sorted pass: dish
+--      hubs and the dishes' rows of dds.product_namings, restaurant and
+--      user hubs, (dish, restaurant) pairs;
 --   3. the batch's rows of stg.order_events, in object_id order, then the
 --      tag lock (dwh.tag_lock_key(), shared; rule changes,
 --      dwh.expire_tags() and dwh.rebuild() take it exclusive), which the
@@ -270,10 +335,9 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 --      batch that changes an order of a user locks the user's row there,
 --      when it has one and some tag rule exists), and the users' windowed
 --      counts and tag rows;
---   6. the hub rows of the dishes the batch names, in key order, standing
---      for their newest order naming rows (which every batch updates, and
---      which a dish orders never named does not have yet), held only from
---      here to commit.
+--   6. the rows of dds.product_namings of the dishes the batch names, in
+--      key order, which stand for their order naming rows of
+--      dds.s_product_names, held only from here to commit.
 -- Steps 1 and 2 are dwh.claim_order_keys(), step 6 dwh.load_order_namings(),
 -- both run over every version of the batch by dwh.ingest_orders (the
 -- order triggers run them over what their statement wrote when no ingest
@@ -299,20 +363,21 @@ COMMENT ON FUNCTION dwh.namings_rename(text[], text[], timestamp[]) IS
 -- (src/dwh_order_keys.c).
 CREATE FUNCTION dwh.order_namings(payloads jsonb[], versions timestamp[],
                                   OUT ids text[], OUT names text[],
-                                  OUT item_versions timestamp[])
+                                  OUT item_versions timestamp[],
+                                  OUT first_versions timestamp[])
     AS 'MODULE_PATHNAME', 'dwh_order_namings'
     LANGUAGE C STRICT IMMUTABLE;
 COMMENT ON FUNCTION dwh.order_namings(jsonb[], timestamp[]) IS
-    'Internal: the newest naming (version, then greatest name) of each dish among the items of these order versions';
+    'Internal: the newest naming (version, then greatest name) and the oldest version of each dish among the items of these order versions';
 
 CREATE FUNCTION dwh.order_keys_missing(payloads jsonb[],
                                        OUT products text[], OUT restaurants text[],
                                        OUT users text[], OUT pair_restaurants text[],
-                                       OUT pair_products text[])
+                                       OUT pair_products text[], OUT namings text[])
     AS 'MODULE_PATHNAME', 'dwh_order_keys_missing'
     LANGUAGE C STRICT VOLATILE;
 COMMENT ON FUNCTION dwh.order_keys_missing(jsonb[]) IS
-    'Internal: the dishes, restaurants, users and (restaurant, dish) pairs of these orders that DDS has no hub or link for yet';
+    'Internal: the dishes, restaurants, users and (restaurant, dish) pairs of these orders that DDS has no hub or link for yet, and the dishes without a row in dds.product_namings';
 
 -- Steps 1 and 2 of the lock order for these order versions: the dictionary
 -- lock, then dish, restaurant and user hubs and (dish, restaurant) pairs.
@@ -326,7 +391,8 @@ COMMENT ON FUNCTION dwh.order_keys_missing(jsonb[]) IS
 CREATE FUNCTION dwh.claim_order_keys(payloads jsonb[], versions timestamp[],
                                      exclusive boolean DEFAULT false,
                                      OUT ids text[], OUT names text[],
-                                     OUT item_versions timestamp[])
+                                     OUT item_versions timestamp[],
+                                     OUT first_versions timestamp[])
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -342,6 +408,7 @@ BEGIN
     ids := named.ids;
     names := named.names;
     item_versions := named.item_versions;
+    first_versions := named.first_versions;
 
     IF exclusive THEN
         PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
@@ -363,6 +430,20 @@ BEGIN
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
         SELECT dwh.hash_key(id), id, now(), 'stg.order_events'
         FROM unnest(missing.products) AS i(id)
+        ORDER BY 1
+        ON CONFLICT DO NOTHING;
+    END IF;
+
+    -- A dish's row of dds.product_namings, empty until step 6 fills it;
+    -- its newest menu naming is its newest name row (no order naming row
+    -- is there before this one).
+    IF missing.namings IS NOT NULL THEN
+        INSERT INTO dds.product_namings (h_product_pk, last_menu_dt)
+        SELECT k.h_product_pk,
+               (SELECT max(s.load_dt) FROM dds.s_product_names s
+                WHERE s.h_product_pk = k.h_product_pk)
+        FROM unnest(missing.namings) AS i(id)
+        CROSS JOIN LATERAL (SELECT dwh.hash_key(i.id) AS h_product_pk) k
         ORDER BY 1
         ON CONFLICT DO NOTHING;
     END IF;
@@ -397,7 +478,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
-    'Internal: take the dictionary lock and load the keys that order batches share (dishes, restaurants, users, dish-restaurant pairs), in the one lock order; returns the batch''s newest naming of each dish';
+    'Internal: take the dictionary lock and load the keys that order batches share (dishes, restaurants, users, dish-restaurant pairs), in the one lock order; returns the batch''s newest naming and oldest version of each dish';
 
 -- Apply per-key count deltas to the marts.  Rows are written in key order
 -- so that concurrent batches never deadlock; when some counts go down, the

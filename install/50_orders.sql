@@ -424,7 +424,8 @@ BEGIN
     END IF;
 
     IF NOT dwh.keys_claimed() THEN
-        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
+                                       named.first_versions);
     END IF;
 
     RETURN NULL;
@@ -558,7 +559,8 @@ BEGIN
         END IF;
         PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
         IF NOT dwh.keys_claimed() THEN
-            PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
+            PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
+                                           named.first_versions);
         END IF;
     END IF;
     RETURN NULL;

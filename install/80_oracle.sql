@@ -219,22 +219,41 @@ BEGIN
                e->>'id' AS product_id, e->>'name' AS name
         FROM every_version v, jsonb_array_elements(v.payload->'order_items') e
     ),
-    -- Each dish at each restaurant the orders name, and its newest version.
+    -- Each dish at each restaurant the orders name, and its oldest and
+    -- newest version.
     item_key AS MATERIALIZED (
-        SELECT product_id, restaurant_id, max(update_ts) AS newest
+        SELECT product_id, restaurant_id, min(update_ts) AS oldest, max(update_ts) AS newest
         FROM order_item GROUP BY product_id, restaurant_id
     ),
     -- The name of each dish in its newest version (the greatest, byte by
-    -- byte, among those of that version; none if one has none).
+    -- byte, among those of that version; none if one has none), and its
+    -- oldest version.
     item_name AS (
-        SELECT i.product_id, i.update_ts AS version,
+        SELECT i.product_id, i.update_ts AS version, min(n.oldest) AS oldest,
                CASE WHEN bool_or(i.name IS NULL) THEN NULL
                     ELSE max(i.name COLLATE "C") END AS name
         FROM order_item i
-        JOIN (SELECT product_id, max(newest) AS newest FROM item_key
-              GROUP BY product_id) n
+        JOIN (SELECT product_id, min(oldest) AS oldest, max(newest) AS newest
+              FROM item_key GROUP BY product_id) n
           ON n.product_id = i.product_id AND n.newest = i.update_ts
         GROUP BY i.product_id, i.update_ts
+    ),
+    -- The greatest name that menus give each dish at each time.
+    menu_name AS MATERIALIZED (
+        SELECT product_id, version, max(name COLLATE "C") AS name
+        FROM menu_entry GROUP BY 1, 2
+    ),
+    -- Where each dish's order naming row belongs: at its oldest order
+    -- naming, or at its newest menu naming when no order naming is older
+    -- than that (docs/data-rule.md).
+    order_naming AS MATERIALIZED (
+        SELECT o.product_id, o.oldest, o.version AS newest, o.name, m.newest_menu,
+               CASE WHEN m.newest_menu IS NULL OR o.version >= m.newest_menu
+                    THEN greatest(o.oldest, m.newest_menu)
+                    ELSE o.oldest END AS version
+        FROM item_name o
+        LEFT JOIN (SELECT product_id, max(version) AS newest_menu
+                   FROM menu_entry GROUP BY 1) m USING (product_id)
     ),
     -- Each table as (key, value) pairs, expected and actual.
     expected AS (
@@ -305,16 +324,23 @@ BEGIN
             WHERE part = 0
             ORDER BY object_id, version, payload::text COLLATE "C" DESC) x
         UNION ALL
+        -- The order naming row holds the newest order naming's name, the
+        -- menus' of its time too when it is that naming's time.
         SELECT 'dds.s_product_names', coalesce(m.product_id, o.product_id) || ' @ '
                || coalesce(m.version, o.version)::text,
-               CASE WHEN o.name IS NULL OR m.name COLLATE "C" > o.name COLLATE "C"
-                    THEN m.name ELSE o.name END
-               || ' / ' || CASE WHEN o.name IS NULL THEN 'stg.restaurants'
-                                ELSE 'stg.order_events' END
-        FROM (SELECT product_id, version, max(name COLLATE "C") AS name
-              FROM menu_entry GROUP BY 1, 2) m
-        FULL JOIN item_name o
+               CASE WHEN o.product_id IS NULL THEN m.name || ' / stg.restaurants'
+                    WHEN o.newest > o.version OR m.name IS NULL
+                         OR o.name COLLATE "C" > m.name COLLATE "C"
+                    THEN o.name || ' / stg.order_events'
+                    ELSE m.name || ' / stg.order_events' END
+        FROM menu_name m
+        FULL JOIN order_naming o
           ON o.product_id = m.product_id AND o.version = m.version
+        UNION ALL
+        SELECT 'dds.product_namings', product_id,
+               oldest::text || ' / ' || newest::text || ' / ' || name
+               || ' / ' || coalesce(newest_menu::text, '')
+        FROM order_naming
     ),
     actual AS (
         SELECT 'dds.h_order' AS t, order_id::text AS k, order_dt::text AS v FROM dds.h_order
@@ -363,6 +389,12 @@ BEGIN
         SELECT 'dds.s_product_names', p.product_id || ' @ ' || s.load_dt::text,
                s.name || ' / ' || s.load_src
         FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+        WHERE part = 0
+        UNION ALL
+        SELECT 'dds.product_namings', p.product_id,
+               n.first_order_dt::text || ' / ' || n.last_order_dt::text || ' / '
+               || n.last_order_name || ' / ' || coalesce(n.last_menu_dt::text, '')
+        FROM dds.product_namings n JOIN dds.h_product p USING (h_product_pk)
         WHERE part = 0
     )
     SELECT coalesce(e.t, a.t), coalesce(e.k, a.k), e.v, a.v
@@ -506,8 +538,8 @@ BEGIN
     TRUNCATE dds.h_user, dds.h_product, dds.h_category, dds.h_restaurant,
              dds.h_order, dds.l_order_user, dds.l_order_product,
              dds.l_product_restaurant, dds.l_product_category,
-             dds.s_user_names, dds.s_product_names, dds.s_restaurant_names,
-             dds.s_order_cost, dds.s_order_status,
+             dds.s_user_names, dds.s_product_names, dds.product_namings,
+             dds.s_restaurant_names, dds.s_order_cost, dds.s_order_status,
              cdm.user_product_counters, cdm.user_category_counters,
              cdm.user_order_counters;
 
@@ -545,7 +577,8 @@ BEGIN
         FROM stg.order_event_history
         WHERE object_id BETWEEN bounds.lo AND bounds.hi;
 
-        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions);
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
+                                       named.first_versions);
     END LOOP;
 
     -- The tags, once the marts are whole again (not chunk by chunk: a

@@ -79,10 +79,13 @@ JOIN dds.h_product p USING (h_product_pk)
 JOIN dds.h_restaurant r USING (h_restaurant_pk)
 ORDER BY 1, 2, 3;
 
--- An order naming a dish at the time of a menu version shares its row
--- (the greater name).  When a newer order names the dish, the row of that
--- time goes back to the menu's name: the menu's time is found by index in
--- stg.restaurants, or in stg.restaurant_history once a newer menu came.
+-- A dish's order naming row sits at its first order naming, where it
+-- takes the place of a menu naming of that time, and holds the newest
+-- order naming's name (d5 after orders 50 and 51: Лобио at 09-01).  When
+-- an order names the dish at or after its newest menu naming, the row
+-- moves to that menu's time (d6 after the menu of 09-03 and order 52),
+-- and the place it leaves goes back to the menu's name, found by index in
+-- stg.restaurants or stg.restaurant_history.
 SELECT t.set_menu('rest-3', '2023-09-01 00:00:00', 'd5:Лобио:Закуски', 'd6:Сациви:Закуски');
 SELECT t.load(50, 'u1', 'CLOSED', '2023-09-01 00:00:00', 'd5:Лобио по-имеретински', 'd6:Сациви с орехами');
 SELECT p.product_id, s.name, s.load_dt, s.load_src
@@ -94,10 +97,10 @@ SELECT t.load(52, 'u1', 'CLOSED', '2023-09-04 00:00:00', 'd6:Сациви');
 SELECT p.product_id, s.name, s.load_dt, s.load_src
 FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
 WHERE p.product_id IN ('d5', 'd6') ORDER BY 1, 3;
--- A row no menu names at its time moves to the newer order naming's time
--- (one row for d7 after orders 53 and 54); where a menu version already
--- names the dish at that time, the order naming takes that row instead
--- (order 55: the greater name of the two, loaded from the orders).
+-- Newer order namings leave the row where it is (d7 after orders 53 and
+-- 54: at 09-05, named as by order 54), and so does a menu newer than
+-- every order naming; an order naming of the newest menu's time moves the
+-- row there, with the greater name of the two (order 55).
 SELECT t.load(53, 'u1', 'CLOSED', '2023-09-05 00:00:00', 'd7:Хинкали');
 SELECT t.load(54, 'u1', 'CLOSED', '2023-09-06 00:00:00', 'd7:Хинкали с мясом');
 SELECT t.set_menu('rest-3', '2023-09-07 00:00:00', 'd5:Лобио:Закуски', 'd6:Сациви:Закуски',
@@ -109,6 +112,8 @@ SELECT t.load(55, 'u1', 'CLOSED', '2023-09-07 00:00:00', 'd7:Хинкали с �
 SELECT p.product_id, s.name, s.load_dt, s.load_src
 FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
 WHERE p.product_id = 'd7' ORDER BY 1, 3;
+SELECT first_order_dt, last_order_dt, last_order_name, last_menu_dt
+FROM dds.product_namings WHERE h_product_pk = dwh.hash_key('d7');
 SELECT product_name, order_cnt FROM cdm.user_product_counters
 WHERE product_id = dwh.hash_key('d7');
 SELECT count(*) AS differences FROM dwh.verify();

@@ -10,23 +10,27 @@
 \set ECHO all
 
 -- The aggregate that dwh.claim_order_keys ran before: per dish, the
--- greatest version among its items, then the greatest name byte-wise.
+-- greatest version among its items, then the greatest name byte-wise;
+-- and the least version among its items.
 CREATE FUNCTION t.namings_sql(payloads jsonb[], versions timestamp[])
-RETURNS TABLE (id text, name text, version timestamp)
+RETURNS TABLE (id text, name text, version timestamp, first timestamp)
 LANGUAGE sql AS $$
-    SELECT DISTINCT ON (n.id) n.id, n.name, n.version
-    FROM (SELECT e->>'id' AS id, e->>'name' AS name, max(v.version) AS version
-          FROM unnest(payloads, versions) AS v(payload, version),
-               jsonb_array_elements(v.payload->'order_items') e
-          GROUP BY 1, 2) n
+    WITH item AS (
+        SELECT e->>'id' AS id, e->>'name' AS name, v.version
+        FROM unnest(payloads, versions) AS v(payload, version),
+             jsonb_array_elements(v.payload->'order_items') e
+    )
+    SELECT DISTINCT ON (n.id) n.id, n.name, n.version,
+           (SELECT min(i.version) FROM item i WHERE i.id = n.id)
+    FROM (SELECT id, name, max(version) AS version FROM item GROUP BY 1, 2) n
     ORDER BY n.id, n.version DESC, n.name COLLATE "C" DESC
 $$;
 
 CREATE FUNCTION t.namings_c(payloads jsonb[], versions timestamp[])
-RETURNS TABLE (id text, name text, version timestamp)
+RETURNS TABLE (id text, name text, version timestamp, first timestamp)
 LANGUAGE sql AS $$
     SELECT u.* FROM dwh.order_namings(payloads, versions) n,
-                    unnest(n.ids, n.names, n.item_versions) AS u
+                    unnest(n.ids, n.names, n.item_versions, n.first_versions) AS u
 $$;
 
 -- Seeded random batches: 1 to 6 versions of 0 to 4 items, over 5 dishes,
@@ -64,8 +68,9 @@ WHERE EXISTS (SELECT * FROM t.namings_sql(payloads, versions)
 ORDER BY length(payloads::text), b
 LIMIT 1;
 -- Dishes come sorted byte-wise; a batch without items names nothing.
-SELECT * FROM dwh.order_namings(ARRAY['{"order_items": [{"id": "b", "name": "B"}, {"id": "a", "name": "A"}, {"id": "b", "name": "C"}]}']::jsonb[],
-                                ARRAY['2023-01-01']::timestamp[]);
+SELECT * FROM dwh.order_namings(ARRAY['{"order_items": [{"id": "b", "name": "B"}, {"id": "a", "name": "A"}, {"id": "b", "name": "C"}]}',
+                                      '{"order_items": [{"id": "b", "name": "A"}]}']::jsonb[],
+                                ARRAY['2023-01-02', '2023-01-01']::timestamp[]);
 SELECT * FROM dwh.order_namings(ARRAY['{"order_items": []}']::jsonb[],
                                 ARRAY['2023-01-01']::timestamp[]);
 
@@ -136,8 +141,10 @@ SELECT product_name, order_cnt FROM cdm.user_product_counters ORDER BY 1;
 -- dwh.namings_rename() against the query it replaced, on seeded random
 -- cases: 3 to 12 name rows over 4 dishes (times and names that tie, names
 -- that differ in case, length or bytes beyond ASCII), namings of 1 to 3
--- dishes among 5 (the fifth has no row: named first).  Prints the seed, how
--- many cases rename, how many differ (0) and the smallest that does.
+-- dishes among 5 (the fifth has no row: named first).  A dish's newest row
+-- is its order naming row half of the time, standing for an order naming
+-- up to two hours newer (dds.product_namings).  Prints the seed, how many
+-- cases rename, how many differ (0) and the smallest that does.
 CREATE FUNCTION t.namings_rename_sql(ids text[], names text[], versions timestamp[])
 RETURNS boolean
 LANGUAGE sql STABLE AS $$
@@ -147,7 +154,11 @@ LANGUAGE sql STABLE AS $$
               FROM unnest(ids, names, versions) AS n(product_id, name, load_dt)
               ORDER BY n.product_id, n.load_dt DESC, n.name COLLATE "C" DESC) n
         LEFT JOIN LATERAL (
-            SELECT s.name, s.load_dt
+            SELECT s.name,
+                   CASE WHEN s.load_src = 'stg.order_events'
+                        THEN (SELECT p.last_order_dt FROM dds.product_namings p
+                              WHERE p.h_product_pk = s.h_product_pk)
+                        ELSE s.load_dt END AS load_dt
             FROM dds.s_product_names s
             WHERE s.h_product_pk = dwh.hash_key(n.product_id)
             ORDER BY s.load_dt DESC LIMIT 1) cur ON true
@@ -174,6 +185,8 @@ BEGIN
     FOR k IN 1..300 LOOP
         DELETE FROM dds.s_product_names
         WHERE h_product_pk IN (SELECT dwh.hash_key('n' || i) FROM generate_series(1, 5) i);
+        DELETE FROM dds.product_namings
+        WHERE h_product_pk IN (SELECT dwh.hash_key('n' || i) FROM generate_series(1, 5) i);
         INSERT INTO dds.s_product_names
                (h_product_pk, name, hk_product_names_hashdiff, load_dt, load_src)
         SELECT DISTINCT ON (d, t) dwh.hash_key('n' || d), nm, gen_random_uuid(), t, 'test'
@@ -181,10 +194,31 @@ BEGIN
                      (ARRAY['Plov', 'plov', 'Pl', 'Плов', ''])[1 + floor(random() * 5)::int] AS nm,
                      timestamp '2023-01-01' + floor(random() * 3) * interval '1 hour' AS t
               FROM generate_series(1, 3 + floor(random() * 10)::int)) r;
-        SELECT string_agg(p.product_id || '@' || s.load_dt::time || '=' || s.name, ' '
-                          ORDER BY p.product_id, s.load_dt)
+        WITH newest AS (
+            SELECT DISTINCT ON (h_product_pk) h_product_pk, load_dt
+            FROM dds.s_product_names
+            WHERE h_product_pk IN (SELECT dwh.hash_key('n' || i) FROM generate_series(1, 5) i)
+            ORDER BY h_product_pk, load_dt DESC
+        ),
+        order_row AS (
+            UPDATE dds.s_product_names s SET load_src = 'stg.order_events'
+            FROM newest n
+            WHERE s.h_product_pk = n.h_product_pk AND s.load_dt = n.load_dt
+              AND random() < 0.5
+            RETURNING s.h_product_pk, s.load_dt
+        )
+        INSERT INTO dds.product_namings (h_product_pk, first_order_dt, last_order_dt,
+                                         last_order_name)
+        SELECT h_product_pk, load_dt,
+               load_dt + floor(random() * 3) * interval '1 hour', 'unused'
+        FROM order_row;
+        SELECT string_agg(p.product_id || '@' || s.load_dt::time || '=' || s.name
+                          || CASE WHEN s.load_src = 'stg.order_events'
+                                  THEN '(orders ' || n.last_order_dt::time || ')' ELSE '' END,
+                          ' ' ORDER BY p.product_id, s.load_dt)
         INTO name_rows
         FROM dds.s_product_names s JOIN dds.h_product p USING (h_product_pk)
+        LEFT JOIN dds.product_namings n USING (h_product_pk)
         WHERE p.product_id LIKE 'n%';
         SELECT array_agg('n' || (1 + floor(random() * 5)::int)),
                array_agg((ARRAY['Plov', 'plov', 'Pl', 'Плов', ''])[1 + floor(random() * 5)::int]),

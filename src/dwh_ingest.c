@@ -163,11 +163,14 @@ static const char *insert_history_sql =
  * lock and the keys that batches share, for every version of the batch.
  */
 static const char *claim_sql =
-"SELECT ids, names, item_versions FROM dwh.claim_order_keys($1::jsonb[], $2::timestamp[], $3)";
+"SELECT ids, names, item_versions, first_versions FROM dwh.claim_order_keys($1::jsonb[], $2::timestamp[], $3)";
 
-/* Step 6: the newest order naming of each dish, after the marts. */
+/* Step 6: the dishes' first and newest order namings, after the marts. */
 static const char *namings_sql =
-"SELECT dwh.load_order_namings($1::text[], $2::text[], $3::timestamp[])";
+"SELECT dwh.load_order_namings($1::text[], $2::text[], $3::timestamp[], $4::timestamp[])";
+
+/* The claim's results, load_order_namings' arguments. */
+#define NAMING_ARRAYS 4
 
 static void
 prepare_plans(void)
@@ -209,9 +212,10 @@ prepare_plans(void)
 	}
 	if (namings_plan == NULL)
 	{
-		Oid			types[3] = {TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPARRAYOID};
+		Oid			types[NAMING_ARRAYS] = {TEXTARRAYOID, TEXTARRAYOID,
+		TIMESTAMPARRAYOID, TIMESTAMPARRAYOID};
 
-		namings_plan = dwh_prepare_kept(namings_sql, 3, types);
+		namings_plan = dwh_prepare_kept(namings_sql, NAMING_ARRAYS, types);
 	}
 }
 
@@ -543,8 +547,8 @@ order_arrays(DwhIngestOrder *rows, int n, Datum *arrays)
 typedef struct ClaimCall
 {
 	Datum		args[3];
-	Datum		namings[3];		/* the batch's newest naming of each dish */
-	bool		namings_null[3];
+	Datum		namings[NAMING_ARRAYS]; /* the batch's namings of each dish */
+	bool		namings_null[NAMING_ARRAYS];
 } ClaimCall;
 
 static void
@@ -557,7 +561,7 @@ claim_call(void *arg)
 	if (SPI_execute_plan(claim_plan, c->args, NULL, false, 0) != SPI_OK_SELECT ||
 		SPI_processed != 1)
 		elog(ERROR, "could not claim the keys of the batch");
-	for (i = 0; i < 3; i++)
+	for (i = 0; i < NAMING_ARRAYS; i++)
 	{
 		Datum		value = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
 										  i + 1, &c->namings_null[i]);
@@ -854,12 +858,12 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 										 &n_superseded);
 		uint64		stored;
 		ClaimCall	claim;
-		char		nulls[3];
+		char		nulls[NAMING_ARRAYS];
 		int			j;
 
 		claim_keys(orders, kept, superseded, n_superseded, &claim);
 		stored = upsert_claimed(orders, kept, superseded, n_superseded);
-		for (j = 0; j < 3; j++)
+		for (j = 0; j < NAMING_ARRAYS; j++)
 			nulls[j] = claim.namings_null[j] ? 'n' : ' ';
 		if (SPI_execute_plan(namings_plan, claim.namings, nulls, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not load the namings of the batch");

@@ -4,11 +4,12 @@
  *	  What a batch of order versions names and refers to: the C steps of
  *	  dwh.claim_order_keys() (install/40_products.sql).
  *
- * dwh.order_namings() reduces the batch's order items to the newest naming
- * of each dish; dwh.namings_rename() says whether those change the
- * current name of some dish; dwh.order_keys_missing() says which of the
- * keys that batches share (dish, restaurant and user hubs, dish-restaurant
- * pairs) DDS lacks.  All were statements of the claim: an aggregate over
+ * dwh.order_namings() reduces the batch's order items to the newest and
+ * the oldest naming of each dish; dwh.namings_rename() says whether those
+ * change the current name of some dish; dwh.order_keys_missing() says
+ * which of the keys that batches share (dish, restaurant and user hubs,
+ * dish-restaurant pairs, the dishes' rows of dds.product_namings) DDS
+ * lacks.  All were statements of the claim: an aggregate over
  * every item, a lateral lookup per dish, and one upsert per table that,
  * once the keys exist (every batch but the first few), inserts nothing.
  * Here they are a walk over the payloads and lookups in primary keys; the
@@ -103,10 +104,11 @@ naming_cmp(const void *a, const void *b)
 
 /*
  * Keep the newest naming of each dish among namings[0..n-1], sorted by dish
- * id byte-wise; returns how many are left.
+ * id byte-wise; returns how many are left.  When earliest is not NULL, it
+ * receives the oldest version of each dish kept (room for n).
  */
 static int
-newest_per_dish(ItemNaming *namings, int n)
+newest_per_dish(ItemNaming *namings, int n, Timestamp *earliest)
 {
 	int			kept = 0;
 
@@ -115,8 +117,15 @@ newest_per_dish(ItemNaming *namings, int n)
 	qsort(namings, n, sizeof(ItemNaming), naming_cmp);
 	for (int k = 0; k < n; k++)
 	{
+		/* Versions of one dish come newest first: the last is the oldest. */
 		if (kept > 0 && string_cmp(&namings[kept - 1].id, &namings[k].id) == 0)
-			continue;			/* an older or lesser naming of the same dish */
+		{
+			if (earliest)
+				earliest[kept - 1] = namings[k].version;
+			continue;
+		}
+		if (earliest)
+			earliest[kept] = namings[k].version;
 		namings[kept++] = namings[k];
 	}
 	return kept;
@@ -244,16 +253,33 @@ result_tuple(FunctionCallInfo fcinfo, Datum *values, bool *nulls)
 	return heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls);
 }
 
+/* The timestamp[] of times[0..n-1], or null when n is 0. */
+static Datum
+timestamp_array(Timestamp *times, int n, bool *isnull)
+{
+	Datum	   *elems;
+
+	*isnull = (n == 0);
+	if (n == 0)
+		return (Datum) 0;
+	elems = palloc(sizeof(Datum) * n);
+	for (int i = 0; i < n; i++)
+		elems[i] = TimestampGetDatum(times[i]);
+	return PointerGetDatum(construct_array(elems, n, TIMESTAMPOID, 8,
+										   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
 /*
  * dwh.order_namings(payloads jsonb[], versions timestamp[],
  *					 OUT ids text[], OUT names text[],
- *					 OUT item_versions timestamp[])
+ *					 OUT item_versions timestamp[],
+ *					 OUT first_versions timestamp[])
  *
  * The newest naming of each dish among the items of the order versions
  * (payloads[i] of version versions[i]): the greatest version, then the
  * greatest name byte-wise, as the current name of a dish is chosen
- * (docs/data-rule.md).  Sorted by dish id byte-wise; all null when there
- * is no item.
+ * (docs/data-rule.md); and the oldest version that names it.  Sorted by
+ * dish id byte-wise; all null when there is no item.
  */
 Datum
 dwh_order_namings(PG_FUNCTION_ARGS)
@@ -266,10 +292,11 @@ dwh_order_namings(PG_FUNCTION_ARGS)
 	int			allocated = 0;
 	PayloadString *ids;
 	PayloadString *names;
-	Datum	   *times;
+	Timestamp  *times;
+	Timestamp  *first_times;
 	int			n_dishes;
-	Datum		values[3];
-	bool		nulls[3];
+	Datum		values[4];
+	bool		nulls[4];
 
 	n = array_elements(PG_GETARG_ARRAYTYPE_P(0), JSONBOID, "payloads", &payloads);
 	if (array_elements(PG_GETARG_ARRAYTYPE_P(1), TIMESTAMPOID, "versions",
@@ -301,23 +328,22 @@ dwh_order_namings(PG_FUNCTION_ARGS)
 		}
 	}
 
-	n_dishes = newest_per_dish(namings, n_namings);
+	first_times = palloc(sizeof(Timestamp) * Max(n_namings, 1));
+	n_dishes = newest_per_dish(namings, n_namings, first_times);
 	ids = palloc(sizeof(PayloadString) * Max(n_dishes, 1));
 	names = palloc(sizeof(PayloadString) * Max(n_dishes, 1));
-	times = palloc(sizeof(Datum) * Max(n_dishes, 1));
+	times = palloc(sizeof(Timestamp) * Max(n_dishes, 1));
 	for (int k = 0; k < n_dishes; k++)
 	{
 		ids[k] = namings[k].id;
 		names[k] = namings[k].name;
-		times[k] = TimestampGetDatum(namings[k].version);
+		times[k] = namings[k].version;
 	}
 
 	values[0] = text_array(ids, n_dishes, &nulls[0]);
 	values[1] = text_array(names, n_dishes, &nulls[1]);
-	nulls[2] = (n_dishes == 0);
-	values[2] = n_dishes == 0 ? (Datum) 0 :
-		PointerGetDatum(construct_array(times, n_dishes, TIMESTAMPOID, 8,
-										FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[2] = timestamp_array(times, n_dishes, &nulls[2]);
+	values[3] = timestamp_array(first_times, n_dishes, &nulls[3]);
 	PG_RETURN_DATUM(HeapTupleGetDatum(result_tuple(fcinfo, values, nulls)));
 }
 
@@ -334,29 +360,36 @@ text_string(Datum d)
 }
 
 /*
- * Does this naming change the current name of its dish, whose newest row of
- * dds.s_product_names is in slot (NULL: none)?  It does when it differs
- * and is newer, or as new and greater byte-wise: the current name is the
+ * Does this naming change the current name of its dish?  current is the
+ * dish's newest row of dds.s_product_names (NULL: none) and current_time
+ * the time of the naming it stands for.  It does when it differs and is
+ * newer, or as new and greater byte-wise: the current name is the
  * greatest naming in (time, name) order.
  */
 static bool
-renames(const ItemNaming *naming, TupleTableSlot *slot, AttrNumber name_att,
-		AttrNumber load_dt_att)
+renames(const ItemNaming *naming, const PayloadString *current,
+		Timestamp current_time)
 {
-	bool		isnull;
-	PayloadString current;
-	Timestamp	current_time;
 	int			c;
 
-	if (slot == NULL)
+	if (current == NULL)
 		return true;			/* named for the first time */
-	current = text_string(slot_getattr(slot, name_att, &isnull));
-	current_time = DatumGetTimestamp(slot_getattr(slot, load_dt_att, &isnull));
-	c = string_cmp(&naming->name, &current);
+	c = string_cmp(&naming->name, current);
 	if (c == 0)
 		return false;
 	return naming->version > current_time ||
 		(naming->version == current_time && c > 0);
+}
+
+/* Column attname of dds.<table>, or an error. */
+static AttrNumber
+column_of(Oid relid, const char *table, const char *attname)
+{
+	AttrNumber	att = get_attnum(relid, attname);
+
+	if (att == InvalidAttrNumber)
+		elog(ERROR, "dds.%s has no column %s", table, attname);
+	return att;
 }
 
 /*
@@ -366,8 +399,10 @@ renames(const ItemNaming *naming, TupleTableSlot *slot, AttrNumber name_att,
  * Would these namings (ids[i] named names[i] at versions[i], the newest of
  * each dish counting) change the current name of some dish, or name one
  * for the first time?  The current name is the one of the dish's newest
- * row in dds.s_product_names that the statement's snapshot sees.  False
- * when an argument is null.
+ * row in dds.s_product_names that the statement's snapshot sees.  When
+ * that row is the dish's order naming row, which sits at or before the
+ * newest order naming (docs/data-rule.md), the time it stands for is that
+ * naming's, from dds.product_namings.  False when an argument is null.
  */
 Datum
 dwh_namings_rename(PG_FUNCTION_ARGS)
@@ -377,11 +412,17 @@ dwh_namings_rename(PG_FUNCTION_ARGS)
 	Datum	   *versions;
 	int			n;
 	ItemNaming *namings;
-	Oid			relid;
-	Relation	rel;
+	Oid			dds;
+	Oid			names_relid;
+	Oid			bounds_relid;
+	Relation	names_rel;
+	Relation	bounds_rel;
 	AttrNumber	name_att;
 	AttrNumber	load_dt_att;
-	DwhKeyProbe probe;
+	AttrNumber	load_src_att;
+	AttrNumber	last_order_att;
+	DwhKeyProbe names_probe;
+	DwhKeyProbe bounds_probe;
 	bool		found = false;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
@@ -400,27 +441,60 @@ dwh_namings_rename(PG_FUNCTION_ARGS)
 		namings[i].name = text_string(names[i]);
 		namings[i].version = DatumGetTimestamp(versions[i]);
 	}
-	n = newest_per_dish(namings, n);
+	n = newest_per_dish(namings, n, NULL);
 	if (n == 0)
 		PG_RETURN_BOOL(false);
 
-	relid = get_relname_relid("s_product_names", get_namespace_oid("dds", false));
-	name_att = get_attnum(relid, "name");
-	load_dt_att = get_attnum(relid, "load_dt");
-	if (name_att == InvalidAttrNumber || load_dt_att == InvalidAttrNumber)
-		elog(ERROR, "dds.s_product_names has no column name or load_dt");
-	rel = table_open(relid, AccessShareLock);
-	dwh_key_probe_begin(&probe, rel, GetActiveSnapshot());
+	dds = get_namespace_oid("dds", false);
+	names_relid = get_relname_relid("s_product_names", dds);
+	bounds_relid = get_relname_relid("product_namings", dds);
+	name_att = column_of(names_relid, "s_product_names", "name");
+	load_dt_att = column_of(names_relid, "s_product_names", "load_dt");
+	load_src_att = column_of(names_relid, "s_product_names", "load_src");
+	last_order_att = column_of(bounds_relid, "product_namings", "last_order_dt");
+
+	names_rel = table_open(names_relid, AccessShareLock);
+	bounds_rel = table_open(bounds_relid, AccessShareLock);
+	dwh_key_probe_begin(&names_probe, names_rel, GetActiveSnapshot());
+	dwh_key_probe_begin(&bounds_probe, bounds_rel, GetActiveSnapshot());
 	for (int i = 0; i < n && !found; i++)
 	{
 		pg_uuid_t	key;
+		TupleTableSlot *row;
+		PayloadString current;
+		PayloadString source;
+		Timestamp	current_time;
+		bool		isnull;
 
 		dwh_hash_key(namings[i].id.val, namings[i].id.len, &key);
-		found = renames(&namings[i], dwh_key_probe_last(&probe, &key),
-						name_att, load_dt_att);
+		row = dwh_key_probe_last(&names_probe, &key);
+		if (row == NULL)
+		{
+			found = true;		/* named for the first time */
+			break;
+		}
+		current = text_string(slot_getattr(row, name_att, &isnull));
+		current_time = DatumGetTimestamp(slot_getattr(row, load_dt_att, &isnull));
+		source = text_string(slot_getattr(row, load_src_att, &isnull));
+		if (source.len == strlen("stg.order_events") &&
+			memcmp(source.val, "stg.order_events", source.len) == 0)
+		{
+			TupleTableSlot *bounds = dwh_key_probe_last(&bounds_probe, &key);
+			Datum		last;
+
+			if (bounds != NULL)
+			{
+				last = slot_getattr(bounds, last_order_att, &isnull);
+				if (!isnull)
+					current_time = DatumGetTimestamp(last);
+			}
+		}
+		found = renames(&namings[i], &current, current_time);
 	}
-	dwh_key_probe_end(&probe);
-	table_close(rel, NoLock);	/* held until commit, as a query would */
+	dwh_key_probe_end(&bounds_probe);
+	dwh_key_probe_end(&names_probe);
+	table_close(bounds_rel, NoLock);	/* held until commit, as a query would */
+	table_close(names_rel, NoLock);
 	PG_RETURN_BOOL(found);
 }
 
@@ -535,11 +609,12 @@ business_keys(SharedKeys *set, bool second, bool *isnull)
  * dwh.order_keys_missing(payloads jsonb[],
  *						  OUT products text[], OUT restaurants text[],
  *						  OUT users text[], OUT pair_restaurants text[],
- *						  OUT pair_products text[])
+ *						  OUT pair_products text[], OUT namings text[])
  *
  * The business keys of the dishes, restaurants and users of the orders
- * whose hubs DDS lacks, and the (restaurant, dish) pairs it has no link
- * for; each in key order, null when none is missing.
+ * whose hubs DDS lacks, the (restaurant, dish) pairs it has no link for,
+ * and the dishes that have no row in dds.product_namings; each in key
+ * order, null when none is missing.
  */
 Datum
 dwh_order_keys_missing(PG_FUNCTION_ARGS)
@@ -550,9 +625,10 @@ dwh_order_keys_missing(PG_FUNCTION_ARGS)
 	SharedKeys	restaurants = {0};
 	SharedKeys	users = {0};
 	SharedKeys	pairs = {0};
+	SharedKeys	namings;
 	PayloadString none = {"", 0};
-	Datum		values[5];
-	bool		nulls[5];
+	Datum		values[6];
+	bool		nulls[6];
 
 	n = array_elements(PG_GETARG_ARRAYTYPE_P(0), JSONBOID, "payloads", &payloads);
 	for (int i = 0; i < n; i++)
@@ -583,17 +659,26 @@ dwh_order_keys_missing(PG_FUNCTION_ARGS)
 	hash_distinct(&restaurants, false);
 	hash_distinct(&users, false);
 	hash_distinct(&pairs, true);
+	namings = products;
+	if (products.n > 0)
+	{
+		namings.keys = palloc(sizeof(SharedKey) * products.n);
+		memcpy(namings.keys, products.keys, sizeof(SharedKey) * products.n);
+		namings.allocated = products.n;
+	}
 
 	/* In the order the claim writes them. */
 	keep_missing(&products, "h_product");
 	keep_missing(&restaurants, "h_restaurant");
 	keep_missing(&users, "h_user");
 	keep_missing(&pairs, "l_product_restaurant");
+	keep_missing(&namings, "product_namings");
 
 	values[0] = business_keys(&products, false, &nulls[0]);
 	values[1] = business_keys(&restaurants, false, &nulls[1]);
 	values[2] = business_keys(&users, false, &nulls[2]);
 	values[3] = business_keys(&pairs, false, &nulls[3]);
 	values[4] = business_keys(&pairs, true, &nulls[4]);
+	values[5] = business_keys(&namings, false, &nulls[5]);
 	PG_RETURN_DATUM(HeapTupleGetDatum(result_tuple(fcinfo, values, nulls)));
 }

@@ -143,10 +143,13 @@ def read_catalog(psql):
 def trigger_references(tables):
     """References enforced by triggers: (schema, table, column, schema,
     hub, hub column), from the columns each referring table's guard
-    trigger names and the tables whose primary key is that column."""
+    trigger names and the hubs (h_*) whose primary key is that column
+    (another table keyed by a hub's key, dds.product_namings, is not
+    referred to)."""
     by_pk = {}
     for t in tables:
-        if t["primary_key"] and len(t["primary_key"]) == 1:
+        if (t["primary_key"] and len(t["primary_key"]) == 1
+                and t["name"].startswith("h_")):
             by_pk[(t["schema"], t["primary_key"][0])] = t["name"]
     refs = []
     for t in tables:

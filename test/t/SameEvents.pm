@@ -840,45 +840,61 @@ sub expected_tables
 	$sql{'dds.s_restaurant_names'} =
 	  q{SELECT h_restaurant_pk || '|' || name || '|' || load_dt FROM dds.s_restaurant_names};
 
-	# Dish names: menus name a dish at their version times; orders only by
-	# their newest naming, the greatest (update_ts, name) over all order
-	# versions' items.  One row per time named by a menu or by that newest
-	# order naming, with the greatest name named then; load_src is
-	# stg.order_events for the newest order naming's row.  The current name
-	# is the one of the latest time.
+	# Dish names (docs/data-rule.md): menus name a dish at their version
+	# times, one row per time with the greatest name; orders by their first
+	# and their newest naming, the greatest (update_ts, name).  The order
+	# naming row sits at the first order naming, or at the newest menu
+	# naming when the newest order naming is not older; it holds the newest
+	# order naming's name (the greater of it and the menus' when of the same
+	# time) and takes the place of a menu row of its time.  The current name
+	# is the one of the latest row.
 	my %current_name;
 	foreach my $d (keys %namings)
 	{
-		my (%menu_at, $order_time, $order_name);
+		my (%menu_at, $first, $last, $last_name, $last_menu);
 		foreach my $n (@{ $namings{$d} })
 		{
 			my ($t, $name, $source) = @$n;
 			my $key = $t // '';
 			if ($source eq 'stg.restaurants')
 			{
-				$menu_at{$key}{$name} = 1;
+				$menu_at{$key} = $name
+				  if !defined $menu_at{$key} || $name gt $menu_at{$key};
+				$last_menu = $key if !defined $last_menu || $key gt $last_menu;
 			}
-			elsif (!defined $order_time
-				|| $key gt $order_time
-				|| ($key eq $order_time && $name gt $order_name))
+			else
 			{
-				($order_time, $order_name) = ($key, $name);
+				$first = $key if !defined $first || $key lt $first;
+				($last, $last_name) = ($key, $name)
+				  if !defined $last
+				  || $key gt $last
+				  || ($key eq $last && $name gt $last_name);
 			}
 		}
-		my %times = map { $_ => 1 } keys %menu_at;
-		$times{$order_time} = 1 if defined $order_time;
-		foreach my $t (sort keys %times)
+		my %row = map { $_ => [ $menu_at{$_}, 'stg.restaurants' ] } keys %menu_at;
+		if (defined $first)
 		{
-			my $is_order = defined $order_time && $t eq $order_time;
-			my @names = keys %{ $menu_at{$t} // {} };
-			push @names, $order_name if $is_order;
-			my ($name) = sort { $b cmp $a } @names;
-			my $source = $is_order ? 'stg.order_events' : 'stg.restaurants';
+			my $at = $first;
+			$at = $last_menu
+			  if defined $last_menu && $last ge $last_menu && $last_menu gt $first;
+			my $name = $last_name;
+			$name = $menu_at{$at}
+			  if $last eq $at && defined $menu_at{$at} && $menu_at{$at} gt $name;
+			$row{$at} = [ $name, 'stg.order_events' ];
+			push @{ $rows{'dds.product_namings'} },
+			  $h->($d) . "|$first|$last|$last_name|"
+			  . (defined $last_menu ? time_text($last_menu eq '' ? undef : $last_menu) : '');
+		}
+		foreach my $t (sort keys %row)
+		{
+			my ($name, $source) = @{ $row{$t} };
 			push @{ $rows{'dds.s_product_names'} },
 			  $h->($d) . "|$name|" . time_text($t eq '' ? undef : $t) . "|$source";
 			$current_name{$d} = $name;
 		}
 	}
+	$sql{'dds.product_namings'} =
+	  q{SELECT h_product_pk || '|' || first_order_dt || '|' || last_order_dt || '|' || last_order_name || '|' || coalesce(last_menu_dt::text, '') FROM dds.product_namings};
 	$sql{'dds.s_product_names'} =
 	  q{SELECT h_product_pk || '|' || name || '|' || load_dt || '|' || load_src FROM dds.s_product_names};
 
