@@ -38,6 +38,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "dwh_columns.h"
 #include "dwh_key_probe.h"
 #include "dwh_uuid.h"
 
@@ -226,21 +227,27 @@ order_item(JsonbContainer *items, int j, int i)
 	return item->val.binary.data;
 }
 
+/* The column as an array, or null when it is empty. */
+static Datum
+column_or_null(DwhColumn *col, bool *isnull)
+{
+	*isnull = (col->n == 0);
+	return col->n == 0 ? (Datum) 0 : dwh_column_array(col);
+}
+
 /* The text[] of strings[0..n-1], or null when n is 0. */
 static Datum
 text_array(PayloadString *strings, int n, bool *isnull)
 {
-	Datum	   *elems;
+	DwhColumn	col;
 
-	*isnull = (n == 0);
-	if (n == 0)
-		return (Datum) 0;
-	elems = palloc(sizeof(Datum) * n);
+	dwh_column_init(&col, TEXTOID, n);
 	for (int i = 0; i < n; i++)
-		elems[i] = PointerGetDatum(cstring_to_text_with_len(strings[i].val,
-															strings[i].len));
-	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false,
-										   TYPALIGN_INT));
+		dwh_column_add(&col,
+					   PointerGetDatum(cstring_to_text_with_len(strings[i].val,
+																strings[i].len)),
+					   false);
+	return column_or_null(&col, isnull);
 }
 
 static HeapTuple
@@ -257,16 +264,12 @@ result_tuple(FunctionCallInfo fcinfo, Datum *values, bool *nulls)
 static Datum
 timestamp_array(Timestamp *times, int n, bool *isnull)
 {
-	Datum	   *elems;
+	DwhColumn	col;
 
-	*isnull = (n == 0);
-	if (n == 0)
-		return (Datum) 0;
-	elems = palloc(sizeof(Datum) * n);
+	dwh_column_init(&col, TIMESTAMPOID, n);
 	for (int i = 0; i < n; i++)
-		elems[i] = TimestampGetDatum(times[i]);
-	return PointerGetDatum(construct_array(elems, n, TIMESTAMPOID, 8,
-										   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		dwh_column_add(&col, TimestampGetDatum(times[i]), false);
+	return column_or_null(&col, isnull);
 }
 
 /*
