@@ -564,11 +564,15 @@ hash_distinct(SharedKeys *set, bool pairs)
  * A key is there when a row of a committed transaction or of this one has
  * it (SnapshotDirty): rows are never deleted from these tables and their
  * keys never change.  A row that a transaction still in progress inserted
- * (or deletes) does not count: the claim's upsert of that key waits for
- * it, as it did for every key before this lookup.
+ * does not count: the claim's upsert of that key waits for it, as it did
+ * for every key before this lookup.  Nor does one it deletes, unless
+ * updated: the rows of dds.product_namings are updated by every batch
+ * (never deleted, their key never changed), and a batch that took such a
+ * row for missing would wait, at step 2 of the lock order, for the
+ * commit of every batch naming the same dishes.
  */
 static void
-keep_missing(SharedKeys *set, const char *table)
+keep_missing(SharedKeys *set, const char *table, bool updated)
 {
 	Relation	rel;
 	DwhKeyProbe probe;
@@ -587,7 +591,7 @@ keep_missing(SharedKeys *set, const char *table)
 	{
 		bool		there = dwh_key_probe(&probe, &set->keys[i].key) &&
 		!TransactionIdIsValid(dirty.xmin) &&
-		!TransactionIdIsValid(dirty.xmax);
+		(updated || !TransactionIdIsValid(dirty.xmax));
 
 		if (!there)
 			set->keys[kept++] = set->keys[i];
@@ -671,11 +675,11 @@ dwh_order_keys_missing(PG_FUNCTION_ARGS)
 	}
 
 	/* In the order the claim writes them. */
-	keep_missing(&products, "h_product");
-	keep_missing(&restaurants, "h_restaurant");
-	keep_missing(&users, "h_user");
-	keep_missing(&pairs, "l_product_restaurant");
-	keep_missing(&namings, "product_namings");
+	keep_missing(&products, "h_product", false);
+	keep_missing(&restaurants, "h_restaurant", false);
+	keep_missing(&users, "h_user", false);
+	keep_missing(&pairs, "l_product_restaurant", false);
+	keep_missing(&namings, "product_namings", true);
 
 	values[0] = business_keys(&products, false, &nulls[0]);
 	values[1] = business_keys(&restaurants, false, &nulls[1]);
