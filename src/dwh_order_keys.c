@@ -4,12 +4,12 @@
  *	  What a batch of order versions names and refers to: the C steps of
  *	  dwh.claim_order_keys() (install/40_products.sql).
  *
- * dwh.order_namings() reduces the batch's order items to the newest and
- * the oldest naming of each dish; dwh.namings_rename() says whether those
- * change the current name of some dish; dwh.order_keys_missing() says
- * which of the keys that batches share (dish, restaurant and user hubs,
- * dish-restaurant pairs, the dishes' rows of dds.product_namings) DDS
- * lacks.  All were statements of the claim: an aggregate over
+ * dwh.order_namings() reduces the batch's order items to the newest naming
+ * and the oldest version of each dish; dwh.namings_rename() says whether
+ * those change the current name of some dish; dwh.order_keys_missing()
+ * says which of the keys that batches share (dish, restaurant and user
+ * hubs, dish-restaurant pairs, the dishes' rows of dds.product_namings)
+ * DDS lacks.  All were statements of the claim: an aggregate over
  * every item, a lateral lookup per dish, and one upsert per table that,
  * once the keys exist (every batch but the first few), inserts nothing.
  * Here they are a walk over the payloads and lookups in primary keys; the
@@ -364,7 +364,7 @@ text_string(Datum d)
 
 /*
  * Does this naming change the current name of its dish?  current is the
- * dish's newest row of dds.s_product_names (NULL: none) and current_time
+ * name of the dish's newest row of dds.s_product_names and current_time
  * the time of the naming it stands for.  It does when it differs and is
  * newer, or as new and greater byte-wise: the current name is the
  * greatest naming in (time, name) order.
@@ -373,11 +373,8 @@ static bool
 renames(const ItemNaming *naming, const PayloadString *current,
 		Timestamp current_time)
 {
-	int			c;
+	int			c = string_cmp(&naming->name, current);
 
-	if (current == NULL)
-		return true;			/* named for the first time */
-	c = string_cmp(&naming->name, current);
 	if (c == 0)
 		return false;
 	return naming->version > current_time ||
