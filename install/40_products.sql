@@ -41,6 +41,20 @@ $fn$;
 COMMENT ON FUNCTION dwh.current_product_names(uuid[]) IS
     'Internal: the current name of each of these dishes (its newest name satellite row), null if it has none';
 
+-- Of these dishes, those whose current name is no longer the one read
+-- before (before_names, in the same order).
+CREATE FUNCTION dwh.products_renamed(products uuid[], before_names varchar[])
+    RETURNS uuid[]
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT array_agg(c.h_product_pk)
+    FROM dwh.current_product_names(products) c
+    JOIN unnest(products, before_names) AS b(h_product_pk, name) USING (h_product_pk)
+    WHERE c.name IS DISTINCT FROM b.name
+$fn$;
+COMMENT ON FUNCTION dwh.products_renamed(uuid[], varchar[]) IS
+    'Internal: of these dishes, those whose current name differs from the names read before';
+
 -- The greatest name that menus give a dish at a time, if any; the menu
 -- versions of that time are found by index.
 CREATE FUNCTION dwh.menu_name_at(product_id text, version timestamp)
@@ -76,7 +90,6 @@ DECLARE
     keys uuid[];
     times timestamp[];
     names varchar[];
-    renamed uuid[];
 BEGIN
     SELECT array_agg(c.h_product_pk ORDER BY c.h_product_pk),
            array_agg(c.name ORDER BY c.h_product_pk)
@@ -134,11 +147,7 @@ BEGIN
     WHERE s.name IS DISTINCT FROM EXCLUDED.name
        OR s.load_src IS DISTINCT FROM EXCLUDED.load_src;
 
-    SELECT array_agg(c.h_product_pk) INTO renamed
-    FROM dwh.current_product_names(sorted) c
-    JOIN unnest(sorted, before) AS b(h_product_pk, name) USING (h_product_pk)
-    WHERE c.name IS DISTINCT FROM b.name;
-    RETURN renamed;
+    RETURN dwh.products_renamed(sorted, before);
 END
 $fn$;
 COMMENT ON FUNCTION dwh.place_order_namings(uuid[]) IS
@@ -156,7 +165,6 @@ DECLARE
     dishes uuid[];
     before varchar[];
     placed uuid[];
-    renamed uuid[];
 BEGIN
     WITH naming AS MATERIALIZED (
         SELECT DISTINCT ON (n.product_id, n.load_dt)
@@ -210,11 +218,7 @@ BEGIN
         PERFORM dwh.place_order_namings(placed);
     END IF;
 
-    SELECT array_agg(c.h_product_pk) INTO renamed
-    FROM dwh.current_product_names(dishes) c
-    JOIN unnest(dishes, before) AS b(h_product_pk, name) USING (h_product_pk)
-    WHERE c.name IS DISTINCT FROM b.name;
-    RETURN renamed;
+    RETURN dwh.products_renamed(dishes, before);
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_menu_namings(text[], text[], timestamp[]) IS
@@ -306,10 +310,7 @@ CREATE FUNCTION dwh.refresh_product_names(products uuid[]) RETURNS void
 AS $fn$
     UPDATE cdm.user_product_counters m
     SET product_name = n.name
-    FROM (SELECT DISTINCT ON (h_product_pk) h_product_pk, name
-          FROM dds.s_product_names
-          WHERE h_product_pk = ANY (products)
-          ORDER BY h_product_pk, load_dt DESC) n
+    FROM dwh.current_product_names(products) n
     WHERE m.product_id = n.h_product_pk
       AND m.product_name IS DISTINCT FROM n.name;
 $fn$;
