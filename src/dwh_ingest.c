@@ -39,6 +39,7 @@
 #include "dwh_ingest.h"
 #include "dwh_ingest_session.h"
 #include "dwh_message.h"
+#include "dwh_replan.h"
 #include "dwh_spi.h"
 
 /*
@@ -997,6 +998,7 @@ ingest_batch(DwhIngestItem *items, int n, const char *source,
 	if (n == 0)
 		return;
 
+	dwh_replan_if_grown();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	prepare_plans();

@@ -1393,9 +1393,11 @@ BEGIN
     END IF;
 
     -- Orders DDS does not hold yet take the shorter path.  (A restore
-    -- replays orders whose history it may have loaded first.)
-    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM changed c
-                                        JOIN dds.h_order h ON h.order_id = c.object_id) THEN
+    -- replays orders whose history it may have loaded first.)  Probed by
+    -- key: a join with the transition table, planned once while the hub
+    -- was small, kept scanning all of it for the session.
+    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM dds.h_order h
+                                        WHERE h.order_id = ANY (object_ids)) THEN
         d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
         IF windows THEN

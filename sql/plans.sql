@@ -1,0 +1,52 @@
+-- Plans that follow the warehouse's growth.  A session keeps the plans of
+-- a batch's statements, and batches of a few messages take the generic
+-- ones, made once for the sizes the tables had then; autovacuum makes them
+-- again only when it next analyzes a table.  A Kafka worker that planned
+-- on a small warehouse hashed whole link tables in every batch of changed
+-- orders once they had grown.  The session now plans again whenever the
+-- order hub has doubled: after the warehouse grows a hundredfold without
+-- an ANALYZE, a batch of new and changed orders reads no large table whole.
+\set ECHO none
+\i test/regress_helpers.sql
+\set ECHO all
+
+CREATE FUNCTION t.batch(first bigint, n int, status text, ts text) RETURNS bytea[]
+LANGUAGE sql AS $$
+    SELECT array_agg(convert_to(t.order_msg(i, 'u' || (i % 50), status, ts,
+                                            t.items('d' || (i % 40) || ':Dish ' || (i % 40),
+                                                    'd' || (i % 7) || ':Dish ' || (i % 7)),
+                                            'r' || (i % 3)), 'UTF8'))
+    FROM generate_series(first, first + n - 1) i
+$$;
+-- No autovacuum ANALYZE to make the plans again behind the test's back.
+DO $$
+DECLARE
+    r regclass;
+BEGIN
+    FOR r IN SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname IN ('stg', 'dds', 'cdm') AND c.relkind = 'r'
+    LOOP
+        EXECUTE format('ALTER TABLE %s SET (autovacuum_enabled = off)', r);
+    END LOOP;
+END
+$$;
+SELECT t.set_menu('r0', '2023-01-01 00:00:00', 'd1:Dish 1:main', 'd2:Dish 2:soup');
+SELECT (dwh.ingest_orders(t.batch(1, 200, 'CLOSED', '2023-02-01 10:00:00'))).applied;
+ANALYZE;
+
+-- Plans made now, on 200 orders (a batch of 8 messages or fewer takes the
+-- generic plans), and used after 20,000 more.
+SELECT (dwh.ingest_orders(t.batch(201, 5, 'CLOSED', '2023-02-01 11:00:00'))).applied;
+SELECT (dwh.ingest_orders(t.batch(1, 5, 'CANCELLED', '2023-02-01 11:00:00'))).applied;
+SELECT (dwh.ingest_orders(t.batch(1001, 20000, 'CLOSED', '2023-02-01 12:00:00'))).applied;
+
+BEGIN;
+SELECT (dwh.ingest_orders(t.batch(30001, 5, 'CLOSED', '2023-02-02 10:00:00'))).applied;
+SELECT (dwh.ingest_orders(t.batch(11, 5, 'CANCELLED', '2023-02-02 11:00:00'))).applied;
+SELECT relid::regclass AS read_whole, seq_scan, pg_relation_size(relid) / 8192 AS pages
+FROM pg_stat_xact_user_tables
+WHERE schemaname IN ('stg', 'dds', 'cdm') AND seq_scan > 0
+  AND pg_relation_size(relid) > 16 * 8192
+ORDER BY 1;
+ROLLBACK;
+SELECT count(*) FROM dwh.verify();
