@@ -75,7 +75,8 @@
 #   producer sends no key),
 #   BENCH_CONSUMERS (2), BENCH_PARTITIONS (4), BENCH_SEED (2),
 #   BENCH_WAL_SEGMENTS (as in bench/kafka_drain.sh), BENCH_BATCH_WAIT, BENCH_BATCH_SIZE (default: the
-#   settings' defaults), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
+#   settings' defaults), BENCH_KAFKA_OPTIONS (none: dwh.kafka_options of the workers, librdkafka
+#   properties such as fetch.wait.max.ms; no single quotes), BENCH_SHARED_BUFFERS, BENCH_KEEP (0),
 #   BENCH_SKIP_INSTALL (0), BENCH_DIR (/tmp),
 #   PG_CONFIG (/usr/lib/postgresql/15/bin/pg_config).
 
@@ -104,6 +105,7 @@ LABEL=${BENCH_LABEL:-$RATE}
 extra=""
 [ -z "${BENCH_BATCH_WAIT:-}" ] || extra+="dwh.kafka_batch_wait = '$BENCH_BATCH_WAIT'"$'\n'
 [ -z "${BENCH_BATCH_SIZE:-}" ] || extra+="dwh.kafka_batch_size = $BENCH_BATCH_SIZE"$'\n'
+[ -z "${BENCH_KAFKA_OPTIONS:-}" ] || extra+="dwh.kafka_options = '$BENCH_KAFKA_OPTIONS'"$'\n'
 
 bench_install
 bench_workdir kafka-freshness
