@@ -33,7 +33,10 @@
 #   with this build; the suite's table then ends with the goals of
 #   docs/benchmarks.md, baseline and this build side by side),
 #   BENCH_BASELINE_RUNS (sql1 history drain freshness_trickle
-#   freshness_1000 freshness_5000; runs of BENCH_ONLY only).
+#   freshness_1000 freshness_5000; runs of BENCH_ONLY only),
+#   BENCH_ROUNDS (1: each run is done that many times, alternating with
+#   the baseline's, and the table gives the median of each figure; the
+#   logs are KEY.rN.log, the images those of the last round).
 #
 # Sizes (full / quick): SQL chain history 1,000,000 / 100,000 orders and
 # 100,000 / 20,000 measured; Kafka drain 1,000,000 / 100,000 orders (with
@@ -97,48 +100,78 @@ fi
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')
 git -C "$root" diff --quiet HEAD 2>/dev/null || commit+=" (with uncommitted changes)"
 
+ROUNDS=${BENCH_ROUNDS:-1}
+case $ROUNDS in
+'' | *[!0-9]* | 0) echo "BENCH_ROUNDS must be a positive integer" >&2; exit 1 ;;
+esac
+
+# R[KEY.key]: a run's figure (the median of its rounds); RS[KEY.key]: the
+# figure of each round, one per line.
 declare -A R
+declare -A RS
 declare -A STATUS
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 
-# run_one KEY SCRIPT VAR=VALUE...: run a benchmark, keep its output in
-# KEY.log, read its RESULT lines into R[KEY.key].
+# run_one KEY ROUND SCRIPT VAR=VALUE...: run a benchmark, keep its output in
+# KEY.log (KEY.rROUND.log with rounds), add its RESULT lines to RS[KEY.key].
 run_one() {
-	local key=$1 script=$2 t0 rc
-	shift 2
-	echo "== $key: $script $* (log $OUT/$key.log)"
+	local key=$1 round=$2 script=$3 t0 rc log
+	shift 3
+	log=$OUT/$key.log
+	[ "$ROUNDS" = 1 ] || log=$OUT/$key.r$round.log
+	echo "== $key: $script $* (log $log)"
 	t0=$SECONDS
-	env BENCH_SKIP_INSTALL=1 BENCH_PLOT_DIR="$OUT" "$@" "$here/$script" >"$OUT/$key.log" 2>&1
+	env BENCH_SKIP_INSTALL=1 BENCH_PLOT_DIR="$OUT" "$@" "$here/$script" >"$log" 2>&1
 	rc=$?
 	while IFS='=' read -r k value; do
-		R[$key.$k]=$value
-	done < <(sed -n -E 's/^RESULT ([a-z0-9_]+=.*)$/\1/p' "$OUT/$key.log")
+		RS[$key.$k]+=$value$'\n'
+	done < <(sed -n -E 's/^RESULT ([a-z0-9_]+=.*)$/\1/p' "$log")
 	if [ "$rc" = 0 ]; then
-		STATUS[$key]=ok
+		[ -n "${STATUS[$key]:-}" ] || STATUS[$key]=ok
 	else
 		STATUS[$key]="FAILED (exit $rc)"
-		tail -n 15 "$OUT/$key.log" | sed 's/^/   | /'
+		tail -n 15 "$log" | sed 's/^/   | /'
 	fi
-	echo "   ${STATUS[$key]} in $((SECONDS - t0)) s"
+	echo "   exit $rc in $((SECONDS - t0)) s"
+}
+
+# R[KEY.key] from RS: the median of the rounds' figures when they are all
+# numbers, the figure when all rounds agree, else each round's.
+summarise() {
+	local key=$1 k vals
+	for k in "${!RS[@]}"; do
+		[ "${k%.*}" = "$key" ] || continue
+		vals=$(printf '%s' "${RS[$k]}")
+		if ! grep -qvE '^-?[0-9]+(\.[0-9]+)?$' <<<"$vals"; then
+			R[$k]=$(sort -g <<<"$vals" | awk '{ v[NR] = $0 }
+				END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+		elif [ "$(sort -u <<<"$vals" | wc -l)" = 1 ]; then
+			R[$k]=$(head -n 1 <<<"$vals")
+		else
+			R[$k]=$(paste -sd, <<<"$vals")
+		fi
+	done
 }
 
 # run NAME SCRIPT VAR=VALUE...: a run of BENCH_ONLY, with the baseline
 # first (as base.NAME, its images in baseline/plots) when it is one of
 # BENCH_BASELINE_RUNS.
 run() {
-	local name=$1 script=$2
+	local name=$1 script=$2 round base=0
 	shift 2
 	case " $ONLY " in *" $name "* | *" ${name%%_*} "*) ;; *) return ;; esac
 	if [ -n "$BASELINE" ]; then
-		case " $BASELINE_RUNS " in
-		*" $name "*)
-			run_one "base.$name" "$script" "$@" PG_CONFIG="$base_pg_config" \
-				BENCH_PLOT_DIR="$OUT/baseline/plots"
-			;;
-		esac
+		case " $BASELINE_RUNS " in *" $name "*) base=1 ;; esac
 	fi
-	run_one "$name" "$script" "$@"
+	for round in $(seq "$ROUNDS"); do
+		[ "$base" = 0 ] ||
+			run_one "base.$name" "$round" "$script" "$@" PG_CONFIG="$base_pg_config" \
+				BENCH_PLOT_DIR="$OUT/baseline/plots"
+		run_one "$name" "$round" "$script" "$@"
+	done
+	[ "$base" = 0 ] || summarise "base.$name"
+	summarise "$name"
 }
 
 run sql1 sql_chain.sh "${sql_sizes[@]}" BENCH_CLIENTS=1 BENCH_EXPLAIN=0
@@ -236,6 +269,7 @@ row "PostgreSQL" "$("$bin/postgres" --version | sed 's/^postgres (PostgreSQL) //
 row "librdkafka / Kafka broker / hiredis" "$(pkg librdkafka1) / $(kafka_version) / $(pkg libhiredis0.14)"
 row "dwh commit" "$commit"
 [ -z "$BASELINE" ] || row "baseline (runs marked base. in the logs)" "$base_commit"
+[ "$ROUNDS" = 1 ] || row "figures" "the median of $ROUNDS rounds (each round: the baseline first)"
 line
 row "SQL chain, 1 connection" "$(v sql1.sql_chain_orders_per_s) orders/s  (history $(v sql1.sql_chain_history), $(v sql1.sql_chain_measured) measured)"
 row "SQL chain, 2 connections" "$(v sql2.sql_chain_orders_per_s) orders/s"
