@@ -10,8 +10,8 @@
  * statistics, but autovacuum analyzes a table only once a tenth of it has
  * changed, and first at its next visit to the database.  A Kafka worker
  * that made its plans on a nearly empty warehouse hashed whole link tables
- * that had grown since, in every batch of changed orders, until then:
- * the worst tail of the freshness benchmark (docs/benchmarks.md).
+ * that had grown since, in every batch of changed orders, until then
+ * (measured in docs/benchmarks.md, "Plans made on a small warehouse").
  *
  * So whenever the order hub, which grows with every order and with it the
  * tables a batch reads, has doubled in pages since the session's plans were
