@@ -79,6 +79,8 @@ dwh_replan_if_grown(void)
 		planned_for = pages;
 	else if (pages >= Max(2 * planned_for, REPLAN_MIN_PAGES))
 	{
+		elog(DEBUG1, "dds.h_order has grown from %u to %u pages since this session's plans were made: making them again",
+			 planned_for, pages);
 		ResetPlanCache();
 		planned_for = pages;
 	}
