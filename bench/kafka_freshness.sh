@@ -61,7 +61,7 @@
 #   BENCH_POLL_MS (5), BENCH_LINGER_MS (5), BENCH_LABEL (the rate: names
 #   the files written to BENCH_PLOT_DIR), BENCH_PLOT_DIR (none: where the
 #   latency distribution goes, as freshness-LABEL.tsv and .png), BENCH_WINDOW (10: seconds per line of the
-#   latency over time), BENCH_BROKER_WARMUP (10: seconds of the same stream
+#   latency over time), BENCH_BROKER_WARMUP (40: seconds of the same stream
 #   on another topic first, so that the broker's JVM is warm; 0: none),
 #   BENCH_WORKER_WARMUP (20: orders of their own, with every kind of
 #   message of the mix, through the workers first, on the measured topic,
@@ -91,7 +91,7 @@ RATE=${BENCH_RATE:-1000}
 SECONDS_=${BENCH_SECONDS:-60}
 POLL_MS=${BENCH_POLL_MS:-5}
 WINDOW=${BENCH_WINDOW:-10}
-BROKER_WARMUP=${BENCH_BROKER_WARMUP:-10}
+BROKER_WARMUP=${BENCH_BROKER_WARMUP:-40}
 WORKER_WARMUP=${BENCH_WORKER_WARMUP:-20}
 LINGER_MS=${BENCH_LINGER_MS:-5}
 SEED=${BENCH_SEED:-2}
@@ -346,7 +346,10 @@ EOF
 # first seconds of produce and fetch are several times slower than a
 # production broker's (measured here: p50 0.9 s in the first 2 s of a cold
 # broker, 0.14 s once warm).  Warm it with the same stream on a topic of
-# its own, which the workers never read, produced and fetched back.
+# its own, which the workers never read, produced and fetched back.  Ten
+# seconds were not enough: at 1,000 orders/s the broker then took 85% of a
+# core for the first 15 s measured and the workers fell behind (p50 / p99
+# 178 / 716 ms), against 66% and 42 / 170 ms after 40 s of warm-up.
 if [ "$BROKER_WARMUP" -gt 0 ]; then
 	log "warming the broker: $WARM_RATE orders/s for $BROKER_WARMUP s on topic dwh-bench-warmup"
 	$KAFKA create-topic "$work/kafka" dwh-bench-warmup "$PARTITIONS" >/dev/null
