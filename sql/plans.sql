@@ -50,3 +50,25 @@ WHERE schemaname IN ('stg', 'dds', 'cdm') AND seq_scan > 0
 ORDER BY 1;
 ROLLBACK;
 SELECT count(*) FROM dwh.verify();
+
+-- No JIT within a batch: PostgreSQL compiles a plan at each execution once
+-- its cost passes jit_above_cost, which a batch never pays back.  What the
+-- chain's statements see, through a trigger of the test's own; the
+-- caller's setting is back afterwards.
+CREATE TABLE t.jit_seen (setting text);
+CREATE FUNCTION t.note_jit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO t.jit_seen VALUES (current_setting('jit'));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER note_jit AFTER INSERT ON stg.order_events
+    FOR EACH STATEMENT EXECUTE FUNCTION t.note_jit();
+SET jit = on;
+SELECT (dwh.ingest_orders(t.batch(40001, 3, 'CLOSED', '2023-02-03 10:00:00'))).applied;
+SELECT (dwh.ingest_orders(t.batch(40101, 30, 'CLOSED', '2023-02-03 10:00:00'))).applied;
+SELECT setting, count(*) FROM t.jit_seen GROUP BY setting;
+SHOW jit;
+RESET jit;
+DROP TRIGGER note_jit ON stg.order_events;
+SELECT count(*) FROM dwh.verify();

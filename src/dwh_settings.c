@@ -376,17 +376,23 @@ dwh_settings_define(void)
 }
 
 /*
- * dwh_worker_search_path
- *		Give a worker, once connected, the search_path of dwh's definer
- *		functions for its whole life.  A worker runs as the bootstrap
- *		superuser: a name resolved through a schema that a less trusted
- *		role can write (public, or one set by ALTER DATABASE or ALTER ROLE)
- *		would run that role's code with the superuser's rights.  The
- *		override outranks every per-database or per-role setting.
+ * dwh_worker_settings
+ *		Give a worker, once connected, the settings of its whole life, which
+ *		outrank every per-database or per-role setting:
+ *
+ * - the search_path of dwh's definer functions.  A worker runs as the
+ *	 bootstrap superuser: a name resolved through a schema that a less
+ *	 trusted role can write (public, or one set by ALTER DATABASE or ALTER
+ *	 ROLE) would run that role's code with the superuser's rights;
+ * - no JIT, which compiles a plan again at every execution once its cost
+ *	 passes jit_above_cost, and takes longer than the short statements of a
+ *	 worker's batches (dwh_ingest.c sets it for every batch, whoever runs
+ *	 it).
  */
 void
-dwh_worker_search_path(void)
+dwh_worker_settings(void)
 {
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET,
 					PGC_S_OVERRIDE);
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 }

@@ -53,6 +53,6 @@ extern int	dwh_redis_max_value_size;
 extern int	dwh_redis_timeout;
 
 extern void dwh_settings_define(void);
-extern void dwh_worker_search_path(void);
+extern void dwh_worker_settings(void);
 
 #endif							/* DWH_SETTINGS_H */

@@ -289,7 +289,7 @@ wait_for_database(void)
 }
 
 /*
- * Connect to dwh.database, with the search_path of dwh's definer functions.
+ * Connect to dwh.database, with a worker's settings (dwh_worker_settings).
  * Does not return while the database is missing.
  */
 static void
@@ -307,7 +307,7 @@ connect_to_database(void)
 	set_connect_pending(true);
 	BackgroundWorkerInitializeConnection(connected_database, NULL, 0);
 	set_connect_pending(false);
-	dwh_worker_search_path();
+	dwh_worker_settings();
 }
 
 /*
