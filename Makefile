@@ -16,6 +16,7 @@ OBJS = \
 	src/dwh_key_probe.o \
 	src/dwh_references.o \
 	src/dwh_replan.o \
+	src/dwh_session_mode.o \
 	src/dwh_order_keys.o \
 	src/dwh_columns.o \
 	src/dwh_dead_letter.o \

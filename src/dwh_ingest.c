@@ -40,6 +40,7 @@
 #include "dwh_ingest_session.h"
 #include "dwh_message.h"
 #include "dwh_replan.h"
+#include "dwh_session_mode.h"
 #include "dwh_spi.h"
 
 /*
@@ -998,6 +999,7 @@ ingest_batch(DwhIngestItem *items, int n, const char *source,
 	if (n == 0)
 		return;
 
+	dwh_require_read_committed();
 	dwh_replan_if_grown();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");

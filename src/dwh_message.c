@@ -503,11 +503,12 @@ check_reference(JsonbContainer *payload, const char *key, DwhProblem *problem)
 
 /*
  * dwh_order_payload_check
- *		Is payload a well-formed order?  On success *update_ts is its version.
+ *		Is payload a well-formed order of at most max_items items?  On
+ *		success *update_ts is its version.
  */
 bool
-dwh_order_payload_check(JsonbContainer *payload, Timestamp *update_ts,
-						DwhProblem *problem)
+dwh_order_payload_check(JsonbContainer *payload, int max_items,
+						Timestamp *update_ts, DwhProblem *problem)
 {
 	JsonbValue	v;
 	Timestamp	date;
@@ -535,10 +536,10 @@ dwh_order_payload_check(JsonbContainer *payload, Timestamp *update_ts,
 		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
 						   "payload.order_items must be an array");
 	n = JsonContainerSize(v.val.binary.data);
-	if (n > dwh_max_order_items)
+	if (n > max_items)
 		return problem_set(problem, ERRCODE_PROGRAM_LIMIT_EXCEEDED,
 						   "payload.order_items lists %d items, more than dwh.max_order_items (%d)",
-						   n, dwh_max_order_items);
+						   n, max_items);
 	for (i = 0; i < n; i++)
 	{
 		JsonbValue *item = getIthJsonbValueFromContainer(v.val.binary.data, i);
@@ -640,7 +641,8 @@ dwh_message_parse(const char *data, int len, DwhMessage *msg)
 					"payload must be an object");
 		return;
 	}
-	if (!dwh_order_payload_check(v.val.binary.data, &msg->update_ts, problem))
+	if (!dwh_order_payload_check(v.val.binary.data, dwh_max_order_items,
+								 &msg->update_ts, problem))
 		return;
 
 	msg->payload = JsonbValueToJsonb(&v);

@@ -48,8 +48,9 @@ typedef struct DwhMessage
 
 extern Jsonb *dwh_json_parse(const char *data, int len, DwhProblem *problem);
 extern void dwh_message_parse(const char *data, int len, DwhMessage *msg);
-extern bool dwh_order_payload_check(JsonbContainer *payload,
-									Timestamp *update_ts, DwhProblem *problem);
+extern bool dwh_order_payload_check(JsonbContainer *payload, int max_items,
+									Timestamp *update_ts,
+									DwhProblem *problem);
 extern bool dwh_user_value_check(JsonbContainer *value, bool *has_update_ts,
 								 Timestamp *update_ts, DwhProblem *problem);
 extern bool dwh_restaurant_value_check(JsonbContainer *value,

@@ -760,15 +760,13 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 			result->values_changed++;
 	}
 
-	if (u_key.n > 0)
-	{
-		Datum		args[2] = {dwh_column_array(&u_key), dwh_column_array(&u_payload)};
-
-		rc = SPI_execute_plan(upsert_users_plan, args, NULL, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "could not store users: %s", SPI_result_code_string(rc));
-		result->stg_written += (int) SPI_processed;
-	}
+	/*
+	 * Restaurants first: a menu takes the dictionary lock exclusive, and a
+	 * transaction that has inserted user hubs before waiting for it could
+	 * deadlock with an order batch that holds it shared and waits for one of
+	 * those hub rows (step 1 of the lock order, install/40_products.sql,
+	 * comes before step 2).
+	 */
 	if (r_key.n > 0)
 	{
 		Datum		args[2] = {dwh_column_array(&r_key), dwh_column_array(&r_payload)};
@@ -776,6 +774,15 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 		rc = SPI_execute_plan(upsert_restaurants_plan, args, NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
 			elog(ERROR, "could not store restaurants: %s", SPI_result_code_string(rc));
+		result->stg_written += (int) SPI_processed;
+	}
+	if (u_key.n > 0)
+	{
+		Datum		args[2] = {dwh_column_array(&u_key), dwh_column_array(&u_payload)};
+
+		rc = SPI_execute_plan(upsert_users_plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not store users: %s", SPI_result_code_string(rc));
 		result->stg_written += (int) SPI_processed;
 	}
 	if (d_key.n > 0)
@@ -872,9 +879,15 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 	{
 		CHECK_FOR_INTERRUPTS();
 		decide(&keys[i], max_value_size, &decisions[i]);
-		if (decisions[i].target != TARGET_NOTHING)
-			idx[n_idx++] = i;
 	}
+	/* Restaurants first, as in write_decisions, for the one-by-one pass. */
+	for (i = 0; i < n; i++)
+		if (decisions[i].target == TARGET_RESTAURANT)
+			idx[n_idx++] = i;
+	for (i = 0; i < n; i++)
+		if (decisions[i].target != TARGET_NOTHING &&
+			decisions[i].target != TARGET_RESTAURANT)
+			idx[n_idx++] = i;
 	if (n_idx == 0)
 	{
 		end_work();

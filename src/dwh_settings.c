@@ -377,13 +377,20 @@ dwh_settings_define(void)
 
 /*
  * dwh_worker_settings
- *		Give a worker, once connected, the settings of its whole life, which
- *		outrank every per-database or per-role setting:
+ *		Give a worker, once connected, the settings of its whole life.  They
+ *		outrank every per-database or per-role setting, which the owner of
+ *		the database (not a superuser) can write:
  *
  * - the search_path of dwh's definer functions.  A worker runs as the
  *	 bootstrap superuser: a name resolved through a schema that a less
  *	 trusted role can write (public, or one set by ALTER DATABASE or ALTER
  *	 ROLE) would run that role's code with the superuser's rights;
+ * - its own role (ALTER DATABASE ... SET role would make it another);
+ * - READ COMMITTED and read-write transactions: dwh writes only in READ
+ *	 COMMITTED transactions (a batch that waited for a lock must see what
+ *	 committed meanwhile);
+ * - check_function_bodies on: off is how a session says it restores a dump
+ *	 (dwh_restore.c), and a worker never does;
  * - no JIT, which compiles a plan again at every execution once its cost
  *	 passes jit_above_cost, and takes longer than the short statements of a
  *	 worker's batches (dwh_ingest.c sets it for every batch, whoever runs
@@ -393,6 +400,13 @@ void
 dwh_worker_settings(void)
 {
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET,
+					PGC_S_OVERRIDE);
+	SetConfigOption("role", "none", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_isolation", "read committed",
+					PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_read_only", "off", PGC_SUSET,
+					PGC_S_OVERRIDE);
+	SetConfigOption("check_function_bodies", "on", PGC_SUSET,
 					PGC_S_OVERRIDE);
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 }

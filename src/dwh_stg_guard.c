@@ -31,6 +31,8 @@
 
 #include "dwh_ingest_session.h"
 #include "dwh_message.h"
+#include "dwh_session_mode.h"
+#include "dwh_settings.h"
 #include "dwh_spi.h"
 #include "dwh_version.h"
 
@@ -195,6 +197,7 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
 		trigdata->tg_trigger->tgnargs != 1)
 		elog(ERROR, "dwh_stg_guard: must be a BEFORE ROW trigger with one argument");
+	dwh_require_read_committed();
 
 	kind = trigdata->tg_trigger->tgargs[0];
 	tupdesc = trigdata->tg_relation->rd_att;
@@ -222,11 +225,18 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 	{
 		Datum		object_id = SPI_getbinval(newtuple, tupdesc, key_col, &isnull);
 
-		/* The ingest has just checked these very bytes: once is enough. */
+		/*
+		 * The ingest has just checked these very bytes: once is enough.  A
+		 * restore brings back what the server dumped accepted, under its own
+		 * dwh.max_order_items.
+		 */
 		ok = (!isnull &&
 			  dwh_ingest_session_checked_order(DatumGetInt64(object_id),
 											   payload, &ts)) ||
-			dwh_order_payload_check(&payload->root, &ts, &problem);
+			dwh_order_payload_check(&payload->root,
+									dwh_session_restores() ? INT_MAX :
+									dwh_max_order_items,
+									&ts, &problem);
 	}
 	else if (strcmp(kind, "user") == 0)
 		ok = dwh_user_value_check(&payload->root, &has_ts, &ts, &problem);

@@ -199,10 +199,10 @@ process_reload(void)
 
 /*
  * An expiry pass, if some rule has a window: dwh.expire_tags() in a
- * transaction of its own (READ COMMITTED: the worker's default, forced at
- * start), committed at once.  Without a topic, the outbox is counted in
- * the same transaction, so that dwh.status shows what a topic set earlier
- * left there.
+ * transaction of its own (READ COMMITTED: the worker's default, forced by
+ * dwh_worker_settings), committed at once.  Without a topic, the outbox is
+ * counted in the same transaction, so that dwh.status shows what a topic
+ * set earlier left there.
  */
 static void
 expiry_pass(void)
@@ -544,15 +544,6 @@ dwh_tags_worker_main(Datum main_arg)
 	sigjmp_buf	local_sigjmp_buf;
 
 	slot = dwh_worker_start(DWH_WORKER_TAGS, 1);
-
-	/*
-	 * dwh.expire_tags() refuses any isolation but READ COMMITTED: whatever a
-	 * DBA made the default, the worker's transactions are so.
-	 */
-	SetConfigOption("default_transaction_isolation", "read committed",
-					PGC_SUSET, PGC_S_OVERRIDE);
-	SetConfigOption("default_transaction_read_only", "off",
-					PGC_SUSET, PGC_S_OVERRIDE);
 
 	loop_context = AllocSetContextCreate(TopMemoryContext, "dwh tags loop",
 										 ALLOCSET_DEFAULT_SIZES);

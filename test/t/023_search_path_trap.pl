@@ -7,8 +7,6 @@
 # worker then mirrors users and restaurants, and orders go through
 # dwh.ingest_orders, dwh.ingest_order and a plain upsert into STG: no trap
 # fires, the owner stays an ordinary role, and the warehouse is right.
-# The database's settings do not reach the workers' JIT either: the Redis
-# worker writes without it.
 # Also: CREATE EXTENSION refuses a schema dwh that a non-superuser created
 # first (its owner could rename it and put functions of their own in its
 # place).
@@ -82,26 +80,7 @@ BEGIN PERFORM public.spring('text = text'); RETURN pg_catalog.texteq(a, b); END 
 CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.text_eq_trap);
 ALTER DATABASE shop SET search_path = public, pg_catalog;
 });
-# And JIT, on for the database and for every plan: the workers run without
-# it (a plan compiled again at each execution costs a batch more than it
-# gives back).  What the Redis worker's writes see, through a superuser's
-# trigger.
-$node->safe_psql(
-	'shop', q{
-CREATE TABLE public.jit_seen (backend text, setting text);
-CREATE FUNCTION public.note_jit() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog AS $$
-BEGIN
-    INSERT INTO public.jit_seen
-    SELECT a.backend_type, current_setting('jit') FROM pg_stat_activity a
-    WHERE a.pid = pg_backend_pid();
-    RETURN NULL;
-END $$;
-CREATE TRIGGER note_jit AFTER INSERT OR UPDATE ON stg.restaurants
-    FOR EACH STATEMENT EXECUTE FUNCTION public.note_jit();
-ALTER DATABASE shop SET jit = on;
-ALTER DATABASE shop SET jit_above_cost = 0;
-});
-# The workers connect again, with the database's settings.
+# The workers connect again, with the database's search_path.
 $node->restart;
 
 # Checks run from another database, or name everything with its schema:
@@ -180,12 +159,6 @@ ok( $node->poll_query_until(
 	'the worker carried the menu change into the marts');
 
 is(sprung() // '', '', 'no trap sprang');
-is( $node->safe_psql(
-		'shop',
-		q{SET search_path = pg_catalog; SELECT string_agg(DISTINCT backend || ': jit ' || setting, ', ') FROM public.jit_seen}
-	),
-	'dwh redis worker: jit off',
-	'the Redis worker wrote the dictionaries without JIT');
 is(owner_is_superuser(), 'f', 'the database owner is still an ordinary role');
 is( $node->safe_psql('shop',
 		'SET search_path = pg_catalog; SELECT pg_catalog.count(*) FROM dwh.verify()'),

@@ -1,0 +1,89 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_session_mode.c
+ *	  What kind of session writes the warehouse: one restoring a dump, one
+ *	  in a READ COMMITTED transaction.
+ *
+ * A restore (pg_restore, or a script of pg_dump run by psql) sets
+ * check_function_bodies off for its whole session, whatever its options.
+ * It brings back as they were dumped what dwh otherwise maintains (the
+ * user tags and their events) and what it accepted under the settings of
+ * the server dumped (an order of more items than dwh.max_order_items
+ * allows here): while it does, the tags are not maintained and the limit
+ * is not applied again.  Any role can set check_function_bodies, though,
+ * and a database owner can set it for the workers too (ALTER DATABASE ...
+ * SET): so a session restores only if its role, the one outside any
+ * SECURITY DEFINER function, could write the tags a restore writes.  The
+ * roles that the README's recipes create (a loader, a tagger) cannot, and
+ * the workers never restore (dwh_worker_settings).
+ *
+ * dwh writes only in READ COMMITTED transactions: a batch waits for the
+ * dictionary and tag locks, and must then read DDS and the marts as they
+ * are once it holds them.  An older snapshot (REPEATABLE READ, SERIALIZABLE)
+ * would count against a warehouse that has changed since, and leave the
+ * marts wrong.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+
+#include "dwh_session_mode.h"
+
+/*
+ * dwh_session_restores
+ *		Does this session restore a dump?  check_function_bodies off, and a
+ *		role that may insert into cdm.user_tags_held.
+ */
+bool
+dwh_session_restores(void)
+{
+	Oid			cdm;
+	Oid			held;
+
+	if (check_function_bodies)
+		return false;
+	cdm = get_namespace_oid("cdm", true);
+	held = OidIsValid(cdm) ? get_relname_relid("user_tags_held", cdm) : InvalidOid;
+	if (!OidIsValid(held))
+		return false;
+	return pg_class_aclcheck(held, GetOuterUserId(), ACL_INSERT) == ACLCHECK_OK;
+}
+
+/*
+ * dwh_require_read_committed
+ *		Refuse to write the warehouse in a transaction that reads from one
+ *		snapshot.
+ */
+void
+dwh_require_read_committed(void)
+{
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("cannot write the warehouse in a %s transaction",
+						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
+				 errdetail("dwh carries every write into DDS and the marts as they are once its locks are held, which a snapshot taken before would not show."),
+				 errhint("Use a READ COMMITTED transaction (SET TRANSACTION ISOLATION LEVEL READ COMMITTED).")));
+}
+
+PG_FUNCTION_INFO_V1(dwh_tags_restoring);
+
+/*
+ * dwh.tags_restoring() returns boolean
+ *
+ * Does this session restore a dump, so that the tags are restored rather
+ * than maintained?
+ */
+Datum
+dwh_tags_restoring(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(dwh_session_restores());
+}
