@@ -222,3 +222,37 @@ CREATE TRIGGER restaurant_history_guard
     BEFORE INSERT OR UPDATE ON stg.restaurant_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
 CREATE INDEX restaurant_history_update_ts_idx ON stg.restaurant_history (update_ts);
+
+-- Every version received stays in STG: DDS holds what each of them says,
+-- and the marts count the current ones (docs/data-rule.md).  A row deleted
+-- here would leave DDS and the marts with what STG no longer holds.
+-- (stg.order_events has its own message, install/50_orders.sql;
+-- stg.other_events is not carried on, and may be deleted.)
+CREATE FUNCTION dwh.stg_refuse_delete() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'rows of %.% cannot be deleted', TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = '55000',
+              DETAIL = 'STG keeps every version received; DDS and the marts are derived from them.',
+              HINT = 'To change what a key holds, write a newer version of it.';
+END
+$fn$;
+COMMENT ON FUNCTION dwh.stg_refuse_delete() IS
+    'Refuses DELETE and TRUNCATE on the STG tables of versions (but stg.order_events, which has its own)';
+
+CREATE TRIGGER order_event_history_no_delete
+    BEFORE DELETE OR TRUNCATE ON stg.order_event_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();
+CREATE TRIGGER users_no_delete
+    BEFORE DELETE OR TRUNCATE ON stg.users
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();
+CREATE TRIGGER user_history_no_delete
+    BEFORE DELETE OR TRUNCATE ON stg.user_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();
+CREATE TRIGGER restaurants_no_delete
+    BEFORE DELETE OR TRUNCATE ON stg.restaurants
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();
+CREATE TRIGGER restaurant_history_no_delete
+    BEFORE DELETE OR TRUNCATE ON stg.restaurant_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();

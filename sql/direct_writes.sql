@@ -95,3 +95,53 @@ SELECT t.error_of('TRUNCATE stg.order_events');
 SELECT t.error_of('TRUNCATE stg.order_events CASCADE');
 SELECT count(*) AS orders FROM stg.order_events;
 SELECT * FROM t.check();
+
+-- Every version received stays, and keeps what identifies it.  A version
+-- newer than the current one belongs in the current table: written to
+-- the history, DDS took it for what the order held before, and the marts
+-- never counted the change when it then arrived (a CANCELLED order stayed
+-- counted).
+SELECT t.set_user('u1', 'Анна', 'anna', '2023-04-01 09:00:00');
+SELECT t.set_user('u1', 'Анна Б.', 'anna', '2023-04-02 09:00:00');
+SELECT t.set_menu('rest-1', '2023-04-01 09:00:00', 'd1:Плов:Main');
+SELECT t.set_menu('rest-1', '2023-04-02 09:00:00', 'd1:Плов:Main', 'd2:Лагман:Soups');
+SELECT t.error_of($$INSERT INTO stg.order_event_history (object_id, update_ts, payload, sent_dttm)
+    VALUES (2, '2023-04-03 12:00:00',
+            t.payload(2, 'u1', 'CANCELLED', '2023-04-03 12:00:00', 'd1:Плов', 'd2:Лагман'),
+            '2023-04-03 12:00:00')$$);
+SELECT t.error_of($$INSERT INTO stg.user_history (object_id, payload)
+    VALUES ('u1', '{"_id": "u1", "name": "Анна В.", "login": "anna", "update_ts_utc": "2023-04-03 09:00:00"}')$$);
+SELECT t.error_of($$INSERT INTO stg.restaurant_history (object_id, payload)
+    VALUES ('rest-1', '{"_id": "rest-1", "name": "R", "menu": [], "update_ts_utc": "2023-04-03 09:00:00"}')$$);
+-- An older version is history, as it should be.
+SELECT t.error_of($$INSERT INTO stg.order_event_history (object_id, update_ts, payload, sent_dttm)
+    VALUES (2, '2023-04-02 19:00:00',
+            t.payload(2, 'u1', 'CANCELLED', '2023-04-02 19:00:00', 'd1:Плов', 'd2:Лагман'),
+            '2023-04-02 19:00:00')$$);
+-- No version is deleted, from any table of versions.
+SELECT t.error_of('DELETE FROM stg.order_event_history');
+SELECT t.error_of('TRUNCATE stg.user_history');
+SELECT t.error_of($$DELETE FROM stg.users WHERE object_id = 'u1'$$);
+SELECT t.error_of('DELETE FROM stg.restaurant_history');
+SELECT t.error_of('TRUNCATE stg.restaurants');
+-- A kept version does not change; only its sent_dttm grows.
+SELECT t.error_of($$UPDATE stg.order_event_history
+    SET payload = t.payload(2, 'u1', 'CLOSED', '2023-04-02 19:00:00', 'd1:Плов')
+    WHERE object_id = 2 AND update_ts = '2023-04-02 19:00:00'$$);
+SELECT t.error_of($$UPDATE stg.user_history SET update_ts = '2023-04-05 00:00:00'$$);
+SELECT t.error_of($$UPDATE stg.order_event_history SET sent_dttm = '2023-04-02 19:30:00'
+    WHERE object_id = 2 AND update_ts = '2023-04-02 19:00:00'$$);
+-- No row moves to another key: the order would leave the marts without
+-- a trace in DDS.
+SELECT t.error_of($$UPDATE stg.order_events
+    SET object_id = 50, payload = t.payload(50, 'u1', 'CLOSED', '2023-04-04 20:00:00', 'd1:Плов')
+    WHERE object_id = 1$$);
+SELECT t.error_of($$UPDATE stg.restaurants SET object_id = 'rest-2'$$);
+SELECT t.error_of($$UPDATE stg.user_history SET object_id = 'u2'$$);
+-- The newer version where it belongs: the order leaves the counts.
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (2, 'order', '2023-04-03 12:00:00',
+        t.payload(2, 'u1', 'CANCELLED', '2023-04-03 12:00:00', 'd1:Плов', 'd2:Лагман'))
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload, sent_dttm = EXCLUDED.sent_dttm;
+SELECT * FROM t.products;
+SELECT count(*) FROM dwh.verify();

@@ -23,7 +23,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
-#include "storage/lock.h"
+#include "utils/datum.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -52,6 +52,21 @@ column_number(TupleDesc tupdesc, const char *name)
 	return attnum;
 }
 
+/* Does column attnum hold the same value (or null) in both tuples? */
+static bool
+column_unchanged(HeapTuple a, HeapTuple b, TupleDesc tupdesc, int attnum)
+{
+	Form_pg_attribute att = TupleDescAttr(tupdesc, attnum - 1);
+	bool		a_null,
+				b_null;
+	Datum		a_value = SPI_getbinval(a, tupdesc, attnum, &a_null);
+	Datum		b_value = SPI_getbinval(b, tupdesc, attnum, &b_null);
+
+	if (a_null || b_null)
+		return a_null == b_null;
+	return datumIsEqual(a_value, b_value, att->attbyval, att->attlen);
+}
+
 /*
  * Compare two versions of one key: by version time (a missing time sorts
  * before every time), then by the payload's text, byte by byte (not by
@@ -77,6 +92,31 @@ version_cmp(bool has_ts, Timestamp ts, Jsonb *payload,
 static SPIPlanPtr order_history_plan = NULL;
 static SPIPlanPtr user_history_plan = NULL;
 static SPIPlanPtr restaurant_history_plan = NULL;
+static SPIPlanPtr order_current_plan = NULL;
+static SPIPlanPtr user_current_plan = NULL;
+static SPIPlanPtr restaurant_current_plan = NULL;
+
+/* Is keep_in_history writing (a version older than the current one)? */
+static bool keeping_in_history = false;
+
+/* Run keep_in_history's insert, with keeping_in_history set meanwhile. */
+static int
+execute_keeping(SPIPlanPtr plan, Datum *args, const char *nulls)
+{
+	volatile int rc = 0;
+
+	keeping_in_history = true;
+	PG_TRY();
+	{
+		rc = SPI_execute_plan(plan, args, nulls, false, 0);
+	}
+	PG_FINALLY();
+	{
+		keeping_in_history = false;
+	}
+	PG_END_TRY();
+	return rc;
+}
 
 /*
  * Keep a version that is not the current one in the history table of its
@@ -136,11 +176,140 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
 	if (strcmp(kind, "order") == 0)
 		args[3] = SPI_getbinval(tuple, tupdesc, SPI_fnumber(tupdesc, "sent_dttm"),
 								&isnull);
-	rc = SPI_execute_plan(*plan, args, nulls, false, 0);
+	rc = execute_keeping(*plan, args, nulls);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "could not keep a superseded version: %s",
 			 SPI_result_code_string(rc));
 	SPI_finish();
+}
+
+/*
+ * A history table holds the versions of a key other than its current one:
+ * one newer than the current version belongs in the current table (whose
+ * guard then moves the current one here).  Written here directly, DDS
+ * would take it for what the key held before its next version arrives,
+ * and the marts would never count the change.  Without a current version
+ * yet (a restore loads the history first) any version is accepted.
+ */
+static void
+refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
+						  TupleDesc tupdesc, int key_col, bool has_ts,
+						  Timestamp ts, Jsonb *payload)
+{
+	SPIPlanPtr *plan;
+	const char *current;
+	bool		isnull;
+	Datum		key;
+	int			rc;
+
+	if (strcmp(kind, "order") == 0)
+	{
+		plan = &order_current_plan;
+		current = "stg.order_events";
+	}
+	else if (strcmp(kind, "user") == 0)
+	{
+		plan = &user_current_plan;
+		current = "stg.users";
+	}
+	else
+	{
+		plan = &restaurant_current_plan;
+		current = "stg.restaurants";
+	}
+
+	key = SPI_getbinval(tuple, tupdesc, key_col, &isnull);
+	if (isnull)
+		return;					/* refused by the NOT NULL constraint */
+
+	/* As in keep_in_history: nothing a search_path could redirect. */
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (*plan == NULL)
+	{
+		Oid			type = TupleDescAttr(tupdesc, key_col - 1)->atttypid;
+		char	   *sql = psprintf("SELECT update_ts, payload FROM %s "
+								   "WHERE object_id OPERATOR(pg_catalog.=) $1",
+								   current);
+
+		*plan = dwh_prepare_kept(sql, 1, &type);
+	}
+	rc = SPI_execute_plan(*plan, &key, NULL, true, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not read the current version: %s",
+			 SPI_result_code_string(rc));
+	if (SPI_processed == 1)
+	{
+		HeapTuple	cur = SPI_tuptable->vals[0];
+		TupleDesc	cur_desc = SPI_tuptable->tupdesc;
+		bool		cur_ts_null;
+		Datum		cur_ts = SPI_getbinval(cur, cur_desc, 1, &cur_ts_null);
+		Datum		cur_payload = SPI_getbinval(cur, cur_desc, 2, &isnull);
+
+		if (version_cmp(has_ts, ts, payload, !cur_ts_null,
+						cur_ts_null ? 0 : DatumGetTimestamp(cur_ts),
+						DatumGetJsonbP(cur_payload)) > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_CHECK_VIOLATION),
+					 errmsg("a version newer than the current one cannot be written to %s.%s",
+							get_namespace_name(RelationGetNamespace(rel)),
+							RelationGetRelationName(rel)),
+					 errdetail("The row has object_id %s, whose current version in %s is older.",
+							   SPI_getvalue(tuple, tupdesc, key_col), current),
+					 errhint("Write it to %s: the version it replaces moves to the history.",
+							 current)));
+	}
+	SPI_finish();
+}
+
+/*
+ * What identifies a row does not change: its object_id (a row moved to
+ * another key would take an order or a value away from the first without
+ * a trace in DDS), and in a history table its version, which is what was
+ * received (only its sent_dttm grows).
+ */
+static void
+refuse_changed_identity(TriggerData *trigdata, TupleDesc tupdesc, int key_col,
+						int version_col, int payload_col, bool is_history)
+{
+	Relation	rel = trigdata->tg_relation;
+	HeapTuple	old = trigdata->tg_trigtuple;
+	HeapTuple	new = trigdata->tg_newtuple;
+	bool		changed;
+
+	if (!column_unchanged(old, new, tupdesc, key_col))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the object_id of a row of %s.%s cannot be changed",
+						get_namespace_name(RelationGetNamespace(rel)),
+						RelationGetRelationName(rel)),
+				 errdetail("The row has object_id %s.",
+						   SPI_getvalue(old, tupdesc, key_col)),
+				 errhint("Write each version under its own object_id.")));
+	if (!is_history)
+		return;
+
+	changed = !column_unchanged(old, new, tupdesc, version_col);
+	if (!changed)
+	{
+		bool		old_null,
+					new_null;
+		Datum		old_payload = SPI_getbinval(old, tupdesc, payload_col, &old_null);
+		Datum		new_payload = SPI_getbinval(new, tupdesc, payload_col, &new_null);
+
+		changed = old_null || new_null ||
+			dwh_jsonb_text_cmp(DatumGetJsonbP(old_payload),
+							   DatumGetJsonbP(new_payload)) != 0;
+	}
+	if (changed)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("a version kept in %s.%s cannot be changed",
+						get_namespace_name(RelationGetNamespace(rel)),
+						RelationGetRelationName(rel)),
+				 errdetail("The row has object_id %s; the history holds each version as it was received.",
+						   SPI_getvalue(old, tupdesc, key_col)),
+				 errhint("Write a new version to the current table instead.")));
 }
 
 /*
@@ -256,6 +425,13 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 						   SPI_getvalue(newtuple, tupdesc, key_col)),
 				 errhint("Load raw values through the dwh ingest functions, which record refused ones in dwh.dead_letters.")));
 
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+		refuse_changed_identity(trigdata, tupdesc, key_col, version_col,
+								payload_col, is_history);
+	else if (is_history && !keeping_in_history)
+		refuse_newer_than_current(kind, trigdata->tg_relation, newtuple,
+								  tupdesc, key_col, has_ts, ts, payload);
+
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) && !is_history)
 	{
 		HeapTuple	oldtuple = trigdata->tg_trigtuple;
@@ -303,75 +479,4 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 
 	return PointerGetDatum(heap_modify_tuple_by_cols(newtuple, tupdesc, ncols,
 													 cols, values, nulls));
-}
-
-/*
- * The dictionary lock (install/00_prelude.sql, dwh.dictionary_lock_key()):
- * the transaction-level advisory lock that pg_advisory_xact_lock() takes.
- */
-#define DWH_DICTIONARY_LOCK_KEY INT64CONST(7238964021746305793)
-
-PG_FUNCTION_INFO_V1(dwh_dictionary_lock_key);
-
-/*
- * dwh.dictionary_lock_key() returns bigint: the key, for SQL.
- */
-Datum
-dwh_dictionary_lock_key(PG_FUNCTION_ARGS)
-{
-	PG_RETURN_INT64(DWH_DICTIONARY_LOCK_KEY);
-}
-
-static void
-dictionary_locktag(LOCKTAG *tag)
-{
-	/* As pg_advisory_xact_lock(bigint) names it. */
-	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId,
-						 (uint32) (DWH_DICTIONARY_LOCK_KEY >> 32),
-						 (uint32) DWH_DICTIONARY_LOCK_KEY, 1);
-}
-
-PG_FUNCTION_INFO_V1(dwh_dictionary_lock_exclusive);
-
-/*
- * dwh.dictionary_lock_exclusive() returns boolean
- *
- * Does this transaction hold the dictionary lock exclusively?
- */
-Datum
-dwh_dictionary_lock_exclusive(PG_FUNCTION_ARGS)
-{
-	LOCKTAG		tag;
-
-	dictionary_locktag(&tag);
-	PG_RETURN_BOOL(LockHeldByMe(&tag, ExclusiveLock));
-}
-
-PG_FUNCTION_INFO_V1(dwh_stg_statement_lock);
-
-/*
- * dwh.stg_statement_lock() trigger: BEFORE STATEMENT on the order tables.
- *
- * The first step of the lock order (install/40_products.sql) is the
- * dictionary lock, before any row.  dwh.ingest_orders takes it before its
- * statements, in the mode its batch needs; any other statement that writes
- * orders (a DBA's INSERT, COPY or upsert, a restore) takes it here,
- * exclusively, because only its AFTER triggers will know whether it renames
- * a dish, and by then it holds rows that a batch may wait for.
- */
-Datum
-dwh_stg_statement_lock(PG_FUNCTION_ARGS)
-{
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
-	LOCKTAG		tag;
-
-	if (!CALLED_AS_TRIGGER(fcinfo) ||
-		!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
-		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
-		elog(ERROR, "dwh_stg_statement_lock: must be a BEFORE STATEMENT trigger");
-
-	dictionary_locktag(&tag);
-	if (!LockHeldByMe(&tag, ExclusiveLock) && !LockHeldByMe(&tag, ShareLock))
-		(void) LockAcquire(&tag, ExclusiveLock, false, false);
-	return PointerGetDatum(NULL);
 }
