@@ -19,6 +19,12 @@ SHOW dwh.kafka_on_gap;
 ALTER SYSTEM SET dwh.kafka_options = 'bootstrap.servers=localhost:9092';
 ALTER SYSTEM SET dwh.kafka_options = 'enable.auto.commit=true';
 ALTER SYSTEM SET dwh.kafka_options = 'auto.offset.reset=earliest';
+-- A topic property under its "topic." name is the same property.
+ALTER SYSTEM SET dwh.kafka_options = 'topic.auto.offset.reset=earliest';
+ALTER SYSTEM SET dwh.kafka_options = 'topic.auto.commit.enable=true';
+-- librdkafka 2.0.2's unsecured JWT builder crashes on a malformed config,
+-- and quotes the config, a secret, in its error.
+ALTER SYSTEM SET dwh.kafka_options = 'security.protocol=SASL_PLAINTEXT sasl.mechanisms=OAUTHBEARER enable.sasl.oauthbearer.unsecure.jwt=true sasl.oauthbearer.config=''principal=admin secret=x''';
 ALTER SYSTEM SET dwh.kafka_options = 'no.such.property=1';
 ALTER SYSTEM SET dwh.kafka_options = 'session.timeout.ms=soon';
 ALTER SYSTEM SET dwh.kafka_options = 'sasl.password';

@@ -57,7 +57,6 @@
 static SPIPlanPtr upsert_orders_plan = NULL;
 static SPIPlanPtr insert_others_plan = NULL;
 static SPIPlanPtr insert_dead_plan = NULL;
-static SPIPlanPtr apply_deferred_plan = NULL;
 static SPIPlanPtr apply_direct_plan = NULL;
 static SPIPlanPtr insert_history_plan = NULL;
 static SPIPlanPtr claim_plan = NULL;
@@ -485,25 +484,12 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic,
 
 /*
  * The mart deltas that the order triggers of an upsert handed to its
- * session (dwh_ingest_session_defer_deltas), summed per key and applied in
- * one sorted pass: one upsert fires both the INSERT and the UPDATE
- * statement triggers of stg.order_events, and two passes would let two
- * batches cross between them and deadlock.
- */
-static const char *apply_deferred_sql =
-"WITH p AS (SELECT u, k, pg_catalog.sum(d)::integer AS d "
-"           FROM unnest($1::uuid[], $2::uuid[], $3::integer[]) AS x(u, k, d) "
-"           GROUP BY u, k HAVING pg_catalog.sum(d) <> 0), "
-"     c AS (SELECT u, k, pg_catalog.sum(d)::integer AS d "
-"           FROM unnest($4::uuid[], $5::uuid[], $6::integer[]) AS x(u, k, d) "
-"           GROUP BY u, k HAVING pg_catalog.sum(d) <> 0) "
-"SELECT dwh.apply_mart_deltas((SELECT pg_catalog.array_agg(u) FROM p), (SELECT pg_catalog.array_agg(k) FROM p), "
-"                             (SELECT pg_catalog.array_agg(d) FROM p), (SELECT pg_catalog.array_agg(u) FROM c), "
-"                             (SELECT pg_catalog.array_agg(k) FROM c), (SELECT pg_catalog.array_agg(d) FROM c))";
-
-/*
- * One trigger call's deltas are already grouped by key (the usual case: a
- * batch of new orders fires the INSERT trigger only): apply them as given.
+ * session (dwh_ingest_session_defer_deltas), applied in one sorted pass:
+ * one upsert fires both the INSERT and the UPDATE statement triggers of
+ * stg.order_events, and two passes would let two batches cross between
+ * them and deadlock.  One call's deltas are already grouped by key (the
+ * usual case: a batch of new orders fires the INSERT trigger only); those
+ * of several calls are summed per key first (dwh_mart_deltas_summed).
  */
 static const char *apply_direct_sql =
 "SELECT dwh.apply_mart_deltas($1, $2, $3, $4, $5, $6)";
@@ -707,30 +693,27 @@ upsert_orders_deferred(DwhIngestSession *session, DwhIngestOrder *rows, int n,
 			superseded[n_superseded++] = rows[i];
 	keep_superseded(superseded, n_superseded);
 
-	if (d->calls == 1)
+	if (d->calls >= 1)
 	{
+		Datum		summed[DWH_MART_DELTA_ARRAYS];
+		bool		summed_null[DWH_MART_DELTA_ARRAYS];
+		Datum	   *args = d->first;
+		bool	   *arg_null = d->first_null;
 		char		nulls[DWH_MART_DELTA_ARRAYS];
 
+		if (d->calls > 1)
+		{
+			dwh_mart_deltas_summed(d, summed, summed_null);
+			args = summed;
+			arg_null = summed_null;
+		}
 		for (i = 0; i < DWH_MART_DELTA_ARRAYS; i++)
-			nulls[i] = d->first_null[i] ? 'n' : ' ';
+			nulls[i] = arg_null[i] ? 'n' : ' ';
 		if (apply_direct_plan == NULL)
 			apply_direct_plan = dwh_prepare_kept(apply_direct_sql,
 												 DWH_MART_DELTA_ARRAYS, types);
-		if (SPI_execute_plan(apply_direct_plan, d->first, nulls, false,
+		if (SPI_execute_plan(apply_direct_plan, args, nulls, false,
 							 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not apply the mart deltas");
-	}
-	else if (d->all[1].n > 0 || d->all[4].n > 0)	/* products, categories */
-	{
-		Datum		apply_args[DWH_MART_DELTA_ARRAYS];
-
-		for (i = 0; i < DWH_MART_DELTA_ARRAYS; i++)
-			apply_args[i] = dwh_column_array(&d->all[i]);
-		if (apply_deferred_plan == NULL)
-			apply_deferred_plan =
-				dwh_prepare_kept(apply_deferred_sql, DWH_MART_DELTA_ARRAYS,
-								 types);
-		if (SPI_execute_plan(apply_deferred_plan, apply_args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not apply the mart deltas");
 	}
 	return processed;

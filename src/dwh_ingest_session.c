@@ -94,6 +94,7 @@
 #include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/uuid.h"
 
 #include "dwh_columns.h"
 #include "dwh_ingest_session.h"
@@ -374,6 +375,100 @@ dwh_ingest_session_defer_deltas(Datum *arrays, bool *nulls)
 	d->calls++;
 	MemoryContextSwitchTo(old);
 	return true;
+}
+
+/* One delta of a mart, for sorting by key. */
+typedef struct KeyedDelta
+{
+	Datum		user_id;		/* uuid */
+	Datum		key;			/* uuid: dish, category or a key of its own */
+	int32		delta;
+}			KeyedDelta;
+
+static int
+uuid_datum_cmp(Datum a, Datum b)
+{
+	return memcmp(DatumGetUUIDP(a)->data, DatumGetUUIDP(b)->data,
+				  UUID_LEN);
+}
+
+static int
+keyed_delta_cmp(const void *a, const void *b)
+{
+	const		KeyedDelta *x = (const KeyedDelta *) a;
+	const		KeyedDelta *y = (const KeyedDelta *) b;
+	int			c = uuid_datum_cmp(x->user_id, y->user_id);
+
+	return c != 0 ? c : uuid_datum_cmp(x->key, y->key);
+}
+
+/*
+ * The deltas of one mart (columns users, keys, deltas), summed per (user,
+ * key), sums of zero left out, as arrays in key order; null arrays when
+ * none is left.
+ */
+static void
+sum_per_key(DwhColumn *users, DwhColumn *keys, DwhColumn *deltas,
+			Datum *arrays, bool *nulls)
+{
+	int			n = users->n;
+	KeyedDelta *rows;
+	DwhColumn	out[3];
+	int			i;
+
+	if (keys->n != n || deltas->n != n)
+		elog(ERROR, "mart deltas of unequal lengths: %d, %d and %d",
+			 n, keys->n, deltas->n);
+	rows = palloc(sizeof(KeyedDelta) * Max(n, 1));
+	for (i = 0; i < n; i++)
+	{
+		/* Every key and delta of a trigger's arrays is set. */
+		if (users->nulls[i] || keys->nulls[i] || deltas->nulls[i])
+			elog(ERROR, "null mart delta");
+		rows[i].user_id = users->values[i];
+		rows[i].key = keys->values[i];
+		rows[i].delta = DatumGetInt32(deltas->values[i]);
+	}
+	qsort(rows, n, sizeof(KeyedDelta), keyed_delta_cmp);
+
+	dwh_column_init(&out[0], UUIDOID, n);
+	dwh_column_init(&out[1], UUIDOID, n);
+	dwh_column_init(&out[2], INT4OID, n);
+	i = 0;
+	while (i < n)
+	{
+		int64		sum = 0;
+		int			first = i;
+
+		for (; i < n && keyed_delta_cmp(&rows[first], &rows[i]) == 0; i++)
+			sum += rows[i].delta;
+		if (sum == 0)
+			continue;
+		if (sum < PG_INT32_MIN || sum > PG_INT32_MAX)
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("integer out of range")));
+		dwh_column_add(&out[0], rows[first].user_id, false);
+		dwh_column_add(&out[1], rows[first].key, false);
+		dwh_column_add(&out[2], Int32GetDatum((int32) sum), false);
+	}
+	for (i = 0; i < 3; i++)
+	{
+		nulls[i] = out[0].n == 0;
+		arrays[i] = nulls[i] ? (Datum) 0 : dwh_column_array(&out[i]);
+	}
+}
+
+/*
+ * dwh_mart_deltas_summed
+ *		The deltas handed over by several trigger calls, as the arguments of
+ *		dwh.apply_mart_deltas(): summed per key, each mart's in key order.
+ */
+void
+dwh_mart_deltas_summed(DwhMartDeltas *d, Datum *arrays, bool *nulls)
+{
+	sum_per_key(&d->all[0], &d->all[1], &d->all[2], &arrays[0], &nulls[0]);
+	sum_per_key(&d->all[3], &d->all[4], &d->all[5], &arrays[3], &nulls[3]);
 }
 
 /*

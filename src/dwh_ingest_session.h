@@ -56,6 +56,8 @@ extern void dwh_ingest_session_start_upsert(DwhIngestSession *session,
 											const DwhIngestOrder *orders,
 											int n);
 extern DwhMartDeltas *dwh_ingest_session_end_upsert(DwhIngestSession *session);
+extern void dwh_mart_deltas_summed(DwhMartDeltas *d, Datum *arrays,
+								   bool *nulls);
 
 /* The triggers: questions about the current session, if any. */
 extern bool dwh_ingest_session_keys_claimed(void);

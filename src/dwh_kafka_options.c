@@ -48,22 +48,45 @@ static const struct
 	{"auto.offset.reset", "dwh.kafka_start_offset or dwh.kafka_on_gap"},
 	{"queued.max.messages.kbytes", "dwh.kafka_prefetch_memory"},
 	{"enable.auto.commit", NULL},
+	{"auto.commit.enable", NULL},
 	{"enable.auto.offset.store", NULL},
+	{"offset.store.method", NULL},
 	{"enable.partition.eof", NULL},
 	{"log.queue", NULL},
 	{NULL, NULL}
 };
 
 /*
+ * Properties refused, and why (a hint: no quotation marks, which the log
+ * filter takes for a quoted value).  librdkafka 2.0.2's unsecured JWT builder,
+ * meant for tests, crashes the process (and so the whole server) on a
+ * malformed sasl.oauthbearer.config, and quotes that value, a secret, in
+ * the error it reports.
+ */
+static const struct
+{
+	const char *property;
+	const char *why;
+}			refused_properties[] = {
+	{"enable.sasl.oauthbearer.unsecure.jwt", "The unsecured JWT builder of librdkafka is meant for tests, and can crash the server on a malformed configuration: use OIDC tokens (sasl.oauthbearer.method) instead."},
+	{NULL, NULL}
+};
+
+/*
  * dwh_kafka_option_reserved
  *		NULL if the property may be set in dwh.kafka_options; otherwise why
- *		not, as a hint.
+ *		not, as a hint, and *managed says whether dwh sets it itself (or
+ *		refuses it).  librdkafka takes a topic property under its own name or
+ *		under "topic." followed by it: both are the same property.
  */
 const char *
-dwh_kafka_option_reserved(const char *name)
+dwh_kafka_option_reserved(const char *name, bool *managed)
 {
 	int			i;
 
+	*managed = true;
+	if (strncmp(name, "topic.", 6) == 0)
+		name += 6;
 	for (i = 0; reserved_properties[i].property != NULL; i++)
 	{
 		if (strcmp(name, reserved_properties[i].property) != 0)
@@ -71,6 +94,12 @@ dwh_kafka_option_reserved(const char *name)
 		if (reserved_properties[i].instead != NULL)
 			return psprintf("Set %s instead.", reserved_properties[i].instead);
 		return pstrdup("dwh sets it itself: offsets are stored in the database, in the transaction of each batch.");
+	}
+	*managed = false;
+	for (i = 0; refused_properties[i].property != NULL; i++)
+	{
+		if (strcmp(name, refused_properties[i].property) == 0)
+			return pstrdup(refused_properties[i].why);
 	}
 	return NULL;
 }
@@ -228,10 +257,14 @@ dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
 	}
 	for (i = 0; i < n; i++)
 	{
-		if (dwh_kafka_option_reserved(options[i].name) != NULL)
+		bool		managed;
+
+		if (dwh_kafka_option_reserved(options[i].name, &managed) != NULL)
 		{
 			snprintf(error, error_size,
-					 "invalid Kafka options in %s: librdkafka property \"%s\" is managed by dwh",
+					 managed ?
+					 "invalid Kafka options in %s: librdkafka property \"%s\" is managed by dwh" :
+					 "invalid Kafka options in %s: librdkafka property \"%s\" is not supported by dwh",
 					 source, options[i].name);
 			return false;
 		}
@@ -302,13 +335,19 @@ dwh_kafka_options_check(char **newval, void **extra, GucSource source)
 
 	for (i = 0; i < n; i++)
 	{
-		const char *instead = dwh_kafka_option_reserved(options[i].name);
+		bool		managed;
+		const char *instead = dwh_kafka_option_reserved(options[i].name,
+														&managed);
 
 		if (instead != NULL)
 		{
 			GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
-			GUC_check_errmsg("librdkafka property \"%s\" is managed by dwh",
-							 options[i].name);
+			if (managed)
+				GUC_check_errmsg("librdkafka property \"%s\" is managed by dwh",
+								 options[i].name);
+			else
+				GUC_check_errmsg("librdkafka property \"%s\" is not supported by dwh",
+								 options[i].name);
 			dwh_secrets_vouch_message(GUC_check_errmsg_string);
 			GUC_check_errhint("%s", instead);
 			return false;
