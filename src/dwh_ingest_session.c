@@ -383,7 +383,7 @@ typedef struct KeyedDelta
 	Datum		user_id;		/* uuid */
 	Datum		key;			/* uuid: dish, category or a key of its own */
 	int32		delta;
-}			KeyedDelta;
+} KeyedDelta;
 
 static int
 uuid_datum_cmp(Datum a, Datum b)
@@ -395,8 +395,8 @@ uuid_datum_cmp(Datum a, Datum b)
 static int
 keyed_delta_cmp(const void *a, const void *b)
 {
-	const		KeyedDelta *x = (const KeyedDelta *) a;
-	const		KeyedDelta *y = (const KeyedDelta *) b;
+	const KeyedDelta *x = (const KeyedDelta *) a;
+	const KeyedDelta *y = (const KeyedDelta *) b;
 	int			c = uuid_datum_cmp(x->user_id, y->user_id);
 
 	return c != 0 ? c : uuid_datum_cmp(x->key, y->key);
