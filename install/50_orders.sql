@@ -446,24 +446,6 @@ CREATE TRIGGER order_events_updated
     REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_changed();
 
--- DDS is derived from the latest version of every order held here: deleting
--- one would let an older version replace it.
-CREATE FUNCTION dwh.order_events_refuse_delete() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    RAISE EXCEPTION 'rows of stg.order_events cannot be deleted'
-        USING ERRCODE = '55000',
-              DETAIL = 'stg.order_events holds the latest version of every order; DDS and the marts are derived from it.',
-              HINT = 'To take an order out of the counts, load a newer version of it with another final_status.';
-END
-$fn$;
-COMMENT ON FUNCTION dwh.order_events_refuse_delete() IS
-    'Refuses DELETE and TRUNCATE on stg.order_events';
-
-CREATE TRIGGER order_events_no_delete
-    BEFORE DELETE OR TRUNCATE ON stg.order_events
-    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_refuse_delete();
 
 
 -- Superseded versions of orders (stg.order_event_history): they name

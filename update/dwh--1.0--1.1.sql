@@ -4224,13 +4224,19 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.tag_outbox', '');
 
 -- Every version received stays in STG: DDS holds what each of them says,
 -- and the marts count the current ones (docs/data-rule.md).  A row deleted
--- here would leave DDS and the marts with what STG no longer holds.
--- (stg.order_events has its own message, install/50_orders.sql;
--- stg.other_events is not carried on, and may be deleted.)
+-- here would leave DDS and the marts with what STG no longer holds; an
+-- order deleted from stg.order_events would let an older version replace
+-- it.  (stg.other_events is not carried on, and may be deleted.)
 CREATE FUNCTION dwh.stg_refuse_delete() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
+    IF TG_TABLE_NAME = 'order_events' THEN
+        RAISE EXCEPTION 'rows of %.% cannot be deleted', TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = '55000',
+                  DETAIL = 'stg.order_events holds the latest version of every order; DDS and the marts are derived from it.',
+                  HINT = 'To take an order out of the counts, load a newer version of it with another final_status.';
+    END IF;
     RAISE EXCEPTION 'rows of %.% cannot be deleted', TG_TABLE_SCHEMA, TG_TABLE_NAME
         USING ERRCODE = '55000',
               DETAIL = 'STG keeps every version received; DDS and the marts are derived from them.',
@@ -4238,8 +4244,14 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.stg_refuse_delete() IS
-    'Refuses DELETE and TRUNCATE on the STG tables of versions (but stg.order_events, which has its own)';
+    'Refuses DELETE and TRUNCATE on the STG tables of versions';
 
+-- 1.0's trigger of stg.order_events, pointed at the function of them all.
+DROP TRIGGER order_events_no_delete ON stg.order_events;
+DROP FUNCTION dwh.order_events_refuse_delete();
+CREATE TRIGGER order_events_no_delete
+    BEFORE DELETE OR TRUNCATE ON stg.order_events
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();
 CREATE TRIGGER order_event_history_no_delete
     BEFORE DELETE OR TRUNCATE ON stg.order_event_history
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();

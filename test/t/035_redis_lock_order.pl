@@ -15,25 +15,19 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use PostgreSQL::Test::Cluster;
+use DwhTest;
 use PostgreSQL::Test::Utils;
 use RedisServer;
 use Test::More;
 
 my $redis = RedisServer->new;
-my $node = PostgreSQL::Test::Cluster->new('redis_lock_order');
-$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
-$node->append_conf(
-	'postgresql.conf', qq{
-shared_preload_libraries = 'dwh'
-dwh.redis_url = '@{[ $redis->url ]}'
-dwh.redis_scan_pattern = '*'
-dwh.redis_refresh_interval = 1
-deadlock_timeout = 100ms
-log_lock_waits = on
-});
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION dwh');
+my $node = new_dwh_node(
+	'redis_lock_order',
+	'dwh.redis_url' => $redis->url,
+	'dwh.redis_scan_pattern' => '*',
+	'dwh.redis_refresh_interval' => 1,
+	'deadlock_timeout' => '100ms',
+	'log_lock_waits' => 'on');
 
 sub psql { return $node->safe_psql('postgres', $_[0]) }
 
