@@ -33,6 +33,7 @@ OBJS = \
 	src/dwh_kafka_options.o \
 	src/dwh_kafka_consumer.o \
 	src/dwh_kafka_offsets.o \
+	src/dwh_kafka_verify.o \
 	src/dwh_kafka_worker.o \
 	src/dwh_kafka_producer.o \
 	src/dwh_kafka_queue.o \

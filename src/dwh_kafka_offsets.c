@@ -19,6 +19,12 @@
  * the partition until dwh.kafka_seek() moves it, which closes the gap.  So
  * a gap is recorded exactly once, whatever crashes in between.
  *
+ * With the offset, a batch stores the SHA-256 of the message before it,
+ * the last applied (last_sha256): a worker starting the partition checks
+ * that the broker still holds that message there (dwh_kafka_verify.c).
+ * Another log there is a gap too (replaced), from the stored offset back
+ * to that log's start.  dwh.kafka_seek() and a skipped gap forget it.
+ *
  * All functions here run inside the caller's transaction, with SPI.
  *
  *-------------------------------------------------------------------------
@@ -31,6 +37,8 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 
+#include "dwh_columns.h"
+#include "dwh_dead_letter.h"
 #include "dwh_kafka_offsets.h"
 #include "dwh_settings.h"
 #include "dwh_spi.h"
@@ -179,24 +187,45 @@ read_rows(const int32 *partitions, int n, int64 *next_offsets, bool *stopped,
  */
 void
 dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions, int n,
-						 int64 *next_offsets, bool *stopped)
+						 int64 *next_offsets, bool *stopped, uint8 *last_sha256,
+						 bool *last_known)
 {
+	uint64		r;
 	int			i;
 
 	for (i = 0; i < n; i++)
 	{
 		next_offsets[i] = DWH_NO_OFFSET;
 		stopped[i] = false;
+		last_known[i] = false;
 	}
 	connect_spi();
 	run(&clear_seeks_plan, CLEAR_SEEKS_SQL, topic, partitions, n,
 		SPI_OK_UPDATE_RETURNING);
 	run(&lookup_plan,
-		"SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL
-		" FROM dwh.kafka_offsets AS o "
+		"SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL ", false, "
+		"       o.last_sha256 "
+		"FROM dwh.kafka_offsets AS o "
 		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2)",
 		topic, partitions, n, SPI_OK_SELECT);
 	read_rows(partitions, n, next_offsets, stopped, NULL);
+	for (r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int32		p = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+		Datum		hash = SPI_getbinval(tup, desc, 5, &isnull);
+
+		i = find_partition(partitions, n, p);
+		if (i < 0 || isnull)
+			continue;
+		if (VARSIZE_ANY_EXHDR(DatumGetPointer(hash)) != DWH_SHA256_LEN)
+			continue;
+		memcpy(&last_sha256[i * DWH_SHA256_LEN],
+			   VARDATA_ANY(DatumGetPointer(hash)), DWH_SHA256_LEN);
+		last_known[i] = true;
+	}
 	SPI_finish();
 }
 
@@ -238,28 +267,47 @@ dwh_kafka_offsets_lock(const char *topic, const int32 *partitions, int n,
  */
 void
 dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
-						const int64 *next_offsets, int n)
+						const int64 *next_offsets, const uint8 *last_sha256,
+						const bool *last_known, int n)
 {
-	Datum		args[3];
+	Datum		args[4];
+	Datum	   *hashes;
+	bool	   *nulls;
+	int			dims[1];
+	int			lbs[1] = {1};
 	int			rc;
+	int			i;
 
 	if (n == 0)
 		return;
+	hashes = palloc(sizeof(Datum) * n);
+	nulls = palloc(sizeof(bool) * n);
+	for (i = 0; i < n; i++)
+	{
+		nulls[i] = !last_known[i];
+		hashes[i] = nulls[i] ? (Datum) 0 :
+			dwh_bytea_datum(&last_sha256[i * DWH_SHA256_LEN], DWH_SHA256_LEN);
+	}
+	dims[0] = n;
 	connect_spi();
 	if (store_plan == NULL)
 	{
-		Oid			types[3] = {TEXTOID, INT4ARRAYOID, INT8ARRAYOID};
+		Oid			types[4] = {TEXTOID, INT4ARRAYOID, INT8ARRAYOID, BYTEAARRAYOID};
 
 		store_plan = dwh_prepare_kept("UPDATE dwh.kafka_offsets AS o "
-									  "SET next_offset = v.next_offset, seek_requested = false, "
-									  "    updated_at = pg_catalog.now() "
-									  "FROM unnest($2::integer[], $3::bigint[]) AS v(kafka_partition, next_offset) "
+									  "SET next_offset = v.next_offset, last_sha256 = v.last_sha256, "
+									  "    seek_requested = false, updated_at = pg_catalog.now() "
+									  "FROM unnest($2::integer[], $3::bigint[], $4::bytea[]) "
+									  "     AS v(kafka_partition, next_offset, last_sha256) "
 									  "WHERE o.topic = $1 AND o.kafka_partition = v.kafka_partition",
-									  3, types);
+									  4, types);
 	}
 	args[0] = CStringGetTextDatum(topic);
 	args[1] = int4_array(partitions, n);
 	args[2] = int8_array(next_offsets, n);
+	args[3] = PointerGetDatum(construct_md_array(hashes, nulls, 1, dims, lbs,
+												 BYTEAOID, -1, false,
+												 TYPALIGN_INT));
 	rc = SPI_execute_plan(store_plan, args, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "could not store Kafka offsets: %s", SPI_result_code_string(rc));
@@ -323,7 +371,8 @@ dwh_kafka_offsets_take_seeks(const char *topic, const int32 *partitions, int n,
  */
 DwhKafkaGapOutcome
 dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
-					  int64 low, int64 high, bool stop, DwhKafkaGap *gap)
+					  int64 low, int64 high, bool replaced, bool stop,
+					  DwhKafkaGap *gap)
 {
 	Oid			types[6] = {TEXTOID, INT4OID, INT8OID, INT8OID, INT8OID, TEXTOID};
 	Datum		args[6];
@@ -362,7 +411,7 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 		outcome = DWH_GAP_MOVED;
 	else if (open)
 		outcome = DWH_GAP_STILL_STOPPED;
-	else if (stored < 0 || (stored >= low && stored <= high))
+	else if (!replaced && (stored < 0 || (stored >= low && stored <= high)))
 		outcome = DWH_GAP_NONE;
 	else
 		outcome = stop ? DWH_GAP_STOPPED : DWH_GAP_SKIPPED;
@@ -389,7 +438,8 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 	if (outcome == DWH_GAP_SKIPPED)
 	{
 		rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets "
-								   "SET next_offset = $4, updated_at = pg_catalog.now() "
+								   "SET next_offset = $4, last_sha256 = NULL, "
+								   "    updated_at = pg_catalog.now() "
 								   "WHERE topic = $1 AND kafka_partition = $2",
 								   4, types, args, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)
@@ -469,11 +519,17 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 		elog(ERROR, "could not store the Kafka offset: %s", SPI_result_code_string(rc));
 
 	/*
-	 * The operator decided where the partition goes on: its gap is closed. (A
-	 * 1.0 schema, not updated yet, has no gaps.)
+	 * The operator decided where the partition goes on: its gap is closed,
+	 * and the message before it is not known.  (A 1.0 schema, not updated
+	 * yet, has neither.)
 	 */
 	if (dwh_schema_is_current())
 	{
+		rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets SET last_sha256 = NULL "
+								   "WHERE topic = $1 AND kafka_partition = $2",
+								   2, types, args, NULL, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "could not store the Kafka offset: %s", SPI_result_code_string(rc));
 		rc = SPI_execute_with_args("UPDATE dwh.kafka_gaps "
 								   "SET resumed_offset = $3, resumed_at = pg_catalog.now() "
 								   "WHERE topic = $1 AND kafka_partition = $2 AND resumed_at IS NULL",

@@ -30,7 +30,8 @@ typedef struct DwhKafkaGap
 } DwhKafkaGap;
 
 extern void dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions,
-									 int n, int64 *next_offsets, bool *stopped);
+									 int n, int64 *next_offsets, bool *stopped,
+									 uint8 *last_sha256, bool *last_known);
 extern void dwh_kafka_offsets_lock(const char *topic, const int32 *partitions,
 								   int n, int64 *next_offsets,
 								   bool *seek_requested, bool *stopped);
@@ -38,9 +39,12 @@ extern DwhKafkaGapOutcome dwh_kafka_offsets_gap(const char *topic,
 												int32 partition,
 												int64 fetch_offset,
 												int64 low, int64 high,
-												bool stop, DwhKafkaGap *gap);
+												bool replaced, bool stop,
+												DwhKafkaGap *gap);
 extern void dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
-									const int64 *next_offsets, int n);
+									const int64 *next_offsets,
+									const uint8 *last_sha256,
+									const bool *last_known, int n);
 extern int	dwh_kafka_offsets_take_seeks(const char *topic,
 										 const int32 *partitions, int n,
 										 int32 **seek_partitions,

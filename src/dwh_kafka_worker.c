@@ -32,7 +32,9 @@
  * broke, then the gap is recorded (dwh_kafka_offsets_gap) and every owned
  * partition is assigned again at its stored offset, the stopped ones
  * paused (a partition that only stops is just paused where it is).  A
- * failure on the way leaves the gap pending, to be served again.
+ * failure on the way leaves the gap pending, to be served again.  So is a
+ * partition whose log was replaced (dwh_kafka_verify.c): the message
+ * before its stored offset is not the one applied there.
  *
  *-------------------------------------------------------------------------
  */
@@ -49,10 +51,12 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "dwh_dead_letter.h"
 #include "dwh_inflight.h"
 #include "dwh_ingest.h"
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_offsets.h"
+#include "dwh_kafka_verify.h"
 #include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
@@ -96,6 +100,7 @@ typedef struct PendingGap
 	int64		offset;			/* the offset that could not be fetched */
 	int64		low;			/* the broker's watermarks, -1 if unknown */
 	int64		high;
+	bool		replaced;		/* another log holds the stored offset */
 } PendingGap;
 
 static PendingGap *pending_gaps = NULL;
@@ -177,6 +182,7 @@ drop_consumer(void)
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
 	n_pending_gaps = 0;
+	dwh_kafka_verify_reset();
 	waiting_for_broker = false;
 	dwh_status_set_assigned(slot, NULL, 0);
 	batch_clear();
@@ -203,11 +209,12 @@ forget_gaps(const int32 *partitions, int n)
 }
 
 /*
- * Keep an offset out of range for serve_gaps(); one per partition, and
- * only for partitions still ours (an error may outlive an assignment).
+ * Keep an offset out of range, or one that another log holds (replaced:
+ * dwh_kafka_verify.c), for serve_gaps(); one per partition, and only for
+ * partitions still ours (an error may outlive an assignment).
  */
 static void
-add_gap(const DwhKafkaEvent *ev)
+add_gap(const DwhKafkaEvent *ev, bool replaced)
 {
 	int32	   *owned;
 	int			n_owned = dwh_kafka_consumer_assignment(consumer, &owned);
@@ -232,8 +239,9 @@ add_gap(const DwhKafkaEvent *ev)
 	}
 	pending_gaps[i].partition = ev->partition;
 	pending_gaps[i].offset = ev->offset;
-	pending_gaps[i].low = ev->low;
-	pending_gaps[i].high = ev->high;
+	pending_gaps[i].low = replaced ? -1 : ev->low;
+	pending_gaps[i].high = replaced ? -1 : ev->high;
+	pending_gaps[i].replaced = replaced;
 	ereport(DEBUG1,
 			(errmsg_internal("Kafka partition %d: offset " INT64_FORMAT " out of range (watermarks " INT64_FORMAT ", " INT64_FORMAT "): %s",
 							 ev->partition, ev->offset, ev->low, ev->high,
@@ -383,6 +391,27 @@ connect_consumer(void)
 }
 
 /*
+ * Where the (sorted) partitions start: their stored offsets, one message
+ * earlier where the message last applied is known, to check that the log
+ * is the one read (dwh_kafka_verify.c); whether each is stopped at a gap.
+ */
+static void
+look_up_offsets(const int32 *partitions, int n, int64 *offsets, bool *stopped)
+{
+	uint8	   *last_sha256 = palloc(DWH_SHA256_LEN * Max(n, 1));
+	bool	   *last_known = palloc(sizeof(bool) * Max(n, 1));
+
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	dwh_kafka_offsets_lookup(dwh_kafka_consumer_topic(consumer), partitions, n,
+							 offsets, stopped, last_sha256, last_known);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	dwh_kafka_verify_start(partitions, offsets, stopped, last_sha256,
+						   last_known, n);
+}
+
+/*
  * Serve a rebalance: on assignment, start each partition at its offset
  * stored in the database; on revocation, drop what was gathered for the
  * partitions lost (the new owner fetches it again from the stored offset).
@@ -398,13 +427,7 @@ serve_rebalance(void)
 		int64	   *offsets = palloc(sizeof(int64) * Max(pending_n, 1));
 		bool	   *stopped = palloc(sizeof(bool) * Max(pending_n, 1));
 
-		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		dwh_kafka_offsets_lookup(dwh_kafka_consumer_topic(consumer),
-								 pending_partitions, pending_n, offsets,
-								 stopped);
-		PopActiveSnapshot();
-		CommitTransactionCommand();
+		look_up_offsets(pending_partitions, pending_n, offsets, stopped);
 		dwh_kafka_consumer_assign(consumer, offsets, stopped);
 		broker_answered();
 	}
@@ -412,6 +435,7 @@ serve_rebalance(void)
 	{
 		batch_drop_partitions(pending_partitions, pending_n);
 		forget_gaps(pending_partitions, pending_n);
+		dwh_kafka_verify_forget(pending_partitions, pending_n);
 		dwh_kafka_consumer_revoke(consumer);
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
@@ -437,12 +461,7 @@ reassign_owned(void)
 	bool	   *stopped = palloc(sizeof(bool) * Max(n_owned, 1));
 
 	batch_clear();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	dwh_kafka_offsets_lookup(dwh_kafka_consumer_topic(consumer), owned,
-							 n_owned, offsets, stopped);
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	look_up_offsets(owned, n_owned, offsets, stopped);
 	MemoryContextSwitchTo(loop_context);
 	dwh_kafka_consumer_reassign(consumer, offsets, stopped);
 }
@@ -471,6 +490,7 @@ serve_seeks(void)
 	CommitTransactionCommand();
 
 	batch_drop_partitions(parts, n);
+	dwh_kafka_verify_forget(parts, n);
 	for (i = 0; i < n; i++)
 		ereport(LOG,
 				(errmsg("Kafka partition %d moved to offset " INT64_FORMAT,
@@ -511,6 +531,35 @@ partition_index(const int32 *partitions, int n, int32 p)
 }
 
 /*
+ * The SHA-256 of the message before each partition's next offset, found
+ * among the gathered ones (whichever transaction applied it): what the
+ * partition's check compares when it starts again (dwh_kafka_verify.c).
+ */
+static void
+last_applied(const int32 *partitions, const int64 *next_offsets, int n,
+			 uint8 *last_sha256, bool *last_known)
+{
+	int			i;
+	int			j;
+
+	for (i = 0; i < n; i++)
+	{
+		last_known[i] = false;
+		for (j = batch.n - 1; j >= 0 && !last_known[i]; j--)
+		{
+			DwhIngestItem *item = &batch.items[j];
+
+			if (item->partition != partitions[i] ||
+				item->offset != next_offsets[i] - 1)
+				continue;
+			dwh_sha256(item->data, item->len,
+					   &last_sha256[i * DWH_SHA256_LEN]);
+			last_known[i] = true;
+		}
+	}
+}
+
+/*
  * Apply items[0..n-1] in one transaction with their offsets: the messages
  * not applied yet, of partitions neither moved nor stopped meanwhile.  With
  * deferred, the orders another worker is applying are left out
@@ -533,6 +582,8 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 	bool	   *seek = palloc(sizeof(bool) * n);
 	bool	   *stopped = palloc(sizeof(bool) * n);
 	int64	   *upto = palloc(sizeof(int64) * n);
+	uint8	   *last_sha256 = palloc(DWH_SHA256_LEN * n);
+	bool	   *last_known = palloc(sizeof(bool) * n);
 	DwhIngestItem *keep = palloc(sizeof(DwhIngestItem) * n);
 	int		   *kept_from = palloc(sizeof(int) * n);
 	bool	   *kept_deferred = palloc0(sizeof(bool) * n);
@@ -608,7 +659,9 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 		upto[*n_next] = upto[i];
 		next[(*n_next)++] = next[i];
 	}
-	dwh_kafka_offsets_store(topic, next_parts, upto, *n_next);
+	last_applied(next_parts, upto, *n_next, last_sha256, last_known);
+	dwh_kafka_offsets_store(topic, next_parts, upto, last_sha256, last_known,
+							*n_next);
 
 	PopActiveSnapshot();
 	CommitTransactionCommand();
@@ -682,7 +735,7 @@ apply_batch(void)
  */
 static void
 report_gap(const char *topic, int32 partition, DwhKafkaGapOutcome outcome,
-		   const DwhKafkaGap *gap)
+		   bool replaced, const DwhKafkaGap *gap)
 {
 	bool		stop = (outcome == DWH_GAP_STOPPED);
 	char	   *then;
@@ -703,7 +756,16 @@ report_gap(const char *topic, int32 partition, DwhKafkaGapOutcome outcome,
 		then = psprintf("Consumption goes on from offset " INT64_FORMAT ". The gap is recorded in dwh.kafka_gaps.",
 						gap->log_start_offset);
 
-	if (gap->next_offset < gap->log_start_offset)
+	if (replaced)
+		ereport(WARNING,
+				(errmsg("Kafka partition %d of topic \"%s\" is not the log its stored offset " INT64_FORMAT " was read from",
+						partition, topic, gap->next_offset),
+				 errdetail("The broker holds another message at offset " INT64_FORMAT " than the one applied there: the topic was recreated. Its log holds offsets " INT64_FORMAT " to " INT64_FORMAT ". %s",
+						   gap->next_offset - 1, gap->log_start_offset,
+						   gap->log_end_offset - 1, then),
+				 stop ? errhint("Move the partition with dwh.kafka_seek(%d, " INT64_FORMAT ") to read what the broker holds.",
+								partition, gap->log_start_offset) : 0));
+	else if (gap->next_offset < gap->log_start_offset)
 		ereport(WARNING,
 				(errmsg("offsets " INT64_FORMAT " to " INT64_FORMAT " of Kafka partition %d of topic \"%s\" can no longer be read",
 						gap->next_offset, gap->log_start_offset - 1,
@@ -781,6 +843,7 @@ serve_gaps(void)
 											pending_gaps[i].offset,
 											pending_gaps[i].low,
 											pending_gaps[i].high,
+											pending_gaps[i].replaced,
 											dwh_kafka_on_gap == DWH_KAFKA_GAP_STOP,
 											&gaps[i]);
 	PopActiveSnapshot();
@@ -794,7 +857,8 @@ serve_gaps(void)
 	 */
 	for (i = 0; i < n; i++)
 	{
-		report_gap(topic, pending_gaps[i].partition, outcomes[i], &gaps[i]);
+		report_gap(topic, pending_gaps[i].partition, outcomes[i],
+				   pending_gaps[i].replaced, &gaps[i]);
 		if (outcomes[i] == DWH_GAP_STOPPED || outcomes[i] == DWH_GAP_STILL_STOPPED)
 			dwh_kafka_consumer_stop(consumer, pending_gaps[i].partition);
 		else
@@ -863,11 +927,23 @@ gather(void)
 			case DWH_KAFKA_NOTHING:
 				return;
 			case DWH_KAFKA_MESSAGE:
-				batch_add(&ev);
 				broker_answered();
+				switch (dwh_kafka_verify_message(ev.partition, ev.offset,
+												 ev.data, ev.len))
+				{
+					case DWH_VERIFY_NONE:
+						batch_add(&ev);
+						break;
+					case DWH_VERIFY_SAME:
+						break;	/* applied before */
+					case DWH_VERIFY_REPLACED:
+						add_gap(&ev, true);
+						return;
+				}
 				break;
 			case DWH_KAFKA_OUT_OF_RANGE:
-				add_gap(&ev);
+				dwh_kafka_verify_out_of_range(ev.partition, ev.offset);
+				add_gap(&ev, false);
 				broker_answered();
 				return;
 			case DWH_KAFKA_ASSIGN:

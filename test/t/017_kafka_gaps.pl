@@ -7,8 +7,10 @@
 # with stop it consumes nothing more from that partition (the others go on),
 # across a server restart and without recording the gap twice, until
 # dwh.kafka_seek() moves it.  The same once more with the cooperative-sticky
-# rebalance protocol, where a partition is started again incrementally, and
-# with a recreated topic, whose log ends before the stored offsets.
+# rebalance protocol, where a partition is started again incrementally,
+# with a recreated topic, whose log ends before the stored offsets, and
+# with one whose new log reaches past them: the worker checks that the
+# message before the stored offset is the one it applied.
 
 use strict;
 use warnings;
@@ -276,8 +278,37 @@ is(count_in_log(qr/WARNING:  Kafka partition 0 of topic "$topic" ends before its
 	1, 'recreated: the WARNING says the log ends before the stored offset');
 is(orders_in_stg(520, 530), '10', 'recreated: the new topic\'s orders are applied');
 
+# --- a recreated topic whose new log reaches past the stored offset ---
+# The broker holds partition 0's stored offset 10 again, in another log:
+# the worker starts one message earlier, finds another message than the
+# one it applied at offset 9, and reads the new log from its start (lines
+# 530-549 at offsets 0-19) instead of going on at offset 10.
+hold();
+broker_command('tool', 'org.apache.kafka.tools.TopicCommand',
+	'--bootstrap-server', $broker->{bootstrap}, '--delete', '--topic', $topic);
+$created = 0;
+foreach my $try (1 .. 60)
+{
+	last if $created = eval { broker_command('create-topic', $broker->{dir}, $topic, 2); 1 };
+	usleep(500_000);
+}
+ok($created, 'the topic is recreated again');
+produce_lines(530, 550, 0);
+release();
+wait_stored(0, 20, 'replaced: partition 0 is read from the start of the new log');
+is( $node->safe_psql('postgres',
+		"SELECT kafka_partition, next_offset, log_start_offset, log_end_offset, action, resumed_offset FROM dwh.kafka_gaps WHERE next_offset = 10"
+	),
+	"0|10|0|20|skipped|0",
+	'replaced: the gap is recorded from the stored offset');
+is(count_in_log(qr/WARNING:  Kafka partition 0 of topic "$topic" is not the log its stored offset 10 was read from
+[^
+]*DETAIL:  The broker holds another message at offset 9 than the one applied there: the topic was recreated\. Its log holds offsets 0 to 19\. Consumption goes on from offset 0\./),
+	1, 'replaced: the WARNING says so');
+is(orders_in_stg(530, 550), '20', 'replaced: every order of the new log is applied');
+
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
-	100 + 50 + 50 + 50 + 50 + 10 + 50 + 10 + 10,
+	100 + 50 + 50 + 50 + 50 + 10 + 50 + 10 + 10 + 20,
 	'every order that was not lost is in STG once');
 check_consistent($node, 'after the gaps');
 

@@ -1,0 +1,200 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_kafka_verify.c
+ *	  Is the log a partition resumes in the one its stored offset was read
+ *	  from?
+ *
+ * The gap check (dwh_kafka_offsets_gap) asks whether the broker still
+ * holds a partition's stored offset.  A topic deleted and recreated whose
+ * new log has reached that offset holds it too, in another log: a worker
+ * going on from there would never apply the new messages before it, and
+ * record no gap.  So each batch stores, with a partition's next offset N,
+ * the SHA-256 of the message at N - 1 (dwh.kafka_offsets.last_sha256), and
+ * a worker that starts a partition where such a hash is known starts one
+ * message earlier, at N - 1: the first message it fetches there must be
+ * the one applied.  The same bytes: the same log, and the message is
+ * dropped (it was applied).  Other bytes: the log was replaced, and the
+ * worker records a gap from N back to the new log's start, which it reads
+ * from there (or stops at, with dwh.kafka_on_gap = stop).
+ *
+ * Nothing to compare, and the partition goes on as before: no hash stored
+ * (a partition moved by dwh.kafka_seek or past a gap, or never applied), or
+ * a message at N - 1 the broker no longer holds (retention deleted what was
+ * applied) or skips (a compacted topic), in which case its first message
+ * is at N or later and is applied as usual.  A message of another log that
+ * has the very bytes of the one applied at the same offset is not told
+ * apart; orders carry their id and version, so a real stream repeats them
+ * only when it repeats the order itself.
+ *
+ * The state is the worker's own, for the partitions it owns.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "dwh_dead_letter.h"
+#include "dwh_kafka_verify.h"
+#include "dwh_status.h"
+
+/* A partition started one message early, waiting for that message. */
+typedef struct Checking
+{
+	int32		partition;
+	int64		offset;			/* N - 1 */
+	uint8		sha256[DWH_SHA256_LEN];
+} Checking;
+
+static Checking checking[DWH_MAX_PARTITIONS];
+static int	n_checking = 0;
+
+/*
+ * Partitions whose message at N - 1 the broker no longer held: started at
+ * N, without a check, the next time they are started.
+ */
+static int32 unverifiable[DWH_MAX_PARTITIONS];
+static int	n_unverifiable = 0;
+
+static int
+find_checking(int32 partition)
+{
+	int			i;
+
+	for (i = 0; i < n_checking; i++)
+		if (checking[i].partition == partition)
+			return i;
+	return -1;
+}
+
+static void
+stop_checking(int i)
+{
+	checking[i] = checking[--n_checking];
+}
+
+/* Is the partition unverifiable?  If so it no longer is. */
+static bool
+take_unverifiable(int32 partition)
+{
+	int			i;
+
+	for (i = 0; i < n_unverifiable; i++)
+		if (unverifiable[i] == partition)
+		{
+			unverifiable[i] = unverifiable[--n_unverifiable];
+			return true;
+		}
+	return false;
+}
+
+/*
+ * dwh_kafka_verify_start
+ *		The partitions are about to be started at offsets[] (their stored
+ *		next offsets, DWH_NO_OFFSET where none): those whose message last
+ *		applied is known start one message earlier, and are checked.
+ */
+void
+dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
+					   const bool *stopped, const uint8 *last_sha256,
+					   const bool *last_known, int n)
+{
+	int			i;
+
+	dwh_kafka_verify_forget(partitions, n);
+	for (i = 0; i < n; i++)
+	{
+		Checking   *c;
+
+		if (take_unverifiable(partitions[i]))
+			continue;
+		if (stopped[i] || !last_known[i] || offsets[i] <= 0 ||
+			n_checking == DWH_MAX_PARTITIONS)
+			continue;
+		c = &checking[n_checking++];
+		c->partition = partitions[i];
+		c->offset = --offsets[i];
+		memcpy(c->sha256, &last_sha256[i * DWH_SHA256_LEN], DWH_SHA256_LEN);
+	}
+}
+
+/*
+ * dwh_kafka_verify_message
+ *		What the fetched message at (partition, offset) says.
+ */
+DwhKafkaVerdict
+dwh_kafka_verify_message(int32 partition, int64 offset, const char *data,
+						 int len)
+{
+	int			i = find_checking(partition);
+	uint8		sha256[DWH_SHA256_LEN];
+	int64		expected;
+
+	if (i < 0)
+		return DWH_VERIFY_NONE;
+	expected = checking[i].offset;
+	if (offset < expected)
+		return DWH_VERIFY_NONE; /* before the check: below the stored offset */
+	if (offset > expected)
+	{
+		/* The broker skipped it (compaction): nothing to compare. */
+		stop_checking(i);
+		return DWH_VERIFY_NONE;
+	}
+	dwh_sha256(data, len, sha256);
+	if (memcmp(sha256, checking[i].sha256, DWH_SHA256_LEN) == 0)
+	{
+		stop_checking(i);
+		return DWH_VERIFY_SAME;
+	}
+	stop_checking(i);
+	return DWH_VERIFY_REPLACED;
+}
+
+/*
+ * dwh_kafka_verify_out_of_range
+ *		The broker no longer holds offset of partition.  If that was the
+ *		message to check (retention deleted what was applied), the partition
+ *		starts at its stored offset, unchecked, the next time; the caller
+ *		then treats it as any offset out of range (the stored one may be
+ *		gone too).
+ */
+void
+dwh_kafka_verify_out_of_range(int32 partition, int64 offset)
+{
+	int			i = find_checking(partition);
+
+	if (i < 0 || checking[i].offset != offset)
+		return;
+	stop_checking(i);
+	if (n_unverifiable < DWH_MAX_PARTITIONS)
+		unverifiable[n_unverifiable++] = partition;
+}
+
+/*
+ * dwh_kafka_verify_forget
+ *		Forget the checks of these partitions (revoked, moved, started
+ *		again).
+ */
+void
+dwh_kafka_verify_forget(const int32 *partitions, int n)
+{
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		int			c = find_checking(partitions[i]);
+
+		if (c >= 0)
+			stop_checking(c);
+	}
+}
+
+/*
+ * dwh_kafka_verify_reset
+ *		Forget everything: a new consumer.
+ */
+void
+dwh_kafka_verify_reset(void)
+{
+	n_checking = 0;
+	n_unverifiable = 0;
+}

@@ -1,0 +1,32 @@
+/*-------------------------------------------------------------------------
+ *
+ * dwh_kafka_verify.h
+ *	  Is the log a partition resumes in the one its stored offset was read
+ *	  from?
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef DWH_KAFKA_VERIFY_H
+#define DWH_KAFKA_VERIFY_H
+
+/* What a fetched message says about its partition's log. */
+typedef enum DwhKafkaVerdict
+{
+	DWH_VERIFY_NONE,			/* nothing to check: apply it as usual */
+	DWH_VERIFY_SAME,			/* the message last applied: the same log;
+								 * drop it */
+	DWH_VERIFY_REPLACED,		/* another message there: another log; drop
+								 * it, and record the gap */
+} DwhKafkaVerdict;
+
+extern void dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
+								   const bool *stopped,
+								   const uint8 *last_sha256,
+								   const bool *last_known, int n);
+extern DwhKafkaVerdict dwh_kafka_verify_message(int32 partition, int64 offset,
+												const char *data, int len);
+extern void dwh_kafka_verify_out_of_range(int32 partition, int64 offset);
+extern void dwh_kafka_verify_forget(const int32 *partitions, int n);
+extern void dwh_kafka_verify_reset(void);
+
+#endif							/* DWH_KAFKA_VERIFY_H */
