@@ -15,7 +15,8 @@
  * the one applied.  The same bytes: the same log, and the message is
  * dropped (it was applied).  Other bytes: the log was replaced, and the
  * worker records a gap from N back to the new log's start, which it reads
- * from there (or stops at, with dwh.kafka_on_gap = stop).
+ * from there (or stops at, with dwh.kafka_on_gap = stop); until then it
+ * drops whatever else that log brings.
  *
  * Nothing to compare, and the partition goes on as before: no hash stored
  * (a partition moved by dwh.kafka_seek or past a gap, or never applied), or
@@ -42,6 +43,7 @@ typedef struct Checking
 	int32		partition;
 	int64		offset;			/* N - 1 */
 	uint8		sha256[DWH_SHA256_LEN];
+	bool		replaced;		/* found replaced: drop what follows */
 } Checking;
 
 static Checking checking[DWH_MAX_PARTITIONS];
@@ -113,12 +115,16 @@ dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
 		c->partition = partitions[i];
 		c->offset = --offsets[i];
 		memcpy(c->sha256, &last_sha256[i * DWH_SHA256_LEN], DWH_SHA256_LEN);
+		c->replaced = false;
 	}
 }
 
 /*
  * dwh_kafka_verify_message
- *		What the fetched message at (partition, offset) says.
+ *		What the fetched message at (partition, offset) says.  Once a log is
+ *		found replaced, every message of the partition is dropped until the
+ *		partition is started again (its gap served): none of that log is
+ *		applied at the offsets of the old one.
  */
 DwhKafkaVerdict
 dwh_kafka_verify_message(int32 partition, int64 offset, const char *data,
@@ -130,6 +136,8 @@ dwh_kafka_verify_message(int32 partition, int64 offset, const char *data,
 
 	if (i < 0)
 		return DWH_VERIFY_NONE;
+	if (checking[i].replaced)
+		return DWH_VERIFY_DROP;
 	expected = checking[i].offset;
 	if (offset < expected)
 		return DWH_VERIFY_NONE; /* before the check: below the stored offset */
@@ -143,9 +151,9 @@ dwh_kafka_verify_message(int32 partition, int64 offset, const char *data,
 	if (memcmp(sha256, checking[i].sha256, DWH_SHA256_LEN) == 0)
 	{
 		stop_checking(i);
-		return DWH_VERIFY_SAME;
+		return DWH_VERIFY_DROP;
 	}
-	stop_checking(i);
+	checking[i].replaced = true;
 	return DWH_VERIFY_REPLACED;
 }
 

@@ -13,10 +13,11 @@
 typedef enum DwhKafkaVerdict
 {
 	DWH_VERIFY_NONE,			/* nothing to check: apply it as usual */
-	DWH_VERIFY_SAME,			/* the message last applied: the same log;
-								 * drop it */
-	DWH_VERIFY_REPLACED,		/* another message there: another log; drop
-								 * it, and record the gap */
+	DWH_VERIFY_DROP,			/* the message applied last (the same log), or
+								 * one of a replaced log whose gap is not
+								 * served yet */
+	DWH_VERIFY_REPLACED,		/* another message where the one applied was:
+								 * drop it, and record the gap */
 } DwhKafkaVerdict;
 
 extern void dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,

@@ -934,8 +934,8 @@ gather(void)
 					case DWH_VERIFY_NONE:
 						batch_add(&ev);
 						break;
-					case DWH_VERIFY_SAME:
-						break;	/* applied before */
+					case DWH_VERIFY_DROP:
+						break;
 					case DWH_VERIFY_REPLACED:
 						add_gap(&ev, true);
 						return;
