@@ -382,12 +382,17 @@ typedef struct KeyedDelta
 {
 	Datum		user_id;		/* uuid */
 	Datum		key;			/* uuid: dish, category or a key of its own */
-	int32		delta;
+	bool		user_null;
+	bool		key_null;
+	int32		delta;			/* 0 for a null one, as sum() ignores it */
 } KeyedDelta;
 
+/* uuids in byte order, a null after every value (as ORDER BY sorts them) */
 static int
-uuid_datum_cmp(Datum a, Datum b)
+uuid_datum_cmp(Datum a, bool a_null, Datum b, bool b_null)
 {
+	if (a_null || b_null)
+		return (int) a_null - (int) b_null;
 	return memcmp(DatumGetUUIDP(a)->data, DatumGetUUIDP(b)->data,
 				  UUID_LEN);
 }
@@ -397,15 +402,17 @@ keyed_delta_cmp(const void *a, const void *b)
 {
 	const KeyedDelta *x = (const KeyedDelta *) a;
 	const KeyedDelta *y = (const KeyedDelta *) b;
-	int			c = uuid_datum_cmp(x->user_id, y->user_id);
+	int			c = uuid_datum_cmp(x->user_id, x->user_null,
+								   y->user_id, y->user_null);
 
-	return c != 0 ? c : uuid_datum_cmp(x->key, y->key);
+	return c != 0 ? c : uuid_datum_cmp(x->key, x->key_null,
+									   y->key, y->key_null);
 }
 
 /*
  * The deltas of one mart (columns users, keys, deltas), summed per (user,
  * key), sums of zero left out, as arrays in key order; null arrays when
- * none is left.
+ * none is left.  As GROUP BY would: a null key is a key of its own.
  */
 static void
 sum_per_key(DwhColumn *users, DwhColumn *keys, DwhColumn *deltas,
@@ -422,12 +429,11 @@ sum_per_key(DwhColumn *users, DwhColumn *keys, DwhColumn *deltas,
 	rows = palloc(sizeof(KeyedDelta) * Max(n, 1));
 	for (i = 0; i < n; i++)
 	{
-		/* Every key and delta of a trigger's arrays is set. */
-		if (users->nulls[i] || keys->nulls[i] || deltas->nulls[i])
-			elog(ERROR, "null mart delta");
 		rows[i].user_id = users->values[i];
+		rows[i].user_null = users->nulls[i];
 		rows[i].key = keys->values[i];
-		rows[i].delta = DatumGetInt32(deltas->values[i]);
+		rows[i].key_null = keys->nulls[i];
+		rows[i].delta = deltas->nulls[i] ? 0 : DatumGetInt32(deltas->values[i]);
 	}
 	qsort(rows, n, sizeof(KeyedDelta), keyed_delta_cmp);
 
@@ -448,8 +454,8 @@ sum_per_key(DwhColumn *users, DwhColumn *keys, DwhColumn *deltas,
 			ereport(ERROR,
 					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
 					 errmsg("integer out of range")));
-		dwh_column_add(&out[0], rows[first].user_id, false);
-		dwh_column_add(&out[1], rows[first].key, false);
+		dwh_column_add(&out[0], rows[first].user_id, rows[first].user_null);
+		dwh_column_add(&out[1], rows[first].key, rows[first].key_null);
 		dwh_column_add(&out[2], Int32GetDatum((int32) sum), false);
 	}
 	for (i = 0; i < 3; i++)
