@@ -127,6 +127,23 @@ sub wait_is
 	return;
 }
 
+# Delete the topic and create it again, with 2 partitions.
+sub recreate_topic
+{
+	my ($label) = @_;
+	broker_command('tool', 'org.apache.kafka.tools.TopicCommand',
+		'--bootstrap-server', $broker->{bootstrap}, '--delete', '--topic', $topic);
+	my $created = 0;
+	foreach my $try (1 .. 60)
+	{
+		# The deletion completes in the background.
+		last if $created = eval { broker_command('create-topic', $broker->{dir}, $topic, 2); 1 };
+		usleep(500_000);
+	}
+	ok($created, $label);
+	return;
+}
+
 sub count_in_log
 {
 	my ($pattern) = @_;
@@ -255,16 +272,7 @@ wait_stored(0, 310, 'cooperative: partition 0 goes on');
 # what the new topic holds (lines 520-529 at offsets 0-9 of partition 0)
 # is read from its start.
 hold();
-broker_command('tool', 'org.apache.kafka.tools.TopicCommand',
-	'--bootstrap-server', $broker->{bootstrap}, '--delete', '--topic', $topic);
-my $created = 0;
-foreach my $try (1 .. 60)
-{
-	# The deletion completes in the background.
-	last if $created = eval { broker_command('create-topic', $broker->{dir}, $topic, 2); 1 };
-	usleep(500_000);
-}
-ok($created, 'the topic is recreated');
+recreate_topic('the topic is recreated');
 produce_lines(520, 530, 0);
 release();
 wait_stored(0, 10, 'recreated: partition 0 is read from the start of the new log');
@@ -284,15 +292,7 @@ is(orders_in_stg(520, 530), '10', 'recreated: the new topic\'s orders are applie
 # one it applied at offset 9, and reads the new log from its start (lines
 # 530-549 at offsets 0-19) instead of going on at offset 10.
 hold();
-broker_command('tool', 'org.apache.kafka.tools.TopicCommand',
-	'--bootstrap-server', $broker->{bootstrap}, '--delete', '--topic', $topic);
-$created = 0;
-foreach my $try (1 .. 60)
-{
-	last if $created = eval { broker_command('create-topic', $broker->{dir}, $topic, 2); 1 };
-	usleep(500_000);
-}
-ok($created, 'the topic is recreated again');
+recreate_topic('the topic is recreated again');
 produce_lines(530, 550, 0);
 release();
 wait_stored(0, 20, 'replaced: partition 0 is read from the start of the new log');
