@@ -40,6 +40,7 @@
 #include "utils/wait_event.h"
 
 #include "dwh_kafka_consumer.h"
+#include "dwh_kafka_destroy.h"
 #include "dwh_kafka_options.h"
 #include "dwh_kafka_queue.h"
 #include "dwh_settings.h"
@@ -214,7 +215,10 @@ rebalance_is_cooperative(rd_kafka_t *rk)
  * When the process is exiting and the close did not finish in time (no
  * broker answers), the library is left to the exit: rd_kafka_destroy()
  * would wait for the group's session to time out (seconds), and the
- * library's threads call nothing of the server's.
+ * library's threads call nothing of the server's.  Otherwise it is
+ * destroyed within DWH_KAFKA_DESTROY_MS (src/dwh_kafka_destroy.c): past
+ * that, an exiting worker goes on exiting, and any other leaves its
+ * process.
  */
 void
 dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting)
@@ -263,7 +267,14 @@ dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting)
 	if (exiting && !rd_kafka_consumer_closed(c->rk))
 		return;
 	rd_kafka_queue_destroy(c->queue);
-	rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+	if (!dwh_kafka_destroy_within(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE,
+								  DWH_KAFKA_DESTROY_MS))
+	{
+		/* librdkafka may still write to the queue's pipe: keep it open. */
+		if (exiting)
+			return;
+		dwh_kafka_client_abandoned(c->client);
+	}
 	dwh_kafka_queue_stop(&c->events);
 	if (c->assigned)
 		pfree(c->assigned);

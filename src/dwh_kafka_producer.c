@@ -33,6 +33,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "dwh_kafka_destroy.h"
 #include "dwh_kafka_options.h"
 #include "dwh_kafka_producer.h"
 #include "dwh_kafka_queue.h"
@@ -127,17 +128,25 @@ dwh_kafka_producer_create(const char *topic, char *error, size_t error_size)
  *		Drop what is queued or in flight and close the producer at once, so
  *		that SIGTERM is honoured quickly even when the broker is gone.
  *		Nothing is lost: an event leaves the outbox only once acknowledged,
- *		and the reports of the purged messages are never served.
+ *		and the reports of the purged messages are never served.  A
+ *		destruction that does not end in time (src/dwh_kafka_destroy.c)
+ *		leaves the process, unless it is exiting already.
  */
 void
-dwh_kafka_producer_destroy(DwhKafkaProducer *p)
+dwh_kafka_producer_destroy(DwhKafkaProducer *p, bool exiting)
 {
 	dwh_kafka_queue_mute(&p->events);
 	(void) rd_kafka_purge(p->rk, RD_KAFKA_PURGE_F_QUEUE |
 						  RD_KAFKA_PURGE_F_INFLIGHT |
 						  RD_KAFKA_PURGE_F_NON_BLOCKING);
 	rd_kafka_queue_destroy(p->queue);
-	rd_kafka_destroy(p->rk);
+	if (!dwh_kafka_destroy_within(p->rk, 0, DWH_KAFKA_DESTROY_MS))
+	{
+		/* librdkafka may still write to the queue's pipe: keep it open. */
+		if (exiting)
+			return;
+		dwh_kafka_client_abandoned("producer");
+	}
 	dwh_kafka_queue_stop(&p->events);
 	pfree(p->topic);
 	pfree(p);

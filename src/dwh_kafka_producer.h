@@ -28,7 +28,7 @@ typedef struct DwhKafkaProducerReport
 extern DwhKafkaProducer *dwh_kafka_producer_create(const char *topic,
 												   char *error,
 												   size_t error_size);
-extern void dwh_kafka_producer_destroy(DwhKafkaProducer *producer);
+extern void dwh_kafka_producer_destroy(DwhKafkaProducer *producer, bool exiting);
 extern bool dwh_kafka_producer_send(DwhKafkaProducer *producer,
 									const char *key, int key_len,
 									const char *value, int value_len,

@@ -148,7 +148,7 @@ drop_producer(void)
 
 	if (producer == NULL)
 		return;
-	dwh_kafka_producer_destroy(producer);
+	dwh_kafka_producer_destroy(producer, false);
 	producer = NULL;
 	waiting_for_broker = false;
 	for (i = 0; i < flight.n; i++)
@@ -164,7 +164,7 @@ shutdown_producer(int code, Datum arg)
 {
 	if (producer != NULL)
 	{
-		dwh_kafka_producer_destroy(producer);
+		dwh_kafka_producer_destroy(producer, true);
 		producer = NULL;
 	}
 }
