@@ -165,12 +165,15 @@ SELECT * FROM dwh.ingest_orders(ARRAY[]::bytea[]);
 SELECT * FROM t.check();
 
 -- Replay: a message refused for its size goes through once the limit is
--- raised; the others are refused again with the same reason.
+-- raised; the others are refused again with the same reason.  A Redis
+-- dead letter is no order: it stays for the Redis worker's next read.
 DELETE FROM dwh.dead_letters;
 SET dwh.max_message_size = 1024;
 SELECT dwh.ingest_order(convert_to(t.order_msg(20, 'u7', 'CLOSED', '2023-04-20 10:00:00',
                         t.items('d7:' || repeat('Очень длинное имя ', 100))), 'UTF8'));
 SELECT dwh.ingest_order('not json');
+INSERT INTO dwh.dead_letters (source, source_key, raw, reason, sqlstate, raw_length, raw_sha256)
+VALUES ('redis', 'u-broken', '\x7b', 'value is not valid JSON', '22P02', 1, sha256('\x7b'));
 SELECT id, sqlstate, left(reason, 50) AS reason FROM dwh.dead_letters ORDER BY id;
 RESET dwh.max_message_size;
 SELECT * FROM dwh.replay_dead_letters();

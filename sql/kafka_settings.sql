@@ -30,7 +30,21 @@ ALTER SYSTEM SET dwh.kafka_options = 'session.timeout.ms=soon';
 ALTER SYSTEM SET dwh.kafka_options = 'sasl.password';
 ALTER SYSTEM SET dwh.kafka_options = 'sasl.password=''unterminated';
 ALTER SYSTEM SET dwh.kafka_options = 'security.protocol=SASL_SSL sasl.mechanisms=SCRAM-SHA-512 sasl.username=dwh sasl.password=''it\''s secret'' ssl.ca.location=/nonexistent/ca.pem';
+-- Every other property dwh manages is refused too.
+ALTER SYSTEM SET dwh.kafka_options = 'metadata.broker.list=localhost:9092';
+ALTER SYSTEM SET dwh.kafka_options = 'group.id=other';
+ALTER SYSTEM SET dwh.kafka_options = 'queued.max.messages.kbytes=1024';
+ALTER SYSTEM SET dwh.kafka_options = 'enable.auto.offset.store=true';
+ALTER SYSTEM SET dwh.kafka_options = 'offset.store.method=broker';
+ALTER SYSTEM SET dwh.kafka_options = 'enable.partition.eof=true';
+ALTER SYSTEM SET dwh.kafka_options = 'log.queue=true';
 ALTER SYSTEM RESET dwh.kafka_options;
+-- The documented ranges, and no setting of another name under dwh.
+ALTER SYSTEM SET dwh.kafka_consumers = 17;
+ALTER SYSTEM SET dwh.kafka_consumers = -1;
+SET dwh.max_order_items = 0;
+SET dwh.max_order_items = 100001;
+SET dwh.no_such_setting = 1;
 ALTER SYSTEM SET dwh.kafka_topic = 'bad topic';
 ALTER SYSTEM SET dwh.kafka_group_id = '';
 SET dwh.kafka_consumers = 2;

@@ -66,6 +66,17 @@ WHERE n.nspname IN ('dds', 'cdm') AND c.relkind IN ('r', 'S')
 SELECT p.oid::regprocedure AS executable_by_public
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = 'dwh' AND has_function_privilege('public', p.oid, 'EXECUTE');
+SELECT n.nspname AS schema_usable_by_public
+FROM pg_namespace n
+WHERE n.nspname IN ('stg', 'dds', 'cdm', 'dwh')
+  AND has_schema_privilege('public', n.oid, 'USAGE');
+-- A SECURITY DEFINER function resolves names in a fixed search_path only.
+SELECT p.oid::regprocedure AS definer_without_fixed_search_path
+FROM pg_proc p
+JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'dwh'
+WHERE p.prosecdef
+  AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false);
 CREATE ROLE regress_dwh_nobody;
 SET ROLE regress_dwh_nobody;
 SELECT * FROM dwh.verify();

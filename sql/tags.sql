@@ -260,3 +260,20 @@ SELECT u.user_id, m.order_cnt
 FROM cdm.user_order_counters m JOIN dds.h_user u ON u.h_user_pk = m.user_id
 ORDER BY 1;
 SELECT * FROM t.check();
+
+-- NOTIFY: one notification per event, in event order, after the commit
+-- only.  A rolled-back grant is never notified; the second order ties
+-- Супы with Основные (the favourite stays) and makes u9 a regular; the
+-- third moves the favourite to Супы: a revoke and a grant.
+LISTEN dwh_user_tags;
+\o | sed -e 's/PID [0-9]*/PID N/' -e 's/"id" : [0-9]*/"id" : N/' -e 's/"user_id" : "[^"]*"/"user_id" : U/'
+BEGIN;
+SELECT t.load(9001, 'u9', 'CLOSED', '2023-04-10 20:00:00', 'd1:Плов');
+ROLLBACK;
+SELECT t.load(9001, 'u9', 'CLOSED', '2023-04-10 20:00:00', 'd1:Плов');
+SELECT t.load(9002, 'u9', 'CLOSED', '2023-04-10 21:00:00', 'd2:Борщ', 'd3:Щи');
+SELECT t.load(9003, 'u9', 'CLOSED', '2023-04-10 22:00:00', 'd3:Щи');
+\o
+UNLISTEN dwh_user_tags;
+SELECT tag, value, kind FROM t.events WHERE user_id = 'u9' ORDER BY id;
+SELECT count(*) FROM dwh.verify();

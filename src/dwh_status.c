@@ -227,7 +227,7 @@ void
 dwh_status_set_assigned(DwhWorkerStatus *slot, const int32 *partitions, int n)
 {
 	SpinLockAcquire(&slot->mutex);
-	slot->n_assigned = Min(n, DWH_MAX_ASSIGNED);
+	slot->n_assigned = Min(n, DWH_MAX_PARTITIONS);
 	memcpy(slot->assigned, partitions, sizeof(int32) * slot->n_assigned);
 	SpinLockRelease(&slot->mutex);
 }

@@ -17,9 +17,11 @@
 #define DWH_REDIS_SLOT			DWH_MAX_KAFKA_WORKERS
 #define DWH_TAGS_SLOT			(DWH_MAX_KAFKA_WORKERS + 1)
 
-/* Partitions numbered beyond this are consumed but not shown in status. */
+/*
+ * Partitions numbered beyond this are consumed but not shown in status; a
+ * worker may own every one of them.
+ */
 #define DWH_MAX_PARTITIONS		1024
-#define DWH_MAX_ASSIGNED		64
 
 #define DWH_STATE_LEN			128
 #define DWH_ERROR_LEN			512
@@ -47,7 +49,7 @@ typedef struct DwhWorkerStatus
 	TimestampTz state_since;
 	/* Kafka */
 	int			n_assigned;
-	int32		assigned[DWH_MAX_ASSIGNED];
+	int32		assigned[DWH_MAX_PARTITIONS];
 	int64		messages;		/* messages applied (orders, others, dead) */
 	int64		batches;
 	int64		dead_letters;

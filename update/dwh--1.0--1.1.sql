@@ -4069,6 +4069,11 @@ AS $fn$
 DECLARE
     vault_differences bigint;
 BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'the marts can only be rebuilt in a READ COMMITTED transaction'
+            USING ERRCODE = '25000',
+                  DETAIL = 'The rebuild must see the orders committed while it waited for the dictionary lock.';
+    END IF;
     -- No order batch or dictionary change runs meanwhile, nor a rule
     -- change or dwh.expire_tags(); readers go on.
     PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());

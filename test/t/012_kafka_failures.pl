@@ -2,7 +2,9 @@
 # orders stream (the workers wait, say so, and resume by themselves with
 # nothing lost); an error that is not about a message (a lock held on the
 # offsets table) is retried with backoff and never skips data; SIGTERM
-# stops a worker quickly, also while the broker is down; a worker waits on a standby-like missing extension.
+# stops a worker within 2 s, also while the broker is down; the workers
+# wait while the extension is dropped, and resume once it is back.  (A
+# standby: 037_standby.pl.)
 
 use strict;
 use warnings;
@@ -88,7 +90,9 @@ ok(wait_for($node, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = 
 	'the worker stops on SIGTERM');
 my $elapsed = time() - $start;
 note(sprintf('worker stopped %.2f s after SIGTERM', $elapsed));
-cmp_ok($elapsed, '<', 5, 'SIGTERM honoured within a few seconds');
+# The README promises half a second (the group leave is cut short at
+# 0.5 s); the polling above adds up to 0.2 s and a psql start.
+cmp_ok($elapsed, '<', 2, 'SIGTERM honoured within 2 s');
 
 # Without the extension the workers wait, and they resume when it is back.
 $node->safe_psql('postgres', 'DROP EXTENSION dwh CASCADE');
@@ -117,7 +121,7 @@ my $term_at = time();
 $node->safe_psql('postgres', "SELECT pg_terminate_backend($stuck_pid)");
 ok(wait_for($node, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $stuck_pid)", 15),
 	'with the broker down, a worker stops on SIGTERM');
-cmp_ok(time() - $term_at, '<', 5, 'with the broker down, SIGTERM honoured within a few seconds');
+cmp_ok(time() - $term_at, '<', 2, 'with the broker down, SIGTERM honoured within 2 s');
 my $stop_at = time();
 $node->stop('fast');
 cmp_ok(time() - $stop_at, '<', 10, 'with the broker down, the server stops within seconds');

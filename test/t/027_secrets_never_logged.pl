@@ -305,6 +305,29 @@ $node->append_conf('postgresql.conf', "dwh.kafka_options = sasl $s\n");
 $node->reload;
 $node->wait_for_log(qr/contains errors/);
 
+# While the statement still runs: another session reads the placeholder
+# in pg_stat_activity, not the statement (it sleeps before its secret
+# setting is refused).
+$s = secret('a statement still running');
+my ($active_out, $active_err) = ('', '');
+my $active = IPC::Run::start(
+	[
+		'psql', '-X', '-d',
+		$node->connstr('postgres') . ' application_name=secret_active',
+		'-c', "SELECT pg_sleep(3), set_config('dwh.redis_url', 'redis://:$s\@h/0', false)"
+	],
+	'>', \$active_out, '2>', \$active_err);
+ok( $node->poll_query_until(
+		'postgres', "SELECT count(*) = 1 FROM pg_stat_activity
+			WHERE application_name = 'secret_active' AND state = 'active'"),
+	'the statement runs');
+$activity_of{$secret_of{$s}} = $node->safe_psql('postgres',
+	"SELECT query FROM pg_stat_activity WHERE application_name = 'secret_active'");
+is($activity_of{$secret_of{$s}}, $hidden_activity,
+	'pg_stat_activity shows the placeholder while the statement runs');
+$active->finish;
+$client_messages .= client_text($active_err);
+
 # What the other backends show, and what pg_stat_statements kept.
 my $all_activity = $node->safe_psql('postgres',
 	'SELECT string_agg(coalesce(query, \'\'), E\'\\n\') FROM pg_stat_activity');

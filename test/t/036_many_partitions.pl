@@ -1,0 +1,68 @@
+# One Kafka worker owning a topic of 100 partitions (librdkafka's mock
+# cluster).  The README promises per-partition status for up to 1,024
+# partitions: dwh.status must list every partition the worker owns, and
+# dwh.kafka_partitions must name it as the owner of each, so that the
+# worker's lag (summed over its partitions) and the alert built on it see
+# all of them.  The status used to keep only a worker's first 64.  With
+# dwh.kafka_batch_size 100, no batch holds more.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use DwhTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $partitions = 100;
+my $mock = start_mock_cluster(brokers => 1, partitions => $partitions);
+
+my $node = new_dwh_node(
+	'many_partitions',
+	'dwh.kafka_consumers' => 1,
+	'dwh.kafka_batch_size' => 100,
+	'dwh.kafka_brokers' => $mock->{bootstrap});
+load_dictionaries($node);
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+
+generate_orders("$tmp/many.txt", '--count 3000 --seed 36 --malformed 0',
+	"--manifest $tmp/many.json");
+my $manifest = read_manifest("$tmp/many.json");
+my $messages = () = slurp_file("$tmp/many.txt") =~ /\n/g;
+produce($mock, "$tmp/many.txt");
+
+ok(wait_applied($node, $messages), "all $messages messages applied");
+is( $node->safe_psql(
+		'postgres', "SELECT count(DISTINCT kafka_partition) FROM dwh.kafka_offsets"),
+	$partitions,
+	"the messages reached all $partitions partitions");
+
+is( $node->safe_psql(
+		'postgres', "SELECT partitions = ARRAY(SELECT generate_series(0, $partitions - 1))
+		FROM dwh.status WHERE worker = 'kafka 1'"),
+	't',
+	"dwh.status lists all $partitions partitions the worker owns");
+ok( wait_for(
+		$node, "SELECT count(*) = $partitions AND bool_and(worker = 'kafka 1')
+			AND bool_and(lag = 0 AND stored_offset = high_watermark)
+		FROM dwh.kafka_partitions"),
+	'dwh.kafka_partitions names the worker as the owner of every partition, none lagging');
+is( $node->safe_psql(
+		'postgres', "SELECT jsonb_array_length(partition_offsets) || ' ' || lag
+		FROM dwh.status WHERE worker = 'kafka 1'"),
+	"$partitions 0",
+	"the worker's lag and partition offsets cover all $partitions partitions");
+
+is( $node->safe_psql(
+		'postgres', "SELECT messages = $messages AND batches >= ceil(messages / 100.0)
+		FROM dwh.status WHERE worker = 'kafka 1'"),
+	't', 'no batch held more than dwh.kafka_batch_size (100) messages');
+
+check_consistent($node, 'many partitions');
+check_manifest_counts($node, $manifest, 'many partitions');
+
+$node->stop;
+stop_mock_cluster($mock);
+done_testing();
