@@ -116,9 +116,13 @@ BEGIN
                dwh.menu_name_at(h.product_id, s.load_dt) AS menu_name
         FROM dds.s_product_names s
         JOIN dds.h_product h USING (h_product_pk)
-        LEFT JOIN unnest(keys, times) AS w(h_product_pk, load_dt) USING (h_product_pk)
+        -- The time above, looked up by key: a join with the arrays would be
+        -- a nested loop in a generic plan, quadratic in the dishes.
+        LEFT JOIN dds.product_namings p
+               ON p.h_product_pk = s.h_product_pk AND p.first_order_dt IS NOT NULL
         WHERE s.h_product_pk = ANY (sorted) AND s.load_src = 'stg.order_events'
-          AND s.load_dt IS DISTINCT FROM w.load_dt
+          AND s.load_dt IS DISTINCT FROM
+              dwh.order_naming_time(p.first_order_dt, p.last_order_dt, p.last_menu_dt)
     ),
     kept AS (
         UPDATE dds.s_product_names s

@@ -44,10 +44,13 @@
 #include "dwh_spi.h"
 
 /*
- * Batches of at most this many messages run with generic plans
- * (ingest_batch; measured in docs/benchmarks.md).
+ * Batches of at most this many messages, and this many bytes of them, run
+ * with generic plans (ingest_batch; docs/benchmarks.md).  The bytes bound
+ * the items: a generic plan estimates an array of a few elements, and
+ * joins one large order's thousands of items by nested loops.
  */
 #define SMALL_BATCH 8
+#define SMALL_BATCH_BYTES (16 * 1024)
 
 /*
  * The plans of the statements below, kept for the life of the backend.  They
@@ -975,12 +978,15 @@ ingest_batch(DwhIngestItem *items, int n, const char *source,
 {
 	ErrorData  *edata;
 	int			guc_level;
+	int64		bytes = 0;
 	int			i;
 
 	memset(result, 0, sizeof(DwhIngestResult));
 	result->received = n;
 	if (n == 0)
 		return;
+	for (i = 0; i < n; i++)
+		bytes += items[i].len;
 
 	dwh_require_read_committed();
 	dwh_replan_if_grown();
@@ -1003,7 +1009,7 @@ ingest_batch(DwhIngestItem *items, int n, const char *source,
 	guc_level = NewGUCNestLevel();
 	(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
-	if (n <= SMALL_BATCH)
+	if (n <= SMALL_BATCH && bytes <= SMALL_BATCH_BYTES)
 		(void) set_config_option("plan_cache_mode", "force_generic_plan",
 								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
 								 true, 0, false);
