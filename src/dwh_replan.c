@@ -11,7 +11,7 @@
  * changed, and first at its next visit to the database.  A Kafka worker
  * that made its plans on a nearly empty warehouse hashed whole link tables
  * that had grown since, in every batch of changed orders, until then
- * (measured in docs/benchmarks.md, "Plans made on a small warehouse").
+ * (docs/benchmarks.md, "Design choices behind the figures").
  *
  * So whenever the order hub, which grows with every order and with it the
  * tables a batch reads, has doubled in pages since the session's plans were

@@ -14,7 +14,7 @@
  * times as fast as the portable code (a 28-byte key in 110 ns instead of
  * 490 ns), and in the SQL chain benchmark the ingesting backend spent a
  * median 6% less CPU time, less in every one of ten paired rounds
- * (docs/benchmarks.md, "Parsing and SHA-1").
+ * (docs/benchmarks.md, "Design choices behind the figures").
  *
  *-------------------------------------------------------------------------
  */
