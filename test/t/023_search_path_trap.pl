@@ -173,10 +173,11 @@ CREATE ROLE squatter LOGIN;
 CREATE DATABASE squat OWNER squatter;
 });
 $node->safe_psql('squat', 'SET ROLE squatter; CREATE SCHEMA dwh');
-my ($ret, $out, $err) = $node->psql('squat', 'CREATE EXTENSION dwh');
+my ($ret, $out, $err) =
+  $node->psql('squat', "\\set VERBOSITY verbose\nCREATE EXTENSION dwh");
 isnt($ret, 0, 'CREATE EXTENSION refuses a schema dwh owned by a non-superuser');
-like($err, qr/schema dwh is owned by role squatter, which is not a superuser/,
-	'the error names the schema and its owner');
+like($err, qr/ERROR:  42501: schema dwh is owned by role squatter, which is not a superuser/,
+	'the error names the schema and its owner, with SQLSTATE 42501');
 like($err, qr/HINT:  Drop the schema, or give it to a superuser/, 'and says what to do');
 $node->safe_psql('squat', 'ALTER SCHEMA dwh OWNER TO CURRENT_USER; CREATE EXTENSION dwh');
 is($node->safe_psql('squat', q{SELECT extname FROM pg_extension WHERE extname = 'dwh'}),
