@@ -24,7 +24,9 @@
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
 #include "utils/timestamp.h"
+#include "utils/wait_event.h"
 
 #include "dwh_kafka_destroy.h"
 
@@ -53,8 +55,9 @@ destroy_main(void *arg)
  *		the client is then abandoned to the process's exit, which the
  *		caller must bring about.
  *
- * The wait polls rather than sleeping on the latch: it also runs from the
- * worker's exit callbacks, where interrupts must not be served again.
+ * The wait polls every millisecond, without WL_LATCH_SET and without
+ * serving interrupts: it also runs from the worker's exit callbacks, where
+ * the latch may be gone and interrupts must not be served again.
  */
 bool
 dwh_kafka_destroy_within(rd_kafka_t *rk, int flags, int timeout_ms)
@@ -97,7 +100,8 @@ dwh_kafka_destroy_within(rd_kafka_t *rk, int flags, int timeout_ms)
 			pthread_detach(thread);
 			return false;
 		}
-		pg_usleep(1000L);
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1L,
+						 PG_WAIT_EXTENSION);
 	}
 	pthread_join(thread, NULL);
 	free(job);
