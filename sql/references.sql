@@ -78,6 +78,59 @@ INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, lo
 VALUES (:'missing', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
 ROLLBACK;
 
+-- A check remembers the hub keys it found for the next checks of the
+-- transaction; what a rolled-back subtransaction found is forgotten, and
+-- so is everything once the hub is truncated or the transaction ends.
+BEGIN;
+SAVEPOINT hub;
+INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+VALUES (:'missing', 404, '2030-01-01', now(), 'test');
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+VALUES (:'missing', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
+ROLLBACK TO hub;
+INSERT INTO dds.s_order_cost (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+VALUES (:'missing', 1, 1, gen_random_uuid(), '2030-01-01', 'test');
+ROLLBACK;
+-- Found in a subtransaction that was released, then another one rolled
+-- back: still there.
+BEGIN;
+SAVEPOINT hub;
+INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+VALUES (:'missing', 404, '2030-01-01', now(), 'test');
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+VALUES (:'missing', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
+RELEASE hub;
+SAVEPOINT other;
+ROLLBACK TO other;
+INSERT INTO dds.s_order_cost (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+VALUES (:'missing', 1, 1, gen_random_uuid(), '2030-01-01', 'test');
+SELECT count(*) FROM dds.s_order_cost WHERE h_order_pk = :'missing';
+ROLLBACK;
+BEGIN;
+INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+VALUES (:'missing', 404, '2030-01-01', now(), 'test');
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+VALUES (:'missing', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
+TRUNCATE dds.h_order, dds.l_order_user, dds.l_order_product, dds.s_order_status,
+         dds.s_order_cost;
+INSERT INTO dds.s_order_cost (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+VALUES (:'missing', 1, 1, gen_random_uuid(), '2030-01-01', 'test');
+ROLLBACK;
+-- Committed, then removed behind the triggers' back (replica mode): the
+-- next transaction looks again.
+BEGIN;
+INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
+VALUES (:'missing', 404, '2030-01-01', now(), 'test');
+INSERT INTO dds.s_order_status (h_order_pk, status, hk_order_status_hashdiff, load_dt, load_src)
+VALUES (:'missing', 'CLOSED', gen_random_uuid(), '2030-01-01', 'test');
+COMMIT;
+SET session_replication_role = replica;
+DELETE FROM dds.s_order_status WHERE h_order_pk = :'missing';
+DELETE FROM dds.h_order WHERE h_order_pk = :'missing';
+RESET session_replication_role;
+INSERT INTO dds.s_order_cost (h_order_pk, cost, payment, hk_order_cost_hashdiff, load_dt, load_src)
+VALUES (:'missing', 1, 1, gen_random_uuid(), '2030-01-01', 'test');
+
 -- A statement's new rows spilled to disk (work_mem), read by two more
 -- statement triggers of the table, one firing before the check and one
 -- after: each sees every row, and a missing hub after thousands of good
