@@ -61,7 +61,8 @@ $$;
 SELECT worker, pid IS NOT NULL AS running, state, partitions, messages, lag
 FROM dwh.status;
 
--- Rewind a partition: stored for whichever worker will own it.
+-- Rewind a partition: stored for whichever worker will own it.  No worker
+-- has seen the partition's watermark: its lag is unknown (NULL), not 0.
 SELECT dwh.kafka_seek(3, 42);
 SELECT dwh.kafka_seek(3, 40);
 SELECT topic, kafka_partition, next_offset, seek_requested FROM dwh.kafka_offsets;

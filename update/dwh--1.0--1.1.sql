@@ -2282,7 +2282,10 @@ SELECT coalesce(o.topic, w.topic) AS topic,
        owner.worker,
        o.next_offset AS stored_offset,
        w.high_watermark,
-       greatest(w.high_watermark - coalesce(o.next_offset, w.low_watermark), 0) AS lag,
+       -- Unknown (NULL) until a worker has seen the partition's watermark.
+       CASE WHEN w.high_watermark IS NOT NULL
+            THEN greatest(w.high_watermark - coalesce(o.next_offset, w.low_watermark), 0)
+       END AS lag,
        o.updated_at AS stored_at,
        w.observed_at AS watermark_at,
        w.low_watermark,

@@ -5,7 +5,8 @@
 # and restore the sequences so that the next order gets a fresh id.  Tag
 # rules, tags (with the time each was granted) and tag events come back as
 # they were dumped, not granted again, and a new order grants a tag with an
-# event id past the restored ones.
+# event id past the restored ones.  The events that the Kafka feed had not
+# produced yet (dwh.tag_outbox: a topic set, no broker) come back pending.
 
 use strict;
 use warnings;
@@ -26,6 +27,13 @@ my $dst = 'dwh_restored';
 
 $node->safe_psql('postgres', "CREATE DATABASE $src");
 $node->safe_psql($src, 'CREATE EXTENSION dwh');
+
+# A topic for the tag feed and no broker: every event waits in the outbox.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.tags_topic = 'user-tags'; SELECT pg_reload_conf()");
+ok( $node->poll_query_until(
+		$src, "SELECT current_setting('dwh.tags_topic') = 'user-tags'"),
+	'new sessions see the tag feed topic');
 
 # Tag rules (docs/tags.md), written before the data: the tags follow the
 # orders, and the rules, tags and events are dumped.
@@ -190,14 +198,15 @@ is($node->safe_psql($src, 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'marts consistent before the dump');
 
 # Row count and checksum of every table holding data of the warehouse: all
-# tables of stg, dds and cdm, and dwh.dead_letters.
+# tables of stg, dds and cdm, and dwh.dead_letters, the tag rules and the
+# tag feed's outbox.
 my $tables = $node->safe_psql(
 	$src, q{
 SELECT format('%I.%I', n.nspname, c.relname)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
   AND (n.nspname IN ('stg', 'dds', 'cdm')
-       OR (n.nspname = 'dwh' AND c.relname IN ('dead_letters', 'tag_rules')))
+       OR (n.nspname = 'dwh' AND c.relname IN ('dead_letters', 'tag_rules', 'tag_outbox')))
 ORDER BY 1});
 my @tables = split /\n/, $tables;
 ok(scalar(@tables) >= 20, 'found ' . scalar(@tables) . ' warehouse tables');
@@ -244,7 +253,7 @@ for my $t ('stg.order_events', 'stg.other_events', 'stg.users',
 	'stg.restaurants', 'dds.h_order', 'dds.s_order_status', 'dds.s_user_names',
 	'dds.l_product_category', 'cdm.user_product_counters',
 	'cdm.user_category_counters', 'cdm.user_order_counters', 'cdm.user_tags_held',
-	'cdm.user_tag_events', 'dwh.tag_rules', 'dwh.dead_letters')
+	'cdm.user_tag_events', 'dwh.tag_rules', 'dwh.dead_letters', 'dwh.tag_outbox')
 {
 	my ($count) = split /\|/, ($before{$t} // '0');
 	ok($count > 0, "$t has rows before the dump ($count)");

@@ -6,8 +6,11 @@
 # a reload), and refuses dwh.redis_url and the file together.  The Kafka
 # workers (no broker: the brokers' address is a closed port) add the file's
 # properties to dwh.kafka_options, refuse an unknown or reserved property of
-# the file naming it by its number, and a readable file.  Neither password
-# appears in the log, which logs every statement.
+# the file naming it by its number, and a readable file; against a mock
+# cluster, the file's security.protocol (PLAINTEXT) wins over the one of
+# dwh.kafka_options (SSL, which the mock cannot speak): the workers consume.
+# Neither password appears in the log, which logs every statement, and no
+# message of the workers (log or dwh.status) quotes the files' paths.
 
 use strict;
 use warnings;
@@ -15,6 +18,7 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
+use DwhTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use RedisServer;
@@ -56,11 +60,16 @@ sub write_secret_file
 	return;
 }
 
+# Every state and error the workers showed in dwh.status.
+my @statuses;
+
 sub redis_status
 {
-	return $node->safe_psql('postgres',
+	my $status = $node->safe_psql('postgres',
 		"SELECT state || ' | ' || coalesce(last_error, '') FROM dwh.status WHERE worker = 'redis'"
 	);
+	push @statuses, $status;
+	return $status;
 }
 
 sub wait_redis
@@ -127,9 +136,11 @@ my $closed_port = PostgreSQL::Test::Cluster::get_free_port();
 
 sub kafka_status
 {
-	return $node->safe_psql('postgres',
+	my $status = $node->safe_psql('postgres',
 		"SELECT state || ' | ' || coalesce(last_error, '') FROM dwh.status WHERE worker = 'kafka 1'"
 	);
+	push @statuses, $status;
+	return $status;
 }
 
 sub wait_kafka
@@ -182,7 +193,26 @@ wait_kafka(qr/^(consuming|waiting for the broker)/,
 	'a valid 0600 file is applied: the worker consumes (and waits for the broker)'
 );
 
+# The file comes after dwh.kafka_options: its PLAINTEXT wins over their SSL.
+my $mock = start_mock_cluster(brokers => 1, partitions => 1);
+write_secret_file($kafka_file, "security.protocol=PLAINTEXT\n", 0600);
+$node->safe_psql(
+	'postgres', qq{
+ALTER SYSTEM SET dwh.kafka_brokers = '$mock->{bootstrap}';
+ALTER SYSTEM SET dwh.kafka_options = 'security.protocol=SSL';
+SELECT pg_reload_conf();
+});
+my $order = "$dir/order.txt";
+append_to_file($order,
+	q{{"object_id": 1, "object_type": "order", "sent_dttm": "2023-01-02 10:00:00", "payload": {"restaurant": {"id": "r1"}, "date": "2023-01-02 10:00:00", "user": {"id": "u1"}, "order_items": [{"id": "d1", "name": "Dolma", "price": 100, "quantity": 1}], "cost": 100, "payment": 100, "statuses": [], "final_status": "CLOSED", "update_ts": "2023-01-02 10:00:00"}}}
+	  . "\n");
+produce($mock, $order);
+ok($node->poll_query_until('postgres', 'SELECT count(*) = 1 FROM stg.order_events'),
+	"the file's security.protocol wins over dwh.kafka_options': the order is applied")
+  or diag(kafka_status());
+
 $node->stop;
+stop_mock_cluster($mock);
 my $log = slurp_file($node->logfile);
 like($log, qr/connected to Redis at redis:\/\/:\*\*\*\@127\.0\.0\.1/,
 	'the log names Redis by its redacted URL');
@@ -191,5 +221,12 @@ foreach my $secret ($redis_password, $kafka_password)
 	my @hits = grep { index($_, $secret) >= 0 } split /\n/, $log;
 	ok(!@hits, 'the log holds no password of the files') or diag(join("\n", @hits));
 }
+# The workers' own lines (log_line_prefix names them) and the states they
+# showed in dwh.status.
+my @paths = grep { index($_, $dir) >= 0 && /\] dwh (kafka|redis) worker/ }
+  split /\n/, $log;
+push @paths, grep { index($_, $dir) >= 0 } @statuses;
+ok(!@paths, 'no message of the workers quotes the path of a file')
+  or diag(join("\n", @paths));
 
 done_testing();

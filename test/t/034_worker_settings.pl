@@ -13,9 +13,12 @@
 #   jit = on, jit_above_cost = 0          a plan compiled at each execution
 #
 # With all of them set, the Redis worker mirrors a menu that moves a dish
-# to another category; the marts follow, the tag of a category rule is
-# granted, dwh.verify() is empty, and a trigger of the test's own sees the
-# worker write as the superuser, in READ COMMITTED, without JIT.
+# to another category, and a Kafka worker applies an order from a mock
+# cluster; the marts follow, the tags of a category rule and of an
+# all-orders rule are granted, the tags worker hands the grants to the
+# feed's topic, dwh.verify() is empty, and a trigger of the test's own
+# sees each of the three workers write as the superuser, in READ
+# COMMITTED, read-write, without JIT.
 
 use strict;
 use warnings;
@@ -26,10 +29,13 @@ use lib $FindBin::RealBin;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Time::HiRes qw(sleep);
+use DwhTest;
 use RedisServer;
 use Test::More;
 
 my $redis = RedisServer->new;
+my $mock = start_mock_cluster(brokers => 1, partitions => 1);
+mock_command($mock, 'create-topic user-tags 1');
 my $node = PostgreSQL::Test::Cluster->new('worker_settings');
 $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $node->append_conf(
@@ -39,6 +45,9 @@ dwh.database = 'shop'
 dwh.redis_url = '@{[ $redis->url ]}'
 dwh.redis_scan_pattern = '*'
 dwh.redis_refresh_interval = 1
+dwh.kafka_brokers = '$mock->{bootstrap}'
+dwh.kafka_consumers = 1
+dwh.tags_topic = 'user-tags'
 });
 $node->start;
 
@@ -78,10 +87,18 @@ $redis->set('r1', $menu->('2023-01-01 10:00:00', 'Starters'));
 ok( $node->poll_query_until('shop', 'SELECT count(*) = 1 FROM stg.restaurants'),
 	'the Redis worker mirrored the first menu');
 
-# An order of the dish, and a rule on the category it moves to.
-shop(q{
-SELECT dwh.ingest_order('{"object_id": 1, "object_type": "order", "sent_dttm": "2023-01-02 10:00:00", "payload": {"restaurant": {"id": "r1"}, "date": "2023-01-02 10:00:00", "user": {"id": "u1"}, "order_items": [{"id": "d1", "name": "Dolma", "price": 100, "quantity": 1}], "cost": 100, "payment": 100, "statuses": [], "final_status": "CLOSED", "update_ts": "2023-01-02 10:00:00"}}'::text);
+# An order of the dish (object_id n, on day d of January 2023).
+my $order = sub {
+	my ($n, $d) = @_;
+	return qq{{"object_id": $n, "object_type": "order", "sent_dttm": "2023-01-0$d 10:00:00", "payload": {"restaurant": {"id": "r1"}, "date": "2023-01-0$d 10:00:00", "user": {"id": "u1"}, "order_items": [{"id": "d1", "name": "Dolma", "price": 100, "quantity": 1}], "cost": 100, "payment": 100, "statuses": [], "final_status": "CLOSED", "update_ts": "2023-01-0$d 10:00:00"}}};
+};
+
+# The first order, a rule on the category the dish moves to, and one that
+# the second order (from Kafka) reaches.
+shop(qq{
+SELECT dwh.ingest_order('@{[ $order->(1, 2) ]}'::text);
 INSERT INTO dwh.tag_rules (tag, kind, category_name) VALUES ('soup lover', 'category', 'Soups');
+INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('regular', 'all_orders', 2);
 });
 
 # What the worker's writes see, through a superuser's trigger.
@@ -96,6 +113,10 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER note AFTER INSERT OR UPDATE ON stg.restaurants
+    FOR EACH STATEMENT EXECUTE FUNCTION public.note();
+CREATE TRIGGER note AFTER INSERT OR UPDATE ON stg.order_events
+    FOR EACH STATEMENT EXECUTE FUNCTION public.note();
+CREATE TRIGGER note AFTER DELETE ON dwh.tag_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION public.note();
 });
 
@@ -120,20 +141,38 @@ ok( shop_until(
 	'the worker carried the menu change into the marts')
   or diag(shop(q{SELECT worker, state, last_error FROM dwh.status}));
 
-is(shop(q{SELECT string_agg(DISTINCT format('%s: %s, %s, read only %s, jit %s',
-                                             backend, who, isolation, read_only, jit), '; ')
-          FROM public.seen WHERE backend = 'dwh redis worker'}),
-	'dwh redis worker: ' . $node->safe_psql('postgres', 'SELECT current_user')
-	  . ', read committed, read only off, jit off',
-	'the worker wrote as itself, in READ COMMITTED, read-write, without JIT');
-is( shop(q{SELECT u.user_id || ': ' || t.tag
+# The second order, through Kafka: the all-orders rule's threshold.
+my $file = "$PostgreSQL::Test::Utils::tmp_check/worker_settings_order.txt";
+open(my $fh, '>', $file) or die "could not write $file: $!";
+print $fh $order->(2, 4), "\n";
+close($fh);
+produce($mock, $file);
+ok( shop_until(
+		q{SELECT count(*) = 1 FROM cdm.user_order_counters WHERE order_cnt = 2}),
+	'the Kafka worker applied the order')
+  or diag(shop(q{SELECT worker, state, last_error FROM dwh.status}));
+ok(shop_until(q{SELECT NOT EXISTS (SELECT FROM dwh.tag_outbox)}),
+	'the tags worker handed every tag event to the broker')
+  or diag(shop(q{SELECT worker, state, last_error FROM dwh.status}));
+
+my $superuser = $node->safe_psql('postgres', 'SELECT current_user');
+foreach my $worker ('dwh redis worker', 'dwh kafka worker', 'dwh tags worker')
+{
+	is( shop(qq{SELECT string_agg(DISTINCT format('%s, %s, read only %s, jit %s',
+                                                   who, isolation, read_only, jit), '; ')
+                FROM public.seen WHERE backend = '$worker'}),
+		"$superuser, read committed, read only off, jit off",
+		"the $worker wrote as itself, in READ COMMITTED, read-write, without JIT");
+}
+is( shop(q{SELECT string_agg(u.user_id || ': ' || t.tag, ', ' ORDER BY t.tag)
            FROM cdm.user_tags t JOIN dds.h_user u ON u.h_user_pk = t.user_id}),
-	'u1: soup lover',
-	'the tag of the category rule was granted by the worker');
+	'u1: regular, u1: soup lover',
+	'the tags of both rules were granted by the workers');
 is(shop('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 is(shop(q{SELECT count(*) FROM dwh.status WHERE last_error IS NOT NULL}),
 	'0', 'no worker shows an error');
 
 $node->stop;
 $redis->stop;
+stop_mock_cluster($mock);
 done_testing();

@@ -1,0 +1,141 @@
+# The Kafka feed of user tags when its settings change (docs/tags.md,
+# "Without a topic, and when it changes"), against a mock cluster:
+#
+#  1. A topic but no broker: the grants wait in dwh.tag_outbox, and the
+#     tags worker says why.
+#  2. The broker set and the topic changed before anything was produced:
+#     every pending event goes to the new topic, once, and none to the old
+#     one.
+#  3. The topic emptied: later events are written but not queued, and
+#     nothing more reaches the topic.
+#  4. A topic set again: only the events written from then on are queued
+#     and produced.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use DwhTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $mock = start_mock_cluster(brokers => 1, partitions => 1);
+mock_command($mock, 'create-topic tags-old 1');
+mock_command($mock, 'create-topic tags-new 1');
+my $node = new_dwh_node(
+	'tag_feed_topics',
+	'dwh.kafka_consumers' => 0,
+	'dwh.tags_topic' => 'tags-old',
+	'dwh.tags_expire_interval' => 0);
+
+sub psql { return $node->safe_psql('postgres', $_[0]); }
+
+# One CLOSED order of a user of its own: one grant of the rule below.
+sub order_of_new_user
+{
+	my ($n) = @_;
+	psql(qq{SELECT dwh.ingest_order('{"object_id": $n, "object_type": "order", "sent_dttm": "2023-01-02 10:00:00", "payload": {"restaurant": {"id": "r1"}, "date": "2023-01-02 10:00:00", "user": {"id": "u$n"}, "order_items": [{"id": "d1", "name": "Dolma", "price": 100, "quantity": 1}], "cost": 100, "payment": 100, "statuses": [], "final_status": "CLOSED", "update_ts": "2023-01-02 10:00:00"}}'::text)}
+	);
+	return;
+}
+
+# The event ids in a topic, sorted, comma-separated.
+sub topic_ids
+{
+	my ($topic) = @_;
+	my $out = `kcat -C -q -e -b $mock->{bootstrap} -t $topic -o beginning -f '%s\\n'`;
+	die "kcat could not read topic $topic" if $? != 0;
+	my @ids = map { /"id"\s*:\s*(\d+)/ ? $1 : die "no event id in: $_" }
+	  grep { $_ ne '' } split /\n/, $out;
+	return join(',', sort { $a <=> $b } @ids);
+}
+
+sub event_ids
+{
+	my ($where) = @_;
+	return psql(
+		"SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM cdm.user_tag_events WHERE $where"
+	);
+}
+
+sub tags_status
+{
+	return psql(
+		q{SELECT state || ' | ' || events_produced || '/' || events_pending FROM dwh.status WHERE worker = 'tags'}
+	);
+}
+
+# Wait until every session takes the setting (a reload reaches them at
+# their next statement).
+sub reload
+{
+	my ($setting, $value) = @_;
+	psql("ALTER SYSTEM SET $setting = '$value'; SELECT pg_reload_conf()");
+	ok(wait_for($node, "SELECT current_setting('$setting') = '$value'"),
+		"$setting is now '$value'");
+	return;
+}
+
+psql(q{INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('customer', 'all_orders', 1)});
+
+# 1. A topic, no broker.
+order_of_new_user($_) foreach 1 .. 3;
+my $pending = event_ids('true');
+my @pending = split /,/, $pending;
+is(scalar @pending, 3, "three grants written ($pending)");
+is(psql(q{SELECT string_agg(event_id::text, ',' ORDER BY event_id) FROM dwh.tag_outbox}),
+	$pending, 'each is queued in the outbox');
+ok( wait_for(
+		$node,
+		q{SELECT state = 'waiting: dwh.kafka_brokers is empty, tag events wait in dwh.tag_outbox'
+		  FROM dwh.status WHERE worker = 'tags'}),
+	'the tags worker waits for a broker, and says the events wait')
+  or diag(tags_status());
+
+# 2. Another topic, then the broker: the pending events go to the new topic.
+reload('dwh.tags_topic', 'tags-new');
+reload('dwh.kafka_brokers', $mock->{bootstrap});
+ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'), 'the outbox is emptied')
+  or diag(tags_status());
+is(topic_ids('tags-new'), $pending, 'every pending event is in the new topic, once');
+is(topic_ids('tags-old'), '', 'none is in the old topic');
+is(psql(q{SELECT events_produced || '/' || events_pending FROM dwh.status WHERE worker = 'tags'}),
+	'3/0', 'dwh.status: three produced, none pending');
+
+# 3. The topic emptied: the events are written, not queued.
+reload('dwh.tags_topic', '');
+ok( wait_for(
+		$node,
+		q{SELECT state = 'idle: dwh.tags_expire_interval is 0 and dwh.tags_topic is empty'
+		  FROM dwh.status WHERE worker = 'tags'}),
+	'without a topic the worker idles, and says why')
+  or diag(tags_status());
+my $last = psql('SELECT max(id) FROM cdm.user_tag_events');
+order_of_new_user(4);
+my $unqueued = event_ids("id > $last");
+isnt($unqueued, '', "the grant is written ($unqueued)");
+is(psql('SELECT count(*) FROM dwh.tag_outbox'), '0', 'and not queued');
+
+# 4. A topic set again: the events from then on, not the one before.
+reload('dwh.tags_topic', 'tags-new');
+ok( wait_for(
+		$node,
+		q{SELECT state = 'producing tag events to topic "tags-new"' FROM dwh.status WHERE worker = 'tags'}),
+	'with the topic back the worker produces')
+  or diag(tags_status());
+$last = psql('SELECT max(id) FROM cdm.user_tag_events');
+order_of_new_user(5);
+my $later = event_ids("id > $last");
+isnt($later, '', "the next grant is written ($later)");
+ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'), 'and produced')
+  or diag(tags_status());
+is(topic_ids('tags-new'), "$pending,$later",
+	'the new topic holds the pending events and the later one, not the unqueued one');
+is(topic_ids('tags-old'), '', 'the old topic is still empty');
+is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
+
+$node->stop;
+stop_mock_cluster($mock);
+done_testing();
