@@ -142,14 +142,24 @@ found_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 }
 
 /*
+ * May what is found in hub be remembered?  Not if the hub was created or
+ * given a new file in this transaction: TRUNCATE may empty it in place.
+ */
+static bool
+hub_is_stable(Relation hub)
+{
+	return hub->rd_createSubid == InvalidSubTransactionId &&
+		hub->rd_firstRelfilenodeSubid == InvalidSubTransactionId;
+}
+
+/*
  * What was found in hub, or NULL: nothing, or the hub was created or
  * truncated in this transaction.
  */
 static FoundKeys *
 found_in(Relation hub)
 {
-	if (hub->rd_createSubid != InvalidSubTransactionId ||
-		hub->rd_firstRelfilenodeSubid != InvalidSubTransactionId)
+	if (!hub_is_stable(hub))
 		return NULL;
 	for (int i = 0; i < FOUND_HUBS; i++)
 		if (found[i].hub == RelationGetRelid(hub))
@@ -163,9 +173,7 @@ remember(Relation hub, const pg_uuid_t *keys, int count)
 {
 	FoundKeys  *f = found_in(hub);
 
-	if (hub->rd_createSubid != InvalidSubTransactionId ||
-		hub->rd_firstRelfilenodeSubid != InvalidSubTransactionId ||
-		count > FOUND_KEYS_MAX)
+	if (!hub_is_stable(hub) || count > FOUND_KEYS_MAX)
 		return;
 	if (!callbacks_registered)
 	{
