@@ -348,9 +348,26 @@ dwh_status_wake_tags_worker(void)
 	slot = &shared->workers[DWH_TAGS_SLOT];
 	SpinLockAcquire(&slot->mutex);
 	pid = slot->pid;
+	slot->events_queued = true;
 	SpinLockRelease(&slot->mutex);
 	if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
 		SetLatch(&proc->procLatch);
+}
+
+/*
+ * dwh_status_take_events_queued
+ *		Did a transaction queue tag events since the last call?
+ */
+bool
+dwh_status_take_events_queued(DwhWorkerStatus *slot)
+{
+	bool		queued;
+
+	SpinLockAcquire(&slot->mutex);
+	queued = slot->events_queued;
+	slot->events_queued = false;
+	SpinLockRelease(&slot->mutex);
+	return queued;
 }
 
 /*

@@ -68,6 +68,8 @@ typedef struct DwhWorkerStatus
 	int64		events_produced;	/* acknowledged by the broker */
 	int64		events_pending; /* in dwh.tag_outbox, as last counted */
 	TimestampTz last_produced_at;
+	bool		events_queued;	/* set at the commit of a transaction that
+								 * queued events */
 	/* All */
 	bool		connect_pending;	/* a connection attempt never returned */
 	char		last_error[DWH_ERROR_LEN];
@@ -115,6 +117,7 @@ extern void dwh_status_set_feed(DwhWorkerStatus *slot, int64 produced,
 extern void dwh_status_wake_kafka_workers(void);
 extern void dwh_status_wake_tags_worker(void);
 extern bool dwh_status_take_offsets_changed(DwhWorkerStatus *slot);
+extern bool dwh_status_take_events_queued(DwhWorkerStatus *slot);
 extern void dwh_status_set_watermark(const char *topic, int32 partition,
 									 int64 low, int64 high, int worker);
 

@@ -461,8 +461,30 @@ connect_producer(void)
 }
 
 /*
+ * Count the outbox in a transaction of its own, for dwh.status, while the
+ * feed does not run: what waits there (a topic without a broker, a topic
+ * emptied, settings refused) is shown as it grows.
+ */
+static void
+count_outbox(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pending = dwh_tag_feed_count();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(loop_context);
+	pgstat_report_stat(false);
+	last_count_at = GetCurrentTimestamp();
+	dwh_status_set_feed(slot, produced, pending);
+}
+
+/*
  * One step of the Kafka feed: serve the producer, finish a batch whose
- * events are all reported, take the next one when due.
+ * events are all reported, take the next one when due.  While the feed
+ * cannot run, count the outbox instead, after each commit that queued
+ * events and at least every few seconds.
  */
 static void
 feed_step(void)
@@ -475,8 +497,19 @@ feed_step(void)
 		serve_producer();
 	if (flight.n > 0 && flight.reported == flight.n)
 		finish_flight();
-	if (!on || settings_refused || flight.n > 0)
+	if (flight.n > 0)
 		return;
+	if (!on || settings_refused)
+	{
+		if (look_now ||
+			TimestampDifferenceExceeds(last_count_at, GetCurrentTimestamp(),
+									   COUNT_INTERVAL_MS))
+		{
+			look_now = false;
+			count_outbox();
+		}
+		return;
+	}
 	if (!look_now && GetCurrentTimestamp() < next_look)
 		return;
 	if (producer == NULL && !connect_producer())
@@ -590,6 +623,13 @@ dwh_tags_worker_main(Datum main_arg)
 			next_expiry = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													  (int64) dwh_tags_expire_interval * 1000);
 		}
+
+		/*
+		 * A commit queued events: look at once, not at the next look, unless
+		 * the feed backs off after a failure.
+		 */
+		if (dwh_status_take_events_queued(slot) && feed_backoff_ms == 0)
+			look_now = true;
 		feed_step();
 		backoff_ms = 0;
 		publish_state();

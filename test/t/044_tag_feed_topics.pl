@@ -2,7 +2,7 @@
 # "Without a topic, and when it changes"), against a mock cluster:
 #
 #  1. A topic but no broker: the grants wait in dwh.tag_outbox, and the
-#     tags worker says why.
+#     tags worker says why and counts them.
 #  2. The broker set and the topic changed before anything was produced:
 #     every pending event goes to the new topic, once, and none to the old
 #     one.
@@ -10,6 +10,8 @@
 #     nothing more reaches the topic.
 #  4. A topic set again: only the events written from then on are queued
 #     and produced.
+#  5. A commit that queues an event wakes the worker: it is produced at
+#     once, not at the worker's next look.
 
 use strict;
 use warnings;
@@ -93,6 +95,9 @@ ok( wait_for(
 		  FROM dwh.status WHERE worker = 'tags'}),
 	'the tags worker waits for a broker, and says the events wait')
   or diag(tags_status());
+ok(wait_for($node, q{SELECT events_pending = 3 FROM dwh.status WHERE worker = 'tags'}),
+	'dwh.status counts the three waiting events')
+  or diag(tags_status());
 
 # 2. Another topic, then the broker: the pending events go to the new topic.
 reload('dwh.tags_topic', 'tags-new');
@@ -134,6 +139,30 @@ ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'), 'and produced')
 is(topic_ids('tags-new'), "$pending,$later",
 	'the new topic holds the pending events and the later one, not the unqueued one');
 is(topic_ids('tags-old'), '', 'the old topic is still empty');
+
+# 5. A commit that queues an event wakes the worker, which produces it at
+# once instead of at its next look (every second): five grants, each
+# acknowledged well within half a second of its transaction.  (Without the
+# wake-up each would be by chance, all five one time in 32.)
+my @late;
+foreach my $n (6 .. 10)
+{
+	my $produced =
+	  psql(q{SELECT events_produced FROM dwh.status WHERE worker = 'tags'});
+	order_of_new_user($n);
+	ok( wait_for(
+			$node,
+			"SELECT events_produced > $produced FROM dwh.status WHERE worker = 'tags'"),
+		"grant of user $n produced")
+	  or diag(tags_status());
+	my $ms = psql(
+		qq{SELECT round(extract(epoch FROM s.last_produced_at - e.at) * 1000)
+		   FROM dwh.status s, cdm.user_tag_events e
+		   WHERE s.worker = 'tags' AND e.id = (SELECT max(id) FROM cdm.user_tag_events)});
+	push @late, "user $n: $ms ms" if $ms >= 500;
+}
+is(join('; ', @late), '', 'each grant is acknowledged within 500 ms of its transaction');
+
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 
 $node->stop;
