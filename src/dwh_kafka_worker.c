@@ -1011,7 +1011,7 @@ dwh_kafka_worker_main(Datum main_arg)
 		dwh_worker_recover(&backoff_ms);
 		dwh_inflight_clear(worker_index);
 		ready_checked = false;
-		dwh_worker_wait(backoff_ms);
+		dwh_worker_backoff(backoff_ms);
 	}
 	PG_exception_stack = &local_sigjmp_buf;
 
@@ -1037,7 +1037,7 @@ dwh_kafka_worker_main(Datum main_arg)
 		{
 			if (backoff_ms > 0)
 			{
-				dwh_worker_wait(backoff_ms);
+				dwh_worker_backoff(backoff_ms);
 				backoff_ms = 0;
 				continue;
 			}

@@ -557,7 +557,7 @@ dwh_redis_worker_main(Datum main_arg)
 		/* What the failed cycle did not finish is done again. */
 		new_keys_pending = true;
 		counts_stale = true;
-		dwh_worker_wait(backoff_ms);
+		dwh_worker_backoff(backoff_ms);
 	}
 	PG_exception_stack = &local_sigjmp_buf;
 
@@ -581,7 +581,7 @@ dwh_redis_worker_main(Datum main_arg)
 		{
 			if (backoff_ms > 0)
 			{
-				dwh_worker_wait(backoff_ms);
+				dwh_worker_backoff(backoff_ms);
 				/* The next failure doubles it from here. */
 				if (ConfigReloadPending)
 					continue;

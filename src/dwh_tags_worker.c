@@ -594,7 +594,7 @@ dwh_tags_worker_main(Datum main_arg)
 		dwh_worker_recover(&backoff_ms);
 		ready_checked = false;
 		look_now = true;
-		dwh_worker_wait(backoff_ms);
+		dwh_worker_backoff(backoff_ms);
 	}
 	PG_exception_stack = &local_sigjmp_buf;
 

@@ -50,6 +50,7 @@
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
 #include "dwh_settings.h"
@@ -136,6 +137,36 @@ dwh_worker_wait(long timeout_ms)
 	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
+}
+
+/*
+ * dwh_worker_backoff
+ *		Sleep timeout_ms after a failure, however often the latch is set
+ *		meanwhile: a wake-up meant for work must not shorten the backoff.
+ *		One comes after every lock timeout: the deadlock timer's SIGALRM,
+ *		which PostgreSQL does not cancel when the error ends the lock wait,
+ *		sets the latch deadlock_timeout after the wait began.  A reload
+ *		ends the backoff (corrected settings are tried at once), SIGTERM
+ *		ends the process.
+ */
+void
+dwh_worker_backoff(long timeout_ms)
+{
+	TimestampTz end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+												  timeout_ms);
+
+	for (;;)
+	{
+		long		left;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+			return;
+		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), end);
+		if (left <= 0)
+			return;
+		dwh_worker_wait(left);
+	}
 }
 
 /*

@@ -23,6 +23,7 @@ extern void dwh_workers_register(void);
 
 extern DwhWorkerStatus *dwh_worker_start(DwhWorkerKind kind, int index);
 extern void dwh_worker_wait(long timeout_ms);
+extern void dwh_worker_backoff(long timeout_ms);
 extern void dwh_worker_wait_for_signal(void);
 extern int	dwh_worker_next_backoff(int backoff_ms);
 

@@ -3,6 +3,7 @@
 # an error of the database (here a lock timeout on the worker's own table,
 # raised again and again) is published in dwh.status with its SQLSTATE, the
 # worker says it retries, and it goes on by itself once the lock is gone.
+# The retries back off: 0.5 s, doubled after each failure in a row.
 # Recovering leaves nothing behind: after several errors each worker still
 # has one of each of its memory contexts (the Kafka worker used to create a
 # new loop context at every error and keep the old one).
@@ -100,6 +101,33 @@ ok(wait_log($offset, qr/\[$redis_pid\] $timeout/, 3),
 	'the Redis worker fails three times on the lock');
 ok(wait_log($offset, qr/\[$tags_pid\] $timeout/, 3),
 	'the tags worker fails three times on the lock (its expiry pass reads the rules)');
+# The retries back off as the README says: 0.5 s, doubled after each
+# failure in a row (up to 30 s, not reached here).  Between two failures
+# come the wait and the lock timeout (0.2 s) of the next attempt.
+sub seconds_of
+{
+	my ($stamp) = @_;
+	my ($h, $m, $s) = $stamp =~ /(\d\d):(\d\d):(\d\d\.\d+)/ or die "no time in $stamp";
+	return $h * 3600 + $m * 60 + $s;
+}
+foreach my $pid ($kafka_pid, $redis_pid, $tags_pid)
+{
+	ok(wait_log($offset, qr/\[$pid\] $timeout/, 6),
+		"process $pid fails six times on the lock");
+	my @times = map { seconds_of($_) } (slurp_file($node->logfile, $offset) =~
+		  /^(\S+ \S+) \S+ \[$pid\] $timeout/mg);
+	my @off;
+	foreach my $i (1 .. 5)
+	{
+		my $wait = 0.5 * 2**($i - 1);
+		my $gap = $times[$i] - $times[ $i - 1 ];
+		$gap += 86400 if $gap < 0;    # midnight
+		push @off, sprintf('%.2f s after a wait of %.1f s', $gap, $wait)
+		  if $gap < $wait || $gap > 1.5 * $wait + 0.5;
+	}
+	is(join('; ', @off), '', "process $pid waits 0.5, 1, 2, 4 and 8 s between its failures");
+}
+
 foreach my $worker ('kafka 1', 'redis', 'tags')
 {
 	is(worker_row($worker, q{state || ' | ' || last_error}),
