@@ -3,7 +3,8 @@
 # an error of the database (here a lock timeout on the worker's own table,
 # raised again and again) is published in dwh.status with its SQLSTATE, the
 # worker says it retries, and it goes on by itself once the lock is gone.
-# The retries back off: 0.5 s, doubled after each failure in a row.
+# The retries back off: 0.5 s, doubled after each failure in a row; a
+# SIGTERM ends a backoff at once.
 # Recovering leaves nothing behind: after several errors each worker still
 # has one of each of its memory contexts (the Kafka worker used to create a
 # new loop context at every error and keep the old one).
@@ -21,7 +22,7 @@ use DwhTest;
 use PostgreSQL::Test::Utils;
 use RedisServer;
 use Test::More;
-use Time::HiRes qw(usleep);
+use Time::HiRes qw(time usleep);
 
 my $mock = start_mock_cluster(brokers => 1, partitions => 2);
 my $redis = RedisServer->new(password => 'recovery-pw');
@@ -170,6 +171,23 @@ ok( $node->poll_query_until(
 		q{SELECT state = 'expiring tags every 1 s' AND last_error IS NULL FROM dwh.status WHERE worker = 'tags'}),
 	'the tags worker expires tags again once the lock is gone, and shows no error');
 is(worker_row('tags', 'pid'), $tags_pid, 'and recovered without a restart');
+
+# 3. SIGTERM ends a backoff at once (it ignores other wake-ups): the tags
+#    worker fails four times more, then is terminated at the start of its
+#    4 s wait.
+$locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN; LOCK dwh.tag_rules IN ACCESS EXCLUSIVE MODE;');
+$offset = -s $node->logfile;
+ok(wait_log($offset, qr/\[$tags_pid\] $timeout/, 4), 'the tags worker fails four times more');
+my $term_at = time();
+psql("SELECT pg_terminate_backend($tags_pid)");
+ok( $node->poll_query_until(
+		'postgres', "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $tags_pid", 't'),
+	'the tags worker ends on SIGTERM');
+my $took = time() - $term_at;
+cmp_ok($took, '<', 1.5, sprintf('in %.2f s, not at the end of its 4 s backoff', $took));
+$locker->query_safe('ROLLBACK;');
+$locker->quit;
 
 $node->stop;
 stop_mock_cluster($mock);
