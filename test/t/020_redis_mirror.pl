@@ -2,7 +2,9 @@
 # dictionaries found by SCAN before the orders, fetched after the orders
 # that name them, and changing between orders (a renamed user, a renamed
 # dish, a dish moved to another category); missing keys; malformed values
-# dead-lettered once; a refresh that finds nothing changed writes nothing.
+# dead-lettered once; a refresh that finds nothing changed writes nothing;
+# keys of another type, values whose _id is not their key, refused keys
+# read again on demand.
 # Every step ends with dwh.verify() empty and both marts equal to a recount
 # of the orders and menus this test wrote, made here in Perl.
 
@@ -386,6 +388,36 @@ wait_for(q{SELECT state = 'missing' FROM dwh.redis_keys WHERE key = '626a81ce9a8
 	'a deleted key is reported missing');
 is(psql(q{SELECT count(*) FROM stg.users WHERE object_id = '626a81ce9a8cd1920641e202'}),
 	'1', 'its last value stays in STG');
+
+# 7. Keys and values beyond their shape: a key holding another type than a
+#    string is missing, not refused; the _id inside a value is not compared
+#    with its key; refused keys set back to 'new' are read again.
+my $dead = psql(q{SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'});
+$redis->cli('HSET', user_id(10), 'name', 'A Hash', 'login', 'hash');
+$redis->set(user_id(11),
+	$json->encode({ _id => 'not-the-key', name => 'Other Id', login => 'other', update_ts_utc => '2023-09-09 10:00:00' }));
+ingest_order(1000012, 10, 1, 'CLOSED', '2023-09-09 10:00:00', 1);
+ingest_order(1000013, 11, 1, 'CLOSED', '2023-09-09 10:01:00', 2);
+wait_for(q{SELECT state = 'missing' FROM dwh.redis_keys WHERE key = '626a81ce9a8cd1920641e210'},
+	'a key holding a hash is reported missing');
+wait_for(
+	q{SELECT count(*) = 1 FROM stg.users
+	  WHERE object_id = '626a81ce9a8cd1920641e211' AND payload->>'_id' = 'not-the-key'},
+	'a value whose _id is not its key is mirrored under its key');
+wait_two_refreshes('the hash read again');
+is(psql(q{SELECT state FROM dwh.redis_keys WHERE key = '626a81ce9a8cd1920641e210'}),
+	'missing', 'the key holding a hash stays missing');
+is(psql(q{SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'}),
+	$dead, 'neither is dead-lettered');
+
+my $refused = psql(q{SELECT count(*) FROM dwh.redis_keys WHERE state = 'refused'});
+cmp_ok($refused, '>', 0, "$refused keys are refused");
+psql(q{UPDATE dwh.redis_keys SET state = 'new' WHERE state = 'refused'});
+wait_for(
+	"SELECT count(*) = $dead + $refused FROM dwh.dead_letters WHERE source = 'redis'",
+	'set back to new, each refused value is read again: one more dead letter each');
+wait_for("SELECT count(*) = $refused FROM dwh.redis_keys WHERE state = 'refused'",
+	'and refused again');
 
 check_marts('at the end');
 like(
