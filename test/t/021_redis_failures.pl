@@ -115,6 +115,17 @@ is(redis_row('last_error_at IS NOT NULL'), 't', 'with the time of the error');
 like(redis_row('last_error'), qr{redis://:\*\*\*\@127\.0\.0\.1:\d+/0},
 	'the error names Redis by its URL, password redacted');
 
+# Logged once, and retried every 30 s, not at once: over 5 s, one line in
+# the log and no new connection to Redis but redis-cli's own.
+my $connections = sub {
+	($redis->cli('INFO', 'stats') =~ /total_connections_received:(\d+)/)[0];
+};
+my $before = $connections->();
+sleep 5;
+is($connections->() - $before, 1, 'no new attempt within 5 s of the refusal');
+my @refusals = (slurp_file($node->logfile) =~ /LOG:  28P01: Redis at \S+ refused the password/g);
+is(scalar @refusals, 1, 'the refusal is logged once, with SQLSTATE 28P01');
+
 # Non-superusers see neither the setting nor its value.
 psql('CREATE ROLE regress_redis_reader LOGIN');
 my ($ret, $out, $err) = $node->psql('postgres', 'SHOW dwh.redis_url',
