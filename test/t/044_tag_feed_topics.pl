@@ -74,9 +74,7 @@ sub tags_status
 sub reload
 {
 	my ($setting, $value) = @_;
-	psql("ALTER SYSTEM SET $setting = '$value'; SELECT pg_reload_conf()");
-	ok(wait_for($node, "SELECT current_setting('$setting') = '$value'"),
-		"$setting is now '$value'");
+	ok(set_and_reload($node, $setting, $value), "$setting is now '$value'");
 	return;
 }
 

@@ -24,6 +24,7 @@ our @EXPORT = qw(
   wait_applied wait_for check_consistent stored_total status_of
   load_dictionaries read_manifest check_manifest_counts
   start_mock_cluster mock_command stop_mock_cluster split_stream
+  set_and_reload
 );
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
@@ -327,6 +328,17 @@ sub wait_for
 	}
 	diag("timed out waiting for: $query");
 	return 0;
+}
+
+# ALTER SYSTEM SET a setting, reload, and wait until a new session sees
+# the value (a reload reaches each session at its next statement).
+# Returns whether it did in time.
+sub set_and_reload
+{
+	my ($node, $setting, $value) = @_;
+	$node->safe_psql('postgres',
+		"ALTER SYSTEM SET $setting = '$value'; SELECT pg_reload_conf()");
+	return wait_for($node, "SELECT current_setting('$setting') = '$value'");
 }
 
 # The state column of a worker in dwh.status.
