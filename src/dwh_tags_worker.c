@@ -200,9 +200,8 @@ process_reload(void)
 /*
  * An expiry pass, if some rule has a window: dwh.expire_tags() in a
  * transaction of its own (READ COMMITTED: the worker's default, forced by
- * dwh_worker_settings), committed at once.  Without a topic, the outbox is
- * counted in the same transaction, so that dwh.status shows what a topic
- * set earlier left there.
+ * dwh_worker_settings), committed at once.  The outbox is counted by the
+ * feed (count_outbox while it cannot run).
  */
 static void
 expiry_pass(void)
@@ -234,8 +233,6 @@ expiry_pass(void)
 											 &isnull));
 	}
 	SPI_finish();
-	if (producer == NULL && flight.n == 0)
-		pending = dwh_tag_feed_count();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(loop_context);
@@ -243,7 +240,6 @@ expiry_pass(void)
 	pgstat_report_stat(false);
 
 	dwh_status_count_expiry(slot, rules_moved, events);
-	dwh_status_set_feed(slot, produced, pending);
 	/* Done: an earlier error no longer holds, unless the feed's does. */
 	if (!waiting_for_broker && feed_backoff_ms == 0)
 		dwh_status_clear_error(slot);
