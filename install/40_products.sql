@@ -485,12 +485,17 @@ $fn$;
 COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
     'Internal: take the dictionary lock and load the keys that order batches share (dishes, restaurants, users, dish-restaurant pairs), in the one lock order; returns the batch''s newest naming and oldest version of each dish';
 
--- Apply per-key count deltas to the marts.  Rows are written in key order
--- so that concurrent batches never deadlock; when some counts go down, the
--- existing rows are first locked in that order, because an UPDATE does not
--- promise one.  A row lives while its count is positive.  (CHECK constraints
--- are evaluated on the row an INSERT proposes before ON CONFLICT, so
--- decrements cannot go through the upsert.)  The category deltas carry the
+-- Apply per-key count deltas to the marts.  Each mart's rows are locked in
+-- one pass in key order, new rows included, so that concurrent batches
+-- never deadlock: an upsert adds the counts that go up and locks the rows
+-- whose counts go down (ON CONFLICT DO UPDATE locks a row even where its
+-- WHERE says not to update it), which an UPDATE then takes down.  (CHECK
+-- constraints are evaluated on the row an INSERT proposes before ON
+-- CONFLICT, so decrements cannot go through the upsert; and an UPDATE does
+-- not promise an order, nor can a lock taken before it cover a row that
+-- another batch is inserting: test/isolation/specs/mart_new_rows.spec.)
+-- The row of a count that goes down exists: the orders it counted are
+-- still counted.  A row lives while its count is positive.  The category deltas carry the
 -- users' CLOSED order counts and the users touched under keys of their own
 -- (install/30_cdm.sql), and the windowed tag counts under
 -- dwh.tag_window_key() (install/78_tag_windows.sql).  Then the user tags of
@@ -573,17 +578,10 @@ BEGIN
     END IF;
 
     IF products IS NOT NULL THEN
-        IF EXISTS (SELECT FROM unnest(product_deltas) d WHERE d < 0) THEN
-            PERFORM FROM cdm.user_product_counters m
-            JOIN unnest(product_users, products) AS k(user_id, product_id)
-              ON m.user_id = k.user_id AND m.product_id = k.product_id
-            ORDER BY m.user_id, m.product_id
-            FOR UPDATE OF m;
-        END IF;
-
         WITH delta AS MATERIALIZED (
             SELECT * FROM unnest(product_users, products, product_deltas)
                      AS d(user_id, product_id, d)
+            WHERE d.d <> 0
         ),
         name AS MATERIALIZED (
             SELECT p.product_id,
@@ -595,93 +593,98 @@ BEGIN
         up AS (
             INSERT INTO cdm.user_product_counters AS m
                    (user_id, product_id, product_name, order_cnt)
-            SELECT d.user_id, d.product_id, coalesce(n.name, ''), d.d
-            FROM delta d JOIN name n USING (product_id)
-            WHERE d.d > 0
+            SELECT d.user_id, d.product_id, coalesce(n.name, ''), greatest(d.d, 0)
+            FROM delta d LEFT JOIN name n USING (product_id)
             ORDER BY d.user_id, d.product_id
             ON CONFLICT (user_id, product_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            WHERE EXCLUDED.order_cnt > 0
             RETURNING m.user_id, m.product_id, m.order_cnt
-        ),
-        down AS (
-            UPDATE cdm.user_product_counters m
-            SET order_cnt = m.order_cnt + d.d
-            FROM delta d
-            WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
-            RETURNING m.user_id, m.product_id, m.order_cnt
-        ),
-        moved AS (
-            SELECT * FROM up
-            UNION ALL
-            SELECT * FROM down
         )
-        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
-               array_agg(product_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE product_id = ANY (rule_products)),
+        SELECT array_agg(user_id) FILTER (WHERE product_id = ANY (rule_products)),
                array_agg(product_id) FILTER (WHERE product_id = ANY (rule_products)),
                array_agg(order_cnt) FILTER (WHERE product_id = ANY (rule_products))
-        INTO zero_users, zero_keys,
-             moved_product_users, moved_products, moved_product_counts
-        FROM moved;
+        INTO moved_product_users, moved_products, moved_product_counts
+        FROM up;
 
-        IF zero_keys IS NOT NULL THEN
-            DELETE FROM cdm.user_product_counters m
-            USING unnest(zero_users, zero_keys) AS z(user_id, product_id)
-            WHERE m.user_id = z.user_id AND m.product_id = z.product_id
-              AND m.order_cnt = 0;
+        IF EXISTS (SELECT FROM unnest(product_deltas) d WHERE d < 0) THEN
+            WITH down AS (
+                UPDATE cdm.user_product_counters m
+                SET order_cnt = m.order_cnt + d.d
+                FROM unnest(product_users, products, product_deltas)
+                     AS d(user_id, product_id, d)
+                WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
+                RETURNING m.user_id, m.product_id, m.order_cnt
+            )
+            SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+                   array_agg(product_id) FILTER (WHERE order_cnt = 0),
+                   moved_product_users
+                   || array_agg(user_id) FILTER (WHERE product_id = ANY (rule_products)),
+                   moved_products
+                   || array_agg(product_id) FILTER (WHERE product_id = ANY (rule_products)),
+                   moved_product_counts
+                   || array_agg(order_cnt) FILTER (WHERE product_id = ANY (rule_products))
+            INTO zero_users, zero_keys,
+                 moved_product_users, moved_products, moved_product_counts
+            FROM down;
+
+            IF zero_keys IS NOT NULL THEN
+                DELETE FROM cdm.user_product_counters m
+                USING unnest(zero_users, zero_keys) AS z(user_id, product_id)
+                WHERE m.user_id = z.user_id AND m.product_id = z.product_id
+                  AND m.order_cnt = 0;
+            END IF;
         END IF;
     END IF;
 
     IF categories IS NOT NULL THEN
-        IF EXISTS (SELECT FROM unnest(category_deltas) d WHERE d < 0) THEN
-            PERFORM FROM cdm.user_category_counters m
-            JOIN unnest(category_users, categories) AS k(user_id, category_id)
-              ON m.user_id = k.user_id AND m.category_id = k.category_id
-            ORDER BY m.user_id, m.category_id
-            FOR UPDATE OF m;
-        END IF;
-
-        WITH delta AS MATERIALIZED (
-            SELECT * FROM unnest(category_users, categories, category_deltas)
-                     AS d(user_id, category_id, d)
-        ),
-        up AS (
+        WITH up AS (
             INSERT INTO cdm.user_category_counters AS m
                    (user_id, category_id, category_name, order_cnt)
-            SELECT d.user_id, d.category_id, h.category_name, d.d
-            FROM delta d JOIN dds.h_category h ON h.h_category_pk = d.category_id
-            WHERE d.d > 0
+            SELECT d.user_id, d.category_id, h.category_name, greatest(d.d, 0)
+            FROM unnest(category_users, categories, category_deltas)
+                 AS d(user_id, category_id, d)
+            JOIN dds.h_category h ON h.h_category_pk = d.category_id
+            WHERE d.d <> 0
             ORDER BY d.user_id, d.category_id
             ON CONFLICT (user_id, category_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            WHERE EXCLUDED.order_cnt > 0
             RETURNING m.user_id, m.category_id, m.order_cnt
-        ),
-        down AS (
-            UPDATE cdm.user_category_counters m
-            SET order_cnt = m.order_cnt + d.d
-            FROM delta d
-            WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
-            RETURNING m.user_id, m.category_id, m.order_cnt
-        ),
-        moved AS (
-            SELECT * FROM up
-            UNION ALL
-            SELECT * FROM down
         )
-        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
-               array_agg(category_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE category_id = ANY (rule_categories)),
+        SELECT array_agg(user_id) FILTER (WHERE category_id = ANY (rule_categories)),
                array_agg(category_id) FILTER (WHERE category_id = ANY (rule_categories)),
                array_agg(order_cnt) FILTER (WHERE category_id = ANY (rule_categories))
-        INTO zero_users, zero_keys,
-             moved_category_users, moved_categories, moved_category_counts
-        FROM moved;
+        INTO moved_category_users, moved_categories, moved_category_counts
+        FROM up;
 
-        IF zero_keys IS NOT NULL THEN
-            DELETE FROM cdm.user_category_counters m
-            USING unnest(zero_users, zero_keys) AS z(user_id, category_id)
-            WHERE m.user_id = z.user_id AND m.category_id = z.category_id
-              AND m.order_cnt = 0;
+        IF EXISTS (SELECT FROM unnest(category_deltas) d WHERE d < 0) THEN
+            WITH down AS (
+                UPDATE cdm.user_category_counters m
+                SET order_cnt = m.order_cnt + d.d
+                FROM unnest(category_users, categories, category_deltas)
+                     AS d(user_id, category_id, d)
+                WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
+                RETURNING m.user_id, m.category_id, m.order_cnt
+            )
+            SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+                   array_agg(category_id) FILTER (WHERE order_cnt = 0),
+                   moved_category_users
+                   || array_agg(user_id) FILTER (WHERE category_id = ANY (rule_categories)),
+                   moved_categories
+                   || array_agg(category_id) FILTER (WHERE category_id = ANY (rule_categories)),
+                   moved_category_counts
+                   || array_agg(order_cnt) FILTER (WHERE category_id = ANY (rule_categories))
+            INTO zero_users, zero_keys,
+                 moved_category_users, moved_categories, moved_category_counts
+            FROM down;
+
+            IF zero_keys IS NOT NULL THEN
+                DELETE FROM cdm.user_category_counters m
+                USING unnest(zero_users, zero_keys) AS z(user_id, category_id)
+                WHERE m.user_id = z.user_id AND m.category_id = z.category_id
+                  AND m.order_cnt = 0;
+            END IF;
         END IF;
     END IF;
 

@@ -236,11 +236,14 @@ COMMENT ON FUNCTION dwh.tags_crossed(text, uuid[], uuid[], integer[], uuid[], uu
 -- change: the pairs whose count crossed its threshold (crossed_users and
 -- crossed_tags for dish and category rules; all_orders and windowed rules
 -- here, from the counts written), and the favourite categories of the
--- users with a category delta (category_users) or a windowed one.  With
--- some rule, the rows of every user touched are locked first, in key
--- order: they stand for the users, so that two batches changing orders of
--- one user refresh its tags one after the other, each from what the other
--- committed.  The caller holds the tag lock shared.
+-- users with a category delta (category_users) or a windowed one.  The
+-- users' rows are locked in one pass in key order, new ones included (as
+-- in dwh.apply_mart_deltas): those whose count changes and, with some
+-- rule, every user touched, whose row then stands for the user, so that
+-- two batches changing orders of one user refresh its tags one after the
+-- other, each from what the other committed.  A user without a row gets
+-- one for the lock, deleted again before the end unless counted.  The
+-- caller holds the tag lock shared.
 CREATE FUNCTION dwh.apply_order_deltas_and_tags(order_users uuid[], order_deltas integer[],
                                                 touched uuid[], category_users uuid[],
                                                 window_users uuid[], window_keys uuid[],
@@ -266,57 +269,54 @@ BEGIN
         RETURN;
     END IF;
 
-    IF tagging OR EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
-        PERFORM FROM cdm.user_order_counters m
-        WHERE m.user_id IN (SELECT x.user_id
-                            FROM unnest(order_users, order_deltas) AS x(user_id, d)
-                            WHERE x.d < 0
-                            UNION
-                            SELECT t.user_id FROM unnest(touched) AS t(user_id)
-                            WHERE tagging)
-        ORDER BY m.user_id
-        FOR UPDATE;
-    END IF;
+    WITH delta AS MATERIALIZED (
+        SELECT x.user_id, sum(x.d)::integer AS d
+        FROM (SELECT o.user_id, o.d FROM unnest(order_users, order_deltas) AS o(user_id, d)
+              UNION ALL
+              SELECT t.user_id, 0 FROM unnest(touched) AS t(user_id) WHERE tagging) x
+        GROUP BY x.user_id
+        HAVING sum(x.d) <> 0 OR tagging
+    ),
+    up AS (
+        INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
+        SELECT d.user_id, greatest(d.d, 0)
+        FROM delta d
+        ORDER BY d.user_id
+        ON CONFLICT (user_id) DO UPDATE
+        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        WHERE EXCLUDED.order_cnt > 0
+        RETURNING m.user_id, m.order_cnt
+    )
+    SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+           array_agg(user_id) FILTER (WHERE tagging AND order_cnt > 0),
+           array_agg(order_cnt) FILTER (WHERE tagging AND order_cnt > 0)
+    INTO zero_users, moved_users, moved_counts
+    FROM up;
 
-    IF order_users IS NOT NULL THEN
+    IF EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
         WITH delta AS MATERIALIZED (
             SELECT x.user_id, sum(x.d)::integer AS d
             FROM unnest(order_users, order_deltas) AS x(user_id, d)
             GROUP BY x.user_id
-            HAVING sum(x.d) <> 0
-        ),
-        up AS (
-            INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
-            SELECT d.user_id, d.d
-            FROM delta d
-            WHERE d.d > 0
-            ORDER BY d.user_id
-            ON CONFLICT (user_id) DO UPDATE
-            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
-            RETURNING m.user_id, m.order_cnt
+            HAVING sum(x.d) < 0
         ),
         down AS (
             UPDATE cdm.user_order_counters m
             SET order_cnt = m.order_cnt + d.d
             FROM delta d
-            WHERE d.d < 0 AND m.user_id = d.user_id
+            WHERE m.user_id = d.user_id
             RETURNING m.user_id, m.order_cnt
-        ),
-        moved AS (
-            SELECT * FROM up
-            UNION ALL
-            SELECT * FROM down
         )
-        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE tagging),
-               array_agg(order_cnt) FILTER (WHERE tagging)
+        SELECT zero_users || array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               moved_users || array_agg(user_id) FILTER (WHERE tagging),
+               moved_counts || array_agg(order_cnt) FILTER (WHERE tagging)
         INTO zero_users, moved_users, moved_counts
-        FROM moved;
+        FROM down;
+    END IF;
 
-        IF zero_users IS NOT NULL THEN
-            DELETE FROM cdm.user_order_counters m
-            WHERE m.user_id = ANY (zero_users) AND m.order_cnt = 0;
-        END IF;
+    IF zero_users IS NOT NULL THEN
+        DELETE FROM cdm.user_order_counters m
+        WHERE m.user_id = ANY (zero_users) AND m.order_cnt = 0;
     END IF;
 
     IF NOT tagging THEN

@@ -815,7 +815,9 @@ COMMENT ON FUNCTION dwh.claim_order_keys(jsonb[], timestamp[], boolean) IS
     'Internal: take the dictionary lock and load the keys that order batches share (dishes, restaurants, users, dish-restaurant pairs), in the one lock order; returns the batch''s newest naming and oldest version of each dish';
 
 -- The marts' deltas carry the users' order counts and the users touched,
--- and refresh the user tags: a parameter more (install/77_tags.sql).
+-- and refresh the user tags: a parameter more (install/77_tags.sql).  Each
+-- mart's rows are locked in one pass in key order, new rows included
+-- (test/isolation/specs/mart_new_rows.spec).
 DROP FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[]);
 CREATE FUNCTION dwh.apply_mart_deltas(product_users uuid[], products uuid[],
                                       product_deltas integer[],
@@ -893,17 +895,10 @@ BEGIN
     END IF;
 
     IF products IS NOT NULL THEN
-        IF EXISTS (SELECT FROM unnest(product_deltas) d WHERE d < 0) THEN
-            PERFORM FROM cdm.user_product_counters m
-            JOIN unnest(product_users, products) AS k(user_id, product_id)
-              ON m.user_id = k.user_id AND m.product_id = k.product_id
-            ORDER BY m.user_id, m.product_id
-            FOR UPDATE OF m;
-        END IF;
-
         WITH delta AS MATERIALIZED (
             SELECT * FROM unnest(product_users, products, product_deltas)
                      AS d(user_id, product_id, d)
+            WHERE d.d <> 0
         ),
         name AS MATERIALIZED (
             SELECT p.product_id,
@@ -915,93 +910,98 @@ BEGIN
         up AS (
             INSERT INTO cdm.user_product_counters AS m
                    (user_id, product_id, product_name, order_cnt)
-            SELECT d.user_id, d.product_id, coalesce(n.name, ''), d.d
-            FROM delta d JOIN name n USING (product_id)
-            WHERE d.d > 0
+            SELECT d.user_id, d.product_id, coalesce(n.name, ''), greatest(d.d, 0)
+            FROM delta d LEFT JOIN name n USING (product_id)
             ORDER BY d.user_id, d.product_id
             ON CONFLICT (user_id, product_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            WHERE EXCLUDED.order_cnt > 0
             RETURNING m.user_id, m.product_id, m.order_cnt
-        ),
-        down AS (
-            UPDATE cdm.user_product_counters m
-            SET order_cnt = m.order_cnt + d.d
-            FROM delta d
-            WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
-            RETURNING m.user_id, m.product_id, m.order_cnt
-        ),
-        moved AS (
-            SELECT * FROM up
-            UNION ALL
-            SELECT * FROM down
         )
-        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
-               array_agg(product_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE product_id = ANY (rule_products)),
+        SELECT array_agg(user_id) FILTER (WHERE product_id = ANY (rule_products)),
                array_agg(product_id) FILTER (WHERE product_id = ANY (rule_products)),
                array_agg(order_cnt) FILTER (WHERE product_id = ANY (rule_products))
-        INTO zero_users, zero_keys,
-             moved_product_users, moved_products, moved_product_counts
-        FROM moved;
+        INTO moved_product_users, moved_products, moved_product_counts
+        FROM up;
 
-        IF zero_keys IS NOT NULL THEN
-            DELETE FROM cdm.user_product_counters m
-            USING unnest(zero_users, zero_keys) AS z(user_id, product_id)
-            WHERE m.user_id = z.user_id AND m.product_id = z.product_id
-              AND m.order_cnt = 0;
+        IF EXISTS (SELECT FROM unnest(product_deltas) d WHERE d < 0) THEN
+            WITH down AS (
+                UPDATE cdm.user_product_counters m
+                SET order_cnt = m.order_cnt + d.d
+                FROM unnest(product_users, products, product_deltas)
+                     AS d(user_id, product_id, d)
+                WHERE d.d < 0 AND m.user_id = d.user_id AND m.product_id = d.product_id
+                RETURNING m.user_id, m.product_id, m.order_cnt
+            )
+            SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+                   array_agg(product_id) FILTER (WHERE order_cnt = 0),
+                   moved_product_users
+                   || array_agg(user_id) FILTER (WHERE product_id = ANY (rule_products)),
+                   moved_products
+                   || array_agg(product_id) FILTER (WHERE product_id = ANY (rule_products)),
+                   moved_product_counts
+                   || array_agg(order_cnt) FILTER (WHERE product_id = ANY (rule_products))
+            INTO zero_users, zero_keys,
+                 moved_product_users, moved_products, moved_product_counts
+            FROM down;
+
+            IF zero_keys IS NOT NULL THEN
+                DELETE FROM cdm.user_product_counters m
+                USING unnest(zero_users, zero_keys) AS z(user_id, product_id)
+                WHERE m.user_id = z.user_id AND m.product_id = z.product_id
+                  AND m.order_cnt = 0;
+            END IF;
         END IF;
     END IF;
 
     IF categories IS NOT NULL THEN
-        IF EXISTS (SELECT FROM unnest(category_deltas) d WHERE d < 0) THEN
-            PERFORM FROM cdm.user_category_counters m
-            JOIN unnest(category_users, categories) AS k(user_id, category_id)
-              ON m.user_id = k.user_id AND m.category_id = k.category_id
-            ORDER BY m.user_id, m.category_id
-            FOR UPDATE OF m;
-        END IF;
-
-        WITH delta AS MATERIALIZED (
-            SELECT * FROM unnest(category_users, categories, category_deltas)
-                     AS d(user_id, category_id, d)
-        ),
-        up AS (
+        WITH up AS (
             INSERT INTO cdm.user_category_counters AS m
                    (user_id, category_id, category_name, order_cnt)
-            SELECT d.user_id, d.category_id, h.category_name, d.d
-            FROM delta d JOIN dds.h_category h ON h.h_category_pk = d.category_id
-            WHERE d.d > 0
+            SELECT d.user_id, d.category_id, h.category_name, greatest(d.d, 0)
+            FROM unnest(category_users, categories, category_deltas)
+                 AS d(user_id, category_id, d)
+            JOIN dds.h_category h ON h.h_category_pk = d.category_id
+            WHERE d.d <> 0
             ORDER BY d.user_id, d.category_id
             ON CONFLICT (user_id, category_id) DO UPDATE
             SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+            WHERE EXCLUDED.order_cnt > 0
             RETURNING m.user_id, m.category_id, m.order_cnt
-        ),
-        down AS (
-            UPDATE cdm.user_category_counters m
-            SET order_cnt = m.order_cnt + d.d
-            FROM delta d
-            WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
-            RETURNING m.user_id, m.category_id, m.order_cnt
-        ),
-        moved AS (
-            SELECT * FROM up
-            UNION ALL
-            SELECT * FROM down
         )
-        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
-               array_agg(category_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE category_id = ANY (rule_categories)),
+        SELECT array_agg(user_id) FILTER (WHERE category_id = ANY (rule_categories)),
                array_agg(category_id) FILTER (WHERE category_id = ANY (rule_categories)),
                array_agg(order_cnt) FILTER (WHERE category_id = ANY (rule_categories))
-        INTO zero_users, zero_keys,
-             moved_category_users, moved_categories, moved_category_counts
-        FROM moved;
+        INTO moved_category_users, moved_categories, moved_category_counts
+        FROM up;
 
-        IF zero_keys IS NOT NULL THEN
-            DELETE FROM cdm.user_category_counters m
-            USING unnest(zero_users, zero_keys) AS z(user_id, category_id)
-            WHERE m.user_id = z.user_id AND m.category_id = z.category_id
-              AND m.order_cnt = 0;
+        IF EXISTS (SELECT FROM unnest(category_deltas) d WHERE d < 0) THEN
+            WITH down AS (
+                UPDATE cdm.user_category_counters m
+                SET order_cnt = m.order_cnt + d.d
+                FROM unnest(category_users, categories, category_deltas)
+                     AS d(user_id, category_id, d)
+                WHERE d.d < 0 AND m.user_id = d.user_id AND m.category_id = d.category_id
+                RETURNING m.user_id, m.category_id, m.order_cnt
+            )
+            SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+                   array_agg(category_id) FILTER (WHERE order_cnt = 0),
+                   moved_category_users
+                   || array_agg(user_id) FILTER (WHERE category_id = ANY (rule_categories)),
+                   moved_categories
+                   || array_agg(category_id) FILTER (WHERE category_id = ANY (rule_categories)),
+                   moved_category_counts
+                   || array_agg(order_cnt) FILTER (WHERE category_id = ANY (rule_categories))
+            INTO zero_users, zero_keys,
+                 moved_category_users, moved_categories, moved_category_counts
+            FROM down;
+
+            IF zero_keys IS NOT NULL THEN
+                DELETE FROM cdm.user_category_counters m
+                USING unnest(zero_users, zero_keys) AS z(user_id, category_id)
+                WHERE m.user_id = z.user_id AND m.category_id = z.category_id
+                  AND m.order_cnt = 0;
+            END IF;
         END IF;
     END IF;
 
@@ -2935,11 +2935,14 @@ COMMENT ON FUNCTION dwh.tags_crossed(text, uuid[], uuid[], integer[], uuid[], uu
 -- change: the pairs whose count crossed its threshold (crossed_users and
 -- crossed_tags for dish and category rules; all_orders and windowed rules
 -- here, from the counts written), and the favourite categories of the
--- users with a category delta (category_users) or a windowed one.  With
--- some rule, the rows of every user touched are locked first, in key
--- order: they stand for the users, so that two batches changing orders of
--- one user refresh its tags one after the other, each from what the other
--- committed.  The caller holds the tag lock shared.
+-- users with a category delta (category_users) or a windowed one.  The
+-- users' rows are locked in one pass in key order, new ones included (as
+-- in dwh.apply_mart_deltas): those whose count changes and, with some
+-- rule, every user touched, whose row then stands for the user, so that
+-- two batches changing orders of one user refresh its tags one after the
+-- other, each from what the other committed.  A user without a row gets
+-- one for the lock, deleted again before the end unless counted.  The
+-- caller holds the tag lock shared.
 CREATE FUNCTION dwh.apply_order_deltas_and_tags(order_users uuid[], order_deltas integer[],
                                                 touched uuid[], category_users uuid[],
                                                 window_users uuid[], window_keys uuid[],
@@ -2965,57 +2968,54 @@ BEGIN
         RETURN;
     END IF;
 
-    IF tagging OR EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
-        PERFORM FROM cdm.user_order_counters m
-        WHERE m.user_id IN (SELECT x.user_id
-                            FROM unnest(order_users, order_deltas) AS x(user_id, d)
-                            WHERE x.d < 0
-                            UNION
-                            SELECT t.user_id FROM unnest(touched) AS t(user_id)
-                            WHERE tagging)
-        ORDER BY m.user_id
-        FOR UPDATE;
-    END IF;
+    WITH delta AS MATERIALIZED (
+        SELECT x.user_id, sum(x.d)::integer AS d
+        FROM (SELECT o.user_id, o.d FROM unnest(order_users, order_deltas) AS o(user_id, d)
+              UNION ALL
+              SELECT t.user_id, 0 FROM unnest(touched) AS t(user_id) WHERE tagging) x
+        GROUP BY x.user_id
+        HAVING sum(x.d) <> 0 OR tagging
+    ),
+    up AS (
+        INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
+        SELECT d.user_id, greatest(d.d, 0)
+        FROM delta d
+        ORDER BY d.user_id
+        ON CONFLICT (user_id) DO UPDATE
+        SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
+        WHERE EXCLUDED.order_cnt > 0
+        RETURNING m.user_id, m.order_cnt
+    )
+    SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
+           array_agg(user_id) FILTER (WHERE tagging AND order_cnt > 0),
+           array_agg(order_cnt) FILTER (WHERE tagging AND order_cnt > 0)
+    INTO zero_users, moved_users, moved_counts
+    FROM up;
 
-    IF order_users IS NOT NULL THEN
+    IF EXISTS (SELECT FROM unnest(order_deltas) d WHERE d < 0) THEN
         WITH delta AS MATERIALIZED (
             SELECT x.user_id, sum(x.d)::integer AS d
             FROM unnest(order_users, order_deltas) AS x(user_id, d)
             GROUP BY x.user_id
-            HAVING sum(x.d) <> 0
-        ),
-        up AS (
-            INSERT INTO cdm.user_order_counters AS m (user_id, order_cnt)
-            SELECT d.user_id, d.d
-            FROM delta d
-            WHERE d.d > 0
-            ORDER BY d.user_id
-            ON CONFLICT (user_id) DO UPDATE
-            SET order_cnt = m.order_cnt + EXCLUDED.order_cnt
-            RETURNING m.user_id, m.order_cnt
+            HAVING sum(x.d) < 0
         ),
         down AS (
             UPDATE cdm.user_order_counters m
             SET order_cnt = m.order_cnt + d.d
             FROM delta d
-            WHERE d.d < 0 AND m.user_id = d.user_id
+            WHERE m.user_id = d.user_id
             RETURNING m.user_id, m.order_cnt
-        ),
-        moved AS (
-            SELECT * FROM up
-            UNION ALL
-            SELECT * FROM down
         )
-        SELECT array_agg(user_id) FILTER (WHERE order_cnt = 0),
-               array_agg(user_id) FILTER (WHERE tagging),
-               array_agg(order_cnt) FILTER (WHERE tagging)
+        SELECT zero_users || array_agg(user_id) FILTER (WHERE order_cnt = 0),
+               moved_users || array_agg(user_id) FILTER (WHERE tagging),
+               moved_counts || array_agg(order_cnt) FILTER (WHERE tagging)
         INTO zero_users, moved_users, moved_counts
-        FROM moved;
+        FROM down;
+    END IF;
 
-        IF zero_users IS NOT NULL THEN
-            DELETE FROM cdm.user_order_counters m
-            WHERE m.user_id = ANY (zero_users) AND m.order_cnt = 0;
-        END IF;
+    IF zero_users IS NOT NULL THEN
+        DELETE FROM cdm.user_order_counters m
+        WHERE m.user_id = ANY (zero_users) AND m.order_cnt = 0;
     END IF;
 
     IF NOT tagging THEN
