@@ -10,15 +10,14 @@
  * take turns instead of working side by side.  So each worker marks the
  * orders of the batch it is applying in a bitmap of its own in shared
  * memory (two bits an order, a Bloom filter), and leaves out of its batch
- * the orders another worker has marked: they go into a second transaction
- * once the first has committed (dwh_kafka_worker.c).
+ * the orders another worker has marked: their messages wait for its next
+ * batch (dwh_kafka_worker.c), by which time the other has committed.
  *
  * A mark is only a hint.  A worker that misses one (read while the other
  * was still marking) waits on the row as before; a false match (the
  * filter's, about one order in 4,000 with 1,000 orders in flight) only
- * moves an order to the second transaction.  Neither changes what is
- * applied: every layer is a function of the versions received, in any
- * order.
+ * moves an order to the next batch.  Neither changes what is applied:
+ * every layer is a function of the versions received, in any order.
  *
  *-------------------------------------------------------------------------
  */

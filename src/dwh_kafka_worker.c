@@ -66,9 +66,25 @@
 #define RECOVERY_PROBE_MS		5000
 #define GAP_RETRY_MS			1000
 
+/*
+ * A batch of nothing but messages left by the batch before waits this long
+ * for the other worker's commit, unless new messages come first; after
+ * MAX_CARRY_ROUNDS batches in a row that left some, a batch leaves none.
+ */
+#define CARRY_RETRY_MS			5
+#define MAX_CARRY_ROUNDS		10
+
 PGDLLEXPORT void dwh_kafka_worker_main(Datum main_arg);
 
-/* Messages gathered for the next transaction. */
+/*
+ * Messages gathered for the next transaction.  Those of orders another
+ * worker was applying (dwh_inflight.c) stay for the next one, at the front:
+ * the carry.  Their partitions' stored offsets stay at the first of them
+ * meanwhile, so the batch that applies them stores at least the floors, the
+ * offsets that followed the batch that left them; and it may store an
+ * offset that follows a message it no longer holds: known keeps the SHA-256
+ * of those messages for the partitions' checks (dwh_kafka_verify.c).
+ */
 typedef struct Batch
 {
 	MemoryContext context;		/* outlives aborted transactions */
@@ -77,6 +93,15 @@ typedef struct Batch
 	DwhIngestItem *items;
 	int64		bytes;
 	TimestampTz first_at;
+	int			carried;		/* items[0..carried-1] were left before */
+	int			carry_rounds;	/* batches in a row that left some */
+	int			n_floors;
+	int32	   *floor_parts;
+	int64	   *floors;
+	int			n_known;
+	int32	   *known_parts;
+	int64	   *known_offsets;
+	uint8	   *known_sha256;	/* DWH_SHA256_LEN bytes each */
 } Batch;
 
 static int	worker_index;
@@ -150,6 +175,10 @@ batch_clear(void)
 	batch.capacity = Max(dwh_kafka_batch_size, 16);
 	batch.items = MemoryContextAlloc(batch.context,
 									 sizeof(DwhIngestItem) * batch.capacity);
+	batch.carried = 0;
+	batch.carry_rounds = 0;
+	batch.n_floors = 0;
+	batch.n_known = 0;
 }
 
 /* Forget the gathered messages of partitions no longer ours. */
@@ -157,6 +186,7 @@ static void
 batch_drop_partitions(const int32 *partitions, int n)
 {
 	int			kept = 0;
+	int			carried = 0;
 	int			i;
 	int			j;
 
@@ -166,10 +196,29 @@ batch_drop_partitions(const int32 *partitions, int n)
 
 		for (j = 0; j < n && !drop; j++)
 			drop = (batch.items[i].partition == partitions[j]);
-		if (!drop)
-			batch.items[kept++] = batch.items[i];
+		if (drop)
+			continue;
+		if (i < batch.carried)
+			carried++;
+		batch.items[kept++] = batch.items[i];
 	}
 	batch.n = kept;
+	batch.carried = carried;
+
+	/* A floor must not outlive its partition: it may come back elsewhere. */
+	kept = 0;
+	for (i = 0; i < batch.n_floors; i++)
+	{
+		bool		drop = false;
+
+		for (j = 0; j < n && !drop; j++)
+			drop = (batch.floor_parts[i] == partitions[j]);
+		if (drop)
+			continue;
+		batch.floor_parts[kept] = batch.floor_parts[i];
+		batch.floors[kept++] = batch.floors[i];
+	}
+	batch.n_floors = kept;
 }
 
 static void
@@ -531,8 +580,36 @@ partition_index(const int32 *partitions, int n, int32 p)
 }
 
 /*
- * The SHA-256 of the message before each partition's next offset, found
- * among the gathered ones (whichever transaction applied it): what the
+ * The SHA-256 of the message at offset of partition into sha256, if the
+ * batch holds it or knows it from the batch before.
+ */
+static bool
+message_sha256(int32 partition, int64 offset, uint8 *sha256)
+{
+	int			i;
+
+	for (i = batch.n - 1; i >= 0; i--)
+	{
+		DwhIngestItem *item = &batch.items[i];
+
+		if (item->partition == partition && item->offset == offset)
+		{
+			dwh_sha256(item->data, item->len, sha256);
+			return true;
+		}
+	}
+	for (i = 0; i < batch.n_known; i++)
+		if (batch.known_parts[i] == partition && batch.known_offsets[i] == offset)
+		{
+			memcpy(sha256, &batch.known_sha256[i * DWH_SHA256_LEN],
+				   DWH_SHA256_LEN);
+			return true;
+		}
+	return false;
+}
+
+/*
+ * The SHA-256 of the message before each partition's next offset: what the
  * partition's check compares when it starts again (dwh_kafka_verify.c).
  */
 static void
@@ -540,23 +617,10 @@ last_applied(const int32 *partitions, const int64 *next_offsets, int n,
 			 uint8 *last_sha256, bool *last_known)
 {
 	int			i;
-	int			j;
 
 	for (i = 0; i < n; i++)
-	{
-		last_known[i] = false;
-		for (j = batch.n - 1; j >= 0 && !last_known[i]; j--)
-		{
-			DwhIngestItem *item = &batch.items[j];
-
-			if (item->partition != partitions[i] ||
-				item->offset != next_offsets[i] - 1)
-				continue;
-			dwh_sha256(item->data, item->len,
-					   &last_sha256[i * DWH_SHA256_LEN]);
-			last_known[i] = true;
-		}
-	}
+		last_known[i] = message_sha256(partitions[i], next_offsets[i] - 1,
+									   &last_sha256[i * DWH_SHA256_LEN]);
 }
 
 /*
@@ -568,7 +632,8 @@ last_applied(const int32 *partitions, const int64 *next_offsets, int n,
  * they are applied fetches them again.  Returns in next_parts[0..*n_next-1]
  * and next[] the offsets that follow the messages applied or left out.
  * An offset stored is at least the one after[] gives for its partition (of
- * after_parts[0..n_after-1]): the messages left out come after it.
+ * after_parts[0..n_after-1]): the batch before applied the messages up to
+ * it, but for those it left to this one.
  */
 static void
 apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
@@ -587,8 +652,10 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 	DwhIngestItem *keep = palloc(sizeof(DwhIngestItem) * n);
 	int		   *kept_from = palloc(sizeof(int) * n);
 	bool	   *kept_deferred = palloc0(sizeof(bool) * n);
+	int32	   *store_parts = palloc(sizeof(int32) * n);
 	int			n_parts = 0;
 	int			n_keep = 0;
+	int			n_store;
 	int			i;
 
 	for (i = 0; i < n; i++)
@@ -650,18 +717,27 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 		upto[p] = Min(upto[p], keep[i].offset);
 	}
 
+	/*
+	 * An offset that does not move is not stored again: its message's SHA-256
+	 * may be that of a batch gone (the first message of a partition left for
+	 * the next batch).
+	 */
 	*n_next = 0;
+	n_store = 0;
 	for (i = 0; i < n_parts; i++)
 	{
 		if (next[i] < 0)
 			continue;
 		next_parts[*n_next] = parts[i];
-		upto[*n_next] = upto[i];
 		next[(*n_next)++] = next[i];
+		if (upto[i] == stored[i])
+			continue;
+		store_parts[n_store] = parts[i];
+		upto[n_store++] = upto[i];
 	}
-	last_applied(next_parts, upto, *n_next, last_sha256, last_known);
-	dwh_kafka_offsets_store(topic, next_parts, upto, last_sha256, last_known,
-							*n_next);
+	last_applied(store_parts, upto, n_store, last_sha256, last_known);
+	dwh_kafka_offsets_store(topic, store_parts, upto, last_sha256, last_known,
+							n_store);
 
 	PopActiveSnapshot();
 	CommitTransactionCommand();
@@ -672,58 +748,135 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 }
 
 /*
- * Apply the gathered batch: in one transaction with its offsets, but for
- * the orders another worker is applying right now (dwh_inflight.c), which
- * wait for a second one rather than make the whole batch wait on their
- * rows for that worker's commit.
+ * Keep in the batch, for the next transaction, the messages of deferred[]
+ * (orders another worker was applying), in a memory context of their own,
+ * with the floors of the partitions (next_parts[0..n_next-1], next[]: the
+ * offsets that follow the batch just applied, or the floors before, if
+ * higher) and the SHA-256 of the messages that an offset stored meanwhile
+ * may follow: the one before each floor and the one before each message
+ * kept.
+ */
+static void
+carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
+			   const int64 *next, int n_next)
+{
+	MemoryContext context;
+	int			capacity = Max(dwh_kafka_batch_size, 16);
+	DwhIngestItem *items;
+	int			n = 0;
+	bool		again = false;
+	int			n_known = 0;
+	int32	   *known_parts;
+	int64	   *known_offsets;
+	uint8	   *known_sha256;
+	int32	   *floor_parts;
+	int64	   *floors;
+	int			max_known = n_next + n_deferred;
+	int			i;
+	int			j;
+
+	context = AllocSetContextCreate(TopMemoryContext, "dwh kafka batch",
+									ALLOCSET_DEFAULT_SIZES);
+	items = MemoryContextAlloc(context, sizeof(DwhIngestItem) * Max(capacity, n_deferred));
+	known_parts = MemoryContextAlloc(context, sizeof(int32) * max_known);
+	known_offsets = MemoryContextAlloc(context, sizeof(int64) * max_known);
+	known_sha256 = MemoryContextAlloc(context, DWH_SHA256_LEN * max_known);
+	floor_parts = MemoryContextAlloc(context, sizeof(int32) * Max(n_next, 1));
+	floors = MemoryContextAlloc(context, sizeof(int64) * Max(n_next, 1));
+
+	for (i = 0; i < n_next; i++)
+	{
+		/* A partition of nothing but messages left again keeps its floor. */
+		floor_parts[i] = next_parts[i];
+		floors[i] = next[i];
+		for (j = 0; j < batch.n_floors; j++)
+			if (batch.floor_parts[j] == next_parts[i])
+				floors[i] = Max(floors[i], batch.floors[j]);
+
+		known_parts[n_known] = floor_parts[i];
+		known_offsets[n_known] = floors[i] - 1;
+		if (message_sha256(floor_parts[i], floors[i] - 1,
+						   &known_sha256[n_known * DWH_SHA256_LEN]))
+			n_known++;
+	}
+	for (i = 0; i < batch.n; i++)
+	{
+		DwhIngestItem *item = &batch.items[i];
+		char	   *data;
+
+		if (!deferred[i])
+			continue;
+		again = again || i < batch.carried;
+		known_parts[n_known] = item->partition;
+		known_offsets[n_known] = item->offset - 1;
+		if (message_sha256(item->partition, item->offset - 1,
+						   &known_sha256[n_known * DWH_SHA256_LEN]))
+			n_known++;
+		data = MemoryContextAlloc(context, Max(item->len, 1));
+		memcpy(data, item->data, item->len);
+		items[n] = *item;
+		items[n++].data = data;
+	}
+	Assert(n == n_deferred);
+
+	MemoryContextDelete(batch.context);
+	batch.context = context;
+	batch.items = items;
+	batch.capacity = Max(capacity, n);
+	batch.n = n;
+	batch.bytes = 0;
+	for (i = 0; i < n; i++)
+		batch.bytes += items[i].len;
+	batch.first_at = GetCurrentTimestamp();
+	batch.carried = n;
+	batch.carry_rounds = again ? batch.carry_rounds + 1 : 1;
+	batch.n_floors = n_next;
+	batch.floor_parts = floor_parts;
+	batch.floors = floors;
+	batch.n_known = n_known;
+	batch.known_parts = known_parts;
+	batch.known_offsets = known_offsets;
+	batch.known_sha256 = known_sha256;
+	ereport(DEBUG1,
+			(errmsg_internal("%d messages of orders another worker is applying kept for the next batch",
+							 n)));
+}
+
+/*
+ * Apply the gathered batch in one transaction with its offsets, but for
+ * the orders another worker is applying right now (dwh_inflight.c): their
+ * messages stay for the next batch, rather than make this one wait on
+ * their rows for that worker's commit.  A batch after MAX_CARRY_ROUNDS in
+ * a row that left some leaves none: two workers cannot keep leaving the
+ * same order to each other.
  */
 static void
 apply_batch(void)
 {
 	const char *topic = dwh_kafka_consumer_topic(consumer);
-	bool	   *deferred = palloc(sizeof(bool) * batch.n);
+	bool	   *deferred = palloc0(sizeof(bool) * batch.n);
 	int32	   *next_parts = palloc(sizeof(int32) * batch.n);
 	int64	   *next = palloc(sizeof(int64) * batch.n);
 	int			n_next = 0;
 	bool		any_seek = false;
 	DwhIngestResult result;
-	int			applied;
-	int			dead;
 
-	apply_in_transaction(topic, batch.items, batch.n, deferred, NULL, NULL, 0,
+	apply_in_transaction(topic, batch.items, batch.n,
+						 batch.carry_rounds < MAX_CARRY_ROUNDS ? deferred : NULL,
+						 batch.floor_parts, batch.floors, batch.n_floors,
 						 &result, next_parts, next, &n_next, &any_seek);
 	dwh_inflight_clear(worker_index);
-	applied = result.received - result.deferred;
-	dead = result.dead_lettered;
 
-	if (result.deferred > 0)
-	{
-		DwhIngestItem *left = palloc(sizeof(DwhIngestItem) * result.deferred);
-		int32	   *left_parts = palloc(sizeof(int32) * result.deferred);
-		int64	   *left_next = palloc(sizeof(int64) * result.deferred);
-		int			n_left = 0;
-		int			n_left_next = 0;
-		int			i;
-
-		for (i = 0; i < batch.n; i++)
-			if (deferred[i])
-				left[n_left++] = batch.items[i];
-		ereport(DEBUG1,
-				(errmsg_internal("%d messages of orders another worker is applying left to a second transaction",
-								 n_left)));
-		apply_in_transaction(topic, left, n_left, NULL, next_parts, next,
-							 n_next, &result, left_parts, left_next,
-							 &n_left_next, &any_seek);
-		applied += result.received;
-		dead += result.dead_lettered;
-	}
-
-	dwh_status_count_batch(slot, applied, dead);
+	dwh_status_count_batch(slot, result.received - result.deferred,
+						   result.dead_lettered);
 	/* Applied: an earlier error no longer holds (the log keeps it). */
 	dwh_status_clear_error(slot);
 	dwh_kafka_consumer_commit(consumer, next_parts, next, n_next);
 	dwh_kafka_consumer_publish_watermarks(consumer);
-	batch_clear();
+	if (result.deferred > 0)
+		carry_deferred(deferred, result.deferred, next_parts, next, n_next);
+	else
+		batch_clear();
 	backoff_ms = 0;
 	if (any_seek)
 		serve_seeks();
@@ -891,6 +1044,15 @@ batch_add(DwhKafkaEvent *ev)
 	batch.bytes += ev->len;
 }
 
+/* How long the batch may wait for more messages (ms). */
+static int
+batch_wait_ms(void)
+{
+	if (batch.carried == batch.n)
+		return Max(dwh_kafka_batch_wait, CARRY_RETRY_MS);
+	return dwh_kafka_batch_wait;
+}
+
 static bool
 batch_due(void)
 {
@@ -899,7 +1061,7 @@ batch_due(void)
 	return batch.n >= dwh_kafka_batch_size ||
 		batch.bytes >= (int64) dwh_kafka_prefetch_memory * 1024 ||
 		TimestampDifferenceExceeds(batch.first_at, GetCurrentTimestamp(),
-								   dwh_kafka_batch_wait);
+								   batch_wait_ms());
 }
 
 /*
@@ -1092,8 +1254,7 @@ dwh_kafka_worker_main(Datum main_arg)
 		{
 			long		elapsed = (long) ((GetCurrentTimestamp() - batch.first_at) / 1000);
 
-			dwh_kafka_consumer_wait(consumer,
-									Max(dwh_kafka_batch_wait - elapsed, 1));
+			dwh_kafka_consumer_wait(consumer, Max(batch_wait_ms() - elapsed, 1));
 		}
 		else
 			dwh_kafka_consumer_wait(consumer, WATERMARK_INTERVAL_MS);
