@@ -629,11 +629,11 @@ last_applied(const int32 *partitions, const int64 *next_offsets, int n,
  * deferred, the orders another worker is applying are left out
  * (deferred[i] set for their messages) and each partition's offset is
  * stored only up to its first message left out, so that a crash before
- * they are applied fetches them again.  Returns in next_parts[0..*n_next-1]
- * and next[] the offsets that follow the messages applied or left out.
- * An offset stored is at least the one after[] gives for its partition (of
- * after_parts[0..n_after-1]): the batch before applied the messages up to
- * it, but for those it left to this one.
+ * they are applied fetches them again.  An offset stored is at least the
+ * one after[] gives for its partition (of after_parts[0..n_after-1]): the
+ * batch before applied the messages up to it, but for those it left to this
+ * one.  Returns in next_parts[0..*n_next-1] and next[] the offsets that
+ * follow the messages applied or left out, and those after[] gives.
  */
 static void
 apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
@@ -697,16 +697,19 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 	else
 		dwh_ingest_batch(keep, n_keep, "kafka", topic, result);
 
-	/* Stored up to the first message left out, or past the last one. */
-	for (i = 0; i < n_parts; i++)
-		upto[i] = next[i];
+	/*
+	 * Stored up to the first message left out, or past the last one, or past
+	 * what the batch before applied.
+	 */
 	for (i = 0; i < n_after; i++)
 	{
 		int			p = partition_index(parts, n_parts, after_parts[i]);
 
-		if (p >= 0 && upto[p] >= 0)
-			upto[p] = Max(upto[p], after[i]);
+		if (p >= 0 && next[p] >= 0)
+			next[p] = Max(next[p], after[i]);
 	}
+	for (i = 0; i < n_parts; i++)
+		upto[i] = next[i];
 	for (i = 0; i < n_keep; i++)
 	{
 		int			p = partition_index(parts, n_parts, keep[i].partition);
@@ -751,8 +754,8 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
  * Keep in the batch, for the next transaction, the messages of deferred[]
  * (orders another worker was applying), in a memory context of their own,
  * with the floors of the partitions (next_parts[0..n_next-1], next[]: the
- * offsets that follow the batch just applied, or the floors before, if
- * higher) and the SHA-256 of the messages that an offset stored meanwhile
+ * offsets that follow the batch just applied, the floors before included)
+ * and the SHA-256 of the messages that an offset stored meanwhile
  * may follow: the one before each floor and the one before each message
  * kept.
  */
@@ -773,7 +776,6 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 	int64	   *floors;
 	int			max_known = n_next + n_deferred;
 	int			i;
-	int			j;
 
 	context = AllocSetContextCreate(TopMemoryContext, "dwh kafka batch",
 									ALLOCSET_DEFAULT_SIZES);
@@ -786,13 +788,8 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 
 	for (i = 0; i < n_next; i++)
 	{
-		/* A partition of nothing but messages left again keeps its floor. */
 		floor_parts[i] = next_parts[i];
 		floors[i] = next[i];
-		for (j = 0; j < batch.n_floors; j++)
-			if (batch.floor_parts[j] == next_parts[i])
-				floors[i] = Max(floors[i], batch.floors[j]);
-
 		known_parts[n_known] = floor_parts[i];
 		known_offsets[n_known] = floors[i] - 1;
 		if (message_sha256(floor_parts[i], floors[i] - 1,
