@@ -137,6 +137,9 @@ static DwhKafkaEventKind pending_rebalance = DWH_KAFKA_NOTHING;
 static int	pending_n = 0;
 static int32 *pending_partitions = NULL;
 
+/* The items array starts this large; batch_add() doubles it as needed. */
+#define BATCH_INITIAL_CAPACITY Min(Max(dwh_kafka_batch_size, 16), 1024)
+
 /*
  * The settings a consumer is built from, with the content of the options
  * file (or why it cannot be read): a change means reconnecting.  Kept in
@@ -172,7 +175,7 @@ batch_clear(void)
 	MemoryContextReset(batch.context);
 	batch.n = 0;
 	batch.bytes = 0;
-	batch.capacity = Max(dwh_kafka_batch_size, 16);
+	batch.capacity = BATCH_INITIAL_CAPACITY;
 	batch.items = MemoryContextAlloc(batch.context,
 									 sizeof(DwhIngestItem) * batch.capacity);
 	batch.carried = 0;
@@ -764,7 +767,7 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 			   const int64 *next, int n_next)
 {
 	MemoryContext context;
-	int			capacity = Max(dwh_kafka_batch_size, 16);
+	int			capacity = BATCH_INITIAL_CAPACITY;
 	DwhIngestItem *items;
 	int			n = 0;
 	bool		again = false;
@@ -1050,19 +1053,35 @@ batch_wait_ms(void)
 	return dwh_kafka_batch_wait;
 }
 
+/*
+ * A batch is full at dwh.kafka_batch_size messages or at an eighth of
+ * dwh.kafka_prefetch_memory of data.  librdkafka refills its queue as fast
+ * as the batch takes from it, so only this bounds the batch; and applying
+ * a batch takes about sixteen times its data in memory (the parsed values,
+ * the statements' arrays and plans, the triggers' queues), about twice
+ * the prefetch memory at this share.
+ */
+#define BATCH_PREFETCH_SHARE 8
+
+static bool
+batch_full(void)
+{
+	return batch.n >= dwh_kafka_batch_size ||
+		batch.bytes >= (int64) dwh_kafka_prefetch_memory * 1024 / BATCH_PREFETCH_SHARE;
+}
+
 static bool
 batch_due(void)
 {
 	if (batch.n == 0)
 		return false;
-	return batch.n >= dwh_kafka_batch_size ||
-		batch.bytes >= (int64) dwh_kafka_prefetch_memory * 1024 ||
+	return batch_full() ||
 		TimestampDifferenceExceeds(batch.first_at, GetCurrentTimestamp(),
 								   batch_wait_ms());
 }
 
 /*
- * Serve the queue until it is empty, the batch is due or a rebalance
+ * Serve the queue until it is empty, the batch is full or a rebalance
  * needs the database.
  */
 static void
@@ -1074,7 +1093,7 @@ gather(void)
 		MemoryContext old;
 
 		CHECK_FOR_INTERRUPTS();
-		if (batch.n >= dwh_kafka_batch_size)
+		if (batch_full())
 			return;
 
 		old = MemoryContextSwitchTo(batch.context);
@@ -1245,7 +1264,7 @@ dwh_kafka_worker_main(Datum main_arg)
 		}
 
 		/* Nothing due: sleep until a message, a signal or the batch wait. */
-		if (batch.n >= dwh_kafka_batch_size)
+		if (batch_full())
 			continue;
 		if (batch.n > 0)
 		{
