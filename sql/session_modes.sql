@@ -44,6 +44,23 @@ BEGIN ISOLATION LEVEL REPEATABLE READ;
 SET LOCAL check_function_bodies = off;
 SELECT * FROM dwh.rebuild();
 ROLLBACK;
+-- The tags' recount and expiry pass, and direct writes of the histories.
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT dwh.rebuild_tags();
+ROLLBACK;
+BEGIN ISOLATION LEVEL SERIALIZABLE;
+SELECT * FROM dwh.expire_tags();
+ROLLBACK;
+SET default_transaction_isolation = 'repeatable read';
+INSERT INTO stg.order_event_history (object_id, update_ts, payload, sent_dttm)
+SELECT 1, '2023-04-01 10:00:00', t.order_msg(1, 'u1', 'CLOSED', '2023-04-01 10:00:00',
+                                             t.items('d1:Плов'))::jsonb->'payload',
+       '2023-04-01 10:00:00';
+INSERT INTO stg.user_history (object_id, payload)
+VALUES ('u1', '{"_id": "u1", "name": "Анна", "login": "anna", "update_ts_utc": "2023-04-01 09:00:00"}');
+INSERT INTO stg.restaurant_history (object_id, payload)
+VALUES ('rest-1', '{"_id": "rest-1", "name": "R", "menu": [], "update_ts_utc": "2023-04-01 09:30:00"}');
+RESET default_transaction_isolation;
 \set VERBOSITY default
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 10:00:00', 'd1:Плов');

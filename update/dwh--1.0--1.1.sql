@@ -2224,11 +2224,12 @@ BEGIN
     RETURN QUERY SELECT o.topic, o.kafka_partition, o.next_offset, o.updated_at
                  FROM dwh.kafka_offsets o;
 EXCEPTION WHEN lock_not_available THEN
-    RETURN;
+    -- One row of NULLs (no stored row has a NULL topic): not known now.
+    RETURN QUERY SELECT NULL::text, NULL::integer, NULL::bigint, NULL::timestamptz;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.stored_offsets() IS
-    'Internal (dwh.kafka_partitions): dwh.kafka_offsets, or no rows at once while the table is locked';
+    'Internal (dwh.kafka_partitions): dwh.kafka_offsets, or at once one row of NULLs while the table is locked';
 
 CREATE FUNCTION dwh.stored_gaps(OUT topic text, OUT kafka_partition integer,
                                 OUT gaps bigint, OUT last_gap_at timestamptz,
@@ -2244,11 +2245,12 @@ BEGIN
                  FROM dwh.kafka_gaps g
                  GROUP BY g.topic, g.kafka_partition;
 EXCEPTION WHEN lock_not_available THEN
-    RETURN;
+    RETURN QUERY SELECT NULL::text, NULL::integer, NULL::bigint, NULL::timestamptz,
+                        NULL::boolean;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.stored_gaps() IS
-    'Internal (dwh.kafka_partitions): gaps per partition of dwh.kafka_gaps, or no rows at once while the table is locked';
+    'Internal (dwh.kafka_partitions): gaps per partition of dwh.kafka_gaps, or at once one row of NULLs while the table is locked';
 
 -- dwh.worker_status has more OUT parameters (the tags worker's expiry
 -- passes and Kafka feed): a changed result type cannot be replaced.  The
@@ -2277,22 +2279,26 @@ COMMENT ON FUNCTION dwh.worker_status() IS
     'State of each background worker since the server started (behind dwh.status)';
 
 CREATE OR REPLACE VIEW dwh.kafka_partitions AS
+-- While a table is locked its function returns one row of NULLs: the lag
+-- (or the gaps) are then unknown (NULL), not computed from nothing.
+WITH offsets AS MATERIALIZED (SELECT * FROM dwh.stored_offsets()),
+     gaps AS MATERIALIZED (SELECT * FROM dwh.stored_gaps())
 SELECT coalesce(o.topic, w.topic) AS topic,
        coalesce(o.kafka_partition, w.kafka_partition) AS kafka_partition,
        owner.worker,
        o.next_offset AS stored_offset,
        w.high_watermark,
        -- Unknown (NULL) until a worker has seen the partition's watermark.
-       CASE WHEN w.high_watermark IS NOT NULL
+       CASE WHEN w.high_watermark IS NOT NULL AND NOT locked.offsets
             THEN greatest(w.high_watermark - coalesce(o.next_offset, w.low_watermark), 0)
        END AS lag,
        o.updated_at AS stored_at,
        w.observed_at AS watermark_at,
        w.low_watermark,
-       coalesce(g.stopped, false) AS stopped,
-       coalesce(g.gaps, 0) AS gaps,
+       CASE WHEN NOT locked.gaps THEN coalesce(g.stopped, false) END AS stopped,
+       CASE WHEN NOT locked.gaps THEN coalesce(g.gaps, 0) END AS gaps,
        g.last_gap_at
-FROM dwh.stored_offsets() o
+FROM (SELECT * FROM offsets WHERE topic IS NOT NULL) o
 FULL JOIN dwh.kafka_watermarks() w
        ON w.topic = o.topic AND w.kafka_partition = o.kafka_partition
 LEFT JOIN (SELECT s.worker, p.p
@@ -2300,9 +2306,11 @@ LEFT JOIN (SELECT s.worker, p.p
            WHERE s.pid IS NOT NULL) owner
        ON owner.p = coalesce(o.kafka_partition, w.kafka_partition)
       AND coalesce(o.topic, w.topic) = current_setting('dwh.kafka_topic')
-LEFT JOIN dwh.stored_gaps() g
+LEFT JOIN gaps g
        ON g.topic = coalesce(o.topic, w.topic)
-      AND g.kafka_partition = coalesce(o.kafka_partition, w.kafka_partition);
+      AND g.kafka_partition = coalesce(o.kafka_partition, w.kafka_partition)
+CROSS JOIN (SELECT EXISTS (SELECT FROM offsets WHERE topic IS NULL) AS offsets,
+                   EXISTS (SELECT FROM gaps WHERE topic IS NULL) AS gaps) locked;
 COMMENT ON VIEW dwh.kafka_partitions IS
     'Per Kafka partition: the worker owning it, the offset stored in the database, the broker''s watermarks and the lag, whether it is stopped at a gap, and its gaps (dwh.kafka_gaps)';
 

@@ -66,6 +66,17 @@ ok(wait_for($node,
 		"SELECT bool_or(state = 'retrying after an error' AND last_error LIKE '%lock timeout%') FROM dwh.worker_status()"
 	),
 	'a lock timeout is shown and retried');
+# The views answer at once, the lag unknown without the stored offsets
+# (not the whole log counted from the low watermark).
+is( $node->safe_psql(
+		'postgres',
+		"SELECT bool_or(high_watermark > 0), count(*) FILTER (WHERE lag IS NOT NULL OR stored_offset IS NOT NULL)
+		 FROM dwh.kafka_partitions"),
+	't|0',
+	'while dwh.kafka_offsets is locked, every lag is unknown (NULL)');
+is($node->safe_psql('postgres',
+		"SELECT count(lag) FROM dwh.status WHERE worker LIKE 'kafka%'"),
+	'0', 'and so is every worker\'s lag in dwh.status');
 $locker->query_safe('ROLLBACK;');
 $locker->quit;
 ok(wait_applied($node, $a->{messages} + $b->{messages}),

@@ -138,11 +138,14 @@ is( $node->safe_psql('postgres',
 		extra_params => [ '-U', 'regress_redis_reader' ]),
 	'0', 'pg_settings hides it from non-superusers');
 
-# A correct URL and a reload: the worker recovers.
+# A correct URL and a reload: the worker recovers at once, not at its
+# next retry 30 s after the refusal.
 put_dictionaries();
+my $reloaded_at = time();
 set_url($redis->url);
 wait_for(q{SELECT state = 'mirroring' FROM dwh.status WHERE worker = 'redis'},
 	'the corrected password is picked up on reload');
+cmp_ok(time() - $reloaded_at, '<', 10, 'at once, not at the next retry 30 s after the refusal');
 
 # 2. A database Redis does not have.
 set_url($redis->url(db => 99));

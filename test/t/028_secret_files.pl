@@ -210,6 +210,8 @@ produce($mock, $order);
 ok($node->poll_query_until('postgres', 'SELECT count(*) = 1 FROM stg.order_events'),
 	"the file's security.protocol wins over dwh.kafka_options': the order is applied")
   or diag(kafka_status());
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() finds nothing after the order');
 
 $node->stop;
 stop_mock_cluster($mock);
