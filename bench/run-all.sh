@@ -286,7 +286,7 @@ row "  CPU: workers / broker / rest of the machine" "$(v drain.kafka_drain_cpu_w
 row "Kafka drain with $(v drain_tags.kafka_drain_tag_rules) tag rules" "$(v drain_tags.kafka_drain_orders_per_s) orders/s  ($(v drain_tags.kafka_drain_tags) tags held, $(v drain_tags.kafka_drain_tag_events) events)"
 row "  worker CPU" "$(v drain_tags.kafka_drain_orders_per_worker_cpu_s) orders per CPU-second of the workers"
 row "  with tags / without" "$(ratio "$(v drain_tags.kafka_drain_orders_per_s)" "$(v drain.kafka_drain_orders_per_s)") of the rate, $(ratio "$(v drain_tags.kafka_drain_orders_per_worker_cpu_s)" "$(v drain.kafka_drain_orders_per_worker_cpu_s)") per worker CPU-second"
-row "Kafka worker peak private memory" "$(kb_mb "$(v drain.kafka_worker_peak_anon_kb)") MB vs bound $(kb_mb "$(v drain.kafka_worker_bound_kb)") MB (32 MB + 2.5 x prefetch + work_mem): held $(v drain.kafka_worker_bound_held)"
+row "Kafka worker peak private memory" "$(kb_mb "$(v drain.kafka_worker_peak_anon_kb)") MB vs bound $(kb_mb "$(v drain.kafka_worker_bound_kb)") MB (32 MB + 5 x prefetch + work_mem): held $(v drain.kafka_worker_bound_held)"
 row "Freshness, produce -> visible (ms)" "p50 / p90 / p99 / max  (orders measured, achieved rate)"
 for i in 0 1 2; do
 	n=${fresh_names[$i]}
