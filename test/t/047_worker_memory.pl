@@ -67,9 +67,7 @@ sub drain_and_sample
 		"SELECT pid FROM dwh.status WHERE worker = 'kafka 1'");
 	like($pid, qr/^\d+$/, "$label: the Kafka worker runs");
 	my $idle_kb = rss_anon_kb($pid);
-	$node->safe_psql('postgres',
-		"ALTER SYSTEM SET dwh.kafka_brokers = '$mock->{bootstrap}'; SELECT pg_reload_conf()"
-	);
+	set_and_reload($node, 'dwh.kafka_brokers', $mock->{bootstrap});
 
 	# Sample until every message is applied.
 	my ($peak_kb, $samples) = (0, 0);
