@@ -9,7 +9,9 @@
 # the message before it (a batch may store an offset after a message that
 # the batch before applied); then it does it again while a worker is killed
 # (SIGKILL) six times: a crash while messages are kept fetches them again,
-# from the offsets stored.
+# from the offsets stored.  The first run closes its batches by their data
+# (dwh.kafka_prefetch_memory of 1 MB: an eighth of it, about 150 messages,
+# before dwh.kafka_batch_size), the second by their count.
 
 use strict;
 use warnings;
@@ -48,17 +50,18 @@ sub produce_everywhere
 }
 
 # A server with two workers on a topic of its own that holds the stream
-# four times; $kills SIGKILLs of a worker on the way.
+# four times; $kills SIGKILLs of a worker on the way; %settings more.
 sub run_stream
 {
-	my ($name, $seed, $kills) = @_;
+	my ($name, $seed, $kills, %settings) = @_;
 	my $topic = "orders_$name";
 	broker_command('create-topic', $broker->{dir}, $topic, 4);
 	my $node = new_dwh_node(
 		"kafka_shared_$name",
 		'dwh.kafka_consumers' => 2,
 		'dwh.kafka_batch_size' => 200,
-		'dwh.kafka_topic' => $topic);
+		'dwh.kafka_topic' => $topic,
+		%settings);
 	load_dictionaries($node);
 	# The workers say at DEBUG1 when they leave messages to a second
 	# transaction.
@@ -140,7 +143,7 @@ sub run_stream
 	return;
 }
 
-run_stream('calm', 21, 0);
+run_stream('calm', 21, 0, 'dwh.kafka_prefetch_memory' => '1MB');
 run_stream('killed', 22, 6);
 
 broker_command('stop', $broker->{dir});
