@@ -15,7 +15,8 @@
 # closes once nothing more has arrived; dwh.kafka_batch_size 1000).  Prints p50, p90, p99 and max of the
 # time from produce to visibility: over all orders, over those sent after
 # the first window (WINDOW seconds), and per window; the achieved
-# produce rate; and the CPU of the workers (per batch and per message),
+# produce rate; the share of the time the workers spent applying batches
+# (dwh.status.apply_time); and the CPU of the workers (per batch and per message),
 # the broker and the rest of the machine meanwhile.  Ends with dwh.verify() empty and the marts, less what
 # the warm-up orders left, equal to the generator's manifest.  The orders are dated 15 s apart up to about now.
 #
@@ -412,6 +413,12 @@ cluster0=$(cluster_ticks)
 broker0=$(cpu_ticks "$broker_pid")
 busy0=$(machine_busy_ticks)
 wal0=$(q "SELECT pg_current_wal_insert_lsn()")
+# The time the workers spent applying batches (a build older than
+# dwh.status.apply_time: none).
+apply_time_sql="SELECT coalesce(sum(apply_time), 0) FROM dwh.status WHERE worker LIKE 'kafka%'"
+[ "$(q "SELECT count(*) FROM pg_attribute WHERE attrelid = 'dwh.status'::regclass AND attname = 'apply_time'")" = 1 ] ||
+	apply_time_sql=""
+[ -z "$apply_time_sql" ] || apply0=$(q "$apply_time_sql")
 cpu_t0=$(now)
 read -r pace_s paced first_sent < <(/usr/bin/python3 "$work/freshness.py" pace "$work/orders.txt" "$RATE" "$ORDERS" \
 	"$first_id" "$work/sent.txt" "$bootstrap" "$TOPIC" "$LINGER_MS")
@@ -424,6 +431,10 @@ for _ in $(seq 600); do
 done
 
 cpu_s=$(calc "$(now) - $cpu_t0")
+# Share of the time the workers were applying batches, in %.
+busy_pct=""
+[ -z "$apply_time_sql" ] ||
+	busy_pct=$(calc "int(0.5 + 100 * ($(q "$apply_time_sql") - $apply0) / 1000 / $cpu_s / $CONSUMERS)")
 wal_bytes=$(q "SELECT pg_current_wal_insert_lsn() - '$wal0'::pg_lsn")
 workers_ticks=0
 for wp in $pids; do workers_ticks=$((workers_ticks + $(cpu_ticks "${wp#*=}") - cpu0[$wp])); done
@@ -468,6 +479,8 @@ read -r batches batch_mean < <(q "SELECT sum(batches) - ${base_batches:-0},
                                                / nullif(sum(batches) - ${base_batches:-0}, 0), 1)
                                   FROM dwh.status WHERE worker LIKE 'kafka%'" | tr '|' ' ')
 printf 'batches        %s, %s messages each on average (dwh.status)\n' "$batches" "$batch_mean"
+[ -z "$busy_pct" ] ||
+	printf 'busy           the workers applied batches %s%% of the time (dwh.status.apply_time)\n' "$busy_pct"
 printf 'CPU            workers %s%%, rest of PostgreSQL (the poll too) %s%%, broker %s%%, the rest %s%% of one core\n' \
 	"$(pct_core "$workers_ticks")" "$(pct_core $((cluster_d - workers_ticks)))" \
 	"$(pct_core "$broker_d")" "$(pct_core $((busy_d - cluster_d - broker_d)))"
@@ -493,6 +506,7 @@ grep '^RESULT' "$work/report.txt"
 echo "RESULT freshness_poll_p50_ms=$poll_p50"
 echo "RESULT freshness_batches=$batches"
 echo "RESULT freshness_batch_mean_messages=$batch_mean"
+[ -z "$busy_pct" ] || echo "RESULT freshness_workers_busy_pct=$busy_pct"
 echo "RESULT freshness_cpu_workers_pct=$(pct_core "$workers_ticks")"
 echo "RESULT freshness_cpu_broker_pct=$(pct_core "$broker_d")"
 echo "RESULT freshness_cpu_machine_pct=$(pct_core "$busy_d")"

@@ -292,6 +292,7 @@ for i in 0 1 2; do
 	n=${fresh_names[$i]}
 	row "  at ${fresh_rates[$i]} orders/s" "$(v "$n.freshness_p50_ms") / $(v "$n.freshness_p90_ms") / $(v "$n.freshness_p99_ms") / $(v "$n.freshness_max_ms")  ($(v "$n.freshness_orders_measured") orders, $(v "$n.freshness_achieved_orders_per_s") orders/s)"
 	row "    CPU: workers / broker / machine" "$(v "$n.freshness_cpu_workers_pct")% / $(v "$n.freshness_cpu_broker_pct")% / $(v "$n.freshness_cpu_machine_pct")% of one core"
+	row "    batches, workers busy" "$(v "$n.freshness_batch_mean_messages") messages each, applying $(v "$n.freshness_workers_busy_pct")% of the time"
 done
 row "  at 1000 orders/s, $(v freshness_tags.freshness_tag_rules) tag rules: orders" "$(v freshness_tags.freshness_p50_ms) / $(v freshness_tags.freshness_p90_ms) / $(v freshness_tags.freshness_p99_ms) / $(v freshness_tags.freshness_max_ms)  ($(v freshness_tags.freshness_orders_measured) orders, $(v freshness_tags.freshness_achieved_orders_per_s) orders/s)"
 row "    tag events (produce -> grant/revoke visible)" "$(v freshness_tags.freshness_tag_p50_ms) / $(v freshness_tags.freshness_tag_p90_ms) / $(v freshness_tags.freshness_tag_p99_ms) / $(v freshness_tags.freshness_tag_max_ms)  ($(v freshness_tags.freshness_tag_events_measured) events)"

@@ -860,6 +860,7 @@ apply_batch(void)
 	int			n_next = 0;
 	bool		any_seek = false;
 	DwhIngestResult result;
+	TimestampTz started = GetCurrentTimestamp();
 
 	apply_in_transaction(topic, batch.items, batch.n,
 						 batch.carry_rounds < MAX_CARRY_ROUNDS ? deferred : NULL,
@@ -868,7 +869,7 @@ apply_batch(void)
 	dwh_inflight_clear(worker_index);
 
 	dwh_status_count_batch(slot, result.received - result.deferred,
-						   result.dead_lettered);
+						   result.dead_lettered, started);
 	/* Applied: an earlier error no longer holds (the log keeps it). */
 	dwh_status_clear_error(slot);
 	dwh_kafka_consumer_commit(consumer, next_parts, next, n_next);

@@ -234,11 +234,11 @@ dwh_status_set_assigned(DwhWorkerStatus *slot, const int32 *partitions, int n)
 
 /*
  * dwh_status_count_batch
- *		Count a committed batch.
+ *		Count a committed batch, whose transaction started at started.
  */
 void
 dwh_status_count_batch(DwhWorkerStatus *slot, int64 messages,
-					   int64 dead_letters)
+					   int64 dead_letters, TimestampTz started)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
@@ -246,6 +246,7 @@ dwh_status_count_batch(DwhWorkerStatus *slot, int64 messages,
 	slot->messages += messages;
 	slot->dead_letters += dead_letters;
 	slot->batches++;
+	slot->apply_time += Max(now - started, 0);
 	slot->last_batch_at = now;
 	SpinLockRelease(&slot->mutex);
 }
@@ -425,7 +426,7 @@ PG_FUNCTION_INFO_V1(dwh_worker_status);
 PG_FUNCTION_INFO_V1(dwh_kafka_watermarks);
 
 /* The columns of dwh.worker_status() as 1.1 declares it. */
-#define STATUS_COLUMNS			24
+#define STATUS_COLUMNS			25
 
 /*
  * dwh.worker_status() returns setof record
@@ -524,8 +525,11 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 		values[21] = Int64GetDatum(s.events_produced);
 		values[22] = Int64GetDatum(s.events_pending);
 		values[23] = timestamp_or_null(s.last_produced_at, &nulls[23]);
-		for (j = 17; j < STATUS_COLUMNS; j++)
+		for (j = 17; j <= 23; j++)
 			nulls[j] = nulls[j] || (s.kind != DWH_WORKER_TAGS);
+		/* A Kafka worker's, in milliseconds as pg_stat_database's times. */
+		values[24] = Float8GetDatum(s.apply_time / 1000.0);
+		nulls[24] = (s.kind != DWH_WORKER_KAFKA);
 
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}

@@ -53,6 +53,7 @@ typedef struct DwhWorkerStatus
 	int64		messages;		/* messages applied (orders, others, dead) */
 	int64		batches;
 	int64		dead_letters;
+	int64		apply_time;		/* microseconds spent applying batches */
 	TimestampTz last_batch_at;
 	bool		offsets_changed;	/* set by dwh.kafka_seek() at commit */
 	/* Redis */
@@ -106,7 +107,7 @@ extern void dwh_status_clear_error(DwhWorkerStatus *slot);
 extern void dwh_status_set_assigned(DwhWorkerStatus *slot,
 									const int32 *partitions, int n);
 extern void dwh_status_count_batch(DwhWorkerStatus *slot, int64 messages,
-								   int64 dead_letters);
+								   int64 dead_letters, TimestampTz started);
 extern void dwh_status_set_redis(DwhWorkerStatus *slot, int64 keys_mirrored,
 								 int64 keys_missing, int64 refreshes,
 								 int64 changes_found);

@@ -2271,7 +2271,7 @@ CREATE FUNCTION dwh.worker_status(
         OUT expiry_passes bigint, OUT last_expiry_at timestamptz,
         OUT last_expiry_rules_moved integer, OUT last_expiry_events integer,
         OUT events_produced bigint, OUT events_pending bigint,
-        OUT last_produced_at timestamptz)
+        OUT last_produced_at timestamptz, OUT apply_time double precision)
     RETURNS SETOF record
     AS 'MODULE_PATHNAME', 'dwh_worker_status'
     LANGUAGE C VOLATILE;
@@ -2324,7 +2324,8 @@ SELECT s.worker, s.pid, s.state, s.state_since,
        s.last_error, s.last_error_at, s.started_at,
        p.gaps, p.stopped_partitions,
        s.expiry_passes, s.last_expiry_at, s.last_expiry_rules_moved, s.last_expiry_events,
-       s.events_produced, s.events_pending, s.last_produced_at
+       s.events_produced, s.events_pending, s.last_produced_at,
+       s.apply_time
 FROM dwh.worker_status() s
 LEFT JOIN LATERAL (
     SELECT sum(k.lag)::bigint AS lag,
@@ -2344,7 +2345,7 @@ LEFT JOIN LATERAL (
 ) p ON true
 ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
-    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka';
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka; for a Kafka worker the time it spent applying batches';
 
 DO $grants$
 DECLARE

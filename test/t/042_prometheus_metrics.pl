@@ -211,6 +211,7 @@ my %types = (
 	dwh_kafka_worker_messages_total => 'counter',
 	dwh_kafka_worker_batches_total => 'counter',
 	dwh_kafka_worker_dead_letters_total => 'counter',
+	dwh_kafka_worker_apply_seconds_total => 'counter',
 	dwh_kafka_worker_lag => 'gauge',
 	dwh_kafka_worker_partitions => 'gauge',
 	dwh_kafka_partition_lag => 'gauge',
@@ -260,6 +261,17 @@ is(sum_of($m, 'dwh_kafka_worker_batches_total'),
 	psql(q{SELECT sum(batches) FROM dwh.status WHERE worker LIKE 'kafka%'}),
 	'batches as dwh.status counts them');
 cmp_ok(sum_of($m, 'dwh_kafka_worker_batches_total'), '>', 0, 'batches were applied');
+foreach my $worker ('kafka 1', 'kafka 2')
+{
+	my $seconds = value_of($m, 'dwh_kafka_worker_apply_seconds_total', worker => $worker);
+	is( psql(
+			"SELECT abs(apply_time / 1000 - $seconds) < 1e-6 AND (apply_time > 0) = (batches > 0) AND apply_time < 1000 * extract(epoch FROM now() - started_at) FROM dwh.status WHERE worker = '$worker'"
+		),
+		't',
+		"$worker: the seconds spent applying are dwh.status.apply_time, above 0 once it applied a batch, below the time since it started"
+	);
+}
+cmp_ok(sum_of($m, 'dwh_kafka_worker_apply_seconds_total'), '>', 0, 'time was spent applying');
 is(sum_of($m, 'dwh_kafka_worker_lag'), 0, 'no worker lags');
 is(sum_of($m, 'dwh_kafka_worker_partitions'), 2, 'the two partitions are owned');
 foreach my $p (0, 1)

@@ -11,6 +11,10 @@
 #  4. A batch that reaches dwh.kafka_batch_size does not wait for the rest
 #     of dwh.kafka_batch_wait.
 #
+# dwh.status.apply_time, the time the worker spent applying batches, grows
+# with every batch and stays below the time since the worker started; it is
+# NULL for the workers that are not Kafka's.
+#
 # Every message is applied once; at the end the marts are those the
 # generator expects and dwh.verify() is empty.
 
@@ -58,6 +62,14 @@ sub write_lines
 
 sub psql { return $node->safe_psql('postgres', $_[0]); }
 
+# The worker's time spent applying batches so far (ms), and whether it is
+# below the time since the worker started.
+sub apply_time
+{
+	return split /\|/,
+	  psql(q{SELECT apply_time || '|' || (apply_time < 1000 * extract(epoch FROM now() - started_at)) FROM dwh.status WHERE worker = 'kafka 1'});
+}
+
 # The worker's batches and messages so far.
 sub counts
 {
@@ -96,6 +108,11 @@ cmp_ok($batches, '>=', $backlog / 100,
 	"no batch holds more than dwh.kafka_batch_size (100) messages ($batches batches)");
 cmp_ok($batches, '<=', 1.5 * $backlog / 100,
 	'and nearly all are full: a backlog is not applied in small batches');
+my ($time1, $below1) = apply_time();
+cmp_ok($time1, '>', 0, "the worker spent time applying them ($time1 ms)");
+is($below1, 'true', 'less than the time since it started');
+is( psql(q{SELECT string_agg(worker || ' ' || coalesce(apply_time::text, 'null'), ', ' ORDER BY worker) FROM dwh.status WHERE worker NOT LIKE 'kafka%'}),
+	'redis null, tags null', 'apply_time is NULL for the Redis and tags workers');
 
 # 2. A trickle with dwh.kafka_batch_wait 0.
 my $applied = $backlog;
@@ -105,6 +122,9 @@ ok(wait_applied($node, $applied), 'five messages 300 ms apart are applied');
 my ($b2, $m2) = counts();
 is($m2 - $messages, 5, 'each once');
 is($b2 - $batches, 5, 'in five batches: none waited for the next message');
+my ($time2, $below2) = apply_time();
+cmp_ok($time2, '>', $time1, "applying them took time too ($time2 ms in all)");
+is($below2, 'true', 'still less than the time since the worker started');
 
 # 3. A batch waits dwh.kafka_batch_wait after its first message.
 reload('dwh.kafka_batch_wait', '3s');
