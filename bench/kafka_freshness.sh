@@ -37,10 +37,11 @@
 #     seen yet; an order's row is written by the same transaction that
 #     updates DDS and the marts, so its first sighting is the first poll
 #     whose snapshot sees that commit.  The time of a sighting is the
-#     start of the poll's statement on the server (statement_timestamp(),
-#     just before its snapshot), not the time the poller sent it, which
-#     may be much earlier on a busy machine: a latency is overstated by at
-#     most one poll period (half of it on average);
+#     server's clock when the poll's statement runs (clock_timestamp(),
+#     just after its snapshot), not the time the poller sent it, which
+#     may be much earlier on a busy machine: a latency is never
+#     understated, and overstated by at most one poll period (half of it on
+#     average) and the time the poll's session waits for a CPU;
 #   - the same clock (time.time(), one machine) stamps both ends;
 #   - with tag rules, the same poll also reads the new rows of
 #     cdm.user_tag_events (one statement: one snapshot).  A grant or revoke
@@ -227,9 +228,10 @@ def poll(psql_args, first_id, count, period_ms, seen_file, ready_file, timeout):
         if prev is not None:
             periods.append(tq - prev)
         prev = tq
-        # The statement's start on the server stamps its sightings: the
-        # snapshot is taken right after it, however late the poll runs.
-        sql = ("SELECT 't', (extract(epoch FROM statement_timestamp()) * 1e6)::bigint, '-'"
+        # The server's clock when the statement runs stamps its sightings:
+        # its snapshot was taken just before, however late the poll runs,
+        # so a commit it sees was done by then (never later).
+        sql = ("SELECT 't', (extract(epoch FROM clock_timestamp()) * 1e6)::bigint, '-'"
                " UNION ALL SELECT 'o', object_id, coalesce(payload->'user'->>'id', '-')"
                " FROM stg.order_events WHERE object_id BETWEEN %d AND %d" % (low, last))
         if tags:
@@ -473,7 +475,7 @@ if [ "$TAG_RULES" -gt 0 ]; then
 fi
 printf 'resolution     %s polls, period p50 %s ms, p99 %s ms, max %s ms: a latency is\n' \
 	"$polls" "$poll_p50" "$poll_p99" "$poll_max"
-echo "               overstated by at most one period (half of one on average)"
+echo "               overstated by at most one period (half of one on average), never understated"
 read -r batches batch_mean < <(q "SELECT sum(batches) - ${base_batches:-0},
                                          round((sum(messages) - ${base_messages:-0})::numeric
                                                / nullif(sum(batches) - ${base_batches:-0}, 0), 1)
