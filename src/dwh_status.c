@@ -121,6 +121,7 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	slot->messages = 0;
 	slot->batches = 0;
 	slot->dead_letters = 0;
+	slot->apply_time = 0;
 	slot->last_batch_at = 0;
 	slot->keys_mirrored = 0;
 	slot->keys_missing = 0;

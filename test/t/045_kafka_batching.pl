@@ -13,7 +13,8 @@
 #
 # dwh.status.apply_time, the time the worker spent applying batches, grows
 # with every batch and stays below the time since the worker started; it is
-# NULL for the workers that are not Kafka's.
+# NULL for the workers that are not Kafka's, and starts from 0 again with
+# the worker's process, as the other counters do.
 #
 # Every message is applied once; at the end the marts are those the
 # generator expects and dwh.verify() is empty.
@@ -145,6 +146,15 @@ ok(wait_applied($node, $applied, undef, 10),
 	'a batch that reaches dwh.kafka_batch_size is applied long before dwh.kafka_batch_wait');
 my ($b4, $m4) = counts();
 is($b4 - $b3, 1, 'in one batch');
+
+# A worker started again counts from 0, apply_time too.
+my $pid = psql(q{SELECT pid FROM dwh.status WHERE worker = 'kafka 1'});
+psql("SELECT pg_terminate_backend($pid)");
+ok( wait_for($node,
+		"SELECT pid <> $pid AND state = 'consuming' FROM dwh.status WHERE worker = 'kafka 1'"),
+	'the worker terminated is started again');
+is(psql(q{SELECT batches || ' ' || messages || ' ' || apply_time FROM dwh.status WHERE worker = 'kafka 1'}),
+	'0 0 0', 'its counters start from 0: batches, messages, apply_time');
 
 check_manifest_counts($node, $manifest, 'at the end');
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
