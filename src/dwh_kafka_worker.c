@@ -331,28 +331,35 @@ broker_answered(void)
  * dwh.status's last error says what keeps the worker from consuming now.
  * Each applied batch clears it; an idle worker with an error shown asks
  * the leader of a partition it owns, every few seconds, and clears it once
- * the broker answers.  (The log keeps every error.)
+ * the broker answers.  A worker that owns none (more workers than
+ * partitions) asks about partition 0: it has nothing to apply, and the
+ * brokers answering is all its error was about.  (The log keeps every
+ * error.)
  */
 static void
 probe_recovery(void)
 {
 	int32	   *owned;
+	int32		partition = 0;
 
 	if (!dwh_status_has_error(slot) ||
 		!TimestampDifferenceExceeds(last_recovery_probe, GetCurrentTimestamp(),
 									RECOVERY_PROBE_MS))
 		return;
 	last_recovery_probe = GetCurrentTimestamp();
-	if (dwh_kafka_consumer_assignment(consumer, &owned) == 0)
-		return;
+	if (dwh_kafka_consumer_assignment(consumer, &owned) > 0)
+		partition = owned[0];
 
 	/*
 	 * A generous deadline: a loaded broker or machine answers in more than a
 	 * few hundred milliseconds, and a probe that times out leaves the error
 	 * shown for good on a worker with nothing to apply.
 	 */
-	if (dwh_kafka_consumer_leader_answers(consumer, owned[0], 2000))
+	if (dwh_kafka_consumer_leader_answers(consumer, partition, 2000))
+	{
 		dwh_status_clear_error(slot);
+		broker_answered();
+	}
 }
 
 /*
@@ -1259,7 +1266,12 @@ dwh_kafka_worker_main(Datum main_arg)
 		if (TimestampDifferenceExceeds(last_watermarks, GetCurrentTimestamp(),
 									   WATERMARK_INTERVAL_MS))
 		{
-			dwh_kafka_consumer_publish_watermarks(consumer);
+			/*
+			 * librdkafka's last known watermarks: no news while the brokers
+			 * are down, so their age (watermark_at) grows meanwhile.
+			 */
+			if (!waiting_for_broker)
+				dwh_kafka_consumer_publish_watermarks(consumer);
 			last_watermarks = GetCurrentTimestamp();
 			probe_recovery();
 		}

@@ -253,6 +253,13 @@ is(value_of($m, 'dwh_worker_up', worker => 'redis', kind => 'redis'), 1,
 	'the Redis worker has kind redis');
 is(value_of($m, 'dwh_worker_up', worker => 'kafka 1', kind => 'kafka'), 1,
 	'a Kafka worker has kind kafka');
+is(value_of($m, 'dwh_worker_up', worker => 'tags', kind => 'tags'), 1,
+	'the tags worker is up, of kind tags');
+is(value_of($m, 'dwh_worker_error', worker => 'tags'), 0, 'the tags worker has no error');
+is(join(',', map { $_->{labels}{state} }
+		grep { $_->{labels}{worker} eq 'tags' && $_->{value} == 1 }
+		@{ $m->{samples}{dwh_worker_state} }),
+	'other', 'the tags worker is in one state, other (its own, in dwh.status)');
 
 # Kafka: the counters add up to what was applied.
 is(sum_of($m, 'dwh_kafka_worker_messages_total'), $messages, 'messages applied: every message');
@@ -292,6 +299,46 @@ foreach my $p (0, 1)
 }
 is(sum_of($m, 'dwh_kafka_partition_stored_offset'), $messages,
 	'the stored offsets add up to the messages');
+
+# While dwh.kafka_offsets and dwh.kafka_gaps are locked, a scrape does not
+# wait for them, and says "unknown": -1 for the gauges, NaN for the gaps
+# counter (a counter at -1 would be taken for a reset).
+my $locker = $node->background_psql('postgres');
+$locker->query_safe(
+	'BEGIN; LOCK dwh.kafka_offsets, dwh.kafka_gaps IN ACCESS EXCLUSIVE MODE;');
+$m = scrape_until(
+	'the partitions unknown while their tables are locked',
+	sub {
+		(value_of($_[0], 'dwh_kafka_partition_stored_offset',
+				topic => 'order-service_orders', partition => 0) // 0) == -1;
+	});
+foreach my $p (0, 1)
+{
+	my %l = (topic => 'order-service_orders', partition => $p);
+	is(value_of($m, 'dwh_kafka_partition_lag', %l), -1, "locked: partition ${p}'s lag is -1");
+	is(value_of($m, 'dwh_kafka_partition_stored_offset', %l),
+		-1, "locked: partition ${p}'s stored offset is -1");
+	is(value_of($m, 'dwh_kafka_partition_stopped', %l), -1, "locked: partition ${p}'s stopped is -1");
+	my @gaps = grep { $_->{labels}{partition} eq $p }
+	  @{ $m->{samples}{dwh_kafka_partition_gaps_total} // [] };
+	is(join(',', map { $_->{value} } @gaps), 'NaN', "locked: partition ${p}'s gaps are NaN");
+}
+foreach my $worker ('kafka 1', 'kafka 2')
+{
+	is(value_of($m, 'dwh_kafka_worker_lag', worker => $worker),
+		-1, "locked: $worker, which owns a partition, has a lag of -1");
+}
+$locker->query_safe('ROLLBACK;');
+$locker->quit;
+$m = scrape_until(
+	'the partitions known again',
+	sub {
+		(value_of($_[0], 'dwh_kafka_partition_stored_offset',
+				topic => 'order-service_orders', partition => 0) // -1) >= 0;
+	});
+is(sum_of($m, 'dwh_kafka_partition_stored_offset'), $messages,
+	'unlocked: the stored offsets are back');
+is(sum_of($m, 'dwh_kafka_partition_gaps_total'), 0, 'unlocked: no gap');
 
 # Redis.
 is(value_of($m, 'dwh_redis_keys_mirrored'), $redis_keys, 'Redis keys mirrored: every key');
@@ -346,6 +393,26 @@ ok( (grep {
 is(value_of($m, 'dwh_worker_up', worker => $failing[0] // 'kafka 1'), 1,
 	'the worker is still up');
 is(value_of($m, 'dwh_worker_error', worker => 'redis'), 0, 'the Redis worker has no error');
+# Watermarks are not news while the brokers are down: the age of those of
+# a waiting worker's partitions grows (a worker republished librdkafka's
+# last known values every second, which kept it under about 3 s).
+my @waiting = grep {
+	(value_of($m, 'dwh_worker_state', worker => $_, state => 'waiting_for_broker') // 0) == 1
+} ('kafka 1', 'kafka 2');
+cmp_ok(scalar(@waiting), '>', 0, 'a Kafka worker waits for the broker');
+sleep(6);
+$m = scrape();
+foreach my $worker (@waiting)
+{
+	foreach my $p (split /,/,
+		psql("SELECT array_to_string(partitions, ',') FROM dwh.status WHERE worker = '$worker'"))
+	{
+		my $age = value_of($m, 'dwh_kafka_partition_watermark_age_seconds',
+			topic => 'order-service_orders', partition => $p);
+		cmp_ok($age // 0, '>=', 5,
+			"with the broker stopped, the watermarks of partition $p of $worker, waiting for it, age");
+	}
+}
 
 # The broker back, and more orders: the error clears, the workers consume
 # again and count the new messages.  (The node is never stopped while the
