@@ -531,9 +531,9 @@ contains(const int32 *parts, int n, int32 p)
  * it is served.  A resume whose barrier came after the one of the
  * assignment's fetch start, made in librdkafka's own thread, but that was
  * queued first, made that start outdated: the partition was never fetched
- * (test/t/017_kafka_gaps.pl, a seek after a restart, failed so about once
- * in ten runs).  Resumed before the assignment, every operation of the
- * assignment comes after the resume.
+ * (seen once in test/t/017_kafka_gaps.pl, a seek after a restart).
+ * Resumed before the assignment, every operation of the assignment comes
+ * after the resume.
  */
 static void
 resume_running(DwhKafkaConsumer *c, const int32 *parts, const bool *stopped, int n)
