@@ -22,7 +22,8 @@
 # (default /usr/lib/postgresql/15/bin/pg_config; another one needs
 # DWH_TEST_INSTALL=make), DWH_KEEP_TEST_DIR=1 to keep the test directory
 # even when all passed.  The tests get DWH_GIT_DIR, a mirror clone of this
-# repository (see below).
+# repository, and DWH_SECRET_FILE_FIXTURES, a directory of secret files
+# owned by root and by nobody (see below).
 
 set -euo pipefail
 
@@ -155,6 +156,26 @@ else
 fi
 chown -R postgres: "$work"
 
+# test/t/049_secret_file_owners.pl needs secret files owned by root and by
+# another user, which only root can make: made here, read-only for the
+# tests.  Each holds a property librdkafka does not know, so that a file
+# the workers read tells itself apart from one they refuse.
+fixtures=$work/secret-file-owners
+mkdir -m 0755 "$fixtures"
+secret_fixture()
+{
+	local name=$1 owner=$2 mode=$3
+
+	printf 'no.such.property=1\n' >"$fixtures/$name"
+	chown "$owner" "$fixtures/$name"
+	chmod "$mode" "$fixtures/$name"
+}
+secret_fixture root-0640 root:postgres 0640
+secret_fixture root-0600 root:root 0600
+secret_fixture root-0660 root:postgres 0660
+secret_fixture root-0644 root:root 0644
+secret_fixture nobody-0644 nobody:nogroup 0644
+
 # Run `make installcheck` as postgres with the given variable overrides,
 # its output shown and saved to $logs/$1.out; returns make's status.
 run_installcheck()
@@ -166,6 +187,7 @@ run_installcheck()
 	echo "== $name"
 	set +e
 	(cd "$src" && runuser -u postgres -- env HOME="$work" DWH_GIT_DIR="$git_dir" \
+		DWH_SECRET_FILE_FIXTURES="$fixtures" \
 		make PG_CONFIG="$PG_CONFIG" installcheck "$@" </dev/null) 2>&1 |
 		tee "$logs/$name.out"
 	status=${PIPESTATUS[0]}
