@@ -6,11 +6,13 @@
 # checked: its type (counters end in _total) and HELP text, and its value
 # against the warehouse (messages applied, one malformed message
 # dead-lettered, no lag on any partition after the drain, Redis keys
-# mirrored and missing, tag events by kind, the state of each worker).
-# Then the broker is stopped (the metrics show the error and the state of
-# the Kafka workers) and started again (the error clears, new messages are
-# counted), then Redis is stopped (the Redis worker's error and state);
-# last a Kafka worker is terminated (up 0 until it is started again).
+# mirrored and missing, tag events by kind and as the tags worker produced
+# them to a topic, its expiry passes, the state of each worker).  Then the
+# broker is stopped (the metrics show the error and the state of the Kafka
+# workers, and a tag event waiting for the broker) and started again (the
+# error clears, new messages are counted, the event is produced), then
+# Redis is stopped (the Redis worker's error and state); last a Kafka
+# worker is terminated (up 0 until it is started again).
 
 use strict;
 use warnings;
@@ -42,8 +44,11 @@ my $redis_keys = $redis->cli('DBSIZE');
 cmp_ok($redis_keys, '>', 0, "Redis holds $redis_keys dictionary keys");
 
 my $broker = start_broker(partitions => 2);
+broker_command('create-topic', $broker->{dir}, 'user-tags', 1);
 my $node = new_dwh_node(
 	'prometheus_metrics',
+	'dwh.tags_topic' => 'user-tags',
+	'dwh.tags_expire_interval' => '1s',
 	'dwh.kafka_consumers' => 2,
 	'dwh.kafka_batch_wait' => '50ms',
 	'dwh.kafka_brokers' => $broker->{bootstrap},
@@ -226,6 +231,11 @@ my %types = (
 	dwh_redis_keys_missing => 'gauge',
 	dwh_redis_refreshes_total => 'counter',
 	dwh_redis_changes_found_total => 'counter',
+	dwh_tags_worker_expiry_passes_total => 'counter',
+	dwh_tags_worker_last_expiry_age_seconds => 'gauge',
+	dwh_tags_worker_events_produced_total => 'counter',
+	dwh_tags_worker_events_pending => 'gauge',
+	dwh_tags_worker_last_produced_age_seconds => 'gauge',
 	dwh_tag_events_total => 'counter');
 my @served = sort grep { /^dwh_/ } keys %{ $m->{samples} };
 is_deeply(\@served, [ sort keys %types ], 'the dwh metrics served are those of the queries file');
@@ -361,6 +371,29 @@ is(value_of($m, 'dwh_tag_events_total', kind => 'grant'),
 is(value_of($m, 'dwh_tag_events_total', kind => 'revoke'), 1, 'one revoke: the cancelled order');
 cmp_ok(value_of($m, 'dwh_tag_events_total', kind => 'grant'), '>', 0, 'tags were granted');
 
+# The tags worker produced every event to its topic (the topic was set
+# before the first), and expires tags every second.
+my $events = psql('SELECT count(*) FROM cdm.user_tag_events');
+ok( wait_for($node,
+		"SELECT events_produced = $events AND events_pending = 0 FROM dwh.status WHERE worker = 'tags'"
+	),
+	"the tags worker produced the $events tag events");
+$m = scrape_until('the tag events produced',
+	sub { (value_of($_[0], 'dwh_tags_worker_events_produced_total') // 0) == $events });
+is(value_of($m, 'dwh_tags_worker_events_produced_total'), $events, 'tag events produced: every event');
+is(value_of($m, 'dwh_tags_worker_events_pending'), 0, 'no tag event pending');
+my $age = value_of($m, 'dwh_tags_worker_last_produced_age_seconds');
+ok(defined $age && $age >= 0 && $age < 60, 'tag events were produced lately');
+my $passes = value_of($m, 'dwh_tags_worker_expiry_passes_total');
+cmp_ok($passes, '>', 0, 'expiry passes are counted');
+is( psql(
+		"SELECT expiry_passes >= $passes AND expiry_passes < $passes + 60 FROM dwh.status WHERE worker = 'tags'"
+	),
+	't',
+	'expiry passes as dwh.status counts them');
+$age = value_of($m, 'dwh_tags_worker_last_expiry_age_seconds');
+ok(defined $age && $age >= 0 && $age < 60, 'an expiry pass ran lately');
+
 # A user renamed in Redis: the next refresh pass finds the change.
 my $changes = value_of($m, 'dwh_redis_changes_found_total');
 $redis->set('626a81ce9a8cd1920641e200',
@@ -393,6 +426,16 @@ ok( (grep {
 is(value_of($m, 'dwh_worker_up', worker => $failing[0] // 'kafka 1'), 1,
 	'the worker is still up');
 is(value_of($m, 'dwh_worker_error', worker => 'redis'), 0, 'the Redis worker has no error');
+# An order of a new user grants a tag: its event waits for the broker.
+is( psql(
+		q{SELECT dwh.ingest_order($m${"object_id": 9000002, "object_type": "order", "sent_dttm": "2023-05-02 12:00:00", "payload": {"restaurant": {"id": "no-such-restaurant"}, "date": "2023-05-02 12:00:00", "user": {"id": "a-user-while-the-broker-is-down"}, "order_items": [{"id": "d1", "name": "Плов", "price": 100, "quantity": 1}], "bonus_payment": 0, "cost": 100, "payment": 100, "bonus_grant": 0, "statuses": [], "final_status": "CLOSED", "update_ts": "2023-05-02 12:00:00"}}$m$::text)}
+	),
+	'applied',
+	'an order of a new user while the broker is down');
+$m = scrape_until('a tag event pending',
+	sub { (value_of($_[0], 'dwh_tags_worker_events_pending') // 0) >= 1 });
+is(value_of($m, 'dwh_tags_worker_events_pending'), 1, 'its grant waits for the broker: 1 pending');
+is(value_of($m, 'dwh_tags_worker_events_produced_total'), $events, 'and none more produced');
 # Watermarks are not news while the brokers are down: the age of those of
 # a waiting worker's partitions grows (a worker republished librdkafka's
 # last known values every second, which kept it under about 3 s).
@@ -442,6 +485,17 @@ foreach my $worker ('kafka 1', 'kafka 2')
 is(sum_of($m, 'dwh_kafka_worker_messages_total'), $messages + $more,
 	'messages applied: the new ones counted');
 is(sum_of($m, 'dwh_kafka_partition_lag'), 0, 'no lag after the new messages');
+# The new orders may grant tags too.
+my $all_events = psql('SELECT count(*) FROM cdm.user_tag_events');
+$m = scrape_until(
+	'every tag event produced',
+	sub {
+		(value_of($_[0], 'dwh_tags_worker_events_produced_total') // 0) == $all_events
+		  && (value_of($_[0], 'dwh_tags_worker_events_pending') // 1) == 0;
+	});
+is(value_of($m, 'dwh_tags_worker_events_produced_total'),
+	$all_events, 'the broker back, every tag event is produced, the pending grant too');
+is(value_of($m, 'dwh_tags_worker_events_pending'), 0, 'none pending');
 
 # Redis goes away: the Redis worker shows the error and waits for it.
 $redis->stop;
