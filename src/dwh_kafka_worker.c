@@ -1286,6 +1286,16 @@ dwh_kafka_worker_main(Datum main_arg)
 			dwh_kafka_consumer_wait(consumer, Max(batch_wait_ms() - elapsed, 1));
 		}
 		else
+		{
+			/*
+			 * Nothing kept to retry: whatever failed before (the offsets of
+			 * an assignment, a seek) has gone through, so the next failure
+			 * backs off from the start again, as one after an applied batch
+			 * does.  (A gap being recorded is retried from its own rounds.)
+			 */
+			if (n_pending_gaps == 0)
+				backoff_ms = 0;
 			dwh_kafka_consumer_wait(consumer, WATERMARK_INTERVAL_MS);
+		}
 	}
 }

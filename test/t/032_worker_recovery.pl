@@ -3,8 +3,10 @@
 # an error of the database (here a lock timeout on the worker's own table,
 # raised again and again) is published in dwh.status with its SQLSTATE, the
 # worker says it retries, and it goes on by itself once the lock is gone.
-# The retries back off: 0.5 s, doubled after each failure in a row; a
-# SIGTERM ends a backoff at once.
+# The retries back off: 0.5 s, doubled after each failure in a row, and
+# from 0.5 s again once the worker has recovered (a Kafka worker that
+# recovered with nothing to apply kept its last wait, and slept it again
+# before its next connection); a SIGTERM ends a backoff at once.
 # Recovering leaves nothing behind: after several errors each worker still
 # has one of each of its memory contexts (the Kafka worker used to create a
 # new loop context at every error and keep the old one).
@@ -171,6 +173,43 @@ ok( $node->poll_query_until(
 		q{SELECT state = 'expiring tags every 1 s' AND last_error IS NULL FROM dwh.status WHERE worker = 'tags'}),
 	'the tags worker expires tags again once the lock is gone, and shows no error');
 is(worker_row('tags', 'pid'), $tags_pid, 'and recovered without a restart');
+
+# 2b. A Kafka worker that recovered with nothing to apply starts from
+#     0.5 s again.  Another Kafka setting makes it reconnect at once, and
+#     the lookup of its offsets fails anew: 0.5 s, then 1 s between its
+#     failures (it kept 16 s, which it first slept before connecting).
+$locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN; LOCK dwh.kafka_offsets IN ACCESS EXCLUSIVE MODE;');
+$offset = -s $node->logfile;
+my $reload_at = psql('SELECT clock_timestamp()');
+psql(q{ALTER SYSTEM SET dwh.kafka_options = 'fetch.wait.max.ms=100'});
+$node->reload;
+# Connected: consuming since after the reload (its group then takes some
+# seconds to assign the partitions).
+ok( wait_for($node,
+		"SELECT state = 'consuming' AND state_since > '$reload_at' FROM dwh.worker_status() WHERE worker = 'kafka 1'"
+	),
+	'the Kafka worker connects again after the reload');
+my $connected = psql(
+	"SELECT round(extract(epoch FROM state_since - '$reload_at')::numeric, 2) FROM dwh.worker_status() WHERE worker = 'kafka 1'"
+);
+cmp_ok($connected, '<', 5,
+	"it connects $connected s after the reload, not after its old wait of 16 s");
+ok(wait_log($offset, qr/\[$kafka_pid\] $timeout/, 3),
+	'the Kafka worker reconnects and fails three times on the lock');
+{
+	my $log = slurp_file($node->logfile, $offset);
+	my @times = map { seconds_of($_) } ($log =~ /^(\S+ \S+) \S+ \[$kafka_pid\] $timeout/mg);
+	my @gaps = map { my $g = $times[$_] - $times[ $_ - 1 ]; $g < 0 ? $g + 86400 : $g } (1, 2);
+	ok( $gaps[0] >= 0.5 && $gaps[0] <= 1.25 && $gaps[1] >= 1 && $gaps[1] <= 2,
+		sprintf('it waits 0.5 then 1 s between its failures (%.2f s, %.2f s)', @gaps));
+}
+$locker->query_safe('ROLLBACK;');
+$locker->quit;
+ok( $node->poll_query_until(
+		'postgres',
+		q{SELECT cardinality(partitions) = 2 AND last_error IS NULL FROM dwh.status WHERE worker = 'kafka 1'}),
+	'the Kafka worker owns its partitions again once the lock is gone');
 
 # 3. SIGTERM ends a backoff at once (it ignores other wake-ups): the tags
 #    worker fails four times more, then is terminated at the start of its
