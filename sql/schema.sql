@@ -70,6 +70,14 @@ SELECT n.nspname AS schema_usable_by_public
 FROM pg_namespace n
 WHERE n.nspname IN ('stg', 'dds', 'cdm', 'dwh')
   AND has_schema_privilege('public', n.oid, 'USAGE');
+-- Nor any privilege on a table, view or sequence (a grant there would
+-- count once someone granted USAGE on its schema).
+SELECT c.oid::regclass AS relation_granted_to_public
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname IN ('stg', 'dds', 'cdm', 'dwh') AND c.relkind IN ('r', 'v', 'S', 'p')
+  AND (has_table_privilege('public', c.oid,
+                           'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')
+       OR (c.relkind = 'S' AND has_sequence_privilege('public', c.oid, 'USAGE, SELECT, UPDATE')));
 -- A SECURITY DEFINER function resolves names in a fixed search_path only.
 SELECT p.oid::regprocedure AS definer_without_fixed_search_path
 FROM pg_proc p
@@ -77,6 +85,19 @@ JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.de
 JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'dwh'
 WHERE p.prosecdef
   AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false);
+-- The functions that resolve names in their caller's search_path: C
+-- functions that run no SQL or only SQL naming every schema and operator
+-- (src/dwh_stg_guard.c), and SQL functions kept inlinable (a SET clause
+-- would stop their inlining), which name every table with its schema and
+-- run inside a fixed search_path when dwh calls them (from a definer
+-- function or a worker).  A new one must be one of these.
+SELECT p.oid::regprocedure AS without_fixed_search_path, l.lanname, p.prosecdef
+FROM pg_proc p
+JOIN pg_language l ON l.oid = p.prolang
+JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'dwh'
+WHERE NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
+ORDER BY l.lanname, p.oid::regprocedure::text;
 CREATE ROLE regress_dwh_nobody;
 SET ROLE regress_dwh_nobody;
 SELECT * FROM dwh.verify();
