@@ -20,6 +20,7 @@ use lib $FindBin::RealBin;
 
 use DwhTest;
 use PostgreSQL::Test::Cluster;
+use POSIX qw(mkfifo);
 use PostgreSQL::Test::Utils;
 use RedisServer;
 use Test::More;
@@ -131,6 +132,29 @@ wait_redis(
 	qr/^error: could not open the file named by dwh\.redis_url_file: No such file or directory/,
 	'a missing file is reported');
 
+# Not a regular file: a directory, and a FIFO that no one writes (opened
+# without waiting for a writer: the worker does not hang on it).
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.redis_url_file = '$dir'; SELECT pg_reload_conf()");
+wait_redis(
+	qr/^error: the file named by dwh\.redis_url_file is not a regular file \|/,
+	'a directory is refused');
+# A URL the worker cannot use: the message says why, not what the file
+# holds (its password is checked for in the log below).
+my $bad_url_password = random_secret();
+write_secret_file($redis_file, "redis://:$bad_url_password\@127.0.0.1:99999/0\n", 0600);
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.redis_url_file = '$redis_file'; SELECT pg_reload_conf()");
+wait_redis(
+	qr/^error: invalid Redis URL in the file named by dwh\.redis_url_file: the port must be a number from 1 to 65535 \|/,
+	'an invalid URL in the file is refused without quoting it');
+mkfifo("$dir/fifo", 0600) or die "mkfifo: $!";
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.redis_url_file = '$dir/fifo'; SELECT pg_reload_conf()");
+wait_redis(
+	qr/^error: the file named by dwh\.redis_url_file is not a regular file \|/,
+	'a FIFO is refused at once');
+
 # Kafka: the file's properties are applied after dwh.kafka_options.
 my $closed_port = PostgreSQL::Test::Cluster::get_free_port();
 
@@ -218,7 +242,7 @@ stop_mock_cluster($mock);
 my $log = slurp_file($node->logfile);
 like($log, qr/connected to Redis at redis:\/\/:\*\*\*\@127\.0\.0\.1/,
 	'the log names Redis by its redacted URL');
-foreach my $secret ($redis_password, $kafka_password)
+foreach my $secret ($redis_password, $kafka_password, $bad_url_password)
 {
 	my @hits = grep { index($_, $secret) >= 0 } split /\n/, $log;
 	ok(!@hits, 'the log holds no password of the files') or diag(join("\n", @hits));
