@@ -253,6 +253,20 @@ run_in_session('function call',
 $s = secret('CALL');
 run_in_session('CALL', "CALL t_set('dwh.kafka_options', 'sasl.password=$s')");
 
+# The README's limit: a call whose text names neither setting nor
+# set_config cannot be recognized before it runs, and log_statement logs
+# it.  Once the error names the setting, the rest is hidden: the secret
+# is in that one log line and nowhere else (checked below).  Not among
+# @secrets, which must be in no log line at all.
+my $unnamed = 'Zq';
+$unnamed .= (0 .. 9, 'a' .. 'z', 'A' .. 'Z')[ int(rand(62)) ] for 1 .. 22;
+my $unnamed_client_from = length $client_messages;
+run_in_session('unrecognizable call',
+	"SELECT t_setter('dwh.red' || 'is_url', 'redis://:$unnamed\@h:1')");
+is( $activity_of{'unrecognizable call'},
+	"idle: $hidden_activity",
+	'pg_stat_activity shows the placeholder once the error named the setting');
+
 # COPY and EXPLAIN of set_config (EXPLAIN succeeds: kept by
 # pg_stat_statements), and a query that succeeds (auto_explain's plan).
 $s = secret('COPY');
@@ -361,6 +375,19 @@ sub nowhere
 	ok(!@hits, $name) or diag(join("\n", @hits));
 	return;
 }
+
+my @unnamed_lines = grep { index($_, $unnamed) >= 0 } split /\n/, $log;
+is(scalar(@unnamed_lines), 1,
+	'the unrecognizable call is in one log line') or diag(join("\n", @unnamed_lines));
+like(
+	$unnamed_lines[0] // '',
+	qr/ LOG:  00000: statement: SELECT t_setter\('dwh\.red' \|\| 'is_url'/,
+	'its log_statement line, as the README says');
+like(substr($client_messages, $unnamed_client_from),
+	qr/dwh\.redis_url/, 'the client was told about the setting');
+nowhere(substr($client_messages, $unnamed_client_from),
+	$unnamed, 'client messages: nothing of the unrecognizable call');
+nowhere($statements, $unnamed, 'pg_stat_statements: nothing of the unrecognizable call');
 
 foreach my $secret (@secrets)
 {
