@@ -60,6 +60,20 @@ INSERT INTO stg.user_history (object_id, payload)
 VALUES ('u1', '{"_id": "u1", "name": "Анна", "login": "anna", "update_ts_utc": "2023-04-01 09:00:00"}');
 INSERT INTO stg.restaurant_history (object_id, payload)
 VALUES ('rest-1', '{"_id": "rest-1", "name": "R", "menu": [], "update_ts_utc": "2023-04-01 09:30:00"}');
+-- A DBA's COPY and upsert, into a current table and a history.
+COPY stg.users (object_id, payload) FROM STDIN;
+u1	{"_id": "u1", "name": "Анна", "login": "anna", "update_ts_utc": "2023-04-01 09:00:00"}
+\.
+COPY stg.user_history (object_id, payload) FROM STDIN;
+u1	{"_id": "u1", "name": "Анна", "login": "anna", "update_ts_utc": "2023-04-01 09:00:00"}
+\.
+INSERT INTO stg.users (object_id, payload)
+VALUES ('u1', '{"_id": "u1", "name": "Анна", "login": "anna", "update_ts_utc": "2023-04-01 09:00:00"}')
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload;
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+SELECT 1, 'order', '2023-04-01 10:00:00',
+       t.order_msg(1, 'u1', 'CLOSED', '2023-04-01 10:00:00', t.items('d1:Плов'))::jsonb->'payload'
+ON CONFLICT (object_id) DO NOTHING;
 RESET default_transaction_isolation;
 \set VERBOSITY default
 BEGIN ISOLATION LEVEL REPEATABLE READ;
