@@ -354,6 +354,15 @@ is( psql(
 		  FROM dwh.dead_letters WHERE source_key = 'a51e4e31ae4602047ec52503']),
 	'1024|3050|t|t',
 	'a value too large keeps a prefix of dwh.dead_letter_keep_bytes, its length and its hash');
+# dwh.status counts the refused keys with the missing ones (README).
+wait_for(
+	q{SELECT s.keys_missing = k.missing + k.refused AND k.refused >= 5
+	  FROM dwh.status s,
+	       (SELECT count(*) FILTER (WHERE state = 'missing') AS missing,
+	               count(*) FILTER (WHERE state = 'refused') AS refused
+	        FROM dwh.redis_keys) k
+	  WHERE s.worker = 'redis'},
+	'keys_missing counts the refused keys with the missing ones');
 check_marts('after malformed values');
 
 # 5. Refreshes of unchanged values write nothing, and do not dead-letter the
