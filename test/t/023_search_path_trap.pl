@@ -1,12 +1,15 @@
 # A database owner does not become superuser through dwh.  The owner of
 # the database the workers serve plants, in schema public and first on the
 # database's search_path, look-alikes of what dwh's SQL calls (unnest for
-# every array type dwh unnests, sum, now, array_agg, dwh's own function
-# names, and the = operator on uuid and text); each one, called by anyone
-# but its owner, makes its owner a superuser and leaves a trace.  The Redis
-# worker then mirrors users and restaurants, and orders go through
-# dwh.ingest_orders, dwh.ingest_order and a plain upsert into STG: no trap
-# fires, the owner stays an ordinary role, and the warehouse is right.
+# every array type dwh unnests, sum, now, array_agg of the types dwh
+# aggregates, dwh's own function names, the = operator on uuid, text and
+# bigint, < and > on timestamp); each one, called by anyone but its owner,
+# makes its owner a superuser and leaves a trace.  The Redis worker then
+# mirrors users and restaurants, orders go through dwh.ingest_orders,
+# dwh.ingest_order and a plain upsert into STG, and a superuser writes a
+# user and a restaurant into STG directly (the STG guard, a C trigger
+# function, runs with the writer's search_path): no trap fires, the owner
+# stays an ordinary role, and the warehouse is right.
 # Also: CREATE EXTENSION refuses a schema dwh that a non-superuser created
 # first (its owner could rename it and put functions of their own in its
 # place).
@@ -78,6 +81,22 @@ CREATE OPERATOR public.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = public.uui
 CREATE FUNCTION public.text_eq_trap(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN PERFORM public.spring('text = text'); RETURN pg_catalog.texteq(a, b); END $$;
 CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.text_eq_trap);
+CREATE FUNCTION public.bigint_eq_trap(a bigint, b bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('bigint = bigint'); RETURN pg_catalog.int8eq(a, b); END $$;
+CREATE OPERATOR public.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = public.bigint_eq_trap);
+CREATE FUNCTION public.timestamp_lt_trap(a timestamp, b timestamp) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('timestamp < timestamp'); RETURN pg_catalog.timestamp_lt(a, b); END $$;
+CREATE OPERATOR public.< (LEFTARG = timestamp, RIGHTARG = timestamp, FUNCTION = public.timestamp_lt_trap);
+CREATE FUNCTION public.timestamp_gt_trap(a timestamp, b timestamp) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('timestamp > timestamp'); RETURN pg_catalog.timestamp_gt(a, b); END $$;
+CREATE OPERATOR public.> (LEFTARG = timestamp, RIGHTARG = timestamp, FUNCTION = public.timestamp_gt_trap);
+CREATE FUNCTION public.agg_trap(s anyarray, v anyelement) RETURNS anyarray LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spring('array_agg'); RETURN pg_catalog.array_append(s, v); END $$;
+CREATE AGGREGATE public.array_agg(uuid) (SFUNC = public.agg_trap, STYPE = uuid[]);
+CREATE AGGREGATE public.array_agg(bigint) (SFUNC = public.agg_trap, STYPE = bigint[]);
+CREATE AGGREGATE public.array_agg(text) (SFUNC = public.agg_trap, STYPE = text[]);
+CREATE AGGREGATE public.array_agg(jsonb) (SFUNC = public.agg_trap, STYPE = jsonb[]);
+CREATE AGGREGATE public.array_agg(timestamp) (SFUNC = public.agg_trap, STYPE = timestamp[]);
 ALTER DATABASE shop SET search_path = public, pg_catalog;
 });
 # The workers connect again, with the database's search_path.
@@ -103,6 +122,15 @@ is(owner_is_superuser(), 'f', 'the owner starts as an ordinary role');
 # that calls unnest(text[]) springs it.  (Undone right after.)
 $node->safe_psql('shop', q{SELECT count(*) FROM unnest(ARRAY['a']::text[])});
 is(owner_is_superuser(), 't', 'a superuser who resolves unnest through public is trapped');
+# And so are the operators and aggregates planted for dwh's types.
+$node->safe_psql('shop',
+	q{SELECT 1::bigint = 2::bigint, '2023-01-01'::timestamp < '2023-01-02'::timestamp,
+	         '2023-01-01'::timestamp > '2023-01-02'::timestamp,
+	         (SELECT array_agg(x) FROM (VALUES (1::bigint)) v(x))});
+is( $node->safe_psql('shop',
+		q{SET search_path = pg_catalog; SELECT string_agg(DISTINCT what, ', ' ORDER BY what) FROM public.sprung}),
+	'array_agg, bigint = bigint, timestamp < timestamp, timestamp > timestamp, unnest(text[])',
+	'each planted operator and aggregate springs when resolved');
 $node->safe_psql('postgres', 'ALTER ROLE shop_owner NOSUPERUSER');
 $node->safe_psql('shop', 'SET search_path = pg_catalog; DELETE FROM public.sprung');
 
@@ -142,8 +170,27 @@ $node->safe_psql('shop',
 $node->safe_psql('shop', q{
 INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
 SELECT 4, 'order', '2023-01-02 13:00:00', payload || '{"update_ts": "2023-01-02 13:00:00"}'
-FROM stg.order_events WHERE object_id = 3
+FROM stg.order_events WHERE object_id OPERATOR(pg_catalog.=) 3
 ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload});
+
+# A superuser's direct writes of the dictionaries, twice each (a new row,
+# then a newer version that replaces it): the STG guard compares versions
+# and keys in the writer's session.
+foreach my $ts ('2023-01-02 08:00:00', '2023-01-02 09:00:00')
+{
+	$node->safe_psql('shop', qq{
+INSERT INTO stg.users (object_id, payload)
+VALUES ('626a81ce9a8cd1920641e299', '{"_id": "626a81ce9a8cd1920641e299", "name": "Борис", "login": "boris", "update_ts_utc": "$ts"}')
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload;
+INSERT INTO stg.restaurants (object_id, payload)
+VALUES ('a51e4e31ae4602047ec52599', '{"_id": "a51e4e31ae4602047ec52599", "name": "Хинкальная", "update_ts_utc": "$ts", "menu": [{"_id": "6276e8cd0cf48b4cded00099", "name": "Хинкали", "price": 50, "category": "Основные блюда"}]}')
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload});
+}
+is( $node->safe_psql('shop',
+		q{SET search_path = pg_catalog; SELECT (SELECT update_ts FROM stg.users WHERE object_id = '626a81ce9a8cd1920641e299') || ' ' || (SELECT count(*) FROM stg.user_history WHERE object_id = '626a81ce9a8cd1920641e299')}
+	),
+	'2023-01-02 09:00:00 1',
+	'the direct writes of a user went through: the newer version current, the older in the history');
 
 # A menu change and a renamed user while orders exist: the worker's
 # dictionary path with mart updates.
