@@ -2,7 +2,11 @@
 # a user, a password and the CA of the broker's certificate (made by the
 # test).  Orders flow; the password never appears in the server log, in
 # dwh.status, or to a non-superuser; a wrong password shows as an error in
-# dwh.status and nothing is consumed until it is corrected.
+# dwh.status and nothing is consumed until it is corrected.  Then the
+# password moves to dwh.kafka_options_file, as the README recommends, and
+# a tags topic is set: the consumer and the tags worker's producer both
+# authenticate with the file's password (more orders applied, every tag
+# event produced).
 
 use strict;
 use warnings;
@@ -47,6 +51,39 @@ $node->safe_psql('postgres',
 ok(wait_applied($node, $manifest->{messages}), 'orders flow over SASL_SSL');
 check_consistent($node, 'over SASL_SSL');
 check_manifest_counts($node, $manifest, 'over SASL_SSL');
+
+# The password in a file of the server's user, the rest in
+# dwh.kafka_options; a topic for the tags worker, and a rule that grants a
+# tag to every user with an order.
+broker_command('create-topic', $broker->{dir}, 'user-tags', 1);
+my $secret_file = "$tmp/kafka-secret";
+append_to_file($secret_file, "sasl.password=$password\n");
+chmod 0600, $secret_file or die "chmod $secret_file: $!";
+my $options = sasl_options($password);
+$options =~ s/ sasl\.password=\S+//;
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.kafka_options = '$options'; "
+	  . "ALTER SYSTEM SET dwh.kafka_options_file = '$secret_file'; "
+	  . "ALTER SYSTEM SET dwh.tags_topic = 'user-tags'; SELECT pg_reload_conf()");
+ok(wait_for($node, q{SELECT current_setting('dwh.tags_topic') = 'user-tags'}),
+	'the tags topic is set');
+$node->safe_psql('postgres',
+	q{INSERT INTO dwh.tag_rules (tag, kind) VALUES ('customer', 'all_orders')});
+generate_orders("$tmp/more.txt", '--count 500 --seed 32 --clean --first-id 5000000',
+	"--manifest $tmp/more.json");
+my $more = read_manifest("$tmp/more.json")->{messages};
+produce($broker, "$tmp/more.txt");
+ok(wait_applied($node, $manifest->{messages} + $more),
+	'the consumer authenticates with the password of the file: the new orders flow');
+my $events = $node->safe_psql('postgres', 'SELECT count(*) FROM cdm.user_tag_events');
+cmp_ok($events, '>', 0, "the rule granted tags ($events events)");
+ok( wait_for($node,
+		"SELECT events_produced = $events AND events_pending = 0 AND last_error IS NULL FROM dwh.status WHERE worker = 'tags'"
+	),
+	'the tags worker produces every event over SASL_SSL with the password of the file')
+  or diag($node->safe_psql('postgres',
+	q{SELECT state, events_produced, events_pending, last_error FROM dwh.status WHERE worker = 'tags'}));
+check_consistent($node, 'with the password in a file');
 
 # The password stays secret.
 my $status = $node->safe_psql('postgres', 'SELECT s::text FROM dwh.status s');
