@@ -126,6 +126,24 @@ is($connections->() - $before, 1, 'no new attempt within 5 s of the refusal');
 my @refusals = (slurp_file($node->logfile) =~ /LOG:  28P01: Redis at \S+ refused the password/g);
 is(scalar @refusals, 1, 'the refusal is logged once, with SQLSTATE 28P01');
 
+# Then tried again by itself, 30 s after the refusal.  Each look at the
+# counter is a connection of redis-cli's own: more than one new
+# connection between two looks is the worker's.
+my $refused_at =
+  psql(q{SELECT extract(epoch FROM last_error_at) FROM dwh.status WHERE worker = 'redis'});
+my ($retried_at, $seen) = (undef, $connections->());
+while (!defined $retried_at && time() < $refused_at + 60)
+{
+	usleep(250_000);
+	my $now = $connections->();
+	$retried_at = time() if $now - $seen > 1;
+	$seen = $now;
+}
+ok(defined $retried_at, 'the worker tries the refused settings again by itself');
+my $retry_after = ($retried_at // time()) - $refused_at;
+ok($retry_after > 25 && $retry_after < 40,
+	sprintf('%.1f s after the refusal: it retries every 30 s', $retry_after));
+
 # Non-superusers see neither the setting nor its value.
 psql('CREATE ROLE regress_redis_reader LOGIN');
 my ($ret, $out, $err) = $node->psql('postgres', 'SHOW dwh.redis_url',
