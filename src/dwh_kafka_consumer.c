@@ -42,6 +42,7 @@
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_destroy.h"
 #include "dwh_kafka_options.h"
+#include "dwh_kafka_probe.h"
 #include "dwh_kafka_queue.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
@@ -183,7 +184,7 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 		snprintf(error, error_size, "could not subscribe to topic \"%s\": %s",
 				 c->topic, rd_kafka_err2str(err));
 		MemoryContextSwitchTo(old);
-		dwh_kafka_consumer_destroy(c, false);
+		dwh_kafka_consumer_destroy(c, false, false);
 		return NULL;
 	}
 
@@ -209,11 +210,14 @@ rebalance_is_cooperative(rd_kafka_t *rk)
 /*
  * dwh_kafka_consumer_destroy
  *		Close the consumer within about half a second, so that SIGTERM is
- *		honoured quickly even when the broker is gone.  Nothing is lost by
- *		cutting the close short: offsets live in the database.
+ *		honoured quickly even when the broker is gone, and at once when the
+ *		caller knows every broker is down (brokers_down): the group could
+ *		not be told anyway.  Nothing is lost by cutting the close short:
+ *		offsets live in the database.
  *
  * When the process is exiting and the close did not finish in time (no
- * broker answers), the library is left to the exit: rd_kafka_destroy()
+ * broker answers), or a probe's thread still uses the client (a SIGTERM
+ * came while it waited), the library is left to the exit: rd_kafka_destroy()
  * would wait for the group's session to time out (seconds), and the
  * library's threads call nothing of the server's.  Otherwise it is
  * destroyed within DWH_KAFKA_DESTROY_MS (src/dwh_kafka_destroy.c): past
@@ -221,9 +225,11 @@ rebalance_is_cooperative(rd_kafka_t *rk)
  * process.
  */
 void
-dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting)
+dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting,
+						   bool brokers_down)
 {
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 500);
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   brokers_down ? 0 : 500);
 	rd_kafka_error_t *error;
 
 	dwh_kafka_queue_mute(&c->events);
@@ -264,7 +270,8 @@ dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting)
 		}
 	}
 
-	if (exiting && !rd_kafka_consumer_closed(c->rk))
+	if (exiting &&
+		(!rd_kafka_consumer_closed(c->rk) || dwh_kafka_probe_in_flight()))
 		return;
 	rd_kafka_queue_destroy(c->queue);
 	if (!dwh_kafka_destroy_within(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE,
@@ -815,7 +822,8 @@ dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
  * dwh_kafka_consumer_leader_answers
  *		Does the partition's leader answer (its next offset) within
  *		timeout_ms?  One request, with the deadline that
- *		dwh_kafka_consumer_query_watermarks explains.
+ *		dwh_kafka_consumer_query_watermarks explains, asked from a thread
+ *		so that a SIGTERM need not wait for it (src/dwh_kafka_probe.c).
  */
 bool
 dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
@@ -823,8 +831,8 @@ dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
 {
 	int64		high = RD_KAFKA_OFFSET_END;
 
-	return query_one_watermark(c, partition, &high, timeout_ms) ==
-		RD_KAFKA_RESP_ERR_NO_ERROR;
+	return dwh_kafka_probe_offset(c->rk, c->topic, partition, &high,
+								  timeout_ms) == RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
 /*

@@ -46,7 +46,8 @@ typedef struct DwhKafkaEvent
 extern DwhKafkaConsumer *dwh_kafka_consumer_create(int worker_index,
 												   char *error,
 												   size_t error_size);
-extern void dwh_kafka_consumer_destroy(DwhKafkaConsumer *consumer, bool exiting);
+extern void dwh_kafka_consumer_destroy(DwhKafkaConsumer *consumer, bool exiting,
+									   bool brokers_down);
 extern void dwh_kafka_consumer_poll(DwhKafkaConsumer *consumer,
 									DwhKafkaEvent *event);
 extern void dwh_kafka_consumer_wait(DwhKafkaConsumer *consumer,

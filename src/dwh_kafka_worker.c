@@ -229,7 +229,7 @@ drop_consumer(void)
 {
 	if (consumer != NULL)
 	{
-		dwh_kafka_consumer_destroy(consumer, false);
+		dwh_kafka_consumer_destroy(consumer, false, waiting_for_broker);
 		consumer = NULL;
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
@@ -305,7 +305,7 @@ shutdown_consumer(int code, Datum arg)
 {
 	if (consumer != NULL)
 	{
-		dwh_kafka_consumer_destroy(consumer, true);
+		dwh_kafka_consumer_destroy(consumer, true, waiting_for_broker);
 		consumer = NULL;
 	}
 }
@@ -349,6 +349,9 @@ probe_recovery(void)
 	last_recovery_probe = GetCurrentTimestamp();
 	if (dwh_kafka_consumer_assignment(consumer, &owned) > 0)
 		partition = owned[0];
+	ereport(DEBUG1,
+			(errmsg("dwh kafka worker %d asks the leader of partition %d whether the brokers answer",
+					worker_index, partition)));
 
 	/*
 	 * A generous deadline: a loaded broker or machine answers in more than a

@@ -15,7 +15,7 @@ use lib $FindBin::RealBin;
 use DwhTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time);
+use Time::HiRes qw(time usleep);
 
 my $broker = start_broker(partitions => 4);
 my $node = new_dwh_node(
@@ -95,15 +95,20 @@ check_consistent($node, 'after the lock timeouts');
 # SIGTERM: the worker exits promptly (the postmaster starts a new one).
 my $pid = $node->safe_psql('postgres',
 	"SELECT pid FROM dwh.status WHERE worker = 'kafka 1'");
-my $start = time();
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
-ok(wait_for($node, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $pid)", 10),
-	'the worker stops on SIGTERM');
-my $elapsed = time() - $start;
-note(sprintf('worker stopped %.2f s after SIGTERM', $elapsed));
 # The README promises half a second (the group leave is cut short at
-# 0.5 s); the polling above adds up to 0.2 s and a psql start.
-cmp_ok($elapsed, '<', 2, 'SIGTERM honoured within 2 s');
+# 0.5 s).  The process is watched from here every 10 ms (the tests run as
+# the server's user); the signal is sent by the backend of a session
+# opened beforehand, so no connection is timed.
+my $terminator = $node->background_psql('postgres');
+my $start = time();
+$terminator->query_safe("SELECT pg_terminate_backend($pid)");
+my $deadline = $start + 10;
+usleep(10_000) while kill(0, $pid) && time() < $deadline;
+my $elapsed = time() - $start;
+$terminator->quit;
+ok(!kill(0, $pid), 'the worker stops on SIGTERM');
+cmp_ok($elapsed, '<', 0.75,
+	sprintf('SIGTERM honoured in %.2f s: half a second, with room for a busy machine', $elapsed));
 
 # Without the extension the workers wait, and they resume when it is back.
 $node->safe_psql('postgres', 'DROP EXTENSION dwh CASCADE');
@@ -120,19 +125,37 @@ ok(wait_for($node,
 # The broker down for good: a worker showing the error probes the leader
 # every 5 s to clear it.  That probe once waited for an answer forever
 # (rd_kafka_query_watermark_offsets before librdkafka 2.3.0), and the
-# worker then ignored SIGTERM, so the server could not stop.
+# worker then ignored SIGTERM, so the server could not stop; then it
+# waited out the probe's 2 s deadline.  Each worker is terminated right
+# after it says (at DEBUG1) that it asks, while its probe waits for the
+# broker: it stops within half a second all the same, without telling
+# the group (no broker answers).
+$node->safe_psql('postgres',
+	q{ALTER SYSTEM SET log_min_messages = debug1; SELECT pg_reload_conf()});
 broker_command('stop', $broker->{dir});
 ok(wait_for($node,
 		"SELECT bool_and(last_error IS NOT NULL) FROM dwh.status WHERE worker LIKE 'kafka%'"),
 	'the broker stopped again shows in dwh.status');
-sleep(7);
-my $stuck_pid = $node->safe_psql('postgres',
-	"SELECT pid FROM dwh.status WHERE worker = 'kafka 1'");
-my $term_at = time();
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($stuck_pid)");
-ok(wait_for($node, "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $stuck_pid)", 15),
-	'with the broker down, a worker stops on SIGTERM');
-cmp_ok(time() - $term_at, '<', 2, 'with the broker down, SIGTERM honoured within 2 s');
+foreach my $worker ('kafka 1', 'kafka 2')
+{
+	my $stuck_pid = $node->safe_psql('postgres',
+		"SELECT pid FROM dwh.status WHERE worker = '$worker'");
+	my $from = -s $node->logfile;
+	my $probe = qr/\[$stuck_pid\] DEBUG:  dwh kafka worker \d asks the leader of partition/;
+	my $probe_deadline = time() + 30;
+	usleep(10_000)
+	  while slurp_file($node->logfile, $from) !~ $probe && time() < $probe_deadline;
+	$terminator = $node->background_psql('postgres');
+	my $term_at = time();
+	$terminator->query_safe("SELECT pg_terminate_backend($stuck_pid)");
+	usleep(10_000) while kill(0, $stuck_pid) && time() < $term_at + 15;
+	$elapsed = time() - $term_at;
+	$terminator->quit;
+	like(slurp_file($node->logfile, $from), $probe, "$worker probes the leader");
+	ok(!kill(0, $stuck_pid), "with the broker down, $worker stops on SIGTERM during its probe");
+	cmp_ok($elapsed, '<', 0.75,
+		sprintf('in %.2f s, not at the end of the probe\'s 2 s', $elapsed));
+}
 my $stop_at = time();
 $node->stop('fast');
 cmp_ok(time() - $stop_at, '<', 10, 'with the broker down, the server stops within seconds');
