@@ -9,9 +9,11 @@
 # the message before it (a batch may store an offset after a message that
 # the batch before applied); then it does it again while a worker is killed
 # (SIGKILL) six times: a crash while messages are kept fetches them again,
-# from the offsets stored.  The first run closes its batches by their data
-# (dwh.kafka_prefetch_memory of 1 MB: an eighth of it, about 150 messages,
-# before dwh.kafka_batch_size), the second by their count.
+# from the offsets stored.  The first run receives the stream in parts a
+# tenth of a second apart, which the two workers apply side by side, and
+# closes its batches by their data (dwh.kafka_prefetch_memory of 1 MB: an
+# eighth of it, about 150 messages, before dwh.kafka_batch_size); the
+# second finds it whole and closes them by their count.
 
 use strict;
 use warnings;
@@ -22,7 +24,7 @@ use lib $FindBin::RealBin;
 use Digest::SHA qw(sha256_hex);
 use DwhTest;
 use IPC::Run;
-use Time::HiRes qw(usleep);
+use Time::HiRes qw(time usleep);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -30,21 +32,33 @@ my $broker = start_broker(partitions => 4);
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 
 # Every line of $file once to each of the four partitions of $topic, the
-# partitions side by side.
+# partitions side by side; in $chunks parts when given, with a call of
+# $between after each one but the last.
 sub produce_everywhere
 {
-	my ($file, $topic) = @_;
-	my @kcat;
-	foreach my $p (0 .. 3)
+	my ($file, $topic, $chunks, $between) = @_;
+	my @lines = split /^/m, slurp_file($file);
+	$chunks //= 1;
+	my $per = int((@lines + $chunks - 1) / $chunks);
+	my $n = 0;
+	while (my @part = splice(@lines, 0, $per))
 	{
-		push @kcat,
-		  IPC::Run::start([
-			'kcat', '-P', '-q', '-b', $broker->{bootstrap},
-			'-t', $topic, '-p', $p, '-l', $file ]);
-	}
-	foreach (@kcat)
-	{
-		$_->finish or die "kcat could not produce $file";
+		my $part_file = "$file.part" . $n++;
+		unlink $part_file;
+		append_to_file($part_file, join('', @part));
+		my @kcat;
+		foreach my $p (0 .. 3)
+		{
+			push @kcat,
+			  IPC::Run::start([
+				'kcat', '-P', '-q', '-b', $broker->{bootstrap},
+				'-t', $topic, '-p', $p, '-l', $part_file ]);
+		}
+		foreach (@kcat)
+		{
+			$_->finish or die "kcat could not produce $part_file";
+		}
+		$between->() if $between && @lines;
 	}
 	return;
 }
@@ -74,35 +88,52 @@ sub run_stream
 	my $manifest = read_manifest("$tmp/$name.json");
 	my $total = 4 * $manifest->{messages};
 
-	# Both workers start on the full topic at the same moment.
-	produce_everywhere("$tmp/$name.txt", $topic);
+	# Both workers own their partitions, then the stream reaches all four
+	# side by side: they fetch it at the same moment.  Without kills, in 20
+	# parts a tenth of a second apart, so that each worker applies each
+	# part as it comes, side by side with the other.  (Started on the full
+	# topic, on a busy machine one worker could start half a second after
+	# the other and stay a batch behind it for the whole stream: the other
+	# had always committed an order before it came to it, and nothing was
+	# kept.)
 	$node->safe_psql('postgres',
 		"ALTER SYSTEM SET dwh.kafka_brokers = '$broker->{bootstrap}'; SELECT pg_reload_conf()");
-
+	ok( wait_for($node,
+			"SELECT count(*) = 2 AND bool_and(cardinality(partitions) = 2) FROM dwh.status WHERE worker LIKE 'kafka%'"
+		),
+		"$name: each worker owns two partitions");
 	# Each partition holds the lines in file order: the message at offset k
 	# is line k + 1.  Until the stream is applied, every stored offset must
-	# come with the SHA-256 of the message before it.
+	# come with the SHA-256 of the message before it: sampled between the
+	# parts produced (for a tenth of a second) and until the end.
+	my @lines = split /\n/, slurp_file("$tmp/$name.txt");
+	my ($samples, $wrong) = (0, '');
+	my $sample = sub {
+		foreach my $row (split /\n/,
+			$node->safe_psql('postgres',
+				"SELECT kafka_partition, next_offset, coalesce(encode(last_sha256, 'hex'), 'null')
+				 FROM dwh.kafka_offsets WHERE topic = '$topic' AND next_offset > 0"))
+		{
+			my ($p, $next, $sha) = split /\|/, $row;
+			$samples++;
+			$wrong ||= "partition $p at $next: $sha"
+			  if $sha ne sha256_hex($lines[ $next - 1 ]);
+		}
+		usleep(20_000);
+	};
 	if ($kills == 0)
 	{
-		my @lines = split /\n/, slurp_file("$tmp/$name.txt");
-		my ($samples, $wrong) = (0, '');
+		produce_everywhere("$tmp/$name.txt", $topic, 20,
+			sub { my $until = time() + 0.1; $sample->() while time() < $until; });
 		my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
-		while (stored_total($node, $topic) < $total && time() < $deadline)
-		{
-			foreach my $row (split /\n/,
-				$node->safe_psql('postgres',
-					"SELECT kafka_partition, next_offset, coalesce(encode(last_sha256, 'hex'), 'null')
-					 FROM dwh.kafka_offsets WHERE topic = '$topic' AND next_offset > 0"))
-			{
-				my ($p, $next, $sha) = split /\|/, $row;
-				$samples++;
-				$wrong ||= "partition $p at $next: $sha"
-				  if $sha ne sha256_hex($lines[ $next - 1 ]);
-			}
-			usleep(20_000);
-		}
+		$sample->() while stored_total($node, $topic) < $total && time() < $deadline;
+		cmp_ok($samples, '>', 0, "$name: stored offsets sampled while the stream was applied");
 		is($wrong, '',
 			"$name: each stored offset came with the SHA-256 of the message before it ($samples samples)");
+	}
+	else
+	{
+		produce_everywhere("$tmp/$name.txt", $topic);
 	}
 
 	foreach my $k (1 .. $kills)
