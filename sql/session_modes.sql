@@ -97,6 +97,28 @@ SELECT dwh.tags_restoring() AS superuser_restores;
 SET ROLE regress_dwh_mode_loader;
 SELECT received, applied FROM dwh.ingest_orders(ARRAY[:'message'::bytea]);
 RESET ROLE;
+-- Nor for a tagger (the README's grants): a rule it adds with
+-- check_function_bodies off grants its tags at once.
+CREATE ROLE regress_dwh_mode_tagger;
+GRANT USAGE ON SCHEMA dwh, cdm TO regress_dwh_mode_tagger;
+GRANT SELECT, DELETE ON dwh.tag_rules TO regress_dwh_mode_tagger;
+GRANT INSERT (tag, kind, category_name, product_id, threshold, window_days),
+      UPDATE (tag, kind, category_name, product_id, threshold, window_days)
+    ON dwh.tag_rules TO regress_dwh_mode_tagger;
+SET ROLE regress_dwh_mode_tagger;
+INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('buyer', 'all_orders', 1);
+RESET ROLE;
+-- What counts is the role outside any SECURITY DEFINER function: a
+-- superuser's definer function called by the loader is no restore.
+CREATE FUNCTION public.regress_restoring() RETURNS boolean
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog
+    AS 'SELECT dwh.tags_restoring()';
+GRANT EXECUTE ON FUNCTION public.regress_restoring() TO regress_dwh_mode_loader;
+SET ROLE regress_dwh_mode_loader;
+SELECT public.regress_restoring() AS loader_through_definer_restores;
+RESET ROLE;
+SELECT public.regress_restoring() AS superuser_through_definer_restores;
+DROP FUNCTION public.regress_restoring();
 RESET check_function_bodies;
 SELECT * FROM t.tags;
 SELECT count(*) FROM dwh.verify();
@@ -122,5 +144,5 @@ SELECT dwh.rebuild_tags();
 SELECT * FROM t.tags;
 SELECT count(*) FROM dwh.verify();
 
-DROP OWNED BY regress_dwh_mode_loader;
-DROP ROLE regress_dwh_mode_loader;
+DROP OWNED BY regress_dwh_mode_loader, regress_dwh_mode_tagger;
+DROP ROLE regress_dwh_mode_loader, regress_dwh_mode_tagger;
