@@ -2,8 +2,11 @@
 # bookworm's hiredis 0.14, which has no TLS: redis-server listens only on
 # a TLS port with a certificate signed by a CA made here; the worker pointed
 # straight at that port fails and shows why; pointed at a stunnel client on
-# loopback that verifies the server's certificate, it mirrors every
-# dictionary and follows a change.
+# loopback that verifies the server's certificate as the README's recipe
+# does (verifyChain, CAfile, checkHost), it mirrors every dictionary and
+# follows a change.  The same recipe with another CA, or another host name,
+# refuses the server: the worker shows the connection lost and mirrors
+# nothing.
 
 use strict;
 use warnings;
@@ -21,6 +24,8 @@ my $dir = PostgreSQL::Test::Utils::tempdir();
 my $password = 'tls-test-password';
 my $tls_port = PostgreSQL::Test::Cluster::get_free_port();
 my $tunnel_port = PostgreSQL::Test::Cluster::get_free_port();
+my $other_ca_port = PostgreSQL::Test::Cluster::get_free_port();
+my $other_host_port = PostgreSQL::Test::Cluster::get_free_port();
 
 sub run_or_die
 {
@@ -38,11 +43,15 @@ run_or_die('openssl', 'req', '-x509', '-new', '-newkey', 'rsa:2048', '-nodes',
 run_or_die('openssl', 'req', '-new', '-newkey', 'rsa:2048', '-nodes',
 	'-subj', '/CN=127.0.0.1', '-keyout', "$dir/redis.key",
 	'-out', "$dir/redis.csr");
-append_to_file("$dir/san.ext", "subjectAltName = IP:127.0.0.1\n");
+append_to_file("$dir/san.ext", "subjectAltName = DNS:redis.test, IP:127.0.0.1\n");
 run_or_die('openssl', 'x509', '-req', '-in', "$dir/redis.csr",
 	'-CA', "$dir/ca.pem", '-CAkey', "$dir/ca.key", '-CAcreateserial',
 	'-days', '2', '-extfile', "$dir/san.ext", '-out', "$dir/redis.pem");
 chmod 0644, "$dir/redis.key";
+# A CA that did not sign it.
+run_or_die('openssl', 'req', '-x509', '-new', '-newkey', 'rsa:2048', '-nodes',
+	'-days', '2', '-subj', '/CN=another CA', '-keyout', "$dir/other-ca.key",
+	'-out', "$dir/other-ca.pem");
 
 # redis-server with TLS only: no plain port.
 run_or_die(
@@ -54,8 +63,9 @@ run_or_die(
 	'--dir', $dir, '--pidfile', "$dir/redis.pid",
 	'--logfile', "$dir/redis.log");
 
-# The tunnel: plain on loopback, TLS to Redis, the server's certificate
-# checked against the CA and the address.
+# The tunnels: plain on loopback, TLS to Redis, the server's certificate
+# checked against a CA and a host name as in the README; the right ones,
+# another CA, another name.
 append_to_file(
 	"$dir/stunnel.conf", qq{foreground = yes
 pid =
@@ -65,7 +75,21 @@ accept = 127.0.0.1:$tunnel_port
 connect = 127.0.0.1:$tls_port
 verifyChain = yes
 CAfile = $dir/ca.pem
-checkIP = 127.0.0.1
+checkHost = redis.test
+[other-ca]
+client = yes
+accept = 127.0.0.1:$other_ca_port
+connect = 127.0.0.1:$tls_port
+verifyChain = yes
+CAfile = $dir/other-ca.pem
+checkHost = redis.test
+[other-host]
+client = yes
+accept = 127.0.0.1:$other_host_port
+connect = 127.0.0.1:$tls_port
+verifyChain = yes
+CAfile = $dir/ca.pem
+checkHost = other.test
 });
 my $stunnel = IPC::Run::start([ 'stunnel', "$dir/stunnel.conf" ],
 	'<', \'', '>', "$dir/stunnel.out", '2>&1');
@@ -147,6 +171,29 @@ like(slurp_file($node->logfile), qr/HINT:.*If the server requires TLS/,
 	'the log hints at a TLS tunnel');
 is(psql('SELECT count(*) FROM stg.users') + psql('SELECT count(*) FROM stg.restaurants'),
 	0, 'nothing mirrored without the tunnel');
+
+# Tunnels that do not trust the server: the handshake fails, stunnel
+# closes the worker's connection, nothing is read.
+foreach my $bad ([ $other_ca_port, 'another CA' ], [ $other_host_port, 'another host name' ])
+{
+	my ($port, $what) = @$bad;
+	my $since = psql('SELECT clock_timestamp()');
+	set_url($port);
+	ok( $node->poll_query_until(
+			'postgres',
+			"SELECT last_error_at > '$since' AND last_error LIKE '%lost%' FROM dwh.status WHERE worker = 'redis'"
+		),
+		"a tunnel that checks $what refuses the server: the worker shows the connection lost")
+	  or diag(psql("SELECT state, last_error FROM dwh.status WHERE worker = 'redis'"));
+	is(psql('SELECT count(*) FROM stg.users') + psql('SELECT count(*) FROM stg.restaurants'),
+		0, "nothing mirrored through the tunnel that checks $what");
+}
+# Refused by the checks, not by anything else: stunnel says which.
+my $stunnel_log = slurp_file("$dir/stunnel.out");
+like($stunnel_log, qr/Rejected by CERT at depth=1: CN=dwh test CA/,
+	'stunnel rejected the chain that another CA does not sign');
+like($stunnel_log, qr/CERT: Subject checks failed\n.*Rejected by CERT at depth=0: CN=127\.0\.0\.1/,
+	'and the certificate that names another host');
 
 # Through the tunnel: everything mirrored.
 set_url($tunnel_port);
