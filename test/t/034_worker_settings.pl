@@ -11,14 +11,18 @@
 #   check_function_bodies = off           what a restore sets: the tags
 #                                         would not be maintained
 #   jit = on, jit_above_cost = 0          a plan compiled at each execution
+#   search_path = public, pg_catalog      look-alikes of what dwh calls,
+#     (test/search_path_traps.sql)        planted in public by the owner,
+#                                         that make the owner a superuser
 #
 # With all of them set, the Redis worker mirrors a menu that moves a dish
 # to another category, and a Kafka worker applies an order from a mock
 # cluster; the marts follow, the tags of a category rule and of an
 # all-orders rule are granted, the tags worker hands the grants to the
-# feed's topic, dwh.verify() is empty, and a trigger of the test's own
-# sees each of the three workers write as the superuser, in READ
-# COMMITTED, read-write, without JIT.
+# feed's topic, dwh.verify() is empty, a trigger of the test's own sees
+# each of the three workers write as the superuser, in READ COMMITTED,
+# read-write, without JIT, and no trap sprang (test/t/023 plants the same
+# ones before the Redis worker and the SQL entry points alone).
 
 use strict;
 use warnings;
@@ -64,6 +68,7 @@ sub shop
 	return $node->safe_psql('shop',
 		"SET ROLE NONE; SET default_transaction_isolation = 'read committed'; "
 		  . "SET default_transaction_read_only = off; SET check_function_bodies = on; "
+		  . "SET search_path = pg_catalog, public; "
 		  . $sql);
 }
 
@@ -120,10 +125,14 @@ CREATE TRIGGER note AFTER DELETE ON dwh.tag_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION public.note();
 });
 
-# The owner's settings for the database; the workers connect again.
+# The owner's traps and settings for the database; the workers connect
+# again.
+$node->safe_psql('shop',
+	"SET ROLE shop_owner;\n" . slurp_file("$FindBin::RealBin/../search_path_traps.sql"));
 $node->safe_psql(
 	'shop', q{
 SET ROLE shop_owner;
+ALTER DATABASE shop SET search_path = public, pg_catalog;
 ALTER DATABASE shop SET role = 'shop_owner';
 ALTER DATABASE shop SET default_transaction_isolation = 'serializable';
 ALTER DATABASE shop SET default_transaction_read_only = on;
@@ -171,6 +180,10 @@ is( shop(q{SELECT string_agg(u.user_id || ': ' || t.tag, ', ' ORDER BY t.tag)
 is(shop('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 is(shop(q{SELECT count(*) FROM dwh.status WHERE last_error IS NOT NULL}),
 	'0', 'no worker shows an error');
+is(shop(q{SELECT coalesce(string_agg(what || ' by ' || by_whom, ', '), '') FROM public.sprung}),
+	'', 'no trap sprang');
+is($node->safe_psql('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'shop_owner'}),
+	'f', 'the owner is still an ordinary role');
 
 $node->stop;
 $redis->stop;
