@@ -10,7 +10,10 @@
 # rebalance protocol, where a partition is started again incrementally,
 # with a recreated topic, whose log ends before the stored offsets, and
 # with one whose new log reaches past them: the worker checks that the
-# message before the stored offset is the one it applied.
+# message before the stored offset is the one it applied.  With nothing to
+# compare (the records deleted up to the stored offset, or after
+# dwh.kafka_seek()) it goes on, recording no gap.  A worker killed while it
+# waits to record a gap (skip) records it once after the restart.
 
 use strict;
 use warnings;
@@ -307,8 +310,60 @@ is(count_in_log(qr/WARNING:  Kafka partition 0 of topic "$topic" is not the log 
 	1, 'replaced: the WARNING says so');
 is(orders_in_stg(530, 550), '20', 'replaced: every order of the new log is applied');
 
+# --- nothing to compare ---
+# Records deleted exactly up to partition 0's stored offset 20: the message
+# before it is gone, so there is nothing to check, and no gap either (lines
+# 550-559 at offsets 20-29).
+my $gaps = $node->safe_psql('postgres', 'SELECT count(*) FROM dwh.kafka_gaps');
+hold();
+produce_lines(550, 560, 0);
+delete_records(0, 20);
+release();
+wait_stored(0, 30, 'nothing to compare: the partition goes on from its stored offset');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.kafka_gaps'),
+	$gaps, 'nothing to compare: no gap recorded');
+is(orders_in_stg(550, 560), '10', 'nothing to compare: the orders after it are applied');
+
+# After dwh.kafka_seek() (back to offset 25: lines 555-559 again, then
+# 560-569 at offsets 30-39) the stored offset has no message to check.
+hold();
+$node->safe_psql('postgres', 'SELECT dwh.kafka_seek(0, 25)');
+produce_lines(560, 570, 0);
+release();
+wait_stored(0, 40, 'after a seek: the partition goes on from the offset it was moved to');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.kafka_gaps'),
+	$gaps, 'after a seek: no gap recorded');
+is(orders_in_stg(555, 570), '15', 'after a seek: the orders replayed and after it are applied once');
+is(count_in_log(qr/WARNING:  Kafka partition 0 of topic "$topic" is not the log/),
+	1, 'neither is taken for a recreated topic');
+
+# --- a crash while a gap is recorded (skip) ---
+# Lines 570-599 go to offsets 40-69 and offsets 40-49 are deleted; a session
+# holds dwh.kafka_gaps so that the worker waits in the transaction that
+# records the gap, and the worker is killed there: the server restarts
+# and the gap is recorded once, its orders lost, the others applied once.
+hold();
+produce_lines(570, 600, 0);
+delete_records(0, 50);
+my $locker = $node->background_psql('postgres', on_error_stop => 0);
+$locker->query_safe('BEGIN; LOCK TABLE dwh.kafka_gaps IN SHARE MODE');
+release();
+ok( wait_for(
+		$node, q{SELECT EXISTS (SELECT FROM pg_locks l JOIN dwh.status s USING (pid)
+		  WHERE s.worker = 'kafka 1' AND NOT l.granted AND l.relation = 'dwh.kafka_gaps'::regclass)}),
+	'crash: the worker waits to record the gap');
+my $victim = $node->safe_psql('postgres', "SELECT pid FROM dwh.status WHERE worker = 'kafka 1'");
+kill 'KILL', $victim;
+eval { $locker->quit; };
+wait_stored(0, 70, 'crash: after the restart the partition goes on past the gap');
+is( $node->safe_psql('postgres',
+		'SELECT count(*), min(log_start_offset), min(action) FROM dwh.kafka_gaps WHERE next_offset = 40'),
+	'1|50|skipped', 'crash: the gap is recorded once');
+is(orders_in_stg(570, 580), '0', 'crash: the lost orders are not in STG');
+is(orders_in_stg(580, 600), '20', 'crash: the orders after the gap are');
+
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
-	100 + 50 + 50 + 50 + 50 + 10 + 50 + 10 + 10 + 20,
+	100 + 50 + 50 + 50 + 50 + 10 + 50 + 10 + 10 + 20 + 10 + 10 + 20,
 	'every order that was not lost is in STG once');
 check_consistent($node, 'after the gaps');
 
