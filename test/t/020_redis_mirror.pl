@@ -4,7 +4,8 @@
 # dish, a dish moved to another category); missing keys; malformed values
 # dead-lettered once; a refresh that finds nothing changed writes nothing;
 # keys of another type, values whose _id is not their key, refused keys
-# read again on demand.
+# read again on demand; a user whose id the queue missed, found by the
+# refresh's comparison of the hubs with dwh.redis_keys.
 # Every step ends with dwh.verify() empty and both marts equal to a recount
 # of the orders and menus this test wrote, made here in Perl.
 
@@ -114,6 +115,9 @@ sub put_restaurant
 # The orders this test ingested: id => {user, dishes, status}.
 my %orders;
 
+# SQL run after the order in its transaction (section 8).
+my $with_order = '';
+
 sub ingest_order
 {
 	my ($id, $user, $restaurant, $status, $ts, @dishes) = @_;
@@ -139,7 +143,7 @@ sub ingest_order
 				update_ts => $ts
 			}
 		});
-	is(psql("SELECT dwh.ingest_order(\$m\$$msg\$m\$)"),
+	is(psql("BEGIN; SELECT dwh.ingest_order(\$m\$$msg\$m\$); $with_order COMMIT"),
 		'applied', "order $id applied at once, whatever Redis holds");
 	$orders{$id} =
 	  { user => user_id($user), dishes => [ map { dish_id($_) } @dishes ], status => $status };
@@ -427,6 +431,20 @@ wait_for(
 	'set back to new, each refused value is read again: one more dead letter each');
 wait_for("SELECT count(*) = $refused FROM dwh.redis_keys WHERE state = 'refused'",
 	'and refused again');
+
+# 8. The queue missed a key (here the order's transaction empties it, as a
+#    restore of DDS without dwh.redis_wanted would): with discovery off,
+#    only the refresh, which compares the hubs with dwh.redis_keys, finds
+#    the new user, and it is mirrored.
+put_user(12, 'Unqueued User', 'unqueued', '2023-08-13 08:00:00');
+$with_order = 'DELETE FROM dwh.redis_wanted;';
+ingest_order(1000014, 12, 1, 'CLOSED', '2023-09-10 10:00:00', 1);
+$with_order = '';
+is(psql(q{SELECT count(*) FROM dwh.redis_wanted WHERE key = '626a81ce9a8cd1920641e212'}),
+	'0', 'the new user is not queued');
+wait_for(
+	q{SELECT count(*) = 1 FROM stg.users WHERE object_id = '626a81ce9a8cd1920641e212'},
+	'a refresh finds the hub missing from dwh.redis_keys and mirrors it');
 
 check_marts('at the end');
 like(
