@@ -105,8 +105,9 @@ ok(wait_log($offset, qr/\[$redis_pid\] $timeout/, 3),
 ok(wait_log($offset, qr/\[$tags_pid\] $timeout/, 3),
 	'the tags worker fails three times on the lock (its expiry pass reads the rules)');
 # The retries back off as the README says: 0.5 s, doubled after each
-# failure in a row (up to 30 s, not reached here).  Between two failures
-# come the wait and the lock timeout (0.2 s) of the next attempt.
+# failure in a row, up to 30 s (the eighth wait is 30 s again, not 64).
+# Between two failures come the wait and the lock timeout (0.2 s) of the
+# next attempt.
 sub seconds_of
 {
 	my ($stamp) = @_;
@@ -115,20 +116,22 @@ sub seconds_of
 }
 foreach my $pid ($kafka_pid, $redis_pid, $tags_pid)
 {
-	ok(wait_log($offset, qr/\[$pid\] $timeout/, 6),
-		"process $pid fails six times on the lock");
+	ok(wait_log($offset, qr/\[$pid\] $timeout/, 9),
+		"process $pid fails nine times on the lock");
 	my @times = map { seconds_of($_) } (slurp_file($node->logfile, $offset) =~
 		  /^(\S+ \S+) \S+ \[$pid\] $timeout/mg);
 	my @off;
-	foreach my $i (1 .. 5)
+	foreach my $i (1 .. 8)
 	{
 		my $wait = 0.5 * 2**($i - 1);
+		$wait = 30 if $wait > 30;
 		my $gap = $times[$i] - $times[ $i - 1 ];
 		$gap += 86400 if $gap < 0;    # midnight
 		push @off, sprintf('%.2f s after a wait of %.1f s', $gap, $wait)
-		  if $gap < $wait || $gap > 1.5 * $wait + 0.5;
+		  if $gap < $wait || $gap > ($wait >= 16 ? $wait + 2 : 1.5 * $wait + 0.5);
 	}
-	is(join('; ', @off), '', "process $pid waits 0.5, 1, 2, 4 and 8 s between its failures");
+	is(join('; ', @off), '',
+		"process $pid waits 0.5, 1, 2, 4, 8, 16, 30 and 30 s between its failures");
 }
 
 foreach my $worker ('kafka 1', 'redis', 'tags')
