@@ -3,10 +3,10 @@
 # an error of the database (here a lock timeout on the worker's own table,
 # raised again and again) is published in dwh.status with its SQLSTATE, the
 # worker says it retries, and it goes on by itself once the lock is gone.
-# The retries back off: 0.5 s, doubled after each failure in a row, and
-# from 0.5 s again once the worker has recovered (a Kafka worker that
-# recovered with nothing to apply kept its last wait, and slept it again
-# before its next connection); a SIGTERM ends a backoff at once.
+# The retries back off: 0.5 s, doubled after each failure in a row up to
+# 30 s, and from 0.5 s again once the worker has recovered (a Kafka worker
+# that recovered with nothing to apply kept its last wait, and slept it
+# again before its next connection); a SIGTERM ends a backoff at once.
 # Recovering leaves nothing behind: after several errors each worker still
 # has one of each of its memory contexts (the Kafka worker used to create a
 # new loop context at every error and keep the old one).
