@@ -19,7 +19,6 @@
 #include "postgres.h"
 
 #include <pthread.h>
-#include <signal.h>
 
 #include "miscadmin.h"
 #include "port/atomics.h"
@@ -29,6 +28,7 @@
 #include "utils/wait_event.h"
 
 #include "dwh_kafka_destroy.h"
+#include "dwh_worker.h"
 
 /* Shared with the destroying thread: malloc'd, as it may outlive the wait. */
 typedef struct DestroyJob
@@ -64,8 +64,6 @@ dwh_kafka_destroy_within(rd_kafka_t *rk, int flags, int timeout_ms)
 {
 	DestroyJob *job;
 	pthread_t	thread;
-	sigset_t	all;
-	sigset_t	old;
 	TimestampTz deadline;
 	int			rc;
 
@@ -79,11 +77,7 @@ dwh_kafka_destroy_within(rd_kafka_t *rk, int flags, int timeout_ms)
 	job->flags = flags;
 	pg_atomic_init_u32(&job->done, 0);
 
-	/* The thread inherits this mask: the server's handlers stay ours. */
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	rc = pthread_create(&thread, NULL, destroy_main, job);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	rc = dwh_worker_start_thread(&thread, destroy_main, job);
 	if (rc != 0)
 	{
 		free(job);

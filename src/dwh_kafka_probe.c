@@ -20,7 +20,6 @@
 #include "postgres.h"
 
 #include <pthread.h>
-#include <signal.h>
 
 #include "miscadmin.h"
 #include "port/atomics.h"
@@ -28,6 +27,7 @@
 #include "utils/wait_event.h"
 
 #include "dwh_kafka_probe.h"
+#include "dwh_worker.h"
 
 /* Shared with the asking thread: malloc'd, as it may outlive the wait. */
 typedef struct ProbeJob
@@ -68,8 +68,6 @@ dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 	rd_kafka_topic_partition_t *tp;
 	rd_kafka_resp_err_t err;
 	pthread_t	thread;
-	sigset_t	all;
-	sigset_t	old;
 	int			rc;
 
 	job = malloc(sizeof(ProbeJob));
@@ -85,11 +83,7 @@ dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 	job->err = RD_KAFKA_RESP_ERR_NO_ERROR;
 	pg_atomic_init_u32(&job->done, 0);
 
-	/* The thread inherits this mask: the server's handlers stay ours. */
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	rc = pthread_create(&thread, NULL, probe_main, job);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	rc = dwh_worker_start_thread(&thread, probe_main, job);
 	if (rc != 0)
 		probe_main(job);		/* no thread: ask from here */
 	else

@@ -38,6 +38,8 @@
  */
 #include "postgres.h"
 
+#include <signal.h>
+
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "commands/dbcommands.h"
@@ -167,6 +169,28 @@ dwh_worker_backoff(long timeout_ms)
 			return;
 		dwh_worker_wait(left);
 	}
+}
+
+/*
+ * dwh_worker_start_thread
+ *		pthread_create() a thread that takes no signal: it inherits the mask
+ *		it is created with, all blocked, so that the server's handlers
+ *		always run in the worker's own thread.  The thread must call nothing
+ *		of PostgreSQL's.  Returns pthread_create()'s result.
+ */
+int
+dwh_worker_start_thread(pthread_t *thread, void *(*thread_main) (void *),
+						void *arg)
+{
+	sigset_t	all;
+	sigset_t	old;
+	int			rc;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	rc = pthread_create(thread, NULL, thread_main, arg);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return rc;
 }
 
 /*

@@ -10,6 +10,8 @@
 #ifndef DWH_WORKER_H
 #define DWH_WORKER_H
 
+#include <pthread.h>
+
 #include "dwh_status.h"
 
 /* Waits between attempts after an error: doubled from MIN up to MAX. */
@@ -26,6 +28,8 @@ extern void dwh_worker_wait(long timeout_ms);
 extern void dwh_worker_backoff(long timeout_ms);
 extern void dwh_worker_wait_for_signal(void);
 extern int	dwh_worker_next_backoff(int backoff_ms);
+extern int	dwh_worker_start_thread(pthread_t *thread,
+									void *(*thread_main) (void *), void *arg);
 
 extern void dwh_worker_set_state_logged(const char *state, const char *hint);
 extern bool dwh_worker_note_logged(const char *text);
