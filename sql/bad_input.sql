@@ -145,17 +145,39 @@ SELECT count(*) AS order_666 FROM stg.order_events WHERE object_id = 666;
 CREATE OR REPLACE FUNCTION t.reject_666() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.object_id = 666 THEN
-        RAISE EXCEPTION 'could not serialize' USING ERRCODE = 'serialization_failure';
+        RAISE EXCEPTION 'order 666 meets %', current_setting('t.errcode')
+            USING ERRCODE = current_setting('t.errcode');
     END IF;
     RETURN NEW;
 END $$;
+SET t.errcode = '40001';
 DELETE FROM dwh.dead_letters;
 SELECT * FROM dwh.ingest_orders(ARRAY[
     convert_to(t.order_msg(8, 'u5', 'CLOSED', '2023-04-05 13:00:00', t.items('d5:Долма')), 'UTF8'),
     convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 14:00:00', t.items('d5:Долма')), 'UTF8')]);
 SELECT count(*) AS dead_letters FROM dwh.dead_letters;
 SELECT count(*) AS order_8 FROM stg.order_events WHERE object_id = 8;
+
+-- So are the README's others: a deadlock, a cancel, disk or memory full, a
+-- missing privilege, a lock timeout, an internal error.  Only an error of a
+-- data class (here 22023) dead-letters the culprit and applies the rest.
+CREATE FUNCTION t.ingest_8_and_666(errcode text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('t.errcode', errcode, true);
+    PERFORM dwh.ingest_orders(ARRAY[
+        convert_to(t.order_msg(8, 'u5', 'CLOSED', '2023-04-05 13:00:00', t.items('d5:Долма')), 'UTF8'),
+        convert_to(t.order_msg(666, 'u5', 'CLOSED', '2023-04-05 14:00:00', t.items('d5:Долма')), 'UTF8')]);
+    RETURN format('returned: %s dead letter(s), order 8 %s',
+                  (SELECT count(*) FROM dwh.dead_letters),
+                  CASE WHEN EXISTS (SELECT FROM stg.order_events WHERE object_id = 8)
+                       THEN 'applied' ELSE 'not applied' END);
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+    RETURN 'raised ' || SQLSTATE || ': ' || SQLERRM;
+END $$;
+SELECT errcode, t.ingest_8_and_666(errcode)
+FROM unnest(ARRAY['40P01', '57014', '53100', '53200', '42501', '55P03', 'XX000', '22023']) AS errcode;
 DROP TRIGGER reject_666 ON stg.order_events;
+DELETE FROM dwh.dead_letters;
 
 -- Arguments that are wrong, not messages.
 SELECT * FROM dwh.ingest_orders(NULL);
