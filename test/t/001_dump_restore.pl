@@ -1,7 +1,9 @@
 # Backups: pg_dump -Fc of a loaded warehouse, restored with pg_restore into
 # a fresh database, must bring back every row of every stg, dds and cdm
 # table (DDS and the marts rebuilt from STG by the triggers, equal but for
-# their load-time columns) and of dwh.dead_letters, leave verify() empty,
+# their load-time columns) and of dwh.dead_letters and the workers' tables
+# (stored offsets, gaps, Redis keys and the queue of wanted ids), leave
+# verify() empty,
 # and restore the sequences so that the next order gets a fresh id.  Tag
 # rules, tags (with the time each was granted) and tag events come back as
 # they were dumped, not granted again, and a new order grants a tag with an
@@ -197,16 +199,36 @@ DELETE FROM dwh.tag_rules WHERE tag = 'dropped';
 is($node->safe_psql($src, 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'marts consistent before the dump');
 
+# The workers' operational tables: stored offsets (as dwh.kafka_seek()
+# writes them), a closed gap and an open one, the Redis keys known in each
+# state; dwh.redis_wanted holds the ids the orders' hubs queued (no Redis
+# worker runs here).
+$node->safe_psql($src, q{
+SELECT dwh.kafka_seek(0, 420, 'orders'), dwh.kafka_seek(1, 77, 'orders');
+INSERT INTO dwh.kafka_gaps (topic, kafka_partition, next_offset, log_start_offset,
+                            log_end_offset, action, detected_at, resumed_offset, resumed_at)
+VALUES ('orders', 0, 300, 350, 400, 'skipped', '2023-04-08 10:00:00+00', 350, '2023-04-08 10:00:00+00'),
+       ('orders', 1, 77, 80, 90, 'stopped', '2023-04-08 11:00:00+00', NULL, NULL);
+INSERT INTO dwh.redis_keys (key, kind, state, value_hash, reason, first_seen_at, changed_at)
+VALUES ('626a81ce9a8cd1920641e201', 'user', 'mirrored', '\x00112233445566778899aabbccddeeff',
+        NULL, '2023-04-01 10:00:00+00', '2023-04-02 10:00:00+00'),
+       ('626a81ce9a8cd1920641e202', 'user', 'missing', NULL, NULL, '2023-04-01 10:00:00+00', NULL),
+       ('some:other:key', 'unknown', 'refused', NULL, 'value of unknown shape', '2023-04-01 10:00:00+00', NULL),
+       ('a51e4e31ae4602047ec52599', 'restaurant', 'new', NULL, NULL, '2023-04-03 10:00:00+00', NULL);
+});
+
 # Row count and checksum of every table holding data of the warehouse: all
-# tables of stg, dds and cdm, and dwh.dead_letters, the tag rules and the
-# tag feed's outbox.
+# tables of stg, dds and cdm, and dwh.dead_letters, the tag rules, the tag
+# feed's outbox and the workers' tables.
 my $tables = $node->safe_psql(
 	$src, q{
 SELECT format('%I.%I', n.nspname, c.relname)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
   AND (n.nspname IN ('stg', 'dds', 'cdm')
-       OR (n.nspname = 'dwh' AND c.relname IN ('dead_letters', 'tag_rules', 'tag_outbox')))
+       OR (n.nspname = 'dwh' AND c.relname IN ('dead_letters', 'tag_rules', 'tag_outbox',
+                                               'kafka_offsets', 'kafka_gaps',
+                                               'redis_keys', 'redis_wanted')))
 ORDER BY 1});
 my @tables = split /\n/, $tables;
 ok(scalar(@tables) >= 20, 'found ' . scalar(@tables) . ' warehouse tables');
@@ -227,10 +249,14 @@ sub table_fingerprint
 	push @load_time, 'id' if $table =~ /^cdm\./ && $table ne 'cdm.user_tag_events';
 	push @load_time, 'since' if $table eq 'cdm.user_tags_held';
 	my $drop = join(', ', map { "'$_'" } @load_time);
+	# The queue of ids for the Redis worker gets each id again when the
+	# restore rebuilds the hubs; the worker takes each once (DISTINCT ON,
+	# ON CONFLICT DO NOTHING), so what it holds is the set of its rows.
+	my $distinct = $table eq 'dwh.redis_wanted' ? 'DISTINCT' : '';
 	return $node->safe_psql(
 		$db, qq{
 SELECT count(*), md5(coalesce(string_agg(r, E'\\n' ORDER BY r), ''))
-FROM (SELECT (to_jsonb(t) - ARRAY[$drop])::text AS r FROM $table t) s});
+FROM (SELECT $distinct (to_jsonb(t) - ARRAY[$drop])::text AS r FROM $table t) s});
 }
 
 # The same over (id, loaded_at) of an STG table.
@@ -253,7 +279,8 @@ for my $t ('stg.order_events', 'stg.other_events', 'stg.users',
 	'stg.restaurants', 'dds.h_order', 'dds.s_order_status', 'dds.s_user_names',
 	'dds.l_product_category', 'cdm.user_product_counters',
 	'cdm.user_category_counters', 'cdm.user_order_counters', 'cdm.user_tags_held',
-	'cdm.user_tag_events', 'dwh.tag_rules', 'dwh.dead_letters', 'dwh.tag_outbox')
+	'cdm.user_tag_events', 'dwh.tag_rules', 'dwh.dead_letters', 'dwh.tag_outbox',
+	'dwh.kafka_offsets', 'dwh.kafka_gaps', 'dwh.redis_keys', 'dwh.redis_wanted')
 {
 	my ($count) = split /\|/, ($before{$t} // '0');
 	ok($count > 0, "$t has rows before the dump ($count)");
