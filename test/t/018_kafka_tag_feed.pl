@@ -7,7 +7,8 @@
 # per user), each user and tag in id order.
 #
 #  0. No topic set: events are written, nothing is queued or produced, and
-#     the outbox stays empty.
+#     the outbox stays empty; a session listening on dwh_user_tags hears
+#     each event, notified by the Kafka workers.
 #  1. A topic set by reload: every event from then on reaches it, once.
 #  2. kill -9 of the tags worker while events are pending (the server
 #     restarts): none is lost.
@@ -96,10 +97,31 @@ my $producing = qq{producing tag events to topic "$topic"};
 psql(q{INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES
        ('favourite', 'favourite_category', 1), ('regular', 'all_orders', 3)});
 
-# 0. No topic: events are written, nothing is queued.
+# 0. No topic: events are written, nothing is queued.  An application
+#    listening on dwh_user_tags hears each event the Kafka workers' batches
+#    commit, from the workers' processes.
+my $listener = $node->background_psql('postgres');
+$listener->query_safe('LISTEN dwh_user_tags');
 generate_orders("$tmp/o0.txt", '--count 600 --seed 40 --first-id 100000 --reversals 0.05');
 produce($broker, "$tmp/o0.txt");
 ok(wait_for($node, 'SELECT count(*) >= 600 FROM stg.order_events'), 'phase 0 orders applied');
+my $heard = $listener->query_safe('SELECT 1');
+$listener->quit;
+my (%heard_ids, %heard_pids);
+while ($heard =~ /^Asynchronous notification "dwh_user_tags" with payload "(.*)" received from server process with PID (\d+)\.$/mg)
+{
+	my ($payload, $pid) = ($1, $2);
+	$heard_ids{$1}++ if $payload =~ /"id" : (\d+)/;
+	$heard_pids{$pid} = 1;
+}
+is( join(',', map { "$_ x$heard_ids{$_}" } sort { $a <=> $b } keys %heard_ids),
+	psql(q{SELECT string_agg(id || ' x1', ',' ORDER BY id) FROM cdm.user_tag_events}),
+	'a listener hears each event of the Kafka workers\' batches once');
+is( join(',', sort keys %heard_pids),
+	psql(q{SELECT string_agg(pid::text, ',' ORDER BY pid::text) FROM dwh.status
+	       WHERE worker LIKE 'kafka%' AND pid::text = ANY (string_to_array('}
+		  . join(',', keys %heard_pids) . q{', ','))}),
+	'from the Kafka workers\' processes');
 ok(wait_for($node, "SELECT state = 'idle: dwh.tags_expire_interval is 0 and dwh.tags_topic is empty' FROM dwh.status WHERE worker = 'tags'"),
 	'without a topic the tags worker idles, and says why');
 my $before_topic = psql('SELECT max(id) FROM cdm.user_tag_events');

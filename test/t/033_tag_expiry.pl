@@ -2,7 +2,7 @@
 # inside the window's edge and one well inside it.  Both users are granted
 # the tag by the ingest; the tags worker revokes the first within
 # dwh.tags_expire_interval after its order leaves the window, with a revoke
-# event, and the second keeps it.  dwh.status shows the worker's state and
+# event that a listener on dwh_user_tags hears, and the second keeps it.  dwh.status shows the worker's state and
 # its last pass.  The passes run READ COMMITTED whatever the server's
 # default isolation (here serializable, which dwh.expire_tags() and every
 # write of the warehouse refuse: the test's own writes set READ COMMITTED);
@@ -51,6 +51,11 @@ is(psql(q{SELECT string_agg(u.user_id, ',' ORDER BY u.user_id) FROM cdm.user_tag
 	'edge,inside', 'both users hold the windowed tag');
 my $edge = psql(q{SELECT o.order_dt + interval '1 day' FROM dds.h_order o WHERE o.order_id = 1});
 
+# A session listening on dwh_user_tags hears the revoke from the tags
+# worker.
+my $listener = $node->background_psql('postgres');
+$listener->query_safe('LISTEN dwh_user_tags');
+
 # The pass that revokes it reports its event: the status is polled while
 # it is the last pass (it stays so for the interval).
 my $seen = 0;
@@ -75,6 +80,13 @@ is(psql(q{SELECT string_agg(u.user_id || ' ' || e.kind || ' ' || e.order_cnt, ',
           FROM cdm.user_tag_events e JOIN dds.h_user u ON u.h_user_pk = e.user_id}),
 	'edge grant 1, inside grant 1, edge revoke 0',
 	'the revoke has its event, after the two grants');
+my $heard = $listener->query_safe('SELECT 1');
+$listener->quit;
+my @heard = $heard =~ /^Asynchronous notification "dwh_user_tags" with payload "(.*)" received from server process with PID (\d+)\.$/mg;
+is( join(' ', map { s/"user_id" : "[^"]*"/"user_id" : U/r } @heard),
+	psql(q{SELECT '{"id" : ' || e.id || ', "user_id" : U, "tag" : "recent", "kind" : "revoke"} ' || s.pid
+	       FROM cdm.user_tag_events e, dwh.status s WHERE e.kind = 'revoke' AND s.worker = 'tags'}),
+	'a listener hears the revoke once, from the tags worker');
 my $late = psql(qq{SELECT extract(epoch FROM e.at - '$edge'::timestamp AT TIME ZONE 'UTC')
                    FROM cdm.user_tag_events e WHERE e.kind = 'revoke'});
 note("revoked $late s after the order left the window");
