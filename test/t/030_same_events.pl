@@ -20,6 +20,10 @@
 #               world's first message with dwh.kafka_seek()
 #   restore_j   pg_dump -Fc of one of them, pg_restore -j 4 into a new database
 #   restore_data  the same dump, pg_restore --data-only after CREATE EXTENSION
+#   icu         one statement per event, in a random order, in a database
+#               whose default collation is ICU's root locale (the others
+#               sort by bytes): names differing in case and script sort
+#               otherwise there, and every tie must still be broken by bytes
 #
 # Proven for each database: every statement succeeds and nothing is
 # dead-lettered; dwh.verify() is empty; every table of stg, dds and cdm
@@ -275,8 +279,19 @@ UPDATE dwh.tag_rules SET window_as_of = '2100-04-01 09:55:00' WHERE window_days 
 # brings them.
 sub create_database
 {
-	my ($db, $with_extension, $restore) = @_;
-	sql('postgres', qq{CREATE DATABASE "$db"});
+	my ($db, $with_extension, $restore, $icu) = @_;
+	if ($icu)
+	{
+		sql('postgres', qq{CREATE DATABASE "$db" TEMPLATE template0 ENCODING 'UTF8'
+		                   LOCALE_PROVIDER icu ICU_LOCALE 'und'});
+		# ICU's root order is not the bytes': 'plov' < 'Plov' < 'Салаты'.
+		sql($db, q{SELECT 'plov' < 'Plov' AND 'Plov' < 'Салаты' AND 'plov' > 'Plov' COLLATE "C"})
+		  eq 't' or die "database $db does not sort by ICU's root locale";
+	}
+	else
+	{
+		sql('postgres', qq{CREATE DATABASE "$db"});
+	}
 	sql($db, 'CREATE EXTENSION dwh') if $with_extension;
 	sql($db, tag_rules_statement()) if $with_extension && !$restore;
 	return;
@@ -461,6 +476,11 @@ sub make_plans
 	$source = $rng->pick('inorder', 'shuffled', 'batches', 'concurrent', 'copy', 'kafka');
 	push @plans, { name => 'restore_data', path => 'd', source => $source, data_only => 1,
 		what => "pg_restore --data-only of a dump of $source after CREATE EXTENSION" };
+
+	# Every tie-break and name comparison is by bytes, whatever the
+	# database's default collation.
+	push @plans, { name => 'icu', path => 'a', order => [ $rng->shuffle(@n) ], icu => 1,
+		what => 'in a random order, in a database sorting by ICU\'s root locale' };
 	return \@plans;
 }
 
@@ -489,7 +509,7 @@ sub build_database
 		return @errors;
 	}
 
-	create_database($db, 1);
+	create_database($db, 1, 0, $plan->{icu});
 	if ($plan->{path} eq 'a')
 	{
 		@statements = map { event_statement($by_n->{$_}) } @order;
@@ -725,9 +745,14 @@ sub snapshot
 		my $header = 'columns: ' . join(', ', map { $_->{name} } @columns);
 		my $row = 'concat_ws(\' | \', '
 		  . join(', ', map { qq{coalesce("$_->{name}"::text, 'NULL')} } @columns) . ')';
+		# By bytes whatever the database's collation (jsonb sorts its
+		# strings by it).
 		my $order = join(', ',
-			map { $_->{type} =~ /char|text/ ? qq{"$_->{name}" COLLATE "C"} : qq{"$_->{name}"} }
-			  @columns);
+			map {
+				    $_->{type} =~ /char|text/ ? qq{"$_->{name}" COLLATE "C"}
+				  : $_->{type} eq 'jsonb' ? qq{"$_->{name}"::text COLLATE "C"}
+				  : qq{"$_->{name}"}
+			} @columns);
 		push @parts, "SELECT 'table:$t', to_json(" . quote_literal("$header\n")
 		  . " || coalesce((SELECT string_agg($row, E'\\n' ORDER BY $order) FROM $t), ''))";
 	}
