@@ -17,7 +17,7 @@ WITH menu AS (
     SELECT DISTINCT ON (e->>'_id') e->>'_id' AS product_id, e->>'category' AS category
     FROM stg.restaurants r, jsonb_array_elements(r.payload->'menu') e
     WHERE e->>'_id' <> '' AND e->>'category' <> ''
-    ORDER BY e->>'_id', r.payload->>'update_ts_utc' DESC, e->>'category' DESC
+    ORDER BY e->>'_id', r.payload->>'update_ts_utc' DESC, e->>'category' COLLATE "C" DESC
 )
 SELECT o.payload->'user'->>'id' AS user_id, m.category,
        count(DISTINCT o.object_id)::integer AS order_cnt
