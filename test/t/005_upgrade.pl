@@ -817,8 +817,23 @@ $node->safe_psql('postgres', 'CREATE DATABASE c');
 $node->safe_psql('c', q{CREATE EXTENSION dwh VERSION '1.0'});
 $node->command_ok([ 'pg_restore', '--data-only', '-d', 'c', "$dir/a-1.0.dump" ],
 	'pg_restore --data-only of the 1.0 dump into 1.0');
-($ret, $out, $err) = $node->psql('c', 'ALTER EXTENSION dwh UPDATE');
-is($ret, 0, 'the restored 1.0 warehouse is updated') or diag($err);
+# The update holds STG, DDS and the marts it recomputes until it commits:
+# readers wait too (README, "Upgrading").
+my $updater = $node->background_psql('c', on_error_stop => 0);
+$updater->query('BEGIN; ALTER EXTENSION dwh UPDATE');
+# Its WARNING (the differences kept aside) is expected; an ERROR is not.
+is($updater->{stderr} =~ /ERROR/ ? $updater->{stderr} : '', '',
+	'the restored 1.0 warehouse is updated');
+$updater->{stderr} = '';
+foreach my $t ('stg.order_events', 'stg.users', 'dds.h_order', 'dds.s_order_status',
+	'cdm.user_product_counters', 'cdm.user_category_counters')
+{
+	my ($r, $o, $e) = $node->psql('c', "SET lock_timeout = '200ms'; SELECT count(*) FROM $t");
+	like($e, qr/ERROR:  canceling statement due to lock timeout/,
+		"a reader of $t waits while the update runs");
+}
+$updater->query_safe('COMMIT');
+$updater->quit;
 is($node->safe_psql('c', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty in it');
 for my $t ((split / /, $tables), 'dwh_update_1_1.vault_differences')
@@ -870,6 +885,8 @@ $node->safe_psql('e', 'DELETE FROM dwh.dead_letters WHERE id = 2');
 $node->safe_psql('e', 'ALTER EXTENSION dwh UPDATE');
 is($node->safe_psql('e', q{SELECT extversion FROM pg_extension WHERE extname = 'dwh'}),
 	$version, 'without the repeat it is');
+is($node->safe_psql('e', q{SELECT count(*) FROM pg_namespace WHERE nspname = 'dwh_update_1_1'}),
+	'0', 'with no row of DDS differing, no schema of differences is left');
 
 for my $t ('stg.order_events', 'stg.users', 'stg.restaurants', 'dds.s_order_status',
 	'dds.s_product_names', 'dds.l_product_category', 'cdm.user_product_counters',
