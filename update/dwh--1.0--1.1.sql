@@ -782,22 +782,24 @@ BEGIN
         ON CONFLICT DO NOTHING;
     END IF;
 
-    IF missing.restaurants IS NOT NULL OR missing.users IS NOT NULL
-       OR missing.pair_products IS NOT NULL THEN
-        WITH restaurant_hub AS (
-            INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-            SELECT dwh.hash_key(restaurant_id), restaurant_id, now(), 'stg.order_events'
-            FROM unnest(missing.restaurants) AS r(restaurant_id)
-            ORDER BY 1
-            ON CONFLICT DO NOTHING
-        ),
-        user_hub AS (
-            INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-            SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
-            FROM unnest(missing.users) AS u(user_id)
-            ORDER BY 1
-            ON CONFLICT DO NOTHING
-        )
+    -- One statement each, in the lock order (data-modifying CTEs would run
+    -- after the statement's own insert, in an order PostgreSQL does not
+    -- promise).
+    IF missing.restaurants IS NOT NULL THEN
+        INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
+        SELECT dwh.hash_key(restaurant_id), restaurant_id, now(), 'stg.order_events'
+        FROM unnest(missing.restaurants) AS r(restaurant_id)
+        ORDER BY 1
+        ON CONFLICT DO NOTHING;
+    END IF;
+    IF missing.users IS NOT NULL THEN
+        INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+        SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
+        FROM unnest(missing.users) AS u(user_id)
+        ORDER BY 1
+        ON CONFLICT DO NOTHING;
+    END IF;
+    IF missing.pair_products IS NOT NULL THEN
         INSERT INTO dds.l_product_restaurant
                (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
         SELECT dwh.hash_key(p.h_product_pk, r.h_restaurant_pk), p.h_product_pk,
