@@ -126,6 +126,9 @@ SELECT * FROM dwh.ingest_orders(ARRAY[
     convert_to(t.order_msg(7, 'u5', 'CLOSED', '2023-04-05 12:00:00', t.items('d5:Долма')), 'UTF8')]);
 SELECT sqlstate, reason FROM dwh.dead_letters;
 SELECT * FROM t.products WHERE user_id = 'u5';
+-- The others are written again as one batch, by one (sub)transaction.
+SELECT count(DISTINCT xmin::text) AS writers_of_5_and_7
+FROM stg.order_events WHERE object_id IN (5, 7);
 
 -- Culprits only: a lone message, and a batch whose every message fails on
 -- its own, are dead-lettered too.  Both once freed an error twice and

@@ -46,6 +46,11 @@ SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, product_id) VALUES ('x', 'd
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, category_name)
                VALUES ('x', 'favourite_category', 'Супы')$$) AS category_for_favourite;
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind) VALUES ('', 'all_orders')$$) AS empty_name;
+SELECT t.try(format($$INSERT INTO dwh.tag_rules (tag, kind) VALUES (%L, 'all_orders')$$,
+                    repeat('я', 201))) AS name_of_201_characters;
+SELECT t.try(format($$INSERT INTO dwh.tag_rules (tag, kind) VALUES (%L, 'all_orders')$$,
+                    repeat('я', 200))) AS name_of_200_characters;
+DELETE FROM dwh.tag_rules WHERE length(tag) = 200;
 -- One in full: the detail and hint say what to write.
 INSERT INTO dwh.tag_rules (tag, kind, window_days) VALUES ('recent', 'all_orders', 0);
 INSERT INTO dwh.tag_rules (tag, kind, product_id) VALUES ('plov', 'category', 'd1');
@@ -154,9 +159,10 @@ SELECT t.try($$UPDATE dwh.tag_rules SET threshold = 5 WHERE tag = 'regular'$$) A
 ROLLBACK;
 -- TRUNCATE would leave the tags held: refused.
 TRUNCATE dwh.tag_rules;
+SELECT t.try('TRUNCATE dwh.tag_rules') AS truncate_sqlstate;
 
--- Windowed rules count the orders dated within window_days before the
--- rule's window_as_of.  u3 has an order dated 31 days ago (never counted),
+-- Windowed rules count the orders dated at most window_days before the
+-- rule's window_as_of (and later ones).  u3 has an order dated 31 days ago (never counted),
 -- one dated 30 days minus 2 seconds ago, u4 one dated yesterday.
 INSERT INTO dwh.tag_rules (tag, kind, category_name, threshold, window_days)
 VALUES ('active', 'all_orders', NULL, 1, 30), ('active soups', 'category', 'Супы', 1, 30);

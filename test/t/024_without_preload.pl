@@ -1,11 +1,13 @@
 # dwh loaded without shared_preload_libraries: CREATE EXTENSION, LOAD and
 # every SQL entry point work (it used to end the session with "FATAL:
 # cannot create PGC_POSTMASTER variables after startup"), the workers are
-# absent, and dwh.status says why and what to do.
+# absent, and dwh.status says why and what to do; the exporter's query of
+# the workers reports one worker, none, down.
 
 use strict;
 use warnings;
 
+use FindBin;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -39,6 +41,16 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty');
 is($node->safe_psql('postgres', q{LOAD 'dwh'; SHOW dwh.kafka_consumers}), '1',
 	'once loaded, dwh.kafka_consumers is defined (and read by nothing)');
+
+# The exporter's query of the workers (monitoring/queries.yaml) reports
+# one worker "none", down, which DwhWorkerAbsent takes up
+# (docs/monitoring.md).
+my ($worker_query) = slurp_file("$FindBin::RealBin/../../monitoring/queries.yaml")
+  =~ /^dwh_worker:\n  master: true\n  query: \|\n(.*?)^  metrics:/ms
+  or die 'no dwh_worker query in monitoring/queries.yaml';
+$worker_query =~ s/^    //mg;
+is($node->safe_psql('postgres', "SELECT worker, kind, up FROM ($worker_query) q"),
+	'none|none|0', 'the exporter\'s worker query reports worker none, down');
 
 $node->stop;
 done_testing();

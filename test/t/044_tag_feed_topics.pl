@@ -12,6 +12,11 @@
 #     and produced.
 #  5. A commit that queues an event wakes the worker: it is produced at
 #     once, not at the worker's next look.
+#  6. The topic emptied while an event waits for the broker: it stays in
+#     the outbox, counted pending, and is produced when a topic and a
+#     broker are set again.
+#  7. Outbox rows that no commit announced (a restore) are produced at the
+#     worker's next look.
 
 use strict;
 use warnings;
@@ -160,6 +165,38 @@ foreach my $n (6 .. 10)
 	push @late, "user $n: $ms ms" if $ms >= 500;
 }
 is(join('; ', @late), '', 'each grant is acknowledged within 500 ms of its transaction');
+
+# 6. The topic emptied while an event waits for the broker: it stays in
+#    the outbox, counted as pending, and is produced once a topic and a
+#    broker are set again.
+reload('dwh.kafka_brokers', '');
+$last = psql('SELECT max(id) FROM cdm.user_tag_events');
+order_of_new_user(11);
+my $waiting = event_ids("id > $last");
+reload('dwh.tags_topic', '');
+ok( wait_for(
+		$node,
+		q{SELECT state = 'idle: dwh.tags_expire_interval is 0 and dwh.tags_topic is empty'
+		  AND events_pending = 1 FROM dwh.status WHERE worker = 'tags'}),
+	'with the topic emptied the waiting event is still counted pending')
+  or diag(tags_status());
+is(psql('SELECT string_agg(event_id::text, \',\') FROM dwh.tag_outbox'),
+	$waiting, 'and stays in the outbox');
+reload('dwh.tags_topic', 'tags-new');
+reload('dwh.kafka_brokers', $mock->{bootstrap});
+ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'), 'a topic and a broker set again: it is produced')
+  or diag(tags_status());
+my @new_ids = split /,/, topic_ids('tags-new');
+is(scalar(grep { $_ == $waiting } @new_ids), 1, 'once');
+
+# 7. A row put in the outbox by a plain INSERT, which wakes nobody (as a
+#    restore's COPY does): produced at the worker's next look.
+my $restored = (split /,/, $pending)[0];
+psql("INSERT INTO dwh.tag_outbox (event_id) VALUES ($restored)");
+ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'), 'the restored row is produced')
+  or diag(tags_status());
+@new_ids = split /,/, topic_ids('tags-new');
+is(scalar(grep { $_ == $restored } @new_ids), 2, 'its event is in the topic again (a restored outbox is produced)');
 
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 
