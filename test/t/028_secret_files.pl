@@ -203,6 +203,7 @@ wait_kafka(
 	qr/invalid Kafka options in the file named by dwh\.kafka_options_file: librdkafka property "group\.id" is managed by dwh$/,
 	'a property dwh manages is refused in the file too');
 
+my $log_offset = -s $node->logfile;
 write_secret_file($kafka_file,
 	"sasl.mechanisms=PLAIN sasl.username=dwh sasl.password='$kafka_password'\n",
 	0644);
@@ -210,6 +211,15 @@ $node->reload;
 wait_kafka(
 	qr/the file named by dwh\.kafka_options_file has group or world access/,
 	'a Kafka options file readable by others is refused');
+# Reported once, by the worker: sessions never read the file, and the
+# worker does not repeat itself while the file stays as it is.
+$node->safe_psql('postgres', 'SHOW dwh.kafka_options_file') foreach 1 .. 3;
+sleep(6);
+my @reports = slurp_file($node->logfile, $log_offset) =~ /^.*group or world access.*$/mg;
+is(scalar(@reports), 1, 'the refused file is reported once in the log')
+  or diag(join("\n", @reports));
+like($reports[0] // '', qr/\[\Q@{[ $node->safe_psql('postgres', q{SELECT pid FROM dwh.status WHERE worker = 'kafka 1'}) ]}\E\]/,
+	'by the Kafka worker');
 
 chmod 0600, $kafka_file;
 $node->reload;
