@@ -2,11 +2,12 @@
 # inside the window's edge and one well inside it.  Both users are granted
 # the tag by the ingest; the tags worker revokes the first within
 # dwh.tags_expire_interval after its order leaves the window, with a revoke
-# event that a listener on dwh_user_tags hears, and the second keeps it.  dwh.status shows the worker's state and
-# its last pass.  The passes run READ COMMITTED whatever the server's
-# default isolation (here serializable, which dwh.expire_tags() and every
-# write of the warehouse refuse: the test's own writes set READ COMMITTED);
-# an interval of 0 stops them.
+# event that a listener on dwh_user_tags hears, and the second keeps it.
+# dwh.status shows the worker's state and its last pass.  The passes run
+# READ COMMITTED whatever the server's default isolation (here
+# serializable, which dwh.expire_tags() and every write of the warehouse
+# refuse: the test's own writes set READ COMMITTED); an interval of 0 stops
+# them.  Without a windowed rule a pass takes no lock.
 
 use strict;
 use warnings;
@@ -39,6 +40,19 @@ sub order
 	my $date = psql("SELECT to_char(now() AT TIME ZONE 'UTC' - interval '$age', 'YYYY-MM-DD HH24:MI:SS')");
 	return psql(qq{SET default_transaction_isolation = 'read committed'; SELECT dwh.ingest_order(\$m\${"object_id": $id, "object_type": "order", "sent_dttm": "$date", "payload": {"restaurant": {"id": "r1"}, "date": "$date", "user": {"id": "$user"}, "order_items": [{"id": "d1", "name": "Плов", "price": 100, "quantity": 1}], "bonus_payment": 0, "cost": 100, "payment": 100, "bonus_grant": 0, "statuses": [{"status": "CLOSED", "dttm": "$date"}], "final_status": "CLOSED", "update_ts": "$date"}}\$m\$::text)});
 }
+
+# Without a windowed rule a pass only reads dwh.tag_rules: it takes no
+# lock, so passes go on while a session holds the tag lock shared (which
+# dwh.expire_tags() would wait for: it takes it exclusive).
+my $holder = $node->background_psql('postgres');
+$holder->query_safe('SELECT pg_advisory_lock_shared(dwh.tag_lock_key())');
+my $passes_before = psql(q{SELECT expiry_passes FROM dwh.status WHERE worker = 'tags'});
+ok( wait_for(
+		$node,
+		"SELECT expiry_passes >= $passes_before + 2 FROM dwh.status WHERE worker = 'tags'",
+		4 * $interval),
+	'without a windowed rule, passes go on while the tag lock is held');
+$holder->quit;
 
 # Passes run, and say so, while there is no rule too: with a window the
 # rule moves at each pass.
