@@ -51,13 +51,12 @@ sub reload_setting
 	return;
 }
 
-# Messages and batches a worker has applied since it started.
-sub batches_and_messages
+# Batches the Kafka worker has committed since it started.
+sub batches_committed
 {
 	my ($node) = @_;
-	return split /\|/,
-	  $node->safe_psql('postgres',
-		"SELECT batches || '|' || messages FROM dwh.status WHERE worker = 'kafka 1'");
+	return $node->safe_psql('postgres',
+		"SELECT batches FROM dwh.status WHERE worker = 'kafka 1'");
 }
 
 ########################################################################
@@ -128,7 +127,7 @@ sub backlog_batches
 		$bytes += $len;
 		$longest = $len if $len > $longest;
 	}
-	my ($batches_before) = batches_and_messages($node);
+	my $batches_before = batches_committed($node);
 	my $lock = $node->background_psql('postgres');
 	$lock->query_safe('BEGIN; LOCK TABLE stg.order_events IN SHARE MODE');
 	produce($mock, $chunk->{file});
@@ -141,7 +140,7 @@ sub backlog_batches
 	$lock->quit;
 	$applied += $chunk->{messages};
 	ok(wait_applied($node, $applied), "the backlog of $chunk->{messages} messages is applied");
-	my ($batches_after) = batches_and_messages($node);
+	my $batches_after = batches_committed($node);
 	return ($batches_after - $batches_before, $bytes, $longest);
 }
 
