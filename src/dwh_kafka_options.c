@@ -233,6 +233,18 @@ dwh_kafka_conf_set_options(rd_kafka_conf_t *conf, const DwhKafkaOption *options,
 }
 
 /*
+ * Options refused with error, which quotes only the name of a property
+ * librdkafka knows: the log filter may show it (as the detail of the
+ * worker's message), although it names a secret setting.
+ */
+static bool
+vouched_refusal(const char *error)
+{
+	dwh_secrets_vouch_message(error);
+	return false;
+}
+
+/*
  * dwh_kafka_options_apply
  *		Parse spec and apply it to a librdkafka configuration, refusing the
  *		properties dwh manages.  On failure returns false with the reason in
@@ -253,7 +265,7 @@ dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
 	{
 		snprintf(error, error_size, "invalid Kafka options in %s: %s",
 				 source, parse_error);
-		return false;
+		return vouched_refusal(error);
 	}
 	for (i = 0; i < n; i++)
 	{
@@ -266,14 +278,14 @@ dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
 					 "invalid Kafka options in %s: librdkafka property \"%s\" is managed by dwh" :
 					 "invalid Kafka options in %s: librdkafka property \"%s\" is not supported by dwh",
 					 source, options[i].name);
-			return false;
+			return vouched_refusal(error);
 		}
 	}
 	if (!dwh_kafka_conf_set_options(conf, options, n, reason, sizeof(reason)))
 	{
 		snprintf(error, error_size, "invalid Kafka options in %s: %s",
 				 source, reason);
-		return false;
+		return vouched_refusal(error);
 	}
 	for (i = 0; i < n; i++)
 		explicit_bzero(options[i].value, strlen(options[i].value));

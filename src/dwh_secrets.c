@@ -113,7 +113,10 @@ static struct
 	bool		sensitive;
 }			judged_utility;
 
-/* The last message of a dwh check hook: it never quotes a value. */
+/*
+ * The last message or detail dwh vouched for (its setting errors): it never
+ * quotes a value.
+ */
 static char vouched_message[1024];
 
 /* Set while the log hook runs: a message raised inside it is not filtered. */
@@ -121,8 +124,8 @@ static bool in_log_hook = false;
 
 /*
  * dwh_secrets_vouch_message
- *		Record a message of dwh's own check hooks, written never to quote a
- *		value: the log filter keeps it as it is.
+ *		Record a message of dwh's own setting checks, written never to quote
+ *		a value: the log filter keeps it as it is, as a message or a detail.
  */
 void
 dwh_secrets_vouch_message(const char *message)
@@ -446,6 +449,9 @@ static char *
 redacted_part(char *text, bool statement)
 {
 	if (text == NULL || !line_hidden(text, strlen(text), statement))
+		return text;
+	if (!statement && vouched_message[0] != '\0' &&
+		strcmp(text, vouched_message) == 0)
 		return text;
 	return pstrdup(HIDDEN_TEXT);
 }

@@ -196,12 +196,19 @@ wait_kafka(
 	qr/^waiting: invalid Kafka settings \| invalid Kafka options in the file named by dwh\.kafka_options_file: name=value pair 3 names no librdkafka property$/,
 	'an unknown property of the file is named by its number');
 
+my $refusal_offset = -s $node->logfile;
 write_secret_file($kafka_file,
 	"sasl.password=$kafka_password group.id=other\n", 0600);
 $node->reload;
 wait_kafka(
 	qr/invalid Kafka options in the file named by dwh\.kafka_options_file: librdkafka property "group\.id" is managed by dwh$/,
 	'a property dwh manages is refused in the file too');
+# The log says so too: the reason quotes a property's name, never a value,
+# and dwh vouches for it to the log filter.
+ok( $node->wait_for_log(
+		qr/DETAIL:  invalid Kafka options in the file named by dwh\.kafka_options_file: librdkafka property "group\.id" is managed by dwh$/m,
+		$refusal_offset),
+	'the log names the property dwh manages');
 
 my $log_offset = -s $node->logfile;
 write_secret_file($kafka_file,
