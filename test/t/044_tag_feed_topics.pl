@@ -17,6 +17,8 @@
 #     broker are set again.
 #  7. Outbox rows that no commit announced (a restore) are produced at the
 #     worker's next look.
+#  8. enable.idempotence=false in dwh.kafka_options does not reach the
+#     producer: dwh sets it after the DBA's options.
 
 use strict;
 use warnings;
@@ -197,6 +199,25 @@ ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'), 'the restored row
   or diag(tags_status());
 @new_ids = split /,/, topic_ids('tags-new');
 is(scalar(grep { $_ == $restored } @new_ids), 2, 'its event is in the topic again (a restored outbox is produced)');
+
+# 8. The producer stays idempotent whatever dwh.kafka_options say: its
+#    librdkafka log (debug=eos, relayed at DEBUG1) shows a producer id
+#    acquired.
+psql("ALTER SYSTEM SET log_min_messages = debug1");
+my $idem_offset = -s $node->logfile;
+reload('dwh.kafka_options', 'enable.idempotence=false debug=eos');
+$last = psql('SELECT max(id) FROM cdm.user_tag_events');
+order_of_new_user(12);
+my $event12 = event_ids("id > $last");
+ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'),
+	'with enable.idempotence=false in dwh.kafka_options, the event is produced')
+  or diag(tags_status());
+is(scalar(grep { $_ == $event12 } split /,/, topic_ids('tags-new')), 1, 'once');
+like(slurp_file($node->logfile, $idem_offset),
+	qr/Kafka client library log \(tags producer\)\n[^\n]*DETAIL:  IDEMPSTATE: [^\n]*Idempotent producer state change \S+ -> Assigned/,
+	'the producer is idempotent all the same: it acquired a producer id');
+psql("ALTER SYSTEM RESET log_min_messages");
+reload('dwh.kafka_options', '');
 
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 
