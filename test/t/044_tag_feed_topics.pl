@@ -19,6 +19,8 @@
 #     worker's next look.
 #  8. enable.idempotence=false in dwh.kafka_options does not reach the
 #     producer: dwh sets it after the DBA's options.
+#  9. A broker that cannot be reached: logged with SQLSTATE 08006, the
+#     library's text as detail, a text not repeated line after line.
 
 use strict;
 use warnings;
@@ -218,6 +220,37 @@ like(slurp_file($node->logfile, $idem_offset),
 	'the producer is idempotent all the same: it acquired a producer id');
 psql("ALTER SYSTEM RESET log_min_messages");
 reload('dwh.kafka_options', '');
+
+# 9. No broker listening: the worker logs why, with SQLSTATE 08006 and the
+#    library's text as detail; a text is logged again only after another.
+#    A short message.timeout.ms fails each retry the same way ("Message
+#    timed out"): without that rule the log repeats it line after line.
+psql("ALTER SYSTEM SET log_error_verbosity = verbose");
+my $down_offset = -s $node->logfile;
+reload('dwh.kafka_options', 'message.timeout.ms=200');
+reload('dwh.kafka_brokers', '127.0.0.1:' . PostgreSQL::Test::Cluster::get_free_port());
+$last = psql('SELECT max(id) FROM cdm.user_tag_events');
+order_of_new_user(13);
+ok( wait_for(
+		$node,
+		q{SELECT state = 'waiting for the broker' AND events_pending = 1 AND last_error IS NOT NULL
+		  FROM dwh.status WHERE worker = 'tags'}),
+	'no broker listening: the worker waits for it, its event pending')
+  or diag(tags_status());
+sleep(5);
+my @failures = slurp_file($node->logfile, $down_offset)
+  =~ /^[^\n]*LOG:  (\w{5}): could not produce user tag events to Kafka\n[^\n]*DETAIL:  ([^\n]*)\n/mg;
+ok(@failures >= 2, 'the failure is logged (' . @failures / 2 . ' lines)');
+my @codes = map { $failures[ 2 * $_ ] } 0 .. $#failures / 2;
+is(join(',', sort keys %{ { map { $_ => 1 } @codes } }), '08006', 'with SQLSTATE 08006');
+my @details = map { $failures[ 2 * $_ + 1 ] } 0 .. $#failures / 2;
+is(scalar(grep { $details[$_] eq $details[ $_ - 1 ] } 1 .. $#details), 0,
+	'no text logged twice in a row') or diag(join("\n", @details));
+psql("ALTER SYSTEM RESET log_error_verbosity");
+reload('dwh.kafka_options', '');
+reload('dwh.kafka_brokers', $mock->{bootstrap});
+ok(wait_for($node, 'SELECT count(*) = 0 FROM dwh.tag_outbox'), 'the broker back, the event is produced')
+  or diag(tags_status());
 
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 
