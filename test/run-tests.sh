@@ -144,6 +144,15 @@ if [[ $DWH_TEST_INSTALL == package ]]; then
 		echo "run-tests: the files of $package differ from the package: $changed" >&2
 		exit 1
 	fi
+	# README.md, "Monitoring with Prometheus": the package installs the
+	# files of monitoring/ as examples, unchanged.
+	examples=/usr/share/doc/$package/examples
+	for f in "$root"/monitoring/*.yml "$root"/monitoring/*.yaml; do
+		if ! cmp -s "$f" "$examples/${f##*/}"; then
+			echo "run-tests: $examples/${f##*/} is not monitoring/${f##*/}" >&2
+			exit 1
+		fi
+	done
 	dpkg-query -W -f='installed ${Package} ${Version}\n' "$package"
 else
 	if installed_package; then
