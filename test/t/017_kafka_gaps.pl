@@ -13,7 +13,8 @@
 # message before the stored offset is the one it applied.  With nothing to
 # compare (the records deleted up to the stored offset, or after
 # dwh.kafka_seek()) it goes on, recording no gap.  A worker killed while it
-# waits to record a gap (skip) records it once after the restart.
+# waits to record a gap (skip) records it once after the restart; a seek
+# committed while it waits wins: no gap is recorded.
 
 use strict;
 use warnings;
@@ -36,7 +37,7 @@ my $node = new_dwh_node(
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 
 # One clean version per order: line i of the stream is order 1000000 + i.
-generate_orders("$tmp/gaps.txt", '--count 600 --seed 16 --clean');
+generate_orders("$tmp/gaps.txt", '--count 630 --seed 16 --clean');
 my @lines = split /^/m, slurp_file("$tmp/gaps.txt");
 my $first_id = 1000000;
 
@@ -362,8 +363,34 @@ is( $node->safe_psql('postgres',
 is(orders_in_stg(570, 580), '0', 'crash: the lost orders are not in STG');
 is(orders_in_stg(580, 600), '20', 'crash: the orders after the gap are');
 
+# --- a seek requested while the gap is being recorded ---
+# Lines 600-629 go to offsets 70-99 and offsets 70-79 are deleted; a
+# session calls dwh.kafka_seek(0, 85) and holds its transaction open, so
+# that the worker waits for the partition's row to record the gap.  Once
+# the seek commits, the worker records nothing and goes on from 85.
+$gaps = $node->safe_psql('postgres', 'SELECT count(*) FROM dwh.kafka_gaps');
+hold();
+produce_lines(600, 630, 0);
+delete_records(0, 80);
+$locker = $node->background_psql('postgres', on_error_stop => 0);
+$locker->query_safe('BEGIN; SELECT dwh.kafka_seek(0, 85)');
+release();
+ok( wait_for(
+		$node, q{SELECT EXISTS (SELECT FROM pg_locks l JOIN dwh.status s USING (pid)
+		  WHERE s.worker = 'kafka 1' AND NOT l.granted)}),
+	'seek meanwhile: the worker waits for the partition to record the gap');
+$locker->query_safe('COMMIT');
+$locker->quit;
+wait_stored(0, 100, 'seek meanwhile: the partition goes on from the offset it was moved to');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.kafka_gaps'),
+	$gaps, 'seek meanwhile: no gap recorded');
+is(count_in_log(qr/WARNING:  offsets 70 to 79 of Kafka partition 0/), 0,
+	'seek meanwhile: nor logged');
+is(orders_in_stg(600, 615), '0', 'seek meanwhile: the orders before offset 85 are not applied');
+is(orders_in_stg(615, 630), '15', 'seek meanwhile: those from offset 85 on are');
+
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
-	100 + 50 + 50 + 50 + 50 + 10 + 50 + 10 + 10 + 20 + 10 + 10 + 20,
+	100 + 50 + 50 + 50 + 50 + 10 + 50 + 10 + 10 + 20 + 10 + 10 + 20 + 15,
 	'every order that was not lost is in STG once');
 check_consistent($node, 'after the gaps');
 
