@@ -229,8 +229,14 @@ drop_consumer(void)
 {
 	if (consumer != NULL)
 	{
-		dwh_kafka_consumer_destroy(consumer, false, waiting_for_broker);
+		DwhKafkaConsumer *c = consumer;
+
+		/*
+		 * Forgotten first: a destruction given up leaves the process, whose
+		 * exit callback must not destroy the consumer a second time.
+		 */
 		consumer = NULL;
+		dwh_kafka_consumer_destroy(c, false, waiting_for_broker);
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
 	n_pending_gaps = 0;

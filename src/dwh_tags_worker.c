@@ -144,12 +144,19 @@ replace_producer_settings(char *settings)
 static void
 drop_producer(void)
 {
+	DwhKafkaProducer *old;
 	int			i;
 
 	if (producer == NULL)
 		return;
-	dwh_kafka_producer_destroy(producer, false);
+	old = producer;
+
+	/*
+	 * Forgotten first: a destruction given up leaves the process, whose exit
+	 * callback must not destroy the producer a second time.
+	 */
 	producer = NULL;
+	dwh_kafka_producer_destroy(old, false);
 	waiting_for_broker = false;
 	for (i = 0; i < flight.n; i++)
 		if (flight.delivery[i] == DELIVERY_SENT)
