@@ -23,7 +23,7 @@ SELECT t.set_menu('rest-1', '2023-04-01 09:00:00', 'd1:Плов:Main', 'd2:Су�
 INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('customer', 'all_orders', 1);
 
 -- REPEATABLE READ and SERIALIZABLE are refused, for the ingest functions
--- and for direct writes of every STG table.
+-- and for direct writes of every STG table of versions.
 \set VERBOSITY sqlstate
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT t.load(1, 'u1', 'CLOSED', '2023-04-01 10:00:00', 'd1:Плов');
