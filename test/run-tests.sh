@@ -123,9 +123,59 @@ installed_package()
 	[[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$package" 2>/dev/null || true) == ii* ]]
 }
 
+# README.md, "Installation": what the package depends on and holds, and
+# that tools/build-deb.sh refuses a changelog of another version.
+check_package()
+{
+	local deb=$1 depends contents t
+
+	depends=$(dpkg-deb -f "$deb" Depends)
+	for d in postgresql-15 postgresql-15-jit-llvm librdkafka1 libhiredis0.14; do
+		if ! grep -Eq "(^|, )$d( |,|$)" <<<"$depends"; then
+			echo "run-tests: the package does not depend on $d: $depends" >&2
+			exit 1
+		fi
+	done
+	contents=$(dpkg-deb -c "$deb" | awk '{ print $6 }')
+	for f in ./usr/lib/postgresql/15/lib/dwh.so \
+		./usr/lib/postgresql/15/lib/bitcode/dwh.index.bc \
+		./usr/share/postgresql/15/extension/dwh.control \
+		./usr/share/postgresql/15/extension/dwh--1.1.sql \
+		./usr/share/postgresql/15/extension/dwh--1.0.sql \
+		./usr/share/postgresql/15/extension/dwh--1.0--1.1.sql \
+		./usr/share/doc/$package/README.Debian; do
+		if ! grep -qxF "$f" <<<"$contents"; then
+			echo "run-tests: the package lacks $f" >&2
+			exit 1
+		fi
+	done
+	if grep -E '/(t|regress|isolation|expected|sql)/|\.pl$|\.spec$' <<<"$contents"; then
+		echo "run-tests: the package holds tests" >&2
+		exit 1
+	fi
+	# No maintainer script: installing the package changes no cluster.
+	if dpkg-deb -I "$deb" | grep -Ew 'preinst|postinst|prerm|postrm'; then
+		echo "run-tests: the package has maintainer scripts" >&2
+		exit 1
+	fi
+	t=$(mktemp -d)
+	mkdir "$t/tools" "$t/debian"
+	cp "$root/tools/build-deb.sh" "$t/tools/"
+	cp "$root/debian/changelog" "$t/debian/"
+	echo "default_version = '9.9'" >"$t/dwh.control"
+	if bash "$t/tools/build-deb.sh" "$t/out" 2>"$t/err" ||
+		! grep -q 'debian/changelog is at' "$t/err"; then
+		echo "run-tests: tools/build-deb.sh built a package whose changelog is not at dwh.control's version" >&2
+		exit 1
+	fi
+	rm -rf "$t"
+	echo "package: dependencies, files and version checks as README.md says"
+}
+
 if [[ $DWH_TEST_INSTALL == package ]]; then
 	echo "== build the package (tools/build-deb.sh) and install it"
 	deb=$(bash "$root/tools/build-deb.sh" "$work/deb" | tail -n 1)
+	check_package "$deb"
 	# dpkg -i replaces the files of an installed package of the same
 	# version, and those of an earlier make install; its dependencies are
 	# among those tools/install-deps.sh installed.
