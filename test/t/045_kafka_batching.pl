@@ -14,7 +14,8 @@
 # dwh.status.apply_time, the time the worker spent applying batches, grows
 # with every batch and stays below the time since the worker started; it is
 # NULL for the workers that are not Kafka's, and starts from 0 again with
-# the worker's process, as the other counters do.
+# the worker's process, as the other counters do.  last_batch_at is NULL
+# before a worker's first batch and the time of its last commit after.
 #
 # Every message is applied once; at the end the marts are those the
 # generator expects and dwh.verify() is empty.
@@ -100,9 +101,16 @@ sub trickle
 }
 
 # 1. The backlog is in the topic before the worker has a broker.
+is(psql(q{SELECT last_batch_at IS NULL FROM dwh.status WHERE worker = 'kafka 1'}),
+	't', 'last_batch_at is NULL before the first batch');
 produce($mock, write_lines('backlog', @lines[ 0 .. $backlog - 1 ]));
+my $before_backlog = psql('SELECT clock_timestamp()');
 reload('dwh.kafka_brokers', $mock->{bootstrap});
 ok(wait_applied($node, $backlog), "the backlog of $backlog messages is applied");
+is( psql(qq{SELECT last_batch_at > '$before_backlog' AND last_batch_at <= clock_timestamp()
+            AND last_batch_at >= (SELECT max(updated_at) FROM dwh.kafka_offsets)
+            FROM dwh.status WHERE worker = 'kafka 1'}),
+	't', 'last_batch_at is when the last batch committed');
 my ($batches, $messages) = counts();
 is($messages, $backlog, 'each message once');
 cmp_ok($batches, '>=', $backlog / 100,
@@ -153,8 +161,8 @@ psql("SELECT pg_terminate_backend($pid)");
 ok( wait_for($node,
 		"SELECT pid <> $pid AND state = 'consuming' FROM dwh.status WHERE worker = 'kafka 1'"),
 	'the worker terminated is started again');
-is(psql(q{SELECT batches || ' ' || messages || ' ' || apply_time FROM dwh.status WHERE worker = 'kafka 1'}),
-	'0 0 0', 'its counters start from 0: batches, messages, apply_time');
+is(psql(q{SELECT batches || ' ' || messages || ' ' || apply_time || ' ' || (last_batch_at IS NULL) FROM dwh.status WHERE worker = 'kafka 1'}),
+	'0 0 0 true', 'its counters start from 0: batches, messages, apply_time; last_batch_at is NULL');
 
 check_manifest_counts($node, $manifest, 'at the end');
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
