@@ -404,7 +404,8 @@ is(psql(q{SELECT count(*) FROM stg.users WHERE object_id = '626a81ce9a8cd1920641
 
 # 7. Keys and values beyond their shape: a key holding another type than a
 #    string is missing, not refused; the _id inside a value is not compared
-#    with its key; refused keys set back to 'new' are read again.
+#    with its key; a value with a menu is a restaurant even with a login;
+#    refused keys set back to 'new' are read again.
 my $dead = psql(q{SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'});
 $redis->cli('HSET', user_id(10), 'name', 'A Hash', 'login', 'hash');
 $redis->set(user_id(11),
@@ -417,6 +418,16 @@ wait_for(
 	q{SELECT count(*) = 1 FROM stg.users
 	  WHERE object_id = '626a81ce9a8cd1920641e211' AND payload->>'_id' = 'not-the-key'},
 	'a value whose _id is not its key is mirrored under its key');
+# A value with a menu is a restaurant, even with a login beside it.
+put_restaurant(5, 'Login Cafe', '2023-09-09 09:00:00', [ 50, 'Cafe Dish', 'Cafe' ]);
+$restaurants{ restaurant_id(5) }{login} = 'cafe';
+$redis->set(restaurant_id(5), $json->encode($restaurants{ restaurant_id(5) }));
+ingest_order(1000015, 11, 5, 'CLOSED', '2023-09-09 10:02:00', 50);
+wait_for(q{SELECT count(*) = 1 FROM stg.restaurants WHERE object_id = 'a51e4e31ae4602047ec52505'},
+	'a value with a menu and a login is mirrored as a restaurant');
+is( psql(q{SELECT (SELECT count(*) FROM stg.users WHERE object_id = 'a51e4e31ae4602047ec52505')
+               || ' ' || (SELECT kind FROM dwh.redis_keys WHERE key = 'a51e4e31ae4602047ec52505')}),
+	'0 restaurant', 'not as a user');
 wait_two_refreshes('the hash read again');
 is(psql(q{SELECT state FROM dwh.redis_keys WHERE key = '626a81ce9a8cd1920641e210'}),
 	'missing', 'the key holding a hash stays missing');
