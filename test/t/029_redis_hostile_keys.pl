@@ -10,7 +10,8 @@
 #    in UTF-8, overlong forms), that hold a NUL byte ("u1\0x" next to a
 #    real "u1") or that are longer than 128 bytes are dead-lettered once,
 #    with the key's bytes in raw and no source_key, however many refresh
-#    passes find them again; no text column holds them; the valid keys
+#    passes find them again, and again once the dead letters are deleted;
+#    the log counts them; no text column holds them; the valid keys
 #    beside them (a 128-byte one, a Cyrillic one) are mirrored.
 # 3. pg_dump -Fc, then pg_restore into a fresh database: every table of
 #    stg, dds, cdm and dwh holds the same rows, but for the load-time
@@ -216,6 +217,22 @@ is(psql(q{SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis' AND sourc
 
 wait_two_refreshes('the hostile keys are found again');
 is(psql($key_letters), $expected, 'refresh passes dead-letter a refused key once');
+# New ones are counted in the log, one line per SCAN page that found any,
+# never again while their dead letters stay.
+sub logged_refusals
+{
+	my $sum = 0;
+	$sum += $_ foreach slurp_file($node->logfile) =~
+	  /LOG:  (\d+) Redis keys found by SCAN cannot be text keys and were dead-lettered/g;
+	return $sum;
+}
+is(logged_refusals(), scalar(keys %refused), 'the log counts the new ones, once');
+# A deleted dead letter comes back at the next refresh while the key is in
+# Redis.
+psql(q{DELETE FROM dwh.dead_letters WHERE source = 'redis' AND source_key IS NULL});
+wait_two_refreshes('the hostile keys are found after their dead letters are deleted');
+is(psql($key_letters), $expected, 'deleted dead letters of refused keys come back');
+is(logged_refusals(), 2 * scalar(keys %refused), 'counted in the log again');
 
 # The valid keys are mirrored, each with its own value; nothing else is.
 my @valid_users = sort (user_id(1), 'u1', $cyrillic, $k128);
