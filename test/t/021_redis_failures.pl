@@ -218,6 +218,24 @@ wait_for(
 	q{SELECT state LIKE 'waiting for Redis%' AND last_error LIKE '%could not connect to Redis%'
 	  FROM dwh.status WHERE worker = 'redis'},
 	'Redis down is reported in dwh.status');
+# It tries again after 0.5 s, doubling the wait after each failure (up to
+# 30 s): each failure rewrites last_error_at.
+{
+	my @failed_at;
+	my $until = time() + 10;
+	while (time() < $until)
+	{
+		my $at = redis_row(q{extract(epoch FROM last_error_at)});
+		push @failed_at, $at if !@failed_at || $at != $failed_at[-1];
+		usleep(50_000);
+	}
+	my @gaps = map { $failed_at[$_] - $failed_at[ $_ - 1 ] } 1 .. $#failed_at;
+	my @off = grep { $gaps[$_] < 1.8 * $gaps[ $_ - 1 ] || $gaps[$_] > 2.2 * $gaps[ $_ - 1 ] + 0.2 }
+	  1 .. $#gaps;
+	ok(@gaps >= 2 && !@off && $gaps[0] >= 0.45,
+		'while Redis is down the waits between tries double: '
+		  . join(', ', map { sprintf('%.2f s', $_) } @gaps));
+}
 is(psql(q{SELECT count(*) FROM cdm.user_product_counters
 	WHERE user_id = dwh.hash_key('626a81ce9a8cd1920641e202')}),
 	'2', 'the order counts per dish while Redis is down');
