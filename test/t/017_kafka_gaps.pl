@@ -394,6 +394,17 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
 	'every order that was not lost is in STG once');
 check_consistent($node, 'after the gaps');
 
+# With no offset stored, the lag counts from the broker's first offset
+# (the low watermark, 80 on partition 0), not from 0.
+hold();
+$node->safe_psql('postgres',
+	"DELETE FROM dwh.kafka_offsets WHERE topic = '$topic' AND kafka_partition = 0");
+is( $node->safe_psql('postgres',
+		"SELECT low_watermark || ' ' || high_watermark || ' ' || lag FROM dwh.kafka_partitions WHERE topic = '$topic' AND kafka_partition = 0"
+	),
+	'80 100 20',
+	'with no offset stored, the lag counts from the low watermark');
+
 $node->stop;
 broker_command('stop', $broker->{dir});
 done_testing();
