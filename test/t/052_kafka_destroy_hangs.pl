@@ -1,7 +1,7 @@
 # A librdkafka client whose destruction never ends (README.md, "Limits":
 # librdkafka 2.0 has been seen to keep one of its threads for good, and
 # rd_kafka_destroy() to wait for it).  An interceptor plugin loaded through
-# plugin.library.paths (test/fault/kafka_destroy_hang.c) keeps
+# plugin.library.paths (test/kafka/destroy_hang_plugin.c) keeps
 # rd_kafka_destroy() waiting while a file exists, so that dwh's own code
 # is the production one:
 #
@@ -29,7 +29,7 @@ my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $hang = "$tmp/kafka_destroy_hang.on";
 my $plugin = "$tmp/kafka_destroy_hang.so";
 system('cc', '-shared', '-fPIC', '-Wall', '-Werror', qq{-DHANG_FILE="$hang"},
-	'-o', $plugin, "$FindBin::RealBin/../fault/kafka_destroy_hang.c") == 0
+	'-o', $plugin, "$FindBin::RealBin/../kafka/destroy_hang_plugin.c") == 0
   or die 'could not build the plugin';
 
 my $mock = start_mock_cluster(brokers => 1, partitions => 1);

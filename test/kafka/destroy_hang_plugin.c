@@ -1,6 +1,6 @@
 /*-------------------------------------------------------------------------
  *
- * kafka_destroy_hang.c
+ * destroy_hang_plugin.c
  *	  A librdkafka interceptor plugin for tests: rd_kafka_destroy() of a
  *	  client made with it does not return while the file HANG_FILE exists.
  *
