@@ -4,7 +4,8 @@
 # dwh.kafka_partitions must name it as the owner of each, so that the
 # worker's lag (summed over its partitions) and the alert built on it see
 # all of them.  The status used to keep only a worker's first 64.  With
-# dwh.kafka_batch_size 100, no batch holds more.
+# dwh.kafka_batch_size 100, no batch holds more.  Then a topic of 1,030
+# partitions: what is shown stops at 1,024, what is applied does not.
 
 use strict;
 use warnings;
@@ -62,6 +63,37 @@ is( $node->safe_psql(
 
 check_consistent($node, 'many partitions');
 check_manifest_counts($node, $manifest, 'many partitions');
+
+# Beyond 1,024 partitions (README, "Limits"): a topic of 1,030, an order on
+# partition 0 and one on partition 1,029.  Both are applied; the status
+# lists the first 1,024 partitions, and the lag of a partition numbered
+# above them is unknown (NULL), while partition 0's is known.
+my $wide = 1030;
+mock_command($mock, "create-topic wide $wide");
+generate_orders("$tmp/wide.txt", '--count 2 --seed 37 --clean --first-id 900000');
+my @wide_lines = split /^/m, slurp_file("$tmp/wide.txt");
+foreach my $i (0, 1)
+{
+	my $file = "$tmp/wide.$i.txt";
+	append_to_file($file, $wide_lines[$i]);
+	system('kcat', '-P', '-q', '-b', $mock->{bootstrap}, '-t', 'wide',
+		'-p', $i == 0 ? 0 : $wide - 1, '-l', $file) == 0
+	  or die "kcat could not produce $file";
+}
+ok(set_and_reload($node, 'dwh.kafka_topic', 'wide'), 'the worker is given the topic of 1,030 partitions');
+ok(wait_for($node, 'SELECT count(*) = 2 FROM stg.order_events WHERE object_id IN (900000, 900001)'),
+	'the orders on partitions 0 and 1,029 are applied');
+ok( wait_for(
+		$node, "SELECT partitions = ARRAY(SELECT generate_series(0, 1023))
+		FROM dwh.status WHERE worker = 'kafka 1'"),
+	'dwh.status lists the first 1,024 partitions the worker owns');
+ok( wait_for(
+		$node, "SELECT string_agg(kafka_partition || ':' || stored_offset || ':' || coalesce(lag::text, 'unknown'),
+		                          ',' ORDER BY kafka_partition) = '0:1:0,1029:1:unknown'
+		FROM dwh.kafka_partitions WHERE topic = 'wide' AND stored_offset IS NOT NULL"),
+	"partition 0's lag is known, partition 1,029's is not")
+  or diag($node->safe_psql('postgres', "SELECT * FROM dwh.kafka_partitions WHERE topic = 'wide' AND stored_offset IS NOT NULL"));
+check_consistent($node, 'beyond 1,024 partitions');
 
 $node->stop;
 stop_mock_cluster($mock);
