@@ -753,38 +753,18 @@ dwh_kafka_consumer_is_stopped(DwhKafkaConsumer *c, int32 partition)
 }
 
 /*
- * Ask the partition's leader for one end of the partition: offset is
- * RD_KAFKA_OFFSET_BEGINNING or RD_KAFKA_OFFSET_END (ListOffsets takes them
- * as the special timestamps "earliest" and "latest").
- */
-static rd_kafka_resp_err_t
-query_one_watermark(DwhKafkaConsumer *c, int32 partition, int64 *offset,
-					int timeout_ms)
-{
-	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(1);
-	rd_kafka_topic_partition_t *tp;
-	rd_kafka_resp_err_t err;
-
-	tp = rd_kafka_topic_partition_list_add(list, c->topic, partition);
-	tp->offset = *offset;
-	err = rd_kafka_offsets_for_times(c->rk, list, Max(timeout_ms, 1));
-	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		err = tp->err;
-	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		*offset = tp->offset;
-	rd_kafka_topic_partition_list_destroy(list);
-	return err;
-}
-
-/*
  * dwh_kafka_consumer_query_watermarks
- *		Ask the partition's leader for its first and next offsets.  Blocks
- *		for at most timeout_ms; on failure returns false with the reason.
+ *		Ask the partition's leader for its first and next offsets.  Waits
+ *		for at most timeout_ms, serving interrupts; on failure returns false
+ *		with the reason.
  *
  * rd_kafka_query_watermark_offsets() would be the obvious call, but before
  * librdkafka 2.3.0 it waits for its replies without a deadline: with the
  * broker down it never returned, and the worker ignored SIGTERM until the
- * broker came back.  rd_kafka_offsets_for_times() honours its timeout.
+ * broker came back.  rd_kafka_offsets_for_times() honours its timeout
+ * (ListOffsets takes RD_KAFKA_OFFSET_BEGINNING and RD_KAFKA_OFFSET_END as
+ * the special timestamps "earliest" and "latest"), and is asked from a
+ * thread so that a SIGTERM need not wait for it (src/dwh_kafka_probe.c).
  */
 bool
 dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
@@ -797,13 +777,15 @@ dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *c, int32 partition,
 	int64		hi = RD_KAFKA_OFFSET_END;
 	rd_kafka_resp_err_t err;
 
-	err = query_one_watermark(c, partition, &lo, timeout_ms * 2 / 3);
+	err = dwh_kafka_probe_offset(c->rk, c->topic, partition, &lo,
+								 timeout_ms * 2 / 3);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 														   deadline);
 
-		err = query_one_watermark(c, partition, &hi, (int) left);
+		err = dwh_kafka_probe_offset(c->rk, c->topic, partition, &hi,
+									 (int) left);
 	}
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{

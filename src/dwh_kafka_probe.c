@@ -13,7 +13,8 @@
  * it and serves its interrupts.  A SIGTERM meanwhile ends the process at
  * once; the thread, and the client it uses, are left to the exit
  * (dwh_kafka_probe_in_flight() tells the consumer's exit callback not to
- * destroy that client).
+ * destroy that client).  The watermarks a worker asks for at a gap
+ * (dwh_kafka_consumer_query_watermarks()) are asked the same way.
  *
  *-------------------------------------------------------------------------
  */
