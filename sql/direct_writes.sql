@@ -118,18 +118,46 @@ SELECT t.error_of($$INSERT INTO stg.order_event_history (object_id, update_ts, p
     VALUES (2, '2023-04-02 19:00:00',
             t.payload(2, 'u1', 'CANCELLED', '2023-04-02 19:00:00', 'd1:Плов', 'd2:Лагман'),
             '2023-04-02 19:00:00')$$);
+-- Nor is a history written for a key without a current version: an older
+-- version written to the current table next would become current beside a
+-- newer one, which nothing counts.  Written to the current table first,
+-- the newer version stays current and the older one goes to the history.
+SELECT t.error_of($$INSERT INTO stg.order_event_history (object_id, update_ts, payload, sent_dttm)
+    VALUES (80, '2023-04-03 12:00:00',
+            t.payload(80, 'u1', 'CANCELLED', '2023-04-03 12:00:00', 'd1:Плов'),
+            '2023-04-03 12:00:00')$$);
+SELECT t.error_of($$INSERT INTO stg.user_history (object_id, payload)
+    VALUES ('u80', '{"_id": "u80", "name": "Nobody", "login": "nobody", "update_ts_utc": "2023-04-03 09:00:00"}')$$);
+SELECT t.error_of($$INSERT INTO stg.restaurant_history (object_id, payload)
+    VALUES ('rest-80', '{"_id": "rest-80", "name": "R", "menu": [], "update_ts_utc": "2023-04-03 09:00:00"}')$$);
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (80, 'order', '2023-04-03 12:00:00',
+        t.payload(80, 'u1', 'CANCELLED', '2023-04-03 12:00:00', 'd1:Плов'));
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+VALUES (80, 'order', '2023-04-02 12:00:00',
+        t.payload(80, 'u1', 'CLOSED', '2023-04-02 12:00:00', 'd1:Плов'))
+ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload, sent_dttm = EXCLUDED.sent_dttm;
+SELECT payload->>'final_status' AS current_status,
+       (SELECT string_agg(payload->>'final_status', ',') FROM stg.order_event_history h
+        WHERE h.object_id = 80) AS history
+FROM stg.order_events WHERE object_id = 80;
+SELECT * FROM t.check();
 -- No version is deleted, from any table of versions.
 SELECT t.error_of('DELETE FROM stg.order_event_history');
 SELECT t.error_of('TRUNCATE stg.user_history');
 SELECT t.error_of($$DELETE FROM stg.users WHERE object_id = 'u1'$$);
 SELECT t.error_of('DELETE FROM stg.restaurant_history');
 SELECT t.error_of('TRUNCATE stg.restaurants');
+-- Messages of other types are kept whole, out of the counts: they may go.
+SELECT t.error_of('TRUNCATE stg.other_events');
 -- A kept version does not change; only its sent_dttm grows.
 SELECT t.error_of($$UPDATE stg.order_event_history
     SET payload = t.payload(2, 'u1', 'CLOSED', '2023-04-02 19:00:00', 'd1:Плов')
     WHERE object_id = 2 AND update_ts = '2023-04-02 19:00:00'$$);
 SELECT t.error_of($$UPDATE stg.user_history SET update_ts = '2023-04-05 00:00:00'$$);
 SELECT t.error_of($$UPDATE stg.order_event_history SET sent_dttm = '2023-04-02 19:30:00'
+    WHERE object_id = 2 AND update_ts = '2023-04-02 19:00:00'$$);
+SELECT t.error_of($$UPDATE stg.order_event_history SET sent_dttm = '2023-04-02 19:10:00'
     WHERE object_id = 2 AND update_ts = '2023-04-02 19:00:00'$$);
 -- No row moves to another key: the order would leave the marts without
 -- a trace in DDS.

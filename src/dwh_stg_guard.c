@@ -99,6 +99,9 @@ static SPIPlanPtr restaurant_current_plan = NULL;
 /* Is keep_in_history writing (a version older than the current one)? */
 static bool keeping_in_history = false;
 
+static bool sent_later(TriggerData *trigdata, TupleDesc tupdesc);
+static bool sent_earlier(TriggerData *trigdata, TupleDesc tupdesc);
+
 /* Run keep_in_history's insert, with keeping_in_history set meanwhile. */
 static int
 execute_keeping(SPIPlanPtr plan, Datum *args, const char *nulls)
@@ -188,8 +191,11 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
  * one newer than the current version belongs in the current table (whose
  * guard then moves the current one here).  Written here directly, DDS
  * would take it for what the key held before its next version arrives,
- * and the marts would never count the change.  Without a current version
- * yet (a restore loads the history first) any version is accepted.
+ * and the marts would never count the change.  Nor may the history of a
+ * key without a current version be written: an older version written to
+ * the current table next would become current beside a newer one, which
+ * nothing counts.  A restore is the exception: it loads the history first,
+ * and its dump's current versions are the newest.
  */
 static void
 refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
@@ -259,6 +265,16 @@ refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
 					 errhint("Write it to %s: the version it replaces moves to the history.",
 							 current)));
 	}
+	else if (!dwh_session_restores())
+		ereport(ERROR,
+				(errcode(ERRCODE_CHECK_VIOLATION),
+				 errmsg("a version cannot be written to %s.%s before its key has a current version",
+						get_namespace_name(RelationGetNamespace(rel)),
+						RelationGetRelationName(rel)),
+				 errdetail("The row has object_id %s, which has no row in %s.",
+						   SPI_getvalue(tuple, tupdesc, key_col), current),
+				 errhint("Write it to %s: a version older than the current one moves to the history by itself.",
+						 current)));
 	SPI_finish();
 }
 
@@ -266,7 +282,7 @@ refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
  * What identifies a row does not change: its object_id (a row moved to
  * another key would take an order or a value away from the first without
  * a trace in DDS), and in a history table its version, which is what was
- * received (only its sent_dttm grows).
+ * received (only its sent_dttm changes, and only to grow).
  */
 static void
 refuse_changed_identity(TriggerData *trigdata, TupleDesc tupdesc, int key_col,
@@ -310,27 +326,53 @@ refuse_changed_identity(TriggerData *trigdata, TupleDesc tupdesc, int key_col,
 				 errdetail("The row has object_id %s; the history holds each version as it was received.",
 						   SPI_getvalue(old, tupdesc, key_col)),
 				 errhint("Write a new version to the current table instead.")));
+	if (sent_earlier(trigdata, tupdesc))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the sent_dttm of a version kept in %s.%s cannot go back",
+						get_namespace_name(RelationGetNamespace(rel)),
+						RelationGetRelationName(rel)),
+				 errdetail("The row has object_id %s; a version keeps the greatest sent_dttm of the messages that brought it.",
+						   SPI_getvalue(old, tupdesc, key_col))));
 }
 
 /*
- * Does the new row of an update carry a later sent_dttm than the old one?
- * A version keeps the greatest sent_dttm of the messages that brought it.
+ * How the new row of an update's sent_dttm compares with the old one's:
+ * above 0 when it is later (or the old one NULL), below 0 when it is
+ * earlier (or NULL where the old one was not), 0 when the same or when the
+ * table has none (the dictionaries).  A version keeps the greatest
+ * sent_dttm of the messages that brought it.
  */
-static bool
-sent_later(TriggerData *trigdata, TupleDesc tupdesc)
+static int
+sent_cmp(TriggerData *trigdata, TupleDesc tupdesc)
 {
 	int			col = SPI_fnumber(tupdesc, "sent_dttm");
 	bool		new_null,
 				old_null;
-	Datum		new_sent,
+	Timestamp	new_sent,
 				old_sent;
 
 	if (col <= 0)
-		return false;			/* dictionaries have none */
-	new_sent = SPI_getbinval(trigdata->tg_newtuple, tupdesc, col, &new_null);
-	old_sent = SPI_getbinval(trigdata->tg_trigtuple, tupdesc, col, &old_null);
-	return !new_null && (old_null ||
-						 DatumGetTimestamp(new_sent) > DatumGetTimestamp(old_sent));
+		return 0;
+	new_sent = DatumGetTimestamp(SPI_getbinval(trigdata->tg_newtuple, tupdesc,
+											   col, &new_null));
+	old_sent = DatumGetTimestamp(SPI_getbinval(trigdata->tg_trigtuple, tupdesc,
+											   col, &old_null));
+	if (new_null || old_null)
+		return new_null == old_null ? 0 : (new_null ? -1 : 1);
+	return new_sent > old_sent ? 1 : (new_sent < old_sent ? -1 : 0);
+}
+
+static bool
+sent_later(TriggerData *trigdata, TupleDesc tupdesc)
+{
+	return sent_cmp(trigdata, tupdesc) > 0;
+}
+
+static bool
+sent_earlier(TriggerData *trigdata, TupleDesc tupdesc)
+{
+	return sent_cmp(trigdata, tupdesc) < 0;
 }
 
 /*
