@@ -28,3 +28,19 @@ SELECT hk_order_user_pk = dwh.hash_key(h_order_pk, h_user_pk) AS link_key_ok,
 FROM dds.l_order_user;
 SELECT hk_order_status_hashdiff = dwh.hash_key(h_order_pk::text || 'CLOSED') AS hashdiff_ok
 FROM dds.s_order_status;
+-- Every hashdiff is the key over the hub key's text followed by the
+-- content, as the columns' comments give it.
+SELECT t.set_user('626a81ce9a8cd1920641e29c', 'Гаврила', 'gavaii_2222', '2023-04-01 10:00:00');
+SELECT t.set_menu('rest-1', '2023-04-01 09:00:00', 'aeca4d08abab78869c20128c:Рис с лимоном:Гарниры');
+SELECT bool_and(hk_user_names_hashdiff = dwh.hash_key(h_user_pk::text || username || userlogin))
+       AS user_hashdiff_ok, count(*) AS users
+FROM dds.s_user_names;
+SELECT bool_and(hk_product_names_hashdiff = dwh.hash_key(h_product_pk::text || name))
+       AS product_hashdiff_ok, count(*) AS products
+FROM dds.s_product_names;
+SELECT bool_and(hk_restaurant_names_hashdiff = dwh.hash_key(h_restaurant_pk::text || name))
+       AS restaurant_hashdiff_ok, count(*) AS restaurants
+FROM dds.s_restaurant_names;
+SELECT bool_and(hk_order_cost_hashdiff = dwh.hash_key(h_order_pk::text || cost::text || payment::text))
+       AS cost_hashdiff_ok, count(*) AS orders
+FROM dds.s_order_cost;

@@ -181,6 +181,11 @@ TRUNCATE dds.h_order, dds.l_order_user, dds.l_order_product, dds.s_order_status,
          dds.s_order_cost;
 SELECT count(*) FROM dds.h_order;
 ROLLBACK;
+-- The user and dish hubs with the tables whose foreign keys name them, but
+-- not the order links, which refer to them unchecked by a foreign key.
+TRUNCATE dds.h_user, dds.s_user_names;
+TRUNCATE dds.h_product, dds.l_product_restaurant, dds.l_product_category,
+         dds.s_product_names, dds.product_namings;
 
 -- Nothing changed; the vault is still what STG implies.
 SELECT count(*) AS links FROM dds.l_order_product;
