@@ -145,7 +145,7 @@ COMMENT ON COLUMN dds.s_user_names.h_user_pk IS 'The user';
 COMMENT ON COLUMN dds.s_user_names.username IS 'Full name';
 COMMENT ON COLUMN dds.s_user_names.userlogin IS 'Login';
 COMMENT ON COLUMN dds.s_user_names.hk_user_names_hashdiff IS 'dwh.hash_key(h_user_pk::text || username || userlogin)';
-COMMENT ON COLUMN dds.s_user_names.load_dt IS 'Version: the value''s update_ts_utc (load time when absent)';
+COMMENT ON COLUMN dds.s_user_names.load_dt IS 'Version: the value''s update_ts_utc (-infinity when absent)';
 COMMENT ON COLUMN dds.s_user_names.load_src IS 'Table it was loaded from';
 
 CREATE TABLE dds.s_product_names (
@@ -202,7 +202,7 @@ COMMENT ON TABLE dds.s_restaurant_names IS 'Satellite of restaurants: name, one 
 COMMENT ON COLUMN dds.s_restaurant_names.h_restaurant_pk IS 'The restaurant';
 COMMENT ON COLUMN dds.s_restaurant_names.name IS 'Restaurant name';
 COMMENT ON COLUMN dds.s_restaurant_names.hk_restaurant_names_hashdiff IS 'dwh.hash_key(h_restaurant_pk::text || name)';
-COMMENT ON COLUMN dds.s_restaurant_names.load_dt IS 'Version: the value''s update_ts_utc (load time when absent)';
+COMMENT ON COLUMN dds.s_restaurant_names.load_dt IS 'Version: the value''s update_ts_utc (-infinity when absent)';
 COMMENT ON COLUMN dds.s_restaurant_names.load_src IS 'Table it was loaded from';
 
 CREATE TABLE dds.s_order_cost (

@@ -332,6 +332,11 @@ COMMENT ON COLUMN dds.product_namings.last_order_dt IS 'The newest update_ts of 
 COMMENT ON COLUMN dds.product_namings.last_order_name IS 'The greatest name (byte-wise) that order versions of last_order_dt give it';
 COMMENT ON COLUMN dds.product_namings.last_menu_dt IS 'The newest version time of a menu that names it; null: no menu does';
 
+-- A value without update_ts_utc has the version -infinity since 1.1 (1.0
+-- gave it its load time, and the update recomputes DDS).
+COMMENT ON COLUMN dds.s_user_names.load_dt IS 'Version: the value''s update_ts_utc (-infinity when absent)';
+COMMENT ON COLUMN dds.s_restaurant_names.load_dt IS 'Version: the value''s update_ts_utc (-infinity when absent)';
+
 -- CDM (install/30_cdm.sql): the users' CLOSED order counts, for the tag
 -- rules over all of a user's orders.
 
