@@ -23,7 +23,7 @@
  *		the lock order.  No session yet: the claim reads none.
  * C	upsert_claimed(): dwh_ingest_session_push().  From here
  *		dwh.keys_claimed() is true.
- * C	run_upsert(): dwh_ingest_session_start_upsert() with the batch's
+ * C	upsert_orders_deferred(): dwh_ingest_session_start_upsert() with the batch's
  *		orders, then the upsert into stg.order_events, which fires:
  *	C	  dwh_stg_statement_lock() (dwh_stg_guard.c), BEFORE STATEMENT: the
  *		  dictionary lock is held already.  Reads no session.

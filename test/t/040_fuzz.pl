@@ -38,8 +38,8 @@
 # DWH_FUZZ_SECONDS (time spent fuzzing, default 60), DWH_FUZZ_SHRINK_SECONDS
 # (default 60).
 #
-# Redis keys: another change makes keys that are not valid UTF-8 or hold
-# NUL refused; until then this test mutates values only.
+# Redis keys stay valid here: keys that cannot be text are tested key by
+# key by 029_redis_hostile_keys.pl; this test mutates values.
 
 use strict;
 use warnings;
