@@ -93,7 +93,7 @@ define_kafka_settings(void)
 
 	DefineCustomStringVariable("dwh.kafka_options",
 							   "Extra librdkafka consumer properties, as name=value pairs separated by spaces.",
-							   "Values holding spaces are single-quoted. Visible to superusers only; secret values are never logged.",
+							   "Values holding spaces are single-quoted. Visible to superusers and members of pg_read_all_settings only; secret values are never logged.",
 							   &dwh_kafka_options,
 							   "",
 							   PGC_SIGHUP,
@@ -240,7 +240,7 @@ define_redis_settings(void)
 {
 	DefineCustomStringVariable("dwh.redis_url",
 							   "Redis server of the user and restaurant dictionaries; empty: the Redis worker idles.",
-							   "redis://[[username]:password@]host[:port][/db], unix://[[username]:password@]/path[?db=N] or a socket path. Visible to superusers only; the password is never logged.",
+							   "redis://[[username]:password@]host[:port][/db], unix://[[username]:password@]/path[?db=N] or a socket path. Visible to superusers and members of pg_read_all_settings only; the password is never logged.",
 							   &dwh_redis_url,
 							   "",
 							   PGC_SIGHUP,

@@ -201,6 +201,12 @@ foreach my $role (@roles)
 	}
 }
 
+# README, "Secrets": the secret settings are readable by superusers and
+# members of pg_read_all_settings.
+$node->safe_psql('warehouse', 'CREATE ROLE settings_reader LOGIN IN ROLE pg_read_all_settings');
+attempt('settings_reader', 'SHOW dwh.redis_url', 'ok');
+attempt('settings_reader', 'SHOW dwh.kafka_options', 'ok');
+
 # What a role has no grant for, by role.
 attempt('analyst', 'SELECT count(*) FROM stg.order_events', '42501');
 attempt('analyst', 'SELECT count(*) FROM dwh.dead_letters', '42501');

@@ -280,6 +280,9 @@ $s = secret('auto_explain');
 run_in_session('auto_explain',
 	"SELECT current_setting('dwh.redis_url', true) IS NULL AS unset, '$s' AS tag"
 );
+# A column named like a setting: doubt counts as secret.
+$s = secret('a column named redis_url');
+run_in_session('a column named redis_url', "SELECT '$s' AS redis_url");
 
 # The extended protocol, with the name and the value as bind parameters.
 my $script = "${PostgreSQL::Test::Utils::tmp_check}/set_config.sql";
@@ -365,6 +368,15 @@ like(
 	'the reload says the setting changed without its value');
 like($log, qr/invalid Kafka options: name=value pair 2 has no "="/,
 	'the refused unquoted password is named by its pair number');
+# What the README's table says each kind of line shows.
+like($log, qr/ERROR:  42601: syntax error at or near "\*\*\*"/,
+	'a syntax error shows its token as ***');
+like($log, qr/ERROR:  55P02: parameter "dwh\.redis_url" cannot be changed now/,
+	'a message that names nothing but the setting keeps its text');
+like($log, qr/duration: \*\*\* ms  plan:\n\t\*\*\*\n/,
+	"auto_explain's plan is shown as its format");
+unlike($log, qr/STATEMENT:  \Q$hidden_text\E/, 'the STATEMENT line of a hidden statement is left out');
+unlike($log, qr/STATEMENT:  [^\n]*(kafka_options|redis_url)/i, 'no STATEMENT line names a secret setting');
 
 # The secret occurs nowhere in the text; on failure, show the lines that
 # hold it (not the whole log).

@@ -80,6 +80,18 @@ my $read = qr/^waiting: invalid Kafka settings \| invalid Kafka options in the f
 my $loose = qr/\| the file named by dwh\.kafka_options_file has group or world access: /;
 my $owner = qr/\| the file named by dwh\.kafka_options_file must be owned by the user the server runs as or by root$/;
 
+# Read when the worker starts, before any reload.
+{
+	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
+	my $status = kafka_status();
+	while ($status !~ $read && time() < $deadline)
+	{
+		select(undef, undef, undef, 0.2);
+		$status = kafka_status();
+	}
+	like($status, $read, 'the file named at start is read when the worker starts');
+}
+
 # Consecutive files give different statuses: each one is seen.
 try_file('root-0640', $read,
 	'a file of root that its group may read (0640) is read');
