@@ -99,8 +99,7 @@ static SPIPlanPtr restaurant_current_plan = NULL;
 /* Is keep_in_history writing (a version older than the current one)? */
 static bool keeping_in_history = false;
 
-static bool sent_later(TriggerData *trigdata, TupleDesc tupdesc);
-static bool sent_earlier(TriggerData *trigdata, TupleDesc tupdesc);
+static int	sent_cmp(TriggerData *trigdata, TupleDesc tupdesc);
 
 /* Run keep_in_history's insert, with keeping_in_history set meanwhile. */
 static int
@@ -326,7 +325,7 @@ refuse_changed_identity(TriggerData *trigdata, TupleDesc tupdesc, int key_col,
 				 errdetail("The row has object_id %s; the history holds each version as it was received.",
 						   SPI_getvalue(old, tupdesc, key_col)),
 				 errhint("Write a new version to the current table instead.")));
-	if (sent_earlier(trigdata, tupdesc))
+	if (sent_cmp(trigdata, tupdesc) < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("the sent_dttm of a version kept in %s.%s cannot go back",
@@ -361,18 +360,6 @@ sent_cmp(TriggerData *trigdata, TupleDesc tupdesc)
 	if (new_null || old_null)
 		return new_null == old_null ? 0 : (new_null ? -1 : 1);
 	return new_sent > old_sent ? 1 : (new_sent < old_sent ? -1 : 0);
-}
-
-static bool
-sent_later(TriggerData *trigdata, TupleDesc tupdesc)
-{
-	return sent_cmp(trigdata, tupdesc) > 0;
-}
-
-static bool
-sent_earlier(TriggerData *trigdata, TupleDesc tupdesc)
-{
-	return sent_cmp(trigdata, tupdesc) < 0;
 }
 
 /*
@@ -499,7 +486,7 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 				keep_in_history(kind, newtuple, tupdesc, has_ts, ts);
 			return PointerGetDatum(NULL);
 		}
-		if (cmp == 0 && !sent_later(trigdata, tupdesc))
+		if (cmp == 0 && sent_cmp(trigdata, tupdesc) <= 0)
 			return PointerGetDatum(NULL);	/* the stored version again */
 	}
 

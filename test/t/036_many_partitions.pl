@@ -76,9 +76,7 @@ foreach my $i (0, 1)
 {
 	my $file = "$tmp/wide.$i.txt";
 	append_to_file($file, $wide_lines[$i]);
-	system('kcat', '-P', '-q', '-b', $mock->{bootstrap}, '-t', 'wide',
-		'-p', $i == 0 ? 0 : $wide - 1, '-l', $file) == 0
-	  or die "kcat could not produce $file";
+	produce($mock, $file, 'wide', $i == 0 ? 0 : $wide - 1);
 }
 ok(set_and_reload($node, 'dwh.kafka_topic', 'wide'), 'the worker is given the topic of 1,030 partitions');
 ok(wait_for($node, 'SELECT count(*) = 2 FROM stg.order_events WHERE object_id IN (900000, 900001)'),

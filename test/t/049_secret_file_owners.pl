@@ -58,13 +58,10 @@ sub kafka_status
 	);
 }
 
-# Name the file, reload, and wait until the worker's status matches.
-sub try_file
+# Wait until the worker's status matches.
+sub wait_status
 {
-	my ($name, $pattern, $label) = @_;
-	$node->safe_psql('postgres',
-		"ALTER SYSTEM SET dwh.kafka_options_file = '$fixtures/$name'; SELECT pg_reload_conf()"
-	);
+	my ($pattern, $label) = @_;
 	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
 	my $status = kafka_status();
 	while ($status !~ $pattern && time() < $deadline)
@@ -76,21 +73,23 @@ sub try_file
 	return;
 }
 
+# Name the file, reload, and wait until the worker's status matches.
+sub try_file
+{
+	my ($name, $pattern, $label) = @_;
+	$node->safe_psql('postgres',
+		"ALTER SYSTEM SET dwh.kafka_options_file = '$fixtures/$name'; SELECT pg_reload_conf()"
+	);
+	wait_status($pattern, $label);
+	return;
+}
+
 my $read = qr/^waiting: invalid Kafka settings \| invalid Kafka options in the file named by dwh\.kafka_options_file: name=value pair 1 names no librdkafka property$/;
 my $loose = qr/\| the file named by dwh\.kafka_options_file has group or world access: /;
 my $owner = qr/\| the file named by dwh\.kafka_options_file must be owned by the user the server runs as or by root$/;
 
 # Read when the worker starts, before any reload.
-{
-	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
-	my $status = kafka_status();
-	while ($status !~ $read && time() < $deadline)
-	{
-		select(undef, undef, undef, 0.2);
-		$status = kafka_status();
-	}
-	like($status, $read, 'the file named at start is read when the worker starts');
-}
+wait_status($read, 'the file named at start is read when the worker starts');
 
 # Consecutive files give different statuses: each one is seen.
 try_file('root-0640', $read,

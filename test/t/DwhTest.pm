@@ -171,14 +171,16 @@ sub check_manifest_counts
 	return;
 }
 
-# Produce every line of a file as one message, spread over the partitions.
+# Produce every line of a file as one message, spread over the partitions,
+# or all to $partition when given.
 sub produce
 {
-	my ($broker, $file, $topic) = @_;
+	my ($broker, $file, $topic, $partition) = @_;
 	$topic //= $broker->{topic};
 	# No sticky partitioner: keyless messages go to random partitions.
 	system('kcat', '-P', '-q', '-b', $broker->{bootstrap}, '-t', $topic,
-		'-X', 'sticky.partitioning.linger.ms=0', '-l', $file) == 0
+		'-X', 'sticky.partitioning.linger.ms=0',
+		(defined $partition ? ('-p', $partition) : ()), '-l', $file) == 0
 	  or die "kcat could not produce $file";
 	return;
 }
