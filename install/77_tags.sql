@@ -54,7 +54,7 @@ CREATE TABLE dwh.tag_rules (
                WHEN 'dish' THEN product_id <> '' AND category_name IS NULL
                ELSE category_name IS NULL AND product_id IS NULL END),
     CONSTRAINT tag_rules_threshold_check CHECK (threshold >= 1),
-    CONSTRAINT tag_rules_window_days_check CHECK (window_days >= 1),
+    CONSTRAINT tag_rules_window_days_check CHECK (window_days BETWEEN 1 AND 36500),
     CONSTRAINT tag_rules_window_as_of_check
         CHECK ((window_days IS NULL) = (window_as_of IS NULL))
 );
@@ -64,7 +64,7 @@ COMMENT ON COLUMN dwh.tag_rules.kind IS 'What it counts: category (the user''s C
 COMMENT ON COLUMN dwh.tag_rules.category_name IS 'kind category: the category''s name, as in cdm.user_category_counters.category_name and dds.h_category (compared byte by byte); it may not be known yet';
 COMMENT ON COLUMN dwh.tag_rules.product_id IS 'kind dish: the dish''s id in the orders and menus (dds.h_product.product_id); it may not be known yet';
 COMMENT ON COLUMN dwh.tag_rules.threshold IS 'At least this many orders (1 or more): for favourite_category, in the favourite category';
-COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) is at most this many days (1 or more) before window_as_of (later ones count too, the future included); null: all of them';
+COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) is at most this many days (1 to 36500: 100 years) before window_as_of (later ones count too, the future included); null: all of them';
 COMMENT ON COLUMN dwh.tag_rules.window_as_of IS 'Set by dwh, not by the rule''s writer: the UTC time the window reaches back from, set when the rule is written and moved on by dwh.expire_tags(); null without a window';
 
 -- Tags: one row per user and tag held, written only when a tag is
@@ -207,8 +207,8 @@ BEGIN
             USING ERRCODE = '23514',
                   DETAIL = 'A user holds the tag while the rule counts at least threshold of the user''s orders.';
     END IF;
-    IF NEW.window_days < 1 THEN
-        RAISE EXCEPTION 'window of tag rule "%" must be at least 1 day, not %',
+    IF NEW.window_days < 1 OR NEW.window_days > 36500 THEN
+        RAISE EXCEPTION 'window of tag rule "%" must be from 1 to 36500 days, not %',
             NEW.tag, NEW.window_days
             USING ERRCODE = '23514',
                   HINT = 'Leave window_days null to count the orders of all time.';

@@ -538,6 +538,22 @@ BEGIN
     PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
     as_of := now() AT TIME ZONE 'UTC';
 
+    -- The rules moved below, locked first.  A session may hold a rule's
+    -- row without the tag lock (SELECT ... FOR UPDATE) and ask for the tag
+    -- lock next (a rule change): waiting here for its row would be a
+    -- deadlock.  The windows then move at the next pass instead.
+    BEGIN
+        PERFORM FROM dwh.tag_rules r
+        WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of
+        FOR NO KEY UPDATE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE LOG 'tag windows not moved: a tag rule''s row is locked by another transaction'
+            USING DETAIL = 'The windows move at the next expiry pass.';
+        rules_moved := 0;
+        events := 0;
+        RETURN;
+    END;
+
     -- What leaves the windows, taken away from the counts (the windows as
     -- they are until the rules move below).
     WITH leaving AS MATERIALIZED (

@@ -319,3 +319,43 @@ SELECT outcome FROM dwh.replay_dead_letters();
 SELECT count(*) AS dead_letters FROM dwh.dead_letters;
 SELECT object_id FROM stg.order_events WHERE object_id IN (34, 35, 36) ORDER BY 1;
 SELECT * FROM t.check();
+
+-- The bounds of the message format (docs/formats.md): one step past each
+-- is a dead letter with its SQLSTATE; the bound itself is applied.
+DELETE FROM dwh.dead_letters;
+CREATE FUNCTION t.bound(id bigint, path text[], value jsonb) RETURNS text
+LANGUAGE sql AS $$
+    SELECT jsonb_set(jsonb_set(t.bad('{object_id}', to_jsonb(id))::jsonb, path, value),
+                     '{object_id}', to_jsonb(id))::text
+$$;
+CREATE TABLE t.bounds (n serial, label text, message text);
+INSERT INTO t.bounds (label, message) VALUES
+    ('object_id 0', t.bad('{object_id}', '0')),
+    ('object_id 1.0', t.bad('{object_id}', '1.0')),
+    ('user id of 129 bytes', t.bad('{payload,user,id}', to_jsonb(repeat('u', 129)))),
+    ('item id of 129 bytes', t.bad('{payload,order_items,0,id}', to_jsonb(repeat('d', 129)))),
+    ('quantity 1000001', t.bad('{payload,order_items,0,quantity}', '1000001')),
+    ('price 1e14', t.bad('{payload,order_items,0,price}', '1e14')),
+    ('bonus_payment negative', t.bad('{payload,bonus_payment}', '-1')),
+    ('statuses not an array', t.bad('{payload,statuses}', '"CLOSED"')),
+    ('final_status of 65 bytes', t.bad('{payload,final_status}', to_jsonb(repeat('S', 65)))),
+    ('item without name', t.without('{payload,order_items,0,name}')),
+    ('object_id 9223372036854775807', t.bad('{object_id}', '9223372036854775807')),
+    ('object_id 1e3 (1000)', t.bad('{object_id}', '1e3')),
+    ('user id of 128 bytes', t.bound(9001, '{payload,user,id}', to_jsonb(repeat('u', 128)))),
+    ('quantity 1000000', t.bound(9002, '{payload,order_items,0,quantity}', '1000000')),
+    ('price 99999999999999', t.bound(9003, '{payload,order_items,0,price}', '99999999999999')),
+    ('empty item name', t.bound(9004, '{payload,order_items,0,name}', '""')),
+    ('T in sent_dttm', t.bound(9005, '{sent_dttm}', '"2023-04-02T10:00:00"')),
+    ('T in update_ts', t.bound(9006, '{payload,update_ts}', '"2023-04-02T11:00:00"')),
+    ('no bonuses', (t.bound(9007, '{payload,cost}', '200')::jsonb
+                    #- '{payload,bonus_payment}' #- '{payload,bonus_grant}')::text);
+SELECT n, label, dwh.ingest_order(message) AS outcome FROM t.bounds ORDER BY n;
+SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
+SELECT object_id, sent_dttm, update_ts, length(payload->'user'->>'id') AS user_id_length,
+       payload->'order_items'->0->>'quantity' AS quantity,
+       payload->'order_items'->0->>'price' AS price
+FROM stg.order_events
+WHERE object_id IN (1000, 9223372036854775807) OR object_id BETWEEN 9001 AND 9007
+ORDER BY object_id;
+SELECT * FROM t.check();

@@ -19,7 +19,7 @@ SELECT 'plov' < 'Plov' AS icu_puts_plov_first,
 SELECT t.set_menu('r1', '2023-04-01 10:00:00', 'd1:Плов:plov', 'd2:Лагман:Plov');
 INSERT INTO dwh.tag_rules (tag, kind) VALUES ('favourite', 'favourite_category');
 INSERT INTO dwh.tag_rules (tag, kind, threshold, window_days)
-VALUES ('recent favourite', 'favourite_category', 1, 100000);
+VALUES ('recent favourite', 'favourite_category', 1, 36500);
 SELECT t.load(1, 'u1', 'CLOSED', '2023-04-02 10:00:00', 'd1:Плов');
 SELECT t.load(2, 'u1', 'CLOSED', '2023-04-02 11:00:00', 'd2:Лагман');
 SELECT t.load(3, 'u2', 'CLOSED', '2023-04-02 10:00:00', 'd2:Лагман');

@@ -35,6 +35,13 @@ SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, threshold)
                VALUES ('any', 'all_orders', 0)$$) AS zero_threshold;
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days)
                VALUES ('recent', 'all_orders', -3)$$) AS negative_window;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days)
+               VALUES ('recent', 'all_orders', 36501)$$) AS window_over_100_years;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days)
+               VALUES ('recent', 'all_orders', 2147483647)$$) AS largest_window;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days)
+               VALUES ('recent', 'all_orders', 36500)$$) AS window_of_100_years;
+DELETE FROM dwh.tag_rules WHERE tag = 'recent';
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', 'cuisine')$$) AS unknown_kind;
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind) VALUES ('x', NULL)$$) AS no_kind;
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id)
@@ -58,6 +65,14 @@ INSERT INTO dwh.tag_rules (tag, kind, product_id) VALUES ('plov', 'category', 'd
 ALTER TABLE dwh.tag_rules DISABLE TRIGGER tag_rules_check;
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('x', 'all_orders', 0)$$) AS constraint_threshold;
 SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, product_id) VALUES ('x', 'category', 'd1')$$) AS constraint_names;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days, window_as_of)
+               VALUES ('x', 'all_orders', 36501, now())$$) AS constraint_window_days;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days, window_as_of)
+               VALUES ('x', 'all_orders', 0, now())$$) AS constraint_window_of_0;
+SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days)
+               VALUES ('x', 'all_orders', 30)$$) AS constraint_window_as_of;
+SELECT t.try(format($$INSERT INTO dwh.tag_rules (tag, kind) VALUES (%L, 'all_orders')$$,
+                    repeat('я', 201))) AS constraint_name_of_201_characters;
 ALTER TABLE dwh.tag_rules ENABLE TRIGGER tag_rules_check;
 SELECT count(*) AS rules FROM dwh.tag_rules;
 

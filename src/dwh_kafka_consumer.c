@@ -948,6 +948,22 @@ dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *c)
 	}
 }
 
+/*
+ * dwh_kafka_consumer_high_watermark
+ *		A partition's high watermark as last seen in a fetch response, or -1.
+ */
+int64
+dwh_kafka_consumer_high_watermark(DwhKafkaConsumer *c, int32 partition)
+{
+	int64_t		low = -1;
+	int64_t		high = -1;
+
+	if (rd_kafka_get_watermark_offsets(c->rk, c->topic, partition,
+									   &low, &high) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return -1;
+	return high;
+}
+
 const char *
 dwh_kafka_consumer_topic(DwhKafkaConsumer *c)
 {

@@ -78,6 +78,8 @@ extern void dwh_kafka_consumer_commit(DwhKafkaConsumer *consumer,
 extern int	dwh_kafka_consumer_assignment(DwhKafkaConsumer *consumer,
 										  int32 **partitions);
 extern void dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *consumer);
+extern int64 dwh_kafka_consumer_high_watermark(DwhKafkaConsumer *consumer,
+											   int32 partition);
 extern const char *dwh_kafka_consumer_topic(DwhKafkaConsumer *consumer);
 
 #endif							/* DWH_KAFKA_CONSUMER_H */

@@ -16,7 +16,8 @@
  * dropped (it was applied).  Other bytes: the log was replaced, and the
  * worker records a gap from N back to the new log's start, which it reads
  * from there (or stops at, with dwh.kafka_on_gap = stop); until then it
- * drops whatever else that log brings.
+ * drops whatever else that log brings.  A log that ends at N - 1 or before
+ * (its high watermark) was replaced too, with no message to compare.
  *
  * Nothing to compare, and the partition goes on as before: no hash stored
  * (a partition moved by dwh.kafka_seek or past a gap, or never applied), or
@@ -175,6 +176,26 @@ dwh_kafka_verify_out_of_range(int32 partition, int64 offset)
 	stop_checking(i);
 	if (n_unverifiable < DWH_MAX_PARTITIONS)
 		unverifiable[n_unverifiable++] = partition;
+}
+
+/*
+ * dwh_kafka_verify_log_end
+ *		The partition's log ends at high (its high watermark as last
+ *		fetched).  A log that ends at N - 1 or before does not hold the
+ *		message applied there: the topic was recreated or truncated.  At
+ *		exactly N - 1 the fetch is not out of range but waits for a
+ *		message, which the check would wait for with the new log unread:
+ *		the log is found replaced now.  True if it is.
+ */
+bool
+dwh_kafka_verify_log_end(int32 partition, int64 high)
+{
+	int			i = find_checking(partition);
+
+	if (i < 0 || checking[i].replaced || high < 0 || high > checking[i].offset)
+		return false;
+	checking[i].replaced = true;
+	return true;
 }
 
 /*

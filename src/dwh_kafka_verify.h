@@ -27,6 +27,7 @@ extern void dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
 extern DwhKafkaVerdict dwh_kafka_verify_message(int32 partition, int64 offset,
 												const char *data, int len);
 extern void dwh_kafka_verify_out_of_range(int32 partition, int64 offset);
+extern bool dwh_kafka_verify_log_end(int32 partition, int64 high);
 extern void dwh_kafka_verify_forget(const int32 *partitions, int n);
 extern void dwh_kafka_verify_reset(void);
 

@@ -306,6 +306,36 @@ add_gap(const DwhKafkaEvent *ev, bool replaced)
 							 ev->error)));
 }
 
+/*
+ * A partition checked at N - 1 (dwh_kafka_verify.c) whose log now ends
+ * there or before was replaced: a gap, as if its stored offset were out of
+ * range (the watermarks are asked for afresh).
+ */
+static void
+find_short_logs(void)
+{
+	int32	   *owned;
+	int			n_owned = dwh_kafka_consumer_assignment(consumer, &owned);
+	int			i;
+
+	for (i = 0; i < n_owned; i++)
+	{
+		int64		high = dwh_kafka_consumer_high_watermark(consumer, owned[i]);
+		DwhKafkaEvent ev = {0};
+
+		if (!dwh_kafka_verify_log_end(owned[i], high))
+			continue;
+		ev.partition = owned[i];
+		ev.offset = high;
+		ev.low = -1;
+		ev.high = -1;
+		snprintf(ev.error, sizeof(ev.error),
+				 "the log ends at offset " INT64_FORMAT ", before the message last applied",
+				 high);
+		add_gap(&ev, false);
+	}
+}
+
 static void
 shutdown_consumer(int code, Datum arg)
 {
@@ -427,6 +457,8 @@ ready_to_consume(void)
 {
 	if (dwh_kafka_brokers[0] == '\0')
 	{
+		/* Told to do nothing: no error keeps the worker from its work. */
+		dwh_status_clear_error(slot);
 		dwh_worker_set_state_logged("idle: dwh.kafka_brokers is empty", NULL);
 		return false;
 	}
@@ -864,10 +896,12 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
  * messages stay for the next batch, rather than make this one wait on
  * their rows for that worker's commit.  A batch after MAX_CARRY_ROUNDS in
  * a row that left some leaves none: two workers cannot keep leaving the
- * same order to each other.
+ * same order to each other.  Nor does a batch applied before a gap is
+ * recorded (leave_none): the gap starts at the stored offset, and the
+ * broker may no longer hold a message left for later.
  */
 static void
-apply_batch(void)
+apply_batch(bool leave_none)
 {
 	const char *topic = dwh_kafka_consumer_topic(consumer);
 	bool	   *deferred = palloc0(sizeof(bool) * batch.n);
@@ -879,7 +913,7 @@ apply_batch(void)
 	TimestampTz started = GetCurrentTimestamp();
 
 	apply_in_transaction(topic, batch.items, batch.n,
-						 batch.carry_rounds < MAX_CARRY_ROUNDS ? deferred : NULL,
+						 batch.carry_rounds < MAX_CARRY_ROUNDS && !leave_none ? deferred : NULL,
 						 batch.floor_parts, batch.floors, batch.n_floors,
 						 &result, next_parts, next, &n_next, &any_seek);
 	dwh_inflight_clear(worker_index);
@@ -955,10 +989,11 @@ report_gap(const char *topic, int32 partition, DwhKafkaGapOutcome outcome,
 }
 
 /*
- * Serve the pending gaps: apply what was gathered before them (so that the
- * stored offsets are where the stream broke), record each in one
- * transaction with the offsets it moves, then start the partitions that go
- * on again from the stored offsets.  Any error leaves the gaps pending.
+ * Serve the pending gaps: apply all that was gathered before them, leaving
+ * nothing for later (so that the stored offsets are where the stream
+ * broke), record each in one transaction with the offsets it moves, then
+ * start the partitions that go on again from the stored offsets.  Any
+ * error leaves the gaps pending.
  */
 static void
 serve_gaps(void)
@@ -973,7 +1008,7 @@ serve_gaps(void)
 	if (GetCurrentTimestamp() < gaps_not_before)
 		return;
 	if (batch.n > 0)
-		apply_batch();
+		apply_batch(true);
 
 	/* The broker's watermarks, when the failed fetch did not carry them. */
 	for (i = 0; i < n_pending_gaps; i++)
@@ -1266,7 +1301,7 @@ dwh_kafka_worker_main(Datum main_arg)
 
 		if (batch_due())
 		{
-			apply_batch();
+			apply_batch(false);
 			dwh_status_set_state(slot, "consuming");
 			waiting_for_broker = false;
 			continue;
@@ -1280,7 +1315,10 @@ dwh_kafka_worker_main(Datum main_arg)
 			 * are down, so their age (watermark_at) grows meanwhile.
 			 */
 			if (!waiting_for_broker)
+			{
 				dwh_kafka_consumer_publish_watermarks(consumer);
+				find_short_logs();
+			}
 			last_watermarks = GetCurrentTimestamp();
 			probe_recovery();
 		}

@@ -230,6 +230,8 @@ ready_to_mirror(void)
 	}
 	if (used_url == NULL)
 	{
+		/* Told to do nothing: no error keeps the worker from its work. */
+		dwh_status_clear_error(slot);
 		dwh_worker_set_state_logged("idle: dwh.redis_url is empty", NULL);
 		return false;
 	}

@@ -2444,7 +2444,7 @@ CREATE TABLE dwh.tag_rules (
                WHEN 'dish' THEN product_id <> '' AND category_name IS NULL
                ELSE category_name IS NULL AND product_id IS NULL END),
     CONSTRAINT tag_rules_threshold_check CHECK (threshold >= 1),
-    CONSTRAINT tag_rules_window_days_check CHECK (window_days >= 1),
+    CONSTRAINT tag_rules_window_days_check CHECK (window_days BETWEEN 1 AND 36500),
     CONSTRAINT tag_rules_window_as_of_check
         CHECK ((window_days IS NULL) = (window_as_of IS NULL))
 );
@@ -2454,7 +2454,7 @@ COMMENT ON COLUMN dwh.tag_rules.kind IS 'What it counts: category (the user''s C
 COMMENT ON COLUMN dwh.tag_rules.category_name IS 'kind category: the category''s name, as in cdm.user_category_counters.category_name and dds.h_category (compared byte by byte); it may not be known yet';
 COMMENT ON COLUMN dwh.tag_rules.product_id IS 'kind dish: the dish''s id in the orders and menus (dds.h_product.product_id); it may not be known yet';
 COMMENT ON COLUMN dwh.tag_rules.threshold IS 'At least this many orders (1 or more): for favourite_category, in the favourite category';
-COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) is at most this many days (1 or more) before window_as_of (later ones count too, the future included); null: all of them';
+COMMENT ON COLUMN dwh.tag_rules.window_days IS 'Count only the orders whose order time (payload.date, UTC) is at most this many days (1 to 36500: 100 years) before window_as_of (later ones count too, the future included); null: all of them';
 COMMENT ON COLUMN dwh.tag_rules.window_as_of IS 'Set by dwh, not by the rule''s writer: the UTC time the window reaches back from, set when the rule is written and moved on by dwh.expire_tags(); null without a window';
 
 -- Tags: one row per user and tag held, written only when a tag is
@@ -3253,6 +3253,22 @@ BEGIN
     PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
     as_of := now() AT TIME ZONE 'UTC';
 
+    -- The rules moved below, locked first.  A session may hold a rule's
+    -- row without the tag lock (SELECT ... FOR UPDATE) and ask for the tag
+    -- lock next (a rule change): waiting here for its row would be a
+    -- deadlock.  The windows then move at the next pass instead.
+    BEGIN
+        PERFORM FROM dwh.tag_rules r
+        WHERE r.window_days IS NOT NULL AND r.window_as_of < as_of
+        FOR NO KEY UPDATE NOWAIT;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE LOG 'tag windows not moved: a tag rule''s row is locked by another transaction'
+            USING DETAIL = 'The windows move at the next expiry pass.';
+        rules_moved := 0;
+        events := 0;
+        RETURN;
+    END;
+
     -- What leaves the windows, taken away from the counts (the windows as
     -- they are until the rules move below).
     WITH leaving AS MATERIALIZED (
@@ -3324,8 +3340,8 @@ BEGIN
             USING ERRCODE = '23514',
                   DETAIL = 'A user holds the tag while the rule counts at least threshold of the user''s orders.';
     END IF;
-    IF NEW.window_days < 1 THEN
-        RAISE EXCEPTION 'window of tag rule "%" must be at least 1 day, not %',
+    IF NEW.window_days < 1 OR NEW.window_days > 36500 THEN
+        RAISE EXCEPTION 'window of tag rule "%" must be from 1 to 36500 days, not %',
             NEW.tag, NEW.window_days
             USING ERRCODE = '23514',
                   HINT = 'Leave window_days null to count the orders of all time.';

@@ -14,7 +14,9 @@
 # compare (the records deleted up to the stored offset, or after
 # dwh.kafka_seek()) it goes on, recording no gap.  A worker killed while it
 # waits to record a gap (skip) records it once after the restart; a seek
-# committed while it waits wins: no gap is recorded.
+# committed while it waits wins: no gap is recorded.  Last, a recreated
+# topic whose log ends exactly at the message before the stored offset (the
+# one the worker checks): a gap too, found from the log's end.
 
 use strict;
 use warnings;
@@ -404,6 +406,30 @@ is( $node->safe_psql('postgres',
 	),
 	'80 100 20',
 	'with no offset stored, the lag counts from the low watermark');
+
+# --- a recreated topic whose log ends at the message before the stored offset ---
+# Partition 1 applies lines 570-579 (offsets 0-9: stored offset 10, the
+# hash of offset 9 kept); the topic is recreated with lines 600-608 in
+# partition 1 (offsets 0-8): its log ends at 9, where the worker starts to
+# check the message it applied.  That fetch is not out of range: it waited
+# for a tenth message, the new log unread and no gap recorded.
+release();
+produce_lines(570, 580, 1);
+wait_stored(1, 10, 'short log: partition 1 applies ten messages');
+my $last_gap = $node->safe_psql('postgres', 'SELECT coalesce(max(id), 0) FROM dwh.kafka_gaps');
+hold();
+recreate_topic('the topic is recreated with a shorter log');
+produce_lines(600, 609, 1);
+release();
+wait_stored(1, 9, 'short log: partition 1 is read from the start of the new log');
+is( $node->safe_psql('postgres',
+		"SELECT next_offset, log_start_offset, log_end_offset, action, resumed_offset FROM dwh.kafka_gaps WHERE id > $last_gap AND kafka_partition = 1"
+	),
+	'10|0|9|skipped|0',
+	'short log: the gap is recorded from the stored offset');
+is(count_in_log(qr/WARNING:  Kafka partition 1 of topic "$topic" ends before its stored offset 10\n[^\n]*DETAIL:  The broker's log of the partition ends at offset 9: the topic was recreated or truncated\. Consumption goes on from offset 0\./),
+	1, 'short log: the WARNING says the log ends before the stored offset');
+is(orders_in_stg(600, 609), '9', 'short log: the orders of the new log are applied');
 
 $node->stop;
 broker_command('stop', $broker->{dir});

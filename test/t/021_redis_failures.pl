@@ -325,6 +325,16 @@ unlike($log, qr/not-the-password/, 'nor does the wrong one');
 is(psql(qq{SELECT count(*) FROM dwh.status WHERE last_error LIKE '%$password%' OR state LIKE '%$password%'}),
 	'0', 'nor dwh.status');
 
+# 7. A Redis worker with an error, then told to do nothing (dwh.redis_url
+#    emptied): idle on purpose, it shows no error.
+set_url($wrong_url);
+wait_for(q{SELECT last_error IS NOT NULL FROM dwh.status WHERE worker = 'redis'},
+	'a wrong password: the Redis worker shows an error');
+set_url('');
+wait_for(
+	q{SELECT state = 'idle: dwh.redis_url is empty' AND last_error IS NULL AND last_error_at IS NULL FROM dwh.status WHERE worker = 'redis'},
+	'dwh.redis_url emptied: idle on purpose, no error shown');
+
 $node->stop;
 $redis->stop;
 done_testing();

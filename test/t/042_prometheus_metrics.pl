@@ -239,6 +239,11 @@ my %types = (
 	dwh_tag_events_total => 'counter');
 my @served = sort grep { /^dwh_/ } keys %{ $m->{samples} };
 is_deeply(\@served, [ sort keys %types ], 'the dwh metrics served are those of the queries file');
+# The alerts' annotations name the server by this label.
+my $server = $node->host . ':' . $node->port;
+my @other_server = grep { ($_->{labels}{server} // '') ne $server }
+  map { @{ $m->{samples}{$_} } } @served;
+is(scalar(@other_server), 0, "every dwh sample carries the label server=\"$server\"");
 foreach my $name (sort keys %types)
 {
 	is($m->{type}{$name}, $types{$name}, "$name is a $types{$name}");

@@ -9,7 +9,9 @@
 # A real broker with one partition and two workers: orders applied, the
 # broker stopped until both workers show an error, started again; both
 # errors clear and both workers say "consuming", and new orders are
-# applied.
+# applied.  Then, with the broker stopped again, dwh.kafka_brokers is
+# emptied: idle on purpose, the workers show no error (the alert would
+# fire for good on a worker disabled on purpose).
 
 use strict;
 use warnings;
@@ -66,6 +68,19 @@ my $more = read_manifest("$tmp/idle_more.json")->{messages};
 produce($broker, "$tmp/idle_more.txt");
 ok(wait_applied($node, $first + $more), "the $more new messages are applied");
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
+
+# The broker stopped again, then the workers told to do nothing
+# (dwh.kafka_brokers emptied): no error keeps them from their work, and
+# the errors shown while the broker was away are cleared.
+broker_command('stop', $broker->{dir});
+ok( wait_for($node,
+		q{SELECT count(*) = 2 FROM dwh.status WHERE worker LIKE 'kafka%' AND last_error IS NOT NULL}),
+	'with the broker stopped again, both workers show an error');
+ok(set_and_reload($node, 'dwh.kafka_brokers', ''), 'dwh.kafka_brokers emptied');
+ok( wait_for($node,
+		q{SELECT count(*) = 2 FROM dwh.status WHERE worker LIKE 'kafka%' AND state = 'idle: dwh.kafka_brokers is empty' AND last_error IS NULL AND last_error_at IS NULL}),
+	'idle on purpose, both workers show no error')
+  or diag(psql(q{SELECT worker, state, last_error FROM dwh.status WHERE worker LIKE 'kafka%'}));
 
 $node->stop;
 done_testing();
