@@ -2,7 +2,7 @@
 # messages and dictionary values from the generator (tools/dwh-gen),
 # mutated (test/t/Fuzz.pm: bit flips, truncation, invalid UTF-8, NUL bytes,
 # \u0000, lone surrogates, type swaps, odd numbers and timestamps, deep
-# nesting, large arrays, duplicate keys, missing and extra fields), fed
+# nesting, large arrays, duplicate, renamed, missing and extra keys), fed
 # through the three ways bytes from outside reach dwh:
 #
 #   ingest  dwh.ingest_orders in random batches, each message at its own

@@ -306,6 +306,17 @@ sub encode_json_string_raw
 	return $s;
 }
 
+# The same key spelt with an escape (\u006fbject_id for object_id): JSON
+# reads it as the original, so it must go where the original would.
+sub escaped_key
+{
+	my ($key) = @_;
+	return '\\u0020' unless length $key;
+	my $c = substr($key, 0, 1);
+	return $key if $c eq '\\' || ord($c) > 0x7f;
+	return sprintf('\\u%04x', ord($c)) . substr($key, 1);
+}
+
 # Nest a node $depth levels deep, as raw text (no recursion later).
 sub nested
 {
@@ -411,6 +422,21 @@ my %tree_mutations = (
 		splice(@{ $p->[3]{v} }, $rng->below(@{ $p->[3]{v} } + 1), 0,
 			[ $key, random_value($rng) ]);
 		return ($root, "extra field $key");
+	},
+	renamed_key => sub {
+		my ($rng, $root) = @_;
+		my $p = pick_place($rng, $root, sub { defined $_[0][2] })
+		  // return ($root, 'no key to rename');
+		my $pair = $p->[0]{v}[ $p->[1] ];
+		my $old = $pair->[0];
+		my @siblings = map { $_->[0] } @{ $p->[0]{v} };
+		my $new = $rng->pick(
+			uc($old), ucfirst($old), " $old", "$old ", "$old\\u0000",
+			"$old\\ud800", $old . $rng->pick(@invalid_utf8), substr($old, 1),
+			escaped_key($old), escaped_key($old), $rng->pick(@siblings),
+			$rng->pick(@odd_keys));
+		$pair->[0] = $new;
+		return ($root, 'key ' . show_bytes($old) . ' renamed ' . show_bytes($new));
 	},
 	odd_string => sub {
 		my ($rng, $root) = @_;
