@@ -429,6 +429,8 @@ AS $fn$
 #variable_conflict use_column
 DECLARE
     part integer;
+    part_rows bigint;
+    differences bigint := 0;
 BEGIN
     IF parts IS NULL OR parts < 1 THEN
         RAISE EXCEPTION 'a check in % parts is not possible', parts
@@ -498,11 +500,18 @@ BEGIN
                v.business_key || ': ' || coalesce(v.actual, '(no row)'), NULL, NULL
         FROM dwh.verify_vault(part, parts) v
         ORDER BY 1, 2, 3, 4;
+        -- A long check says how far it is (client_min_messages hides it).
+        IF parts > 1 THEN
+            GET DIAGNOSTICS part_rows = ROW_COUNT;
+            differences := differences + part_rows;
+            RAISE NOTICE 'checked part % of %: % differences so far',
+                part + 1, parts, differences;
+        END IF;
     END LOOP;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.verify(integer) IS
-    'dwh.verify() a part of the key space at a time (users for the marts and tags, orders, dishes and the other hubs'' keys for DDS), in "parts" parts: the same differences, in less temporary space; rows ordered within each part';
+    'dwh.verify() a part of the key space at a time (users for the marts and tags, orders, dishes and the other hubs'' keys for DDS), in "parts" parts: the same differences, in less temporary space; rows ordered within each part; a NOTICE as each part ends';
 
 CREATE FUNCTION dwh.verify()
     RETURNS TABLE (mart text, user_id uuid, item_id uuid,
@@ -598,6 +607,7 @@ CREATE FUNCTION dwh.rebuild(vault boolean DEFAULT false,
 AS $fn$
 DECLARE
     vault_differences bigint;
+    parts integer;
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'the marts can only be rebuilt in a READ COMMITTED transaction'
@@ -609,7 +619,14 @@ BEGIN
     PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
     PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
 
-    SELECT count(*) INTO vault_differences FROM dwh.verify_vault();
+    -- DDS is checked in parts of about a million orders (the planner's
+    -- estimate), as dwh.verify(parts) does: the same differences in a
+    -- fraction of the temporary space.
+    SELECT greatest(1, ceil(c.reltuples / 1000000))::integer INTO parts
+    FROM pg_catalog.pg_class c WHERE c.oid = 'dds.h_order'::pg_catalog.regclass;
+    SELECT count(*) INTO vault_differences
+    FROM pg_catalog.generate_series(0, parts - 1) part,
+         dwh.verify_vault(part, parts) v;
     IF vault THEN
         IF vault_differences > 0 THEN
             PERFORM dwh.rebuild_vault();
