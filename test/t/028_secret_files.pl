@@ -160,21 +160,25 @@ my $closed_port = PostgreSQL::Test::Cluster::get_free_port();
 
 sub kafka_status
 {
+	my ($worker) = @_;
+	$worker //= 'kafka 1';
 	my $status = $node->safe_psql('postgres',
-		"SELECT state || ' | ' || coalesce(last_error, '') FROM dwh.status WHERE worker = 'kafka 1'"
+		"SELECT state || ' | ' || coalesce(last_error, '') FROM dwh.status WHERE worker = '$worker'"
 	);
 	push @statuses, $status;
 	return $status;
 }
 
+# Wait until the Kafka worker's status (or that of the worker named last)
+# matches.
 sub wait_kafka
 {
-	my ($pattern, $name) = @_;
+	my ($pattern, $name, $worker) = @_;
 	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
 	my $status = '';
 	while (time() < $deadline)
 	{
-		$status = kafka_status();
+		$status = kafka_status($worker);
 		last if $status =~ $pattern;
 		select(undef, undef, undef, 0.2);
 	}
@@ -190,11 +194,16 @@ $node->safe_psql(
 ALTER SYSTEM SET dwh.kafka_brokers = '127.0.0.1:$closed_port';
 ALTER SYSTEM SET dwh.kafka_options = 'security.protocol=SASL_PLAINTEXT';
 ALTER SYSTEM SET dwh.kafka_options_file = '$kafka_file';
+ALTER SYSTEM SET dwh.tags_topic = 'user-tags';
 SELECT pg_reload_conf();
 });
 wait_kafka(
 	qr/^waiting: invalid Kafka settings \| invalid Kafka options in the file named by dwh\.kafka_options_file: name=value pair 3 names no librdkafka property$/,
 	'an unknown property of the file is named by its number');
+# The tags worker's producer reads the same settings, and says the same.
+wait_kafka(
+	qr/^waiting: invalid Kafka settings \| invalid Kafka options in the file named by dwh\.kafka_options_file: name=value pair 3 names no librdkafka property$/,
+	'the tags worker names the property too', 'tags');
 
 my $refusal_offset = -s $node->logfile;
 write_secret_file($kafka_file,
@@ -218,21 +227,26 @@ $node->reload;
 wait_kafka(
 	qr/the file named by dwh\.kafka_options_file has group or world access/,
 	'a Kafka options file readable by others is refused');
-# Reported once, by the worker: sessions never read the file, and the
-# worker does not repeat itself while the file stays as it is.
+# Reported once by each worker that reads the file (the Kafka worker and
+# the tags worker's producer): sessions never read it, and a worker does
+# not repeat itself while the file stays as it is.
 $node->safe_psql('postgres', 'SHOW dwh.kafka_options_file') foreach 1 .. 3;
 sleep(6);
 my @reports = slurp_file($node->logfile, $log_offset) =~ /^.*group or world access.*$/mg;
-is(scalar(@reports), 1, 'the refused file is reported once in the log')
+my @reporters = sort map { /\[(\d+)\]/ ? $1 : '?' } @reports;
+my @readers = sort split /\n/, $node->safe_psql('postgres',
+	q{SELECT pid FROM dwh.status WHERE worker IN ('kafka 1', 'tags')});
+is("@reporters", "@readers",
+	'the refused file is reported once in the log by the Kafka and the tags worker')
   or diag(join("\n", @reports));
-like($reports[0] // '', qr/\[\Q@{[ $node->safe_psql('postgres', q{SELECT pid FROM dwh.status WHERE worker = 'kafka 1'}) ]}\E\]/,
-	'by the Kafka worker');
 
 chmod 0600, $kafka_file;
 $node->reload;
 wait_kafka(qr/^(consuming|waiting for the broker)/,
 	'a valid 0600 file is applied: the worker consumes (and waits for the broker)'
 );
+wait_kafka(qr/^(producing tag events to topic "user-tags"|waiting for the broker) \| /,
+	'and the tags worker produces (and waits for the broker)', 'tags');
 
 # The file comes after dwh.kafka_options: its PLAINTEXT wins over their SSL.
 my $mock = start_mock_cluster(brokers => 1, partitions => 1);
