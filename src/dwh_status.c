@@ -42,6 +42,66 @@ dwh_status_shmem_request(void)
 }
 
 /*
+ * The workers that found no background worker slot when the postmaster
+ * registered them (its own "too many background workers" names none).
+ * Noted in the postmaster before shared memory exists, and shown in their
+ * status slots whenever it is made, after a crash too.
+ */
+static bool unregistered[DWH_STATUS_SLOTS];
+
+/* The status slot of worker number index (1-based) of a kind. */
+static int
+slot_number(DwhWorkerKind kind, int index)
+{
+	if (kind == DWH_WORKER_REDIS)
+		return DWH_REDIS_SLOT;
+	if (kind == DWH_WORKER_TAGS)
+		return DWH_TAGS_SLOT;
+	Assert(index >= 1 && index <= DWH_MAX_KAFKA_WORKERS);
+	return index - 1;
+}
+
+/*
+ * dwh_status_note_unregistered
+ *		Remember that a worker could not be registered (in the postmaster).
+ */
+void
+dwh_status_note_unregistered(DwhWorkerKind kind, int index)
+{
+	unregistered[slot_number(kind, index)] = true;
+}
+
+/* Show the workers that could not be registered, in fresh shared memory. */
+static void
+publish_unregistered(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			i;
+
+	for (i = 0; i < DWH_STATUS_SLOTS; i++)
+	{
+		DwhWorkerStatus *slot = &shared->workers[i];
+
+		if (!unregistered[i])
+			continue;
+		if (i == DWH_REDIS_SLOT)
+			slot->kind = DWH_WORKER_REDIS;
+		else if (i == DWH_TAGS_SLOT)
+			slot->kind = DWH_WORKER_TAGS;
+		else
+			slot->kind = DWH_WORKER_KAFKA;
+		slot->index = (slot->kind == DWH_WORKER_KAFKA) ? i + 1 : 1;
+		strlcpy(slot->state, "not started: no background worker slot was left",
+				DWH_STATE_LEN);
+		slot->state_since = now;
+		snprintf(slot->last_error, DWH_ERROR_LEN,
+				 "max_worker_processes (%d) left no background worker slot for this worker at server start; raise it and restart the server",
+				 max_worker_processes);
+		slot->last_error_at = now;
+	}
+}
+
+/*
  * dwh_status_shmem_startup
  *		Create or attach to the shared status (from shmem_startup_hook).
  */
@@ -60,6 +120,7 @@ dwh_status_shmem_startup(void)
 		for (i = 0; i < DWH_STATUS_SLOTS; i++)
 			SpinLockInit(&shared->workers[i].mutex);
 		SpinLockInit(&shared->watermark_mutex);
+		publish_unregistered();
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -100,15 +161,7 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	DwhWorkerStatus *slot;
 
 	ensure_shared();
-	if (kind == DWH_WORKER_REDIS)
-		slot = &shared->workers[DWH_REDIS_SLOT];
-	else if (kind == DWH_WORKER_TAGS)
-		slot = &shared->workers[DWH_TAGS_SLOT];
-	else
-	{
-		Assert(index >= 1 && index <= DWH_MAX_KAFKA_WORKERS);
-		slot = &shared->workers[index - 1];
-	}
+	slot = &shared->workers[slot_number(kind, index)];
 
 	SpinLockAcquire(&slot->mutex);
 	slot->kind = kind;

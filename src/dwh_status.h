@@ -97,6 +97,7 @@ typedef struct DwhSharedStatus
 extern void dwh_status_shmem_request(void);
 extern void dwh_status_shmem_startup(void);
 
+extern void dwh_status_note_unregistered(DwhWorkerKind kind, int index);
 extern DwhWorkerStatus *dwh_status_attach(DwhWorkerKind kind, int index);
 extern void dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
 			pg_attribute_printf(2, 3);

@@ -46,6 +46,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
+#include "postmaster/bgworker_internals.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -74,11 +75,28 @@ static char *last_logged = NULL;
  */
 static MemoryContext error_copy_context = NULL;
 
-/* Register one worker of a kind; index is its 1-based number. */
+/* The background workers registered so far, every library's. */
+static int
+registered_workers(void)
+{
+	slist_iter	iter;
+	int			n = 0;
+
+	slist_foreach(iter, &BackgroundWorkerList)
+		n++;
+	return n;
+}
+
+/*
+ * Register one worker of a kind; index is its 1-based number.  A worker
+ * for which max_worker_processes leaves no slot is said so in the log and
+ * in dwh.status.
+ */
 static void
 register_worker(DwhWorkerKind kind, int index)
 {
 	BackgroundWorker worker;
+	int			n_before;
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
@@ -106,7 +124,20 @@ register_worker(DwhWorkerKind kind, int index)
 		snprintf(worker.bgw_type, BGW_MAXLEN, "dwh redis worker");
 	}
 	worker.bgw_main_arg = Int32GetDatum(index);
+	n_before = registered_workers();
 	RegisterBackgroundWorker(&worker);
+	if (registered_workers() == n_before)
+	{
+		/* Said at LOG level by the postmaster, without naming the worker. */
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("could not register background worker \"%s\"",
+						worker.bgw_name),
+				 errdetail("max_worker_processes (%d) leaves no slot for it.",
+						   max_worker_processes),
+				 errhint("Raise max_worker_processes and restart the server.")));
+		dwh_status_note_unregistered(kind, index);
+	}
 }
 
 /*

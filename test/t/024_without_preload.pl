@@ -2,7 +2,9 @@
 # every SQL entry point work (it used to end the session with "FATAL:
 # cannot create PGC_POSTMASTER variables after startup"), the workers are
 # absent, and dwh.status says why and what to do; the exporter's query of
-# the workers reports one worker, none, down.
+# the workers reports one worker, none, down.  Then preloaded with too few
+# background worker slots: the workers left out are named in the log and
+# in dwh.status, and reported down.
 
 use strict;
 use warnings;
@@ -51,6 +53,45 @@ my ($worker_query) = slurp_file("$FindBin::RealBin/../../monitoring/queries.yaml
 $worker_query =~ s/^    //mg;
 is($node->safe_psql('postgres', "SELECT worker, kind, up FROM ($worker_query) q"),
 	'none|none|0', 'the exporter\'s worker query reports worker none, down');
+
+# Preloaded, with fewer background worker slots than workers: two slots
+# (no logical replication launcher to take one) for two Kafka workers, the
+# Redis worker and the tags worker.  The postmaster's own message names
+# none; dwh names each worker left out, in the log and in dwh.status, and
+# the exporter reports them down.
+$node->append_conf(
+	'postgresql.conf', q{
+shared_preload_libraries = 'dwh'
+max_worker_processes = 2
+max_logical_replication_workers = 0
+dwh.kafka_consumers = 2
+});
+my $log_offset = -s $node->logfile;
+$node->restart;
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 2 FROM dwh.status WHERE pid IS NOT NULL}),
+	'both Kafka workers run');
+is( $node->safe_psql('postgres',
+		q{SELECT worker || ' ' || coalesce(pid::text, 'no process') || ' ' || state
+		  FROM dwh.status WHERE pid IS NULL ORDER BY worker}),
+	"redis no process not started: no background worker slot was left\n"
+	  . 'tags no process not started: no background worker slot was left',
+	'dwh.status shows the Redis and the tags worker not started, and why');
+is( $node->safe_psql('postgres',
+		q{SELECT DISTINCT last_error FROM dwh.status WHERE pid IS NULL}),
+	'max_worker_processes (2) left no background worker slot for this worker at server start; raise it and restart the server',
+	'and what to do');
+my $log = slurp_file($node->logfile, $log_offset);
+my @named = $log =~ /WARNING:  could not register background worker "([^"]+)"/g;
+is("@named", 'dwh redis worker dwh tags worker',
+	'the log names the two workers left out');
+like($log,
+	qr/could not register background worker "dwh tags worker"\n.*DETAIL:  max_worker_processes \(2\) leaves no slot for it\.\n.*HINT:  Raise max_worker_processes and restart the server\./,
+	'with the setting and the hint');
+is( $node->safe_psql('postgres',
+		"SELECT string_agg(worker || ' ' || up, ', ' ORDER BY worker) FROM ($worker_query) q"),
+	'kafka 1 1, kafka 2 1, redis 0, tags 0',
+	'the exporter\'s worker query reports the two down');
 
 $node->stop;
 done_testing();
