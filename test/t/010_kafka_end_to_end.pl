@@ -3,7 +3,8 @@
 # out-of-order versions, reversals, malformed lines) reach the marts exactly
 # as the generator counts them; malformed messages are dead-lettered with
 # their coordinates; dwh.kafka_seek() replays a partition without counting
-# anything twice; a changed topic setting is picked up on reload.
+# anything twice; a changed topic setting is picked up on reload (a topic
+# not created yet is named in last_error, and consumed once created).
 
 use strict;
 use warnings;
@@ -81,16 +82,25 @@ is( $node->safe_psql('postgres',
 check_consistent($node, 'after the replay');
 check_manifest_counts($node, $manifest, 'after the replay');
 
-# Another topic, set by reload: the workers reconnect and consume it.
+# Another topic, set by reload before it exists: the workers reconnect and
+# say that it does not exist; once it is created they consume it.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.kafka_topic = 'orders-2'; ALTER SYSTEM SET dwh.kafka_batch_size = 100; SELECT pg_reload_conf()"
+);
+ok( wait_for($node,
+		q{SELECT count(*) = 2 AND bool_and(last_error = 'Subscribed topic not available: orders-2: Broker: Unknown topic or partition')
+		  FROM dwh.status WHERE worker LIKE 'kafka%'}),
+	'a topic that does not exist is named in both workers\' last_error')
+  or diag($node->safe_psql('postgres', q{SELECT worker, state, last_error FROM dwh.status}));
 broker_command('create-topic', $broker->{dir}, 'orders-2', 2);
 generate_orders("$tmp/more.txt", '--count 500 --seed 8 --first-id 2000000',
 	"--manifest $tmp/more.json");
 my $more = read_manifest("$tmp/more.json");
 produce($broker, "$tmp/more.txt", 'orders-2');
-$node->safe_psql('postgres',
-	"ALTER SYSTEM SET dwh.kafka_topic = 'orders-2'; ALTER SYSTEM SET dwh.kafka_batch_size = 100; SELECT pg_reload_conf()"
-);
-ok(wait_applied($node, $more->{messages}, 'orders-2'), 'the new topic is consumed after reload');
+ok(wait_applied($node, $more->{messages}, 'orders-2'), 'the new topic is consumed once created');
+ok(wait_for($node,
+		q{SELECT count(*) = 2 AND bool_and(last_error IS NULL) FROM dwh.status WHERE worker LIKE 'kafka%'}),
+	'and the errors are cleared');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
 	$manifest->{object_ids}{count} + $more->{object_ids}{count},
 	'orders of both topics in STG');
