@@ -257,7 +257,6 @@ listen_addresses = ''
 unix_socket_directories = '$demo/run'
 shared_buffers = 256MB
 max_wal_size = 4GB
-max_locks_per_transaction = 128
 EOF
 	fi
 	if pg_running && [[ $library_changed == yes ]]; then

@@ -265,11 +265,13 @@ UPDATE cdm.user_window_counters SET order_cnt = 7
 WHERE tag = 'active' AND user_id = dwh.hash_key('u4');
 SELECT mart, expected_name, actual_name, expected_cnt, actual_cnt FROM dwh.verify();
 -- The same differences in parts (users by ranges of their hash key).
+SET client_min_messages = warning;
 SELECT p AS parts, count(*) AS found,
        (SELECT count(*) FROM (SELECT * FROM dwh.verify(p) EXCEPT ALL SELECT * FROM dwh.verify()) x) AS not_in_whole,
        (SELECT count(*) FROM (SELECT * FROM dwh.verify() EXCEPT ALL SELECT * FROM dwh.verify(p)) x) AS missed
 FROM generate_series(2, 8, 3) p, dwh.verify(p)
 GROUP BY p ORDER BY p;
+RESET client_min_messages;
 SELECT max(id) AS last_event FROM cdm.user_tag_events \gset
 SELECT * FROM dwh.rebuild();
 SELECT tag, value, kind, order_cnt, user_id FROM t.events WHERE id > :last_event;

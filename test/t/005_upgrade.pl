@@ -44,7 +44,6 @@ my $redis_port = PostgreSQL::Test::Cluster::get_free_port();
 $node->append_conf(
 	'postgresql.conf', qq{
 shared_preload_libraries = 'dwh'
-max_locks_per_transaction = 128
 dwh.kafka_brokers = '127.0.0.1:$kafka_port'
 dwh.redis_url = 'redis://127.0.0.1:$redis_port'
 });

@@ -253,7 +253,6 @@ $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $node->append_conf(
 	'postgresql.conf', qq{
 shared_preload_libraries = 'dwh'
-max_locks_per_transaction = 128
 dwh.kafka_brokers = '$broker->{bootstrap}'
 dwh.kafka_consumers = 2
 dwh.kafka_batch_wait = '50ms'

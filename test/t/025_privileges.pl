@@ -28,7 +28,7 @@ use Test::More;
 my $node = PostgreSQL::Test::Cluster->new('privileges');
 $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $node->append_conf('postgresql.conf',
-	"shared_preload_libraries = 'dwh'\nmax_locks_per_transaction = 128\n");
+	"shared_preload_libraries = 'dwh'\n");
 $node->start;
 
 # The database owner owns the database the warehouse lives in; a

@@ -93,7 +93,6 @@ my $node = PostgreSQL::Test::Cluster->new('same_events');
 $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $node->append_conf('postgresql.conf', <<"EOC");
 shared_preload_libraries = 'dwh'
-max_locks_per_transaction = 128
 dwh.kafka_brokers = '$broker->{bootstrap}'
 dwh.kafka_topic = '$kafka_topic'
 dwh.kafka_consumers = 2

@@ -79,7 +79,6 @@ $node->append_conf(
 	'postgresql.conf', qq{
 shared_preload_libraries = 'dwh'
 restart_after_crash = on
-max_locks_per_transaction = 128
 log_line_prefix = '%m [%p] %e %q%a '
 dwh.redis_url = '@{[ $redis->url ]}'
 dwh.redis_scan_pattern = '*'

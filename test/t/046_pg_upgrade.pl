@@ -69,7 +69,6 @@ my $new = PostgreSQL::Test::Cluster->new('upgrade_new');
 $new->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $new->append_conf('postgresql.conf',
 		"shared_preload_libraries = 'dwh'\n"
-	  . "max_locks_per_transaction = 128\n"
 	  . "log_min_messages = debug1\n"
 	  . "dwh.kafka_consumers = 1\n"
 	  . "dwh.kafka_brokers = '$mock->{bootstrap}'\n");

@@ -57,7 +57,6 @@ sub new_dwh_node
 	# restart_after_crash: the crash tests kill processes on purpose.
 	my $conf = "shared_preload_libraries = 'dwh'\n"
 	  . "restart_after_crash = on\n"
-	  . "max_locks_per_transaction = 128\n"
 	  . "log_min_messages = info\n";
 	$conf .= "$_ = '$settings{$_}'\n" foreach sort keys %settings;
 	$node->append_conf('postgresql.conf', $conf);
