@@ -37,6 +37,7 @@ ALTER SYSTEM SET dwh.kafka_options = 'queued.max.messages.kbytes=1024';
 ALTER SYSTEM SET dwh.kafka_options = 'enable.auto.offset.store=true';
 ALTER SYSTEM SET dwh.kafka_options = 'offset.store.method=broker';
 ALTER SYSTEM SET dwh.kafka_options = 'enable.partition.eof=true';
+ALTER SYSTEM SET dwh.kafka_options = 'isolation.level=read_uncommitted';
 ALTER SYSTEM SET dwh.kafka_options = 'log.queue=true';
 ALTER SYSTEM RESET dwh.kafka_options;
 -- The documented ranges, and no setting of another name under dwh.

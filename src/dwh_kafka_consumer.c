@@ -66,7 +66,29 @@ struct DwhKafkaConsumer
 	/* Those of them paused because they are stopped at a gap, sorted. */
 	int			n_stopped;
 	int32	   *stopped;
+
+	/*
+	 * By partition, since it was last started: the offset after the last
+	 * message delivered, and the end of the log last reached (-1: none).
+	 * Between the two lie offsets that hold nothing to deliver: the commit
+	 * and abort markers of transactions, and aborted messages.
+	 */
+	int64		delivered_next[DWH_MAX_PARTITIONS];
+	int64		log_end[DWH_MAX_PARTITIONS];
 };
+
+/* Forget what the partitions delivered: they start again. */
+static void
+forget_positions(DwhKafkaConsumer *c)
+{
+	int			i;
+
+	for (i = 0; i < DWH_MAX_PARTITIONS; i++)
+	{
+		c->delivered_next[i] = -1;
+		c->log_end[i] = -1;
+	}
+}
 
 static void
 conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
@@ -92,7 +114,10 @@ make_conf(int worker_index, char *error, size_t error_size)
 	conf_set(conf, "group.id", dwh_kafka_group_id);
 	conf_set(conf, "enable.auto.commit", "false");
 	conf_set(conf, "enable.auto.offset.store", "false");
-	conf_set(conf, "enable.partition.eof", "false");
+	/* The end of a partition's log: how far its markers reach. */
+	conf_set(conf, "enable.partition.eof", "true");
+	/* Never a message of a transaction aborted or still open. */
+	conf_set(conf, "isolation.level", "read_committed");
 	conf_set(conf, "log.queue", "true");
 
 	/*
@@ -155,6 +180,7 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 	}
 
 	c = palloc0(sizeof(DwhKafkaConsumer));
+	forget_positions(c);
 	c->topic = pstrdup(dwh_kafka_topic);
 	c->worker_index = worker_index;
 	c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
@@ -350,6 +376,23 @@ out_of_range(DwhKafkaConsumer *c, rd_kafka_event_t *ev, DwhKafkaEvent *event)
 }
 
 /*
+ * A partition's fetch reached the end of its log (enable.partition.eof),
+ * after every message before it was delivered.
+ */
+static void
+note_log_end(DwhKafkaConsumer *c, rd_kafka_event_t *ev)
+{
+	rd_kafka_topic_partition_t *tp = rd_kafka_event_topic_partition(ev);
+
+	if (tp == NULL)
+		return;
+	if (strcmp(tp->topic, c->topic) == 0 &&
+		tp->partition >= 0 && tp->partition < DWH_MAX_PARTITIONS)
+		c->log_end[tp->partition] = tp->offset;
+	rd_kafka_topic_partition_destroy(tp);
+}
+
+/*
  * dwh_kafka_consumer_poll
  *		Take the next event from the queue, without waiting.  Log lines are
  *		served here and not returned.  A message's value is copied into the
@@ -391,6 +434,11 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				event->kind = DWH_KAFKA_MESSAGE;
 				event->partition = msg->partition;
 				event->offset = msg->offset;
+				if (msg->partition >= 0 && msg->partition < DWH_MAX_PARTITIONS)
+				{
+					c->delivered_next[msg->partition] = msg->offset + 1;
+					c->log_end[msg->partition] = -1;
+				}
 				event->len = msg->payload ? (int) msg->len : 0;
 				event->data = palloc(event->len + 1);
 				if (event->len > 0)
@@ -400,6 +448,7 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				return;
 
 			case RD_KAFKA_EVENT_REBALANCE:
+				forget_positions(c);
 				c->cooperative = rebalance_is_cooperative(c->rk);
 				c->pending_lost = rd_kafka_assignment_lost(c->rk) == 1;
 				if (c->pending)
@@ -414,6 +463,11 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				return;
 
 			case RD_KAFKA_EVENT_ERROR:
+				if (rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__PARTITION_EOF)
+				{
+					note_log_end(c, ev);
+					break;
+				}
 				if (rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET &&
 					out_of_range(c, ev, event))
 				{
@@ -627,6 +681,7 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets,
 	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
 
 	Assert(c->pending != NULL);
+	forget_positions(c);
 	parts = list_partitions(c, c->pending, &n);
 
 	/*
@@ -693,6 +748,7 @@ dwh_kafka_consumer_reassign(DwhKafkaConsumer *c, const int64 *offsets,
 
 	if (c->n_assigned == 0)
 		return;
+	forget_positions(c);
 	list = make_list(c, c->assigned, offsets, c->n_assigned);
 	resume_running(c, c->assigned, stopped, c->n_assigned);
 	if (c->cooperative)
@@ -831,6 +887,7 @@ dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
 	int			kept = 0;
 
 	Assert(c->pending != NULL);
+	forget_positions(c);
 	parts = list_partitions(c, c->pending, &n);
 	if (c->cooperative)
 	{
@@ -880,6 +937,11 @@ dwh_kafka_consumer_seek(DwhKafkaConsumer *c, int32 partition, int64 offset)
 	rd_kafka_error_t *e;
 
 	rd_kafka_topic_partition_list_add(list, c->topic, partition)->offset = offset;
+	if (partition >= 0 && partition < DWH_MAX_PARTITIONS)
+	{
+		c->delivered_next[partition] = -1;
+		c->log_end[partition] = -1;
+	}
 	e = rd_kafka_seek_partitions(c->rk, list, 0);
 	if (e)
 	{
@@ -962,6 +1024,28 @@ dwh_kafka_consumer_high_watermark(DwhKafkaConsumer *c, int32 partition)
 									   &low, &high) != RD_KAFKA_RESP_ERR_NO_ERROR)
 		return -1;
 	return high;
+}
+
+/*
+ * dwh_kafka_consumer_take_log_end
+ *		The end of partition's log, if it was reached after the last message
+ *		delivered (-1 otherwise), forgotten once taken; *delivered_next is
+ *		the offset after the last message delivered since the partition
+ *		started (-1: none).
+ */
+int64
+dwh_kafka_consumer_take_log_end(DwhKafkaConsumer *c, int32 partition,
+								int64 *delivered_next)
+{
+	int64		end;
+
+	*delivered_next = -1;
+	if (partition < 0 || partition >= DWH_MAX_PARTITIONS)
+		return -1;
+	end = c->log_end[partition];
+	c->log_end[partition] = -1;
+	*delivered_next = c->delivered_next[partition];
+	return end;
 }
 
 const char *

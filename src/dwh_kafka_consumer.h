@@ -80,6 +80,9 @@ extern int	dwh_kafka_consumer_assignment(DwhKafkaConsumer *consumer,
 extern void dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *consumer);
 extern int64 dwh_kafka_consumer_high_watermark(DwhKafkaConsumer *consumer,
 											   int32 partition);
+extern int64 dwh_kafka_consumer_take_log_end(DwhKafkaConsumer *consumer,
+											 int32 partition,
+											 int64 *delivered_next);
 extern const char *dwh_kafka_consumer_topic(DwhKafkaConsumer *consumer);
 
 #endif							/* DWH_KAFKA_CONSUMER_H */

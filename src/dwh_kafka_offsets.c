@@ -84,6 +84,7 @@ static SPIPlanPtr lookup_plan = NULL;
 static SPIPlanPtr create_rows_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr store_plan = NULL;
+static SPIPlanPtr skip_plan = NULL;
 static SPIPlanPtr gap_lock_plan = NULL;
 
 /* Create the partitions' missing rows, in partition order. */
@@ -312,6 +313,52 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "could not store Kafka offsets: %s", SPI_result_code_string(rc));
 	SPI_finish();
+}
+
+/*
+ * dwh_kafka_offsets_skip_to_end
+ *		Move a partition's stored offset up to end, the end of its log,
+ *		across offsets that hold nothing to apply (the markers that end
+ *		transactions, aborted messages): a consumer reading committed
+ *		messages never sees them, and the lag would never reach 0.  Only
+ *		if the offset is still at expected (the one after the last message
+ *		delivered; -1: nothing delivered since the partition started, where
+ *		it started), and the partition is neither asked to move nor stopped
+ *		at a gap.  No message precedes end: no hash to check it by.  In a
+ *		transaction of its own; returns whether the offset moved.
+ */
+bool
+dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
+							  int64 expected, int64 end)
+{
+	Datum		args[4];
+	int			rc;
+	bool		moved;
+
+	connect_spi();
+	if (skip_plan == NULL)
+	{
+		Oid			types[4] = {TEXTOID, INT4OID, INT8OID, INT8OID};
+
+		skip_plan = dwh_prepare_kept("UPDATE dwh.kafka_offsets AS o "
+									 "SET next_offset = $4, last_sha256 = NULL, "
+									 "    updated_at = pg_catalog.now() "
+									 "WHERE o.topic = $1 AND o.kafka_partition = $2 "
+									 "  AND o.next_offset < $4 "
+									 "  AND ($3 < 0 OR o.next_offset = $3) "
+									 "  AND NOT o.seek_requested AND NOT " STOPPED_SQL,
+									 4, types);
+	}
+	args[0] = CStringGetTextDatum(topic);
+	args[1] = Int32GetDatum(partition);
+	args[2] = Int64GetDatum(expected);
+	args[3] = Int64GetDatum(end);
+	rc = SPI_execute_plan(skip_plan, args, NULL, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "could not store Kafka offsets: %s", SPI_result_code_string(rc));
+	moved = SPI_processed > 0;
+	SPI_finish();
+	return moved;
 }
 
 /*

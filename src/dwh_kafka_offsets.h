@@ -45,6 +45,8 @@ extern void dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 									const int64 *next_offsets,
 									const uint8 *last_sha256,
 									const bool *last_known, int n);
+extern bool dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
+										  int64 expected, int64 end);
 extern int	dwh_kafka_offsets_take_seeks(const char *topic,
 										 const int32 *partitions, int n,
 										 int32 **seek_partitions,

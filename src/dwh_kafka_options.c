@@ -41,19 +41,21 @@ static const struct
 {
 	const char *property;
 	const char *instead;
+	const char *why;			/* when there is no setting instead */
 }			reserved_properties[] = {
-	{"bootstrap.servers", "dwh.kafka_brokers"},
-	{"metadata.broker.list", "dwh.kafka_brokers"},
-	{"group.id", "dwh.kafka_group_id"},
-	{"auto.offset.reset", "dwh.kafka_start_offset or dwh.kafka_on_gap"},
-	{"queued.max.messages.kbytes", "dwh.kafka_prefetch_memory"},
-	{"enable.auto.commit", NULL},
-	{"auto.commit.enable", NULL},
-	{"enable.auto.offset.store", NULL},
-	{"offset.store.method", NULL},
-	{"enable.partition.eof", NULL},
-	{"log.queue", NULL},
-	{NULL, NULL}
+	{"bootstrap.servers", "dwh.kafka_brokers", NULL},
+	{"metadata.broker.list", "dwh.kafka_brokers", NULL},
+	{"group.id", "dwh.kafka_group_id", NULL},
+	{"auto.offset.reset", "dwh.kafka_start_offset or dwh.kafka_on_gap", NULL},
+	{"queued.max.messages.kbytes", "dwh.kafka_prefetch_memory", NULL},
+	{"enable.auto.commit", NULL, NULL},
+	{"auto.commit.enable", NULL, NULL},
+	{"enable.auto.offset.store", NULL, NULL},
+	{"offset.store.method", NULL, NULL},
+	{"enable.partition.eof", NULL, NULL},
+	{"isolation.level", NULL, "dwh reads committed messages only: those of aborted transactions must never reach the marts."},
+	{"log.queue", NULL, NULL},
+	{NULL, NULL, NULL}
 };
 
 /*
@@ -93,6 +95,8 @@ dwh_kafka_option_reserved(const char *name, bool *managed)
 			continue;
 		if (reserved_properties[i].instead != NULL)
 			return psprintf("Set %s instead.", reserved_properties[i].instead);
+		if (reserved_properties[i].why != NULL)
+			return pstrdup(reserved_properties[i].why);
 		return pstrdup("dwh sets it itself: offsets are stored in the database, in the transaction of each batch.");
 	}
 	*managed = false;

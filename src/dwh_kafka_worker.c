@@ -336,6 +336,47 @@ find_short_logs(void)
 	}
 }
 
+/*
+ * With nothing left to apply, the partitions whose log ended past the last
+ * message they delivered: the offsets between are transaction markers or
+ * aborted messages, which a consumer reading committed messages never
+ * sees.  Their stored offsets move to the end, so that the lag reaches 0
+ * (dwh_kafka_offsets_skip_to_end, one transaction each; none where the
+ * log ends right after its last message, as without transactions).
+ */
+static void
+skip_to_log_ends(void)
+{
+	int32	   *owned;
+	int			n_owned = dwh_kafka_consumer_assignment(consumer, &owned);
+	const char *topic = dwh_kafka_consumer_topic(consumer);
+	int			i;
+
+	for (i = 0; i < n_owned; i++)
+	{
+		int64		delivered_next;
+		int64		end = dwh_kafka_consumer_take_log_end(consumer, owned[i],
+														  &delivered_next);
+		bool		moved;
+
+		if (end < 0 || (delivered_next >= 0 && end <= delivered_next) ||
+			dwh_kafka_consumer_is_stopped(consumer, owned[i]))
+			continue;
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		moved = dwh_kafka_offsets_skip_to_end(topic, owned[i], delivered_next,
+											  end);
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		MemoryContextSwitchTo(loop_context);
+		if (moved)
+			ereport(DEBUG1,
+					(errmsg_internal("Kafka partition %d: stored offset moved to the end of its log, " INT64_FORMAT ", past offsets that hold no message to apply",
+									 owned[i], end)));
+	}
+}
+
 static void
 shutdown_consumer(int code, Datum arg)
 {
@@ -1341,7 +1382,10 @@ dwh_kafka_worker_main(Datum main_arg)
 			 * does.  (A gap being recorded is retried from its own rounds.)
 			 */
 			if (n_pending_gaps == 0)
+			{
 				backoff_ms = 0;
+				skip_to_log_ends();
+			}
 			dwh_kafka_consumer_wait(consumer, WATERMARK_INTERVAL_MS);
 		}
 	}

@@ -1,0 +1,133 @@
+# A producer that writes in Kafka transactions, against a real broker:
+# the workers read committed messages only.  Orders of an aborted
+# transaction are never applied; those of a transaction still open are
+# not applied until it commits, and nothing behind it on its partition
+# either; every committed order is applied once.  The commit and abort
+# markers take offsets of the log that carry no message: the stored
+# offsets must still reach the end of the log, so that the lag is 0 once
+# everything is applied, and a worker started again goes on from there.
+# (test/kafka/txn_producer.c produces a file's lines as one transaction;
+# kcat has no transactions.)
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib $FindBin::RealBin;
+
+use DwhTest;
+use IPC::Run;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $root = dwh_root();
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $producer = "$tmp/txn_producer";
+system($ENV{CC} // 'cc', '-O2', '-Wall', '-Wextra', '-Werror', '-o', $producer,
+	"$root/test/kafka/txn_producer.c", '-lrdkafka') == 0
+  or die 'could not build test/kafka/txn_producer.c';
+
+my $broker = start_broker(partitions => 2);
+my $node = new_dwh_node(
+	'kafka_txn',
+	'dwh.kafka_consumers' => 1,
+	'dwh.kafka_brokers' => $broker->{bootstrap});
+
+# One order a message: the four transactions' orders are their lines.
+generate_orders("$tmp/txn.txt", '--count 400 --seed 55 --clean');
+my @lines = split /\n/, slurp_file("$tmp/txn.txt");
+my %part;
+@{ $part{committed} } = @lines[ 0 .. 99 ];
+@{ $part{aborted} } = @lines[ 100 .. 199 ];
+@{ $part{later} } = @lines[ 200 .. 299 ];
+@{ $part{held} } = @lines[ 300 .. 399 ];
+foreach my $name (keys %part)
+{
+	open(my $fh, '>', "$tmp/txn_$name.txt") or die $!;
+	print $fh map { "$_\n" } @{ $part{$name} };
+	close($fh);
+}
+
+sub ids_of
+{
+	my ($name) = @_;
+	return '{' . join(',', map { /"object_id": ?(\d+)/ ? $1 : die "no object_id in $_" } @{ $part{$name} }) . '}';
+}
+
+sub applied_of
+{
+	my ($name) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT count(*) FROM stg.order_events WHERE object_id = ANY ('@{[ ids_of($name) ]}'::bigint[])");
+}
+
+sub run_producer
+{
+	my ($name, $how) = @_;
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ $producer, $broker->{bootstrap}, $broker->{topic}, "$tmp/txn_$name.txt", $how ],
+		'<', \undef, '>', \$out, '2>', \$err)
+	  or die "txn_producer $name $how failed: $err";
+	return;
+}
+
+run_producer('committed', 'commit');
+run_producer('aborted', 'abort');
+run_producer('later', 'commit');
+ok(wait_for($node, 'SELECT count(*) = 200 FROM stg.order_events'),
+	'the orders of both committed transactions are applied');
+is(applied_of('committed') . ' ' . applied_of('later'), '100 100', 'each of them');
+is(applied_of('aborted'), '0', 'none of the aborted transaction');
+
+# The logs hold 300 messages and a marker after each transaction's
+# messages on each partition; the stored offsets reach their ends: lag 0.
+ok( wait_for(
+		$node, q{SELECT count(*) = 2 AND bool_and(lag = 0)
+		         AND sum(high_watermark) = 306 FROM dwh.kafka_partitions}),
+	'the stored offsets reach the end of the log, past the markers: lag 0')
+  or diag($node->safe_psql('postgres', 'SELECT * FROM dwh.kafka_partitions'));
+
+# An open transaction: its orders are not applied, nor those committed
+# behind it on its partitions, until it commits.
+my ($in, $out, $err) = ('', '', '');
+my $held = IPC::Run::start(
+	[ $producer, $broker->{bootstrap}, $broker->{topic}, "$tmp/txn_held.txt", 'hold' ],
+	'<', \$in, '>', \$out, '2>', \$err,
+	IPC::Run::timeout($PostgreSQL::Test::Utils::timeout_default));
+$held->pump until $out =~ /^held$/m;
+generate_orders("$tmp/txn_behind.txt", '--count 10 --seed 56 --clean --first-id 9000000');
+produce($broker, "$tmp/txn_behind.txt");
+ok( wait_for(
+		$node, q{SELECT count(*) = 2 AND bool_and(high_watermark > stored_offset)
+		         FROM dwh.kafka_partitions}),
+	'the broker holds the open transaction and the orders behind it');
+sleep(2);
+is(applied_of('held'), '0', 'nothing of an open transaction is applied');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events WHERE object_id >= 9000000'),
+	'0', 'nor what was committed behind it');
+$in .= "commit\n";
+$held->finish or die "txn_producer hold failed: $err";
+ok(wait_for($node, 'SELECT count(*) = 310 FROM stg.order_events'),
+	'once it commits, its orders and those behind it are applied');
+is(applied_of('held'), '100', 'each of its orders');
+ok( wait_for(
+		$node, q{SELECT count(*) = 2 AND bool_and(lag = 0)
+		         AND sum(high_watermark) = 418 FROM dwh.kafka_partitions}),
+	'and the lag is 0 again')
+  or diag($node->safe_psql('postgres', 'SELECT * FROM dwh.kafka_partitions'));
+
+# A worker started again goes on from the stored offsets: nothing applied
+# twice, no gap recorded.
+$node->restart;
+ok(wait_for($node, q{SELECT bool_and(lag = 0) AND count(*) = 2 FROM dwh.kafka_partitions}),
+	'after a restart the lag is 0');
+is( $node->safe_psql('postgres',
+		q{SELECT sum(messages), (SELECT count(*) FROM dwh.kafka_gaps),
+		         (SELECT count(*) FROM dwh.dead_letters) FROM dwh.status}),
+	'0|0|0', 'nothing applied again, no gap, no dead letter');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty');
+
+$node->stop;
+broker_command('stop', $broker->{dir});
+done_testing();
