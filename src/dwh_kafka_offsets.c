@@ -324,8 +324,11 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
  *		if the offset is still at expected (the one after the last message
  *		delivered; -1: nothing delivered since the partition started, where
  *		it started), and the partition is neither asked to move nor stopped
- *		at a gap.  No message precedes end: no hash to check it by.  In a
- *		transaction of its own; returns whether the offset moved.
+ *		at a gap.  The SHA-256 of the last message applied stays: this log
+ *		never delivers a message at end - 1, so the next start finds the
+ *		log the same (dwh_kafka_verify.c), and another log that has one
+ *		there replaced.  In a transaction of its own; returns whether the
+ *		offset moved.
  */
 bool
 dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
@@ -341,8 +344,7 @@ dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
 		Oid			types[4] = {TEXTOID, INT4OID, INT8OID, INT8OID};
 
 		skip_plan = dwh_prepare_kept("UPDATE dwh.kafka_offsets AS o "
-									 "SET next_offset = $4, last_sha256 = NULL, "
-									 "    updated_at = pg_catalog.now() "
+									 "SET next_offset = $4, updated_at = pg_catalog.now() "
 									 "WHERE o.topic = $1 AND o.kafka_partition = $2 "
 									 "  AND o.next_offset < $4 "
 									 "  AND ($3 < 0 OR o.next_offset = $3) "

@@ -5,7 +5,8 @@
 # either; every committed order is applied once.  The commit and abort
 # markers take offsets of the log that carry no message: the stored
 # offsets must still reach the end of the log, so that the lag is 0 once
-# everything is applied, and a worker started again goes on from there.
+# everything is applied, and a worker started again goes on from there
+# (its check of the log by the last message's SHA-256 passes).
 # (test/kafka/txn_producer.c produces a file's lines as one transaction;
 # kcat has no transactions.)
 
@@ -115,6 +116,10 @@ ok( wait_for(
 		         AND sum(high_watermark) = 418 FROM dwh.kafka_partitions}),
 	'and the lag is 0 again')
   or diag($node->safe_psql('postgres', 'SELECT * FROM dwh.kafka_partitions'));
+# The hash of the last message applied stays with the offset past the
+# markers: a start checks the log by it (src/dwh_kafka_verify.c).
+is($node->safe_psql('postgres', 'SELECT count(last_sha256) FROM dwh.kafka_offsets'),
+	'2', 'each partition keeps the SHA-256 of its last message applied');
 
 # A worker started again goes on from the stored offsets: nothing applied
 # twice, no gap recorded.
