@@ -10,7 +10,8 @@
 # the batch before applied); then it does it again while a worker is killed
 # (SIGKILL) six times: a crash while messages are kept fetches them again,
 # from the offsets stored.  The first run receives the stream in parts a
-# tenth of a second apart, which the two workers apply side by side, and
+# tenth of a second apart, which the two workers apply side by side (for
+# one part a session holds stg.order_events, so that they must meet), and
 # closes its batches by their data (dwh.kafka_prefetch_memory of 1 MB: an
 # eighth of it, about 150 messages, before dwh.kafka_batch_size); the
 # second finds it whole and closes them by their count.
@@ -123,8 +124,43 @@ sub run_stream
 	};
 	if ($kills == 0)
 	{
-		produce_everywhere("$tmp/$name.txt", $topic, 20,
-			sub { my $until = time() + 0.1; $sample->() while time() < $until; });
+		# Side by side, the two workers usually meet on the same orders,
+		# but nothing makes them: one can finish each part before the
+		# other takes it.  For one part they must meet: a session holds
+		# stg.order_events while it is produced.  The first worker to take
+		# the part marks its orders and waits for the table; the other
+		# finds them marked and keeps them (ten batches, then waits too).
+		# Both waiting, the table goes.
+		my ($part, $holder, $log_offset) = (0, undef, 0);
+		my $between = sub {
+			$part++;
+			if ($part == 10)
+			{
+				# Both idle first: each takes the next part from its start.
+				my $per = int((@lines + 19) / 20);
+				ok( wait_for($node,
+						"SELECT coalesce(sum(next_offset), 0) >= 4 * $per * 10 FROM dwh.kafka_offsets WHERE topic = '$topic'"),
+					"$name: half the stream applied");
+				$log_offset = -s $node->logfile;
+				$holder = $node->background_psql('postgres');
+				$holder->query_safe('BEGIN; LOCK TABLE stg.order_events IN SHARE MODE;');
+			}
+			elsif ($part == 11)
+			{
+				ok( wait_for($node,
+						"SELECT count(*) = 2 FROM pg_stat_activity a JOIN dwh.status s USING (pid)
+						 WHERE s.worker LIKE 'kafka%' AND a.wait_event_type = 'Lock'"),
+					"$name: both workers wait with the same part while the table is held");
+				like(slurp_file($node->logfile, $log_offset),
+					qr/messages of orders another worker is applying kept for the next batch/,
+					"$name: and one of them kept the orders the other was applying");
+				$holder->query_safe('ROLLBACK;');
+				$holder->quit;
+			}
+			my $until = time() + 0.1;
+			$sample->() while time() < $until;
+		};
+		produce_everywhere("$tmp/$name.txt", $topic, 20, $between);
 		my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
 		$sample->() while stored_total($node, $topic) < $total && time() < $deadline;
 		cmp_ok($samples, '>', 0, "$name: stored offsets sampled while the stream was applied");
