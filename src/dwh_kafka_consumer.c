@@ -90,6 +90,29 @@ forget_positions(DwhKafkaConsumer *c)
 	}
 }
 
+/*
+ * The same for the partitions a rebalance adds or takes away: all of them
+ * when it is eager (every partition starts again), only those listed when
+ * it is cooperative (the others go on where they were).
+ */
+static void
+forget_rebalanced(DwhKafkaConsumer *c, const int32 *parts, int n)
+{
+	int			i;
+
+	if (!c->cooperative)
+	{
+		forget_positions(c);
+		return;
+	}
+	for (i = 0; i < n; i++)
+		if (parts[i] >= 0 && parts[i] < DWH_MAX_PARTITIONS)
+		{
+			c->delivered_next[parts[i]] = -1;
+			c->log_end[parts[i]] = -1;
+		}
+}
+
 static void
 conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
 {
@@ -448,7 +471,6 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				return;
 
 			case RD_KAFKA_EVENT_REBALANCE:
-				forget_positions(c);
 				c->cooperative = rebalance_is_cooperative(c->rk);
 				c->pending_lost = rd_kafka_assignment_lost(c->rk) == 1;
 				if (c->pending)
@@ -681,8 +703,8 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets,
 	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
 
 	Assert(c->pending != NULL);
-	forget_positions(c);
 	parts = list_partitions(c, c->pending, &n);
+	forget_rebalanced(c, parts, n);
 
 	/*
 	 * Only partitions of our topic, each at its stored offset: after a topic
@@ -887,8 +909,8 @@ dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
 	int			kept = 0;
 
 	Assert(c->pending != NULL);
-	forget_positions(c);
 	parts = list_partitions(c, c->pending, &n);
+	forget_rebalanced(c, parts, n);
 	if (c->cooperative)
 	{
 		rd_kafka_error_t *e = rd_kafka_incremental_unassign(c->rk, c->pending);

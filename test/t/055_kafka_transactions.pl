@@ -6,7 +6,9 @@
 # markers take offsets of the log that carry no message: the stored
 # offsets must still reach the end of the log, so that the lag is 0 once
 # everything is applied, and a worker started again goes on from there
-# (its check of the log by the last message's SHA-256 passes).
+# (its check of the log by the last message's SHA-256 passes), and a
+# cooperative rebalance that takes one partition away leaves the other's
+# log end known.
 # (test/kafka/txn_producer.c produces a file's lines as one transaction;
 # kcat has no transactions.)
 
@@ -132,6 +134,83 @@ is( $node->safe_psql('postgres',
 	'0|0|0', 'nothing applied again, no gap, no dead letter');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty');
+
+# A cooperative rebalance takes one partition away and leaves the other
+# where it was: the end of the kept partition's log, past the last marker,
+# must not be forgotten.  The worker takes a transaction's messages and
+# reaches the logs' ends, then waits for stg.order_events (a session holds
+# it) while a second node joins the group and the revocation of one
+# partition queues up behind the batch.  The batch commits after the last
+# message; the kept partition's stored offset must still reach its log end.
+# (Heartbeats every 500 ms: the first node's consumer hears of the
+# rebalance within a second, not three.)
+my $coop = 'partition.assignment.strategy=cooperative-sticky heartbeat.interval.ms=500';
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.kafka_options = '$coop'; SELECT pg_reload_conf()");
+ok( wait_for(
+		$node, q{SELECT count(*) = 2 AND bool_and(lag = 0 AND worker IS NOT NULL)
+		         FROM dwh.kafka_partitions}),
+	'the worker owns both partitions again, with the cooperative protocol');
+ok($node->log_contains(qr/Kafka consumer 1 \(cooperative rebalance\): partitions 0,1 assigned/),
+	'and says so');
+$node->append_conf('postgresql.conf', "log_min_messages = debug1\n");
+$node->reload;
+my $worker_pid = $node->safe_psql('postgres', q{SELECT pid FROM dwh.status WHERE worker = 'kafka 1'});
+my $holder = $node->background_psql('postgres');
+$holder->query_safe('BEGIN; LOCK TABLE stg.order_events IN SHARE MODE;');
+generate_orders("$tmp/txn_tail.txt", '--count 20 --seed 57 --clean --first-id 9100000');
+run_producer('tail', 'commit');
+ok( wait_for(
+		$node, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $worker_pid"),
+	'the worker waits for the table with the transaction\'s messages');
+my $node_b = new_dwh_node(
+	'kafka_txn_b',
+	'dwh.kafka_consumers' => 1,
+	'dwh.kafka_brokers' => $broker->{bootstrap},
+	'dwh.kafka_options' => $coop);
+# The broker's view of the group: once no member holds both partitions,
+# the first node's consumer has its new assignment, and the revocation is
+# in its queue.
+my ($members, @held) = ('');
+my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
+while (time() < $deadline)
+{
+	$members = broker_command('tool',
+		'org.apache.kafka.tools.consumer.group.ConsumerGroupCommand',
+		'--bootstrap-server', $broker->{bootstrap}, '--describe', '--group', 'dwh',
+		'--members');
+	# The last column: how many partitions the member holds.
+	@held = $members =~ /^\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(\d+)\s*$/mg;
+	last if @held == 2 && !grep({ $_ == 2 } @held);
+	sleep(1);
+}
+ok(@held == 2 && !grep({ $_ == 2 } @held),
+	'a second node joins the group: no member holds both partitions')
+  or diag($members);
+sleep(1);
+my $log_offset = -s $node->logfile;
+$holder->query_safe('ROLLBACK;');
+$holder->quit;
+ok( wait_for(
+		$node, q{SELECT count(*) = 1 FROM dwh.status, unnest(partitions) WHERE worker = 'kafka 1'}),
+	'the first node gives up one partition');
+ok( wait_for(
+		$node, q{SELECT lag = 0 AND stored_offset = high_watermark
+		         FROM dwh.kafka_partitions WHERE worker = 'kafka 1'}),
+	'the kept partition\'s stored offset reaches its log end: lag 0')
+  or diag($node->safe_psql('postgres', 'SELECT * FROM dwh.kafka_partitions'));
+my $after = slurp_file($node->logfile, $log_offset);
+like($after,
+	qr/Kafka consumer 1 \(cooperative rebalance\): partitions ([01]) revoked, owns (?!\1)[01]\b.*\n(?:.*\n)*.*Kafka partition (?!\1)[01]: stored offset moved to the end of its log/,
+	'it kept the other, without starting it again, and moved its offset after the revocation');
+my $tail_ids = "SELECT string_agg(object_id::text, ',' ORDER BY object_id) FROM stg.order_events WHERE object_id >= 9100000";
+ok( wait_for($node_b, 'SELECT count(*) > 0 FROM stg.order_events WHERE object_id >= 9100000'),
+	'the second node applies the partition it took');
+my %tail = map { $_ => 1 } grep { length } map { split /,/, $_->safe_psql('postgres', $tail_ids) } ($node, $node_b);
+is(scalar(keys %tail), 20, 'each order of the transaction is applied by one node or the other');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty');
+$node_b->stop;
 
 $node->stop;
 broker_command('stop', $broker->{dir});
