@@ -6,9 +6,11 @@
 # is Perl, not one for shellcheck); that the version of dwh.control is the
 # one of debian/changelog (X.Y-N) and of META.json (X.Y.0, SemVer as PGXN
 # wants it), and that debian/control is what pg_buildext makes of
-# debian/control.in; and monitoring/: promtool checks the Prometheus
-# configuration with the rules it names and runs the rules' unit tests,
-# and the exporter's queries file is checked for its shape.  All run;
+# debian/control.in; that the regression test readme_queries runs the
+# README's queries as written (tools/check-readme-queries.py); and
+# monitoring/: promtool checks the Prometheus configuration with the
+# rules it names and runs the rules' unit tests, and the exporter's
+# queries file is checked for its shape.  All run;
 # exits non-zero on any finding.  Needs the linters shellcheck and
 # pg_bsd_indent, dpkg-dev, postgresql-common, prometheus (promtool) and
 # python3-yaml (tools/install-deps.sh installs them).
@@ -51,6 +53,9 @@ wrong = [f"{where} is {got!r}" for where, got in (
 if wrong:
     sys.exit(f"META.json: {', '.join(wrong)}, dwh.control says {control} ({semver})")
 PY
+echo "lint: sql/readme_queries.sql runs the README's queries as written"
+python3 tools/check-readme-queries.py || failed=1
+
 echo "lint: monitoring/: promtool check config and rules, promtool test rules, the exporter's queries file"
 # check config checks the rules file it names too.
 promtool check config monitoring/prometheus.yml || failed=1
