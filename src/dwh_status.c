@@ -47,7 +47,14 @@ dwh_status_shmem_request(void)
  * Noted in the postmaster before shared memory exists, and shown in their
  * status slots whenever it is made, after a crash too.
  */
-static bool unregistered[DWH_STATUS_SLOTS];
+typedef struct UnregisteredWorker
+{
+	DwhWorkerKind kind;
+	int			index;
+} UnregisteredWorker;
+
+static UnregisteredWorker unregistered[DWH_STATUS_SLOTS];
+static int	n_unregistered = 0;
 
 /* The status slot of worker number index (1-based) of a kind. */
 static int
@@ -68,7 +75,11 @@ slot_number(DwhWorkerKind kind, int index)
 void
 dwh_status_note_unregistered(DwhWorkerKind kind, int index)
 {
-	unregistered[slot_number(kind, index)] = true;
+	if (n_unregistered == DWH_STATUS_SLOTS)
+		return;
+	unregistered[n_unregistered].kind = kind;
+	unregistered[n_unregistered].index = index;
+	n_unregistered++;
 }
 
 /* Show the workers that could not be registered, in fresh shared memory. */
@@ -78,19 +89,14 @@ publish_unregistered(void)
 	TimestampTz now = GetCurrentTimestamp();
 	int			i;
 
-	for (i = 0; i < DWH_STATUS_SLOTS; i++)
+	for (i = 0; i < n_unregistered; i++)
 	{
-		DwhWorkerStatus *slot = &shared->workers[i];
+		DwhWorkerStatus *slot =
+		&shared->workers[slot_number(unregistered[i].kind,
+									 unregistered[i].index)];
 
-		if (!unregistered[i])
-			continue;
-		if (i == DWH_REDIS_SLOT)
-			slot->kind = DWH_WORKER_REDIS;
-		else if (i == DWH_TAGS_SLOT)
-			slot->kind = DWH_WORKER_TAGS;
-		else
-			slot->kind = DWH_WORKER_KAFKA;
-		slot->index = (slot->kind == DWH_WORKER_KAFKA) ? i + 1 : 1;
+		slot->kind = unregistered[i].kind;
+		slot->index = unregistered[i].index;
 		strlcpy(slot->state, "not started: no background worker slot was left",
 				DWH_STATE_LEN);
 		slot->state_since = now;
