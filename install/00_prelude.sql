@@ -41,6 +41,13 @@ COMMENT ON SCHEMA dds IS 'dwh Data Vault 2.0: hubs, links and satellites, mainta
 COMMENT ON SCHEMA cdm IS 'dwh counter marts read by analysts and BI tools';
 COMMENT ON SCHEMA dwh IS 'dwh operations: ingest functions, dead letters, verify and rebuild';
 
+-- SQL functions are written in two ways.  Those the planner should inline
+-- (constants, the part predicates that must become index ranges) have no
+-- SET clause, which would stop it, and name every type, function and
+-- operator with its schema: inlined, their text is parsed under the
+-- caller's search_path (a view's reader, a superuser whose database owner
+-- put look-alikes first on it).  All others fix their search_path.
+--
 -- Vault keys: name-based UUID v5 (RFC 4122) in the namespace of the
 -- services dwh replaces, 7f288a2e-0ad0-4039-8e59-6c9838d87307.
 CREATE FUNCTION dwh.uuid_v5(namespace uuid, name text) RETURNS uuid
@@ -76,6 +83,6 @@ COMMENT ON FUNCTION dwh.dictionary_lock_key() IS
 -- stg.user_history, so two writers of the same user take turns.
 CREATE FUNCTION dwh.user_lock_key() RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT 7238964021746305794::bigint';
+    AS 'SELECT 7238964021746305794::pg_catalog.int8';
 COMMENT ON FUNCTION dwh.user_lock_key() IS
     'Advisory lock key serialising writers of user values';

@@ -53,7 +53,7 @@ COMMENT ON COLUMN cdm.user_order_counters.order_cnt IS 'Number of the user''s CL
 -- In the category deltas: the change of a user's CLOSED order count ...
 CREATE FUNCTION dwh.all_orders_key() RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT ''00000000-0000-0000-0000-000000000000''::uuid';
+    AS 'SELECT ''00000000-0000-0000-0000-000000000000''::pg_catalog.uuid';
 COMMENT ON FUNCTION dwh.all_orders_key() IS
     'Internal: the key that carries a user''s CLOSED order count delta among the category mart deltas (cdm.user_order_counters)';
 
@@ -62,6 +62,6 @@ COMMENT ON FUNCTION dwh.all_orders_key() IS
 -- such users' rows before it refreshes their tags.
 CREATE FUNCTION dwh.touched_user_key() RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT ''00000000-0000-0000-0000-000000000001''::uuid';
+    AS 'SELECT ''00000000-0000-0000-0000-000000000001''::pg_catalog.uuid';
 COMMENT ON FUNCTION dwh.touched_user_key() IS
     'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (the tag step locks the user)';

@@ -21,7 +21,7 @@ CREATE FUNCTION dwh.order_naming_time(first_order timestamp, last_order timestam
     RETURNS timestamp
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT CASE WHEN last_menu IS NULL OR last_order >= last_menu
+    SELECT CASE WHEN last_menu IS NULL OR last_order OPERATOR(pg_catalog.>=) last_menu
                 THEN greatest(first_order, last_menu)
                 ELSE first_order END
 $fn$;

@@ -15,7 +15,7 @@
 -- recount from marts that no batch is changing underneath.
 CREATE FUNCTION dwh.tag_lock_key() RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT 3482019573612840177::bigint';
+    AS 'SELECT 3482019573612840177::pg_catalog.int8';
 COMMENT ON FUNCTION dwh.tag_lock_key() IS
     'Advisory lock key serialising tag rule changes, dwh.expire_tags() and dwh.rebuild() against the tag refresh of order batches';
 
@@ -26,13 +26,14 @@ COMMENT ON FUNCTION dwh.tag_lock_key() IS
 -- (one snapshot, consistent with the rules and STG dumped with them), so
 -- while it rebuilds the marts from STG the tags are not maintained: else
 -- each table restored would grant and revoke again what the dump holds.
--- Any role can set check_function_bodies, so the session's role must also
--- be one that could restore the tags (src/dwh_session_mode.c).
+-- Any role can set check_function_bodies, and a database owner for every
+-- session: the session must have set it itself, and its role must be one
+-- that could restore the tags (src/dwh_session_mode.c).
 CREATE FUNCTION dwh.tags_restoring() RETURNS boolean
     AS 'MODULE_PATHNAME', 'dwh_tags_restoring'
     LANGUAGE C STABLE;
 COMMENT ON FUNCTION dwh.tags_restoring() IS
-    'Internal: does this session restore a dump (check_function_bodies off, as pg_restore and pg_dump''s scripts set it whatever their options, and a role that may insert into cdm.user_tags_held)? Tags are then restored, not maintained';
+    'Internal: does this session restore a dump (check_function_bodies set off by the session itself, as pg_restore and pg_dump''s scripts do whatever their options, not by the database''s settings; and a role that may insert into cdm.user_tags_held)? Tags are then restored, not maintained';
 
 -- Rules: plain rows that a DBA or analyst writes.  The checks below are
 -- also made by the BEFORE trigger, first, with messages that say what to

@@ -13,7 +13,10 @@
 CREATE FUNCTION dwh.tag_window_key(tag text, category_id uuid) RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT ('ffffffffffff0' || pg_catalog.substr(pg_catalog.md5($1 || '/' || $2::text), 1, 19))::uuid
+    SELECT ('ffffffffffff0' OPERATOR(pg_catalog.||)
+            pg_catalog.substr(pg_catalog.md5($1 OPERATOR(pg_catalog.||) '/'
+                                             OPERATOR(pg_catalog.||) $2::pg_catalog.text), 1, 19)
+           )::pg_catalog.uuid
 $fn$;
 COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
     'Internal: the key that carries the deltas of cdm.user_window_counters for this rule and category among the category mart deltas';
@@ -21,8 +24,8 @@ COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
 CREATE FUNCTION dwh.is_tag_window_key(key uuid) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT $1 >= 'ffffffff-ffff-0000-0000-000000000000'::uuid
-       AND $1 <= 'ffffffff-ffff-0fff-ffff-ffffffffffff'::uuid
+    SELECT $1 OPERATOR(pg_catalog.>=) 'ffffffff-ffff-0000-0000-000000000000'::pg_catalog.uuid
+       AND $1 OPERATOR(pg_catalog.<=) 'ffffffff-ffff-0fff-ffff-ffffffffffff'::pg_catalog.uuid
 $fn$;
 COMMENT ON FUNCTION dwh.is_tag_window_key(uuid) IS
     'Internal: is this key among the category mart deltas one of dwh.tag_window_key()?';

@@ -96,7 +96,7 @@ COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
 CREATE FUNCTION dwh.tag_feed_on() RETURNS boolean
     LANGUAGE sql STABLE
     AS $fn$
-    SELECT coalesce(pg_catalog.current_setting('dwh.tags_topic', true), '') <> ''
+    SELECT coalesce(pg_catalog.current_setting('dwh.tags_topic', true), '') OPERATOR(pg_catalog.<>) ''
 $fn$;
 COMMENT ON FUNCTION dwh.tag_feed_on() IS
     'Internal: does dwh.tags_topic name a topic, so that tag events are queued in dwh.tag_outbox for the tags worker?';

@@ -11,7 +11,9 @@ CREATE FUNCTION dwh.key_in_part(k text, part integer, parts integer)
     RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT parts = 1 OR abs(hashtext(coalesce(k, ''))::bigint) % parts = part
+    SELECT parts OPERATOR(pg_catalog.=) 1
+        OR (pg_catalog.abs(pg_catalog.hashtext(coalesce(k, ''))::pg_catalog.int8)
+            OPERATOR(pg_catalog.%) parts) OPERATOR(pg_catalog.=) part
 $fn$;
 COMMENT ON FUNCTION dwh.key_in_part(text, integer, integer) IS
     'Internal: whether a key falls in part "part" (from 0) of "parts" parts of the key space (by its hash), as dwh.verify_vault(part, parts) checks orders';
@@ -23,8 +25,9 @@ CREATE FUNCTION dwh.key_part_start(part integer, parts integer)
     RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT (pg_catalog.lpad(pg_catalog.to_hex((part::bigint << 32) / parts), 8, '0')
-            || '-0000-0000-0000-000000000000')::uuid
+    SELECT (pg_catalog.lpad(pg_catalog.to_hex((part::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32)
+                                              OPERATOR(pg_catalog./) parts), 8, '0')
+            OPERATOR(pg_catalog.||) '-0000-0000-0000-000000000000')::pg_catalog.uuid
 $fn$;
 COMMENT ON FUNCTION dwh.key_part_start(integer, integer) IS
     'Internal: the smallest hash key of part "part" (from 0) of "parts" parts of the key space, as dwh.verify(parts) checks users';
@@ -33,9 +36,10 @@ CREATE FUNCTION dwh.uuid_in_part(k uuid, part integer, parts integer)
     RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT parts = 1
-        OR (k >= dwh.key_part_start(part, parts)
-            AND (part = parts - 1 OR k < dwh.key_part_start(part + 1, parts)))
+    SELECT parts OPERATOR(pg_catalog.=) 1
+        OR (k OPERATOR(pg_catalog.>=) dwh.key_part_start(part, parts)
+            AND (part OPERATOR(pg_catalog.=) (parts OPERATOR(pg_catalog.-) 1)
+                 OR k OPERATOR(pg_catalog.<) dwh.key_part_start(part OPERATOR(pg_catalog.+) 1, parts)))
 $fn$;
 COMMENT ON FUNCTION dwh.uuid_in_part(uuid, integer, integer) IS
     'Internal: whether a hash key falls in part "part" (from 0) of "parts" parts of the key space (by range), as dwh.verify(parts) checks users';
@@ -99,6 +103,7 @@ COMMENT ON VIEW dwh.expected_user_order_counters IS 'cdm.user_order_counters rec
 CREATE FUNCTION dwh.expected_user_tags_in_part(part integer, parts integer)
     RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer)
     LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
 AS $fn$
 WITH closed AS MATERIALIZED (
     SELECT c.h_user_pk AS user_id, c.h_order_pk, o.order_dt

@@ -40,3 +40,6 @@ SELECT pg_catalog.pg_extension_config_dump('dwh.tag_outbox', '');
 -- PUBLIC gets nothing: functions are executable by PUBLIC by default.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA dwh FROM PUBLIC;
+-- But the view cdm.user_tags calls these two, and a view's functions run
+-- with its reader's rights: pure functions of their arguments.
+GRANT EXECUTE ON FUNCTION dwh.hash_key(text), dwh.all_orders_key() TO PUBLIC;

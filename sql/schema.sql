@@ -62,10 +62,12 @@ WHERE n.nspname IN ('dds', 'cdm') AND c.relkind IN ('r', 'S')
   AND EXISTS (SELECT FROM pg_extension e
               WHERE e.extname = 'dwh' AND c.oid = ANY (e.extconfig));
 
--- PUBLIC gets nothing on dwh's functions and dead letters.
+-- PUBLIC gets nothing on dwh's functions and dead letters, but the two
+-- pure functions that the view cdm.user_tags calls with its reader's rights.
 SELECT p.oid::regprocedure AS executable_by_public
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname = 'dwh' AND has_function_privilege('public', p.oid, 'EXECUTE');
+WHERE n.nspname = 'dwh' AND has_function_privilege('public', p.oid, 'EXECUTE')
+ORDER BY p.oid::regprocedure::text;
 SELECT n.nspname AS schema_usable_by_public
 FROM pg_namespace n
 WHERE n.nspname IN ('stg', 'dds', 'cdm', 'dwh')
@@ -88,9 +90,10 @@ WHERE p.prosecdef
 -- The functions that resolve names in their caller's search_path: C
 -- functions that run no SQL or only SQL naming every schema and operator
 -- (src/dwh_stg_guard.c), and SQL functions kept inlinable (a SET clause
--- would stop their inlining), which name every table with its schema and
--- run inside a fixed search_path when dwh calls them (from a definer
--- function or a worker).  A new one must be one of these.
+-- would stop their inlining), which name every type, function and operator
+-- with its schema: a view's reader or any caller inlines them under its own
+-- search_path (test/t/023_search_path_trap.pl).  A new one must be one of
+-- these.
 SELECT p.oid::regprocedure AS without_fixed_search_path, l.lanname, p.prosecdef
 FROM pg_proc p
 JOIN pg_language l ON l.oid = p.prolang

@@ -44,6 +44,15 @@ BEGIN ISOLATION LEVEL REPEATABLE READ;
 SET LOCAL check_function_bodies = off;
 SELECT * FROM dwh.rebuild();
 ROLLBACK;
+-- A restore refused so (a database whose default_transaction_isolation
+-- is SERIALIZABLE) is told how to restore.
+\set VERBOSITY default
+BEGIN ISOLATION LEVEL SERIALIZABLE;
+SET LOCAL check_function_bodies = off;
+INSERT INTO stg.users (object_id, payload)
+VALUES ('u9', '{"_id": "u9", "name": "Ира", "login": "ira", "update_ts_utc": "2023-04-01 10:00:00"}');
+ROLLBACK;
+\set VERBOSITY sqlstate
 -- The tags' recount and expiry pass, and direct writes of the histories.
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT dwh.rebuild_tags();

@@ -11,8 +11,10 @@
  * the server dumped (an order of more items than dwh.max_order_items
  * allows here): while it does, the tags are not maintained and the limit
  * is not applied again.  Any role can set check_function_bodies, though,
- * and a database owner can set it for the workers too (ALTER DATABASE ...
- * SET): so a session restores only if its role, the one outside any
+ * and a database owner can set it for every session of the database
+ * (ALTER DATABASE ... SET), a superuser's too.  So a session restores only
+ * if it set check_function_bodies off itself (SET, as the restores do, or
+ * in its connection's options), and if its role, the one outside any
  * SECURITY DEFINER function, could write the tags a restore writes.  The
  * roles that the README's recipes create (a loader, a tagger) cannot, and
  * the workers never restore (dwh_worker_settings).
@@ -33,14 +35,33 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/guc.h"
+#include "utils/guc_tables.h"
 #include "utils/lsyscache.h"
 
 #include "dwh_session_mode.h"
 
 /*
+ * Was check_function_bodies set by the session itself (SET, or its
+ * connection's options), not by the database's or the role's settings?
+ */
+static bool
+function_bodies_set_by_session(void)
+{
+	struct config_generic **vars = get_guc_variables();
+	int			n = GetNumConfigOptions();
+	int			i;
+
+	for (i = 0; i < n; i++)
+		if (strcmp(vars[i]->name, "check_function_bodies") == 0)
+			return vars[i]->source == PGC_S_SESSION ||
+				vars[i]->source == PGC_S_CLIENT;
+	return false;
+}
+
+/*
  * dwh_session_restores
- *		Does this session restore a dump?  check_function_bodies off, and a
- *		role that may insert into cdm.user_tags_held.
+ *		Does this session restore a dump?  check_function_bodies off, set by
+ *		the session, and a role that may insert into cdm.user_tags_held.
  */
 bool
 dwh_session_restores(void)
@@ -48,7 +69,7 @@ dwh_session_restores(void)
 	Oid			cdm;
 	Oid			held;
 
-	if (check_function_bodies)
+	if (check_function_bodies || !function_bodies_set_by_session())
 		return false;
 	cdm = get_namespace_oid("cdm", true);
 	held = OidIsValid(cdm) ? get_relname_relid("user_tags_held", cdm) : InvalidOid;
@@ -71,6 +92,8 @@ dwh_require_read_committed(void)
 				 errmsg("cannot write the warehouse in a %s transaction",
 						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
 				 errdetail("dwh carries every write into DDS and the marts as they are once its locks are held, which a snapshot taken before would not show."),
+				 dwh_session_restores() ?
+				 errhint("This session restores a dump: restore with PGOPTIONS='-c default_transaction_isolation=read\\ committed', or without a default_transaction_isolation set for the database.") :
 				 errhint("Use a READ COMMITTED transaction (SET TRANSACTION ISOLATION LEVEL READ COMMITTED).")));
 }
 

@@ -29,7 +29,7 @@ COMMENT ON FUNCTION dwh.dictionary_lock_key() IS
 -- stg.user_history, so two writers of the same user take turns.
 CREATE FUNCTION dwh.user_lock_key() RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT 7238964021746305794::bigint';
+    AS 'SELECT 7238964021746305794::pg_catalog.int8';
 COMMENT ON FUNCTION dwh.user_lock_key() IS
     'Advisory lock key serialising writers of user values';
 
@@ -358,7 +358,7 @@ COMMENT ON COLUMN cdm.user_order_counters.order_cnt IS 'Number of the user''s CL
 -- In the category deltas: the change of a user's CLOSED order count ...
 CREATE FUNCTION dwh.all_orders_key() RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT ''00000000-0000-0000-0000-000000000000''::uuid';
+    AS 'SELECT ''00000000-0000-0000-0000-000000000000''::pg_catalog.uuid';
 COMMENT ON FUNCTION dwh.all_orders_key() IS
     'Internal: the key that carries a user''s CLOSED order count delta among the category mart deltas (cdm.user_order_counters)';
 
@@ -367,7 +367,7 @@ COMMENT ON FUNCTION dwh.all_orders_key() IS
 -- such users' rows before it refreshes their tags.
 CREATE FUNCTION dwh.touched_user_key() RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT ''00000000-0000-0000-0000-000000000001''::uuid';
+    AS 'SELECT ''00000000-0000-0000-0000-000000000001''::pg_catalog.uuid';
 COMMENT ON FUNCTION dwh.touched_user_key() IS
     'Internal: the key that marks, among the category mart deltas, a user some of whose orders changed (the tag step locks the user)';
 
@@ -383,7 +383,7 @@ CREATE FUNCTION dwh.order_naming_time(first_order timestamp, last_order timestam
     RETURNS timestamp
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT CASE WHEN last_menu IS NULL OR last_order >= last_menu
+    SELECT CASE WHEN last_menu IS NULL OR last_order OPERATOR(pg_catalog.>=) last_menu
                 THEN greatest(first_order, last_menu)
                 ELSE first_order END
 $fn$;
@@ -2405,7 +2405,7 @@ DROP FUNCTION dwh.worker_status_1_0();
 -- that they recount from marts that no batch is changing underneath.
 CREATE FUNCTION dwh.tag_lock_key() RETURNS bigint
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS 'SELECT 3482019573612840177::bigint';
+    AS 'SELECT 3482019573612840177::pg_catalog.int8';
 COMMENT ON FUNCTION dwh.tag_lock_key() IS
     'Advisory lock key serialising tag rule changes, dwh.expire_tags() and dwh.rebuild() against the tag refresh of order batches';
 
@@ -2416,13 +2416,14 @@ COMMENT ON FUNCTION dwh.tag_lock_key() IS
 -- (one snapshot, consistent with the rules and STG dumped with them), so
 -- while it rebuilds the marts from STG the tags are not maintained: else
 -- each table restored would grant and revoke again what the dump holds.
--- Any role can set check_function_bodies, so the session's role must also
--- be one that could restore the tags (src/dwh_session_mode.c).
+-- Any role can set check_function_bodies, and a database owner for every
+-- session: the session must have set it itself, and its role must be one
+-- that could restore the tags (src/dwh_session_mode.c).
 CREATE FUNCTION dwh.tags_restoring() RETURNS boolean
     AS 'MODULE_PATHNAME', 'dwh_tags_restoring'
     LANGUAGE C STABLE;
 COMMENT ON FUNCTION dwh.tags_restoring() IS
-    'Internal: does this session restore a dump (check_function_bodies off, as pg_restore and pg_dump''s scripts set it whatever their options, and a role that may insert into cdm.user_tags_held)? Tags are then restored, not maintained';
+    'Internal: does this session restore a dump (check_function_bodies set off by the session itself, as pg_restore and pg_dump''s scripts do whatever their options, not by the database''s settings; and a role that may insert into cdm.user_tags_held)? Tags are then restored, not maintained';
 
 -- Rules: plain rows that a DBA or analyst writes.  The checks below are
 -- also made by the BEFORE trigger, first, with messages that say what to
@@ -2581,7 +2582,10 @@ COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its cur
 CREATE FUNCTION dwh.tag_window_key(tag text, category_id uuid) RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT ('ffffffffffff0' || pg_catalog.substr(pg_catalog.md5($1 || '/' || $2::text), 1, 19))::uuid
+    SELECT ('ffffffffffff0' OPERATOR(pg_catalog.||)
+            pg_catalog.substr(pg_catalog.md5($1 OPERATOR(pg_catalog.||) '/'
+                                             OPERATOR(pg_catalog.||) $2::pg_catalog.text), 1, 19)
+           )::pg_catalog.uuid
 $fn$;
 COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
     'Internal: the key that carries the deltas of cdm.user_window_counters for this rule and category among the category mart deltas';
@@ -2589,8 +2593,8 @@ COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
 CREATE FUNCTION dwh.is_tag_window_key(key uuid) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT $1 >= 'ffffffff-ffff-0000-0000-000000000000'::uuid
-       AND $1 <= 'ffffffff-ffff-0fff-ffff-ffffffffffff'::uuid
+    SELECT $1 OPERATOR(pg_catalog.>=) 'ffffffff-ffff-0000-0000-000000000000'::pg_catalog.uuid
+       AND $1 OPERATOR(pg_catalog.<=) 'ffffffff-ffff-0fff-ffff-ffffffffffff'::pg_catalog.uuid
 $fn$;
 COMMENT ON FUNCTION dwh.is_tag_window_key(uuid) IS
     'Internal: is this key among the category mart deltas one of dwh.tag_window_key()?';
@@ -2811,7 +2815,7 @@ COMMENT ON FUNCTION dwh.tags_due(uuid[], text[]) IS
 CREATE FUNCTION dwh.tag_feed_on() RETURNS boolean
     LANGUAGE sql STABLE
     AS $fn$
-    SELECT coalesce(pg_catalog.current_setting('dwh.tags_topic', true), '') <> ''
+    SELECT coalesce(pg_catalog.current_setting('dwh.tags_topic', true), '') OPERATOR(pg_catalog.<>) ''
 $fn$;
 COMMENT ON FUNCTION dwh.tag_feed_on() IS
     'Internal: does dwh.tags_topic name a topic, so that tag events are queued in dwh.tag_outbox for the tags worker?';
@@ -3550,7 +3554,9 @@ CREATE FUNCTION dwh.key_in_part(k text, part integer, parts integer)
     RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT parts = 1 OR abs(hashtext(coalesce(k, ''))::bigint) % parts = part
+    SELECT parts OPERATOR(pg_catalog.=) 1
+        OR (pg_catalog.abs(pg_catalog.hashtext(coalesce(k, ''))::pg_catalog.int8)
+            OPERATOR(pg_catalog.%) parts) OPERATOR(pg_catalog.=) part
 $fn$;
 COMMENT ON FUNCTION dwh.key_in_part(text, integer, integer) IS
     'Internal: whether a key falls in part "part" (from 0) of "parts" parts of the key space (by its hash), as dwh.verify_vault(part, parts) checks orders';
@@ -3562,8 +3568,9 @@ CREATE FUNCTION dwh.key_part_start(part integer, parts integer)
     RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT (pg_catalog.lpad(pg_catalog.to_hex((part::bigint << 32) / parts), 8, '0')
-            || '-0000-0000-0000-000000000000')::uuid
+    SELECT (pg_catalog.lpad(pg_catalog.to_hex((part::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32)
+                                              OPERATOR(pg_catalog./) parts), 8, '0')
+            OPERATOR(pg_catalog.||) '-0000-0000-0000-000000000000')::pg_catalog.uuid
 $fn$;
 COMMENT ON FUNCTION dwh.key_part_start(integer, integer) IS
     'Internal: the smallest hash key of part "part" (from 0) of "parts" parts of the key space, as dwh.verify(parts) checks users';
@@ -3572,9 +3579,10 @@ CREATE FUNCTION dwh.uuid_in_part(k uuid, part integer, parts integer)
     RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $fn$
-    SELECT parts = 1
-        OR (k >= dwh.key_part_start(part, parts)
-            AND (part = parts - 1 OR k < dwh.key_part_start(part + 1, parts)))
+    SELECT parts OPERATOR(pg_catalog.=) 1
+        OR (k OPERATOR(pg_catalog.>=) dwh.key_part_start(part, parts)
+            AND (part OPERATOR(pg_catalog.=) (parts OPERATOR(pg_catalog.-) 1)
+                 OR k OPERATOR(pg_catalog.<) dwh.key_part_start(part OPERATOR(pg_catalog.+) 1, parts)))
 $fn$;
 COMMENT ON FUNCTION dwh.uuid_in_part(uuid, integer, integer) IS
     'Internal: whether a hash key falls in part "part" (from 0) of "parts" parts of the key space (by range), as dwh.verify(parts) checks users';
@@ -3863,6 +3871,7 @@ COMMENT ON VIEW dwh.expected_user_order_counters IS 'cdm.user_order_counters rec
 CREATE FUNCTION dwh.expected_user_tags_in_part(part integer, parts integer)
     RETURNS TABLE (user_id uuid, tag text, value text, order_cnt integer)
     LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
 AS $fn$
 WITH closed AS MATERIALIZED (
     SELECT c.h_user_pk AS user_id, c.h_order_pk, o.order_dt
@@ -4337,6 +4346,9 @@ CREATE TRIGGER restaurant_history_no_delete
 -- PUBLIC gets nothing on the new functions and views either.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA dwh FROM PUBLIC;
+-- But the view cdm.user_tags calls these two, and a view's functions run
+-- with its reader's rights: pure functions of their arguments.
+GRANT EXECUTE ON FUNCTION dwh.hash_key(text), dwh.all_orders_key() TO PUBLIC;
 
 -- Privileges.  Every GRANT and REVOKE of an extension script, an update's
 -- too, records the privileges it leaves as the object's initial ones
@@ -4380,6 +4392,16 @@ WHERE i.privtype = 'e'
                   WHERE d.classid = i.classoid AND d.objid = i.objoid AND d.objsubid = 0
                     AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
                     AND d.deptype = 'e');
+-- The two functions PUBLIC may execute: that grant is dwh's own, as in a
+-- fresh install.
+UPDATE pg_catalog.pg_init_privs i
+SET initprivs = pg_catalog.array_append(i.initprivs,
+                                        pg_catalog.makeaclitem(0, p.proowner, 'EXECUTE', false))
+FROM pg_catalog.pg_proc p
+WHERE i.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND i.objoid = p.oid
+  AND i.objsubid = 0 AND i.privtype = 'e'
+  AND p.oid IN ('dwh.hash_key(text)'::pg_catalog.regprocedure,
+                'dwh.all_orders_key()'::pg_catalog.regprocedure);
 
 -- Data.  1.0 dropped superseded versions, so its DDS holds rows that STG
 -- no longer implies (the status, cost and name satellite rows of versions

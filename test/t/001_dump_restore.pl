@@ -9,6 +9,8 @@
 # they were dumped, not granted again, and a new order grants a tag with an
 # event id past the restored ones.  The events that the Kafka feed had not
 # produced yet (dwh.tag_outbox: a topic set, no broker) come back pending.
+# A database set to SERIALIZABLE is restored with pg_restore -C as the
+# README says.
 
 use strict;
 use warnings;
@@ -345,6 +347,39 @@ for my $t (@tables)
 }
 is($node->safe_psql('restored_rls', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty after pg_restore --enable-row-security');
+
+# A database whose owner set default_transaction_isolation to SERIALIZABLE
+# for it: pg_restore -C sets it again on the database it creates, and dwh
+# refuses to write in such a transaction.  The restore fails, and says how
+# to restore (the README's way), which then gives the warehouse back.
+$node->safe_psql('postgres', "CREATE DATABASE serial_src TEMPLATE $src");
+$node->safe_psql('postgres',
+	q{ALTER DATABASE serial_src SET default_transaction_isolation = 'serializable'});
+my $serial_dump = PostgreSQL::Test::Utils::tempdir() . '/serial.dump';
+run_client('pg_dump of a SERIALIZABLE database', 'pg_dump', '-Fc', '-f', $serial_dump,
+	'-h', $node->host, '-p', $node->port, '-d', 'serial_src');
+$node->safe_psql('postgres', 'DROP DATABASE serial_src');
+my ($restore_out, $restore_err) = ('', '');
+ok( !IPC::Run::run(
+		[ 'pg_restore', '-C', '-h', $node->host, '-p', $node->port, '-d', 'postgres', $serial_dump ],
+		'>', \$restore_out, '2>', \$restore_err),
+	'pg_restore -C of a SERIALIZABLE database fails');
+like($restore_err,
+	qr/cannot write the warehouse in a SERIALIZABLE transaction.*HINT:  This session restores a dump: restore with PGOPTIONS='-c default_transaction_isolation=read\\ committed'/s,
+	'and says how to restore');
+$node->safe_psql('postgres', 'DROP DATABASE serial_src');
+{
+	local $ENV{PGOPTIONS} = '-c default_transaction_isolation=read\ committed';
+	run_client('pg_restore -C with PGOPTIONS', 'pg_restore', '-C',
+		'-h', $node->host, '-p', $node->port, '-d', 'postgres', $serial_dump);
+}
+for my $t (@tables)
+{
+	is(table_fingerprint('serial_src', $t), $before{$t},
+		"$t: same row count and checksum after pg_restore -C with PGOPTIONS");
+}
+is($node->safe_psql('serial_src', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty after pg_restore -C with PGOPTIONS');
 
 # The STG guard stamps loaded_at only when a newer version replaces a row,
 # so a restore's COPY keeps the time each version was first stored.

@@ -83,6 +83,23 @@ is( $node->safe_psql('shop',
 	'each planted operator and aggregate springs when resolved');
 $node->safe_psql('postgres', 'ALTER ROLE shop_owner NOSUPERUSER');
 $node->safe_psql('shop', 'SET search_path = pg_catalog; DELETE FROM public.sprung');
+# The look-alikes of what an inlined SQL function would resolve: the type
+# uuid, comparisons of uuid, text operators, integer arithmetic.
+$node->safe_psql('shop',
+	q{SELECT '00000000-0000-0000-0000-000000000000'::uuid >= '00000000-0000-0000-0000-000000000000'::uuid,
+	         '00000000-0000-0000-0000-000000000000'::uuid <= '00000000-0000-0000-0000-000000000000'::uuid,
+	         '00000000-0000-0000-0000-000000000000'::uuid < '00000000-0000-0000-0000-000000000000'::uuid,
+	         'a'::text <> 'b'::text, 'a'::text || 'b'::text, 1 = 1, 1 + 1, 1 - 1,
+	         7::bigint % 2, 1::bigint << 2, 7::bigint / 2,
+	         '2023-01-01'::timestamp >= '2023-01-02'::timestamp});
+is( $node->safe_psql('shop',
+		q{SET search_path = pg_catalog; SELECT string_agg(DISTINCT what, ', ' ORDER BY what) FROM public.sprung}),
+	'bigint % integer, bigint / integer, bigint << integer, integer + integer, integer - integer, '
+	  . 'integer = integer, text <> text, text || text, the type uuid, timestamp >= timestamp, '
+	  . 'uuid < uuid, uuid <= uuid, uuid >= uuid',
+	'and so does each look-alike of what an inlined function resolves');
+$node->safe_psql('postgres', 'ALTER ROLE shop_owner NOSUPERUSER');
+$node->safe_psql('shop', 'SET search_path = pg_catalog; DELETE FROM public.sprung');
 
 # The Redis worker mirrors users and a restaurant with its menu.
 $redis->set('626a81ce9a8cd1920641e201',
@@ -155,14 +172,63 @@ ok( $node->poll_query_until(
 	),
 	'the worker carried the menu change into the marts');
 
+# Tags of every kind of rule, so that the view cdm.user_tags calls each
+# function it calls.
+$node->safe_psql('shop', q{
+INSERT INTO dwh.tag_rules (tag, kind, category_name, product_id, threshold, window_days) VALUES
+    ('mains', 'category', 'Основные блюда', NULL, 1, NULL),
+    ('dolma', 'dish', NULL, '6276e8cd0cf48b4cded00001', 1, NULL),
+    ('regular', 'all_orders', NULL, NULL, 1, 36500),
+    ('customer', 'all_orders', NULL, NULL, 1, NULL),
+    ('favourite', 'favourite_category', NULL, NULL, 1, NULL)});
+
+# A superuser with the trapped search_path reads the views of tags (the
+# planner inlines the SQL functions they call under the reader's
+# search_path) and calls each SQL function of dwh that has no SET clause.
+is( $node->safe_psql('shop',
+		q{SELECT tag, order_cnt, value FROM cdm.user_tags ORDER BY tag COLLATE "C"}),
+	"customer|4|\ndolma|4|\nfavourite|4|Основные блюда\nmains|4|\nregular|4|",
+	'a superuser reads cdm.user_tags');
+is($node->safe_psql('shop', q{SELECT count(*) FROM dwh.expected_user_tags}),
+	'5', 'and dwh.expected_user_tags');
+my $calls = $node->safe_psql('shop', q{
+SET search_path = pg_catalog;
+SELECT string_agg(format('SELECT %I.%I(%s);', n.nspname, p.proname,
+                         (SELECT coalesce(string_agg(format('NULL::%I.%I', tn.nspname, t.typname), ', '
+                                                     ORDER BY a.ord), '')
+                          FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY a(typ, ord)
+                          JOIN pg_type t ON t.oid = a.typ
+                          JOIN pg_namespace tn ON tn.oid = t.typnamespace)), E'\n' ORDER BY p.proname)
+FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE n.nspname = 'dwh' AND l.lanname = 'sql' AND p.proconfig IS NULL});
+my @calls = split /\n/, $calls;
+cmp_ok(scalar(@calls), '>=', 11, 'the SQL functions of dwh without a SET clause: ' . scalar(@calls));
+$node->safe_psql('shop', $calls);
+
+# A database owner who sets check_function_bodies off for the database
+# does not make a superuser's session a restore (which would leave its
+# orders' tags to the dump): a new user's order still grants its tags.
+$node->safe_psql('shop', 'SET ROLE shop_owner; ALTER DATABASE shop SET check_function_bodies = off');
+my $other_user = $order->(5, '2023-01-02 14:00:00');
+$other_user =~ s/626a81ce9a8cd1920641e201/626a81ce9a8cd1920641e202/;
+$node->safe_psql('shop', "SELECT dwh.ingest_order(\$m\$$other_user\$m\$::text)");
+$node->safe_psql('shop', 'SET ROLE shop_owner; ALTER DATABASE shop RESET check_function_bodies');
+is( $node->safe_psql('shop',
+		q{SET search_path = pg_catalog; SELECT string_agg(e.tag, ', ' ORDER BY e.tag COLLATE "C") FROM cdm.user_tag_events e JOIN dds.h_user u ON u.h_user_pk = e.user_id WHERE u.user_id = '626a81ce9a8cd1920641e202' AND e.kind = 'grant'}
+	),
+	'customer, dolma, favourite, mains, regular',
+	'with check_function_bodies off for the database, an order still grants its tags');
+
 is(sprung() // '', '', 'no trap sprang');
 is(owner_is_superuser(), 'f', 'the database owner is still an ordinary role');
 is( $node->safe_psql('shop',
 		'SET search_path = pg_catalog; SELECT pg_catalog.count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty');
 is( $node->safe_psql('shop',
-		'SET search_path = pg_catalog; SELECT order_cnt FROM cdm.user_product_counters'),
-	'4', 'four CLOSED orders counted');
+		q{SET search_path = pg_catalog; SELECT string_agg(order_cnt::text, ',' ORDER BY order_cnt) FROM cdm.user_product_counters}),
+	'1,4', 'five CLOSED orders counted: four of the first user, one of the second');
 
 # A schema dwh that a non-superuser created first is refused.
 $node->safe_psql('postgres', q{

@@ -141,6 +141,22 @@ is(attempt('analyst', q{SELECT string_agg(tag || ' ' || kind, ', ' ORDER BY id) 
 	'any grant, any grant, any revoke, any revoke', 'analyst reads the tag events');
 is(attempt('prometheus', q{SELECT string_agg(kind || ' ' || events, ', ' ORDER BY kind) FROM dwh.tag_event_counts}, 'ok'),
 	'grant 2, revoke 2', 'prometheus reads the counts of tag events');
+# Tags held, so that the view's lookups run for the roles that read it (a
+# view's functions run with its reader's rights): a dish rule's count is
+# read by the dish's key (dwh.hash_key), a windowed one's by
+# dwh.all_orders_key().
+attempt('tagger', q{INSERT INTO dwh.tag_rules (tag, kind, product_id, threshold, window_days)
+                    VALUES ('plov', 'dish', 'd1', 1, NULL), ('century', 'all_orders', NULL, 1, 36500)}, 'ok');
+foreach my $role ('analyst', 'tagger')
+{
+	is( attempt(
+			$role, q{SELECT string_agg(tag || ' ' || order_cnt, ', ' ORDER BY tag, user_id) FROM cdm.user_tags},
+			'ok'),
+		'century 1, century 1, plov 1, plov 1',
+		"$role reads the tags held, with their counts");
+}
+is(attempt('analyst', q{SELECT tag FROM cdm.user_tags WHERE user_id = dwh.hash_key('u1') ORDER BY tag}, 'ok'),
+	"century\nplov", "analyst reads a user's tags by the key of the user's id, as the README does");
 $before = state_of();
 
 # What no role but a superuser may do, tried by each of them.
