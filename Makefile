@@ -13,7 +13,7 @@ OBJS = \
 	src/dwh_message.o \
 	src/dwh_spi.o \
 	src/dwh_stg_guard.o \
-	src/dwh_dictionary_lock.o \
+	src/dwh_locks.o \
 	src/dwh_key_probe.o \
 	src/dwh_references.o \
 	src/dwh_replan.o \

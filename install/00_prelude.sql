@@ -86,3 +86,12 @@ CREATE FUNCTION dwh.user_lock_key() RETURNS bigint
     AS 'SELECT 7238964021746305794::pg_catalog.int8';
 COMMENT ON FUNCTION dwh.user_lock_key() IS
     'Advisory lock key serialising writers of user values';
+
+-- dwh's locks are advisory locks that no SQL function but this one takes
+-- (src/dwh_locks.c): pg_advisory_lock() and its kin are PUBLIC's, and a
+-- role holding dwh's keys with them would stop every writer.
+CREATE FUNCTION dwh.xact_lock(key bigint, exclusive boolean) RETURNS void
+    AS 'MODULE_PATHNAME', 'dwh_xact_lock'
+    LANGUAGE C STRICT;
+COMMENT ON FUNCTION dwh.xact_lock(bigint, boolean) IS
+    'Internal: take dwh''s lock of this key (dwh.dictionary_lock_key(), dwh.user_lock_key(), dwh.tag_lock_key()) until the transaction ends, exclusive or shared; not the lock pg_advisory_xact_lock() takes';

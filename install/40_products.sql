@@ -416,9 +416,9 @@ BEGIN
     first_versions := named.first_versions;
 
     IF exclusive THEN
-        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+        PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     ELSE
-        PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
+        PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), false);
         IF dwh.namings_rename(ids, names, item_versions) THEN
             RAISE EXCEPTION 'the batch renames a dish under the dictionary lock held shared'
                 USING ERRCODE = '40001',
@@ -540,7 +540,7 @@ BEGIN
     -- Step 3 of the lock order: the order triggers and menu changes took
     -- the tag lock already (this takes it again, in case a caller did
     -- not).  With some rule, the marts' new counts are kept for the tags.
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), false);
     -- Whether some rule exists, and the keys of the mart rows that an
     -- all-time rule counts (only those can cross a threshold).
     SELECT count(*) > 0,

@@ -365,7 +365,7 @@ BEGIN
     -- install/40_products.sql): windowed tag rules count what the orders
     -- count now minus what they counted before, which holds only while no
     -- window moves and no rule changes until the batch commits.
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), false);
     windows := NOT dwh.tags_restoring()
                AND EXISTS (SELECT FROM dwh.tag_rules r WHERE r.window_days IS NOT NULL);
 

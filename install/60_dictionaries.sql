@@ -19,7 +19,7 @@ BEGIN
         RETURN;
     END IF;
     -- The winners below are read after this lock: see dwh.user_lock_key().
-    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
 
     WITH touched AS MATERIALIZED (
         SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
@@ -136,7 +136,7 @@ BEGIN
     -- Windowed tag rules count what the orders holding the dishes count
     -- after the move minus before, under the tag lock (see
     -- dwh.order_events_changed).
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), false);
     windows := NOT dwh.tags_restoring()
                AND EXISTS (SELECT FROM dwh.tag_rules r
                            WHERE r.window_days IS NOT NULL
@@ -246,7 +246,7 @@ BEGIN
         RETURN;
     END IF;
 
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
 
     WITH touched AS MATERIALIZED (
         SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt

@@ -145,7 +145,7 @@ BEGIN
     -- One ingest per dead letter in one transaction: the dictionary lock
     -- exclusive keeps batches of other transactions from interleaving
     -- with them (docs/data-rule.md, "one lock order").
-    PERFORM pg_catalog.pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     FOR d IN
         SELECT * FROM dwh.dead_letters
         WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')

@@ -269,7 +269,7 @@ CREATE FUNCTION dwh.tag_rules_lock() RETURNS trigger
 AS $fn$
 BEGIN
     IF NOT dwh.tags_restoring() THEN
-        PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+        PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     END IF;
     RETURN NULL;
 END
@@ -321,7 +321,7 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The rule''s tags are recounted from the marts as committed once the tag lock is held; an older snapshot would miss orders.';
     END IF;
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     PERFORM dwh.recompute_rule_tags(changed);
     RETURN NULL;
 END

@@ -504,7 +504,7 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
     END IF;
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
                                          UNION
                                          SELECT DISTINCT t.tag FROM cdm.user_tags_held t));
@@ -535,7 +535,7 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
     END IF;
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     as_of := now() AT TIME ZONE 'UTC';
 
     -- The rules moved below, locked first.  A session may hold a rule's

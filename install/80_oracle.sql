@@ -544,8 +544,8 @@ DECLARE
     named record;
     d record;
 BEGIN
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
-    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
     LOCK TABLE stg.order_events, stg.order_event_history, stg.users,
                stg.user_history, stg.restaurants, stg.restaurant_history
         IN SHARE MODE;
@@ -621,8 +621,8 @@ BEGIN
     END IF;
     -- No order batch or dictionary change runs meanwhile, nor a rule
     -- change or dwh.expire_tags(); readers go on.
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
 
     -- DDS is checked in parts of about a million orders (the planner's
     -- estimate), as dwh.verify(parts) does: the same differences in a

@@ -1064,7 +1064,7 @@ ingest_batch(DwhIngestItem *items, int n, const char *source,
 			 * transaction would not take their locks in one order.
 			 */
 			FreeErrorData(edata);
-			if (SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock(dwh.dictionary_lock_key())",
+			if (SPI_execute("SELECT dwh.xact_lock(dwh.dictionary_lock_key(), true)",
 							false, 0) != SPI_OK_SELECT)
 				elog(ERROR, "could not take the dictionary lock");
 			ingest_one_by_one(good, n_good, source, topic, &dl, result);

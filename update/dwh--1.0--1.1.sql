@@ -33,6 +33,15 @@ CREATE FUNCTION dwh.user_lock_key() RETURNS bigint
 COMMENT ON FUNCTION dwh.user_lock_key() IS
     'Advisory lock key serialising writers of user values';
 
+-- dwh's locks are advisory locks that no SQL function but this one takes
+-- (src/dwh_locks.c): pg_advisory_lock() and its kin are PUBLIC's, and a
+-- role holding dwh's keys with them would stop every writer.
+CREATE FUNCTION dwh.xact_lock(key bigint, exclusive boolean) RETURNS void
+    AS 'MODULE_PATHNAME', 'dwh_xact_lock'
+    LANGUAGE C STRICT;
+COMMENT ON FUNCTION dwh.xact_lock(bigint, boolean) IS
+    'Internal: take dwh''s lock of this key (dwh.dictionary_lock_key(), dwh.user_lock_key(), dwh.tag_lock_key()) until the transaction ends, exclusive or shared; not the lock pg_advisory_xact_lock() takes';
+
 -- STG (install/10_stg.sql): the statement lock of the order tables, the
 -- history tables of superseded versions, and what identifies an other
 -- event with its Kafka position.
@@ -750,9 +759,9 @@ BEGIN
     first_versions := named.first_versions;
 
     IF exclusive THEN
-        PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+        PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     ELSE
-        PERFORM pg_advisory_xact_lock_shared(dwh.dictionary_lock_key());
+        PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), false);
         IF dwh.namings_rename(ids, names, item_versions) THEN
             RAISE EXCEPTION 'the batch renames a dish under the dictionary lock held shared'
                 USING ERRCODE = '40001',
@@ -862,7 +871,7 @@ BEGIN
     -- Step 3 of the lock order: the order triggers and menu changes took
     -- the tag lock already (this takes it again, in case a caller did
     -- not).  With some rule, the marts' new counts are kept for the tags.
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), false);
     -- Whether some rule exists, and the keys of the mart rows that an
     -- all-time rule counts (only those can cross a threshold).
     SELECT count(*) > 0,
@@ -1393,7 +1402,7 @@ BEGIN
     -- install/40_products.sql): windowed tag rules count what the orders
     -- count now minus what they counted before, which holds only while no
     -- window moves and no rule changes until the batch commits.
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), false);
     windows := NOT dwh.tags_restoring()
                AND EXISTS (SELECT FROM dwh.tag_rules r WHERE r.window_days IS NOT NULL);
 
@@ -1596,7 +1605,7 @@ BEGIN
         RETURN;
     END IF;
     -- The winners below are read after this lock: see dwh.user_lock_key().
-    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
 
     WITH touched AS MATERIALIZED (
         SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
@@ -1709,7 +1718,7 @@ BEGIN
     -- Windowed tag rules count what the orders holding the dishes count
     -- after the move minus before, under the tag lock (see
     -- dwh.order_events_changed).
-    PERFORM pg_advisory_xact_lock_shared(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), false);
     windows := NOT dwh.tags_restoring()
                AND EXISTS (SELECT FROM dwh.tag_rules r
                            WHERE r.window_days IS NOT NULL
@@ -1819,7 +1828,7 @@ BEGIN
         RETURN;
     END IF;
 
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
 
     WITH touched AS MATERIALIZED (
         SELECT DISTINCT k AS object_id, coalesce(v, '-infinity') AS load_dt
@@ -2151,7 +2160,7 @@ BEGIN
     -- One ingest per dead letter in one transaction: the dictionary lock
     -- exclusive keeps batches of other transactions from interleaving
     -- with them (docs/data-rule.md, "one lock order").
-    PERFORM pg_catalog.pg_advisory_xact_lock(dwh.dictionary_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     FOR d IN
         SELECT * FROM dwh.dead_letters
         WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')
@@ -3223,7 +3232,7 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
     END IF;
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
                                          UNION
                                          SELECT DISTINCT t.tag FROM cdm.user_tags_held t));
@@ -3254,7 +3263,7 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
     END IF;
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     as_of := now() AT TIME ZONE 'UTC';
 
     -- The rules moved below, locked first.  A session may hold a rule's
@@ -3405,7 +3414,7 @@ CREATE FUNCTION dwh.tag_rules_lock() RETURNS trigger
 AS $fn$
 BEGIN
     IF NOT dwh.tags_restoring() THEN
-        PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+        PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     END IF;
     RETURN NULL;
 END
@@ -3457,7 +3466,7 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The rule''s tags are recounted from the marts as committed once the tag lock is held; an older snapshot would miss orders.';
     END IF;
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     PERFORM dwh.recompute_rule_tags(changed);
     RETURN NULL;
 END
@@ -4056,8 +4065,8 @@ DECLARE
     named record;
     d record;
 BEGIN
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
-    PERFORM pg_advisory_xact_lock(dwh.user_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
     LOCK TABLE stg.order_events, stg.order_event_history, stg.users,
                stg.user_history, stg.restaurants, stg.restaurant_history
         IN SHARE MODE;
@@ -4134,8 +4143,8 @@ BEGIN
     END IF;
     -- No order batch or dictionary change runs meanwhile, nor a rule
     -- change or dwh.expire_tags(); readers go on.
-    PERFORM pg_advisory_xact_lock(dwh.dictionary_lock_key());
-    PERFORM pg_advisory_xact_lock(dwh.tag_lock_key());
+    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
 
     -- DDS is checked in parts of about a million orders (the planner's
     -- estimate), as dwh.verify(parts) does: the same differences in a

@@ -157,6 +157,30 @@ foreach my $role ('analyst', 'tagger')
 }
 is(attempt('analyst', q{SELECT tag FROM cdm.user_tags WHERE user_id = dwh.hash_key('u1') ORDER BY tag}, 'ok'),
 	"century\nplov", "analyst reads a user's tags by the key of the user's id, as the README does");
+
+# A role that can only connect holds the keys of dwh's locks (public
+# constants) with pg_advisory_lock(), which PUBLIC may call, exclusive and
+# shared.  dwh's locks are other ones (src/dwh_locks.c): an order, a rule
+# change, a direct write of a user and dwh.rebuild() go on.
+my $squatter = $node->background_psql('warehouse', extra_params => [ '-U', 'nobody' ]);
+$squatter->query_safe(q{
+SELECT pg_advisory_lock(k), pg_advisory_lock_shared(k), pg_advisory_lock((k >> 32)::int4, ((k << 32) >> 32)::int4)
+FROM unnest(ARRAY[7238964021746305793, 7238964021746305794, 3482019573612840177]::bigint[]) k});
+is( $node->safe_psql('warehouse',
+		q{SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+		  AND pid <> pg_backend_pid()}),
+	'9', 'the role holds the three keys of dwh\'s locks, three ways each');
+$node->safe_psql('warehouse', "SET statement_timeout = '10s'; SELECT dwh.ingest_order(\$m\$"
+	  . $order->(3, 'u3', 'CLOSED', '2023-01-03 10:00:00') . "\$m\$::text)");
+$node->safe_psql('warehouse', q{SET statement_timeout = '10s';
+INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES ('anyone', 'all_orders', 1);
+INSERT INTO stg.users (object_id, payload)
+VALUES ('u3', '{"_id": "u3", "name": "Вера", "login": "vera", "update_ts_utc": "2023-01-03 10:00:00"}');
+SELECT count(*) FROM dwh.rebuild();});
+is( $node->safe_psql('warehouse',
+		q{SELECT count(*) FROM cdm.user_tags WHERE tag = 'anyone'}),
+	'3', 'writers did not wait for it: the order, the rule and its tags are in');
+$squatter->quit;
 $before = state_of();
 
 # What no role but a superuser may do, tried by each of them.

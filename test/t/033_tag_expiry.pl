@@ -45,7 +45,7 @@ sub order
 # lock, so passes go on while a session holds the tag lock shared (which
 # dwh.expire_tags() would wait for: it takes it exclusive).
 my $holder = $node->background_psql('postgres');
-$holder->query_safe('SELECT pg_advisory_lock_shared(dwh.tag_lock_key())');
+$holder->query_safe('BEGIN; SELECT dwh.xact_lock(dwh.tag_lock_key(), false)');
 my $passes_before = psql(q{SELECT expiry_passes FROM dwh.status WHERE worker = 'tags'});
 ok( wait_for(
 		$node,

@@ -44,7 +44,7 @@ ok($node->poll_query_until('postgres', 'SELECT count(*) = 1 FROM stg.restaurants
 # restaurant read in one batch, waits for it.
 my $batch = $node->background_psql('postgres', on_error_stop => 0);
 $batch->query_safe(
-	'BEGIN; SELECT pg_advisory_xact_lock_shared(dwh.dictionary_lock_key())');
+	'BEGIN; SELECT dwh.xact_lock(dwh.dictionary_lock_key(), false)');
 $redis->cli(
 	'MSET', 'u9',
 	'{"_id": "u9", "name": "Anna", "login": "anna", "update_ts_utc": "2023-01-02 10:00:00"}',

@@ -1,13 +1,24 @@
 /*-------------------------------------------------------------------------
  *
- * dwh_dictionary_lock.c
- *	  The dictionary lock: the first step of the lock order.
+ * dwh_locks.c
+ *	  dwh's transaction locks: the dictionary lock, the user lock and the
+ *	  tag lock, which no other role can take.
  *
- * Every writer of orders takes it first (install/40_products.sql, "Lock
- * order"): shared for a batch that keeps every dish's name, exclusive for
- * one that renames a dish and for menus.  dwh.ingest_orders takes it in the
- * mode its batch needs; any other statement that writes the order tables
- * takes it exclusive before its first row (dwh.stg_statement_lock()).
+ * Every writer of orders takes the dictionary lock first (install/
+ * 40_products.sql, "Lock order"): shared for a batch that keeps every
+ * dish's name, exclusive for one that renames a dish and for menus.
+ * dwh.ingest_orders takes it in the mode its batch needs; any other
+ * statement that writes the order tables takes it exclusive before its
+ * first row (dwh.stg_statement_lock()).  Writers of user values take the
+ * user lock, and rule changes and the tag step of batches the tag lock.
+ *
+ * They are advisory locks of the database, named by their key (dwh.
+ * dictionary_lock_key(), dwh.user_lock_key(), dwh.tag_lock_key()), but not
+ * the ones pg_advisory_lock() and its kin take: those are PUBLIC's, and
+ * any role that can connect could hold dwh's and stop every writer.  The
+ * fourth field of the lock tag, 1 and 2 for the SQL functions' two kinds
+ * of key, is DWH_LOCK_KIND here, which no SQL function reaches; pg_locks
+ * shows them as advisory locks with objsubid 3.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,10 +30,19 @@
 #include "storage/lock.h"
 
 /*
- * The dictionary lock (install/00_prelude.sql, dwh.dictionary_lock_key()):
- * the transaction-level advisory lock that pg_advisory_xact_lock() takes.
+ * The dictionary lock (install/00_prelude.sql, dwh.dictionary_lock_key()).
  */
 #define DWH_DICTIONARY_LOCK_KEY INT64CONST(7238964021746305793)
+
+/* The fourth field of dwh's lock tags: not 1 or 2, the SQL functions'. */
+#define DWH_LOCK_KIND 3
+
+static void
+dwh_locktag(LOCKTAG *tag, int64 key)
+{
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) (key >> 32),
+						 (uint32) key, DWH_LOCK_KIND);
+}
 
 PG_FUNCTION_INFO_V1(dwh_dictionary_lock_key);
 
@@ -38,10 +58,27 @@ dwh_dictionary_lock_key(PG_FUNCTION_ARGS)
 static void
 dictionary_locktag(LOCKTAG *tag)
 {
-	/* As pg_advisory_xact_lock(bigint) names it. */
-	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId,
-						 (uint32) (DWH_DICTIONARY_LOCK_KEY >> 32),
-						 (uint32) DWH_DICTIONARY_LOCK_KEY, 1);
+	dwh_locktag(tag, DWH_DICTIONARY_LOCK_KEY);
+}
+
+PG_FUNCTION_INFO_V1(dwh_xact_lock);
+
+/*
+ * dwh.xact_lock(key bigint, exclusive boolean) returns void
+ *
+ * Take dwh's lock of that key until the transaction ends, exclusive or
+ * shared, waiting for it as pg_advisory_xact_lock() does (lock_timeout,
+ * deadlock detection).
+ */
+Datum
+dwh_xact_lock(PG_FUNCTION_ARGS)
+{
+	LOCKTAG		tag;
+
+	dwh_locktag(&tag, PG_GETARG_INT64(0));
+	(void) LockAcquire(&tag, PG_GETARG_BOOL(1) ? ExclusiveLock : ShareLock,
+					   false, false);
+	PG_RETURN_VOID();
 }
 
 PG_FUNCTION_INFO_V1(dwh_dictionary_lock_exclusive);
