@@ -254,6 +254,14 @@ SELECT dwh.ingest_order(t.order_msg(32, 'u8', 'CANCELLED', '2023-02-01 11:00:00'
                                      FROM generate_series(2, 2000) n)));
 RESET dwh.max_order_items;
 SELECT count(*) AS links FROM dds.l_order_product WHERE h_order_pk = dwh.hash_key('32');
+-- With the limit lowered since, a newer version of that order is still
+-- applied: the version it replaces moves to the history as it was
+-- accepted (it was dead-lettered, 54000, the history refusing the old one).
+SELECT dwh.ingest_order(t.order_msg(32, 'u8', 'CANCELLED', '2023-02-01 12:00:00',
+                                    t.items('d1:Плов')));
+SELECT count(*) AS versions_in_history,
+       max(jsonb_array_length(payload->'order_items')) AS most_items
+FROM stg.order_event_history WHERE object_id = 32;
 SELECT * FROM t.check();
 
 -- Numbers of any size are JSON, as jsonb has them: only the fields dwh
@@ -384,3 +392,34 @@ SELECT dwh.ingest_order(convert_to(replace(
 SELECT sqlstate, reason FROM dwh.dead_letters ORDER BY id;
 SELECT * FROM t.check();
 DELETE FROM dwh.dead_letters;
+
+-- A dish's category is the business key of a hub, in a unique index: at
+-- most 1,000 bytes (22001; one of 6,400 bytes failed with the index's
+-- 54000).  Here 500 two-byte letters, then one byte more.
+\set VERBOSITY sqlstate
+SELECT t.set_menu('r-long', '2023-04-22 10:00:00', 'd-long:Пирог:' || repeat('к', 500));
+SELECT t.set_menu('r-longer', '2023-04-22 10:00:00', 'd-longer:Пирог:' || repeat('к', 500) || 'x');
+\set VERBOSITY default
+SELECT octet_length(category_name) AS category_bytes
+FROM dds.h_category WHERE category_name LIKE 'кк%';
+
+-- The topic of positions is a Kafka topic name, checked before anything
+-- is written (22023): positions are kept by topic, in indexed columns.
+SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
+                        repeat('t', 250), 0, 1);
+SELECT dwh.ingest_orders(ARRAY[convert_to(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00',
+                                                      t.items('d8:Самса')), 'UTF8')],
+                         '', ARRAY[0], ARRAY[1::bigint]);
+SELECT dwh.kafka_seek(0, 0, 'my topic');
+-- A message's partition and offset come together, neither negative.
+SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
+                        'orders', 0, NULL);
+SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
+                        'orders', -1, -5);
+SELECT dwh.ingest_orders(ARRAY[convert_to(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00',
+                                                      t.items('d8:Самса')), 'UTF8')],
+                         'orders', ARRAY[0], NULL);
+SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
+                        repeat('t', 249), 0, 1);
+SELECT count(*) AS orders_45 FROM stg.order_events WHERE object_id = 45;
+SELECT * FROM t.check();

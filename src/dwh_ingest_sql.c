@@ -21,6 +21,7 @@
 #include "utils/builtins.h"
 
 #include "dwh_ingest.h"
+#include "dwh_kafka_options.h"
 #include "dwh_version.h"
 
 /*
@@ -33,6 +34,28 @@ item_coordinates(DwhIngestItem *item, bool has_partition, int32 partition,
 	item->has_coordinates = has_partition && has_offset;
 	item->partition = has_partition ? partition : 0;
 	item->offset = has_offset ? offset : 0;
+}
+
+/*
+ * A position a SQL caller names: a partition and an offset, both or
+ * neither, neither negative.  (Dead letters handed back keep theirs.)
+ */
+static void
+check_position(bool has_partition, int32 partition, bool has_offset,
+			   int64 offset, int message)
+{
+	if (has_partition != has_offset)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("message %d has a Kafka %s without its %s", message,
+						has_partition ? "partition" : "offset",
+						has_partition ? "offset" : "partition"),
+				 errhint("Give both, or neither for a message read from no Kafka position.")));
+	if ((has_partition && partition < 0) || (has_offset && offset < 0))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("message %d has a negative Kafka position", message),
+				 errdetail("Partitions and offsets start at 0.")));
 }
 
 PG_FUNCTION_INFO_V1(dwh_ingest_order);
@@ -102,6 +125,10 @@ ingest_one(FunctionCallInfo fcinfo, const char *source, int topic_arg)
 Datum
 dwh_ingest_order(PG_FUNCTION_ARGS)
 {
+	if (!PG_ARGISNULL(1))
+		dwh_require_topic_name(text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	check_position(!PG_ARGISNULL(2), PG_ARGISNULL(2) ? 0 : PG_GETARG_INT32(2),
+				   !PG_ARGISNULL(3), PG_ARGISNULL(3) ? 0 : PG_GETARG_INT64(3), 1);
 	PG_RETURN_TEXT_P(ingest_one(fcinfo, "sql", 1));
 }
 
@@ -207,7 +234,10 @@ dwh_ingest_orders(PG_FUNCTION_ARGS)
 	deconstruct_array(messages, BYTEAOID, -1, false, TYPALIGN_INT,
 					  &values, &isnull, &n);
 	if (!PG_ARGISNULL(1))
+	{
 		topic = text_to_cstring(PG_GETARG_TEXT_PP(1));
+		dwh_require_topic_name(topic);
+	}
 	coordinate_array(fcinfo, 2, INT4OID, n, "kafka_partitions",
 					 &partitions, &partition_nulls);
 	coordinate_array(fcinfo, 3, INT8OID, n, "kafka_offsets",
@@ -223,6 +253,10 @@ dwh_ingest_orders(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("message %d of the batch is null", i + 1),
 					 errhint("A Kafka message without a value carries nothing to ingest; leave it out of the batch.")));
+		check_position(partitions != NULL && !partition_nulls[i],
+					   partitions != NULL ? DatumGetInt32(partitions[i]) : 0,
+					   offsets != NULL && !offset_nulls[i],
+					   offsets != NULL ? DatumGetInt64(offsets[i]) : 0, i + 1);
 		b = DatumGetByteaPP(values[i]);
 		items[i].data = VARDATA_ANY(b);
 		items[i].len = VARSIZE_ANY_EXHDR(b);

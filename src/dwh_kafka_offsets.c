@@ -40,6 +40,7 @@
 #include "dwh_columns.h"
 #include "dwh_dead_letter.h"
 #include "dwh_kafka_offsets.h"
+#include "dwh_kafka_options.h"
 #include "dwh_settings.h"
 #include "dwh_spi.h"
 #include "dwh_status.h"
@@ -543,6 +544,7 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 	partition = PG_GETARG_INT32(0);
 	next_offset = PG_GETARG_INT64(1);
 	topic = PG_ARGISNULL(2) ? dwh_kafka_topic : text_to_cstring(PG_GETARG_TEXT_PP(2));
+	dwh_require_topic_name(topic);
 	if (partition < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

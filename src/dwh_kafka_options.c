@@ -394,29 +394,57 @@ dwh_kafka_options_check(char **newval, void **extra, GucSource source)
 }
 
 /*
+ * What is wrong with a Kafka topic name (1 to 249 characters of
+ * [a-zA-Z0-9._-], not "." or ".."), or NULL.
+ */
+static const char *
+topic_name_problem(const char *name)
+{
+	const char *p;
+
+	if (name == NULL || name[0] == '\0' || strlen(name) > 249 ||
+		strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+		return "A Kafka topic name has 1 to 249 characters.";
+	for (p = name; *p; p++)
+		if (!isalnum((unsigned char) *p) && *p != '.' && *p != '_' && *p != '-')
+			return "A Kafka topic name holds only ASCII letters, digits, \".\", \"_\" and \"-\".";
+	return NULL;
+}
+
+/*
  * dwh_kafka_topic_check
  *		A Kafka topic name: 1 to 249 characters of [a-zA-Z0-9._-].
  */
 bool
 dwh_kafka_topic_check(char **newval, void **extra, GucSource source)
 {
-	const char *p;
+	const char *problem = topic_name_problem(*newval);
 
-	if (*newval == NULL || (*newval)[0] == '\0' || strlen(*newval) > 249 ||
-		strcmp(*newval, ".") == 0 || strcmp(*newval, "..") == 0)
+	if (problem != NULL)
 	{
-		GUC_check_errdetail("A Kafka topic name has 1 to 249 characters.");
+		GUC_check_errdetail("%s", problem);
 		return false;
 	}
-	for (p = *newval; *p; p++)
-	{
-		if (!isalnum((unsigned char) *p) && *p != '.' && *p != '_' && *p != '-')
-		{
-			GUC_check_errdetail("A Kafka topic name holds only ASCII letters, digits, \".\", \"_\" and \"-\".");
-			return false;
-		}
-	}
 	return true;
+}
+
+/*
+ * dwh_require_topic_name
+ *		Refuse a topic argument of an SQL function that is no Kafka topic
+ *		name: positions are kept by topic, in indexed columns.
+ */
+void
+dwh_require_topic_name(const char *topic)
+{
+	const char *problem = topic_name_problem(topic);
+
+	if (problem != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"%s\" is not a Kafka topic name",
+						topic != NULL && strlen(topic) <= 64 ? topic : "(a long text)"),
+				 errdetail_internal("%s", problem),
+				 errhint("Name the Kafka topic the positions were read from.")));
 }
 
 /*

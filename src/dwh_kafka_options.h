@@ -37,6 +37,7 @@ extern bool dwh_kafka_options_check(char **newval, void **extra,
 									GucSource source);
 extern bool dwh_kafka_topic_check(char **newval, void **extra,
 								  GucSource source);
+extern void dwh_require_topic_name(const char *topic);
 extern bool dwh_kafka_group_id_check(char **newval, void **extra,
 									 GucSource source);
 

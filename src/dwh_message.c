@@ -728,8 +728,8 @@ dwh_restaurant_value_check(JsonbContainer *value, bool *has_update_ts,
 						  DWH_MAX_KEY_LEN, &v, problem) ||
 			!check_string(entry->val.binary.data, "name", path, false, 0,
 						  &v, problem) ||
-			!check_string(entry->val.binary.data, "category", path, false, 0,
-						  &v, problem))
+			!check_string(entry->val.binary.data, "category", path, false,
+						  DWH_MAX_CATEGORY_LEN, &v, problem))
 			return false;
 	}
 	return true;

@@ -17,6 +17,12 @@
  */
 #define DWH_MAX_KEY_LEN 128
 
+/*
+ * Longest dish category accepted, in bytes: the business key of a hub, in
+ * a unique index (whose entries must fit a third of a page).
+ */
+#define DWH_MAX_CATEGORY_LEN 1000
+
 /* Why a value was refused: a SQLSTATE and a sentence for dead letters. */
 typedef struct DwhProblem
 {

@@ -86,15 +86,20 @@ dwh_session_restores(void)
 void
 dwh_require_read_committed(void)
 {
-	if (IsolationUsesXactSnapshot())
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
-				 errmsg("cannot write the warehouse in a %s transaction",
-						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
-				 errdetail("dwh carries every write into DDS and the marts as they are once its locks are held, which a snapshot taken before would not show."),
-				 dwh_session_restores() ?
-				 errhint("This session restores a dump: restore with PGOPTIONS='-c default_transaction_isolation=read\\ committed', or without a default_transaction_isolation set for the database.") :
-				 errhint("Use a READ COMMITTED transaction (SET TRANSACTION ISOLATION LEVEL READ COMMITTED).")));
+	bool		restoring;
+
+	if (!IsolationUsesXactSnapshot())
+		return;
+	/* A restore gets its isolation from the database's settings. */
+	restoring = dwh_session_restores();
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+			 errmsg("cannot write the warehouse in a %s transaction",
+					IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
+			 errdetail("dwh carries every write into DDS and the marts as they are once its locks are held, which a snapshot taken before would not show."),
+			 restoring ?
+			 errhint("This session restores a dump: restore with PGOPTIONS='-c default_transaction_isolation=read\\ committed', or without a default_transaction_isolation set for the database.") :
+			 errhint("Use a READ COMMITTED transaction (SET TRANSACTION ISOLATION LEVEL READ COMMITTED).")));
 }
 
 PG_FUNCTION_INFO_V1(dwh_tags_restoring);

@@ -426,14 +426,17 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 		/*
 		 * The ingest has just checked these very bytes: once is enough.  A
 		 * restore brings back what the server dumped accepted, under its own
-		 * dwh.max_order_items.
+		 * dwh.max_order_items.  The limit is for what arrives: the history
+		 * takes the versions replaced as they were accepted, under the limit
+		 * of their day (a lower one since must not refuse the version that
+		 * replaces them).
 		 */
 		ok = (!isnull &&
 			  dwh_ingest_session_checked_order(DatumGetInt64(object_id),
 											   payload, &ts)) ||
 			dwh_order_payload_check(&payload->root,
-									dwh_session_restores() ? INT_MAX :
-									dwh_max_order_items,
+									(is_history || dwh_session_restores()) ?
+									INT_MAX : dwh_max_order_items,
 									&ts, &problem);
 	}
 	else if (strcmp(kind, "user") == 0)
