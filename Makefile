@@ -31,6 +31,7 @@ OBJS = \
 	src/dwh_status.o \
 	src/dwh_worker.o \
 	src/dwh_kafka_options.o \
+	src/dwh_kafka_hide.o \
 	src/dwh_kafka_consumer.o \
 	src/dwh_kafka_offsets.o \
 	src/dwh_kafka_verify.o \

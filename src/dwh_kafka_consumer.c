@@ -41,6 +41,7 @@
 
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_destroy.h"
+#include "dwh_kafka_hide.h"
 #include "dwh_kafka_options.h"
 #include "dwh_kafka_probe.h"
 #include "dwh_kafka_queue.h"
@@ -111,6 +112,16 @@ forget_rebalanced(DwhKafkaConsumer *c, const int32 *parts, int n)
 			c->delivered_next[parts[i]] = -1;
 			c->log_end[parts[i]] = -1;
 		}
+}
+
+/*
+ * A text of librdkafka about c, the values of the DBA's properties hidden
+ * (dwh_kafka_hide.c): valid until the next such text.
+ */
+static const char *
+client_text(DwhKafkaConsumer *c, const char *text)
+{
+	return dwh_kafka_hide_values(rd_kafka_conf(c->rk), text);
 }
 
 static void
@@ -209,9 +220,9 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 	c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof(errstr));
 	if (c->rk == NULL)
 	{
-		rd_kafka_conf_destroy(conf);
 		snprintf(error, error_size, "could not create the Kafka consumer: %s",
-				 errstr);
+				 dwh_kafka_hide_values(conf, errstr));
+		rd_kafka_conf_destroy(conf);
 		pfree(c);
 		MemoryContextSwitchTo(old);
 		return NULL;
@@ -222,7 +233,7 @@ dwh_kafka_consumer_create(int worker_index, char *error, size_t error_size)
 	c->queue = rd_kafka_queue_get_consumer(c->rk);
 
 	snprintf(c->client, sizeof(c->client), "consumer %d", worker_index);
-	dwh_kafka_queue_start(&c->events, c->queue, c->client);
+	dwh_kafka_queue_start(&c->events, c->rk, c->queue, c->client);
 
 	topics = rd_kafka_topic_partition_list_new(1);
 	rd_kafka_topic_partition_list_add(topics, c->topic, RD_KAFKA_PARTITION_UA);
@@ -392,7 +403,7 @@ out_of_range(DwhKafkaConsumer *c, rd_kafka_event_t *ev, DwhKafkaEvent *event)
 		event->low = low;
 		event->high = high;
 		snprintf(event->error, sizeof(event->error), "%s",
-				 rd_kafka_event_error_string(ev));
+				 client_text(c, rd_kafka_event_error_string(ev)));
 	}
 	rd_kafka_topic_partition_destroy(tp);
 	return true;
@@ -447,7 +458,7 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				{
 					event->kind = DWH_KAFKA_ERROR;
 					snprintf(event->error, sizeof(event->error), "%s",
-							 rd_kafka_message_errstr(msg));
+							 client_text(c, rd_kafka_message_errstr(msg)));
 					rd_kafka_event_destroy(ev);
 					return;
 				}
@@ -503,7 +514,7 @@ dwh_kafka_consumer_poll(DwhKafkaConsumer *c, DwhKafkaEvent *event)
 				event->broker_down =
 					dwh_kafka_error_is_broker_down(rd_kafka_event_error(ev));
 				snprintf(event->error, sizeof(event->error), "%s",
-						 rd_kafka_event_error_string(ev));
+						 client_text(c, rd_kafka_event_error_string(ev)));
 				rd_kafka_event_destroy(ev);
 				return;
 
@@ -724,7 +735,7 @@ dwh_kafka_consumer_assign(DwhKafkaConsumer *c, const int64 *offsets,
 			ereport(WARNING,
 					(errmsg("Kafka consumer %d could not add partitions",
 							c->worker_index),
-					 errdetail_internal("%s", rd_kafka_error_string(e))));
+					 errdetail_internal("%s", client_text(c, rd_kafka_error_string(e)))));
 			rd_kafka_error_destroy(e);
 		}
 		all = palloc(sizeof(int32) * (c->n_assigned + n + 1));
@@ -784,7 +795,7 @@ dwh_kafka_consumer_reassign(DwhKafkaConsumer *c, const int64 *offsets,
 			ereport(WARNING,
 					(errmsg("could not assign Kafka partitions %s again",
 							format_partitions(c->assigned, c->n_assigned)),
-					 errdetail_internal("%s", rd_kafka_error_string(e))));
+					 errdetail_internal("%s", client_text(c, rd_kafka_error_string(e)))));
 			rd_kafka_error_destroy(e);
 		}
 	}
@@ -920,7 +931,7 @@ dwh_kafka_consumer_revoke(DwhKafkaConsumer *c)
 			ereport(WARNING,
 					(errmsg("Kafka consumer %d could not give up partitions",
 							c->worker_index),
-					 errdetail_internal("%s", rd_kafka_error_string(e))));
+					 errdetail_internal("%s", client_text(c, rd_kafka_error_string(e)))));
 			rd_kafka_error_destroy(e);
 		}
 		for (i = 0; i < c->n_assigned; i++)
@@ -970,7 +981,7 @@ dwh_kafka_consumer_seek(DwhKafkaConsumer *c, int32 partition, int64 offset)
 		ereport(WARNING,
 				(errmsg("Kafka consumer %d could not move partition %d to offset " INT64_FORMAT,
 						c->worker_index, partition, offset),
-				 errdetail_internal("%s", rd_kafka_error_string(e))));
+				 errdetail_internal("%s", client_text(c, rd_kafka_error_string(e)))));
 		rd_kafka_error_destroy(e);
 	}
 	rd_kafka_topic_partition_list_destroy(list);

@@ -31,6 +31,7 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 
+#include "dwh_kafka_hide.h"
 #include "dwh_kafka_options.h"
 #include "dwh_secret_files.h"
 #include "dwh_secrets.h"
@@ -292,7 +293,10 @@ dwh_kafka_options_apply(rd_kafka_conf_t *conf, const char *spec,
 		return vouched_refusal(error);
 	}
 	for (i = 0; i < n; i++)
+	{
+		dwh_kafka_hide_property(options[i].name);
 		explicit_bzero(options[i].value, strlen(options[i].value));
+	}
 	return true;
 }
 
@@ -311,6 +315,7 @@ dwh_kafka_options_apply_settings(rd_kafka_conf_t *conf, char *error,
 	char	   *contents;
 	bool		ok;
 
+	dwh_kafka_hide_forget();
 	if (!dwh_kafka_options_apply(conf, dwh_kafka_options, "dwh.kafka_options",
 								 error, error_size))
 		return false;

@@ -34,6 +34,7 @@
 #include "utils/wait_event.h"
 
 #include "dwh_kafka_destroy.h"
+#include "dwh_kafka_hide.h"
 #include "dwh_kafka_options.h"
 #include "dwh_kafka_producer.h"
 #include "dwh_kafka_queue.h"
@@ -104,9 +105,9 @@ dwh_kafka_producer_create(const char *topic, char *error, size_t error_size)
 	p->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
 	if (p->rk == NULL)
 	{
-		rd_kafka_conf_destroy(conf);
 		snprintf(error, error_size, "could not create the Kafka producer: %s",
-				 errstr);
+				 dwh_kafka_hide_values(conf, errstr));
+		rd_kafka_conf_destroy(conf);
 		pfree(p->topic);
 		pfree(p);
 		MemoryContextSwitchTo(old);
@@ -117,7 +118,7 @@ dwh_kafka_producer_create(const char *topic, char *error, size_t error_size)
 	rd_kafka_set_log_queue(p->rk, NULL);
 	p->queue = rd_kafka_queue_get_main(p->rk);
 
-	dwh_kafka_queue_start(&p->events, p->queue, "tags producer");
+	dwh_kafka_queue_start(&p->events, p->rk, p->queue, "tags producer");
 
 	MemoryContextSwitchTo(old);
 	return p;
@@ -234,11 +235,12 @@ dwh_kafka_producer_serve(DwhKafkaProducer *p, DwhKafkaDelivered delivered,
 					report->fatal = true;
 					(void) rd_kafka_fatal_error(p->rk, reason, sizeof(reason));
 					snprintf(report->error_text, sizeof(report->error_text),
-							 "%s", reason);
+							 "%s", dwh_kafka_hide_values(rd_kafka_conf(p->rk), reason));
 				}
 				else
 					snprintf(report->error_text, sizeof(report->error_text),
-							 "%s", rd_kafka_event_error_string(ev));
+							 "%s", dwh_kafka_hide_values(rd_kafka_conf(p->rk),
+														 rd_kafka_event_error_string(ev)));
 				break;
 
 			case RD_KAFKA_EVENT_LOG:

@@ -24,6 +24,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "dwh_kafka_hide.h"
 #include "dwh_kafka_queue.h"
 
 /* The same log line is relayed once a minute at most. */
@@ -31,16 +32,18 @@
 
 /*
  * dwh_kafka_queue_start
- *		Serve queue (owned by the caller) through q; client names the
- *		client in the log ("consumer 1"), and must outlive q.
+ *		Serve queue, of the client rk (both owned by the caller), through q;
+ *		client names the client in the log ("consumer 1"), and must outlive
+ *		q.
  */
 void
-dwh_kafka_queue_start(DwhKafkaQueue *q, rd_kafka_queue_t *queue,
-					  const char *client)
+dwh_kafka_queue_start(DwhKafkaQueue *q, rd_kafka_t *rk,
+					  rd_kafka_queue_t *queue, const char *client)
 {
 	int			fds[2];
 
 	memset(q, 0, sizeof(DwhKafkaQueue));
+	q->rk = rk;
 	q->queue = queue;
 	q->client = client;
 	if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0)
@@ -106,7 +109,8 @@ dwh_kafka_queue_wait(DwhKafkaQueue *q, long timeout_ms)
  *		Relay the log line of a RD_KAFKA_EVENT_LOG event: our own message,
  *		librdkafka's text in the detail; warnings and worse at LOG, the
  *		rest at DEBUG1.  The same line again within a minute is dropped:
- *		while a broker is down librdkafka repeats itself.
+ *		while a broker is down librdkafka repeats itself.  The values of the
+ *		DBA's properties are hidden: a line may quote one.
  */
 void
 dwh_kafka_queue_relay_log(DwhKafkaQueue *q, rd_kafka_event_t *ev)
@@ -120,7 +124,8 @@ dwh_kafka_queue_relay_log(DwhKafkaQueue *q, rd_kafka_event_t *ev)
 	if (rd_kafka_event_log(ev, &fac, &text, &level) != 0)
 		return;
 	now = GetCurrentTimestamp();
-	snprintf(line, sizeof(line), "%s: %s", fac, text);
+	snprintf(line, sizeof(line), "%s: %s", fac,
+			 dwh_kafka_hide_values(rd_kafka_conf(q->rk), text));
 	if (strcmp(line, q->last_log) == 0 &&
 		!TimestampDifferenceExceeds(q->last_log_at, now, LOG_REPEAT_MS))
 		return;

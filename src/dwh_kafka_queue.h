@@ -16,7 +16,8 @@
 
 typedef struct DwhKafkaQueue
 {
-	rd_kafka_queue_t *queue;	/* the client's queue, served by the worker */
+	rd_kafka_t *rk;				/* the client */
+	rd_kafka_queue_t *queue;	/* its queue, served by the worker */
 	const char *client;			/* "consumer 1", for the log */
 	int			pipe_read;		/* written to by librdkafka: not empty */
 	int			pipe_write;
@@ -25,8 +26,8 @@ typedef struct DwhKafkaQueue
 	TimestampTz last_log_at;
 } DwhKafkaQueue;
 
-extern void dwh_kafka_queue_start(DwhKafkaQueue *q, rd_kafka_queue_t *queue,
-								  const char *client);
+extern void dwh_kafka_queue_start(DwhKafkaQueue *q, rd_kafka_t *rk,
+								  rd_kafka_queue_t *queue, const char *client);
 extern void dwh_kafka_queue_mute(DwhKafkaQueue *q);
 extern void dwh_kafka_queue_stop(DwhKafkaQueue *q);
 extern void dwh_kafka_queue_wait(DwhKafkaQueue *q, long timeout_ms);

@@ -248,6 +248,28 @@ wait_kafka(qr/^(consuming|waiting for the broker)/,
 wait_kafka(qr/^(producing tag events to topic "user-tags"|waiting for the broker) \| /,
 	'and the tags worker produces (and waits for the broker)', 'tags');
 
+# librdkafka quotes values in its own errors ("Unsupported SASL mechanism:
+# X", the path of a key store it cannot open): dwh shows them with each
+# value of the DBA's properties replaced by the property's name.
+my $mechanism_secret = random_secret();
+my $keystore_secret = random_secret();
+write_secret_file($kafka_file, "sasl.mechanisms=$mechanism_secret\n", 0600);
+$node->reload;
+foreach my $worker ('kafka 1', 'tags')
+{
+	wait_kafka(
+		qr/could not create the Kafka (consumer|producer): Unsupported SASL mechanism: \(the value of sasl\.mechanisms\)$/,
+		"$worker: librdkafka's refusal of the file's value, the value hidden",
+		$worker);
+}
+write_secret_file($kafka_file, "security.protocol=SSL\n", 0600);
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.kafka_options = 'ssl.keystore.location=$dir/$keystore_secret ssl.keystore.password=x'; SELECT pg_reload_conf()"
+);
+wait_kafka(
+	qr/could not create the Kafka consumer: Failed to open ssl\.keystore\.location: \(the value of ssl\.keystore\.location\)/,
+	"librdkafka's refusal of the setting's key store, its path hidden");
+
 # The file comes after dwh.kafka_options: its PLAINTEXT wins over their SSL.
 my $mock = start_mock_cluster(brokers => 1, partitions => 1);
 write_secret_file($kafka_file, "security.protocol=PLAINTEXT\n", 0600);
@@ -273,10 +295,11 @@ stop_mock_cluster($mock);
 my $log = slurp_file($node->logfile);
 like($log, qr/connected to Redis at redis:\/\/:\*\*\*\@127\.0\.0\.1/,
 	'the log names Redis by its redacted URL');
-foreach my $secret ($redis_password, $kafka_password, $bad_url_password)
+foreach my $secret ($redis_password, $kafka_password, $bad_url_password,
+	$mechanism_secret, $keystore_secret)
 {
 	my @hits = grep { index($_, $secret) >= 0 } split /\n/, $log;
-	ok(!@hits, 'the log holds no password of the files') or diag(join("\n", @hits));
+	ok(!@hits, 'the log holds no password or value of the files and settings') or diag(join("\n", @hits));
 }
 # The workers' own lines (log_line_prefix names them) and the states they
 # showed in dwh.status.
@@ -285,5 +308,9 @@ my @paths = grep { index($_, $dir) >= 0 && /\] dwh (kafka|redis) worker/ }
 push @paths, grep { index($_, $dir) >= 0 } @statuses;
 ok(!@paths, 'no message of the workers quotes the path of a file')
   or diag(join("\n", @paths));
+my @values = grep { index($_, $mechanism_secret) >= 0 || index($_, $keystore_secret) >= 0 }
+  @statuses;
+ok(!@values, 'no state dwh.status showed quotes a value librdkafka quoted')
+  or diag(join("\n", @values));
 
 done_testing();
