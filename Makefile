@@ -18,6 +18,7 @@ OBJS = \
 	src/dwh_references.o \
 	src/dwh_replan.o \
 	src/dwh_session_mode.o \
+	src/dwh_trust.o \
 	src/dwh_order_keys.o \
 	src/dwh_columns.o \
 	src/dwh_dead_letter.o \

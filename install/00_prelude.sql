@@ -15,10 +15,14 @@ $$;
 
 -- The definer functions live in schema dwh and call each other by name:
 -- whoever owns the schema could rename it and put functions of their own
--- in their place.  It must belong to a superuser.
+-- in their place, and whoever may create objects in it could add an
+-- overload that a call resolves to.  It must belong to a superuser, and
+-- only superusers may create objects in it (src/dwh_trust.c checks the
+-- same of all four schemas before the workers' and ingest's every batch).
 DO $$
 DECLARE
     owner name;
+    creator text;
 BEGIN
     SELECT r.rolname INTO owner
     FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
@@ -28,6 +32,21 @@ BEGIN
             USING ERRCODE = '42501',
                   DETAIL = 'The extension''s functions run as a superuser and live in this schema; its owner could replace them.',
                   HINT = 'Drop the schema, or give it to a superuser (ALTER SCHEMA dwh OWNER TO a superuser), then run CREATE EXTENSION dwh again.';
+    END IF;
+    SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(r.rolname) END
+    INTO creator
+    FROM pg_catalog.pg_namespace n,
+         LATERAL pg_catalog.aclexplode(n.nspacl) a
+         LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+    WHERE n.nspname = 'dwh' AND a.privilege_type = 'CREATE'
+      AND (a.grantee = 0 OR NOT r.rolsuper)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '% may create objects in schema dwh, and is not a superuser',
+            CASE creator WHEN 'PUBLIC' THEN creator ELSE 'role ' || creator END
+            USING ERRCODE = '42501',
+                  DETAIL = 'The extension''s functions run as a superuser and call one another by name; a role that may create objects in their schema could add functions that the calls resolve to.',
+                  HINT = pg_catalog.format('Run REVOKE CREATE ON SCHEMA dwh FROM %s, then CREATE EXTENSION dwh again.', creator);
     END IF;
 END
 $$;

@@ -58,13 +58,28 @@ dwh_kafka_hide_forget(void)
 }
 
 /*
+ * Properties whose value librdkafka takes only from a few words, none of
+ * them a secret, and names in its texts (SASL_SSL://host:9092/1).
+ */
+static const char *const word_properties[] = {
+	"security.protocol",
+	NULL
+};
+
+/*
  * dwh_kafka_hide_property
  *		The DBA set this property: hide its value from now on.
  */
 void
 dwh_kafka_hide_property(const char *name)
 {
-	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	MemoryContext old;
+	int			i;
+
+	for (i = 0; word_properties[i] != NULL; i++)
+		if (strcmp(name, word_properties[i]) == 0)
+			return;
+	old = MemoryContextSwitchTo(TopMemoryContext);
 
 	dba_properties = lappend(dba_properties, pstrdup(name));
 	MemoryContextSwitchTo(old);

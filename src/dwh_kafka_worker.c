@@ -60,6 +60,7 @@
 #include "dwh_secret_files.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
+#include "dwh_trust.h"
 #include "dwh_worker.h"
 
 #define WATERMARK_INTERVAL_MS	1000
@@ -759,6 +760,7 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "dwh: applying a Kafka batch");
+	dwh_require_safe_schemas();
 
 	/* Lock the partitions' rows, then keep only what is not applied yet. */
 	dwh_kafka_offsets_lock(topic, parts, n_parts, stored, seek, stopped);

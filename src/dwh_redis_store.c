@@ -56,6 +56,7 @@
 #include "dwh_message.h"
 #include "dwh_redis_store.h"
 #include "dwh_spi.h"
+#include "dwh_trust.h"
 
 static const char *const kind_names[] = {"unknown", "user", "restaurant"};
 static const char *const state_names[] = {"new", "mirrored", "missing", "refused"};
@@ -142,6 +143,7 @@ begin_work(const char *activity)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	pgstat_report_activity(STATE_RUNNING, activity);
+	dwh_require_safe_schemas();
 }
 
 static void

@@ -52,6 +52,7 @@
 #include "dwh_settings.h"
 #include "dwh_status.h"
 #include "dwh_tag_feed.h"
+#include "dwh_trust.h"
 #include "dwh_worker.h"
 
 /* Events taken from the outbox and produced at a time. */
@@ -221,6 +222,7 @@ expiry_pass(void)
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "dwh: expiring user tags");
+	dwh_require_safe_schemas();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute("SELECT EXISTS (SELECT FROM dwh.tag_rules r"
@@ -397,6 +399,7 @@ take_and_produce(void)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	dwh_require_safe_schemas();
 	MemoryContextSwitchTo(flight.context);
 	n = dwh_tag_feed_take(FEED_BATCH, &events);
 	if (n < FEED_BATCH)

@@ -53,10 +53,12 @@
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
 #include "dwh_settings.h"
+#include "dwh_trust.h"
 #include "dwh_version.h"
 #include "dwh_worker.h"
 
@@ -420,12 +422,38 @@ dwh_worker_start(DwhWorkerKind kind, int index)
 }
 
 /*
+ * What makes one of dwh's schemas unsafe (dwh_trust.c), or NULL, in a
+ * transaction of its own; the result and *fix in the caller's memory
+ * context.
+ */
+static char *
+schemas_unsafe(char **fix)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	char	   *unsafe;
+
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	unsafe = dwh_schemas_unsafe(fix);
+	if (unsafe != NULL)
+	{
+		unsafe = MemoryContextStrdup(caller, unsafe);
+		*fix = MemoryContextStrdup(caller, *fix);
+	}
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
+	return unsafe;
+}
+
+/*
  * dwh_worker_ready
  *		Can the worker work on this database?  Not on a standby, not before
  *		extension dwh is created with the worker's tables (tables_present,
  *		which runs its catalog lookups in a transaction of its own), not
  *		while the extension is at another version than the library (after a
- *		package upgrade, until ALTER EXTENSION dwh UPDATE).  Publishes why
+ *		package upgrade, until ALTER EXTENSION dwh UPDATE), not while a role
+ *		other than a superuser may change what its schemas hold.  Publishes why
  *		not, and logs each new reason once.  The caller's memory context is
  *		current again on return (a commit leaves TopMemoryContext current).
  */
@@ -435,6 +463,8 @@ dwh_worker_ready(bool (*tables_present) (void))
 	MemoryContext caller = CurrentMemoryContext;
 	bool		ready = false;
 	char	   *mismatch;
+	char	   *unsafe;
+	char	   *fix;
 
 	if (RecoveryInProgress())
 		dwh_worker_set_state_logged("waiting: the server is a standby", NULL);
@@ -448,6 +478,8 @@ dwh_worker_ready(bool (*tables_present) (void))
 	else if ((mismatch = dwh_schema_mismatch()) != NULL)
 		dwh_worker_set_state_logged(dwh_schema_wait_state(mismatch),
 									dwh_schema_wait_hint(connected_database));
+	else if ((unsafe = schemas_unsafe(&fix)) != NULL)
+		dwh_worker_set_state_logged(psprintf("waiting: %s", unsafe), fix);
 	else
 		ready = true;
 	MemoryContextSwitchTo(caller);
