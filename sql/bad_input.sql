@@ -411,7 +411,7 @@ SELECT dwh.ingest_orders(ARRAY[convert_to(t.order_msg(45, 'u30', 'CLOSED', '2023
                                                       t.items('d8:Самса')), 'UTF8')],
                          '', ARRAY[0], ARRAY[1::bigint]);
 SELECT dwh.kafka_seek(0, 0, 'my topic');
--- A message's partition and offset come together, neither negative...
+-- A message's partition and offset come together, neither negative.
 SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
                         'orders', 0, NULL);
 SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
@@ -419,12 +419,6 @@ SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', 
 SELECT dwh.ingest_orders(ARRAY[convert_to(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00',
                                                       t.items('d8:Самса')), 'UTF8')],
                          'orders', ARRAY[0], NULL);
--- ... and in a topic: a position without one would be kept by nothing.
-SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
-                        NULL, 3, 42);
-SELECT dwh.ingest_orders(ARRAY[convert_to(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00',
-                                                      t.items('d8:Самса')), 'UTF8')],
-                         NULL, ARRAY[3], ARRAY[42::bigint]);
 SELECT dwh.ingest_order(t.order_msg(45, 'u30', 'CLOSED', '2023-04-22 10:00:00', t.items('d8:Самса')),
                         repeat('t', 249), 0, 1);
 SELECT count(*) AS orders_45 FROM stg.order_events WHERE object_id = 45;

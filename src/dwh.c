@@ -45,6 +45,25 @@ dwh_shmem_startup(void)
 }
 
 /*
+ * Loaded by a session, not preloaded: the secret settings are PostgreSQL's
+ * placeholders in every process that has not loaded dwh (the postmaster
+ * included), where any role can read them and a reload logs them.  Say so
+ * while they hold a value.
+ */
+static void
+warn_unprotected_secrets(void)
+{
+	if ((dwh_redis_url == NULL || dwh_redis_url[0] == '\0') &&
+		(dwh_kafka_options == NULL || dwh_kafka_options[0] == '\0'))
+		return;
+	ereport(WARNING,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("dwh is not in shared_preload_libraries: its secret settings are not protected"),
+			 errdetail("dwh.redis_url or dwh.kafka_options holds a value, which any role can read in a session that has not loaded dwh, and which a reload logs."),
+			 errhint("Add dwh to shared_preload_libraries and restart the server, or keep the secrets in the files named by dwh.redis_url_file and dwh.kafka_options_file.")));
+}
+
+/*
  * _PG_init
  *		Define the settings; when preloaded, also reserve the shared status
  *		and register the background workers.  No library thread and no
@@ -57,7 +76,10 @@ _PG_init(void)
 	dwh_secrets_install_hooks();
 
 	if (!process_shared_preload_libraries_in_progress)
+	{
+		warn_unprotected_secrets();
 		return;
+	}
 
 	previous_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = dwh_shmem_request;

@@ -39,19 +39,12 @@ item_coordinates(DwhIngestItem *item, bool has_partition, int32 partition,
 
 /*
  * A position a SQL caller names: a partition and an offset, both or
- * neither, neither negative, and the topic they are in.  (Dead letters
- * handed back keep theirs.)
+ * neither, neither negative.  (Dead letters handed back keep theirs.)
  */
 static void
-check_position(bool has_topic, bool has_partition, int32 partition,
-			   bool has_offset, int64 offset, int message)
+check_position(bool has_partition, int32 partition, bool has_offset,
+			   int64 offset, int message)
 {
-	if (has_partition && has_offset && !has_topic)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("message %d has a Kafka position without its topic", message),
-				 errdetail("A position is kept, and a message replayed at it recognised, by topic, partition and offset."),
-				 errhint("Name the Kafka topic the messages were read from.")));
 	if (has_partition != has_offset)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -136,8 +129,7 @@ dwh_ingest_order(PG_FUNCTION_ARGS)
 {
 	if (!PG_ARGISNULL(1))
 		dwh_require_topic_name(text_to_cstring(PG_GETARG_TEXT_PP(1)));
-	check_position(!PG_ARGISNULL(1),
-				   !PG_ARGISNULL(2), PG_ARGISNULL(2) ? 0 : PG_GETARG_INT32(2),
+	check_position(!PG_ARGISNULL(2), PG_ARGISNULL(2) ? 0 : PG_GETARG_INT32(2),
 				   !PG_ARGISNULL(3), PG_ARGISNULL(3) ? 0 : PG_GETARG_INT64(3), 1);
 	PG_RETURN_TEXT_P(ingest_one(fcinfo, "sql", 1));
 }
@@ -264,8 +256,7 @@ dwh_ingest_orders(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("message %d of the batch is null", i + 1),
 					 errhint("A Kafka message without a value carries nothing to ingest; leave it out of the batch.")));
-		check_position(topic != NULL,
-					   partitions != NULL && !partition_nulls[i],
+		check_position(partitions != NULL && !partition_nulls[i],
 					   partitions != NULL ? DatumGetInt32(partitions[i]) : 0,
 					   offsets != NULL && !offset_nulls[i],
 					   offsets != NULL ? DatumGetInt64(offsets[i]) : 0, i + 1);

@@ -4468,3 +4468,50 @@ $update$;
 -- key.
 CREATE UNIQUE INDEX s_product_names_order_naming_idx ON dds.s_product_names (h_product_pk)
     WHERE load_src = 'stg.order_events';
+
+-- A dump of 1.1 holds no rows of DDS or the marts; one taken under 1.0
+-- does (1.0 dumped every table).  Restored into 1.1, those rows came
+-- before STG's, whose triggers then took every order for known: the marts
+-- 1.1 added stayed empty and dwh.verify() found differences, with
+-- pg_restore's exit status 0.  A restore's own writes of these tables
+-- (depth 0: the STG triggers' writes are deeper) are refused, loudly; STG
+-- restored after them rebuilds them whole.
+CREATE FUNCTION dwh.refuse_restored_derived_rows() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF dwh.tags_restoring() THEN
+        RAISE EXCEPTION 'rows of %.% are not restored: they are recomputed from STG',
+            TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = '55000',
+                  DETAIL = 'A dump of dwh 1.1 holds no rows of DDS or the marts; this one was taken under dwh 1.0, which dumped them. STG''s triggers recompute them as STG is restored.',
+                  HINT = 'Let pg_restore go on (without --exit-on-error or --single-transaction) and check with dwh.verify() once it ends; or restore into 1.0, then update: CREATE EXTENSION dwh VERSION ''1.0''; pg_restore --data-only; ALTER EXTENSION dwh UPDATE.';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.refuse_restored_derived_rows() IS
+    'BEFORE INSERT statement trigger of DDS and the marts: refuses the rows a restore writes itself (a dump of dwh 1.0), which STG''s triggers recompute';
+REVOKE ALL ON FUNCTION dwh.refuse_restored_derived_rows() FROM PUBLIC;
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY[
+        'dds.h_user', 'dds.h_product', 'dds.h_category', 'dds.h_restaurant',
+        'dds.h_order', 'dds.l_order_user', 'dds.l_order_product',
+        'dds.l_product_restaurant', 'dds.l_product_category',
+        'dds.s_user_names', 'dds.s_product_names', 'dds.product_namings',
+        'dds.s_restaurant_names', 'dds.s_order_cost', 'dds.s_order_status',
+        'cdm.user_product_counters', 'cdm.user_category_counters',
+        'cdm.user_order_counters']
+    LOOP
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I BEFORE INSERT ON %s FOR EACH STATEMENT'
+            ' WHEN (pg_catalog.pg_trigger_depth() = 0)'
+            ' EXECUTE FUNCTION dwh.refuse_restored_derived_rows()',
+            pg_catalog.split_part(t, '.', 2) || '_not_restored', t);
+    END LOOP;
+END
+$$;

@@ -2,7 +2,8 @@
 # every SQL entry point work (it used to end the session with "FATAL:
 # cannot create PGC_POSTMASTER variables after startup"), the workers are
 # absent, and dwh.status says why and what to do; the exporter's query of
-# the workers reports one worker, none, down.  Then preloaded with too few
+# the workers reports one worker, none, down; a session that loads dwh
+# warns while a secret setting, then unprotected, holds a value.  Then preloaded with too few
 # background worker slots: the workers left out are named in the log and
 # in dwh.status, and reported down.
 
@@ -43,6 +44,28 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty');
 is($node->safe_psql('postgres', q{LOAD 'dwh'; SHOW dwh.kafka_consumers}), '1',
 	'once loaded, dwh.kafka_consumers is defined (and read by nothing)');
+
+# Without the preload, the secret settings are PostgreSQL's placeholders
+# in every process that has not loaded dwh: readable by any role, logged
+# on reload.  A session that loads dwh says so while one holds a value,
+# without quoting it.
+$node->safe_psql('postgres',
+	q{LOAD 'dwh'; ALTER SYSTEM SET dwh.redis_url = 'redis://:Pw7341@127.0.0.1:1'; SELECT pg_reload_conf()});
+ok($node->poll_query_until('postgres', q{SELECT current_setting('dwh.redis_url') <> ''}),
+	'dwh.redis_url holds a value');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT dwh.hash_key('u1') IS NOT NULL});
+is($out, 't', 'dwh loads');
+like($err,
+	qr/WARNING:  dwh is not in shared_preload_libraries: its secret settings are not protected/,
+	'and warns that its secret settings are not protected');
+like($err, qr/HINT:  Add dwh to shared_preload_libraries and restart the server, or keep the secrets in the files/,
+	'saying what to do');
+unlike($err, qr/Pw7341/, 'without quoting the value');
+$node->safe_psql('postgres', q{LOAD 'dwh'; ALTER SYSTEM RESET dwh.redis_url; SELECT pg_reload_conf()});
+ok($node->poll_query_until('postgres', q{SELECT current_setting('dwh.redis_url') = ''}),
+	'dwh.redis_url is empty again');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT dwh.hash_key('u1') IS NOT NULL});
+is($err, '', 'without a secret set, no warning');
 
 # The exporter's query of the workers (monitoring/queries.yaml) reports
 # one worker "none", down, which DwhWorkerAbsent takes up
