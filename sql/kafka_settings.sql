@@ -15,6 +15,10 @@ SHOW dwh.kafka_prefetch_memory;
 SHOW dwh.kafka_start_offset;
 SHOW dwh.kafka_on_gap;
 
+-- The workers' database: a name, not truncated.
+ALTER SYSTEM SET dwh.database = '';
+ALTER SYSTEM SET dwh.database = 'a_name_of_sixty_four_bytes_is_one_more_than_postgresql_keeps_xyz';
+
 -- Options: librdkafka checks each property; dwh's own are refused with a hint.
 ALTER SYSTEM SET dwh.kafka_options = 'bootstrap.servers=localhost:9092';
 ALTER SYSTEM SET dwh.kafka_options = 'enable.auto.commit=true';

@@ -189,6 +189,26 @@ define_kafka_settings(void)
 							 NULL, NULL, NULL);
 }
 
+/*
+ * Check hook of dwh.database: a database name, which PostgreSQL would
+ * otherwise truncate to its first NAMEDATALEN - 1 bytes.
+ */
+static bool
+database_check(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+	{
+		GUC_check_errdetail("The workers need a database to serve.");
+		return false;
+	}
+	if (strlen(*newval) >= NAMEDATALEN)
+	{
+		GUC_check_errdetail("A database name has at most %d bytes.", NAMEDATALEN - 1);
+		return false;
+	}
+	return true;
+}
+
 /* Check hook of dwh.tags_topic: empty (no feed), or a Kafka topic name. */
 static bool
 tags_topic_check(char **newval, void **extra, GucSource source)
@@ -325,7 +345,7 @@ dwh_settings_define(void)
 							   "postgres",
 							   PGC_SIGHUP,
 							   0,
-							   NULL, NULL, NULL);
+							   database_check, NULL, NULL);
 
 	DefineCustomIntVariable("dwh.max_message_size",
 							"Largest message value accepted for ingestion; larger ones are dead-lettered.",
