@@ -3,8 +3,9 @@
 # nothing lost); an error that is not about a message (a lock held on the
 # offsets table) is retried with backoff and never skips data; SIGTERM
 # stops a worker within 2 s, also while the broker is down; the workers
-# wait while the extension is dropped, and resume once it is back.  (A
-# standby: 037_standby.pl.)
+# wait while the extension is dropped, and resume once it is back; a
+# record without a value is a dead letter at its position.  (A standby:
+# 037_standby.pl.)
 
 use strict;
 use warnings;
@@ -91,6 +92,35 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.dead_letters'),
 	$a->{malformed} + $b->{malformed},
 	'no message dead-lettered for a lock timeout');
 check_consistent($node, 'after the lock timeouts');
+
+# A record without a value (a tombstone, as a compacted topic keeps them,
+# or a producer's mistake) carries no order: it is a dead letter at its
+# position (22032, "value is empty", no raw bytes), and the orders around
+# it are applied.  kcat -Z sends an empty value after a key as null.
+my $tombstone = "$tmp/tombstone.txt";
+my $tomb_order = sub {
+	my ($id) = @_;
+	return qq({"object_id": $id, "object_type": "order", "sent_dttm": "2023-06-01 10:00:00", "payload": {"restaurant": {"id": "r1"}, "date": "2023-06-01 10:00:00", "user": {"id": "u1"}, "order_items": [{"id": "d1", "name": "Плов", "price": 100, "quantity": 1}], "bonus_payment": 0, "cost": 100, "payment": 100, "bonus_grant": 0, "statuses": [], "final_status": "CLOSED", "update_ts": "2023-06-01 10:00:00"}});
+};
+append_to_file($tombstone,
+	"k1|" . $tomb_order->(9000001) . "\nk2|\nk3|" . $tomb_order->(9000002) . "\n");
+my $p0_before = $node->safe_psql('postgres',
+	"SELECT coalesce(max(next_offset), 0) FROM dwh.kafka_offsets WHERE kafka_partition = 0");
+system('kcat', '-P', '-q', '-Z', '-K', '|', '-b', $broker->{bootstrap},
+	'-t', $broker->{topic}, '-p', '0', '-l', $tombstone) == 0
+  or die 'kcat could not produce the tombstone';
+ok( wait_for(
+		$node,
+		"SELECT count(*) = 2 FROM stg.order_events WHERE object_id IN (9000001, 9000002)"),
+	'the orders around a record without a value are applied');
+is( $node->safe_psql(
+		'postgres',
+		"SELECT concat_ws(' | ', sqlstate, reason, coalesce(raw_length::text, 'null'),
+		                  coalesce(length(raw)::text, 'null'), kafka_offset - $p0_before)
+		 FROM dwh.dead_letters WHERE kafka_partition = 0 AND kafka_offset >= $p0_before"),
+	'22032 | value is empty | 0 | 0 | 1',
+	'the record without a value is a dead letter at its position');
+check_consistent($node, 'after the record without a value');
 
 # SIGTERM: the worker exits promptly (the postmaster starts a new one).
 my $pid = $node->safe_psql('postgres',
