@@ -61,6 +61,16 @@ is($node->safe_psql('postgres',
 ok(wait_for($node,
 		'SELECT count(*) = 4 AND bool_and(lag = 0 AND stored_offset = high_watermark) FROM dwh.kafka_partitions'),
 	'no lag on any partition');
+# The watermarks are as last seen by the workers, who look again while
+# idle: watermark_at is recent, and moves on.
+my $seen_at = $node->safe_psql('postgres',
+	"SELECT max(watermark_at) FROM dwh.kafka_partitions
+	 WHERE watermark_at > now() - interval '1 minute' AND watermark_at <= now()
+	 HAVING count(*) = 4");
+isnt($seen_at, '', 'each partition\'s watermarks were seen within the last minute (watermark_at)');
+ok(wait_for($node,
+		"SELECT bool_and(watermark_at > '$seen_at') FROM dwh.kafka_partitions"),
+	'and are seen again while the workers idle');
 is( $node->safe_psql('postgres',
 		'SELECT sum(messages), sum(dead_letters) FROM dwh.status'),
 	$manifest->{messages} . '|' . $manifest->{malformed},
