@@ -109,9 +109,10 @@ write_secret_file($redis_file,
 $node->reload;
 wait_redis(qr/refused the password/,
 	'on reload the worker reads the file again (a wrong password now)');
-write_secret_file($redis_file, $redis->url . "\n", 0600);
+# Trailing white space (spaces, tabs, blank lines) is ignored.
+write_secret_file($redis_file, $redis->url . " \t\n\n  \n", 0600);
 $node->reload;
-wait_redis(qr/^mirroring/, 'and the right one again');
+wait_redis(qr/^mirroring/, 'and the right one again, trailing white space ignored');
 
 # dwh.redis_url and the file together are refused.
 $node->safe_psql('postgres',
