@@ -34,6 +34,9 @@
  */
 #define DWH_DICTIONARY_LOCK_KEY INT64CONST(7238964021746305793)
 
+/* The tag lock (install/77_tags.sql, dwh.tag_lock_key()). */
+#define DWH_TAG_LOCK_KEY INT64CONST(3482019573612840177)
+
 /* The fourth field of dwh's lock tags: not 1 or 2, the SQL functions'. */
 #define DWH_LOCK_KIND 3
 
@@ -69,14 +72,38 @@ PG_FUNCTION_INFO_V1(dwh_xact_lock);
  * Take dwh's lock of that key until the transaction ends, exclusive or
  * shared, waiting for it as pg_advisory_xact_lock() does (lock_timeout,
  * deadlock detection).
+ *
+ * A transaction that holds the tag lock shared does not wait to take it
+ * exclusive: its batches (orders, menus, users) took it shared, then their
+ * rows; a rule change (or dwh.expire_tags(), dwh.rebuild()) after them
+ * would wait for another session's batch that holds it shared and may wait
+ * for those rows.  The lock order puts the exclusive tag lock first: such a
+ * transaction gets it only if no other session holds it, else it is
+ * refused at once, rather than one of the two being ended by the deadlock
+ * detector (a script that loads and defines rules alone still runs).  (The
+ * dictionary lock is upgraded by design: a batch that finds it renames a
+ * dish takes it exclusive, README "Concurrency".)
  */
 Datum
 dwh_xact_lock(PG_FUNCTION_ARGS)
 {
 	LOCKTAG		tag;
+	int64		key = PG_GETARG_INT64(0);
+	bool		exclusive = PG_GETARG_BOOL(1);
 
-	dwh_locktag(&tag, PG_GETARG_INT64(0));
-	(void) LockAcquire(&tag, PG_GETARG_BOOL(1) ? ExclusiveLock : ShareLock,
+	dwh_locktag(&tag, key);
+	if (exclusive && key == DWH_TAG_LOCK_KEY &&
+		LockHeldByMe(&tag, ShareLock) && !LockHeldByMe(&tag, ExclusiveLock))
+	{
+		if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
+			ereport(ERROR,
+					(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+					 errmsg("could not take the tag lock exclusive: another session's batch holds it"),
+					 errdetail("This transaction wrote orders, menus or users before changing tag rules, expiring tags or rebuilding; waiting now could deadlock with that batch."),
+					 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
+		PG_RETURN_VOID();
+	}
+	(void) LockAcquire(&tag, exclusive ? ExclusiveLock : ShareLock,
 					   false, false);
 	PG_RETURN_VOID();
 }
