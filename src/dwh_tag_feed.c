@@ -39,12 +39,11 @@
 /*
  * The outbox's oldest rows with their events.  The key is the user's
  * business id (dds.h_user.user_id), so that a user's events share a
- * partition; "at" is written in UTC whatever the worker's TimeZone.  An
- * event that no longer exists (a DBA deleted it) has no value: its row is
- * dropped.
+ * partition; "at" is written in UTC whatever the worker's TimeZone.  A
+ * row whose event, or the event's user, cannot be read yet is not ready.
  */
 #define TAKE_SQL \
-	"SELECT o.event_id, e.id IS NOT NULL," \
+	"SELECT o.event_id, e.id IS NOT NULL AND u.user_id IS NOT NULL," \
 	"       COALESCE(u.user_id::pg_catalog.text, e.user_id::pg_catalog.text)," \
 	"       pg_catalog.json_build_object(" \
 	"           'id', e.id, 'user', u.user_id, 'tag', e.tag, 'value', e.value," \
@@ -97,19 +96,26 @@ dwh_tag_feed_tables_present(void)
  * dwh_tag_feed_take
  *		The oldest limit events of the outbox, in id order (which is commit
  *		order for each user and tag), copied into the caller's memory
- *		context.  Rows whose event is gone are deleted.  Returns how many
- *		events *events holds.
+ *		context.  Returns how many events *events holds.
+ *
+ * They stop before the first row whose event (or the event's user in
+ * dds.h_user) cannot be read, whose id is then *not_ready (else -1): a
+ * parallel restore commits the outbox before the events, and rebuilds DDS
+ * from STG, so a row may come before what it names.  Such a row holds the
+ * feed back until it can be read: a row dropped then would be an event
+ * never produced.  (One whose event a DBA deleted holds it back until the
+ * row is deleted too; dwh.status says which.)
  */
 int
-dwh_tag_feed_take(int limit, DwhTagEvent **events)
+dwh_tag_feed_take(int limit, DwhTagEvent **events, int64 *not_ready)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	Oid			types[1] = {INT4OID};
 	Datum		args[1];
-	int64	   *gone;
-	int			n_gone = 0;
 	int			n = 0;
 	uint64		i;
+
+	*not_ready = -1;
 
 	connect_spi();
 	args[0] = Int32GetDatum(limit);
@@ -117,7 +123,6 @@ dwh_tag_feed_take(int limit, DwhTagEvent **events)
 		elog(ERROR, "could not read dwh.tag_outbox");
 
 	*events = MemoryContextAlloc(caller, sizeof(DwhTagEvent) * Max(SPI_processed, 1));
-	gone = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	for (i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[i];
@@ -129,8 +134,8 @@ dwh_tag_feed_take(int limit, DwhTagEvent **events)
 
 		if (!DatumGetBool(SPI_getbinval(tuple, desc, 2, &isnull)))
 		{
-			gone[n_gone++] = id;
-			continue;
+			*not_ready = id;
+			break;
 		}
 		e = &(*events)[n++];
 		e->id = id;
@@ -146,14 +151,6 @@ dwh_tag_feed_take(int limit, DwhTagEvent **events)
 		e->value[e->value_len] = '\0';
 	}
 	SPI_finish();
-
-	if (n_gone > 0)
-	{
-		dwh_tag_feed_forget(gone, n_gone);
-		ereport(LOG,
-				(errmsg("%d queued tag events no longer exist in cdm.user_tag_events and were not produced",
-						n_gone)));
-	}
 	return n;
 }
 

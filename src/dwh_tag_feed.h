@@ -20,7 +20,8 @@ typedef struct DwhTagEvent
 } DwhTagEvent;
 
 extern bool dwh_tag_feed_tables_present(void);
-extern int	dwh_tag_feed_take(int limit, DwhTagEvent **events);
+extern int	dwh_tag_feed_take(int limit, DwhTagEvent **events,
+							  int64 *not_ready);
 extern void dwh_tag_feed_forget(const int64 *ids, int n);
 extern int64 dwh_tag_feed_count(void);
 

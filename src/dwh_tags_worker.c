@@ -383,6 +383,26 @@ finish_flight(void)
 }
 
 /*
+ * The outbox's next row names an event that cannot be read yet: say so,
+ * once.  The feed looks again at its next look.
+ */
+static void
+feed_held_back(int64 event_id)
+{
+	char	   *error = psprintf("queued tag event " INT64_FORMAT " cannot be read in cdm.user_tag_events and dds.h_user yet: the feed waits for it",
+								 event_id);
+
+	dwh_status_set_error(slot, "%s", error);
+	if (dwh_worker_note_logged(error))
+		ereport(LOG,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("%s", error),
+				 errdetail("A restore may not have committed the event, or its user, yet; the events after it wait so that each user's stay in order."),
+				 errhint("If the event was deleted on purpose, delete its row from dwh.tag_outbox: DELETE FROM dwh.tag_outbox WHERE event_id = " INT64_FORMAT ";",
+						 event_id)));
+}
+
+/*
  * Take the oldest events of the outbox (a short transaction) and produce
  * them.  The outbox is counted when the batch is full, at most every few
  * seconds: it is what dwh.status shows as pending.
@@ -392,6 +412,7 @@ take_and_produce(void)
 {
 	DwhTagEvent *events;
 	TimestampTz now = GetCurrentTimestamp();
+	int64		not_ready;
 	int			n;
 	int			i;
 
@@ -401,8 +422,8 @@ take_and_produce(void)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	dwh_require_safe_schemas();
 	MemoryContextSwitchTo(flight.context);
-	n = dwh_tag_feed_take(FEED_BATCH, &events);
-	if (n < FEED_BATCH)
+	n = dwh_tag_feed_take(FEED_BATCH, &events, &not_ready);
+	if (n < FEED_BATCH && not_ready < 0)
 		pending = n;
 	else if (TimestampDifferenceExceeds(last_count_at, now, COUNT_INTERVAL_MS))
 	{
@@ -415,6 +436,8 @@ take_and_produce(void)
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(loop_context);
 	dwh_status_set_feed(slot, produced, pending);
+	if (not_ready >= 0)
+		feed_held_back(not_ready);
 	if (n == 0)
 		return;
 

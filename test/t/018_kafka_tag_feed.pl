@@ -206,6 +206,30 @@ ok(wait_for($node, "SELECT pid <> $victim AND state = '$producing' FROM dwh.stat
 	'the server restarts, and a new tags worker produces');
 outbox_empty('phase 3: the outbox is emptied');
 
+# An outbox row whose event cannot be read yet: pg_restore -j commits the
+# outbox before the (larger) events table.  The feed waits for it, says
+# so, and produces it once it is there (it used to drop the row: an event
+# never produced).
+my $next = psql(q{SELECT nextval('cdm.user_tag_events_id_seq')});
+psql("INSERT INTO dwh.tag_outbox (event_id) VALUES ($next)");
+ok( wait_for(
+		$node,
+		"SELECT last_error LIKE 'queued tag event $next cannot be read in cdm.user_tag_events and dds.h_user yet: the feed waits for it'
+		 FROM dwh.status WHERE worker = 'tags'"),
+	'an outbox row whose event cannot be read yet holds the feed back, and dwh.status says which')
+  or diag(psql('SELECT * FROM dwh.status'));
+sleep(2);
+is(psql("SELECT count(*) FROM dwh.tag_outbox WHERE event_id = $next"), '1',
+	'the row stays in the outbox');
+psql(qq{SET check_function_bodies = off;
+INSERT INTO cdm.user_tag_events (id, user_id, tag, value, kind, order_cnt, at)
+SELECT $next, user_id, tag, value, kind, order_cnt, at
+FROM cdm.user_tag_events ORDER BY id DESC LIMIT 1});
+outbox_empty('once the event is there, it is produced');
+read_topic();
+is(psql("SELECT count(*) FROM t.kafka WHERE (v->>'id')::bigint = $next"), '1',
+	'the event is on the topic, once');
+
 # 4. SASL_SSL, with the consumer's options.
 my $options = "security.protocol=SASL_SSL sasl.mechanisms=SCRAM-SHA-512 "
   . "sasl.username=dwh sasl.password=$password ssl.ca.location=$broker->{ca}";
