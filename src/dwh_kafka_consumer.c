@@ -176,6 +176,14 @@ make_conf(int worker_index, char *error, size_t error_size)
 	 * subscribed to another topic would be handed its old assignment.
 	 */
 	conf_set(conf, "session.timeout.ms", "10000");
+
+	/*
+	 * Partitions added to the topic are assigned at the rebalance the group
+	 * leader starts once its metadata shows them: within 10 s, not
+	 * librdkafka's default of 5 minutes, during which their messages were
+	 * consumed by no one and no lag showed them.
+	 */
+	conf_set(conf, "topic.metadata.refresh.interval.ms", "10000");
 	conf_set(conf, "group.instance.id",
 			 psprintf("dwh-" UINT64_FORMAT "-%s-%s-%d", GetSystemIdentifier(),
 					  dwh_database, dwh_kafka_topic, worker_index));

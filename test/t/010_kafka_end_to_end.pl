@@ -118,6 +118,26 @@ check_consistent($node, 'after the topic change');
 ok( $node->log_contains('Kafka settings changed, reconnecting'),
 	'the reconnection is logged');
 
+# Partitions added to the topic while the workers run are assigned and
+# consumed within seconds (librdkafka's default metadata refresh left them
+# to no one for 5 minutes, with no lag shown).
+broker_command('tool', 'org.apache.kafka.tools.TopicCommand', '--bootstrap-server',
+	$broker->{bootstrap}, '--alter', '--topic', 'orders-2', '--partitions', '4');
+generate_orders("$tmp/added.txt", '--count 200 --seed 9 --first-id 3000000',
+	"--manifest $tmp/added.json");
+my $added = read_manifest("$tmp/added.json");
+produce($broker, "$tmp/added.txt", 'orders-2', 3);
+ok( wait_for(
+		$node,
+		"SELECT count(*) = $added->{object_ids}{count} FROM stg.order_events WHERE object_id >= 3000000",
+		60),
+	'orders produced to a partition added while the workers run are applied within a minute')
+  or diag($node->safe_psql('postgres', 'SELECT * FROM dwh.kafka_partitions'));
+is( $node->safe_psql('postgres',
+		q{SELECT string_agg(p::text, ',' ORDER BY p) FROM dwh.status, unnest(partitions) p WHERE worker LIKE 'kafka%'}),
+	'0,1,2,3', 'the four partitions are shared by the workers');
+check_consistent($node, 'after partitions were added');
+
 $node->stop;
 broker_command('stop', $broker->{dir});
 done_testing();
