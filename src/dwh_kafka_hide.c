@@ -34,9 +34,9 @@
 #define MIN_HIDDEN_LEN	3
 
 /*
- * A value shorter than this is hidden only as a whole word: "SSL", the value
- * of security.protocol, is not hidden in "ssl.keystore.location".  A longer
- * one is hidden wherever it occurs.
+ * A value shorter than this is hidden only as a whole word, since it may be
+ * a piece of other words ("ssl" of "ssl.keystore.location").  A longer one
+ * is hidden wherever it occurs.
  */
 #define MIN_ANYWHERE_LEN	8
 
