@@ -5,30 +5,70 @@
 
 -- The deltas of cdm.user_window_counters travel with the category mart
 -- deltas (install/30_cdm.sql), under a key per (rule, category) that no
--- category can have: a category key is a UUID version 5, these are
--- ffffffff-ffff-0xxx-xxxx-xxxxxxxxxxxx, the rest from an MD5 of the rule's
--- tag and the category (one expression, so that the planner inlines it).
--- The tag step finds the rule and category back by computing the keys of
--- the windowed rules.
-CREATE FUNCTION dwh.tag_window_key(tag text, category_id uuid) RETURNS uuid
+-- category can have: a category key is a UUID version 5, in these the
+-- version digit (the 13th) is f.  Hex digits 17 to 24 hold the rule's rank
+-- among the windowed rules (dwh.tag_window_rules), the other 23 the
+-- category's own (dwh.all_orders_key() for rules that count orders, not
+-- categories), so that the tag step finds the category back by one probe of
+-- dds.h_category's primary key (dwh.tag_window_category_range).  One
+-- expression each, so that the planner inlines them.
+CREATE FUNCTION dwh.tag_window_key(rule_rank integer, category_id uuid) RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT ('ffffffffffff0' OPERATOR(pg_catalog.||)
-            pg_catalog.substr(pg_catalog.md5($1 OPERATOR(pg_catalog.||) '/'
-                                             OPERATOR(pg_catalog.||) $2::pg_catalog.text), 1, 19)
+    SELECT (pg_catalog.substr($2::pg_catalog.text, 1, 14) OPERATOR(pg_catalog.||) 'f'
+            OPERATOR(pg_catalog.||) pg_catalog.substr($2::pg_catalog.text, 16, 3)
+            OPERATOR(pg_catalog.||) pg_catalog.lpad(pg_catalog.to_hex($1), 8, '0')
+            OPERATOR(pg_catalog.||) pg_catalog.substr($2::pg_catalog.text, 29, 8)
            )::pg_catalog.uuid
 $fn$;
-COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
-    'Internal: the key that carries the deltas of cdm.user_window_counters for this rule and category among the category mart deltas';
+COMMENT ON FUNCTION dwh.tag_window_key(integer, uuid) IS
+    'Internal: the key that carries the deltas of cdm.user_window_counters for this rule (its rank among the windowed rules) and category among the category mart deltas';
 
 CREATE FUNCTION dwh.is_tag_window_key(key uuid) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT $1 OPERATOR(pg_catalog.>=) 'ffffffff-ffff-0000-0000-000000000000'::pg_catalog.uuid
-       AND $1 OPERATOR(pg_catalog.<=) 'ffffffff-ffff-0fff-ffff-ffffffffffff'::pg_catalog.uuid
+    SELECT pg_catalog.get_byte(pg_catalog.uuid_send($1), 6) OPERATOR(pg_catalog.>=) 240
 $fn$;
 COMMENT ON FUNCTION dwh.is_tag_window_key(uuid) IS
     'Internal: is this key among the category mart deltas one of dwh.tag_window_key()?';
+
+CREATE FUNCTION dwh.tag_window_key_rank(key uuid) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT (('x' OPERATOR(pg_catalog.||) pg_catalog.substr($1::pg_catalog.text, 20, 4)
+             OPERATOR(pg_catalog.||) pg_catalog.substr($1::pg_catalog.text, 25, 4)
+            )::pg_catalog.bit(32))::pg_catalog.int4
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_key_rank(uuid) IS
+    'Internal: the rank of the windowed rule that a key of dwh.tag_window_key() carries';
+
+-- The keys whose first 12 hex digits are the key's: the category of a key
+-- is among them.
+CREATE FUNCTION dwh.tag_window_category_range(key uuid, OUT low uuid, OUT high uuid)
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT (pg_catalog.substr($1::pg_catalog.text, 1, 13)
+            OPERATOR(pg_catalog.||) '-0000-0000-000000000000')::pg_catalog.uuid,
+           (pg_catalog.substr($1::pg_catalog.text, 1, 13)
+            OPERATOR(pg_catalog.||) '-ffff-ffff-ffffffffffff')::pg_catalog.uuid
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_category_range(uuid) IS
+    'Internal: the range of category keys that holds the category of a key of dwh.tag_window_key()';
+
+-- The windowed rules and their ranks, in the order of their tags.  The tag
+-- lock, held shared from the making of the keys to their use, keeps the
+-- rules as they are in between.
+CREATE FUNCTION dwh.tag_window_rules()
+    RETURNS TABLE (tag text, kind text, rule_rank integer)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $fn$
+    SELECT r.tag, r.kind, row_number() OVER (ORDER BY r.tag COLLATE "C")::integer
+    FROM dwh.tag_rules r
+    WHERE r.window_days IS NOT NULL
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_rules() IS
+    'Internal: the windowed tag rules, each with its rank in dwh.tag_window_key()';
 
 -- What orders count for windowed rules, from DDS as the calling statement
 -- sees it, per (user, rule, category) as cdm.user_window_counters keeps
@@ -137,7 +177,7 @@ CREATE FUNCTION dwh.tag_window_deltas(orders uuid[],
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    SELECT array_agg(x.user_id), array_agg(dwh.tag_window_key(x.tag, x.category_id)),
+    SELECT array_agg(x.user_id), array_agg(dwh.tag_window_key(r.rule_rank, x.category_id)),
            array_agg(x.d)
     INTO users, keys, deltas
     FROM (SELECT c.user_id, c.tag, c.category_id, sum(c.n)::integer AS d
@@ -148,7 +188,8 @@ BEGIN
                 FROM unnest(before_users, before_tags, before_categories, before_counts)
                      AS b(user_id, tag, category_id, n)) c
           GROUP BY c.user_id, c.tag, c.category_id
-          HAVING sum(c.n) <> 0) x;
+          HAVING sum(c.n) <> 0) x
+    JOIN dwh.tag_window_rules() r ON r.tag = x.tag;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], integer[]) IS

@@ -263,6 +263,10 @@ DECLARE
     window_pair_tags text[];
     pair_users uuid[];
     pair_tags text[];
+    found_keys uuid[];
+    found_tags text[];
+    found_categories uuid[];
+    lost_keys bigint;
 BEGIN
     IF order_users IS NULL AND touched IS NULL AND category_users IS NULL
        AND window_keys IS NULL AND crossed_users IS NULL THEN
@@ -323,24 +327,40 @@ BEGIN
         RETURN;
     END IF;
 
-    -- The windowed counts: each key found back among the windowed rules'
-    -- (a favourite's, one per category).  The users' rows are locked.
+    -- The windowed counts: each key's rule found back by its rank, and a
+    -- favourite's category by a probe of dds.h_category's primary key.  A
+    -- key found nowhere would be a count lost: an error.  The users' rows
+    -- are locked.
     IF window_keys IS NOT NULL THEN
-        WITH window_key AS MATERIALIZED (
-            SELECT r.tag, c.category_id, dwh.tag_window_key(r.tag, c.category_id) AS key
-            FROM dwh.tag_rules r
+        SELECT array_agg(k.key), array_agg(f.tag), array_agg(f.category_id),
+               count(*) FILTER (WHERE f.tag IS NULL)
+        INTO found_keys, found_tags, found_categories, lost_keys
+        FROM (SELECT DISTINCT x.key FROM unnest(window_keys) AS x(key)) k
+        LEFT JOIN LATERAL (
+            SELECT r.tag, c.category_id
+            FROM dwh.tag_window_rules() r
             CROSS JOIN LATERAL (SELECT dwh.all_orders_key() AS category_id
                                 WHERE r.kind <> 'favourite_category'
                                 UNION ALL
-                                SELECT h.h_category_pk FROM dds.h_category h
-                                WHERE r.kind = 'favourite_category') c
-            WHERE r.window_days IS NOT NULL
-        ),
-        delta AS MATERIALIZED (
-            SELECT x.user_id, k.tag, k.category_id, sum(x.d)::integer AS d
+                                SELECT h.h_category_pk FROM dds.h_category h,
+                                       dwh.tag_window_category_range(k.key) g
+                                WHERE r.kind = 'favourite_category'
+                                  AND h.h_category_pk BETWEEN g.low AND g.high) c
+            WHERE r.rule_rank = dwh.tag_window_key_rank(k.key)
+              AND dwh.tag_window_key(r.rule_rank, c.category_id) = k.key
+            LIMIT 1) f ON true;
+        IF lost_keys > 0 THEN
+            RAISE EXCEPTION 'windowed tag count deltas under % keys match no windowed rule',
+                            lost_keys
+                USING ERRCODE = 'XX000';
+        END IF;
+
+        WITH delta AS MATERIALIZED (
+            SELECT x.user_id, f.tag, f.category_id, sum(x.d)::integer AS d
             FROM unnest(window_users, window_keys, window_deltas) AS x(user_id, key, d)
-            JOIN window_key k ON k.key = x.key
-            GROUP BY x.user_id, k.tag, k.category_id
+            JOIN unnest(found_keys, found_tags, found_categories)
+                 AS f(key, tag, category_id) ON f.key = x.key
+            GROUP BY x.user_id, f.tag, f.category_id
             HAVING sum(x.d) <> 0
         ),
         up AS (

@@ -2583,30 +2583,70 @@ COMMENT ON COLUMN cdm.user_tags.since IS 'When the tag was granted (with its cur
 
 -- The deltas of cdm.user_window_counters travel with the category mart
 -- deltas (install/30_cdm.sql), under a key per (rule, category) that no
--- category can have: a category key is a UUID version 5, these are
--- ffffffff-ffff-0xxx-xxxx-xxxxxxxxxxxx, the rest from an MD5 of the rule's
--- tag and the category (one expression, so that the planner inlines it).
--- The tag step finds the rule and category back by computing the keys of
--- the windowed rules.
-CREATE FUNCTION dwh.tag_window_key(tag text, category_id uuid) RETURNS uuid
+-- category can have: a category key is a UUID version 5, in these the
+-- version digit (the 13th) is f.  Hex digits 17 to 24 hold the rule's rank
+-- among the windowed rules (dwh.tag_window_rules), the other 23 the
+-- category's own (dwh.all_orders_key() for rules that count orders, not
+-- categories), so that the tag step finds the category back by one probe of
+-- dds.h_category's primary key (dwh.tag_window_category_range).  One
+-- expression each, so that the planner inlines them.
+CREATE FUNCTION dwh.tag_window_key(rule_rank integer, category_id uuid) RETURNS uuid
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT ('ffffffffffff0' OPERATOR(pg_catalog.||)
-            pg_catalog.substr(pg_catalog.md5($1 OPERATOR(pg_catalog.||) '/'
-                                             OPERATOR(pg_catalog.||) $2::pg_catalog.text), 1, 19)
+    SELECT (pg_catalog.substr($2::pg_catalog.text, 1, 14) OPERATOR(pg_catalog.||) 'f'
+            OPERATOR(pg_catalog.||) pg_catalog.substr($2::pg_catalog.text, 16, 3)
+            OPERATOR(pg_catalog.||) pg_catalog.lpad(pg_catalog.to_hex($1), 8, '0')
+            OPERATOR(pg_catalog.||) pg_catalog.substr($2::pg_catalog.text, 29, 8)
            )::pg_catalog.uuid
 $fn$;
-COMMENT ON FUNCTION dwh.tag_window_key(text, uuid) IS
-    'Internal: the key that carries the deltas of cdm.user_window_counters for this rule and category among the category mart deltas';
+COMMENT ON FUNCTION dwh.tag_window_key(integer, uuid) IS
+    'Internal: the key that carries the deltas of cdm.user_window_counters for this rule (its rank among the windowed rules) and category among the category mart deltas';
 
 CREATE FUNCTION dwh.is_tag_window_key(key uuid) RETURNS boolean
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $fn$
-    SELECT $1 OPERATOR(pg_catalog.>=) 'ffffffff-ffff-0000-0000-000000000000'::pg_catalog.uuid
-       AND $1 OPERATOR(pg_catalog.<=) 'ffffffff-ffff-0fff-ffff-ffffffffffff'::pg_catalog.uuid
+    SELECT pg_catalog.get_byte(pg_catalog.uuid_send($1), 6) OPERATOR(pg_catalog.>=) 240
 $fn$;
 COMMENT ON FUNCTION dwh.is_tag_window_key(uuid) IS
     'Internal: is this key among the category mart deltas one of dwh.tag_window_key()?';
+
+CREATE FUNCTION dwh.tag_window_key_rank(key uuid) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT (('x' OPERATOR(pg_catalog.||) pg_catalog.substr($1::pg_catalog.text, 20, 4)
+             OPERATOR(pg_catalog.||) pg_catalog.substr($1::pg_catalog.text, 25, 4)
+            )::pg_catalog.bit(32))::pg_catalog.int4
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_key_rank(uuid) IS
+    'Internal: the rank of the windowed rule that a key of dwh.tag_window_key() carries';
+
+-- The keys whose first 12 hex digits are the key's: the category of a key
+-- is among them.
+CREATE FUNCTION dwh.tag_window_category_range(key uuid, OUT low uuid, OUT high uuid)
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $fn$
+    SELECT (pg_catalog.substr($1::pg_catalog.text, 1, 13)
+            OPERATOR(pg_catalog.||) '-0000-0000-000000000000')::pg_catalog.uuid,
+           (pg_catalog.substr($1::pg_catalog.text, 1, 13)
+            OPERATOR(pg_catalog.||) '-ffff-ffff-ffffffffffff')::pg_catalog.uuid
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_category_range(uuid) IS
+    'Internal: the range of category keys that holds the category of a key of dwh.tag_window_key()';
+
+-- The windowed rules and their ranks, in the order of their tags.  The tag
+-- lock, held shared from the making of the keys to their use, keeps the
+-- rules as they are in between.
+CREATE FUNCTION dwh.tag_window_rules()
+    RETURNS TABLE (tag text, kind text, rule_rank integer)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $fn$
+    SELECT r.tag, r.kind, row_number() OVER (ORDER BY r.tag COLLATE "C")::integer
+    FROM dwh.tag_rules r
+    WHERE r.window_days IS NOT NULL
+$fn$;
+COMMENT ON FUNCTION dwh.tag_window_rules() IS
+    'Internal: the windowed tag rules, each with its rank in dwh.tag_window_key()';
 
 -- What orders count for windowed rules, from DDS as the calling statement
 -- sees it, per (user, rule, category) as cdm.user_window_counters keeps
@@ -2715,7 +2755,7 @@ CREATE FUNCTION dwh.tag_window_deltas(orders uuid[],
     LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    SELECT array_agg(x.user_id), array_agg(dwh.tag_window_key(x.tag, x.category_id)),
+    SELECT array_agg(x.user_id), array_agg(dwh.tag_window_key(r.rule_rank, x.category_id)),
            array_agg(x.d)
     INTO users, keys, deltas
     FROM (SELECT c.user_id, c.tag, c.category_id, sum(c.n)::integer AS d
@@ -2726,7 +2766,8 @@ BEGIN
                 FROM unnest(before_users, before_tags, before_categories, before_counts)
                      AS b(user_id, tag, category_id, n)) c
           GROUP BY c.user_id, c.tag, c.category_id
-          HAVING sum(c.n) <> 0) x;
+          HAVING sum(c.n) <> 0) x
+    JOIN dwh.tag_window_rules() r ON r.tag = x.tag;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.tag_window_deltas(uuid[], uuid[], text[], uuid[], integer[]) IS
@@ -2991,6 +3032,10 @@ DECLARE
     window_pair_tags text[];
     pair_users uuid[];
     pair_tags text[];
+    found_keys uuid[];
+    found_tags text[];
+    found_categories uuid[];
+    lost_keys bigint;
 BEGIN
     IF order_users IS NULL AND touched IS NULL AND category_users IS NULL
        AND window_keys IS NULL AND crossed_users IS NULL THEN
@@ -3051,24 +3096,40 @@ BEGIN
         RETURN;
     END IF;
 
-    -- The windowed counts: each key found back among the windowed rules'
-    -- (a favourite's, one per category).  The users' rows are locked.
+    -- The windowed counts: each key's rule found back by its rank, and a
+    -- favourite's category by a probe of dds.h_category's primary key.  A
+    -- key found nowhere would be a count lost: an error.  The users' rows
+    -- are locked.
     IF window_keys IS NOT NULL THEN
-        WITH window_key AS MATERIALIZED (
-            SELECT r.tag, c.category_id, dwh.tag_window_key(r.tag, c.category_id) AS key
-            FROM dwh.tag_rules r
+        SELECT array_agg(k.key), array_agg(f.tag), array_agg(f.category_id),
+               count(*) FILTER (WHERE f.tag IS NULL)
+        INTO found_keys, found_tags, found_categories, lost_keys
+        FROM (SELECT DISTINCT x.key FROM unnest(window_keys) AS x(key)) k
+        LEFT JOIN LATERAL (
+            SELECT r.tag, c.category_id
+            FROM dwh.tag_window_rules() r
             CROSS JOIN LATERAL (SELECT dwh.all_orders_key() AS category_id
                                 WHERE r.kind <> 'favourite_category'
                                 UNION ALL
-                                SELECT h.h_category_pk FROM dds.h_category h
-                                WHERE r.kind = 'favourite_category') c
-            WHERE r.window_days IS NOT NULL
-        ),
-        delta AS MATERIALIZED (
-            SELECT x.user_id, k.tag, k.category_id, sum(x.d)::integer AS d
+                                SELECT h.h_category_pk FROM dds.h_category h,
+                                       dwh.tag_window_category_range(k.key) g
+                                WHERE r.kind = 'favourite_category'
+                                  AND h.h_category_pk BETWEEN g.low AND g.high) c
+            WHERE r.rule_rank = dwh.tag_window_key_rank(k.key)
+              AND dwh.tag_window_key(r.rule_rank, c.category_id) = k.key
+            LIMIT 1) f ON true;
+        IF lost_keys > 0 THEN
+            RAISE EXCEPTION 'windowed tag count deltas under % keys match no windowed rule',
+                            lost_keys
+                USING ERRCODE = 'XX000';
+        END IF;
+
+        WITH delta AS MATERIALIZED (
+            SELECT x.user_id, f.tag, f.category_id, sum(x.d)::integer AS d
             FROM unnest(window_users, window_keys, window_deltas) AS x(user_id, key, d)
-            JOIN window_key k ON k.key = x.key
-            GROUP BY x.user_id, k.tag, k.category_id
+            JOIN unnest(found_keys, found_tags, found_categories)
+                 AS f(key, tag, category_id) ON f.key = x.key
+            GROUP BY x.user_id, f.tag, f.category_id
             HAVING sum(x.d) <> 0
         ),
         up AS (
