@@ -9,6 +9,8 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
+#include "catalog/pg_authid_d.h"
 #include "miscadmin.h"
 #include "utils/guc.h"
 
@@ -405,7 +407,10 @@ dwh_settings_define(void)
  *	 bootstrap superuser: a name resolved through a schema that a less
  *	 trusted role can write (public, or one set by ALTER DATABASE or ALTER
  *	 ROLE) would run that role's code with the superuser's rights;
- * - its own role (ALTER DATABASE ... SET role would make it another);
+ * - its own session user and role: the bootstrap superuser it connected as
+ *	 (ALTER DATABASE ... SET role, or SET session_authorization, which a
+ *	 client's login outranks but a background worker's connection does not,
+ *	 would make it another);
  * - READ COMMITTED and read-write transactions: dwh writes only in READ
  *	 COMMITTED transactions (a batch that waited for a lock must see what
  *	 committed meanwhile);
@@ -414,14 +419,24 @@ dwh_settings_define(void)
  * - no JIT, which compiles a plan again at every execution once its cost
  *	 passes jit_above_cost, and takes longer than the short statements of a
  *	 worker's batches (dwh_ingest.c sets it for every batch, whoever runs
- *	 it).
+ *	 it);
+ * - exit_on_error off: a worker catches the errors of bad input (a dead
+ *	 letter, not a stop), which exit_on_error would turn into an exit, and
+ *	 the restarted worker would meet the same message again.
  */
 void
 dwh_worker_settings(void)
 {
+	/* The session user's name is a catalog lookup: in a transaction. */
+	StartTransactionCommand();
+	SetConfigOption("session_authorization",
+					GetUserNameFromId(BOOTSTRAP_SUPERUSERID, false),
+					PGC_SUSET, PGC_S_OVERRIDE);
+	CommitTransactionCommand();
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET,
 					PGC_S_OVERRIDE);
 	SetConfigOption("role", "none", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("exit_on_error", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("default_transaction_isolation", "read committed",
 					PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("default_transaction_read_only", "off", PGC_SUSET,

@@ -123,9 +123,11 @@ count_catalog_change(Datum arg, int cacheid, uint32 hashvalue)
 }
 
 /*
- * A function, relation, type or operator of dwh's schemas owned by a role
- * that is not a superuser (one it made while it could create objects
- * there, or one handed over), or NULL.
+ * A function, relation, type, operator or extension of dwh's schemas owned
+ * by a role that is not a superuser (one it made while it could create
+ * objects there, one handed over, or a trusted extension it created there,
+ * whose objects the bootstrap superuser owns but whose updates and removal
+ * are its own), or NULL.
  */
 static char *
 object_problem(char **fix)
@@ -167,7 +169,11 @@ object_problem(char **fix)
 					"       UNION ALL"
 					"       SELECT 'pg_catalog.pg_operator'::pg_catalog.regclass, o.oid,"
 					"              o.oprowner, o.oprnamespace"
-					"       FROM pg_catalog.pg_operator o) o"
+					"       FROM pg_catalog.pg_operator o"
+					"       UNION ALL"
+					"       SELECT 'pg_catalog.pg_extension'::pg_catalog.regclass, e.oid,"
+					"              e.extowner, e.extnamespace"
+					"       FROM pg_catalog.pg_extension e) o"
 					" JOIN pg_catalog.pg_namespace n ON n.oid = o.nsp"
 					" JOIN pg_catalog.pg_roles r ON r.oid = o.owner"
 					" WHERE n.nspname IN ('dwh', 'stg', 'dds', 'cdm') AND NOT r.rolsuper"

@@ -14,6 +14,12 @@
 #   search_path = public, pg_catalog      look-alikes of what dwh calls,
 #     (test/search_path_traps.sql)        planted in public by the owner,
 #                                         that make the owner a superuser
+#   session_authorization = the owner     what a client's login overrides
+#                                         but a worker's connection did
+#                                         not: the workers ran as the owner
+#   exit_on_error = on                    the error of a bad message, caught
+#                                         to dead-letter it, ended the
+#                                         worker, again at each restart
 #
 # With all of them set, the Redis worker mirrors a menu that moves a dish
 # to another category, and a Kafka worker applies an order from a mock
@@ -22,7 +28,9 @@
 # feed's topic, dwh.verify() is empty, a trigger of the test's own sees
 # each of the three workers write as the superuser, in READ COMMITTED,
 # read-write, without JIT, and no trap sprang (test/t/023 plants the same
-# ones before the Redis worker and the SQL entry points alone).
+# ones before the Redis worker and the SQL entry points alone).  A bad
+# value before each good one (a NUL in the text, refused by jsonb) is a
+# dead letter, and the workers that met them did not exit.
 
 use strict;
 use warnings;
@@ -139,11 +147,23 @@ ALTER DATABASE shop SET default_transaction_read_only = on;
 ALTER DATABASE shop SET check_function_bodies = off;
 ALTER DATABASE shop SET jit = on;
 ALTER DATABASE shop SET jit_above_cost = 0;
+ALTER DATABASE shop SET session_authorization = 'shop_owner';
+ALTER DATABASE shop SET exit_on_error = on;
 });
 $node->restart;
 is( $node->safe_psql('shop', 'SELECT current_user'),
 	'shop_owner', 'a new session in shop runs as the owner');
 
+my $worker_pids = sub {
+	return shop(q{SELECT string_agg(pid::text, ',' ORDER BY backend_type)
+                  FROM pg_stat_activity WHERE backend_type LIKE 'dwh % worker'});
+};
+ok( shop_until(
+		q{SELECT count(*) = 3 FROM pg_stat_activity WHERE backend_type LIKE 'dwh % worker'}),
+	'the three workers are connected');
+my $pids_before = $worker_pids->();
+$redis->set('r0',
+	'{"_id": "r0", "name": "Bad\\u0000", "update_ts_utc": "2023-01-01 10:00:00", "menu": []}');
 $redis->set('r1', $menu->('2023-01-03 10:00:00', 'Soups'));
 ok( shop_until(
 		q{SELECT count(*) = 1 FROM cdm.user_category_counters WHERE category_name = 'Soups'}),
@@ -153,7 +173,9 @@ ok( shop_until(
 # The second order, through Kafka: the all-orders rule's threshold.
 my $file = "$PostgreSQL::Test::Utils::tmp_check/worker_settings_order.txt";
 open(my $fh, '>', $file) or die "could not write $file: $!";
-print $fh $order->(2, 4), "\n";
+my $bad = $order->(3, 4);
+$bad =~ s/"u1"/"u\\u0000"/;
+print $fh $bad, "\n", $order->(2, 4), "\n";
 close($fh);
 produce($mock, $file);
 ok( shop_until(
@@ -177,6 +199,11 @@ is( shop(q{SELECT string_agg(u.user_id || ': ' || t.tag, ', ' ORDER BY t.tag)
            FROM cdm.user_tags t JOIN dds.h_user u ON u.h_user_pk = t.user_id}),
 	'u1: regular, u1: soup lover',
 	'the tags of both rules were granted by the workers');
+is( shop(q{SELECT string_agg(source || ' ' || sqlstate, ', ' ORDER BY source)
+           FROM dwh.dead_letters}),
+	'kafka 22P05, redis 22P05',
+	'the bad Kafka message and the bad Redis value are dead letters');
+is($worker_pids->(), $pids_before, 'no worker exited');
 is(shop('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 is(shop(q{SELECT count(*) FROM dwh.status WHERE last_error IS NOT NULL}),
 	'0', 'no worker shows an error');

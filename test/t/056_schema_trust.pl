@@ -7,8 +7,9 @@
 # rewrite them.  Each way is tried by alice, an ordinary role, who tries to
 # make herself superuser: CREATE EXTENSION refuses a schema she may create
 # objects in; once installed, a grant of CREATE, an object she made there,
-# or the extension's objects handed to her stop the ingest (42501, saying
-# what to fix) and the workers, until a superuser puts things right.
+# a trusted extension she created there, or the extension's objects handed
+# to her stop the ingest (42501, saying what to fix) and the workers, until
+# a superuser puts things right.
 
 use strict;
 use warnings;
@@ -125,6 +126,18 @@ psql('DROP FUNCTION dwh.menu_name_at(varchar, timestamp)');
 is(ingest(), 'applied', 'once her function is dropped, orders are applied again');
 wait_tags_worker(qr/^expiring tags every 1 s \| /, 'and the tags worker goes on by itself');
 is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
+
+# 3b. A trusted extension alice creates in schema dwh: its objects belong
+# to the bootstrap superuser, the extension (and so its updates and its
+# removal) to her.
+psql('GRANT CREATE ON DATABASE postgres TO alice');
+$node->safe_psql('postgres', 'SET ROLE alice; CREATE EXTENSION pgcrypto SCHEMA dwh');
+like(ingest(),
+	qr/ERROR:  42501: dwh does not run while extension pgcrypto is owned by role alice, which is not a superuser/,
+	'an extension alice created in schema dwh is refused');
+$node->safe_psql('postgres', 'SET ROLE alice; DROP EXTENSION pgcrypto');
+psql('REVOKE CREATE ON DATABASE postgres FROM alice');
+is(ingest(), 'applied', 'once it is dropped, orders are applied again');
 
 # 4. Everything admin2 owns (the schemas, functions and tables of the
 # extension) handed to alice, who rewrites what the tags worker calls.
