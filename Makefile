@@ -76,6 +76,9 @@ PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# Each TAP file's time in the log, to see where the suite's time goes.
+PROVE_FLAGS += --timer
+
 # CREATE EXTENSION dwh installs default_version: the version this build's
 # install script and library are (the library compares it with the schema
 # it finds, see src/dwh_version.c).
