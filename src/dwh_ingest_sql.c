@@ -181,7 +181,8 @@ coordinate_array(FunctionCallInfo fcinfo, int argno, Oid elemtype, int n,
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("%s must be a one-dimensional array", name)));
-	deconstruct_array(arr, elemtype, elemtype == INT4OID ? 4 : 8, true,
+	deconstruct_array(arr, elemtype, elemtype == INT4OID ? 4 : 8,
+					  elemtype == INT4OID ? true : FLOAT8PASSBYVAL,
 					  elemtype == INT4OID ? TYPALIGN_INT : TYPALIGN_DOUBLE,
 					  values, nulls, &count);
 	if (count != n)

@@ -124,15 +124,6 @@ client_text(DwhKafkaConsumer *c, const char *text)
 	return dwh_kafka_hide_values(rd_kafka_conf(c->rk), text);
 }
 
-static void
-conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
-{
-	char		errstr[512];
-
-	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
-		elog(ERROR, "could not set librdkafka property \"%s\": %s", name, errstr);
-}
-
 /*
  * The consumer configuration: what dwh needs, then the DBA's options
  * (dwh.kafka_options, then the file of dwh.kafka_options_file), which may
@@ -144,15 +135,15 @@ make_conf(int worker_index, char *error, size_t error_size)
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	int64		prefetch_bytes = (int64) dwh_kafka_prefetch_memory * 1024;
 
-	conf_set(conf, "bootstrap.servers", dwh_kafka_brokers);
-	conf_set(conf, "group.id", dwh_kafka_group_id);
-	conf_set(conf, "enable.auto.commit", "false");
-	conf_set(conf, "enable.auto.offset.store", "false");
+	dwh_kafka_conf_set(conf, "bootstrap.servers", dwh_kafka_brokers);
+	dwh_kafka_conf_set(conf, "group.id", dwh_kafka_group_id);
+	dwh_kafka_conf_set(conf, "enable.auto.commit", "false");
+	dwh_kafka_conf_set(conf, "enable.auto.offset.store", "false");
 	/* The end of a partition's log: how far its markers reach. */
-	conf_set(conf, "enable.partition.eof", "true");
+	dwh_kafka_conf_set(conf, "enable.partition.eof", "true");
 	/* Never a message of a transaction aborted or still open. */
-	conf_set(conf, "isolation.level", "read_committed");
-	conf_set(conf, "log.queue", "true");
+	dwh_kafka_conf_set(conf, "isolation.level", "read_committed");
+	dwh_kafka_conf_set(conf, "log.queue", "true");
 
 	/*
 	 * Partitions are always assigned at an explicit offset (stored, or the
@@ -160,22 +151,22 @@ make_conf(int worker_index, char *error, size_t error_size)
 	 * happens to an offset the broker no longer holds: report it, never reset
 	 * silently.
 	 */
-	conf_set(conf, "auto.offset.reset", "error");
+	dwh_kafka_conf_set(conf, "auto.offset.reset", "error");
 
 	/* Prefetch bound: the local queue, plus one fetch response in flight. */
-	conf_set(conf, "queued.max.messages.kbytes",
-			 psprintf("%d", dwh_kafka_prefetch_memory));
-	conf_set(conf, "fetch.max.bytes",
-			 psprintf("%lld", (long long) Max(prefetch_bytes / 2, 1048576)));
-	conf_set(conf, "client.id",
-			 psprintf("dwh-%s-%d", dwh_database, worker_index));
+	dwh_kafka_conf_set(conf, "queued.max.messages.kbytes",
+					   psprintf("%d", dwh_kafka_prefetch_memory));
+	dwh_kafka_conf_set(conf, "fetch.max.bytes",
+					   psprintf("%lld", (long long) Max(prefetch_bytes / 2, 1048576)));
+	dwh_kafka_conf_set(conf, "client.id",
+					   psprintf("dwh-%s-%d", dwh_database, worker_index));
 
 	/*
 	 * Static membership: a restarted worker takes its partitions back at
 	 * once.  The topic is part of the identity: a member that comes back
 	 * subscribed to another topic would be handed its old assignment.
 	 */
-	conf_set(conf, "session.timeout.ms", "10000");
+	dwh_kafka_conf_set(conf, "session.timeout.ms", "10000");
 
 	/*
 	 * Partitions added to the topic are assigned at the rebalance the group
@@ -183,10 +174,10 @@ make_conf(int worker_index, char *error, size_t error_size)
 	 * librdkafka's default of 5 minutes, during which their messages were
 	 * consumed by no one and no lag showed them.
 	 */
-	conf_set(conf, "topic.metadata.refresh.interval.ms", "10000");
-	conf_set(conf, "group.instance.id",
-			 psprintf("dwh-" UINT64_FORMAT "-%s-%s-%d", GetSystemIdentifier(),
-					  dwh_database, dwh_kafka_topic, worker_index));
+	dwh_kafka_conf_set(conf, "topic.metadata.refresh.interval.ms", "10000");
+	dwh_kafka_conf_set(conf, "group.instance.id",
+					   psprintf("dwh-" UINT64_FORMAT "-%s-%s-%d", GetSystemIdentifier(),
+								dwh_database, dwh_kafka_topic, worker_index));
 
 	if (!dwh_kafka_options_apply_settings(conf, error, error_size))
 	{

@@ -466,3 +466,24 @@ dwh_kafka_group_id_check(char **newval, void **extra, GucSource source)
 	}
 	return true;
 }
+
+/*
+ * dwh_kafka_conf_set
+ *		Set a property that dwh itself gives its clients.  librdkafka refuses
+ *		a value only when a setting of dwh's made it (dwh.kafka_brokers, say):
+ *		an error, the configuration destroyed first.
+ */
+void
+dwh_kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
+{
+	char		errstr[512];
+
+	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
+	{
+		rd_kafka_conf_destroy(conf);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("could not set librdkafka property \"%s\"", name),
+				 errdetail_internal("%s", errstr)));
+	}
+}

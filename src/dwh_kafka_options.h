@@ -22,6 +22,8 @@ typedef struct DwhKafkaOption
 extern bool dwh_kafka_options_parse(const char *spec, DwhKafkaOption **options,
 									int *n, char **error);
 extern const char *dwh_kafka_option_reserved(const char *name, bool *managed);
+extern void dwh_kafka_conf_set(rd_kafka_conf_t *conf, const char *name,
+							   const char *value);
 extern bool dwh_kafka_conf_set_options(rd_kafka_conf_t *conf,
 									   const DwhKafkaOption *options, int n,
 									   char *error, size_t error_size);

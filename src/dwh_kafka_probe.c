@@ -89,13 +89,21 @@ dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 		probe_main(job);		/* no thread: ask from here */
 	else
 	{
+		/*
+		 * Only a SIGTERM may end the wait (the process exits, leaving the
+		 * client to the thread): an ERROR, such as pg_cancel_backend()'s,
+		 * would leave the thread using a client that the worker, going on,
+		 * could destroy.  A cancel is served once the thread is done.
+		 */
 		in_flight = true;
+		HOLD_CANCEL_INTERRUPTS();
 		while (pg_atomic_read_u32(&job->done) == 0)
 		{
 			CHECK_FOR_INTERRUPTS();
 			(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 5L,
 							 PG_WAIT_EXTENSION);
 		}
+		RESUME_CANCEL_INTERRUPTS();
 		pthread_join(thread, NULL);
 		in_flight = false;
 	}

@@ -48,15 +48,6 @@ struct DwhKafkaProducer
 	char	   *topic;
 };
 
-static void
-conf_set(rd_kafka_conf_t *conf, const char *name, const char *value)
-{
-	char		errstr[512];
-
-	if (rd_kafka_conf_set(conf, name, value, errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
-		elog(ERROR, "could not set librdkafka property \"%s\": %s", name, errstr);
-}
-
 /*
  * The producer configuration: the brokers, the DBA's options, then what
  * dwh needs whatever the options say.
@@ -66,15 +57,15 @@ make_conf(char *error, size_t error_size)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 
-	conf_set(conf, "bootstrap.servers", dwh_kafka_brokers);
-	conf_set(conf, "client.id", psprintf("dwh-%s-tags", dwh_database));
+	dwh_kafka_conf_set(conf, "bootstrap.servers", dwh_kafka_brokers);
+	dwh_kafka_conf_set(conf, "client.id", psprintf("dwh-%s-tags", dwh_database));
 	if (!dwh_kafka_options_apply_settings(conf, error, error_size))
 	{
 		rd_kafka_conf_destroy(conf);
 		return NULL;
 	}
-	conf_set(conf, "enable.idempotence", "true");
-	conf_set(conf, "log.queue", "true");
+	dwh_kafka_conf_set(conf, "enable.idempotence", "true");
+	dwh_kafka_conf_set(conf, "log.queue", "true");
 	rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_LOG |
 							 RD_KAFKA_EVENT_ERROR);
 	return conf;

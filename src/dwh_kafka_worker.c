@@ -482,12 +482,14 @@ static bool
 kafka_tables_present(void)
 {
 	bool		installed;
+	MemoryContext caller = CurrentMemoryContext;
 
 	StartTransactionCommand();
 	installed = OidIsValid(get_extension_oid("dwh", true)) &&
 		OidIsValid(get_relname_relid("kafka_offsets",
 									 get_namespace_oid("dwh", true)));
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 	return installed;
 }
 
@@ -542,6 +544,7 @@ look_up_offsets(const int32 *partitions, int n, int64 *offsets, bool *stopped)
 {
 	uint8	   *last_sha256 = palloc(DWH_SHA256_LEN * Max(n, 1));
 	bool	   *last_known = palloc(sizeof(bool) * Max(n, 1));
+	MemoryContext caller = CurrentMemoryContext;
 
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -549,6 +552,7 @@ look_up_offsets(const int32 *partitions, int n, int64 *offsets, bool *stopped)
 							 offsets, stopped, last_sha256, last_known);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 	dwh_kafka_verify_start(partitions, offsets, stopped, last_sha256,
 						   last_known, n);
 }
@@ -604,7 +608,6 @@ reassign_owned(void)
 
 	batch_clear();
 	look_up_offsets(owned, n_owned, offsets, stopped);
-	MemoryContextSwitchTo(loop_context);
 	dwh_kafka_consumer_reassign(consumer, offsets, stopped);
 }
 
@@ -621,15 +624,19 @@ serve_seeks(void)
 	int64	   *offsets;
 	int			n;
 	int			i;
+	MemoryContext caller = CurrentMemoryContext;
 
 	if (n_owned == 0)
 		return;
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	/* The partitions and offsets taken outlive the transaction. */
+	MemoryContextSwitchTo(caller);
 	n = dwh_kafka_offsets_take_seeks(dwh_kafka_consumer_topic(consumer),
 									 owned, n_owned, &parts, &offsets);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 
 	batch_drop_partitions(parts, n);
 	dwh_kafka_verify_forget(parts, n);
@@ -1180,7 +1187,7 @@ batch_due(void)
  * needs the database.
  */
 static void
-gather(void)
+gather_events(void)
 {
 	for (;;)
 	{
@@ -1256,6 +1263,23 @@ gather(void)
 }
 
 /*
+ * An event taken from the client is gone from it: an ERROR before it
+ * reached the batch (out of memory copying a message) would lose it, and
+ * the worker would store offsets past it.  So the recovery from an error
+ * while gathering drops the consumer, and the partitions start again from
+ * their stored offsets.
+ */
+static bool gathering = false;
+
+static void
+gather(void)
+{
+	gathering = true;
+	gather_events();
+	gathering = false;
+}
+
+/*
  * dwh_kafka_worker_main
  *		Entry point of a Kafka worker; main_arg is its 1-based number.
  */
@@ -1280,8 +1304,16 @@ dwh_kafka_worker_main(Datum main_arg)
 
 	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
 	{
-		/* The batch is kept, and retried as it is after the backoff. */
+		/*
+		 * The batch is kept, and retried as it is after the backoff; after an
+		 * error while gathering, the partitions start again (gather()).
+		 */
 		dwh_worker_recover(&backoff_ms);
+		if (gathering)
+		{
+			gathering = false;
+			drop_consumer();
+		}
 		dwh_inflight_clear(worker_index);
 		ready_checked = false;
 		dwh_worker_backoff(backoff_ms);

@@ -501,41 +501,51 @@ redact_log_message(ErrorData *edata)
 	{
 		in_log_hook = true;
 
-		statement = statement_sensitive();
-		if (!statement && debug_query_string != NULL &&
-			(part_mentions(edata->message) || part_mentions(edata->detail) ||
-			 part_mentions(edata->detail_log) || part_mentions(edata->hint) ||
-			 part_mentions(edata->context) ||
-			 part_mentions(edata->internalquery)))
+		/*
+		 * An error here (out of memory while copying a huge message) must not
+		 * leave redaction off for the rest of the session.
+		 */
+		PG_TRY();
 		{
-			/*
-			 * The statement's text may hold the value even though it does not
-			 * name the setting (a function called with it): it is hidden from
-			 * the STATEMENT line and its next log lines.
-			 */
-			mark_statement_sensitive();
-			statement = true;
-		}
+			statement = statement_sensitive();
+			if (!statement && debug_query_string != NULL &&
+				(part_mentions(edata->message) || part_mentions(edata->detail) ||
+				 part_mentions(edata->detail_log) || part_mentions(edata->hint) ||
+				 part_mentions(edata->context) ||
+				 part_mentions(edata->internalquery)))
+			{
+				/*
+				 * The statement's text may hold the value even though it does
+				 * not name the setting (a function called with it): it is
+				 * hidden from the STATEMENT line and its next log lines.
+				 */
+				mark_statement_sensitive();
+				statement = true;
+			}
 
-		edata->message = redacted_message(edata, statement);
-		edata->detail = redacted_part(edata->detail, statement);
-		edata->detail_log = redacted_part(edata->detail_log, statement);
-		edata->hint = redacted_part(edata->hint, statement);
-		edata->context = redacted_context(edata->context, statement);
-		if (edata->internalquery != NULL &&
-			(statement || part_sensitive(edata->internalquery)))
-		{
-			edata->internalquery = pstrdup(HIDDEN_TEXT);
-			edata->internalpos = 0;
+			edata->message = redacted_message(edata, statement);
+			edata->detail = redacted_part(edata->detail, statement);
+			edata->detail_log = redacted_part(edata->detail_log, statement);
+			edata->hint = redacted_part(edata->hint, statement);
+			edata->context = redacted_context(edata->context, statement);
+			if (edata->internalquery != NULL &&
+				(statement || part_sensitive(edata->internalquery)))
+			{
+				edata->internalquery = pstrdup(HIDDEN_TEXT);
+				edata->internalpos = 0;
+			}
+			if (statement)
+			{
+				/* The STATEMENT: line would repeat the text. */
+				edata->hide_stmt = true;
+				hide_activity();
+			}
 		}
-		if (statement)
+		PG_FINALLY();
 		{
-			/* The STATEMENT: line would repeat the text. */
-			edata->hide_stmt = true;
-			hide_activity();
+			in_log_hook = false;
 		}
-
-		in_log_hook = false;
+		PG_END_TRY();
 	}
 
 	if (previous_emit_log_hook)

@@ -85,10 +85,12 @@ bool
 dwh_tag_feed_tables_present(void)
 {
 	bool		installed;
+	MemoryContext caller = CurrentMemoryContext;
 
 	StartTransactionCommand();
 	installed = OidIsValid(get_extension_oid("dwh", true));
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 	return installed;
 }
 

@@ -341,10 +341,12 @@ static bool
 database_exists(const char *name)
 {
 	bool		exists;
+	MemoryContext caller = CurrentMemoryContext;
 
 	StartTransactionCommand();
 	exists = OidIsValid(get_database_oid(name, true));
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 	return exists;
 }
 
