@@ -345,6 +345,8 @@ INSERT INTO t.bounds (label, message) VALUES
     ('quantity 1000001', t.bad('{payload,order_items,0,quantity}', '1000001')),
     ('price 1e14', t.bad('{payload,order_items,0,price}', '1e14')),
     ('bonus_payment negative', t.bad('{payload,bonus_payment}', '-1')),
+    ('cost negative and tiny', t.bad('{payload,cost}', '-1e-400')),
+    ('price negative and tiny', t.bad('{payload,order_items,0,price}', '-1e-1000')),
     ('statuses not an array', t.bad('{payload,statuses}', '"CLOSED"')),
     ('final_status of 65 bytes', t.bad('{payload,final_status}', to_jsonb(repeat('S', 65)))),
     ('item without name', t.without('{payload,order_items,0,name}')),

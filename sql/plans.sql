@@ -72,3 +72,27 @@ SHOW jit;
 RESET jit;
 DROP TRIGGER note_jit ON stg.order_events;
 SELECT count(*) FROM dwh.verify();
+
+-- Replacing orders of many items writes temporary files in proportion to
+-- the batch, not to its links times their orders' item lists: 20 orders
+-- of 500 items (1.5 MB of messages) replaced within 40 MB of temporary
+-- files, with a work_mem small enough that sorts and hashes spill.  (The
+-- DELETE of the links a new version no longer holds carried each link
+-- with its order's whole item list: gigabytes for larger batches.)
+CREATE FUNCTION t.wide_batch(update_ts text, first_item int) RETURNS bytea[]
+LANGUAGE sql AS $$
+    SELECT array_agg(convert_to(t.order_msg(50000 + o, 'u1', 'CLOSED', update_ts,
+        (SELECT jsonb_agg(jsonb_build_object('id', 'w' || i, 'name', repeat('x', 100) || i,
+                                             'price', 1, 'quantity', 1))
+         FROM generate_series(first_item, first_item + 499) i), 'r0'), 'UTF8'))
+    FROM generate_series(1, 20) o
+$$;
+SELECT (dwh.ingest_orders(t.wide_batch('2023-03-01 10:00:00', 1))).applied;
+SET work_mem = '64kB';
+SET temp_file_limit = '40MB';
+SELECT (dwh.ingest_orders(t.wide_batch('2023-03-01 11:00:00', 2))).applied;
+RESET temp_file_limit;
+RESET work_mem;
+SELECT count(*) AS links FROM dds.l_order_product l JOIN dds.h_order h USING (h_order_pk)
+WHERE h.order_id BETWEEN 50001 AND 50020;
+SELECT count(*) FROM dwh.verify();

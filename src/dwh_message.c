@@ -406,6 +406,7 @@ check_amount(JsonbContainer *obj, const char *key, const char *path,
 {
 	JsonbValue	v;
 	double		d;
+	char	   *digits;
 
 	if (!get_field(obj, key, &v))
 	{
@@ -418,11 +419,23 @@ check_amount(JsonbContainer *obj, const char *key, const char *path,
 		return problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
 						   "%s%s must be a number, not %s",
 						   path, key, JsonbTypeName(&v));
-	d = strtod(number_text(&v), NULL);
-	if (d < 0 || d >= DWH_MAX_AMOUNT)
+	digits = number_text(&v);
+	d = strtod(digits, NULL);
+
+	/*
+	 * The exact decimal's sign, not the double's: -1e-400 is negative, and
+	 * would be -0.0 as a double.
+	 */
+	if ((digits[0] == '-' && strpbrk(digits, "123456789") != NULL) ||
+		d >= DWH_MAX_AMOUNT)
+	{
+		/* 1e-400 has 400 digits: the reason shows the first ones. */
+		if (strlen(digits) > 32)
+			strcpy(digits + 29, "...");
 		return problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
 						   "%s%s must be between 0 and 1e14, not %s",
-						   path, key, number_text(&v));
+						   path, key, digits);
+	}
 	return true;
 }
 

@@ -1322,15 +1322,21 @@ CREATE FUNCTION dwh.unlink_replaced_items(object_ids bigint[], payloads jsonb[])
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
+    -- The relation a DELETE joins carries its whole row into the join (to
+    -- recheck it under concurrent updates): it holds the keys only, not the
+    -- items, which made the anti-join below spill each link with its
+    -- order's whole item list (gigabytes of temporary files for orders of
+    -- a thousand items).
     WITH batch AS MATERIALIZED (
         SELECT dwh.hash_key(c.object_id::text) AS h_order_pk,
-               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk,
-               c.payload->'order_items' AS items
+               dwh.hash_key(c.payload->'user'->>'id') AS h_user_pk
         FROM unnest(object_ids, payloads) AS c(object_id, payload)
     ),
     item AS MATERIALIZED (
-        SELECT DISTINCT b.h_order_pk, dwh.hash_key(e->>'id') AS h_product_pk
-        FROM batch b, jsonb_array_elements(b.items) e
+        SELECT DISTINCT dwh.hash_key(c.object_id::text) AS h_order_pk,
+               dwh.hash_key(e->>'id') AS h_product_pk
+        FROM unnest(object_ids, payloads) AS c(object_id, payload),
+             jsonb_array_elements(c.payload->'order_items') e
     ),
     stale_products AS (
         DELETE FROM dds.l_order_product l
