@@ -31,7 +31,6 @@
  */
 #include "postgres.h"
 
-#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/array.h"
@@ -500,30 +499,6 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 	return outcome;
 }
 
-/*
- * Wake the workers once the seek is committed, never before.  The callback
- * stays registered for the session: one that unregistered itself would free
- * the list item PostgreSQL 15 reads the next one from once it returns.  A
- * seek in a prepared transaction wakes no worker: the owner of the
- * partition finds it after its next batch.
- */
-static bool wake_registered = false;
-static bool wake_at_commit = false;
-
-static void
-wake_workers_at_commit(XactEvent event, void *arg)
-{
-	if (!wake_at_commit)
-		return;
-	if (event == XACT_EVENT_COMMIT)
-	{
-		wake_at_commit = false;
-		dwh_status_wake_kafka_workers();
-	}
-	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE)
-		wake_at_commit = false;
-}
-
 PG_FUNCTION_INFO_V1(dwh_kafka_seek);
 
 /*
@@ -599,11 +574,7 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 
-	if (!wake_registered)
-	{
-		RegisterXactCallback(wake_workers_at_commit, NULL);
-		wake_registered = true;
-	}
-	wake_at_commit = true;
+	/* The workers move once the seek is committed, never before. */
+	dwh_status_wake_at_commit(DWH_WORKER_KAFKA);
 	PG_RETURN_VOID();
 }

@@ -14,6 +14,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -413,6 +414,60 @@ dwh_status_wake_tags_worker(void)
 	SpinLockRelease(&slot->mutex);
 	if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
 		SetLatch(&proc->procLatch);
+}
+
+/*
+ * Wake-ups asked for at the commit of this backend's transaction: what it
+ * changed is visible to the workers by then (the commit's callbacks run
+ * after the transaction has left the proc array); an abort or a prepare
+ * forgets them (a prepared transaction's changes are found by the workers'
+ * next look).  One callback, registered once and never removed: one that
+ * unregistered itself would free the list item PostgreSQL 15 reads the
+ * next callback from once it returns.
+ */
+static bool wake_kafka_at_commit = false;
+static bool wake_tags_at_commit = false;
+
+static void
+wake_at_commit(XactEvent event, void *arg)
+{
+	bool		kafka = wake_kafka_at_commit;
+	bool		tags = wake_tags_at_commit;
+
+	if (event != XACT_EVENT_COMMIT && event != XACT_EVENT_ABORT &&
+		event != XACT_EVENT_PREPARE)
+		return;
+	wake_kafka_at_commit = false;
+	wake_tags_at_commit = false;
+	if (event != XACT_EVENT_COMMIT)
+		return;
+	if (kafka)
+		dwh_status_wake_kafka_workers();
+	if (tags)
+		dwh_status_wake_tags_worker();
+}
+
+/*
+ * dwh_status_wake_at_commit
+ *		Wake the Kafka workers (stored offsets changed) or the tags worker
+ *		(tag events queued) when the current transaction commits.
+ */
+void
+dwh_status_wake_at_commit(DwhWorkerKind kind)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		RegisterXactCallback(wake_at_commit, NULL);
+		registered = true;
+	}
+	if (kind == DWH_WORKER_KAFKA)
+		wake_kafka_at_commit = true;
+	else if (kind == DWH_WORKER_TAGS)
+		wake_tags_at_commit = true;
+	else
+		elog(ERROR, "no wake-up at commit for worker kind %d", (int) kind);
 }
 
 /*

@@ -118,6 +118,7 @@ extern void dwh_status_set_feed(DwhWorkerStatus *slot, int64 produced,
 								int64 pending);
 extern void dwh_status_wake_kafka_workers(void);
 extern void dwh_status_wake_tags_worker(void);
+extern void dwh_status_wake_at_commit(DwhWorkerKind kind);
 extern bool dwh_status_take_offsets_changed(DwhWorkerStatus *slot);
 extern bool dwh_status_take_events_queued(DwhWorkerStatus *slot);
 extern void dwh_status_set_watermark(const char *topic, int32 partition,

@@ -63,10 +63,6 @@
 #define COUNT_SQL \
 	"SELECT pg_catalog.count(*) FROM dwh.tag_outbox"
 
-/* A transaction of this backend queued events: wake the worker at commit. */
-static bool wake_at_commit = false;
-static bool callback_registered = false;
-
 static void
 connect_spi(void)
 {
@@ -199,25 +195,6 @@ dwh_tag_feed_count(void)
 	return count;
 }
 
-/*
- * At commit, wake the tags worker for the events just queued: they are
- * visible to it by then (the commit's callbacks run after the transaction
- * has left the proc array).  An abort forgets the wake-up.
- */
-static void
-wake_callback(XactEvent event, void *arg)
-{
-	if (!wake_at_commit)
-		return;
-	if (event == XACT_EVENT_COMMIT)
-	{
-		wake_at_commit = false;
-		dwh_status_wake_tags_worker();
-	}
-	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE)
-		wake_at_commit = false;
-}
-
 PG_FUNCTION_INFO_V1(dwh_tag_feed_wake);
 
 /*
@@ -229,11 +206,6 @@ PG_FUNCTION_INFO_V1(dwh_tag_feed_wake);
 Datum
 dwh_tag_feed_wake(PG_FUNCTION_ARGS)
 {
-	if (!callback_registered)
-	{
-		RegisterXactCallback(wake_callback, NULL);
-		callback_registered = true;
-	}
-	wake_at_commit = true;
+	dwh_status_wake_at_commit(DWH_WORKER_TAGS);
 	PG_RETURN_VOID();
 }
