@@ -38,6 +38,7 @@ OBJS = \
 	src/dwh_kafka_verify.o \
 	src/dwh_kafka_worker.o \
 	src/dwh_kafka_destroy.o \
+	src/dwh_kafka_partitions.o \
 	src/dwh_kafka_probe.o \
 	src/dwh_kafka_producer.o \
 	src/dwh_kafka_queue.o \

@@ -22,44 +22,89 @@
 #include "dwh_dead_letter.h"
 #include "dwh_settings.h"
 
+struct DwhSha256
+{
+	pg_cryptohash_ctx *ctx;
+	ResourceOwner own;			/* NULL: the caller's tracks ctx */
+};
+
 /*
- * dwh_sha256
- *		SHA-256 of len bytes into out[DWH_SHA256_LEN], with PostgreSQL's
+ * dwh_sha256_begin, dwh_sha256_update, dwh_sha256_end
+ *		A SHA-256 of data given piece by piece, with PostgreSQL's
  *		cryptohash API (OpenSSL's when the server is built with it).
+ *		dwh_sha256_end() with out NULL abandons it (after an error).
  *
  * OpenSSL's contexts are tracked by the current resource owner; a worker
  * between two transactions (the Redis worker reading a reply) has none, so
  * one is made for the computation.
  */
+DwhSha256 *
+dwh_sha256_begin(void)
+{
+	DwhSha256  *h = palloc0(sizeof(DwhSha256));
+	ResourceOwner caller = CurrentResourceOwner;
+
+	if (caller == NULL)
+		CurrentResourceOwner = h->own = ResourceOwnerCreate(NULL, "dwh sha256");
+	h->ctx = pg_cryptohash_create(PG_SHA256);
+	CurrentResourceOwner = caller;
+	if (h->ctx == NULL || pg_cryptohash_init(h->ctx) < 0)
+	{
+		const char *why = h->ctx ? pstrdup(pg_cryptohash_error(h->ctx)) : "out of memory";
+
+		dwh_sha256_end(h, NULL);
+		elog(ERROR, "could not compute a SHA-256 hash: %s", why);
+	}
+	return h;
+}
+
+void
+dwh_sha256_update(DwhSha256 *h, const void *data, size_t len)
+{
+	if (pg_cryptohash_update(h->ctx, (const uint8 *) data, len) < 0)
+		elog(ERROR, "could not compute a SHA-256 hash: %s",
+			 pg_cryptohash_error(h->ctx));
+}
+
+void
+dwh_sha256_end(DwhSha256 *h, uint8 *out)
+{
+	const char *why = NULL;
+
+	if (h->ctx != NULL)
+	{
+		if (out != NULL && pg_cryptohash_final(h->ctx, out, DWH_SHA256_LEN) < 0)
+			why = pstrdup(pg_cryptohash_error(h->ctx));
+		pg_cryptohash_free(h->ctx);
+	}
+	/* Empty again: the context is freed. */
+	if (h->own != NULL)
+		ResourceOwnerDelete(h->own);
+	pfree(h);
+	if (why != NULL)
+		elog(ERROR, "could not compute a SHA-256 hash: %s", why);
+}
+
+/*
+ * dwh_sha256
+ *		SHA-256 of len bytes into out[DWH_SHA256_LEN].
+ */
 void
 dwh_sha256(const void *data, size_t len, uint8 *out)
 {
-	ResourceOwner caller = CurrentResourceOwner;
-	ResourceOwner own = NULL;
-	pg_cryptohash_ctx *ctx;
-	const char *why = NULL;
+	DwhSha256  *h = dwh_sha256_begin();
 
-	if (caller == NULL)
-		CurrentResourceOwner = own = ResourceOwnerCreate(NULL, "dwh sha256");
-	ctx = pg_cryptohash_create(PG_SHA256);
-	if (ctx == NULL)
-		why = "out of memory";
-	else
+	PG_TRY();
 	{
-		if (pg_cryptohash_init(ctx) < 0 ||
-			pg_cryptohash_update(ctx, (const uint8 *) data, len) < 0 ||
-			pg_cryptohash_final(ctx, out, DWH_SHA256_LEN) < 0)
-			why = pstrdup(pg_cryptohash_error(ctx));
-		pg_cryptohash_free(ctx);
+		dwh_sha256_update(h, data, len);
 	}
-	if (own != NULL)
+	PG_CATCH();
 	{
-		/* Empty again: the context is freed. */
-		CurrentResourceOwner = caller;
-		ResourceOwnerDelete(own);
+		dwh_sha256_end(h, NULL);
+		PG_RE_THROW();
 	}
-	if (why != NULL)
-		elog(ERROR, "could not compute a SHA-256 hash: %s", why);
+	PG_END_TRY();
+	dwh_sha256_end(h, out);
 }
 
 /*

@@ -11,6 +11,11 @@
 
 #define DWH_SHA256_LEN	32
 
+typedef struct DwhSha256 DwhSha256;
+
+extern DwhSha256 *dwh_sha256_begin(void);
+extern void dwh_sha256_update(DwhSha256 *h, const void *data, size_t len);
+extern void dwh_sha256_end(DwhSha256 *h, uint8 *out);
 extern void dwh_sha256(const void *data, size_t len, uint8 *out);
 extern Datum dwh_sha256_datum(const void *data, size_t len);
 extern size_t dwh_dead_letter_kept(size_t len);

@@ -906,6 +906,38 @@ dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
 }
 
 /*
+ * dwh_kafka_consumer_view_topic
+ *		The topic's number of partitions as a broker's metadata says now
+ *		(-1 if no broker answered within timeout_ms or the topic does not
+ *		exist), and which of them the consumer group's members hold.  Asked
+ *		from a thread (src/dwh_kafka_probe.c).
+ */
+void
+dwh_kafka_consumer_view_topic(DwhKafkaConsumer *c, DwhKafkaTopicView *view,
+							  int timeout_ms)
+{
+	if (dwh_kafka_probe_topic(c->rk, c->topic, dwh_kafka_group_id, view,
+							  timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		view->partition_count = -1;
+}
+
+/*
+ * dwh_kafka_consumer_session_timeout_ms
+ *		The consumer's session.timeout.ms (dwh's, or dwh.kafka_options').
+ */
+int
+dwh_kafka_consumer_session_timeout_ms(DwhKafkaConsumer *c)
+{
+	char		value[32];
+	size_t		size = sizeof(value);
+
+	if (rd_kafka_conf_get(rd_kafka_conf(c->rk), "session.timeout.ms", value,
+						  &size) != RD_KAFKA_CONF_OK)
+		return 45000;			/* librdkafka's default */
+	return atoi(value);
+}
+
+/*
  * dwh_kafka_consumer_revoke
  *		Give up the partitions of the pending DWH_KAFKA_REVOKE.
  */

@@ -8,7 +8,17 @@
 #ifndef DWH_KAFKA_CONSUMER_H
 #define DWH_KAFKA_CONSUMER_H
 
+#include "dwh_status.h"
+
 typedef struct DwhKafkaConsumer DwhKafkaConsumer;
+
+/* The topic as the brokers see it: its partitions, and who holds them. */
+typedef struct DwhKafkaTopicView
+{
+	int			partition_count;	/* -1: not known */
+	bool		assignment_known;	/* the group is stable, held is filled */
+	bool		held[DWH_MAX_PARTITIONS];	/* by some member of the group */
+} DwhKafkaTopicView;
 
 typedef enum DwhKafkaEventKind
 {
@@ -67,6 +77,10 @@ extern bool dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *consumer,
 												int64 *low, int64 *high,
 												int timeout_ms, char *error,
 												size_t error_size);
+extern void dwh_kafka_consumer_view_topic(DwhKafkaConsumer *c,
+										  DwhKafkaTopicView *view,
+										  int timeout_ms);
+extern int	dwh_kafka_consumer_session_timeout_ms(DwhKafkaConsumer *c);
 extern bool dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
 											  int timeout_ms);
 extern void dwh_kafka_consumer_revoke(DwhKafkaConsumer *consumer);

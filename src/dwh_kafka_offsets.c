@@ -499,6 +499,49 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 	return outcome;
 }
 
+/*
+ * dwh_kafka_offsets_list
+ *		Every partition of topic with a row, sorted, with its stored next
+ *		offset (DWH_NO_OFFSET if none) and whether it is stopped at a gap;
+ *		the arrays are allocated in the caller's memory context.  Returns
+ *		the number of rows.
+ */
+int
+dwh_kafka_offsets_list(const char *topic, int32 **partitions,
+					   int64 **next_offsets, bool **stopped)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+	uint64		r;
+	int			n;
+
+	connect_spi();
+	args[0] = CStringGetTextDatum(topic);
+	if (SPI_execute_with_args("SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL
+							  " FROM dwh.kafka_offsets AS o WHERE o.topic = $1 "
+							  "ORDER BY o.kafka_partition",
+							  1, types, args, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read dwh.kafka_offsets");
+	n = (int) SPI_processed;
+	*partitions = SPI_palloc(sizeof(int32) * Max(n, 1));
+	*next_offsets = SPI_palloc(sizeof(int64) * Max(n, 1));
+	*stopped = SPI_palloc(sizeof(bool) * Max(n, 1));
+	for (r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		Datum		next;
+
+		(*partitions)[r] = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+		next = SPI_getbinval(tup, desc, 2, &isnull);
+		(*next_offsets)[r] = isnull ? DWH_NO_OFFSET : DatumGetInt64(next);
+		(*stopped)[r] = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
+	}
+	SPI_finish();
+	return n;
+}
+
 PG_FUNCTION_INFO_V1(dwh_kafka_seek);
 
 /*

@@ -47,6 +47,8 @@ extern void dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 									const bool *last_known, int n);
 extern bool dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
 										  int64 expected, int64 end);
+extern int	dwh_kafka_offsets_list(const char *topic, int32 **partitions,
+								   int64 **next_offsets, bool **stopped);
 extern int	dwh_kafka_offsets_take_seeks(const char *topic,
 										 const int32 *partitions, int n,
 										 int32 **seek_partitions,

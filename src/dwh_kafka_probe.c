@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_kafka_probe.c
- *	  Ask a partition's leader for an offset without holding up SIGTERM.
+ *	  Ask the brokers (a partition's offset, the topic's partition count)
+ *	  without holding up SIGTERM.
  *
  * A Kafka worker showing a broker error asks a leader for its next offset
  * every few seconds, to learn that the brokers answer again
@@ -14,7 +15,8 @@
  * once; the thread, and the client it uses, are left to the exit
  * (dwh_kafka_probe_in_flight() tells the consumer's exit callback not to
  * destroy that client).  The watermarks a worker asks for at a gap
- * (dwh_kafka_consumer_query_watermarks()) are asked the same way.
+ * (dwh_kafka_consumer_query_watermarks()) and the topic's partition count
+ * (dwh_kafka_partitions.c) are asked the same way.
  *
  *-------------------------------------------------------------------------
  */
@@ -30,11 +32,23 @@
 #include "dwh_kafka_probe.h"
 #include "dwh_worker.h"
 
+/* What the thread asks. */
+typedef enum ProbeKind
+{
+	PROBE_OFFSET,				/* one partition's offset (ListOffsets) */
+	PROBE_TOPIC					/* the topic's partitions (Metadata) and the
+								 * group's assignment (DescribeGroups) */
+} ProbeKind;
+
 /* Shared with the asking thread: malloc'd, as it may outlive the wait. */
 typedef struct ProbeJob
 {
+	ProbeKind	kind;
 	rd_kafka_t *rk;
-	rd_kafka_topic_partition_list_t *list;
+	rd_kafka_topic_partition_list_t *list;	/* PROBE_OFFSET */
+	char	   *topic;			/* PROBE_TOPIC */
+	char	   *group;
+	DwhKafkaTopicView view;
 	int			timeout_ms;
 	rd_kafka_resp_err_t err;
 	pg_atomic_uint32 done;
@@ -43,15 +57,192 @@ typedef struct ProbeJob
 /* A thread is asking now (and, once SIGTERM came, for good). */
 static bool in_flight = false;
 
+/* Big-endian readers of a member's assignment; false past its end. */
+static bool
+read_i16(const uint8 **p, const uint8 *end, int *v)
+{
+	if (end - *p < 2)
+		return false;
+	*v = (int16) (((*p)[0] << 8) | (*p)[1]);
+	*p += 2;
+	return true;
+}
+
+static bool
+read_i32(const uint8 **p, const uint8 *end, int32 *v)
+{
+	if (end - *p < 4)
+		return false;
+	*v = (int32) (((uint32) (*p)[0] << 24) | ((uint32) (*p)[1] << 16) |
+				  ((uint32) (*p)[2] << 8) | (uint32) (*p)[3]);
+	*p += 4;
+	return true;
+}
+
+/*
+ * Mark in held the partitions of topic that one member's assignment lists
+ * (Kafka's consumer protocol: a version, then topics with their partition
+ * numbers, then user data, which is not read).  False if it is malformed.
+ */
+static bool
+read_assignment(const void *data, int size, const char *topic, bool *held)
+{
+	const uint8 *p = data;
+	const uint8 *end = p + Max(size, 0);
+	size_t		topic_len = strlen(topic);
+	int			version;
+	int32		n_topics;
+
+	if (size == 0)
+		return true;			/* a member given nothing */
+	if (!read_i16(&p, end, &version) || !read_i32(&p, end, &n_topics) ||
+		n_topics < 0)
+		return false;
+	while (n_topics-- > 0)
+	{
+		int			name_len;
+		int32		n_parts;
+		bool		ours;
+
+		if (!read_i16(&p, end, &name_len) || name_len < 0 || end - p < name_len)
+			return false;
+		ours = ((size_t) name_len == topic_len &&
+				memcmp(p, topic, topic_len) == 0);
+		p += name_len;
+		if (!read_i32(&p, end, &n_parts) || n_parts < 0)
+			return false;
+		while (n_parts-- > 0)
+		{
+			int32		partition;
+
+			if (!read_i32(&p, end, &partition))
+				return false;
+			if (ours && partition >= 0 && partition < DWH_MAX_PARTITIONS)
+				held[partition] = true;
+		}
+	}
+	return true;
+}
+
+/*
+ * The topic's partition count (Metadata), then what the consumer group's
+ * members hold of it, if the group is stable (DescribeGroups).
+ */
+static void
+ask_topic(ProbeJob *job)
+{
+	DwhKafkaTopicView *view = &job->view;
+	rd_kafka_topic_t *rkt = rd_kafka_topic_new(job->rk, job->topic, NULL);
+	const struct rd_kafka_metadata *md = NULL;
+	const struct rd_kafka_group_list *groups = NULL;
+	const struct rd_kafka_group_info *g;
+	int			i;
+
+	view->partition_count = -1;
+	view->assignment_known = false;
+	if (rkt == NULL)
+	{
+		job->err = rd_kafka_last_error();
+		return;
+	}
+	job->err = rd_kafka_metadata(job->rk, 0, rkt, &md, job->timeout_ms);
+	rd_kafka_topic_destroy(rkt);
+	if (job->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return;
+	if (md->topic_cnt != 1)
+		job->err = RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC;
+	else if (md->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		job->err = md->topics[0].err;
+	else
+		view->partition_count = md->topics[0].partition_cnt;
+	rd_kafka_metadata_destroy(md);
+	if (job->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return;
+
+	if (rd_kafka_list_groups(job->rk, job->group, &groups,
+							 job->timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return;
+	if (groups->group_cnt == 1)
+	{
+		g = &groups->groups[0];
+		if (g->err == RD_KAFKA_RESP_ERR_NO_ERROR &&
+			g->state != NULL && strcmp(g->state, "Stable") == 0 &&
+			g->protocol_type != NULL && strcmp(g->protocol_type, "consumer") == 0)
+		{
+			view->assignment_known = true;
+			for (i = 0; i < g->member_cnt; i++)
+				if (!read_assignment(g->members[i].member_assignment,
+									 g->members[i].member_assignment_size,
+									 job->topic, view->held))
+					view->assignment_known = false;
+		}
+	}
+	rd_kafka_group_list_destroy(groups);
+}
+
 static void *
 probe_main(void *arg)
 {
 	ProbeJob   *job = (ProbeJob *) arg;
 
-	/* Unlike rd_kafka_query_watermark_offsets(), honours its timeout. */
-	job->err = rd_kafka_offsets_for_times(job->rk, job->list, job->timeout_ms);
+	if (job->kind == PROBE_OFFSET)
+	{
+		/* Unlike rd_kafka_query_watermark_offsets(), honours its timeout. */
+		job->err = rd_kafka_offsets_for_times(job->rk, job->list,
+											  job->timeout_ms);
+	}
+	else
+		ask_topic(job);
 	pg_atomic_write_u32(&job->done, 1);
 	return NULL;
+}
+
+static ProbeJob *
+new_job(ProbeKind kind, rd_kafka_t *rk, int timeout_ms)
+{
+	ProbeJob   *job = calloc(1, sizeof(ProbeJob));
+
+	if (job == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	job->kind = kind;
+	job->rk = rk;
+	job->timeout_ms = Max(timeout_ms, 1);
+	job->err = RD_KAFKA_RESP_ERR_NO_ERROR;
+	pg_atomic_init_u32(&job->done, 0);
+	return job;
+}
+
+/* Run the job in a thread of its own, serving interrupts meanwhile. */
+static void
+run_job(ProbeJob *job)
+{
+	pthread_t	thread;
+
+	if (dwh_worker_start_thread(&thread, probe_main, job) != 0)
+	{
+		probe_main(job);		/* no thread: ask from here */
+		return;
+	}
+
+	/*
+	 * Only a SIGTERM may end the wait (the process exits, leaving the client
+	 * to the thread): an ERROR, such as pg_cancel_backend()'s, would leave
+	 * the thread using a client that the worker, going on, could destroy. A
+	 * cancel is served once the thread is done.
+	 */
+	in_flight = true;
+	HOLD_CANCEL_INTERRUPTS();
+	while (pg_atomic_read_u32(&job->done) == 0)
+	{
+		CHECK_FOR_INTERRUPTS();
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 5L,
+						 PG_WAIT_EXTENSION);
+	}
+	RESUME_CANCEL_INTERRUPTS();
+	pthread_join(thread, NULL);
+	in_flight = false;
 }
 
 /*
@@ -65,48 +256,14 @@ rd_kafka_resp_err_t
 dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 					   int64 *offset, int timeout_ms)
 {
-	ProbeJob   *job;
+	ProbeJob   *job = new_job(PROBE_OFFSET, rk, timeout_ms);
 	rd_kafka_topic_partition_t *tp;
 	rd_kafka_resp_err_t err;
-	pthread_t	thread;
-	int			rc;
 
-	job = malloc(sizeof(ProbeJob));
-	if (job == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory")));
-	job->rk = rk;
 	job->list = rd_kafka_topic_partition_list_new(1);
 	tp = rd_kafka_topic_partition_list_add(job->list, topic, partition);
 	tp->offset = *offset;
-	job->timeout_ms = Max(timeout_ms, 1);
-	job->err = RD_KAFKA_RESP_ERR_NO_ERROR;
-	pg_atomic_init_u32(&job->done, 0);
-
-	rc = dwh_worker_start_thread(&thread, probe_main, job);
-	if (rc != 0)
-		probe_main(job);		/* no thread: ask from here */
-	else
-	{
-		/*
-		 * Only a SIGTERM may end the wait (the process exits, leaving the
-		 * client to the thread): an ERROR, such as pg_cancel_backend()'s,
-		 * would leave the thread using a client that the worker, going on,
-		 * could destroy.  A cancel is served once the thread is done.
-		 */
-		in_flight = true;
-		HOLD_CANCEL_INTERRUPTS();
-		while (pg_atomic_read_u32(&job->done) == 0)
-		{
-			CHECK_FOR_INTERRUPTS();
-			(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 5L,
-							 PG_WAIT_EXTENSION);
-		}
-		RESUME_CANCEL_INTERRUPTS();
-		pthread_join(thread, NULL);
-		in_flight = false;
-	}
+	run_job(job);
 
 	err = job->err;
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
@@ -114,6 +271,40 @@ dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		*offset = tp->offset;
 	rd_kafka_topic_partition_list_destroy(job->list);
+	free(job);
+	return err;
+}
+
+/*
+ * dwh_kafka_probe_topic
+ *		The number of partitions of topic, from a metadata request to a
+ *		broker, and which of them the members of the consumer group hold,
+ *		if the group is stable.  Waits at most about twice timeout_ms, and
+ *		serves interrupts meanwhile.
+ */
+rd_kafka_resp_err_t
+dwh_kafka_probe_topic(rd_kafka_t *rk, const char *topic, const char *group,
+					  DwhKafkaTopicView *view, int timeout_ms)
+{
+	ProbeJob   *job = new_job(PROBE_TOPIC, rk, timeout_ms);
+	rd_kafka_resp_err_t err;
+
+	job->topic = strdup(topic);
+	job->group = strdup(group);
+	if (job->topic == NULL || job->group == NULL)
+	{
+		free(job->topic);
+		free(job->group);
+		free(job);
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	}
+	run_job(job);
+	err = job->err;
+	memcpy(view, &job->view, sizeof(DwhKafkaTopicView));
+	free(job->topic);
+	free(job->group);
 	free(job);
 	return err;
 }

@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * dwh_kafka_probe.h
- *	  Ask a partition's leader for an offset without holding up SIGTERM.
+ *	  Ask the brokers (a partition's offset, the topic's partition count)
+ *	  without holding up SIGTERM.
  *
  *-------------------------------------------------------------------------
  */
@@ -10,11 +11,18 @@
 
 #include <librdkafka/rdkafka.h>
 
+#include "dwh_kafka_consumer.h"
+
 extern rd_kafka_resp_err_t dwh_kafka_probe_offset(rd_kafka_t *rk,
 												  const char *topic,
 												  int32 partition,
 												  int64 *offset,
 												  int timeout_ms);
+extern rd_kafka_resp_err_t dwh_kafka_probe_topic(rd_kafka_t *rk,
+												 const char *topic,
+												 const char *group,
+												 DwhKafkaTopicView *view,
+												 int timeout_ms);
 extern bool dwh_kafka_probe_in_flight(void);
 
 #endif							/* DWH_KAFKA_PROBE_H */

@@ -56,6 +56,7 @@
 #include "dwh_ingest.h"
 #include "dwh_kafka_consumer.h"
 #include "dwh_kafka_offsets.h"
+#include "dwh_kafka_partitions.h"
 #include "dwh_kafka_verify.h"
 #include "dwh_secret_files.h"
 #include "dwh_settings.h"
@@ -132,6 +133,9 @@ typedef struct PendingGap
 static PendingGap *pending_gaps = NULL;
 static int	n_pending_gaps = 0;
 static TimestampTz gaps_not_before = 0;
+
+/* The consumer has served a rebalance: it is a member of the group. */
+static bool in_group = false;
 
 /* A rebalance received but not yet served (its DB lookup may fail). */
 static DwhKafkaEventKind pending_rebalance = DWH_KAFKA_NOTHING;
@@ -240,6 +244,7 @@ drop_consumer(void)
 		dwh_kafka_consumer_destroy(c, false, waiting_for_broker);
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
+	in_group = false;
 	n_pending_gaps = 0;
 	dwh_kafka_verify_reset();
 	waiting_for_broker = false;
@@ -585,6 +590,7 @@ serve_rebalance(void)
 		dwh_kafka_consumer_revoke(consumer);
 	}
 	pending_rebalance = DWH_KAFKA_NOTHING;
+	in_group = true;
 
 	n_owned = dwh_kafka_consumer_assignment(consumer, &owned);
 	dwh_status_set_assigned(slot, owned, n_owned);
@@ -1322,6 +1328,8 @@ dwh_kafka_worker_main(Datum main_arg)
 
 	for (;;)
 	{
+		int			rejoin_ms;
+
 		/* Whatever a round allocates outside a transaction goes here. */
 		MemoryContextSwitchTo(loop_context);
 		MemoryContextReset(loop_context);
@@ -1373,6 +1381,20 @@ dwh_kafka_worker_main(Datum main_arg)
 		/* A gap to serve now: the queue may hold more, so no sleep. */
 		if (n_pending_gaps > 0 && GetCurrentTimestamp() >= gaps_not_before)
 			continue;
+
+		/*
+		 * One worker compares the topic's partitions with the group's
+		 * assignment (every 10 s, busy or not), once it is in the group.
+		 * Leaving the group drops what was gathered: it is fetched again.
+		 */
+		if (worker_index == 1 && in_group && !waiting_for_broker &&
+			(rejoin_ms = dwh_kafka_partitions_check(consumer, worker_index)) > 0)
+		{
+			drop_consumer();
+			dwh_status_set_state(slot, "rejoining the consumer group");
+			backoff_ms = rejoin_ms;
+			continue;
+		}
 
 		if (batch_due())
 		{

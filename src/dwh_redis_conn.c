@@ -41,9 +41,6 @@
 #include "dwh_message.h"
 #include "dwh_redis_conn.h"
 
-/* Keys per MGET command; a batch is a pipeline of such commands. */
-#define MGET_KEYS	100
-
 struct DwhRedisConn
 {
 	redisContext *ctx;
@@ -425,35 +422,48 @@ dwh_redis_connect(const DwhRedisUrl *url, int timeout_ms, DwhRedisError *error)
 	conn->socket_event = AddWaitEventToSet(conn->events, WL_SOCKET_WRITEABLE,
 										   ctx->fd, NULL, NULL);
 
-	if (!finish_connect(conn, error))
-		goto fail;
-
-	hs.db = url->db;
-	if (url->password[0] != '\0')
+	/*
+	 * The waits serve interrupts: a cancel raised in them must not leave the
+	 * socket and the wait set open for the life of the process.
+	 */
+	PG_TRY();
 	{
-		if (url->username[0] != '\0')
-			redisAppendCommand(ctx, "AUTH %s %s", url->username, url->password);
-		else
-			redisAppendCommand(ctx, "AUTH %s", url->password);
-		hs.steps[n++] = STEP_AUTH;
+		if (finish_connect(conn, error))
+		{
+			hs.db = url->db;
+			if (url->password[0] != '\0')
+			{
+				if (url->username[0] != '\0')
+					redisAppendCommand(ctx, "AUTH %s %s", url->username,
+									   url->password);
+				else
+					redisAppendCommand(ctx, "AUTH %s", url->password);
+				hs.steps[n++] = STEP_AUTH;
+			}
+			if (url->db != 0)
+			{
+				redisAppendCommand(ctx, "SELECT %d", url->db);
+				hs.steps[n++] = STEP_SELECT;
+			}
+			redisAppendCommand(ctx, "PING");
+			hs.steps[n++] = STEP_PING;
+			(void) exchange(conn, n, "connecting", handshake_reply, &hs, error);
+		}
 	}
-	if (url->db != 0)
+	PG_CATCH();
 	{
-		redisAppendCommand(ctx, "SELECT %d", url->db);
-		hs.steps[n++] = STEP_SELECT;
+		dwh_redis_disconnect(conn);
+		PG_RE_THROW();
 	}
-	redisAppendCommand(ctx, "PING");
-	hs.steps[n++] = STEP_PING;
+	PG_END_TRY();
 
-	if (!exchange(conn, n, "connecting", handshake_reply, &hs, error) ||
-		error->message[0] != '\0')
-		goto fail;
-	return conn;
-
-fail:
 	/* Connection refused shows on the first write or read. */
-	dwh_redis_disconnect(conn);
-	return NULL;
+	if (error->message[0] != '\0')
+	{
+		dwh_redis_disconnect(conn);
+		return NULL;
+	}
+	return conn;
 }
 
 /*
@@ -484,87 +494,260 @@ dwh_redis_conn_is_clean(DwhRedisConn *conn)
 	return !conn->in_exchange;
 }
 
-typedef struct MgetState
+/*
+ * Bytes of values one transaction of dwh_redis_read_values() may return:
+ * its reply is received whole.
+ */
+#define READ_REPLY_BUDGET	(16 * 1024 * 1024)
+
+/* Keys per transaction: at most 100, fewer when values may be large. */
+static int
+keys_per_transaction(int max_len)
+{
+	int			keys = READ_REPLY_BUDGET / (max_len + 1);
+
+	return Max(1, Min(keys, 100));
+}
+
+/*
+ * Where the replies of a dwh_redis_read_values() pipeline are: each
+ * transaction answers +OK (MULTI), +QUEUED for each of its commands, then
+ * EXEC's array of their replies.
+ */
+typedef struct ReadState
 {
 	int			n;
+	int			per_transaction;
 	DwhRedisValueFn fn;
 	void	   *arg;
-} MgetState;
+	int			first;			/* first key of the current transaction */
+	int			position;		/* of the next reply in the transaction */
+} ReadState;
 
 static bool
-mget_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
+read_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 		   DwhRedisError *error)
 {
-	MgetState  *st = (MgetState *) arg;
-	int			first = index * MGET_KEYS;
-	size_t		expected = Min(MGET_KEYS, st->n - first);
+	ReadState  *st = (ReadState *) arg;
+	int			count = Min(st->per_transaction, st->n - st->first);
 	size_t		i;
 
+	if (st->position < 1 + 2 * count)
+	{
+		/* MULTI's +OK, or a command's +QUEUED. */
+		if (reply->type == REDIS_REPLY_ERROR)
+			return server_error(conn, error,
+								st->position == 0 ? "MULTI" : "EXISTS and GETRANGE",
+								reply->str);
+		st->position++;
+		return true;
+	}
+
+	/* EXEC: EXISTS's answer and GETRANGE's for each key. */
 	if (reply->type == REDIS_REPLY_ERROR)
-		return server_error(conn, error, "MGET", reply->str);
-	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != expected)
+		return server_error(conn, error, "EXEC", reply->str);
+	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 * (size_t) count)
 	{
 		set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
-				  "unexpected answer to MGET from %s", conn->address);
+				  "unexpected answer to EXEC from %s", conn->address);
 		return false;
 	}
-	for (i = 0; i < expected; i++)
+	for (i = 0; i < (size_t) count; i++)
 	{
-		redisReply *e = reply->element[i];
+		redisReply *exists = reply->element[2 * i];
+		redisReply *range = reply->element[2 * i + 1];
 
-		if (e->type == REDIS_REPLY_STRING)
-			st->fn(st->arg, first + i, true, e->str, e->len);
+		/* Absent, or another type than a string (WRONGTYPE): not found. */
+		if (exists->type == REDIS_REPLY_INTEGER && exists->integer > 0 &&
+			range->type == REDIS_REPLY_STRING)
+			st->fn(st->arg, st->first + i, true, range->str, range->len);
 		else
-			st->fn(st->arg, first + i, false, NULL, 0);
+			st->fn(st->arg, st->first + i, false, NULL, 0);
 	}
+	st->first += count;
+	st->position = 0;
 	return true;
 }
 
 /*
- * dwh_redis_mget
- *		Read keys[0..n) (of lens[0..n) bytes) as a pipeline of MGET
- *		commands of MGET_KEYS keys;
- *		fn sees each value while its reply is alive (no copy is made of
- *		values the caller does not keep).
+ * dwh_redis_read_values
+ *		Read the values of keys[0..n) (of lens[0..n) bytes), at most
+ *		max_len + 1 bytes of each: fn sees each key in order, while its
+ *		reply is alive (no copy is made of values the caller does not
+ *		keep), with max_len + 1 bytes of a value longer than max_len.
+ *
+ * A value is never received whole before its size is known: Redis allows
+ * 512 MB a value, and a reply is received whole.  So each key is asked
+ * EXISTS (an empty string is a value, an absent key is not) and GETRANGE 0
+ * max_len, in a MULTI/EXEC of keys_per_transaction() keys (one consistent
+ * state of each key), all of them in one pipeline.
  */
 bool
-dwh_redis_mget(DwhRedisConn *conn, char **keys, const size_t *lens, int n,
-			   DwhRedisValueFn fn, void *arg, DwhRedisError *error)
+dwh_redis_read_values(DwhRedisConn *conn, char **keys, const size_t *lens,
+					  int n, int max_len, DwhRedisValueFn fn, void *arg,
+					  DwhRedisError *error)
 {
-	const char **argv = palloc(sizeof(char *) * (MGET_KEYS + 1));
-	size_t	   *argvlen = palloc(sizeof(size_t) * (MGET_KEYS + 1));
-	MgetState	st;
-	int			ncommands = 0;
+	char		end[16];
+	size_t		end_len = snprintf(end, sizeof(end), "%d", max_len);
+	ReadState	st;
+	int			nreplies = 0;
 	int			first;
 
 	memset(error, 0, sizeof(DwhRedisError));
 	if (n == 0)
 		return true;
-	for (first = 0; first < n; first += MGET_KEYS)
+	st.n = n;
+	st.per_transaction = keys_per_transaction(max_len);
+	for (first = 0; first < n; first += st.per_transaction)
 	{
-		int			count = Min(MGET_KEYS, n - first);
+		int			count = Min(st.per_transaction, n - first);
 		int			i;
+		bool		ok = (redisAppendCommand(conn->ctx, "MULTI") == REDIS_OK);
 
-		argv[0] = "MGET";
-		argvlen[0] = 4;
-		for (i = 0; i < count; i++)
+		for (i = first; ok && i < first + count; i++)
 		{
-			argv[i + 1] = keys[first + i];
-			argvlen[i + 1] = lens[first + i];
+			const char *exists[2] = {"EXISTS", keys[i]};
+			size_t		exists_len[2] = {6, lens[i]};
+			const char *range[4] = {"GETRANGE", keys[i], "0", end};
+			size_t		range_len[4] = {8, lens[i], 1, end_len};
+
+			ok = (redisAppendCommandArgv(conn->ctx, 2, exists, exists_len) == REDIS_OK &&
+				  redisAppendCommandArgv(conn->ctx, 4, range, range_len) == REDIS_OK);
 		}
-		if (redisAppendCommandArgv(conn->ctx, count + 1, argv, argvlen) != REDIS_OK)
+		if (!ok || redisAppendCommand(conn->ctx, "EXEC") != REDIS_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_OUT_OF_MEMORY),
 					 errmsg("out of memory while formatting a Redis command")));
-		ncommands++;
+		nreplies += 2 + 2 * count;
 	}
-	pfree(argv);
-	pfree(argvlen);
-
-	st.n = n;
 	st.fn = fn;
 	st.arg = arg;
-	return exchange(conn, ncommands, "reading values", mget_reply, &st, error);
+	st.first = 0;
+	st.position = 0;
+	return exchange(conn, nreplies, "reading values", read_reply, &st, error);
+}
+
+/* The replies of one step of dwh_redis_stream_value(). */
+typedef struct StreamState
+{
+	const char *command;		/* for errors */
+	int64		length;			/* STRLEN's answer, -1: not a string */
+	bool		executed;		/* EXEC ran: the key was not written */
+	DwhRedisChunkFn fn;
+	void	   *arg;
+} StreamState;
+
+static bool
+stream_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
+			 DwhRedisError *error)
+{
+	StreamState *st = (StreamState *) arg;
+
+	if (strcmp(st->command, "STRLEN") == 0 && index == 0 &&
+		reply->type == REDIS_REPLY_ERROR)
+		return server_error(conn, error, "WATCH", reply->str);
+	if (strcmp(st->command, "STRLEN") == 0 && index == 1)
+	{
+		/* WATCH's +OK came first; WRONGTYPE: no longer a string. */
+		if (reply->type == REDIS_REPLY_INTEGER)
+			st->length = reply->integer;
+		else if (reply->type == REDIS_REPLY_ERROR &&
+				 strncmp(reply->str, "WRONGTYPE", 9) == 0)
+			st->length = -1;
+		else
+			return server_error(conn, error, "STRLEN", reply->type ==
+								REDIS_REPLY_ERROR ? reply->str : "not a number");
+		return true;
+	}
+	if (reply->type == REDIS_REPLY_ERROR)
+	{
+		/* The key became another type while it was read. */
+		if (strcmp(st->command, "GETRANGE") == 0 &&
+			strncmp(reply->str, "WRONGTYPE", 9) == 0)
+			return true;
+		return server_error(conn, error, st->command, reply->str);
+	}
+	if (strcmp(st->command, "GETRANGE") == 0)
+	{
+		if (reply->type == REDIS_REPLY_STRING && reply->len > 0)
+			st->fn(st->arg, reply->str, reply->len);
+		return true;
+	}
+	/* EXEC (index 1, after MULTI's +OK): nil when WATCH saw a write. */
+	if (strcmp(st->command, "EXEC") == 0 && index == 1)
+		st->executed = (reply->type == REDIS_REPLY_ARRAY);
+	return true;
+}
+
+/*
+ * dwh_redis_stream_value
+ *		Read the string value of key, chunk_len bytes at a time, handing
+ *		each chunk to fn (which must not keep it), as one consistent value:
+ *		WATCH before, an empty MULTI/EXEC after, which fails if anything
+ *		wrote the key meanwhile.  Returns DWH_REDIS_STREAM_READ with *length
+ *		set, DWH_REDIS_STREAM_CHANGED (written meanwhile, or not a string:
+ *		read again later), or DWH_REDIS_STREAM_FAILED with error set.
+ */
+DwhRedisStreamResult
+dwh_redis_stream_value(DwhRedisConn *conn, const char *key, size_t key_len,
+					   int chunk_len, DwhRedisChunkFn fn, void *arg,
+					   int64 *length, DwhRedisError *error)
+{
+	const char *watch[2] = {"WATCH", key};
+	size_t		watch_len[2] = {5, key_len};
+	const char *strlen_argv[2] = {"STRLEN", key};
+	size_t		strlen_len[2] = {6, key_len};
+	StreamState st;
+	int64		offset;
+
+	memset(error, 0, sizeof(DwhRedisError));
+	memset(&st, 0, sizeof(st));
+	st.fn = fn;
+	st.arg = arg;
+
+	st.command = "STRLEN";
+	if (redisAppendCommandArgv(conn->ctx, 2, watch, watch_len) != REDIS_OK ||
+		redisAppendCommandArgv(conn->ctx, 2, strlen_argv, strlen_len) != REDIS_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory while formatting a Redis command")));
+	if (!exchange(conn, 2, "reading a large value", stream_reply, &st, error))
+		return DWH_REDIS_STREAM_FAILED;
+
+	/* One chunk a round trip: only one is ever in this process. */
+	st.command = "GETRANGE";
+	for (offset = 0; st.length > 0 && offset < st.length; offset += chunk_len)
+	{
+		char		from[24];
+		char		to[24];
+		const char *range[4] = {"GETRANGE", key, from, to};
+		size_t		range_len[4] = {8, key_len, 0, 0};
+
+		range_len[2] = snprintf(from, sizeof(from), INT64_FORMAT, offset);
+		range_len[3] = snprintf(to, sizeof(to), INT64_FORMAT,
+								offset + chunk_len - 1);
+		if (redisAppendCommandArgv(conn->ctx, 4, range, range_len) != REDIS_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory while formatting a Redis command")));
+		if (!exchange(conn, 1, "reading a large value", stream_reply, &st,
+					  error))
+			return DWH_REDIS_STREAM_FAILED;
+	}
+
+	/* EXEC also ends the WATCH, whatever it answers. */
+	st.command = "EXEC";
+	if (redisAppendCommand(conn->ctx, "MULTI") != REDIS_OK ||
+		redisAppendCommand(conn->ctx, "EXEC") != REDIS_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory while formatting a Redis command")));
+	if (!exchange(conn, 2, "reading a large value", stream_reply, &st, error))
+		return DWH_REDIS_STREAM_FAILED;
+	if (!st.executed || st.length < 0)
+		return DWH_REDIS_STREAM_CHANGED;
+	*length = st.length;
+	return DWH_REDIS_STREAM_READ;
 }
 
 typedef struct ScanState

@@ -24,11 +24,22 @@ typedef struct DwhRedisError
 } DwhRedisError;
 
 /*
- * Called once per key of an MGET, in key order, while the reply is alive:
- * found is false when the key holds no string (absent, or another type).
+ * Called once per key read, in key order, while the reply is alive: found
+ * is false when the key holds no string (absent, or another type).
  */
 typedef void (*DwhRedisValueFn) (void *arg, int index, bool found,
 								 const char *data, size_t len);
+
+/* Called with each chunk of a value streamed, in order. */
+typedef void (*DwhRedisChunkFn) (void *arg, const char *data, size_t len);
+
+/* What dwh_redis_stream_value() did. */
+typedef enum DwhRedisStreamResult
+{
+	DWH_REDIS_STREAM_READ,		/* the whole value, as it was throughout */
+	DWH_REDIS_STREAM_CHANGED,	/* written meanwhile, or not a string */
+	DWH_REDIS_STREAM_FAILED		/* the exchange failed: error is set */
+} DwhRedisStreamResult;
 
 /* Called once per key returned by a SCAN step: any bytes, NUL included. */
 typedef void (*DwhRedisKeyFn) (void *arg, const char *key, size_t len);
@@ -37,10 +48,17 @@ extern DwhRedisConn *dwh_redis_connect(const DwhRedisUrl *url, int timeout_ms,
 									   DwhRedisError *error);
 extern void dwh_redis_disconnect(DwhRedisConn *conn);
 extern bool dwh_redis_conn_is_clean(DwhRedisConn *conn);
-extern bool dwh_redis_mget(DwhRedisConn *conn, char **keys,
-						   const size_t *lens, int n,
-						   DwhRedisValueFn fn, void *arg,
-						   DwhRedisError *error);
+extern bool dwh_redis_read_values(DwhRedisConn *conn, char **keys,
+								  const size_t *lens, int n, int max_len,
+								  DwhRedisValueFn fn, void *arg,
+								  DwhRedisError *error);
+extern DwhRedisStreamResult dwh_redis_stream_value(DwhRedisConn *conn,
+												   const char *key,
+												   size_t key_len,
+												   int chunk_len,
+												   DwhRedisChunkFn fn,
+												   void *arg, int64 *length,
+												   DwhRedisError *error);
 extern bool dwh_redis_scan(DwhRedisConn *conn, const char *cursor,
 						   const char *pattern, int count,
 						   char *next_cursor, size_t next_cursor_size,

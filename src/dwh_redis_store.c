@@ -549,17 +549,14 @@ value_hash(const char *data, size_t len, uint8 *out)
 
 /*
  * dwh_redis_value_seen
- *		Record what Redis holds under a key (called while the reply is
- *		alive).  Only a changed value is copied, and of a value larger than
- *		max_value_size only the prefix kept in its dead letter, with the
- *		SHA-256 of the whole value.
+ *		Record what Redis holds under a key, a value no longer than
+ *		dwh.redis_max_value_size (called while the reply is alive).  Only a
+ *		changed value is copied.
  */
 void
 dwh_redis_value_seen(DwhRedisKey *key, bool found, const char *data,
-					 size_t len, int max_value_size)
+					 size_t len)
 {
-	size_t		keep;
-
 	key->found = found;
 	key->changed = false;
 	if (!found)
@@ -571,17 +568,37 @@ dwh_redis_value_seen(DwhRedisKey *key, bool found, const char *data,
 	key->changed = true;
 	key->len = len;
 	key->has_sha256 = false;
-	keep = len;
-	if (len > (size_t) max_value_size)
-	{
-		keep = dwh_dead_letter_kept(len);
-		dwh_sha256(data, len, key->sha256);
-		key->has_sha256 = true;
-	}
-	key->value = palloc(keep + 1);
-	memcpy(key->value, data, keep);
-	key->value[keep] = '\0';
-	key->value_len = keep;
+	key->value = palloc(len + 1);
+	memcpy(key->value, data, len);
+	key->value[len] = '\0';
+	key->value_len = len;
+}
+
+/*
+ * dwh_redis_large_value_seen
+ *		Record a value larger than dwh.redis_max_value_size, read in chunks:
+ *		its full length, the prefix its dead letter keeps and the SHA-256 of
+ *		all of it, whose first bytes stand for its hash (its bytes were
+ *		never all in memory at once).
+ */
+void
+dwh_redis_large_value_seen(DwhRedisKey *key, int64 len, const char *prefix,
+						   size_t kept, const uint8 *sha256)
+{
+	key->found = true;
+	key->changed = false;
+	memcpy(key->new_hash, sha256, DWH_REDIS_HASH_LEN);
+	if (key->has_hash && key->state != DWH_REDIS_STATE_NEW &&
+		memcmp(key->hash, key->new_hash, DWH_REDIS_HASH_LEN) == 0)
+		return;
+	key->changed = true;
+	key->len = len;
+	key->has_sha256 = true;
+	memcpy(key->sha256, sha256, DWH_SHA256_LEN);
+	key->value = palloc(kept + 1);
+	memcpy(key->value, prefix, kept);
+	key->value[kept] = '\0';
+	key->value_len = kept;
 }
 
 /* Make d a dead letter. */

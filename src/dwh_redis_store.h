@@ -38,7 +38,7 @@ typedef struct DwhRedisKey
 	DwhRedisState state;
 	bool		has_hash;
 	uint8		hash[DWH_REDIS_HASH_LEN];	/* of the last value read */
-	/* Filled from the MGET reply. */
+	/* Filled from what Redis answered. */
 	bool		found;
 	bool		changed;		/* found, and its hash differs */
 	uint8		new_hash[DWH_REDIS_HASH_LEN];
@@ -83,8 +83,10 @@ extern int	dwh_redis_store_new_keys(int limit, DwhRedisKey **keys);
 extern int	dwh_redis_store_page(const char *after, int limit,
 								 DwhRedisKey **keys);
 extern void dwh_redis_value_seen(DwhRedisKey *key, bool found,
-								 const char *data, size_t len,
-								 int max_value_size);
+								 const char *data, size_t len);
+extern void dwh_redis_large_value_seen(DwhRedisKey *key, int64 len,
+									   const char *prefix, size_t kept,
+									   const uint8 *sha256);
 extern void dwh_redis_store_apply(DwhRedisKey *keys, int n,
 								  int max_value_size,
 								  DwhRedisApplyResult *result);

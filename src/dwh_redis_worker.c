@@ -8,8 +8,10 @@
  *
  *	- every second, it takes the user and restaurant ids that new orders
  *	  named (queued in dwh.redis_wanted by a trigger on the DDS hubs) and
- *	  reads the ones never read, with pipelined MGET in batches of
- *	  dwh.redis_batch_size, each batch written in one transaction;
+ *	  reads the ones never read, in batches of dwh.redis_batch_size, each
+ *	  batch written in one transaction (src/dwh_redis_conn.c reads a value
+ *	  no further than dwh.redis_max_value_size; a larger one is read in
+ *	  chunks for its dead letter, never whole);
  *	- every dwh.redis_refresh_interval (and on each new connection), a
  *	  refresh pass: SCAN for new keys when dwh.redis_scan_pattern is set,
  *	  a full comparison of the hubs with dwh.redis_keys, then every known
@@ -40,6 +42,7 @@
 
 #include <signal.h>
 
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
@@ -47,6 +50,7 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
+#include "dwh_dead_letter.h"
 #include "dwh_redis_conn.h"
 #include "dwh_redis_store.h"
 #include "dwh_redis_url.h"
@@ -282,10 +286,16 @@ connect_redis(void)
 	return true;
 }
 
-/* Receives each value of an MGET. */
+/* Values larger than this are read again in chunks of this size. */
+#define LARGE_VALUE_CHUNK	(1024 * 1024)
+/* Times a large value written while it is read is read again. */
+#define LARGE_VALUE_TRIES	3
+
+/* Receives each value of a batch. */
 typedef struct SeenArg
 {
 	DwhRedisKey *keys;
+	bool	   *large;			/* by key: longer than the limit */
 } SeenArg;
 
 static void
@@ -293,8 +303,89 @@ value_seen(void *arg, int index, bool found, const char *data, size_t len)
 {
 	SeenArg    *a = (SeenArg *) arg;
 
-	dwh_redis_value_seen(&a->keys[index], found, data, len,
-						 dwh_redis_max_value_size);
+	if (found && len > (size_t) dwh_redis_max_value_size)
+	{
+		/* Only its first bytes came: read in chunks once the batch is. */
+		a->large[index] = true;
+		a->keys[index].found = true;
+		a->keys[index].changed = false;
+		return;
+	}
+	dwh_redis_value_seen(&a->keys[index], found, data, len);
+}
+
+/* A large value as its chunks come: its SHA-256 and kept prefix. */
+typedef struct LargeValue
+{
+	DwhSha256  *sha256;
+	StringInfoData prefix;
+	size_t		keep;
+} LargeValue;
+
+static void
+chunk_seen(void *arg, const char *data, size_t len)
+{
+	LargeValue *v = (LargeValue *) arg;
+
+	dwh_sha256_update(v->sha256, data, len);
+	if ((size_t) v->prefix.len < v->keep)
+		appendBinaryStringInfo(&v->prefix, data,
+							   Min(len, v->keep - (size_t) v->prefix.len));
+}
+
+/*
+ * Read a value longer than dwh.redis_max_value_size in chunks, for its
+ * dead letter: its length, its first dwh.dead_letter_keep_bytes and the
+ * SHA-256 of all of it, without ever holding it whole.  A value written
+ * meanwhile is read again; one written every time, or no longer large, is
+ * left as it was, for the next pass.  Returns false with error set when
+ * Redis failed.
+ */
+static bool
+read_large_value(DwhRedisKey *key, DwhRedisError *error)
+{
+	LargeValue	v;
+	int			tries;
+
+	v.keep = Min((size_t) dwh_dead_letter_keep_bytes, MaxAllocSize - 1);
+	initStringInfo(&v.prefix);
+	for (tries = 0; tries < LARGE_VALUE_TRIES; tries++)
+	{
+		DwhRedisStreamResult result;
+		uint8		sha256[DWH_SHA256_LEN];
+		int64		length = 0;
+
+		resetStringInfo(&v.prefix);
+		v.sha256 = dwh_sha256_begin();
+		PG_TRY();
+		{
+			result = dwh_redis_stream_value(conn, key->key, key->key_len,
+											LARGE_VALUE_CHUNK, chunk_seen, &v,
+											&length, error);
+		}
+		PG_CATCH();
+		{
+			dwh_sha256_end(v.sha256, NULL);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+
+		if (result == DWH_REDIS_STREAM_READ &&
+			length > dwh_redis_max_value_size)
+		{
+			dwh_sha256_end(v.sha256, sha256);
+			dwh_redis_large_value_seen(key, length, v.prefix.data,
+									   v.prefix.len, sha256);
+			break;
+		}
+		dwh_sha256_end(v.sha256, NULL);
+		if (result == DWH_REDIS_STREAM_FAILED)
+			return false;
+		if (result == DWH_REDIS_STREAM_READ)
+			break;				/* shorter now: read whole at the next pass */
+	}
+	pfree(v.prefix.data);
+	return true;
 }
 
 /*
@@ -317,8 +408,15 @@ mirror_batch(DwhRedisKey *keys, int n, DwhRedisApplyResult *result,
 		lens[i] = keys[i].key_len;
 	}
 	arg.keys = keys;
-	if (!dwh_redis_mget(conn, names, lens, n, value_seen, &arg, error))
+	arg.large = palloc0(sizeof(bool) * Max(n, 1));
+	if (!dwh_redis_read_values(conn, names, lens, n, dwh_redis_max_value_size,
+							   value_seen, &arg, error))
 		return false;
+	for (i = 0; i < n; i++)
+	{
+		if (arg.large[i] && !read_large_value(&keys[i], error))
+			return false;
+	}
 	dwh_redis_store_apply(keys, n, dwh_redis_max_value_size, result);
 	if (result->values_changed > 0)
 		counts_stale = true;

@@ -147,12 +147,13 @@ static void
 detach_slot(int code, Datum arg)
 {
 	DwhWorkerStatus *slot = (DwhWorkerStatus *) DatumGetPointer(arg);
+	TimestampTz now = GetCurrentTimestamp();
 
 	SpinLockAcquire(&slot->mutex);
 	slot->pid = 0;
 	slot->n_assigned = 0;
 	strlcpy(slot->state, "stopped", DWH_STATE_LEN);
-	slot->state_since = GetCurrentTimestamp();
+	slot->state_since = now;
 	SpinLockRelease(&slot->mutex);
 }
 
@@ -166,6 +167,7 @@ DwhWorkerStatus *
 dwh_status_attach(DwhWorkerKind kind, int index)
 {
 	DwhWorkerStatus *slot;
+	TimestampTz now = GetCurrentTimestamp();
 
 	ensure_shared();
 	slot = &shared->workers[slot_number(kind, index)];
@@ -174,7 +176,7 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	slot->kind = kind;
 	slot->index = index;
 	slot->pid = MyProcPid;
-	slot->started_at = GetCurrentTimestamp();
+	slot->started_at = now;
 	strlcpy(slot->state, "starting", DWH_STATE_LEN);
 	slot->state_since = slot->started_at;
 	slot->n_assigned = 0;
@@ -210,6 +212,7 @@ dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
 {
 	char		buf[DWH_STATE_LEN];
 	va_list		args;
+	TimestampTz now = GetCurrentTimestamp();
 
 	va_start(args, fmt);
 	vsnprintf(buf, sizeof(buf), fmt, args);
@@ -217,11 +220,12 @@ dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
 	/* Read as text by dwh.status: never invalid, even when cut short. */
 	dwh_valid_utf8_in_place(buf);
 
+	/* No system call while the spinlock is held. */
 	SpinLockAcquire(&slot->mutex);
 	if (strcmp(slot->state, buf) != 0)
 	{
 		strlcpy(slot->state, buf, DWH_STATE_LEN);
-		slot->state_since = GetCurrentTimestamp();
+		slot->state_since = now;
 	}
 	SpinLockRelease(&slot->mutex);
 }

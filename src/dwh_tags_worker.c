@@ -396,7 +396,8 @@ feed_held_back(int64 event_id)
 	if (dwh_worker_note_logged(error))
 		ereport(LOG,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("%s", error),
+				 errmsg("queued tag event " INT64_FORMAT " cannot be read in cdm.user_tag_events and dds.h_user yet: the feed waits for it",
+						event_id),
 				 errdetail("A restore may not have committed the event, or its user, yet; the events after it wait so that each user's stay in order."),
 				 errhint("If the event was deleted on purpose, delete its row from dwh.tag_outbox: DELETE FROM dwh.tag_outbox WHERE event_id = " INT64_FORMAT ";",
 						 event_id)));

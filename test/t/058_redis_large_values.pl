@@ -1,0 +1,137 @@
+# Redis values larger than dwh.redis_max_value_size are never received
+# whole (README, "Redis dictionaries", "Memory"): the worker reads at most
+# the limit and a byte of each value, and a larger one in chunks for its
+# dead letter (its first dwh.dead_letter_keep_bytes, its full length, the
+# SHA-256 of all of it).  Three values of 64 MB, found by SCAN beside a
+# good user: the worker's private memory (RssAnon, sampled every 20 ms)
+# grows by far less than one of them; each is dead-lettered once with the
+# right length and SHA-256, the user is mirrored, refreshes of unchanged
+# values write nothing, and a changed large value is dead-lettered again.
+
+use strict;
+use warnings;
+
+use Digest::SHA qw(sha256_hex);
+use FindBin;
+use lib $FindBin::RealBin;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use RedisServer;
+use Test::More;
+use Time::HiRes qw(usleep);
+
+my $size = 64 * 1024 * 1024;
+my $redis = RedisServer->new;
+
+my $node = PostgreSQL::Test::Cluster->new('redis_large_values');
+$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$node->append_conf(
+	'postgresql.conf', qq{
+shared_preload_libraries = 'dwh'
+dwh.redis_refresh_interval = 1
+dwh.redis_scan_pattern = '*'
+dwh.dead_letter_keep_bytes = 1kB
+});
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION dwh');
+
+sub psql { return $node->safe_psql('postgres', $_[0]) }
+
+# The private anonymous memory of a process, in kB (undef once it is gone).
+sub rss_anon_kb
+{
+	my ($pid) = @_;
+	open(my $fh, '<', "/proc/$pid/status") or return undef;
+	while (<$fh>)
+	{
+		return $1 if /^RssAnon:\s+(\d+) kB/;
+	}
+	return undef;
+}
+
+# SETRANGE past the end makes a value of $size bytes in Redis at once:
+# zeros, then the byte given.
+my %value_of;
+foreach my $n (1 .. 3)
+{
+	is($redis->cli('SETRANGE', "big:$n", $size - 1, "$n"), $size,
+		"value big:$n holds $size bytes");
+	$value_of{"big:$n"} = ("\0" x ($size - 1)) . $n;
+}
+my $user = '626a81ce9a8cd1920641e201';
+$redis->set($user,
+	qq({"_id": "$user", "name": "Large Values", "login": "large", "update_ts_utc": "2023-08-11 16:44:59"})
+);
+
+my $url = $redis->url;
+psql("ALTER SYSTEM SET dwh.redis_url = '$url'");
+ok( $node->poll_query_until('postgres',
+		"SELECT pid IS NOT NULL AND state = 'idle: dwh.redis_url is empty' FROM dwh.status WHERE worker = 'redis'"
+	),
+	'the Redis worker waits for its URL');
+my $pid = psql("SELECT pid FROM dwh.status WHERE worker = 'redis'");
+my $before_kb = rss_anon_kb($pid);
+psql('SELECT pg_reload_conf()');
+
+# Sample the worker's memory until the three dead letters are written.
+my $peak_kb = $before_kb;
+my $deadline = time() + 120;
+while (time() < $deadline)
+{
+	my $kb = rss_anon_kb($pid);
+	$peak_kb = $kb if defined $kb && $kb > $peak_kb;
+	last
+	  if psql("SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'") ==
+	  3;
+	usleep(20_000);
+}
+note "Redis worker RssAnon: $before_kb kB before, $peak_kb kB at most";
+is(psql("SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'"),
+	'3', 'each large value is dead-lettered');
+cmp_ok(
+	$peak_kb - $before_kb,
+	'<', 24 * 1024,
+	'the worker grew by less than 24 MB reading three values of 64 MB');
+is(rss_anon_kb($pid) ? 'alive' : 'gone', 'alive', 'the worker did not restart');
+
+my $expected = join("\n",
+	map { "$_|$size|" . sha256_hex($value_of{$_}) . '|1024|54000|t' }
+	  sort keys %value_of);
+is( psql(
+		q{SELECT source_key, raw_length, encode(raw_sha256, 'hex'), length(raw), sqlstate,
+		         reason LIKE 'value of % bytes exceeds dwh.redis_max_value_size (1048576 bytes)'
+		  FROM dwh.dead_letters WHERE source = 'redis' ORDER BY source_key}),
+	$expected,
+	'each dead letter keeps the first 1 kB, the full length and the SHA-256 of the whole value');
+is( psql(
+		"SELECT string_agg(key || ':' || state, ',' ORDER BY key) FROM dwh.redis_keys"),
+	"$user:mirrored,big:1:refused,big:2:refused,big:3:refused",
+	'the user is mirrored and the large values refused');
+is(psql("SELECT payload->>'login' FROM stg.users WHERE object_id = '$user'"),
+	'large', 'the user is in STG');
+
+# Refreshes of unchanged values write nothing.
+my $refreshes = psql("SELECT refreshes FROM dwh.status WHERE worker = 'redis'");
+ok( $node->poll_query_until('postgres',
+		"SELECT refreshes >= $refreshes + 2 FROM dwh.status WHERE worker = 'redis'"),
+	'two more refreshes');
+is(psql("SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'"),
+	'3', 'no new dead letter for unchanged large values');
+
+# A changed large value is judged again: one more dead letter.
+$redis->cli('SETRANGE', 'big:2', 0, 'x');
+substr($value_of{'big:2'}, 0, 1) = 'x';
+ok( $node->poll_query_until('postgres',
+		"SELECT count(*) = 4 FROM dwh.dead_letters WHERE source = 'redis'"),
+	'the changed large value is dead-lettered again');
+is( psql(
+		"SELECT raw_length || '|' || encode(raw_sha256, 'hex') FROM dwh.dead_letters WHERE source = 'redis' ORDER BY id DESC LIMIT 1"
+	),
+	"$size|" . sha256_hex($value_of{'big:2'}),
+	'with the SHA-256 of its new bytes');
+cmp_ok(rss_anon_kb($pid) - $before_kb,
+	'<', 24 * 1024, 'and the worker still holds none of them');
+
+$node->stop;
+$redis->stop;
+done_testing();
