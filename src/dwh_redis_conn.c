@@ -494,93 +494,72 @@ dwh_redis_conn_is_clean(DwhRedisConn *conn)
 	return !conn->in_exchange;
 }
 
-/*
- * Bytes of values one transaction of dwh_redis_read_values() may return:
- * its reply is received whole.
- */
-#define READ_REPLY_BUDGET	(16 * 1024 * 1024)
-
-/* Keys per transaction: at most 100, fewer when values may be large. */
-static int
-keys_per_transaction(int max_len)
-{
-	int			keys = READ_REPLY_BUDGET / (max_len + 1);
-
-	return Max(1, Min(keys, 100));
-}
-
-/*
- * Where the replies of a dwh_redis_read_values() pipeline are: each
- * transaction answers +OK (MULTI), +QUEUED for each of its commands, then
- * EXEC's array of their replies.
- */
+/* The replies of a dwh_redis_read_values() pipeline. */
 typedef struct ReadState
 {
-	int			n;
-	int			per_transaction;
 	DwhRedisValueFn fn;
 	void	   *arg;
-	int			first;			/* first key of the current transaction */
-	int			position;		/* of the next reply in the transaction */
+	int		   *empty;			/* keys that answered "": absent or empty */
+	int			n_empty;
 } ReadState;
 
+/* GETRANGE: a string (at most max_len + 1 bytes), or WRONGTYPE. */
 static bool
-read_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
-		   DwhRedisError *error)
+range_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
+			DwhRedisError *error)
 {
 	ReadState  *st = (ReadState *) arg;
-	int			count = Min(st->per_transaction, st->n - st->first);
-	size_t		i;
 
-	if (st->position < 1 + 2 * count)
-	{
-		/* MULTI's +OK, or a command's +QUEUED. */
-		if (reply->type == REDIS_REPLY_ERROR)
-			return server_error(conn, error,
-								st->position == 0 ? "MULTI" : "EXISTS and GETRANGE",
-								reply->str);
-		st->position++;
-		return true;
-	}
-
-	/* EXEC: EXISTS's answer and GETRANGE's for each key. */
-	if (reply->type == REDIS_REPLY_ERROR)
-		return server_error(conn, error, "EXEC", reply->str);
-	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 * (size_t) count)
+	if (reply->type == REDIS_REPLY_STRING && reply->len > 0)
+		st->fn(st->arg, index, true, reply->str, reply->len);
+	else if (reply->type == REDIS_REPLY_STRING)
+		st->empty[st->n_empty++] = index;
+	else if (reply->type == REDIS_REPLY_ERROR &&
+			 strncmp(reply->str, "WRONGTYPE", 9) == 0)
+		st->fn(st->arg, index, false, NULL, 0);
+	else if (reply->type == REDIS_REPLY_ERROR)
+		return server_error(conn, error, "GETRANGE", reply->str);
+	else
 	{
 		set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
-				  "unexpected answer to EXEC from %s", conn->address);
+				  "unexpected answer to GETRANGE from %s", conn->address);
 		return false;
 	}
-	for (i = 0; i < (size_t) count; i++)
-	{
-		redisReply *exists = reply->element[2 * i];
-		redisReply *range = reply->element[2 * i + 1];
+	return true;
+}
 
-		/* Absent, or another type than a string (WRONGTYPE): not found. */
-		if (exists->type == REDIS_REPLY_INTEGER && exists->integer > 0 &&
-			range->type == REDIS_REPLY_STRING)
-			st->fn(st->arg, st->first + i, true, range->str, range->len);
-		else
-			st->fn(st->arg, st->first + i, false, NULL, 0);
+/* EXISTS of a key that answered "": an empty string, or no key. */
+static bool
+exists_reply(DwhRedisConn *conn, int reply_number, redisReply *reply,
+			 void *arg, DwhRedisError *error)
+{
+	ReadState  *st = (ReadState *) arg;
+	int			index = st->empty[reply_number];
+
+	if (reply->type == REDIS_REPLY_ERROR)
+		return server_error(conn, error, "EXISTS", reply->str);
+	if (reply->type != REDIS_REPLY_INTEGER)
+	{
+		set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
+				  "unexpected answer to EXISTS from %s", conn->address);
+		return false;
 	}
-	st->first += count;
-	st->position = 0;
+	st->fn(st->arg, index, reply->integer > 0, "", 0);
 	return true;
 }
 
 /*
  * dwh_redis_read_values
  *		Read the values of keys[0..n) (of lens[0..n) bytes), at most
- *		max_len + 1 bytes of each: fn sees each key in order, while its
- *		reply is alive (no copy is made of values the caller does not
- *		keep), with max_len + 1 bytes of a value longer than max_len.
+ *		max_len + 1 bytes of each: fn sees each key once, while its reply is
+ *		alive (no copy is made of values the caller does not keep), with
+ *		max_len + 1 bytes of a value longer than max_len.
  *
  * A value is never received whole before its size is known: Redis allows
- * 512 MB a value, and a reply is received whole.  So each key is asked
- * EXISTS (an empty string is a value, an absent key is not) and GETRANGE 0
- * max_len, in a MULTI/EXEC of keys_per_transaction() keys (one consistent
- * state of each key), all of them in one pipeline.
+ * 512 MB a value, and hiredis receives a reply whole (MGET's, of all its
+ * keys).  So each key is asked GETRANGE 0 max_len, all of them in one
+ * pipeline whose replies are handled one by one; GETRANGE answers "" for
+ * an empty string and for no key at all, which EXISTS then tells apart.
  */
 bool
 dwh_redis_read_values(DwhRedisConn *conn, char **keys, const size_t *lens,
@@ -590,41 +569,42 @@ dwh_redis_read_values(DwhRedisConn *conn, char **keys, const size_t *lens,
 	char		end[16];
 	size_t		end_len = snprintf(end, sizeof(end), "%d", max_len);
 	ReadState	st;
-	int			nreplies = 0;
-	int			first;
+	int			i;
 
 	memset(error, 0, sizeof(DwhRedisError));
 	if (n == 0)
 		return true;
-	st.n = n;
-	st.per_transaction = keys_per_transaction(max_len);
-	for (first = 0; first < n; first += st.per_transaction)
+	for (i = 0; i < n; i++)
 	{
-		int			count = Min(st.per_transaction, n - first);
-		int			i;
-		bool		ok = (redisAppendCommand(conn->ctx, "MULTI") == REDIS_OK);
+		const char *range[4] = {"GETRANGE", keys[i], "0", end};
+		size_t		range_len[4] = {8, lens[i], 1, end_len};
 
-		for (i = first; ok && i < first + count; i++)
-		{
-			const char *exists[2] = {"EXISTS", keys[i]};
-			size_t		exists_len[2] = {6, lens[i]};
-			const char *range[4] = {"GETRANGE", keys[i], "0", end};
-			size_t		range_len[4] = {8, lens[i], 1, end_len};
-
-			ok = (redisAppendCommandArgv(conn->ctx, 2, exists, exists_len) == REDIS_OK &&
-				  redisAppendCommandArgv(conn->ctx, 4, range, range_len) == REDIS_OK);
-		}
-		if (!ok || redisAppendCommand(conn->ctx, "EXEC") != REDIS_OK)
+		if (redisAppendCommandArgv(conn->ctx, 4, range, range_len) != REDIS_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_OUT_OF_MEMORY),
 					 errmsg("out of memory while formatting a Redis command")));
-		nreplies += 2 + 2 * count;
 	}
 	st.fn = fn;
 	st.arg = arg;
-	st.first = 0;
-	st.position = 0;
-	return exchange(conn, nreplies, "reading values", read_reply, &st, error);
+	st.empty = palloc(sizeof(int) * n);
+	st.n_empty = 0;
+	if (!exchange(conn, n, "reading values", range_reply, &st, error))
+		return false;
+	if (st.n_empty == 0)
+		return true;
+
+	for (i = 0; i < st.n_empty; i++)
+	{
+		const char *exists[2] = {"EXISTS", keys[st.empty[i]]};
+		size_t		exists_len[2] = {6, lens[st.empty[i]]};
+
+		if (redisAppendCommandArgv(conn->ctx, 2, exists, exists_len) != REDIS_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory while formatting a Redis command")));
+	}
+	return exchange(conn, st.n_empty, "reading values", exists_reply, &st,
+					error);
 }
 
 /* The replies of one step of dwh_redis_stream_value(). */
