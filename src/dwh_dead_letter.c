@@ -46,8 +46,15 @@ dwh_sha256_begin(void)
 
 	if (caller == NULL)
 		CurrentResourceOwner = h->own = ResourceOwnerCreate(NULL, "dwh sha256");
-	h->ctx = pg_cryptohash_create(PG_SHA256);
-	CurrentResourceOwner = caller;
+	PG_TRY();
+	{
+		h->ctx = pg_cryptohash_create(PG_SHA256);
+	}
+	PG_FINALLY();
+	{
+		CurrentResourceOwner = caller;
+	}
+	PG_END_TRY();
 	if (h->ctx == NULL || pg_cryptohash_init(h->ctx) < 0)
 	{
 		const char *why = h->ctx ? pstrdup(pg_cryptohash_error(h->ctx)) : "out of memory";

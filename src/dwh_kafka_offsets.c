@@ -415,13 +415,16 @@ dwh_kafka_offsets_take_seeks(const char *topic, const int32 *partitions, int n,
  *		  moves to low in the same transaction; with stop true it stays, and
  *		  the open gap stops the partition.
  *
+ *		With expected not DWH_NO_OFFSET, nothing is done either unless the
+ *		stored offset is still expected (the caller's view may be stale).
+ *
  *		Fills *gap (its next_offset is what was stored) and returns what was
  *		done.
  */
 DwhKafkaGapOutcome
 dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
-					  int64 low, int64 high, bool replaced, bool stop,
-					  DwhKafkaGap *gap)
+					  int64 expected, int64 low, int64 high, bool replaced,
+					  bool stop, DwhKafkaGap *gap)
 {
 	Oid			types[6] = {TEXTOID, INT4OID, INT8OID, INT8OID, INT8OID, TEXTOID};
 	Datum		args[6];
@@ -458,6 +461,8 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 
 	if (seek)
 		outcome = DWH_GAP_MOVED;
+	else if (expected != DWH_NO_OFFSET && stored != expected)
+		outcome = DWH_GAP_NONE;
 	else if (open)
 		outcome = DWH_GAP_STILL_STOPPED;
 	else if (!replaced && (stored < 0 || (stored >= low && stored <= high)))

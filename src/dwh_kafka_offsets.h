@@ -38,6 +38,7 @@ extern void dwh_kafka_offsets_lock(const char *topic, const int32 *partitions,
 extern DwhKafkaGapOutcome dwh_kafka_offsets_gap(const char *topic,
 												int32 partition,
 												int64 fetch_offset,
+												int64 expected,
 												int64 low, int64 high,
 												bool replaced, bool stop,
 												DwhKafkaGap *gap);

@@ -10,11 +10,12 @@
  * them with what dwh.kafka_offsets holds:
  *
  * - A partition of the topic that no member of the stable group holds, on
- *   UNASSIGNED_CHECKS checks in a row, was added while the workers were
- *   away for less than the session timeout: they came back as the same
- *   static members, the coordinator handed them their old assignment and
- *   no member saw a reason to rebalance (KAFKA-13435, which librdkafka 2.0
- *   cannot avoid).  Its messages would be read by no one, for good.  The
+ *   UNASSIGNED_CHECKS checks in a row (a check that finds the group
+ *   rebalancing neither counts nor breaks the row), was most likely added
+ *   while the workers were away for less than the session timeout: they
+ *   came back as the same static members, the coordinator handed them
+ *   their old assignment and no member saw a reason to rebalance
+ *   (KAFKA-13435, which librdkafka 2.0 cannot avoid).  Its messages would be read by no one, for good.  The
  *   worker leaves its consumer for its session timeout and a second: the
  *   coordinator then drops the member and the group rebalances over the
  *   topic as it is now.  Once per partition count, so that a cause this
@@ -28,8 +29,8 @@
  *   dwh.kafka_on_gap says (a partition of that number added later is then
  *   a new log, read from offset 0, or stopped until dwh.kafka_seek()).
  *
- * Partitions numbered DWH_MAX_PARTITIONS and beyond are not checked, as
- * their lag is not kept (README, Limits).
+ * Partitions numbered DWH_MAX_PARTITIONS and beyond are never found
+ * unassigned, as the assignment read is kept for lower numbers only.
  *
  *-------------------------------------------------------------------------
  */
@@ -93,8 +94,8 @@ record_vanished(const char *topic, int32 partition, int64 stored, int count,
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING,
 						   "dwh: recording a Kafka partition that no longer exists");
-	outcome = dwh_kafka_offsets_gap(topic, partition, stored, 0, 0, false,
-									stop, &gap);
+	outcome = dwh_kafka_offsets_gap(topic, partition, stored, stored, 0, 0,
+									false, stop, &gap);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(caller);
@@ -133,6 +134,7 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	const char *topic = dwh_kafka_consumer_topic(consumer);
 	MemoryContext caller = CurrentMemoryContext;
 	DwhKafkaTopicView *view;
+	bool		owned[DWH_MAX_PARTITIONS];
 	int32	   *partitions;
 	int64	   *next_offsets;
 	bool	   *stopped;
@@ -178,9 +180,11 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	}
 
 	/*
-	 * Stored partitions the topic no longer has (a worker back within the
-	 * session timeout may still be assigned them: nothing to fetch there).
+	 * Stored partitions the topic no longer has and no worker owns (a
+	 * partition a worker owns exists, whatever a stale broker says; one that
+	 * is gone leaves the assignment at the rebalance its end causes).
 	 */
+	dwh_status_owned_partitions(owned);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
@@ -192,7 +196,8 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	MemoryContextSwitchTo(caller);
 	for (i = 0; i < n; i++)
 	{
-		if (partitions[i] >= count && next_offsets[i] > 0 && !stopped[i])
+		if (partitions[i] >= count && next_offsets[i] > 0 && !stopped[i] &&
+			!(partitions[i] < DWH_MAX_PARTITIONS && owned[partitions[i]]))
 		{
 			partitions[n_vanished] = partitions[i];
 			next_offsets[n_vanished++] = next_offsets[i];
@@ -223,7 +228,7 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	ereport(WARNING,
 			(errmsg("partitions %s of Kafka topic \"%s\" are assigned to no consumer",
 					partition_list(unassigned, n_unassigned), topic),
-			 errdetail("The topic has %d partitions, and the assignment of consumer group \"%s\" does not cover them: they were added while the workers were away for less than the session timeout.",
+			 errdetail("The topic has %d partitions, and the assignment of consumer group \"%s\" does not cover them: they were probably added while the workers were away for less than the session timeout.",
 					   count, dwh_kafka_group_id),
 			 errhint("Kafka worker %d leaves the consumer group and joins it again in %d ms, so that the group assigns every partition.",
 					 worker_index, wait_ms)));

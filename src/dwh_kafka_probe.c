@@ -136,6 +136,7 @@ ask_topic(ProbeJob *job)
 	const struct rd_kafka_metadata *md = NULL;
 	const struct rd_kafka_group_list *groups = NULL;
 	const struct rd_kafka_group_info *g;
+	rd_kafka_resp_err_t err;
 	int			i;
 
 	view->partition_count = -1;
@@ -159,10 +160,14 @@ ask_topic(ProbeJob *job)
 	if (job->err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		return;
 
-	if (rd_kafka_list_groups(job->rk, job->group, &groups,
-							 job->timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	/*
+	 * A partial answer (a broker did not answer) comes with a list too, to be
+	 * freed; only a full one is read.
+	 */
+	err = rd_kafka_list_groups(job->rk, job->group, &groups, job->timeout_ms);
+	if (groups == NULL)
 		return;
-	if (groups->group_cnt == 1)
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR && groups->group_cnt == 1)
 	{
 		g = &groups->groups[0];
 		if (g->err == RD_KAFKA_RESP_ERR_NO_ERROR &&

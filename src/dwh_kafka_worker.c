@@ -137,6 +137,13 @@ static TimestampTz gaps_not_before = 0;
 /* The consumer has served a rebalance: it is a member of the group. */
 static bool in_group = false;
 
+/*
+ * Left the group to be dropped by the coordinator: no new consumer before
+ * this, even after a reload (back sooner, it would be handed its old
+ * assignment again).
+ */
+static TimestampTz rejoin_not_before = 0;
+
 /* A rebalance received but not yet served (its DB lookup may fail). */
 static DwhKafkaEventKind pending_rebalance = DWH_KAFKA_NOTHING;
 static int	pending_n = 0;
@@ -1102,6 +1109,7 @@ serve_gaps(void)
 	for (i = 0; i < n; i++)
 		outcomes[i] = dwh_kafka_offsets_gap(topic, pending_gaps[i].partition,
 											pending_gaps[i].offset,
+											DWH_NO_OFFSET,
 											pending_gaps[i].low,
 											pending_gaps[i].high,
 											pending_gaps[i].replaced,
@@ -1348,9 +1356,12 @@ dwh_kafka_worker_main(Datum main_arg)
 		}
 		if (consumer == NULL)
 		{
-			if (backoff_ms > 0)
+			long		rejoin_wait = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+																	  rejoin_not_before);
+
+			if (backoff_ms > 0 || rejoin_wait > 0)
 			{
-				dwh_worker_backoff(backoff_ms);
+				dwh_worker_backoff(Max(backoff_ms, rejoin_wait));
 				backoff_ms = 0;
 				continue;
 			}
@@ -1392,7 +1403,8 @@ dwh_kafka_worker_main(Datum main_arg)
 		{
 			drop_consumer();
 			dwh_status_set_state(slot, "rejoining the consumer group");
-			backoff_ms = rejoin_ms;
+			rejoin_not_before = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+															rejoin_ms);
 			continue;
 		}
 

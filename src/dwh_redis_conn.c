@@ -415,19 +415,22 @@ dwh_redis_connect(const DwhRedisUrl *url, int timeout_ms, DwhRedisError *error)
 		return NULL;
 	}
 	conn->ctx = ctx;
-	conn->events = CreateWaitEventSet(TopMemoryContext, 3);
-	AddWaitEventToSet(conn->events, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(conn->events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET,
-					  NULL, NULL);
-	conn->socket_event = AddWaitEventToSet(conn->events, WL_SOCKET_WRITEABLE,
-										   ctx->fd, NULL, NULL);
 
 	/*
-	 * The waits serve interrupts: a cancel raised in them must not leave the
-	 * socket and the wait set open for the life of the process.
+	 * The waits serve interrupts: a cancel raised in them (or an error making
+	 * the wait set) must not leave the socket and the wait set open for the
+	 * life of the process.
 	 */
 	PG_TRY();
 	{
+		conn->events = CreateWaitEventSet(TopMemoryContext, 3);
+		AddWaitEventToSet(conn->events, WL_LATCH_SET, PGINVALID_SOCKET,
+						  MyLatch, NULL);
+		AddWaitEventToSet(conn->events, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET,
+						  NULL, NULL);
+		conn->socket_event = AddWaitEventToSet(conn->events,
+											   WL_SOCKET_WRITEABLE,
+											   ctx->fd, NULL, NULL);
 		if (finish_connect(conn, error))
 		{
 			hs.db = url->db;
@@ -492,6 +495,19 @@ bool
 dwh_redis_conn_is_clean(DwhRedisConn *conn)
 {
 	return !conn->in_exchange;
+}
+
+/* Append a command, or fail with the connection marked out of step. */
+static void
+append_argv(DwhRedisConn *conn, int argc, const char **argv,
+			const size_t *argvlen)
+{
+	/* Commands appended and not answered: out of step until exchanged. */
+	conn->in_exchange = true;
+	if (redisAppendCommandArgv(conn->ctx, argc, argv, argvlen) != REDIS_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory while formatting a Redis command")));
 }
 
 /* The replies of a dwh_redis_read_values() pipeline. */
@@ -579,10 +595,7 @@ dwh_redis_read_values(DwhRedisConn *conn, char **keys, const size_t *lens,
 		const char *range[4] = {"GETRANGE", keys[i], "0", end};
 		size_t		range_len[4] = {8, lens[i], 1, end_len};
 
-		if (redisAppendCommandArgv(conn->ctx, 4, range, range_len) != REDIS_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory while formatting a Redis command")));
+		append_argv(conn, 4, range, range_len);
 	}
 	st.fn = fn;
 	st.arg = arg;
@@ -598,20 +611,25 @@ dwh_redis_read_values(DwhRedisConn *conn, char **keys, const size_t *lens,
 		const char *exists[2] = {"EXISTS", keys[st.empty[i]]};
 		size_t		exists_len[2] = {6, lens[st.empty[i]]};
 
-		if (redisAppendCommandArgv(conn->ctx, 2, exists, exists_len) != REDIS_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory while formatting a Redis command")));
+		append_argv(conn, 2, exists, exists_len);
 	}
 	return exchange(conn, st.n_empty, "reading values", exists_reply, &st,
 					error);
 }
 
-/* The replies of one step of dwh_redis_stream_value(). */
+/* The steps of dwh_redis_stream_value(), each one exchange. */
+typedef enum StreamStep
+{
+	STREAM_LENGTH,				/* WATCH, STRLEN */
+	STREAM_CHUNK,				/* GETRANGE from, to */
+	STREAM_CHECK				/* MULTI, EXEC */
+} StreamStep;
+
 typedef struct StreamState
 {
-	const char *command;		/* for errors */
+	StreamStep	step;
 	int64		length;			/* STRLEN's answer, -1: not a string */
+	int64		received;		/* bytes handed to fn */
 	bool		executed;		/* EXEC ran: the key was not written */
 	DwhRedisChunkFn fn;
 	void	   *arg;
@@ -622,41 +640,49 @@ stream_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 			 DwhRedisError *error)
 {
 	StreamState *st = (StreamState *) arg;
+	static const char *const commands[3][2] = {
+		{"WATCH", "STRLEN"}, {"GETRANGE", NULL}, {"MULTI", "EXEC"}
+	};
+	const char *command = commands[st->step][index];
 
-	if (strcmp(st->command, "STRLEN") == 0 && index == 0 &&
-		reply->type == REDIS_REPLY_ERROR)
-		return server_error(conn, error, "WATCH", reply->str);
-	if (strcmp(st->command, "STRLEN") == 0 && index == 1)
+	/* WRONGTYPE: the key holds no string (any more). */
+	if (reply->type == REDIS_REPLY_ERROR &&
+		strncmp(reply->str, "WRONGTYPE", 9) == 0 &&
+		(st->step == STREAM_CHUNK || (st->step == STREAM_LENGTH && index == 1)))
 	{
-		/* WATCH's +OK came first; WRONGTYPE: no longer a string. */
-		if (reply->type == REDIS_REPLY_INTEGER)
-			st->length = reply->integer;
-		else if (reply->type == REDIS_REPLY_ERROR &&
-				 strncmp(reply->str, "WRONGTYPE", 9) == 0)
-			st->length = -1;
-		else
-			return server_error(conn, error, "STRLEN", reply->type ==
-								REDIS_REPLY_ERROR ? reply->str : "not a number");
+		st->length = -1;
 		return true;
 	}
 	if (reply->type == REDIS_REPLY_ERROR)
+		return server_error(conn, error, command, reply->str);
+
+	switch (st->step)
 	{
-		/* The key became another type while it was read. */
-		if (strcmp(st->command, "GETRANGE") == 0 &&
-			strncmp(reply->str, "WRONGTYPE", 9) == 0)
+		case STREAM_LENGTH:
+			if (index == 0)
+				return true;
+			if (reply->type != REDIS_REPLY_INTEGER)
+				break;
+			st->length = reply->integer;
 			return true;
-		return server_error(conn, error, st->command, reply->str);
+		case STREAM_CHUNK:
+			if (reply->type != REDIS_REPLY_STRING)
+				break;
+			if (reply->len > 0)
+			{
+				st->received += reply->len;
+				st->fn(st->arg, reply->str, reply->len);
+			}
+			return true;
+		case STREAM_CHECK:
+			/* EXEC: nil when WATCH saw a write. */
+			if (index == 1)
+				st->executed = (reply->type == REDIS_REPLY_ARRAY);
+			return true;
 	}
-	if (strcmp(st->command, "GETRANGE") == 0)
-	{
-		if (reply->type == REDIS_REPLY_STRING && reply->len > 0)
-			st->fn(st->arg, reply->str, reply->len);
-		return true;
-	}
-	/* EXEC (index 1, after MULTI's +OK): nil when WATCH saw a write. */
-	if (strcmp(st->command, "EXEC") == 0 && index == 1)
-		st->executed = (reply->type == REDIS_REPLY_ARRAY);
-	return true;
+	set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
+			  "unexpected answer to %s from %s", command, conn->address);
+	return false;
 }
 
 /*
@@ -664,9 +690,11 @@ stream_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
  *		Read the string value of key, chunk_len bytes at a time, handing
  *		each chunk to fn (which must not keep it), as one consistent value:
  *		WATCH before, an empty MULTI/EXEC after, which fails if anything
- *		wrote the key meanwhile.  Returns DWH_REDIS_STREAM_READ with *length
- *		set, DWH_REDIS_STREAM_CHANGED (written meanwhile, or not a string:
- *		read again later), or DWH_REDIS_STREAM_FAILED with error set.
+ *		wrote the key meanwhile (a key that expired meanwhile may not make
+ *		it fail before Redis 6.0.9: the bytes received are also counted).
+ *		Returns DWH_REDIS_STREAM_READ with *length set,
+ *		DWH_REDIS_STREAM_CHANGED (written meanwhile, or not a string: read
+ *		again later), or DWH_REDIS_STREAM_FAILED with error set.
  */
 DwhRedisStreamResult
 dwh_redis_stream_value(DwhRedisConn *conn, const char *key, size_t key_len,
@@ -677,6 +705,10 @@ dwh_redis_stream_value(DwhRedisConn *conn, const char *key, size_t key_len,
 	size_t		watch_len[2] = {5, key_len};
 	const char *strlen_argv[2] = {"STRLEN", key};
 	size_t		strlen_len[2] = {6, key_len};
+	const char *multi[1] = {"MULTI"};
+	size_t		multi_len[1] = {5};
+	const char *exec[1] = {"EXEC"};
+	size_t		exec_len[1] = {4};
 	StreamState st;
 	int64		offset;
 
@@ -685,17 +717,14 @@ dwh_redis_stream_value(DwhRedisConn *conn, const char *key, size_t key_len,
 	st.fn = fn;
 	st.arg = arg;
 
-	st.command = "STRLEN";
-	if (redisAppendCommandArgv(conn->ctx, 2, watch, watch_len) != REDIS_OK ||
-		redisAppendCommandArgv(conn->ctx, 2, strlen_argv, strlen_len) != REDIS_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory while formatting a Redis command")));
+	st.step = STREAM_LENGTH;
+	append_argv(conn, 2, watch, watch_len);
+	append_argv(conn, 2, strlen_argv, strlen_len);
 	if (!exchange(conn, 2, "reading a large value", stream_reply, &st, error))
 		return DWH_REDIS_STREAM_FAILED;
 
 	/* One chunk a round trip: only one is ever in this process. */
-	st.command = "GETRANGE";
+	st.step = STREAM_CHUNK;
 	for (offset = 0; st.length > 0 && offset < st.length; offset += chunk_len)
 	{
 		char		from[24];
@@ -706,25 +735,19 @@ dwh_redis_stream_value(DwhRedisConn *conn, const char *key, size_t key_len,
 		range_len[2] = snprintf(from, sizeof(from), INT64_FORMAT, offset);
 		range_len[3] = snprintf(to, sizeof(to), INT64_FORMAT,
 								offset + chunk_len - 1);
-		if (redisAppendCommandArgv(conn->ctx, 4, range, range_len) != REDIS_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory while formatting a Redis command")));
+		append_argv(conn, 4, range, range_len);
 		if (!exchange(conn, 1, "reading a large value", stream_reply, &st,
 					  error))
 			return DWH_REDIS_STREAM_FAILED;
 	}
 
 	/* EXEC also ends the WATCH, whatever it answers. */
-	st.command = "EXEC";
-	if (redisAppendCommand(conn->ctx, "MULTI") != REDIS_OK ||
-		redisAppendCommand(conn->ctx, "EXEC") != REDIS_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory while formatting a Redis command")));
+	st.step = STREAM_CHECK;
+	append_argv(conn, 1, multi, multi_len);
+	append_argv(conn, 1, exec, exec_len);
 	if (!exchange(conn, 2, "reading a large value", stream_reply, &st, error))
 		return DWH_REDIS_STREAM_FAILED;
-	if (!st.executed || st.length < 0)
+	if (!st.executed || st.length < 0 || st.received != st.length)
 		return DWH_REDIS_STREAM_CHANGED;
 	*length = st.length;
 	return DWH_REDIS_STREAM_READ;
@@ -779,6 +802,7 @@ dwh_redis_scan(DwhRedisConn *conn, const char *cursor, const char *pattern,
 	ScanState	st;
 
 	memset(error, 0, sizeof(DwhRedisError));
+	conn->in_exchange = true;
 	if (redisAppendCommand(conn->ctx, "SCAN %s MATCH %s COUNT %d",
 						   cursor, pattern, count) != REDIS_OK)
 		ereport(ERROR,

@@ -503,18 +503,20 @@ fetch_keys(const char *activity, const char *sql, int nargs, Oid *types,
 
 /*
  * dwh_redis_store_new_keys
- *		Up to limit keys never read yet, in key order.
+ *		Up to limit keys never read yet after the key "after" ("" for the
+ *		first), in key order.  (A key read and left new, a large value
+ *		written while it was read, is not listed again in the same round.)
  */
 int
-dwh_redis_store_new_keys(int limit, DwhRedisKey **keys)
+dwh_redis_store_new_keys(const char *after, int limit, DwhRedisKey **keys)
 {
-	Oid			types[1] = {INT4OID};
-	Datum		args[1] = {Int32GetDatum(limit)};
+	Oid			types[2] = {TEXTOID, INT4OID};
+	Datum		args[2] = {CStringGetTextDatum(after), Int32GetDatum(limit)};
 
 	return fetch_keys("dwh: listing new Redis keys",
 					  "SELECT key, kind, state, value_hash FROM dwh.redis_keys "
-					  "WHERE state = 'new' ORDER BY key LIMIT $1",
-					  1, types, args, keys);
+					  "WHERE state = 'new' AND key > $1 ORDER BY key LIMIT $2",
+					  2, types, args, keys);
 }
 
 /*

@@ -79,7 +79,8 @@ extern bool dwh_redis_key_refused(const char *key, size_t len,
 								  DwhRedisRefusedKey *refused);
 extern int	dwh_redis_store_add_keys(char **keys, size_t *lens, int n);
 extern int	dwh_redis_store_refuse_keys(DwhRedisRefusedKey *keys, int n);
-extern int	dwh_redis_store_new_keys(int limit, DwhRedisKey **keys);
+extern int	dwh_redis_store_new_keys(const char *after, int limit,
+									 DwhRedisKey **keys);
 extern int	dwh_redis_store_page(const char *after, int limit,
 								 DwhRedisKey **keys);
 extern void dwh_redis_value_seen(DwhRedisKey *key, bool found,

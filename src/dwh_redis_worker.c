@@ -429,6 +429,8 @@ mirror_batch(DwhRedisKey *keys, int n, DwhRedisApplyResult *result,
 static bool
 fetch_new_keys(DwhRedisError *error)
 {
+	char	   *after = MemoryContextStrdup(cycle_context, "");
+
 	for (;;)
 	{
 		DwhRedisKey *keys;
@@ -438,13 +440,14 @@ fetch_new_keys(DwhRedisError *error)
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(page_context);
 		MemoryContextSwitchTo(page_context);
-		n = dwh_redis_store_new_keys(dwh_redis_batch_size, &keys);
+		n = dwh_redis_store_new_keys(after, dwh_redis_batch_size, &keys);
 		if (n == 0)
 			break;
 		dwh_status_set_state(slot, "fetching keys named by orders");
 		if (!mirror_batch(keys, n, &result, error))
 			return false;
 		counts_stale = true;
+		after = MemoryContextStrdup(cycle_context, keys[n - 1].key);
 	}
 	MemoryContextSwitchTo(cycle_context);
 	new_keys_pending = false;

@@ -298,6 +298,33 @@ dwh_status_set_assigned(DwhWorkerStatus *slot, const int32 *partitions, int n)
 }
 
 /*
+ * dwh_status_owned_partitions
+ *		Mark in owned[0..DWH_MAX_PARTITIONS) the partitions that some Kafka
+ *		worker of this server owns now.
+ */
+void
+dwh_status_owned_partitions(bool *owned)
+{
+	int			i;
+
+	memset(owned, 0, sizeof(bool) * DWH_MAX_PARTITIONS);
+	for (i = 0; i < DWH_MAX_KAFKA_WORKERS; i++)
+	{
+		DwhWorkerStatus *s = &shared->workers[i];
+		int			j;
+
+		SpinLockAcquire(&s->mutex);
+		if (s->kind == DWH_WORKER_KAFKA && s->pid != 0)
+		{
+			for (j = 0; j < s->n_assigned; j++)
+				if (s->assigned[j] >= 0 && s->assigned[j] < DWH_MAX_PARTITIONS)
+					owned[s->assigned[j]] = true;
+		}
+		SpinLockRelease(&s->mutex);
+	}
+}
+
+/*
  * dwh_status_count_batch
  *		Count a committed batch, whose transaction started at started.
  */

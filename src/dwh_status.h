@@ -107,6 +107,7 @@ extern bool dwh_status_has_error(DwhWorkerStatus *slot);
 extern void dwh_status_clear_error(DwhWorkerStatus *slot);
 extern void dwh_status_set_assigned(DwhWorkerStatus *slot,
 									const int32 *partitions, int n);
+extern void dwh_status_owned_partitions(bool *owned);
 extern void dwh_status_count_batch(DwhWorkerStatus *slot, int64 messages,
 								   int64 dead_letters, TimestampTz started);
 extern void dwh_status_set_redis(DwhWorkerStatus *slot, int64 keys_mirrored,

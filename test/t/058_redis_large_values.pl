@@ -7,6 +7,8 @@
 # grows by far less than one of them; each is dead-lettered once with the
 # right length and SHA-256, the user is mirrored, refreshes of unchanged
 # values write nothing, and a changed large value is dead-lettered again.
+# An empty string (which GETRANGE answers as it answers for no key) is a
+# value, refused as such; a hash is a key of another type: missing.
 
 use strict;
 use warnings;
@@ -58,6 +60,8 @@ foreach my $n (1 .. 3)
 		"value big:$n holds $size bytes");
 	$value_of{"big:$n"} = ("\0" x ($size - 1)) . $n;
 }
+$redis->set('empty', '');
+$redis->cli('HSET', 'hash', 'field', 'value');
 my $user = '626a81ce9a8cd1920641e201';
 $redis->set($user,
 	qq({"_id": "$user", "name": "Large Values", "login": "large", "update_ts_utc": "2023-08-11 16:44:59"})
@@ -81,12 +85,13 @@ while (time() < $deadline)
 	my $kb = rss_anon_kb($pid);
 	$peak_kb = $kb if defined $kb && $kb > $peak_kb;
 	last
-	  if psql("SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'") ==
+	  if psql(
+		"SELECT count(*) FROM dwh.dead_letters WHERE source_key LIKE 'big:%'") ==
 	  3;
 	usleep(20_000);
 }
 note "Redis worker RssAnon: $before_kb kB before, $peak_kb kB at most";
-is(psql("SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'"),
+is(psql("SELECT count(*) FROM dwh.dead_letters WHERE source_key LIKE 'big:%'"),
 	'3', 'each large value is dead-lettered');
 cmp_ok(
 	$peak_kb - $before_kb,
@@ -100,13 +105,17 @@ my $expected = join("\n",
 is( psql(
 		q{SELECT source_key, raw_length, encode(raw_sha256, 'hex'), length(raw), sqlstate,
 		         reason LIKE 'value of % bytes exceeds dwh.redis_max_value_size (1048576 bytes)'
-		  FROM dwh.dead_letters WHERE source = 'redis' ORDER BY source_key}),
+		  FROM dwh.dead_letters WHERE source_key LIKE 'big:%' ORDER BY source_key}),
 	$expected,
 	'each dead letter keeps the first 1 kB, the full length and the SHA-256 of the whole value');
 is( psql(
 		"SELECT string_agg(key || ':' || state, ',' ORDER BY key) FROM dwh.redis_keys"),
-	"$user:mirrored,big:1:refused,big:2:refused,big:3:refused",
-	'the user is mirrored and the large values refused');
+	"$user:mirrored,big:1:refused,big:2:refused,big:3:refused,empty:refused,hash:missing",
+	'the user is mirrored, the large values and the empty one refused, the hash missing');
+is( psql(
+		"SELECT raw_length || '|' || sqlstate FROM dwh.dead_letters WHERE source_key = 'empty'"),
+	'0|22032',
+	'the empty value is dead-lettered as a value');
 is(psql("SELECT payload->>'login' FROM stg.users WHERE object_id = '$user'"),
 	'large', 'the user is in STG');
 
@@ -116,13 +125,13 @@ ok( $node->poll_query_until('postgres',
 		"SELECT refreshes >= $refreshes + 2 FROM dwh.status WHERE worker = 'redis'"),
 	'two more refreshes');
 is(psql("SELECT count(*) FROM dwh.dead_letters WHERE source = 'redis'"),
-	'3', 'no new dead letter for unchanged large values');
+	'4', 'no new dead letter for unchanged large values');
 
 # A changed large value is judged again: one more dead letter.
 $redis->cli('SETRANGE', 'big:2', 0, 'x');
 substr($value_of{'big:2'}, 0, 1) = 'x';
 ok( $node->poll_query_until('postgres',
-		"SELECT count(*) = 4 FROM dwh.dead_letters WHERE source = 'redis'"),
+		"SELECT count(*) = 5 FROM dwh.dead_letters WHERE source = 'redis'"),
 	'the changed large value is dead-lettered again');
 is( psql(
 		"SELECT raw_length || '|' || encode(raw_sha256, 'hex') FROM dwh.dead_letters WHERE source = 'redis' ORDER BY id DESC LIMIT 1"
