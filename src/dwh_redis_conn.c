@@ -544,23 +544,50 @@ range_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 	return true;
 }
 
-/* EXISTS of a key that answered "": an empty string, or no key. */
+/*
+ * A key that answered "" (an empty string, or no key) is asked again in a
+ * transaction of its own, MULTI, EXISTS, GETRANGE, EXEC: four replies, the
+ * last the answers of both commands at one moment (a key written between
+ * two separate commands would pass for an empty value).
+ */
+#define EMPTY_REPLIES	4
+
 static bool
-exists_reply(DwhRedisConn *conn, int reply_number, redisReply *reply,
-			 void *arg, DwhRedisError *error)
+empty_reply(DwhRedisConn *conn, int reply_number, redisReply *reply,
+			void *arg, DwhRedisError *error)
 {
 	ReadState  *st = (ReadState *) arg;
-	int			index = st->empty[reply_number];
+	int			index = st->empty[reply_number / EMPTY_REPLIES];
+	redisReply *exists;
+	redisReply *range;
 
+	if (reply_number % EMPTY_REPLIES < EMPTY_REPLIES - 1)
+	{
+		static const char *const commands[] = {"MULTI", "EXISTS", "GETRANGE"};
+
+		/* MULTI's +OK, or a command's +QUEUED. */
+		if (reply->type == REDIS_REPLY_ERROR)
+			return server_error(conn, error,
+								commands[reply_number % EMPTY_REPLIES],
+								reply->str);
+		return true;
+	}
 	if (reply->type == REDIS_REPLY_ERROR)
-		return server_error(conn, error, "EXISTS", reply->str);
-	if (reply->type != REDIS_REPLY_INTEGER)
+		return server_error(conn, error, "EXEC", reply->str);
+	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
+		reply->element[0]->type != REDIS_REPLY_INTEGER)
 	{
 		set_error(conn, error, ERRCODE_PROTOCOL_VIOLATION, false, NULL,
-				  "unexpected answer to EXISTS from %s", conn->address);
+				  "unexpected answer to EXEC from %s", conn->address);
 		return false;
 	}
-	st->fn(st->arg, index, reply->integer > 0, "", 0);
+	exists = reply->element[0];
+	range = reply->element[1];
+	/* WRONGTYPE: the key now holds another type. */
+	if (exists->integer > 0 && range->type == REDIS_REPLY_STRING)
+		st->fn(st->arg, index, true, range->str, range->len);
+	else
+		st->fn(st->arg, index, false, NULL, 0);
 	return true;
 }
 
@@ -575,7 +602,8 @@ exists_reply(DwhRedisConn *conn, int reply_number, redisReply *reply,
  * 512 MB a value, and hiredis receives a reply whole (MGET's, of all its
  * keys).  So each key is asked GETRANGE 0 max_len, all of them in one
  * pipeline whose replies are handled one by one; GETRANGE answers "" for
- * an empty string and for no key at all, which EXISTS then tells apart.
+ * an empty string and for no key at all, which EXISTS then tells apart
+ * (empty_reply()).
  */
 bool
 dwh_redis_read_values(DwhRedisConn *conn, char **keys, const size_t *lens,
@@ -608,13 +636,22 @@ dwh_redis_read_values(DwhRedisConn *conn, char **keys, const size_t *lens,
 
 	for (i = 0; i < st.n_empty; i++)
 	{
+		const char *multi[1] = {"MULTI"};
+		size_t		multi_len[1] = {5};
 		const char *exists[2] = {"EXISTS", keys[st.empty[i]]};
 		size_t		exists_len[2] = {6, lens[st.empty[i]]};
+		const char *range[4] = {"GETRANGE", keys[st.empty[i]], "0", end};
+		size_t		range_len[4] = {8, lens[st.empty[i]], 1, end_len};
+		const char *exec[1] = {"EXEC"};
+		size_t		exec_len[1] = {4};
 
+		append_argv(conn, 1, multi, multi_len);
 		append_argv(conn, 2, exists, exists_len);
+		append_argv(conn, 4, range, range_len);
+		append_argv(conn, 1, exec, exec_len);
 	}
-	return exchange(conn, st.n_empty, "reading values", exists_reply, &st,
-					error);
+	return exchange(conn, st.n_empty * EMPTY_REPLIES, "reading values",
+					empty_reply, &st, error);
 }
 
 /* The steps of dwh_redis_stream_value(), each one exchange. */
