@@ -549,6 +549,14 @@ value_hash(const char *data, size_t len, uint8 *out)
 	memcpy(out + 8, &h2, 8);
 }
 
+/* Is key's new hash the one last read (and the key read before)? */
+static bool
+value_unchanged(const DwhRedisKey *key)
+{
+	return key->has_hash && key->state != DWH_REDIS_STATE_NEW &&
+		memcmp(key->hash, key->new_hash, DWH_REDIS_HASH_LEN) == 0;
+}
+
 /*
  * dwh_redis_value_seen
  *		Record what Redis holds under a key, a value no longer than
@@ -564,8 +572,7 @@ dwh_redis_value_seen(DwhRedisKey *key, bool found, const char *data,
 	if (!found)
 		return;
 	value_hash(data, len, key->new_hash);
-	if (key->has_hash && key->state != DWH_REDIS_STATE_NEW &&
-		memcmp(key->hash, key->new_hash, DWH_REDIS_HASH_LEN) == 0)
+	if (value_unchanged(key))
 		return;
 	key->changed = true;
 	key->len = len;
@@ -590,8 +597,7 @@ dwh_redis_large_value_seen(DwhRedisKey *key, int64 len, const char *prefix,
 	key->found = true;
 	key->changed = false;
 	memcpy(key->new_hash, sha256, DWH_REDIS_HASH_LEN);
-	if (key->has_hash && key->state != DWH_REDIS_STATE_NEW &&
-		memcmp(key->hash, key->new_hash, DWH_REDIS_HASH_LEN) == 0)
+	if (value_unchanged(key))
 		return;
 	key->changed = true;
 	key->len = len;

@@ -35,18 +35,6 @@ foreach my $line (@lines)
 	$longest = $len if $len > $longest;
 }
 
-# The private anonymous memory of a process, in kB (undef once it is gone).
-sub rss_anon_kb
-{
-	my ($pid) = @_;
-	open(my $fh, '<', "/proc/$pid/status") or return undef;
-	while (<$fh>)
-	{
-		return $1 if /^RssAnon:\s+(\d+) kB/;
-	}
-	return undef;
-}
-
 sub drain_and_sample
 {
 	my ($prefetch_kb) = @_;

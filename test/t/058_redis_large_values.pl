@@ -16,6 +16,7 @@ use warnings;
 use Digest::SHA qw(sha256_hex);
 use FindBin;
 use lib $FindBin::RealBin;
+use DwhTest qw(rss_anon_kb);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use RedisServer;
@@ -38,18 +39,6 @@ $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION dwh');
 
 sub psql { return $node->safe_psql('postgres', $_[0]) }
-
-# The private anonymous memory of a process, in kB (undef once it is gone).
-sub rss_anon_kb
-{
-	my ($pid) = @_;
-	open(my $fh, '<', "/proc/$pid/status") or return undef;
-	while (<$fh>)
-	{
-		return $1 if /^RssAnon:\s+(\d+) kB/;
-	}
-	return undef;
-}
 
 # SETRANGE past the end makes a value of $size bytes in Redis at once:
 # zeros, then the byte given.

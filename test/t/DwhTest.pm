@@ -24,12 +24,24 @@ our @EXPORT = qw(
   wait_applied wait_for check_consistent stored_total status_of
   load_dictionaries read_manifest check_manifest_counts
   start_mock_cluster mock_command stop_mock_cluster split_stream
-  set_and_reload
+  set_and_reload rss_anon_kb
 );
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
 my @started_brokers;
 my @started_mocks;
+
+# The private anonymous memory of a process, in kB (undef once it is gone).
+sub rss_anon_kb
+{
+	my ($pid) = @_;
+	open(my $fh, '<', "/proc/$pid/status") or return undef;
+	while (<$fh>)
+	{
+		return $1 if /^RssAnon:\s+(\d+) kB/;
+	}
+	return undef;
+}
 
 # Brokers go away with the test, even one that fails half-way.
 END
