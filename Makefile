@@ -44,6 +44,7 @@ OBJS = \
 	src/dwh_kafka_queue.o \
 	src/dwh_tag_feed.o \
 	src/dwh_tags_worker.o \
+	src/dwh_redis_glob.o \
 	src/dwh_redis_url.o \
 	src/dwh_redis_conn.o \
 	src/dwh_redis_store.o \

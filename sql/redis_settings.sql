@@ -10,6 +10,7 @@ SHOW dwh.redis_url;
 SHOW dwh.redis_refresh_interval;
 SHOW dwh.redis_batch_size;
 SHOW dwh.redis_scan_pattern;
+SHOW dwh.redis_key_pattern;
 SHOW dwh.redis_max_value_size;
 SHOW dwh.redis_timeout;
 
@@ -40,6 +41,12 @@ ALTER SYSTEM SET dwh.redis_url = 'unix://:secret-pw@relative.sock';
 ALTER SYSTEM SET dwh.redis_url = 'unix:///run/redis.sock?timeout=1';
 ALTER SYSTEM SET dwh.redis_url = 'unix://secret-pw@/run/redis@main/redis.sock';
 ALTER SYSTEM RESET dwh.redis_url;
+-- Key patterns the worker could not match as Redis does, and one it can.
+ALTER SYSTEM SET dwh.redis_key_pattern = '';
+ALTER SYSTEM SET dwh.redis_key_pattern = '[0-9';
+ALTER SYSTEM SET dwh.redis_key_pattern = '[0-]*';
+ALTER SYSTEM SET dwh.redis_key_pattern = 'user:\';
+ALTER SYSTEM SET dwh.redis_key_pattern = '[0-9a-f]*\[\]';
 ALTER SYSTEM SET dwh.redis_max_value_size = 100;
 ALTER SYSTEM SET dwh.redis_timeout = '10min 1s';
 ALTER SYSTEM RESET ALL;

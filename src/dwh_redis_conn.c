@@ -519,7 +519,12 @@ typedef struct ReadState
 	int			n_empty;
 } ReadState;
 
-/* GETRANGE: a string (at most max_len + 1 bytes), or WRONGTYPE. */
+/*
+ * GETRANGE: a string (at most max_len + 1 bytes), WRONGTYPE, or NOPERM: a
+ * key the user's ACL does not let it read is that key's answer, not a
+ * failure of the batch (orders name the keys: one of them must not stop
+ * the worker).
+ */
 static bool
 range_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 			DwhRedisError *error)
@@ -527,12 +532,20 @@ range_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 	ReadState  *st = (ReadState *) arg;
 
 	if (reply->type == REDIS_REPLY_STRING && reply->len > 0)
-		st->fn(st->arg, index, true, reply->str, reply->len);
+		st->fn(st->arg, index, DWH_REDIS_VALUE, reply->str, reply->len);
 	else if (reply->type == REDIS_REPLY_STRING)
 		st->empty[st->n_empty++] = index;
 	else if (reply->type == REDIS_REPLY_ERROR &&
 			 strncmp(reply->str, "WRONGTYPE", 9) == 0)
-		st->fn(st->arg, index, false, NULL, 0);
+		st->fn(st->arg, index, DWH_REDIS_NO_VALUE, NULL, 0);
+	else if (reply->type == REDIS_REPLY_ERROR &&
+			 strncmp(reply->str, "NOPERM", 6) == 0)
+	{
+		char	   *text = server_text(conn, reply->str);
+
+		st->fn(st->arg, index, DWH_REDIS_DENIED, text, strlen(text));
+		pfree(text);
+	}
 	else if (reply->type == REDIS_REPLY_ERROR)
 		return server_error(conn, error, "GETRANGE", reply->str);
 	else
@@ -585,9 +598,9 @@ empty_reply(DwhRedisConn *conn, int reply_number, redisReply *reply,
 	range = reply->element[1];
 	/* WRONGTYPE: the key now holds another type. */
 	if (exists->integer > 0 && range->type == REDIS_REPLY_STRING)
-		st->fn(st->arg, index, true, range->str, range->len);
+		st->fn(st->arg, index, DWH_REDIS_VALUE, range->str, range->len);
 	else
-		st->fn(st->arg, index, false, NULL, 0);
+		st->fn(st->arg, index, DWH_REDIS_NO_VALUE, NULL, 0);
 	return true;
 }
 

@@ -23,11 +23,16 @@ typedef struct DwhRedisError
 	const char *hint;			/* NULL or a sentence */
 } DwhRedisError;
 
-/*
- * Called once per key read, in key order, while the reply is alive: found
- * is false when the key holds no string (absent, or another type).
- */
-typedef void (*DwhRedisValueFn) (void *arg, int index, bool found,
+/* What Redis answered for a key. */
+typedef enum DwhRedisAnswer
+{
+	DWH_REDIS_VALUE,			/* a string: data and len */
+	DWH_REDIS_NO_VALUE,			/* no key, or another type than a string */
+	DWH_REDIS_DENIED			/* NOPERM (its ACL): data is Redis's text */
+} DwhRedisAnswer;
+
+/* Called once per key read, in key order, while the reply is alive. */
+typedef void (*DwhRedisValueFn) (void *arg, int index, DwhRedisAnswer answer,
 								 const char *data, size_t len);
 
 /* Called with each chunk of a value streamed, in order. */

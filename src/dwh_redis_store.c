@@ -59,13 +59,13 @@
 #include "dwh_trust.h"
 
 static const char *const kind_names[] = {"unknown", "user", "restaurant"};
-static const char *const state_names[] = {"new", "mirrored", "missing", "refused"};
+static const char *const state_names[] = {"new", "mirrored", "missing", "refused", "excluded"};
 
 /* What to do with one key of a batch. */
 typedef enum Target
 {
 	TARGET_NOTHING,				/* unchanged */
-	TARGET_STATE,				/* only its state changes (now missing) */
+	TARGET_STATE,				/* only its state changes (missing, excluded) */
 	TARGET_USER,
 	TARGET_RESTAURANT,
 	TARGET_DEAD
@@ -448,8 +448,9 @@ state_from_name(const char *name)
 }
 
 /*
- * Run a query returning (key, kind, state, value_hash) rows and copy them
- * into the caller's memory context.
+ * Run a query returning (key, kind, state, value_hash, reason) rows and
+ * copy them into the caller's memory context (the reason of an excluded key
+ * only: whether it is still the reason).
  */
 static int
 fetch_keys(const char *activity, const char *sql, int nargs, Oid *types,
@@ -484,6 +485,9 @@ fetch_keys(const char *activity, const char *sql, int nargs, Oid *types,
 		k->key[k->key_len] = '\0';
 		k->kind = kind_from_name(SPI_getvalue(tup, desc, 2));
 		k->state = state_from_name(SPI_getvalue(tup, desc, 3));
+		k->reason = SPI_getvalue(tup, desc, 5);
+		if (k->reason != NULL)
+			k->reason = MemoryContextStrdup(caller, k->reason);
 		hash = SPI_getbinval(tup, desc, 4, &isnull);
 		if (!isnull)
 		{
@@ -514,7 +518,7 @@ dwh_redis_store_new_keys(const char *after, int limit, DwhRedisKey **keys)
 	Datum		args[2] = {CStringGetTextDatum(after), Int32GetDatum(limit)};
 
 	return fetch_keys("dwh: listing new Redis keys",
-					  "SELECT key, kind, state, value_hash FROM dwh.redis_keys "
+					  "SELECT key, kind, state, value_hash, NULL::text FROM dwh.redis_keys "
 					  "WHERE state = 'new' AND key > $1 ORDER BY key LIMIT $2",
 					  2, types, args, keys);
 }
@@ -531,7 +535,9 @@ dwh_redis_store_page(const char *after, int limit, DwhRedisKey **keys)
 	Datum		args[2] = {CStringGetTextDatum(after), Int32GetDatum(limit)};
 
 	return fetch_keys("dwh: listing Redis keys to refresh",
-					  "SELECT key, kind, state, value_hash FROM dwh.redis_keys "
+					  "SELECT key, kind, state, value_hash, "
+					  "       CASE WHEN state = 'excluded' THEN reason END "
+					  "FROM dwh.redis_keys "
 					  "WHERE key > $1 ORDER BY key LIMIT $2",
 					  2, types, args, keys);
 }
@@ -555,6 +561,21 @@ value_unchanged(const DwhRedisKey *key)
 {
 	return key->has_hash && key->state != DWH_REDIS_STATE_NEW &&
 		memcmp(key->hash, key->new_hash, DWH_REDIS_HASH_LEN) == 0;
+}
+
+/*
+ * dwh_redis_key_denied
+ *		Record that Redis refused the worker's user access to a key (NOPERM,
+ *		text its answer): the key is excluded as one dwh.redis_key_pattern
+ *		does not match is, with Redis's reason.
+ */
+void
+dwh_redis_key_denied(DwhRedisKey *key, const char *text)
+{
+	key->found = false;
+	key->changed = false;
+	key->excluded = psprintf("Redis does not let the worker's user read the key: %s",
+							 text);
 }
 
 /*
@@ -634,6 +655,15 @@ decide(DwhRedisKey *k, int max_value_size, Decision *d)
 
 	memset(d, 0, sizeof(Decision));
 	d->kind = k->kind;
+	if (k->excluded != NULL)
+	{
+		d->state = DWH_REDIS_STATE_EXCLUDED;
+		d->reason = pstrdup(dwh_valid_utf8(k->excluded));
+		d->target = k->state == DWH_REDIS_STATE_EXCLUDED &&
+			k->reason != NULL && strcmp(k->reason, d->reason) == 0 ?
+			TARGET_NOTHING : TARGET_STATE;
+		return;
+	}
 	if (!k->found)
 	{
 		d->state = DWH_REDIS_STATE_MISSING;
@@ -948,7 +978,7 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 /*
  * dwh_redis_store_counts
  *		Keys mirrored, and keys wanted but without a value in STG from
- *		Redis (missing there, or refused).
+ *		Redis (missing there, refused, or excluded by dwh.redis_key_pattern).
  */
 void
 dwh_redis_store_counts(int64 *mirrored, int64 *missing)
@@ -958,7 +988,7 @@ dwh_redis_store_counts(int64 *mirrored, int64 *missing)
 
 	begin_work("dwh: counting Redis keys");
 	rc = SPI_execute("SELECT pg_catalog.count(*) FILTER (WHERE state = 'mirrored'), "
-					 "       pg_catalog.count(*) FILTER (WHERE state IN ('missing', 'refused')) "
+					 "       pg_catalog.count(*) FILTER (WHERE state IN ('missing', 'refused', 'excluded')) "
 					 "FROM dwh.redis_keys", true, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not count keys: %s",

@@ -26,7 +26,8 @@ typedef enum DwhRedisState
 	DWH_REDIS_STATE_NEW = 0,	/* named by an order or found by SCAN */
 	DWH_REDIS_STATE_MIRRORED,	/* its value is in STG */
 	DWH_REDIS_STATE_MISSING,	/* Redis has no string under this key */
-	DWH_REDIS_STATE_REFUSED		/* its value was dead-lettered */
+	DWH_REDIS_STATE_REFUSED,	/* its value was dead-lettered */
+	DWH_REDIS_STATE_EXCLUDED	/* not read: dwh.redis_key_pattern, an ACL */
 } DwhRedisState;
 
 /* One key of a batch: what the database knows, then what Redis said. */
@@ -38,6 +39,8 @@ typedef struct DwhRedisKey
 	DwhRedisState state;
 	bool		has_hash;
 	uint8		hash[DWH_REDIS_HASH_LEN];	/* of the last value read */
+	char	   *reason;			/* its reason, when it was excluded */
+	const char *excluded;		/* why it is not read now, or NULL */
 	/* Filled from what Redis answered. */
 	bool		found;
 	bool		changed;		/* found, and its hash differs */
@@ -83,6 +86,7 @@ extern int	dwh_redis_store_new_keys(const char *after, int limit,
 									 DwhRedisKey **keys);
 extern int	dwh_redis_store_page(const char *after, int limit,
 								 DwhRedisKey **keys);
+extern void dwh_redis_key_denied(DwhRedisKey *key, const char *text);
 extern void dwh_redis_value_seen(DwhRedisKey *key, bool found,
 								 const char *data, size_t len);
 extern void dwh_redis_large_value_seen(DwhRedisKey *key, int64 len,

@@ -52,6 +52,7 @@
 
 #include "dwh_dead_letter.h"
 #include "dwh_redis_conn.h"
+#include "dwh_redis_glob.h"
 #include "dwh_redis_store.h"
 #include "dwh_redis_url.h"
 #include "dwh_secret_files.h"
@@ -80,6 +81,7 @@ static TimestampTz next_refresh = 0;
 static TimestampTz last_refresh_start = 0;
 static int	refresh_interval_used = 0;
 static bool new_keys_pending = true;
+static char *key_pattern_used = NULL;	/* to see a reload change it */
 static bool counts_stale = true;
 static int64 keys_mirrored = 0;
 static int64 keys_missing = 0;
@@ -201,6 +203,15 @@ process_reload(void)
 		refresh_interval_used = dwh_redis_refresh_interval;
 	}
 
+	/* Another key pattern: judge every known key by it at once. */
+	if (strcmp(dwh_redis_key_pattern, key_pattern_used) != 0)
+	{
+		pfree(key_pattern_used);
+		key_pattern_used = MemoryContextStrdup(TopMemoryContext,
+											   dwh_redis_key_pattern);
+		next_refresh = 0;
+	}
+
 	settings = current_conn_settings();
 	if (strcmp(settings, conn_settings) != 0)
 	{
@@ -295,15 +306,23 @@ connect_redis(void)
 typedef struct SeenArg
 {
 	DwhRedisKey *keys;
+	int		   *asked;			/* by reply: the index of its key */
 	bool	   *large;			/* by key: longer than the limit */
 } SeenArg;
 
 static void
-value_seen(void *arg, int index, bool found, const char *data, size_t len)
+value_seen(void *arg, int reply, DwhRedisAnswer answer, const char *data,
+		   size_t len)
 {
 	SeenArg    *a = (SeenArg *) arg;
+	int			index = a->asked[reply];
 
-	if (found && len > (size_t) dwh_redis_max_value_size)
+	if (answer == DWH_REDIS_DENIED)
+	{
+		dwh_redis_key_denied(&a->keys[index], data);
+		return;
+	}
+	if (answer == DWH_REDIS_VALUE && len > (size_t) dwh_redis_max_value_size)
 	{
 		/* Only its first bytes came: read in chunks once the batch is. */
 		a->large[index] = true;
@@ -311,7 +330,8 @@ value_seen(void *arg, int index, bool found, const char *data, size_t len)
 		a->keys[index].changed = false;
 		return;
 	}
-	dwh_redis_value_seen(&a->keys[index], found, data, len);
+	dwh_redis_value_seen(&a->keys[index], answer == DWH_REDIS_VALUE, data,
+						 len);
 }
 
 /* A large value as its chunks come: its SHA-256 and kept prefix. */
@@ -389,8 +409,10 @@ read_large_value(DwhRedisKey *key, DwhRedisError *error)
 }
 
 /*
- * Read keys[0..n) from Redis and write what changed.  Returns false with
- * error set when Redis failed.
+ * Read keys[0..n) from Redis and write what changed.  A key that
+ * dwh.redis_key_pattern does not match is not asked for: it is recorded as
+ * excluded, as one Redis does not let the worker read is.  Returns false
+ * with error set when Redis failed.
  */
 static bool
 mirror_batch(DwhRedisKey *keys, int n, DwhRedisApplyResult *result,
@@ -399,18 +421,28 @@ mirror_batch(DwhRedisKey *keys, int n, DwhRedisApplyResult *result,
 	char	  **names = palloc(sizeof(char *) * Max(n, 1));
 	size_t	   *lens = palloc(sizeof(size_t) * Max(n, 1));
 	SeenArg		arg;
+	int			n_asked = 0;
 	int			i;
 
 	memset(result, 0, sizeof(DwhRedisApplyResult));
+	arg.keys = keys;
+	arg.asked = palloc(sizeof(int) * Max(n, 1));
+	arg.large = palloc0(sizeof(bool) * Max(n, 1));
 	for (i = 0; i < n; i++)
 	{
-		names[i] = keys[i].key;
-		lens[i] = keys[i].key_len;
+		if (!dwh_redis_glob_match(dwh_redis_key_pattern, keys[i].key,
+								  keys[i].key_len))
+		{
+			keys[i].excluded = "dwh.redis_key_pattern does not match the key: its value is not read";
+			continue;
+		}
+		names[n_asked] = keys[i].key;
+		lens[n_asked] = keys[i].key_len;
+		arg.asked[n_asked++] = i;
 	}
-	arg.keys = keys;
-	arg.large = palloc0(sizeof(bool) * Max(n, 1));
-	if (!dwh_redis_read_values(conn, names, lens, n, dwh_redis_max_value_size,
-							   value_seen, &arg, error))
+	if (!dwh_redis_read_values(conn, names, lens, n_asked,
+							   dwh_redis_max_value_size, value_seen, &arg,
+							   error))
 		return false;
 	for (i = 0; i < n; i++)
 	{
@@ -472,6 +504,9 @@ key_found(void *arg, const char *key, size_t len)
 	ScanKeys   *sk = (ScanKeys *) arg;
 	DwhRedisRefusedKey refused;
 
+	/* Not one the worker may read: as if SCAN had not found it. */
+	if (!dwh_redis_glob_match(dwh_redis_key_pattern, key, len))
+		return;
 	if (dwh_redis_key_refused(key, len, &refused))
 	{
 		if (sk->n_refused == sk->refused_capacity)
@@ -648,6 +683,8 @@ dwh_redis_worker_main(Datum main_arg)
 	page_context = AllocSetContextCreate(TopMemoryContext, "dwh redis page",
 										 ALLOCSET_DEFAULT_SIZES);
 	conn_settings = current_conn_settings();
+	key_pattern_used = MemoryContextStrdup(TopMemoryContext,
+										   dwh_redis_key_pattern);
 	apply_value_size_limit();
 	before_shmem_exit(shutdown_connection, (Datum) 0);
 

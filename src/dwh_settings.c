@@ -15,6 +15,7 @@
 #include "utils/guc.h"
 
 #include "dwh_kafka_options.h"
+#include "dwh_redis_glob.h"
 #include "dwh_redis_url.h"
 #include "dwh_settings.h"
 #include "dwh_status.h"
@@ -44,6 +45,7 @@ char	   *dwh_redis_url_file = NULL;
 int			dwh_redis_refresh_interval = 60;
 int			dwh_redis_batch_size = 1000;
 char	   *dwh_redis_scan_pattern = NULL;
+char	   *dwh_redis_key_pattern = NULL;
 int			dwh_redis_max_value_size = 1024 * 1024;
 int			dwh_redis_timeout = 5000;
 
@@ -211,6 +213,26 @@ database_check(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/*
+ * Check hook of dwh.redis_key_pattern: a pattern the worker can match
+ * (dwh_redis_glob.c says how it differs from Redis on malformed ones).
+ */
+static bool
+key_pattern_check(char **newval, void **extra, GucSource source)
+{
+	const char *problem;
+
+	if (*newval == NULL)
+		return false;
+	problem = dwh_redis_glob_problem(*newval);
+	if (problem != NULL)
+	{
+		GUC_check_errdetail("%s", _(problem));
+		return false;
+	}
+	return true;
+}
+
 /* Check hook of dwh.tags_topic: empty (no feed), or a Kafka topic name. */
 static bool
 tags_topic_check(char **newval, void **extra, GucSource source)
@@ -290,7 +312,7 @@ define_redis_settings(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("dwh.redis_batch_size",
-							"Most keys read from Redis (pipelined MGET) and written in one transaction.",
+							"Most keys read from Redis (one pipeline of GETRANGE) and written in one transaction.",
 							NULL,
 							&dwh_redis_batch_size,
 							1000,
@@ -308,6 +330,15 @@ define_redis_settings(void)
 							   PGC_SIGHUP,
 							   0,
 							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("dwh.redis_key_pattern",
+							   "Pattern every Redis key the worker reads must match, the keys orders name as well as those SCAN finds.",
+							   "Redis glob syntax, as SCAN MATCH: * any bytes, ? one byte, [a-z] and [^a-z] classes, \\ escapes.",
+							   &dwh_redis_key_pattern,
+							   "*",
+							   PGC_SIGHUP,
+							   0,
+							   key_pattern_check, NULL, NULL);
 
 	DefineCustomIntVariable("dwh.redis_max_value_size",
 							"Largest dictionary value accepted; larger ones are dead-lettered.",

@@ -49,6 +49,7 @@ extern char *dwh_redis_url_file;
 extern int	dwh_redis_refresh_interval;
 extern int	dwh_redis_batch_size;
 extern char *dwh_redis_scan_pattern;
+extern char *dwh_redis_key_pattern;
 extern int	dwh_redis_max_value_size;
 extern int	dwh_redis_timeout;
 

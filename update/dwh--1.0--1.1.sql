@@ -4419,6 +4419,14 @@ CREATE TRIGGER restaurant_history_no_delete
     BEFORE DELETE OR TRUNCATE ON stg.restaurant_history
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_refuse_delete();
 
+-- Redis keys that dwh.redis_key_pattern does not match are never read:
+-- state 'excluded'.
+ALTER TABLE dwh.redis_keys DROP CONSTRAINT redis_keys_state_check;
+ALTER TABLE dwh.redis_keys ADD CONSTRAINT redis_keys_state_check
+    CHECK (state IN ('new', 'mirrored', 'missing', 'refused', 'excluded'));
+COMMENT ON COLUMN dwh.redis_keys.state IS 'new (not read yet), mirrored (its value is in stg.users or stg.restaurants), missing (Redis holds no string under it), refused (its value is in dwh.dead_letters), excluded (dwh.redis_key_pattern does not match it: never read)';
+COMMENT ON COLUMN dwh.redis_keys.reason IS 'Why the value was refused (state refused) or the key is not read (state excluded)';
+
 -- PUBLIC gets nothing on the new functions and views either.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA dwh FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA dwh FROM PUBLIC;
