@@ -76,7 +76,7 @@ set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
 	va_list		args;
 
 	va_start(args, fmt);
-	vsnprintf(error->message, sizeof(error->message), fmt, args);
+	vsnprintf(error->message, sizeof(error->message), _(fmt), args);
 	va_end(args);
 	error->sqlstate = sqlstate;
 	error->transient = transient;

@@ -270,11 +270,12 @@ redis_failed(DwhRedisError *error)
 	dwh_status_set_state(slot, "%s, retrying every %d s at most",
 						 error->transient ? "waiting for Redis" : "error: Redis refused the connection settings",
 						 DWH_WORKER_BACKOFF_MAX_MS / 1000);
+	/* The message was translated when it was made (set_error). */
 	if (dwh_worker_note_logged(error->message))
 		ereport(LOG,
 				(errcode(error->sqlstate),
 				 errmsg("%s", error->message),
-				 error->hint ? errhint("%s", error->hint) : 0));
+				 error->hint ? errhint("%s", _(error->hint)) : 0));
 }
 
 static bool

@@ -291,6 +291,7 @@ void
 dwh_worker_set_state_logged(const char *state, const char *hint)
 {
 	dwh_status_set_state(slot, "%s", state);
+	/* Untranslated: a state is read by programs too (monitoring/). */
 	if (dwh_worker_note_logged(state))
 		ereport(LOG,
 				(errmsg("%s", state),
