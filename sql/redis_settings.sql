@@ -46,6 +46,7 @@ ALTER SYSTEM SET dwh.redis_key_pattern = '';
 ALTER SYSTEM SET dwh.redis_key_pattern = '[0-9';
 ALTER SYSTEM SET dwh.redis_key_pattern = '[0-]*';
 ALTER SYSTEM SET dwh.redis_key_pattern = 'user:\';
+ALTER SYSTEM SET dwh.redis_key_pattern = '[a-é]*';
 ALTER SYSTEM SET dwh.redis_key_pattern = '[0-9a-f]*\[\]';
 ALTER SYSTEM SET dwh.redis_max_value_size = 100;
 ALTER SYSTEM SET dwh.redis_timeout = '10min 1s';

@@ -8,8 +8,9 @@
  * can try a pattern with redis-cli first: "*" any bytes, "?" one byte,
  * "[abc]", "[a-z]" and "[^a-z]" one byte of a class (a range may be
  * written high to low), and "\" makes the next byte literal.  Bytes, not
- * characters, as in Redis.  Unlike Redis, a pattern with an unclosed "["
- * or a trailing "\" is refused when set rather than given a meaning.
+ * characters, as in Redis.  Unlike Redis, a pattern with an unclosed "[",
+ * a trailing "\" or a range past ASCII ("[a-é]") is refused when set
+ * rather than given a meaning.
  *
  * Matching keeps one backtracking point, the last "*": every other token
  * takes exactly one byte, so resuming after that star one byte further is
@@ -26,15 +27,19 @@
  * Scan the class starting at p (just after "["), as Redis reads it: "\x"
  * is x, "a-z" a range whenever a byte follows the "-" (even "]": Redis's
  * "[a-]" is not closed there), and the first other "]" closes it.  Sets
- * *matched to whether byte c is in the class and *end to the byte after
- * its "]"; returns false when nothing closes it.
+ * *matched to whether byte c is in the class, *end to the byte after its
+ * "]" and *wide_range when a range has a byte past ASCII at either end
+ * (Redis compares those as C chars, signed on some machines and not on
+ * others); returns false when nothing closes it.
  */
 static bool
 scan_class(const char *p, const char *pend, unsigned char c, bool *matched,
-		   const char **end)
+		   const char **end, bool *wide_range)
 {
 	bool		negate = false;
 	bool		in = false;
+
+	*wide_range = false;
 
 	if (p < pend && *p == '^')
 	{
@@ -58,6 +63,8 @@ scan_class(const char *p, const char *pend, unsigned char c, bool *matched,
 			unsigned char lo = (unsigned char) p[0];
 			unsigned char hi = (unsigned char) p[2];
 
+			if (lo >= 0x80 || hi >= 0x80)
+				*wide_range = true;
 			if (lo > hi)
 			{
 				unsigned char t = lo;
@@ -113,7 +120,12 @@ dwh_redis_glob_match(const char *pattern, const char *key, size_t key_len)
 			if (*p == '?')
 				ok = true;
 			else if (*p == '[')
-				(void) scan_class(p + 1, pend, (unsigned char) *k, &ok, &next);
+			{
+				bool		wide_range;
+
+				(void) scan_class(p + 1, pend, (unsigned char) *k, &ok, &next,
+								  &wide_range);
+			}
 			else
 			{
 				if (*p == '\\' && p + 1 < pend)
@@ -164,9 +176,12 @@ dwh_redis_glob_problem(const char *pattern)
 		else if (*p == '[')
 		{
 			bool		matched;
+			bool		wide_range;
 
-			if (!scan_class(p + 1, pend, 0, &matched, &p))
+			if (!scan_class(p + 1, pend, 0, &matched, &p, &wide_range))
 				return "A \"[\" opens a class of bytes that a \"]\" must close (\"\\[\" stands for a \"[\"; in \"[a-]\" the \"-\" makes a range to \"]\").";
+			if (wide_range)
+				return "A range in a class must be between ASCII characters: Redis compares other bytes as signed on some machines and as unsigned on others.";
 		}
 		else
 			p++;
