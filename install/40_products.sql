@@ -42,13 +42,14 @@ COMMENT ON FUNCTION dwh.current_product_names(uuid[]) IS
     'Internal: the current name of each of these dishes (its newest name satellite row), null if it has none';
 
 -- Of these dishes, those whose current name is no longer the one read
--- before (before_names, in the same order).
+-- before (before_names, in the same order).  Each dish's current name is
+-- read once: a dish given n times would otherwise join n times n rows.
 CREATE FUNCTION dwh.products_renamed(products uuid[], before_names varchar[])
     RETURNS uuid[]
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT array_agg(c.h_product_pk)
-    FROM dwh.current_product_names(products) c
+    FROM dwh.current_product_names(ARRAY(SELECT DISTINCT unnest(products))) c
     JOIN unnest(products, before_names) AS b(h_product_pk, name) USING (h_product_pk)
     WHERE c.name IS DISTINCT FROM b.name
 $fn$;
@@ -319,7 +320,7 @@ AS $fn$
       AND m.product_name IS DISTINCT FROM n.name;
 $fn$;
 COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
-    'Set product_name of every mart row of these dishes to their current name';
+    'Internal: set product_name of every mart row of these dishes to their current name';
 
 -- Lock order.  Every writer of orders takes its locks in one order, so
 -- that two batches wait for each other but never deadlock:
@@ -708,4 +709,4 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS
-    'Add per-key order count deltas to the marts, in key order (rows reaching zero are deleted), then refresh the user tags they change';
+    'Internal: add per-key order count deltas to the marts, in key order (rows reaching zero are deleted), then refresh the user tags they change';

@@ -61,7 +61,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_user_versions(text[], timestamp[]) IS
-    'Load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
+    'Internal: load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
 
 CREATE FUNCTION dwh.users_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -225,7 +225,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.move_products(uuid[], uuid[], timestamp[]) IS
-    'Relink dishes to new categories and recount the category mart for the CLOSED orders holding them';
+    'Internal: relink dishes to new categories and recount the category mart for the CLOSED orders holding them';
 
 -- Restaurants: hubs and name satellite rows of these (restaurant, version
 -- time) pairs, as for users; then what the given menus say of their dishes:
@@ -361,7 +361,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_restaurant_versions(text[], timestamp[], jsonb[]) IS
-    'Load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
+    'Internal: load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
 
 CREATE FUNCTION dwh.restaurants_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp

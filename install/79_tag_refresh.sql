@@ -198,12 +198,13 @@ COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
 -- The (user, rule) pairs of all-time dish or category rules (kind) whose
 -- count crossed the rule's threshold: the mart rows moved_users/moved_keys
 -- now count moved_counts, having changed by the delta of the same key in
--- users/keys/deltas.  Only these can gain or lose the tag: the tags held
--- are what the counts before said (they are kept in the same transactions
--- as the counts, and dwh.verify() checks it).  No nested loop: a plan
--- made for arrays of unknown length (10 rows, it guesses) joins the two
--- arrays of a batch, some thousand elements each, by comparing every
--- pair.
+-- users/keys/deltas (summed, should a key come twice: a key given n times
+-- on both sides would otherwise join n times n rows).  Only these can gain
+-- or lose the tag: the tags held are what the counts before said (they
+-- are kept in the same transactions as the counts, and dwh.verify()
+-- checks it).  No nested loop: a plan made for arrays of unknown length
+-- (10 rows, it guesses) joins the two arrays of a batch, some thousand
+-- elements each, by comparing every pair.
 CREATE FUNCTION dwh.tags_crossed(kind text, users uuid[], keys uuid[], deltas integer[],
                                  moved_users uuid[], moved_keys uuid[],
                                  moved_counts integer[])
@@ -222,7 +223,9 @@ BEGIN
               WHERE r.kind = tags_crossed.kind AND r.window_days IS NULL) r
         JOIN unnest(moved_users, moved_keys, moved_counts) AS m(user_id, key, order_cnt)
           ON m.key = r.key
-        JOIN unnest(users, keys, deltas) AS d(user_id, key, d)
+        JOIN (SELECT x.user_id, x.key, sum(x.d) AS d
+              FROM unnest(users, keys, deltas) AS x(user_id, key, d)
+              GROUP BY x.user_id, x.key) d
           ON d.user_id = m.user_id AND d.key = m.key
         WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold);
 END
@@ -329,8 +332,10 @@ BEGIN
 
     -- The windowed counts: each key's rule found back by its rank, and a
     -- favourite's category by a probe of dds.h_category's primary key.  A
-    -- key found nowhere would be a count lost: an error.  The users' rows
-    -- are locked.
+    -- key found nowhere would be a count lost: an error.  Not 22023 (a
+    -- batch would take it for bad data and dead-letter its orders), nor an
+    -- internal error (a caller can pass such keys): 55000, the rules are
+    -- not the ones the keys were made from.  The users' rows are locked.
     IF window_keys IS NOT NULL THEN
         SELECT array_agg(k.key), array_agg(f.tag), array_agg(f.category_id),
                count(*) FILTER (WHERE f.tag IS NULL)
@@ -352,7 +357,8 @@ BEGIN
         IF lost_keys > 0 THEN
             RAISE EXCEPTION 'windowed tag count deltas under % keys match no windowed rule',
                             lost_keys
-                USING ERRCODE = 'XX000';
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'Each key is dwh.tag_window_key() of a windowed rule''s rank (dwh.tag_window_rules()) and a category, made while the tag lock is held; a count under another key would be lost.';
         END IF;
 
         WITH delta AS MATERIALIZED (

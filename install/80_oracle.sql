@@ -196,7 +196,12 @@ CREATE FUNCTION dwh.verify_vault(part integer, parts integer)
 AS $fn$
 #variable_conflict use_column
 BEGIN
-    IF parts IS NULL OR parts < 1 OR part IS NULL OR part < 0 OR part >= parts THEN
+    IF part IS NULL OR parts IS NULL THEN
+        RAISE EXCEPTION 'part and parts must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Parts are numbered from 0 to parts - 1; dwh.verify_vault() checks everything at once.';
+    END IF;
+    IF parts < 1 OR part < 0 OR part >= parts THEN
         RAISE EXCEPTION 'part % of % parts does not exist', part, parts
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Parts are numbered from 0 to parts - 1, and there is at least one.';
@@ -437,10 +442,18 @@ DECLARE
     part_rows bigint;
     differences bigint := 0;
 BEGIN
-    IF parts IS NULL OR parts < 1 THEN
+    IF parts IS NULL THEN
+        RAISE EXCEPTION 'parts must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Give 1 to 1000 parts; dwh.verify() checks everything at once.';
+    END IF;
+    -- Each part is a pass over the marts, the tags and DDS, however few
+    -- rows it holds: a check in two billion parts never ends.  A thousand
+    -- parts of a million orders each is a billion orders.
+    IF parts < 1 OR parts > 1000 THEN
         RAISE EXCEPTION 'a check in % parts is not possible', parts
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Give one part or more; dwh.verify() checks everything at once.';
+                  HINT = 'Give 1 to 1000 parts (about one per million orders); dwh.verify() checks everything at once.';
     END IF;
     FOR part IN 0 .. parts - 1 LOOP
         RETURN QUERY
@@ -544,6 +557,16 @@ DECLARE
     named record;
     d record;
 BEGIN
+    IF chunk IS NULL THEN
+        RAISE EXCEPTION 'chunk must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Give the orders to load per statement, 1 or more (the default is 10000).';
+    END IF;
+    IF chunk < 1 THEN
+        RAISE EXCEPTION 'a chunk of % orders is not possible', chunk
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give the orders to load per statement, 1 or more (the default is 10000).';
+    END IF;
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
     LOCK TABLE stg.order_events, stg.order_event_history, stg.users,
@@ -614,6 +637,11 @@ DECLARE
     vault_differences bigint;
     parts integer;
 BEGIN
+    IF vault IS NULL THEN
+        RAISE EXCEPTION 'vault must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Pass vault => true to recompute DDS from STG first, or false (the default) to repair the marts against DDS as it is.';
+    END IF;
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'the marts can only be rebuilt in a READ COMMITTED transaction'
             USING ERRCODE = '25000',

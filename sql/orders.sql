@@ -165,7 +165,11 @@ FROM (SELECT parts, k, count(*) FILTER (WHERE dwh.uuid_in_part(k, part, parts)) 
       GROUP BY parts, k) x
 GROUP BY parts ORDER BY parts;
 SELECT * FROM dwh.verify(0);
+SELECT * FROM dwh.verify(1001);
+SELECT * FROM dwh.verify(NULL);
 SELECT * FROM dwh.verify_vault(4, 4);
+SELECT * FROM dwh.verify_vault(NULL, 4);
+SELECT * FROM dwh.rebuild(NULL);
 SELECT * FROM dwh.rebuild();
 SELECT count(*) AS vault_differences FROM dwh.verify_vault();
 -- On a large warehouse rebuild() checks DDS in parts of about a million

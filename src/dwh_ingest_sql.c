@@ -156,7 +156,7 @@ dwh_ingest_dead_letter(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("dead letters of source \"%s\" cannot be ingested again",
-						source),
+						strlen(source) <= 64 ? source : "(a long text)"),
 				 errdetail("Only dead letters of the sources kafka and sql hold order messages.")));
 	PG_RETURN_TEXT_P(ingest_one(fcinfo, source, 2));
 }

@@ -413,13 +413,14 @@ COMMENT ON FUNCTION dwh.current_product_names(uuid[]) IS
     'Internal: the current name of each of these dishes (its newest name satellite row), null if it has none';
 
 -- Of these dishes, those whose current name is no longer the one read
--- before (before_names, in the same order).
+-- before (before_names, in the same order).  Each dish's current name is
+-- read once: a dish given n times would otherwise join n times n rows.
 CREATE FUNCTION dwh.products_renamed(products uuid[], before_names varchar[])
     RETURNS uuid[]
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT array_agg(c.h_product_pk)
-    FROM dwh.current_product_names(products) c
+    FROM dwh.current_product_names(ARRAY(SELECT DISTINCT unnest(products))) c
     JOIN unnest(products, before_names) AS b(h_product_pk, name) USING (h_product_pk)
     WHERE c.name IS DISTINCT FROM b.name
 $fn$;
@@ -437,7 +438,7 @@ AS $fn$
       AND m.product_name IS DISTINCT FROM n.name;
 $fn$;
 COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
-    'Set product_name of every mart row of these dishes to their current name';
+    'Internal: set product_name of every mart row of these dishes to their current name';
 
 -- Put the order naming row of each of these dishes where
 -- dds.product_namings says it belongs, with the name it must hold.  The
@@ -1039,7 +1040,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS
-    'Add per-key order count deltas to the marts, in key order (rows reaching zero are deleted), then refresh the user tags they change';
+    'Internal: add per-key order count deltas to the marts, in key order (rows reaching zero are deleted), then refresh the user tags they change';
 
 -- Orders (install/50_orders.sql): the order trigger split into step
 -- functions; the update trigger sees the versions it replaces; superseded
@@ -1653,7 +1654,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_user_versions(text[], timestamp[]) IS
-    'Load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
+    'Internal: load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
 
 CREATE OR REPLACE FUNCTION dwh.users_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -1813,7 +1814,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.move_products(uuid[], uuid[], timestamp[]) IS
-    'Relink dishes to new categories and recount the category mart for the CLOSED orders holding them';
+    'Internal: relink dishes to new categories and recount the category mart for the CLOSED orders holding them';
 
 -- Restaurants: hubs and name satellite rows of these (restaurant, version
 -- time) pairs, as for users; then what the given menus say of their dishes:
@@ -1949,7 +1950,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_restaurant_versions(text[], timestamp[], jsonb[]) IS
-    'Load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
+    'Internal: load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
 
 CREATE OR REPLACE FUNCTION dwh.restaurants_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -2973,12 +2974,13 @@ COMMENT ON FUNCTION dwh.refresh_user_tags(uuid[], text[]) IS
 -- The (user, rule) pairs of all-time dish or category rules (kind) whose
 -- count crossed the rule's threshold: the mart rows moved_users/moved_keys
 -- now count moved_counts, having changed by the delta of the same key in
--- users/keys/deltas.  Only these can gain or lose the tag: the tags held
--- are what the counts before said (they are kept in the same transactions
--- as the counts, and dwh.verify() checks it).  No nested loop: a plan
--- made for arrays of unknown length (10 rows, it guesses) joins the two
--- arrays of a batch, some thousand elements each, by comparing every
--- pair.
+-- users/keys/deltas (summed, should a key come twice: a key given n times
+-- on both sides would otherwise join n times n rows).  Only these can gain
+-- or lose the tag: the tags held are what the counts before said (they
+-- are kept in the same transactions as the counts, and dwh.verify()
+-- checks it).  No nested loop: a plan made for arrays of unknown length
+-- (10 rows, it guesses) joins the two arrays of a batch, some thousand
+-- elements each, by comparing every pair.
 CREATE FUNCTION dwh.tags_crossed(kind text, users uuid[], keys uuid[], deltas integer[],
                                  moved_users uuid[], moved_keys uuid[],
                                  moved_counts integer[])
@@ -2997,7 +2999,9 @@ BEGIN
               WHERE r.kind = tags_crossed.kind AND r.window_days IS NULL) r
         JOIN unnest(moved_users, moved_keys, moved_counts) AS m(user_id, key, order_cnt)
           ON m.key = r.key
-        JOIN unnest(users, keys, deltas) AS d(user_id, key, d)
+        JOIN (SELECT x.user_id, x.key, sum(x.d) AS d
+              FROM unnest(users, keys, deltas) AS x(user_id, key, d)
+              GROUP BY x.user_id, x.key) d
           ON d.user_id = m.user_id AND d.key = m.key
         WHERE (m.order_cnt - d.d >= r.threshold) <> (m.order_cnt >= r.threshold);
 END
@@ -3104,8 +3108,10 @@ BEGIN
 
     -- The windowed counts: each key's rule found back by its rank, and a
     -- favourite's category by a probe of dds.h_category's primary key.  A
-    -- key found nowhere would be a count lost: an error.  The users' rows
-    -- are locked.
+    -- key found nowhere would be a count lost: an error.  Not 22023 (a
+    -- batch would take it for bad data and dead-letter its orders), nor an
+    -- internal error (a caller can pass such keys): 55000, the rules are
+    -- not the ones the keys were made from.  The users' rows are locked.
     IF window_keys IS NOT NULL THEN
         SELECT array_agg(k.key), array_agg(f.tag), array_agg(f.category_id),
                count(*) FILTER (WHERE f.tag IS NULL)
@@ -3127,7 +3133,8 @@ BEGIN
         IF lost_keys > 0 THEN
             RAISE EXCEPTION 'windowed tag count deltas under % keys match no windowed rule',
                             lost_keys
-                USING ERRCODE = 'XX000';
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'Each key is dwh.tag_window_key() of a windowed rule''s rank (dwh.tag_window_rules()) and a category, made while the tag lock is held; a count under another key would be lost.';
         END IF;
 
         WITH delta AS MATERIALIZED (
@@ -3677,7 +3684,12 @@ CREATE FUNCTION dwh.verify_vault(part integer, parts integer)
 AS $fn$
 #variable_conflict use_column
 BEGIN
-    IF parts IS NULL OR parts < 1 OR part IS NULL OR part < 0 OR part >= parts THEN
+    IF part IS NULL OR parts IS NULL THEN
+        RAISE EXCEPTION 'part and parts must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Parts are numbered from 0 to parts - 1; dwh.verify_vault() checks everything at once.';
+    END IF;
+    IF parts < 1 OR part < 0 OR part >= parts THEN
         RAISE EXCEPTION 'part % of % parts does not exist', part, parts
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Parts are numbered from 0 to parts - 1, and there is at least one.';
@@ -4025,10 +4037,18 @@ DECLARE
     part_rows bigint;
     differences bigint := 0;
 BEGIN
-    IF parts IS NULL OR parts < 1 THEN
+    IF parts IS NULL THEN
+        RAISE EXCEPTION 'parts must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Give 1 to 1000 parts; dwh.verify() checks everything at once.';
+    END IF;
+    -- Each part is a pass over the marts, the tags and DDS, however few
+    -- rows it holds: a check in two billion parts never ends.  A thousand
+    -- parts of a million orders each is a billion orders.
+    IF parts < 1 OR parts > 1000 THEN
         RAISE EXCEPTION 'a check in % parts is not possible', parts
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Give one part or more; dwh.verify() checks everything at once.';
+                  HINT = 'Give 1 to 1000 parts (about one per million orders); dwh.verify() checks everything at once.';
     END IF;
     FOR part IN 0 .. parts - 1 LOOP
         RETURN QUERY
@@ -4132,6 +4152,16 @@ DECLARE
     named record;
     d record;
 BEGIN
+    IF chunk IS NULL THEN
+        RAISE EXCEPTION 'chunk must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Give the orders to load per statement, 1 or more (the default is 10000).';
+    END IF;
+    IF chunk < 1 THEN
+        RAISE EXCEPTION 'a chunk of % orders is not possible', chunk
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give the orders to load per statement, 1 or more (the default is 10000).';
+    END IF;
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
     LOCK TABLE stg.order_events, stg.order_event_history, stg.users,
@@ -4203,6 +4233,11 @@ DECLARE
     vault_differences bigint;
     parts integer;
 BEGIN
+    IF vault IS NULL THEN
+        RAISE EXCEPTION 'vault must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Pass vault => true to recompute DDS from STG first, or false (the default) to repair the marts against DDS as it is.';
+    END IF;
     IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'the marts can only be rebuilt in a READ COMMITTED transaction'
             USING ERRCODE = '25000',
