@@ -45,6 +45,17 @@ CREATE FUNCTION dwh.dictionary_lock_exclusive() RETURNS boolean
 COMMENT ON FUNCTION dwh.dictionary_lock_exclusive() IS
     'Internal: does this transaction hold the dictionary lock exclusively?';
 
+-- The tables of users and restaurants take no lock before their rows,
+-- but in a transaction that holds the tag lock exclusive (a rule change,
+-- dwh.expire_tags(), dwh.rebuild_tags() before them): there the dictionary
+-- lock comes first, exclusive, refused at once if another session holds it
+-- (src/dwh_locks.c; docs/tags.md, "Locks").
+CREATE FUNCTION dwh.stg_dictionary_statement_lock() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'dwh_stg_dictionary_statement_lock'
+    LANGUAGE C;
+COMMENT ON FUNCTION dwh.stg_dictionary_statement_lock() IS
+    'BEFORE STATEMENT trigger of the user and restaurant tables: in a transaction that holds the tag lock exclusive, the dictionary lock, exclusive, before any row (refused if another session holds it)';
+
 -- Before any row: see install/40_products.sql, "Lock order".
 CREATE TRIGGER order_events_lock
     BEFORE INSERT OR UPDATE ON stg.order_events
@@ -160,6 +171,10 @@ CREATE TRIGGER users_guard
     BEFORE INSERT OR UPDATE ON stg.users
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('user');
 
+CREATE TRIGGER users_lock
+    BEFORE INSERT OR UPDATE ON stg.users
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
+
 CREATE TABLE stg.user_history (
     object_id   varchar NOT NULL,
     update_ts   timestamp,
@@ -180,6 +195,10 @@ CREATE TRIGGER user_history_guard
     BEFORE INSERT OR UPDATE ON stg.user_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('user');
 
+CREATE TRIGGER user_history_lock
+    BEFORE INSERT OR UPDATE ON stg.user_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
+
 CREATE TABLE stg.restaurants (
     id          bigserial PRIMARY KEY,
     object_id   varchar NOT NULL UNIQUE,
@@ -197,6 +216,10 @@ COMMENT ON COLUMN stg.restaurants.loaded_at IS 'When this version was stored';
 CREATE TRIGGER restaurants_guard
     BEFORE INSERT OR UPDATE ON stg.restaurants
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
+
+CREATE TRIGGER restaurants_lock
+    BEFORE INSERT OR UPDATE ON stg.restaurants
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
 
 -- Menu times: a dish's order naming row that moves looks up whether
 -- some menu version named it at its old time (dwh.place_order_namings).
@@ -221,6 +244,11 @@ COMMENT ON COLUMN stg.restaurant_history.loaded_at IS 'When this version was fir
 CREATE TRIGGER restaurant_history_guard
     BEFORE INSERT OR UPDATE ON stg.restaurant_history
     FOR EACH ROW EXECUTE FUNCTION dwh.stg_guard('restaurant');
+
+CREATE TRIGGER restaurant_history_lock
+    BEFORE INSERT OR UPDATE ON stg.restaurant_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
+
 CREATE INDEX restaurant_history_update_ts_idx ON stg.restaurant_history (update_ts);
 
 -- Every version received stays in STG: DDS holds what each of them says,

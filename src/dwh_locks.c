@@ -64,6 +64,117 @@ dictionary_locktag(LOCKTAG *tag)
 	dwh_locktag(tag, DWH_DICTIONARY_LOCK_KEY);
 }
 
+/*
+ * Does another session hold (granted, not merely wait for) dwh's lock of
+ * this tag in a mode that conflicts with mode?  Prepared transactions
+ * count.
+ */
+static bool
+held_by_another(const LOCKTAG *tag, LOCKMODE mode)
+{
+	int			count = 0;
+
+	(void) GetLockConflicts(tag, mode, &count);
+	return count > 0;
+}
+
+/*
+ * The tag lock exclusive, in a transaction that holds it shared: its
+ * batches (orders, menus, users) took it shared, then their rows; a rule
+ * change (or dwh.expire_tags(), dwh.rebuild()) after them would wait for
+ * another session's batch that holds it shared and may wait for those
+ * rows.  The lock order puts the exclusive tag lock first: such a
+ * transaction gets it only if no other session holds it, else it is
+ * refused at once, rather than one of the two being ended by the deadlock
+ * detector (a script that loads and defines rules alone still runs).
+ *
+ * Sessions that only wait for the lock (a rule change, or the tags
+ * worker's expiry pass, asking for it exclusive; batches queued behind
+ * them) do not stop it: LockAcquire() without waiting refuses any request
+ * that conflicts with a waiter, but the waiters wait for this
+ * transaction's shared hold, so a request that waits is put ahead of them
+ * and granted at once.  (Refused whenever a rule change or the expiry was
+ * queued, the transaction was told that another session's batch held the
+ * lock, which none did: test/isolation/specs/menu_tags_concurrency.spec,
+ * m_rule.)  A waiter that gives up between the look and the request may
+ * let a batch in, which this request then waits for: the deadlock
+ * detector's case, as before the refusal existed.
+ */
+static void
+tag_lock_upgrade(const LOCKTAG *tag)
+{
+	if (LockAcquire(tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL)
+		return;
+	if (held_by_another(tag, ExclusiveLock))
+		ereport(ERROR,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("could not take the tag lock exclusive: another session's batch holds it"),
+				 errdetail("This transaction wrote orders, menus or users before changing tag rules, expiring tags or rebuilding; waiting now could deadlock with that batch."),
+				 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
+	(void) LockAcquire(tag, ExclusiveLock, false, false);
+}
+
+/*
+ * The dictionary lock, in a transaction that holds the tag lock exclusive
+ * (it changed a tag rule, expired or rebuilt tags) and now writes orders
+ * or menus, or rebuilds: step 1 of the lock order after step 3.  Every
+ * other session that holds the dictionary lock is a writer of orders or
+ * menus that has not reached the tag lock (this transaction holds it) and
+ * will wait for it there, holding the dictionary lock, its keys and its
+ * rows: waiting for its lock, or for a key or row it holds, is a deadlock.
+ * So the lock is taken exclusive whatever the mode asked (no other writer
+ * of orders or menus then holds anything a batch of this transaction may
+ * wait for), and never waited for: refused at once if another session
+ * holds it.  (Waiting, a rule change followed by a menu or an order batch
+ * in the same transaction deadlocked with a batch or menu between its
+ * dictionary lock and its tag lock, the other session ended after
+ * deadlock_timeout: test/isolation/specs/menu_tags_concurrency.spec,
+ * r_menu and r_load.)  A transaction holding the lock shared and no other
+ * session holding it waits for the waiters only, and is put ahead of them.
+ */
+static void
+dictionary_lock_after_tag_lock(const LOCKTAG *tag)
+{
+	if (LockHeldByMe(tag, ExclusiveLock))
+		return;
+	if (LockAcquire(tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL)
+		return;
+	if (!LockHeldByMe(tag, ShareLock) || held_by_another(tag, ExclusiveLock))
+		ereport(ERROR,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("could not take the dictionary lock: another session's batch or menu change holds it"),
+				 errdetail("This transaction changed tag rules, expired or rebuilt tags before writing orders or menus or rebuilding; that session waits for the tag lock this transaction holds."),
+				 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
+	(void) LockAcquire(tag, ExclusiveLock, false, false);
+}
+
+/* Does this transaction hold the tag lock exclusive? */
+static bool
+tag_lock_held_exclusive(void)
+{
+	LOCKTAG		tag;
+
+	dwh_locktag(&tag, DWH_TAG_LOCK_KEY);
+	return LockHeldByMe(&tag, ExclusiveLock);
+}
+
+/*
+ * The dictionary lock in this mode, unless this transaction holds it so
+ * already (see dictionary_lock_after_tag_lock for a transaction that holds
+ * the tag lock exclusive).
+ */
+static void
+dictionary_lock(LOCKMODE mode)
+{
+	LOCKTAG		tag;
+
+	dictionary_locktag(&tag);
+	if (tag_lock_held_exclusive())
+		dictionary_lock_after_tag_lock(&tag);
+	else
+		(void) LockAcquire(&tag, mode, false, false);
+}
+
 PG_FUNCTION_INFO_V1(dwh_xact_lock);
 
 /*
@@ -71,18 +182,13 @@ PG_FUNCTION_INFO_V1(dwh_xact_lock);
  *
  * Take dwh's lock of that key until the transaction ends, exclusive or
  * shared, waiting for it as pg_advisory_xact_lock() does (lock_timeout,
- * deadlock detection).
- *
- * A transaction that holds the tag lock shared does not wait to take it
- * exclusive: its batches (orders, menus, users) took it shared, then their
- * rows; a rule change (or dwh.expire_tags(), dwh.rebuild()) after them
- * would wait for another session's batch that holds it shared and may wait
- * for those rows.  The lock order puts the exclusive tag lock first: such a
- * transaction gets it only if no other session holds it, else it is
- * refused at once, rather than one of the two being ended by the deadlock
- * detector (a script that loads and defines rules alone still runs).  (The
- * dictionary lock is upgraded by design: a batch that finds it renames a
- * dish takes it exclusive, README "Concurrency".)
+ * deadlock detection); but for the two requests that would take the locks
+ * out of order, the tag lock exclusive after it shared
+ * (tag_lock_upgrade) and the dictionary lock after the tag lock exclusive
+ * (dictionary_lock_after_tag_lock), which are refused rather than waited
+ * for where waiting could deadlock.  (The dictionary lock is upgraded by
+ * design: a batch that finds it renames a dish takes it exclusive, README
+ * "Concurrency".)
  */
 Datum
 dwh_xact_lock(PG_FUNCTION_ARGS)
@@ -95,12 +201,12 @@ dwh_xact_lock(PG_FUNCTION_ARGS)
 	if (exclusive && key == DWH_TAG_LOCK_KEY &&
 		LockHeldByMe(&tag, ShareLock) && !LockHeldByMe(&tag, ExclusiveLock))
 	{
-		if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
-			ereport(ERROR,
-					(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
-					 errmsg("could not take the tag lock exclusive: another session's batch holds it"),
-					 errdetail("This transaction wrote orders, menus or users before changing tag rules, expiring tags or rebuilding; waiting now could deadlock with that batch."),
-					 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
+		tag_lock_upgrade(&tag);
+		PG_RETURN_VOID();
+	}
+	if (key == DWH_DICTIONARY_LOCK_KEY)
+	{
+		dictionary_lock(exclusive ? ExclusiveLock : ShareLock);
 		PG_RETURN_VOID();
 	}
 	(void) LockAcquire(&tag, exclusive ? ExclusiveLock : ShareLock,
@@ -134,7 +240,10 @@ PG_FUNCTION_INFO_V1(dwh_stg_statement_lock);
  * statements, in the mode its batch needs; any other statement that writes
  * orders (a DBA's INSERT, COPY or upsert, a restore) takes it here,
  * exclusively, because only its AFTER triggers will know whether it renames
- * a dish, and by then it holds rows that a batch may wait for.
+ * a dish, and by then it holds rows that a batch may wait for.  After the
+ * tag lock exclusive it is refused rather than waited for, as
+ * dwh.xact_lock() does (dictionary_lock_after_tag_lock), also when the
+ * transaction holds it shared: the rows come before the batch's claim.
  */
 Datum
 dwh_stg_statement_lock(PG_FUNCTION_ARGS)
@@ -148,7 +257,50 @@ dwh_stg_statement_lock(PG_FUNCTION_ARGS)
 		elog(ERROR, "dwh_stg_statement_lock: must be a BEFORE STATEMENT trigger");
 
 	dictionary_locktag(&tag);
-	if (!LockHeldByMe(&tag, ExclusiveLock) && !LockHeldByMe(&tag, ShareLock))
+	if (tag_lock_held_exclusive())
+		dictionary_lock_after_tag_lock(&tag);
+	else if (!LockHeldByMe(&tag, ExclusiveLock) && !LockHeldByMe(&tag, ShareLock))
 		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	return PointerGetDatum(NULL);
+}
+
+PG_FUNCTION_INFO_V1(dwh_stg_dictionary_statement_lock);
+
+/*
+ * dwh.stg_dictionary_statement_lock() trigger: BEFORE STATEMENT on the
+ * tables of users and restaurants (current values and history).
+ *
+ * Their writers take no dictionary lock before their rows: a menu takes it
+ * in its AFTER statement trigger, once its restaurants' rows are locked,
+ * users take the user lock, and a refresh of unchanged values takes
+ * nothing.  In a transaction that holds the tag lock exclusive (it changed
+ * a tag rule, expired or rebuilt tags) that order waits for what another
+ * session's batch or menu change holds before it waits for the tag lock:
+ * a user's hub that a batch naming the user first inserted, a restaurant's
+ * row that a menu change upserted.  Such a transaction takes the
+ * dictionary lock here, before any row, as a write of orders does in
+ * dwh_stg_statement_lock: exclusive, and refused at once if another
+ * session holds it (dictionary_lock_after_tag_lock).  (A user's value or a
+ * menu written after a rule change in the same transaction deadlocked with
+ * a batch naming the user first, or a change of the same menu:
+ * test/isolation/specs/menu_tags_concurrency.spec, r_user and r_menu1.)
+ * Any other transaction takes nothing here.
+ */
+Datum
+dwh_stg_dictionary_statement_lock(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	LOCKTAG		tag;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) ||
+		!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
+		elog(ERROR, "dwh_stg_dictionary_statement_lock: must be a BEFORE STATEMENT trigger");
+
+	if (tag_lock_held_exclusive())
+	{
+		dictionary_locktag(&tag);
+		dictionary_lock_after_tag_lock(&tag);
+	}
 	return PointerGetDatum(NULL);
 }

@@ -4625,3 +4625,28 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- STG (install/10_stg.sql): the tables of users and restaurants take the
+-- dictionary lock before their rows in a transaction that holds the tag
+-- lock exclusive (a rule change, dwh.expire_tags(), dwh.rebuild_tags()
+-- before them): their writes deadlocked with a batch naming a user first
+-- or a change of the same menu (src/dwh_locks.c; docs/tags.md, "Locks").
+CREATE FUNCTION dwh.stg_dictionary_statement_lock() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'dwh_stg_dictionary_statement_lock'
+    LANGUAGE C;
+COMMENT ON FUNCTION dwh.stg_dictionary_statement_lock() IS
+    'BEFORE STATEMENT trigger of the user and restaurant tables: in a transaction that holds the tag lock exclusive, the dictionary lock, exclusive, before any row (refused if another session holds it)';
+REVOKE ALL ON FUNCTION dwh.stg_dictionary_statement_lock() FROM PUBLIC;
+
+CREATE TRIGGER users_lock
+    BEFORE INSERT OR UPDATE ON stg.users
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
+CREATE TRIGGER user_history_lock
+    BEFORE INSERT OR UPDATE ON stg.user_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
+CREATE TRIGGER restaurants_lock
+    BEFORE INSERT OR UPDATE ON stg.restaurants
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
+CREATE TRIGGER restaurant_history_lock
+    BEFORE INSERT OR UPDATE ON stg.restaurant_history
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
