@@ -14,7 +14,7 @@ CREATE INDEX redis_keys_new_idx ON dwh.redis_keys (key) WHERE state = 'new';
 COMMENT ON TABLE dwh.redis_keys IS 'Every Redis key the dictionary worker mirrors: the user and restaurant ids of DDS, and the keys found by SCAN';
 COMMENT ON COLUMN dwh.redis_keys.key IS 'Redis key: a user or restaurant id';
 COMMENT ON COLUMN dwh.redis_keys.kind IS 'user or restaurant (from the value''s shape once read, from the hub that named it before), unknown for a key found by SCAN and not read yet';
-COMMENT ON COLUMN dwh.redis_keys.state IS 'new (not read yet), mirrored (its value is in stg.users or stg.restaurants), missing (Redis holds no string under it), refused (its value is in dwh.dead_letters), excluded (dwh.redis_key_pattern does not match it: never read)';
+COMMENT ON COLUMN dwh.redis_keys.state IS 'new (not read yet), mirrored (its value is in stg.users or stg.restaurants), missing (Redis holds no string under it), refused (its value is in dwh.dead_letters), excluded (dwh.redis_key_pattern does not match it: never asked; or Redis''s ACL refuses it, NOPERM: asked on each refresh)';
 COMMENT ON COLUMN dwh.redis_keys.value_hash IS '128-bit hash of the value last read: a refresh that reads the same value writes nothing, and the same refused value is dead-lettered once';
 COMMENT ON COLUMN dwh.redis_keys.reason IS 'Why the value was refused (state refused) or the key is not read (state excluded)';
 COMMENT ON COLUMN dwh.redis_keys.first_seen_at IS 'When the key was first named by an order, found by SCAN or found in DDS';

@@ -155,8 +155,11 @@ dwh_ingest_dead_letter(PG_FUNCTION_ARGS)
 	if (strcmp(source, "kafka") != 0 && strcmp(source, "sql") != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 strlen(source) <= 64 ?
 				 errmsg("dead letters of source \"%s\" cannot be ingested again",
-						strlen(source) <= 64 ? source : "(a long text)"),
+						source) :
+				 errmsg("dead letters of a source of %zu bytes cannot be ingested again",
+						strlen(source)),
 				 errdetail("Only dead letters of the sources kafka and sql hold order messages.")));
 	PG_RETURN_TEXT_P(ingest_one(fcinfo, source, 2));
 }

@@ -11,6 +11,11 @@
  * statement that writes the order tables takes it exclusive before its
  * first row (dwh.stg_statement_lock()).  Writers of user values take the
  * user lock, and rule changes and the tag step of batches the tag lock.
+ * A transaction that holds the tag lock exclusive (it changed a rule) and
+ * then writes orders, users or menus takes the dictionary lock exclusive
+ * before its first row, or is refused at once (the order tables' trigger,
+ * and dwh.stg_dictionary_statement_lock() on those of users and
+ * restaurants): waiting would be out of the lock order.
  *
  * They are advisory locks of the database, named by their key (dwh.
  * dictionary_lock_key(), dwh.user_lock_key(), dwh.tag_lock_key()), but not
@@ -73,8 +78,9 @@ static bool
 held_by_another(const LOCKTAG *tag, LOCKMODE mode)
 {
 	int			count = 0;
+	VirtualTransactionId *conflicts = GetLockConflicts(tag, mode, &count);
 
-	(void) GetLockConflicts(tag, mode, &count);
+	pfree(conflicts);
 	return count > 0;
 }
 

@@ -76,7 +76,7 @@ set_error(DwhRedisConn *conn, DwhRedisError *error, int sqlstate,
 	va_list		args;
 
 	va_start(args, fmt);
-	vsnprintf(error->message, sizeof(error->message), _(fmt), args);
+	vsnprintf(error->message, sizeof(error->message), fmt, args);
 	va_end(args);
 	error->sqlstate = sqlstate;
 	error->transient = transient;
@@ -148,6 +148,10 @@ server_error(DwhRedisConn *conn, DwhRedisError *error, const char *command,
 		set_error(conn, error, ERRCODE_INVALID_PASSWORD, false,
 				  "Check the username and password in dwh.redis_url against the Redis configuration (requirepass or ACL), then reload the configuration.",
 				  "Redis at %s refused the password: %s", conn->address, text);
+	else if (strncmp(text, "NOPERM", 6) == 0)
+		set_error(conn, error, ERRCODE_INSUFFICIENT_PRIVILEGE, false,
+				  "Allow the Redis user the commands the README lists (\"Redis dictionaries\"): ACL SETUSER name +getrange +exists +strlen +watch +multi +exec +scan +select +ping.",
+				  "Redis at %s refused %s: %s", conn->address, command, text);
 	else if (strncmp(text, "LOADING", 7) == 0 ||
 			 strncmp(text, "BUSY", 4) == 0 ||
 			 strncmp(text, "MASTERDOWN", 10) == 0 ||
@@ -520,6 +524,19 @@ typedef struct ReadState
 } ReadState;
 
 /*
+ * Is an error reply Redis's refusal of a key by the user's ACL ("NOPERM No
+ * permissions to access a key", Redis 6: "... to access one of the keys
+ * used as arguments"), not of the command ("NOPERM ... no permissions to
+ * run the 'getrange' command"), which is a failure of the settings?
+ */
+static bool
+key_denied(const char *text)
+{
+	return strncmp(text, "NOPERM", 6) == 0 &&
+		strstr(text, " key") != NULL && strstr(text, "to run ") == NULL;
+}
+
+/*
  * GETRANGE: a string (at most max_len + 1 bytes), WRONGTYPE, or NOPERM: a
  * key the user's ACL does not let it read is that key's answer, not a
  * failure of the batch (orders name the keys: one of them must not stop
@@ -538,8 +555,7 @@ range_reply(DwhRedisConn *conn, int index, redisReply *reply, void *arg,
 	else if (reply->type == REDIS_REPLY_ERROR &&
 			 strncmp(reply->str, "WRONGTYPE", 9) == 0)
 		st->fn(st->arg, index, DWH_REDIS_NO_VALUE, NULL, 0);
-	else if (reply->type == REDIS_REPLY_ERROR &&
-			 strncmp(reply->str, "NOPERM", 6) == 0)
+	else if (reply->type == REDIS_REPLY_ERROR && key_denied(reply->str))
 	{
 		char	   *text = server_text(conn, reply->str);
 

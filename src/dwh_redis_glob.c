@@ -12,6 +12,10 @@
  * a trailing "\" or a range past ASCII ("[a-é]") is refused when set
  * rather than given a meaning.
  *
+ * Redis never matches an empty key, nor any key against a pattern of more
+ * than a thousand stars; here "*" matches the empty key (no order names
+ * one: ids are not empty) and stars are not counted (no recursion).
+ *
  * Matching keeps one backtracking point, the last "*": every other token
  * takes exactly one byte, so resuming after that star one byte further is
  * enough, and a pattern of many stars costs O(pattern * key) steps, never
@@ -123,8 +127,9 @@ dwh_redis_glob_match(const char *pattern, const char *key, size_t key_len)
 			{
 				bool		wide_range;
 
-				(void) scan_class(p + 1, pend, (unsigned char) *k, &ok, &next,
-								  &wide_range);
+				if (!scan_class(p + 1, pend, (unsigned char) *k, &ok, &next,
+								&wide_range))
+					return false;	/* refused when set */
 			}
 			else
 			{

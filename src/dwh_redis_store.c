@@ -815,6 +815,7 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 					   d->reason == NULL);
 		if (k->found)
 			result->values_changed++;
+		result->states_changed++;
 	}
 
 	/*
@@ -905,6 +906,7 @@ write_in_subtransaction(DwhRedisKey *keys, Decision *decisions, int *idx,
 		result->stg_written += partial.stg_written;
 		result->dead_lettered += partial.dead_lettered;
 		result->values_changed += partial.values_changed;
+		result->states_changed += partial.states_changed;
 	}
 	return edata;
 }

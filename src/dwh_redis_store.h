@@ -73,6 +73,7 @@ typedef struct DwhRedisApplyResult
 	int			stg_written;	/* STG rows inserted or changed */
 	int			dead_lettered;
 	int			values_changed; /* values whose hash differed */
+	int			states_changed; /* keys whose state was written */
 } DwhRedisApplyResult;
 
 extern bool dwh_redis_store_ready(void);

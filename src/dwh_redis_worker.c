@@ -270,12 +270,12 @@ redis_failed(DwhRedisError *error)
 	dwh_status_set_state(slot, "%s, retrying every %d s at most",
 						 error->transient ? "waiting for Redis" : "error: Redis refused the connection settings",
 						 DWH_WORKER_BACKOFF_MAX_MS / 1000);
-	/* The message was translated when it was made (set_error). */
+	/* The message is made by set_error(), and shown in dwh.status too. */
 	if (dwh_worker_note_logged(error->message))
 		ereport(LOG,
 				(errcode(error->sqlstate),
 				 errmsg("%s", error->message),
-				 error->hint ? errhint("%s", _(error->hint)) : 0));
+				 error->hint ? errhint("%s", error->hint) : 0));
 }
 
 static bool
@@ -451,7 +451,7 @@ mirror_batch(DwhRedisKey *keys, int n, DwhRedisApplyResult *result,
 			return false;
 	}
 	dwh_redis_store_apply(keys, n, dwh_redis_max_value_size, result);
-	if (result->values_changed > 0)
+	if (result->states_changed > 0)
 		counts_stale = true;
 	return true;
 }

@@ -227,7 +227,7 @@ key_pattern_check(char **newval, void **extra, GucSource source)
 	problem = dwh_redis_glob_problem(*newval);
 	if (problem != NULL)
 	{
-		GUC_check_errdetail("%s", _(problem));
+		GUC_check_errdetail("%s", problem);
 		return false;
 	}
 	return true;

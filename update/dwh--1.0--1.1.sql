@@ -4139,7 +4139,18 @@ COMMENT ON FUNCTION dwh.verify() IS
 
 -- DDS and the marts recomputed from every version in STG, through the
 -- same loaders as the triggers, orders by chunks of object_id.  Writers of
--- STG wait meanwhile; readers go on until the final truncation.
+-- STG wait meanwhile, at the dictionary or user lock that each takes
+-- before it reads or writes DDS; readers go on until the final truncation.
+-- STG's tables themselves are not locked: a writer holds its table's lock
+-- from the start of its statement (a menu's or a batch's upsert, a DBA's
+-- INSERT) and waits for the dictionary lock after it, so a lock of STG
+-- taken here, after the dictionary lock, waited for writers that waited
+-- for the rebuild: a deadlock, PostgreSQL cancelling one of the two
+-- (often the rebuild, after its check of DDS: a batch waiting since then
+-- had looked for a deadlock while there was none yet), with Kafka workers
+-- running nearly every time (test/isolation/specs/rebuild_menu_tags.spec).
+-- Writes that skip dwh's triggers (docs/data-rule.md) take neither lock
+-- and are not waited for: rebuild again once they are done.
 CREATE FUNCTION dwh.rebuild_vault(chunk integer DEFAULT 10000)
     RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -4164,9 +4175,6 @@ BEGIN
     END IF;
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
-    LOCK TABLE stg.order_events, stg.order_event_history, stg.users,
-               stg.user_history, stg.restaurants, stg.restaurant_history
-        IN SHARE MODE;
     TRUNCATE dds.h_user, dds.h_product, dds.h_category, dds.h_restaurant,
              dds.h_order, dds.l_order_user, dds.l_order_product,
              dds.l_product_restaurant, dds.l_product_category,
@@ -4459,7 +4467,7 @@ CREATE TRIGGER restaurant_history_no_delete
 ALTER TABLE dwh.redis_keys DROP CONSTRAINT redis_keys_state_check;
 ALTER TABLE dwh.redis_keys ADD CONSTRAINT redis_keys_state_check
     CHECK (state IN ('new', 'mirrored', 'missing', 'refused', 'excluded'));
-COMMENT ON COLUMN dwh.redis_keys.state IS 'new (not read yet), mirrored (its value is in stg.users or stg.restaurants), missing (Redis holds no string under it), refused (its value is in dwh.dead_letters), excluded (dwh.redis_key_pattern does not match it: never read)';
+COMMENT ON COLUMN dwh.redis_keys.state IS 'new (not read yet), mirrored (its value is in stg.users or stg.restaurants), missing (Redis holds no string under it), refused (its value is in dwh.dead_letters), excluded (dwh.redis_key_pattern does not match it: never asked; or Redis''s ACL refuses it, NOPERM: asked on each refresh)';
 COMMENT ON COLUMN dwh.redis_keys.reason IS 'Why the value was refused (state refused) or the key is not read (state excluded)';
 
 -- PUBLIC gets nothing on the new functions and views either.
@@ -4650,100 +4658,3 @@ CREATE TRIGGER restaurants_lock
 CREATE TRIGGER restaurant_history_lock
     BEFORE INSERT OR UPDATE ON stg.restaurant_history
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_dictionary_statement_lock();
-
--- Oracle (install/80_oracle.sql): dwh.rebuild_vault() no longer locks
--- STG's tables, which deadlocked with writers waiting for the dictionary
--- lock it holds.
--- DDS and the marts recomputed from every version in STG, through the
--- same loaders as the triggers, orders by chunks of object_id.  Writers of
--- STG wait meanwhile, at the dictionary or user lock that each takes
--- before it reads or writes DDS; readers go on until the final truncation.
--- STG's tables themselves are not locked: a writer holds its table's lock
--- from the start of its statement (a menu's or a batch's upsert, a DBA's
--- INSERT) and waits for the dictionary lock after it, so a lock of STG
--- taken here, after the dictionary lock, waited for writers that waited
--- for the rebuild: a deadlock, PostgreSQL cancelling one of the two
--- (often the rebuild, after its check of DDS: a batch waiting since then
--- had looked for a deadlock while there was none yet), with Kafka workers
--- running nearly every time (test/isolation/specs/rebuild_menu_tags.spec).
--- Writes that skip dwh's triggers (docs/data-rule.md) take neither lock
--- and are not waited for: rebuild again once they are done.
-CREATE OR REPLACE FUNCTION dwh.rebuild_vault(chunk integer DEFAULT 10000)
-    RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-    bounds record;
-    object_ids bigint[];
-    versions timestamp[];
-    payloads jsonb[];
-    named record;
-    d record;
-BEGIN
-    IF chunk IS NULL THEN
-        RAISE EXCEPTION 'chunk must not be null'
-            USING ERRCODE = 'null_value_not_allowed',
-                  HINT = 'Give the orders to load per statement, 1 or more (the default is 10000).';
-    END IF;
-    IF chunk < 1 THEN
-        RAISE EXCEPTION 'a chunk of % orders is not possible', chunk
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Give the orders to load per statement, 1 or more (the default is 10000).';
-    END IF;
-    PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
-    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
-    TRUNCATE dds.h_user, dds.h_product, dds.h_category, dds.h_restaurant,
-             dds.h_order, dds.l_order_user, dds.l_order_product,
-             dds.l_product_restaurant, dds.l_product_category,
-             dds.s_user_names, dds.s_product_names, dds.product_namings,
-             dds.s_restaurant_names, dds.s_order_cost, dds.s_order_status,
-             cdm.user_product_counters, cdm.user_category_counters,
-             cdm.user_order_counters;
-
-    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(version))
-    FROM dwh.user_versions;
-    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(version),
-                                         array_agg(payload))
-    FROM dwh.restaurant_versions;
-
-    FOR bounds IN
-        SELECT min(object_id) AS lo, max(object_id) AS hi
-        FROM (SELECT object_id, (row_number() OVER (ORDER BY object_id) - 1) / chunk AS g
-              FROM stg.order_events) x
-        GROUP BY g ORDER BY g
-    LOOP
-        SELECT c.* INTO named
-        FROM (SELECT array_agg(payload) AS p, array_agg(update_ts) AS v
-              FROM dwh.order_versions
-              WHERE object_id BETWEEN bounds.lo AND bounds.hi) x,
-             dwh.claim_order_keys(x.p, x.v, true) c;
-
-        -- Current versions first: dwh.load_new_orders() expects no DDS
-        -- rows of their orders.
-        SELECT array_agg(object_id), array_agg(update_ts), array_agg(payload)
-        INTO object_ids, versions, payloads
-        FROM stg.order_events
-        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
-        d := dwh.load_new_orders(object_ids, versions, payloads);
-        PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      d.category_users, d.categories, d.category_deltas,
-                                      refresh_tags => false);
-
-        PERFORM dwh.load_superseded_orders(array_agg(object_id), array_agg(update_ts),
-                                           array_agg(payload))
-        FROM stg.order_event_history
-        WHERE object_id BETWEEN bounds.lo AND bounds.hi;
-
-        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
-                                       named.first_versions);
-    END LOOP;
-
-    -- The tags, once the marts are whole again (not chunk by chunk: a
-    -- count half loaded would revoke and grant again).
-    IF NOT dwh.tags_restoring() THEN
-        PERFORM dwh.rebuild_tags();
-    END IF;
-END
-$fn$;
-COMMENT ON FUNCTION dwh.rebuild_vault(integer) IS
-    'Internal: truncate DDS and the marts and load them again from every version in STG, then recompute the user tags';

@@ -75,7 +75,10 @@ my $started = time();
 
 # Longest a call may run (statement_timeout), and longest the test waits
 # for psql to come back from one (a call that does not answer a cancel).
-my $call_timeout = 5;
+# Every call here takes well under a second alone; 15 s leaves room for a
+# loaded 2-core machine and still stops what never ends or is quadratic
+# in a 100,000-element array.
+my $call_timeout = 15;
 my $psql_timeout = 30;
 
 my $node = new_dwh_node(
