@@ -178,7 +178,8 @@ SELECT s.worker, s.pid, s.state, s.state_since,
        p.gaps, p.stopped_partitions,
        s.expiry_passes, s.last_expiry_at, s.last_expiry_rules_moved, s.last_expiry_events,
        s.events_produced, s.events_pending, s.last_produced_at,
-       s.apply_time
+       s.apply_time,
+       b.blocked_by, b.blocked_since
 FROM dwh.worker_status() s
 LEFT JOIN LATERAL (
     SELECT sum(k.lag)::bigint AS lag,
@@ -196,6 +197,17 @@ LEFT JOIN LATERAL (
     WHERE k.topic = current_setting('dwh.kafka_topic')
       AND k.kafka_partition = ANY (s.partitions)
 ) p ON true
+-- Whoever keeps the worker waiting: any session whose transaction holds a
+-- lock the worker needs (a loader's or tagger's left open, a LOCK TABLE)
+-- stalls it for as long as it lasts, and the worker, asleep in the lock
+-- wait, cannot say so itself.
+LEFT JOIN LATERAL (
+    SELECT w.pids AS blocked_by,
+           (SELECT min(l.waitstart) FROM pg_catalog.pg_locks l
+            WHERE l.pid = s.pid AND NOT l.granted) AS blocked_since
+    FROM (SELECT pg_catalog.pg_blocking_pids(s.pid) AS pids) w
+    WHERE pg_catalog.cardinality(w.pids) > 0
+) b ON s.pid IS NOT NULL
 ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
-    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka; for a Kafka worker the time it spent applying batches';
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka; for a Kafka worker the time it spent applying batches; the processes holding a lock it waits for, and since when';
