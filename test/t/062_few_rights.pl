@@ -5,7 +5,8 @@
 # Stalls: the loader with an ingest left uncommitted, the tag editor with
 # a rule change left uncommitted and with LOCK TABLE dwh.tag_rules (its
 # DELETE allows every mode) each stop the tags worker's expiry passes for
-# as long as they keep their transaction open.  dwh sets no bound on that
+# as long as they keep their transaction open, and the loader's ingest a
+# Kafka worker's order naming the same dish (mock cluster).  dwh sets no bound on that
 # (a role may undo any timeout set for it); dwh.status must name the
 # holder (blocked_by, the holder's pid, and blocked_since), as the
 # exporter's role and the operator read it, and clear it once the holder
@@ -43,7 +44,11 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
 
-my $node = new_dwh_node('few_rights', 'dwh.tags_expire_interval' => '1s');
+my $mock = start_mock_cluster(brokers => 1, partitions => 1);
+my $node = new_dwh_node(
+	'few_rights',
+	'dwh.tags_expire_interval' => '1s',
+	'dwh.kafka_brokers' => $mock->{bootstrap});
 
 # The README's recipes, as written (025_privileges.pl checks them).
 my $readme = slurp_file(dwh_root() . '/README.md');
@@ -132,6 +137,29 @@ foreach my $h (@holders)
 	ok( wait_for(
 			$node, "SELECT expiry_passes > $passes FROM dwh.status WHERE worker = 'tags'"),
 		"$role, $what: the worker goes on by itself");
+}
+
+# The Kafka worker: an order naming the dish of the loader's uncommitted
+# ingest waits for the dish's row.
+{
+	my $holder = $node->background_psql('postgres', extra_params => [ '-U', 'loader' ]);
+	my $pid = $holder->query_safe('SELECT pg_backend_pid()');
+	$holder->query_safe('BEGIN; ' . $ingest->($order->(40, 'u40', 'd9')));
+	my $file = PostgreSQL::Test::Utils::tempdir() . '/order.txt';
+	append_to_file($file, $order->(41, 'u41', 'd9') . "\n");
+	produce($mock, $file, undef, 0);
+	ok( wait_for(
+			$node,
+			qq{SELECT blocked_by = ARRAY[$pid] AND blocked_since IS NOT NULL
+			   FROM dwh.status WHERE worker = 'kafka 1'}),
+		'kafka 1 waits for the dish of the loader\'s ingest: blocked_by names the loader');
+	is(stored_total($node), '0', 'kafka 1 has applied nothing meanwhile');
+	$holder->query_safe('COMMIT');
+	$holder->quit;
+	ok(wait_applied($node, 1), 'kafka 1 applies the order once the loader commits');
+	is( $node->safe_psql('postgres',
+			q{SELECT blocked_by IS NULL AND blocked_since IS NULL FROM dwh.status WHERE worker = 'kafka 1'}),
+		't', 'kafka 1: blocked_by NULL again');
 }
 check_consistent($node, 'after the holders');
 
