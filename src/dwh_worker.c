@@ -32,7 +32,10 @@
  * no database instead, looks the name up in the shared catalog pg_database,
  * and waits until the database exists (or dwh.database names another),
  * saying so in dwh.status.  Then it exits, to be started again and connect.
- * A missing database thus costs one FATAL, not one every few seconds.
+ * A missing database thus costs one FATAL, not one every few seconds.  So
+ * does one that does not allow connections (ALTER DATABASE ...
+ * ALLOW_CONNECTIONS false, which its owner may set): the worker waits until
+ * it does again.
  *
  *-------------------------------------------------------------------------
  */
@@ -40,8 +43,12 @@
 
 #include <signal.h>
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/pg_database.h"
 #include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -51,8 +58,11 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -338,22 +348,50 @@ set_connect_pending(bool pending)
 	SpinLockRelease(&slot->mutex);
 }
 
-static bool
-database_exists(const char *name)
+/* What connect_to_database() would find of a database, by its name. */
+typedef enum DatabaseState
 {
-	bool		exists;
+	DATABASE_MISSING,
+	DATABASE_CLOSED,			/* exists, datallowconn false */
+	DATABASE_OPEN
+} DatabaseState;
+
+/*
+ * The database's row in the shared catalog pg_database, read as
+ * get_database_oid() does: connected to no database, only shared catalogs
+ * can be read.
+ */
+static DatabaseState
+database_state(const char *name)
+{
+	DatabaseState state = DATABASE_MISSING;
 	MemoryContext caller = CurrentMemoryContext;
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
 
 	StartTransactionCommand();
-	exists = OidIsValid(get_database_oid(name, true));
+	rel = table_open(DatabaseRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_database_datname, BTEqualStrategyNumber,
+				F_NAMEEQ, CStringGetDatum(name));
+	scan = systable_beginscan(rel, DatabaseNameIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+		state = ((Form_pg_database) GETSTRUCT(tuple))->datallowconn ?
+			DATABASE_OPEN : DATABASE_CLOSED;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(caller);
-	return exists;
+	return state;
 }
 
 /*
- * Connected to no database: wait until dwh.database exists, then exit so
- * that the postmaster starts the worker again, to connect to it.
+ * Connected to no database: wait until dwh.database exists and allows
+ * connections, then exit so that the postmaster starts the worker again, to
+ * connect to it.  A database that does not allow connections is said once
+ * in the log too: dwh.status, in that database, cannot be read meanwhile.
  */
 static void
 wait_for_database(void)
@@ -363,9 +401,12 @@ wait_for_database(void)
 
 	for (;;)
 	{
+		DatabaseState state;
+
 		CHECK_FOR_INTERRUPTS();
 		(void) reload_config();
-		if (database_exists(dwh_database))
+		state = database_state(dwh_database);
+		if (state == DATABASE_OPEN)
 		{
 			ereport(LOG,
 					(errmsg("database \"%s\" named by dwh.database exists, connecting",
@@ -373,8 +414,21 @@ wait_for_database(void)
 			set_connect_pending(false);
 			proc_exit(1);
 		}
-		dwh_status_set_state(slot, "waiting: database \"%s\" (dwh.database) does not exist",
-							 dwh_database);
+		if (state == DATABASE_CLOSED)
+		{
+			char	   *text = psprintf("waiting: database \"%s\" (dwh.database) does not allow connections",
+										dwh_database);
+			char	   *hint = psprintf("Run ALTER DATABASE %s ALLOW_CONNECTIONS true; dwh's workers connect within %d s.",
+										quote_identifier(dwh_database),
+										DWH_WORKER_RECHECK_MS / 1000);
+
+			dwh_worker_set_state_logged(text, hint);
+			pfree(text);
+			pfree(hint);
+		}
+		else
+			dwh_status_set_state(slot, "waiting: database \"%s\" (dwh.database) does not exist",
+								 dwh_database);
 		dwh_worker_wait(DWH_WORKER_RECHECK_MS);
 	}
 }

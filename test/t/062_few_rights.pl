@@ -14,6 +14,10 @@
 # "expiring tags every 30 s" and nothing else while the worker slept in
 # the lock wait.
 #
+# The database owner's ALLOW_CONNECTIONS false: each worker fails to
+# connect once, then waits, saying why in the log (before: a FATAL and an
+# exit every 5 s).
+#
 # Reasons: numbers of a few bytes and many digits (1e130000) as a
 # quantity or an object_id are dead-lettered with a reason quoting their
 # first digits.  Before: all 130,000 of them, in the reason of an 800-byte
@@ -270,6 +274,41 @@ is($node->safe_psql('restored', $fingerprint), $before,
 	'the rules, tags and events come back as they were');
 is($node->safe_psql('restored', 'SELECT count(*) FROM dwh.verify()'), '0',
 	'dwh.verify() empty in the restored database');
+
+# The database owner closes its database to connections (ALTER DATABASE
+# ... ALLOW_CONNECTIONS false) and the workers start again (here
+# terminated; a server restart does the same): each fails to connect once,
+# then waits, saying why once in the log, and connects within seconds of
+# the database opening again.  Before: a FATAL and an exit of each worker
+# every 5 s for as long as the database stayed closed.
+$node->safe_psql('postgres', 'CREATE ROLE dbowner LOGIN; ALTER DATABASE postgres OWNER TO dbowner');
+my $offset = -s $node->logfile;
+$node->safe_psql('template1', 'ALTER DATABASE postgres ALLOW_CONNECTIONS false',
+	extra_params => [ '-U', 'dbowner' ]);
+is( $node->safe_psql('template1',
+		q{SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type LIKE 'dwh%'}),
+	'3', 'the three workers are terminated');
+my $count_log = sub {
+	my ($re) = @_;
+	return scalar(() = slurp_file($node->logfile, $offset) =~ /$re/g);
+};
+my $waiting = qr/LOG:  waiting: database "postgres" \(dwh\.database\) does not allow connections\n[^\n]*HINT:  Run ALTER DATABASE postgres ALLOW_CONNECTIONS true/;
+my $deadline = time() + 30;
+usleep(200_000) while $count_log->($waiting) < 3 && time() < $deadline;
+is($count_log->($waiting), 3, 'each worker logs that it waits for the database to allow connections, with the hint');
+sleep(11);    # two of the postmaster's restart intervals (5 s)
+is($count_log->(qr/FATAL:  database "postgres" is not currently accepting connections/),
+	3, 'each worker failed to connect once, not every 5 s');
+is($count_log->($waiting), 3, 'and said it waits once');
+$node->safe_psql('template1', 'ALTER DATABASE postgres ALLOW_CONNECTIONS true',
+	extra_params => [ '-U', 'dbowner' ]);
+ok( wait_for(
+		$node,
+		q{SELECT count(*) = 3 AND bool_and(pid IS NOT NULL AND state NOT LIKE 'waiting%' AND state <> 'stopped')
+		  FROM dwh.status}),
+	'the workers connect once the database allows connections again');
+ok(wait_for($node, q{SELECT expiry_passes > 0 FROM dwh.status WHERE worker = 'tags'}),
+	'the tags worker expires tags again');
 
 $node->stop;
 done_testing();
