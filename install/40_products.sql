@@ -179,7 +179,7 @@ BEGIN
     ),
     hub AS (
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-        SELECT DISTINCT h_product_pk, product_id, now(), 'stg.restaurants'
+        SELECT DISTINCT h_product_pk, product_id, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM naming
         ORDER BY 1
         ON CONFLICT DO NOTHING
@@ -434,7 +434,7 @@ BEGIN
 
     IF missing.products IS NOT NULL THEN
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-        SELECT dwh.hash_key(id), id, now(), 'stg.order_events'
+        SELECT dwh.hash_key(id), id, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.products) AS i(id)
         ORDER BY 1
         ON CONFLICT DO NOTHING;
@@ -459,14 +459,14 @@ BEGIN
     -- promise).
     IF missing.restaurants IS NOT NULL THEN
         INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT dwh.hash_key(restaurant_id), restaurant_id, now(), 'stg.order_events'
+        SELECT dwh.hash_key(restaurant_id), restaurant_id, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.restaurants) AS r(restaurant_id)
         ORDER BY 1
         ON CONFLICT DO NOTHING;
     END IF;
     IF missing.users IS NOT NULL THEN
         INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
+        SELECT dwh.hash_key(user_id), user_id, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.users) AS u(user_id)
         ORDER BY 1
         ON CONFLICT DO NOTHING;
@@ -475,7 +475,7 @@ BEGIN
         INSERT INTO dds.l_product_restaurant
                (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
         SELECT dwh.hash_key(p.h_product_pk, r.h_restaurant_pk), p.h_product_pk,
-               r.h_restaurant_pk, now(), 'stg.order_events'
+               r.h_restaurant_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.pair_restaurants, missing.pair_products)
              AS x(restaurant_id, product_id)
         CROSS JOIN LATERAL (SELECT dwh.hash_key(x.product_id) AS h_product_pk) p

@@ -51,17 +51,17 @@ BEGIN
     ),
     order_hub AS (
         INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
-        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        SELECT h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
     ),
     order_user_link AS (
         INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
     ),
     order_product_link AS (
         INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM item
     ),
     status_satellite AS (
@@ -211,7 +211,7 @@ BEGIN
     -- Hubs, links and satellites.
     order_hub AS (
         INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
-        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        SELECT h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
         ORDER BY h_order_pk
         ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
@@ -219,13 +219,13 @@ BEGIN
     ),
     order_user_link AS (
         INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
         ON CONFLICT DO NOTHING
     ),
     order_product_link AS (
         INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM item
         ON CONFLICT DO NOTHING
     ),
@@ -488,7 +488,7 @@ BEGIN
     -- current version is not loaded yet (a restore), then by it.
     order_hub AS (
         INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
-        SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now(),
+        SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC',
                'stg.order_events'
         FROM version
         ORDER BY h_order_pk, update_ts DESC

@@ -27,7 +27,7 @@ BEGIN
     ),
     hub AS (
         INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.users'
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now() AT TIME ZONE 'UTC', 'stg.users'
         FROM touched
         ORDER BY 1
         ON CONFLICT DO NOTHING
@@ -254,7 +254,7 @@ BEGIN
     ),
     hub AS (
         INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.restaurants'
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM touched
         ORDER BY 1
         ON CONFLICT DO NOTHING
@@ -307,14 +307,14 @@ BEGIN
         INSERT INTO dds.l_product_restaurant
                (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
         SELECT DISTINCT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
-               h_restaurant_pk, now(), 'stg.restaurants'
+               h_restaurant_pk, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM dish
         ORDER BY 1
         ON CONFLICT DO NOTHING
     ),
     category_hub AS (
         INSERT INTO dds.h_category (h_category_pk, category_name, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(category_name), category_name, now(), 'stg.restaurants'
+        SELECT DISTINCT dwh.hash_key(category_name), category_name, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM dish
         WHERE category_name IS NOT NULL
         ORDER BY 1

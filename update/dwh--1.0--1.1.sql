@@ -543,7 +543,7 @@ BEGIN
     ),
     hub AS (
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-        SELECT DISTINCT h_product_pk, product_id, now(), 'stg.restaurants'
+        SELECT DISTINCT h_product_pk, product_id, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM naming
         ORDER BY 1
         ON CONFLICT DO NOTHING
@@ -777,7 +777,7 @@ BEGIN
 
     IF missing.products IS NOT NULL THEN
         INSERT INTO dds.h_product (h_product_pk, product_id, load_dt, load_src)
-        SELECT dwh.hash_key(id), id, now(), 'stg.order_events'
+        SELECT dwh.hash_key(id), id, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.products) AS i(id)
         ORDER BY 1
         ON CONFLICT DO NOTHING;
@@ -802,14 +802,14 @@ BEGIN
     -- promise).
     IF missing.restaurants IS NOT NULL THEN
         INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT dwh.hash_key(restaurant_id), restaurant_id, now(), 'stg.order_events'
+        SELECT dwh.hash_key(restaurant_id), restaurant_id, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.restaurants) AS r(restaurant_id)
         ORDER BY 1
         ON CONFLICT DO NOTHING;
     END IF;
     IF missing.users IS NOT NULL THEN
         INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT dwh.hash_key(user_id), user_id, now(), 'stg.order_events'
+        SELECT dwh.hash_key(user_id), user_id, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.users) AS u(user_id)
         ORDER BY 1
         ON CONFLICT DO NOTHING;
@@ -818,7 +818,7 @@ BEGIN
         INSERT INTO dds.l_product_restaurant
                (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
         SELECT dwh.hash_key(p.h_product_pk, r.h_restaurant_pk), p.h_product_pk,
-               r.h_restaurant_pk, now(), 'stg.order_events'
+               r.h_restaurant_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM unnest(missing.pair_restaurants, missing.pair_products)
              AS x(restaurant_id, product_id)
         CROSS JOIN LATERAL (SELECT dwh.hash_key(x.product_id) AS h_product_pk) p
@@ -1089,17 +1089,17 @@ BEGIN
     ),
     order_hub AS (
         INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
-        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        SELECT h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
     ),
     order_user_link AS (
         INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
     ),
     order_product_link AS (
         INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM item
     ),
     status_satellite AS (
@@ -1249,7 +1249,7 @@ BEGIN
     -- Hubs, links and satellites.
     order_hub AS (
         INSERT INTO dds.h_order AS h (h_order_pk, order_id, order_dt, load_dt, load_src)
-        SELECT h_order_pk, object_id, order_dt, now(), 'stg.order_events'
+        SELECT h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
         ORDER BY h_order_pk
         ON CONFLICT (h_order_pk) DO UPDATE SET order_dt = EXCLUDED.order_dt
@@ -1257,13 +1257,13 @@ BEGIN
     ),
     order_user_link AS (
         INSERT INTO dds.l_order_user (hk_order_user_pk, h_order_pk, h_user_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_user_pk), h_order_pk, h_user_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM batch
         ON CONFLICT DO NOTHING
     ),
     order_product_link AS (
         INSERT INTO dds.l_order_product (hk_order_product_pk, h_order_pk, h_product_pk, load_dt, load_src)
-        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now(), 'stg.order_events'
+        SELECT dwh.hash_key(h_order_pk, h_product_pk), h_order_pk, h_product_pk, now() AT TIME ZONE 'UTC', 'stg.order_events'
         FROM item
         ON CONFLICT DO NOTHING
     ),
@@ -1520,7 +1520,7 @@ BEGIN
     -- current version is not loaded yet (a restore), then by it.
     order_hub AS (
         INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
-        SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now(),
+        SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC',
                'stg.order_events'
         FROM version
         ORDER BY h_order_pk, update_ts DESC
@@ -1620,7 +1620,7 @@ BEGIN
     ),
     hub AS (
         INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.users'
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now() AT TIME ZONE 'UTC', 'stg.users'
         FROM touched
         ORDER BY 1
         ON CONFLICT DO NOTHING
@@ -1843,7 +1843,7 @@ BEGIN
     ),
     hub AS (
         INSERT INTO dds.h_restaurant (h_restaurant_pk, restaurant_id, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(object_id), object_id, now(), 'stg.restaurants'
+        SELECT DISTINCT dwh.hash_key(object_id), object_id, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM touched
         ORDER BY 1
         ON CONFLICT DO NOTHING
@@ -1896,14 +1896,14 @@ BEGIN
         INSERT INTO dds.l_product_restaurant
                (hk_product_restaurant_pk, h_product_pk, h_restaurant_pk, load_dt, load_src)
         SELECT DISTINCT dwh.hash_key(h_product_pk, h_restaurant_pk), h_product_pk,
-               h_restaurant_pk, now(), 'stg.restaurants'
+               h_restaurant_pk, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM dish
         ORDER BY 1
         ON CONFLICT DO NOTHING
     ),
     category_hub AS (
         INSERT INTO dds.h_category (h_category_pk, category_name, load_dt, load_src)
-        SELECT DISTINCT dwh.hash_key(category_name), category_name, now(), 'stg.restaurants'
+        SELECT DISTINCT dwh.hash_key(category_name), category_name, now() AT TIME ZONE 'UTC', 'stg.restaurants'
         FROM dish
         WHERE category_name IS NOT NULL
         ORDER BY 1
