@@ -287,10 +287,14 @@ void
 dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting,
 						   bool brokers_down)
 {
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   brokers_down ? 0 : 500);
+	TimestampTz deadline;
 	rd_kafka_error_t *error;
 
+	/* A question about the topic still uses the client (exiting: left). */
+	if (!exiting)
+		dwh_kafka_probe_topic_cancel();
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+										   brokers_down ? 0 : 500);
 	dwh_kafka_queue_mute(&c->events);
 	if (c->pending)
 	{
@@ -906,19 +910,36 @@ dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
 }
 
 /*
- * dwh_kafka_consumer_view_topic
- *		The topic's number of partitions as a broker's metadata says now
- *		(-1 if no broker answered within timeout_ms or the topic does not
- *		exist), and which of them the consumer group's members hold.  Asked
- *		from a thread (src/dwh_kafka_probe.c).
+ * dwh_kafka_consumer_ask_topic
+ *		Ask a broker, from a thread (src/dwh_kafka_probe.c), for the topic's
+ *		number of partitions and which of them the consumer group's members
+ *		hold; dwh_kafka_consumer_topic_view() takes the answer.  False if
+ *		the last question is still unanswered.
  */
-void
-dwh_kafka_consumer_view_topic(DwhKafkaConsumer *c, DwhKafkaTopicView *view,
-							  int timeout_ms)
+bool
+dwh_kafka_consumer_ask_topic(DwhKafkaConsumer *c, int timeout_ms)
 {
-	if (dwh_kafka_probe_topic(c->rk, c->topic, dwh_kafka_group_id, view,
-							  timeout_ms) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	return dwh_kafka_probe_topic_start(c->rk, c->topic, dwh_kafka_group_id,
+									   timeout_ms);
+}
+
+/*
+ * dwh_kafka_consumer_topic_view
+ *		The answer to dwh_kafka_consumer_ask_topic(), once there (false
+ *		before): the topic's number of partitions as a broker's metadata
+ *		said (-1 if no broker answered in time or the topic does not exist),
+ *		and which of them the group's members hold.
+ */
+bool
+dwh_kafka_consumer_topic_view(DwhKafkaTopicView *view)
+{
+	rd_kafka_resp_err_t err;
+
+	if (!dwh_kafka_probe_topic_answer(view, &err))
+		return false;
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 		view->partition_count = -1;
+	return true;
 }
 
 /*

@@ -77,9 +77,8 @@ extern bool dwh_kafka_consumer_query_watermarks(DwhKafkaConsumer *consumer,
 												int64 *low, int64 *high,
 												int timeout_ms, char *error,
 												size_t error_size);
-extern void dwh_kafka_consumer_view_topic(DwhKafkaConsumer *c,
-										  DwhKafkaTopicView *view,
-										  int timeout_ms);
+extern bool dwh_kafka_consumer_ask_topic(DwhKafkaConsumer *c, int timeout_ms);
+extern bool dwh_kafka_consumer_topic_view(DwhKafkaTopicView *view);
 extern int	dwh_kafka_consumer_session_timeout_ms(DwhKafkaConsumer *c);
 extern bool dwh_kafka_consumer_leader_answers(DwhKafkaConsumer *c, int32 partition,
 											  int timeout_ms);

@@ -6,8 +6,9 @@
  *
  * Kafka worker 1 asks a broker every PARTITION_CHECK_MS for the topic's
  * partition count and for the consumer group's assignment (what each
- * member holds, as the coordinator describes a stable group), and compares
- * them with what dwh.kafka_offsets holds:
+ * member holds, as the coordinator describes a stable group), from a
+ * thread, and once the answer is there compares them with what
+ * dwh.kafka_offsets holds:
  *
  * - A partition of the topic that no member of the stable group holds, on
  *   UNASSIGNED_CHECKS checks in a row (a check that finds the group
@@ -119,9 +120,10 @@ record_vanished(const char *topic, int32 partition, int64 stored, int count,
 
 /*
  * dwh_kafka_partitions_check
- *		Compare the topic's partitions with the group's assignment and
- *		dwh.kafka_offsets, at most every PARTITION_CHECK_MS; record the
- *		gaps of partitions that are gone.  Returns 0, or how many
+ *		Ask for the topic's partitions and the group's assignment at most
+ *		every PARTITION_CHECK_MS; once the answer is there, compare it with
+ *		dwh.kafka_offsets and record the gaps of partitions that are gone.
+ *		Returns 0, or how many
  *		milliseconds the worker must stay out of the consumer group before
  *		it joins again: its session timeout and a second, for the
  *		coordinator to drop it.
@@ -146,10 +148,21 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	int			n;
 	int			i;
 
-	if (!TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(),
-									PARTITION_CHECK_MS))
+	/*
+	 * The question is asked, and its answer taken, here; meanwhile the worker
+	 * applies its batches.  A consumer destroyed forgets its question: the
+	 * answer is about the topic of this one.
+	 */
+	view = palloc(sizeof(DwhKafkaTopicView));
+	if (!dwh_kafka_consumer_topic_view(view))
+	{
+		pfree(view);
+		if (TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(),
+									   PARTITION_CHECK_MS) &&
+			dwh_kafka_consumer_ask_topic(consumer, METADATA_TIMEOUT_MS))
+			last_check = GetCurrentTimestamp();
 		return 0;
-	last_check = GetCurrentTimestamp();
+	}
 
 	if (strcmp(checked_topic, topic) != 0)
 	{
@@ -157,8 +170,6 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 		last_count = -1;
 		rejoined_for_count = -1;
 	}
-	view = palloc(sizeof(DwhKafkaTopicView));
-	dwh_kafka_consumer_view_topic(consumer, view, METADATA_TIMEOUT_MS);
 	count = view->partition_count;
 	if (count != last_count)
 	{

@@ -15,8 +15,15 @@
  * once; the thread, and the client it uses, are left to the exit
  * (dwh_kafka_probe_in_flight() tells the consumer's exit callback not to
  * destroy that client).  The watermarks a worker asks for at a gap
- * (dwh_kafka_consumer_query_watermarks()) and the topic's partition count
- * (dwh_kafka_partitions.c) are asked the same way.
+ * (dwh_kafka_consumer_query_watermarks()) are asked the same way.
+ *
+ * The topic's partition count and the group's assignment
+ * (dwh_kafka_partitions.c), asked every 10 s whether or not anything is
+ * wrong, are not waited for: the worker goes on applying its batches and
+ * takes the answer once it is there.  Waiting held up every message
+ * fetched meanwhile, for as long as the slowest broker took to answer (up
+ * to twice the timeout).  The client the thread uses is then not destroyed
+ * until it is done (dwh_kafka_probe_topic_cancel()).
  *
  *-------------------------------------------------------------------------
  */
@@ -54,8 +61,13 @@ typedef struct ProbeJob
 	pg_atomic_uint32 done;
 } ProbeJob;
 
-/* A thread is asking now (and, once SIGTERM came, for good). */
-static bool in_flight = false;
+/* Threads asking now (and, once SIGTERM came, for good). */
+static int	threads_in_flight = 0;
+
+/* The question about the topic not yet taken back, and its thread. */
+static ProbeJob *topic_job = NULL;
+static pthread_t topic_thread;
+static bool topic_threaded = false;
 
 /* Big-endian readers of a member's assignment; false past its end. */
 static bool
@@ -219,6 +231,27 @@ new_job(ProbeKind kind, rd_kafka_t *rk, int timeout_ms)
 	return job;
 }
 
+/*
+ * Wait for a job's thread to be done, serving interrupts meanwhile.
+ *
+ * Only a SIGTERM may end the wait (the process exits, leaving the client to
+ * the thread): an ERROR, such as pg_cancel_backend()'s, would leave the
+ * thread using a client that the worker, going on, could destroy.  A cancel
+ * is served once the thread is done.
+ */
+static void
+wait_for_job(ProbeJob *job)
+{
+	HOLD_CANCEL_INTERRUPTS();
+	while (pg_atomic_read_u32(&job->done) == 0)
+	{
+		CHECK_FOR_INTERRUPTS();
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 5L,
+						 PG_WAIT_EXTENSION);
+	}
+	RESUME_CANCEL_INTERRUPTS();
+}
+
 /* Run the job in a thread of its own, serving interrupts meanwhile. */
 static void
 run_job(ProbeJob *job)
@@ -230,24 +263,10 @@ run_job(ProbeJob *job)
 		probe_main(job);		/* no thread: ask from here */
 		return;
 	}
-
-	/*
-	 * Only a SIGTERM may end the wait (the process exits, leaving the client
-	 * to the thread): an ERROR, such as pg_cancel_backend()'s, would leave
-	 * the thread using a client that the worker, going on, could destroy. A
-	 * cancel is served once the thread is done.
-	 */
-	in_flight = true;
-	HOLD_CANCEL_INTERRUPTS();
-	while (pg_atomic_read_u32(&job->done) == 0)
-	{
-		CHECK_FOR_INTERRUPTS();
-		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 5L,
-						 PG_WAIT_EXTENSION);
-	}
-	RESUME_CANCEL_INTERRUPTS();
+	threads_in_flight++;
+	wait_for_job(job);
 	pthread_join(thread, NULL);
-	in_flight = false;
+	threads_in_flight--;
 }
 
 /*
@@ -280,20 +299,39 @@ dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 	return err;
 }
 
-/*
- * dwh_kafka_probe_topic
- *		The number of partitions of topic, from a metadata request to a
- *		broker, and which of them the members of the consumer group hold,
- *		if the group is stable.  Waits at most about twice timeout_ms, and
- *		serves interrupts meanwhile.
- */
-rd_kafka_resp_err_t
-dwh_kafka_probe_topic(rd_kafka_t *rk, const char *topic, const char *group,
-					  DwhKafkaTopicView *view, int timeout_ms)
+/* Free the topic question, once its thread is done. */
+static void
+end_topic_job(void)
 {
-	ProbeJob   *job = new_job(PROBE_TOPIC, rk, timeout_ms);
-	rd_kafka_resp_err_t err;
+	if (topic_threaded)
+	{
+		pthread_join(topic_thread, NULL);
+		threads_in_flight--;
+	}
+	free(topic_job->topic);
+	free(topic_job->group);
+	free(topic_job);
+	topic_job = NULL;
+	topic_threaded = false;
+}
 
+/*
+ * dwh_kafka_probe_topic_start
+ *		Ask, from a thread, for the number of partitions of topic (a metadata
+ *		request to a broker) and which of them the members of the consumer
+ *		group hold, if the group is stable; dwh_kafka_probe_topic_answer()
+ *		takes the answer, in about twice timeout_ms at most.  False if the
+ *		last question is still unanswered.
+ */
+bool
+dwh_kafka_probe_topic_start(rd_kafka_t *rk, const char *topic,
+							const char *group, int timeout_ms)
+{
+	ProbeJob   *job;
+
+	if (topic_job != NULL)
+		return false;
+	job = new_job(PROBE_TOPIC, rk, timeout_ms);
 	job->topic = strdup(topic);
 	job->group = strdup(group);
 	if (job->topic == NULL || job->group == NULL)
@@ -305,23 +343,56 @@ dwh_kafka_probe_topic(rd_kafka_t *rk, const char *topic, const char *group,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory")));
 	}
-	run_job(job);
-	err = job->err;
-	memcpy(view, &job->view, sizeof(DwhKafkaTopicView));
-	free(job->topic);
-	free(job->group);
-	free(job);
-	return err;
+	topic_job = job;
+	topic_threaded = (dwh_worker_start_thread(&topic_thread, probe_main,
+											  job) == 0);
+	if (topic_threaded)
+		threads_in_flight++;
+	else
+		probe_main(job);		/* no thread: ask from here */
+	return true;
+}
+
+/*
+ * dwh_kafka_probe_topic_answer
+ *		The answer to dwh_kafka_probe_topic_start()'s question, once there:
+ *		false while there is none (or no question).
+ */
+bool
+dwh_kafka_probe_topic_answer(DwhKafkaTopicView *view, rd_kafka_resp_err_t *err)
+{
+	if (topic_job == NULL || pg_atomic_read_u32(&topic_job->done) == 0)
+		return false;
+	*err = topic_job->err;
+	memcpy(view, &topic_job->view, sizeof(DwhKafkaTopicView));
+	end_topic_job();
+	return true;
+}
+
+/*
+ * dwh_kafka_probe_topic_cancel
+ *		Forget the question about the topic, if any, once its thread no
+ *		longer uses the client: called before the client is destroyed.
+ *		Serves interrupts meanwhile.
+ */
+void
+dwh_kafka_probe_topic_cancel(void)
+{
+	if (topic_job == NULL)
+		return;
+	wait_for_job(topic_job);
+	end_topic_job();
 }
 
 /*
  * dwh_kafka_probe_in_flight
  *		Is a thread still using a client?  Only in the exit of a process that
- *		a signal interrupted while it waited for an answer: the client must
- *		then be left to the exit, not destroyed.
+ *		a signal interrupted while it waited for an answer, or that leaves a
+ *		question about the topic unanswered: the client must then be left
+ *		to the exit, not destroyed.
  */
 bool
 dwh_kafka_probe_in_flight(void)
 {
-	return in_flight;
+	return threads_in_flight > 0;
 }

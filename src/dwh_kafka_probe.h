@@ -18,11 +18,11 @@ extern rd_kafka_resp_err_t dwh_kafka_probe_offset(rd_kafka_t *rk,
 												  int32 partition,
 												  int64 *offset,
 												  int timeout_ms);
-extern rd_kafka_resp_err_t dwh_kafka_probe_topic(rd_kafka_t *rk,
-												 const char *topic,
-												 const char *group,
-												 DwhKafkaTopicView *view,
-												 int timeout_ms);
+extern bool dwh_kafka_probe_topic_start(rd_kafka_t *rk, const char *topic,
+										const char *group, int timeout_ms);
+extern bool dwh_kafka_probe_topic_answer(DwhKafkaTopicView *view,
+										 rd_kafka_resp_err_t *err);
+extern void dwh_kafka_probe_topic_cancel(void);
 extern bool dwh_kafka_probe_in_flight(void);
 
 #endif							/* DWH_KAFKA_PROBE_H */
