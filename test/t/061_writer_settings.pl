@@ -37,15 +37,17 @@
 # Proven: every statement succeeds but the refusals, which fail with their
 # SQLSTATE; every stg, dds and cdm table (found in the catalog), the tags
 # held and the dead letters equal the reference's, load-time columns aside;
-# dwh.verify() is empty, also called from a hostile session.  Then, from
-# hostile sessions: dwh.rebuild(), a damage of the marts and the vault
-# (written with session_replication_role replica) that dwh.verify() reports
-# alike in a default session and in hostile ones, dwh.rebuild(vault =>
-# true), and dwh.expire_tags() in both databases (a windowed rule whose
-# window ends in 2023 moves to now, UTC; its orders leave its counts): the
-# tables equal the reference's again.  A windowed rule written in a
-# hostile session ends its window now, UTC, whatever the session's
-# TimeZone.
+# dwh.verify() is empty, also called from a hostile session; the load_dt
+# of every hub and link is between the world's start and now, UTC (it was
+# the writer's local time).  Then, from hostile sessions: dwh.rebuild(), a
+# damage of the marts and the vault (written with session_replication_role
+# replica) that dwh.verify() reports alike in a default session (in the
+# hostile one's DateStyle, in which it prints the times of the vault's
+# keys) and in hostile ones, dwh.rebuild(vault => true), and
+# dwh.expire_tags() in both databases (two windowed rules whose windows end
+# in 2023 move to now, UTC; their orders leave their counts): the tables
+# equal the reference's again.  A windowed rule written in a hostile
+# session ends its window now, UTC, whatever the session's TimeZone.
 #
 # On a failure the seed, the events and every statement's settings are
 # printed.
