@@ -193,6 +193,8 @@ CREATE FUNCTION dwh.verify_vault(part integer, parts integer)
     RETURNS TABLE (table_name text, business_key text, expected text, actual text)
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_custom_plan
+    -- The times in the keys read the same from every session.
+    SET DateStyle = 'ISO, YMD'
 AS $fn$
 #variable_conflict use_column
 BEGIN
