@@ -31,6 +31,8 @@
 
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "commands/dbcommands.h"
+#include "commands/trigger.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
@@ -39,6 +41,8 @@
 #include "utils/lsyscache.h"
 
 #include "dwh_session_mode.h"
+#include "dwh_settings.h"
+#include "dwh_worker.h"
 
 /*
  * Was check_function_bodies set by the session itself (SET, or its
@@ -114,4 +118,55 @@ Datum
 dwh_tags_restoring(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_BOOL(dwh_session_restores());
+}
+
+PG_FUNCTION_INFO_V1(dwh_refuse_restore_served);
+
+/*
+ * dwh.refuse_restore_served() returns trigger
+ *
+ * BEFORE INSERT statement trigger of the tables a dump holds: a restore
+ * into the database the workers serve is refused.  A worker there writes
+ * while the restore loads: the Kafka workers apply orders from the offsets
+ * restored before STG is (their rows take the ids of the rows the restore
+ * then loads, whose COPY fails: orders lost), or from the start of the
+ * topic before the offsets come; the Redis worker writes the users the
+ * restore loads; an expiry pass revokes the windowed tags of a warehouse
+ * restored in part, with event ids the restored events hold.
+ */
+Datum
+dwh_refuse_restore_served(PG_FUNCTION_ARGS)
+{
+	char	   *database;
+	bool		kafka;
+	bool		redis;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("dwh.refuse_restore_served() must be called as a trigger")));
+	if (!dwh_workers_registered || !dwh_session_restores())
+		PG_RETURN_POINTER(NULL);
+	database = get_database_name(MyDatabaseId);
+	if (database == NULL || dwh_database == NULL ||
+		strcmp(database, dwh_database) != 0)
+		PG_RETURN_POINTER(NULL);
+
+	kafka = dwh_kafka_brokers != NULL && dwh_kafka_brokers[0] != '\0';
+	redis = (dwh_redis_url != NULL && dwh_redis_url[0] != '\0') ||
+		(dwh_redis_url_file != NULL && dwh_redis_url_file[0] != '\0');
+	if (!kafka && !redis && dwh_tags_expire_interval == 0)
+		PG_RETURN_POINTER(NULL);
+
+	/* No value in the text: a message naming a secret setting is masked. */
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("cannot restore the warehouse into the database that the dwh workers serve (dwh.database)"),
+			 kafka ?
+			 errdetail("dwh.kafka_brokers is set: the Kafka workers would apply orders from the offsets this restore loads into tables it has not loaded yet.") :
+			 redis ?
+			 errdetail("dwh.redis_url or dwh.redis_url_file is set: the Redis worker would write the users and restaurants this restore loads.") :
+			 errdetail("dwh.tags_expire_interval is not 0: the tags worker would revoke the windowed tags of a warehouse restored in part."),
+			 errhint("Restore into a database that dwh.database does not name, then set dwh.database to it and reload; or first empty dwh.kafka_brokers, dwh.redis_url and dwh.redis_url_file, set dwh.tags_expire_interval to 0 and reload.")));
+	PG_RETURN_POINTER(NULL);
 }

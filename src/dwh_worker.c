@@ -152,6 +152,9 @@ register_worker(DwhWorkerKind kind, int index)
 	}
 }
 
+/* Set in the postmaster, so in every process forked from it. */
+bool		dwh_workers_registered = false;
+
 /*
  * dwh_workers_register
  *		Register dwh.kafka_consumers Kafka workers, the Redis worker and the
@@ -161,6 +164,8 @@ void
 dwh_workers_register(void)
 {
 	int			i;
+
+	dwh_workers_registered = true;
 
 	for (i = 1; i <= dwh_kafka_consumers; i++)
 		register_worker(DWH_WORKER_KAFKA, i);

@@ -21,6 +21,7 @@
 /* How often a worker that is not ready checks again. */
 #define DWH_WORKER_RECHECK_MS		5000
 
+extern bool dwh_workers_registered;
 extern void dwh_workers_register(void);
 
 extern DwhWorkerStatus *dwh_worker_start(DwhWorkerKind kind, int index);

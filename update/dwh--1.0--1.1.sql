@@ -4648,6 +4648,38 @@ BEGIN
 END
 $$;
 
+-- A restore into the database the workers serve would race them: a Kafka
+-- worker applies orders from the offsets restored before STG is (taking
+-- the ids of the rows the restore then loads, whose COPY fails: orders
+-- lost), the Redis worker writes the users being restored, an expiry pass
+-- revokes windowed tags counted from a warehouse restored in part.  Each
+-- table's restore is refused instead, with the way to restore.
+CREATE FUNCTION dwh.refuse_restore_served() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'dwh_refuse_restore_served'
+    LANGUAGE C;
+COMMENT ON FUNCTION dwh.refuse_restore_served() IS
+    'BEFORE INSERT statement trigger of the dumped tables: refuses a restore into the database the workers serve (dwh.database) while they may write it';
+REVOKE ALL ON FUNCTION dwh.refuse_restore_served() FROM PUBLIC;
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY[
+        'stg.order_events', 'stg.order_event_history', 'stg.other_events',
+        'stg.users', 'stg.user_history', 'stg.restaurants',
+        'stg.restaurant_history', 'dwh.dead_letters', 'dwh.kafka_offsets',
+        'dwh.kafka_gaps', 'dwh.redis_keys', 'dwh.redis_wanted',
+        'dwh.tag_rules', 'cdm.user_tags_held', 'cdm.user_tag_events',
+        'cdm.user_window_counters', 'dwh.tag_outbox']
+    LOOP
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I BEFORE INSERT ON %s FOR EACH STATEMENT'
+            ' EXECUTE FUNCTION dwh.refuse_restore_served()',
+            pg_catalog.split_part(t, '.', 2) || '_restore_served', t);
+    END LOOP;
+END
+$$;
+
 -- STG (install/10_stg.sql): the tables of users and restaurants take the
 -- dictionary lock before their rows in a transaction that holds the tag
 -- lock exclusive (a rule change, dwh.expire_tags(), dwh.rebuild_tags()
