@@ -200,14 +200,24 @@ LEFT JOIN LATERAL (
 -- Whoever keeps the worker waiting: any session whose transaction holds a
 -- lock the worker needs (a loader's or tagger's left open, a LOCK TABLE)
 -- stalls it for as long as it lasts, and the worker, asleep in the lock
--- wait, cannot say so itself.
+-- wait, cannot say so itself.  The wait is followed to the sessions that
+-- wait for nothing: a worker queued behind another waiter (a batch behind
+-- the tags worker's expiry, which waits for a loader) names the loader,
+-- the one to end.  Within a cycle no one is such: its members are named.
 LEFT JOIN LATERAL (
-    SELECT w.pids AS blocked_by,
-           (SELECT min(l.waitstart) FROM pg_catalog.pg_locks l
+    WITH RECURSIVE waits(pid) AS (
+        SELECT p FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(s.pid)) p
+        UNION
+        SELECT p FROM waits w, pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) p
+    )
+    SELECT coalesce(pg_catalog.array_agg(w.pid ORDER BY w.pid)
+                        FILTER (WHERE pg_catalog.cardinality(pg_catalog.pg_blocking_pids(w.pid)) = 0),
+                    pg_catalog.array_agg(w.pid ORDER BY w.pid)) AS blocked_by,
+           (SELECT pg_catalog.min(l.waitstart) FROM pg_catalog.pg_locks l
             WHERE l.pid = s.pid AND NOT l.granted) AS blocked_since
-    FROM (SELECT pg_catalog.pg_blocking_pids(s.pid) AS pids) w
-    WHERE pg_catalog.cardinality(w.pids) > 0
+    FROM waits w
+    HAVING pg_catalog.count(*) > 0
 ) b ON s.pid IS NOT NULL
 ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
-    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka; for a Kafka worker the time it spent applying batches; the processes holding a lock it waits for, and since when';
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka; for a Kafka worker the time it spent applying batches; the sessions keeping it waiting for a lock, and since when';

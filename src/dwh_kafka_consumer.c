@@ -276,7 +276,8 @@ rebalance_is_cooperative(rd_kafka_t *rk)
  *
  * When the process is exiting and the close did not finish in time (no
  * broker answers), or a probe's thread still uses the client (a SIGTERM
- * came while it waited), the library is left to the exit: rd_kafka_destroy()
+ * came while it waited, or while the question about the topic was not
+ * answered), the library is left to the exit: rd_kafka_destroy()
  * would wait for the group's session to time out (seconds), and the
  * library's threads call nothing of the server's.  Otherwise it is
  * destroyed within DWH_KAFKA_DESTROY_MS (src/dwh_kafka_destroy.c): past
@@ -290,8 +291,15 @@ dwh_kafka_consumer_destroy(DwhKafkaConsumer *c, bool exiting,
 	TimestampTz deadline;
 	rd_kafka_error_t *error;
 
-	/* A question about the topic still uses the client (exiting: left). */
-	if (!exiting)
+	/*
+	 * A question about the topic may still use the client.  Exiting, it is
+	 * not waited for (interrupts are held: a hung broker would hold up the
+	 * exit for seconds), and the client is left to the exit if it is not
+	 * done.
+	 */
+	if (exiting)
+		dwh_kafka_probe_topic_reap();
+	else
 		dwh_kafka_probe_topic_cancel();
 	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 										   brokers_down ? 0 : 500);

@@ -123,10 +123,9 @@ record_vanished(const char *topic, int32 partition, int64 stored, int count,
  *		Ask for the topic's partitions and the group's assignment at most
  *		every PARTITION_CHECK_MS; once the answer is there, compare it with
  *		dwh.kafka_offsets and record the gaps of partitions that are gone.
- *		Returns 0, or how many
- *		milliseconds the worker must stay out of the consumer group before
- *		it joins again: its session timeout and a second, for the
- *		coordinator to drop it.
+ *		Returns 0, or how many milliseconds the worker must stay out of the
+ *		consumer group before it joins again: its session timeout and a
+ *		second, for the coordinator to drop it.
  *
  *		Called by one worker, between batches, outside a transaction.
  */
@@ -151,10 +150,14 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	/*
 	 * The question is asked, and its answer taken, here; meanwhile the worker
 	 * applies its batches.  A consumer destroyed forgets its question: the
-	 * answer is about the topic of this one.
+	 * answer is about the topic of this one.  An answer not taken for
+	 * PARTITION_CHECK_MS (the worker waited for the brokers meanwhile) is
+	 * stale: dropped, and the question asked again.
 	 */
 	view = palloc(sizeof(DwhKafkaTopicView));
-	if (!dwh_kafka_consumer_topic_view(view))
+	if (!dwh_kafka_consumer_topic_view(view) ||
+		TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(),
+								   PARTITION_CHECK_MS))
 	{
 		pfree(view);
 		if (TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(),

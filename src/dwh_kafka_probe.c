@@ -299,7 +299,10 @@ dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 	return err;
 }
 
-/* Free the topic question, once its thread is done. */
+/*
+ * Free the topic question, whose thread is done.  The thread is joined
+ * first: the join, not the flag, makes what the thread wrote visible here.
+ */
 static void
 end_topic_job(void)
 {
@@ -308,11 +311,16 @@ end_topic_job(void)
 		pthread_join(topic_thread, NULL);
 		threads_in_flight--;
 	}
+	topic_threaded = false;
+}
+
+static void
+free_topic_job(void)
+{
 	free(topic_job->topic);
 	free(topic_job->group);
 	free(topic_job);
 	topic_job = NULL;
-	topic_threaded = false;
 }
 
 /*
@@ -363,9 +371,10 @@ dwh_kafka_probe_topic_answer(DwhKafkaTopicView *view, rd_kafka_resp_err_t *err)
 {
 	if (topic_job == NULL || pg_atomic_read_u32(&topic_job->done) == 0)
 		return false;
+	end_topic_job();
 	*err = topic_job->err;
 	memcpy(view, &topic_job->view, sizeof(DwhKafkaTopicView));
-	end_topic_job();
+	free_topic_job();
 	return true;
 }
 
@@ -382,6 +391,22 @@ dwh_kafka_probe_topic_cancel(void)
 		return;
 	wait_for_job(topic_job);
 	end_topic_job();
+	free_topic_job();
+}
+
+/*
+ * dwh_kafka_probe_topic_reap
+ *		Forget the question about the topic if its thread is done, without
+ *		waiting: in the exit of a process, whose client may then be
+ *		destroyed, as it could not while a thread used it.
+ */
+void
+dwh_kafka_probe_topic_reap(void)
+{
+	if (topic_job == NULL || pg_atomic_read_u32(&topic_job->done) == 0)
+		return;
+	end_topic_job();
+	free_topic_job();
 }
 
 /*

@@ -23,6 +23,7 @@ extern bool dwh_kafka_probe_topic_start(rd_kafka_t *rk, const char *topic,
 extern bool dwh_kafka_probe_topic_answer(DwhKafkaTopicView *view,
 										 rd_kafka_resp_err_t *err);
 extern void dwh_kafka_probe_topic_cancel(void);
+extern void dwh_kafka_probe_topic_reap(void);
 extern bool dwh_kafka_probe_in_flight(void);
 
 #endif							/* DWH_KAFKA_PROBE_H */

@@ -398,15 +398,14 @@ number_text(JsonbValue *v)
 }
 
 /*
- * A jsonb number as a reason quotes it: its first digits.  Eleven bytes of
- * a message (1e130000) are 130,000 digits, which a dead letter's reason
- * would keep whatever dwh.dead_letter_keep_bytes says.
+ * A number's text as a reason quotes it: its first digits, cut in place.
+ * Eight bytes of a message (1e130000) are 130,000 digits, which a dead
+ * letter's reason would keep whatever dwh.dead_letter_keep_bytes says.
+ * numeric_out() writes ASCII: any byte is a character boundary.
  */
 static char *
-number_for_reason(JsonbValue *v)
+reason_digits(char *digits)
 {
-	char	   *digits = number_text(v);
-
 	if (strlen(digits) > 32)
 		strcpy(digits + 29, "...");
 	return digits;
@@ -443,12 +442,9 @@ check_amount(JsonbContainer *obj, const char *key, const char *path,
 	 */
 	if ((digits[0] == '-' && strpbrk(digits, "123456789") != NULL) ||
 		d >= DWH_MAX_AMOUNT)
-	{
-		/* 1e-400 has 400 digits: the reason shows the first ones. */
 		return problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
 						   "%s%s must be between 0 and 1e14, not %s",
-						   path, key, number_for_reason(&v));
-	}
+						   path, key, reason_digits(digits));
 	return true;
 }
 
@@ -503,7 +499,7 @@ check_order_item(JsonbValue *item, int i, DwhProblem *problem)
 	if (!number_as_int64(&v, 1, 1000000, &quantity))
 		return problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
 						   "%squantity must be an integer between 1 and 1000000, not %s",
-						   path, number_for_reason(&v));
+						   path, reason_digits(number_text(&v)));
 	return true;
 }
 
@@ -646,7 +642,7 @@ dwh_message_parse(const char *data, int len, DwhMessage *msg)
 		if (v.type == jbvNumeric)
 			problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
 						"object_id must be an integer between 1 and 9223372036854775807, not %s",
-						number_for_reason(&v));
+						reason_digits(number_text(&v)));
 		else
 			problem_set(problem, ERRCODE_INVALID_TEXT_REPRESENTATION,
 						"object_id must be an integer, not %s",

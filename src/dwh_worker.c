@@ -421,13 +421,16 @@ wait_for_database(void)
 		}
 		if (state == DATABASE_CLOSED)
 		{
+			const char *name = quote_identifier(dwh_database);
 			char	   *text = psprintf("waiting: database \"%s\" (dwh.database) does not allow connections",
 										dwh_database);
-			char	   *hint = psprintf("Run ALTER DATABASE %s ALLOW_CONNECTIONS true; dwh's workers connect within %d s.",
-										quote_identifier(dwh_database),
-										DWH_WORKER_RECHECK_MS / 1000);
+			char	   *hint = psprintf("Run ALTER DATABASE %s ALLOW_CONNECTIONS true; dwh's workers then connect within seconds.",
+										name);
 
+			/* Every few seconds, in a context that lives on: freed. */
 			dwh_worker_set_state_logged(text, hint);
+			if (name != dwh_database)
+				pfree((char *) name);
 			pfree(text);
 			pfree(hint);
 		}

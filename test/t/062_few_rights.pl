@@ -10,7 +10,8 @@
 # (a role may undo any timeout set for it); dwh.status must name the
 # holder (blocked_by, the holder's pid, and blocked_since), as the
 # exporter's role and the operator read it, and clear it once the holder
-# is gone, the worker going on by itself.  Before: dwh.status said
+# is gone, the worker going on by itself; a Kafka worker queued behind
+# the waiting tags worker names the loader both wait for.  Before: dwh.status said
 # "expiring tags every 30 s" and nothing else while the worker slept in
 # the lock wait.
 #
@@ -164,6 +165,34 @@ foreach my $h (@holders)
 	is( $node->safe_psql('postgres',
 			q{SELECT blocked_by IS NULL AND blocked_since IS NULL FROM dwh.status WHERE worker = 'kafka 1'}),
 		't', 'kafka 1: blocked_by NULL again');
+}
+
+# Queued behind a waiter: the loader's uncommitted ingest holds the tag
+# lock shared, the tags worker's expiry waits for it exclusive, and an
+# order of another restaurant, user and dish (named before) waits for it
+# shared, queued behind the expiry: not for the loader's lock, which does
+# not conflict with its own.  blocked_by names the loader, the one to end,
+# not the tags worker.
+{
+	my $holder = $node->background_psql('postgres', extra_params => [ '-U', 'loader' ]);
+	my $pid = $holder->query_safe('SELECT pg_backend_pid()');
+	$holder->query_safe('BEGIN; ' . $ingest->($order->(50, 'u50', 'd1')));
+	is(wait_blocked("$pid true"), "$pid true", 'queued: the tags worker waits for the loader');
+	my $file = PostgreSQL::Test::Utils::tempdir() . '/queued.txt';
+	(my $other = $order->(51, 'u51', 'd9')) =~ s/"r1"/"r2"/;
+	append_to_file($file, "$other\n");
+	produce($mock, $file, undef, 0);
+	my $tags_pid = $node->safe_psql('postgres', q{SELECT pid FROM dwh.status WHERE worker = 'tags'});
+	ok( wait_for(
+			$node,
+			qq{SELECT pg_blocking_pids(pid) = ARRAY[$tags_pid] FROM dwh.status WHERE worker = 'kafka 1'}),
+		'queued: kafka 1 waits behind the tags worker');
+	is( $node->safe_psql('postgres',
+			q{SELECT array_to_string(blocked_by, ',') FROM dwh.status WHERE worker = 'kafka 1'}),
+		$pid, 'queued: kafka 1 names the loader in blocked_by, not the tags worker');
+	$holder->query_safe('COMMIT');
+	$holder->quit;
+	ok(wait_applied($node, 2), 'queued: kafka 1 applies the order once the loader commits');
 }
 check_consistent($node, 'after the holders');
 

@@ -11,8 +11,10 @@
 # coordinates the group; broker 2 accepts connections but answers 10 s
 # late, so that a client never gets past its first request (a hung
 # broker).  Orders go one at a time, each produced when the one before is
-# visible, for 30 s (three checks); none may take a second from stored to
-# visible (the old wait: 2 s).
+# visible, for 30 s (three checks); none may take 1.5 s from stored to
+# visible (the old wait: 2 s at each check).  Then a reload that makes the
+# worker recreate its consumer, which waits for a question in flight
+# before the client goes: orders still flow.
 
 use strict;
 use warnings;
@@ -27,7 +29,7 @@ use Test::More;
 use Time::HiRes qw(time usleep);
 
 my $run_s = 30;
-my $bound_ms = 1000;
+my $bound_ms = 1500;
 
 my $mock = start_mock_cluster(brokers => 2, partitions => 1);
 mock_command($mock, 'leader 0 1');
@@ -105,6 +107,19 @@ while (time() - $started < $run_s)
 	push @latencies, order_latency(++$id);
 	usleep(100_000);
 }
+
+# A reload that recreates the consumer (the question in flight, if any, is
+# waited for before its client is destroyed): orders still flow.
+my $pid = $session->query_safe(q{SELECT pid FROM dwh.status WHERE worker = 'kafka 1'});
+my $log_offset = -s $node->logfile;
+$node->safe_psql('postgres',
+	q{ALTER SYSTEM SET dwh.kafka_options = 'fetch.wait.max.ms=11'; SELECT pg_reload_conf()});
+cmp_ok(order_latency(++$id), '<', 30_000, 'an order is applied after the reload');
+like(slurp_file($node->logfile, $log_offset), qr/Kafka settings changed, reconnecting/,
+	'the reload made the worker recreate its consumer');
+is($session->query_safe(q{SELECT pid FROM dwh.status WHERE worker = 'kafka 1'}),
+	$pid, 'in the same process: no crash, no restart');
+
 $in = '';
 $producer->finish;
 $session->quit;
