@@ -14,9 +14,10 @@
 # The variants: plain (psql -f with ON_ERROR_STOP, and -1), --inserts,
 # --column-inserts, --rows-per-insert, --on-conflict-do-nothing (also
 # replayed over the warehouse itself), directory with pg_restore -j 4,
-# tar, --section in three runs, --clean --if-exists over a loaded
-# warehouse, --exclude-table-data, -n stg (which dumps nothing) and
-# -t 'stg.*', CREATE EXTENSION then --data-only, with and without
+# custom with pg_restore -1 --exit-on-error, tar, --section in three
+# runs, --clean --if-exists over a loaded warehouse,
+# --exclude-table-data, -n stg (which dumps nothing) and -t 'stg.*',
+# CREATE EXTENSION then --data-only (also with -j 4), with and without
 # --disable-triggers (then dwh.rebuild(vault => true)), pg_dumpall into
 # another cluster, a database of ICU's collation, a database owner who is
 # no superuser restoring --no-owner --no-privileges, an expiry pass on the
@@ -377,6 +378,11 @@ for my $kind (qw(plain inserts column_inserts rows_per_insert on_conflict))
 	same_as_source($db, 'pg_restore -j 4 of the directory dump');
 
 	$db = new_db();
+	clean_run('pg_restore -1 --exit-on-error', 'pg_restore', '--single-transaction',
+		'--exit-on-error', @conn, '-d', $db, $dump{custom});
+	same_as_source($db, 'pg_restore --single-transaction --exit-on-error');
+
+	$db = new_db();
 	clean_run('pg_restore of the tar dump', 'pg_restore', @conn, '-d', $db, $dump{tar});
 	same_as_source($db, 'pg_restore of the tar dump');
 
@@ -411,6 +417,12 @@ SELECT dwh.kafka_seek(0, 999, 'orders');
 	clean_run('pg_restore --data-only', 'pg_restore', '--data-only', @conn, '-d', $db,
 		$dump{custom});
 	same_as_source($db, 'CREATE EXTENSION, then pg_restore --data-only');
+
+	$db = new_db();
+	$node->safe_psql($db, 'CREATE EXTENSION dwh');
+	clean_run('pg_restore --data-only -j 4', 'pg_restore', '--data-only', '-j', '4', @conn,
+		'-d', $db, $dump{directory});
+	same_as_source($db, 'CREATE EXTENSION, then pg_restore --data-only -j 4');
 
 	# --disable-triggers: STG and what is dumped come back, DDS and the
 	# marts stay empty, dwh.verify() says so, dwh.rebuild(vault => true)
