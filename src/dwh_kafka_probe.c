@@ -300,8 +300,8 @@ dwh_kafka_probe_offset(rd_kafka_t *rk, const char *topic, int32 partition,
 }
 
 /*
- * Free the topic question, whose thread is done.  The thread is joined
- * first: the join, not the flag, makes what the thread wrote visible here.
+ * Join the thread of the topic question, which is done: the join, not the
+ * flag, makes what the thread wrote visible here.
  */
 static void
 end_topic_job(void)
@@ -314,6 +314,7 @@ end_topic_job(void)
 	topic_threaded = false;
 }
 
+/* Free the topic question, once its thread is joined. */
 static void
 free_topic_job(void)
 {

@@ -307,12 +307,6 @@ sub drop_databases
 # Statements that write events.
 #
 
-sub dictionary_table
-{
-	my ($e) = @_;
-	return $e->{kind} eq 'user' ? 'stg.users' : 'stg.restaurants';
-}
-
 sub quote_literal
 {
 	my ($s) = @_;
@@ -352,34 +346,6 @@ sub dictionary_batch_statement
 	return 'INSERT INTO ' . dictionary_table($values[0]) . ' (object_id, payload) VALUES '
 	  . join(', ', map { '(' . quote_literal($_->{key}) . ", \$v\$$_->{text}\$v\$::jsonb)" } @values)
 	  . ' ON CONFLICT (object_id) DO UPDATE SET payload = EXCLUDED.payload;';
-}
-
-# (e) rows of distinct new keys in one COPY (text format).
-sub copy_field
-{
-	my ($s) = @_;
-	$s =~ s/\\/\\\\/g;
-	$s =~ s/\t/\\t/g;
-	$s =~ s/\n/\\n/g;
-	$s =~ s/\r/\\r/g;
-	return $s;
-}
-
-sub copy_statement
-{
-	my (@events) = @_;
-	my ($table, $columns, @rows);
-	if ($events[0]{kind} eq 'order')
-	{
-		($table, $columns) = ('stg.order_events', 'object_id, object_type, sent_dttm, payload');
-		@rows = map { join("\t", $_->{key}, 'order', $_->{sent}, copy_field($_->{text})) } @events;
-	}
-	else
-	{
-		($table, $columns) = (dictionary_table($events[0]), 'object_id, payload');
-		@rows = map { join("\t", copy_field($_->{key}), copy_field($_->{text})) } @events;
-	}
-	return join("\n", "COPY $table ($columns) FROM STDIN;", @rows, '\\.');
 }
 
 #
@@ -690,22 +656,6 @@ sub finish_kafka_plan
 #
 # What a database holds.
 #
-
-# Columns that record when and how a row was loaded (docs/data-rule.md,
-# "Load-time columns"): left out of the comparison between databases.
-sub load_time_column
-{
-	my ($schema, $table, $column) = @_;
-	return 1 if $column eq 'id' && $schema ne 'dds';
-	return 1 if $column eq 'loaded_at' || $column eq 'received_at';
-	return 1 if $table eq 'user_tags_held' && $column eq 'since';
-	return 1
-	  if $schema eq 'dds'
-	  && $table =~ /^[hl]_/
-	  && $table ne 'l_product_category'
-	  && ($column eq 'load_dt' || $column eq 'load_src');
-	return 0;
-}
 
 # Every table of stg, dds and cdm with its columns and their types.
 sub catalog

@@ -223,12 +223,6 @@ sub bytes_lit
 	return "pg_catalog.decode('" . unpack('H*', encode('UTF-8', $s)) . "', 'hex')";
 }
 
-sub dictionary_table
-{
-	my ($e) = @_;
-	return $e->{kind} eq 'user' ? 'stg.users' : 'stg.restaurants';
-}
-
 sub upsert_statement
 {
 	my (@events) = @_;
@@ -249,33 +243,6 @@ sub ingest_statement
 	my (@events) = @_;
 	return 'SELECT received, applied, unchanged, dead_lettered FROM dwh.ingest_orders(ARRAY['
 	  . join(', ', map { bytes_lit($_->{message}) } @events) . ']::bytea[]);';
-}
-
-sub copy_field
-{
-	my ($s) = @_;
-	$s =~ s/\\/\\\\/g;
-	$s =~ s/\t/\\t/g;
-	$s =~ s/\n/\\n/g;
-	$s =~ s/\r/\\r/g;
-	return $s;
-}
-
-sub copy_statement
-{
-	my (@events) = @_;
-	my ($table, $columns, @rows);
-	if ($events[0]{kind} eq 'order')
-	{
-		($table, $columns) = ('stg.order_events', 'object_id, object_type, sent_dttm, payload');
-		@rows = map { join("\t", $_->{key}, 'order', $_->{sent}, copy_field($_->{text})) } @events;
-	}
-	else
-	{
-		($table, $columns) = (dictionary_table($events[0]), 'object_id, payload');
-		@rows = map { join("\t", copy_field($_->{key}), copy_field($_->{text})) } @events;
-	}
-	return join("\n", "COPY $table ($columns) FROM STDIN WITH (ENCODING 'UTF8');", @rows, '\\.');
 }
 
 #
@@ -409,20 +376,6 @@ sub run_units
 # What a database holds (as 030_same_events.pl compares it), read in a
 # default session.
 #
-
-sub load_time_column
-{
-	my ($schema, $table, $column) = @_;
-	return 1 if $column eq 'id' && $schema ne 'dds';
-	return 1 if $column eq 'loaded_at' || $column eq 'received_at';
-	return 1 if $table eq 'user_tags_held' && $column eq 'since';
-	return 1
-	  if $schema eq 'dds'
-	  && $table =~ /^[hl]_/
-	  && $table ne 'l_product_category'
-	  && ($column eq 'load_dt' || $column eq 'load_src');
-	return 0;
-}
 
 sub snapshot
 {

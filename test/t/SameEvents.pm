@@ -19,7 +19,7 @@ use Exporter 'import';
 our @EXPORT = qw(
   new_rng num jsonb_text hash_key
   generate_world event_line event_legend version_cmp
-  expected_tables
+  expected_tables dictionary_table copy_statement load_time_column
 );
 
 #
@@ -932,6 +932,64 @@ sub expected_tables
 
 	$rows{$_} = [ sort @{ $rows{$_} // [] } ] foreach keys %rows, keys %sql;
 	return (\%rows, \%sql);
+}
+
+
+#
+# Statements and comparisons shared by the tests that write worlds
+# (030_same_events.pl, 061_writer_settings.pl).
+#
+
+# The STG table of a user's or a restaurant's value.
+sub dictionary_table
+{
+	my ($e) = @_;
+	return $e->{kind} eq 'user' ? 'stg.users' : 'stg.restaurants';
+}
+
+sub copy_field
+{
+	my ($s) = @_;
+	$s =~ s/\\/\\\\/g;
+	$s =~ s/\t/\\t/g;
+	$s =~ s/\n/\\n/g;
+	$s =~ s/\r/\\r/g;
+	return $s;
+}
+
+# Events of distinct new keys, of one kind, as one COPY (text format; the
+# data are UTF-8 whatever the session's client_encoding).
+sub copy_statement
+{
+	my (@events) = @_;
+	my ($table, $columns, @rows);
+	if ($events[0]{kind} eq 'order')
+	{
+		($table, $columns) = ('stg.order_events', 'object_id, object_type, sent_dttm, payload');
+		@rows = map { join("\t", $_->{key}, 'order', $_->{sent}, copy_field($_->{text})) } @events;
+	}
+	else
+	{
+		($table, $columns) = (dictionary_table($events[0]), 'object_id, payload');
+		@rows = map { join("\t", copy_field($_->{key}), copy_field($_->{text})) } @events;
+	}
+	return join("\n", "COPY $table ($columns) FROM STDIN WITH (ENCODING 'UTF8');", @rows, '\\.');
+}
+
+# Columns that record when and how a row was loaded (docs/data-rule.md,
+# "Load-time columns"): left out of the comparison between databases.
+sub load_time_column
+{
+	my ($schema, $table, $column) = @_;
+	return 1 if $column eq 'id' && $schema ne 'dds';
+	return 1 if $column eq 'loaded_at' || $column eq 'received_at';
+	return 1 if $table eq 'user_tags_held' && $column eq 'since';
+	return 1
+	  if $schema eq 'dds'
+	  && $table =~ /^[hl]_/
+	  && $table ne 'l_product_category'
+	  && ($column eq 'load_dt' || $column eq 'load_src');
+	return 0;
 }
 
 1;
