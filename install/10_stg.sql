@@ -37,7 +37,7 @@ CREATE FUNCTION dwh.stg_statement_lock() RETURNS trigger
     AS 'MODULE_PATHNAME', 'dwh_stg_statement_lock'
     LANGUAGE C;
 COMMENT ON FUNCTION dwh.stg_statement_lock() IS
-    'BEFORE STATEMENT trigger of the order tables: the dictionary lock, exclusive, unless the transaction holds it';
+    'BEFORE STATEMENT trigger of the order tables: the dictionary lock, exclusive, unless the transaction holds it; in its later write of orders, menus or users, the dictionary and user locks, refused if another session holds them';
 
 CREATE FUNCTION dwh.dictionary_lock_exclusive() RETURNS boolean
     AS 'MODULE_PATHNAME', 'dwh_dictionary_lock_exclusive'
@@ -45,16 +45,18 @@ CREATE FUNCTION dwh.dictionary_lock_exclusive() RETURNS boolean
 COMMENT ON FUNCTION dwh.dictionary_lock_exclusive() IS
     'Internal: does this transaction hold the dictionary lock exclusively?';
 
--- The tables of users and restaurants take no lock before their rows,
--- but in a transaction that holds the tag lock exclusive (a rule change,
--- dwh.expire_tags(), dwh.rebuild_tags() before them): there the dictionary
--- lock comes first, exclusive, refused at once if another session holds it
--- (src/dwh_locks.c; docs/tags.md, "Locks").
+-- The tables of users and restaurants take their writers' lock before
+-- their rows, as the order tables do: the user lock, the dictionary lock
+-- exclusive.  In a transaction's later write of orders, menus or users,
+-- or after the tag lock exclusive (a rule change, dwh.expire_tags(),
+-- dwh.rebuild_tags() before them), the locks are refused at once if
+-- another session holds them (src/dwh_locks.c; docs/data-rule.md, "one
+-- lock order"; docs/tags.md, "Locks").
 CREATE FUNCTION dwh.stg_dictionary_statement_lock() RETURNS trigger
     AS 'MODULE_PATHNAME', 'dwh_stg_dictionary_statement_lock'
     LANGUAGE C;
 COMMENT ON FUNCTION dwh.stg_dictionary_statement_lock() IS
-    'BEFORE STATEMENT trigger of the user and restaurant tables: in a transaction that holds the tag lock exclusive, the dictionary lock, exclusive, before any row (refused if another session holds it)';
+    'BEFORE STATEMENT trigger of the user and restaurant tables: their lock before any row (the user lock for users, the dictionary lock exclusive for restaurants); in a later write of the transaction, or after the tag lock exclusive, both refused if another session holds them';
 
 -- Before any row: see install/40_products.sql, "Lock order".
 CREATE TRIGGER order_events_lock

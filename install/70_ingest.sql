@@ -143,9 +143,11 @@ DECLARE
     d dwh.dead_letters;
 BEGIN
     -- One ingest per dead letter in one transaction: the dictionary lock
-    -- exclusive keeps batches of other transactions from interleaving
-    -- with them (docs/data-rule.md, "one lock order").
+    -- and the user lock exclusive keep writes of other transactions from
+    -- interleaving with them, and let each ingest after the first, a later
+    -- write, go on (docs/data-rule.md, "one lock order").
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
     FOR d IN
         SELECT * FROM dwh.dead_letters
         WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')

@@ -657,10 +657,13 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The rebuild must see the orders committed while it waited for the dictionary lock.';
     END IF;
-    -- No order batch or dictionary change runs meanwhile, nor a rule
-    -- change or dwh.expire_tags(); readers go on.
+    -- No order batch, dictionary change or user write runs meanwhile,
+    -- nor a rule change or dwh.expire_tags(); readers go on.  The rebuild
+    -- of DDS and its claims are later writes (src/dwh_locks.c): they go
+    -- on holding these.
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
 
     -- DDS is checked in parts of about a million orders (the planner's
     -- estimate), as dwh.verify(parts) does: the same differences in a

@@ -38,6 +38,7 @@
 #include "dwh_inflight.h"
 #include "dwh_ingest.h"
 #include "dwh_ingest_session.h"
+#include "dwh_locks.h"
 #include "dwh_message.h"
 #include "dwh_replan.h"
 #include "dwh_session_mode.h"
@@ -460,6 +461,20 @@ dead_letters_add(DeadLetters *dl, DwhIngestItem *item, int sqlstate,
 	dwh_column_add(&dl->hash, dwh_sha256_datum(item->data, item->len), false);
 }
 
+/*
+ * The dictionary lock shared, before the rows of a batch that has no
+ * claim to take it (step 1 of the lock order): dead letters and other
+ * events are rows another batch may wait for (their positions are
+ * unique).  Taken again by one that has, it changes nothing.
+ */
+static void
+dictionary_lock_shared(void)
+{
+	if (SPI_execute("SELECT dwh.xact_lock(dwh.dictionary_lock_key(), false)",
+					false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not take the dictionary lock");
+}
+
 static void
 dead_letters_write(DeadLetters *dl, const char *source, const char *topic,
 				   DwhIngestResult *result)
@@ -470,6 +485,7 @@ dead_letters_write(DeadLetters *dl, const char *source, const char *topic,
 
 	if (dl->raw.n == 0)
 		return;
+	dictionary_lock_shared();
 	args[0] = text_datum(source);
 	args[1] = topic ? text_datum(topic) : (Datum) 0;
 	nulls[1] = topic ? ' ' : 'n';
@@ -875,6 +891,8 @@ ingest_messages(DwhIngestItem *items, int n, const char *source,
 		args[7] = text_datum(source);
 		args[8] = dwh_column_array(&x_hash);
 		args[9] = mismatches_in_statement(&x_partition, &x_offset, &x_hash);
+		if (n_orders == 0)
+			dictionary_lock_shared();
 		rc = SPI_execute_plan(insert_others_plan, args, nulls, false, 0);
 		count_written(x_id.n, "other events", rc, &result->other_type, result);
 	}
@@ -1086,7 +1104,16 @@ void
 dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 				 const char *topic, DwhIngestResult *result)
 {
-	ingest_batch(items, n, source, topic, 0, NULL, result);
+	dwh_locks_ingest_begin();
+	PG_TRY();
+	{
+		ingest_batch(items, n, source, topic, 0, NULL, result);
+	}
+	PG_FINALLY();
+	{
+		dwh_locks_ingest_end();
+	}
+	PG_END_TRY();
 }
 
 /*
@@ -1102,5 +1129,14 @@ dwh_ingest_batch_deferring(DwhIngestItem *items, int n, const char *topic,
 						   int worker, bool *deferred, DwhIngestResult *result)
 {
 	memset(deferred, 0, sizeof(bool) * n);
-	ingest_batch(items, n, "kafka", topic, worker, deferred, result);
+	dwh_locks_ingest_begin();
+	PG_TRY();
+	{
+		ingest_batch(items, n, "kafka", topic, worker, deferred, result);
+	}
+	PG_FINALLY();
+	{
+		dwh_locks_ingest_end();
+	}
+	PG_END_TRY();
 }

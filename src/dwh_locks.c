@@ -17,6 +17,18 @@
  * and dwh.stg_dictionary_statement_lock() on those of users and
  * restaurants): waiting would be out of the lock order.
  *
+ * So is a transaction's later write: one write of orders, menus or users
+ * (a batch, a statement writing an STG table) takes its locks in the
+ * order, but a later one in the same transaction starts that order again
+ * while holding the rows of the first, which another session's batch may
+ * be waiting for.  Such a write takes the dictionary lock and the user
+ * lock exclusive before its first row, or is refused at once if another
+ * session holds or waits for either (later_write_locks()).  For that,
+ * every writer takes one of them before its first row: writers of users
+ * and restaurants too (the user lock, the dictionary lock exclusive), and
+ * batches that store only other events or dead letters (the dictionary
+ * lock shared); a session waiting for them holds no row.
+ *
  * They are advisory locks of the database, named by their key (dwh.
  * dictionary_lock_key(), dwh.user_lock_key(), dwh.tag_lock_key()), but not
  * the ones pg_advisory_lock() and its kin take: those are PUBLIC's, and
@@ -29,15 +41,23 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
+#include "utils/fmgrprotos.h"
+#include "utils/rel.h"
+
+#include "dwh_locks.h"
 
 /*
  * The dictionary lock (install/00_prelude.sql, dwh.dictionary_lock_key()).
  */
 #define DWH_DICTIONARY_LOCK_KEY INT64CONST(7238964021746305793)
+
+/* The user lock (install/00_prelude.sql, dwh.user_lock_key()). */
+#define DWH_USER_LOCK_KEY INT64CONST(7238964021746305794)
 
 /* The tag lock (install/77_tags.sql, dwh.tag_lock_key()). */
 #define DWH_TAG_LOCK_KEY INT64CONST(3482019573612840177)
@@ -85,8 +105,11 @@ held_by_another(const LOCKTAG *tag, LOCKMODE mode)
 }
 
 /*
- * The tag lock exclusive, in a transaction that holds it shared: its
- * batches (orders, menus, users) took it shared, then their rows; a rule
+ * The tag lock exclusive, in a transaction that holds it shared, or wrote
+ * orders, menus or users without holding the dictionary lock exclusive
+ * (which no batch holding the tag lock shared is past): its batches took
+ * it shared (or, storing only other events and dead letters, not at all),
+ * then their rows; a rule
  * change (or dwh.expire_tags(), dwh.rebuild()) after them would wait for
  * another session's batch that holds it shared and may wait for those
  * rows.  The lock order puts the exclusive tag lock first: such a
@@ -121,6 +144,26 @@ tag_lock_upgrade(const LOCKTAG *tag)
 }
 
 /*
+ * Take dwh's lock of this tag exclusive without waiting for another
+ * session, or say that it cannot be had.  A transaction that holds the
+ * lock shared, and no other session holding it, waits only for sessions
+ * that ask for it (which wait for this transaction's hold) and is put
+ * ahead of them.
+ */
+static bool
+lock_exclusive_at_once(const LOCKTAG *tag)
+{
+	if (LockHeldByMe(tag, ExclusiveLock))
+		return true;
+	if (LockAcquire(tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL)
+		return true;
+	if (!LockHeldByMe(tag, ShareLock) || held_by_another(tag, ExclusiveLock))
+		return false;
+	(void) LockAcquire(tag, ExclusiveLock, false, false);
+	return true;
+}
+
+/*
  * The dictionary lock, in a transaction that holds the tag lock exclusive
  * (it changed a tag rule, expired or rebuilt tags) and now writes orders
  * or menus, or rebuilds: step 1 of the lock order after step 3.  Every
@@ -141,17 +184,22 @@ tag_lock_upgrade(const LOCKTAG *tag)
 static void
 dictionary_lock_after_tag_lock(const LOCKTAG *tag)
 {
-	if (LockHeldByMe(tag, ExclusiveLock))
-		return;
-	if (LockAcquire(tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL)
-		return;
-	if (!LockHeldByMe(tag, ShareLock) || held_by_another(tag, ExclusiveLock))
+	if (!lock_exclusive_at_once(tag))
 		ereport(ERROR,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
 				 errmsg("could not take the dictionary lock: another session's batch or menu change holds it"),
 				 errdetail("This transaction changed tag rules, expired or rebuilt tags before writing orders or menus or rebuilding; that session waits for the tag lock this transaction holds."),
 				 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
-	(void) LockAcquire(tag, ExclusiveLock, false, false);
+}
+
+/* Does this transaction hold the dictionary lock exclusive? */
+static bool
+dictionary_lock_held_exclusive(void)
+{
+	LOCKTAG		tag;
+
+	dictionary_locktag(&tag);
+	return LockHeldByMe(&tag, ExclusiveLock);
 }
 
 /* Does this transaction hold the tag lock exclusive? */
@@ -181,6 +229,165 @@ dictionary_lock(LOCKMODE mode)
 		(void) LockAcquire(&tag, mode, false, false);
 }
 
+/*
+ * The first write of orders, menus or users in this transaction: the
+ * subtransaction that began it (invalid: none yet, or it was rolled back,
+ * and its locks and rows with it).  A write is a call of dwh_ingest_batch()
+ * (dwh.ingest_orders(), dwh.ingest_order(), a Kafka worker's batch), a
+ * statement writing an STG table of orders, users or restaurants, or a
+ * function taking the dictionary lock outside of these (dwh.rebuild(),
+ * dwh.replay_dead_letters()); what they run themselves (the claim of a
+ * batch, the history a trigger writes) is part of them.
+ */
+static SubTransactionId first_write_subxact = InvalidSubTransactionId;
+static bool write_callbacks_registered = false;
+
+/* Calls of dwh_ingest_batch() under way in this backend. */
+static int	ingest_depth = 0;
+
+/*
+ * The table and command of the last statement whose BEFORE STATEMENT
+ * trigger began a write: an INSERT ... ON CONFLICT DO UPDATE fires the
+ * INSERT and the UPDATE ones, a single write.
+ */
+static Oid	write_statement_table = InvalidOid;
+static CommandId write_statement_command = InvalidCommandId;
+
+static void
+first_write_xact_callback(XactEvent event, void *arg)
+{
+	first_write_subxact = InvalidSubTransactionId;
+	write_statement_table = InvalidOid;
+}
+
+static void
+first_write_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+							 SubTransactionId parentSubid, void *arg)
+{
+	if (mySubid != first_write_subxact)
+		return;
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		first_write_subxact = InvalidSubTransactionId;
+		write_statement_table = InvalidOid;
+	}
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+		first_write_subxact = parentSubid;
+}
+
+/*
+ * A write begins: is it a later write of this transaction than its first?
+ */
+static bool
+write_begins(void)
+{
+	if (first_write_subxact != InvalidSubTransactionId)
+		return true;
+	if (!write_callbacks_registered)
+	{
+		RegisterXactCallback(first_write_xact_callback, NULL);
+		RegisterSubXactCallback(first_write_subxact_callback, NULL);
+		write_callbacks_registered = true;
+	}
+	first_write_subxact = GetCurrentSubTransactionId();
+	return false;
+}
+
+/* Does this transaction hold a write of orders, menus or users? */
+static bool
+wrote_before(void)
+{
+	return first_write_subxact != InvalidSubTransactionId;
+}
+
+/* pg_trigger_depth(): triggers under way, the caller's included. */
+static int
+trigger_depth(void)
+{
+	LOCAL_FCINFO(fcinfo, 0);
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 0, InvalidOid, NULL, NULL);
+	return DatumGetInt32(pg_trigger_depth(fcinfo));
+}
+
+/*
+ * A BEFORE STATEMENT trigger of an STG table: does its statement begin a
+ * later write (write_begins())?  Not if it is part of a write under way: a
+ * batch's own statements, the history that a trigger of an STG table
+ * writes, or the same statement as the trigger before (an upsert).
+ */
+static bool
+statement_begins_later_write(TriggerData *trigdata)
+{
+	Relation	rel = trigdata->tg_relation;
+	const char *table = RelationGetRelationName(rel);
+	size_t		len = strlen(table);
+	CommandId	command = GetCurrentCommandId(false);
+	bool		same;
+
+	if (ingest_depth > 0 ||
+		(trigger_depth() > 1 && len > 8 &&
+		 strcmp(table + len - 8, "_history") == 0))
+		return false;
+	same = wrote_before() &&
+		write_statement_table == RelationGetRelid(rel) &&
+		write_statement_command == command;
+	write_statement_table = RelationGetRelid(rel);
+	write_statement_command = command;
+	return !same && write_begins();
+}
+
+/*
+ * The locks of a later write of this transaction (write_begins()): its
+ * first write holds rows of STG, DDS and the marts that another session's
+ * batch, menu change or user write may wait for, and this write may need
+ * rows that session holds.  Waiting for the dictionary lock or the user
+ * lock behind such a session, or for its rows, would be a deadlock, one
+ * of the two ended after deadlock_timeout.  So both locks are taken
+ * exclusive before the write's first row, and never waited for: refused
+ * at once if another session holds or asks for either.  Every writer of
+ * orders, menus and users takes one of them before its first row and
+ * keeps it until it commits: while this transaction holds both, no other
+ * session holds a row this write may need.  (Waiting, a transaction that
+ * wrote a user and then a batch of orders deadlocked with a batch naming
+ * that user and a new dish: test/isolation/specs/later_writes.spec.)
+ */
+static void
+later_write_locks(void)
+{
+	LOCKTAG		dictionary;
+	LOCKTAG		users;
+
+	dictionary_locktag(&dictionary);
+	dwh_locktag(&users, DWH_USER_LOCK_KEY);
+	if (!lock_exclusive_at_once(&dictionary) || !lock_exclusive_at_once(&users))
+		ereport(ERROR,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("could not write orders, menus or users again in this transaction: another session is writing them"),
+				 errdetail("An earlier write of this transaction holds rows that session may wait for; waiting for that session now could deadlock."),
+				 errhint("Write orders, menus and users each in a transaction of its own, and a batch of orders in one call of dwh.ingest_orders().")));
+}
+
+/*
+ * dwh_locks_ingest_begin
+ *		A call of dwh_ingest_batch() begins: a write, unless one is under
+ *		way (dwh_locks_ingest_end() when it ends, error or not).
+ */
+void
+dwh_locks_ingest_begin(void)
+{
+	if (ingest_depth == 0 && write_begins())
+		later_write_locks();
+	ingest_depth++;
+}
+
+void
+dwh_locks_ingest_end(void)
+{
+	Assert(ingest_depth > 0);
+	ingest_depth--;
+}
+
 PG_FUNCTION_INFO_V1(dwh_xact_lock);
 
 /*
@@ -204,8 +411,16 @@ dwh_xact_lock(PG_FUNCTION_ARGS)
 	bool		exclusive = PG_GETARG_BOOL(1);
 
 	dwh_locktag(&tag, key);
+	if (key == DWH_DICTIONARY_LOCK_KEY && ingest_depth == 0 &&
+		trigger_depth() == 0 && write_begins())
+	{
+		later_write_locks();
+		PG_RETURN_VOID();
+	}
 	if (exclusive && key == DWH_TAG_LOCK_KEY &&
-		LockHeldByMe(&tag, ShareLock) && !LockHeldByMe(&tag, ExclusiveLock))
+		!LockHeldByMe(&tag, ExclusiveLock) &&
+		(LockHeldByMe(&tag, ShareLock) ||
+		 (wrote_before() && !dictionary_lock_held_exclusive())))
 	{
 		tag_lock_upgrade(&tag);
 		PG_RETURN_VOID();
@@ -230,10 +445,7 @@ PG_FUNCTION_INFO_V1(dwh_dictionary_lock_exclusive);
 Datum
 dwh_dictionary_lock_exclusive(PG_FUNCTION_ARGS)
 {
-	LOCKTAG		tag;
-
-	dictionary_locktag(&tag);
-	PG_RETURN_BOOL(LockHeldByMe(&tag, ExclusiveLock));
+	PG_RETURN_BOOL(dictionary_lock_held_exclusive());
 }
 
 PG_FUNCTION_INFO_V1(dwh_stg_statement_lock);
@@ -263,7 +475,9 @@ dwh_stg_statement_lock(PG_FUNCTION_ARGS)
 		elog(ERROR, "dwh_stg_statement_lock: must be a BEFORE STATEMENT trigger");
 
 	dictionary_locktag(&tag);
-	if (tag_lock_held_exclusive())
+	if (statement_begins_later_write(trigdata))
+		later_write_locks();
+	else if (tag_lock_held_exclusive())
 		dictionary_lock_after_tag_lock(&tag);
 	else if (!LockHeldByMe(&tag, ExclusiveLock) && !LockHeldByMe(&tag, ShareLock))
 		(void) LockAcquire(&tag, ExclusiveLock, false, false);
@@ -276,37 +490,54 @@ PG_FUNCTION_INFO_V1(dwh_stg_dictionary_statement_lock);
  * dwh.stg_dictionary_statement_lock() trigger: BEFORE STATEMENT on the
  * tables of users and restaurants (current values and history).
  *
- * Their writers take no dictionary lock before their rows: a menu takes it
- * in its AFTER statement trigger, once its restaurants' rows are locked,
- * users take the user lock, and a refresh of unchanged values takes
- * nothing.  In a transaction that holds the tag lock exclusive (it changed
- * a tag rule, expired or rebuilt tags) that order waits for what another
- * session's batch or menu change holds before it waits for the tag lock:
- * a user's hub that a batch naming the user first inserted, a restaurant's
- * row that a menu change upserted.  Such a transaction takes the
- * dictionary lock here, before any row, as a write of orders does in
- * dwh_stg_statement_lock: exclusive, and refused at once if another
- * session holds it (dictionary_lock_after_tag_lock).  (A user's value or a
- * menu written after a rule change in the same transaction deadlocked with
- * a batch naming the user first, or a change of the same menu:
- * test/isolation/specs/menu_tags_concurrency.spec, r_user and r_menu1.)
- * Any other transaction takes nothing here.
+ * Their writers take their lock before their rows, as writers of orders
+ * do: the user lock for users, the dictionary lock exclusive for menus
+ * (which their AFTER statement triggers take again).  A session waiting
+ * for either then holds no row that a later write of another transaction
+ * may need (later_write_locks(); with the locks taken after the rows, a
+ * transaction's second menu change could take both locks while another
+ * session held that menu's row and was about to ask for them).  A refresh
+ * of unchanged values takes them too; the Redis worker writes only
+ * changed values.
+ *
+ * In a transaction that holds the tag lock exclusive (it changed a tag
+ * rule, expired or rebuilt tags), waiting for the dictionary lock is a
+ * deadlock with another session's batch or menu change, which waits for
+ * the tag lock: the dictionary lock is taken exclusive and refused at
+ * once if another session holds it (dictionary_lock_after_tag_lock).  (A
+ * user's value or a menu written after a rule change in the same
+ * transaction deadlocked with a batch naming the user first, or a change
+ * of the same menu: test/isolation/specs/menu_tags_concurrency.spec,
+ * r_user and r_menu1.)
  */
 Datum
 dwh_stg_dictionary_statement_lock(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	LOCKTAG		tag;
+	bool		users;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
 		elog(ERROR, "dwh_stg_dictionary_statement_lock: must be a BEFORE STATEMENT trigger");
 
-	if (tag_lock_held_exclusive())
+	users = strcmp(RelationGetRelationName(trigdata->tg_relation), "users") == 0 ||
+		strcmp(RelationGetRelationName(trigdata->tg_relation), "user_history") == 0;
+	if (statement_begins_later_write(trigdata))
 	{
-		dictionary_locktag(&tag);
+		later_write_locks();
+		return PointerGetDatum(NULL);
+	}
+	dictionary_locktag(&tag);
+	if (tag_lock_held_exclusive())
 		dictionary_lock_after_tag_lock(&tag);
+	else if (!users && !LockHeldByMe(&tag, ExclusiveLock))
+		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	if (users)
+	{
+		dwh_locktag(&tag, DWH_USER_LOCK_KEY);
+		(void) LockAcquire(&tag, ExclusiveLock, false, false);
 	}
 	return PointerGetDatum(NULL);
 }

@@ -912,6 +912,29 @@ write_in_subtransaction(DwhRedisKey *keys, Decision *decisions, int *idx,
 }
 
 /*
+ * A batch writing users or restaurants takes the dictionary lock and the
+ * user lock exclusive first, in the lock order (install/40_products.sql).
+ * Its restaurants and its users are two writes of one transaction, and so
+ * is each value written again alone after the batch failed: a later write
+ * that takes the two locks at once, or is refused (src/dwh_locks.c),
+ * finds them held.
+ */
+static void
+take_write_locks(const Decision *decisions, const int *idx, int n)
+{
+	int			i;
+
+	for (i = 0; i < n; i++)
+		if (decisions[idx[i]].target == TARGET_USER ||
+			decisions[idx[i]].target == TARGET_RESTAURANT)
+			break;
+	if (i == n)
+		return;
+	run("SELECT dwh.xact_lock(dwh.dictionary_lock_key(), true)", SPI_OK_SELECT);
+	run("SELECT dwh.xact_lock(dwh.user_lock_key(), true)", SPI_OK_SELECT);
+}
+
+/*
  * dwh_redis_store_apply
  *		Classify and write a batch of keys whose values were read, in one
  *		transaction.
@@ -954,6 +977,7 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 	}
 
 	prepare_plans();
+	take_write_locks(decisions, idx, n_idx);
 	edata = write_in_subtransaction(keys, decisions, idx, n_idx, result);
 	if (edata != NULL)
 	{

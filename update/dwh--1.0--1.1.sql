@@ -50,7 +50,7 @@ CREATE FUNCTION dwh.stg_statement_lock() RETURNS trigger
     AS 'MODULE_PATHNAME', 'dwh_stg_statement_lock'
     LANGUAGE C;
 COMMENT ON FUNCTION dwh.stg_statement_lock() IS
-    'BEFORE STATEMENT trigger of the order tables: the dictionary lock, exclusive, unless the transaction holds it';
+    'BEFORE STATEMENT trigger of the order tables: the dictionary lock, exclusive, unless the transaction holds it; in its later write of orders, menus or users, the dictionary and user locks, refused if another session holds them';
 
 CREATE FUNCTION dwh.dictionary_lock_exclusive() RETURNS boolean
     AS 'MODULE_PATHNAME', 'dwh_dictionary_lock_exclusive'
@@ -2165,9 +2165,11 @@ DECLARE
     d dwh.dead_letters;
 BEGIN
     -- One ingest per dead letter in one transaction: the dictionary lock
-    -- exclusive keeps batches of other transactions from interleaving
-    -- with them (docs/data-rule.md, "one lock order").
+    -- and the user lock exclusive keep writes of other transactions from
+    -- interleaving with them, and let each ingest after the first, a later
+    -- write, go on (docs/data-rule.md, "one lock order").
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
     FOR d IN
         SELECT * FROM dwh.dead_letters
         WHERE (ids IS NULL OR id = ANY (ids)) AND source IN ('kafka', 'sql')
@@ -4275,10 +4277,13 @@ BEGIN
             USING ERRCODE = '25000',
                   DETAIL = 'The rebuild must see the orders committed while it waited for the dictionary lock.';
     END IF;
-    -- No order batch or dictionary change runs meanwhile, nor a rule
-    -- change or dwh.expire_tags(); readers go on.
+    -- No order batch, dictionary change or user write runs meanwhile,
+    -- nor a rule change or dwh.expire_tags(); readers go on.  The rebuild
+    -- of DDS and its claims are later writes (src/dwh_locks.c): they go
+    -- on holding these.
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
 
     -- DDS is checked in parts of about a million orders (the planner's
     -- estimate), as dwh.verify(parts) does: the same differences in a
@@ -4690,16 +4695,17 @@ BEGIN
 END
 $$;
 
--- STG (install/10_stg.sql): the tables of users and restaurants take the
--- dictionary lock before their rows in a transaction that holds the tag
--- lock exclusive (a rule change, dwh.expire_tags(), dwh.rebuild_tags()
--- before them): their writes deadlocked with a batch naming a user first
--- or a change of the same menu (src/dwh_locks.c; docs/tags.md, "Locks").
+-- STG (install/10_stg.sql): the tables of users and restaurants take
+-- their writers' lock before their rows (the user lock, the dictionary
+-- lock exclusive), refused at once in a transaction's later write or after
+-- the tag lock exclusive if another session holds it: such writes
+-- deadlocked with a batch naming a user first or a change of the same
+-- menu (src/dwh_locks.c; docs/tags.md, "Locks").
 CREATE FUNCTION dwh.stg_dictionary_statement_lock() RETURNS trigger
     AS 'MODULE_PATHNAME', 'dwh_stg_dictionary_statement_lock'
     LANGUAGE C;
 COMMENT ON FUNCTION dwh.stg_dictionary_statement_lock() IS
-    'BEFORE STATEMENT trigger of the user and restaurant tables: in a transaction that holds the tag lock exclusive, the dictionary lock, exclusive, before any row (refused if another session holds it)';
+    'BEFORE STATEMENT trigger of the user and restaurant tables: their lock before any row (the user lock for users, the dictionary lock exclusive for restaurants); in a later write of the transaction, or after the tag lock exclusive, both refused if another session holds them';
 REVOKE ALL ON FUNCTION dwh.stg_dictionary_statement_lock() FROM PUBLIC;
 
 CREATE TRIGGER users_lock
