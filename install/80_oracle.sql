@@ -658,12 +658,13 @@ BEGIN
                   DETAIL = 'The rebuild must see the orders committed while it waited for the dictionary lock.';
     END IF;
     -- No order batch, dictionary change or user write runs meanwhile,
-    -- nor a rule change or dwh.expire_tags(); readers go on.  The rebuild
-    -- of DDS and its claims are later writes (src/dwh_locks.c): they go
-    -- on holding these.
+    -- nor a rule change or dwh.expire_tags(); readers go on.  In the lock
+    -- order: the dictionary lock, the user lock, the tag lock.  The
+    -- rebuild of DDS and its claims are later writes (src/dwh_locks.c):
+    -- they go on holding these.
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
-    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
     PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
+    PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
 
     -- DDS is checked in parts of about a million orders (the planner's
     -- estimate), as dwh.verify(parts) does: the same differences in a

@@ -1104,6 +1104,11 @@ void
 dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 				 const char *topic, DwhIngestResult *result)
 {
+	if (n == 0)
+	{
+		ingest_batch(items, n, source, topic, 0, NULL, result);
+		return;
+	}
 	dwh_locks_ingest_begin();
 	PG_TRY();
 	{
@@ -1129,6 +1134,11 @@ dwh_ingest_batch_deferring(DwhIngestItem *items, int n, const char *topic,
 						   int worker, bool *deferred, DwhIngestResult *result)
 {
 	memset(deferred, 0, sizeof(bool) * n);
+	if (n == 0)
+	{
+		ingest_batch(items, n, "kafka", topic, worker, deferred, result);
+		return;
+	}
 	dwh_locks_ingest_begin();
 	PG_TRY();
 	{

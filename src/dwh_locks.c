@@ -105,11 +105,10 @@ held_by_another(const LOCKTAG *tag, LOCKMODE mode)
 }
 
 /*
- * The tag lock exclusive, in a transaction that holds it shared, or wrote
- * orders, menus or users without holding the dictionary lock exclusive
- * (which no batch holding the tag lock shared is past): its batches took
- * it shared (or, storing only other events and dead letters, not at all),
- * then their rows; a rule
+ * The tag lock exclusive, in a transaction that holds it shared, or the
+ * dictionary lock shared only (a batch that stored only other events or
+ * dead letters, which takes no tag lock): its batches took it shared (or
+ * not at all), then their rows; a rule
  * change (or dwh.expire_tags(), dwh.rebuild()) after them would wait for
  * another session's batch that holds it shared and may wait for those
  * rows.  The lock order puts the exclusive tag lock first: such a
@@ -188,7 +187,28 @@ dictionary_lock_after_tag_lock(const LOCKTAG *tag)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
 				 errmsg("could not take the dictionary lock: another session's batch or menu change holds it"),
-				 errdetail("This transaction changed tag rules, expired or rebuilt tags before writing orders or menus or rebuilding; that session waits for the tag lock this transaction holds."),
+				 errdetail("This transaction changed tag rules, expired or rebuilt tags before ingesting orders, writing menus or users, or rebuilding; that session waits for the tag lock this transaction holds."),
+				 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
+}
+
+/*
+ * The user lock, in a transaction that holds the tag lock exclusive and
+ * now writes users: the user lock comes before the tag lock in the lock
+ * order (dwh.rebuild() takes the dictionary lock, the user lock, then the
+ * tag lock), and a writer of users that then changes a tag rule holds it
+ * while it waits for the tag lock.  Taken at once, or refused.
+ */
+static void
+user_lock_after_tag_lock(void)
+{
+	LOCKTAG		tag;
+
+	dwh_locktag(&tag, DWH_USER_LOCK_KEY);
+	if (!lock_exclusive_at_once(&tag))
+		ereport(ERROR,
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("could not take the user lock: another session's write of users holds it"),
+				 errdetail("This transaction changed tag rules, expired or rebuilt tags before writing users; that session may wait for the tag lock this transaction holds."),
 				 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
 }
 
@@ -200,6 +220,16 @@ dictionary_lock_held_exclusive(void)
 
 	dictionary_locktag(&tag);
 	return LockHeldByMe(&tag, ExclusiveLock);
+}
+
+/* Does this transaction hold the dictionary lock shared, not exclusive? */
+static bool
+dictionary_lock_held_shared_only(void)
+{
+	LOCKTAG		tag;
+
+	dictionary_locktag(&tag);
+	return LockHeldByMe(&tag, ShareLock) && !LockHeldByMe(&tag, ExclusiveLock);
 }
 
 /* Does this transaction hold the tag lock exclusive? */
@@ -363,8 +393,8 @@ later_write_locks(void)
 	if (!lock_exclusive_at_once(&dictionary) || !lock_exclusive_at_once(&users))
 		ereport(ERROR,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
-				 errmsg("could not write orders, menus or users again in this transaction: another session is writing them"),
-				 errdetail("An earlier write of this transaction holds rows that session may wait for; waiting for that session now could deadlock."),
+				 errmsg("could not write orders, menus or users again in this transaction: another session is writing or about to write them"),
+				 errdetail("An earlier write of this transaction holds rows that session may wait for, and it holds or waits for the dictionary or user lock; waiting for it now could deadlock."),
 				 errhint("Write orders, menus and users each in a transaction of its own, and a batch of orders in one call of dwh.ingest_orders().")));
 }
 
@@ -419,8 +449,7 @@ dwh_xact_lock(PG_FUNCTION_ARGS)
 	}
 	if (exclusive && key == DWH_TAG_LOCK_KEY &&
 		!LockHeldByMe(&tag, ExclusiveLock) &&
-		(LockHeldByMe(&tag, ShareLock) ||
-		 (wrote_before() && !dictionary_lock_held_exclusive())))
+		(LockHeldByMe(&tag, ShareLock) || dictionary_lock_held_shared_only()))
 	{
 		tag_lock_upgrade(&tag);
 		PG_RETURN_VOID();
@@ -531,13 +560,20 @@ dwh_stg_dictionary_statement_lock(PG_FUNCTION_ARGS)
 	}
 	dictionary_locktag(&tag);
 	if (tag_lock_held_exclusive())
-		dictionary_lock_after_tag_lock(&tag);
-	else if (!users && !LockHeldByMe(&tag, ExclusiveLock))
-		(void) LockAcquire(&tag, ExclusiveLock, false, false);
-	if (users)
 	{
-		dwh_locktag(&tag, DWH_USER_LOCK_KEY);
-		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+		dictionary_lock_after_tag_lock(&tag);
+		if (users)
+			user_lock_after_tag_lock();
+	}
+	else
+	{
+		if (!users && !LockHeldByMe(&tag, ExclusiveLock))
+			(void) LockAcquire(&tag, ExclusiveLock, false, false);
+		if (users)
+		{
+			dwh_locktag(&tag, DWH_USER_LOCK_KEY);
+			(void) LockAcquire(&tag, ExclusiveLock, false, false);
+		}
 	}
 	return PointerGetDatum(NULL);
 }
