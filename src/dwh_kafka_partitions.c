@@ -146,6 +146,8 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	int			wait_ms;
 	int			n;
 	int			i;
+	TimestampTz now;
+	bool		due;
 
 	/*
 	 * The question is asked, and its answer taken, here; meanwhile the worker
@@ -154,16 +156,14 @@ dwh_kafka_partitions_check(DwhKafkaConsumer *consumer, int worker_index)
 	 * PARTITION_CHECK_MS (the worker waited for the brokers meanwhile) is
 	 * stale: dropped, and the question asked again.
 	 */
+	now = GetCurrentTimestamp();
+	due = TimestampDifferenceExceeds(last_check, now, PARTITION_CHECK_MS);
 	view = palloc(sizeof(DwhKafkaTopicView));
-	if (!dwh_kafka_consumer_topic_view(view) ||
-		TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(),
-								   PARTITION_CHECK_MS))
+	if (!dwh_kafka_consumer_topic_view(view) || due)
 	{
 		pfree(view);
-		if (TimestampDifferenceExceeds(last_check, GetCurrentTimestamp(),
-									   PARTITION_CHECK_MS) &&
-			dwh_kafka_consumer_ask_topic(consumer, METADATA_TIMEOUT_MS))
-			last_check = GetCurrentTimestamp();
+		if (due && dwh_kafka_consumer_ask_topic(consumer, METADATA_TIMEOUT_MS))
+			last_check = now;
 		return 0;
 	}
 

@@ -1063,24 +1063,13 @@ sub run_world
 	return 0;
 }
 
-my $start = time();
-my $worlds = 0;
-while (1)
-{
-	if (defined $fixed_worlds)
-	{
-		last if $worlds >= $fixed_worlds;
-	}
-	else
-	{
-		last if $worlds > 0 && time() - $start >= $budget;
-	}
-	my $seed = ($base_seed + $worlds) % 2147483648;
-	$worlds++;
-	my $ok = run_world($seed);
-	last if !$ok && !$keep_going;
-}
-note(sprintf('%d worlds in %.0f s', $worlds, time() - $start));
+my ($worlds, $seconds) = run_worlds(
+	base_seed => $base_seed,
+	budget => $budget,
+	fixed => $fixed_worlds,
+	keep_going => $keep_going,
+	run => \&run_world);
+note(sprintf('%d worlds in %.0f s', $worlds, $seconds));
 
 $node->stop;
 done_testing();

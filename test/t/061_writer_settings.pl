@@ -823,23 +823,12 @@ DELETE FROM dwh.tag_rules WHERE tag = 'new window';}, $zone);
 	return 1;
 }
 
-my $start = time();
-my $worlds = 0;
-while (1)
-{
-	if (defined $fixed_worlds)
-	{
-		last if $worlds >= $fixed_worlds;
-	}
-	else
-	{
-		last if $worlds > 0 && time() - $start >= $budget;
-	}
-	my $seed = ($base_seed + $worlds) % 2147483648;
-	$worlds++;
-	last unless run_world($seed);
-}
-note(sprintf('%d worlds in %.0f s', $worlds, time() - $start));
+my ($worlds, $seconds) = run_worlds(
+	base_seed => $base_seed,
+	budget => $budget,
+	fixed => $fixed_worlds,
+	run => \&run_world);
+note(sprintf('%d worlds in %.0f s', $worlds, $seconds));
 
 $node->stop;
 done_testing();

@@ -14,12 +14,14 @@ use utf8;
 
 use Digest::SHA qw(sha1);
 use Encode qw(encode);
+use Time::HiRes ();
 
 use Exporter 'import';
 our @EXPORT = qw(
   new_rng num jsonb_text hash_key
   generate_world event_line event_legend version_cmp
   expected_tables dictionary_table copy_statement load_time_column
+  run_worlds
 );
 
 #
@@ -990,6 +992,33 @@ sub load_time_column
 	  && $table ne 'l_product_category'
 	  && ($column eq 'load_dt' || $column eq 'load_src');
 	return 0;
+}
+
+# The worlds of a property test: seeds base_seed, base_seed + 1, ..., run
+# by run->(seed), which returns whether the world passed; exactly fixed of
+# them when fixed is defined, else until budget seconds have passed (one
+# at least).  Stops at the first failure unless keep_going.  Returns the
+# number of worlds run and the seconds they took.
+sub run_worlds
+{
+	my (%arg) = @_;
+	my $start = Time::HiRes::time();
+	my $worlds = 0;
+	while (1)
+	{
+		if (defined $arg{fixed})
+		{
+			last if $worlds >= $arg{fixed};
+		}
+		else
+		{
+			last if $worlds > 0 && Time::HiRes::time() - $start >= $arg{budget};
+		}
+		my $seed = ($arg{base_seed} + $worlds) % 2147483648;
+		$worlds++;
+		last if !$arg{run}->($seed) && !$arg{keep_going};
+	}
+	return ($worlds, Time::HiRes::time() - $start);
 }
 
 1;
