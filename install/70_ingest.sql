@@ -70,6 +70,14 @@ CREATE TRIGGER dead_letters_complete
     FOR EACH ROW WHEN (NEW.raw_length IS NULL OR NEW.raw_sha256 IS NULL)
     EXECUTE FUNCTION dwh.dead_letters_complete();
 
+-- Removing or changing a dead letter (an operator's DELETE, or
+-- dwh.replay_dead_letters()) is a write in the lock order: the rows it
+-- locks are the ones a replay waits for, so it takes the dictionary lock
+-- first, as a write of orders does (src/dwh_locks.c).
+CREATE TRIGGER dead_letters_lock
+    BEFORE UPDATE OR DELETE ON dwh.dead_letters
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_statement_lock();
+
 CREATE FUNCTION dwh.ingest_order(message bytea, topic text DEFAULT NULL,
                                  kafka_partition integer DEFAULT NULL,
                                  kafka_offset bigint DEFAULT NULL)

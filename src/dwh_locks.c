@@ -341,6 +341,29 @@ trigger_depth(void)
 }
 
 /*
+ * Is this write of an STG history table the history that a trigger of the
+ * current table writes (dwh.users_changed() and its kin), inside a write
+ * of that table?  Those run in a trigger and hold the write's lock: the
+ * dictionary lock exclusive for restaurants and orders, the user lock for
+ * users.  A trigger of another table that writes history without them
+ * begins a write of its own.
+ */
+static bool
+history_of_write(const char *table, size_t len)
+{
+	LOCKTAG		tag;
+
+	if (len <= 8 || strcmp(table + len - 8, "_history") != 0 ||
+		trigger_depth() <= 1)
+		return false;
+	if (strcmp(table, "user_history") == 0)
+		dwh_locktag(&tag, DWH_USER_LOCK_KEY);
+	else
+		dictionary_locktag(&tag);
+	return LockHeldByMe(&tag, ExclusiveLock);
+}
+
+/*
  * A BEFORE STATEMENT trigger of an STG table: does its statement begin a
  * later write (write_begins())?  Not if it is part of a write under way: a
  * batch's own statements, the history that a trigger of an STG table
@@ -355,9 +378,7 @@ statement_begins_later_write(TriggerData *trigdata)
 	CommandId	command = GetCurrentCommandId(false);
 	bool		same;
 
-	if (ingest_depth > 0 ||
-		(trigger_depth() > 1 && len > 8 &&
-		 strcmp(table + len - 8, "_history") == 0))
+	if (ingest_depth > 0 || history_of_write(table, len))
 		return false;
 	same = wrote_before() &&
 		write_statement_table == RelationGetRelid(rel) &&
@@ -431,7 +452,10 @@ PG_FUNCTION_INFO_V1(dwh_xact_lock);
  * (dictionary_lock_after_tag_lock), which are refused rather than waited
  * for where waiting could deadlock.  (The dictionary lock is upgraded by
  * design: a batch that finds it renames a dish takes it exclusive, README
- * "Concurrency".)
+ * "Concurrency".)  The dictionary lock asked outside a batch begins a
+ * write (dwh.rebuild(), dwh.replay_dead_letters()), unless a trigger asks
+ * for it holding it exclusive: the claim or menu of a write of an STG
+ * table, whose statement trigger took it.
  */
 Datum
 dwh_xact_lock(PG_FUNCTION_ARGS)
@@ -442,7 +466,8 @@ dwh_xact_lock(PG_FUNCTION_ARGS)
 
 	dwh_locktag(&tag, key);
 	if (key == DWH_DICTIONARY_LOCK_KEY && ingest_depth == 0 &&
-		trigger_depth() == 0 && write_begins())
+		(trigger_depth() == 0 || !dictionary_lock_held_exclusive()) &&
+		write_begins())
 	{
 		later_write_locks();
 		PG_RETURN_VOID();

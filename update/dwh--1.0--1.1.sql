@@ -2072,6 +2072,14 @@ CREATE TRIGGER dead_letters_complete
     FOR EACH ROW WHEN (NEW.raw_length IS NULL OR NEW.raw_sha256 IS NULL)
     EXECUTE FUNCTION dwh.dead_letters_complete();
 
+-- Removing or changing a dead letter (an operator's DELETE, or
+-- dwh.replay_dead_letters()) is a write in the lock order: the rows it
+-- locks are the ones a replay waits for, so it takes the dictionary lock
+-- first, as a write of orders does (src/dwh_locks.c).
+CREATE TRIGGER dead_letters_lock
+    BEFORE UPDATE OR DELETE ON dwh.dead_letters
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.stg_statement_lock();
+
 COMMENT ON FUNCTION dwh.ingest_order(bytea, text, integer, bigint) IS
     'Ingest one raw Kafka message value; returns applied, unchanged, other_type, dead_letter, replayed or mismatch';
 COMMENT ON FUNCTION dwh.ingest_order(text, text, integer, bigint) IS
