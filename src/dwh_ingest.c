@@ -1096,6 +1096,33 @@ ingest_batch(DwhIngestItem *items, int n, const char *source,
 }
 
 /*
+ * ingest_batch as one write of the lock order (src/dwh_locks.c), whose
+ * count ends with it, error or not.  An empty batch writes nothing and is
+ * no write.
+ */
+static void
+ingest_batch_write(DwhIngestItem *items, int n, const char *source,
+				   const char *topic, int worker, bool *deferred,
+				   DwhIngestResult *result)
+{
+	if (n == 0)
+	{
+		ingest_batch(items, n, source, topic, worker, deferred, result);
+		return;
+	}
+	dwh_locks_ingest_begin();
+	PG_TRY();
+	{
+		ingest_batch(items, n, source, topic, worker, deferred, result);
+	}
+	PG_FINALLY();
+	{
+		dwh_locks_ingest_end();
+	}
+	PG_END_TRY();
+}
+
+/*
  * dwh_ingest_batch
  *		Ingest n raw messages in the current transaction.  source names the
  *		origin for dead letters ('kafka', 'sql'); topic may be NULL.
@@ -1104,21 +1131,7 @@ void
 dwh_ingest_batch(DwhIngestItem *items, int n, const char *source,
 				 const char *topic, DwhIngestResult *result)
 {
-	if (n == 0)
-	{
-		ingest_batch(items, n, source, topic, 0, NULL, result);
-		return;
-	}
-	dwh_locks_ingest_begin();
-	PG_TRY();
-	{
-		ingest_batch(items, n, source, topic, 0, NULL, result);
-	}
-	PG_FINALLY();
-	{
-		dwh_locks_ingest_end();
-	}
-	PG_END_TRY();
+	ingest_batch_write(items, n, source, topic, 0, NULL, result);
 }
 
 /*
@@ -1134,19 +1147,5 @@ dwh_ingest_batch_deferring(DwhIngestItem *items, int n, const char *topic,
 						   int worker, bool *deferred, DwhIngestResult *result)
 {
 	memset(deferred, 0, sizeof(bool) * n);
-	if (n == 0)
-	{
-		ingest_batch(items, n, "kafka", topic, worker, deferred, result);
-		return;
-	}
-	dwh_locks_ingest_begin();
-	PG_TRY();
-	{
-		ingest_batch(items, n, "kafka", topic, worker, deferred, result);
-	}
-	PG_FINALLY();
-	{
-		dwh_locks_ingest_end();
-	}
-	PG_END_TRY();
+	ingest_batch_write(items, n, "kafka", topic, worker, deferred, result);
 }

@@ -569,6 +569,7 @@ dwh_stg_dictionary_statement_lock(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	LOCKTAG		tag;
+	const char *table;
 	bool		users;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
@@ -576,8 +577,8 @@ dwh_stg_dictionary_statement_lock(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
 		elog(ERROR, "dwh_stg_dictionary_statement_lock: must be a BEFORE STATEMENT trigger");
 
-	users = strcmp(RelationGetRelationName(trigdata->tg_relation), "users") == 0 ||
-		strcmp(RelationGetRelationName(trigdata->tg_relation), "user_history") == 0;
+	table = RelationGetRelationName(trigdata->tg_relation);
+	users = strcmp(table, "users") == 0 || strcmp(table, "user_history") == 0;
 	if (statement_begins_later_write(trigdata))
 	{
 		later_write_locks();
