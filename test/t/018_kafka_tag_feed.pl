@@ -149,13 +149,15 @@ is(psql(q{SELECT events_produced || '/' || events_pending FROM dwh.status WHERE 
 is(read_topic(), $phase1, 'each is in the topic once');
 
 # 2. kill -9 of the tags worker while events are pending.
-# The worker is stopped (SIGSTOP) while orders stream in, so that events
-# are surely pending when it is killed.
+# The worker is stopped (SIGSTOP) before the orders are produced, so that
+# events are surely pending when it is killed: stopped once they stream
+# in, it could have produced them all first (the Kafka workers apply 3,000
+# orders in well under a second).
 generate_orders("$tmp/o2.txt", '--count 3000 --seed 42 --first-id 300000 --reversals 0.05');
 my $victim = psql(q{SELECT pid FROM dwh.status WHERE worker = 'tags'});
+kill 'STOP', $victim;
 produce($broker, "$tmp/o2.txt");
 ok(wait_for($node, 'SELECT count(*) > 2600 FROM stg.order_events'), 'phase 2 orders streaming');
-kill 'STOP', $victim;
 ok(wait_for($node, 'SELECT count(*) > 0 FROM dwh.tag_outbox'), 'phase 2: events pending');
 kill 'KILL', $victim;
 note("killed the tags worker $victim with events pending");
