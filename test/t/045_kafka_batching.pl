@@ -5,7 +5,7 @@
 #  1. A backlog is applied in batches of at most dwh.kafka_batch_size
 #     messages, nearly all of them full.
 #  2. With dwh.kafka_batch_wait 0 (the default) a trickle is applied
-#     message by message: five messages 300 ms apart make five batches.
+#     message by message: five messages 800 ms apart make five batches.
 #  3. With a positive dwh.kafka_batch_wait a batch waits that long after its
 #     first message: five messages 100 ms apart make one batch.
 #  4. A batch that reaches dwh.kafka_batch_size does not wait for the rest
@@ -39,7 +39,7 @@ my $node = new_dwh_node(
 	'dwh.kafka_batch_size' => 100,
 	# The mock broker answers a fetch with nothing to send only when its
 	# wait is over, not when a message arrives meanwhile as a broker does:
-	# a short wait keeps messages 300 ms apart in fetches of their own.
+	# a short wait keeps messages 800 ms apart in fetches of their own.
 	'dwh.kafka_options' => 'fetch.wait.max.ms=10');
 load_dictionaries($node);
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
@@ -125,9 +125,9 @@ is( psql(q{SELECT string_agg(worker || ' ' || coalesce(apply_time::text, 'null')
 
 # 2. A trickle with dwh.kafka_batch_wait 0.
 my $applied = $backlog;
-trickle(300, @lines[ $backlog .. $backlog + 4 ]);
+trickle(800, @lines[ $backlog .. $backlog + 4 ]);
 $applied += 5;
-ok(wait_applied($node, $applied), 'five messages 300 ms apart are applied');
+ok(wait_applied($node, $applied), 'five messages 800 ms apart are applied');
 my ($b2, $m2) = counts();
 is($m2 - $messages, 5, 'each once');
 is($b2 - $batches, 5, 'in five batches: none waited for the next message');

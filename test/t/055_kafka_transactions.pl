@@ -145,14 +145,19 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
 # (Heartbeats every 500 ms: the first node's consumer hears of the
 # rebalance within a second, not three.)
 my $coop = 'partition.assignment.strategy=cooperative-sticky heartbeat.interval.ms=500';
+my $coop_offset = -s $node->logfile;
 $node->safe_psql('postgres',
 	"ALTER SYSTEM SET dwh.kafka_options = '$coop'; SELECT pg_reload_conf()");
+# The log first: the old consumer's partitions would satisfy the query
+# until the worker has read the reload.
+ok( $node->wait_for_log(
+		qr/Kafka consumer 1 \(cooperative rebalance\): partitions 0,1 assigned/,
+		$coop_offset),
+	'the worker takes both partitions with the cooperative protocol, and says so');
 ok( wait_for(
 		$node, q{SELECT count(*) = 2 AND bool_and(lag = 0 AND worker IS NOT NULL)
 		         FROM dwh.kafka_partitions}),
-	'the worker owns both partitions again, with the cooperative protocol');
-ok($node->log_contains(qr/Kafka consumer 1 \(cooperative rebalance\): partitions 0,1 assigned/),
-	'and says so');
+	'it owns both partitions again');
 $node->append_conf('postgresql.conf', "log_min_messages = debug1\n");
 $node->reload;
 my $worker_pid = $node->safe_psql('postgres', q{SELECT pid FROM dwh.status WHERE worker = 'kafka 1'});

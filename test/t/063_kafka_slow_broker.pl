@@ -11,8 +11,8 @@
 # coordinates the group; broker 2 accepts connections but answers 10 s
 # late, so that a client never gets past its first request (a hung
 # broker).  Orders go one at a time, each produced when the one before is
-# visible, for 30 s (three checks); none may take 1.5 s from stored to
-# visible (the old wait: 2 s at each check).  Then a reload that makes the
+# visible, for 30 s (three checks); no more than one may take 1.5 s from
+# stored to visible (the old wait: 2 s at each check, so three).  Then a reload that makes the
 # worker recreate its consumer, which waits for a question in flight
 # before the client goes: orders still flow.
 
@@ -129,8 +129,11 @@ note(sprintf('%d orders; stored to visible: median %.0f ms, max %.0f ms; over %d
 		scalar @sorted, $sorted[ int(@sorted / 2) ], $sorted[-1], $bound_ms,
 		join(', ', map { sprintf('%.0f', $_) } grep { $_ >= $bound_ms } @latencies) || 'none'));
 cmp_ok(scalar @sorted, '>', 20, 'orders went through for the whole run');
-cmp_ok($sorted[-1], '<', $bound_ms,
-	"no order waited for the slow broker: the slowest took under $bound_ms ms");
+# The old wait held one order at each of the three checks; one order held
+# by something else (a checkpoint, a loaded machine) is not that.
+my $held = grep { $_ >= $bound_ms } @latencies;
+cmp_ok($held, '<=', 1,
+	"no order waited for the slow broker: at most one took $bound_ms ms or more");
 is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.dead_letters'),
 	'0', 'no dead letter');
 check_consistent($node, 'after the run');

@@ -328,18 +328,26 @@ sub wait_for
 	my ($node, $query, $timeout) = @_;
 	$timeout //= $PostgreSQL::Test::Utils::timeout_default;
 	my $deadline = time() + $timeout;
+	my ($out, $err) = ('', '');
 	while (time() < $deadline)
 	{
 		# The server may be restarting after a crash: retry on errors,
 		# including psql exiting (refused) before it read its standard
 		# input, which IPC::Run reports by dying of the broken pipe.
-		my ($ret, $out) = (1, '');
-		eval { $ret = $node->psql('postgres', $query, stdout => \$out); 1 }
-		  or $ret = 1;
+		my $ret = 1;
+		($out, $err) = ('', '');
+		eval {
+			$ret = $node->psql('postgres', $query,
+				stdout => \$out, stderr => \$err);
+			1;
+		} or ($ret, $err) = (1, "$@");
 		return 1 if $ret == 0 && $out eq 't';
 		usleep(200_000);
 	}
-	diag("timed out waiting for: $query");
+	# What it saw last: a query that fails (a typo) waits out the timeout.
+	diag("timed out after $timeout s waiting for: $query\n"
+		  . "last output: '$out'"
+		  . ($err ne '' ? "\nlast error: $err" : ''));
 	return 0;
 }
 
