@@ -13,7 +13,9 @@
  * dwh_kafka_hide_values(), which replaces each of their values by the name
  * of its property.  The names are remembered when the options are applied;
  * the values are read back from the client's configuration when a text is
- * hidden, so that no copy of a secret outlives the client.
+ * hidden, so that no copy of a secret outlives the client.  A value with
+ * "%{property}" placeholders, which librdkafka expands before it quotes
+ * it, is also hidden piece by piece.
  *
  *-------------------------------------------------------------------------
  */
@@ -121,6 +123,52 @@ hidden_at(const char *text, const char *p, const char *value, size_t len)
 		(!is_word_char(p[len]) || !is_word_char(value[len - 1]));
 }
 
+/* Add len bytes at s to the values to hide, if long enough to hide. */
+static void
+add_hidden(HiddenValue **values, int *n, int *size, const char *name,
+		   const char *s, size_t len)
+{
+	if (len < MIN_HIDDEN_LEN)
+		return;
+	if (*n == *size)
+	{
+		*size *= 2;
+		*values = repalloc(*values, sizeof(HiddenValue) * *size);
+	}
+	(*values)[*n].name = name;
+	(*values)[*n].value = pnstrdup(s, len);
+	(*values)[*n].len = len;
+	(*n)++;
+}
+
+/*
+ * Add a value to hide.  librdkafka expands "%{property}" in a value
+ * before it runs or quotes it (sasl.kerberos.kinit.cmd): the text between
+ * the placeholders is hidden too, piece by piece, since the whole no
+ * longer occurs.
+ */
+static void
+add_value(HiddenValue **values, int *n, int *size, const char *name,
+		  const char *value)
+{
+	const char *piece = value;
+	const char *p;
+
+	add_hidden(values, n, size, name, value, strlen(value));
+	if (strstr(value, "%{") == NULL)
+		return;
+	while ((p = strstr(piece, "%{")) != NULL)
+	{
+		const char *end = strchr(p, '}');
+
+		add_hidden(values, n, size, name, piece, p - piece);
+		if (end == NULL)
+			return;
+		piece = end + 1;
+	}
+	add_hidden(values, n, size, name, piece, strlen(piece));
+}
+
 /*
  * dwh_kafka_hide_values
  *		A copy of text (from librdkafka) in which every value the DBA set in
@@ -134,6 +182,7 @@ dwh_kafka_hide_values(const rd_kafka_conf_t *conf, const char *text)
 {
 	HiddenValue *values;
 	int			n = 0;
+	int			size = list_length(dba_properties) + 1;
 	ListCell   *lc;
 	StringInfoData out;
 	const char *p;
@@ -148,28 +197,22 @@ dwh_kafka_hide_values(const rd_kafka_conf_t *conf, const char *text)
 	old = MemoryContextSwitchTo(hidden_text_context);
 	if (text == NULL)
 		text = "";
-	values = palloc(sizeof(HiddenValue) * (list_length(dba_properties) + 1));
+	values = palloc(sizeof(HiddenValue) * size);
 	foreach(lc, dba_properties)
 	{
 		const char *name = lfirst(lc);
-		size_t		size = 0;
+		size_t		value_size = 0;
+		char	   *value;
 
 		if (conf == NULL ||
-			rd_kafka_conf_get(conf, name, NULL, &size) != RD_KAFKA_CONF_OK ||
-			size <= MIN_HIDDEN_LEN)
+			rd_kafka_conf_get(conf, name, NULL, &value_size) != RD_KAFKA_CONF_OK ||
+			value_size <= MIN_HIDDEN_LEN)
 			continue;
-		values[n].name = name;
-		values[n].len = 0;
-		values[n].value = palloc0(size);
-		if (rd_kafka_conf_get(conf, name, values[n].value, &size) == RD_KAFKA_CONF_OK)
-			values[n].len = strlen(values[n].value);
-		if (values[n].len < MIN_HIDDEN_LEN)
-		{
-			explicit_bzero(values[n].value, values[n].len);
-			pfree(values[n].value);
-			continue;
-		}
-		n++;
+		value = palloc0(value_size);
+		if (rd_kafka_conf_get(conf, name, value, &value_size) == RD_KAFKA_CONF_OK)
+			add_value(&values, &n, &size, name, value);
+		explicit_bzero(value, strlen(value));
+		pfree(value);
 	}
 	qsort(values, n, sizeof(HiddenValue), longest_first);
 

@@ -271,6 +271,23 @@ wait_kafka(
 	qr/could not create the Kafka consumer: Failed to open ssl\.keystore\.location: \(the value of ssl\.keystore\.location\)/,
 	"librdkafka's refusal of the setting's key store, its path hidden");
 
+# librdkafka expands %{property} in the Kerberos command before it quotes
+# it: the text around the placeholder is hidden too.
+my $kinit_secret = random_secret();
+my $kinit_offset = -s $node->logfile;
+write_secret_file($kafka_file,
+	"security.protocol=SASL_PLAINTEXT sasl.mechanism=GSSAPI sasl.kerberos.principal=dwh\n"
+	  . "sasl.kerberos.kinit.cmd='echo $kinit_secret | kinit %{sasl.kerberos.principal}\@EXAMPLE.COM; exit 3'\n",
+	0600);
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET dwh.kafka_options = ''; SELECT pg_reload_conf()");
+ok( $node->wait_for_log(qr/Kerberos ticket refresh failed: .*exited with code 3/, $kinit_offset),
+	'librdkafka reports the Kerberos command that failed');
+my @kinit = grep { /Kerberos ticket refresh failed/ } split /\n/,
+  slurp_file($node->logfile, $kinit_offset);
+is( join("\n", grep { !/Kerberos ticket refresh failed: \(the value of sasl\.kerberos\.kinit\.cmd\)\(the value of sasl\.kerberos\.principal\)\(the value of sasl\.kerberos\.kinit\.cmd\): exited with code 3/ } @kinit),
+	'', 'with the command hidden, the expanded placeholder too');
+
 # The file comes after dwh.kafka_options: its PLAINTEXT wins over their SSL.
 my $mock = start_mock_cluster(brokers => 1, partitions => 1);
 write_secret_file($kafka_file, "security.protocol=PLAINTEXT\n", 0600);
@@ -297,7 +314,7 @@ my $log = slurp_file($node->logfile);
 like($log, qr/connected to Redis at redis:\/\/:\*\*\*\@127\.0\.0\.1/,
 	'the log names Redis by its redacted URL');
 foreach my $secret ($redis_password, $kafka_password, $bad_url_password,
-	$mechanism_secret, $keystore_secret)
+	$mechanism_secret, $keystore_secret, $kinit_secret)
 {
 	my @hits = grep { index($_, $secret) >= 0 } split /\n/, $log;
 	ok(!@hits, 'the log holds no password or value of the files and settings') or diag(join("\n", @hits));
