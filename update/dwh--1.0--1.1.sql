@@ -2919,7 +2919,8 @@ COMMENT ON FUNCTION dwh.tag_feed_wake() IS
 
 -- Make the tags of these (user, tag) pairs what their rules say now:
 -- revoke, grant, move a favourite to another category; write an event for
--- each grant and revoke, in (user, tag) order, notify it, and queue it for
+-- each grant and revoke, in (user, tag) order, notify its id (any role may
+-- LISTEN: the payload names no user and no tag), and queue it for
 -- Kafka while the feed is on (dwh.tag_outbox, in the event's own
 -- transaction, so that the two commit together).  The caller holds what
 -- keeps the pairs' users still: the tag lock exclusive, or, shared, the
@@ -2980,7 +2981,7 @@ BEGIN
               FROM change c
               WHERE c.is_held AND (NOT c.was_held OR c.old_value IS DISTINCT FROM c.new_value)) e
         ORDER BY e.user_id, e.tag, e.step
-        RETURNING id, user_id, tag, kind
+        RETURNING id
     ),
     queued AS (
         INSERT INTO dwh.tag_outbox (event_id)
@@ -2990,10 +2991,9 @@ BEGIN
     )
     SELECT count(*)::integer, (SELECT count(*) FROM queued)::integer
     INTO written, to_produce
-    FROM (SELECT e.id, e.user_id, e.tag, e.kind FROM event e ORDER BY e.id) e
+    FROM (SELECT e.id FROM event e ORDER BY e.id) e
     CROSS JOIN LATERAL pg_notify('dwh_user_tags',
-                                 json_build_object('id', e.id, 'user_id', e.user_id,
-                                                   'tag', e.tag, 'kind', e.kind)::text) n;
+                                 json_build_object('id', e.id)::text) n;
     IF to_produce > 0 THEN
         PERFORM dwh.tag_feed_wake();
     END IF;
