@@ -49,6 +49,8 @@ ALTER SYSTEM SET dwh.kafka_consumers = 17;
 ALTER SYSTEM SET dwh.kafka_consumers = -1;
 SET dwh.max_order_items = 0;
 SET dwh.max_order_items = 100001;
+-- A name under dwh. that no setting has may be a secret one misspelt: the
+-- error names it, its detail is hidden as for a secret setting.
 SET dwh.no_such_setting = 1;
 ALTER SYSTEM SET dwh.kafka_topic = 'bad topic';
 ALTER SYSTEM SET dwh.kafka_group_id = '';

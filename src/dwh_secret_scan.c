@@ -24,6 +24,10 @@
  *	- it calls set_config() with a first argument that is not a plain
  *	  string constant (the name is computed: it cannot be known from the
  *	  text);
+ *	- it sets (SET, ALTER SYSTEM/DATABASE/ROLE ... SET, set_config()) a
+ *	  name under "dwh." that no setting has: the prefix is reserved, so the
+ *	  statement fails, but a misspelt secret setting ("dwh.redis_ulr")
+ *	  comes with its value;
  *	- it updates pg_settings (whose rule calls set_config());
  *	- a string in it builds an ALTER SYSTEM statement (dynamic SQL);
  *	- it runs EXECUTE of a prepared statement whose text is sensitive.
@@ -40,6 +44,7 @@
 #include "commands/prepare.h"
 #include "lib/stringinfo.h"
 #include "parser/parser.h"
+#include "utils/guc.h"
 
 #include "dwh_secret_scan.h"
 
@@ -99,6 +104,15 @@ typedef enum CallState
 	CALL_LITERAL				/* after "set_config('constant'" */
 } CallState;
 
+/* Where a SET is in the name of the setting it sets. */
+typedef enum SetState
+{
+	SET_NONE,
+	SET_NAME,					/* after "set" (and "local" or "session") */
+	SET_DOT,					/* after "set dwh" */
+	SET_FIELD					/* after "set dwh." */
+} SetState;
+
 static bool scan_text(const char *text, size_t len, int depth,
 					  bool look_up_prepared);
 
@@ -117,15 +131,35 @@ static const char *const lexing_words[] = {
 	NULL
 };
 
+/* Does the text hold word (lower case) in any case? */
+static bool
+holds_word(const char *text, size_t len, const char *word)
+{
+	size_t		wlen = strlen(word);
+	size_t		i;
+
+	for (i = 0; i + wlen <= len; i++)
+	{
+		if ((text[i] | 0x20) == word[0] &&
+			pg_strncasecmp(text + i, word, wlen) == 0)
+			return true;
+	}
+	return false;
+}
+
 /*
  * Must the text be tokenized?  Most statements hold none of the lexing
- * words: their raw bytes decide.
+ * words, nor both "set" and "dwh" (a SET of a misspelt setting): their raw
+ * bytes decide.
  */
 static bool
 needs_lexing(const char *text, size_t len)
 {
 	size_t		i;
 	int			w;
+
+	if (holds_word(text, len, "dwh") && holds_word(text, len, "set"))
+		return true;
 
 	for (i = 0; i < len; i++)
 	{
@@ -170,6 +204,17 @@ holds_secret_word(const char *text, size_t len)
 }
 
 /*
+ * Is name "dwh.something" that no setting of dwh has?  (Not an error
+ * when it is not: the scan runs inside error reporting.)
+ */
+static bool
+unknown_dwh_setting(const char *name)
+{
+	return pg_strncasecmp(name, "dwh.", 4) == 0 &&
+		GetConfigOption(name, true, false) == NULL;
+}
+
+/*
  * dwh_secret_is_setting_name
  *		Is text exactly the name of a secret setting (in any case)?
  *		Messages may name these settings: the name is not a secret.
@@ -189,8 +234,34 @@ dwh_secret_is_setting_name(const char *text, size_t len)
 }
 
 /*
+ * Length of the name under "dwh." that no setting has at p, in double
+ * quotes ("dwh.redis_ulr"), or 0.  A misspelt name is no secret, and a
+ * message about one says only the name.
+ */
+static size_t
+quoted_unknown_name(const char *text, const char *p)
+{
+	const char *end;
+	char	   *name;
+	bool		unknown;
+
+	if (p == text || p[-1] != '"' || pg_strncasecmp(p, "dwh.", 4) != 0)
+		return 0;
+	end = p + 4;
+	while (isalnum((unsigned char) *end) || *end == '_' || *end == '.')
+		end++;
+	if (*end != '"')
+		return 0;
+	name = pnstrdup(p, end - p);
+	unknown = unknown_dwh_setting(name);
+	pfree(name);
+	return unknown ? end - p : 0;
+}
+
+/*
  * dwh_secret_strip_setting_names
- *		The text without the names of the secret settings (in any case),
+ *		The text without the names of the secret settings (in any case) and
+ *		of the names under "dwh." in double quotes that no setting has,
  *		palloc'd: what remains of a message once the names it may say are
  *		taken out.
  */
@@ -206,6 +277,8 @@ dwh_secret_strip_setting_names(const char *text)
 		int			i;
 		bool		name = false;
 
+		size_t		unknown = quoted_unknown_name(text, p);
+
 		for (i = 0; secret_settings[i] != NULL && !name; i++)
 		{
 			size_t		len = strlen(secret_settings[i]);
@@ -215,6 +288,11 @@ dwh_secret_strip_setting_names(const char *text)
 				p += len;
 				name = true;
 			}
+		}
+		if (!name && unknown > 0)
+		{
+			p += unknown;
+			name = true;
 		}
 		if (!name)
 			appendStringInfoChar(&buf, *p++);
@@ -607,6 +685,7 @@ scan_text(const char *text, size_t len, int depth, bool look_up_prepared)
 	Scanner		s;
 	Token		t;
 	CallState	call = CALL_NONE;
+	SetState	set = SET_NONE;
 	bool		after_execute = false;
 	bool		after_alter = false;
 	bool		pg_settings = false;
@@ -647,7 +726,8 @@ scan_text(const char *text, size_t len, int depth, bool look_up_prepared)
 				call = token_is_char(&t, '(') ? CALL_OPEN : CALL_NONE;
 				break;
 			case CALL_OPEN:
-				if (t.kind != TOKEN_STRING)
+				if (t.kind != TOKEN_STRING ||
+					unknown_dwh_setting(t.text.data))
 					sensitive = true;
 				call = CALL_LITERAL;
 				break;
@@ -661,6 +741,39 @@ scan_text(const char *text, size_t len, int depth, bool look_up_prepared)
 		}
 		if (token_is(&t, "set_config"))
 			call = CALL_NAME;
+
+		/* SET of a name under dwh. that no setting has: misspelt. */
+		switch (set)
+		{
+			case SET_NAME:
+				if (token_is(&t, "local") || token_is(&t, "session"))
+					break;
+				set = SET_NONE;
+				if (t.kind != TOKEN_IDENT && t.kind != TOKEN_QUOTED_IDENT)
+					break;
+				if (strchr(t.text.data, '.') != NULL)
+					sensitive = unknown_dwh_setting(t.text.data);
+				else if (pg_strcasecmp(t.text.data, "dwh") == 0)
+					set = SET_DOT;
+				break;
+			case SET_DOT:
+				set = token_is_char(&t, '.') ? SET_FIELD : SET_NONE;
+				break;
+			case SET_FIELD:
+				if (t.kind == TOKEN_IDENT || t.kind == TOKEN_QUOTED_IDENT)
+				{
+					char	   *name = psprintf("dwh.%s", t.text.data);
+
+					sensitive = unknown_dwh_setting(name);
+					pfree(name);
+				}
+				set = SET_NONE;
+				break;
+			case SET_NONE:
+				break;
+		}
+		if (token_is(&t, "set"))
+			set = SET_NAME;
 
 		/* EXECUTE of a prepared statement: judge the statement's text. */
 		if (after_execute && look_up_prepared &&

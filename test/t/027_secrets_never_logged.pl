@@ -230,6 +230,25 @@ is( $activity_of{'EXECUTE of set_config'},
 	'pg_stat_activity shows the placeholder for an EXECUTE of a statement that sets a secret'
 );
 
+# A name misspelt (refused: dwh is a reserved prefix) comes with the value
+# all the same.
+$s = secret('misspelt name');
+run_in_session('misspelt name',
+	"ALTER SYSTEM SET dwh.redis_ulr = 'redis://:$s\@127.0.0.1:1/0'");
+$s = secret('misspelt name in SET');
+run_in_session('misspelt name in SET', "SET LOCAL Dwh . kafka_option = 'sasl.password=$s'");
+$s = secret('misspelt quoted name per database');
+run_in_session('misspelt quoted name per database',
+	"ALTER DATABASE postgres SET \"dwh.kafkaoptions\" TO 'sasl.password=$s'");
+$s = secret('misspelt name in set_config');
+run_in_session('misspelt name in set_config',
+	"SELECT set_config('dwh.redisurl', 'redis://:$s\@h:1', false)");
+like($client_messages, qr/ERROR:  42704: unrecognized configuration parameter "dwh\.redis_ulr"/,
+	'the error names the misspelt setting');
+is( $activity_of{'misspelt name in SET'},
+	"idle: $hidden_activity",
+	'pg_stat_activity shows the placeholder for a SET of a misspelt name');
+
 # Per database, per role, per function (refused for a reload setting).
 $s = secret('ALTER DATABASE');
 run_in_session('ALTER DATABASE',
