@@ -274,10 +274,9 @@ dwh_secret_strip_setting_names(const char *text)
 	initStringInfo(&buf);
 	while (*p != '\0')
 	{
+		size_t		unknown = quoted_unknown_name(text, p);
 		int			i;
 		bool		name = false;
-
-		size_t		unknown = quoted_unknown_name(text, p);
 
 		for (i = 0; secret_settings[i] != NULL && !name; i++)
 		{
@@ -752,7 +751,10 @@ scan_text(const char *text, size_t len, int depth, bool look_up_prepared)
 				if (t.kind != TOKEN_IDENT && t.kind != TOKEN_QUOTED_IDENT)
 					break;
 				if (strchr(t.text.data, '.') != NULL)
-					sensitive = unknown_dwh_setting(t.text.data);
+				{
+					if (unknown_dwh_setting(t.text.data))
+						sensitive = true;
+				}
 				else if (pg_strcasecmp(t.text.data, "dwh") == 0)
 					set = SET_DOT;
 				break;
@@ -764,7 +766,8 @@ scan_text(const char *text, size_t len, int depth, bool look_up_prepared)
 				{
 					char	   *name = psprintf("dwh.%s", t.text.data);
 
-					sensitive = unknown_dwh_setting(name);
+					if (unknown_dwh_setting(name))
+						sensitive = true;
 					pfree(name);
 				}
 				set = SET_NONE;
