@@ -733,15 +733,65 @@ decide(DwhRedisKey *k, int max_value_size, Decision *d)
  * Write the decisions of the keys idx[0..n) with one statement per
  * destination.  Raises an error if a statement fails.
  */
+/*
+ * Upsert n values into a table of values (plan: upsert_users_plan or
+ * upsert_restaurants_plan), in statements of at most max_bytes of values
+ * each, one value at least.  What writing a value costs (a menu's dishes,
+ * names and links, its history) lasts until its statement ends, about a
+ * hundred times the value's size for a large menu: in one statement a
+ * batch of large values would cost that for all of them at once.  Returns
+ * the rows written.
+ */
+static int
+upsert_values(SPIPlanPtr plan, const char *what, Datum *keys, Datum *payloads,
+			  int n, int max_bytes)
+{
+	int			written = 0;
+	int			first = 0;
+
+	while (first < n)
+	{
+		DwhColumn	k,
+					p;
+		Datum		args[2];
+		int64		bytes = 0;
+		int			last = first;
+		int			rc;
+
+		dwh_column_init(&k, TEXTOID, n - first);
+		dwh_column_init(&p, JSONBOID, n - first);
+		do
+		{
+			bytes += VARSIZE_ANY(DatumGetPointer(payloads[last]));
+			dwh_column_add(&k, keys[last], false);
+			dwh_column_add(&p, payloads[last], false);
+			last++;
+		} while (last < n &&
+				 bytes + VARSIZE_ANY(DatumGetPointer(payloads[last])) <= max_bytes);
+		args[0] = dwh_column_array(&k);
+		args[1] = dwh_column_array(&p);
+		rc = SPI_execute_plan(plan, args, NULL, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "could not store %s: %s", what, SPI_result_code_string(rc));
+		written += (int) SPI_processed;
+		pfree(DatumGetPointer(args[0]));
+		pfree(DatumGetPointer(args[1]));
+		first = last;
+	}
+	return written;
+}
+
 static void
 write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
-				DwhRedisApplyResult *result)
+				int max_bytes, DwhRedisApplyResult *result)
 {
-	DwhColumn	u_key,
-				u_payload,
-				r_key,
-				r_payload,
-				d_key,
+	Datum	   *u_key = palloc(sizeof(Datum) * n);
+	Datum	   *u_payload = palloc(sizeof(Datum) * n);
+	Datum	   *r_key = palloc(sizeof(Datum) * n);
+	Datum	   *r_payload = palloc(sizeof(Datum) * n);
+	int			n_users = 0;
+	int			n_restaurants = 0;
+	DwhColumn	d_key,
 				d_raw,
 				d_reason,
 				d_sqlstate,
@@ -755,10 +805,6 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	int			i;
 	int			rc;
 
-	dwh_column_init(&u_key, TEXTOID, n);
-	dwh_column_init(&u_payload, JSONBOID, n);
-	dwh_column_init(&r_key, TEXTOID, n);
-	dwh_column_init(&r_payload, JSONBOID, n);
 	dwh_column_init(&d_key, TEXTOID, n);
 	dwh_column_init(&d_raw, BYTEAOID, n);
 	dwh_column_init(&d_reason, TEXTOID, n);
@@ -782,13 +828,13 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 			continue;
 		if (d->target == TARGET_USER)
 		{
-			dwh_column_add(&u_key, key, false);
-			dwh_column_add(&u_payload, JsonbPGetDatum(d->payload), false);
+			u_key[n_users] = key;
+			u_payload[n_users++] = JsonbPGetDatum(d->payload);
 		}
 		else if (d->target == TARGET_RESTAURANT)
 		{
-			dwh_column_add(&r_key, key, false);
-			dwh_column_add(&r_payload, JsonbPGetDatum(d->payload), false);
+			r_key[n_restaurants] = key;
+			r_payload[n_restaurants++] = JsonbPGetDatum(d->payload);
 		}
 		else if (d->target == TARGET_DEAD)
 		{
@@ -825,24 +871,11 @@ write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 	 * those hub rows (step 1 of the lock order, install/40_products.sql,
 	 * comes before step 2).
 	 */
-	if (r_key.n > 0)
-	{
-		Datum		args[2] = {dwh_column_array(&r_key), dwh_column_array(&r_payload)};
-
-		rc = SPI_execute_plan(upsert_restaurants_plan, args, NULL, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "could not store restaurants: %s", SPI_result_code_string(rc));
-		result->stg_written += (int) SPI_processed;
-	}
-	if (u_key.n > 0)
-	{
-		Datum		args[2] = {dwh_column_array(&u_key), dwh_column_array(&u_payload)};
-
-		rc = SPI_execute_plan(upsert_users_plan, args, NULL, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "could not store users: %s", SPI_result_code_string(rc));
-		result->stg_written += (int) SPI_processed;
-	}
+	result->stg_written += upsert_values(upsert_restaurants_plan, "restaurants",
+										 r_key, r_payload, n_restaurants,
+										 max_bytes);
+	result->stg_written += upsert_values(upsert_users_plan, "users",
+										 u_key, u_payload, n_users, max_bytes);
 	if (d_key.n > 0)
 	{
 		Datum		args[6] = {dwh_column_array(&d_key), dwh_column_array(&d_raw),
@@ -877,6 +910,7 @@ typedef struct WriteCall
 	Decision   *decisions;
 	int		   *idx;
 	int			n;
+	int			max_bytes;
 	DwhRedisApplyResult *result;
 } WriteCall;
 
@@ -885,7 +919,8 @@ write_call(void *arg)
 {
 	WriteCall  *c = (WriteCall *) arg;
 
-	write_decisions(c->keys, c->decisions, c->idx, c->n, c->result);
+	write_decisions(c->keys, c->decisions, c->idx, c->n, c->max_bytes,
+					c->result);
 }
 
 /*
@@ -895,10 +930,10 @@ write_call(void *arg)
  */
 static ErrorData *
 write_in_subtransaction(DwhRedisKey *keys, Decision *decisions, int *idx,
-						int n, DwhRedisApplyResult *result)
+						int n, int max_bytes, DwhRedisApplyResult *result)
 {
 	DwhRedisApplyResult partial = {0};
-	WriteCall	call = {keys, decisions, idx, n, &partial};
+	WriteCall	call = {keys, decisions, idx, n, max_bytes, &partial};
 	ErrorData  *edata = dwh_try_in_subtransaction(write_call, &call);
 
 	if (edata == NULL)
@@ -978,7 +1013,8 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 
 	prepare_plans();
 	take_write_locks(decisions, idx, n_idx);
-	edata = write_in_subtransaction(keys, decisions, idx, n_idx, result);
+	edata = write_in_subtransaction(keys, decisions, idx, n_idx,
+									max_value_size, result);
 	if (edata != NULL)
 	{
 		/* Isolate the culprits: one subtransaction per key. */
@@ -988,14 +1024,16 @@ dwh_redis_store_apply(DwhRedisKey *keys, int n, int max_value_size,
 			Decision   *d = &decisions[idx[i]];
 
 			CHECK_FOR_INTERRUPTS();
-			edata = write_in_subtransaction(keys, decisions, &idx[i], 1, result);
+			edata = write_in_subtransaction(keys, decisions, &idx[i], 1,
+											max_value_size, result);
 			if (edata == NULL)
 				continue;
 			if (d->target == TARGET_DEAD || d->target == TARGET_STATE)
 				ReThrowError(edata);	/* not the value's fault */
 			decide_dead(d, d->kind, edata->sqlerrcode, edata->message);
 			FreeErrorData(edata);
-			write_decisions(keys, decisions, &idx[i], 1, result);
+			write_decisions(keys, decisions, &idx[i], 1, max_value_size,
+							result);
 		}
 	}
 	end_work();

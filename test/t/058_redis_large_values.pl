@@ -8,7 +8,8 @@
 # right length and SHA-256, the user is mirrored, refreshes of unchanged
 # values write nothing, and a changed large value is dead-lettered again.
 # An empty string (which GETRANGE answers as it answers for no key) is a
-# value, refused as such; a hash is a key of another type: missing.
+# value, refused as such; a hash is a key of another type: missing.  A
+# batch of twenty large menus is written a statement at a time.
 
 use strict;
 use warnings;
@@ -129,6 +130,45 @@ is( psql(
 	'with the SHA-256 of its new bytes');
 cmp_ok(rss_anon_kb($pid) - $before_kb,
 	'<', 24 * 1024, 'and the worker still holds none of them');
+
+# A batch of large valid menus: what writing one costs lasts until its
+# statement ends (some 200 MB for one of these), so the worker writes at
+# most dwh.redis_max_value_size of values in one statement.  Twenty
+# restaurants of 12,000 dishes (about 0.9 MB each, under the 1 MB limit)
+# changed at once: the worker's private memory grows by about 310 MB, where
+# one statement of all twenty took about 560 MB.
+my $menus = 20;
+# All in one batch: no refresh pass while they are written to Redis.
+psql(q{ALTER SYSTEM SET dwh.redis_refresh_interval = '1h'; SELECT pg_reload_conf()});
+my $passes = psql(q{SELECT refreshes FROM dwh.status WHERE worker = 'redis'});
+foreach my $r (1 .. $menus)
+{
+	my $menu = join(',',
+		map { qq({"_id": "m$r-$_", "name": "dish $_", "price": 100, "category": "c@{[ $_ % 3000 ]}"}) }
+		  0 .. 11_999);
+	$redis->set("menu:$r",
+		qq({"_id": "menu:$r", "name": "Menu $r", "update_ts_utc": "2023-08-11 16:44:59", "menu": [$menu]}));
+}
+is(psql(q{SELECT refreshes FROM dwh.status WHERE worker = 'redis'}),
+	$passes, 'no refresh pass while the menus were written');
+$before_kb = rss_anon_kb($pid);
+$peak_kb = $before_kb;
+psql(q{ALTER SYSTEM SET dwh.redis_refresh_interval = '1s'; SELECT pg_reload_conf()});
+$deadline = time() + 300;
+while (time() < $deadline)
+{
+	my $kb = rss_anon_kb($pid);
+	$peak_kb = $kb if defined $kb && $kb > $peak_kb;
+	last
+	  if psql("SELECT count(*) FROM stg.restaurants WHERE object_id LIKE 'menu:%'") == $menus;
+	usleep(20_000);
+}
+is(psql("SELECT count(*) || '|' || sum(jsonb_array_length(payload->'menu')) FROM stg.restaurants WHERE object_id LIKE 'menu:%'"),
+	"$menus|" . ($menus * 12_000), "the $menus large menus are in STG");
+note(sprintf('the worker grew by %.0f MB writing them', ($peak_kb - $before_kb) / 1024));
+cmp_ok(($peak_kb - $before_kb) / 1024, '<', 450,
+	'writing them, the worker grows by far less than a statement of all of them costs');
+is(psql('SELECT count(*) FROM dwh.verify()'), '0', 'dwh.verify() is empty');
 
 $node->stop;
 $redis->stop;
