@@ -344,6 +344,7 @@ INSERT INTO t.bounds (label, message) VALUES
     ('item id of 129 bytes', t.bad('{payload,order_items,0,id}', to_jsonb(repeat('d', 129)))),
     ('quantity 1000001', t.bad('{payload,order_items,0,quantity}', '1000001')),
     ('price 1e14', t.bad('{payload,order_items,0,price}', '1e14')),
+    ('price 1e14 once rounded to 5 decimals', t.bad('{payload,order_items,0,price}', '99999999999999.999995')),
     ('bonus_payment negative', t.bad('{payload,bonus_payment}', '-1')),
     ('cost negative and tiny', t.bad('{payload,cost}', '-1e-400')),
     ('price negative and tiny', t.bad('{payload,order_items,0,price}', '-1e-1000')),
@@ -355,6 +356,7 @@ INSERT INTO t.bounds (label, message) VALUES
     ('user id of 128 bytes', t.bound(9001, '{payload,user,id}', to_jsonb(repeat('u', 128)))),
     ('quantity 1000000', t.bound(9002, '{payload,order_items,0,quantity}', '1000000')),
     ('price 99999999999999', t.bound(9003, '{payload,order_items,0,price}', '99999999999999')),
+    ('cost 99999999999999.99999', t.bound(9008, '{payload,cost}', '99999999999999.99999')),
     ('empty item name', t.bound(9004, '{payload,order_items,0,name}', '""')),
     ('T in sent_dttm', t.bound(9005, '{sent_dttm}', '"2023-04-02T10:00:00"')),
     ('T in update_ts', t.bound(9006, '{payload,update_ts}', '"2023-04-02T11:00:00"')),
@@ -366,7 +368,7 @@ SELECT object_id, sent_dttm, update_ts, length(payload->'user'->>'id') AS user_i
        payload->'order_items'->0->>'quantity' AS quantity,
        payload->'order_items'->0->>'price' AS price
 FROM stg.order_events
-WHERE object_id IN (1000, 9223372036854775807) OR object_id BETWEEN 9001 AND 9007
+WHERE object_id IN (1000, 9223372036854775807) OR object_id BETWEEN 9001 AND 9008
 ORDER BY object_id;
 SELECT * FROM t.check();
 

@@ -41,9 +41,6 @@
 #include "dwh_spi.h"
 #include "dwh_timestamp.h"
 
-/* Upper bound of amounts: what numeric(19,5) holds. */
-#define DWH_MAX_AMOUNT 1e14
-
 /*
  * Deepest nesting of a value accepted.  jsonb_in stops only where the stack
  * ends (max_stack_depth); a bound of our own makes what is accepted the same
@@ -412,14 +409,36 @@ reason_digits(char *digits)
 }
 
 /*
- * A required number field within [0, DWH_MAX_AMOUNT).
+ * Is the decimal text of a number not negative (numeric_out's form: no
+ * exponent, no leading zeros but one before the point) below 1e14 once
+ * rounded to the 5 decimals amounts are stored with (numeric(19, 5))?
+ * Read from the digits: as a double, 99999999999999.999 is 1e14.
+ */
+static bool
+below_max_amount(const char *digits)
+{
+	const char *p = digits + (digits[0] == '-' || digits[0] == '+');
+	size_t		whole = strcspn(p, ".");
+	const char *fraction;
+
+	if (whole < 14)
+		return true;
+	if (whole > 14 || strspn(p, "9") < 14)
+		return whole == 14;
+	/* 14 nines: rounded up to 1e14 from .999995 on */
+	fraction = p[14] == '.' ? p + 15 : "";
+	return !(strspn(fraction, "9") >= 5 && fraction[5] >= '5' &&
+			 fraction[5] <= '9');
+}
+
+/*
+ * A required number field within [0, 1e14).
  */
 static bool
 check_amount(JsonbContainer *obj, const char *key, const char *path,
 			 bool required, DwhProblem *problem)
 {
 	JsonbValue	v;
-	double		d;
 	char	   *digits;
 
 	if (!get_field(obj, key, &v))
@@ -434,14 +453,10 @@ check_amount(JsonbContainer *obj, const char *key, const char *path,
 						   "%s%s must be a number, not %s",
 						   path, key, JsonbTypeName(&v));
 	digits = number_text(&v);
-	d = strtod(digits, NULL);
 
-	/*
-	 * The exact decimal's sign, not the double's: -1e-400 is negative, and
-	 * would be -0.0 as a double.
-	 */
+	/* The exact decimal's: -1e-400 is negative, -0 is not */
 	if ((digits[0] == '-' && strpbrk(digits, "123456789") != NULL) ||
-		d >= DWH_MAX_AMOUNT)
+		!below_max_amount(digits))
 		return problem_set(problem, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
 						   "%s%s must be between 0 and 1e14, not %s",
 						   path, key, reason_digits(digits));
