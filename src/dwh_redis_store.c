@@ -730,15 +730,11 @@ decide(DwhRedisKey *k, int max_value_size, Decision *d)
 }
 
 /*
- * Write the decisions of the keys idx[0..n) with one statement per
- * destination.  Raises an error if a statement fails.
- */
-/*
  * Upsert n values into a table of values (plan: upsert_users_plan or
  * upsert_restaurants_plan), in statements of at most max_bytes of values
  * each, one value at least.  What writing a value costs (a menu's dishes,
- * names and links, its history) lasts until its statement ends, about a
- * hundred times the value's size for a large menu: in one statement a
+ * names and links, its history) lasts until its statement ends, some two
+ * hundred times the value's size for a large menu: in one statement, a
  * batch of large values would cost that for all of them at once.  Returns
  * the rows written.
  */
@@ -751,23 +747,24 @@ upsert_values(SPIPlanPtr plan, const char *what, Datum *keys, Datum *payloads,
 
 	while (first < n)
 	{
+		int64		bytes = VARSIZE_ANY(DatumGetPointer(payloads[first]));
+		int			last = first + 1;
 		DwhColumn	k,
 					p;
 		Datum		args[2];
-		int64		bytes = 0;
-		int			last = first;
+		int			i;
 		int			rc;
 
-		dwh_column_init(&k, TEXTOID, n - first);
-		dwh_column_init(&p, JSONBOID, n - first);
-		do
+		while (last < n &&
+			   bytes + VARSIZE_ANY(DatumGetPointer(payloads[last])) <= max_bytes)
+			bytes += VARSIZE_ANY(DatumGetPointer(payloads[last++]));
+		dwh_column_init(&k, TEXTOID, last - first);
+		dwh_column_init(&p, JSONBOID, last - first);
+		for (i = first; i < last; i++)
 		{
-			bytes += VARSIZE_ANY(DatumGetPointer(payloads[last]));
-			dwh_column_add(&k, keys[last], false);
-			dwh_column_add(&p, payloads[last], false);
-			last++;
-		} while (last < n &&
-				 bytes + VARSIZE_ANY(DatumGetPointer(payloads[last])) <= max_bytes);
+			dwh_column_add(&k, keys[i], false);
+			dwh_column_add(&p, payloads[i], false);
+		}
 		args[0] = dwh_column_array(&k);
 		args[1] = dwh_column_array(&p);
 		rc = SPI_execute_plan(plan, args, NULL, false, 0);
@@ -781,6 +778,11 @@ upsert_values(SPIPlanPtr plan, const char *what, Datum *keys, Datum *payloads,
 	return written;
 }
 
+/*
+ * Write the decisions of the keys idx[0..n): restaurants and users in
+ * statements of at most max_bytes of values each, dead letters and key
+ * states in one statement each.  Raises an error if a statement fails.
+ */
 static void
 write_decisions(DwhRedisKey *keys, Decision *decisions, int *idx, int n,
 				int max_bytes, DwhRedisApplyResult *result)
