@@ -757,7 +757,11 @@ upsert_values(SPIPlanPtr plan, const char *what, Datum *keys, Datum *payloads,
 
 		while (last < n &&
 			   bytes + VARSIZE_ANY(DatumGetPointer(payloads[last])) <= max_bytes)
-			bytes += VARSIZE_ANY(DatumGetPointer(payloads[last++]));
+		{
+			/* VARSIZE_ANY reads its argument more than once */
+			bytes += VARSIZE_ANY(DatumGetPointer(payloads[last]));
+			last++;
+		}
 		dwh_column_init(&k, TEXTOID, last - first);
 		dwh_column_init(&p, JSONBOID, last - first);
 		for (i = first; i < last; i++)
