@@ -232,6 +232,16 @@ dictionary_lock_held_shared_only(void)
 	return LockHeldByMe(&tag, ShareLock) && !LockHeldByMe(&tag, ExclusiveLock);
 }
 
+/* Does this transaction hold the user lock exclusive? */
+static bool
+user_lock_held_exclusive(void)
+{
+	LOCKTAG		tag;
+
+	dwh_locktag(&tag, DWH_USER_LOCK_KEY);
+	return LockHeldByMe(&tag, ExclusiveLock);
+}
+
 /* Does this transaction hold the tag lock exclusive? */
 static bool
 tag_lock_held_exclusive(void)
@@ -351,16 +361,12 @@ trigger_depth(void)
 static bool
 history_of_write(const char *table, size_t len)
 {
-	LOCKTAG		tag;
-
 	if (len <= 8 || strcmp(table + len - 8, "_history") != 0 ||
 		trigger_depth() <= 1)
 		return false;
 	if (strcmp(table, "user_history") == 0)
-		dwh_locktag(&tag, DWH_USER_LOCK_KEY);
-	else
-		dictionary_locktag(&tag);
-	return LockHeldByMe(&tag, ExclusiveLock);
+		return user_lock_held_exclusive();
+	return dictionary_lock_held_exclusive();
 }
 
 /*

@@ -131,22 +131,6 @@ static const char *const lexing_words[] = {
 	NULL
 };
 
-/* Does the text hold word (lower case) in any case? */
-static bool
-holds_word(const char *text, size_t len, const char *word)
-{
-	size_t		wlen = strlen(word);
-	size_t		i;
-
-	for (i = 0; i + wlen <= len; i++)
-	{
-		if ((text[i] | 0x20) == word[0] &&
-			pg_strncasecmp(text + i, word, wlen) == 0)
-			return true;
-	}
-	return false;
-}
-
 /*
  * Must the text be tokenized?  Most statements hold none of the lexing
  * words, nor both "set" and "dwh" (a SET of a misspelt setting): their raw
@@ -157,17 +141,25 @@ needs_lexing(const char *text, size_t len)
 {
 	size_t		i;
 	int			w;
-
-	if (holds_word(text, len, "dwh") && holds_word(text, len, "set"))
-		return true;
+	bool		dwh = false;
+	bool		set = false;
 
 	for (i = 0; i < len; i++)
 	{
+		char		c = text[i] | 0x20;
+
+		/* Both "dwh" and "set": a SET of a misspelt setting, maybe */
+		if (c == 'd' && len - i >= 3 && pg_strncasecmp(text + i, "dwh", 3) == 0)
+			dwh = true;
+		else if (c == 's' && len - i >= 3 && pg_strncasecmp(text + i, "set", 3) == 0)
+			set = true;
+		if (dwh && set)
+			return true;
 		for (w = 0; lexing_words[w] != NULL; w++)
 		{
 			size_t		wlen = strlen(lexing_words[w]);
 
-			if ((text[i] | 0x20) == (lexing_words[w][0] | 0x20) &&
+			if (c == (lexing_words[w][0] | 0x20) &&
 				len - i >= wlen &&
 				pg_strncasecmp(text + i, lexing_words[w], wlen) == 0)
 				return true;

@@ -89,14 +89,6 @@ sub outbox_empty
 	return;
 }
 
-# The messages of a file of the generator: one a line.
-sub lines_of
-{
-	my ($file) = @_;
-	my $lines = () = slurp_file($file) =~ /\n/g;
-	return $lines;
-}
-
 sub tags_state { return psql(q{SELECT state FROM dwh.status WHERE worker = 'tags'}); }
 
 my $producing = qq{producing tag events to topic "$topic"};
@@ -110,11 +102,11 @@ psql(q{INSERT INTO dwh.tag_rules (tag, kind, threshold) VALUES
 #    commit, from the workers' processes.
 my $listener = $node->background_psql('postgres');
 $listener->query_safe('LISTEN dwh_user_tags');
-generate_orders("$tmp/o0.txt", '--count 600 --seed 40 --first-id 100000 --reversals 0.05');
+generate_orders("$tmp/o0.txt", '--count 600 --seed 40 --first-id 100000 --reversals 0.05', "--manifest $tmp/o0.json");
 produce($broker, "$tmp/o0.txt");
 # Wait for every message, not every order: an order's first version makes
 # its row, and its later versions (reversals) still grant and revoke.
-my $sent = lines_of("$tmp/o0.txt");
+my $sent = read_manifest("$tmp/o0.json")->{messages};
 ok(wait_applied($node, $sent), 'phase 0 orders applied');
 my $heard = $listener->query_safe('SELECT 1');
 $listener->quit;
@@ -149,9 +141,9 @@ ok(wait_for($node, "SELECT state = '$producing' FROM dwh.status WHERE worker = '
   or diag(tags_state());
 ok(wait_for($node, "SELECT current_setting('dwh.tags_topic') = '$topic'"),
 	'new sessions see the topic');
-generate_orders("$tmp/o1.txt", '--count 1500 --seed 41 --first-id 200000 --reversals 0.05 --status-changes 0.1');
+generate_orders("$tmp/o1.txt", '--count 1500 --seed 41 --first-id 200000 --reversals 0.05 --status-changes 0.1', "--manifest $tmp/o1.json");
 produce($broker, "$tmp/o1.txt");
-$sent += lines_of("$tmp/o1.txt");
+$sent += read_manifest("$tmp/o1.json")->{messages};
 ok(wait_applied($node, $sent), 'phase 1 orders applied');
 outbox_empty('phase 1: the outbox is emptied');
 my $phase1 = psql("SELECT count(*) FROM cdm.user_tag_events WHERE id > $before_topic");
@@ -168,7 +160,7 @@ is(read_topic(), $phase1, 'each is in the topic once');
 # events are surely pending when it is killed: stopped once they stream
 # in, it could have produced them all first (the Kafka workers apply 3,000
 # orders in well under a second).
-generate_orders("$tmp/o2.txt", '--count 3000 --seed 42 --first-id 300000 --reversals 0.05');
+generate_orders("$tmp/o2.txt", '--count 3000 --seed 42 --first-id 300000 --reversals 0.05', "--manifest $tmp/o2.json");
 my $victim = psql(q{SELECT pid FROM dwh.status WHERE worker = 'tags'});
 kill 'STOP', $victim;
 produce($broker, "$tmp/o2.txt");
@@ -178,7 +170,7 @@ kill 'KILL', $victim;
 note("killed the tags worker $victim with events pending");
 ok(wait_for($node, "SELECT pid <> $victim AND state = '$producing' FROM dwh.status WHERE worker = 'tags'"),
 	'the server restarts, and a new tags worker produces');
-$sent += lines_of("$tmp/o2.txt");
+$sent += read_manifest("$tmp/o2.json")->{messages};
 ok(wait_applied($node, $sent), 'phase 2 orders applied');
 outbox_empty('phase 2: the outbox is emptied after the kill');
 
