@@ -347,8 +347,10 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 -- Steps 1 and 2 are dwh.claim_order_keys(), step 6 dwh.load_order_namings(),
 -- both run over every version of the batch by dwh.ingest_orders (the
 -- order triggers run them over what their statement wrote when no ingest
--- did).  Any other statement that writes orders takes the dictionary lock
--- exclusive before its first row (dwh.stg_statement_lock).
+-- did, a chunk at a time under the dictionary lock held exclusive:
+-- install/50_orders.sql).  Any other statement that writes orders takes
+-- the dictionary lock exclusive before its first row
+-- (dwh.stg_statement_lock).
 
 -- Does loading these namings change the current name of some dish, or
 -- name a dish for the first time?  Asked under the dictionary lock held

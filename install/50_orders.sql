@@ -336,13 +336,23 @@ $fn$;
 COMMENT ON FUNCTION dwh.keep_superseded_orders(bigint[], timestamp[], jsonb[], timestamp[]) IS
     'Internal: keep superseded order versions in stg.order_event_history';
 
-CREATE FUNCTION dwh.order_events_changed() RETURNS trigger
+-- Order versions a statement wrote, all of them or a chunk: the steps of
+-- the lock order (install/40_products.sql) over them, as one batch.  Within
+-- an ingest (dwh.keys_claimed()) the keys are claimed, the mart deltas kept
+-- for the ingest's one pass (dwh.defer_mart_deltas) and the namings the
+-- ingest's; any other writer claims, applies and names here.  An UPDATE's
+-- replaced versions (superseded_*: those a new version replaced, not only
+-- its sent_dttm grew) go to the history.
+CREATE FUNCTION dwh.load_order_versions(op text, object_ids bigint[], versions timestamp[],
+                                        payloads jsonb[],
+                                        superseded_ids bigint[] DEFAULT NULL,
+                                        superseded_versions timestamp[] DEFAULT NULL,
+                                        superseded_payloads jsonb[] DEFAULT NULL,
+                                        superseded_sent timestamp[] DEFAULT NULL)
+    RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    object_ids bigint[];
-    versions timestamp[];
-    payloads jsonb[];
     named record;
     d record;
     windows boolean;
@@ -356,13 +366,6 @@ DECLARE
     categories uuid[];
     category_deltas integer[];
 BEGIN
-    SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
-    INTO object_ids, versions, payloads
-    FROM changed c;
-    IF object_ids IS NULL THEN
-        RETURN NULL;
-    END IF;
-
     IF NOT dwh.keys_claimed() THEN
         named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
@@ -378,15 +381,15 @@ BEGIN
     -- With windowed rules, what the orders count in the windows before
     -- (nothing for new orders) and after (dwh.tag_window_deltas, below).
     IF windows THEN
-        orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+        orders := ARRAY(SELECT dwh.hash_key(o::text) FROM unnest(object_ids) o);
     END IF;
 
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)  Probed by
-    -- key: a join with the transition table, planned once while the hub
-    -- was small, kept scanning all of it for the session.
-    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM dds.h_order h
-                                        WHERE h.order_id = ANY (object_ids)) THEN
+    -- key: a join with the versions, planned once while the hub was small,
+    -- kept scanning all of it for the session.
+    IF op = 'INSERT' AND NOT EXISTS (SELECT FROM dds.h_order h
+                                     WHERE h.order_id = ANY (object_ids)) THEN
         d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
         IF windows THEN
@@ -398,14 +401,10 @@ BEGIN
         d := dwh.load_known_orders(object_ids, versions, payloads);
     END IF;
 
-    IF TG_OP = 'UPDATE' THEN
+    IF op = 'UPDATE' THEN
         PERFORM dwh.unlink_replaced_items(object_ids, payloads);
-        -- A replaced version is superseded (unless only its sent_dttm grew).
-        PERFORM dwh.keep_superseded_orders(array_agg(o.object_id), array_agg(o.update_ts),
-                                           array_agg(o.payload), array_agg(o.sent_dttm))
-        FROM superseded o JOIN changed c USING (object_id)
-        WHERE CASE WHEN o.update_ts <> c.update_ts THEN true
-                   ELSE o.payload::text <> c.payload::text END;
+        PERFORM dwh.keep_superseded_orders(superseded_ids, superseded_versions,
+                                           superseded_payloads, superseded_sent);
     END IF;
 
     -- The windowed tag counts' deltas travel with the category deltas
@@ -435,12 +434,111 @@ BEGIN
         PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
                                        named.first_versions);
     END IF;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[], bigint[], timestamp[], jsonb[], timestamp[]) IS
+    'Internal: carry order versions that a statement wrote into DDS and the marts (and an UPDATE''s replaced versions into the history)';
 
+-- The trigger of stg.order_events (INSERT and UPDATE) and of
+-- stg.order_event_history.  A direct write (a DBA's INSERT or COPY, a
+-- restore) holds the dictionary lock exclusive from its first row
+-- (dwh.stg_statement_lock) to commit: no batch, menu change, rule change
+-- or expiry pass writes DDS or the marts meanwhile, so its rows are
+-- carried dwh.trigger_chunk_rows at a time, each chunk as a statement of
+-- its own would be, and a restore's COPY of millions of orders holds one
+-- chunk in memory.  Writers of users insert user hubs without that lock:
+-- the statement's user hubs come first, all in key order, as any batch
+-- inserts them (a hub of a later chunk inserted after an earlier chunk's
+-- could wait for a writer of users that waits for that one).  An ingest's
+-- statements, an UPDATE (whose replaced versions join its new ones) and a
+-- write under the dictionary lock held shared are carried whole.  Like a
+-- batch it runs without JIT: a chunk's plans would be compiled again at
+-- every chunk.
+CREATE FUNCTION dwh.order_events_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $fn$
+DECLARE
+    history boolean := TG_TABLE_NAME = 'order_event_history';
+    chunk_rows integer;
+    total bigint;
+    seen bigint := 0;
+    n integer := 0;
+    row_object_id bigint;
+    row_version timestamp;
+    row_payload jsonb;
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+    superseded_ids bigint[];
+    superseded_versions timestamp[];
+    superseded_payloads jsonb[];
+    superseded_sent timestamp[];
+BEGIN
+    IF TG_OP = 'INSERT' AND NOT dwh.keys_claimed() AND dwh.dictionary_lock_exclusive() THEN
+        chunk_rows := current_setting('dwh.trigger_chunk_rows')::integer;
+    END IF;
+
+    IF chunk_rows IS NULL THEN
+        SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
+        INTO object_ids, versions, payloads
+        FROM changed c;
+        IF object_ids IS NULL THEN
+            RETURN NULL;
+        ELSIF history THEN
+            PERFORM dwh.load_history_versions(object_ids, versions, payloads);
+            RETURN NULL;
+        END IF;
+        -- A replaced version is superseded (unless only its sent_dttm grew).
+        IF TG_OP = 'UPDATE' THEN
+            SELECT array_agg(o.object_id), array_agg(o.update_ts), array_agg(o.payload),
+                   array_agg(o.sent_dttm)
+            INTO superseded_ids, superseded_versions, superseded_payloads, superseded_sent
+            FROM superseded o JOIN changed c USING (object_id)
+            WHERE CASE WHEN o.update_ts <> c.update_ts THEN true
+                       ELSE o.payload::text <> c.payload::text END;
+        END IF;
+        PERFORM dwh.load_order_versions(TG_OP, object_ids, versions, payloads,
+                                        superseded_ids, superseded_versions,
+                                        superseded_payloads, superseded_sent);
+        RETURN NULL;
+    END IF;
+
+    SELECT count(*) INTO total FROM changed;
+    IF total = 0 THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+    SELECT DISTINCT dwh.hash_key(c.payload->'user'->>'id'), c.payload->'user'->>'id',
+           now() AT TIME ZONE 'UTC', 'stg.order_events'
+    FROM changed c
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+
+    FOR row_object_id, row_version, row_payload IN
+        SELECT c.object_id, c.update_ts, c.payload FROM changed c
+    LOOP
+        n := n + 1;
+        seen := seen + 1;
+        object_ids[n] := row_object_id;
+        versions[n] := row_version;
+        payloads[n] := row_payload;
+        IF n = chunk_rows OR seen = total THEN
+            IF history THEN
+                PERFORM dwh.load_history_versions(object_ids, versions, payloads);
+            ELSE
+                PERFORM dwh.load_order_versions(TG_OP, object_ids, versions, payloads);
+            END IF;
+            n := 0;
+            object_ids := NULL;
+            versions := NULL;
+            payloads := NULL;
+        END IF;
+    END LOOP;
     RETURN NULL;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.order_events_changed() IS
-    'AFTER INSERT/UPDATE statement trigger of stg.order_events: carries changed orders into DDS and the marts';
+    'AFTER INSERT/UPDATE statement trigger of stg.order_events and AFTER INSERT statement trigger of stg.order_event_history: carries the versions written into DDS and the marts';
 
 CREATE TRIGGER order_events_inserted
     AFTER INSERT ON stg.order_events
@@ -530,36 +628,30 @@ $fn$;
 COMMENT ON FUNCTION dwh.load_superseded_orders(bigint[], timestamp[], jsonb[]) IS
     'Internal: load superseded order versions: order hubs and the satellite rows of their update_ts';
 
-CREATE FUNCTION dwh.order_event_history_added() RETURNS trigger
+-- Superseded versions written to stg.order_event_history, all of them or a
+-- chunk: their keys, their satellite rows, their namings.
+CREATE FUNCTION dwh.load_history_versions(object_ids bigint[], versions timestamp[],
+                                          payloads jsonb[])
+    RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    object_ids bigint[];
-    versions timestamp[];
-    payloads jsonb[];
     named record;
 BEGIN
-    SELECT array_agg(a.object_id), array_agg(a.update_ts), array_agg(a.payload)
-    INTO object_ids, versions, payloads
-    FROM added a;
-    IF object_ids IS NOT NULL THEN
-        IF NOT dwh.keys_claimed() THEN
-            named := dwh.claim_order_keys(payloads, versions,
-                                          dwh.dictionary_lock_exclusive());
-        END IF;
-        PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
-        IF NOT dwh.keys_claimed() THEN
-            PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
-                                           named.first_versions);
-        END IF;
+    IF NOT dwh.keys_claimed() THEN
+        named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
-    RETURN NULL;
+    PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
+    IF NOT dwh.keys_claimed() THEN
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
+                                       named.first_versions);
+    END IF;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.order_event_history_added() IS
-    'AFTER INSERT statement trigger of stg.order_event_history: carries superseded order versions into DDS';
+COMMENT ON FUNCTION dwh.load_history_versions(bigint[], timestamp[], jsonb[]) IS
+    'Internal: carry superseded order versions that a statement wrote into DDS';
 
 CREATE TRIGGER order_event_history_added
     AFTER INSERT ON stg.order_event_history
-    REFERENCING NEW TABLE AS added
-    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_event_history_added();
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_changed();

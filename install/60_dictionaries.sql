@@ -63,12 +63,49 @@ $fn$;
 COMMENT ON FUNCTION dwh.load_user_versions(text[], timestamp[]) IS
     'Internal: load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
 
+-- The trigger of stg.users (INSERT and UPDATE) and of stg.user_history.
+-- A statement's rows are carried dwh.trigger_chunk_rows at a time, so that
+-- a restore's COPY of millions of users holds one chunk in memory; their
+-- hubs come first, all in key order, as order batches insert them (a hub
+-- of a later chunk inserted after an earlier chunk's could wait for a
+-- batch that waits for that one).  Without JIT, as the order trigger.
 CREATE FUNCTION dwh.users_changed() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $fn$
+DECLARE
+    total bigint;
+    chunk_rows integer := current_setting('dwh.trigger_chunk_rows')::integer;
+    seen bigint := 0;
+    n integer := 0;
+    row_key text;
+    row_version timestamp;
+    keys text[];
+    versions timestamp[];
 BEGIN
-    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
-    FROM changed;
+    SELECT count(*) INTO total FROM changed;
+    IF total = 0 THEN
+        RETURN NULL;
+    END IF;
+    -- The winners are read after this lock: see dwh.user_lock_key().
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
+    INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+    SELECT DISTINCT dwh.hash_key(c.object_id), c.object_id, now() AT TIME ZONE 'UTC', 'stg.users'
+    FROM changed c
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+
+    FOR row_key, row_version IN SELECT c.object_id, c.update_ts FROM changed c LOOP
+        n := n + 1;
+        seen := seen + 1;
+        keys[n] := row_key;
+        versions[n] := row_version;
+        IF n = chunk_rows OR seen = total THEN
+            PERFORM dwh.load_user_versions(keys, versions);
+            n := 0;
+            keys := NULL;
+            versions := NULL;
+        END IF;
+    END LOOP;
 
     IF TG_OP = 'UPDATE' THEN
         -- Replaced values are superseded versions.
@@ -85,7 +122,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.users_changed() IS
-    'AFTER INSERT/UPDATE statement trigger of stg.users: user hubs and name satellites';
+    'AFTER INSERT/UPDATE statement trigger of stg.users and AFTER INSERT statement trigger of stg.user_history: user hubs and name satellites';
 
 CREATE TRIGGER users_inserted
     AFTER INSERT ON stg.users
@@ -97,22 +134,10 @@ CREATE TRIGGER users_updated
     REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
 
-CREATE FUNCTION dwh.user_history_added() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
-    FROM added;
-    RETURN NULL;
-END
-$fn$;
-COMMENT ON FUNCTION dwh.user_history_added() IS
-    'AFTER INSERT statement trigger of stg.user_history: superseded user values into DDS';
-
 CREATE TRIGGER user_history_added
     AFTER INSERT ON stg.user_history
-    REFERENCING NEW TABLE AS added
-    FOR EACH STATEMENT EXECUTE FUNCTION dwh.user_history_added();
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
 
 -- Move dishes to new categories and carry the change into the category
 -- mart: only the CLOSED orders holding a moved dish are recounted.
@@ -363,13 +388,54 @@ $fn$;
 COMMENT ON FUNCTION dwh.load_restaurant_versions(text[], timestamp[], jsonb[]) IS
     'Internal: load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
 
+-- The trigger of stg.restaurants (INSERT and UPDATE) and of
+-- stg.restaurant_history.  A statement's rows are carried a chunk at a
+-- time, a chunk closed once it holds dwh.trigger_chunk_rows menu entries
+-- (what a menu costs to load grows with its dishes): a restore's COPY of
+-- thousands of menus holds one chunk in memory.  Each chunk is loaded as a
+-- statement of its own would be: the dictionary lock, held exclusive from
+-- the statement's start, keeps every other writer of dishes, restaurants
+-- and categories out until commit.  Without JIT, as the order trigger.
 CREATE FUNCTION dwh.restaurants_changed() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $fn$
+DECLARE
+    total bigint;
+    chunk_entries integer := current_setting('dwh.trigger_chunk_rows')::integer;
+    seen bigint := 0;
+    entries bigint := 0;
+    n integer := 0;
+    row_key text;
+    row_version timestamp;
+    row_payload jsonb;
+    keys text[];
+    versions timestamp[];
+    payloads jsonb[];
 BEGIN
-    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
-                                         array_agg(payload))
-    FROM changed;
+    SELECT count(*) INTO total FROM changed;
+    IF total = 0 THEN
+        RETURN NULL;
+    END IF;
+    FOR row_key, row_version, row_payload IN
+        SELECT c.object_id, c.update_ts, c.payload FROM changed c
+    LOOP
+        n := n + 1;
+        seen := seen + 1;
+        keys[n] := row_key;
+        versions[n] := row_version;
+        payloads[n] := row_payload;
+        entries := entries + 1 + CASE jsonb_typeof(row_payload->'menu')
+                                 WHEN 'array' THEN jsonb_array_length(row_payload->'menu')
+                                 ELSE 0 END;
+        IF entries >= chunk_entries OR seen = total THEN
+            PERFORM dwh.load_restaurant_versions(keys, versions, payloads);
+            n := 0;
+            entries := 0;
+            keys := NULL;
+            versions := NULL;
+            payloads := NULL;
+        END IF;
+    END LOOP;
 
     IF TG_OP = 'UPDATE' THEN
         -- Replaced values are superseded versions.
@@ -386,7 +452,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.restaurants_changed() IS
-    'AFTER INSERT/UPDATE statement trigger of stg.restaurants: restaurants, dishes, categories and the marts they change';
+    'AFTER INSERT/UPDATE statement trigger of stg.restaurants and AFTER INSERT statement trigger of stg.restaurant_history: restaurants, dishes, categories and the marts they change';
 
 CREATE TRIGGER restaurants_inserted
     AFTER INSERT ON stg.restaurants
@@ -398,20 +464,7 @@ CREATE TRIGGER restaurants_updated
     REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();
 
-CREATE FUNCTION dwh.restaurant_history_added() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
-                                         array_agg(payload))
-    FROM added;
-    RETURN NULL;
-END
-$fn$;
-COMMENT ON FUNCTION dwh.restaurant_history_added() IS
-    'AFTER INSERT statement trigger of stg.restaurant_history: superseded restaurant values into DDS';
-
 CREATE TRIGGER restaurant_history_added
     AFTER INSERT ON stg.restaurant_history
-    REFERENCING NEW TABLE AS added
-    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurant_history_added();
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();

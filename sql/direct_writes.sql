@@ -5,12 +5,6 @@
 \i test/regress_helpers.sql
 \set ECHO all
 
-CREATE FUNCTION t.payload(object_id bigint, user_id text, status text, update_ts text,
-                          VARIADIC dishes text[]) RETURNS jsonb
-LANGUAGE sql AS $$
-    SELECT t.order_msg(object_id, user_id, status, update_ts, t.items(VARIADIC dishes))::jsonb->'payload'
-$$;
-
 -- Single-row INSERT.
 INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
 VALUES (1, 'order', '2023-04-01 20:10:00', t.payload(1, 'u1', 'CLOSED', '2023-04-01 20:00:00', 'd1:Плов'));

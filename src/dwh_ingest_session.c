@@ -38,10 +38,11 @@
  *		  STATEMENT, for the inserted rows and for the updated ones:
  *	C		dwh.keys_claimed() -> dwh_ingest_session_keys_claimed(): true,
  *			so the trigger claims no keys and loads no namings itself;
- *	SQL		dwh.load_new_orders(), dwh.load_known_orders(),
- *			dwh.unlink_replaced_items(), dwh.keep_superseded_orders() (an
- *			insert into stg.order_event_history: guard and history trigger
- *			as below): DDS, and the mart deltas;
+ *	SQL		dwh.load_order_versions(): dwh.load_new_orders(),
+ *			dwh.load_known_orders(), dwh.unlink_replaced_items(),
+ *			dwh.keep_superseded_orders() (an insert into
+ *			stg.order_event_history: guard and history trigger as below):
+ *			DDS, and the mart deltas;
  *	C		dwh.defer_mart_deltas() -> dwh_ingest_session_defer_deltas():
  *			the deltas are kept in the session, the trigger applies none.
  * C	dwh_ingest_session_end_upsert(): the deltas come back to C.  From
@@ -60,7 +61,8 @@
  *
  * A write to STG outside an ingest (a DBA's INSERT, COPY or upsert, a
  * restore) finds no session: its guard checks every row, and its triggers
- * claim their keys, apply their deltas and load their namings themselves.
+ * claim their keys, apply their deltas and load their namings themselves,
+ * a chunk of dwh.trigger_chunk_rows rows at a time.
  *
  * Sessions nest.  A trigger of a batch's statement may run another batch
  * (a trigger of the DBA's that calls dwh.ingest_orders()): the inner

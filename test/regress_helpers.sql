@@ -40,6 +40,13 @@ LANGUAGE sql AS $$
             'update_ts', update_ts))::text
 $$;
 
+-- The payload of such a message, for direct writes of STG.
+CREATE FUNCTION t.payload(object_id bigint, user_id text, status text, update_ts text,
+                          VARIADIC dishes text[]) RETURNS jsonb
+LANGUAGE sql AS $$
+    SELECT t.order_msg(object_id, user_id, status, update_ts, t.items(VARIADIC dishes))::jsonb->'payload'
+$$;
+
 -- Ingest one order through the entry point; returns its outcome.
 CREATE FUNCTION t.load(object_id bigint, user_id text, status text,
                        update_ts text, VARIADIC dishes text[])

@@ -1374,13 +1374,23 @@ $fn$;
 COMMENT ON FUNCTION dwh.keep_superseded_orders(bigint[], timestamp[], jsonb[], timestamp[]) IS
     'Internal: keep superseded order versions in stg.order_event_history';
 
-CREATE OR REPLACE FUNCTION dwh.order_events_changed() RETURNS trigger
+-- Order versions a statement wrote, all of them or a chunk: the steps of
+-- the lock order (install/40_products.sql) over them, as one batch.  Within
+-- an ingest (dwh.keys_claimed()) the keys are claimed, the mart deltas kept
+-- for the ingest's one pass (dwh.defer_mart_deltas) and the namings the
+-- ingest's; any other writer claims, applies and names here.  An UPDATE's
+-- replaced versions (superseded_*: those a new version replaced, not only
+-- its sent_dttm grew) go to the history.
+CREATE FUNCTION dwh.load_order_versions(op text, object_ids bigint[], versions timestamp[],
+                                        payloads jsonb[],
+                                        superseded_ids bigint[] DEFAULT NULL,
+                                        superseded_versions timestamp[] DEFAULT NULL,
+                                        superseded_payloads jsonb[] DEFAULT NULL,
+                                        superseded_sent timestamp[] DEFAULT NULL)
+    RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    object_ids bigint[];
-    versions timestamp[];
-    payloads jsonb[];
     named record;
     d record;
     windows boolean;
@@ -1394,13 +1404,6 @@ DECLARE
     categories uuid[];
     category_deltas integer[];
 BEGIN
-    SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
-    INTO object_ids, versions, payloads
-    FROM changed c;
-    IF object_ids IS NULL THEN
-        RETURN NULL;
-    END IF;
-
     IF NOT dwh.keys_claimed() THEN
         named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
@@ -1416,15 +1419,15 @@ BEGIN
     -- With windowed rules, what the orders count in the windows before
     -- (nothing for new orders) and after (dwh.tag_window_deltas, below).
     IF windows THEN
-        orders := ARRAY(SELECT dwh.hash_key(c.object_id::text) FROM changed c);
+        orders := ARRAY(SELECT dwh.hash_key(o::text) FROM unnest(object_ids) o);
     END IF;
 
     -- Orders DDS does not hold yet take the shorter path.  (A restore
     -- replays orders whose history it may have loaded first.)  Probed by
-    -- key: a join with the transition table, planned once while the hub
-    -- was small, kept scanning all of it for the session.
-    IF TG_OP = 'INSERT' AND NOT EXISTS (SELECT FROM dds.h_order h
-                                        WHERE h.order_id = ANY (object_ids)) THEN
+    -- key: a join with the versions, planned once while the hub was small,
+    -- kept scanning all of it for the session.
+    IF op = 'INSERT' AND NOT EXISTS (SELECT FROM dds.h_order h
+                                     WHERE h.order_id = ANY (object_ids)) THEN
         d := dwh.load_new_orders(object_ids, versions, payloads);
     ELSE
         IF windows THEN
@@ -1436,14 +1439,10 @@ BEGIN
         d := dwh.load_known_orders(object_ids, versions, payloads);
     END IF;
 
-    IF TG_OP = 'UPDATE' THEN
+    IF op = 'UPDATE' THEN
         PERFORM dwh.unlink_replaced_items(object_ids, payloads);
-        -- A replaced version is superseded (unless only its sent_dttm grew).
-        PERFORM dwh.keep_superseded_orders(array_agg(o.object_id), array_agg(o.update_ts),
-                                           array_agg(o.payload), array_agg(o.sent_dttm))
-        FROM superseded o JOIN changed c USING (object_id)
-        WHERE CASE WHEN o.update_ts <> c.update_ts THEN true
-                   ELSE o.payload::text <> c.payload::text END;
+        PERFORM dwh.keep_superseded_orders(superseded_ids, superseded_versions,
+                                           superseded_payloads, superseded_sent);
     END IF;
 
     -- The windowed tag counts' deltas travel with the category deltas
@@ -1473,12 +1472,111 @@ BEGIN
         PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
                                        named.first_versions);
     END IF;
+END
+$fn$;
+COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[], bigint[], timestamp[], jsonb[], timestamp[]) IS
+    'Internal: carry order versions that a statement wrote into DDS and the marts (and an UPDATE''s replaced versions into the history)';
 
+-- The trigger of stg.order_events (INSERT and UPDATE) and of
+-- stg.order_event_history.  A direct write (a DBA's INSERT or COPY, a
+-- restore) holds the dictionary lock exclusive from its first row
+-- (dwh.stg_statement_lock) to commit: no batch, menu change, rule change
+-- or expiry pass writes DDS or the marts meanwhile, so its rows are
+-- carried dwh.trigger_chunk_rows at a time, each chunk as a statement of
+-- its own would be, and a restore's COPY of millions of orders holds one
+-- chunk in memory.  Writers of users insert user hubs without that lock:
+-- the statement's user hubs come first, all in key order, as any batch
+-- inserts them (a hub of a later chunk inserted after an earlier chunk's
+-- could wait for a writer of users that waits for that one).  An ingest's
+-- statements, an UPDATE (whose replaced versions join its new ones) and a
+-- write under the dictionary lock held shared are carried whole.  Like a
+-- batch it runs without JIT: a chunk's plans would be compiled again at
+-- every chunk.
+CREATE OR REPLACE FUNCTION dwh.order_events_changed() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $fn$
+DECLARE
+    history boolean := TG_TABLE_NAME = 'order_event_history';
+    chunk_rows integer;
+    total bigint;
+    seen bigint := 0;
+    n integer := 0;
+    row_object_id bigint;
+    row_version timestamp;
+    row_payload jsonb;
+    object_ids bigint[];
+    versions timestamp[];
+    payloads jsonb[];
+    superseded_ids bigint[];
+    superseded_versions timestamp[];
+    superseded_payloads jsonb[];
+    superseded_sent timestamp[];
+BEGIN
+    IF TG_OP = 'INSERT' AND NOT dwh.keys_claimed() AND dwh.dictionary_lock_exclusive() THEN
+        chunk_rows := current_setting('dwh.trigger_chunk_rows')::integer;
+    END IF;
+
+    IF chunk_rows IS NULL THEN
+        SELECT array_agg(c.object_id), array_agg(c.update_ts), array_agg(c.payload)
+        INTO object_ids, versions, payloads
+        FROM changed c;
+        IF object_ids IS NULL THEN
+            RETURN NULL;
+        ELSIF history THEN
+            PERFORM dwh.load_history_versions(object_ids, versions, payloads);
+            RETURN NULL;
+        END IF;
+        -- A replaced version is superseded (unless only its sent_dttm grew).
+        IF TG_OP = 'UPDATE' THEN
+            SELECT array_agg(o.object_id), array_agg(o.update_ts), array_agg(o.payload),
+                   array_agg(o.sent_dttm)
+            INTO superseded_ids, superseded_versions, superseded_payloads, superseded_sent
+            FROM superseded o JOIN changed c USING (object_id)
+            WHERE CASE WHEN o.update_ts <> c.update_ts THEN true
+                       ELSE o.payload::text <> c.payload::text END;
+        END IF;
+        PERFORM dwh.load_order_versions(TG_OP, object_ids, versions, payloads,
+                                        superseded_ids, superseded_versions,
+                                        superseded_payloads, superseded_sent);
+        RETURN NULL;
+    END IF;
+
+    SELECT count(*) INTO total FROM changed;
+    IF total = 0 THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+    SELECT DISTINCT dwh.hash_key(c.payload->'user'->>'id'), c.payload->'user'->>'id',
+           now() AT TIME ZONE 'UTC', 'stg.order_events'
+    FROM changed c
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+
+    FOR row_object_id, row_version, row_payload IN
+        SELECT c.object_id, c.update_ts, c.payload FROM changed c
+    LOOP
+        n := n + 1;
+        seen := seen + 1;
+        object_ids[n] := row_object_id;
+        versions[n] := row_version;
+        payloads[n] := row_payload;
+        IF n = chunk_rows OR seen = total THEN
+            IF history THEN
+                PERFORM dwh.load_history_versions(object_ids, versions, payloads);
+            ELSE
+                PERFORM dwh.load_order_versions(TG_OP, object_ids, versions, payloads);
+            END IF;
+            n := 0;
+            object_ids := NULL;
+            versions := NULL;
+            payloads := NULL;
+        END IF;
+    END LOOP;
     RETURN NULL;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.order_events_changed() IS
-    'AFTER INSERT/UPDATE statement trigger of stg.order_events: carries changed orders into DDS and the marts';
+    'AFTER INSERT/UPDATE statement trigger of stg.order_events and AFTER INSERT statement trigger of stg.order_event_history: carries the versions written into DDS and the marts';
 
 DROP TRIGGER order_events_updated ON stg.order_events;
 CREATE TRIGGER order_events_updated
@@ -1562,39 +1660,33 @@ $fn$;
 COMMENT ON FUNCTION dwh.load_superseded_orders(bigint[], timestamp[], jsonb[]) IS
     'Internal: load superseded order versions: order hubs and the satellite rows of their update_ts';
 
-CREATE FUNCTION dwh.order_event_history_added() RETURNS trigger
+-- Superseded versions written to stg.order_event_history, all of them or a
+-- chunk: their keys, their satellite rows, their namings.
+CREATE FUNCTION dwh.load_history_versions(object_ids bigint[], versions timestamp[],
+                                          payloads jsonb[])
+    RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    object_ids bigint[];
-    versions timestamp[];
-    payloads jsonb[];
     named record;
 BEGIN
-    SELECT array_agg(a.object_id), array_agg(a.update_ts), array_agg(a.payload)
-    INTO object_ids, versions, payloads
-    FROM added a;
-    IF object_ids IS NOT NULL THEN
-        IF NOT dwh.keys_claimed() THEN
-            named := dwh.claim_order_keys(payloads, versions,
-                                          dwh.dictionary_lock_exclusive());
-        END IF;
-        PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
-        IF NOT dwh.keys_claimed() THEN
-            PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
-                                           named.first_versions);
-        END IF;
+    IF NOT dwh.keys_claimed() THEN
+        named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
     END IF;
-    RETURN NULL;
+    PERFORM dwh.load_superseded_orders(object_ids, versions, payloads);
+    IF NOT dwh.keys_claimed() THEN
+        PERFORM dwh.load_order_namings(named.ids, named.names, named.item_versions,
+                                       named.first_versions);
+    END IF;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.order_event_history_added() IS
-    'AFTER INSERT statement trigger of stg.order_event_history: carries superseded order versions into DDS';
+COMMENT ON FUNCTION dwh.load_history_versions(bigint[], timestamp[], jsonb[]) IS
+    'Internal: carry superseded order versions that a statement wrote into DDS';
 
 CREATE TRIGGER order_event_history_added
     AFTER INSERT ON stg.order_event_history
-    REFERENCING NEW TABLE AS added
-    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_event_history_added();
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.order_events_changed();
 
 -- Dictionaries (install/60_dictionaries.sql): one loader per kind for
 -- current and superseded values; the update triggers see the values they
@@ -1656,12 +1748,49 @@ $fn$;
 COMMENT ON FUNCTION dwh.load_user_versions(text[], timestamp[]) IS
     'Internal: load user hubs and the name satellite rows of these (user, version time) pairs from stg.users and stg.user_history';
 
+-- The trigger of stg.users (INSERT and UPDATE) and of stg.user_history.
+-- A statement's rows are carried dwh.trigger_chunk_rows at a time, so that
+-- a restore's COPY of millions of users holds one chunk in memory; their
+-- hubs come first, all in key order, as order batches insert them (a hub
+-- of a later chunk inserted after an earlier chunk's could wait for a
+-- batch that waits for that one).  Without JIT, as the order trigger.
 CREATE OR REPLACE FUNCTION dwh.users_changed() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $fn$
+DECLARE
+    total bigint;
+    chunk_rows integer := current_setting('dwh.trigger_chunk_rows')::integer;
+    seen bigint := 0;
+    n integer := 0;
+    row_key text;
+    row_version timestamp;
+    keys text[];
+    versions timestamp[];
 BEGIN
-    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
-    FROM changed;
+    SELECT count(*) INTO total FROM changed;
+    IF total = 0 THEN
+        RETURN NULL;
+    END IF;
+    -- The winners are read after this lock: see dwh.user_lock_key().
+    PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
+    INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
+    SELECT DISTINCT dwh.hash_key(c.object_id), c.object_id, now() AT TIME ZONE 'UTC', 'stg.users'
+    FROM changed c
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+
+    FOR row_key, row_version IN SELECT c.object_id, c.update_ts FROM changed c LOOP
+        n := n + 1;
+        seen := seen + 1;
+        keys[n] := row_key;
+        versions[n] := row_version;
+        IF n = chunk_rows OR seen = total THEN
+            PERFORM dwh.load_user_versions(keys, versions);
+            n := 0;
+            keys := NULL;
+            versions := NULL;
+        END IF;
+    END LOOP;
 
     IF TG_OP = 'UPDATE' THEN
         -- Replaced values are superseded versions.
@@ -1678,7 +1807,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.users_changed() IS
-    'AFTER INSERT/UPDATE statement trigger of stg.users: user hubs and name satellites';
+    'AFTER INSERT/UPDATE statement trigger of stg.users and AFTER INSERT statement trigger of stg.user_history: user hubs and name satellites';
 
 DROP TRIGGER users_updated ON stg.users;
 CREATE TRIGGER users_updated
@@ -1686,22 +1815,10 @@ CREATE TRIGGER users_updated
     REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
 
-CREATE FUNCTION dwh.user_history_added() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(update_ts))
-    FROM added;
-    RETURN NULL;
-END
-$fn$;
-COMMENT ON FUNCTION dwh.user_history_added() IS
-    'AFTER INSERT statement trigger of stg.user_history: superseded user values into DDS';
-
 CREATE TRIGGER user_history_added
     AFTER INSERT ON stg.user_history
-    REFERENCING NEW TABLE AS added
-    FOR EACH STATEMENT EXECUTE FUNCTION dwh.user_history_added();
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.users_changed();
 
 -- A dish moved to another category touches the users of the CLOSED
 -- orders holding it (their windowed tag rules are recounted).
@@ -1952,13 +2069,54 @@ $fn$;
 COMMENT ON FUNCTION dwh.load_restaurant_versions(text[], timestamp[], jsonb[]) IS
     'Internal: load restaurant versions (current or superseded): hubs, names, and the names, restaurants and categories their menus give dishes';
 
+-- The trigger of stg.restaurants (INSERT and UPDATE) and of
+-- stg.restaurant_history.  A statement's rows are carried a chunk at a
+-- time, a chunk closed once it holds dwh.trigger_chunk_rows menu entries
+-- (what a menu costs to load grows with its dishes): a restore's COPY of
+-- thousands of menus holds one chunk in memory.  Each chunk is loaded as a
+-- statement of its own would be: the dictionary lock, held exclusive from
+-- the statement's start, keeps every other writer of dishes, restaurants
+-- and categories out until commit.  Without JIT, as the order trigger.
 CREATE OR REPLACE FUNCTION dwh.restaurants_changed() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $fn$
+DECLARE
+    total bigint;
+    chunk_entries integer := current_setting('dwh.trigger_chunk_rows')::integer;
+    seen bigint := 0;
+    entries bigint := 0;
+    n integer := 0;
+    row_key text;
+    row_version timestamp;
+    row_payload jsonb;
+    keys text[];
+    versions timestamp[];
+    payloads jsonb[];
 BEGIN
-    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
-                                         array_agg(payload))
-    FROM changed;
+    SELECT count(*) INTO total FROM changed;
+    IF total = 0 THEN
+        RETURN NULL;
+    END IF;
+    FOR row_key, row_version, row_payload IN
+        SELECT c.object_id, c.update_ts, c.payload FROM changed c
+    LOOP
+        n := n + 1;
+        seen := seen + 1;
+        keys[n] := row_key;
+        versions[n] := row_version;
+        payloads[n] := row_payload;
+        entries := entries + 1 + CASE jsonb_typeof(row_payload->'menu')
+                                 WHEN 'array' THEN jsonb_array_length(row_payload->'menu')
+                                 ELSE 0 END;
+        IF entries >= chunk_entries OR seen = total THEN
+            PERFORM dwh.load_restaurant_versions(keys, versions, payloads);
+            n := 0;
+            entries := 0;
+            keys := NULL;
+            versions := NULL;
+            payloads := NULL;
+        END IF;
+    END LOOP;
 
     IF TG_OP = 'UPDATE' THEN
         -- Replaced values are superseded versions.
@@ -1975,7 +2133,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION dwh.restaurants_changed() IS
-    'AFTER INSERT/UPDATE statement trigger of stg.restaurants: restaurants, dishes, categories and the marts they change';
+    'AFTER INSERT/UPDATE statement trigger of stg.restaurants and AFTER INSERT statement trigger of stg.restaurant_history: restaurants, dishes, categories and the marts they change';
 
 DROP TRIGGER restaurants_updated ON stg.restaurants;
 CREATE TRIGGER restaurants_updated
@@ -1983,23 +2141,10 @@ CREATE TRIGGER restaurants_updated
     REFERENCING OLD TABLE AS superseded NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();
 
-CREATE FUNCTION dwh.restaurant_history_added() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    PERFORM dwh.load_restaurant_versions(array_agg(object_id), array_agg(update_ts),
-                                         array_agg(payload))
-    FROM added;
-    RETURN NULL;
-END
-$fn$;
-COMMENT ON FUNCTION dwh.restaurant_history_added() IS
-    'AFTER INSERT statement trigger of stg.restaurant_history: superseded restaurant values into DDS';
-
 CREATE TRIGGER restaurant_history_added
     AFTER INSERT ON stg.restaurant_history
-    REFERENCING NEW TABLE AS added
-    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurant_history_added();
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION dwh.restaurants_changed();
 
 -- Ingest (install/70_ingest.sql).
 

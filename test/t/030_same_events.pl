@@ -13,7 +13,9 @@
 #   shuffled    one statement per event, in a random order
 #   batches     dwh.ingest_orders() batches and multi-row dictionary upserts
 #   concurrent  2-3 connections at once, one transaction per statement
-#   copy        COPY of the events whose keys are new, upserts for the rest
+#   copy        COPY of the events whose keys are new, upserts for the rest,
+#               carried through DDS in chunks of 1 to 3 rows
+#               (dwh.trigger_chunk_rows, as in both restores)
 #   kafka       order messages produced to 3 partitions of a real broker and
 #               applied by two workers, dictionary values written before,
 #               while and after; then one partition replayed from the
@@ -278,7 +280,7 @@ UPDATE dwh.tag_rules SET window_as_of = '2100-04-01 09:55:00' WHERE window_days 
 # brings them.
 sub create_database
 {
-	my ($db, $with_extension, $restore, $icu) = @_;
+	my ($db, $with_extension, $restore, $icu, $chunk) = @_;
 	if ($icu)
 	{
 		sql('postgres', qq{CREATE DATABASE "$db" TEMPLATE template0 ENCODING 'UTF8'
@@ -291,6 +293,8 @@ sub create_database
 	{
 		sql('postgres', qq{CREATE DATABASE "$db"});
 	}
+	# Every later session of the database, the restore's too.
+	sql('postgres', qq{ALTER DATABASE "$db" SET dwh.trigger_chunk_rows = $chunk}) if $chunk;
 	sql($db, 'CREATE EXTENSION dwh') if $with_extension;
 	sql($db, tag_rules_statement()) if $with_extension && !$restore;
 	return;
@@ -416,8 +420,12 @@ sub make_plans
 	my %limit;
 	@order = $rng->shuffle(@n);
 	$limit{$_} = $rng->range(1, 6) foreach @order;
+	# Direct writes are carried through DDS in chunks (dwh.trigger_chunk_rows):
+	# here and in the restores, of 1 to 3 rows.
+	my $chunk = $rng->range(1, 3);
 	push @plans, { name => 'copy', path => 'e', order => \@order, limit => \%limit,
-		what => 'in a random order, COPY for new keys, upserts for the rest' };
+		chunk => $chunk,
+		what => "in a random order, COPY for new keys, upserts for the rest, chunks of $chunk" };
 
 	# The Kafka workers: order messages produced to random partitions (each
 	# partition in a random order) and consumed by two workers; dictionary
@@ -436,11 +444,14 @@ sub make_plans
 		what => "$kafka_partitions partitions, 2 workers, partition $replay replayed" };
 
 	my $source = $rng->pick('shuffled', 'batches', 'concurrent', 'copy', 'kafka');
-	push @plans, { name => 'restore_j', path => 'd', source => $source,
-		what => "pg_restore -j 4 of a dump of $source" };
+	$chunk = $rng->range(1, 3);
+	push @plans, { name => 'restore_j', path => 'd', source => $source, chunk => $chunk,
+		what => "pg_restore -j 4 of a dump of $source, chunks of $chunk" };
 	$source = $rng->pick('inorder', 'shuffled', 'batches', 'concurrent', 'copy', 'kafka');
+	$chunk = $rng->range(1, 3);
 	push @plans, { name => 'restore_data', path => 'd', source => $source, data_only => 1,
-		what => "pg_restore --data-only of a dump of $source after CREATE EXTENSION" };
+		chunk => $chunk,
+		what => "pg_restore --data-only of a dump of $source after CREATE EXTENSION, chunks of $chunk" };
 
 	# Every tie-break and name comparison is by bytes, whatever the
 	# database's default collation.
@@ -468,13 +479,13 @@ sub build_database
 		push @errors, run_client('pg_dump', '-Fc', '-f', $dump,
 			'-h', $node->host, '-p', $node->port, '-d', $source_db)
 		  unless -e $dump;
-		create_database($db, $plan->{data_only}, 1);
+		create_database($db, $plan->{data_only}, 1, 0, $plan->{chunk});
 		push @errors, run_client('pg_restore', ($plan->{data_only} ? '--data-only' : ('-j', '4')),
 			'-h', $node->host, '-p', $node->port, '-d', $db, $dump);
 		return @errors;
 	}
 
-	create_database($db, 1, 0, $plan->{icu});
+	create_database($db, 1, 0, $plan->{icu}, $plan->{chunk});
 	if ($plan->{path} eq 'a')
 	{
 		@statements = map { event_statement($by_n->{$_}) } @order;

@@ -1,8 +1,8 @@
 # Concurrent writers never deadlock, and what they leave is what one writer
 # leaves.  Several connections ingest overlapping random batches of one
 # order stream (every message reaches two or three of them, in different
-# orders and batch sizes), one writes order versions directly with upserts,
-# and one changes menus all along (dishes renamed and moved to other
+# orders and batch sizes), one writes order versions directly with upserts
+# (carried through DDS in chunks of a few rows), and one changes menus all along (dishes renamed and moved to other
 # categories, which takes the dictionary lock exclusively).  The test then
 # asserts that the server logged no deadlock, that every statement
 # succeeded, that dwh.verify() is empty, and that every stg, dds and cdm
@@ -136,7 +136,8 @@ sub ingest_script
 	return \@statements;
 }
 
-# Direct upserts of random orders' messages, a few at a time.
+# Direct upserts of random orders' messages, a few at a time, carried
+# through DDS in chunks of 3 to 10 rows (dwh.trigger_chunk_rows).
 sub direct_script
 {
 	my @mine = grep { rand() < 0.3 } shuffle(1 .. scalar(@lines));
@@ -145,7 +146,9 @@ sub direct_script
 	{
 		my @batch = splice(@mine, 0, 1 + int(rand(20)));
 		my $ids = join(',', @batch);
+		my $chunk = 3 + int(rand(8));
 		push @statements, qq{
+SET dwh.trigger_chunk_rows = $chunk;
 INSERT INTO stg.order_events AS t (object_id, object_type, sent_dttm, payload)
 SELECT DISTINCT ON ((m->>'object_id')::bigint) (m->>'object_id')::bigint, 'order',
        (m->>'sent_dttm')::timestamp, m->'payload'
