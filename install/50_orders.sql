@@ -442,11 +442,12 @@ COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[]
 -- The trigger of stg.order_events (INSERT and UPDATE) and of
 -- stg.order_event_history.  A direct write (a DBA's INSERT or COPY, a
 -- restore) holds the dictionary lock exclusive from its first row
--- (dwh.stg_statement_lock) to commit: no batch, menu change, rule change
--- or expiry pass writes DDS or the marts meanwhile, so its rows are
--- carried dwh.trigger_chunk_rows at a time, each chunk as a statement of
--- its own would be, and a restore's COPY of millions of orders holds one
--- chunk in memory.  Writers of users insert user hubs without that lock:
+-- (dwh.stg_statement_lock) to commit, and the tag lock shared from its
+-- first chunk: no batch or menu change, nor after that a rule change or an
+-- expiry pass, writes DDS or the marts meanwhile.  So its rows are carried
+-- dwh.trigger_chunk_rows at a time, each chunk as a statement of its own
+-- would be, and a restore's COPY of millions of orders holds one chunk in
+-- memory.  Writers of users insert user hubs without that lock:
 -- the statement's user hubs come first, all in key order, as any batch
 -- inserts them (a hub of a later chunk inserted after an earlier chunk's
 -- could wait for a writer of users that waits for that one).  An ingest's
