@@ -349,7 +349,7 @@ COMMENT ON FUNCTION dwh.refresh_product_names(uuid[]) IS
 -- order triggers run them over what their statement wrote when no ingest
 -- did, a chunk at a time under the dictionary lock held exclusive:
 -- install/50_orders.sql).  Any other statement that writes orders takes
--- the dictionary lock exclusive before its first row
+-- the dictionary lock and the user lock exclusive before its first row
 -- (dwh.stg_statement_lock).
 
 -- Does loading these namings change the current name of some dish, or

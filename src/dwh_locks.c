@@ -518,16 +518,22 @@ PG_FUNCTION_INFO_V1(dwh_stg_statement_lock);
  * statements, in the mode its batch needs; any other statement that writes
  * orders (a DBA's INSERT, COPY or upsert, a restore) takes it here,
  * exclusively, because only its AFTER triggers will know whether it renames
- * a dish, and by then it holds rows that a batch may wait for.  After the
- * tag lock exclusive it is refused rather than waited for, as
+ * a dish, and by then it holds rows that a batch may wait for.  Such a
+ * statement takes the user lock exclusive too, as writers of users do:
+ * its triggers insert user hubs in several passes (an upsert's UPDATE
+ * trigger before its INSERT trigger, the history the guard writes row by
+ * row, the chunks of a large statement), which a writer of users inserting
+ * the same hubs in key order could wait for while holding one of them.
+ * After the tag lock exclusive both are refused rather than waited for, as
  * dwh.xact_lock() does (dictionary_lock_after_tag_lock), also when the
- * transaction holds it shared: the rows come before the batch's claim.
+ * transaction holds them: the rows come before the batch's claim.
  */
 Datum
 dwh_stg_statement_lock(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	LOCKTAG		tag;
+	bool		held;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
@@ -535,12 +541,21 @@ dwh_stg_statement_lock(PG_FUNCTION_ARGS)
 		elog(ERROR, "dwh_stg_statement_lock: must be a BEFORE STATEMENT trigger");
 
 	dictionary_locktag(&tag);
+	held = LockHeldByMe(&tag, ExclusiveLock) || LockHeldByMe(&tag, ShareLock);
 	if (statement_begins_later_write(trigdata))
 		later_write_locks();
 	else if (tag_lock_held_exclusive())
+	{
 		dictionary_lock_after_tag_lock(&tag);
-	else if (!LockHeldByMe(&tag, ExclusiveLock) && !LockHeldByMe(&tag, ShareLock))
+		if (!held)
+			user_lock_after_tag_lock();
+	}
+	else if (!held)
+	{
 		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+		dwh_locktag(&tag, DWH_USER_LOCK_KEY);
+		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	}
 	return PointerGetDatum(NULL);
 }
 

@@ -1479,20 +1479,16 @@ COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[]
 
 -- The trigger of stg.order_events (INSERT and UPDATE) and of
 -- stg.order_event_history.  A direct write (a DBA's INSERT or COPY, a
--- restore) holds the dictionary lock exclusive from its first row
--- (dwh.stg_statement_lock) to commit, and the tag lock shared from its
--- first chunk: no batch or menu change, nor after that a rule change or an
--- expiry pass, writes DDS or the marts meanwhile.  So its rows are carried
--- dwh.trigger_chunk_rows at a time, each chunk as a statement of its own
--- would be, and a restore's COPY of millions of orders holds one chunk in
--- memory.  Writers of users insert user hubs without that lock:
--- the statement's user hubs come first, all in key order, as any batch
--- inserts them (a hub of a later chunk inserted after an earlier chunk's
--- could wait for a writer of users that waits for that one).  An ingest's
--- statements, an UPDATE (whose replaced versions join its new ones) and a
--- write under the dictionary lock held shared are carried whole.  Like a
--- batch it runs without JIT: a chunk's plans would be compiled again at
--- every chunk.
+-- restore) holds the dictionary lock and the user lock exclusive from its
+-- first row (dwh.stg_statement_lock) to commit, and the tag lock shared
+-- from its first chunk: no batch, menu change or writer of users, nor
+-- after that a rule change or an expiry pass, writes DDS or the marts
+-- meanwhile.  So its rows are carried dwh.trigger_chunk_rows at a time,
+-- each chunk as a statement of its own would be, and a restore's COPY of
+-- millions of orders holds one chunk in memory.  An ingest's statements,
+-- an UPDATE (whose replaced versions join its new ones) and a write under
+-- the dictionary lock held shared are carried whole.  Like a batch it runs
+-- without JIT: a chunk's plans would be compiled again at every chunk.
 CREATE OR REPLACE FUNCTION dwh.order_events_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 AS $fn$
@@ -1543,16 +1539,6 @@ BEGIN
     END IF;
 
     SELECT count(*) INTO total FROM changed;
-    IF total = 0 THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO dds.h_user (h_user_pk, user_id, load_dt, load_src)
-    SELECT DISTINCT dwh.hash_key(c.payload->'user'->>'id'), c.payload->'user'->>'id',
-           now() AT TIME ZONE 'UTC', 'stg.order_events'
-    FROM changed c
-    ORDER BY 1
-    ON CONFLICT DO NOTHING;
-
     FOR row_object_id, row_version, row_payload IN
         SELECT c.object_id, c.update_ts, c.payload FROM changed c
     LOOP
