@@ -525,8 +525,10 @@ PG_FUNCTION_INFO_V1(dwh_stg_statement_lock);
  * row, the chunks of a large statement), which a writer of users inserting
  * the same hubs in key order could wait for while holding one of them.
  * After the tag lock exclusive both are refused rather than waited for, as
- * dwh.xact_lock() does (dictionary_lock_after_tag_lock), also when the
- * transaction holds them: the rows come before the batch's claim.
+ * dwh.xact_lock() does (dictionary_lock_after_tag_lock); the dictionary
+ * lock also when the transaction holds it shared, since the rows come
+ * before the batch's claim, and the user lock only when this statement
+ * takes the dictionary lock itself.
  */
 Datum
 dwh_stg_statement_lock(PG_FUNCTION_ARGS)
