@@ -712,3 +712,21 @@ END
 $fn$;
 COMMENT ON FUNCTION dwh.apply_mart_deltas(uuid[], uuid[], integer[], uuid[], uuid[], integer[], boolean) IS
     'Internal: add per-key order count deltas to the marts, in key order (rows reaching zero are deleted), then refresh the user tags they change';
+
+-- Deltas of several chunks of one statement, summed per key, as
+-- dwh.apply_mart_deltas takes them (each key once).  A key whose sum is
+-- zero changes nothing and is left out, but for the users touched, whose
+-- tags are looked at whatever their counts did.
+CREATE FUNCTION dwh.sum_mart_deltas(users uuid[], keys uuid[], deltas integer[],
+                                    OUT summed_users uuid[], OUT summed_keys uuid[],
+                                    OUT summed_deltas integer[])
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT array_agg(s.user_id), array_agg(s.key), array_agg(s.d)
+    FROM (SELECT x.user_id, x.key, sum(x.d)::integer AS d
+          FROM unnest(users, keys, deltas) AS x(user_id, key, d)
+          GROUP BY x.user_id, x.key
+          HAVING sum(x.d) <> 0 OR x.key = dwh.touched_user_key()) s
+$fn$;
+COMMENT ON FUNCTION dwh.sum_mart_deltas(uuid[], uuid[], integer[]) IS
+    'Internal: sum mart deltas per (user, key), leaving out the sums of zero';

@@ -340,16 +340,22 @@ COMMENT ON FUNCTION dwh.keep_superseded_orders(bigint[], timestamp[], jsonb[], t
 -- the lock order (install/40_products.sql) over them, as one batch.  Within
 -- an ingest (dwh.keys_claimed()) the keys are claimed, the mart deltas kept
 -- for the ingest's one pass (dwh.defer_mart_deltas) and the namings the
--- ingest's; any other writer claims, applies and names here.  An UPDATE's
--- replaced versions (superseded_*: those a new version replaced, not only
--- its sent_dttm grew) go to the history.
+-- ingest's; any other writer claims and names here, and applies the
+-- deltas unless it keeps them (keep_mart_deltas: returned to the trigger
+-- that carries a statement in chunks).  An UPDATE's replaced versions
+-- (superseded_*: those a new version replaced, not only its sent_dttm
+-- grew) go to the history.
 CREATE FUNCTION dwh.load_order_versions(op text, object_ids bigint[], versions timestamp[],
                                         payloads jsonb[],
                                         superseded_ids bigint[] DEFAULT NULL,
                                         superseded_versions timestamp[] DEFAULT NULL,
                                         superseded_payloads jsonb[] DEFAULT NULL,
-                                        superseded_sent timestamp[] DEFAULT NULL)
-    RETURNS void
+                                        superseded_sent timestamp[] DEFAULT NULL,
+                                        keep_mart_deltas boolean DEFAULT false,
+                                        OUT product_users uuid[], OUT products uuid[],
+                                        OUT product_deltas integer[],
+                                        OUT category_users uuid[], OUT categories uuid[],
+                                        OUT category_deltas integer[])
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -362,9 +368,6 @@ DECLARE
     before_categories uuid[];
     before_counts integer[];
     w record;
-    category_users uuid[];
-    categories uuid[];
-    category_deltas integer[];
 BEGIN
     IF NOT dwh.keys_claimed() THEN
         named := dwh.claim_order_keys(payloads, versions, dwh.dictionary_lock_exclusive());
@@ -409,6 +412,9 @@ BEGIN
 
     -- The windowed tag counts' deltas travel with the category deltas
     -- (install/78_tag_windows.sql).
+    product_users := d.product_users;
+    products := d.products;
+    product_deltas := d.product_deltas;
     category_users := d.category_users;
     categories := d.categories;
     category_deltas := d.category_deltas;
@@ -423,11 +429,21 @@ BEGIN
     END IF;
 
     -- The marts, after DDS.  (Within an ingest, deferred to the end of its
-    -- upsert: one sorted pass for the INSERT and UPDATE triggers together.)
-    IF NOT dwh.defer_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                 category_users, categories, category_deltas) THEN
-        PERFORM dwh.apply_mart_deltas(d.product_users, d.products, d.product_deltas,
-                                      category_users, categories, category_deltas);
+    -- upsert: one sorted pass for the INSERT and UPDATE triggers together.
+    -- A chunk of a direct write returns them to its trigger, which sums
+    -- the chunks' deltas before it applies them.)
+    IF NOT keep_mart_deltas THEN
+        IF NOT dwh.defer_mart_deltas(product_users, products, product_deltas,
+                                     category_users, categories, category_deltas) THEN
+            PERFORM dwh.apply_mart_deltas(product_users, products, product_deltas,
+                                          category_users, categories, category_deltas);
+        END IF;
+        product_users := NULL;
+        products := NULL;
+        product_deltas := NULL;
+        category_users := NULL;
+        categories := NULL;
+        category_deltas := NULL;
     END IF;
 
     IF NOT dwh.keys_claimed() THEN
@@ -436,8 +452,8 @@ BEGIN
     END IF;
 END
 $fn$;
-COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[], bigint[], timestamp[], jsonb[], timestamp[]) IS
-    'Internal: carry order versions that a statement wrote into DDS and the marts (and an UPDATE''s replaced versions into the history)';
+COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[], bigint[], timestamp[], jsonb[], timestamp[], boolean) IS
+    'Internal: carry order versions that a statement wrote into DDS and the marts (and an UPDATE''s replaced versions into the history); with keep_mart_deltas, return the mart deltas instead of applying them';
 
 -- The trigger of stg.order_events (INSERT and UPDATE) and of
 -- stg.order_event_history.  A direct write (a DBA's INSERT or COPY, a
@@ -447,7 +463,13 @@ COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[]
 -- after that a rule change or an expiry pass, writes DDS or the marts
 -- meanwhile.  So its rows are carried dwh.trigger_chunk_rows at a time,
 -- each chunk as a statement of its own would be, and a restore's COPY of
--- millions of orders holds one chunk in memory.  An ingest's statements,
+-- millions of orders holds one chunk in memory.  Only the marts wait: the
+-- chunks' deltas are summed and applied when the sums pass 16 chunks'
+-- worth of keys, or at the end.  Applied chunk by chunk, each chunk
+-- updated again the mart rows of the chunks before it, whose versions this
+-- transaction cannot prune: a chunk's pass took longer with every chunk.
+-- The sums are taken each time the deltas kept have doubled, so the work
+-- stays linear in the rows.  An ingest's statements,
 -- an UPDATE (whose replaced versions join its new ones) and a write under
 -- the dictionary lock held shared are carried whole.  Like a batch it runs
 -- without JIT: a chunk's plans would be compiled again at every chunk.
@@ -470,6 +492,15 @@ DECLARE
     superseded_versions timestamp[];
     superseded_payloads jsonb[];
     superseded_sent timestamp[];
+    d record;
+    kept_product_users uuid[];
+    kept_products uuid[];
+    kept_product_deltas integer[];
+    kept_category_users uuid[];
+    kept_categories uuid[];
+    kept_category_deltas integer[];
+    kept integer;
+    summed integer := 0;
 BEGIN
     IF TG_OP = 'INSERT' AND NOT dwh.keys_claimed() AND dwh.dictionary_lock_exclusive() THEN
         chunk_rows := current_setting('dwh.trigger_chunk_rows')::integer;
@@ -513,7 +544,42 @@ BEGIN
             IF history THEN
                 PERFORM dwh.load_history_versions(object_ids, versions, payloads);
             ELSE
-                PERFORM dwh.load_order_versions(TG_OP, object_ids, versions, payloads);
+                d := dwh.load_order_versions(TG_OP, object_ids, versions, payloads,
+                                             keep_mart_deltas => true);
+                kept_product_users := kept_product_users || d.product_users;
+                kept_products := kept_products || d.products;
+                kept_product_deltas := kept_product_deltas || d.product_deltas;
+                kept_category_users := kept_category_users || d.category_users;
+                kept_categories := kept_categories || d.categories;
+                kept_category_deltas := kept_category_deltas || d.category_deltas;
+                kept := coalesce(cardinality(kept_products), 0)
+                        + coalesce(cardinality(kept_categories), 0);
+                IF kept >= 2 * greatest(summed, chunk_rows) OR seen = total THEN
+                    d := dwh.sum_mart_deltas(kept_product_users, kept_products,
+                                             kept_product_deltas);
+                    kept_product_users := d.summed_users;
+                    kept_products := d.summed_keys;
+                    kept_product_deltas := d.summed_deltas;
+                    d := dwh.sum_mart_deltas(kept_category_users, kept_categories,
+                                             kept_category_deltas);
+                    kept_category_users := d.summed_users;
+                    kept_categories := d.summed_keys;
+                    kept_category_deltas := d.summed_deltas;
+                    summed := coalesce(cardinality(kept_products), 0)
+                              + coalesce(cardinality(kept_categories), 0);
+                    IF summed >= 16 * chunk_rows OR seen = total THEN
+                        PERFORM dwh.apply_mart_deltas(kept_product_users, kept_products,
+                                                      kept_product_deltas, kept_category_users,
+                                                      kept_categories, kept_category_deltas);
+                        kept_product_users := NULL;
+                        kept_products := NULL;
+                        kept_product_deltas := NULL;
+                        kept_category_users := NULL;
+                        kept_categories := NULL;
+                        kept_category_deltas := NULL;
+                        summed := 0;
+                    END IF;
+                END IF;
             END IF;
             n := 0;
             object_ids := NULL;

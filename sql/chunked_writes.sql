@@ -70,7 +70,9 @@ FROM (VALUES
     (19, '2023-07-01 12:00:00', ARRAY['d1:Плов по-фергански']),
     (20, '2023-04-20 20:00:00', ARRAY['d3:Шурпа'])) AS o(i, v, dishes)
 ORDER BY i;
--- Seven chunks, each with its claim, marts and namings.
+-- Seven chunks, each with its claim and namings; the marts written once,
+-- with the chunks' deltas summed (they stay below 16 chunks' worth of
+-- keys: 48 at chunks of three).
 SELECT t.calls('load_order_versions') AS chunks,
        t.calls('claim_order_keys') AS claims,
        t.calls('apply_mart_deltas') AS mart_passes,
@@ -100,6 +102,7 @@ SELECT t.calls('load_history_versions') AS history_chunks,
 COMMIT;
 SELECT count(*) AS open_status_rows FROM dds.s_order_status WHERE status = 'OPEN';
 SELECT * FROM t.check();
+
 
 -- An upsert in chunks: orders 21 to 25 new (two chunks), 1 to 4 newer
 -- versions (their UPDATE is one chunk, its replaced versions kept in the
@@ -200,5 +203,23 @@ SELECT count(DISTINCT h.user_id) AS users, count(*) AS name_rows,
 FROM dds.h_user h JOIN dds.s_user_names s USING (h_user_pk)
 WHERE h.user_id LIKE 'n%';
 SELECT * FROM t.check();
+
+-- Eight orders of new users in chunks of one: each brings five keys or
+-- more (dishes, categories, the user's counts), so the sums pass 16 keys
+-- every few chunks and the marts are written then, and at the end.
+SET dwh.trigger_chunk_rows = 1;
+SELECT t.flush();
+BEGIN;
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+SELECT i, 'order', '2023-07-02 00:00:00',
+       t.payload(i, 'u' || i, 'CLOSED', '2023-07-01 12:00:00', 'd3:Шурпа', 'd4:Чай')
+FROM generate_series(131, 138) i
+ORDER BY i;
+SELECT t.calls('load_order_versions') AS chunks,
+       t.calls('apply_mart_deltas') AS mart_passes;
+COMMIT;
+SELECT * FROM t.check();
+SELECT count(*) AS rows, sum(order_cnt) AS orders FROM cdm.user_product_counters m
+JOIN dds.h_user u ON u.h_user_pk = m.user_id WHERE u.user_id LIKE 'u13_';
 RESET dwh.trigger_chunk_rows;
 DROP ROLE regress_dwh_chunks;
