@@ -57,7 +57,11 @@ CREATE TABLE dwh.tag_rules (
     CONSTRAINT tag_rules_threshold_check CHECK (threshold >= 1),
     CONSTRAINT tag_rules_window_days_check CHECK (window_days BETWEEN 1 AND 36500),
     CONSTRAINT tag_rules_window_as_of_check
-        CHECK ((window_days IS NULL) = (window_as_of IS NULL))
+        CHECK ((window_days IS NULL) = (window_as_of IS NULL)),
+    -- A window reaching back from before year 1 would start before the
+    -- earliest timestamp: every count over it would fail.
+    CONSTRAINT tag_rules_window_as_of_range
+        CHECK (window_as_of >= '0001-01-01 00:00:00' OR NOT isfinite(window_as_of))
 );
 COMMENT ON TABLE dwh.tag_rules IS 'User tag rules: a user holds a rule''s tag while the orders it counts reach its threshold; written with plain SQL, each change recomputes the rule''s tags';
 COMMENT ON COLUMN dwh.tag_rules.tag IS 'The tag''s name (unique, 1 to 200 characters)';

@@ -74,6 +74,17 @@ SELECT t.try($$INSERT INTO dwh.tag_rules (tag, kind, window_days)
 SELECT t.try(format($$INSERT INTO dwh.tag_rules (tag, kind) VALUES (%L, 'all_orders')$$,
                     repeat('я', 201))) AS constraint_name_of_201_characters;
 ALTER TABLE dwh.tag_rules ENABLE TRIGGER tag_rules_check;
+-- A superuser's write of window_as_of is kept, but not one before year 1,
+-- from which the window would start before the earliest timestamp (and
+-- every count over it, ingestion included, would fail).
+INSERT INTO dwh.tag_rules (tag, kind, window_days) VALUES ('x', 'all_orders', 36500);
+SELECT t.try($$UPDATE dwh.tag_rules SET window_as_of = '4713-01-01 00:00:00 BC'
+               WHERE tag = 'x'$$) AS window_before_year_1;
+UPDATE dwh.tag_rules SET window_as_of = '0001-01-01 00:00:00' WHERE tag = 'x';
+SELECT count(*) AS verify_rows FROM dwh.verify();
+UPDATE dwh.tag_rules SET window_as_of = '-infinity' WHERE tag = 'x';
+SELECT count(*) AS verify_rows FROM dwh.verify();
+DELETE FROM dwh.tag_rules WHERE tag = 'x';
 SELECT count(*) AS rules FROM dwh.tag_rules;
 
 -- Rules: soups (a category), plov (a dish), regulars (all orders), the
