@@ -636,7 +636,8 @@ BEGIN
         ORDER BY h.object_id, h.update_ts, h.payload::text COLLATE "C" DESC
     ),
     -- order_dt is the current version's: set here only for an order whose
-    -- current version is not loaded yet (a restore), then by it.
+    -- current version is not loaded yet (a restore), then by it (and
+    -- below).
     order_hub AS (
         INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
         SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC',
@@ -676,6 +677,25 @@ BEGIN
     SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
         hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
     WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment);
+
+    -- An order without a current version (a restore that has not loaded it
+    -- yet, or left it out) takes the date of its greatest version, not of
+    -- whichever came first.  Ingests and direct writes of current versions
+    -- never get here: their orders have one.
+    UPDATE dds.h_order o
+    SET order_dt = w.order_dt
+    FROM (SELECT DISTINCT a.object_id
+          FROM unnest(object_ids) AS a(object_id)
+          WHERE NOT EXISTS (SELECT FROM stg.order_events c
+                            WHERE c.object_id = a.object_id)) a
+    CROSS JOIN LATERAL (
+        SELECT (h.payload->>'date')::timestamp AS order_dt
+        FROM stg.order_event_history h
+        WHERE h.object_id = a.object_id
+        ORDER BY h.update_ts DESC, h.payload::text COLLATE "C" DESC
+        LIMIT 1) w
+    WHERE o.h_order_pk = dwh.hash_key(a.object_id::text)
+      AND o.order_dt IS DISTINCT FROM w.order_dt;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_superseded_orders(bigint[], timestamp[], jsonb[]) IS

@@ -273,6 +273,16 @@ BEGIN
                (payload->>'date')::timestamp::text AS v
         FROM order_version WHERE is_current
         UNION ALL
+        -- An order without a current version (a restore that left it out):
+        -- the date of its greatest version.
+        SELECT 'dds.h_order', k, v FROM (
+            SELECT DISTINCT ON (o.object_id) o.object_id::text AS k,
+                   (o.payload->>'date')::timestamp::text AS v
+            FROM order_version o
+            WHERE NOT EXISTS (SELECT FROM order_version c
+                              WHERE c.is_current AND c.object_id = o.object_id)
+            ORDER BY o.object_id, o.update_ts DESC, o.payload::text COLLATE "C" DESC) x
+        UNION ALL
         SELECT 'dds.h_user', k, '' FROM (
             SELECT payload->'user'->>'id' AS k FROM every_version
             UNION SELECT object_id FROM dwh.user_versions WHERE part = 0) x
@@ -596,10 +606,14 @@ BEGIN
                                          array_agg(payload))
     FROM dwh.restaurant_versions;
 
+    -- Every order in STG, those without a current version too (a restore
+    -- that left it out).
     FOR bounds IN
         SELECT min(object_id) AS lo, max(object_id) AS hi
         FROM (SELECT object_id, (row_number() OVER (ORDER BY object_id) - 1) / chunk AS g
-              FROM stg.order_events) x
+              FROM (SELECT object_id FROM stg.order_events
+                    UNION
+                    SELECT object_id FROM stg.order_event_history) o) x
         GROUP BY g ORDER BY g
     LOOP
         SELECT c.* INTO named

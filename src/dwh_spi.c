@@ -54,8 +54,16 @@ dwh_error_is_about_data(ErrorData *edata)
 {
 	switch (ERRCODE_TO_CATEGORY(edata->sqlerrcode))
 	{
-		case ERRCODE_DATA_EXCEPTION:
 		case ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION:
+
+			/*
+			 * No message decides a unique key that the writers do not upsert
+			 * on: a duplicate is a surrogate id whose sequence is behind its
+			 * table (the middle of a restore, a table restored alone), which
+			 * would refuse every message until the sequence moves on.
+			 */
+			return edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION;
+		case ERRCODE_DATA_EXCEPTION:
 		case ERRCODE_PROGRAM_LIMIT_EXCEEDED:
 		case ERRCODE_PLPGSQL_ERROR:
 			return true;

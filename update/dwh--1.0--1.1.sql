@@ -1686,7 +1686,8 @@ BEGIN
         ORDER BY h.object_id, h.update_ts, h.payload::text COLLATE "C" DESC
     ),
     -- order_dt is the current version's: set here only for an order whose
-    -- current version is not loaded yet (a restore), then by it.
+    -- current version is not loaded yet (a restore), then by it (and
+    -- below).
     order_hub AS (
         INSERT INTO dds.h_order (h_order_pk, order_id, order_dt, load_dt, load_src)
         SELECT DISTINCT ON (h_order_pk) h_order_pk, object_id, order_dt, now() AT TIME ZONE 'UTC',
@@ -1726,6 +1727,25 @@ BEGIN
     SET cost = EXCLUDED.cost, payment = EXCLUDED.payment,
         hk_order_cost_hashdiff = EXCLUDED.hk_order_cost_hashdiff
     WHERE (s.cost, s.payment) IS DISTINCT FROM (EXCLUDED.cost, EXCLUDED.payment);
+
+    -- An order without a current version (a restore that has not loaded it
+    -- yet, or left it out) takes the date of its greatest version, not of
+    -- whichever came first.  Ingests and direct writes of current versions
+    -- never get here: their orders have one.
+    UPDATE dds.h_order o
+    SET order_dt = w.order_dt
+    FROM (SELECT DISTINCT a.object_id
+          FROM unnest(object_ids) AS a(object_id)
+          WHERE NOT EXISTS (SELECT FROM stg.order_events c
+                            WHERE c.object_id = a.object_id)) a
+    CROSS JOIN LATERAL (
+        SELECT (h.payload->>'date')::timestamp AS order_dt
+        FROM stg.order_event_history h
+        WHERE h.object_id = a.object_id
+        ORDER BY h.update_ts DESC, h.payload::text COLLATE "C" DESC
+        LIMIT 1) w
+    WHERE o.h_order_pk = dwh.hash_key(a.object_id::text)
+      AND o.order_dt IS DISTINCT FROM w.order_dt;
 END
 $fn$;
 COMMENT ON FUNCTION dwh.load_superseded_orders(bigint[], timestamp[], jsonb[]) IS
@@ -4013,6 +4033,16 @@ BEGIN
                (payload->>'date')::timestamp::text AS v
         FROM order_version WHERE is_current
         UNION ALL
+        -- An order without a current version (a restore that left it out):
+        -- the date of its greatest version.
+        SELECT 'dds.h_order', k, v FROM (
+            SELECT DISTINCT ON (o.object_id) o.object_id::text AS k,
+                   (o.payload->>'date')::timestamp::text AS v
+            FROM order_version o
+            WHERE NOT EXISTS (SELECT FROM order_version c
+                              WHERE c.is_current AND c.object_id = o.object_id)
+            ORDER BY o.object_id, o.update_ts DESC, o.payload::text COLLATE "C" DESC) x
+        UNION ALL
         SELECT 'dds.h_user', k, '' FROM (
             SELECT payload->'user'->>'id' AS k FROM every_version
             UNION SELECT object_id FROM dwh.user_versions WHERE part = 0) x
@@ -4443,10 +4473,14 @@ BEGIN
                                          array_agg(payload))
     FROM dwh.restaurant_versions;
 
+    -- Every order in STG, those without a current version too (a restore
+    -- that left it out).
     FOR bounds IN
         SELECT min(object_id) AS lo, max(object_id) AS hi
         FROM (SELECT object_id, (row_number() OVER (ORDER BY object_id) - 1) / chunk AS g
-              FROM stg.order_events) x
+              FROM (SELECT object_id FROM stg.order_events
+                    UNION
+                    SELECT object_id FROM stg.order_event_history) o) x
         GROUP BY g ORDER BY g
     LOOP
         SELECT c.* INTO named
