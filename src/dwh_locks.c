@@ -193,10 +193,11 @@ dictionary_lock_after_tag_lock(const LOCKTAG *tag)
 
 /*
  * The user lock, in a transaction that holds the tag lock exclusive and
- * now writes users: the user lock comes before the tag lock in the lock
- * order (dwh.rebuild() takes the dictionary lock, the user lock, then the
- * tag lock), and a writer of users that then changes a tag rule holds it
- * while it waits for the tag lock.  Taken at once, or refused.
+ * now writes users or writes orders directly (not in an ingest): the user
+ * lock comes before the tag lock in the lock order (dwh.rebuild() takes
+ * the dictionary lock, the user lock, then the tag lock), and a writer of
+ * users that then changes a tag rule holds it while it waits for the tag
+ * lock.  Taken at once, or refused.
  */
 static void
 user_lock_after_tag_lock(void)
@@ -207,8 +208,8 @@ user_lock_after_tag_lock(void)
 	if (!lock_exclusive_at_once(&tag))
 		ereport(ERROR,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
-				 errmsg("could not take the user lock: another session's write of users holds it"),
-				 errdetail("This transaction changed tag rules, expired or rebuilt tags before writing users; that session may wait for the tag lock this transaction holds."),
+				 errmsg("could not take the user lock: another session's write of users or direct write of orders holds it"),
+				 errdetail("This transaction changed tag rules, expired or rebuilt tags before writing users or writing orders directly; that session may wait for the tag lock this transaction holds."),
 				 errhint("Change tag rules, expire tags and rebuild in a transaction of their own.")));
 }
 
