@@ -107,6 +107,15 @@ SELECT t.error_of($$INSERT INTO stg.user_history (object_id, payload)
     VALUES ('u1', '{"_id": "u1", "name": "Анна В.", "login": "anna", "update_ts_utc": "2023-04-03 09:00:00"}')$$);
 SELECT t.error_of($$INSERT INTO stg.restaurant_history (object_id, payload)
     VALUES ('rest-1', '{"_id": "rest-1", "name": "R", "menu": [], "update_ts_utc": "2023-04-03 09:00:00"}')$$);
+-- Nor does the current version itself: it would be held twice (the same
+-- version received again raises the current row's sent_dttm).
+SELECT t.error_of($$INSERT INTO stg.order_event_history (object_id, update_ts, payload, sent_dttm)
+    SELECT object_id, update_ts, payload, sent_dttm + interval '1 hour'
+    FROM stg.order_events WHERE object_id = 2$$);
+SELECT t.error_of($$INSERT INTO stg.user_history (object_id, payload)
+    SELECT object_id, payload FROM stg.users WHERE object_id = 'u1'$$);
+SELECT t.error_of($$INSERT INTO stg.restaurant_history (object_id, payload)
+    SELECT object_id, payload FROM stg.restaurants WHERE object_id = 'rest-1'$$);
 -- An older version is history, as it should be.
 SELECT t.error_of($$INSERT INTO stg.order_event_history (object_id, update_ts, payload, sent_dttm)
     VALUES (2, '2023-04-02 19:00:00',

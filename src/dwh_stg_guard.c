@@ -188,13 +188,17 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
 /*
  * A history table holds the versions of a key other than its current one:
  * one newer than the current version belongs in the current table (whose
- * guard then moves the current one here).  Written here directly, DDS
- * would take it for what the key held before its next version arrives,
- * and the marts would never count the change.  Nor may the history of a
- * key without a current version be written: an older version written to
- * the current table next would become current beside a newer one, which
- * nothing counts.  A restore is the exception: it loads the history first,
- * and its dump's current versions are the newest.
+ * guard then moves the current one here), and so does the current version
+ * itself (received again, it raises the current row's sent_dttm; kept here
+ * too, it would be held twice, which a warehouse that received it once
+ * does not).  Written here directly, a newer version would be taken by DDS
+ * for what the key held before its next version arrives, and the marts
+ * would never count the change.  Nor may the history of a key without a
+ * current version be written: an older version written to the current
+ * table next would become current beside a newer one, which nothing
+ * counts.  A restore is the exception to both: it loads the history first,
+ * its dump's current versions are the newest, and it brings back what the
+ * server dumped accepted.
  */
 static void
 refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
@@ -250,10 +254,11 @@ refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
 		bool		cur_ts_null;
 		Datum		cur_ts = SPI_getbinval(cur, cur_desc, 1, &cur_ts_null);
 		Datum		cur_payload = SPI_getbinval(cur, cur_desc, 2, &isnull);
+		int			cmp = version_cmp(has_ts, ts, payload, !cur_ts_null,
+									  cur_ts_null ? 0 : DatumGetTimestamp(cur_ts),
+									  DatumGetJsonbP(cur_payload));
 
-		if (version_cmp(has_ts, ts, payload, !cur_ts_null,
-						cur_ts_null ? 0 : DatumGetTimestamp(cur_ts),
-						DatumGetJsonbP(cur_payload)) > 0)
+		if (cmp > 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_CHECK_VIOLATION),
 					 errmsg("a version newer than the current one cannot be written to %s.%s",
@@ -263,6 +268,18 @@ refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
 							   SPI_getvalue(tuple, tupdesc, key_col), current),
 					 errhint("Write it to %s: the version it replaces moves to the history.",
 							 current)));
+		else if (cmp == 0 && !dwh_session_restores())
+			ereport(ERROR,
+					(errcode(ERRCODE_CHECK_VIOLATION),
+					 errmsg("the current version cannot be written to %s.%s",
+							get_namespace_name(RelationGetNamespace(rel)),
+							RelationGetRelationName(rel)),
+					 errdetail("The row has object_id %s, whose current version in %s is this one.",
+							   SPI_getvalue(tuple, tupdesc, key_col), current),
+					 strcmp(kind, "order") == 0 ?
+					 errhint("Write it to %s: a version received again raises the sent_dttm of its row there.",
+							 current) :
+					 errhint("%s holds it already.", current)));
 	}
 	else if (!dwh_session_restores())
 		ereport(ERROR,
