@@ -218,6 +218,25 @@ WHERE object_id = (SELECT min(object_id) FROM stg.order_events);
 INSERT INTO stg.user_history (object_id, payload) VALUES ('u-null', NULL);
 \set VERBOSITY default
 
+-- What the ingest and the Redis worker refuse is refused written directly
+-- too (it used to be stored): a user or restaurant key that no order can
+-- name (empty, longer than 128 bytes), a value nested deeper than 2048
+-- levels.  2048 levels and a key of 128 bytes are accepted.
+\set VERBOSITY sqlstate
+INSERT INTO stg.users (object_id, payload) VALUES ('', '{"name": "E", "login": "e"}');
+INSERT INTO stg.restaurants (object_id, payload) VALUES (repeat('r', 129), '{"name": "R", "menu": []}');
+INSERT INTO stg.users (object_id, payload)
+VALUES ('u-deep', ('{"name": "D", "login": "d", "x": ' || repeat('[', 2048) || repeat(']', 2048) || '}')::jsonb);
+INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload)
+SELECT 98, 'order', '2023-01-01 00:00:00',
+       t.payload(98, 'u1', 'CLOSED', '2023-01-01 00:00:00', 'd1:Плов')
+       || jsonb_build_object('x', (repeat('[', 2048) || repeat(']', 2048))::jsonb);
+\set VERBOSITY default
+INSERT INTO stg.users (object_id, payload)
+VALUES ('u-deep', ('{"name": "D", "login": "d", "x": ' || repeat('[', 2047) || repeat(']', 2047) || '}')::jsonb);
+INSERT INTO stg.restaurants (object_id, payload) VALUES (repeat('r', 128), '{"name": "R", "menu": []}');
+SELECT count(*) AS accepted FROM stg.users WHERE object_id = 'u-deep';
+
 -- A reason that quotes the value is valid UTF-8 even when the value is
 -- not: a parser's error text can cut a character in two (a dump of such a
 -- dead letter could not be restored).

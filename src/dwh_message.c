@@ -202,6 +202,53 @@ check_nesting(const char *data, int len, DwhProblem *problem)
 }
 
 /*
+ * dwh_jsonb_nesting_check
+ *		Is a stored value nested at most DWH_JSON_MAX_DEPTH deep, as every
+ *		value the ingest and the Redis worker read must be?  For writes of
+ *		STG that did not come through them.
+ */
+bool
+dwh_jsonb_nesting_check(Jsonb *value, DwhProblem *problem)
+{
+	JsonbIterator *it = JsonbIteratorInit(&value->root);
+	JsonbIteratorToken token;
+	JsonbValue	v;
+	int			depth = 0;
+
+	while ((token = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	{
+		if (token == WJB_BEGIN_ARRAY || token == WJB_BEGIN_OBJECT)
+		{
+			if (++depth > DWH_JSON_MAX_DEPTH)
+				return problem_set(problem, ERRCODE_STATEMENT_TOO_COMPLEX,
+								   "value is nested deeper than %d levels",
+								   DWH_JSON_MAX_DEPTH);
+		}
+		else if (token == WJB_END_ARRAY || token == WJB_END_OBJECT)
+			depth--;
+	}
+	return true;
+}
+
+/*
+ * dwh_dictionary_key_check
+ *		Can a user or restaurant have this key (len bytes)?  The Redis worker
+ *		reads no other (dwh_redis_key_refused), and orders name no other.
+ */
+bool
+dwh_dictionary_key_check(const char *key, int len, DwhProblem *problem)
+{
+	if (len == 0)
+		return problem_set(problem, ERRCODE_ZERO_LENGTH_CHARACTER_STRING,
+						   "object_id is empty: no order can name it");
+	if (len > DWH_MAX_KEY_LEN)
+		return problem_set(problem, ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+						   "object_id of %d bytes is longer than %d bytes, the longest id an order can name",
+						   len, DWH_MAX_KEY_LEN);
+	return true;
+}
+
+/*
  * Say why jsonb_in refused text (len bytes), which failed with edata.
  * PostgreSQL's JSON parser, which reports a syntax error without raising
  * one, tells bad syntax and \u0000 from a value that is JSON but does not

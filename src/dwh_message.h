@@ -63,6 +63,9 @@ extern bool dwh_restaurant_value_check(JsonbContainer *value,
 									   bool *has_update_ts,
 									   Timestamp *update_ts,
 									   DwhProblem *problem);
+extern bool dwh_jsonb_nesting_check(Jsonb *value, DwhProblem *problem);
+extern bool dwh_dictionary_key_check(const char *key, int len,
+									 DwhProblem *problem);
 extern int	dwh_jsonb_text_cmp(Jsonb *a, Jsonb *b);
 extern char *dwh_valid_utf8(const char *s);
 extern void dwh_valid_utf8_in_place(char *s);

@@ -303,7 +303,12 @@ dwh_redis_key_refused(const char *key, size_t len, DwhRedisRefusedKey *refused)
 	const char *nul;
 
 	memset(refused, 0, sizeof(DwhRedisRefusedKey));
-	if (len > DWH_MAX_KEY_LEN)
+	if (len == 0)
+	{
+		refused->sqlstate = ERRCODE_ZERO_LENGTH_CHARACTER_STRING;
+		refused->reason = pstrdup("Redis key is empty: no order can name it (its value was not read)");
+	}
+	else if (len > DWH_MAX_KEY_LEN)
 	{
 		refused->sqlstate = ERRCODE_STRING_DATA_RIGHT_TRUNCATION;
 		refused->reason = psprintf("Redis key of %zu bytes is longer than %d bytes, the longest id an order can name (raw holds the key; its value was not read)",

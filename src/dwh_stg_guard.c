@@ -402,6 +402,7 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 	Timestamp	ts = 0;
 	DwhProblem	problem;
 	bool		ok;
+	bool		checked = false;	/* by the ingest, this very payload */
 	int			ncols;
 	int			cols[2];
 	Datum		values[2];
@@ -448,9 +449,10 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 		 * of their day (a lower one since must not refuse the version that
 		 * replaces them).
 		 */
-		ok = (!isnull &&
-			  dwh_ingest_session_checked_order(DatumGetInt64(object_id),
-											   payload, &ts)) ||
+		checked = !isnull &&
+			dwh_ingest_session_checked_order(DatumGetInt64(object_id),
+											 payload, &ts);
+		ok = checked ||
 			dwh_order_payload_check(&payload->root,
 									(is_history || dwh_session_restores()) ?
 									INT_MAX : dwh_max_order_items,
@@ -462,6 +464,29 @@ dwh_stg_guard(PG_FUNCTION_ARGS)
 		ok = dwh_restaurant_value_check(&payload->root, &has_ts, &ts, &problem);
 	else
 		elog(ERROR, "dwh_stg_guard: unknown kind \"%s\"", kind);
+
+	/*
+	 * What the ingest and the Redis worker refuse before they write: keys no
+	 * order can name, values nested deeper than they read.  Not in a restore,
+	 * which brings back what the server dumped accepted.
+	 */
+	if (ok && !checked && !dwh_session_restores())
+	{
+		if (strcmp(kind, "order") != 0)
+		{
+			Datum		key = SPI_getbinval(newtuple, tupdesc, key_col, &isnull);
+
+			if (!isnull)
+			{
+				text	   *t = DatumGetTextPP(key);
+
+				ok = dwh_dictionary_key_check(VARDATA_ANY(t),
+											  VARSIZE_ANY_EXHDR(t), &problem);
+			}
+		}
+		if (ok)
+			ok = dwh_jsonb_nesting_check(payload, &problem);
+	}
 
 	if (!ok)
 		ereport(ERROR,

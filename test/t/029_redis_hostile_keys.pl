@@ -8,7 +8,8 @@
 #    in every message naming Redis.
 # 2. Keys found by SCAN that are not valid UTF-8 (0xff, a surrogate encoded
 #    in UTF-8, overlong forms), that hold a NUL byte ("u1\0x" next to a
-#    real "u1") or that are longer than 128 bytes are dead-lettered once,
+#    real "u1"), that are empty (SCAN returns it; the worker left it unread
+#    and uncounted) or that are longer than 128 bytes are dead-lettered once,
 #    with the key's bytes in raw and no source_key, however many refresh
 #    passes find them again, and again once the dead letters are deleted;
 #    the log counts them; no text column holds them; the valid keys
@@ -185,6 +186,7 @@ my %refused = (
 	"ov\xc0\xaf" => [ '22021', qr/^Redis key is not valid UTF-8 from byte 3 on/ ],
 	"ov3\xe0\x80\xaf" => [ '22021', qr/^Redis key is not valid UTF-8 from byte 4 on/ ],
 	"u1\0x" => [ '22021', qr/^Redis key holds a NUL byte at byte 3/ ],
+	'' => [ '2200F', qr/^Redis key is empty/ ],
 	('K' x 129) => [ '22001', qr/^Redis key of 129 bytes is longer than 128 bytes/ ],
 	('L' x 2000) => [ '22001', qr/^Redis key of 2000 bytes is longer than 128 bytes/ ]);
 $redis->set_bytes($_, user_value('Impostor', 'impostor')) for sort keys %refused;
