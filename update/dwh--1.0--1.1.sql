@@ -1555,7 +1555,6 @@ DECLARE
     kept_category_users uuid[];
     kept_categories uuid[];
     kept_category_deltas integer[];
-    kept integer;
     summed integer := 0;
 BEGIN
     IF TG_OP = 'INSERT' AND NOT dwh.keys_claimed() AND dwh.dictionary_lock_exclusive() THEN
@@ -1596,52 +1595,54 @@ BEGIN
         object_ids[n] := row_object_id;
         versions[n] := row_version;
         payloads[n] := row_payload;
-        IF n = chunk_rows OR seen = total THEN
-            IF history THEN
-                PERFORM dwh.load_history_versions(object_ids, versions, payloads);
-            ELSE
-                d := dwh.load_order_versions(TG_OP, object_ids, versions, payloads,
-                                             keep_mart_deltas => true);
-                kept_product_users := kept_product_users || d.product_users;
-                kept_products := kept_products || d.products;
-                kept_product_deltas := kept_product_deltas || d.product_deltas;
-                kept_category_users := kept_category_users || d.category_users;
-                kept_categories := kept_categories || d.categories;
-                kept_category_deltas := kept_category_deltas || d.category_deltas;
-                kept := coalesce(cardinality(kept_products), 0)
-                        + coalesce(cardinality(kept_categories), 0);
-                IF kept >= 2 * greatest(summed, chunk_rows) OR seen = total THEN
-                    d := dwh.sum_mart_deltas(kept_product_users, kept_products,
-                                             kept_product_deltas);
-                    kept_product_users := d.summed_users;
-                    kept_products := d.summed_keys;
-                    kept_product_deltas := d.summed_deltas;
-                    d := dwh.sum_mart_deltas(kept_category_users, kept_categories,
-                                             kept_category_deltas);
-                    kept_category_users := d.summed_users;
-                    kept_categories := d.summed_keys;
-                    kept_category_deltas := d.summed_deltas;
-                    summed := coalesce(cardinality(kept_products), 0)
-                              + coalesce(cardinality(kept_categories), 0);
-                    IF summed >= 16 * chunk_rows OR seen = total THEN
-                        PERFORM dwh.apply_mart_deltas(kept_product_users, kept_products,
-                                                      kept_product_deltas, kept_category_users,
-                                                      kept_categories, kept_category_deltas);
-                        kept_product_users := NULL;
-                        kept_products := NULL;
-                        kept_product_deltas := NULL;
-                        kept_category_users := NULL;
-                        kept_categories := NULL;
-                        kept_category_deltas := NULL;
-                        summed := 0;
-                    END IF;
-                END IF;
+        CONTINUE WHEN n < chunk_rows AND seen < total;
+
+        IF history THEN
+            PERFORM dwh.load_history_versions(object_ids, versions, payloads);
+        ELSE
+            d := dwh.load_order_versions(TG_OP, object_ids, versions, payloads,
+                                         keep_mart_deltas => true);
+            kept_product_users := kept_product_users || d.product_users;
+            kept_products := kept_products || d.products;
+            kept_product_deltas := kept_product_deltas || d.product_deltas;
+            kept_category_users := kept_category_users || d.category_users;
+            kept_categories := kept_categories || d.categories;
+            kept_category_deltas := kept_category_deltas || d.category_deltas;
+            IF coalesce(cardinality(kept_products), 0) + coalesce(cardinality(kept_categories), 0)
+                   >= 2 * greatest(summed, chunk_rows)
+               OR seen = total THEN
+                d := dwh.sum_mart_deltas(kept_product_users, kept_products,
+                                         kept_product_deltas);
+                kept_product_users := d.summed_users;
+                kept_products := d.summed_keys;
+                kept_product_deltas := d.summed_deltas;
+                d := dwh.sum_mart_deltas(kept_category_users, kept_categories,
+                                         kept_category_deltas);
+                kept_category_users := d.summed_users;
+                kept_categories := d.summed_keys;
+                kept_category_deltas := d.summed_deltas;
+                summed := coalesce(cardinality(kept_products), 0)
+                          + coalesce(cardinality(kept_categories), 0);
             END IF;
-            n := 0;
-            object_ids := NULL;
-            versions := NULL;
-            payloads := NULL;
+            -- Past 16 chunks' worth of keys once summed (an apply sets summed
+            -- back to 0), or at the end.
+            IF summed >= 16 * chunk_rows OR seen = total THEN
+                PERFORM dwh.apply_mart_deltas(kept_product_users, kept_products,
+                                              kept_product_deltas, kept_category_users,
+                                              kept_categories, kept_category_deltas);
+                kept_product_users := NULL;
+                kept_products := NULL;
+                kept_product_deltas := NULL;
+                kept_category_users := NULL;
+                kept_categories := NULL;
+                kept_category_deltas := NULL;
+                summed := 0;
+            END IF;
         END IF;
+        n := 0;
+        object_ids := NULL;
+        versions := NULL;
+        payloads := NULL;
     END LOOP;
     RETURN NULL;
 END
