@@ -469,9 +469,9 @@ COMMENT ON FUNCTION dwh.load_order_versions(text, bigint[], timestamp[], jsonb[]
 -- updated again the mart rows of the chunks before it, whose versions this
 -- transaction cannot prune: a chunk's pass took longer with every chunk.
 -- The sums are taken each time the deltas kept have doubled, so the work
--- stays linear in the rows.  An ingest's statements,
--- an UPDATE (whose replaced versions join its new ones) and a write under
--- the dictionary lock held shared are carried whole.  Like a batch it runs
+-- stays linear in the rows.  An UPDATE is chunked too, each new version
+-- with the one it replaced.  An ingest's statements and a write under the
+-- dictionary lock held shared are carried whole.  Like a batch it runs
 -- without JIT: a chunk's plans would be compiled again at every chunk.
 CREATE FUNCTION dwh.order_events_changed() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
@@ -482,9 +482,9 @@ DECLARE
     total bigint;
     seen bigint := 0;
     n integer := 0;
-    row_object_id bigint;
-    row_version timestamp;
-    row_payload jsonb;
+    m integer := 0;
+    rows refcursor;
+    r record;
     object_ids bigint[];
     versions timestamp[];
     payloads jsonb[];
@@ -501,7 +501,7 @@ DECLARE
     kept_category_deltas integer[];
     summed integer := 0;
 BEGIN
-    IF TG_OP = 'INSERT' AND NOT dwh.keys_claimed() AND dwh.dictionary_lock_exclusive() THEN
+    IF NOT dwh.keys_claimed() AND dwh.dictionary_lock_exclusive() THEN
         chunk_rows := current_setting('dwh.trigger_chunk_rows')::integer;
     END IF;
 
@@ -530,21 +530,45 @@ BEGIN
         RETURN NULL;
     END IF;
 
+    -- In chunks: each new version with the one it replaced, for an UPDATE
+    -- (no UPDATE changes a key: dwh.stg_guard).
+    IF TG_OP = 'UPDATE' THEN
+        OPEN rows FOR
+            SELECT c.object_id, c.update_ts, c.payload,
+                   CASE WHEN o.update_ts <> c.update_ts THEN true
+                        ELSE o.payload::text <> c.payload::text END AS superseded,
+                   o.update_ts AS old_version, o.payload AS old_payload,
+                   o.sent_dttm AS old_sent
+            FROM changed c JOIN superseded o USING (object_id);
+    ELSE
+        OPEN rows FOR
+            SELECT c.object_id, c.update_ts, c.payload, false AS superseded
+            FROM changed c;
+    END IF;
     SELECT count(*) INTO total FROM changed;
-    FOR row_object_id, row_version, row_payload IN
-        SELECT c.object_id, c.update_ts, c.payload FROM changed c
     LOOP
+        FETCH rows INTO r;
+        EXIT WHEN NOT FOUND;
         n := n + 1;
         seen := seen + 1;
-        object_ids[n] := row_object_id;
-        versions[n] := row_version;
-        payloads[n] := row_payload;
+        object_ids[n] := r.object_id;
+        versions[n] := r.update_ts;
+        payloads[n] := r.payload;
+        IF r.superseded THEN
+            m := m + 1;
+            superseded_ids[m] := r.object_id;
+            superseded_versions[m] := r.old_version;
+            superseded_payloads[m] := r.old_payload;
+            superseded_sent[m] := r.old_sent;
+        END IF;
         CONTINUE WHEN n < chunk_rows AND seen < total;
 
         IF history THEN
             PERFORM dwh.load_history_versions(object_ids, versions, payloads);
         ELSE
             d := dwh.load_order_versions(TG_OP, object_ids, versions, payloads,
+                                         superseded_ids, superseded_versions,
+                                         superseded_payloads, superseded_sent,
                                          keep_mart_deltas => true);
             kept_product_users := kept_product_users || d.product_users;
             kept_products := kept_products || d.products;
@@ -584,10 +608,16 @@ BEGIN
             END IF;
         END IF;
         n := 0;
+        m := 0;
         object_ids := NULL;
         versions := NULL;
         payloads := NULL;
+        superseded_ids := NULL;
+        superseded_versions := NULL;
+        superseded_payloads := NULL;
+        superseded_sent := NULL;
     END LOOP;
+    CLOSE rows;
     RETURN NULL;
 END
 $fn$;

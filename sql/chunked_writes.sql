@@ -105,7 +105,7 @@ SELECT * FROM t.check();
 
 
 -- An upsert in chunks: orders 21 to 25 new (two chunks), 1 to 4 newer
--- versions (their UPDATE is one chunk, its replaced versions kept in the
+-- versions (their UPDATE two chunks, its replaced versions kept in the
 -- history).
 SELECT t.flush();
 BEGIN;
@@ -127,6 +127,32 @@ SET sent_dttm = EXCLUDED.sent_dttm, payload = EXCLUDED.payload
 WHERE EXCLUDED.update_ts >= t.update_ts;
 SELECT t.calls('load_order_versions') AS chunks;
 COMMIT;
+SELECT * FROM t.products;
+SELECT u.user_id, x.tag FROM cdm.user_tags x JOIN dds.h_user u ON u.h_user_pk = x.user_id
+ORDER BY 1, 2;
+SELECT * FROM t.check();
+
+-- An UPDATE in chunks: orders 11 to 17, seven rows, are three chunks, each
+-- new version with the one it replaced.  Orders 11 to 15 get a newer
+-- version naming d4 (the even ones cancelled): the versions they replace
+-- go to the history.  Orders 16 and 17 keep their version, only their
+-- sent_dttm grows: nothing of theirs goes to the history.
+SELECT count(*) AS history_rows FROM stg.order_event_history
+WHERE object_id BETWEEN 11 AND 17;
+SELECT t.flush();
+BEGIN;
+UPDATE stg.order_events e
+SET payload = CASE WHEN e.object_id <= 15
+                   THEN t.payload(e.object_id, 'u' || (e.object_id % 4 + 1),
+                                  CASE WHEN e.object_id % 2 = 0 THEN 'CANCELLED' ELSE 'CLOSED' END,
+                                  '2023-09-01 12:00:00', 'd4:Чай')
+                   ELSE e.payload END,
+    sent_dttm = e.sent_dttm + interval '1 day'
+WHERE e.object_id BETWEEN 11 AND 17;
+SELECT t.calls('load_order_versions') AS chunks;
+COMMIT;
+SELECT object_id, update_ts FROM stg.order_event_history
+WHERE object_id BETWEEN 11 AND 17 ORDER BY 1, 2;
 SELECT * FROM t.products;
 SELECT u.user_id, x.tag FROM cdm.user_tags x JOIN dds.h_user u ON u.h_user_pk = x.user_id
 ORDER BY 1, 2;
