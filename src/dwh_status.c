@@ -6,7 +6,7 @@
  *	  dwh.kafka_partitions views.
  *
  * Each worker owns one slot and is its only writer; readers copy a slot
- * under its spinlock, so a row never mixes two moments.  Nothing here is
+ * under its lock, so a row never mixes two moments.  Nothing here is
  * durable: a server restart starts every counter from zero, while the
  * offsets that matter live in dwh.kafka_offsets.
  *
@@ -32,6 +32,9 @@
 
 static DwhSharedStatus *shared = NULL;
 
+/* One lock a slot, and one for the watermarks. */
+#define STATUS_TRANCHE "dwh status"
+
 /*
  * dwh_status_shmem_request
  *		Reserve the shared memory (PG15: from shmem_request_hook only).
@@ -40,6 +43,7 @@ void
 dwh_status_shmem_request(void)
 {
 	RequestAddinShmemSpace(MAXALIGN(sizeof(DwhSharedStatus)));
+	RequestNamedLWLockTranche(STATUS_TRANCHE, DWH_STATUS_SLOTS + 1);
 }
 
 /*
@@ -121,12 +125,13 @@ dwh_status_shmem_startup(void)
 	shared = ShmemInitStruct("dwh status", sizeof(DwhSharedStatus), &found);
 	if (!found)
 	{
+		LWLockPadded *locks = GetNamedLWLockTranche(STATUS_TRANCHE);
 		int			i;
 
 		memset(shared, 0, sizeof(DwhSharedStatus));
 		for (i = 0; i < DWH_STATUS_SLOTS; i++)
-			SpinLockInit(&shared->workers[i].mutex);
-		SpinLockInit(&shared->watermark_mutex);
+			shared->workers[i].lock = &locks[i].lock;
+		shared->watermark_lock = &locks[DWH_STATUS_SLOTS].lock;
 		publish_unregistered();
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -149,12 +154,12 @@ detach_slot(int code, Datum arg)
 	DwhWorkerStatus *slot = (DwhWorkerStatus *) DatumGetPointer(arg);
 	TimestampTz now = GetCurrentTimestamp();
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->pid = 0;
 	slot->n_assigned = 0;
 	strlcpy(slot->state, "stopped", DWH_STATE_LEN);
 	slot->state_since = now;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -172,7 +177,7 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	ensure_shared();
 	slot = &shared->workers[slot_number(kind, index)];
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->kind = kind;
 	slot->index = index;
 	slot->pid = MyProcPid;
@@ -196,7 +201,7 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	slot->events_produced = 0;
 	slot->events_pending = 0;
 	slot->last_produced_at = 0;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 
 	before_shmem_exit(detach_slot, PointerGetDatum(slot));
 	return slot;
@@ -220,14 +225,13 @@ dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
 	/* Read as text by dwh.status: never invalid, even when cut short. */
 	dwh_valid_utf8_in_place(buf);
 
-	/* No system call while the spinlock is held. */
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	if (strcmp(slot->state, buf) != 0)
 	{
 		strlcpy(slot->state, buf, DWH_STATE_LEN);
 		slot->state_since = now;
 	}
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -249,10 +253,10 @@ dwh_status_set_error(DwhWorkerStatus *slot, const char *fmt,...)
 	va_end(args);
 	dwh_valid_utf8_in_place(buf);
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	strlcpy(slot->last_error, buf, DWH_ERROR_LEN);
 	slot->last_error_at = now;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -264,9 +268,9 @@ dwh_status_has_error(DwhWorkerStatus *slot)
 {
 	bool		has;
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	has = slot->last_error[0] != '\0';
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 	return has;
 }
 
@@ -278,10 +282,10 @@ dwh_status_has_error(DwhWorkerStatus *slot)
 void
 dwh_status_clear_error(DwhWorkerStatus *slot)
 {
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->last_error[0] = '\0';
 	slot->last_error_at = 0;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -291,10 +295,10 @@ dwh_status_clear_error(DwhWorkerStatus *slot)
 void
 dwh_status_set_assigned(DwhWorkerStatus *slot, const int32 *partitions, int n)
 {
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->n_assigned = Min(n, DWH_MAX_PARTITIONS);
 	memcpy(slot->assigned, partitions, sizeof(int32) * slot->n_assigned);
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -313,14 +317,14 @@ dwh_status_owned_partitions(bool *owned)
 		DwhWorkerStatus *s = &shared->workers[i];
 		int			j;
 
-		SpinLockAcquire(&s->mutex);
+		LWLockAcquire(s->lock, LW_SHARED);
 		if (s->kind == DWH_WORKER_KAFKA && s->pid != 0)
 		{
 			for (j = 0; j < s->n_assigned; j++)
 				if (s->assigned[j] >= 0 && s->assigned[j] < DWH_MAX_PARTITIONS)
 					owned[s->assigned[j]] = true;
 		}
-		SpinLockRelease(&s->mutex);
+		LWLockRelease(s->lock);
 	}
 }
 
@@ -334,13 +338,13 @@ dwh_status_count_batch(DwhWorkerStatus *slot, int64 messages,
 {
 	TimestampTz now = GetCurrentTimestamp();
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->messages += messages;
 	slot->dead_letters += dead_letters;
 	slot->batches++;
 	slot->apply_time += Max(now - started, 0);
 	slot->last_batch_at = now;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -351,12 +355,12 @@ void
 dwh_status_set_redis(DwhWorkerStatus *slot, int64 keys_mirrored,
 					 int64 keys_missing, int64 refreshes, int64 changes_found)
 {
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->keys_mirrored = keys_mirrored;
 	slot->keys_missing = keys_missing;
 	slot->refreshes = refreshes;
 	slot->changes_found = changes_found;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -368,12 +372,12 @@ dwh_status_count_expiry(DwhWorkerStatus *slot, int rules_moved, int events)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->expiry_passes++;
 	slot->last_expiry_at = now;
 	slot->last_expiry_rules_moved = rules_moved;
 	slot->last_expiry_events = events;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -388,12 +392,12 @@ dwh_status_set_feed(DwhWorkerStatus *slot, int64 produced, int64 pending)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	if (produced != slot->events_produced)
 		slot->last_produced_at = now;
 	slot->events_produced = produced;
 	slot->events_pending = pending;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -414,11 +418,11 @@ dwh_status_wake_kafka_workers(void)
 		int			pid;
 		PGPROC	   *proc;
 
-		SpinLockAcquire(&slot->mutex);
+		LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 		pid = slot->pid;
 		if (pid != 0)
 			slot->offsets_changed = true;
-		SpinLockRelease(&slot->mutex);
+		LWLockRelease(slot->lock);
 		if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
 			SetLatch(&proc->procLatch);
 	}
@@ -439,10 +443,10 @@ dwh_status_wake_tags_worker(void)
 	if (shared == NULL)
 		return;					/* loaded without the preload: no worker */
 	slot = &shared->workers[DWH_TAGS_SLOT];
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	pid = slot->pid;
 	slot->events_queued = true;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 	if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
 		SetLatch(&proc->procLatch);
 }
@@ -510,10 +514,10 @@ dwh_status_take_events_queued(DwhWorkerStatus *slot)
 {
 	bool		queued;
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	queued = slot->events_queued;
 	slot->events_queued = false;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 	return queued;
 }
 
@@ -526,10 +530,10 @@ dwh_status_take_offsets_changed(DwhWorkerStatus *slot)
 {
 	bool		changed;
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	changed = slot->offsets_changed;
 	slot->offsets_changed = false;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 	return changed;
 }
 
@@ -546,7 +550,7 @@ dwh_status_set_watermark(const char *topic, int32 partition, int64 low,
 
 	if (partition < 0 || partition >= DWH_MAX_PARTITIONS)
 		return;
-	SpinLockAcquire(&shared->watermark_mutex);
+	LWLockAcquire(shared->watermark_lock, LW_EXCLUSIVE);
 	if (strncmp(shared->watermark_topic, topic,
 				sizeof(shared->watermark_topic)) != 0)
 	{
@@ -558,7 +562,7 @@ dwh_status_set_watermark(const char *topic, int32 partition, int64 low,
 	shared->watermarks[partition].high = high;
 	shared->watermarks[partition].observed_at = now;
 	shared->watermarks[partition].worker = worker;
-	SpinLockRelease(&shared->watermark_mutex);
+	LWLockRelease(shared->watermark_lock);
 }
 
 static Datum
@@ -619,9 +623,9 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 		Datum	   *parts;
 		int			j;
 
-		SpinLockAcquire(&shared->workers[i].mutex);
+		LWLockAcquire(shared->workers[i].lock, LW_SHARED);
 		memcpy(&s, &shared->workers[i], sizeof(s));
-		SpinLockRelease(&shared->workers[i].mutex);
+		LWLockRelease(shared->workers[i].lock);
 		if (s.kind == DWH_WORKER_NONE)
 			continue;
 
@@ -701,10 +705,10 @@ dwh_kafka_watermarks(PG_FUNCTION_ARGS)
 		return (Datum) 0;		/* no workers, no watermarks */
 
 	marks = palloc(sizeof(shared->watermarks));
-	SpinLockAcquire(&shared->watermark_mutex);
+	LWLockAcquire(shared->watermark_lock, LW_SHARED);
 	memcpy(topic, shared->watermark_topic, sizeof(topic));
 	memcpy(marks, shared->watermarks, sizeof(shared->watermarks));
-	SpinLockRelease(&shared->watermark_mutex);
+	LWLockRelease(shared->watermark_lock);
 
 	for (i = 0; i < DWH_MAX_PARTITIONS; i++)
 	{

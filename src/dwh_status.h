@@ -10,7 +10,7 @@
 #define DWH_STATUS_H
 
 #include "datatype/timestamp.h"
-#include "storage/spin.h"
+#include "storage/lwlock.h"
 
 #define DWH_MAX_KAFKA_WORKERS	16
 #define DWH_STATUS_SLOTS		(DWH_MAX_KAFKA_WORKERS + 2)
@@ -35,12 +35,14 @@ typedef enum DwhWorkerKind
 } DwhWorkerKind;
 
 /*
- * One worker's published state.  Written only by its worker, read by any
- * backend; the spinlock keeps a reader from seeing a half-written string.
+ * One worker's published state.  Written by its worker (and a flag or two
+ * by the backends that wake it), read by any backend; the lock keeps a
+ * reader from seeing a half-written string.  An LWLock, not a spinlock:
+ * a reader copies the whole slot, partitions included (about 5 kB).
  */
 typedef struct DwhWorkerStatus
 {
-	slock_t		mutex;
+	LWLock	   *lock;
 	DwhWorkerKind kind;
 	int			index;			/* 1-based number among workers of a kind */
 	int			pid;			/* 0 when not running */
@@ -89,7 +91,7 @@ typedef struct DwhPartitionWatermark
 typedef struct DwhSharedStatus
 {
 	DwhWorkerStatus workers[DWH_STATUS_SLOTS];
-	slock_t		watermark_mutex;
+	LWLock	   *watermark_lock; /* over the topic and its watermarks */
 	char		watermark_topic[NAMEDATALEN * 4];
 	DwhPartitionWatermark watermarks[DWH_MAX_PARTITIONS];
 } DwhSharedStatus;

@@ -348,9 +348,9 @@ dwh_worker_reload(void)
 static void
 set_connect_pending(bool pending)
 {
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->connect_pending = pending;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 }
 
 /* What connect_to_database() would find of a database, by its name. */
@@ -450,9 +450,9 @@ connect_to_database(void)
 {
 	bool		pending;
 
-	SpinLockAcquire(&slot->mutex);
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	pending = slot->connect_pending;
-	SpinLockRelease(&slot->mutex);
+	LWLockRelease(slot->lock);
 	if (pending)
 		wait_for_database();
 
