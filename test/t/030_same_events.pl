@@ -13,7 +13,8 @@
 #   shuffled    one statement per event, in a random order
 #   batches     dwh.ingest_orders() batches and multi-row dictionary upserts
 #   concurrent  2-3 connections at once, one transaction per statement
-#   copy        COPY of the events whose keys are new, upserts for the rest,
+#   copy        COPY of the events whose keys are new, upserts for the rest
+#               (orders several in one, whose UPDATE is chunked too),
 #               carried through DDS in chunks of 1 to 3 rows
 #               (dwh.trigger_chunk_rows, as in both restores)
 #   kafka       order messages produced to 3 partitions of a real broker and
@@ -343,6 +344,16 @@ sub ingest_statement
 	  . ']::bytea[]);';
 }
 
+# (e) versions of orders of distinct keys, all loaded, in one multi-row
+# upsert: its UPDATE carries them all.
+sub order_upsert_statement
+{
+	my (@orders) = @_;
+	return 'INSERT INTO stg.order_events (object_id, object_type, sent_dttm, payload) VALUES '
+	  . join(', ', map { "($_->{key}, 'order', '$_->{sent}', \$p\$$_->{text}\$p\$::jsonb)" } @orders)
+	  . ' ON CONFLICT (object_id) DO UPDATE SET sent_dttm = EXCLUDED.sent_dttm, payload = EXCLUDED.payload;';
+}
+
 # (b) several values of distinct keys in one multi-row upsert.
 sub dictionary_batch_statement
 {
@@ -425,7 +436,7 @@ sub make_plans
 	my $chunk = $rng->range(1, 3);
 	push @plans, { name => 'copy', path => 'e', order => \@order, limit => \%limit,
 		chunk => $chunk,
-		what => "in a random order, COPY for new keys, upserts for the rest, chunks of $chunk" };
+		what => "in a random order, COPY for new keys, upserts for the rest (orders several at once), chunks of $chunk" };
 
 	# The Kafka workers: order messages produced to random partitions (each
 	# partition in a random order) and consumed by two workers; dictionary
@@ -510,17 +521,37 @@ sub build_database
 	}
 	elsif ($plan->{path} eq 'e')
 	{
-		my (%loaded, @group);
+		# New keys go in a COPY; orders of loaded keys (distinct ones) in a
+		# multi-row upsert, whose UPDATE is chunked as the COPY is; other
+		# values of loaded keys in an upsert each.
+		my (%loaded, @group, @updates);
 		my $flush = sub {
-			return unless @group;
-			push @statements, copy_statement(map { $by_n->{$_} } @group);
-			push @covers, [@group];
-			@group = ();
+			if (@group)
+			{
+				push @statements, copy_statement(map { $by_n->{$_} } @group);
+				push @covers, [@group];
+				@group = ();
+			}
+			if (@updates)
+			{
+				push @statements, order_upsert_statement(map { $by_n->{$_} } @updates);
+				push @covers, [@updates];
+				@updates = ();
+			}
 		};
 		foreach my $n (@order)
 		{
 			my $e = $by_n->{$n};
 			my $id = "$e->{kind} $e->{key}";
+			if ($loaded{$id} && $e->{kind} eq 'order')
+			{
+				$flush->()
+				  if @group
+				  || @updates >= $plan->{limit}{$n}
+				  || grep { $by_n->{$_}{key} eq $e->{key} } @updates;
+				push @updates, $n;
+				next;
+			}
 			if ($loaded{$id})
 			{
 				$flush->();
@@ -529,8 +560,9 @@ sub build_database
 				next;
 			}
 			$flush->()
-			  if @group
-			  && ($by_n->{ $group[0] }{kind} ne $e->{kind} || @group >= $plan->{limit}{$n});
+			  if @updates
+			  || (@group
+				&& ($by_n->{ $group[0] }{kind} ne $e->{kind} || @group >= $plan->{limit}{$n}));
 			push @group, $n;
 			$loaded{$id} = 1;
 		}
