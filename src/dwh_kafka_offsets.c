@@ -85,6 +85,7 @@ static SPIPlanPtr create_rows_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr store_plan = NULL;
 static SPIPlanPtr skip_plan = NULL;
+static SPIPlanPtr start_plan = NULL;
 static SPIPlanPtr gap_lock_plan = NULL;
 
 /* Create the partitions' missing rows, in partition order. */
@@ -364,6 +365,52 @@ dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
 }
 
 /*
+ * dwh_kafka_offsets_start_at
+ *		Store where a partition with no offset stored starts (the end of its
+ *		log, for dwh.kafka_start_offset = latest) before anything is fetched
+ *		from it: resolved again at its next start, "latest" would be later,
+ *		and what arrived between the two never applied.  Not over an offset
+ *		stored meanwhile or a seek asked for.  In the caller's transaction;
+ *		returns the offset the partition starts at, DWH_NO_OFFSET if a seek
+ *		is pending (the worker serves it next).
+ */
+int64
+dwh_kafka_offsets_start_at(const char *topic, int32 partition, int64 offset)
+{
+	Datum		args[3];
+	int64		start = DWH_NO_OFFSET;
+	bool		isnull;
+	int			rc;
+
+	connect_spi();
+	if (start_plan == NULL)
+	{
+		Oid			types[3] = {TEXTOID, INT4OID, INT8OID};
+
+		start_plan = dwh_prepare_kept("INSERT INTO dwh.kafka_offsets AS o "
+									  "  (topic, kafka_partition, next_offset) "
+									  "VALUES ($1, $2, $3) "
+									  "ON CONFLICT (topic, kafka_partition) DO UPDATE "
+									  "SET next_offset = coalesce(o.next_offset, $3), "
+									  "    updated_at = pg_catalog.now() "
+									  "WHERE NOT o.seek_requested "
+									  "RETURNING o.next_offset",
+									  3, types);
+	}
+	args[0] = CStringGetTextDatum(topic);
+	args[1] = Int32GetDatum(partition);
+	args[2] = Int64GetDatum(offset);
+	rc = SPI_execute_plan(start_plan, args, NULL, false, 0);
+	if (rc != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "could not store Kafka offsets: %s", SPI_result_code_string(rc));
+	if (SPI_processed == 1)
+		start = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	return start;
+}
+
+/*
  * dwh_kafka_offsets_take_seeks
  *		The owned partitions that dwh.kafka_seek() moved, with their new
  *		offsets; the requests are cleared (in the caller's transaction).
@@ -567,6 +614,8 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 	char	   *topic;
 	Oid			types[3] = {TEXTOID, INT4OID, INT8OID};
 	Datum		args[3];
+	int64		low;
+	int64		high;
 	int			rc;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
@@ -586,6 +635,22 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid Kafka offset " INT64_FORMAT, next_offset),
 				 errhint("Give the offset of the first message to apply; 0 replays the partition from its start.")));
+
+	/*
+	 * Past the end of the log, the worker's fetch would be out of range:
+	 * taken for a truncated log, the partition was read again from its start,
+	 * the offsets it was to skip with the rest.
+	 */
+	if (dwh_status_get_watermark(topic, partition, &low, &high) &&
+		next_offset > high)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("offset " INT64_FORMAT " is past the end of Kafka partition %d of topic \"%s\"",
+						next_offset, partition, topic),
+				 errdetail("The partition's log ends at offset " INT64_FORMAT ", as a worker last saw it.",
+						   high),
+				 errhint("Move the partition to offset " INT64_FORMAT " at most: the messages produced after it are applied as they come.",
+						 high)));
 
 	connect_spi();
 	args[0] = CStringGetTextDatum(topic);

@@ -46,6 +46,8 @@ extern void dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 									const int64 *next_offsets,
 									const uint8 *last_sha256,
 									const bool *last_known, int n);
+extern int64 dwh_kafka_offsets_start_at(const char *topic, int32 partition,
+										int64 offset);
 extern bool dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
 										  int64 expected, int64 end);
 extern int	dwh_kafka_offsets_list(const char *topic, int32 **partitions,

@@ -112,6 +112,14 @@ static DwhKafkaConsumer *consumer = NULL;
 static char *consumer_settings = NULL;
 static Batch batch;
 static bool ready_checked = false;
+
+/*
+ * The extension the partitions were started for.  Dropped and created
+ * again meanwhile, dwh.kafka_offsets holds none of the offsets the
+ * consumer's positions came from: the worker starts its partitions again.
+ */
+static Oid	extension_oid = InvalidOid;
+static bool extension_replaced = false;
 static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
 static TimestampTz last_recovery_probe = 0;
@@ -497,12 +505,35 @@ kafka_tables_present(void)
 	MemoryContext caller = CurrentMemoryContext;
 
 	StartTransactionCommand();
-	installed = OidIsValid(get_extension_oid("dwh", true)) &&
+	extension_oid = get_extension_oid("dwh", true);
+	installed = OidIsValid(extension_oid) &&
 		OidIsValid(get_relname_relid("kafka_offsets",
 									 get_namespace_oid("dwh", true)));
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(caller);
 	return installed;
+}
+
+/*
+ * Is the extension the one the partitions were started for?  Asked between
+ * batches (a batch asks in its own transaction): a worker with nothing to
+ * apply would otherwise keep its positions into a new extension.
+ */
+static bool
+extension_unchanged(void)
+{
+	Oid			now;
+
+	StartTransactionCommand();
+	now = get_extension_oid("dwh", true);
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(loop_context);
+	if (now == extension_oid)
+		return true;
+	ereport(LOG,
+			(errmsg("extension dwh was dropped or created again since this worker started its partitions"),
+			 errdetail("The worker starts them again from the offsets stored now.")));
+	return false;
 }
 
 /*
@@ -547,6 +578,56 @@ connect_consumer(void)
 }
 
 /*
+ * With dwh.kafka_start_offset = latest, the partitions with no offset
+ * stored start at the end of their logs as the broker reports it now, and
+ * that offset is stored before anything is fetched: left to librdkafka's
+ * "end", it was resolved again at every start of the partition (a
+ * reconnection, a crash) until a batch stored an offset, later each time,
+ * and what had arrived meanwhile was never applied, with no gap recorded.
+ */
+static void
+store_latest_starts(const int32 *partitions, int n, int64 *offsets,
+					const bool *stopped)
+{
+	const char *topic = dwh_kafka_consumer_topic(consumer);
+	int64	   *ends = palloc(sizeof(int64) * Max(n, 1));
+	MemoryContext caller = CurrentMemoryContext;
+	bool		any = false;
+	int			i;
+
+	if (dwh_kafka_start_offset != DWH_KAFKA_START_LATEST)
+		return;
+	for (i = 0; i < n; i++)
+	{
+		char		error[256];
+		int64		low;
+
+		if (offsets[i] != DWH_NO_OFFSET || stopped[i])
+			continue;
+		if (!dwh_kafka_consumer_query_watermarks(consumer, partitions[i], &low,
+												 &ends[i], 3000, error,
+												 sizeof(error)))
+			ereport(ERROR,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("could not find where Kafka partition %d of topic \"%s\" ends",
+							partitions[i], topic),
+					 errdetail("The Kafka client library reported: %s.  With dwh.kafka_start_offset \"latest\", a partition with no offset stored starts at the end of its log, stored before anything is fetched; the worker tries again.",
+							   error)));
+		any = true;
+	}
+	if (!any)
+		return;
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	for (i = 0; i < n; i++)
+		if (offsets[i] == DWH_NO_OFFSET && !stopped[i])
+			offsets[i] = dwh_kafka_offsets_start_at(topic, partitions[i], ends[i]);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
+}
+
+/*
  * Where the (sorted) partitions start: their stored offsets, one message
  * earlier where the message last applied is known, to check that the log
  * is the one read (dwh_kafka_verify.c); whether each is stopped at a gap.
@@ -565,6 +646,7 @@ look_up_offsets(const int32 *partitions, int n, int64 *offsets, bool *stopped)
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(caller);
+	store_latest_starts(partitions, n, offsets, stopped);
 	dwh_kafka_verify_start(partitions, offsets, stopped, last_sha256,
 						   last_known, n);
 }
@@ -781,6 +863,14 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, "dwh: applying a Kafka batch");
 	dwh_require_safe_schemas();
+	if (get_extension_oid("dwh", true) != extension_oid)
+	{
+		extension_replaced = true;
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension dwh was created again since this worker started its partitions"),
+				 errdetail("The worker starts them again from the offsets stored now.")));
+	}
 
 	/* Lock the partitions' rows, then keep only what is not applied yet. */
 	dwh_kafka_offsets_lock(topic, parts, n_parts, stored, seek, stopped);
@@ -1323,9 +1413,10 @@ dwh_kafka_worker_main(Datum main_arg)
 		 * error while gathering, the partitions start again (gather()).
 		 */
 		dwh_worker_recover(&backoff_ms);
-		if (gathering)
+		if (gathering || extension_replaced)
 		{
 			gathering = false;
+			extension_replaced = false;
 			drop_consumer();
 		}
 		dwh_inflight_clear(worker_index);
@@ -1419,6 +1510,13 @@ dwh_kafka_worker_main(Datum main_arg)
 		if (TimestampDifferenceExceeds(last_watermarks, GetCurrentTimestamp(),
 									   WATERMARK_INTERVAL_MS))
 		{
+			if (!extension_unchanged())
+			{
+				drop_consumer();
+				ready_checked = false;
+				continue;
+			}
+
 			/*
 			 * librdkafka's last known watermarks: no news while the brokers
 			 * are down, so their age (watermark_at) grows meanwhile.

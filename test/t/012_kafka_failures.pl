@@ -3,8 +3,10 @@
 # nothing lost); an error that is not about a message (a lock held on the
 # offsets table) is retried with backoff and never skips data; SIGTERM
 # stops a worker within 2 s, also while the broker is down; the workers
-# wait while the extension is dropped, and resume once it is back; a
-# record without a value is a dead letter at its position.  (A standby:
+# wait while the extension is dropped, and resume once it is back, and
+# apply the whole topic again into an extension dropped and created again
+# between two batches; a record without a value is a dead letter at its
+# position.  (A standby:
 # 037_standby.pl.)
 
 use strict;
@@ -162,6 +164,23 @@ $node->safe_psql('postgres', 'CREATE EXTENSION dwh');
 ok(wait_for($node,
 		"SELECT count(*) = 2 FROM dwh.status WHERE worker LIKE 'kafka%' AND cardinality(partitions) > 0"),
 	'the workers consume again once the extension is back');
+
+# Dropped and created again in one transaction, between two batches: the
+# workers do not find the extension missing.  They went on from their
+# consumers' positions, and the new warehouse never got the messages
+# before them (stored past them, no gap).  They start their partitions
+# again, from the earliest offset where none is stored.
+my $topic_messages = $a->{messages} + $b->{messages} + 3;
+ok(wait_applied($node, $topic_messages), 'the new extension holds the whole topic');
+$node->safe_psql('postgres', 'DROP EXTENSION dwh CASCADE; CREATE EXTENSION dwh;');
+my $one_more = "$tmp/one_more.txt";
+append_to_file($one_more, $tomb_order->(9000003) . "\n");
+produce($broker, $one_more);
+ok(wait_applied($node, $topic_messages + 1),
+	'created again between two batches, the extension gets the whole topic again');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
+	$a->{object_ids}{count} + $b->{object_ids}{count} + 3,
+	'every order of the topic in STG');
 
 # The broker down for good: a worker showing the error probes the leader
 # every 5 s to clear it.  That probe once waited for an answer forever

@@ -1,7 +1,9 @@
 # dwh.kafka_start_offset = latest: a partition with no offset stored
-# starts at the end of its log.  The messages already on the topic when
-# the workers first see it are never applied; every one produced after
-# is, once; and the stored offsets count both, so that the lag is 0.
+# starts at the end of its log, stored before anything is fetched.  The
+# messages already on the topic when the workers first see it are never
+# applied; every one produced after is, once, also through a kill -9 of the
+# worker before its first batch commits; and the stored offsets count
+# both, so that the lag is 0.
 # (earliest, the default, is what every other Kafka test uses.)
 
 use strict;
@@ -42,7 +44,29 @@ ok( wait_for(
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
 	'0', 'nothing of what was there is applied');
 
+# Where each partition starts is stored before anything is fetched: a
+# worker that starts the partitions again before its first batch commits
+# (here killed while that batch waits for a lock) must not take "latest"
+# again, later, past what arrived meanwhile (before, none of it was ever
+# applied, and no gap recorded).
+ok( wait_for(
+		$node, "SELECT count(*) = $partitions AND sum(next_offset) = $before->{messages}
+		FROM dwh.kafka_offsets"),
+	'the end of each log is stored as the start, before any batch');
+my $locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN; LOCK TABLE stg.order_events IN EXCLUSIVE MODE;');
 produce($mock, $after->{file});
+ok( wait_for(
+		$node, q{SELECT count(*) > 0 FROM pg_stat_activity
+		WHERE backend_type = 'dwh kafka worker' AND wait_event_type = 'Lock'}),
+	'the first batch waits for the lock');
+my $worker = $node->safe_psql('postgres',
+	q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'dwh kafka worker'});
+kill 'KILL', $worker;
+eval { $locker->quit; };
+# The server restarts every process after the kill.
+$node->poll_query_until('postgres', 'SELECT true')
+  or die 'the server did not come back after the kill';
 my $total = $before->{messages} + $after->{messages};
 ok(wait_applied($node, $total), "stored offsets at the end of the log ($total)");
 is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
