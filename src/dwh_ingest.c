@@ -1007,6 +1007,7 @@ ingest_batch(DwhIngestItem *items, int n, const char *source,
 		bytes += items[i].len;
 
 	dwh_require_read_committed();
+	dwh_require_triggers();
 	dwh_replan_if_grown();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");

@@ -23,7 +23,8 @@
  * dictionary and tag locks, and must then read DDS and the marts as they
  * are once it holds them.  An older snapshot (REPEATABLE READ, SERIALIZABLE)
  * would count against a warehouse that has changed since, and leave the
- * marts wrong.
+ * marts wrong.  Nor with session_replication_role replica, under which
+ * the triggers that carry STG into DDS do not fire.
  *
  *-------------------------------------------------------------------------
  */
@@ -104,6 +105,22 @@ dwh_require_read_committed(void)
 			 restoring ?
 			 errhint("This session restores a dump: restore with PGOPTIONS='-c default_transaction_isolation=read\\ committed', or without a default_transaction_isolation set for the database.") :
 			 errhint("Use a READ COMMITTED transaction (SET TRANSACTION ISOLATION LEVEL READ COMMITTED).")));
+}
+
+/*
+ * dwh_require_triggers
+ *		Refuse to ingest where the triggers of STG do not fire.
+ */
+void
+dwh_require_triggers(void)
+{
+	if (SessionReplicationRole != SESSION_REPLICATION_ROLE_REPLICA)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("cannot ingest with session_replication_role set to replica"),
+			 errdetail("The triggers that check STG's rows and carry them into DDS and the marts do not fire in such a session."),
+			 errhint("SET session_replication_role = origin.")));
 }
 
 PG_FUNCTION_INFO_V1(dwh_tags_restoring);

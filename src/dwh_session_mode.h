@@ -11,5 +11,6 @@
 
 extern bool dwh_session_restores(void);
 extern void dwh_require_read_committed(void);
+extern void dwh_require_triggers(void);
 
 #endif							/* DWH_SESSION_MODE_H */

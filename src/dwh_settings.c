@@ -472,7 +472,10 @@ dwh_settings_define(void)
  *	 it);
  * - exit_on_error off: a worker catches the errors of bad input (a dead
  *	 letter, not a stop), which exit_on_error would turn into an exit, and
- *	 the restarted worker would meet the same message again.
+ *	 the restarted worker would meet the same message again;
+ * - session_replication_role origin: as replica (a superuser's setting for
+ *	 the database), the triggers that carry STG into DDS and the marts do
+ *	 not fire, and every order would be a dead letter.
  */
 void
 dwh_worker_settings(void)
@@ -494,4 +497,6 @@ dwh_worker_settings(void)
 	SetConfigOption("check_function_bodies", "on", PGC_SUSET,
 					PGC_S_OVERRIDE);
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("session_replication_role", "origin", PGC_SUSET,
+					PGC_S_OVERRIDE);
 }

@@ -20,6 +20,9 @@
 #   exit_on_error = on                    the error of a bad message, caught
 #                                         to dead-letter it, ended the
 #                                         worker, again at each restart
+#   session_replication_role = replica    (a superuser's) STG's triggers
+#                                         did not fire: every order a dead
+#                                         letter, no menu carried
 #
 # With all of them set, the Redis worker mirrors a menu that moves a dish
 # to another category, and a Kafka worker applies an order from a mock
@@ -150,6 +153,8 @@ ALTER DATABASE shop SET jit_above_cost = 0;
 ALTER DATABASE shop SET session_authorization = 'shop_owner';
 ALTER DATABASE shop SET exit_on_error = on;
 });
+# And a superuser's: STG's triggers would not fire for the workers.
+$node->safe_psql('postgres', 'ALTER DATABASE shop SET session_replication_role = replica');
 $node->restart;
 is( $node->safe_psql('shop', 'SELECT current_user'),
 	'shop_owner', 'a new session in shop runs as the owner');
