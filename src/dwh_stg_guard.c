@@ -27,6 +27,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "dwh_ingest_session.h"
@@ -186,6 +187,34 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
 }
 
 /*
+ * Does the current version SPI just read (none, or one row) accept a
+ * history row of this version: is it older than the current one?  (A
+ * restore also accepts the current version itself and a key without one,
+ * after asking again: one probe more a row of a history restored before
+ * its current versions.)
+ */
+static bool
+current_version_accepts(bool has_ts, Timestamp ts, Jsonb *payload)
+{
+	HeapTuple	cur;
+	TupleDesc	cur_desc;
+	bool		cur_ts_null;
+	bool		isnull;
+	Datum		cur_ts;
+	Datum		cur_payload;
+
+	if (SPI_processed != 1)
+		return false;
+	cur = SPI_tuptable->vals[0];
+	cur_desc = SPI_tuptable->tupdesc;
+	cur_ts = SPI_getbinval(cur, cur_desc, 1, &cur_ts_null);
+	cur_payload = SPI_getbinval(cur, cur_desc, 2, &isnull);
+	return version_cmp(has_ts, ts, payload, !cur_ts_null,
+					   cur_ts_null ? 0 : DatumGetTimestamp(cur_ts),
+					   DatumGetJsonbP(cur_payload)) < 0;
+}
+
+/*
  * A history table holds the versions of a key other than its current one:
  * one newer than the current version belongs in the current table (whose
  * guard then moves the current one here), and so does the current version
@@ -243,7 +272,18 @@ refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
 
 		*plan = dwh_prepare_kept(sql, 1, &type);
 	}
+
+	/*
+	 * Read with the statement's snapshot, and again with a new one before a
+	 * refusal: the statement may have waited for its writers' locks
+	 * (dwh_stg_statement_lock) while another writer committed a current
+	 * version, which the row is to be judged by.  Versions only grow, so the
+	 * older snapshot can only refuse wrongly, never accept wrongly.
+	 */
 	rc = SPI_execute_plan(*plan, &key, NULL, true, 1);
+	if (rc == SPI_OK_SELECT && !current_version_accepts(has_ts, ts, payload))
+		rc = SPI_execute_snapshot(*plan, &key, NULL, GetLatestSnapshot(),
+								  InvalidSnapshot, true, false, 1);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not read the current version: %s",
 			 SPI_result_code_string(rc));
