@@ -4477,6 +4477,15 @@ DECLARE
     payloads jsonb[];
     named record;
     d record;
+    tables regclass[] := ARRAY['dds.h_user', 'dds.h_product', 'dds.h_category',
+                               'dds.h_restaurant', 'dds.h_order', 'dds.l_order_user',
+                               'dds.l_order_product', 'dds.l_product_restaurant',
+                               'dds.l_product_category', 'dds.s_user_names',
+                               'dds.s_product_names', 'dds.product_namings',
+                               'dds.s_restaurant_names', 'dds.s_order_cost',
+                               'dds.s_order_status', 'cdm.user_product_counters',
+                               'cdm.user_category_counters', 'cdm.user_order_counters'];
+    readers text;
 BEGIN
     IF chunk IS NULL THEN
         RAISE EXCEPTION 'chunk must not be null'
@@ -4490,13 +4499,41 @@ BEGIN
     END IF;
     PERFORM dwh.xact_lock(dwh.dictionary_lock_key(), true);
     PERFORM dwh.xact_lock(dwh.user_lock_key(), true);
-    TRUNCATE dds.h_user, dds.h_product, dds.h_category, dds.h_restaurant,
-             dds.h_order, dds.l_order_user, dds.l_order_product,
-             dds.l_product_restaurant, dds.l_product_category,
-             dds.s_user_names, dds.s_product_names, dds.product_namings,
-             dds.s_restaurant_names, dds.s_order_cost, dds.s_order_status,
-             cdm.user_product_counters, cdm.user_category_counters,
-             cdm.user_order_counters;
+    -- A reader of DDS or the marts holds its tables until its transaction
+    -- ends, and may then write: wait for the locks held here.  Waiting for
+    -- its tables would be a deadlock, and the deadlock detector ended the
+    -- writer.  So the tables are asked for without waiting, every 50 ms,
+    -- for as long as no holder waits for this rebuild (itself, or behind
+    -- sessions that do); the rebuild gives way (55P03) to one that does.
+    LOOP
+        BEGIN
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT',
+                           array_to_string(tables, ', '));
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            WITH RECURSIVE waits(pid, holder) AS (
+                SELECT l.pid, l.pid FROM pg_locks l
+                WHERE l.granted AND l.pid <> pg_backend_pid()
+                  AND l.relation = ANY (tables::oid[])
+                UNION
+                SELECT b, w.holder
+                FROM waits w, unnest(pg_blocking_pids(w.pid)) b
+                WHERE b <> pg_backend_pid()
+            )
+            SELECT string_agg(DISTINCT w.holder::text, ', ') INTO readers
+            FROM waits w
+            WHERE pg_backend_pid() = ANY (pg_blocking_pids(w.pid));
+            IF readers IS NOT NULL THEN
+                RAISE EXCEPTION 'could not rebuild DDS: a transaction that holds its tables waits for this rebuild'
+                    USING ERRCODE = 'lock_not_available',
+                          DETAIL = format('The sessions with process ids %s read DDS or the marts, and wait for the locks the rebuild holds; the rebuild gives way.',
+                                          readers),
+                          HINT = 'Run dwh.rebuild(vault => true) again once their transactions have ended.';
+            END IF;
+            PERFORM pg_sleep(0.05);
+        END;
+    END LOOP;
+    EXECUTE format('TRUNCATE %s', array_to_string(tables, ', '));
 
     PERFORM dwh.load_user_versions(array_agg(object_id), array_agg(version))
     FROM dwh.user_versions;
