@@ -614,8 +614,6 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 	char	   *topic;
 	Oid			types[3] = {TEXTOID, INT4OID, INT8OID};
 	Datum		args[3];
-	int64		low;
-	int64		high;
 	int			rc;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
@@ -635,22 +633,6 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid Kafka offset " INT64_FORMAT, next_offset),
 				 errhint("Give the offset of the first message to apply; 0 replays the partition from its start.")));
-
-	/*
-	 * Past the end of the log, the worker's fetch would be out of range:
-	 * taken for a truncated log, the partition was read again from its start,
-	 * the offsets it was to skip with the rest.
-	 */
-	if (dwh_status_get_watermark(topic, partition, &low, &high) &&
-		next_offset > high)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("offset " INT64_FORMAT " is past the end of Kafka partition %d of topic \"%s\"",
-						next_offset, partition, topic),
-				 errdetail("The partition's log ends at offset " INT64_FORMAT ", as a worker last saw it.",
-						   high),
-				 errhint("Move the partition to offset " INT64_FORMAT " at most: the messages produced after it are applied as they come.",
-						 high)));
 
 	connect_spi();
 	args[0] = CStringGetTextDatum(topic);

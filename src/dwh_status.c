@@ -565,32 +565,6 @@ dwh_status_set_watermark(const char *topic, int32 partition, int64 low,
 	LWLockRelease(shared->watermark_lock);
 }
 
-/*
- * dwh_status_get_watermark
- *		The broker's watermarks of a partition of a topic as a worker last
- *		saw them; false if none has.
- */
-bool
-dwh_status_get_watermark(const char *topic, int32 partition, int64 *low,
-						 int64 *high)
-{
-	bool		known = false;
-
-	if (shared == NULL || partition < 0 || partition >= DWH_MAX_PARTITIONS)
-		return false;
-	LWLockAcquire(shared->watermark_lock, LW_SHARED);
-	if (strncmp(shared->watermark_topic, topic,
-				sizeof(shared->watermark_topic)) == 0 &&
-		shared->watermarks[partition].observed_at != 0)
-	{
-		*low = shared->watermarks[partition].low;
-		*high = shared->watermarks[partition].high;
-		known = true;
-	}
-	LWLockRelease(shared->watermark_lock);
-	return known;
-}
-
 static Datum
 timestamp_or_null(TimestampTz t, bool *isnull)
 {

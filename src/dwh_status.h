@@ -124,8 +124,6 @@ extern void dwh_status_wake_tags_worker(void);
 extern void dwh_status_wake_at_commit(DwhWorkerKind kind);
 extern bool dwh_status_take_offsets_changed(DwhWorkerStatus *slot);
 extern bool dwh_status_take_events_queued(DwhWorkerStatus *slot);
-extern bool dwh_status_get_watermark(const char *topic, int32 partition,
-									 int64 *low, int64 *high);
 extern void dwh_status_set_watermark(const char *topic, int32 partition,
 									 int64 low, int64 high, int worker);
 

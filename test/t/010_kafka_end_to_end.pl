@@ -92,18 +92,6 @@ is( $node->safe_psql('postgres',
 check_consistent($node, 'after the replay');
 check_manifest_counts($node, $manifest, 'after the replay');
 
-# Past the end of the log a seek is refused: the worker's fetch there
-# would be out of range, taken for a truncated log, and the partition read
-# again from its start, the offsets to skip with it.
-my $past = $p0 + 5;
-my ($rc, $out, $err) = $node->psql('postgres', "SELECT dwh.kafka_seek(0, $past)");
-like($err, qr/offset $past is past the end of Kafka partition 0 of topic "order-service_orders"/,
-	'a seek past the end of the log is refused');
-is( $node->safe_psql(
-		'postgres',
-		'SELECT next_offset, seek_requested FROM dwh.kafka_offsets WHERE kafka_partition = 0'),
-	"$p0|f", 'and the partition stays where it is');
-
 # Another topic, set by reload before it exists: the workers reconnect and
 # say that it does not exist; once it is created they consume it.
 $node->safe_psql('postgres',
