@@ -590,13 +590,14 @@ store_latest_starts(const int32 *partitions, int n, int64 *offsets,
 					const bool *stopped)
 {
 	const char *topic = dwh_kafka_consumer_topic(consumer);
-	int64	   *ends = palloc(sizeof(int64) * Max(n, 1));
 	MemoryContext caller = CurrentMemoryContext;
+	int64	   *ends;
 	bool		any = false;
 	int			i;
 
 	if (dwh_kafka_start_offset != DWH_KAFKA_START_LATEST)
 		return;
+	ends = palloc(sizeof(int64) * Max(n, 1));
 	for (i = 0; i < n; i++)
 	{
 		char		error[256];

@@ -268,7 +268,7 @@ dwh_status_has_error(DwhWorkerStatus *slot)
 {
 	bool		has;
 
-	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
+	LWLockAcquire(slot->lock, LW_SHARED);
 	has = slot->last_error[0] != '\0';
 	LWLockRelease(slot->lock);
 	return has;

@@ -187,14 +187,11 @@ keep_in_history(const char *kind, HeapTuple tuple, TupleDesc tupdesc,
 }
 
 /*
- * Does the current version SPI just read (none, or one row) accept a
- * history row of this version: is it older than the current one?  (A
- * restore also accepts the current version itself and a key without one,
- * after asking again: one probe more a row of a history restored before
- * its current versions.)
+ * Did SPI just read a current version (none, or one row)?  If so, *cmp
+ * compares the row's version with it, as version_cmp() does.
  */
 static bool
-current_version_accepts(bool has_ts, Timestamp ts, Jsonb *payload)
+compare_with_current(bool has_ts, Timestamp ts, Jsonb *payload, int *cmp)
 {
 	HeapTuple	cur;
 	TupleDesc	cur_desc;
@@ -209,9 +206,10 @@ current_version_accepts(bool has_ts, Timestamp ts, Jsonb *payload)
 	cur_desc = SPI_tuptable->tupdesc;
 	cur_ts = SPI_getbinval(cur, cur_desc, 1, &cur_ts_null);
 	cur_payload = SPI_getbinval(cur, cur_desc, 2, &isnull);
-	return version_cmp(has_ts, ts, payload, !cur_ts_null,
+	*cmp = version_cmp(has_ts, ts, payload, !cur_ts_null,
 					   cur_ts_null ? 0 : DatumGetTimestamp(cur_ts),
-					   DatumGetJsonbP(cur_payload)) < 0;
+					   DatumGetJsonbP(cur_payload));
+	return true;
 }
 
 /*
@@ -238,6 +236,7 @@ refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
 	const char *current;
 	bool		isnull;
 	Datum		key;
+	int			cmp;
 	int			rc;
 
 	if (strcmp(kind, "order") == 0)
@@ -278,26 +277,21 @@ refuse_newer_than_current(const char *kind, Relation rel, HeapTuple tuple,
 	 * refusal: the statement may have waited for its writers' locks
 	 * (dwh_stg_statement_lock) while another writer committed a current
 	 * version, which the row is to be judged by.  Versions only grow, so the
-	 * older snapshot can only refuse wrongly, never accept wrongly.
+	 * older snapshot can only refuse wrongly, never accept wrongly.  (A
+	 * restore, which accepts the current version itself and a key without
+	 * one, asks again for those: one probe more a row of a history restored
+	 * before its current versions.)
 	 */
 	rc = SPI_execute_plan(*plan, &key, NULL, true, 1);
-	if (rc == SPI_OK_SELECT && !current_version_accepts(has_ts, ts, payload))
+	if (rc == SPI_OK_SELECT &&
+		!(compare_with_current(has_ts, ts, payload, &cmp) && cmp < 0))
 		rc = SPI_execute_snapshot(*plan, &key, NULL, GetLatestSnapshot(),
 								  InvalidSnapshot, true, false, 1);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not read the current version: %s",
 			 SPI_result_code_string(rc));
-	if (SPI_processed == 1)
+	if (compare_with_current(has_ts, ts, payload, &cmp))
 	{
-		HeapTuple	cur = SPI_tuptable->vals[0];
-		TupleDesc	cur_desc = SPI_tuptable->tupdesc;
-		bool		cur_ts_null;
-		Datum		cur_ts = SPI_getbinval(cur, cur_desc, 1, &cur_ts_null);
-		Datum		cur_payload = SPI_getbinval(cur, cur_desc, 2, &isnull);
-		int			cmp = version_cmp(has_ts, ts, payload, !cur_ts_null,
-									  cur_ts_null ? 0 : DatumGetTimestamp(cur_ts),
-									  DatumGetJsonbP(cur_payload));
-
 		if (cmp > 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_CHECK_VIOLATION),

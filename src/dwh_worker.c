@@ -450,7 +450,7 @@ connect_to_database(void)
 {
 	bool		pending;
 
-	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
+	LWLockAcquire(slot->lock, LW_SHARED);
 	pending = slot->connect_pending;
 	LWLockRelease(slot->lock);
 	if (pending)
