@@ -325,7 +325,12 @@ my $count_log = sub {
 	return scalar(() = slurp_file($node->logfile, $offset) =~ /$re/g);
 };
 my $waiting = qr/LOG:  waiting: database "postgres" \(dwh\.database\) does not allow connections\n[^\n]*HINT:  Run ALTER DATABASE postgres ALLOW_CONNECTIONS true/;
-my $deadline = time() + 30;
+# Up to 75 s, reading the log only.  PostgreSQL 15's postmaster chooses
+# its sleep before it unblocks signals: a worker that fails within
+# milliseconds of its start can be reaped then, and the postmaster still
+# sleeps the minute it chose, so the restart waits for its next wakeup.
+# (A connection wakes it, so polling with psql would hide this.)
+my $deadline = time() + 75;
 usleep(200_000) while $count_log->($waiting) < 3 && time() < $deadline;
 is($count_log->($waiting), 3, 'each worker logs that it waits for the database to allow connections, with the hint');
 sleep(11);    # two of the postmaster's restart intervals (5 s)
