@@ -9,6 +9,7 @@ CREATE TABLE dwh.kafka_offsets (
     seek_requested  boolean NOT NULL DEFAULT false,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     last_sha256     bytea,
+    last_offset     bigint,
     PRIMARY KEY (topic, kafka_partition)
 );
 COMMENT ON TABLE dwh.kafka_offsets IS 'How far each Kafka partition has been applied; written in the transaction of each batch, so the single truth a worker resumes from';
@@ -17,7 +18,8 @@ COMMENT ON COLUMN dwh.kafka_offsets.kafka_partition IS 'Partition number';
 COMMENT ON COLUMN dwh.kafka_offsets.next_offset IS 'Offset of the first message not applied yet (NULL: none applied)';
 COMMENT ON COLUMN dwh.kafka_offsets.seek_requested IS 'Set by dwh.kafka_seek(): the owning worker must move to next_offset';
 COMMENT ON COLUMN dwh.kafka_offsets.updated_at IS 'When the row last changed';
-COMMENT ON COLUMN dwh.kafka_offsets.last_sha256 IS 'SHA-256 of the value of the message at next_offset - 1, the last applied: a worker that starts the partition again checks that the broker still holds it there, or the topic was recreated (NULL: not known, after dwh.kafka_seek() or a gap)';
+COMMENT ON COLUMN dwh.kafka_offsets.last_sha256 IS 'SHA-256 of the value of the message at last_offset, the last applied: a worker that starts the partition again checks that the broker still holds it there, or the topic was recreated (NULL: not known, after dwh.kafka_seek() or a gap)';
+COMMENT ON COLUMN dwh.kafka_offsets.last_offset IS 'Offset of the message last applied, whose SHA-256 is last_sha256: next_offset - 1, or earlier when the markers that end Kafka transactions follow it (NULL: not known)';
 
 -- A gap is written in the transaction that moves the partition's stored
 -- offset past it (dwh.kafka_on_gap = skip), or open, stopping the

@@ -19,9 +19,11 @@
  * the partition until dwh.kafka_seek() moves it, which closes the gap.  So
  * a gap is recorded exactly once, whatever crashes in between.
  *
- * With the offset, a batch stores the SHA-256 of the message before it,
- * the last applied (last_sha256): a worker starting the partition checks
- * that the broker still holds that message there (dwh_kafka_verify.c).
+ * With the offset, a batch stores the offset and SHA-256 of the message
+ * it applied last (last_offset, last_sha256; with transactions, markers lie
+ * between it and the stored offset): a worker starting the partition
+ * checks that the broker still holds that message there
+ * (dwh_kafka_verify.c).
  * Another log there is a gap too (replaced), from the stored offset back
  * to that log's start.  dwh.kafka_seek() and a skipped gap forget it.
  *
@@ -183,14 +185,15 @@ read_rows(const int32 *partitions, int n, int64 *next_offsets, bool *stopped,
 /*
  * dwh_kafka_offsets_lookup
  *		The stored next offsets of the (sorted) partitions, DWH_NO_OFFSET
- *		where none is stored, and whether each is stopped at a gap.  For a
- *		new assignment: a seek requested for these partitions is fulfilled
- *		by starting there, so it is cleared.
+ *		where none is stored, whether each is stopped at a gap, and the
+ *		message each applied last where it is known.  For a new assignment:
+ *		a seek requested for these partitions is fulfilled by starting
+ *		there, so it is cleared.
  */
 void
 dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions, int n,
-						 int64 *next_offsets, bool *stopped, uint8 *last_sha256,
-						 bool *last_known)
+						 int64 *next_offsets, bool *stopped,
+						 DwhKafkaLastApplied *last)
 {
 	uint64		r;
 	int			i;
@@ -199,14 +202,14 @@ dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions, int n,
 	{
 		next_offsets[i] = DWH_NO_OFFSET;
 		stopped[i] = false;
-		last_known[i] = false;
+		last[i].offset = DWH_NO_OFFSET;
 	}
 	connect_spi();
 	run(&clear_seeks_plan, CLEAR_SEEKS_SQL, topic, partitions, n,
 		SPI_OK_UPDATE_RETURNING);
 	run(&lookup_plan,
 		"SELECT o.kafka_partition, o.next_offset, " STOPPED_SQL ", false, "
-		"       o.last_sha256 "
+		"       o.last_sha256, o.last_offset "
 		"FROM dwh.kafka_offsets AS o "
 		"WHERE o.topic = $1 AND o.kafka_partition = ANY ($2)",
 		topic, partitions, n, SPI_OK_SELECT);
@@ -216,17 +219,23 @@ dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions, int n,
 		HeapTuple	tup = SPI_tuptable->vals[r];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
+		bool		hash_null;
+		bool		offset_null;
 		int32		p = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
-		Datum		hash = SPI_getbinval(tup, desc, 5, &isnull);
+		Datum		hash = SPI_getbinval(tup, desc, 5, &hash_null);
+		Datum		offset = SPI_getbinval(tup, desc, 6, &offset_null);
 
 		i = find_partition(partitions, n, p);
-		if (i < 0 || isnull)
+		if (i < 0 || hash_null || offset_null ||
+			VARSIZE_ANY_EXHDR(DatumGetPointer(hash)) != DWH_SHA256_LEN)
 			continue;
-		if (VARSIZE_ANY_EXHDR(DatumGetPointer(hash)) != DWH_SHA256_LEN)
+		/* Below the stored offset, or it says nothing of this log. */
+		if (DatumGetInt64(offset) < 0 || next_offsets[i] == DWH_NO_OFFSET ||
+			DatumGetInt64(offset) >= next_offsets[i])
 			continue;
-		memcpy(&last_sha256[i * DWH_SHA256_LEN],
-			   VARDATA_ANY(DatumGetPointer(hash)), DWH_SHA256_LEN);
-		last_known[i] = true;
+		last[i].offset = DatumGetInt64(offset);
+		memcpy(last[i].sha256, VARDATA_ANY(DatumGetPointer(hash)),
+			   DWH_SHA256_LEN);
 	}
 	SPI_finish();
 }
@@ -264,16 +273,18 @@ dwh_kafka_offsets_lock(const char *topic, const int32 *partitions, int n,
 
 /*
  * dwh_kafka_offsets_store
- *		Record how far each partition has been applied; clears any seek
- *		request on it (the worker has just honoured it).
+ *		Record how far each partition has been applied, and the message it
+ *		applied last where known; clears any seek request on it (the worker
+ *		has just honoured it).
  */
 void
 dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
-						const int64 *next_offsets, const uint8 *last_sha256,
-						const bool *last_known, int n)
+						const int64 *next_offsets,
+						const DwhKafkaLastApplied *last, int n)
 {
-	Datum		args[4];
+	Datum		args[5];
 	Datum	   *hashes;
+	Datum	   *offsets;
 	bool	   *nulls;
 	int			dims[1];
 	int			lbs[1] = {1};
@@ -283,26 +294,30 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 	if (n == 0)
 		return;
 	hashes = palloc(sizeof(Datum) * n);
+	offsets = palloc(sizeof(Datum) * n);
 	nulls = palloc(sizeof(bool) * n);
 	for (i = 0; i < n; i++)
 	{
-		nulls[i] = !last_known[i];
+		nulls[i] = last[i].offset == DWH_NO_OFFSET;
 		hashes[i] = nulls[i] ? (Datum) 0 :
-			dwh_bytea_datum(&last_sha256[i * DWH_SHA256_LEN], DWH_SHA256_LEN);
+			dwh_bytea_datum(last[i].sha256, DWH_SHA256_LEN);
+		offsets[i] = Int64GetDatum(last[i].offset);
 	}
 	dims[0] = n;
 	connect_spi();
 	if (store_plan == NULL)
 	{
-		Oid			types[4] = {TEXTOID, INT4ARRAYOID, INT8ARRAYOID, BYTEAARRAYOID};
+		Oid			types[5] = {TEXTOID, INT4ARRAYOID, INT8ARRAYOID,
+		BYTEAARRAYOID, INT8ARRAYOID};
 
 		store_plan = dwh_prepare_kept("UPDATE dwh.kafka_offsets AS o "
 									  "SET next_offset = v.next_offset, last_sha256 = v.last_sha256, "
+									  "    last_offset = v.last_offset, "
 									  "    seek_requested = false, updated_at = pg_catalog.now() "
-									  "FROM unnest($2::integer[], $3::bigint[], $4::bytea[]) "
-									  "     AS v(kafka_partition, next_offset, last_sha256) "
+									  "FROM unnest($2::integer[], $3::bigint[], $4::bytea[], $5::bigint[]) "
+									  "     AS v(kafka_partition, next_offset, last_sha256, last_offset) "
 									  "WHERE o.topic = $1 AND o.kafka_partition = v.kafka_partition",
-									  4, types);
+									  5, types);
 	}
 	args[0] = CStringGetTextDatum(topic);
 	args[1] = int4_array(partitions, n);
@@ -310,6 +325,9 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 	args[3] = PointerGetDatum(construct_md_array(hashes, nulls, 1, dims, lbs,
 												 BYTEAOID, -1, false,
 												 TYPALIGN_INT));
+	args[4] = PointerGetDatum(construct_md_array(offsets, nulls, 1, dims, lbs,
+												 INT8OID, 8, FLOAT8PASSBYVAL,
+												 TYPALIGN_DOUBLE));
 	rc = SPI_execute_plan(store_plan, args, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "could not store Kafka offsets: %s", SPI_result_code_string(rc));
@@ -325,11 +343,10 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
  *		if the offset is still at expected (the one after the last message
  *		delivered; -1: nothing delivered since the partition started, where
  *		it started), and the partition is neither asked to move nor stopped
- *		at a gap.  The SHA-256 of the last message applied stays: this log
- *		never delivers a message at end - 1, so the next start finds the
- *		log the same (dwh_kafka_verify.c), and another log that has one
- *		there replaced.  In a transaction of its own; returns whether the
- *		offset moved.
+ *		at a gap.  The message applied last (last_offset, last_sha256)
+ *		stays what it was: the next start checks the log there
+ *		(dwh_kafka_verify.c).  In a transaction of its own; returns whether
+ *		the offset moved.
  */
 bool
 dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
@@ -539,7 +556,7 @@ dwh_kafka_offsets_gap(const char *topic, int32 partition, int64 fetch_offset,
 	if (outcome == DWH_GAP_SKIPPED)
 	{
 		rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets "
-								   "SET next_offset = $4, last_sha256 = NULL, "
+								   "SET next_offset = $4, last_sha256 = NULL, last_offset = NULL, "
 								   "    updated_at = pg_catalog.now() "
 								   "WHERE topic = $1 AND kafka_partition = $2",
 								   4, types, args, NULL, false, 0);
@@ -655,7 +672,7 @@ dwh_kafka_seek(PG_FUNCTION_ARGS)
 	 */
 	if (dwh_schema_is_current())
 	{
-		rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets SET last_sha256 = NULL "
+		rc = SPI_execute_with_args("UPDATE dwh.kafka_offsets SET last_sha256 = NULL, last_offset = NULL "
 								   "WHERE topic = $1 AND kafka_partition = $2",
 								   2, types, args, NULL, false, 0);
 		if (rc != SPI_OK_UPDATE)

@@ -9,8 +9,21 @@
 #ifndef DWH_KAFKA_OFFSETS_H
 #define DWH_KAFKA_OFFSETS_H
 
+#include "dwh_dead_letter.h"
+
 /* Stands for "no offset stored yet". */
 #define DWH_NO_OFFSET	(-1)
+
+/*
+ * The message a partition applied last, below its stored offset: where a
+ * worker that starts the partition checks its log (dwh_kafka_verify.c).
+ * With transactions, markers lie between it and the stored offset.
+ */
+typedef struct DwhKafkaLastApplied
+{
+	int64		offset;			/* DWH_NO_OFFSET: not known */
+	uint8		sha256[DWH_SHA256_LEN];
+} DwhKafkaLastApplied;
 
 /* What dwh_kafka_offsets_gap() did. */
 typedef enum DwhKafkaGapOutcome
@@ -31,7 +44,7 @@ typedef struct DwhKafkaGap
 
 extern void dwh_kafka_offsets_lookup(const char *topic, const int32 *partitions,
 									 int n, int64 *next_offsets, bool *stopped,
-									 uint8 *last_sha256, bool *last_known);
+									 DwhKafkaLastApplied *last);
 extern void dwh_kafka_offsets_lock(const char *topic, const int32 *partitions,
 								   int n, int64 *next_offsets,
 								   bool *seek_requested, bool *stopped);
@@ -44,8 +57,7 @@ extern DwhKafkaGapOutcome dwh_kafka_offsets_gap(const char *topic,
 												DwhKafkaGap *gap);
 extern void dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 									const int64 *next_offsets,
-									const uint8 *last_sha256,
-									const bool *last_known, int n);
+									const DwhKafkaLastApplied *last, int n);
 extern int64 dwh_kafka_offsets_start_at(const char *topic, int32 partition,
 										int64 offset);
 extern bool dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,

@@ -9,24 +9,28 @@
  * new log has reached that offset holds it too, in another log: a worker
  * going on from there would never apply the new messages before it, and
  * record no gap.  So each batch stores, with a partition's next offset N,
- * the SHA-256 of the message at N - 1 (dwh.kafka_offsets.last_sha256), and
- * a worker that starts a partition where such a hash is known starts one
- * message earlier, at N - 1: the first message it fetches there must be
- * the one applied.  The same bytes: the same log, and the message is
- * dropped (it was applied).  Other bytes: the log was replaced, and the
- * worker records a gap from N back to the new log's start, which it reads
- * from there (or stops at, with dwh.kafka_on_gap = stop); until then it
- * drops whatever else that log brings.  A log that ends at N - 1 or before
- * (its high watermark) was replaced too, with no message to compare.
+ * the offset L and the SHA-256 of the message it applied last
+ * (dwh.kafka_offsets.last_offset, last_sha256): L is N - 1, or earlier
+ * when the markers that end transactions lie between.  A worker that
+ * starts a partition where they are known starts at L: the first message
+ * it fetches there must be the one applied.  The same bytes: the same log,
+ * and the message is dropped (it was applied).  Other bytes: the log was
+ * replaced, and the worker records a gap from N back to the new log's
+ * start, which it reads from there (or stops at, with dwh.kafka_on_gap =
+ * stop); until then it drops whatever else that log brings.  A log that
+ * ends at L or before (its high watermark) was replaced too, with no
+ * message to compare.
  *
- * Nothing to compare, and the partition goes on as before: no hash stored
- * (a partition moved by dwh.kafka_seek or past a gap, or never applied), or
- * a message at N - 1 the broker no longer holds (retention deleted what was
- * applied) or skips (a compacted topic), in which case its first message
- * is at N or later and is applied as usual.  A message of another log that
- * has the very bytes of the one applied at the same offset is not told
- * apart; orders carry their id and version, so a real stream repeats them
- * only when it repeats the order itself.
+ * Nothing to compare, and the partition goes on as before: no message
+ * known (a partition moved by dwh.kafka_seek or past a gap, or never
+ * applied), or a message at L the broker no longer holds (retention
+ * deleted what was applied), or skips: a compacted topic, or another log
+ * with a marker or an aborted message at L, which a consumer reading
+ * committed messages never sees.  Then its first message is past L and is
+ * applied as usual.  A message of another log that has the very bytes of
+ * the one applied at the same offset is not told apart; orders carry
+ * their id and version, so a real stream repeats them only when it repeats
+ * the order itself.
  *
  * The state is the worker's own, for the partitions it owns.
  *
@@ -42,7 +46,7 @@
 typedef struct Checking
 {
 	int32		partition;
-	int64		offset;			/* N - 1 */
+	int64		offset;			/* L, the message applied last */
 	uint8		sha256[DWH_SHA256_LEN];
 	bool		replaced;		/* found replaced: drop what follows */
 } Checking;
@@ -51,7 +55,7 @@ static Checking checking[DWH_MAX_PARTITIONS];
 static int	n_checking = 0;
 
 /*
- * Partitions whose message at N - 1 the broker no longer held: started at
+ * Partitions whose message at L the broker no longer held: started at
  * N, without a check, the next time they are started.
  */
 static int32 unverifiable[DWH_MAX_PARTITIONS];
@@ -92,13 +96,13 @@ take_unverifiable(int32 partition)
 /*
  * dwh_kafka_verify_start
  *		The partitions are about to be started at offsets[] (their stored
- *		next offsets, DWH_NO_OFFSET where none): those whose message last
- *		applied is known start one message earlier, and are checked.
+ *		next offsets, DWH_NO_OFFSET where none): those whose message applied
+ *		last is known start there instead, and are checked.
  */
 void
 dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
-					   const bool *stopped, const uint8 *last_sha256,
-					   const bool *last_known, int n)
+					   const bool *stopped, const DwhKafkaLastApplied *last,
+					   int n)
 {
 	int			i;
 
@@ -109,13 +113,13 @@ dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
 
 		if (take_unverifiable(partitions[i]))
 			continue;
-		if (stopped[i] || !last_known[i] || offsets[i] <= 0 ||
+		if (stopped[i] || last[i].offset < 0 || last[i].offset >= offsets[i] ||
 			n_checking == DWH_MAX_PARTITIONS)
 			continue;
 		c = &checking[n_checking++];
 		c->partition = partitions[i];
-		c->offset = --offsets[i];
-		memcpy(c->sha256, &last_sha256[i * DWH_SHA256_LEN], DWH_SHA256_LEN);
+		c->offset = offsets[i] = last[i].offset;
+		memcpy(c->sha256, last[i].sha256, DWH_SHA256_LEN);
 		c->replaced = false;
 	}
 }
@@ -144,7 +148,10 @@ dwh_kafka_verify_message(int32 partition, int64 offset, const char *data,
 		return DWH_VERIFY_NONE; /* before the check: below the stored offset */
 	if (offset > expected)
 	{
-		/* The broker skipped it (compaction): nothing to compare. */
+		/*
+		 * Skipped: compacted away, or a marker or an aborted message of
+		 * another log.  Nothing to compare.
+		 */
 		stop_checking(i);
 		return DWH_VERIFY_NONE;
 	}
@@ -181,11 +188,11 @@ dwh_kafka_verify_out_of_range(int32 partition, int64 offset)
 /*
  * dwh_kafka_verify_log_end
  *		The partition's log ends at high (its high watermark as last
- *		fetched).  A log that ends at N - 1 or before does not hold the
- *		message applied there: the topic was recreated or truncated.  At
- *		exactly N - 1 the fetch is not out of range but waits for a
- *		message, which the check would wait for with the new log unread:
- *		the log is found replaced now.  True if it is.
+ *		fetched).  A log that ends at L or before does not hold the message
+ *		applied there: the topic was recreated or truncated.  At exactly L
+ *		the fetch is not out of range but waits for a message, which the
+ *		check would wait for with the new log unread: the log is found
+ *		replaced now.  True if it is.
  */
 bool
 dwh_kafka_verify_log_end(int32 partition, int64 high)

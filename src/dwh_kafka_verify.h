@@ -9,6 +9,8 @@
 #ifndef DWH_KAFKA_VERIFY_H
 #define DWH_KAFKA_VERIFY_H
 
+#include "dwh_kafka_offsets.h"
+
 /* What a fetched message says about its partition's log. */
 typedef enum DwhKafkaVerdict
 {
@@ -22,8 +24,7 @@ typedef enum DwhKafkaVerdict
 
 extern void dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
 								   const bool *stopped,
-								   const uint8 *last_sha256,
-								   const bool *last_known, int n);
+								   const DwhKafkaLastApplied *last, int n);
 extern DwhKafkaVerdict dwh_kafka_verify_message(int32 partition, int64 offset,
 												const char *data, int len);
 extern void dwh_kafka_verify_out_of_range(int32 partition, int64 offset);

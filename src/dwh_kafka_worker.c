@@ -84,9 +84,16 @@ PGDLLEXPORT void dwh_kafka_worker_main(Datum main_arg);
  * the carry.  Their partitions' stored offsets stay at the first of them
  * meanwhile, so the batch that applies them stores at least the floors, the
  * offsets that followed the batch that left them; and it may store an
- * offset that follows a message it no longer holds: known keeps the SHA-256
- * of those messages for the partitions' checks (dwh_kafka_verify.c).
+ * offset that follows a message it no longer holds: known keeps the offset
+ * and SHA-256 of those messages for the partitions' checks
+ * (dwh_kafka_verify.c).
  */
+typedef struct KnownMessage
+{
+	int32		partition;
+	DwhKafkaLastApplied message;
+} KnownMessage;
+
 typedef struct Batch
 {
 	MemoryContext context;		/* outlives aborted transactions */
@@ -101,9 +108,7 @@ typedef struct Batch
 	int32	   *floor_parts;
 	int64	   *floors;
 	int			n_known;
-	int32	   *known_parts;
-	int64	   *known_offsets;
-	uint8	   *known_sha256;	/* DWH_SHA256_LEN bytes each */
+	KnownMessage *known;
 } Batch;
 
 static int	worker_index;
@@ -328,9 +333,9 @@ add_gap(const DwhKafkaEvent *ev, bool replaced)
 }
 
 /*
- * A partition checked at N - 1 (dwh_kafka_verify.c) whose log now ends
- * there or before was replaced: a gap, as if its stored offset were out of
- * range (the watermarks are asked for afresh).
+ * A partition checked at the message it applied last (dwh_kafka_verify.c)
+ * whose log now ends there or before was replaced: a gap, as if its stored
+ * offset were out of range (the watermarks are asked for afresh).
  */
 static void
 find_short_logs(void)
@@ -629,27 +634,25 @@ store_latest_starts(const int32 *partitions, int n, int64 *offsets,
 }
 
 /*
- * Where the (sorted) partitions start: their stored offsets, one message
- * earlier where the message last applied is known, to check that the log
- * is the one read (dwh_kafka_verify.c); whether each is stopped at a gap.
+ * Where the (sorted) partitions start: their stored offsets, or the
+ * message applied last where it is known, to check that the log is the one
+ * read (dwh_kafka_verify.c); whether each is stopped at a gap.
  */
 static void
 look_up_offsets(const int32 *partitions, int n, int64 *offsets, bool *stopped)
 {
-	uint8	   *last_sha256 = palloc(DWH_SHA256_LEN * Max(n, 1));
-	bool	   *last_known = palloc(sizeof(bool) * Max(n, 1));
+	DwhKafkaLastApplied *last = palloc(sizeof(DwhKafkaLastApplied) * Max(n, 1));
 	MemoryContext caller = CurrentMemoryContext;
 
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	dwh_kafka_offsets_lookup(dwh_kafka_consumer_topic(consumer), partitions, n,
-							 offsets, stopped, last_sha256, last_known);
+							 offsets, stopped, last);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(caller);
 	store_latest_starts(partitions, n, offsets, stopped);
-	dwh_kafka_verify_start(partitions, offsets, stopped, last_sha256,
-						   last_known, n);
+	dwh_kafka_verify_start(partitions, offsets, stopped, last, n);
 }
 
 /*
@@ -776,47 +779,56 @@ partition_index(const int32 *partitions, int n, int32 p)
 }
 
 /*
- * The SHA-256 of the message at offset of partition into sha256, if the
- * batch holds it or knows it from the batch before.
+ * The message of partition with the greatest offset below below, that the
+ * batch holds or knows from the batch before, into *last (its offset
+ * DWH_NO_OFFSET if there is none).  Every such message was applied when
+ * below is where the partition's offset is stored.
  */
-static bool
-message_sha256(int32 partition, int64 offset, uint8 *sha256)
+static void
+find_last_applied(int32 partition, int64 below, DwhKafkaLastApplied *last)
 {
+	const DwhIngestItem *found = NULL;
+	int			known = -1;
 	int			i;
 
-	for (i = batch.n - 1; i >= 0; i--)
+	last->offset = DWH_NO_OFFSET;
+	for (i = 0; i < batch.n; i++)
 	{
 		DwhIngestItem *item = &batch.items[i];
 
-		if (item->partition == partition && item->offset == offset)
+		if (item->partition == partition && item->offset < below &&
+			item->offset > last->offset)
 		{
-			dwh_sha256(item->data, item->len, sha256);
-			return true;
+			found = item;
+			last->offset = item->offset;
 		}
 	}
 	for (i = 0; i < batch.n_known; i++)
-		if (batch.known_parts[i] == partition && batch.known_offsets[i] == offset)
+		if (batch.known[i].partition == partition &&
+			batch.known[i].message.offset < below &&
+			batch.known[i].message.offset > last->offset)
 		{
-			memcpy(sha256, &batch.known_sha256[i * DWH_SHA256_LEN],
-				   DWH_SHA256_LEN);
-			return true;
+			known = i;
+			last->offset = batch.known[i].message.offset;
 		}
-	return false;
+	if (known >= 0)
+		*last = batch.known[known].message;
+	else if (found != NULL)
+		dwh_sha256(found->data, found->len, last->sha256);
 }
 
 /*
- * The SHA-256 of the message before each partition's next offset: what the
+ * The message applied last below each partition's next offset: what the
  * partition's check compares when it starts again (dwh_kafka_verify.c).
  */
 static void
 last_applied(const int32 *partitions, const int64 *next_offsets, int n,
-			 uint8 *last_sha256, bool *last_known)
+			 DwhKafkaLastApplied *last)
 {
 	int			i;
 
 	for (i = 0; i < n; i++)
-		last_known[i] = message_sha256(partitions[i], next_offsets[i] - 1,
-									   &last_sha256[i * DWH_SHA256_LEN]);
+		find_last_applied(partitions[i], next_offsets[i], &last[i]);
 }
 
 /*
@@ -843,8 +855,7 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 	bool	   *seek = palloc(sizeof(bool) * n);
 	bool	   *stopped = palloc(sizeof(bool) * n);
 	int64	   *upto = palloc(sizeof(int64) * n);
-	uint8	   *last_sha256 = palloc(DWH_SHA256_LEN * n);
-	bool	   *last_known = palloc(sizeof(bool) * n);
+	DwhKafkaLastApplied *last = palloc(sizeof(DwhKafkaLastApplied) * n);
 	DwhIngestItem *keep = palloc(sizeof(DwhIngestItem) * n);
 	int		   *kept_from = palloc(sizeof(int) * n);
 	bool	   *kept_deferred = palloc0(sizeof(bool) * n);
@@ -943,9 +954,8 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
 		store_parts[n_store] = parts[i];
 		upto[n_store++] = upto[i];
 	}
-	last_applied(store_parts, upto, n_store, last_sha256, last_known);
-	dwh_kafka_offsets_store(topic, store_parts, upto, last_sha256, last_known,
-							n_store);
+	last_applied(store_parts, upto, n_store, last);
+	dwh_kafka_offsets_store(topic, store_parts, upto, last, n_store);
 
 	PopActiveSnapshot();
 	CommitTransactionCommand();
@@ -960,8 +970,8 @@ apply_in_transaction(const char *topic, DwhIngestItem *items, int n,
  * (orders another worker was applying), in a memory context of their own,
  * with the floors of the partitions (next_parts[0..n_next-1], next[]: the
  * offsets that follow the batch just applied, the floors before included)
- * and the SHA-256 of the messages that an offset stored meanwhile
- * may follow: the one before each floor and the one before each message
+ * and the messages that an offset stored later may follow (their offsets
+ * and SHA-256): the last one below each floor and below each message
  * kept.
  */
 static void
@@ -974,9 +984,7 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 	int			n = 0;
 	bool		again = false;
 	int			n_known = 0;
-	int32	   *known_parts;
-	int64	   *known_offsets;
-	uint8	   *known_sha256;
+	KnownMessage *known;
 	int32	   *floor_parts;
 	int64	   *floors;
 	int			max_known = n_next + n_deferred;
@@ -985,9 +993,7 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 	context = AllocSetContextCreate(TopMemoryContext, "dwh kafka batch",
 									ALLOCSET_DEFAULT_SIZES);
 	items = MemoryContextAlloc(context, sizeof(DwhIngestItem) * Max(capacity, n_deferred));
-	known_parts = MemoryContextAlloc(context, sizeof(int32) * max_known);
-	known_offsets = MemoryContextAlloc(context, sizeof(int64) * max_known);
-	known_sha256 = MemoryContextAlloc(context, DWH_SHA256_LEN * max_known);
+	known = MemoryContextAlloc(context, sizeof(KnownMessage) * Max(max_known, 1));
 	floor_parts = MemoryContextAlloc(context, sizeof(int32) * Max(n_next, 1));
 	floors = MemoryContextAlloc(context, sizeof(int64) * Max(n_next, 1));
 
@@ -995,10 +1001,9 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 	{
 		floor_parts[i] = next_parts[i];
 		floors[i] = next[i];
-		known_parts[n_known] = floor_parts[i];
-		known_offsets[n_known] = floors[i] - 1;
-		if (message_sha256(floor_parts[i], floors[i] - 1,
-						   &known_sha256[n_known * DWH_SHA256_LEN]))
+		known[n_known].partition = floor_parts[i];
+		find_last_applied(floor_parts[i], floors[i], &known[n_known].message);
+		if (known[n_known].message.offset != DWH_NO_OFFSET)
 			n_known++;
 	}
 	for (i = 0; i < batch.n; i++)
@@ -1009,10 +1014,9 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 		if (!deferred[i])
 			continue;
 		again = again || i < batch.carried;
-		known_parts[n_known] = item->partition;
-		known_offsets[n_known] = item->offset - 1;
-		if (message_sha256(item->partition, item->offset - 1,
-						   &known_sha256[n_known * DWH_SHA256_LEN]))
+		known[n_known].partition = item->partition;
+		find_last_applied(item->partition, item->offset, &known[n_known].message);
+		if (known[n_known].message.offset != DWH_NO_OFFSET)
 			n_known++;
 		data = MemoryContextAlloc(context, Max(item->len, 1));
 		memcpy(data, item->data, item->len);
@@ -1036,9 +1040,7 @@ carry_deferred(const bool *deferred, int n_deferred, const int32 *next_parts,
 	batch.floor_parts = floor_parts;
 	batch.floors = floors;
 	batch.n_known = n_known;
-	batch.known_parts = known_parts;
-	batch.known_offsets = known_offsets;
-	batch.known_sha256 = known_sha256;
+	batch.known = known;
 	ereport(DEBUG1,
 			(errmsg_internal("%d messages of orders another worker is applying kept for the next batch",
 							 n)));
@@ -1089,11 +1091,13 @@ apply_batch(bool leave_none)
 
 /*
  * Say what was done about a gap, once its transaction is committed: a
- * recorded gap is a WARNING, whatever dwh.kafka_on_gap says.
+ * recorded gap is a WARNING, whatever dwh.kafka_on_gap says.  fetched is
+ * the offset whose fetch found it (for a replaced log: where it holds
+ * another message than the one applied).
  */
 static void
 report_gap(const char *topic, int32 partition, DwhKafkaGapOutcome outcome,
-		   bool replaced, const DwhKafkaGap *gap)
+		   bool replaced, int64 fetched, const DwhKafkaGap *gap)
 {
 	bool		stop = (outcome == DWH_GAP_STOPPED);
 	char	   *then;
@@ -1119,7 +1123,7 @@ report_gap(const char *topic, int32 partition, DwhKafkaGapOutcome outcome,
 				(errmsg("Kafka partition %d of topic \"%s\" is not the log its stored offset " INT64_FORMAT " was read from",
 						partition, topic, gap->next_offset),
 				 errdetail("The broker holds another message at offset " INT64_FORMAT " than the one applied there: the topic was recreated. Its log holds offsets " INT64_FORMAT " to " INT64_FORMAT ". %s",
-						   gap->next_offset - 1, gap->log_start_offset,
+						   fetched, gap->log_start_offset,
 						   gap->log_end_offset - 1, then),
 				 stop ? errhint("Move the partition with dwh.kafka_seek(%d, " INT64_FORMAT ") to read what the broker holds.",
 								partition, gap->log_start_offset) : 0));
@@ -1218,7 +1222,7 @@ serve_gaps(void)
 	for (i = 0; i < n; i++)
 	{
 		report_gap(topic, pending_gaps[i].partition, outcomes[i],
-				   pending_gaps[i].replaced, &gaps[i]);
+				   pending_gaps[i].replaced, pending_gaps[i].offset, &gaps[i]);
 		if (outcomes[i] == DWH_GAP_STOPPED || outcomes[i] == DWH_GAP_STILL_STOPPED)
 			dwh_kafka_consumer_stop(consumer, pending_gaps[i].partition);
 		else

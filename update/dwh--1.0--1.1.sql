@@ -2503,8 +2503,10 @@ COMMENT ON COLUMN dwh.kafka_gaps.resumed_at IS 'When consumption went on; NULL w
 
 -- What was applied last of each partition: a worker starting it again
 -- checks that the broker holds that message there (src/dwh_kafka_verify.c).
-ALTER TABLE dwh.kafka_offsets ADD COLUMN last_sha256 bytea;
-COMMENT ON COLUMN dwh.kafka_offsets.last_sha256 IS 'SHA-256 of the value of the message at next_offset - 1, the last applied: a worker that starts the partition again checks that the broker still holds it there, or the topic was recreated (NULL: not known, after dwh.kafka_seek() or a gap)';
+ALTER TABLE dwh.kafka_offsets ADD COLUMN last_sha256 bytea,
+    ADD COLUMN last_offset bigint;
+COMMENT ON COLUMN dwh.kafka_offsets.last_sha256 IS 'SHA-256 of the value of the message at last_offset, the last applied: a worker that starts the partition again checks that the broker still holds it there, or the topic was recreated (NULL: not known, after dwh.kafka_seek() or a gap)';
+COMMENT ON COLUMN dwh.kafka_offsets.last_offset IS 'Offset of the message last applied, whose SHA-256 is last_sha256: next_offset - 1, or earlier when the markers that end Kafka transactions follow it (NULL: not known)';
 
 COMMENT ON FUNCTION dwh.kafka_seek(integer, bigint, text) IS
     'Rewind (replay) or skip a partition of the order topic (default dwh.kafka_topic): the next message applied from it is the one at next_offset; a partition stopped at a gap goes on from there';

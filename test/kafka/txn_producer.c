@@ -4,15 +4,15 @@
  *	  Produce lines of a file as one Kafka transaction, committed or
  *	  aborted, for the tests (kcat has no transactions).
  *
- * Usage: txn_producer BOOTSTRAP TOPIC FILE commit|abort|hold
+ * Usage: txn_producer BOOTSTRAP TOPIC FILE commit|abort|hold [PARTITION]
  *
  * Each line of FILE is one message, without a key, to partition
- * (line number % partitions) of TOPIC, written to the log before the
- * transaction ends.  "commit" commits the transaction and exits; "abort"
- * aborts it; "hold" leaves it open: it prints "held" once the messages are
- * in the log, then waits for a line on stdin ("commit" or "abort") and
- * ends the transaction so.  Exits 0 on success, 1 with a message on stderr
- * otherwise.
+ * (line number % partitions) of TOPIC, or to PARTITION if given, written to
+ * the log before the transaction ends.  "commit" commits the transaction
+ * and exits; "abort" aborts it; "hold" leaves it open: it prints "held"
+ * once the messages are in the log, then waits for a line on stdin
+ * ("commit" or "abort") and ends the transaction so.  Exits 0 on success, 1
+ * with a message on stderr otherwise.
  *
  *-------------------------------------------------------------------------
  */
@@ -67,12 +67,15 @@ main(int argc, char **argv)
 	ssize_t		len;
 	long		n = 0;
 	char		transactional_id[64];
+	int			only = -1;
 
-	if (argc != 5)
+	if (argc != 5 && argc != 6)
 	{
-		fprintf(stderr, "usage: txn_producer BOOTSTRAP TOPIC FILE commit|abort|hold\n");
+		fprintf(stderr, "usage: txn_producer BOOTSTRAP TOPIC FILE commit|abort|hold [PARTITION]\n");
 		return 1;
 	}
+	if (argc == 6)
+		only = atoi(argv[5]);
 
 	conf = rd_kafka_conf_new();
 	snprintf(transactional_id, sizeof(transactional_id), "dwh-test-%d", (int) getpid());
@@ -119,7 +122,7 @@ main(int argc, char **argv)
 			line[--len] = '\0';
 		err = rd_kafka_producev(rk,
 								RD_KAFKA_V_TOPIC(argv[2]),
-								RD_KAFKA_V_PARTITION((int32_t) (n % partitions)),
+								RD_KAFKA_V_PARTITION((int32_t) (only >= 0 ? only : n % partitions)),
 								RD_KAFKA_V_VALUE(line, (size_t) len),
 								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
 								RD_KAFKA_V_END);

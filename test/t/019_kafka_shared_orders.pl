@@ -105,20 +105,22 @@ sub run_stream
 		"$name: each worker owns two partitions");
 	# Each partition holds the lines in file order: the message at offset k
 	# is line k + 1.  Until the stream is applied, every stored offset must
-	# come with the SHA-256 of the message before it: sampled between the
+	# come with the message before it, its offset and SHA-256 (no
+	# transactions, no markers between): sampled between the
 	# parts produced (for a tenth of a second) and until the end.
 	my @lines = split /\n/, slurp_file("$tmp/$name.txt");
 	my ($samples, $wrong) = (0, '');
 	my $sample = sub {
 		foreach my $row (split /\n/,
 			$node->safe_psql('postgres',
-				"SELECT kafka_partition, next_offset, coalesce(encode(last_sha256, 'hex'), 'null')
+				"SELECT kafka_partition, next_offset, coalesce(last_offset, -1),
+				        coalesce(encode(last_sha256, 'hex'), 'null')
 				 FROM dwh.kafka_offsets WHERE topic = '$topic' AND next_offset > 0"))
 		{
-			my ($p, $next, $sha) = split /\|/, $row;
+			my ($p, $next, $last, $sha) = split /\|/, $row;
 			$samples++;
-			$wrong ||= "partition $p at $next: $sha"
-			  if $sha ne sha256_hex($lines[ $next - 1 ]);
+			$wrong ||= "partition $p at $next: $last $sha"
+			  if $last != $next - 1 || $sha ne sha256_hex($lines[$last]);
 		}
 		usleep(20_000);
 	};

@@ -44,8 +44,8 @@ check_consistent($old, 'old cluster');
 
 # What pg_upgrade must carry over, row for row.
 my $state_query = q{
-	SELECT (SELECT string_agg(format('%s/%s: %s %s', topic, kafka_partition,
-									 next_offset, encode(last_sha256, 'hex')),
+	SELECT (SELECT string_agg(format('%s/%s: %s %s %s', topic, kafka_partition,
+									 next_offset, last_offset, encode(last_sha256, 'hex')),
 							  ', ' ORDER BY topic, kafka_partition)
 			FROM dwh.kafka_offsets),
 		   (SELECT count(*) || ' orders, ' || sum(hashtext(payload::text))

@@ -22,6 +22,7 @@ use DwhTest;
 use IPC::Run;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 
 my $root = dwh_root();
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
@@ -66,9 +67,9 @@ sub applied_of
 
 sub run_producer
 {
-	my ($name, $how) = @_;
+	my ($name, $how, @partition) = @_;
 	my ($out, $err) = ('', '');
-	IPC::Run::run([ $producer, $broker->{bootstrap}, $broker->{topic}, "$tmp/txn_$name.txt", $how ],
+	IPC::Run::run([ $producer, $broker->{bootstrap}, $broker->{topic}, "$tmp/txn_$name.txt", $how, @partition ],
 		'<', \undef, '>', \$out, '2>', \$err)
 	  or die "txn_producer $name $how failed: $err";
 	return;
@@ -216,6 +217,79 @@ is(scalar(keys %tail), 20, 'each order of the transaction is applied by one node
 is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty');
 $node_b->stop;
+
+# The topic recreated while the workers hold off, and written again in
+# transactions.  Each old log ends with a commit marker after the message
+# applied last, at L: the stored offset N is L + 2.  Each new log holds
+# another message at L and a marker at L + 1 = N - 1, and goes on past N.
+# The worker must start at L, find another message there, and read the
+# new logs from their starts: a gap per partition, every new order applied.
+# (Before: it started at N - 1, where a consumer reading committed messages
+# sees nothing, took the skip for compaction, and applied only what lay
+# past N; the new logs' first messages were lost, with no gap.)
+ok( wait_for(
+		$node, q{SELECT count(*) = 2 AND bool_and(lag = 0 AND worker IS NOT NULL)
+		         FROM dwh.kafka_partitions}),
+	'the first node owns both partitions again, lag 0');
+my %last = split /[|\n]/, $node->safe_psql('postgres',
+	q{SELECT kafka_partition, last_offset FROM dwh.kafka_offsets
+	  WHERE next_offset = last_offset + 2 ORDER BY 1});
+is(join(',', sort keys %last), '0,1',
+	'each partition stores the offset of the message applied last, a marker after it');
+ok(set_and_reload($node, 'dwh.kafka_brokers', ''), 'the workers are told no broker');
+ok( wait_for(
+		$node, "SELECT state LIKE 'idle%' FROM dwh.status WHERE worker = 'kafka 1'"),
+	'the worker holds off');
+broker_command('tool', 'org.apache.kafka.tools.TopicCommand',
+	'--bootstrap-server', $broker->{bootstrap}, '--delete', '--topic', $broker->{topic});
+my $created = 0;
+foreach my $try (1 .. 60)
+{
+	# The deletion completes in the background.
+	last if $created = eval { broker_command('create-topic', $broker->{dir}, $broker->{topic}, 2); 1 };
+	usleep(500_000);
+}
+ok($created, 'the topic is deleted and created again');
+# Per partition: a transaction of L - 1 orders (offsets 0 to L - 2, its
+# marker at L - 1), then two of one order each (L and L + 2).
+my $new_count = $last{0} + $last{1} + 2;
+generate_orders("$tmp/txn_new.txt", "--count $new_count --seed 58 --clean --first-id 9200000");
+my @new = split /\n/, slurp_file("$tmp/txn_new.txt");
+foreach my $p (0, 1)
+{
+	my @mine = splice(@new, 0, $last{$p} + 1);
+	my %files = (first => [ @mine[ 0 .. $#mine - 2 ] ], second => [ $mine[-2] ], third => [ $mine[-1] ]);
+	foreach my $name ('first', 'second', 'third')
+	{
+		open(my $fh, '>', "$tmp/txn_new_$name.txt") or die $!;
+		print $fh map { "$_\n" } @{ $files{$name} };
+		close($fh);
+		run_producer("new_$name", 'commit', $p);
+	}
+}
+my $gaps_before = $node->safe_psql('postgres', 'SELECT coalesce(max(id), 0) FROM dwh.kafka_gaps');
+$log_offset = -s $node->logfile;
+ok(set_and_reload($node, 'dwh.kafka_brokers', $broker->{bootstrap}), 'the workers are given the broker again');
+ok( wait_for(
+		$node, "SELECT count(*) = $new_count FROM stg.order_events WHERE object_id >= 9200000"),
+	"every order of the new logs is applied ($new_count)")
+  or diag($node->safe_psql('postgres', 'SELECT * FROM dwh.kafka_partitions'));
+is( $node->safe_psql('postgres',
+		"SELECT string_agg(format('%s: %s %s %s', kafka_partition, next_offset, log_start_offset, action), ', '
+		                   ORDER BY kafka_partition)
+		 FROM dwh.kafka_gaps WHERE id > $gaps_before"),
+	sprintf('0: %d 0 skipped, 1: %d 0 skipped', $last{0} + 2, $last{1} + 2),
+	'a gap per partition, from the stored offset back to the new log\'s start');
+my @named = slurp_file($node->logfile, $log_offset)
+  =~ /DETAIL:  The broker holds another message at offset (\d+) than the one applied there: the topic was recreated\./g;
+is( join(',', sort { $a <=> $b } @named),
+	join(',', sort { $a <=> $b } values %last),
+	'a WARNING per partition names the offset of the message applied last');
+ok( wait_for(
+		$node, q{SELECT count(*) = 2 AND bool_and(lag = 0) FROM dwh.kafka_partitions}),
+	'the lag is 0 on the new logs');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
+	'0', 'dwh.verify() is empty');
 
 $node->stop;
 broker_command('stop', $broker->{dir});
