@@ -531,9 +531,13 @@ BEGIN
                   DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
     END IF;
     PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
+    -- The tags of the rules, and those held or counted without one: their
+    -- tags revoked, their counts dropped.
     RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
                                          UNION
-                                         SELECT DISTINCT t.tag FROM cdm.user_tags_held t));
+                                         SELECT DISTINCT t.tag FROM cdm.user_tags_held t
+                                         UNION
+                                         SELECT DISTINCT w.tag FROM cdm.user_window_counters w));
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild_tags() IS

@@ -807,6 +807,16 @@ BEGIN
     SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
     RETURN NEXT;
 
+    -- What windowed rules count, which dwh.rebuild_tags() below recounts:
+    -- the rows it changes, counted first as dwh.verify() finds them.
+    mart := 'user_window_counters';
+    SELECT count(*) INTO rows_changed
+    FROM dwh.tag_window_counts(NULL, NULL, NULL) e
+    FULL JOIN cdm.user_window_counters a
+      ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt;
+    RETURN NEXT;
+
     -- The tags of the marts repaired: rows_changed counts the grant and
     -- revoke events written.
     mart := 'user_tags';

@@ -308,14 +308,17 @@ SELECT * FROM t.windows WHERE user_id = 'u5';
 SELECT count(*) FROM dwh.verify();
 ROLLBACK;
 
--- The oracle catches a tampered tag, a missing one and a made-up one;
--- dwh.rebuild() repairs them, with events.
+-- The oracle catches a tampered tag, a missing one and a made-up one, a
+-- tampered window count and one of no rule; dwh.rebuild() repairs them,
+-- with events, and counts the window counts it repairs.
 UPDATE cdm.user_tags_held SET value = 'Супы'
 WHERE tag = 'regular' AND user_id = dwh.hash_key('u1');
 DELETE FROM cdm.user_tags_held WHERE tag = 'favourite' AND user_id = dwh.hash_key('u2');
 INSERT INTO cdm.user_tags_held (user_id, tag) VALUES (dwh.hash_key('u4'), 'regular');
 UPDATE cdm.user_window_counters SET order_cnt = 7
 WHERE tag = 'active' AND user_id = dwh.hash_key('u4');
+INSERT INTO cdm.user_window_counters (user_id, tag, category_id, order_cnt)
+VALUES (dwh.hash_key('u4'), 'no such rule', dwh.all_orders_key(), 3);
 SELECT mart, expected_name, actual_name, expected_cnt, actual_cnt FROM dwh.verify();
 -- The same differences in parts (users by ranges of their hash key).
 SET client_min_messages = warning;

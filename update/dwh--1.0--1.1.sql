@@ -3612,9 +3612,13 @@ BEGIN
                   DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
     END IF;
     PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
+    -- The tags of the rules, and those held or counted without one: their
+    -- tags revoked, their counts dropped.
     RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
                                          UNION
-                                         SELECT DISTINCT t.tag FROM cdm.user_tags_held t));
+                                         SELECT DISTINCT t.tag FROM cdm.user_tags_held t
+                                         UNION
+                                         SELECT DISTINCT w.tag FROM cdm.user_window_counters w));
 END
 $fn$;
 COMMENT ON FUNCTION dwh.rebuild_tags() IS
@@ -4706,6 +4710,16 @@ BEGIN
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM upsert) + (SELECT count(*) FROM extra) INTO rows_changed;
+    RETURN NEXT;
+
+    -- What windowed rules count, which dwh.rebuild_tags() below recounts:
+    -- the rows it changes, counted first as dwh.verify() finds them.
+    mart := 'user_window_counters';
+    SELECT count(*) INTO rows_changed
+    FROM dwh.tag_window_counts(NULL, NULL, NULL) e
+    FULL JOIN cdm.user_window_counters a
+      ON a.user_id = e.user_id AND a.tag = e.tag AND a.category_id = e.category_id
+    WHERE e.user_id IS NULL OR a.user_id IS NULL OR e.order_cnt <> a.order_cnt;
     RETURN NEXT;
 
     -- The tags of the marts repaired: rows_changed counts the grant and
