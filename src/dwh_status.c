@@ -16,6 +16,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -157,6 +158,7 @@ detach_slot(int code, Datum arg)
 	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
 	slot->pid = 0;
 	slot->n_assigned = 0;
+	slot->database = InvalidOid;
 	strlcpy(slot->state, "stopped", DWH_STATE_LEN);
 	slot->state_since = now;
 	LWLockRelease(slot->lock);
@@ -185,6 +187,7 @@ dwh_status_attach(DwhWorkerKind kind, int index)
 	strlcpy(slot->state, "starting", DWH_STATE_LEN);
 	slot->state_since = slot->started_at;
 	slot->n_assigned = 0;
+	slot->database = InvalidOid;
 	slot->messages = 0;
 	slot->batches = 0;
 	slot->dead_letters = 0;
@@ -272,6 +275,19 @@ dwh_status_has_error(DwhWorkerStatus *slot)
 	has = slot->last_error[0] != '\0';
 	LWLockRelease(slot->lock);
 	return has;
+}
+
+/*
+ * dwh_status_set_database
+ *		The database the worker is connected to (InvalidOid: none), so that
+ *		dwh.status read in another one says which it serves.
+ */
+void
+dwh_status_set_database(DwhWorkerStatus *slot, Oid database)
+{
+	LWLockAcquire(slot->lock, LW_EXCLUSIVE);
+	slot->database = database;
+	LWLockRelease(slot->lock);
 }
 
 /*
@@ -576,7 +592,7 @@ PG_FUNCTION_INFO_V1(dwh_worker_status);
 PG_FUNCTION_INFO_V1(dwh_kafka_watermarks);
 
 /* The columns of dwh.worker_status() as 1.1 declares it. */
-#define STATUS_COLUMNS			25
+#define STATUS_COLUMNS			26
 
 /*
  * dwh.worker_status() returns setof record
@@ -621,6 +637,7 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 		Datum		values[STATUS_COLUMNS];
 		bool		nulls[STATUS_COLUMNS];
 		Datum	   *parts;
+		char	   *database;
 		int			j;
 
 		LWLockAcquire(shared->workers[i].lock, LW_SHARED);
@@ -680,6 +697,10 @@ dwh_worker_status(PG_FUNCTION_ARGS)
 		/* A Kafka worker's, in milliseconds as pg_stat_database's times. */
 		values[24] = Float8GetDatum(s.apply_time / 1000.0);
 		nulls[24] = (s.kind != DWH_WORKER_KAFKA);
+		/* Its name now; NULL if the worker is connected to none. */
+		database = OidIsValid(s.database) ? get_database_name(s.database) : NULL;
+		values[25] = database ? CStringGetTextDatum(database) : (Datum) 0;
+		nulls[25] = (database == NULL);
 
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}

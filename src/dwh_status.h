@@ -74,6 +74,7 @@ typedef struct DwhWorkerStatus
 	bool		events_queued;	/* set at the commit of a transaction that
 								 * queued events */
 	/* All */
+	Oid			database;		/* connected to, InvalidOid if none */
 	bool		connect_pending;	/* a connection attempt never returned */
 	char		last_error[DWH_ERROR_LEN];
 	TimestampTz last_error_at;
@@ -106,6 +107,7 @@ extern void dwh_status_set_state(DwhWorkerStatus *slot, const char *fmt,...)
 extern void dwh_status_set_error(DwhWorkerStatus *slot, const char *fmt,...)
 			pg_attribute_printf(2, 3);
 extern bool dwh_status_has_error(DwhWorkerStatus *slot);
+extern void dwh_status_set_database(DwhWorkerStatus *slot, Oid database);
 extern void dwh_status_clear_error(DwhWorkerStatus *slot);
 extern void dwh_status_set_assigned(DwhWorkerStatus *slot,
 									const int32 *partitions, int n);

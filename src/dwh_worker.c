@@ -460,6 +460,7 @@ connect_to_database(void)
 	set_connect_pending(true);
 	BackgroundWorkerInitializeConnection(connected_database, NULL, 0);
 	set_connect_pending(false);
+	dwh_status_set_database(slot, MyDatabaseId);
 	dwh_worker_settings();
 }
 

@@ -2573,7 +2573,8 @@ CREATE FUNCTION dwh.worker_status(
         OUT expiry_passes bigint, OUT last_expiry_at timestamptz,
         OUT last_expiry_rules_moved integer, OUT last_expiry_events integer,
         OUT events_produced bigint, OUT events_pending bigint,
-        OUT last_produced_at timestamptz, OUT apply_time double precision)
+        OUT last_produced_at timestamptz, OUT apply_time double precision,
+        OUT database text)
     RETURNS SETOF record
     AS 'MODULE_PATHNAME', 'dwh_worker_status'
     LANGUAGE C VOLATILE;
@@ -2603,9 +2604,11 @@ SELECT coalesce(o.topic, w.topic) AS topic,
 FROM (SELECT * FROM offsets WHERE topic IS NOT NULL) o
 FULL JOIN dwh.kafka_watermarks() w
        ON w.topic = o.topic AND w.kafka_partition = o.kafka_partition
+-- Owned by a worker of this database: one serving another owns its
+-- partitions there.
 LEFT JOIN (SELECT s.worker, p.p
            FROM dwh.worker_status() s, unnest(s.partitions) AS p(p)
-           WHERE s.pid IS NOT NULL) owner
+           WHERE s.pid IS NOT NULL AND s.database = current_database()) owner
        ON owner.p = coalesce(o.kafka_partition, w.kafka_partition)
       AND coalesce(o.topic, w.topic) = current_setting('dwh.kafka_topic')
 LEFT JOIN gaps g
@@ -2628,7 +2631,8 @@ SELECT s.worker, s.pid, s.state, s.state_since,
        s.expiry_passes, s.last_expiry_at, s.last_expiry_rules_moved, s.last_expiry_events,
        s.events_produced, s.events_pending, s.last_produced_at,
        s.apply_time,
-       b.blocked_by, b.blocked_since
+       b.blocked_by, b.blocked_since,
+       s.database
 FROM dwh.worker_status() s
 LEFT JOIN LATERAL (
     SELECT sum(k.lag)::bigint AS lag,
@@ -2645,6 +2649,9 @@ LEFT JOIN LATERAL (
     FROM dwh.kafka_partitions k
     WHERE k.topic = current_setting('dwh.kafka_topic')
       AND k.kafka_partition = ANY (s.partitions)
+      -- The offsets of this database: a worker serving another applies
+      -- none of them.
+      AND s.database = current_database()
 ) p ON true
 -- Whoever keeps the worker waiting: any session whose transaction holds a
 -- lock the worker needs (a loader's or tagger's left open, a LOCK TABLE)
@@ -2669,7 +2676,7 @@ LEFT JOIN LATERAL (
 ) b ON s.pid IS NOT NULL
 ORDER BY s.worker_number IS NULL, s.worker;
 COMMENT ON VIEW dwh.status IS
-    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka; for a Kafka worker the time it spent applying batches; the sessions keeping it waiting for a lock, and since when';
+    'One row per background worker: its state, partitions, throughput counters, lag, last error, gaps recorded on its partitions and those stopped at one; for the tags worker its expiry passes and the tag events it produced to Kafka; for a Kafka worker the time it spent applying batches; the sessions keeping it waiting for a lock, and since when; the database it serves (read in another, its lag and partitions'' offsets are not shown)';
 
 DO $grants$
 DECLARE

@@ -182,6 +182,30 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'),
 	$a->{object_ids}{count} + $b->{object_ids}{count} + 3,
 	'every order of the topic in STG');
 
+# The extension created in a second database too, which the workers do not
+# serve: dwh.status there names the database they serve and shows none of
+# the lag, offsets and gaps of its own dwh.kafka_offsets, and
+# dwh.kafka_partitions names no owner (before: the workers seemed to
+# consume it, owning its partitions, with a lag that never moved).
+$node->safe_psql('postgres', 'CREATE DATABASE other');
+$node->safe_psql('other', 'CREATE EXTENSION dwh');
+$node->safe_psql('other', 'SELECT dwh.kafka_seek(0, 0)');
+my $status_sql = q{SELECT string_agg(concat_ws(' ', worker, database, lag IS NOT NULL,
+                                              partition_offsets IS NOT NULL, gaps IS NOT NULL),
+                                    ', ' ORDER BY worker)
+                   FROM dwh.status WHERE worker LIKE 'kafka%'};
+is($node->safe_psql('other', $status_sql),
+	'kafka 1 postgres f f f, kafka 2 postgres f f f',
+	'in another database, dwh.status names the database served, and no lag');
+is( $node->safe_psql('other',
+		'SELECT count(*) || \' \' || count(worker) FROM dwh.kafka_partitions'),
+	'4 0', 'and dwh.kafka_partitions there names no owner');
+is($node->safe_psql('postgres', $status_sql),
+	'kafka 1 postgres t t t, kafka 2 postgres t t t',
+	'in the database served, both');
+is($node->safe_psql('postgres', 'SELECT count(worker) FROM dwh.kafka_partitions'),
+	'4', 'each partition with its owner');
+
 # The broker down for good: a worker showing the error probes the leader
 # every 5 s to clear it.  That probe once waited for an answer forever
 # (rd_kafka_query_watermark_offsets before librdkafka 2.3.0), and the
