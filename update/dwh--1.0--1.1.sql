@@ -3999,6 +3999,8 @@ CREATE FUNCTION dwh.verify_vault(part integer, parts integer)
     SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_custom_plan
     -- The times in the keys read the same from every session.
     SET DateStyle = 'ISO, YMD'
+    -- It reads dwh's own views, whoever restricts them for the session.
+    SET restrict_nonsystem_relation_kind = ''
 AS $fn$
 #variable_conflict use_column
 BEGIN
@@ -4358,6 +4360,7 @@ CREATE FUNCTION dwh.verify(parts integer)
                    expected_cnt integer, actual_cnt integer)
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_custom_plan
+    SET restrict_nonsystem_relation_kind = ''
 AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -4605,6 +4608,7 @@ CREATE FUNCTION dwh.rebuild(vault boolean DEFAULT false,
                             OUT mart text, OUT rows_changed bigint)
     RETURNS SETOF record
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET restrict_nonsystem_relation_kind = ''
 AS $fn$
 DECLARE
     vault_differences bigint;
