@@ -67,6 +67,7 @@ struct DwhKafkaConsumer
 	/* Those of them paused because they are stopped at a gap, sorted. */
 	int			n_stopped;
 	int32	   *stopped;
+	int			next_refreshed; /* of them, whose watermarks are asked next */
 
 	/*
 	 * By partition, since it was last started: the offset after the last
@@ -1083,7 +1084,9 @@ dwh_kafka_consumer_assignment(DwhKafkaConsumer *c, int32 **partitions)
 /*
  * dwh_kafka_consumer_publish_watermarks
  *		Publish the owned partitions' watermarks as last seen in fetch
- *		responses (no request to the broker).
+ *		responses (no request to the broker).  A partition stopped at a gap
+ *		is not fetched, so its watermarks would stay those of the stop:
+ *		they come from dwh_kafka_consumer_refresh_stopped() instead.
  */
 void
 dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *c)
@@ -1095,12 +1098,41 @@ dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *c)
 		int64_t		low = -1;
 		int64_t		high = -1;
 
+		if (contains(c->stopped, c->n_stopped, c->assigned[i]))
+			continue;
 		if (rd_kafka_get_watermark_offsets(c->rk, c->topic, c->assigned[i],
 										   &low, &high) == RD_KAFKA_RESP_ERR_NO_ERROR &&
 			high >= 0)
 			dwh_status_set_watermark(c->topic, c->assigned[i], low, high,
 									 c->worker_index);
 	}
+}
+
+/*
+ * dwh_kafka_consumer_refresh_stopped
+ *		Ask the leader of one partition stopped at a gap, the next in turn,
+ *		for its watermarks, and publish them: its lag then shows what the
+ *		broker holds past the gap.  Waits for at most timeout_ms; an answer
+ *		that does not come leaves the last ones published.
+ */
+void
+dwh_kafka_consumer_refresh_stopped(DwhKafkaConsumer *c, int timeout_ms)
+{
+	int32		partition;
+	int64		low;
+	int64		high;
+	char		error[256];
+
+	if (c->n_stopped == 0)
+		return;
+	if (c->next_refreshed >= c->n_stopped)
+		c->next_refreshed = 0;
+	partition = c->stopped[c->next_refreshed++];
+	if (dwh_kafka_consumer_query_watermarks(c, partition, &low, &high,
+											timeout_ms, error, sizeof(error)) &&
+		high >= 0)
+		dwh_status_set_watermark(c->topic, partition, low, high,
+								 c->worker_index);
 }
 
 /*

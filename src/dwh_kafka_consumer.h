@@ -91,6 +91,8 @@ extern void dwh_kafka_consumer_commit(DwhKafkaConsumer *consumer,
 extern int	dwh_kafka_consumer_assignment(DwhKafkaConsumer *consumer,
 										  int32 **partitions);
 extern void dwh_kafka_consumer_publish_watermarks(DwhKafkaConsumer *consumer);
+extern void dwh_kafka_consumer_refresh_stopped(DwhKafkaConsumer *consumer,
+											   int timeout_ms);
 extern int64 dwh_kafka_consumer_high_watermark(DwhKafkaConsumer *consumer,
 											   int32 partition);
 extern int64 dwh_kafka_consumer_take_log_end(DwhKafkaConsumer *consumer,

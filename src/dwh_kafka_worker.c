@@ -66,6 +66,7 @@
 
 #define WATERMARK_INTERVAL_MS	1000
 #define RECOVERY_PROBE_MS		5000
+#define STOPPED_REFRESH_MS		5000
 #define GAP_RETRY_MS			1000
 
 /*
@@ -127,6 +128,7 @@ static Oid	extension_oid = InvalidOid;
 static bool extension_replaced = false;
 static int	backoff_ms = 0;
 static TimestampTz last_watermarks = 0;
+static TimestampTz last_stopped_refresh = 0;
 static TimestampTz last_recovery_probe = 0;
 static MemoryContext loop_context = NULL;
 
@@ -1224,7 +1226,14 @@ serve_gaps(void)
 		report_gap(topic, pending_gaps[i].partition, outcomes[i],
 				   pending_gaps[i].replaced, pending_gaps[i].offset, &gaps[i]);
 		if (outcomes[i] == DWH_GAP_STOPPED || outcomes[i] == DWH_GAP_STILL_STOPPED)
+		{
 			dwh_kafka_consumer_stop(consumer, pending_gaps[i].partition);
+			/* Fetched no more: its watermarks are the broker's answer. */
+			if (gaps[i].log_end_offset >= 0)
+				dwh_status_set_watermark(topic, pending_gaps[i].partition,
+										 gaps[i].log_start_offset,
+										 gaps[i].log_end_offset, worker_index);
+		}
 		else
 			restart = true;
 	}
@@ -1530,6 +1539,13 @@ dwh_kafka_worker_main(Datum main_arg)
 			{
 				dwh_kafka_consumer_publish_watermarks(consumer);
 				find_short_logs();
+				if (TimestampDifferenceExceeds(last_stopped_refresh,
+											   GetCurrentTimestamp(),
+											   STOPPED_REFRESH_MS))
+				{
+					dwh_kafka_consumer_refresh_stopped(consumer, 1000);
+					last_stopped_refresh = GetCurrentTimestamp();
+				}
 			}
 			last_watermarks = GetCurrentTimestamp();
 			probe_recovery();

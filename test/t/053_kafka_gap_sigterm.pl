@@ -7,7 +7,8 @@
 # question 3 s late.  The question used to run in the worker's own thread,
 # inside librdkafka, where no signal reaches it.  After the restart the
 # worker records the gap and reads the log from its start: every order
-# once, dwh.verify() empty.
+# once, dwh.verify() empty.  Then a partition stopped at a gap shows the
+# watermarks of its log as it grows.
 
 use strict;
 use warnings;
@@ -71,6 +72,34 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'), '10',
 	'every order once');
 check_consistent($node, 'after the gap');
 unlike(slurp_file($node->logfile, $offset), qr/terminated by signal|PANIC/, 'no crash');
+
+# A partition stopped at a gap (dwh.kafka_on_gap = stop; here its stored
+# offset moved past the log's end while the worker held off) is fetched no
+# more, and librdkafka refreshes none of its watermarks: the worker asks
+# its leader for them every 5 s, so dwh.kafka_partitions shows what the
+# broker holds past the gap (before: the watermarks of before the stop,
+# for good, and a lag that never grew).
+ok(set_and_reload($node, 'dwh.kafka_brokers', ''), 'the worker is told no broker again');
+ok( wait_for(
+		$node, "SELECT state LIKE 'idle%' FROM dwh.status WHERE worker = 'kafka 1'"),
+	'the worker holds off again');
+$node->safe_psql('postgres',
+	q{ALTER SYSTEM SET dwh.kafka_on_gap = 'stop';
+	  UPDATE dwh.kafka_offsets SET next_offset = 100, last_sha256 = NULL, last_offset = NULL
+	  WHERE kafka_partition = 0});
+ok(set_and_reload($node, 'dwh.kafka_brokers', $mock->{bootstrap}), 'the worker is given the broker again');
+ok( wait_for(
+		$node, q{SELECT stopped AND high_watermark = 10 FROM dwh.kafka_partitions
+		         WHERE kafka_partition = 0}),
+	'the partition stops at the gap, its log ending at 10');
+generate_orders("$tmp/past.txt", '--count 5 --seed 54 --clean --first-id 5000000');
+produce($mock, "$tmp/past.txt");
+ok( wait_for(
+		$node, q{SELECT stopped AND high_watermark = 15 FROM dwh.kafka_partitions
+		         WHERE kafka_partition = 0}, 30),
+	'stopped, it shows the log grown to 15');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM stg.order_events'), '10',
+	'and applies none of it');
 
 $node->stop;
 stop_mock_cluster($mock);
