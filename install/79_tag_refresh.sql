@@ -531,8 +531,8 @@ BEGIN
                   DETAIL = 'The recount must see the orders committed while it waited for the tag lock.';
     END IF;
     PERFORM dwh.xact_lock(dwh.tag_lock_key(), true);
-    -- The tags of the rules, and those held or counted without one: their
-    -- tags revoked, their counts dropped.
+    -- Every tag with a rule, and those held or counted without one (their
+    -- tags are revoked, their counts dropped).
     RETURN dwh.recompute_rule_tags(ARRAY(SELECT r.tag FROM dwh.tag_rules r
                                          UNION
                                          SELECT DISTINCT t.tag FROM cdm.user_tags_held t
