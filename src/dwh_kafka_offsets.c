@@ -275,7 +275,9 @@ dwh_kafka_offsets_lock(const char *topic, const int32 *partitions, int n,
  * dwh_kafka_offsets_store
  *		Record how far each partition has been applied, and the message it
  *		applied last where known; clears any seek request on it (the worker
- *		has just honoured it).
+ *		has just honoured it).  Where the batch knows no message below the
+ *		new offset, it applied none: only markers or aborted messages lie
+ *		between, and the message applied last stays the one stored.
  */
 void
 dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
@@ -311,8 +313,10 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
 		BYTEAARRAYOID, INT8ARRAYOID};
 
 		store_plan = dwh_prepare_kept("UPDATE dwh.kafka_offsets AS o "
-									  "SET next_offset = v.next_offset, last_sha256 = v.last_sha256, "
-									  "    last_offset = v.last_offset, "
+									  "SET next_offset = v.next_offset, "
+									  "    last_sha256 = CASE WHEN v.last_offset IS NULL "
+									  "                       THEN o.last_sha256 ELSE v.last_sha256 END, "
+									  "    last_offset = coalesce(v.last_offset, o.last_offset), "
 									  "    seek_requested = false, updated_at = pg_catalog.now() "
 									  "FROM unnest($2::integer[], $3::bigint[], $4::bytea[], $5::bigint[]) "
 									  "     AS v(kafka_partition, next_offset, last_sha256, last_offset) "
@@ -340,10 +344,12 @@ dwh_kafka_offsets_store(const char *topic, const int32 *partitions,
  *		across offsets that hold nothing to apply (the markers that end
  *		transactions, aborted messages): a consumer reading committed
  *		messages never sees them, and the lag would never reach 0.  Only
- *		if the offset is still at expected (the one after the last message
+ *		if the offset is at or past expected (the one after the last message
  *		delivered; -1: nothing delivered since the partition started, where
- *		it started), and the partition is neither asked to move nor stopped
- *		at a gap.  The message applied last (last_offset, last_sha256)
+ *		it started): every message delivered is applied, and the log ended
+ *		after the last one, so nothing lies between but markers, even past
+ *		an offset an earlier move stored.  And only if the partition is
+ *		neither asked to move nor stopped at a gap.  The message applied last (last_offset, last_sha256)
  *		stays what it was: the next start checks the log there
  *		(dwh_kafka_verify.c).  In a transaction of its own; returns whether
  *		the offset moved.
@@ -365,7 +371,7 @@ dwh_kafka_offsets_skip_to_end(const char *topic, int32 partition,
 									 "SET next_offset = $4, updated_at = pg_catalog.now() "
 									 "WHERE o.topic = $1 AND o.kafka_partition = $2 "
 									 "  AND o.next_offset < $4 "
-									 "  AND ($3 < 0 OR o.next_offset = $3) "
+									 "  AND ($3 < 0 OR o.next_offset >= $3) "
 									 "  AND NOT o.seek_requested AND NOT " STOPPED_SQL,
 									 4, types);
 	}

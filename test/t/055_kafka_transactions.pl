@@ -291,6 +291,22 @@ ok( wait_for(
 is($node->safe_psql('postgres', 'SELECT count(*) FROM dwh.verify()'),
 	'0', 'dwh.verify() is empty');
 
+# An aborted transaction after the logs' ends were reached: its messages
+# and markers end the logs, past the stored offsets that an earlier move
+# took past a commit marker.  They move to the new ends (before: only an
+# offset still right after the last message delivered moved, so the lag
+# stayed at 2 a partition until a committed message came).
+my $ends = $node->safe_psql('postgres', 'SELECT sum(high_watermark) FROM dwh.kafka_partitions');
+open(my $fh, '>', "$tmp/txn_trailing.txt") or die $!;
+print $fh map { "$_\n" } @lines[ 0 .. 1 ];
+close($fh);
+run_producer('trailing', 'abort');
+ok( wait_for(
+		$node, "SELECT count(*) = 2 AND bool_and(lag = 0) AND sum(high_watermark) = $ends + 4
+		        FROM dwh.kafka_partitions"),
+	'an aborted transaction at the end of the logs: the lag is 0 again')
+  or diag($node->safe_psql('postgres', 'SELECT * FROM dwh.kafka_partitions'));
+
 $node->stop;
 broker_command('stop', $broker->{dir});
 done_testing();
