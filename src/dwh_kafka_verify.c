@@ -46,8 +46,7 @@
 typedef struct Checking
 {
 	int32		partition;
-	int64		offset;			/* L, the message applied last */
-	uint8		sha256[DWH_SHA256_LEN];
+	DwhKafkaLastApplied last;	/* L and its SHA-256 */
 	bool		replaced;		/* found replaced: drop what follows */
 } Checking;
 
@@ -118,8 +117,8 @@ dwh_kafka_verify_start(const int32 *partitions, int64 *offsets,
 			continue;
 		c = &checking[n_checking++];
 		c->partition = partitions[i];
-		c->offset = offsets[i] = last[i].offset;
-		memcpy(c->sha256, last[i].sha256, DWH_SHA256_LEN);
+		c->last = last[i];
+		offsets[i] = last[i].offset;
 		c->replaced = false;
 	}
 }
@@ -143,7 +142,7 @@ dwh_kafka_verify_message(int32 partition, int64 offset, const char *data,
 		return DWH_VERIFY_NONE;
 	if (checking[i].replaced)
 		return DWH_VERIFY_DROP;
-	expected = checking[i].offset;
+	expected = checking[i].last.offset;
 	if (offset < expected)
 		return DWH_VERIFY_NONE; /* before the check: below the stored offset */
 	if (offset > expected)
@@ -156,7 +155,7 @@ dwh_kafka_verify_message(int32 partition, int64 offset, const char *data,
 		return DWH_VERIFY_NONE;
 	}
 	dwh_sha256(data, len, sha256);
-	if (memcmp(sha256, checking[i].sha256, DWH_SHA256_LEN) == 0)
+	if (memcmp(sha256, checking[i].last.sha256, DWH_SHA256_LEN) == 0)
 	{
 		stop_checking(i);
 		return DWH_VERIFY_DROP;
@@ -178,7 +177,7 @@ dwh_kafka_verify_out_of_range(int32 partition, int64 offset)
 {
 	int			i = find_checking(partition);
 
-	if (i < 0 || checking[i].offset != offset)
+	if (i < 0 || checking[i].last.offset != offset)
 		return;
 	stop_checking(i);
 	if (n_unverifiable < DWH_MAX_PARTITIONS)
@@ -199,7 +198,7 @@ dwh_kafka_verify_log_end(int32 partition, int64 high)
 {
 	int			i = find_checking(partition);
 
-	if (i < 0 || checking[i].replaced || high < 0 || high > checking[i].offset)
+	if (i < 0 || checking[i].replaced || high < 0 || high > checking[i].last.offset)
 		return false;
 	checking[i].replaced = true;
 	return true;
